@@ -1,0 +1,261 @@
+//! `pagemap.img`: the binary index of an image's page ranges.
+//!
+//! Little-endian. Header (24 bytes): magic `TERNPMAP`, version u32, entry
+//! count u32, CRC32 of the entry bytes u32, reserved u32. Then one 40-byte
+//! entry per range: start u64, nr_pages u32, kind u8, codec u8, reserved u16,
+//! data offset u64, stored length u64, CRC32 of the stored bytes u32,
+//! reserved u32.
+
+use crate::{FORMAT_VERSION, ImageError, PAGE_SIZE, PageRange};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+const MAGIC: &[u8; 8] = b"TERNPMAP";
+const HEADER_LEN: usize = 24;
+const ENTRY_LEN: usize = 40;
+
+/// What an entry says about its pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PageKind {
+    /// Bytes stored in `pages.img`.
+    Data,
+    /// Populated, all zero, not stored.
+    Zero,
+    /// Not populated: reads as the VMA's backing (zeros or the file).
+    Hole,
+}
+
+impl PageKind {
+    fn to_u8(self) -> u8 {
+        match self {
+            PageKind::Data => 1,
+            PageKind::Zero => 2,
+            PageKind::Hole => 3,
+        }
+    }
+    fn from_u8(v: u8) -> Option<PageKind> {
+        match v {
+            1 => Some(PageKind::Data),
+            2 => Some(PageKind::Zero),
+            3 => Some(PageKind::Hole),
+            _ => None,
+        }
+    }
+}
+
+/// How a `Data` entry's bytes are stored.
+pub(crate) const CODEC_RAW: u8 = 0;
+pub(crate) const CODEC_LZ4: u8 = 1;
+
+/// One range of pages in an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageEntry {
+    pub start: u64,
+    pub nr_pages: u32,
+    pub kind: PageKind,
+    pub(crate) codec: u8,
+    pub(crate) offset: u64,
+    pub(crate) stored_len: u64,
+    pub(crate) crc: u32,
+}
+
+impl PageEntry {
+    pub fn range(&self) -> PageRange {
+        PageRange::new(self.start, self.end())
+    }
+    pub fn end(&self) -> u64 {
+        self.start + self.nr_pages as u64 * PAGE_SIZE
+    }
+    /// Bytes this entry occupies in `pages.img`.
+    pub fn stored_len(&self) -> u64 {
+        self.stored_len
+    }
+    pub(crate) fn marker(kind: PageKind, range: PageRange) -> PageEntry {
+        PageEntry {
+            start: range.start,
+            nr_pages: range.pages() as u32,
+            kind,
+            codec: CODEC_RAW,
+            offset: 0,
+            stored_len: 0,
+            crc: 0,
+        }
+    }
+}
+
+/// All entries of one image, sorted by address, not overlapping.
+#[derive(Debug, Clone, Default)]
+pub struct PageMap {
+    pub entries: Vec<PageEntry>,
+}
+
+impl PageMap {
+    /// The entry that holds `addr`, if this image says anything about it.
+    pub fn find(&self, addr: u64) -> Option<&PageEntry> {
+        let i = self.entries.partition_point(|e| e.end() <= addr);
+        self.entries.get(i).filter(|e| e.start <= addr)
+    }
+
+    /// Entries that intersect `range`, in address order.
+    pub fn overlapping(&self, range: PageRange) -> impl Iterator<Item = &PageEntry> {
+        let i = self.entries.partition_point(|e| e.end() <= range.start);
+        self.entries[i..]
+            .iter()
+            .take_while(move |e| e.start < range.end)
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(self.entries.len() * ENTRY_LEN);
+        for e in &self.entries {
+            body.extend_from_slice(&e.start.to_le_bytes());
+            body.extend_from_slice(&e.nr_pages.to_le_bytes());
+            body.push(e.kind.to_u8());
+            body.push(e.codec);
+            body.extend_from_slice(&0u16.to_le_bytes());
+            body.extend_from_slice(&e.offset.to_le_bytes());
+            body.extend_from_slice(&e.stored_len.to_le_bytes());
+            body.extend_from_slice(&e.crc.to_le_bytes());
+            body.extend_from_slice(&0u32.to_le_bytes());
+        }
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<PageMap, ImageError> {
+        if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
+            return Err(ImageError::corrupt(path, "bad magic (not a tern page map)"));
+        }
+        let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let version = u32_at(bytes, 8);
+        if version != FORMAT_VERSION {
+            return Err(ImageError::Version {
+                path: path.to_path_buf(),
+                found: version,
+            });
+        }
+        let count = u32_at(bytes, 12) as usize;
+        let crc = u32_at(bytes, 16);
+        let body = &bytes[HEADER_LEN..];
+        if body.len() != count * ENTRY_LEN {
+            return Err(ImageError::corrupt(
+                path,
+                format!(
+                    "truncated: header says {count} entries ({} bytes), file has {} bytes of entries",
+                    count * ENTRY_LEN,
+                    body.len()
+                ),
+            ));
+        }
+        if crc32fast::hash(body) != crc {
+            return Err(ImageError::corrupt(path, "checksum mismatch in the entry table"));
+        }
+        let mut entries = Vec::with_capacity(count);
+        let mut prev_end = 0u64;
+        for i in 0..count {
+            let b = &body[i * ENTRY_LEN..(i + 1) * ENTRY_LEN];
+            let kind = PageKind::from_u8(b[12]).ok_or_else(|| {
+                ImageError::corrupt(path, format!("entry {i}: unknown kind {}", b[12]))
+            })?;
+            let e = PageEntry {
+                start: u64_at(b, 0),
+                nr_pages: u32_at(b, 8),
+                kind,
+                codec: b[13],
+                offset: u64_at(b, 16),
+                stored_len: u64_at(b, 24),
+                crc: u32_at(b, 32),
+            };
+            if e.start % PAGE_SIZE != 0
+                || e.nr_pages == 0
+                || e.start < prev_end
+                || e.start.checked_add(e.nr_pages as u64 * PAGE_SIZE).is_none()
+            {
+                return Err(ImageError::corrupt(
+                    path,
+                    format!("entry {i} at {:#x}: unaligned, empty or out of order", e.start),
+                ));
+            }
+            if kind == PageKind::Data && e.codec != CODEC_RAW && e.codec != CODEC_LZ4 {
+                return Err(ImageError::corrupt(
+                    path,
+                    format!("entry {i}: unknown codec {}", e.codec),
+                ));
+            }
+            prev_end = e.end();
+            entries.push(e);
+        }
+        Ok(PageMap { entries })
+    }
+
+    pub fn load(path: &Path) -> Result<PageMap, ImageError> {
+        let bytes = std::fs::read(path).map_err(|e| ImageError::io(path, e))?;
+        Self::decode(path, &bytes)
+    }
+
+    /// Every `Data` entry must lie inside `pages.img`.
+    pub(crate) fn check_data_bounds(&self, pages_path: &Path, len: u64) -> Result<(), ImageError> {
+        for e in self.entries.iter().filter(|e| e.kind == PageKind::Data) {
+            if e.offset.checked_add(e.stored_len).is_none_or(|end| end > len) {
+                return Err(ImageError::corrupt(
+                    pages_path,
+                    format!(
+                        "truncated: data of pages at {:#x} ends at byte {}, file has {len} bytes",
+                        e.start,
+                        e.offset.saturating_add(e.stored_len)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn read_entry_data(path: &Path, e: &PageEntry) -> Result<Vec<u8>, ImageError> {
+    let mut f = std::fs::File::open(path).map_err(|err| ImageError::io(path, err))?;
+    read_entry_data_from(path, &mut f, e)
+}
+
+pub(crate) fn read_entry_data_from(
+    path: &Path,
+    f: &mut std::fs::File,
+    e: &PageEntry,
+) -> Result<Vec<u8>, ImageError> {
+    assert_eq!(e.kind, PageKind::Data, "only Data entries have bytes");
+    let mut stored = vec![0u8; e.stored_len as usize];
+    f.seek(SeekFrom::Start(e.offset))
+        .and_then(|_| f.read_exact(&mut stored))
+        .map_err(|err| ImageError::io(path, err))?;
+    if crc32fast::hash(&stored) != e.crc {
+        return Err(ImageError::corrupt(
+            path,
+            format!("checksum mismatch in the data of pages at {:#x}", e.start),
+        ));
+    }
+    let want = e.nr_pages as usize * PAGE_SIZE as usize;
+    let data = match e.codec {
+        CODEC_RAW => stored,
+        CODEC_LZ4 => lz4_flex::block::decompress(&stored, want).map_err(|err| {
+            ImageError::corrupt(path, format!("pages at {:#x}: lz4: {err}", e.start))
+        })?,
+        c => return Err(ImageError::corrupt(path, format!("unknown codec {c}"))),
+    };
+    if data.len() != want {
+        return Err(ImageError::corrupt(
+            path,
+            format!(
+                "pages at {:#x}: {} bytes of data for {} pages",
+                e.start,
+                data.len(),
+                e.nr_pages
+            ),
+        ));
+    }
+    Ok(data)
+}

@@ -1,0 +1,316 @@
+//! Writing one image: page data streams into `pages.img` as it is copied; the
+//! page map, VMA list and (last) the inventory are written by `finish`.
+
+use crate::pagemap::{CODEC_LZ4, CODEC_RAW, PageEntry, PageKind, PageMap};
+use crate::{
+    ImageError, Inventory, MmRecord, PAGE_SIZE, PAGEMAP_FILE, PAGES_FILE, PageRange,
+};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Largest run of pages stored as one blob: bounds the memory a reader needs
+/// and keeps lz4 blocks small enough to decompress on demand (lazy pages).
+pub const MAX_BLOB_PAGES: u64 = 256;
+
+/// Totals of what was written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    pub data_pages: u64,
+    pub zero_pages: u64,
+    pub hole_pages: u64,
+    /// Bytes of page data in `pages.img` (after compression).
+    pub bytes_written: u64,
+}
+
+pub struct ImageWriter {
+    dir: PathBuf,
+    pages: BufWriter<std::fs::File>,
+    offset: u64,
+    compress: bool,
+    entries: Vec<PageEntry>,
+    stats: WriteStats,
+}
+
+impl ImageWriter {
+    /// Create (or reuse, if empty of an inventory) `dir` and start `pages.img`.
+    /// An existing image in `dir` is refused: images are never overwritten in
+    /// place, a chain's parent might be the very directory.
+    pub fn create(dir: &Path, compress: bool) -> Result<ImageWriter, ImageError> {
+        std::fs::create_dir_all(dir).map_err(|e| ImageError::io(dir, e))?;
+        let inv = dir.join(crate::INVENTORY_FILE);
+        if inv.exists() {
+            return Err(ImageError::io(
+                dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "already holds an image; choose an empty directory",
+                ),
+            ));
+        }
+        let path = dir.join(PAGES_FILE);
+        let file = std::fs::File::create(&path).map_err(|e| ImageError::io(&path, e))?;
+        Ok(ImageWriter {
+            dir: dir.to_path_buf(),
+            pages: BufWriter::with_capacity(1 << 20, file),
+            offset: 0,
+            compress,
+            entries: Vec::new(),
+            stats: WriteStats::default(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Record `bytes` as the contents of the pages starting at `start`.
+    /// All-zero pages become `Zero` entries and are not stored.
+    pub fn add_pages(&mut self, start: u64, bytes: &[u8]) -> Result<(), ImageError> {
+        assert!(start % PAGE_SIZE == 0 && bytes.len() as u64 % PAGE_SIZE == 0);
+        let ps = PAGE_SIZE as usize;
+        let mut run_start = 0usize; // index of first page of the current run
+        let mut run_zero = None::<bool>;
+        let npages = bytes.len() / ps;
+        for i in 0..=npages {
+            let zero = if i < npages {
+                Some(is_zero(&bytes[i * ps..(i + 1) * ps]))
+            } else {
+                None
+            };
+            let run_len = (i - run_start) as u64;
+            if zero != run_zero || run_len == MAX_BLOB_PAGES {
+                if let Some(z) = run_zero {
+                    let addr = start + run_start as u64 * PAGE_SIZE;
+                    let chunk = &bytes[run_start * ps..i * ps];
+                    if z {
+                        self.add_marker(PageKind::Zero, PageRange::new(addr, addr + chunk.len() as u64));
+                    } else {
+                        self.write_blob(addr, chunk)?;
+                    }
+                }
+                run_start = i;
+                run_zero = zero;
+            }
+        }
+        Ok(())
+    }
+
+    /// Record `range` as not populated (reads as the VMA's backing).
+    pub fn add_hole(&mut self, range: PageRange) {
+        if !range.is_empty() {
+            self.add_marker(PageKind::Hole, range);
+        }
+    }
+
+    fn add_marker(&mut self, kind: PageKind, range: PageRange) {
+        match kind {
+            PageKind::Zero => self.stats.zero_pages += range.pages(),
+            PageKind::Hole => self.stats.hole_pages += range.pages(),
+            PageKind::Data => unreachable!(),
+        }
+        // Merge with the previous marker of the same kind when adjacent.
+        if let Some(last) = self.entries.last_mut()
+            && last.kind == kind
+            && last.end() == range.start
+            && (last.nr_pages as u64 + range.pages()) < u32::MAX as u64
+        {
+            last.nr_pages += range.pages() as u32;
+            return;
+        }
+        self.entries.push(PageEntry::marker(kind, range));
+    }
+
+    fn write_blob(&mut self, addr: u64, chunk: &[u8]) -> Result<(), ImageError> {
+        let (codec, stored): (u8, std::borrow::Cow<[u8]>) = if self.compress {
+            let c = lz4_flex::block::compress(chunk);
+            if c.len() < chunk.len() {
+                (CODEC_LZ4, c.into())
+            } else {
+                (CODEC_RAW, chunk.into())
+            }
+        } else {
+            (CODEC_RAW, chunk.into())
+        };
+        let path = self.dir.join(PAGES_FILE);
+        self.pages
+            .write_all(&stored)
+            .map_err(|e| ImageError::io(&path, e))?;
+        let nr = (chunk.len() as u64 / PAGE_SIZE) as u32;
+        self.entries.push(PageEntry {
+            start: addr,
+            nr_pages: nr,
+            kind: PageKind::Data,
+            codec,
+            offset: self.offset,
+            stored_len: stored.len() as u64,
+            crc: crc32fast::hash(&stored),
+        });
+        self.offset += stored.len() as u64;
+        self.stats.data_pages += nr as u64;
+        self.stats.bytes_written += stored.len() as u64;
+        Ok(())
+    }
+
+    /// Write the page map, the VMA list and, last, the inventory. Entries
+    /// may have been added in any order but must not overlap.
+    pub fn finish(mut self, mm: &MmRecord, inventory: &Inventory) -> Result<WriteStats, ImageError> {
+        let pages_path = self.dir.join(PAGES_FILE);
+        self.pages
+            .flush()
+            .and_then(|_| self.pages.get_ref().sync_all())
+            .map_err(|e| ImageError::io(&pages_path, e))?;
+        self.entries.sort_by_key(|e| e.start);
+        let pm_path = self.dir.join(PAGEMAP_FILE);
+        for w in self.entries.windows(2) {
+            if w[0].end() > w[1].start {
+                return Err(ImageError::InvalidPageMap {
+                    path: pm_path,
+                    what: format!(
+                        "entries {:#x}+{} ({:?}) and {:#x}+{} ({:?}) overlap",
+                        w[0].start, w[0].nr_pages, w[0].kind, w[1].start, w[1].nr_pages, w[1].kind
+                    ),
+                });
+            }
+        }
+        let map = PageMap {
+            entries: std::mem::take(&mut self.entries),
+        };
+        let tmp = pm_path.with_extension("img.tmp");
+        std::fs::write(&tmp, map.encode())
+            .and_then(|_| std::fs::rename(&tmp, &pm_path))
+            .map_err(|e| ImageError::io(&pm_path, e))?;
+        mm.store(&self.dir)?;
+        inventory.store(&self.dir)?;
+        Ok(self.stats)
+    }
+
+    pub fn stats(&self) -> WriteStats {
+        self.stats
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // Compare in u64 words; the compiler vectorizes this.
+    let (pre, mid, post) = unsafe { page.align_to::<u64>() };
+    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Image, ImageKind, VmaRecord};
+
+    fn mm() -> MmRecord {
+        MmRecord {
+            vmas: vec![VmaRecord {
+                start: 0x10000,
+                end: 0x20000,
+                perms: "rw-p".into(),
+                offset: 0,
+                dev: "00:00".into(),
+                inode: 0,
+                name: None,
+                dumped: true,
+            }],
+        }
+    }
+
+    #[test]
+    fn roundtrip_data_zero_hole() {
+        for compress in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut w = ImageWriter::create(dir.path(), compress).unwrap();
+            let mut bytes = vec![0u8; 4 * 4096];
+            bytes[0] = 7; // page 0 data, page 1-2 zero, page 3 data
+            bytes[3 * 4096 + 100] = 9;
+            w.add_pages(0x10000, &bytes).unwrap();
+            w.add_hole(PageRange::new(0x18000, 0x1a000));
+            let inv = Inventory::new(ImageKind::PreDump, 1, "full", compress);
+            let st = w.finish(&mm(), &inv).unwrap();
+            assert_eq!((st.data_pages, st.zero_pages, st.hole_pages), (2, 2, 2));
+            let img = Image::open(dir.path()).unwrap();
+            let kinds: Vec<_> = img.pagemap.entries.iter().map(|e| (e.start, e.nr_pages, e.kind)).collect();
+            assert_eq!(
+                kinds,
+                vec![
+                    (0x10000, 1, PageKind::Data),
+                    (0x11000, 2, PageKind::Zero),
+                    (0x13000, 1, PageKind::Data),
+                    (0x18000, 2, PageKind::Hole)
+                ]
+            );
+            let d = img.read_entry(&img.pagemap.entries[2]).unwrap();
+            assert_eq!(d[100], 9);
+        }
+    }
+
+    #[test]
+    fn overlapping_entries_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ImageWriter::create(dir.path(), false).unwrap();
+        w.add_pages(0x10000, &[1u8; 8192]).unwrap();
+        w.add_hole(PageRange::new(0x11000, 0x12000));
+        let inv = Inventory::new(ImageKind::PreDump, 1, "full", false);
+        assert!(matches!(w.finish(&mm(), &inv), Err(ImageError::InvalidPageMap { .. })));
+        // Nothing that looks like an image was left behind.
+        assert!(matches!(Image::open(dir.path()), Err(ImageError::NotAnImage { .. })));
+    }
+
+    #[test]
+    fn corruption_is_detected_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ImageWriter::create(dir.path(), true).unwrap();
+        w.add_pages(0x10000, &[3u8; 8192]).unwrap();
+        let inv = Inventory::new(ImageKind::PreDump, 1, "full", true);
+        w.finish(&mm(), &inv).unwrap();
+        // Flip a byte of the page data: the CRC catches it.
+        let pages = dir.path().join(PAGES_FILE);
+        let mut b = std::fs::read(&pages).unwrap();
+        b[0] ^= 0xff;
+        std::fs::write(&pages, &b).unwrap();
+        let img = Image::open(dir.path()).unwrap();
+        let err = img.read_entry(&img.pagemap.entries[0]).unwrap_err().to_string();
+        assert!(err.contains("pages.img") && err.contains("checksum"), "{err}");
+        // Truncate the data file: refused at open.
+        std::fs::write(&pages, &b[..b.len() - 1]).unwrap();
+        let err = Image::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        // Truncate the page map.
+        let pm = dir.path().join(PAGEMAP_FILE);
+        let b = std::fs::read(&pm).unwrap();
+        std::fs::write(&pm, &b[..b.len() - 3]).unwrap();
+        let err = Image::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("pagemap.img") && err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn future_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = ImageWriter::create(dir.path(), true).unwrap();
+        let mut inv = Inventory::new(ImageKind::PreDump, 1, "full", true);
+        w.finish(&mm(), &inv).unwrap();
+        std::fs::remove_file(dir.path().join(crate::INVENTORY_FILE)).unwrap();
+        inv.version = 99;
+        inv.store(dir.path()).unwrap();
+        let err = Image::open(dir.path()).unwrap_err();
+        assert!(matches!(err, ImageError::Version { found: 99, .. }), "{err}");
+    }
+
+    #[test]
+    fn long_runs_are_split_into_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ImageWriter::create(dir.path(), true).unwrap();
+        let n = MAX_BLOB_PAGES as usize * 2 + 3;
+        let bytes: Vec<u8> = (0..n * 4096).map(|i| (i / 4096 % 251 + 1) as u8).collect();
+        w.add_pages(0x100000, &bytes).unwrap();
+        let inv = Inventory::new(ImageKind::PreDump, 1, "full", true);
+        w.finish(&mm(), &inv).unwrap();
+        let img = Image::open(dir.path()).unwrap();
+        assert_eq!(img.pagemap.entries.len(), 3);
+        let mut all = Vec::new();
+        for e in &img.pagemap.entries {
+            all.extend(img.read_entry(e).unwrap());
+        }
+        assert_eq!(all, bytes);
+    }
+}

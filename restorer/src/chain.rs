@@ -1,0 +1,305 @@
+//! An image and its ancestors, newest first.
+//!
+//! Resolution rule: a page's content is given by the newest image whose page
+//! map mentions it (`Data`, `Zero` or `Hole`); a page no image mentions was
+//! never populated, and reads like a hole: zeros for anonymous memory, the
+//! file's bytes for a private file mapping.
+
+use images::{Image, ImageError, PAGE_SIZE, PageEntry, PageKind, PageRange, VmaRecord};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// Longest chain followed: guards against a parent loop built by hand.
+const MAX_CHAIN: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{path}: the chain of parents loops back to {again}")]
+    Loop { path: PathBuf, again: PathBuf },
+    #[error("{path}: chain longer than {MAX_CHAIN} images")]
+    TooLong { path: PathBuf },
+    #[error("{path}: VMA {start:#x}-{end:#x} ({name}) reads from {file}: {source}")]
+    Backing {
+        path: PathBuf,
+        start: u64,
+        end: u64,
+        name: String,
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the bytes of a page come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageSource {
+    /// Stored in image `image` (0 = newest) by `entry`.
+    Data { image: usize, entry: PageEntry },
+    Zero,
+    /// Not populated: the VMA's backing.
+    Hole,
+}
+
+/// Per-image figures for `tern show`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChainImageSummary {
+    pub dir: String,
+    pub id: String,
+    pub kind: images::ImageKind,
+    pub pid: i32,
+    pub backend: String,
+    pub parent: Option<String>,
+    pub vmas: usize,
+    pub data_pages: u64,
+    pub zero_pages: u64,
+    pub hole_pages: u64,
+    pub bytes_stored: u64,
+}
+
+pub struct ImageChain {
+    /// Newest first.
+    pub images: Vec<Image>,
+}
+
+impl ImageChain {
+    /// Open `dir` and every parent it names. Fails before anything else on a
+    /// missing, replaced, corrupt or unsupported image.
+    pub fn open(dir: &Path) -> Result<ImageChain, ChainError> {
+        let mut images = Vec::new();
+        let mut seen = HashSet::new();
+        let mut cur = dir.to_path_buf();
+        let mut expected_id: Option<String> = None;
+        loop {
+            let canon = cur.canonicalize().unwrap_or_else(|_| cur.clone());
+            if !seen.insert(canon.clone()) {
+                return Err(ChainError::Loop {
+                    path: dir.to_path_buf(),
+                    again: cur,
+                });
+            }
+            if images.len() >= MAX_CHAIN {
+                return Err(ChainError::TooLong {
+                    path: dir.to_path_buf(),
+                });
+            }
+            let img = match Image::open(&cur) {
+                Ok(i) => i,
+                Err(e) if !images.is_empty() => {
+                    let child: &Image = images.last().unwrap();
+                    return Err(ImageError::MissingParent {
+                        path: child.dir.clone(),
+                        parent: cur,
+                        reason: e.to_string(),
+                    }
+                    .into());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(exp) = &expected_id
+                && *exp != img.inventory.id
+            {
+                let child: &Image = images.last().unwrap();
+                return Err(ImageError::ParentMismatch {
+                    path: child.dir.clone(),
+                    parent: cur,
+                    expected: exp.clone(),
+                    found: img.inventory.id.clone(),
+                }
+                .into());
+            }
+            let next = img.inventory.parent_dir(&cur);
+            expected_id = img.inventory.parent.as_ref().map(|p| p.id.clone());
+            images.push(img);
+            match next {
+                Some(p) => cur = p,
+                None => break,
+            }
+        }
+        Ok(ImageChain { images })
+    }
+
+    pub fn newest(&self) -> &Image {
+        &self.images[0]
+    }
+
+    /// The VMAs of the newest image: the address space the chain describes.
+    pub fn vmas(&self) -> &[VmaRecord] {
+        &self.newest().mm.vmas
+    }
+
+    /// Where page `addr` comes from.
+    pub fn source(&self, addr: u64) -> PageSource {
+        for (i, img) in self.images.iter().enumerate() {
+            if let Some(e) = img.pagemap.find(addr) {
+                return match e.kind {
+                    PageKind::Data => PageSource::Data { image: i, entry: *e },
+                    PageKind::Zero => PageSource::Zero,
+                    PageKind::Hole => PageSource::Hole,
+                };
+            }
+        }
+        PageSource::Hole
+    }
+
+    /// Reassemble the memory of `range` (inside one VMA of the newest image)
+    /// as the restored process will see it.
+    pub fn read_range(&self, vma: &VmaRecord, range: PageRange) -> Result<Vec<u8>, ChainError> {
+        assert!(range.start >= vma.start && range.end <= vma.end);
+        let mut out = vec![0u8; range.len() as usize];
+        let mut readers: Vec<Option<images::EntryReader>> =
+            (0..self.images.len()).map(|_| None).collect();
+        // Cache the last decoded blob: consecutive pages usually share it.
+        let mut cached: Option<(usize, u64, Vec<u8>)> = None;
+        let mut backing: Option<std::fs::File> = None;
+        let mut addr = range.start;
+        while addr < range.end {
+            let off = (addr - range.start) as usize;
+            let page = &mut out[off..off + PAGE_SIZE as usize];
+            match self.source(addr) {
+                PageSource::Data { image, entry } => {
+                    let hit = matches!(&cached, Some((i, s, _)) if *i == image && *s == entry.start);
+                    if !hit {
+                        let r = match &mut readers[image] {
+                            Some(r) => r,
+                            slot => slot.insert(self.images[image].entry_reader()?),
+                        };
+                        cached = Some((image, entry.start, r.read(&entry)?));
+                    }
+                    let blob = &cached.as_ref().unwrap().2;
+                    let o = (addr - entry.start) as usize;
+                    page.copy_from_slice(&blob[o..o + PAGE_SIZE as usize]);
+                }
+                PageSource::Zero => {}
+                PageSource::Hole => {
+                    if let Some(file) = vma.backing_file().filter(|_| vma.is_private()) {
+                        let f = match &mut backing {
+                            Some(f) => f,
+                            slot => slot.insert(std::fs::File::open(file).map_err(|e| {
+                                self.backing_err(vma, file, e)
+                            })?),
+                        };
+                        let foff = vma.offset + (addr - vma.start);
+                        read_at_most(f, foff, page).map_err(|e| self.backing_err(vma, file, e))?;
+                    }
+                }
+            }
+            addr += PAGE_SIZE;
+        }
+        Ok(out)
+    }
+
+    fn backing_err(&self, vma: &VmaRecord, file: &str, source: std::io::Error) -> ChainError {
+        ChainError::Backing {
+            path: self.newest().dir.clone(),
+            start: vma.start,
+            end: vma.end,
+            name: vma.name.clone().unwrap_or_default(),
+            file: file.to_string(),
+            source,
+        }
+    }
+
+    pub fn summary(&self) -> Vec<ChainImageSummary> {
+        self.images
+            .iter()
+            .map(|img| ChainImageSummary {
+                dir: img.dir.display().to_string(),
+                id: img.inventory.id.clone(),
+                kind: img.inventory.kind,
+                pid: img.inventory.pid,
+                backend: img.inventory.backend.clone(),
+                parent: img.inventory.parent.as_ref().map(|p| p.path.clone()),
+                vmas: img.mm.vmas.len(),
+                data_pages: img.total_pages(PageKind::Data),
+                zero_pages: img.total_pages(PageKind::Zero),
+                hole_pages: img.total_pages(PageKind::Hole),
+                bytes_stored: img
+                    .pagemap
+                    .entries
+                    .iter()
+                    .filter(|e| e.kind == PageKind::Data)
+                    .map(|e| e.stored_len())
+                    .sum(),
+            })
+            .collect()
+    }
+}
+
+/// Read `buf.len()` bytes at `off`; past the end of the file the rest stays
+/// zero (as a mapping past EOF would read within its last page).
+fn read_at_most(f: &std::fs::File, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use images::{ImageKind, ImageWriter, Inventory, MmRecord, ParentRef};
+
+    fn anon(start: u64, end: u64) -> MmRecord {
+        MmRecord {
+            vmas: vec![VmaRecord {
+                start,
+                end,
+                perms: "rw-p".into(),
+                offset: 0,
+                dev: "00:00".into(),
+                inode: 0,
+                name: None,
+                dumped: true,
+            }],
+        }
+    }
+
+    fn write(dir: &Path, parent: Option<(&str, &Inventory)>, f: impl FnOnce(&mut ImageWriter)) -> Inventory {
+        let mut w = ImageWriter::create(dir, true).unwrap();
+        f(&mut w);
+        let mut inv = Inventory::new(ImageKind::PreDump, 1, "full", true);
+        inv.parent = parent.map(|(p, pi)| ParentRef { path: p.into(), id: pi.id.clone() });
+        w.finish(&anon(0x10000, 0x14000), &inv).unwrap();
+        inv
+    }
+
+    #[test]
+    fn newest_entry_wins_and_holes_override() {
+        let root = tempfile::tempdir().unwrap();
+        let (d1, d2, d3) = (root.path().join("1"), root.path().join("2"), root.path().join("3"));
+        let i1 = write(&d1, None, |w| w.add_pages(0x10000, &[1u8; 4 * 4096]).unwrap());
+        let i2 = write(&d2, Some(("../1", &i1)), |w| w.add_pages(0x11000, &[2u8; 4096]).unwrap());
+        write(&d3, Some(("../2", &i2)), |w| w.add_hole(PageRange::new(0x12000, 0x13000)));
+        let chain = ImageChain::open(&d3).unwrap();
+        assert_eq!(chain.images.len(), 3);
+        let vma = chain.vmas()[0].clone();
+        let mem = chain.read_range(&vma, vma.range()).unwrap();
+        let firsts: Vec<u8> = mem.chunks(4096).map(|p| p[0]).collect();
+        assert_eq!(firsts, vec![1, 2, 0, 1]);
+    }
+
+    #[test]
+    fn missing_or_replaced_parent_is_an_error_naming_it() {
+        let root = tempfile::tempdir().unwrap();
+        let (d1, d2) = (root.path().join("1"), root.path().join("2"));
+        let i1 = write(&d1, None, |w| w.add_pages(0x10000, &[1u8; 4096]).unwrap());
+        write(&d2, Some(("../1", &i1)), |_| {});
+        // Replace the parent with another image.
+        std::fs::remove_dir_all(&d1).unwrap();
+        write(&d1, None, |_| {});
+        let err = ImageChain::open(&d2).err().unwrap().to_string();
+        assert!(err.contains("replaced"), "{err}");
+        std::fs::remove_dir_all(&d1).unwrap();
+        let err = ImageChain::open(&d2).err().unwrap().to_string();
+        assert!(err.contains("parent image") && err.contains("1"), "{err}");
+    }
+}
