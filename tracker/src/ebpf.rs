@@ -1,0 +1,1 @@
+//! The eBPF dirty stream (placeholder).

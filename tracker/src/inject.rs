@@ -1,0 +1,1 @@
+//! Syscall injection into a stopped thread of another process (placeholder).
