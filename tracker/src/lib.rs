@@ -8,3 +8,5 @@
 
 pub mod ebpf;
 pub mod inject;
+pub mod pagemap_scan;
+pub mod uffd;
