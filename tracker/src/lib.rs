@@ -10,3 +10,6 @@ pub mod ebpf;
 pub mod inject;
 pub mod pagemap_scan;
 pub mod uffd;
+pub mod backend;
+pub mod freeze;
+pub mod maps;

@@ -1,0 +1,424 @@
+//! Dirty-tracking backends behind one trait.
+//!
+//! A backend answers, once per round and per VMA, two questions: which pages
+//! must be copied (written since the previous round, or every populated page
+//! when a chain starts or a VMA is new to the tracker), and which pages are
+//! holes (not populated: they read as the VMA's backing, and override older
+//! images' data — that is how `MADV_DONTNEED` comes out right).
+//!
+//! - [`UffdWpTracker`]: async userfaultfd write-protect + PAGEMAP_SCAN, which
+//!   reports written pages and re-protects them in the same call. The target
+//!   is never stopped.
+//! - [`SoftDirtyTracker`]: `/proc/PID/clear_refs` 4 + pagemap bit 55. Reading
+//!   the bits and clearing them must be atomic with respect to the target's
+//!   writes, so the target is frozen for that step (not for the copy).
+//! - [`FullTracker`]: every populated page, every round: the baseline.
+
+use crate::maps::Vma;
+use crate::pagemap_scan::{self, Pagemap, ScanError, ScanQuery, entry};
+use crate::uffd::{UffdError, WpUffd};
+use images::{PAGE_SIZE, PageRange};
+use std::time::Duration;
+
+/// Which backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackMode {
+    Auto,
+    UffdWp,
+    SoftDirty,
+    Full,
+}
+
+impl TrackMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            TrackMode::Auto => "auto",
+            TrackMode::UffdWp => "uffd-wp",
+            TrackMode::SoftDirty => "soft-dirty",
+            TrackMode::Full => "full",
+        }
+    }
+    pub fn parse(s: &str) -> Option<TrackMode> {
+        Some(match s {
+            "auto" => TrackMode::Auto,
+            "uffd-wp" => TrackMode::UffdWp,
+            "soft-dirty" => TrackMode::SoftDirty,
+            "full" => TrackMode::Full,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error("/proc/{pid}/clear_refs: {source}")]
+    ClearRefs {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Freeze(#[from] crate::freeze::FreezeError),
+}
+
+/// What one round must record, over all dumped VMAs.
+#[derive(Debug, Default, Clone)]
+pub struct DirtySet {
+    /// Pages to copy, sorted and disjoint.
+    pub copy: Vec<PageRange>,
+    /// Unpopulated pages, sorted, disjoint, and disjoint from `copy`.
+    pub holes: Vec<PageRange>,
+    /// Pages of dumped VMAs the backend examined.
+    pub pages_scanned: u64,
+    /// VMAs armed for tracking in this round (new, moved, or first round).
+    pub armed_vmas: usize,
+    /// VMAs that could not be tracked and were copied whole.
+    pub untracked_vmas: usize,
+    /// How long the target was stopped by the backend.
+    pub frozen: Duration,
+}
+
+impl DirtySet {
+    pub fn copy_pages(&self) -> u64 {
+        self.copy.iter().map(|r| r.pages()).sum()
+    }
+}
+
+pub trait DirtyTracker {
+    /// "uffd-wp", "soft-dirty" or "full".
+    fn name(&self) -> &'static str;
+    /// Select this round's pages. `full_copy`: a chain starts here, select
+    /// every populated page (and re-arm tracking for the next round).
+    fn collect(&mut self, vmas: &[Vma], full_copy: bool) -> Result<DirtySet, BackendError>;
+}
+
+/// Append `r` to a sorted list, merging with the last range when adjacent.
+pub fn push_range(v: &mut Vec<PageRange>, r: PageRange) {
+    if r.is_empty() {
+        return;
+    }
+    if let Some(last) = v.last_mut()
+        && last.end >= r.start
+    {
+        last.end = last.end.max(r.end);
+        return;
+    }
+    v.push(r);
+}
+
+/// Union of two sorted disjoint lists.
+pub fn union(a: &[PageRange], b: &[PageRange]) -> Vec<PageRange> {
+    let mut all: Vec<PageRange> = a.iter().chain(b).copied().collect();
+    all.sort();
+    let mut out = Vec::with_capacity(all.len());
+    for r in all {
+        push_range(&mut out, r);
+    }
+    out
+}
+
+/// `a` minus `b`, both sorted and disjoint.
+pub fn subtract(a: &[PageRange], b: &[PageRange]) -> Vec<PageRange> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for r in a {
+        let mut cur = r.start;
+        while j < b.len() && b[j].end <= cur {
+            j += 1;
+        }
+        let mut k = j;
+        while k < b.len() && b[k].start < r.end {
+            if b[k].start > cur {
+                out.push(PageRange::new(cur, b[k].start));
+            }
+            cur = cur.max(b[k].end);
+            k += 1;
+        }
+        if cur < r.end {
+            out.push(PageRange::new(cur, r.end));
+        }
+    }
+    out
+}
+
+/// Populated pages of `vma` worth copying (file pages of private file
+/// mappings excluded) and the holes, from one PAGEMAP_SCAN.
+fn populated_scan(pm: &mut Pagemap, vma: &Vma) -> Result<(Vec<PageRange>, Vec<PageRange>), ScanError> {
+    let mut regions = Vec::new();
+    pm.scan(vma.start, vma.end, ScanQuery::POPULATED, &mut regions)?;
+    let mut copy = Vec::new();
+    for r in regions {
+        if vma.file_pages_are_holes() && r.categories & pagemap_scan::PAGE_IS_FILE != 0 {
+            continue;
+        }
+        push_range(&mut copy, PageRange::new(r.start, r.end));
+    }
+    let holes = subtract(&[PageRange::new(vma.start, vma.end)], &copy);
+    Ok((copy, holes))
+}
+
+/// Select pages from classic pagemap entries of one VMA (soft-dirty and
+/// full backends). `entries[i]` describes page `vma_start + i * PAGE_SIZE`.
+/// Returns (copy, holes).
+pub fn select_from_entries(
+    vma_start: u64,
+    entries: &[u64],
+    file_pages_are_holes: bool,
+    use_soft_dirty: bool,
+    full_copy: bool,
+) -> (Vec<PageRange>, Vec<PageRange>) {
+    let (mut copy, mut holes) = (Vec::new(), Vec::new());
+    for (i, &e) in entries.iter().enumerate() {
+        let a = vma_start + i as u64 * PAGE_SIZE;
+        let page = PageRange::new(a, a + PAGE_SIZE);
+        if !entry::populated(e) || (file_pages_are_holes && e & entry::FILE_OR_SHARED_ANON != 0) {
+            push_range(&mut holes, page);
+        } else if full_copy || !use_soft_dirty || e & entry::SOFT_DIRTY != 0 {
+            push_range(&mut copy, page);
+        }
+    }
+    (copy, holes)
+}
+
+// ---------------------------------------------------------------- uffd-wp
+
+pub struct UffdWpTracker {
+    pid: i32,
+    uffd: WpUffd,
+    pm: Pagemap,
+    scratch: Vec<pagemap_scan::PageRegion>,
+}
+
+impl UffdWpTracker {
+    pub fn new(pid: i32, uffd: WpUffd) -> Result<UffdWpTracker, BackendError> {
+        Ok(UffdWpTracker {
+            pid,
+            uffd,
+            pm: Pagemap::open(pid)?,
+            scratch: Vec::new(),
+        })
+    }
+
+    pub fn uffd(&self) -> &WpUffd {
+        &self.uffd
+    }
+
+    /// Written pages of `vma` (re-protected in the same call); Err if the
+    /// VMA is not armed.
+    fn written(&mut self, vma: &Vma) -> Result<Vec<PageRange>, ScanError> {
+        self.scratch.clear();
+        self.pm.scan(
+            vma.start,
+            vma.end,
+            ScanQuery {
+                return_mask: pagemap_scan::PAGE_IS_WRITTEN | pagemap_scan::PAGE_IS_FILE,
+                ..ScanQuery::WRITTEN_AND_REPROTECT
+            },
+            &mut self.scratch,
+        )?;
+        let mut out = Vec::new();
+        for r in &self.scratch {
+            if vma.file_pages_are_holes() && r.categories & pagemap_scan::PAGE_IS_FILE != 0 {
+                continue;
+            }
+            push_range(&mut out, PageRange::new(r.start, r.end));
+        }
+        Ok(out)
+    }
+}
+
+impl DirtyTracker for UffdWpTracker {
+    fn name(&self) -> &'static str {
+        "uffd-wp"
+    }
+
+    fn collect(&mut self, vmas: &[Vma], full_copy: bool) -> Result<DirtySet, BackendError> {
+        let mut set = DirtySet::default();
+        for vma in vmas.iter().filter(|v| v.is_dumped()) {
+            set.pages_scanned += vma.pages();
+            // Holes first: a page populated after this scan shows up as
+            // written below, and copied data wins over a hole.
+            let (populated, holes) = populated_scan(&mut self.pm, vma)?;
+            let (copy, fresh) = match self.written(vma) {
+                Ok(w) => (w, false),
+                Err(e) if e.is_not_armed() => {
+                    // New, moved (mremap drops the registration) or never
+                    // armed: register, then the arming scan protects it.
+                    match self.uffd.register_wp(vma.start, vma.end) {
+                        Ok(()) => {
+                            set.armed_vmas += 1;
+                            (self.written(vma)?, true)
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                pid = self.pid,
+                                "VMA {:#x}-{:#x} {} cannot be write-protected ({e}); copying it whole every round",
+                                vma.start,
+                                vma.end,
+                                vma.name.as_deref().unwrap_or("")
+                            );
+                            set.untracked_vmas += 1;
+                            (Vec::new(), true)
+                        }
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let copy = if full_copy || fresh {
+                union(&populated, &copy)
+            } else {
+                copy
+            };
+            let holes = subtract(&holes, &copy);
+            set.copy.extend(copy);
+            set.holes.extend(holes);
+        }
+        Ok(set)
+    }
+}
+
+// ---------------------------------------------------------------- soft-dirty
+
+pub struct SoftDirtyTracker {
+    pid: i32,
+    pm: Pagemap,
+    freeze_timeout: Duration,
+}
+
+impl SoftDirtyTracker {
+    pub fn new(pid: i32, freeze_timeout: Duration) -> Result<SoftDirtyTracker, BackendError> {
+        Ok(SoftDirtyTracker {
+            pid,
+            pm: Pagemap::open(pid)?,
+            freeze_timeout,
+        })
+    }
+}
+
+/// Clear the soft-dirty bits of every page of `pid` ("4" > clear_refs).
+pub fn clear_soft_dirty(pid: i32) -> Result<(), BackendError> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), b"4")
+        .map_err(|source| BackendError::ClearRefs { pid, source })
+}
+
+impl DirtyTracker for SoftDirtyTracker {
+    fn name(&self) -> &'static str {
+        "soft-dirty"
+    }
+
+    fn collect(&mut self, vmas: &[Vma], full_copy: bool) -> Result<DirtySet, BackendError> {
+        let mut set = DirtySet::default();
+        // Reading the bits and clearing them must not race with writes:
+        // freeze for that step only; the copy runs with the target live (a
+        // page written after the clear is dirty again next round).
+        let frozen = crate::freeze::Frozen::freeze(self.pid, self.freeze_timeout)?;
+        let t0 = std::time::Instant::now();
+        let mut entries = Vec::new();
+        for vma in vmas.iter().filter(|v| v.is_dumped()) {
+            entries.clear();
+            self.pm.read_entries(vma.start, vma.end, &mut entries)?;
+            let (copy, holes) = select_from_entries(
+                vma.start,
+                &entries,
+                vma.file_pages_are_holes(),
+                true,
+                full_copy,
+            );
+            set.pages_scanned += vma.pages();
+            set.copy.extend(copy);
+            set.holes.extend(holes);
+        }
+        clear_soft_dirty(self.pid)?;
+        set.frozen = t0.elapsed();
+        drop(frozen);
+        Ok(set)
+    }
+}
+
+// ---------------------------------------------------------------- full
+
+pub struct FullTracker {
+    pm: Pagemap,
+}
+
+impl FullTracker {
+    pub fn new(pid: i32) -> Result<FullTracker, BackendError> {
+        Ok(FullTracker {
+            pm: Pagemap::open(pid)?,
+        })
+    }
+}
+
+impl DirtyTracker for FullTracker {
+    fn name(&self) -> &'static str {
+        "full"
+    }
+
+    fn collect(&mut self, vmas: &[Vma], _full_copy: bool) -> Result<DirtySet, BackendError> {
+        let mut set = DirtySet::default();
+        for vma in vmas.iter().filter(|v| v.is_dumped()) {
+            let (copy, holes) = populated_scan(&mut self.pm, vma)?;
+            set.pages_scanned += vma.pages();
+            set.copy.extend(copy);
+            set.holes.extend(holes);
+        }
+        Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const P: u64 = PAGE_SIZE;
+
+    fn r(a: u64, b: u64) -> PageRange {
+        PageRange::new(a * P, b * P)
+    }
+
+    #[test]
+    fn range_algebra() {
+        assert_eq!(subtract(&[r(0, 10)], &[r(2, 3), r(5, 7)]), vec![r(0, 2), r(3, 5), r(7, 10)]);
+        assert_eq!(subtract(&[r(0, 4), r(6, 8)], &[r(3, 7)]), vec![r(0, 3), r(7, 8)]);
+        assert_eq!(subtract(&[r(0, 4)], &[]), vec![r(0, 4)]);
+        assert_eq!(union(&[r(0, 2), r(5, 6)], &[r(2, 3), r(9, 10)]), vec![r(0, 3), r(5, 6), r(9, 10)]);
+    }
+
+    /// The soft-dirty selection, on entries as the kernel writes them.
+    #[test]
+    fn soft_dirty_selection() {
+        use entry::*;
+        let anon_dirty = PRESENT | SOFT_DIRTY | EXCLUSIVE;
+        let anon_clean = PRESENT | EXCLUSIVE;
+        let swapped_dirty = SWAPPED | SOFT_DIRTY;
+        let file_page = PRESENT | FILE_OR_SHARED_ANON;
+        let file_dirty = PRESENT | FILE_OR_SHARED_ANON | SOFT_DIRTY;
+        let none = 0u64;
+        let e = [anon_dirty, anon_clean, swapped_dirty, none, file_page, file_dirty, anon_dirty];
+        // Anonymous VMA: shmem-like file bit still means data to copy.
+        let (copy, holes) = select_from_entries(0, &e, false, true, false);
+        assert_eq!(copy, vec![r(0, 1), r(2, 3), r(5, 7)]);
+        assert_eq!(holes, vec![r(3, 4)]);
+        // Private file mapping: page-cache pages are holes (read from file).
+        let (copy, holes) = select_from_entries(0, &e, true, true, false);
+        assert_eq!(copy, vec![r(0, 1), r(2, 3), r(6, 7)]);
+        assert_eq!(holes, vec![r(3, 6)]);
+        // First round: every populated page, dirty or not.
+        let (copy, _) = select_from_entries(0, &e, false, true, true);
+        assert_eq!(copy, vec![r(0, 3), r(4, 7)]);
+        // A fresh VMA has VM_SOFTDIRTY: the kernel reports all its pages dirty.
+        let (copy, holes) = select_from_entries(10 * P, &[anon_dirty; 3], false, true, false);
+        assert_eq!((copy, holes), (vec![r(10, 13)], vec![]));
+    }
+
+    #[test]
+    fn parse_modes() {
+        for m in [TrackMode::Auto, TrackMode::UffdWp, TrackMode::SoftDirty, TrackMode::Full] {
+            assert_eq!(TrackMode::parse(m.name()), Some(m));
+        }
+        assert_eq!(TrackMode::parse("x"), None);
+    }
+}
