@@ -1,1 +1,504 @@
+//! Support for tern's integration tests: find the binaries, own the workload
+//! processes (and always reap them: PID 1 reaps slowly here), run `tern` with
+//! a deadline, and check image chains against the live target
+//! ([`oracle::check`]).
 
+pub mod oracle;
+pub mod pattern;
+pub mod proc;
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The directory holding the workspace's binaries: the target directory of
+/// the running test executable (`target/debug/deps/x-hash` -> `target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The `tern` binary. `TERN_BIN` overrides.
+pub fn tern_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TERN_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = bin_dir().join("tern");
+    if !p.is_file() {
+        panic!(
+            "no tern binary at {}: build it first: cargo build --workspace (cargo xtask test does)",
+            p.display()
+        );
+    }
+    p
+}
+
+/// A workload binary of this crate (`workload`, `selfcheck`).
+pub fn workload_bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    if !p.is_file() {
+        panic!(
+            "no {name} binary at {}: build it first: cargo build --workspace (cargo xtask test does)",
+            p.display()
+        );
+    }
+    p
+}
+
+/// Wait for `child` at most `timeout`; SIGKILL and reap it past that.
+/// Returns None on timeout.
+pub fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A running workload program that answers one JSON line per command. It is
+/// our child; dropping it kills and reaps it.
+pub struct Workload {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    pid: i32,
+    name: String,
+}
+
+impl Workload {
+    /// Start the `workload` program.
+    pub fn start() -> Workload {
+        Workload::spawn("workload", &[])
+    }
+
+    /// Start the `selfcheck` program with a `mib` MiB checked region.
+    pub fn selfcheck(mib: usize) -> Workload {
+        Workload::spawn("selfcheck", &[&mib.to_string()])
+    }
+
+    pub fn spawn(name: &str, args: &[&str]) -> Workload {
+        let mut child = Command::new(workload_bin(name))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let pid = child.id() as i32;
+        let stdout = child.stdout.take().unwrap();
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = Workload {
+            child,
+            stdin,
+            lines: rx,
+            pid,
+            name: name.to_string(),
+        };
+        let ready = w.read_reply(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{name} did not start: {e}"));
+        assert_eq!(ready["ready"], true, "{name}: {ready}");
+        w.settle().unwrap_or_else(|e| panic!("{e}"));
+        w
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn read_reply(&mut self, timeout: Duration) -> Result<Value, String> {
+        let line = match self.lines.recv_timeout(timeout) {
+            Ok(l) => l,
+            Err(_) => {
+                let st = self.child.try_wait().ok().flatten();
+                return Err(format!(
+                    "{} (pid {}) gave no answer within {timeout:?}; exit status {st:?}, state {:?}",
+                    self.name,
+                    self.pid,
+                    proc::state(self.pid)
+                ));
+            }
+        };
+        serde_json::from_str(&line).map_err(|e| format!("{}: bad reply {line:?}: {e}", self.name))
+    }
+
+    /// Send a command, return the reply (whatever it says), once the
+    /// program is idle again.
+    pub fn try_cmd(&mut self, line: &str) -> Result<Value, String> {
+        self.send(line)?;
+        let v = self.read_reply(Duration::from_secs(120))?;
+        self.settle()?;
+        Ok(v)
+    }
+
+    /// Wait until the main thread is blocked in read(2) on stdin again: the
+    /// reply arrives before the program finished handling the command, and
+    /// its memory must not change while a test compares it with an image.
+    pub fn settle(&self) -> Result<(), String> {
+        let path = format!("/proc/{0}/task/{0}/syscall", self.pid);
+        let mut last = String::new();
+        let ok = proc::wait_until(Duration::from_secs(10), || {
+            last = std::fs::read_to_string(&path).unwrap_or_default();
+            // "0 0x0 ..." = read(0, ...), blocked (state S).
+            last.starts_with("0 0x0 ") && proc::task_state(self.pid, self.pid) == Some('S')
+        });
+        if !ok && proc::alive(self.pid) {
+            return Err(format!("{} (pid {}) did not go back to reading stdin: {path}: {last:?}", self.name, self.pid));
+        }
+        // Blocked once is not settled for good: look again a moment later.
+        std::thread::sleep(Duration::from_millis(1));
+        Ok(())
+    }
+
+    /// Send a line without waiting for the answer.
+    pub fn send(&mut self, line: &str) -> Result<(), String> {
+        let stdin = self.stdin.as_mut().ok_or("stdin closed")?;
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .map_err(|e| format!("{} (pid {}): write {line:?}: {e}", self.name, self.pid))
+    }
+
+    /// Send a command, which must succeed (`"ok": true`); return the reply.
+    pub fn cmd(&mut self, line: &str) -> Value {
+        let v = self.try_cmd(line).unwrap_or_else(|e| panic!("workload command {line:?}: {e}"));
+        if v["ok"] != true {
+            panic!("workload command {line:?} failed: {v}");
+        }
+        v
+    }
+
+    /// `selfcheck`: run its self-check; panic with its detail unless PASS.
+    pub fn self_check(&mut self, when: &str) {
+        let v = self
+            .try_cmd("check")
+            .unwrap_or_else(|e| panic!("self-check {when}: {e}"));
+        assert_eq!(v["result"], "PASS", "self-check {when} failed: {v}");
+    }
+
+    /// `selfcheck`: SIGTERM it, it must print PASS and exit 0.
+    pub fn terminate_and_check(mut self) {
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        let v = self.read_reply(Duration::from_secs(10));
+        let st = wait_deadline(&mut self.child, Duration::from_secs(10));
+        let v = v.unwrap_or_else(|e| panic!("selfcheck after SIGTERM: {e}; exit {st:?}"));
+        assert_eq!(v["result"], "PASS", "selfcheck after SIGTERM: {v}");
+        assert!(st.is_some_and(|s| s.success()), "selfcheck exit status {st:?} ({v})");
+    }
+
+    /// Wait for the process to exit by itself (at most `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_deadline(&mut self.child, timeout)
+    }
+
+    /// Kill and reap now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stdin.take();
+        // Let it go on its own for a moment (it kills and reaps its own child).
+        if wait_deadline(&mut self.child, Duration::from_millis(0)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Output of one tern run.
+#[derive(Debug)]
+pub struct TernRun {
+    pub args: Vec<String>,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl TernRun {
+    pub fn ok(&self) -> bool {
+        self.status.success()
+    }
+    pub fn describe(&self) -> String {
+        format!(
+            "`tern {}` -> {} in {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.args.join(" "),
+            self.status,
+            self.elapsed,
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+    /// Must have exited 0; stdout parsed as one JSON value.
+    pub fn json(&self) -> Value {
+        assert!(self.ok(), "tern failed:\n{}", self.describe());
+        parse_json(&self.stdout).unwrap_or_else(|e| panic!("{e}\n{}", self.describe()))
+    }
+    /// One JSON value per non-empty stdout line.
+    pub fn json_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line {l:?}: {e}\n{}", self.describe()))
+            })
+            .collect()
+    }
+    /// Must have failed (non-zero exit, not killed by a signal), with a
+    /// non-empty stderr.
+    pub fn assert_clear_failure(&self, must_mention: &[&str]) {
+        assert!(
+            self.status.code().is_some_and(|c| c != 0),
+            "expected a non-zero exit:\n{}",
+            self.describe()
+        );
+        assert!(!self.stderr.trim().is_empty(), "failed without a message on stderr:\n{}", self.describe());
+        for m in must_mention {
+            assert!(
+                self.stderr.contains(m),
+                "the error does not name {m:?}:\n{}",
+                self.describe()
+            );
+        }
+        assert!(
+            !self.stderr.contains("panicked at") && !self.stderr.contains("RUST_BACKTRACE"),
+            "tern panicked instead of reporting an error:\n{}",
+            self.describe()
+        );
+    }
+}
+
+fn parse_json(s: &str) -> Result<Value, String> {
+    if let Ok(v) = serde_json::from_str(s.trim()) {
+        return Ok(v);
+    }
+    // Tolerate a log line before the object: take the last line that parses.
+    s.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok().filter(|v| v.is_object()))
+        .ok_or_else(|| "stdout is not a JSON object".to_string())
+}
+
+/// Default deadline for one tern run (invariant 4: never hang).
+pub const TERN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Start `tern ARGS` with piped output (for tests that kill it).
+pub fn spawn_tern<S: AsRef<str>>(args: &[S]) -> Child {
+    Command::new(tern_bin())
+        .args(args.iter().map(|a| a.as_ref()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn tern: {e}"))
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = r.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    })
+}
+
+/// Run `tern ARGS` to completion, at most `timeout` (a hang fails the test).
+pub fn tern_with_timeout<S: AsRef<str>>(args: &[S], timeout: Duration) -> TernRun {
+    let t0 = Instant::now();
+    let mut child = spawn_tern(args);
+    let out = drain(child.stdout.take().unwrap());
+    let err = drain(child.stderr.take().unwrap());
+    let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+    let status = wait_deadline(&mut child, timeout);
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    let Some(status) = status else {
+        panic!(
+            "`tern {}` did not finish within {timeout:?} (killed; DESIGN invariant 4: never hang)\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}",
+            args.join(" ")
+        );
+    };
+    TernRun {
+        args,
+        status,
+        stdout,
+        stderr,
+        elapsed: t0.elapsed(),
+    }
+}
+
+pub fn tern<S: AsRef<str>>(args: &[S]) -> TernRun {
+    tern_with_timeout(args, TERN_TIMEOUT)
+}
+
+/// `tern pre-dump -t PID -D DIR [--prev-images-dir PREV] EXTRA... --json`;
+/// must succeed; returns its JSON.
+pub fn pre_dump(pid: i32, dir: &Path, prev: Option<&Path>, extra: &[&str]) -> Value {
+    let run = pre_dump_run(pid, dir, prev, extra);
+    let v = run.json();
+    check_pre_dump_json(&v, pid, &run);
+    v
+}
+
+pub fn pre_dump_run(pid: i32, dir: &Path, prev: Option<&Path>, extra: &[&str]) -> TernRun {
+    let mut args: Vec<String> = vec![
+        "pre-dump".into(),
+        "-t".into(),
+        pid.to_string(),
+        "-D".into(),
+        dir.display().to_string(),
+    ];
+    if let Some(p) = prev {
+        args.push("--prev-images-dir".into());
+        args.push(p.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push("--json".into());
+    tern(&args)
+}
+
+/// The fields the pre-dump JSON must carry (issue 2, item 6).
+pub const PRE_DUMP_FIELDS: [&str; 11] = [
+    "pid",
+    "backend",
+    "ebpf",
+    "pages_scanned",
+    "pages_written",
+    "pages_zero",
+    "bytes_written",
+    "frozen_ms",
+    "duration_ms",
+    "ebpf_pages",
+    "vma_changes",
+];
+
+fn check_pre_dump_json(v: &Value, pid: i32, run: &TernRun) {
+    for f in PRE_DUMP_FIELDS {
+        assert!(v.get(f).is_some(), "pre-dump JSON lacks {f:?}: {v}\n{}", run.describe());
+    }
+    assert_eq!(v["pid"].as_i64(), Some(pid as i64), "pre-dump JSON pid: {v}");
+    for f in ["pages_scanned", "pages_written", "pages_zero", "bytes_written"] {
+        assert!(v[f].is_u64(), "pre-dump JSON {f:?} is not a count: {v}");
+    }
+    for f in ["frozen_ms", "duration_ms"] {
+        assert!(v[f].is_number(), "pre-dump JSON {f:?} is not a number: {v}");
+    }
+}
+
+/// A JSON number as f64 (panics with the object otherwise).
+pub fn num(v: &Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field:?} is not a number in {v}"))
+}
+
+/// Run the oracle and panic with its report on a mismatch.
+pub fn assert_oracle(pid: i32, dir: &Path, when: &str) -> oracle::OracleReport {
+    oracle::check(pid, dir).unwrap_or_else(|e| panic!("{when}: {e}"))
+}
+
+/// The target must be alive, untraced and not stopped.
+pub fn assert_running_untraced(pid: i32, when: &str) {
+    assert!(proc::alive(pid), "{when}: target {pid} is gone (state {:?})", proc::state(pid));
+    // Detach happens when the tracer exits, but give the kernel a moment.
+    let mut traced = Vec::new();
+    let mut stopped = Vec::new();
+    let ok = proc::wait_until(Duration::from_secs(2), || {
+        traced = proc::traced_threads(pid);
+        stopped = proc::stopped_threads(pid);
+        traced.is_empty() && stopped.is_empty()
+    });
+    assert!(
+        ok,
+        "{when}: target {pid} traced threads (tid, tracer) {traced:?}, stopped threads {stopped:?}"
+    );
+}
+
+/// `tern untrack -t PID`; must succeed.
+pub fn untrack(pid: i32) -> TernRun {
+    let run = tern(&["untrack", "-t", &pid.to_string(), "--json"]);
+    assert!(run.ok(), "tern untrack failed:\n{}", run.describe());
+    run
+}
+
+/// Untrack, then the target must be exactly as in `baseline`: maps, fds,
+/// no userfaultfd-registered VMA, no pinned eBPF objects, untraced.
+pub fn assert_untracked_exactly(pid: i32, baseline: &proc::Snapshot, when: &str) {
+    let run = untrack(pid);
+    assert_exactly_as(pid, baseline, &format!("{when}, after `tern untrack` ({})", run.stdout.trim()));
+}
+
+/// The target is exactly as in `baseline`, with no tern state left.
+pub fn assert_exactly_as(pid: i32, baseline: &proc::Snapshot, when: &str) {
+    assert_running_untraced(pid, when);
+    let now = proc::Snapshot::take(pid).unwrap();
+    let d = proc::Snapshot::diff(baseline, &now, false);
+    assert!(d.is_empty(), "{when}: target {pid} differs from before:\n  {}", d.join("\n  "));
+    let reg = proc::uffd_registered_vmas(pid).unwrap();
+    assert!(
+        reg.is_empty(),
+        "{when}: VMAs still registered with userfaultfd:\n  {}",
+        reg.join("\n  ")
+    );
+    let pin = proc::bpf_pin_dir(pid);
+    assert!(!pin.exists(), "{when}: {} still exists", pin.display());
+}
+
+/// A fresh temporary directory.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("tern-test-").tempdir().expect("tempdir")
+}
+
+/// Data pages of the newest image in `dir` (from the page map).
+pub fn image_pages(dir: &Path, kind: images::PageKind) -> u64 {
+    let img = images::Image::open(dir).unwrap_or_else(|e| panic!("open image {}: {e}", dir.display()));
+    img.total_pages(kind)
+}
+
+/// Write `bytes` at `addr` in `pid` with process_vm_writev(2) (a remote,
+/// GUP-based write that no user page fault of the target shows).
+pub fn process_vm_write(pid: i32, addr: u64, bytes: &[u8]) {
+    let local = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut _,
+        iov_len: bytes.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut _,
+        iov_len: bytes.len(),
+    };
+    let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+    assert_eq!(
+        n,
+        bytes.len() as isize,
+        "process_vm_writev({pid}, {addr:#x}, {}): {}",
+        bytes.len(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Address of a workload reply (`"addr"`).
+pub fn addr_of(v: &Value) -> u64 {
+    v["addr"].as_u64().unwrap_or_else(|| panic!("no addr in {v}"))
+}

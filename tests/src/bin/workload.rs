@@ -1,0 +1,664 @@
+//! A controllable checkpoint target.
+//!
+//! Reads one command per line on stdin and answers one JSON line on stdout:
+//! `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Between commands it is
+//! idle (blocked in read(2) on stdin), so its memory does not change while a
+//! test compares it with an image chain.
+//!
+//! Regions are named anonymous mappings. Commands:
+//!
+//! ```text
+//! ping                                  -> pid
+//! alloc NAME PAGES [rand|light|zero|none] [shared] [at=ADDR] [seed=N]
+//!                                       -> addr, len   (fills every page)
+//! addr NAME                             -> addr, len, pages
+//! dirty NAME IDX[,A-B...]               write new contents into those pages
+//! dirty_frac NAME FRAC SEED             the pages of pattern::frac_set
+//! zap NAME FIRST COUNT                  madvise(MADV_DONTNEED)
+//! mremap NAME NEWPAGES                  move (and resize) to a new address
+//! grow NAME NEWPAGES                    mremap in place or moved (MAYMOVE)
+//! unmap NAME
+//! renew NAME [CONTENT] [PAGES]          munmap + mmap anew at the same address, fill
+//! mprotect NAME FIRST COUNT r|rw|none
+//! readfill NAME FIRST COUNT pipe|file   fill pages with read(2) (kernel writes)
+//! threads NAME N IDXSPEC|all            N threads dirty the pages concurrently
+//! fork NAME MS                          child rewrites its copy of NAME for MS ms,
+//!                                       then checks it and exits 0 (or 1)
+//! fork_wait                             reap the child: its exit status
+//! sum NAME [FIRST COUNT]                FNV-1a of the bytes
+//! bg NAME FRAC SEED PERIOD_MS           background thread: each period, write one
+//!                                       byte to a fresh random FRAC of the pages
+//! bg_stop                               -> iterations, page_writes
+//! exit_after MS                         _exit(0) after MS ms (reply now)
+//! exit
+//! ```
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use tern_tests::pattern::{self, Content, PAGE};
+
+struct Region {
+    addr: usize,
+    pages: usize,
+    content: Content,
+    shared: bool,
+    seed: u64,
+    generation: u64,
+}
+
+impl Region {
+    fn len(&self) -> usize {
+        self.pages * PAGE
+    }
+    fn page(&self, idx: usize) -> &'static mut [u8] {
+        assert!(idx < self.pages);
+        unsafe { std::slice::from_raw_parts_mut((self.addr + idx * PAGE) as *mut u8, PAGE) }
+    }
+    /// What a dirtying write puts in a page of this region.
+    fn dirty_content(&self) -> Content {
+        match self.content {
+            Content::Rand => Content::Rand,
+            _ => Content::Light,
+        }
+    }
+    fn fill_all(&self, content: Content) {
+        for i in 0..self.pages {
+            fill(self.page(i), content, self.seed, self.generation, i as u64);
+        }
+    }
+}
+
+fn fill(page: &mut [u8], content: Content, seed: u64, generation: u64, idx: u64) {
+    match content {
+        // Populate with a real write, leaving zeros.
+        Content::Zero => unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) },
+        c => pattern::fill_page(page, c, seed, generation, idx),
+    }
+}
+
+struct Bg {
+    stop: Arc<AtomicBool>,
+    iterations: Arc<AtomicU64>,
+    writes: Arc<AtomicU64>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+struct State {
+    regions: HashMap<String, Region>,
+    child: Option<libc::pid_t>,
+    bg: Option<Bg>,
+    tmpdir: std::path::PathBuf,
+}
+
+type Reply = Result<String, String>;
+
+fn mmap(len: usize, shared: bool, at: Option<usize>, noreplace: bool) -> Result<usize, String> {
+    let mut flags = libc::MAP_ANONYMOUS | if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+    if at.is_some() {
+        flags |= if noreplace { libc::MAP_FIXED_NOREPLACE } else { libc::MAP_FIXED };
+    }
+    let p = unsafe {
+        libc::mmap(
+            at.unwrap_or(0) as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap {len} bytes: {}", std::io::Error::last_os_error()));
+    }
+    if let Some(a) = at
+        && p as usize != a
+    {
+        return Err(format!("mmap at {a:#x} gave {:#x}", p as usize));
+    }
+    Ok(p as usize)
+}
+
+fn parse<T: std::str::FromStr>(s: Option<&&str>, what: &str) -> Result<T, String> {
+    let s = s.ok_or_else(|| format!("missing {what}"))?;
+    s.parse().map_err(|_| format!("bad {what}: {s:?}"))
+}
+
+fn parse_addr(s: &str) -> Result<usize, String> {
+    let r = if let Some(h) = s.strip_prefix("0x") {
+        usize::from_str_radix(h, 16)
+    } else {
+        s.parse()
+    };
+    r.map_err(|_| format!("bad address {s:?}"))
+}
+
+fn region_json(r: &Region) -> String {
+    format!(
+        "\"addr\":{},\"len\":{},\"pages\":{},\"generation\":{}",
+        r.addr,
+        r.len(),
+        r.pages,
+        r.generation
+    )
+}
+
+impl State {
+    fn region(&mut self, name: Option<&&str>) -> Result<&mut Region, String> {
+        let name = name.ok_or("missing region name")?;
+        self.regions
+            .get_mut(*name)
+            .ok_or_else(|| format!("no region {name:?}"))
+    }
+
+    fn run(&mut self, line: &str) -> Reply {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let Some(&cmd) = w.first() else {
+            return Err("empty command".into());
+        };
+        match cmd {
+            "ping" => Ok(format!("\"pid\":{}", std::process::id())),
+            "alloc" => self.alloc(&w),
+            "addr" => {
+                let r = self.region(w.get(1))?;
+                Ok(region_json(r))
+            }
+            "dirty" => {
+                let spec = w.get(2).ok_or("missing index list")?;
+                let r = self.region(w.get(1))?;
+                let idx = if *spec == "all" {
+                    (0..r.pages as u64).collect()
+                } else {
+                    pattern::parse_indices(spec)?
+                };
+                dirty(r, &idx)
+            }
+            "dirty_frac" => {
+                let frac: f64 = parse(w.get(2), "fraction")?;
+                let seed: u64 = parse(w.get(3), "seed")?;
+                let r = self.region(w.get(1))?;
+                let idx = pattern::frac_set(r.pages as u64, frac, seed);
+                dirty(r, &idx)
+            }
+            "zap" => {
+                let first: usize = parse(w.get(2), "first page")?;
+                let count: usize = parse(w.get(3), "count")?;
+                let r = self.region(w.get(1))?;
+                if first + count > r.pages {
+                    return Err("range past the region".into());
+                }
+                let rc = unsafe {
+                    libc::madvise((r.addr + first * PAGE) as *mut _, count * PAGE, libc::MADV_DONTNEED)
+                };
+                if rc != 0 {
+                    return Err(format!("madvise: {}", std::io::Error::last_os_error()));
+                }
+                Ok(format!("\"pages\":{count}"))
+            }
+            "mremap" | "grow" => {
+                let newpages: usize = parse(w.get(2), "page count")?;
+                let r = self.region(w.get(1))?;
+                let old = r.addr;
+                let newaddr = if cmd == "mremap" {
+                    // Reserve a fresh spot, then move the region onto it.
+                    let spot = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            newpages * PAGE,
+                            libc::PROT_NONE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        )
+                    };
+                    if spot == libc::MAP_FAILED {
+                        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+                    }
+                    unsafe {
+                        libc::mremap(
+                            old as *mut _,
+                            r.len(),
+                            newpages * PAGE,
+                            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                            spot,
+                        )
+                    }
+                } else {
+                    unsafe { libc::mremap(old as *mut _, r.len(), newpages * PAGE, libc::MREMAP_MAYMOVE) }
+                };
+                if newaddr == libc::MAP_FAILED {
+                    return Err(format!("mremap: {}", std::io::Error::last_os_error()));
+                }
+                r.addr = newaddr as usize;
+                r.pages = newpages;
+                Ok(format!("\"old\":{old},{}", region_json(r)))
+            }
+            "unmap" => {
+                let name = w.get(1).ok_or("missing region name")?;
+                let r = self.regions.remove(*name).ok_or_else(|| format!("no region {name:?}"))?;
+                if unsafe { libc::munmap(r.addr as *mut _, r.len()) } != 0 {
+                    return Err(format!("munmap: {}", std::io::Error::last_os_error()));
+                }
+                Ok(format!("\"addr\":{},\"len\":{}", r.addr, r.len()))
+            }
+            "renew" => {
+                let r = self.region(w.get(1))?;
+                let content = match w.get(2) {
+                    Some(c) => Content::parse(c).ok_or("bad content")?,
+                    None => r.content,
+                };
+                let pages = match w.get(3) {
+                    Some(p) => p.parse().map_err(|_| "bad page count")?,
+                    None => r.pages,
+                };
+                if unsafe { libc::munmap(r.addr as *mut _, r.len()) } != 0 {
+                    return Err(format!("munmap: {}", std::io::Error::last_os_error()));
+                }
+                mmap(pages * PAGE, r.shared, Some(r.addr), true)?;
+                r.pages = pages;
+                r.content = content;
+                r.generation += 1;
+                r.fill_all(content);
+                Ok(region_json(r))
+            }
+            "mprotect" => {
+                let first: usize = parse(w.get(2), "first page")?;
+                let count: usize = parse(w.get(3), "count")?;
+                let prot = match w.get(4).copied() {
+                    Some("r") => libc::PROT_READ,
+                    Some("rw") => libc::PROT_READ | libc::PROT_WRITE,
+                    Some("none") => libc::PROT_NONE,
+                    _ => return Err("protection: r, rw or none".into()),
+                };
+                let r = self.region(w.get(1))?;
+                if unsafe { libc::mprotect((r.addr + first * PAGE) as *mut _, count * PAGE, prot) } != 0 {
+                    return Err(format!("mprotect: {}", std::io::Error::last_os_error()));
+                }
+                Ok(String::new())
+            }
+            "readfill" => self.readfill(&w),
+            "threads" => {
+                let n: usize = parse(w.get(2), "thread count")?;
+                let spec = w.get(3).ok_or("missing index list")?;
+                let r = self.region(w.get(1))?;
+                let idx = if *spec == "all" {
+                    (0..r.pages as u64).collect()
+                } else {
+                    pattern::parse_indices(spec)?
+                };
+                threads_dirty(r, n, &idx)
+            }
+            "fork" => self.fork(&w),
+            "fork_wait" => {
+                let pid = self.child.take().ok_or("no child")?;
+                let mut status = 0;
+                if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+                    return Err(format!("waitpid: {}", std::io::Error::last_os_error()));
+                }
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    -libc::WTERMSIG(status)
+                };
+                Ok(format!("\"child\":{pid},\"status\":{code}"))
+            }
+            "sum" => {
+                let r = self.region(w.get(1))?;
+                let (first, count) = match (w.get(2), w.get(3)) {
+                    (Some(f), Some(c)) => (
+                        f.parse::<usize>().map_err(|_| "bad first")?,
+                        c.parse::<usize>().map_err(|_| "bad count")?,
+                    ),
+                    _ => (0, r.pages),
+                };
+                let bytes = unsafe {
+                    std::slice::from_raw_parts((r.addr + first * PAGE) as *const u8, count * PAGE)
+                };
+                Ok(format!("\"sum\":{}", pattern::fnv(bytes)))
+            }
+            "bg" => self.bg(&w),
+            "bg_stop" => {
+                let bg = self.bg.take().ok_or("no background writer")?;
+                bg.stop.store(true, Ordering::SeqCst);
+                bg.handle.join().map_err(|_| "background writer panicked")?;
+                Ok(format!(
+                    "\"iterations\":{},\"page_writes\":{}",
+                    bg.iterations.load(Ordering::SeqCst),
+                    bg.writes.load(Ordering::SeqCst)
+                ))
+            }
+            "exit_after" => {
+                let ms: u64 = parse(w.get(1), "milliseconds")?;
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                    unsafe { libc::_exit(0) };
+                });
+                Ok(String::new())
+            }
+            "exit" => {
+                self.cleanup();
+                reply(&Ok(String::new()));
+                std::process::exit(0);
+            }
+            other => Err(format!("unknown command {other:?}")),
+        }
+    }
+
+    fn alloc(&mut self, w: &[&str]) -> Reply {
+        let name = w.get(1).ok_or("missing region name")?.to_string();
+        let pages: usize = parse(w.get(2), "page count")?;
+        let mut content = Content::Rand;
+        let mut shared = false;
+        let mut at = None;
+        let mut seed = pattern::mix(name.bytes().fold(0u64, |h, b| h * 31 + b as u64));
+        for opt in &w[3..] {
+            if let Some(c) = Content::parse(opt) {
+                content = c;
+            } else if *opt == "shared" {
+                shared = true;
+            } else if let Some(a) = opt.strip_prefix("at=") {
+                at = Some(parse_addr(a)?);
+            } else if let Some(s) = opt.strip_prefix("seed=") {
+                seed = s.parse().map_err(|_| "bad seed")?;
+            } else {
+                return Err(format!("unknown alloc option {opt:?}"));
+            }
+        }
+        if self.regions.contains_key(&name) {
+            return Err(format!("region {name:?} exists"));
+        }
+        let addr = mmap(pages * PAGE, shared, at, true)?;
+        let r = Region {
+            addr,
+            pages,
+            content,
+            shared,
+            seed,
+            generation: 0,
+        };
+        r.fill_all(content);
+        let out = region_json(&r);
+        self.regions.insert(name, r);
+        Ok(out)
+    }
+
+    fn readfill(&mut self, w: &[&str]) -> Reply {
+        let first: usize = parse(w.get(2), "first page")?;
+        let count: usize = parse(w.get(3), "count")?;
+        let src = w.get(4).copied().unwrap_or("pipe");
+        let tmpdir = self.tmpdir.clone();
+        let r = self.region(w.get(1))?;
+        if first + count > r.pages {
+            return Err("range past the region".into());
+        }
+        r.generation += 1;
+        // The data, built in a private buffer: the region itself is written
+        // only by the kernel, inside read(2).
+        let mut data = vec![0u8; count * PAGE];
+        for (i, page) in data.chunks_exact_mut(PAGE).enumerate() {
+            pattern::fill_page(page, Content::Rand, r.seed, r.generation, (first + i) as u64);
+        }
+        let dst = (r.addr + first * PAGE) as *mut u8;
+        let fd = match src {
+            "pipe" => {
+                let mut fds = [0; 2];
+                if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+                    return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+                }
+                let wfd = fds[1];
+                std::thread::spawn(move || {
+                    let mut off = 0;
+                    while off < data.len() {
+                        let n = unsafe { libc::write(wfd, data[off..].as_ptr() as *const _, data.len() - off) };
+                        if n <= 0 {
+                            break;
+                        }
+                        off += n as usize;
+                    }
+                    unsafe { libc::close(wfd) };
+                });
+                fds[0]
+            }
+            "file" => {
+                let path = tmpdir.join(format!("readfill-{}", std::process::id()));
+                std::fs::write(&path, &data).map_err(|e| format!("{}: {e}", path.display()))?;
+                let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+                let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY) };
+                let _ = std::fs::remove_file(&path);
+                if fd < 0 {
+                    return Err(format!("open: {}", std::io::Error::last_os_error()));
+                }
+                fd
+            }
+            other => return Err(format!("source {other:?}: pipe or file")),
+        };
+        let mut off = 0;
+        let total = count * PAGE;
+        while off < total {
+            let n = unsafe { libc::read(fd, dst.add(off) as *mut _, total - off) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                unsafe { libc::close(fd) };
+                return Err(format!("read: {e}"));
+            }
+            if n == 0 {
+                break;
+            }
+            off += n as usize;
+        }
+        unsafe { libc::close(fd) };
+        if off != total {
+            return Err(format!("read {off} of {total} bytes"));
+        }
+        Ok(format!("\"pages\":{count},\"generation\":{}", r.generation))
+    }
+
+    fn fork(&mut self, w: &[&str]) -> Reply {
+        let ms: u64 = parse(w.get(2), "milliseconds")?;
+        if self.child.is_some() {
+            return Err("a child is already running".into());
+        }
+        let r = self.region(w.get(1))?;
+        let (addr, pages, seed) = (r.addr, r.pages, r.seed);
+        // The child writes generations far from the parent's.
+        let base_gen = r.generation + 1_000_000;
+        let ppid = std::process::id() as i32;
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(format!("fork: {}", std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            // Child: raw memory and syscalls only.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != ppid {
+                    libc::_exit(3);
+                }
+            }
+            let page = |i: usize| unsafe { std::slice::from_raw_parts_mut((addr + i * PAGE) as *mut u8, PAGE) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+            let mut generation = base_gen;
+            for i in 0..pages {
+                pattern::fill_page(page(i), Content::Light, seed, generation, i as u64);
+            }
+            let mut gens = vec![generation; pages];
+            let mut rng = pattern::Rng::new(seed);
+            while std::time::Instant::now() < deadline {
+                generation += 1;
+                for _ in 0..16.min(pages) {
+                    let i = rng.below(pages as u64) as usize;
+                    pattern::fill_page(page(i), Content::Light, seed, generation, i as u64);
+                    gens[i] = generation;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let mut want = vec![0u8; PAGE];
+            for i in 0..pages {
+                pattern::fill_page(&mut want, Content::Light, seed, gens[i], i as u64);
+                if page(i) != &want[..] {
+                    unsafe { libc::_exit(1) };
+                }
+            }
+            unsafe { libc::_exit(0) };
+        }
+        self.child = Some(pid);
+        Ok(format!("\"child\":{pid}"))
+    }
+
+    fn bg(&mut self, w: &[&str]) -> Reply {
+        let frac: f64 = parse(w.get(2), "fraction")?;
+        let seed: u64 = parse(w.get(3), "seed")?;
+        let period: u64 = parse(w.get(4), "period")?;
+        if self.bg.is_some() {
+            return Err("a background writer is already running".into());
+        }
+        let r = self.region(w.get(1))?;
+        let (addr, pages) = (r.addr, r.pages);
+        let stop = Arc::new(AtomicBool::new(false));
+        let iterations = Arc::new(AtomicU64::new(0));
+        let writes = Arc::new(AtomicU64::new(0));
+        let (s, it, wr) = (stop.clone(), iterations.clone(), writes.clone());
+        let threshold = (frac.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
+        let handle = std::thread::spawn(move || {
+            let mut n: u64 = 0;
+            while !s.load(Ordering::Relaxed) {
+                let start = std::time::Instant::now();
+                let round_seed = pattern::mix(seed ^ n);
+                let mut count = 0;
+                for i in 0..pages {
+                    if pattern::mix(round_seed ^ i as u64) <= threshold {
+                        unsafe {
+                            let p = (addr + i * PAGE + (n as usize % 512) * 8) as *mut u64;
+                            std::ptr::write_volatile(p, std::ptr::read_volatile(p).wrapping_add(1));
+                        }
+                        count += 1;
+                    }
+                }
+                n += 1;
+                it.store(n, Ordering::Relaxed);
+                wr.fetch_add(count, Ordering::Relaxed);
+                let spent = start.elapsed();
+                let period = std::time::Duration::from_millis(period);
+                if spent < period {
+                    std::thread::sleep(period - spent);
+                }
+            }
+        });
+        self.bg = Some(Bg {
+            stop,
+            iterations,
+            writes,
+            handle,
+        });
+        Ok(String::new())
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(bg) = self.bg.take() {
+            bg.stop.store(true, Ordering::SeqCst);
+            let _ = bg.handle.join();
+        }
+        if let Some(pid) = self.child.take() {
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}
+
+fn dirty(r: &mut Region, idx: &[u64]) -> Reply {
+    if let Some(bad) = idx.iter().find(|&&i| i as usize >= r.pages) {
+        return Err(format!("page {bad} past the region ({} pages)", r.pages));
+    }
+    r.generation += 1;
+    let c = r.dirty_content();
+    for &i in idx {
+        pattern::fill_page(r.page(i as usize), c, r.seed, r.generation, i);
+    }
+    Ok(format!("\"pages\":{},\"generation\":{}", idx.len(), r.generation))
+}
+
+fn threads_dirty(r: &mut Region, n: usize, idx: &[u64]) -> Reply {
+    if n == 0 {
+        return Err("no threads".into());
+    }
+    if let Some(bad) = idx.iter().find(|&&i| i as usize >= r.pages) {
+        return Err(format!("page {bad} past the region"));
+    }
+    r.generation += 1;
+    let (addr, seed, generation, c) = (r.addr, r.seed, r.generation, r.dirty_content());
+    let chunk = idx.len().div_ceil(n).max(1);
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    std::thread::scope(|s| {
+        for t in 0..n {
+            let part = &idx[(t * chunk).min(idx.len())..((t + 1) * chunk).min(idx.len())];
+            let barrier = barrier.clone();
+            s.spawn(move || {
+                barrier.wait();
+                for &i in part {
+                    let page = unsafe { std::slice::from_raw_parts_mut((addr + i as usize * PAGE) as *mut u8, PAGE) };
+                    pattern::fill_page(page, c, seed, generation, i);
+                }
+            });
+        }
+    });
+    Ok(format!("\"pages\":{},\"threads\":{n},\"generation\":{generation}", idx.len()))
+}
+
+fn reply(r: &Reply) {
+    let line = match r {
+        Ok(s) if s.is_empty() => "{\"ok\":true}".to_string(),
+        Ok(s) => format!("{{\"ok\":true,{s}}}"),
+        Err(e) => format!("{{\"ok\":false,\"error\":{}}}", json_str(e)),
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for ch in s.chars() {
+        match ch {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn main() {
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    let mut st = State {
+        regions: HashMap::new(),
+        child: None,
+        bg: None,
+        tmpdir: std::env::temp_dir(),
+    };
+    let stdin = std::io::stdin();
+    let mut line = String::with_capacity(4096);
+    let mut input = stdin.lock();
+    reply(&Ok(format!("\"ready\":true,\"pid\":{}", std::process::id())));
+    loop {
+        line.clear();
+        match input.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("workload: stdin: {e}");
+                break;
+            }
+        }
+        let r = st.run(line.trim());
+        reply(&r);
+    }
+    st.cleanup();
+}

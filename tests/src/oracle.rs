@@ -1,0 +1,298 @@
+//! The memory oracle: the image chain, reassembled, must equal the target's
+//! memory read while it is stopped (DESIGN.md invariant 3), and the chain's
+//! VMA list must match /proc/PID/maps.
+
+use crate::proc::{self, IGNORED_NAMES, MapEntry};
+use images::{PAGE_SIZE, PageRange, VmaRecord};
+use restorer::{ImageChain, PageSource};
+use std::fmt::Write as _;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+/// Stops a process with SIGSTOP until dropped (then SIGCONT).
+pub struct Stopped {
+    pid: i32,
+}
+
+impl Stopped {
+    /// SIGSTOP `pid` and wait until every thread is in state `T`.
+    pub fn new(pid: i32) -> Result<Stopped, String> {
+        if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+            return Err(format!("SIGSTOP {pid}: {}", std::io::Error::last_os_error()));
+        }
+        let s = Stopped { pid };
+        let ok = proc::wait_until(Duration::from_secs(5), || {
+            let tids = proc::tids(pid);
+            !tids.is_empty() && tids.iter().all(|&t| proc::task_state(pid, t) == Some('T'))
+        });
+        if !ok {
+            let states: Vec<String> = proc::tids(pid)
+                .into_iter()
+                .map(|t| format!("{t}:{:?}", proc::task_state(pid, t)))
+                .collect();
+            return Err(format!("pid {pid} did not stop within 5 s (thread states {states:?})"));
+        }
+        Ok(s)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct OracleReport {
+    pub vmas: usize,
+    pub pages_compared: u64,
+    pub pages_read_from_target: u64,
+}
+
+fn ignored(name: &str) -> bool {
+    IGNORED_NAMES.contains(&name)
+}
+
+/// The maps entries whose memory an image must hold.
+fn checked_maps(maps: &[MapEntry]) -> Vec<&MapEntry> {
+    maps.iter()
+        .filter(|m| !ignored(&m.name) && (m.is_private() || m.is_anon_shared()))
+        .collect()
+}
+
+fn vma_name(v: &VmaRecord) -> &str {
+    v.name.as_deref().unwrap_or("")
+}
+
+fn fmt_vma(v: &VmaRecord) -> String {
+    format!(
+        "{:x}-{:x} {} {:08x} {} {} {}{}",
+        v.start,
+        v.end,
+        v.perms,
+        v.offset,
+        v.dev,
+        v.inode,
+        vma_name(v),
+        if v.dumped { "" } else { " (not dumped)" }
+    )
+}
+
+/// Compare the chain's dumped VMAs with the target's maps: every page of a
+/// checked maps entry must be covered by dumped chain VMAs with the same
+/// permissions and name, and every dumped chain VMA must lie in such entries.
+pub fn compare_vmas(chain_vmas: &[VmaRecord], maps: &[MapEntry]) -> Vec<String> {
+    let mut errs = Vec::new();
+    let checked = checked_maps(maps);
+    let dumped: Vec<&VmaRecord> = chain_vmas.iter().filter(|v| v.dumped && !ignored(vma_name(v))).collect();
+    for m in &checked {
+        let mut at = m.start;
+        let overl: Vec<&&VmaRecord> = dumped.iter().filter(|v| v.start < m.end && v.end > m.start).collect();
+        for v in &overl {
+            if v.start > at {
+                errs.push(format!("target VMA {m}: {:#x}-{:#x} not in the chain as a dumped VMA", at, v.start));
+            }
+            if v.perms != m.perms || vma_name(v) != m.name {
+                errs.push(format!("target VMA {m}: the chain has {}", fmt_vma(v)));
+            }
+            at = at.max(v.end);
+        }
+        if at < m.end {
+            let also = chain_vmas
+                .iter()
+                .find(|v| v.start < m.end && v.end > at)
+                .map(|v| format!(" (chain: {})", fmt_vma(v)))
+                .unwrap_or_default();
+            errs.push(format!(
+                "target VMA {m}: {:#x}-{:#x} not in the chain as a dumped VMA{also}",
+                at, m.end
+            ));
+        }
+    }
+    for v in &dumped {
+        let mut at = v.start;
+        for m in checked.iter().filter(|m| m.start < v.end && m.end > v.start) {
+            if m.start > at {
+                break;
+            }
+            at = at.max(m.end);
+        }
+        if at < v.end {
+            let now = maps
+                .iter()
+                .find(|m| m.start < v.end && m.end > at)
+                .map(|m| format!(" (target now: {m})"))
+                .unwrap_or_else(|| " (unmapped in the target)".into());
+            errs.push(format!(
+                "chain VMA {}: {:#x}-{:#x} is not private/anon-shared memory of the target{now}",
+                fmt_vma(v),
+                at,
+                v.end
+            ));
+        }
+    }
+    errs
+}
+
+fn describe_source(chain: &ImageChain, addr: u64) -> String {
+    match chain.source(addr) {
+        PageSource::Data { image, entry } => format!(
+            "data from image {} ({}), entry {:#x}+{} pages",
+            image,
+            chain.images[image].dir.display(),
+            entry.start,
+            entry.nr_pages
+        ),
+        PageSource::Zero => "zero page".into(),
+        PageSource::Hole => "hole (not populated)".into(),
+    }
+}
+
+fn hex16(b: &[u8]) -> String {
+    b.iter().take(16).map(|x| format!("{x:02x}")).collect()
+}
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+const CHUNK_PAGES: u64 = 2048; // 8 MiB
+
+/// Stop `pid`, compare its memory with the chain in `dir`, continue it.
+pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
+    let chain = ImageChain::open(dir).map_err(|e| format!("oracle: cannot open the chain {}: {e}", dir.display()))?;
+    let _stop = Stopped::new(pid)?;
+    let maps = proc::maps(pid)?;
+    let mut errs = compare_vmas(chain.vmas(), &maps);
+    let mut report = OracleReport::default();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
+    let mut diffs = Vec::new();
+    let mut ndiff = 0u64;
+    for v in chain.vmas().iter().filter(|v| v.dumped && !ignored(vma_name(v))) {
+        // Only what is still mapped the same way: VMA mismatches are reported above.
+        let Some(m) = maps.iter().find(|m| m.start <= v.start && m.end >= v.end) else {
+            continue;
+        };
+        report.vmas += 1;
+        let mut at = v.start;
+        while at < v.end {
+            let end = (at + CHUNK_PAGES * PAGE_SIZE).min(v.end);
+            let range = PageRange::new(at, end);
+            let npages = range.pages() as usize;
+            let expect = chain
+                .read_range(v, range)
+                .map_err(|e| format!("oracle: chain {} cannot reassemble {:#x}-{:#x}: {e}", dir.display(), at, end))?;
+            let mut actual = vec![0u8; range.len() as usize];
+            // Private anonymous pages that are neither present nor swapped
+            // read as zeros: skip reading them (it would populate them).
+            let mut want_read = vec![true; npages];
+            if m.is_private_anon() {
+                let mut pm = vec![0u8; npages * 8];
+                pagemap
+                    .read_exact_at(&mut pm, at / PAGE_SIZE * 8)
+                    .map_err(|e| format!("/proc/{pid}/pagemap at {at:#x}: {e}"))?;
+                for (i, w) in pm.chunks_exact(8).enumerate() {
+                    let e = u64::from_le_bytes(w.try_into().unwrap());
+                    want_read[i] = e & (PM_PRESENT | PM_SWAP) != 0;
+                }
+            }
+            let mut i = 0;
+            while i < npages {
+                if !want_read[i] {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j < npages && want_read[j] {
+                    j += 1;
+                }
+                let off = i * PAGE_SIZE as usize;
+                let len = (j - i) * PAGE_SIZE as usize;
+                let a = at + off as u64;
+                mem.read_exact_at(&mut actual[off..off + len], a)
+                    .map_err(|e| format!("/proc/{pid}/mem at {a:#x}+{len:#x} ({m}): {e}"))?;
+                report.pages_read_from_target += (j - i) as u64;
+                i = j;
+            }
+            for p in 0..npages {
+                let o = p * PAGE_SIZE as usize;
+                let (x, y) = (&actual[o..o + PAGE_SIZE as usize], &expect[o..o + PAGE_SIZE as usize]);
+                if x != y {
+                    ndiff += 1;
+                    if diffs.len() < 16 {
+                        let addr = at + o as u64;
+                        let first = x.iter().zip(y).position(|(a, b)| a != b).unwrap();
+                        diffs.push(format!(
+                            "page {addr:#x} ({} +{:#x}): first difference at byte {first:#x}; target {} chain {}; chain source: {}",
+                            if m.name.is_empty() { "anon" } else { &m.name },
+                            addr - m.start,
+                            hex16(&x[first..]),
+                            hex16(&y[first..]),
+                            describe_source(&chain, addr)
+                        ));
+                    }
+                }
+            }
+            report.pages_compared += npages as u64;
+            at = end;
+        }
+    }
+    if ndiff > 0 {
+        let mut s = format!("{ndiff} pages differ between the target and the chain; first ones:");
+        for d in diffs {
+            let _ = write!(s, "\n    {d}");
+        }
+        errs.push(s);
+    }
+    if errs.is_empty() {
+        Ok(report)
+    } else {
+        let mut s = format!("memory oracle for pid {pid} against {}:", dir.display());
+        for e in errs.iter().take(30) {
+            let _ = write!(s, "\n  {e}");
+        }
+        if errs.len() > 30 {
+            let _ = write!(s, "\n  ... {} more", errs.len() - 30);
+        }
+        let _ = write!(s, "\n  target maps:\n{}", maps.iter().map(|m| format!("    {m}\n")).collect::<String>());
+        let _ = write!(
+            s,
+            "  chain VMAs:\n{}",
+            chain.vmas().iter().map(|v| format!("    {}\n", fmt_vma(v))).collect::<String>()
+        );
+        Err(s)
+    }
+}
+
+/// Write a full (non-incremental) image of the stopped target by reading
+/// /proc/PID/mem, independently of tern: the oracle's own self-test uses it.
+pub fn write_reference_image(pid: i32, dir: &Path) -> Result<(), String> {
+    use images::{ImageKind, ImageWriter, Inventory, MmRecord};
+    let _stop = Stopped::new(pid)?;
+    let maps = proc::maps(pid)?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|e| e.to_string())?;
+    let mut w = ImageWriter::create(dir, true).map_err(|e| e.to_string())?;
+    let mut vmas = Vec::new();
+    for m in &maps {
+        let dumped = !ignored(&m.name) && (m.is_private() || m.is_anon_shared());
+        vmas.push(VmaRecord {
+            start: m.start,
+            end: m.end,
+            perms: m.perms.clone(),
+            offset: m.offset,
+            dev: m.dev.clone(),
+            inode: m.inode,
+            name: (!m.name.is_empty()).then(|| m.name.clone()),
+            dumped,
+        });
+        if dumped {
+            let mut buf = vec![0u8; (m.end - m.start) as usize];
+            mem.read_exact_at(&mut buf, m.start)
+                .map_err(|e| format!("/proc/{pid}/mem {m}: {e}"))?;
+            w.add_pages(m.start, &buf).map_err(|e| e.to_string())?;
+        }
+    }
+    let inv = Inventory::new(ImageKind::PreDump, pid, "reference", true);
+    w.finish(&MmRecord { vmas }, &inv).map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! What /proc says about a target: maps, fds, thread states, tracer, VMA flags.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// One line of /proc/PID/maps.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MapEntry {
+    pub start: u64,
+    pub end: u64,
+    pub perms: String,
+    pub offset: u64,
+    pub dev: String,
+    pub inode: u64,
+    pub name: String,
+}
+
+impl MapEntry {
+    pub fn is_private(&self) -> bool {
+        self.perms.as_bytes().get(3) == Some(&b'p')
+    }
+    /// Anonymous shared memory (MAP_SHARED|MAP_ANONYMOUS, SysV shm).
+    pub fn is_anon_shared(&self) -> bool {
+        !self.is_private()
+            && (self.name.starts_with("/dev/zero")
+                || self.name.starts_with("/SYSV")
+                || self.name.starts_with("[anon_shmem")
+                || (self.inode == 0 && !self.name.starts_with('/')))
+    }
+    /// Private anonymous memory: non-present pages read as zeros.
+    pub fn is_private_anon(&self) -> bool {
+        self.is_private() && self.inode == 0 && !self.name.starts_with('/')
+    }
+    pub fn pages(&self) -> u64 {
+        (self.end - self.start) / 4096
+    }
+}
+
+impl fmt::Display for MapEntry {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "{:x}-{:x} {} {:08x} {} {} {}",
+            self.start, self.end, self.perms, self.offset, self.dev, self.inode, self.name
+        )
+    }
+}
+
+/// Names that are the kernel's or tern's, not the program's memory.
+pub const IGNORED_NAMES: [&str; 5] = ["[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[anon:tern-scratch]"];
+pub const SCRATCH_NAME: &str = "[anon:tern-scratch]";
+pub const UFFD_LINK: &str = "anon_inode:[userfaultfd]";
+
+pub fn parse_maps(text: &str) -> Vec<MapEntry> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(6, ' ');
+            let range = it.next()?;
+            let perms = it.next()?.to_string();
+            let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+            let dev = it.next()?.to_string();
+            let inode = it.next()?.parse().ok()?;
+            let name = it.next().unwrap_or("").trim_start().to_string();
+            let (s, e) = range.split_once('-')?;
+            Some(MapEntry {
+                start: u64::from_str_radix(s, 16).ok()?,
+                end: u64::from_str_radix(e, 16).ok()?,
+                perms,
+                offset,
+                dev,
+                inode,
+                name,
+            })
+        })
+        .collect()
+}
+
+pub fn maps(pid: i32) -> Result<Vec<MapEntry>, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
+    Ok(parse_maps(&text))
+}
+
+/// fd number -> link target.
+pub fn fds(pid: i32) -> Result<BTreeMap<i32, String>, String> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
+        let e = e.map_err(|e| format!("{dir}: {e}"))?;
+        let Ok(n) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // An fd can close while we look.
+        if let Ok(t) = std::fs::read_link(e.path()) {
+            out.insert(n, t.to_string_lossy().into_owned());
+        }
+    }
+    Ok(out)
+}
+
+pub fn tids(pid: i32) -> Vec<i32> {
+    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_string_lossy().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// State letter of a task (field 3 of stat), None if gone.
+pub fn task_state(pid: i32, tid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 1..];
+    after.trim_start().chars().next()
+}
+
+pub fn state(pid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 1..];
+    after.trim_start().chars().next()
+}
+
+/// Exists and is neither a zombie nor dead.
+pub fn alive(pid: i32) -> bool {
+    matches!(state(pid), Some(c) if c != 'Z' && c != 'X')
+}
+
+fn status_field(path: &str, field: &str) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim_start_matches(':').trim().to_string()))
+}
+
+/// (tid, TracerPid) for every thread whose TracerPid is not 0.
+pub fn traced_threads(pid: i32) -> Vec<(i32, i32)> {
+    tids(pid)
+        .into_iter()
+        .filter_map(|t| {
+            let v: i32 = status_field(&format!("/proc/{pid}/task/{t}/status"), "TracerPid")?
+                .parse()
+                .ok()?;
+            (v != 0).then_some((t, v))
+        })
+        .collect()
+}
+
+/// Threads in a stopped state ('T' or 't').
+pub fn stopped_threads(pid: i32) -> Vec<(i32, char)> {
+    tids(pid)
+        .into_iter()
+        .filter_map(|t| task_state(pid, t).filter(|c| *c == 'T' || *c == 't').map(|c| (t, c)))
+        .collect()
+}
+
+/// VmFlags of every VMA that has any of the userfaultfd flags (`um`, `uw`, `ui`).
+pub fn uffd_registered_vmas(pid: i32) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
+    let mut out = Vec::new();
+    let mut head = String::new();
+    for l in text.lines() {
+        if let Some(flags) = l.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|f| f == "um" || f == "uw" || f == "ui") {
+                out.push(format!("{head} [{}]", flags.trim()));
+            }
+        } else if l.split_whitespace().next().is_some_and(|w| w.contains('-') && !w.ends_with(':')) {
+            head = l.to_string();
+        }
+    }
+    Ok(out)
+}
+
+pub fn bpf_pin_dir(pid: i32) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/tern/{pid}"))
+}
+
+/// Wait until `cond` holds, polling, at most `timeout`.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The parts of a target that tern must leave as found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub maps: Vec<MapEntry>,
+    pub fds: BTreeMap<i32, String>,
+}
+
+impl Snapshot {
+    pub fn take(pid: i32) -> Result<Snapshot, String> {
+        Ok(Snapshot {
+            maps: maps(pid)?,
+            fds: fds(pid)?,
+        })
+    }
+
+    /// Differences from `before`, as readable lines. With `allow_tern_state`,
+    /// one `[anon:tern-scratch]` mapping and one userfaultfd fd are allowed
+    /// extra.
+    pub fn diff(before: &Snapshot, after: &Snapshot, allow_tern_state: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut after_maps: Vec<&MapEntry> = after.maps.iter().collect();
+        if allow_tern_state {
+            let scratch: Vec<usize> = after_maps
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.name == SCRATCH_NAME && !before.maps.contains(m))
+                .map(|(i, _)| i)
+                .collect();
+            if scratch.len() > 1 {
+                out.push(format!("{} {SCRATCH_NAME} mappings (at most one allowed)", scratch.len()));
+            }
+            if let Some(&i) = scratch.first() {
+                after_maps.remove(i);
+            }
+        }
+        for m in &before.maps {
+            if !after_maps.contains(&m) {
+                out.push(format!("maps: lost   {m}"));
+            }
+        }
+        for m in &after_maps {
+            if !before.maps.contains(m) {
+                out.push(format!("maps: gained {m}"));
+            }
+        }
+        let mut extra_uffd = 0;
+        for (fd, t) in &before.fds {
+            match after.fds.get(fd) {
+                None => out.push(format!("fd {fd} ({t}) closed")),
+                Some(t2) if t2 != t => out.push(format!("fd {fd} was {t}, now {t2}")),
+                _ => {}
+            }
+        }
+        for (fd, t) in &after.fds {
+            if !before.fds.contains_key(fd) {
+                if allow_tern_state && t == UFFD_LINK && extra_uffd == 0 {
+                    extra_uffd += 1;
+                } else {
+                    out.push(format!("fd {fd} ({t}) opened"));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A pid that no process has: scans down from pid_max.
+pub fn unused_pid() -> i32 {
+    let max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    (1000..max)
+        .rev()
+        .find(|&p| unsafe { libc::kill(p, 0) } != 0 && !std::path::Path::new(&format!("/proc/{p}")).exists())
+        .expect("no free pid")
+}
