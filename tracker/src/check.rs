@@ -1,0 +1,322 @@
+//! `tern check`: functional probes of the kernel features tern relies on.
+//! Each probe exercises the feature on a scratch object of tern's own (a page
+//! of its memory, a short-lived child) rather than reading kernel config.
+
+use crate::pagemap_scan::{Pagemap, ScanQuery, entry};
+use crate::uffd::{self, WpUffd};
+use serde::Serialize;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Probes {
+    pub uffd: bool,
+    pub uffd_wp: bool,
+    pub uffd_wp_async: bool,
+    pub pagemap_scan: bool,
+    pub soft_dirty: bool,
+    pub ebpf_tracepoints: bool,
+    pub pidfd_getfd: bool,
+    pub suspend_seccomp: bool,
+    pub clone3_set_tid: bool,
+    pub rseq_config: bool,
+}
+
+/// What each feature is for, in `tern check`'s human output.
+pub const USES: &[(&str, &str)] = &[
+    ("uffd", "userfaultfd(2): write-protect tracking, lazy restore"),
+    ("uffd_wp", "userfaultfd write-protect mode"),
+    ("uffd_wp_async", "async write-protect: track writes without stopping the target (Linux 6.7+)"),
+    ("pagemap_scan", "PAGEMAP_SCAN: find written pages and re-protect them in one call (Linux 6.7+)"),
+    ("soft_dirty", "soft-dirty bits: the tracking backend of kernels 3.11-6.6 (x86 only)"),
+    ("ebpf_tracepoints", "eBPF on fault/syscall/sched tracepoints: dirty-rate telemetry, hot pages"),
+    ("pidfd_getfd", "pidfd_getfd(2): take the userfaultfd created inside the target"),
+    ("suspend_seccomp", "PTRACE_O_SUSPEND_SECCOMP: inject syscalls a target's seccomp filter blocks"),
+    ("clone3_set_tid", "clone3 set_tid: restore with the same PID and TIDs"),
+    ("rseq_config", "PTRACE_GET_RSEQ_CONFIGURATION: save rseq registrations"),
+];
+
+impl Probes {
+    /// Every probe.
+    pub fn all() -> Probes {
+        let mut p = Probes::tracking();
+        p.ebpf_tracepoints = crate::ebpf::DirtyStream::probe().is_ok();
+        p.suspend_seccomp = probe_ptrace_child(|pid| {
+            let opts = libc::PTRACE_O_SUSPEND_SECCOMP as libc::c_long;
+            // SAFETY: plain ptrace on our own stopped child.
+            unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, opts) == 0 }
+        });
+        p.rseq_config = probe_ptrace_child(|pid| {
+            unsafe {
+                if libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) != 0 {
+                    return false;
+                }
+                libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0);
+                let mut st = 0;
+                libc::waitpid(pid, &mut st, libc::__WALL);
+                let mut conf = [0u64; 4];
+                // PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
+                let r = libc::ptrace(0x420f, pid, std::mem::size_of_val(&conf), conf.as_mut_ptr());
+                r > 0
+            }
+        });
+        p.clone3_set_tid = probe_clone3_set_tid();
+        p
+    }
+
+    /// The probes that decide the tracking backend (fast, no children).
+    pub fn tracking() -> Probes {
+        let mut p = Probes::default();
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_userfaultfd,
+                libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY,
+            )
+        };
+        p.uffd = fd >= 0;
+        if p.uffd {
+            // SAFETY: the fd was just returned to us.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            let mut api = uffd::UffdioApi {
+                api: uffd::UFFD_API,
+                features: 0,
+                ioctls: 0,
+            };
+            // With features 0, UFFDIO_API reports every feature it supports.
+            if unsafe { uffd::uffdio_api_ioctl(fd as i32, &mut api) }.is_ok() {
+                p.uffd_wp = api.features & 1 != 0; // UFFD_FEATURE_PAGEFAULT_FLAG_WP
+            }
+            drop(owned);
+        }
+        p.pagemap_scan = probe_pagemap_scan();
+        p.uffd_wp_async = p.uffd && p.pagemap_scan && probe_wp_async();
+        p.soft_dirty = probe_soft_dirty();
+        p.pidfd_getfd = probe_pidfd_getfd();
+        p
+    }
+
+    /// The backend `--track auto` picks.
+    pub fn best_backend(&self) -> crate::backend::TrackMode {
+        use crate::backend::TrackMode;
+        if self.uffd_wp_async && self.pagemap_scan && self.pidfd_getfd {
+            TrackMode::UffdWp
+        } else if self.soft_dirty {
+            TrackMode::SoftDirty
+        } else {
+            TrackMode::Full
+        }
+    }
+
+    pub fn as_pairs(&self) -> Vec<(&'static str, bool)> {
+        vec![
+            ("uffd", self.uffd),
+            ("uffd_wp", self.uffd_wp),
+            ("uffd_wp_async", self.uffd_wp_async),
+            ("pagemap_scan", self.pagemap_scan),
+            ("soft_dirty", self.soft_dirty),
+            ("ebpf_tracepoints", self.ebpf_tracepoints),
+            ("pidfd_getfd", self.pidfd_getfd),
+            ("suspend_seccomp", self.suspend_seccomp),
+            ("clone3_set_tid", self.clone3_set_tid),
+            ("rseq_config", self.rseq_config),
+        ]
+    }
+}
+
+/// A private anonymous page of our own, unmapped on drop.
+struct TestPage(*mut u8);
+impl TestPage {
+    fn new() -> Option<TestPage> {
+        // SAFETY: fresh mapping, owned by the returned value.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then_some(TestPage(p as *mut u8))
+    }
+    fn addr(&self) -> u64 {
+        self.0 as u64
+    }
+    fn write(&self, v: u8) {
+        // SAFETY: inside our mapping.
+        unsafe { std::ptr::write_volatile(self.0, v) }
+    }
+}
+impl Drop for TestPage {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.0 as *mut _, 4096) };
+    }
+}
+
+fn own_pid() -> i32 {
+    std::process::id() as i32
+}
+
+fn probe_pagemap_scan() -> bool {
+    let Some(page) = TestPage::new() else { return false };
+    page.write(1);
+    let Ok(mut pm) = Pagemap::open(own_pid()) else { return false };
+    let mut out = Vec::new();
+    pm.scan(page.addr(), page.addr() + 4096, ScanQuery::POPULATED, &mut out).is_ok() && out.len() == 1
+}
+
+/// Register a page for async WP, protect it, write it: the scan must say
+/// written exactly once.
+fn probe_wp_async() -> bool {
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    let Ok(wp) = WpUffd::handshake(unsafe { OwnedFd::from_raw_fd(fd as i32) }) else {
+        return false;
+    };
+    let Some(page) = TestPage::new() else { return false };
+    page.write(1);
+    if wp.register_wp(page.addr(), page.addr() + 4096).is_err() {
+        return false;
+    }
+    let Ok(mut pm) = Pagemap::open(own_pid()) else { return false };
+    let mut out = Vec::new();
+    let r = (|| {
+        let range = (page.addr(), page.addr() + 4096);
+        pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out).ok()?;
+        out.clear();
+        pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out).ok()?;
+        let clean = out.is_empty();
+        page.write(2);
+        pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out).ok()?;
+        Some(clean && out.len() == 1)
+    })()
+    .unwrap_or(false);
+    let _ = wp.unregister(page.addr(), page.addr() + 4096);
+    r
+}
+
+/// Clear our soft-dirty bits, then write a page: bit 55 must come back.
+fn probe_soft_dirty() -> bool {
+    let Some(page) = TestPage::new() else { return false };
+    page.write(1);
+    let Ok(pm) = Pagemap::open(own_pid()) else { return false };
+    if crate::backend::clear_soft_dirty(own_pid()).is_err() {
+        return false;
+    }
+    let mut e = Vec::new();
+    if pm.read_entries(page.addr(), page.addr() + 4096, &mut e).is_err() || e.len() != 1 {
+        return false;
+    }
+    let cleared = e[0] & entry::SOFT_DIRTY == 0;
+    page.write(2);
+    e.clear();
+    if pm.read_entries(page.addr(), page.addr() + 4096, &mut e).is_err() || e.len() != 1 {
+        return false;
+    }
+    cleared && e[0] & entry::SOFT_DIRTY != 0
+}
+
+fn probe_pidfd_getfd() -> bool {
+    let Ok(pidfd) = uffd::pidfd_open(own_pid()) else { return false };
+    uffd::pidfd_getfd(&pidfd, own_pid(), 0).is_ok() || uffd::pidfd_getfd(&pidfd, own_pid(), 2).is_ok()
+}
+
+/// Run `f` on a forked child that sleeps, then kill and reap the child.
+fn probe_ptrace_child(f: impl FnOnce(i32) -> bool) -> bool {
+    // SAFETY: the child only sleeps in a loop and is killed by us.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return false;
+    }
+    if pid == 0 {
+        loop {
+            unsafe { libc::pause() };
+        }
+    }
+    let ok = f(pid);
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, libc::__WALL);
+    }
+    ok
+}
+
+/// `struct clone_args` (include/uapi/linux/sched.h), version 2 (88 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Create a child with a chosen, currently free PID.
+fn probe_clone3_set_tid() -> bool {
+    let last: i32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1000);
+    let max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    let Some(want) = (last + 500..max - 1).find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) else {
+        return false;
+    };
+    let tid = [want as libc::pid_t];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tid.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    // SAFETY: fork-like clone3 (no CLONE_VM); the child exits at once.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    if r == 0 {
+        unsafe { libc::_exit(0) };
+    }
+    if r < 0 {
+        return false;
+    }
+    let mut st = 0;
+    unsafe { libc::waitpid(r as i32, &mut st, 0) };
+    r as i32 == want
+}
+
+/// The kernel release, from uname(2).
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On our machines (Linux 6.18, no CONFIG_MEM_SOFT_DIRTY) the probes must
+    /// say exactly this; other machines run this in the VM lanes.
+    #[test]
+    fn probes_are_truthful_here() {
+        let p = Probes::tracking();
+        assert!(p.uffd && p.uffd_wp && p.uffd_wp_async && p.pagemap_scan && p.pidfd_getfd, "{p:?}");
+        assert!(!p.soft_dirty, "this kernel has no soft-dirty: {p:?}");
+        assert_eq!(p.best_backend(), crate::backend::TrackMode::UffdWp);
+    }
+}

@@ -1,0 +1,720 @@
+//! A tracking session on one target: choose and arm a backend, then take
+//! pre-dump rounds (images) or telemetry rounds (`tern track`).
+//!
+//! State that outlives one tern process (so separate `tern pre-dump`
+//! invocations chain):
+//! - in the target: the userfaultfd, kept open as one fd (uffd-wp backend),
+//!   and tern's `[anon:tern-scratch]` page used for syscall injection;
+//! - in bpffs: the eBPF maps and links pinned under `/sys/fs/bpf/tern/PID`;
+//! - on the host: `/run/tern/PID-STARTTIME.json`, which says which image the
+//!   tracked dirty state continues from. A round marks it "in progress"
+//!   before it consumes dirty bits, so a tern killed mid-round makes the next
+//!   round copy everything instead of silently missing pages.
+//!
+//! `teardown` (`tern untrack`) removes all of it.
+
+use crate::backend::{
+    BackendError, DirtySet, DirtyTracker, FullTracker, SoftDirtyTracker, TrackMode, UffdWpTracker,
+};
+use crate::ebpf::{DirtyStream, PinMode};
+use crate::inject::{InjectError, Injector};
+use crate::maps::{MapsError, read_vmas};
+use crate::uffd::{self, UffdError, WpUffd};
+use images::{ImageKind, ImageWriter, Inventory, MmRecord, ParentRef, TrackingState};
+use serde::{Deserialize, Serialize};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where host-side tracking state lives.
+pub const STATE_DIR: &str = "/run/tern";
+/// Where eBPF objects are pinned, one directory per PID.
+pub const BPF_PIN_ROOT: &str = "/sys/fs/bpf/tern";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error(transparent)]
+    Image(#[from] images::ImageError),
+    #[error(transparent)]
+    Copy(#[from] crate::copy::CopyError),
+    #[error("no process with PID {pid}; check the PID")]
+    NoProcess { pid: i32 },
+    #[error("PID {pid} exited during the {what}")]
+    Exited { pid: i32, what: &'static str },
+    #[error("backend {backend} is not available on this kernel: {why}; run `tern check` to see what is")]
+    Unavailable { backend: &'static str, why: String },
+    #[error("{path}: parent image is of PID {found}, not {pid}; give the image directory of this process's previous pre-dump")]
+    ParentPid { path: PathBuf, pid: i32, found: i32 },
+    #[error("{path}: {what}")]
+    State { path: PathBuf, what: String },
+    #[error("PID {pid} has pre-dump tracking armed (userfaultfd fd {fd} in the target); `tern track` would consume the dirty state the next pre-dump needs. Finish the chain, or run `tern untrack -t {pid}` first")]
+    TrackingBusy { pid: i32, fd: i32 },
+    #[error("another tern is working on PID {pid} (lock {path} is held); wait for it or stop it")]
+    Busy { pid: i32, path: PathBuf },
+}
+
+/// Options of a session.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub track: TrackMode,
+    pub ebpf: bool,
+    pub compress: bool,
+    /// Deadline of every wait on the target (stops, injected syscalls).
+    pub timeout: Duration,
+    /// Keep the eBPF stream pinned in bpffs after this process (pre-dump
+    /// chains); `track` does not pin.
+    pub pin_ebpf: bool,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            track: TrackMode::Auto,
+            ebpf: true,
+            compress: true,
+            timeout: Duration::from_secs(5),
+            pin_ebpf: true,
+        }
+    }
+}
+
+/// The JSON of one `tern pre-dump`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreDumpReport {
+    pub pid: i32,
+    pub backend: String,
+    pub ebpf: bool,
+    pub pages_scanned: u64,
+    pub pages_written: u64,
+    pub pages_zero: u64,
+    pub bytes_written: u64,
+    pub frozen_ms: f64,
+    pub duration_ms: f64,
+    pub ebpf_pages: u64,
+    pub vma_changes: u64,
+    /// Extra fields (not in the minimal contract):
+    pub pages_hole: u64,
+    pub full_copy: bool,
+    pub armed_vmas: usize,
+    pub untracked_vmas: usize,
+    pub vanished_pages: u64,
+    pub images_dir: String,
+    pub parent: Option<String>,
+}
+
+/// The JSON line of one `tern track` interval.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrackRound {
+    pub round: u64,
+    pub t_ms: f64,
+    pub kernel_pages: u64,
+    pub ebpf_pages: u64,
+    pub both: u64,
+    pub kernel_only: u64,
+    pub ebpf_only: u64,
+    pub dirty_rate_mb_s: f64,
+    pub hot_pages: Vec<String>,
+    pub vma_changes: u64,
+}
+
+/// Host-side record of where the target's tracked dirty state stands.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct HostState {
+    pid: i32,
+    start_time: u64,
+    backend: String,
+    /// Id of the last image whose round completed; dirty state since then
+    /// is intact in the kernel.
+    last_image_id: Option<String>,
+    /// A round started and has not finished (or tern died in it).
+    in_progress: bool,
+    uffd_fd: Option<i32>,
+}
+
+pub struct TrackingSession {
+    pid: i32,
+    start_time: u64,
+    opts: SessionOptions,
+    tracker: Box<dyn DirtyTracker>,
+    /// fd number of the tracking userfaultfd inside the target.
+    target_uffd: Option<i32>,
+    /// The uffd existed before this session (a chain continues, or `track`
+    /// must not touch it).
+    uffd_preexisting: bool,
+    scratch: Option<u64>,
+    ebpf: Option<DirtyStream>,
+    ebpf_pin: Option<PathBuf>,
+    /// Time the target (one thread) was stopped while attaching.
+    attach_frozen: Duration,
+    /// Id of the image written by the previous round of this session.
+    last_image: Option<String>,
+    state_path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl TrackingSession {
+    /// Attach to `pid` and arm the chosen backend (creating or reusing the
+    /// tracking userfaultfd in the target).
+    pub fn attach(pid: i32, opts: SessionOptions) -> Result<TrackingSession, TrackerError> {
+        let start_time = start_time(pid)?;
+        std::fs::create_dir_all(STATE_DIR).map_err(|e| TrackerError::State {
+            path: STATE_DIR.into(),
+            what: e.to_string(),
+        })?;
+        let lock = lock_target(pid)?;
+        let state_path = PathBuf::from(format!("{STATE_DIR}/{pid}-{start_time}.json"));
+        let backend = resolve_backend(opts.track)?;
+        let mut attach_frozen = Duration::ZERO;
+        let mut target_uffd = None;
+        let mut uffd_preexisting = false;
+        let mut scratch = None;
+        let tracker: Box<dyn DirtyTracker> = match backend {
+            TrackMode::UffdWp => {
+                let found = find_tracking_uffds(pid);
+                let host = load_host_state(&state_path);
+                let keep = host
+                    .as_ref()
+                    .and_then(|h| h.uffd_fd)
+                    .filter(|fd| found.iter().any(|(f, _)| f == fd))
+                    .or_else(|| found.iter().find(|(_, feat)| *feat != 0).map(|(f, _)| *f));
+                let orphans: Vec<i32> =
+                    found.iter().map(|(f, _)| *f).filter(|f| Some(*f) != keep).collect();
+                let pidfd = uffd::pidfd_open(pid).map_err(|_| TrackerError::NoProcess { pid })?;
+                let need_injection = keep.is_none() || !orphans.is_empty();
+                let mut created = None;
+                if need_injection {
+                    let t = Instant::now();
+                    let mut inj = Injector::attach(pid, opts.timeout)?;
+                    let known = Injector::find_scratch(pid)?.first().copied();
+                    let res = (|| -> Result<(), TrackerError> {
+                        scratch = Some(inj.ensure_scratch(known)?);
+                        for fd in &orphans {
+                            tracing::info!(pid, fd, "closing a leftover tern userfaultfd in the target");
+                            inj.syscall(libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0])?;
+                        }
+                        if keep.is_none() {
+                            let r = inj.syscall(
+                                libc::SYS_userfaultfd,
+                                [(libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY) as u64, 0, 0, 0, 0, 0],
+                            )?;
+                            if r < 0 {
+                                return Err(TrackerError::Unavailable {
+                                    backend: "uffd-wp",
+                                    why: format!(
+                                        "userfaultfd(2) inside PID {pid} failed: {} (a seccomp filter or vm.unprivileged_userfaultfd?)",
+                                        nix::errno::Errno::from_raw(-r as i32)
+                                    ),
+                                });
+                            }
+                            created = Some(r as i32);
+                        }
+                        Ok(())
+                    })();
+                    let detached = inj.detach();
+                    attach_frozen = t.elapsed();
+                    res?;
+                    detached?;
+                } else {
+                    scratch = Injector::find_scratch(pid)?.first().copied();
+                }
+                let (fd, preexisting) = match (keep, created) {
+                    (Some(fd), _) => (fd, true),
+                    (None, Some(fd)) => (fd, false),
+                    (None, None) => unreachable!("either kept or created"),
+                };
+                let local = uffd::pidfd_getfd(&pidfd, pid, fd)?;
+                let needs_handshake = uffd::fdinfo_features(pid, fd).unwrap_or(0) == 0;
+                let wp = if needs_handshake {
+                    WpUffd::handshake(local)?
+                } else {
+                    WpUffd::adopt(local)
+                };
+                target_uffd = Some(fd);
+                uffd_preexisting = preexisting;
+                tracing::debug!(pid, fd, local = wp.as_raw_fd(), preexisting, "tracking userfaultfd");
+                Box::new(UffdWpTracker::new(pid, wp)?)
+            }
+            TrackMode::SoftDirty => Box::new(SoftDirtyTracker::new(pid, opts.timeout)?),
+            TrackMode::Full | TrackMode::Auto => Box::new(FullTracker::new(pid)?),
+        };
+        let (ebpf, ebpf_pin) = if opts.ebpf {
+            let pin = opts
+                .pin_ebpf
+                .then(|| PathBuf::from(format!("{BPF_PIN_ROOT}/{pid}")));
+            let mode = match &pin {
+                Some(p) => PinMode::Dir(p.clone()),
+                None => PinMode::None,
+            };
+            match DirtyStream::open(pid, mode) {
+                Ok(s) => (Some(s), pin),
+                Err(e) => {
+                    tracing::warn!(pid, "eBPF dirty stream unavailable, continuing without it: {e}");
+                    (None, None)
+                }
+            }
+        } else {
+            (None, None)
+        };
+        Ok(TrackingSession {
+            pid,
+            start_time,
+            opts,
+            tracker,
+            target_uffd,
+            uffd_preexisting,
+            scratch,
+            ebpf,
+            ebpf_pin,
+            attach_frozen,
+            last_image: None,
+            state_path,
+            _lock: lock,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+    pub fn backend(&self) -> &'static str {
+        self.tracker.name()
+    }
+    pub fn ebpf_enabled(&self) -> bool {
+        self.ebpf.is_some()
+    }
+    /// The tracking fd in the target, if any, and whether it predates us.
+    pub fn target_uffd(&self) -> Option<(i32, bool)> {
+        self.target_uffd.map(|fd| (fd, self.uffd_preexisting))
+    }
+
+    /// Does the kernel's dirty state continue from image `parent_id`?
+    fn continues_from(&self, parent: &Inventory) -> bool {
+        if parent.backend != self.tracker.name() || self.tracker.name() == "full" {
+            return false;
+        }
+        if let Some(last) = &self.last_image {
+            return *last == parent.id;
+        }
+        match load_host_state(&self.state_path) {
+            Some(h) => {
+                !h.in_progress
+                    && h.last_image_id.as_deref() == Some(parent.id.as_str())
+                    && h.start_time == self.start_time
+                    && h.backend == self.tracker.name()
+                    && h.uffd_fd == self.target_uffd
+            }
+            None => false,
+        }
+    }
+
+    fn save_host_state(&self, last_image_id: Option<String>, in_progress: bool) -> Result<(), TrackerError> {
+        let h = HostState {
+            pid: self.pid,
+            start_time: self.start_time,
+            backend: self.tracker.name().to_string(),
+            last_image_id,
+            in_progress,
+            uffd_fd: self.target_uffd,
+        };
+        let tmp = self.state_path.with_extension("tmp");
+        let text = serde_json::to_vec(&h).expect("state serializes");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, &self.state_path))
+            .map_err(|e| TrackerError::State {
+                path: self.state_path.clone(),
+                what: e.to_string(),
+            })
+    }
+
+    /// One pre-dump round: write an image of the pages changed since
+    /// `parent` (every populated page without one) into `dir`.
+    pub fn pre_dump(&mut self, dir: &Path, parent: Option<&Path>) -> Result<PreDumpReport, TrackerError> {
+        let t0 = Instant::now();
+        let parent_inv = match parent {
+            Some(p) => {
+                let inv = Inventory::load(p)?;
+                if inv.pid != self.pid {
+                    return Err(TrackerError::ParentPid {
+                        path: p.to_path_buf(),
+                        pid: self.pid,
+                        found: inv.pid,
+                    });
+                }
+                // The whole chain must be readable now, not at restore time.
+                images::Image::open(p)?;
+                Some(inv)
+            }
+            None => None,
+        };
+        let full_copy = match &parent_inv {
+            Some(inv) => !self.continues_from(inv),
+            None => true,
+        };
+        if parent_inv.is_some() && full_copy && self.tracker.name() != "full" {
+            tracing::info!(
+                pid = self.pid,
+                "tracked dirty state does not continue from the parent image (first round of this tracker, or an interrupted round): copying every populated page"
+            );
+        }
+        let mut writer = ImageWriter::create(dir, self.opts.compress)?;
+        let vmas = read_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "pre-dump"))?;
+        let ebpf_round = match &mut self.ebpf {
+            Some(s) => match s.drain() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(pid = self.pid, "eBPF drain failed: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        self.save_host_state(None, true)?;
+        let set: DirtySet = self
+            .tracker
+            .collect(&vmas, full_copy)
+            .map_err(|e| self.exited_or(e.into(), "pre-dump"))?;
+        let copy_stats = crate::copy::copy_ranges(self.pid, &set.copy, &mut writer)?;
+        for h in &set.holes {
+            writer.add_hole(*h);
+        }
+        let mm = MmRecord {
+            vmas: vmas.iter().map(|v| v.record()).collect(),
+        };
+        let mut inv = Inventory::new(
+            ImageKind::PreDump,
+            self.pid,
+            self.tracker.name(),
+            self.opts.compress,
+        );
+        if let (Some(p), Some(pinv)) = (parent, &parent_inv) {
+            inv.parent = Some(ParentRef {
+                path: relative_path(dir, p),
+                id: pinv.id.clone(),
+            });
+        }
+        inv.tracking = Some(TrackingState {
+            target_start_time: self.start_time,
+            uffd_fd: self.target_uffd,
+            scratch_addr: self.scratch,
+            ebpf_pin_dir: self.ebpf_pin.as_ref().map(|p| p.display().to_string()),
+        });
+        let stats = writer.finish(&mm, &inv)?;
+        self.save_host_state(Some(inv.id.clone()), false)?;
+        self.last_image = Some(inv.id.clone());
+        let frozen = set.frozen + std::mem::take(&mut self.attach_frozen);
+        Ok(PreDumpReport {
+            pid: self.pid,
+            backend: self.tracker.name().to_string(),
+            ebpf: self.ebpf.is_some(),
+            pages_scanned: set.pages_scanned,
+            pages_written: stats.data_pages + stats.zero_pages,
+            pages_zero: stats.zero_pages,
+            bytes_written: stats.bytes_written,
+            frozen_ms: frozen.as_secs_f64() * 1e3,
+            duration_ms: t0.elapsed().as_secs_f64() * 1e3,
+            ebpf_pages: ebpf_round.as_ref().map_or(0, |r| r.pages.len() as u64),
+            vma_changes: ebpf_round.as_ref().map_or(0, |r| r.vma_changes.len() as u64),
+            pages_hole: stats.hole_pages,
+            full_copy,
+            armed_vmas: set.armed_vmas,
+            untracked_vmas: set.untracked_vmas,
+            vanished_pages: copy_stats.vanished_pages,
+            images_dir: dir.display().to_string(),
+            parent: parent.map(|p| p.display().to_string()),
+        })
+    }
+
+    /// One telemetry round (`tern track`): pages the kernel saw written
+    /// since the previous round, against what the eBPF stream saw.
+    pub fn track_round(&mut self, round: u64, t_ms: f64, interval: Duration) -> Result<TrackRound, TrackerError> {
+        let vmas = read_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
+        let ebpf_round = match &mut self.ebpf {
+            Some(s) => s.drain().ok(),
+            None => None,
+        };
+        let set = self
+            .tracker
+            .collect(&vmas, false)
+            .map_err(|e| self.exited_or(e.into(), "track"))?;
+        let kernel: Vec<u64> = set
+            .copy
+            .iter()
+            .flat_map(|r| (r.start..r.end).step_by(images::PAGE_SIZE as usize))
+            .collect();
+        let ebpf: Vec<u64> = ebpf_round.as_ref().map(|r| r.pages.clone()).unwrap_or_default();
+        let both = count_common(&kernel, &ebpf);
+        Ok(TrackRound {
+            round,
+            t_ms,
+            kernel_pages: kernel.len() as u64,
+            ebpf_pages: ebpf.len() as u64,
+            both,
+            kernel_only: kernel.len() as u64 - both,
+            ebpf_only: ebpf.len() as u64 - both,
+            dirty_rate_mb_s: kernel.len() as f64 * images::PAGE_SIZE as f64
+                / interval.as_secs_f64().max(1e-9)
+                / 1e6,
+            hot_pages: ebpf_round
+                .as_ref()
+                .map(|r| r.hot.iter().take(8).map(|(a, n)| format!("{a:#x}:{n}")).collect())
+                .unwrap_or_default(),
+            vma_changes: ebpf_round.as_ref().map_or(0, |r| r.vma_changes.len() as u64),
+        })
+    }
+
+    /// Arm without writing an image (first `track` round).
+    pub fn arm(&mut self) -> Result<(), TrackerError> {
+        let vmas = read_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
+        self.tracker
+            .collect(&vmas, false)
+            .map_err(|e| self.exited_or(e.into(), "track"))?;
+        if let Some(s) = &mut self.ebpf {
+            let _ = s.drain();
+        }
+        Ok(())
+    }
+
+    /// End this process's part, leaving tracking armed in the target for the
+    /// next `tern pre-dump` (the tracking fd, the scratch page, eBPF pins).
+    pub fn detach(self) {}
+
+    /// Remove everything tern left in or for the target: the tracking
+    /// userfaultfd (which lifts every write-protection), the scratch page,
+    /// the eBPF pins and the host state. The target is left as before tern.
+    pub fn teardown(mut self) -> Result<(), TrackerError> {
+        // Our own copy of the uffd goes first, so that closing the target's
+        // fd releases the context (and with it every protection).
+        let pid = self.pid;
+        let tracker = std::mem::replace(&mut self.tracker, Box::new(NoTracker));
+        drop(tracker);
+        if let Some(s) = self.ebpf.take() {
+            if let Err(e) = s.close_and_unpin() {
+                tracing::warn!(pid, "removing the eBPF pins: {e}");
+            }
+        }
+        teardown_target(pid, self.target_uffd.into_iter().collect(), self.opts.timeout)?;
+        let _ = std::fs::remove_file(&self.state_path);
+        Ok(())
+    }
+
+    fn exited_or(&self, e: TrackerError, what: &'static str) -> TrackerError {
+        if !Path::new(&format!("/proc/{}", self.pid)).exists() || start_time(self.pid).ok() != Some(self.start_time) {
+            TrackerError::Exited { pid: self.pid, what }
+        } else {
+            e
+        }
+    }
+}
+
+struct NoTracker;
+impl DirtyTracker for NoTracker {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn collect(&mut self, _: &[crate::maps::Vma], _: bool) -> Result<DirtySet, BackendError> {
+        Ok(DirtySet::default())
+    }
+}
+
+/// What `teardown_target` removed.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Untracked {
+    pub pid: i32,
+    pub uffd_fds_closed: Vec<i32>,
+    pub scratch_pages_removed: usize,
+    pub ebpf_unpinned: bool,
+}
+
+/// `tern untrack`: remove every trace of tern from `pid` without knowing
+/// its images: tern's userfaultfds, scratch pages, eBPF pins, host state.
+pub fn untrack(pid: i32, timeout: Duration) -> Result<Untracked, TrackerError> {
+    let st = start_time(pid)?;
+    let _lock = lock_target(pid)?;
+    let fds: Vec<i32> = find_tracking_uffds(pid).into_iter().map(|(f, _)| f).collect();
+    let pin = PathBuf::from(format!("{BPF_PIN_ROOT}/{pid}"));
+    let mut ebpf_unpinned = false;
+    if pin.exists() {
+        match DirtyStream::open(pid, PinMode::Dir(pin.clone())).and_then(|s| s.close_and_unpin()) {
+            Ok(()) => ebpf_unpinned = true,
+            Err(e) => {
+                tracing::warn!(pid, "eBPF pins under {}: {e}; removing the directory", pin.display());
+                ebpf_unpinned = std::fs::remove_dir_all(&pin).is_ok();
+            }
+        }
+    }
+    let scratch = teardown_target(pid, fds.clone(), timeout)?;
+    let _ = std::fs::remove_file(format!("{STATE_DIR}/{pid}-{st}.json"));
+    Ok(Untracked {
+        pid,
+        uffd_fds_closed: fds,
+        scratch_pages_removed: scratch,
+        ebpf_unpinned,
+    })
+}
+
+/// Close `fds` in the target and unmap every scratch page of ours.
+fn teardown_target(pid: i32, fds: Vec<i32>, timeout: Duration) -> Result<usize, TrackerError> {
+    let scratch = Injector::find_scratch(pid)?;
+    if fds.is_empty() && scratch.is_empty() {
+        return Ok(0);
+    }
+    let mut inj = Injector::attach(pid, timeout)?;
+    let res = (|| -> Result<(), TrackerError> {
+        if !fds.is_empty() {
+            inj.ensure_scratch(scratch.first().copied())?;
+            for fd in &fds {
+                let r = inj.syscall(libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0])?;
+                if r < 0 {
+                    tracing::warn!(pid, fd, "close in target: {}", nix::errno::Errno::from_raw(-r as i32));
+                }
+            }
+        }
+        inj.remove_scratch()?;
+        Ok(())
+    })();
+    let d = inj.detach();
+    res?;
+    d?;
+    // Leftovers beyond the one the injector used (several killed runs).
+    let rest = Injector::find_scratch(pid)?;
+    if !rest.is_empty() {
+        tracing::warn!(pid, "scratch pages remain at {rest:x?}");
+    }
+    Ok(scratch.len())
+}
+
+/// tern's tracking userfaultfds in `pid`: (fd, features). Ours are those
+/// handshaken with async write-protect, or never handshaken (a tern killed
+/// between creating and arming one).
+pub fn find_tracking_uffds(pid: i32) -> Vec<(i32, u64)> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(i32, u64)> = rd
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|fd| uffd::fdinfo_features(pid, fd).map(|f| (fd, f)))
+        .filter(|(_, f)| {
+            *f == 0 || f & (uffd::UFFD_FEATURE_WP_ASYNC | uffd::UFFD_FEATURE_WP_UNPOPULATED)
+                == (uffd::UFFD_FEATURE_WP_ASYNC | uffd::UFFD_FEATURE_WP_UNPOPULATED)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Pick the backend for `mode`, checking that it works here.
+pub fn resolve_backend(mode: TrackMode) -> Result<TrackMode, TrackerError> {
+    let probes = crate::check::Probes::tracking();
+    match mode {
+        TrackMode::Auto => Ok(probes.best_backend()),
+        TrackMode::UffdWp if !(probes.uffd_wp_async && probes.pagemap_scan && probes.pidfd_getfd) => {
+            Err(TrackerError::Unavailable {
+                backend: "uffd-wp",
+                why: format!(
+                    "async uffd write-protect {}, PAGEMAP_SCAN {}, pidfd_getfd {} (all three need Linux 6.7+)",
+                    yes_no(probes.uffd_wp_async),
+                    yes_no(probes.pagemap_scan),
+                    yes_no(probes.pidfd_getfd)
+                ),
+            })
+        }
+        TrackMode::SoftDirty if !probes.soft_dirty => Err(TrackerError::Unavailable {
+            backend: "soft-dirty",
+            why: "pagemap bit 55 never sets after clear_refs 4 (CONFIG_MEM_SOFT_DIRTY is off, and arm64 has no soft-dirty); use --track uffd-wp or full".into(),
+        }),
+        m => Ok(m),
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "works" } else { "missing" }
+}
+
+/// Field 22 of /proc/PID/stat: tells a PID's process from a later one.
+pub fn start_time(pid: i32) -> Result<u64, TrackerError> {
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .map(|s| s.starttime)
+        .map_err(|_| TrackerError::NoProcess { pid })
+}
+
+/// One tern at a time per target.
+fn lock_target(pid: i32) -> Result<std::fs::File, TrackerError> {
+    let path = PathBuf::from(format!("{STATE_DIR}/{pid}.lock"));
+    let _ = std::fs::create_dir_all(STATE_DIR);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| TrackerError::State {
+            path: path.clone(),
+            what: e.to_string(),
+        })?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(TrackerError::Busy { pid, path });
+    }
+    Ok(f)
+}
+
+fn load_host_state(path: &Path) -> Option<HostState> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+fn count_common(a: &[u64], b: &[u64]) -> u64 {
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                n += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    n
+}
+
+/// `target` as seen from directory `from` (relative when both resolve).
+pub fn relative_path(from: &Path, target: &Path) -> String {
+    let (Ok(f), Ok(t)) = (from.canonicalize(), target.canonicalize()) else {
+        return target.display().to_string();
+    };
+    let fc: Vec<_> = f.components().collect();
+    let tc: Vec<_> = t.components().collect();
+    let common = fc.iter().zip(&tc).take_while(|(a, b)| a == b).count();
+    let mut p = PathBuf::new();
+    for _ in common..fc.len() {
+        p.push("..");
+    }
+    for c in &tc[common..] {
+        p.push(c);
+    }
+    p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("chain/1");
+        let b = d.path().join("chain/2");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        assert_eq!(relative_path(&b, &a), "../1");
+        assert_eq!(count_common(&[1, 3, 5, 7], &[3, 4, 5]), 2);
+    }
+}
