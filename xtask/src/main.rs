@@ -1,1 +1,109 @@
-fn main() {}
+//! Developer entry points for tern: `cargo xtask setup|test|demo|bench`.
+//!
+//! Every command but `setup` runs `setup` first, so that a fresh Debian
+//! bookworm machine (root, stable and nightly rustup toolchains) needs nothing
+//! else than `cargo xtask demo` or `cargo xtask test`.
+
+mod demo;
+mod setup;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "tern's developer commands")]
+struct Cli {
+    /// Say what setup checks, not only what it changes.
+    #[arg(long, short, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker,
+    /// tracefs/bpffs mounts. Quiet when everything is present.
+    Setup,
+    /// Build the workspace, then run every test (as root). Arguments after
+    /// `--` go to `cargo test`.
+    Test {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build release, start a workload and checkpoint it with `tern pre-dump`
+    /// rounds until the dirty set converges; print a summary.
+    Demo(demo::DemoArgs),
+    /// Run a benchmark: `tracking` (what dirty tracking costs a workload).
+    /// Arguments after the name go to the benchmark (`--quick`, ...).
+    Bench {
+        /// Which benchmark.
+        name: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let setup = setup::Setup {
+        verbose: cli.verbose,
+    };
+    setup.run()?;
+    match cli.command {
+        Cmd::Setup => Ok(()),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo(args) => demo::run(&args),
+        Cmd::Bench { name, args } => bench(&name, &args),
+    }
+}
+
+/// Build everything first (the integration tests run `target/debug/tern`),
+/// then run every test with cargo's plain output, which ends each test binary
+/// with a `test result:` line.
+///
+/// "Everything" is the workspace's default members: all crates but
+/// `tracker-ebpf`, which only builds for `bpfel-unknown-none` and is compiled
+/// (with the nightly toolchain) by `tracker`'s build script.
+fn test(args: &[String]) -> Result<()> {
+    eprintln!("xtask: cargo build");
+    util::run(util::cargo().args(["build"]))?;
+    eprintln!("xtask: cargo test --no-fail-fast");
+    util::run(util::cargo().args(["test", "--no-fail-fast"]).args(args))
+        .map_err(|e| anyhow::anyhow!("tests failed: {e:#}"))
+}
+
+fn bench(name: &str, args: &[String]) -> Result<()> {
+    match name {
+        "tracking" => {}
+        other => bail!("unknown benchmark `{other}`; known: tracking"),
+    }
+    eprintln!("xtask: cargo build --release (tern, bench)");
+    util::run(util::cargo().args(["build", "--release", "-p", "tern", "-p", "bench"]))?;
+    let release = util::target_dir().join("release");
+    let out = util::target_dir().join("bench");
+    util::run(
+        util::command(release.join("bench").to_str().expect("utf-8 path"), [name])
+            .arg("--tern")
+            .arg(release.join("tern"))
+            .arg("--bin-dir")
+            .arg(&release)
+            .arg("--out")
+            .arg(&out)
+            .args(args)
+            .current_dir(util::root()),
+    )
+}
