@@ -1,0 +1,731 @@
+//! `bench tracking`: what dirty tracking costs a write-heavy workload.
+//!
+//! For each resident size, one `dirtier` process per mode:
+//! - `none`: no tracking, the baseline throughput;
+//! - `uffd-ebpf` / `uffd-noebpf`: `tern pre-dump --track uffd-wp` rounds every
+//!   `period` ms, with and without the eBPF dirty stream;
+//! - `full`: `tern pre-dump --track full` rounds, back to back (each copies
+//!   everything).
+//!
+//! Each mode runs every working-set fraction in turn: a `frac F` command to the
+//! workload, one priming round (so the window starts with everything
+//! protected), then `repeats` windows of `rounds` rounds. Every round is a
+//! separate `tern pre-dump --json` invocation chained with `--prev-images-dir`,
+//! images in `<out>/tmp`, older ones deleted as we go.
+//!
+//! Per window: T (window length), C (page writes the workload made in it, from
+//! its progress lines), F (first writes that faulted: the sum of the rounds'
+//! `pages_written`, since each page written since the previous scan faulted
+//! exactly once). With U the untracked throughput (same size and fraction):
+//! slowdown = U / (C/T), and the cost per tracked first write
+//! = (T - C/U) / F, to compare with the per-fault floor (a first write to an
+//! async-WP page, measured here without tern by `crate::uffd`, and 1.15 us in
+//! DESIGN.md).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::mono_ns;
+use crate::uffd::{measure_floor, median};
+
+/// The per-fault floor DESIGN.md reports for this machine.
+pub const DESIGN_FLOOR_US: f64 = 1.15;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Mode {
+    None,
+    UffdEbpf,
+    UffdNoEbpf,
+    Full,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::None, Mode::UffdEbpf, Mode::UffdNoEbpf, Mode::Full];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::UffdEbpf => "uffd-ebpf",
+            Mode::UffdNoEbpf => "uffd-noebpf",
+            Mode::Full => "full",
+        }
+    }
+
+    fn tern_args(self) -> &'static [&'static str] {
+        match self {
+            Mode::None => &[],
+            Mode::UffdEbpf => &["--track", "uffd-wp"],
+            Mode::UffdNoEbpf => &["--track", "uffd-wp", "--no-ebpf"],
+            Mode::Full => &["--track", "full", "--no-ebpf"],
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+pub struct Opts {
+    pub tern: PathBuf,
+    pub bin_dir: PathBuf,
+    pub out: PathBuf,
+    pub sizes_mib: Vec<u64>,
+    pub fracs: Vec<f64>,
+    pub modes: Vec<Mode>,
+    pub repeats: usize,
+    /// Rounds per window (uffd modes; `none` waits as long).
+    pub rounds: usize,
+    pub period_ms: u64,
+    /// Rounds per window and repeats for `full` at sizes >= 4 GiB, where
+    /// every round copies the whole region.
+    pub full_big_rounds: usize,
+    pub full_big_repeats: usize,
+    /// Rounds per window for `full` at smaller sizes.
+    pub full_rounds: usize,
+}
+
+/// The `dirtier` workload process and its progress samples.
+struct Dirtier {
+    child: Child,
+    stdin: ChildStdin,
+    samples: Arc<Mutex<Vec<(u64, u64)>>>,
+    lines: Receiver<String>,
+}
+
+impl Dirtier {
+    fn start(bin_dir: &Path, mib: u64) -> Result<Dirtier> {
+        let path = bin_dir.join("dirtier");
+        let mut child = Command::new(&path)
+            .args(["--mib", &mib.to_string(), "--frac", "0"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", path.display()))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = mpsc::channel();
+        let s = samples.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut w = line.split_whitespace();
+                if w.next() == Some("p") {
+                    let t = w.next().and_then(|x| x.parse().ok());
+                    let c = w.next().and_then(|x| x.parse().ok());
+                    if let (Some(t), Some(c)) = (t, c) {
+                        s.lock().expect("samples").push((t, c));
+                    }
+                } else if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Dirtier {
+            child,
+            stdin,
+            samples,
+            lines,
+        };
+        let ready = d
+            .line(Duration::from_secs(180))
+            .context("dirtier did not get ready")?;
+        if !ready.starts_with("ready") {
+            bail!("dirtier said {ready:?} instead of ready");
+        }
+        Ok(d)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn line(&mut self, deadline: Duration) -> Result<String> {
+        match self.lines.recv_timeout(deadline) {
+            Ok(l) => Ok(l),
+            Err(_) => {
+                if let Ok(Some(st)) = self.child.try_wait() {
+                    bail!("dirtier exited ({st})");
+                }
+                bail!("no answer from dirtier within {deadline:?}")
+            }
+        }
+    }
+
+    /// Switch the working set; returns its size in pages.
+    fn set_frac(&mut self, frac: f64) -> Result<u64> {
+        writeln!(self.stdin, "frac {frac}")?;
+        self.stdin.flush()?;
+        let ack = self.line(Duration::from_secs(60))?;
+        let pages = ack
+            .split_whitespace()
+            .nth(3)
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("bad ack {ack:?}"))?;
+        Ok(pages)
+    }
+
+    /// Page writes made between `t0` and `t1` (CLOCK_MONOTONIC ns),
+    /// interpolated between progress samples; waits for a sample past `t1`.
+    fn writes_between(&mut self, t0: u64, t1: u64) -> Result<f64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            {
+                let s = self.samples.lock().expect("samples");
+                if s.last().is_some_and(|&(t, _)| t >= t1) {
+                    return Ok(interpolate(&s, t1) - interpolate(&s, t0));
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the workload stopped reporting progress");
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                bail!("dirtier exited ({st})");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Dirtier {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn interpolate(s: &[(u64, u64)], t: u64) -> f64 {
+    let i = s.partition_point(|&(ts, _)| ts < t);
+    if i == 0 {
+        return s.first().map_or(0.0, |&(_, c)| c as f64);
+    }
+    if i == s.len() {
+        return s[i - 1].1 as f64;
+    }
+    let (ta, ca) = s[i - 1];
+    let (tb, cb) = s[i];
+    if tb == ta {
+        return cb as f64;
+    }
+    ca as f64 + (cb as f64 - ca as f64) * (t - ta) as f64 / (tb - ta) as f64
+}
+
+/// One `tern pre-dump --json` round.
+#[derive(Clone)]
+struct RoundOut {
+    t_start: u64,
+    t_end: u64,
+    json: Value,
+}
+
+impl RoundOut {
+    fn num(&self, key: &str) -> f64 {
+        self.json
+            .get(key)
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN)
+    }
+}
+
+/// Chained `tern pre-dump` invocations on one target.
+struct Tern {
+    bin: PathBuf,
+    dir: PathBuf,
+    pid: u32,
+    args: Vec<String>,
+    round: u32,
+    kept: Vec<PathBuf>,
+    used: bool,
+}
+
+impl Tern {
+    fn new(bin: &Path, dir: PathBuf, pid: u32, mode: Mode) -> Result<Tern> {
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir_all(&dir)?;
+        let mut args: Vec<String> = mode.tern_args().iter().map(|s| s.to_string()).collect();
+        args.push("--no-compress".into());
+        Ok(Tern {
+            bin: bin.to_path_buf(),
+            dir,
+            pid,
+            args,
+            round: 0,
+            kept: Vec::new(),
+            used: false,
+        })
+    }
+
+    fn pre_dump(&mut self) -> Result<RoundOut> {
+        self.round += 1;
+        let dir = self.dir.join(self.round.to_string());
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["pre-dump", "-t", &self.pid.to_string(), "-D"])
+            .arg(&dir);
+        if let Some(prev) = self.kept.last() {
+            cmd.arg("--prev-images-dir").arg(prev);
+        }
+        cmd.args(&self.args).arg("--json").stdin(Stdio::null());
+        let t_start = mono_ns();
+        self.used = true;
+        let out = cmd.output().context("cannot run tern")?;
+        let t_end = mono_ns();
+        if !out.status.success() {
+            bail!(
+                "`{}` failed ({}): {}",
+                show(&cmd),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json = text
+            .lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+            .find(Value::is_object)
+            .or_else(|| serde_json::from_str::<Value>(text.trim()).ok())
+            .with_context(|| format!("`{}` printed no JSON: {text:?}", show(&cmd)))?;
+        // Keep the new image and its parent; older ones go (bounded disk use).
+        self.kept.push(dir);
+        while self.kept.len() > 2 {
+            let old = self.kept.remove(0);
+            let _ = fs::remove_dir_all(old);
+        }
+        Ok(RoundOut {
+            t_start,
+            t_end,
+            json,
+        })
+    }
+
+    fn untrack(&mut self) -> Result<()> {
+        if !self.used {
+            return Ok(());
+        }
+        self.used = false;
+        let out = Command::new(&self.bin)
+            .args(["untrack", "-t", &self.pid.to_string()])
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "`tern untrack -t {}` failed ({}): {}",
+                self.pid,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tern {
+    fn drop(&mut self) {
+        let _ = self.untrack();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// One measurement window.
+struct Window {
+    t_ns: u64,
+    writes: f64,
+    rounds: Vec<RoundOut>,
+}
+
+impl Window {
+    fn secs(&self) -> f64 {
+        self.t_ns as f64 / 1e9
+    }
+    fn throughput(&self) -> f64 {
+        self.writes / self.secs()
+    }
+    fn faults(&self) -> f64 {
+        self.rounds
+            .iter()
+            .map(|r| r.num("pages_written"))
+            .fold(0.0, |a, b| a + b)
+    }
+    fn json(&self) -> Value {
+        json!({
+            "t_ms": self.t_ns as f64 / 1e6,
+            "writes": self.writes,
+            "throughput_pws": self.throughput(),
+            "first_writes": self.faults(),
+            "rounds": self.rounds.iter().map(|r| {
+                let mut j = r.json.clone();
+                j["wall_ms"] = json!((r.t_end - r.t_start) as f64 / 1e6);
+                j
+            }).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Measurements of one (size, mode) process, per fraction.
+struct ModeRun {
+    initial: Option<Value>,
+    per_frac: Vec<(f64, u64, Vec<Window>)>,
+}
+
+fn run_mode(opts: &Opts, mib: u64, mode: Mode, log: &mut dyn FnMut(String)) -> Result<ModeRun> {
+    let mut w = Dirtier::start(&opts.bin_dir, mib)?;
+    let mut tern = match mode {
+        Mode::None => None,
+        _ => Some(Tern::new(
+            &opts.tern,
+            opts.out.join("tmp").join(format!("{mib}-{}", mode.name())),
+            w.pid(),
+            mode,
+        )?),
+    };
+    let mut initial = None;
+    // The first pre-dump copies everything and arms the tracking.
+    if let (Some(t), true) = (
+        tern.as_mut(),
+        matches!(mode, Mode::UffdEbpf | Mode::UffdNoEbpf),
+    ) {
+        let r = t.pre_dump().context("initial pre-dump")?;
+        log(format!(
+            "  initial pre-dump: pages_written {} duration_ms {:.1} wall_ms {:.1}",
+            r.num("pages_written"),
+            r.num("duration_ms"),
+            (r.t_end - r.t_start) as f64 / 1e6
+        ));
+        let mut j = r.json.clone();
+        j["wall_ms"] = json!((r.t_end - r.t_start) as f64 / 1e6);
+        initial = Some(j);
+    }
+    let big = mib >= 4096;
+    let (rounds, repeats) = match mode {
+        Mode::Full if big => (opts.full_big_rounds, opts.full_big_repeats),
+        Mode::Full => (opts.full_rounds, opts.repeats),
+        _ => (opts.rounds, opts.repeats),
+    };
+    let period = Duration::from_millis(opts.period_ms);
+    let mut per_frac = Vec::new();
+    for &frac in &opts.fracs {
+        let ws_pages = w.set_frac(frac)?;
+        let mut t0 = match (tern.as_mut(), mode) {
+            (Some(t), Mode::UffdEbpf | Mode::UffdNoEbpf) => {
+                t.pre_dump().context("priming round")?.t_end
+            }
+            _ => {
+                std::thread::sleep(period);
+                mono_ns()
+            }
+        };
+        let mut windows = Vec::new();
+        for _ in 0..repeats {
+            let mut rs = Vec::new();
+            let t1 = match tern.as_mut() {
+                None => {
+                    std::thread::sleep(period * rounds as u32);
+                    mono_ns()
+                }
+                Some(t) => {
+                    let mut next = Instant::now();
+                    for _ in 0..rounds {
+                        next += period;
+                        let now = Instant::now();
+                        if next > now {
+                            std::thread::sleep(next - now);
+                        } else {
+                            next = now;
+                        }
+                        rs.push(t.pre_dump()?);
+                    }
+                    rs.last().expect("rounds >= 1").t_end
+                }
+            };
+            // `full` windows start with their first round.
+            if mode == Mode::Full {
+                t0 = rs.first().map_or(t0, |r| r.t_start);
+            }
+            let writes = w.writes_between(t0, t1)?;
+            let win = Window {
+                t_ns: t1 - t0,
+                writes,
+                rounds: rs,
+            };
+            log(format!(
+                "  frac {frac}: {:.1} s, {:.2} M page-writes/s, {} first writes, rounds: {}",
+                win.secs(),
+                win.throughput() / 1e6,
+                win.faults(),
+                win.rounds
+                    .iter()
+                    .map(|r| format!("{}p/{:.0}ms", r.num("pages_written"), r.num("duration_ms")))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+            windows.push(win);
+            t0 = t1;
+        }
+        per_frac.push((frac, ws_pages, windows));
+        if !w.alive() {
+            bail!("the workload died");
+        }
+    }
+    if let Some(t) = tern.as_mut() {
+        t.untrack()?;
+    }
+    if !w.alive() {
+        bail!("the workload died after untrack");
+    }
+    Ok(ModeRun { initial, per_frac })
+}
+
+fn machine() -> Value {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let mem_kib: u64 = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let thp = fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    json!({
+        "cpu": cpu,
+        "kernel": kernel,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "mem_gib": (mem_kib as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
+        "thp": thp,
+    })
+}
+
+fn med(mut xs: Vec<f64>) -> f64 {
+    xs.retain(|x| x.is_finite());
+    median(&mut xs)
+}
+
+fn round_stat(windows: &[Window], key: &str) -> f64 {
+    med(windows
+        .iter()
+        .flat_map(|w| w.rounds.iter().map(|r| r.num(key)))
+        .collect())
+}
+
+pub fn run(opts: &Opts) -> Result<()> {
+    let started = Instant::now();
+    fs::create_dir_all(&opts.out)?;
+    let mut log = |s: String| eprintln!("[{:6.1}s] {s}", started.elapsed().as_secs_f64());
+    let machine = machine();
+    log(format!("machine: {machine}"));
+
+    let floor = measure_floor(64, 7).context("measuring the async-WP fault floor")?;
+    log(format!(
+        "floor: first write to an async-WP page {:.3} us (plain write {:.1} ns), {} pages x {} reps",
+        floor.fault_ns / 1e3,
+        floor.plain_ns,
+        floor.pages,
+        floor.reps
+    ));
+    let floor_us = floor.fault_ns / 1e3;
+
+    let mut results = Vec::new();
+    let mut initial = Vec::new();
+    let mut failures = Vec::new();
+    for &mib in &opts.sizes_mib {
+        // Untracked throughput per fraction: median over windows.
+        let mut baseline: BTreeMap<u64, f64> = BTreeMap::new();
+        for &mode in &opts.modes {
+            log(format!("{mib} MiB, {}", mode.name()));
+            let run = match run_mode(opts, mib, mode, &mut log) {
+                Ok(r) => r,
+                Err(e) => {
+                    log(format!("  FAILED: {e:#}"));
+                    failures.push(json!({"resident_mib": mib, "mode": mode.name(), "error": format!("{e:#}")}));
+                    continue;
+                }
+            };
+            if let Some(i) = run.initial {
+                initial.push(json!({"resident_mib": mib, "mode": mode.name(), "round": i}));
+            }
+            for (frac, ws_pages, windows) in run.per_frac {
+                let key = (frac * 1e6) as u64;
+                let tput = med(windows.iter().map(Window::throughput).collect());
+                if mode == Mode::None {
+                    baseline.insert(key, tput);
+                }
+                let base = baseline.get(&key).copied();
+                let costs: Vec<f64> = match base {
+                    Some(u) if mode != Mode::None && mode != Mode::Full => windows
+                        .iter()
+                        .filter(|w| w.faults() > 0.0)
+                        .map(|w| (w.secs() - w.writes / u) / w.faults() * 1e6)
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let cost = med(costs);
+                let ebpf_seen = {
+                    let e = round_stat(&windows, "ebpf_pages");
+                    let k = round_stat(&windows, "pages_written");
+                    if e.is_finite() && k > 0.0 {
+                        e / k
+                    } else {
+                        f64::NAN
+                    }
+                };
+                let r = json!({
+                    "resident_mib": mib,
+                    "frac": frac,
+                    "mode": mode.name(),
+                    "working_set_pages": ws_pages,
+                    "throughput_pws": tput,
+                    "slowdown": base.map(|u| u / tput),
+                    "cost_per_first_write_us": finite(cost),
+                    "cost_vs_design_floor": finite(cost / DESIGN_FLOOR_US),
+                    "cost_vs_measured_floor": finite(cost / floor_us),
+                    "round_duration_ms": finite(round_stat(&windows, "duration_ms")),
+                    "round_frozen_ms": finite(round_stat(&windows, "frozen_ms")),
+                    "round_pages_written": finite(round_stat(&windows, "pages_written")),
+                    "round_pages_scanned": finite(round_stat(&windows, "pages_scanned")),
+                    "round_ebpf_pages": finite(round_stat(&windows, "ebpf_pages")),
+                    "ebpf_seen_ratio": finite(ebpf_seen),
+                    "round_wall_ms": finite(med(windows.iter().flat_map(|w| w.rounds.iter().map(|r| (r.t_end - r.t_start) as f64 / 1e6)).collect())),
+                    "windows": windows.iter().map(Window::json).collect::<Vec<_>>(),
+                });
+                log(format!(
+                    "  => {mib} MiB frac {frac} {}: {:.2} M pw/s, slowdown {}, cost/first write {} us",
+                    mode.name(),
+                    tput / 1e6,
+                    base.map_or("-".into(), |u| format!("{:.2}x", u / tput)),
+                    if cost.is_finite() {
+                        format!("{cost:.3}")
+                    } else {
+                        "-".into()
+                    }
+                ));
+                results.push(r);
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(opts.out.join("tmp"));
+
+    let report = json!({
+        "benchmark": "tracking",
+        "machine": machine,
+        "floor": {
+            "design_us": DESIGN_FLOOR_US,
+            "measured_us": floor_us,
+            "plain_write_ns": floor.plain_ns,
+            "pages": floor.pages,
+            "reps": floor.reps,
+        },
+        "params": {
+            "sizes_mib": opts.sizes_mib,
+            "fracs": opts.fracs,
+            "modes": opts.modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
+            "period_ms": opts.period_ms,
+            "rounds_per_window": opts.rounds,
+            "repeats": opts.repeats,
+            "full_rounds": opts.full_rounds,
+            "full_big_rounds": opts.full_big_rounds,
+            "full_big_repeats": opts.full_big_repeats,
+            "tern_args": "--no-compress",
+        },
+        "elapsed_s": started.elapsed().as_secs_f64(),
+        "initial_pre_dump": initial,
+        "results": results,
+        "failures": failures,
+    });
+    let json_path = opts.out.join("tracking.json");
+    fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    let svg_path = opts.out.join("tracking.svg");
+    fs::write(&svg_path, crate::svg::tracking_plot(&report))?;
+    print_table(&report);
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    if !failures.is_empty() {
+        bail!(
+            "{} configuration(s) failed: see `failures` in {}",
+            failures.len(),
+            json_path.display()
+        );
+    }
+    Ok(())
+}
+
+fn finite(x: f64) -> Value {
+    if x.is_finite() { json!(x) } else { Value::Null }
+}
+
+fn print_table(report: &Value) {
+    println!(
+        "\n{:>6} {:>5} {:>12} {:>10} {:>9} {:>12} {:>9} {:>10} {:>10} {:>10}",
+        "MiB",
+        "frac",
+        "mode",
+        "Mpw/s",
+        "slowdown",
+        "us/1st-wr",
+        "x floor",
+        "pages/rnd",
+        "scan+copy",
+        "frozen"
+    );
+    let f = |v: &Value, k: &str, p: usize| match v.get(k).and_then(Value::as_f64) {
+        Some(x) => format!("{x:.p$}"),
+        None => "-".into(),
+    };
+    for r in report["results"].as_array().into_iter().flatten() {
+        println!(
+            "{:>6} {:>5} {:>12} {:>10} {:>9} {:>12} {:>9} {:>10} {:>10} {:>10}",
+            r["resident_mib"],
+            r["frac"],
+            r["mode"].as_str().unwrap_or(""),
+            r.get("throughput_pws")
+                .and_then(Value::as_f64)
+                .map_or("-".into(), |x| format!("{:.2}", x / 1e6)),
+            f(r, "slowdown", 2),
+            f(r, "cost_per_first_write_us", 3),
+            f(r, "cost_vs_measured_floor", 2),
+            f(r, "round_pages_written", 0),
+            f(r, "round_duration_ms", 1),
+            f(r, "round_frozen_ms", 2),
+        );
+    }
+    println!(
+        "floor: {:.3} us measured, {} us in DESIGN.md; machine: {}",
+        report["floor"]["measured_us"].as_f64().unwrap_or(f64::NAN),
+        DESIGN_FLOOR_US,
+        report["machine"]
+    );
+}
