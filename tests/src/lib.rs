@@ -502,3 +502,74 @@ pub fn process_vm_write(pid: i32, addr: u64, bytes: &[u8]) {
 pub fn addr_of(v: &Value) -> u64 {
     v["addr"].as_u64().unwrap_or_else(|| panic!("no addr in {v}"))
 }
+
+/// A chain of pre-dumps of one target, each checked with the oracle.
+pub struct Chain {
+    pub pid: i32,
+    pub root: tempfile::TempDir,
+    pub prev: Option<PathBuf>,
+    pub rounds: usize,
+    pub extra: Vec<String>,
+    /// The backend the JSON must name, if any.
+    pub expect_backend: Option<String>,
+}
+
+impl Chain {
+    /// `track`: the `--track` value (None: tern's default); `extra`: more flags.
+    pub fn new(pid: i32, track: Option<&str>, extra: &[&str]) -> Chain {
+        let mut e: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if let Some(t) = track {
+            e.push("--track".into());
+            e.push(t.into());
+        }
+        let expect_backend = match track {
+            Some("auto") | None => Some("uffd-wp".to_string()),
+            Some(t) => Some(t.to_string()),
+        };
+        Chain {
+            pid,
+            root: tempdir(),
+            prev: None,
+            rounds: 0,
+            extra: e,
+            expect_backend,
+        }
+    }
+
+    /// One pre-dump on top of the previous one; the oracle must hold after it.
+    pub fn round(&mut self, what: &str) -> Value {
+        self.rounds += 1;
+        let dir = self.root.path().join(format!("round-{}", self.rounds));
+        let extra: Vec<&str> = self.extra.iter().map(|s| s.as_str()).collect();
+        let v = pre_dump(self.pid, &dir, self.prev.as_deref(), &extra);
+        if let Some(b) = &self.expect_backend {
+            assert_eq!(v["backend"].as_str(), Some(b.as_str()), "round {} backend: {v}", self.rounds);
+        }
+        assert_oracle(
+            self.pid,
+            &dir,
+            &format!("round {} (after: {what}; flags {:?}); tern said {v}", self.rounds, self.extra),
+        );
+        self.prev = Some(dir);
+        v
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.prev.as_deref().expect("no round yet")
+    }
+}
+
+/// Pages a workload's own command handling may dirty (stack, heap, stdio,
+/// libc data) on top of what a command asked for.
+pub const NOISE_PAGES: u64 = 64;
+
+/// `pages_written` of an incremental round: at least `dirtied`, at most
+/// `dirtied + NOISE_PAGES`.
+pub fn assert_incremental(v: &Value, dirtied: u64, when: &str) {
+    let w = v["pages_written"].as_u64().unwrap();
+    assert!(
+        w >= dirtied && w <= dirtied + NOISE_PAGES,
+        "{when}: pages_written {w}, expected {dirtied}..={} (the dirtied pages plus a little noise): {v}",
+        dirtied + NOISE_PAGES
+    );
+}

@@ -1,0 +1,230 @@
+//! One test per way a process changes its memory between pre-dumps (issue 2,
+//! items 6 and 9), each with the uffd-wp and the full-copy backend. After
+//! every round the oracle must hold; with uffd-wp the incremental rounds
+//! must write what changed and little more.
+
+use std::time::Duration;
+use tern_tests::pattern::frac_set;
+use tern_tests::*;
+
+macro_rules! backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn uffd_wp() {
+                super::$name(Some("uffd-wp"))
+            }
+            #[test]
+            fn full() {
+                super::$name(Some("full"))
+            }
+        }
+    )*};
+}
+
+backends!(
+    dirty_sets,
+    zap,
+    mremap_move_and_grow,
+    unmap_and_map_anew,
+    kernel_writes_through_read,
+    threads,
+    forked_child_writes_its_copy,
+    process_vm_writev_from_outside,
+    mprotect_splits,
+    new_regions_between_rounds,
+);
+
+fn incremental(track: Option<&str>) -> bool {
+    track != Some("full")
+}
+
+fn check_incremental(track: Option<&str>, v: &serde_json::Value, dirtied: u64, when: &str) {
+    if incremental(track) {
+        assert_incremental(v, dirtied, when);
+    }
+}
+
+fn dirty_sets(track: Option<&str>) {
+    let mut w = Workload::start();
+    w.cmd("alloc a 1024 rand");
+    w.cmd("alloc b 1024 light");
+    let mut c = Chain::new(w.pid(), track, &[]);
+    c.round("start");
+    w.cmd("dirty a 0,1,2,500-510,1023");
+    let v = c.round("index list");
+    check_incremental(track, &v, 15, "index list");
+    let set = frac_set(1024, 0.1, 42);
+    w.cmd("dirty_frac b 0.1 42");
+    let v = c.round("10% of b");
+    check_incremental(track, &v, set.len() as u64, "10% of b");
+    // The same pages again, and a superset.
+    w.cmd("dirty_frac b 0.1 42");
+    w.cmd("dirty a 0-99");
+    let v = c.round("again");
+    check_incremental(track, &v, set.len() as u64 + 100, "again");
+}
+
+fn zap(track: Option<&str>) {
+    let mut w = Workload::start();
+    w.cmd("alloc a 128 rand");
+    w.cmd("alloc b 64 light");
+    let mut c = Chain::new(w.pid(), track, &[]);
+    c.round("start");
+    w.cmd("zap a 10 20");
+    let v = c.round("zap a 10..30");
+    check_incremental(track, &v, 0, "zap");
+    w.cmd("dirty a 15-20");
+    c.round("re-dirty zapped pages");
+    w.cmd("zap a 0 128");
+    w.cmd("zap b 1 1");
+    c.round("zap everything of a");
+    w.cmd("dirty a 127");
+    c.round("one page of a zapped region");
+}
+
+fn mremap_move_and_grow(track: Option<&str>) {
+    let mut w = Workload::start();
+    w.cmd("alloc a 64 rand");
+    w.cmd("alloc b 32 light");
+    let mut c = Chain::new(w.pid(), track, &[]);
+    c.round("start");
+    let v = w.cmd("mremap a 64");
+    assert_ne!(v["old"], v["addr"], "the region did not move: {v}");
+    c.round("a moved");
+    w.cmd("dirty a 0-3");
+    let v = c.round("moved region dirtied");
+    check_incremental(track, &v, 4, "moved region dirtied");
+    w.cmd("mremap b 48");
+    c.round("b moved and grown");
+    w.cmd("dirty b 40-47");
+    c.round("grown part of b dirtied");
+    w.cmd("grow a 256");
+    w.cmd("dirty a 100-110,255");
+    c.round("a grown (MAYMOVE)");
+}
+
+fn unmap_and_map_anew(track: Option<&str>) {
+    let mut w = Workload::start();
+    w.cmd("alloc a 64 rand");
+    let b = addr_of(&w.cmd("alloc b 32 light"));
+    w.cmd("alloc keep 16 rand");
+    let mut c = Chain::new(w.pid(), track, &[]);
+    c.round("start");
+    w.cmd("unmap b");
+    let v = c.round("b unmapped");
+    check_incremental(track, &v, 0, "unmap");
+    // Same address, same size, same permissions: only the contents tell.
+    w.cmd("renew a rand");
+    c.round("a mapped anew at the same address with new contents");
+    w.cmd("renew a none");
+    c.round("a mapped anew, untouched (must read as zeros)");
+    w.cmd("renew a zero 32");
+    c.round("a mapped anew, smaller, zero-filled");
+    w.cmd(&format!("alloc c 32 rand at={b:#x}"));
+    c.round("c mapped where b was");
+}
+
+fn kernel_writes_through_read(track: Option<&str>) {
+    let mut w = Workload::start();
+    w.cmd("alloc a 64 rand");
+    w.cmd("alloc n 32 none");
+    let mut c = Chain::new(w.pid(), track, &[]);
+    c.round("start");
+    w.cmd("readfill a 0 16 pipe");
+    let v = c.round("read(2) from a pipe into a");
+    check_incremental(track, &v, 16, "read from a pipe");
+    w.cmd("readfill a 20 16 file");
+    let v = c.round("read(2) from a file into a");
+    check_incremental(track, &v, 16, "read from a file");
+    w.cmd("readfill n 0 32 pipe");
+    let v = c.round("read(2) into never-touched pages");
+    check_incremental(track, &v, 32, "read into untouched pages");
+}
+
+fn threads(track: Option<&str>) {
+    let mut w = Workload::start();
+    w.cmd("alloc a 1024 light");
+    let mut c = Chain::new(w.pid(), track, &[]);
+    c.round("start");
+    w.cmd("threads a 4 all");
+    let v = c.round("4 threads wrote every page");
+    // Thread stacks come and go: allow for them.
+    check_incremental(track, &v, 1024, "4 threads");
+    w.cmd("threads a 8 0-100,300-400,1000-1023");
+    c.round("8 threads");
+}
+
+fn forked_child_writes_its_copy(track: Option<&str>) {
+    let mut w = Workload::start();
+    w.cmd("alloc a 256 rand");
+    w.cmd("alloc b 64 light");
+    let pid = w.pid();
+    let baseline = proc::Snapshot::take(pid).unwrap();
+    let mut c = Chain::new(pid, track, &[]);
+    c.round("start");
+    // The child rewrites all of its copy of a, and keeps writing for 3 s.
+    let child = w.cmd("fork a 3000")["child"].as_i64().unwrap() as i32;
+    std::thread::sleep(Duration::from_millis(100));
+    let v = c.round("child writing its copy");
+    check_incremental(track, &v, 0, "the child's writes are not the parent's");
+    w.cmd("dirty a 0-9");
+    let v = c.round("parent writes while the child lives (COW)");
+    check_incremental(track, &v, 10, "parent COW writes");
+    assert!(proc::alive(child), "the child died early");
+    assert!(proc::traced_threads(child).is_empty(), "the child is traced");
+    let st = w.cmd("fork_wait");
+    assert_eq!(st["status"], 0, "the forked child saw its memory change: {st}");
+    w.cmd("dirty b 0-3");
+    c.round("after the child exited");
+    assert_untracked_exactly(pid, &baseline, "after fork");
+}
+
+fn process_vm_writev_from_outside(track: Option<&str>) {
+    let mut w = Workload::start();
+    let a = addr_of(&w.cmd("alloc a 64 rand"));
+    let n = addr_of(&w.cmd("alloc n 16 none"));
+    let mut c = Chain::new(w.pid(), track, &[]);
+    c.round("start");
+    process_vm_write(w.pid(), a + 3 * 4096, &[0xa5; 4096]);
+    process_vm_write(w.pid(), a + 40 * 4096 + 1000, b"written from outside by process_vm_writev");
+    process_vm_write(w.pid(), n + 5 * 4096 + 7, b"into a never-touched page");
+    let v = c.round("process_vm_writev into 3 pages");
+    check_incremental(track, &v, 3, "process_vm_writev");
+    process_vm_write(w.pid(), a + 63 * 4096 + 4000, &[1u8; 200]); // crosses nothing, last page
+    process_vm_write(w.pid(), a + 10 * 4096 + 4090, &[2u8; 12]); // crosses into page 11
+    let v = c.round("process_vm_writev across a page boundary");
+    check_incremental(track, &v, 3, "process_vm_writev across pages");
+}
+
+fn mprotect_splits(track: Option<&str>) {
+    let mut w = Workload::start();
+    w.cmd("alloc a 64 rand");
+    let mut c = Chain::new(w.pid(), track, &[]);
+    c.round("start");
+    w.cmd("mprotect a 0 16 r");
+    w.cmd("mprotect a 32 8 none");
+    c.round("a split by mprotect");
+    w.cmd("mprotect a 0 16 rw");
+    w.cmd("dirty a 0-3");
+    w.cmd("mprotect a 32 8 rw");
+    w.cmd("dirty a 33");
+    let v = c.round("made writable again and dirtied");
+    check_incremental(track, &v, 5, "after mprotect rw");
+}
+
+fn new_regions_between_rounds(track: Option<&str>) {
+    let mut w = Workload::start();
+    w.cmd("alloc a 32 rand");
+    let mut c = Chain::new(w.pid(), track, &[]);
+    c.round("start");
+    w.cmd("alloc new 128 rand");
+    w.cmd("alloc sh 16 light shared");
+    w.cmd("alloc nz 16 zero");
+    let v = c.round("new private, shared and zero-filled regions");
+    check_incremental(track, &v, 144, "new regions");
+    assert!(v["pages_zero"].as_u64().unwrap() >= 16, "new zero-filled pages: {v}");
+    w.cmd("dirty sh 0-15");
+    let v = c.round("shared region dirtied");
+    check_incremental(track, &v, 16, "shared dirtied");
+}
