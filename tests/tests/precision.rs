@@ -13,7 +13,7 @@ const GIB_PAGES: u64 = 262_144;
 fn one_gib_two_percent_dirty() {
     let mut w = Workload::start();
     let t = Instant::now();
-    w.cmd(&format!("alloc big {GIB_PAGES} light"));
+    w.cmd(&format!("alloc big {GIB_PAGES} light populate"));
     eprintln!("filled 1 GiB in {:?}", t.elapsed());
     let pid = w.pid();
     let baseline = proc::Snapshot::take(pid).unwrap();

@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! ping                                  -> pid
-//! alloc NAME PAGES [rand|light|zero|none] [shared] [at=ADDR] [seed=N]
+//! alloc NAME PAGES [rand|light|zero|none] [shared] [populate] [at=ADDR] [seed=N]
 //!                                       -> addr, len   (fills every page)
 //! addr NAME                             -> addr, len, pages
 //! dirty NAME IDX[,A-B...]               write new contents into those pages
@@ -95,7 +95,11 @@ struct State {
 type Reply = Result<String, String>;
 
 fn mmap(len: usize, shared: bool, at: Option<usize>, noreplace: bool) -> Result<usize, String> {
-    let mut flags = libc::MAP_ANONYMOUS | if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+    mmap_flags(len, shared, at, noreplace, 0)
+}
+
+fn mmap_flags(len: usize, shared: bool, at: Option<usize>, noreplace: bool, extra: i32) -> Result<usize, String> {
+    let mut flags = extra | libc::MAP_ANONYMOUS | if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
     if at.is_some() {
         flags |= if noreplace { libc::MAP_FIXED_NOREPLACE } else { libc::MAP_FIXED };
     }
@@ -351,12 +355,17 @@ impl State {
         let mut content = Content::Rand;
         let mut shared = false;
         let mut at = None;
+        let mut extra = 0;
         let mut seed = pattern::mix(name.bytes().fold(0u64, |h, b| h * 31 + b as u64));
         for opt in &w[3..] {
             if let Some(c) = Content::parse(opt) {
                 content = c;
             } else if *opt == "shared" {
                 shared = true;
+            } else if *opt == "populate" {
+                // Fault everything in at mmap time: much faster than one
+                // user fault per page for big regions.
+                extra = libc::MAP_POPULATE;
             } else if let Some(a) = opt.strip_prefix("at=") {
                 at = Some(parse_addr(a)?);
             } else if let Some(s) = opt.strip_prefix("seed=") {
@@ -368,7 +377,7 @@ impl State {
         if self.regions.contains_key(&name) {
             return Err(format!("region {name:?} exists"));
         }
-        let addr = mmap(pages * PAGE, shared, at, true)?;
+        let addr = mmap_flags(pages * PAGE, shared, at, true, extra)?;
         let r = Region {
             addr,
             pages,
