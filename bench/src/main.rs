@@ -68,6 +68,13 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Redraw the SVG of a tracking report: `bench plot target/bench/tracking.json`.
+    Plot {
+        json: PathBuf,
+        /// Output SVG (default: the JSON's path with .svg).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Measure the async-WP first-write floor only.
     Floor {
         #[arg(long, default_value_t = 64)]
@@ -136,12 +143,22 @@ fn real_main() -> Result<()> {
                 full_rounds,
             })
         }
+        Cmd::Plot { json, out } => {
+            let text = std::fs::read_to_string(&json)
+                .with_context(|| format!("cannot read {}", json.display()))?;
+            let report: serde_json::Value = serde_json::from_str(&text)?;
+            let out = out.unwrap_or_else(|| json.with_extension("svg"));
+            std::fs::write(&out, bench::svg::tracking_plot(&report))?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
         Cmd::Floor { mib, reps } => {
             let f = bench::uffd::measure_floor(mib, reps)?;
             println!(
                 "{}",
                 serde_json::json!({
                     "fault_us": f.fault_ns / 1e3,
+                    "fault_min_us": f.fault_min_ns / 1e3,
                     "plain_write_ns": f.plain_ns,
                     "pages": f.pages,
                     "reps": f.reps,

@@ -175,14 +175,24 @@ pub fn chart(c: &Chart, y0: f64) -> String {
             );
         }
     }
-    for (v, label, color) in &c.lines {
-        let y = y_of(*v);
+    // Reference lines; their labels are pushed apart when they would overlap.
+    let mut lines: Vec<(f64, &String, &str)> = c
+        .lines
+        .iter()
+        .filter(|l| l.0.is_finite())
+        .map(|(v, l, col)| (y_of(*v), l, *col))
+        .collect();
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut last_label_y = f64::MIN;
+    for (y, label, color) in lines {
+        let label_y = (y + 4.0).max(last_label_y + 13.0);
+        last_label_y = label_y;
         let _ = writeln!(
             s,
             r#"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{color}" stroke-dasharray="6 3"/><text x="{}" y="{:.1}" font-size="11" fill="{color}">{}</text>"#,
             LEFT + pw,
             LEFT + pw + 5.0,
-            y + 4.0,
+            label_y,
             esc(label)
         );
     }

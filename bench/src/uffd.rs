@@ -111,6 +111,8 @@ pub struct Floor {
     pub pages: usize,
     /// Median over repetitions of (protected sweep - plain sweep) / pages.
     pub fault_ns: f64,
+    /// The smallest of the repetitions (the least disturbed by other load).
+    pub fault_min_ns: f64,
     /// Median plain write per page.
     pub plain_ns: f64,
     pub reps: usize,
@@ -139,8 +141,10 @@ pub fn measure_floor(mib: usize, reps: usize) -> io::Result<Floor> {
         faults.push((protected - plain) / pages as f64);
         plains.push(plain / pages as f64);
     }
+    let fault_min_ns = faults.iter().copied().fold(f64::INFINITY, f64::min);
     Ok(Floor {
         pages,
+        fault_min_ns,
         fault_ns: median(&mut faults),
         plain_ns: median(&mut plains),
         reps,
