@@ -219,7 +219,6 @@ pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<
     let text = serde_json::to_vec_pretty(value).expect("image metadata serializes");
     let mut f = std::fs::File::create(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
     f.write_all(&text)
-        .and_then(|_| f.sync_all())
         .map_err(|e| ImageError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| ImageError::io(path, e))
 }

@@ -155,9 +155,11 @@ impl ImageWriter {
     /// may have been added in any order but must not overlap.
     pub fn finish(mut self, mm: &MmRecord, inventory: &Inventory) -> Result<WriteStats, ImageError> {
         let pages_path = self.dir.join(PAGES_FILE);
+        // No fsync (CRIU does none either: it would cost the disk's write
+        // speed on every round). A crash can leave a torn image; the CRC and
+        // bounds checks catch it when the image is opened.
         self.pages
             .flush()
-            .and_then(|_| self.pages.get_ref().sync_all())
             .map_err(|e| ImageError::io(&pages_path, e))?;
         self.entries.sort_by_key(|e| e.start);
         let pm_path = self.dir.join(PAGEMAP_FILE);
