@@ -134,7 +134,9 @@ fn path_name(p: &MMapPath) -> Option<String> {
         MMapPath::Rollup => "[rollup]".into(),
         MMapPath::Anonymous => return None,
         MMapPath::Vsys(key) => format!("/SYSV{key:08x}"),
-        MMapPath::Other(s) => s.clone(),
+        // procfs strips the brackets of pseudo-names (`[vvar_vclock]`,
+        // `[anon:NAME]`): put them back so names read as in /proc/PID/maps.
+        MMapPath::Other(s) => format!("[{s}]"),
     })
 }
 
