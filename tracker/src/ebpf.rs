@@ -1,1 +1,1195 @@
-//! The eBPF dirty stream (placeholder).
+//! The eBPF dirty stream: tracepoint programs (crate `tracker-ebpf`, built by
+//! `build.rs` and embedded here) that record, for one target process,
+//!
+//! - which pages it write-faults on, user and kernel mode apart, with a count
+//!   per page (hot-page ranking) — `exceptions:page_fault_{user,kernel}`, x86 only;
+//! - its address-space changes: successful `mmap`, `munmap`, `mremap`, `brk`,
+//!   `madvise`, with their arguments and result — `syscalls:sys_{enter,exit}_*`;
+//! - its thread creations and exits — `task:task_newtask`, `sched:sched_process_exit`.
+//!
+//! It is an accelerator and a telemetry source, not the truth (DESIGN.md,
+//! invariant 2): a fault shows only the *first* write to a page that is not
+//! writable at that moment (not present, COW, write-protected by uffd-WP or
+//! soft-dirty clearing); writes through an already writable PTE and writes that
+//! fault nowhere (GUP, `process_vm_writev`, io_uring, O_DIRECT) do not appear,
+//! and the tracepoint fires *before* the store lands.
+//!
+//! # Draining
+//!
+//! The page map is drained with `BPF_MAP_LOOKUP_AND_DELETE_BATCH`, which walks
+//! the hash table bucket by bucket and, under each bucket's lock, copies and
+//! deletes its elements. A fault that races with a drain either lands in a
+//! bucket before the walk reaches it (reported now) or creates a new element
+//! after (reported by the next drain): no page is lost; at worst a count
+//! increment that hits an element in the instant it is deleted is dropped (the
+//! page itself was reported). The map is not preallocated, so such an element
+//! is freed after an RCU grace period and never aliases another page. Kernels
+//! without batch ops (< 5.6) fall back to iterate + lookup + delete per key,
+//! which can lose a fault that hits a key between its lookup and its delete.
+//! Counters are monotonic per-CPU values; a drain reports the difference to
+//! the previous drain's snapshot, kept in a map so it survives pinning.
+//!
+//! # Pinning
+//!
+//! [`PinMode::Dir`] pins the maps and the tracepoint links in a bpffs
+//! directory: the programs keep recording after this process exits, and a
+//! later [`DirtyStream::open`] with the same directory and pid reuses them
+//! (the ring buffer's consumer position lives in the kernel, so nothing is
+//! read twice). [`DirtyStream::close_and_unpin`] removes them.
+
+use std::{
+    ffi::CString,
+    fs, io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf},
+    programs::{TracePoint, links::FdLink},
+};
+
+/// The eBPF object built by `build.rs` from `tracker-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracker-ebpf"));
+
+// ---- layouts shared with tracker-ebpf/src/main.rs -------------------------
+
+const KEY_KERNEL: u64 = 1;
+
+const EV_MMAP: u32 = 1;
+const EV_MUNMAP: u32 = 2;
+const EV_MREMAP: u32 = 3;
+const EV_BRK: u32 = 4;
+const EV_MADVISE: u32 = 5;
+const EV_THREAD_CREATED: u32 = 16;
+const EV_THREAD_EXITED: u32 = 17;
+const EV_CHILD_PROCESS: u32 = 18;
+
+const C_USER_WRITE_FAULTS: usize = 0;
+const C_KERNEL_WRITE_FAULTS: usize = 1;
+const C_PAGES_LOST: usize = 2;
+const C_EVENTS: usize = 3;
+const C_EVENTS_LOST: usize = 4;
+const C_PENDING_LOST: usize = 5;
+const N_COUNTERS: usize = 8;
+
+/// `STATE` array slots (userspace only): `[0, N_COUNTERS)` counter baselines.
+const S_MAGIC: u32 = 16;
+const S_PID: u32 = 17;
+const S_START_TIME: u32 = 18;
+const S_FLAGS: u32 = 19;
+/// "tern-eb1": layout version of the pinned objects.
+const STATE_MAGIC: u64 = 0x7465_726e_2d65_6231;
+const FLAG_FAULTS: u64 = 1;
+
+/// Size of one ring-buffer record (`struct Event`: u32 kind, u32 tid, u64 args[5]).
+const EVENT_SIZE: usize = 48;
+
+const MAP_NAMES: [&str; 6] = ["TARGET", "DIRTY", "PENDING", "COUNTERS", "EVENTS", "STATE"];
+
+/// (program name, tracepoint category, tracepoint name, is a fault tracepoint)
+const PROGRAMS: [(&str, &str, &str, bool); 14] = [
+    ("page_fault_user", "exceptions", "page_fault_user", true),
+    ("page_fault_kernel", "exceptions", "page_fault_kernel", true),
+    ("sys_enter_mmap", "syscalls", "sys_enter_mmap", false),
+    ("sys_exit_mmap", "syscalls", "sys_exit_mmap", false),
+    ("sys_enter_munmap", "syscalls", "sys_enter_munmap", false),
+    ("sys_exit_munmap", "syscalls", "sys_exit_munmap", false),
+    ("sys_enter_mremap", "syscalls", "sys_enter_mremap", false),
+    ("sys_exit_mremap", "syscalls", "sys_exit_mremap", false),
+    ("sys_enter_brk", "syscalls", "sys_enter_brk", false),
+    ("sys_exit_brk", "syscalls", "sys_exit_brk", false),
+    ("sys_enter_madvise", "syscalls", "sys_enter_madvise", false),
+    ("sys_exit_madvise", "syscalls", "sys_exit_madvise", false),
+    ("task_newtask", "task", "task_newtask", false),
+    ("sched_process_exit", "sched", "sched_process_exit", false),
+];
+
+/// Number of entries in [`EbpfRound::hot`].
+pub const HOT_PAGES: usize = 64;
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const TRACEFS_MAGIC: i64 = 0x7472_6163;
+
+// ---- public API ------------------------------------------------------------
+
+/// Why the dirty stream could not be set up or read.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "this binary was built without the eBPF programs (TERN_SKIP_EBPF_BUILD=1); \
+         run `cargo xtask setup` and rebuild"
+    )]
+    NotBuilt,
+    #[error("process {0} does not exist")]
+    NoSuchProcess(i32),
+    #[error("tracefs is not available ({0}); it is needed to attach tracepoints")]
+    Tracefs(String),
+    #[error("bpffs is not available at {path}: {reason}")]
+    Bpffs { path: PathBuf, reason: String },
+    #[error("tracepoint {0} does not exist on this kernel")]
+    MissingTracepoint(String),
+    #[error(
+        "tracepoint {tracepoint}: field `{field}` is at offset {found:?} here, \
+         the eBPF programs read it at {expected}"
+    )]
+    FormatMismatch {
+        tracepoint: String,
+        field: String,
+        expected: usize,
+        found: Option<usize>,
+    },
+    #[error(
+        "permission denied while {what}: loading and attaching eBPF tracepoint programs needs \
+         root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN) and a kernel that allows it \
+         (kernel.unprivileged_bpf_disabled, lockdown=confidentiality, LSMs): {detail}"
+    )]
+    Permission { what: String, detail: String },
+    #[error("{what}: {detail}")]
+    Bpf {
+        what: String,
+        detail: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "pin directory {} holds the dirty stream of pid {pinned}, not of pid {requested}; \
+         close it first or use another directory",
+        dir.display()
+    )]
+    PinnedForOtherTarget {
+        dir: PathBuf,
+        pinned: i32,
+        requested: i32,
+    },
+    #[error("the TARGET map is full: cannot add pid {0}")]
+    MapFull(i32),
+}
+
+/// Whether and where [`DirtyStream::open`] pins the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinMode {
+    /// The stream lives as long as the [`DirtyStream`].
+    None,
+    /// Pin maps and links in this directory (on bpffs, e.g. `/sys/fs/bpf/tern/PID`);
+    /// the stream outlives this process until [`DirtyStream::close_and_unpin`].
+    Dir(PathBuf),
+}
+
+/// The conventional pin directory of the stream of `pid`: `/sys/fs/bpf/tern/PID`.
+pub fn default_pin_dir(pid: i32) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/tern/{pid}"))
+}
+
+/// What changed the target's address space (see [`VmaChange::args`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum VmaChangeKind {
+    Mmap,
+    Munmap,
+    Mremap,
+    Brk,
+    Madvise,
+}
+
+/// One successful address-space syscall of the target (failed calls are not
+/// reported; neither is `brk(0)`).
+///
+/// `args` holds the first four syscall arguments and, in `args[4]`, the
+/// return value:
+///
+/// | kind    | args[0]  | args[1] | args[2] | args[3] | args[4]        |
+/// |---------|----------|---------|---------|---------|----------------|
+/// | Mmap    | addr     | len     | prot    | flags   | mapped address |
+/// | Munmap  | addr     | len     | 0       | 0       | 0              |
+/// | Mremap  | old addr | old len | new len | flags   | new address    |
+/// | Brk     | new brk  | 0       | 0       | 0       | resulting brk  |
+/// | Madvise | addr     | len     | advice  | 0       | 0              |
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmaChange {
+    pub kind: VmaChangeKind,
+    pub tid: u32,
+    pub args: [u64; 5],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ThreadEventKind {
+    /// A new thread of the target (`tid` is the new thread's id).
+    Created,
+    /// A thread of the target exited (`tid == pid`: the main thread).
+    Exited,
+    /// The target forked a child process (`tid` is the child's pid); the
+    /// child is not tracked.
+    ChildProcess,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ThreadEvent {
+    pub kind: ThreadEventKind,
+    pub tid: u32,
+}
+
+/// Everything recorded between two drains.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EbpfRound {
+    /// Sorted unique page addresses written (user and kernel faults).
+    pub pages: Vec<u64>,
+    /// How many of `pages` took a user-mode write fault.
+    pub user_pages: usize,
+    /// How many of `pages` took a kernel-mode write fault (`copy_to_user` & co.).
+    pub kernel_pages: usize,
+    /// Sorted pages that took a kernel-mode write fault.
+    pub kernel_fault_pages: Vec<u64>,
+    /// Top [`HOT_PAGES`] pages by write-fault count, descending.
+    pub hot: Vec<(u64, u32)>,
+    /// Total write faults counted (user + kernel).
+    pub write_faults: u64,
+    pub vma_changes: Vec<VmaChange>,
+    pub thread_events: Vec<ThreadEvent>,
+    /// Pages or events dropped because a map or the ring buffer was full.
+    pub lost: u64,
+}
+
+/// A loaded, attached dirty stream for one target process.
+pub struct DirtyStream {
+    pid: i32,
+    pin_dir: Option<PathBuf>,
+    tracks_faults: bool,
+    /// Kept for [`PinMode::None`]: the programs own their links.
+    _bpf: Option<Ebpf>,
+    dirty: Map,
+    counters: PerCpuArray<MapData, u64>,
+    state: Array<MapData, u64>,
+    events: RingBuf<MapData>,
+    page_mask: u64,
+}
+
+impl std::fmt::Debug for DirtyStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyStream")
+            .field("pid", &self.pid)
+            .field("pin_dir", &self.pin_dir)
+            .field("tracks_faults", &self.tracks_faults)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DirtyStream {
+    /// Load + attach for target `pid` (mount tracefs at /sys/kernel/tracing
+    /// and bpffs at /sys/fs/bpf if missing; do not fail on RLIMIT_MEMLOCK).
+    /// PinMode::Dir: pin maps and links there so the stream keeps recording
+    /// after this process exits, and on a later call reuse the pinned ones
+    /// instead of loading anew (this is how separate `tern pre-dump`
+    /// invocations share one stream). A directory left by a target that no
+    /// longer exists (pid gone or reused) is cleaned and loaded anew; one that
+    /// belongs to another live pid is an error.
+    pub fn open(pid: i32, pin: PinMode) -> Result<DirtyStream, EbpfError> {
+        check_built()?;
+        let start_time = process_start_time(pid)?;
+        let tracefs = ensure_tracefs()?;
+        raise_memlock();
+        match pin {
+            PinMode::None => Self::load(pid, start_time, &tracefs, None),
+            PinMode::Dir(dir) => {
+                ensure_bpffs(&dir)?;
+                if dir.join("STATE").exists() {
+                    match Self::reuse(pid, start_time, &dir)? {
+                        Some(stream) => return Ok(stream),
+                        None => remove_pins(&dir)?,
+                    }
+                } else {
+                    // Leftovers of an open that died half-way.
+                    remove_pins(&dir)?;
+                }
+                Self::load(pid, start_time, &tracefs, Some(dir))
+            }
+        }
+    }
+
+    /// Everything recorded since the previous drain (or open), then reset.
+    pub fn drain(&mut self) -> Result<EbpfRound, EbpfError> {
+        // Events first: they are ordered, and cheap.
+        let mut vma_changes = Vec::new();
+        let mut thread_events = Vec::new();
+        while let Some(item) = self.events.next() {
+            if let Some(ev) = decode_event(&item) {
+                match ev {
+                    Decoded::Vma(v) => vma_changes.push(v),
+                    Decoded::Thread(t) => thread_events.push(t),
+                }
+            }
+        }
+
+        let entries = drain_hash(&mut self.dirty)?;
+
+        // Counters: difference to the previous drain's snapshot.
+        let mut now = [0u64; N_COUNTERS];
+        for (i, slot) in now.iter_mut().enumerate() {
+            let values = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(|e| bpf_err("reading the COUNTERS map", e))?;
+            *slot = values.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+        }
+        let mut delta = [0u64; N_COUNTERS];
+        for (i, (d, n)) in delta.iter_mut().zip(now).enumerate() {
+            let before = self
+                .state
+                .get(&(i as u32), 0)
+                .map_err(|e| bpf_err("reading the STATE map", e))?;
+            *d = n.wrapping_sub(before);
+            self.state
+                .set(i as u32, n, 0)
+                .map_err(|e| bpf_err("updating the STATE map", e))?;
+        }
+
+        let mut round = build_round(entries, self.page_mask);
+        round.vma_changes = vma_changes;
+        round.thread_events = thread_events;
+        round.write_faults = delta[C_USER_WRITE_FAULTS] + delta[C_KERNEL_WRITE_FAULTS];
+        round.lost = delta[C_PAGES_LOST] + delta[C_EVENTS_LOST] + delta[C_PENDING_LOST];
+        let _ = delta[C_EVENTS];
+        Ok(round)
+    }
+
+    /// Detach and remove the pinned objects (teardown). For an unpinned
+    /// stream this just detaches.
+    pub fn close_and_unpin(self) -> Result<(), EbpfError> {
+        let dir = self.pin_dir.clone();
+        drop(self);
+        if let Some(dir) = dir {
+            remove_pins(&dir)?;
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(EbpfError::Io {
+                        what: format!("removing the pin directory {}", dir.display()),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// For `tern check`: can tracepoint programs be loaded and attached here?
+    /// Loads every program (so the verifier accepts them on this kernel),
+    /// checks the tracepoint field layouts, attaches and detaches one syscall
+    /// and (where it exists) one fault tracepoint, with no target: nothing is
+    /// recorded and nothing stays loaded. The only lasting effect: tracefs is
+    /// mounted if it was not. `Ok` even without the x86-only fault tracepoints
+    /// (see [`DirtyStream::fault_tracepoints_available`]).
+    pub fn probe() -> Result<(), EbpfError> {
+        check_built()?;
+        let tracefs = ensure_tracefs()?;
+        raise_memlock();
+        let faults = fault_tracepoints_exist(&tracefs);
+        check_formats(&tracefs, faults)?;
+        let mut bpf = load_object()?;
+        load_programs(&mut bpf)?;
+        for name in ["sys_enter_munmap", "page_fault_user"] {
+            if name == "page_fault_user" && !faults {
+                continue;
+            }
+            let (_, cat, tp, _) = PROGRAMS.iter().find(|p| p.0 == name).expect("known");
+            let prog = tracepoint(&mut bpf, name)?;
+            let id = prog
+                .attach(cat, tp)
+                .map_err(|e| bpf_err(&format!("attaching to {cat}:{tp}"), e))?;
+            prog.detach(id)
+                .map_err(|e| bpf_err(&format!("detaching from {cat}:{tp}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Does this kernel have the write-fault tracepoints
+    /// (`exceptions:page_fault_user`, x86 only)? Without them a stream still
+    /// reports address-space and thread events, but no pages.
+    pub fn fault_tracepoints_available() -> Result<bool, EbpfError> {
+        let tracefs = ensure_tracefs()?;
+        Ok(fault_tracepoints_exist(&tracefs))
+    }
+
+    /// The target process.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Where the stream is pinned, if it is.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// Whether pages are recorded (false where the fault tracepoints do not exist).
+    pub fn tracks_faults(&self) -> bool {
+        self.tracks_faults
+    }
+
+    fn load(
+        pid: i32,
+        start_time: u64,
+        tracefs: &Path,
+        pin_dir: Option<PathBuf>,
+    ) -> Result<DirtyStream, EbpfError> {
+        let faults = fault_tracepoints_exist(tracefs);
+        check_formats(tracefs, faults)?;
+        let mut bpf = load_object()?;
+        load_programs(&mut bpf)?;
+
+        let mut state = bpf.take_map("STATE").ok_or_else(|| missing("STATE map"))?;
+        let mut target = bpf
+            .take_map("TARGET")
+            .ok_or_else(|| missing("TARGET map"))?;
+        {
+            let mut state: Array<&mut MapData, u64> =
+                Array::try_from(&mut state).map_err(|e| bpf_err("opening the STATE map", e))?;
+            let meta = [
+                (S_MAGIC, STATE_MAGIC),
+                (S_PID, pid as u64),
+                (S_START_TIME, start_time),
+                (S_FLAGS, if faults { FLAG_FAULTS } else { 0 }),
+            ];
+            for (slot, value) in meta {
+                state
+                    .set(slot, value, 0)
+                    .map_err(|e| bpf_err("initialising the STATE map", e))?;
+            }
+            let mut target: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(&mut target)
+                .map_err(|e| bpf_err("opening the TARGET map", e))?;
+            target.insert(pid as u32, 1, 0).map_err(|e| {
+                if is_errno(&e, libc::E2BIG) {
+                    EbpfError::MapFull(pid)
+                } else {
+                    bpf_err("adding the target to the TARGET map", e)
+                }
+            })?;
+        }
+
+        let result = Self::attach_and_finish(pid, faults, bpf, state, target, pin_dir.clone());
+        if result.is_err()
+            && let Some(dir) = &pin_dir
+        {
+            let _ = remove_pins(dir);
+        }
+        result
+    }
+
+    fn attach_and_finish(
+        pid: i32,
+        faults: bool,
+        mut bpf: Ebpf,
+        state: Map,
+        target: Map,
+        pin_dir: Option<PathBuf>,
+    ) -> Result<DirtyStream, EbpfError> {
+        for (name, cat, tp, is_fault) in PROGRAMS {
+            if is_fault && !faults {
+                continue;
+            }
+            let prog = tracepoint(&mut bpf, name)?;
+            let id = prog
+                .attach(cat, tp)
+                .map_err(|e| bpf_err(&format!("attaching to tracepoint {cat}:{tp}"), e))?;
+            if let Some(dir) = &pin_dir {
+                let link = prog
+                    .take_link(id)
+                    .map_err(|e| bpf_err("taking a tracepoint link", e))?;
+                let link = FdLink::try_from(link).map_err(|e| {
+                    bpf_err(
+                        "this kernel cannot pin tracepoint links (BPF perf links need Linux 5.15+)",
+                        e,
+                    )
+                })?;
+                let path = dir.join(link_pin_name(name));
+                link.pin(&path)
+                    .map_err(|e| bpf_err(&format!("pinning {}", path.display()), e))?;
+            }
+        }
+
+        let dirty: Map = bpf.take_map("DIRTY").ok_or_else(|| missing("DIRTY map"))?;
+        let pending: Map = bpf
+            .take_map("PENDING")
+            .ok_or_else(|| missing("PENDING map"))?;
+        let counters: Map = bpf
+            .take_map("COUNTERS")
+            .ok_or_else(|| missing("COUNTERS map"))?;
+        let events: Map = bpf
+            .take_map("EVENTS")
+            .ok_or_else(|| missing("EVENTS map"))?;
+
+        if let Some(dir) = &pin_dir {
+            let pin = |name: &str, r: Result<(), aya::pin::PinError>| {
+                r.map_err(|e| bpf_err(&format!("pinning {}", dir.join(name).display()), e))
+            };
+            pin("TARGET", target.pin(dir.join("TARGET")))?;
+            pin("DIRTY", dirty.pin(dir.join("DIRTY")))?;
+            pin("PENDING", pending.pin(dir.join("PENDING")))?;
+            pin("COUNTERS", counters.pin(dir.join("COUNTERS")))?;
+            pin("EVENTS", events.pin(dir.join("EVENTS")))?;
+            // Last: its presence marks a complete pin directory.
+            pin("STATE", state.pin(dir.join("STATE")))?;
+        }
+
+        Ok(DirtyStream {
+            pid,
+            tracks_faults: faults,
+            _bpf: if pin_dir.is_some() { None } else { Some(bpf) },
+            pin_dir,
+            dirty,
+            counters: PerCpuArray::try_from(counters)
+                .map_err(|e| bpf_err("opening the COUNTERS map", e))?,
+            state: Array::try_from(state).map_err(|e| bpf_err("opening the STATE map", e))?,
+            events: RingBuf::try_from(events).map_err(|e| bpf_err("opening the EVENTS map", e))?,
+            page_mask: !(page_size() - 1),
+        })
+    }
+
+    /// `Ok(None)`: the directory is stale (its target is gone) or incomplete.
+    fn reuse(pid: i32, start_time: u64, dir: &Path) -> Result<Option<DirtyStream>, EbpfError> {
+        let state: Array<MapData, u64> = match from_pin(dir, "STATE") {
+            Ok(m) => m,
+            Err(_) => return Ok(None),
+        };
+        let get = |slot| state.get(&slot, 0).unwrap_or(0);
+        if get(S_MAGIC) != STATE_MAGIC {
+            return Ok(None);
+        }
+        let pinned = get(S_PID) as i32;
+        if pinned != pid {
+            if process_start_time(pinned).ok() == Some(get(S_START_TIME)) {
+                return Err(EbpfError::PinnedForOtherTarget {
+                    dir: dir.to_path_buf(),
+                    pinned,
+                    requested: pid,
+                });
+            }
+            return Ok(None);
+        }
+        if get(S_START_TIME) != start_time {
+            // Same pid, another process.
+            return Ok(None);
+        }
+        let faults = get(S_FLAGS) & FLAG_FAULTS != 0;
+        let complete = MAP_NAMES.iter().all(|m| dir.join(m).exists())
+            && PROGRAMS
+                .iter()
+                .filter(|p| faults || !p.3)
+                .all(|p| dir.join(link_pin_name(p.0)).exists());
+        if !complete {
+            return Ok(None);
+        }
+        let target: BpfHashMap<MapData, u32, u32> = from_pin(dir, "TARGET")?;
+        if target.get(&(pid as u32), 0).is_err() {
+            return Ok(None);
+        }
+        let dirty = Map::from_map_data(
+            MapData::from_pin(dir.join("DIRTY")).map_err(|e| bpf_err("opening pinned DIRTY", e))?,
+        )
+        .map_err(|e| bpf_err("opening pinned DIRTY", e))?;
+        Ok(Some(DirtyStream {
+            pid,
+            pin_dir: Some(dir.to_path_buf()),
+            tracks_faults: faults,
+            _bpf: None,
+            dirty,
+            counters: from_pin(dir, "COUNTERS")?,
+            state,
+            events: from_pin(dir, "EVENTS")?,
+            page_mask: !(page_size() - 1),
+        }))
+    }
+}
+
+// ---- helpers ---------------------------------------------------------------
+
+enum Decoded {
+    Vma(VmaChange),
+    Thread(ThreadEvent),
+}
+
+fn decode_event(raw: &[u8]) -> Option<Decoded> {
+    if raw.len() < EVENT_SIZE {
+        return None;
+    }
+    let u32_at = |o: usize| u32::from_ne_bytes(raw[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_ne_bytes(raw[o..o + 8].try_into().expect("8 bytes"));
+    let kind = u32_at(0);
+    let tid = u32_at(4);
+    let args = [u64_at(8), u64_at(16), u64_at(24), u64_at(32), u64_at(40)];
+    let vma = |kind| Some(Decoded::Vma(VmaChange { kind, tid, args }));
+    let thread = |kind| Some(Decoded::Thread(ThreadEvent { kind, tid }));
+    match kind {
+        EV_MMAP => vma(VmaChangeKind::Mmap),
+        EV_MUNMAP => vma(VmaChangeKind::Munmap),
+        EV_MREMAP => vma(VmaChangeKind::Mremap),
+        EV_BRK => vma(VmaChangeKind::Brk),
+        EV_MADVISE => vma(VmaChangeKind::Madvise),
+        EV_THREAD_CREATED => thread(ThreadEventKind::Created),
+        EV_THREAD_EXITED => thread(ThreadEventKind::Exited),
+        EV_CHILD_PROCESS => thread(ThreadEventKind::ChildProcess),
+        _ => None,
+    }
+}
+
+/// Turn drained `(key, count)` pairs into a round (pages, counts, hot list).
+fn build_round(entries: Vec<(u64, u64)>, page_mask: u64) -> EbpfRound {
+    let mut items: Vec<(u64, u64, bool)> = entries
+        .into_iter()
+        .map(|(key, count)| (key & !0xfff & page_mask, count, key & KEY_KERNEL != 0))
+        .collect();
+    items.sort_unstable_by_key(|i| i.0);
+    let mut round = EbpfRound::default();
+    let mut counts: Vec<(u64, u64)> = Vec::with_capacity(items.len());
+    let (mut last_user, mut last_kernel) = (None, None);
+    for (page, count, kernel) in items {
+        match counts.last_mut() {
+            Some(last) if last.0 == page => last.1 += count,
+            _ => counts.push((page, count)),
+        }
+        if kernel {
+            if last_kernel != Some(page) {
+                round.kernel_fault_pages.push(page);
+                last_kernel = Some(page);
+            }
+        } else if last_user != Some(page) {
+            round.user_pages += 1;
+            last_user = Some(page);
+        }
+    }
+    round.kernel_pages = round.kernel_fault_pages.len();
+    let mut hot: Vec<(u64, u32)> = counts
+        .iter()
+        .map(|&(p, c)| (p, c.min(u32::MAX as u64) as u32))
+        .collect();
+    let by_heat = |a: &(u64, u32), b: &(u64, u32)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
+    if hot.len() > HOT_PAGES {
+        hot.select_nth_unstable_by(HOT_PAGES - 1, by_heat);
+        hot.truncate(HOT_PAGES);
+    }
+    hot.sort_unstable_by(by_heat);
+    round.hot = hot;
+    round.pages = counts.into_iter().map(|c| c.0).collect();
+    round
+}
+
+/// `union bpf_attr`, the `batch` member (BPF_MAP_*_BATCH).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+const ENOTSUPP: i32 = 524;
+
+/// Take every (key, value) out of the DIRTY hash map.
+fn drain_hash(map: &mut Map) -> Result<Vec<(u64, u64)>, EbpfError> {
+    let fd = match &*map {
+        Map::HashMap(data) => data.fd().as_fd().as_raw_fd(),
+        _ => return Err(missing("DIRTY as a hash map")),
+    };
+    let mut out = Vec::new();
+    let mut cap = 8192usize;
+    let mut keys = vec![0u64; cap];
+    let mut values = vec![0u64; cap];
+    // The hash table's batch token is a bucket index (u32).
+    let mut token_in = 0u32;
+    let mut token_out = 0u32;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &raw const token_in as u64 },
+            out_batch: &raw mut token_out as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: cap as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: attr points to valid buffers of `cap` keys and values.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+                &raw mut attr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (r < 0).then(io::Error::last_os_error);
+        let n = (attr.count as usize).min(cap);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match err.as_ref().and_then(io::Error::raw_os_error) {
+            None => {}
+            Some(libc::ENOENT) => return Ok(out),
+            Some(libc::ENOSPC) if n == 0 => {
+                // A bucket holds more than `cap` elements.
+                cap *= 2;
+                keys.resize(cap, 0);
+                values.resize(cap, 0);
+                continue;
+            }
+            Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if first => {
+                return drain_hash_slow(map);
+            }
+            Some(_) => {
+                return Err(EbpfError::Io {
+                    what: "draining the DIRTY map (BPF_MAP_LOOKUP_AND_DELETE_BATCH)".into(),
+                    source: err.expect("error"),
+                });
+            }
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// Fallback for kernels without batch map operations (< 5.6).
+fn drain_hash_slow(map: &mut Map) -> Result<Vec<(u64, u64)>, EbpfError> {
+    let mut hash: BpfHashMap<&mut MapData, u64, u64> =
+        BpfHashMap::try_from(map).map_err(|e| bpf_err("opening the DIRTY map", e))?;
+    let keys: Vec<u64> = hash.keys().filter_map(Result::ok).collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        if let Ok(count) = hash.get(&key, 0) {
+            let _ = hash.remove(&key);
+            out.push((key, count));
+        }
+    }
+    Ok(out)
+}
+
+fn check_built() -> Result<(), EbpfError> {
+    if OBJECT.is_empty() {
+        Err(EbpfError::NotBuilt)
+    } else {
+        Ok(())
+    }
+}
+
+fn load_object() -> Result<Ebpf, EbpfError> {
+    Ebpf::load(OBJECT).map_err(|e| bpf_err("loading the eBPF object", e))
+}
+
+fn tracepoint<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut TracePoint, EbpfError> {
+    let prog = bpf
+        .program_mut(name)
+        .ok_or_else(|| missing(&format!("program {name}")))?;
+    prog.try_into()
+        .map_err(|e| bpf_err(&format!("program {name} is not a tracepoint"), e))
+}
+
+fn load_programs(bpf: &mut Ebpf) -> Result<(), EbpfError> {
+    for (name, ..) in PROGRAMS {
+        tracepoint(bpf, name)?
+            .load()
+            .map_err(|e| bpf_err(&format!("loading eBPF program {name}"), e))?;
+    }
+    Ok(())
+}
+
+fn from_pin<M>(dir: &Path, name: &str) -> Result<M, EbpfError>
+where
+    M: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let path = dir.join(name);
+    let what = || format!("opening the pinned map {}", path.display());
+    let data = MapData::from_pin(&path).map_err(|e| bpf_err(&what(), e))?;
+    let map = Map::from_map_data(data).map_err(|e| bpf_err(&what(), e))?;
+    M::try_from(map).map_err(|e| bpf_err(&what(), e))
+}
+
+fn link_pin_name(program: &str) -> String {
+    format!("link_{program}")
+}
+
+/// Remove every object of ours from `dir` (not the directory).
+fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
+    let names = PROGRAMS
+        .iter()
+        .map(|p| link_pin_name(p.0))
+        .chain(MAP_NAMES.iter().map(|m| m.to_string()));
+    for name in names {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(EbpfError::Io {
+                    what: format!("removing the pinned object {}", path.display()),
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn missing(what: &str) -> EbpfError {
+    EbpfError::Bpf {
+        what: format!("the embedded eBPF object has no {what}"),
+        detail: "tracker and tracker-ebpf are out of sync".into(),
+        source: "missing object".into(),
+    }
+}
+
+/// Wrap an aya error; permission problems get their own variant.
+fn bpf_err<E: std::error::Error + Send + Sync + 'static>(what: &str, e: E) -> EbpfError {
+    let mut detail = e.to_string();
+    let mut denied = false;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            denied = true;
+        }
+        if let Some(src) = err.source() {
+            let s = src.to_string();
+            if !detail.contains(&s) {
+                detail.push_str(": ");
+                detail.push_str(&s);
+            }
+        }
+        cur = err.source();
+    }
+    if denied {
+        EbpfError::Permission {
+            what: what.to_string(),
+            detail,
+        }
+    } else {
+        EbpfError::Bpf {
+            what: what.to_string(),
+            detail,
+            source: Box::new(e),
+        }
+    }
+}
+
+fn is_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && io.raw_os_error() == Some(errno)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let s = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if s > 0 { s as u64 } else { 4096 }
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks): tells a process
+/// from a later one with the same pid.
+fn process_start_time(pid: i32) -> Result<u64, EbpfError> {
+    if pid <= 0 {
+        return Err(EbpfError::NoSuchProcess(pid));
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|_| EbpfError::NoSuchProcess(pid))?;
+    let after_comm = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or(EbpfError::NoSuchProcess(pid))?;
+    // After the comm: field 3 (state) is index 0, field 22 is index 19.
+    after_comm
+        .split_whitespace()
+        .nth(19)
+        .and_then(|s| s.parse().ok())
+        .ok_or(EbpfError::NoSuchProcess(pid))
+}
+
+fn raise_memlock() {
+    // Kernels >= 5.11 account BPF memory to the memcg and ignore this limit;
+    // older ones need it raised. Failing to raise it is not an error.
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to a rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: valid pointer to a rlimit.
+        if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) } == 0 {
+            let raised = libc::rlimit {
+                rlim_cur: cur.rlim_max,
+                rlim_max: cur.rlim_max,
+            };
+            // SAFETY: valid pointer to a rlimit.
+            unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) };
+        }
+    }
+}
+
+fn fs_magic(path: &Path) -> Option<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Some(st.f_type as i64)
+}
+
+fn mount(fstype: &str, target: &Path) -> io::Result<()> {
+    let src = CString::new(if fstype == "bpf" { "bpf" } else { "nodev" }).expect("cstr");
+    let ty = CString::new(fstype).expect("cstr");
+    let tgt = CString::new(target.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: valid C strings; no data argument.
+    let r = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), ty.as_ptr(), 0, std::ptr::null()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Where tracefs is; mounts it at /sys/kernel/tracing if it is nowhere.
+fn ensure_tracefs() -> Result<PathBuf, EbpfError> {
+    let candidates = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+    for c in candidates {
+        let p = Path::new(c);
+        if p.join("events").is_dir() {
+            return Ok(p.to_path_buf());
+        }
+    }
+    let p = Path::new(candidates[0]);
+    if !p.is_dir() {
+        return Err(EbpfError::Tracefs(format!(
+            "{} does not exist: is the kernel built with CONFIG_TRACING?",
+            p.display()
+        )));
+    }
+    match mount("tracefs", p) {
+        Ok(()) if fs_magic(p) == Some(TRACEFS_MAGIC) && p.join("events").is_dir() => {
+            Ok(p.to_path_buf())
+        }
+        Ok(()) => Err(EbpfError::Tracefs(format!(
+            "mounted tracefs at {} but it has no events/ directory",
+            p.display()
+        ))),
+        Err(e) => Err(EbpfError::Tracefs(format!(
+            "not mounted, and `mount -t tracefs nodev {}` failed: {e}",
+            p.display()
+        ))),
+    }
+}
+
+/// Make `dir` exist on a bpffs; mounts bpffs at /sys/fs/bpf first if `dir`
+/// is under it and it is not mounted.
+fn ensure_bpffs(dir: &Path) -> Result<(), EbpfError> {
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) && fs_magic(root) != Some(BPF_FS_MAGIC) {
+        mount("bpf", root).map_err(|e| EbpfError::Bpffs {
+            path: root.to_path_buf(),
+            reason: format!(
+                "not mounted, and `mount -t bpf bpf {}` failed: {e}",
+                root.display()
+            ),
+        })?;
+    }
+    fs::create_dir_all(dir).map_err(|e| EbpfError::Bpffs {
+        path: dir.to_path_buf(),
+        reason: format!("cannot create the directory: {e}"),
+    })?;
+    if fs_magic(dir) != Some(BPF_FS_MAGIC) {
+        return Err(EbpfError::Bpffs {
+            path: dir.to_path_buf(),
+            reason: "not on a bpf filesystem (mount one with `mount -t bpf bpf /sys/fs/bpf`)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+fn fault_tracepoints_exist(tracefs: &Path) -> bool {
+    ["page_fault_user", "page_fault_kernel"]
+        .iter()
+        .all(|n| tracefs.join("events/exceptions").join(n).is_dir())
+}
+
+/// Field offsets of a tracepoint, from its `format` file.
+fn format_fields(tracefs: &Path, cat: &str, name: &str) -> Result<Vec<(String, usize)>, EbpfError> {
+    let path = tracefs.join("events").join(cat).join(name).join("format");
+    let text = fs::read_to_string(&path)
+        .map_err(|_| EbpfError::MissingTracepoint(format!("{cat}:{name}")))?;
+    let mut fields = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let Some(rest) = line.strip_prefix("field:") else {
+            continue;
+        };
+        let mut parts = rest.split(';');
+        let decl = parts.next().unwrap_or("").trim();
+        let offset = parts
+            .find_map(|p| p.trim().strip_prefix("offset:"))
+            .and_then(|o| o.trim().parse().ok());
+        let name = decl
+            .rsplit(|c: char| c.is_whitespace() || c == '*')
+            .next()
+            .unwrap_or("")
+            .split('[')
+            .next()
+            .unwrap_or("");
+        if let Some(offset) = offset {
+            fields.push((name.to_string(), offset));
+        }
+    }
+    Ok(fields)
+}
+
+/// The eBPF programs read tracepoint records at fixed offsets; make sure this
+/// kernel lays them out that way.
+fn check_formats(tracefs: &Path, faults: bool) -> Result<(), EbpfError> {
+    // (category, tracepoint, [(field, offset)])
+    type Expect = (&'static str, &'static str, Vec<(&'static str, usize)>);
+    let mut expect: Vec<Expect> = vec![
+        (
+            "task",
+            "task_newtask",
+            vec![("pid", 8), ("clone_flags", 32)],
+        ),
+        ("sched", "sched_process_exit", vec![]),
+    ];
+    if faults {
+        for n in ["page_fault_user", "page_fault_kernel"] {
+            expect.push(("exceptions", n, vec![("address", 8), ("error_code", 24)]));
+        }
+    }
+    for (sys, nargs) in [
+        ("mmap", 4),
+        ("munmap", 2),
+        ("mremap", 4),
+        ("brk", 1),
+        ("madvise", 3),
+    ] {
+        let enter = format!("sys_enter_{sys}");
+        let fields = format_fields(tracefs, "syscalls", &enter)?;
+        let args: Vec<usize> = fields
+            .iter()
+            .filter(|(n, _)| !n.starts_with("common_") && n != "__syscall_nr")
+            .map(|f| f.1)
+            .collect();
+        for i in 0..nargs {
+            if args.get(i).copied() != Some(16 + 8 * i) {
+                return Err(EbpfError::FormatMismatch {
+                    tracepoint: format!("syscalls:{enter}"),
+                    field: format!("argument {i}"),
+                    expected: 16 + 8 * i,
+                    found: args.get(i).copied(),
+                });
+            }
+        }
+        let exit = format!("sys_exit_{sys}");
+        let fields = format_fields(tracefs, "syscalls", &exit)?;
+        let ret = fields.iter().find(|f| f.0 == "ret").map(|f| f.1);
+        if ret != Some(16) {
+            return Err(EbpfError::FormatMismatch {
+                tracepoint: format!("syscalls:{exit}"),
+                field: "ret".into(),
+                expected: 16,
+                found: ret,
+            });
+        }
+    }
+    for (cat, name, want) in expect {
+        let fields = format_fields(tracefs, cat, name)?;
+        for (field, offset) in want {
+            let found = fields.iter().find(|f| f.0 == field).map(|f| f.1);
+            if found != Some(offset) {
+                return Err(EbpfError::FormatMismatch {
+                    tracepoint: format!("{cat}:{name}"),
+                    field: field.into(),
+                    expected: offset,
+                    found,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_merges_user_and_kernel_and_ranks() {
+        let entries = vec![
+            (0x1000, 3),
+            (0x1000 | KEY_KERNEL, 2),
+            (0x5000, 10),
+            (0x3000 | KEY_KERNEL, 1),
+        ];
+        let r = build_round(entries, !0xfff);
+        assert_eq!(r.pages, vec![0x1000, 0x3000, 0x5000]);
+        assert_eq!(r.user_pages, 2);
+        assert_eq!(r.kernel_pages, 2);
+        assert_eq!(r.kernel_fault_pages, vec![0x1000, 0x3000]);
+        assert_eq!(r.hot, vec![(0x5000, 10), (0x1000, 5), (0x3000, 1)]);
+    }
+
+    #[test]
+    fn event_decoding() {
+        let mut raw = vec![0u8; EVENT_SIZE];
+        raw[0..4].copy_from_slice(&EV_MREMAP.to_ne_bytes());
+        raw[4..8].copy_from_slice(&42u32.to_ne_bytes());
+        raw[40..48].copy_from_slice(&0x7000u64.to_ne_bytes());
+        match decode_event(&raw) {
+            Some(Decoded::Vma(v)) => {
+                assert_eq!(v.kind, VmaChangeKind::Mremap);
+                assert_eq!(v.tid, 42);
+                assert_eq!(v.args[4], 0x7000);
+            }
+            _ => panic!("not a vma change"),
+        }
+        raw[0..4].copy_from_slice(&EV_THREAD_EXITED.to_ne_bytes());
+        assert!(matches!(
+            decode_event(&raw),
+            Some(Decoded::Thread(ThreadEvent {
+                kind: ThreadEventKind::Exited,
+                tid: 42
+            }))
+        ));
+        assert!(decode_event(&raw[..8]).is_none());
+    }
+
+    #[test]
+    fn batch_attr_layout() {
+        assert_eq!(std::mem::size_of::<BatchAttr>(), 56);
+    }
+
+    #[test]
+    fn start_time_of_self() {
+        let me = std::process::id() as i32;
+        assert!(process_start_time(me).unwrap() > 0);
+        assert!(matches!(
+            process_start_time(-1),
+            Err(EbpfError::NoSuchProcess(-1))
+        ));
+    }
+}
