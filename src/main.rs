@@ -1,1 +1,364 @@
-fn main() {}
+//! `tern`: the command-line front. Parses arguments, calls the `tracker`
+//! (capture) and `restorer` (read back) libraries, prints one JSON object
+//! with `--json` (one per line for `track`), logs to stderr.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tracker::backend::TrackMode;
+use tracker::session::{SessionOptions, TrackingSession};
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "Checkpoint a running Linux process while it keeps running")]
+struct Cli {
+    /// Log verbosity on stderr (error, warn, info, debug, trace); also RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Probe the kernel features tern relies on and say which backend `auto` picks.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy the pages a running process changed since its previous pre-dump.
+    PreDump {
+        /// Target process.
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        /// Directory to write the image into (created; must not hold an image).
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// The previous image of this process: write only what changed since.
+        #[arg(long)]
+        prev_images_dir: Option<PathBuf>,
+        /// Dirty-tracking backend.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "uffd-wp", "soft-dirty", "full"])]
+        track: String,
+        /// Do not use the eBPF dirty stream.
+        #[arg(long)]
+        no_ebpf: bool,
+        /// Store pages uncompressed.
+        #[arg(long)]
+        no_compress: bool,
+        /// Deadline, in milliseconds, of every wait on the target.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Telemetry only: pages dirtied per interval, kernel against eBPF.
+    Track {
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 5)]
+        rounds: u64,
+        #[arg(long)]
+        no_ebpf: bool,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image chain: its images, VMAs and page counts.
+    Show {
+        dir: PathBuf,
+        /// Also list every VMA of the newest image.
+        #[arg(long)]
+        vmas: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what pre-dumps leave in a target between invocations (the
+    /// tracking userfaultfd, the scratch page, eBPF pins).
+    Untrack {
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli.cmd) {
+        eprintln!("tern: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    println!("{}", serde_json::to_string(v).expect("serializable"));
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Check { json } => check(json),
+        Cmd::PreDump {
+            pid,
+            dir,
+            prev_images_dir,
+            track,
+            no_ebpf,
+            no_compress,
+            timeout_ms,
+            json,
+        } => {
+            let track = TrackMode::parse(&track).expect("clap checked the value");
+            pre_dump(pid, &dir, prev_images_dir.as_deref(), track, !no_ebpf, !no_compress, timeout_ms, json)
+        }
+        Cmd::Track {
+            pid,
+            interval_ms,
+            rounds,
+            no_ebpf,
+            timeout_ms,
+            json,
+        } => track(pid, interval_ms, rounds, !no_ebpf, timeout_ms, json),
+        Cmd::Show { dir, vmas, json } => show(&dir, vmas, json),
+        Cmd::Untrack { pid, timeout_ms, json } => {
+            let u = tracker::session::untrack(pid, Duration::from_millis(timeout_ms))
+                .with_context(|| format!("untrack PID {pid}"))?;
+            if json {
+                print_json(&u);
+            } else {
+                println!(
+                    "PID {pid}: closed tracking fds {:?}, removed {} scratch page(s), eBPF pins removed: {}",
+                    u.uffd_fds_closed, u.scratch_pages_removed, u.ebpf_unpinned
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check(json: bool) -> Result<()> {
+    let p = tracker::check::Probes::all();
+    let backend = p.best_backend().name();
+    let kernel = tracker::check::kernel_release();
+    if json {
+        let features: serde_json::Map<String, serde_json::Value> = p
+            .as_pairs()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+        print_json(&serde_json::json!({
+            "kernel": kernel,
+            "arch": std::env::consts::ARCH,
+            "features": features,
+            "backend": backend,
+        }));
+    } else {
+        println!("kernel {kernel} ({})", std::env::consts::ARCH);
+        for (name, ok) in p.as_pairs() {
+            let what = tracker::check::USES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, w)| *w)
+                .unwrap_or("");
+            println!("{:<23} {:<4} {what}", name, if ok { "yes" } else { "no" });
+        }
+        println!("{:<23} {backend}", "backend (auto)");
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pre_dump(
+    pid: i32,
+    dir: &Path,
+    prev: Option<&Path>,
+    track: TrackMode,
+    ebpf: bool,
+    compress: bool,
+    timeout_ms: u64,
+    json: bool,
+) -> Result<()> {
+    // Check the cheap things before touching the target.
+    if let Some(p) = prev {
+        images::Inventory::load(p).with_context(|| format!("--prev-images-dir {}", p.display()))?;
+    }
+    check_writable_dir(dir)?;
+    let opts = SessionOptions {
+        track,
+        ebpf,
+        compress,
+        timeout: Duration::from_millis(timeout_ms),
+        pin_ebpf: true,
+    };
+    let mut s = TrackingSession::attach(pid, opts).with_context(|| format!("pre-dump of PID {pid}"))?;
+    let report = s
+        .pre_dump(dir, prev)
+        .with_context(|| format!("pre-dump of PID {pid} into {}", dir.display()));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            // Leave no half-written image behind.
+            if !dir.join(images::INVENTORY_FILE).exists() {
+                for f in [images::PAGES_FILE, images::PAGEMAP_FILE, images::MM_FILE] {
+                    let _ = std::fs::remove_file(dir.join(f));
+                }
+            }
+            return Err(e);
+        }
+    };
+    s.detach();
+    if json {
+        print_json(&report);
+    } else {
+        println!(
+            "pre-dump of PID {pid} into {} ({}{}): {} pages written ({} zero), {} bytes, {:.1} ms, frozen {:.2} ms",
+            dir.display(),
+            report.backend,
+            if report.ebpf { " + eBPF" } else { "" },
+            report.pages_written,
+            report.pages_zero,
+            report.bytes_written,
+            report.duration_ms,
+            report.frozen_ms
+        );
+    }
+    Ok(())
+}
+
+/// `dir` exists or can be created, and a file can be written in it.
+fn check_writable_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("images dir {}: cannot create it", dir.display()))?;
+    if dir.join(images::INVENTORY_FILE).exists() {
+        bail!(
+            "images dir {}: already holds an image; give an empty directory",
+            dir.display()
+        );
+    }
+    let probe = dir.join(".tern-write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("images dir {}: not writable", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+fn track(pid: i32, interval_ms: u64, rounds: u64, ebpf: bool, timeout_ms: u64, json: bool) -> Result<()> {
+    let opts = SessionOptions {
+        track: TrackMode::UffdWp,
+        ebpf,
+        compress: false,
+        timeout: Duration::from_millis(timeout_ms),
+        pin_ebpf: false,
+    };
+    if let Some((fd, _)) = tracker::session::find_tracking_uffds(pid).first() {
+        return Err(tracker::session::TrackerError::TrackingBusy { pid, fd: *fd }.into());
+    }
+    let mut s = TrackingSession::attach(pid, opts).with_context(|| format!("track PID {pid}"))?;
+    let interval = Duration::from_millis(interval_ms.max(1));
+    let t0 = Instant::now();
+    let res = (|| -> Result<()> {
+        s.arm()?;
+        let mut last = Instant::now();
+        for round in 1..=rounds {
+            std::thread::sleep(interval.saturating_sub(last.elapsed()));
+            let dt = last.elapsed();
+            last = Instant::now();
+            let r = s.track_round(round, t0.elapsed().as_secs_f64() * 1e3, dt)?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "round {:>3} t={:>8.1} ms kernel {:>8} ebpf {:>8} both {:>8} kernel-only {:>6} ebpf-only {:>6} {:>9.1} MB/s",
+                    r.round, r.t_ms, r.kernel_pages, r.ebpf_pages, r.both, r.kernel_only, r.ebpf_only, r.dirty_rate_mb_s
+                );
+            }
+        }
+        Ok(())
+    })();
+    // Leave the target exactly as found, whatever happened.
+    let torn = s.teardown();
+    res?;
+    torn.with_context(|| format!("removing tracking from PID {pid}"))?;
+    Ok(())
+}
+
+fn show(dir: &Path, vmas: bool, json: bool) -> Result<()> {
+    let chain = restorer::ImageChain::open(dir).with_context(|| format!("show {}", dir.display()))?;
+    let summary = chain.summary();
+    let newest = chain.newest();
+    if json {
+        let v: Vec<_> = newest
+            .mm
+            .vmas
+            .iter()
+            .map(|v| {
+                let pages = |k| {
+                    newest
+                        .pagemap
+                        .overlapping(v.range())
+                        .filter(|e| e.kind == k)
+                        .map(|e| e.range().intersect(&v.range()).map_or(0, |r| r.pages()))
+                        .sum::<u64>()
+                };
+                serde_json::json!({
+                    "start": format!("{:#x}", v.start), "end": format!("{:#x}", v.end),
+                    "perms": v.perms, "name": v.name, "dumped": v.dumped,
+                    "pages": (v.end - v.start) / images::PAGE_SIZE,
+                    "data_pages": pages(images::PageKind::Data),
+                    "zero_pages": pages(images::PageKind::Zero),
+                    "hole_pages": pages(images::PageKind::Hole),
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({
+            "dir": dir.display().to_string(),
+            "images": summary,
+            "vmas": v,
+        }));
+        return Ok(());
+    }
+    println!("chain of {} image(s), newest first:", summary.len());
+    println!(
+        "{:<4} {:<10} {:<9} {:>6} {:>10} {:>10} {:>10} {:>12}  dir",
+        "#", "kind", "backend", "vmas", "data", "zero", "holes", "stored"
+    );
+    for (i, s) in summary.iter().enumerate() {
+        println!(
+            "{:<4} {:<10} {:<9} {:>6} {:>10} {:>10} {:>10} {:>12}  {}",
+            i,
+            format!("{:?}", s.kind),
+            s.backend,
+            s.vmas,
+            s.data_pages,
+            s.zero_pages,
+            s.hole_pages,
+            s.bytes_stored,
+            s.dir
+        );
+    }
+    if vmas {
+        println!("VMAs of the newest image:");
+        for v in &newest.mm.vmas {
+            println!(
+                "{:#014x}-{:#014x} {} {:>8} pages {} {}",
+                v.start,
+                v.end,
+                v.perms,
+                (v.end - v.start) / images::PAGE_SIZE,
+                if v.dumped { "dumped" } else { "      " },
+                v.name.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}

@@ -15,6 +15,9 @@ pub struct Probes {
     pub pagemap_scan: bool,
     pub soft_dirty: bool,
     pub ebpf_tracepoints: bool,
+    /// The x86 page-fault tracepoints (absent on arm64: the stream then has
+    /// address-space and thread events but no dirty pages).
+    pub ebpf_fault_tracepoints: bool,
     pub pidfd_getfd: bool,
     pub suspend_seccomp: bool,
     pub clone3_set_tid: bool,
@@ -29,6 +32,7 @@ pub const USES: &[(&str, &str)] = &[
     ("pagemap_scan", "PAGEMAP_SCAN: find written pages and re-protect them in one call (Linux 6.7+)"),
     ("soft_dirty", "soft-dirty bits: the tracking backend of kernels 3.11-6.6 (x86 only)"),
     ("ebpf_tracepoints", "eBPF on fault/syscall/sched tracepoints: dirty-rate telemetry, hot pages"),
+    ("ebpf_fault_tracepoints", "exceptions:page_fault_* tracepoints (x86): the eBPF dirty-page stream"),
     ("pidfd_getfd", "pidfd_getfd(2): take the userfaultfd created inside the target"),
     ("suspend_seccomp", "PTRACE_O_SUSPEND_SECCOMP: inject syscalls a target's seccomp filter blocks"),
     ("clone3_set_tid", "clone3 set_tid: restore with the same PID and TIDs"),
@@ -40,6 +44,8 @@ impl Probes {
     pub fn all() -> Probes {
         let mut p = Probes::tracking();
         p.ebpf_tracepoints = crate::ebpf::DirtyStream::probe().is_ok();
+        p.ebpf_fault_tracepoints =
+            p.ebpf_tracepoints && crate::ebpf::DirtyStream::fault_tracepoints_available().unwrap_or(false);
         p.suspend_seccomp = probe_ptrace_child(|pid| {
             let opts = libc::PTRACE_O_SUSPEND_SECCOMP as libc::c_long;
             // SAFETY: plain ptrace on our own stopped child.
@@ -114,6 +120,7 @@ impl Probes {
             ("pagemap_scan", self.pagemap_scan),
             ("soft_dirty", self.soft_dirty),
             ("ebpf_tracepoints", self.ebpf_tracepoints),
+            ("ebpf_fault_tracepoints", self.ebpf_fault_tracepoints),
             ("pidfd_getfd", self.pidfd_getfd),
             ("suspend_seccomp", self.suspend_seccomp),
             ("clone3_set_tid", self.clone3_set_tid),

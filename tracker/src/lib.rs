@@ -13,3 +13,6 @@ pub mod uffd;
 pub mod backend;
 pub mod freeze;
 pub mod maps;
+pub mod check;
+pub mod copy;
+pub mod session;
