@@ -260,9 +260,6 @@ fn track(pid: i32, interval_ms: u64, rounds: u64, ebpf: bool, timeout_ms: u64, j
         timeout: Duration::from_millis(timeout_ms),
         pin_ebpf: false,
     };
-    if let Some((fd, _)) = tracker::session::find_tracking_uffds(pid).first() {
-        return Err(tracker::session::TrackerError::TrackingBusy { pid, fd: *fd }.into());
-    }
     let mut s = TrackingSession::attach(pid, opts).with_context(|| format!("track PID {pid}"))?;
     let interval = Duration::from_millis(interval_ms.max(1));
     let t0 = Instant::now();
@@ -286,7 +283,7 @@ fn track(pid: i32, interval_ms: u64, rounds: u64, ebpf: bool, timeout_ms: u64, j
         Ok(())
     })();
     // Leave the target exactly as found, whatever happened.
-    let torn = s.teardown();
+    let torn = s.finish_track();
     res?;
     torn.with_context(|| format!("removing tracking from PID {pid}"))?;
     Ok(())

@@ -55,8 +55,6 @@ pub enum TrackerError {
     ParentPid { path: PathBuf, pid: i32, found: i32 },
     #[error("{path}: {what}")]
     State { path: PathBuf, what: String },
-    #[error("PID {pid} has pre-dump tracking armed (userfaultfd fd {fd} in the target); `tern track` would consume the dirty state the next pre-dump needs. Finish the chain, or run `tern untrack -t {pid}` first")]
-    TrackingBusy { pid: i32, fd: i32 },
     #[error("another tern is working on PID {pid} (lock {path} is held); wait for it or stop it")]
     Busy { pid: i32, path: PathBuf },
 }
@@ -137,6 +135,10 @@ struct HostState {
     /// A round started and has not finished (or tern died in it).
     in_progress: bool,
     uffd_fd: Option<i32>,
+    /// Pages a `tern track` run saw written (and so re-protected) between
+    /// two pre-dumps: the next pre-dump copies them too.
+    #[serde(default)]
+    carry: Vec<images::PageRange>,
 }
 
 pub struct TrackingSession {
@@ -322,6 +324,7 @@ impl TrackingSession {
             last_image_id,
             in_progress,
             uffd_fd: self.target_uffd,
+            carry: Vec::new(),
         };
         let tmp = self.state_path.with_extension("tmp");
         let text = serde_json::to_vec(&h).expect("state serializes");
@@ -375,11 +378,33 @@ impl TrackingSession {
             },
             None => None,
         };
+        // Pages a `tern track` consumed since the parent (read before the
+        // state is marked in progress, which drops them).
+        let carry = if full_copy {
+            Vec::new()
+        } else {
+            load_host_state(&self.state_path).map(|h| h.carry).unwrap_or_default()
+        };
         self.save_host_state(None, true)?;
         let set: DirtySet = self
             .tracker
             .collect(&vmas, full_copy)
             .map_err(|e| self.exited_or(e.into(), "pre-dump"))?;
+        let mut set = set;
+        {
+            if !carry.is_empty() {
+                let dumped: Vec<images::PageRange> = vmas
+                    .iter()
+                    .filter(|v| v.is_dumped())
+                    .map(|v| images::PageRange::new(v.start, v.end))
+                    .collect();
+                // Carried pages still inside dumped VMAs; those that are
+                // holes now stay holes, the others are copied.
+                let carried = crate::backend::subtract(&carry, &crate::backend::subtract(&carry, &dumped));
+                let to_copy = crate::backend::subtract(&carried, &set.holes);
+                set.copy = crate::backend::union(&set.copy, &to_copy);
+            }
+        }
         let copy_stats = crate::copy::copy_ranges(self.pid, &set.copy, &mut writer)?;
         for h in &set.holes {
             writer.add_hole(*h);
@@ -443,6 +468,7 @@ impl TrackingSession {
             .tracker
             .collect(&vmas, false)
             .map_err(|e| self.exited_or(e.into(), "track"))?;
+        self.carry_over(&set.copy)?;
         let kernel: Vec<u64> = set
             .copy
             .iter()
@@ -472,13 +498,45 @@ impl TrackingSession {
     /// Arm without writing an image (first `track` round).
     pub fn arm(&mut self) -> Result<(), TrackerError> {
         let vmas = read_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
-        self.tracker
+        let set = self
+            .tracker
             .collect(&vmas, false)
             .map_err(|e| self.exited_or(e.into(), "track"))?;
+        self.carry_over(&set.copy)?;
         if let Some(s) = &mut self.ebpf {
             let _ = s.drain();
         }
         Ok(())
+    }
+
+    /// Telemetry consumed the dirty state of a pre-dump chain's tracking
+    /// fd: record the pages for the chain's next pre-dump.
+    fn carry_over(&self, pages: &[images::PageRange]) -> Result<(), TrackerError> {
+        if !self.uffd_preexisting || pages.is_empty() {
+            return Ok(());
+        }
+        let Some(mut h) = load_host_state(&self.state_path) else {
+            return Ok(()); // no chain to continue: the next pre-dump copies all
+        };
+        h.carry = crate::backend::union(&h.carry, pages);
+        let tmp = self.state_path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&h).expect("state serializes"))
+            .and_then(|_| std::fs::rename(&tmp, &self.state_path))
+            .map_err(|e| TrackerError::State {
+                path: self.state_path.clone(),
+                what: e.to_string(),
+            })
+    }
+
+    /// End a `tern track`: leave the target as it was found. Tracking that a
+    /// pre-dump chain had armed stays (with the pages track consumed carried
+    /// over to the next pre-dump); what track created is removed.
+    pub fn finish_track(self) -> Result<(), TrackerError> {
+        if self.uffd_preexisting {
+            Ok(())
+        } else {
+            self.teardown()
+        }
     }
 
     /// End this process's part, leaving tracking armed in the target for the
