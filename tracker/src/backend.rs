@@ -146,19 +146,12 @@ pub fn subtract(a: &[PageRange], b: &[PageRange]) -> Vec<PageRange> {
 }
 
 /// Populated pages of `vma` worth copying (file pages of private file
-/// mappings excluded) and the holes, from one PAGEMAP_SCAN.
-fn populated_scan(pm: &mut Pagemap, vma: &Vma) -> Result<(Vec<PageRange>, Vec<PageRange>), ScanError> {
-    let mut regions = Vec::new();
-    pm.scan(vma.start, vma.end, ScanQuery::POPULATED, &mut regions)?;
-    let mut copy = Vec::new();
-    for r in regions {
-        if vma.file_pages_are_holes() && r.categories & pagemap_scan::PAGE_IS_FILE != 0 {
-            continue;
-        }
-        push_range(&mut copy, PageRange::new(r.start, r.end));
-    }
-    let holes = subtract(&[PageRange::new(vma.start, vma.end)], &copy);
-    Ok((copy, holes))
+/// mappings excluded) and the holes, from the classic pagemap, which (unlike
+/// PAGEMAP_SCAN) tells uffd-wp markers on unpopulated pages from data.
+fn populated_scan(pm: &mut Pagemap, vma: &Vma, entries: &mut Vec<u64>) -> Result<(Vec<PageRange>, Vec<PageRange>), ScanError> {
+    entries.clear();
+    pm.read_entries(vma.start, vma.end, entries)?;
+    Ok(select_from_entries(vma.start, entries, vma.file_pages_are_holes(), false, true))
 }
 
 /// Select pages from classic pagemap entries of one VMA (soft-dirty and
@@ -191,6 +184,7 @@ pub struct UffdWpTracker {
     uffd: WpUffd,
     pm: Pagemap,
     scratch: Vec<pagemap_scan::PageRegion>,
+    entries: Vec<u64>,
 }
 
 impl UffdWpTracker {
@@ -200,6 +194,7 @@ impl UffdWpTracker {
             uffd,
             pm: Pagemap::open(pid)?,
             scratch: Vec::new(),
+            entries: Vec::new(),
         })
     }
 
@@ -240,18 +235,24 @@ impl DirtyTracker for UffdWpTracker {
         let mut set = DirtySet::default();
         for vma in vmas.iter().filter(|v| v.is_dumped()) {
             set.pages_scanned += vma.pages();
-            // Holes first: a page populated after this scan shows up as
+            // Holes first: a page populated after this read shows up as
             // written below, and copied data wins over a hole.
-            let (populated, holes) = populated_scan(&mut self.pm, vma)?;
+            let (mut populated, mut holes) = populated_scan(&mut self.pm, vma, &mut self.entries)?;
             let (copy, fresh) = match self.written(vma) {
                 Ok(w) => (w, false),
                 Err(e) if e.is_not_armed() => {
                     // New, moved (mremap drops the registration) or never
-                    // armed: register, then the arming scan protects it.
+                    // armed: register, arm (the arming scan reports every
+                    // page, holes included, so its answer is not used), and
+                    // copy what the pagemap says is populated.
                     match self.uffd.register_wp(vma.start, vma.end) {
                         Ok(()) => {
                             set.armed_vmas += 1;
-                            (self.written(vma)?, true)
+                            self.written(vma)?;
+                            // Read again: a page written between the first
+                            // read and the arming would be lost otherwise.
+                            (populated, holes) = populated_scan(&mut self.pm, vma, &mut self.entries)?;
+                            (Vec::new(), true)
                         }
                         Err(e) => {
                             tracing::warn!(
@@ -269,11 +270,23 @@ impl DirtyTracker for UffdWpTracker {
                 Err(e) => return Err(e.into()),
             };
             let copy = if full_copy || fresh {
+                // Pages populated between the two reads are written (and
+                // protected) already: the next round has them.
                 union(&populated, &copy)
             } else {
                 copy
             };
             let holes = subtract(&holes, &copy);
+            tracing::debug!(
+                "VMA {:#x}-{:#x} {} {}: populated {} copy {} holes {} fresh {fresh}",
+                vma.start,
+                vma.end,
+                vma.perms,
+                vma.name.as_deref().unwrap_or(""),
+                populated.iter().map(|r| r.pages()).sum::<u64>(),
+                copy.iter().map(|r| r.pages()).sum::<u64>(),
+                holes.iter().map(|r| r.pages()).sum::<u64>()
+            );
             set.copy.extend(copy);
             set.holes.extend(holes);
         }
@@ -360,8 +373,9 @@ impl DirtyTracker for FullTracker {
 
     fn collect(&mut self, vmas: &[Vma], _full_copy: bool) -> Result<DirtySet, BackendError> {
         let mut set = DirtySet::default();
+        let mut entries = Vec::new();
         for vma in vmas.iter().filter(|v| v.is_dumped()) {
-            let (copy, holes) = populated_scan(&mut self.pm, vma)?;
+            let (copy, holes) = populated_scan(&mut self.pm, vma, &mut entries)?;
             set.pages_scanned += vma.pages();
             set.copy.extend(copy);
             set.holes.extend(holes);
@@ -396,7 +410,9 @@ mod tests {
         let swapped_dirty = SWAPPED | SOFT_DIRTY;
         let file_page = PRESENT | FILE_OR_SHARED_ANON;
         let file_dirty = PRESENT | FILE_OR_SHARED_ANON | SOFT_DIRTY;
-        let none = 0u64;
+        // A uffd-wp marker on an unpopulated page: "swapped", type 31.
+        let none = SWAPPED | UFFD_WP | (1 << 5) | SWP_PTE_MARKER;
+        assert!(!populated(none) && populated(swapped_dirty) && !populated(0));
         let e = [anon_dirty, anon_clean, swapped_dirty, none, file_page, file_dirty, anon_dirty];
         // Anonymous VMA: shmem-like file bit still means data to copy.
         let (copy, holes) = select_from_entries(0, &e, false, true, false);

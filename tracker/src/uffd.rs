@@ -250,3 +250,4 @@ mod tests {
         unsafe { libc::munmap(p as *mut _, len) };
     }
 }
+
