@@ -40,8 +40,12 @@ pub fn tern_bin() -> PathBuf {
     p
 }
 
-/// A workload binary of this crate (`workload`, `selfcheck`).
+/// A workload binary of this crate (`workload`, `selfcheck`), copied once
+/// per test process to a private directory: a rebuild of the workspace while
+/// the tests run must not delete the file that a target's mappings (and an
+/// image's file-backed VMAs) read from.
 pub fn workload_bin(name: &str) -> PathBuf {
+    static COPIES: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
     let p = bin_dir().join(name);
     if !p.is_file() {
         panic!(
@@ -49,7 +53,30 @@ pub fn workload_bin(name: &str) -> PathBuf {
             p.display()
         );
     }
-    p
+    let mut dir = COPIES.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = dir.get_or_insert_with(|| {
+        let base = std::env::temp_dir().join("tern-tests-bin");
+        let _ = std::fs::create_dir_all(&base);
+        // Remove the copies of test processes that are gone.
+        if let Ok(rd) = std::fs::read_dir(&base) {
+            for e in rd.flatten() {
+                let pid: i32 = e.file_name().to_string_lossy().parse().unwrap_or(0);
+                if pid > 0 && !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let d = base.join(std::process::id().to_string());
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+        d
+    });
+    let copy = dir.join(name);
+    if !copy.is_file() {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::copy(&p, &tmp).unwrap_or_else(|e| panic!("copy {} to {}: {e}", p.display(), tmp.display()));
+        std::fs::rename(&tmp, &copy).unwrap();
+    }
+    copy
 }
 
 /// Wait for `child` at most `timeout`; SIGKILL and reap it past that.
