@@ -235,24 +235,22 @@ impl DirtyTracker for UffdWpTracker {
         let mut set = DirtySet::default();
         for vma in vmas.iter().filter(|v| v.is_dumped()) {
             set.pages_scanned += vma.pages();
-            // Holes first: a page populated after this read shows up as
-            // written below, and copied data wins over a hole.
-            let (mut populated, mut holes) = populated_scan(&mut self.pm, vma, &mut self.entries)?;
-            let (copy, fresh) = match self.written(vma) {
-                Ok(w) => (w, false),
+            // Written pages first, then the pagemap: a page written after
+            // the scan is unprotected and shows up next round; a written page
+            // that is a hole by the time the pagemap is read was zapped
+            // (PAGEMAP_SCAN reports zapped pages of an armed VMA as written)
+            // and is recorded as a hole.
+            let written = match self.written(vma) {
+                Ok(w) => Some(w),
                 Err(e) if e.is_not_armed() => {
                     // New, moved (mremap drops the registration) or never
-                    // armed: register, arm (the arming scan reports every
-                    // page, holes included, so its answer is not used), and
-                    // copy what the pagemap says is populated.
+                    // armed: register and arm. The arming scan reports every
+                    // page, holes included, so its answer is not used: the
+                    // pagemap read after it says what to copy.
                     match self.uffd.register_wp(vma.start, vma.end) {
                         Ok(()) => {
                             set.armed_vmas += 1;
                             self.written(vma)?;
-                            // Read again: a page written between the first
-                            // read and the arming would be lost otherwise.
-                            (populated, holes) = populated_scan(&mut self.pm, vma, &mut self.entries)?;
-                            (Vec::new(), true)
                         }
                         Err(e) => {
                             tracing::warn!(
@@ -263,18 +261,17 @@ impl DirtyTracker for UffdWpTracker {
                                 vma.name.as_deref().unwrap_or("")
                             );
                             set.untracked_vmas += 1;
-                            (Vec::new(), true)
                         }
                     }
+                    None
                 }
                 Err(e) => return Err(e.into()),
             };
-            let copy = if full_copy || fresh {
-                // Pages populated between the two reads are written (and
-                // protected) already: the next round has them.
-                union(&populated, &copy)
-            } else {
-                copy
+            let (populated, holes) = populated_scan(&mut self.pm, vma, &mut self.entries)?;
+            let fresh = written.is_none();
+            let copy = match written {
+                Some(w) if !full_copy => subtract(&w, &holes),
+                _ => populated.clone(),
             };
             let holes = subtract(&holes, &copy);
             tracing::debug!(

@@ -119,6 +119,11 @@ pub struct TrackRound {
     pub kernel_only: u64,
     pub ebpf_only: u64,
     pub dirty_rate_mb_s: f64,
+    /// Pages the eBPF stream reported in this interval's drain.
+    pub ebpf_raw: u64,
+    /// Of those, pages not in the kernel's set yet (written after the scan):
+    /// matched against the next round.
+    pub ebpf_pending: u64,
     pub hot_pages: Vec<String>,
     pub vma_changes: u64,
 }
@@ -158,6 +163,10 @@ pub struct TrackingSession {
     attach_frozen: Duration,
     /// Id of the image written by the previous round of this session.
     last_image: Option<String>,
+    /// `track`: eBPF pages not yet matched by the kernel's set.
+    ebpf_carry: Vec<u64>,
+    /// `track`: pages of the previous drain its kernel set did not have.
+    ebpf_pending: Vec<u64>,
     state_path: PathBuf,
     _lock: std::fs::File,
 }
@@ -166,7 +175,21 @@ impl TrackingSession {
     /// Attach to `pid` and arm the chosen backend (creating or reusing the
     /// tracking userfaultfd in the target).
     pub fn attach(pid: i32, opts: SessionOptions) -> Result<TrackingSession, TrackerError> {
-        let start_time = start_time(pid)?;
+        let st = start_time(pid)?;
+        if !alive(pid, st) {
+            return Err(TrackerError::NoProcess { pid });
+        }
+        Self::attach_inner(pid, st, opts).map_err(|e| {
+            if alive(pid, st) {
+                e
+            } else {
+                TrackerError::Exited { pid, what: "attach" }
+            }
+        })
+    }
+
+    fn attach_inner(pid: i32, start_time: u64, opts: SessionOptions) -> Result<TrackingSession, TrackerError> {
+        gc_stale_state();
         std::fs::create_dir_all(STATE_DIR).map_err(|e| TrackerError::State {
             path: STATE_DIR.into(),
             what: e.to_string(),
@@ -277,6 +300,8 @@ impl TrackingSession {
             ebpf_pin,
             attach_frozen,
             last_image: None,
+            ebpf_carry: Vec::new(),
+            ebpf_pending: Vec::new(),
             state_path,
             _lock: lock,
         })
@@ -430,6 +455,14 @@ impl TrackingSession {
             scratch_addr: self.scratch,
             ebpf_pin_dir: self.ebpf_pin.as_ref().map(|p| p.display().to_string()),
         });
+        // A target that exited during the round leaves an image of nothing
+        // (or of part of it): that is a failure, not an empty pre-dump.
+        if !alive(self.pid, self.start_time) {
+            return Err(TrackerError::Exited {
+                pid: self.pid,
+                what: "pre-dump",
+            });
+        }
         let stats = writer.finish(&mm, &inv)?;
         self.save_host_state(Some(inv.id.clone()), false)?;
         self.last_image = Some(inv.id.clone());
@@ -460,30 +493,53 @@ impl TrackingSession {
     /// since the previous round, against what the eBPF stream saw.
     pub fn track_round(&mut self, round: u64, t_ms: f64, interval: Duration) -> Result<TrackRound, TrackerError> {
         let vmas = read_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
-        let ebpf_round = match &mut self.ebpf {
-            Some(s) => s.drain().ok(),
-            None => None,
-        };
+        // Scan first, then drain: a write fault between the two is in this
+        // round's eBPF set and the next round's kernel set, so eBPF pages
+        // not matched yet are carried one round before they count as
+        // eBPF-only.
         let set = self
             .tracker
             .collect(&vmas, false)
             .map_err(|e| self.exited_or(e.into(), "track"))?;
         self.carry_over(&set.copy)?;
+        let ebpf_round = match &mut self.ebpf {
+            Some(s) => s.drain().ok(),
+            None => None,
+        };
         let kernel: Vec<u64> = set
             .copy
             .iter()
             .flat_map(|r| (r.start..r.end).step_by(images::PAGE_SIZE as usize))
             .collect();
         let ebpf: Vec<u64> = ebpf_round.as_ref().map(|r| r.pages.clone()).unwrap_or_default();
-        let both = count_common(&kernel, &ebpf);
+        // The previous drain counts as evidence too: a page written twice
+        // in one interval, before and after the scan reached it, faults twice
+        // but is one page of the eBPF set.
+        let mut pool: Vec<u64> = ebpf.iter().chain(&self.ebpf_carry).copied().collect();
+        pool.sort_unstable();
+        pool.dedup();
+        let both = count_common(&kernel, &pool);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let ko = minus_sorted(&kernel, &pool);
+            tracing::debug!(round, "kernel-only pages (first 40): {:x?}", &ko[..ko.len().min(40)]);
+        }
+        // eBPF-only: pages of the previous drain that neither its round's
+        // kernel set nor this one has.
+        let expired = self.ebpf_pending.len() as u64 - count_common(&self.ebpf_pending, &kernel);
+        self.ebpf_pending = minus_sorted(&ebpf, &kernel);
+        self.ebpf_carry = ebpf.clone();
         Ok(TrackRound {
             round,
             t_ms,
             kernel_pages: kernel.len() as u64,
-            ebpf_pages: ebpf.len() as u64,
+            // Pages accounted for this round: matched ones and those a
+            // round past their write with no kernel counterpart.
+            ebpf_pages: both + expired,
             both,
             kernel_only: kernel.len() as u64 - both,
-            ebpf_only: ebpf.len() as u64 - both,
+            ebpf_only: expired,
+            ebpf_raw: ebpf.len() as u64,
+            ebpf_pending: self.ebpf_pending.len() as u64,
             dirty_rate_mb_s: kernel.len() as f64 * images::PAGE_SIZE as f64
                 / interval.as_secs_f64().max(1e-9)
                 / 1e6,
@@ -498,13 +554,20 @@ impl TrackingSession {
     /// Arm without writing an image (first `track` round).
     pub fn arm(&mut self) -> Result<(), TrackerError> {
         let vmas = read_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
+        if let Some(s) = &mut self.ebpf {
+            let _ = s.drain();
+        }
         let set = self
             .tracker
             .collect(&vmas, false)
             .map_err(|e| self.exited_or(e.into(), "track"))?;
         self.carry_over(&set.copy)?;
-        if let Some(s) = &mut self.ebpf {
-            let _ = s.drain();
+        // Faults after the arming scan belong to round 1's kernel set.
+        if let Some(s) = &mut self.ebpf
+            && let Ok(r) = s.drain()
+        {
+            self.ebpf_pending = r.pages.clone();
+            self.ebpf_carry = r.pages;
         }
         Ok(())
     }
@@ -563,7 +626,7 @@ impl TrackingSession {
     }
 
     fn exited_or(&self, e: TrackerError, what: &'static str) -> TrackerError {
-        if !Path::new(&format!("/proc/{}", self.pid)).exists() || start_time(self.pid).ok() != Some(self.start_time) {
+        if !alive(self.pid, self.start_time) {
             TrackerError::Exited { pid: self.pid, what }
         } else {
             e
@@ -695,6 +758,52 @@ fn yes_no(b: bool) -> &'static str {
     if b { "works" } else { "missing" }
 }
 
+/// Remove eBPF pins and host state left for processes that are gone. Pinned
+/// programs of dead targets record nothing, but the kernel allows only 64
+/// programs per tracepoint: without this, chains that end with the target's
+/// death (instead of `tern untrack`) would eventually exhaust them.
+pub fn gc_stale_state() {
+    let gone = |pid: i32| {
+        procfs::process::Process::new(pid)
+            .and_then(|p| p.stat())
+            .map(|s| matches!(s.state, 'Z' | 'X' | 'x'))
+            .unwrap_or(true)
+    };
+    if let Ok(rd) = std::fs::read_dir(BPF_PIN_ROOT) {
+        for e in rd.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok())
+                && gone(pid)
+            {
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => tracing::info!(pid, "removed eBPF pins of a process that is gone"),
+                    Err(err) => tracing::warn!(pid, "removing stale eBPF pins {}: {err}", e.path().display()),
+                }
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(STATE_DIR) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let pid = name.split(['-', '.']).next().and_then(|p| p.parse::<i32>().ok());
+            if let Some(pid) = pid
+                && gone(pid)
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// `pid` is still the process that started at `start_time`, and not a
+/// zombie (a zombie has no memory left to dump).
+pub fn alive(pid: i32, start_time: u64) -> bool {
+    match procfs::process::Process::new(pid).and_then(|p| p.stat()) {
+        Ok(s) => s.starttime == start_time && !matches!(s.state, 'Z' | 'X' | 'x'),
+        Err(_) => false,
+    }
+}
+
 /// Field 22 of /proc/PID/stat: tells a PID's process from a later one.
 pub fn start_time(pid: i32) -> Result<u64, TrackerError> {
     procfs::process::Process::new(pid)
@@ -741,6 +850,21 @@ fn count_common(a: &[u64], b: &[u64]) -> u64 {
         }
     }
     n
+}
+
+/// Sorted `a` minus sorted `b`.
+fn minus_sorted(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for &x in a {
+        while j < b.len() && b[j] < x {
+            j += 1;
+        }
+        if j >= b.len() || b[j] != x {
+            out.push(x);
+        }
+    }
+    out
 }
 
 /// `target` as seen from directory `from` (relative when both resolve).
