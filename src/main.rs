@@ -11,7 +11,11 @@ use tracker::backend::TrackMode;
 use tracker::session::{SessionOptions, TrackingSession};
 
 #[derive(Parser)]
-#[command(name = "tern", version, about = "Checkpoint a running Linux process while it keeps running")]
+#[command(
+    name = "tern",
+    version,
+    about = "Checkpoint a running Linux process while it keeps running"
+)]
 struct Cli {
     /// Log verbosity on stderr (error, warn, info, debug, trace); also RUST_LOG.
     #[arg(long, global = true, default_value = "warn")]
@@ -121,7 +125,16 @@ fn run(cmd: Cmd) -> Result<()> {
             json,
         } => {
             let track = TrackMode::parse(&track).expect("clap checked the value");
-            pre_dump(pid, &dir, prev_images_dir.as_deref(), track, !no_ebpf, !no_compress, timeout_ms, json)
+            pre_dump(
+                pid,
+                &dir,
+                prev_images_dir.as_deref(),
+                track,
+                !no_ebpf,
+                !no_compress,
+                timeout_ms,
+                json,
+            )
         }
         Cmd::Track {
             pid,
@@ -132,7 +145,11 @@ fn run(cmd: Cmd) -> Result<()> {
             json,
         } => track(pid, interval_ms, rounds, !no_ebpf, timeout_ms, json),
         Cmd::Show { dir, vmas, json } => show(&dir, vmas, json),
-        Cmd::Untrack { pid, timeout_ms, json } => {
+        Cmd::Untrack {
+            pid,
+            timeout_ms,
+            json,
+        } => {
             let u = tracker::session::untrack(pid, Duration::from_millis(timeout_ms))
                 .with_context(|| format!("untrack PID {pid}"))?;
             if json {
@@ -202,7 +219,8 @@ fn pre_dump(
         timeout: Duration::from_millis(timeout_ms),
         pin_ebpf: true,
     };
-    let mut s = TrackingSession::attach(pid, opts).with_context(|| format!("pre-dump of PID {pid}"))?;
+    let mut s =
+        TrackingSession::attach(pid, opts).with_context(|| format!("pre-dump of PID {pid}"))?;
     let report = s
         .pre_dump(dir, prev)
         .with_context(|| format!("pre-dump of PID {pid} into {}", dir.display()));
@@ -239,7 +257,8 @@ fn pre_dump(
 
 /// `dir` exists or can be created, and a file can be written in it.
 fn check_writable_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("images dir {}: cannot create it", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("images dir {}: cannot create it", dir.display()))?;
     if dir.join(images::INVENTORY_FILE).exists() {
         bail!(
             "images dir {}: already holds an image; give an empty directory",
@@ -247,12 +266,20 @@ fn check_writable_dir(dir: &Path) -> Result<()> {
         );
     }
     let probe = dir.join(".tern-write-test");
-    std::fs::write(&probe, b"").with_context(|| format!("images dir {}: not writable", dir.display()))?;
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("images dir {}: not writable", dir.display()))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
 
-fn track(pid: i32, interval_ms: u64, rounds: u64, ebpf: bool, timeout_ms: u64, json: bool) -> Result<()> {
+fn track(
+    pid: i32,
+    interval_ms: u64,
+    rounds: u64,
+    ebpf: bool,
+    timeout_ms: u64,
+    json: bool,
+) -> Result<()> {
     let opts = SessionOptions {
         track: TrackMode::UffdWp,
         ebpf,
@@ -276,7 +303,14 @@ fn track(pid: i32, interval_ms: u64, rounds: u64, ebpf: bool, timeout_ms: u64, j
             } else {
                 println!(
                     "round {:>3} t={:>8.1} ms kernel {:>8} ebpf {:>8} both {:>8} kernel-only {:>6} ebpf-only {:>6} {:>9.1} MB/s",
-                    r.round, r.t_ms, r.kernel_pages, r.ebpf_pages, r.both, r.kernel_only, r.ebpf_only, r.dirty_rate_mb_s
+                    r.round,
+                    r.t_ms,
+                    r.kernel_pages,
+                    r.ebpf_pages,
+                    r.both,
+                    r.kernel_only,
+                    r.ebpf_only,
+                    r.dirty_rate_mb_s
                 );
             }
         }
@@ -290,7 +324,8 @@ fn track(pid: i32, interval_ms: u64, rounds: u64, ebpf: bool, timeout_ms: u64, j
 }
 
 fn show(dir: &Path, vmas: bool, json: bool) -> Result<()> {
-    let chain = restorer::ImageChain::open(dir).with_context(|| format!("show {}", dir.display()))?;
+    let chain =
+        restorer::ImageChain::open(dir).with_context(|| format!("show {}", dir.display()))?;
     let summary = chain.summary();
     let newest = chain.newest();
     if json {

@@ -197,7 +197,10 @@ impl MmRecord {
             {
                 return Err(ImageError::corrupt(
                     &path,
-                    format!("VMA {:#x}-{:#x} is empty, unaligned or out of order", v.start, v.end),
+                    format!(
+                        "VMA {:#x}-{:#x} is empty, unaligned or out of order",
+                        v.start, v.end
+                    ),
                 ));
             }
             prev_end = v.end;
@@ -218,8 +221,7 @@ pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec_pretty(value).expect("image metadata serializes");
     let mut f = std::fs::File::create(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
-    f.write_all(&text)
-        .map_err(|e| ImageError::io(&tmp, e))?;
+    f.write_all(&text).map_err(|e| ImageError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| ImageError::io(path, e))
 }
 

@@ -57,9 +57,13 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not a tern image directory (no {INVENTORY_FILE}); give a directory written by `tern pre-dump` or `tern dump`")]
+    #[error(
+        "{path}: not a tern image directory (no {INVENTORY_FILE}); give a directory written by `tern pre-dump` or `tern dump`"
+    )]
     NotAnImage { path: PathBuf },
-    #[error("{path}: unsupported image format version {found} (this tern reads version {FORMAT_VERSION}); use the tern that wrote it")]
+    #[error(
+        "{path}: unsupported image format version {found} (this tern reads version {FORMAT_VERSION}); use the tern that wrote it"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("{path}: corrupt image: {what}")]
     Corrupt { path: PathBuf, what: String },
@@ -69,7 +73,9 @@ pub enum ImageError {
         parent: PathBuf,
         reason: String,
     },
-    #[error("{path}: parent image {parent} has id {found}, but this image was taken on top of id {expected}; the parent directory was replaced")]
+    #[error(
+        "{path}: parent image {parent} has id {found}, but this image was taken on top of id {expected}; the parent directory was replaced"
+    )]
     ParentMismatch {
         path: PathBuf,
         parent: PathBuf,
@@ -96,7 +102,9 @@ impl ImageError {
 }
 
 /// A half-open range of page-aligned addresses `[start, end)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct PageRange {
     pub start: u64,
     pub end: u64,

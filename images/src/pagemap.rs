@@ -154,7 +154,10 @@ impl PageMap {
             ));
         }
         if crc32fast::hash(body) != crc {
-            return Err(ImageError::corrupt(path, "checksum mismatch in the entry table"));
+            return Err(ImageError::corrupt(
+                path,
+                "checksum mismatch in the entry table",
+            ));
         }
         let mut entries = Vec::with_capacity(count);
         let mut prev_end = 0u64;
@@ -172,14 +175,17 @@ impl PageMap {
                 stored_len: u64_at(b, 24),
                 crc: u32_at(b, 32),
             };
-            if e.start % PAGE_SIZE != 0
+            if !e.start.is_multiple_of(PAGE_SIZE)
                 || e.nr_pages == 0
                 || e.start < prev_end
                 || e.start.checked_add(e.nr_pages as u64 * PAGE_SIZE).is_none()
             {
                 return Err(ImageError::corrupt(
                     path,
-                    format!("entry {i} at {:#x}: unaligned, empty or out of order", e.start),
+                    format!(
+                        "entry {i} at {:#x}: unaligned, empty or out of order",
+                        e.start
+                    ),
                 ));
             }
             if kind == PageKind::Data && e.codec != CODEC_RAW && e.codec != CODEC_LZ4 {
@@ -202,7 +208,10 @@ impl PageMap {
     /// Every `Data` entry must lie inside `pages.img`.
     pub(crate) fn check_data_bounds(&self, pages_path: &Path, len: u64) -> Result<(), ImageError> {
         for e in self.entries.iter().filter(|e| e.kind == PageKind::Data) {
-            if e.offset.checked_add(e.stored_len).is_none_or(|end| end > len) {
+            if e.offset
+                .checked_add(e.stored_len)
+                .is_none_or(|end| end > len)
+            {
                 return Err(ImageError::corrupt(
                     pages_path,
                     format!(

@@ -2,9 +2,7 @@
 //! page map, VMA list and (last) the inventory are written by `finish`.
 
 use crate::pagemap::{CODEC_LZ4, CODEC_RAW, PageEntry, PageKind, PageMap};
-use crate::{
-    ImageError, Inventory, MmRecord, PAGE_SIZE, PAGEMAP_FILE, PAGES_FILE, PageRange,
-};
+use crate::{ImageError, Inventory, MmRecord, PAGE_SIZE, PAGEMAP_FILE, PAGES_FILE, PageRange};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -66,7 +64,7 @@ impl ImageWriter {
     /// Record `bytes` as the contents of the pages starting at `start`.
     /// All-zero pages become `Zero` entries and are not stored.
     pub fn add_pages(&mut self, start: u64, bytes: &[u8]) -> Result<(), ImageError> {
-        assert!(start % PAGE_SIZE == 0 && bytes.len() as u64 % PAGE_SIZE == 0);
+        assert!(start.is_multiple_of(PAGE_SIZE) && (bytes.len() as u64).is_multiple_of(PAGE_SIZE));
         let ps = PAGE_SIZE as usize;
         let mut run_start = 0usize; // index of first page of the current run
         let mut run_zero = None::<bool>;
@@ -83,7 +81,10 @@ impl ImageWriter {
                     let addr = start + run_start as u64 * PAGE_SIZE;
                     let chunk = &bytes[run_start * ps..i * ps];
                     if z {
-                        self.add_marker(PageKind::Zero, PageRange::new(addr, addr + chunk.len() as u64));
+                        self.add_marker(
+                            PageKind::Zero,
+                            PageRange::new(addr, addr + chunk.len() as u64),
+                        );
                     } else {
                         self.write_blob(addr, chunk)?;
                     }
@@ -153,7 +154,11 @@ impl ImageWriter {
 
     /// Write the page map, the VMA list and, last, the inventory. Entries
     /// may have been added in any order but must not overlap.
-    pub fn finish(mut self, mm: &MmRecord, inventory: &Inventory) -> Result<WriteStats, ImageError> {
+    pub fn finish(
+        mut self,
+        mm: &MmRecord,
+        inventory: &Inventory,
+    ) -> Result<WriteStats, ImageError> {
         let pages_path = self.dir.join(PAGES_FILE);
         // No fsync (CRIU does none either: it would cost the disk's write
         // speed on every round). A crash can leave a torn image; the CRC and
@@ -231,7 +236,12 @@ mod tests {
             let st = w.finish(&mm(), &inv).unwrap();
             assert_eq!((st.data_pages, st.zero_pages, st.hole_pages), (2, 2, 2));
             let img = Image::open(dir.path()).unwrap();
-            let kinds: Vec<_> = img.pagemap.entries.iter().map(|e| (e.start, e.nr_pages, e.kind)).collect();
+            let kinds: Vec<_> = img
+                .pagemap
+                .entries
+                .iter()
+                .map(|e| (e.start, e.nr_pages, e.kind))
+                .collect();
             assert_eq!(
                 kinds,
                 vec![
@@ -253,9 +263,15 @@ mod tests {
         w.add_pages(0x10000, &[1u8; 8192]).unwrap();
         w.add_hole(PageRange::new(0x11000, 0x12000));
         let inv = Inventory::new(ImageKind::PreDump, 1, "full", false);
-        assert!(matches!(w.finish(&mm(), &inv), Err(ImageError::InvalidPageMap { .. })));
+        assert!(matches!(
+            w.finish(&mm(), &inv),
+            Err(ImageError::InvalidPageMap { .. })
+        ));
         // Nothing that looks like an image was left behind.
-        assert!(matches!(Image::open(dir.path()), Err(ImageError::NotAnImage { .. })));
+        assert!(matches!(
+            Image::open(dir.path()),
+            Err(ImageError::NotAnImage { .. })
+        ));
     }
 
     #[test]
@@ -271,8 +287,14 @@ mod tests {
         b[0] ^= 0xff;
         std::fs::write(&pages, &b).unwrap();
         let img = Image::open(dir.path()).unwrap();
-        let err = img.read_entry(&img.pagemap.entries[0]).unwrap_err().to_string();
-        assert!(err.contains("pages.img") && err.contains("checksum"), "{err}");
+        let err = img
+            .read_entry(&img.pagemap.entries[0])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pages.img") && err.contains("checksum"),
+            "{err}"
+        );
         // Truncate the data file: refused at open.
         std::fs::write(&pages, &b[..b.len() - 1]).unwrap();
         let err = Image::open(dir.path()).unwrap_err().to_string();
@@ -282,7 +304,10 @@ mod tests {
         let b = std::fs::read(&pm).unwrap();
         std::fs::write(&pm, &b[..b.len() - 3]).unwrap();
         let err = Image::open(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("pagemap.img") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("pagemap.img") && err.contains("truncated"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -295,7 +320,10 @@ mod tests {
         inv.version = 99;
         inv.store(dir.path()).unwrap();
         let err = Image::open(dir.path()).unwrap_err();
-        assert!(matches!(err, ImageError::Version { found: 99, .. }), "{err}");
+        assert!(
+            matches!(err, ImageError::Version { found: 99, .. }),
+            "{err}"
+        );
     }
 
     #[test]

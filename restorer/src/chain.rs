@@ -36,7 +36,10 @@ pub enum ChainError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageSource {
     /// Stored in image `image` (0 = newest) by `entry`.
-    Data { image: usize, entry: PageEntry },
+    Data {
+        image: usize,
+        entry: PageEntry,
+    },
     Zero,
     /// Not populated: the VMA's backing.
     Hole,
@@ -134,7 +137,10 @@ impl ImageChain {
         for (i, img) in self.images.iter().enumerate() {
             if let Some(e) = img.pagemap.find(addr) {
                 return match e.kind {
-                    PageKind::Data => PageSource::Data { image: i, entry: *e },
+                    PageKind::Data => PageSource::Data {
+                        image: i,
+                        entry: *e,
+                    },
                     PageKind::Zero => PageSource::Zero,
                     PageKind::Hole => PageSource::Hole,
                 };
@@ -159,7 +165,8 @@ impl ImageChain {
             let page = &mut out[off..off + PAGE_SIZE as usize];
             match self.source(addr) {
                 PageSource::Data { image, entry } => {
-                    let hit = matches!(&cached, Some((i, s, _)) if *i == image && *s == entry.start);
+                    let hit =
+                        matches!(&cached, Some((i, s, _)) if *i == image && *s == entry.start);
                     if !hit {
                         let r = match &mut readers[image] {
                             Some(r) => r,
@@ -176,9 +183,10 @@ impl ImageChain {
                     if let Some(file) = vma.backing_file().filter(|_| vma.is_private()) {
                         let f = match &mut backing {
                             Some(f) => f,
-                            slot => slot.insert(std::fs::File::open(file).map_err(|e| {
-                                self.backing_err(vma, file, e)
-                            })?),
+                            slot => slot.insert(
+                                std::fs::File::open(file)
+                                    .map_err(|e| self.backing_err(vma, file, e))?,
+                            ),
                         };
                         let foff = vma.offset + (addr - vma.start);
                         read_at_most(f, foff, page).map_err(|e| self.backing_err(vma, file, e))?;
@@ -263,11 +271,18 @@ mod tests {
         }
     }
 
-    fn write(dir: &Path, parent: Option<(&str, &Inventory)>, f: impl FnOnce(&mut ImageWriter)) -> Inventory {
+    fn write(
+        dir: &Path,
+        parent: Option<(&str, &Inventory)>,
+        f: impl FnOnce(&mut ImageWriter),
+    ) -> Inventory {
         let mut w = ImageWriter::create(dir, true).unwrap();
         f(&mut w);
         let mut inv = Inventory::new(ImageKind::PreDump, 1, "full", true);
-        inv.parent = parent.map(|(p, pi)| ParentRef { path: p.into(), id: pi.id.clone() });
+        inv.parent = parent.map(|(p, pi)| ParentRef {
+            path: p.into(),
+            id: pi.id.clone(),
+        });
         w.finish(&anon(0x10000, 0x14000), &inv).unwrap();
         inv
     }
@@ -275,10 +290,20 @@ mod tests {
     #[test]
     fn newest_entry_wins_and_holes_override() {
         let root = tempfile::tempdir().unwrap();
-        let (d1, d2, d3) = (root.path().join("1"), root.path().join("2"), root.path().join("3"));
-        let i1 = write(&d1, None, |w| w.add_pages(0x10000, &[1u8; 4 * 4096]).unwrap());
-        let i2 = write(&d2, Some(("../1", &i1)), |w| w.add_pages(0x11000, &[2u8; 4096]).unwrap());
-        write(&d3, Some(("../2", &i2)), |w| w.add_hole(PageRange::new(0x12000, 0x13000)));
+        let (d1, d2, d3) = (
+            root.path().join("1"),
+            root.path().join("2"),
+            root.path().join("3"),
+        );
+        let i1 = write(&d1, None, |w| {
+            w.add_pages(0x10000, &[1u8; 4 * 4096]).unwrap()
+        });
+        let i2 = write(&d2, Some(("../1", &i1)), |w| {
+            w.add_pages(0x11000, &[2u8; 4096]).unwrap()
+        });
+        write(&d3, Some(("../2", &i2)), |w| {
+            w.add_hole(PageRange::new(0x12000, 0x13000))
+        });
         let chain = ImageChain::open(&d3).unwrap();
         assert_eq!(chain.images.len(), 3);
         let vma = chain.vmas()[0].clone();

@@ -148,10 +148,20 @@ pub fn subtract(a: &[PageRange], b: &[PageRange]) -> Vec<PageRange> {
 /// Populated pages of `vma` worth copying (file pages of private file
 /// mappings excluded) and the holes, from the classic pagemap, which (unlike
 /// PAGEMAP_SCAN) tells uffd-wp markers on unpopulated pages from data.
-fn populated_scan(pm: &mut Pagemap, vma: &Vma, entries: &mut Vec<u64>) -> Result<(Vec<PageRange>, Vec<PageRange>), ScanError> {
+fn populated_scan(
+    pm: &mut Pagemap,
+    vma: &Vma,
+    entries: &mut Vec<u64>,
+) -> Result<(Vec<PageRange>, Vec<PageRange>), ScanError> {
     entries.clear();
     pm.read_entries(vma.start, vma.end, entries)?;
-    Ok(select_from_entries(vma.start, entries, vma.file_pages_are_holes(), false, true))
+    Ok(select_from_entries(
+        vma.start,
+        entries,
+        vma.file_pages_are_holes(),
+        false,
+        true,
+    ))
 }
 
 /// Select pages from classic pagemap entries of one VMA (soft-dirty and
@@ -392,10 +402,19 @@ mod tests {
 
     #[test]
     fn range_algebra() {
-        assert_eq!(subtract(&[r(0, 10)], &[r(2, 3), r(5, 7)]), vec![r(0, 2), r(3, 5), r(7, 10)]);
-        assert_eq!(subtract(&[r(0, 4), r(6, 8)], &[r(3, 7)]), vec![r(0, 3), r(7, 8)]);
+        assert_eq!(
+            subtract(&[r(0, 10)], &[r(2, 3), r(5, 7)]),
+            vec![r(0, 2), r(3, 5), r(7, 10)]
+        );
+        assert_eq!(
+            subtract(&[r(0, 4), r(6, 8)], &[r(3, 7)]),
+            vec![r(0, 3), r(7, 8)]
+        );
         assert_eq!(subtract(&[r(0, 4)], &[]), vec![r(0, 4)]);
-        assert_eq!(union(&[r(0, 2), r(5, 6)], &[r(2, 3), r(9, 10)]), vec![r(0, 3), r(5, 6), r(9, 10)]);
+        assert_eq!(
+            union(&[r(0, 2), r(5, 6)], &[r(2, 3), r(9, 10)]),
+            vec![r(0, 3), r(5, 6), r(9, 10)]
+        );
     }
 
     /// The soft-dirty selection, on entries as the kernel writes them.
@@ -410,7 +429,15 @@ mod tests {
         // A uffd-wp marker on an unpopulated page: "swapped", type 31.
         let none = SWAPPED | UFFD_WP | (1 << 5) | SWP_PTE_MARKER;
         assert!(!populated(none) && populated(swapped_dirty) && !populated(0));
-        let e = [anon_dirty, anon_clean, swapped_dirty, none, file_page, file_dirty, anon_dirty];
+        let e = [
+            anon_dirty,
+            anon_clean,
+            swapped_dirty,
+            none,
+            file_page,
+            file_dirty,
+            anon_dirty,
+        ];
         // Anonymous VMA: shmem-like file bit still means data to copy.
         let (copy, holes) = select_from_entries(0, &e, false, true, false);
         assert_eq!(copy, vec![r(0, 1), r(2, 3), r(5, 7)]);
@@ -429,7 +456,12 @@ mod tests {
 
     #[test]
     fn parse_modes() {
-        for m in [TrackMode::Auto, TrackMode::UffdWp, TrackMode::SoftDirty, TrackMode::Full] {
+        for m in [
+            TrackMode::Auto,
+            TrackMode::UffdWp,
+            TrackMode::SoftDirty,
+            TrackMode::Full,
+        ] {
             assert_eq!(TrackMode::parse(m.name()), Some(m));
         }
         assert_eq!(TrackMode::parse("x"), None);

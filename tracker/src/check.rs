@@ -26,17 +26,47 @@ pub struct Probes {
 
 /// What each feature is for, in `tern check`'s human output.
 pub const USES: &[(&str, &str)] = &[
-    ("uffd", "userfaultfd(2): write-protect tracking, lazy restore"),
+    (
+        "uffd",
+        "userfaultfd(2): write-protect tracking, lazy restore",
+    ),
     ("uffd_wp", "userfaultfd write-protect mode"),
-    ("uffd_wp_async", "async write-protect: track writes without stopping the target (Linux 6.7+)"),
-    ("pagemap_scan", "PAGEMAP_SCAN: find written pages and re-protect them in one call (Linux 6.7+)"),
-    ("soft_dirty", "soft-dirty bits: the tracking backend of kernels 3.11-6.6 (x86 only)"),
-    ("ebpf_tracepoints", "eBPF on fault/syscall/sched tracepoints: dirty-rate telemetry, hot pages"),
-    ("ebpf_fault_tracepoints", "exceptions:page_fault_* tracepoints (x86): the eBPF dirty-page stream"),
-    ("pidfd_getfd", "pidfd_getfd(2): take the userfaultfd created inside the target"),
-    ("suspend_seccomp", "PTRACE_O_SUSPEND_SECCOMP: inject syscalls a target's seccomp filter blocks"),
-    ("clone3_set_tid", "clone3 set_tid: restore with the same PID and TIDs"),
-    ("rseq_config", "PTRACE_GET_RSEQ_CONFIGURATION: save rseq registrations"),
+    (
+        "uffd_wp_async",
+        "async write-protect: track writes without stopping the target (Linux 6.7+)",
+    ),
+    (
+        "pagemap_scan",
+        "PAGEMAP_SCAN: find written pages and re-protect them in one call (Linux 6.7+)",
+    ),
+    (
+        "soft_dirty",
+        "soft-dirty bits: the tracking backend of kernels 3.11-6.6 (x86 only)",
+    ),
+    (
+        "ebpf_tracepoints",
+        "eBPF on fault/syscall/sched tracepoints: dirty-rate telemetry, hot pages",
+    ),
+    (
+        "ebpf_fault_tracepoints",
+        "exceptions:page_fault_* tracepoints (x86): the eBPF dirty-page stream",
+    ),
+    (
+        "pidfd_getfd",
+        "pidfd_getfd(2): take the userfaultfd created inside the target",
+    ),
+    (
+        "suspend_seccomp",
+        "PTRACE_O_SUSPEND_SECCOMP: inject syscalls a target's seccomp filter blocks",
+    ),
+    (
+        "clone3_set_tid",
+        "clone3 set_tid: restore with the same PID and TIDs",
+    ),
+    (
+        "rseq_config",
+        "PTRACE_GET_RSEQ_CONFIGURATION: save rseq registrations",
+    ),
 ];
 
 impl Probes {
@@ -44,8 +74,8 @@ impl Probes {
     pub fn all() -> Probes {
         let mut p = Probes::tracking();
         p.ebpf_tracepoints = crate::ebpf::DirtyStream::probe().is_ok();
-        p.ebpf_fault_tracepoints =
-            p.ebpf_tracepoints && crate::ebpf::DirtyStream::fault_tracepoints_available().unwrap_or(false);
+        p.ebpf_fault_tracepoints = p.ebpf_tracepoints
+            && crate::ebpf::DirtyStream::fault_tracepoints_available().unwrap_or(false);
         p.suspend_seccomp = probe_ptrace_child(|pid| {
             let opts = libc::PTRACE_O_SUSPEND_SECCOMP as libc::c_long;
             // SAFETY: plain ptrace on our own stopped child.
@@ -165,11 +195,22 @@ fn own_pid() -> i32 {
 }
 
 fn probe_pagemap_scan() -> bool {
-    let Some(page) = TestPage::new() else { return false };
+    let Some(page) = TestPage::new() else {
+        return false;
+    };
     page.write(1);
-    let Ok(mut pm) = Pagemap::open(own_pid()) else { return false };
+    let Ok(mut pm) = Pagemap::open(own_pid()) else {
+        return false;
+    };
     let mut out = Vec::new();
-    pm.scan(page.addr(), page.addr() + 4096, ScanQuery::POPULATED, &mut out).is_ok() && out.len() == 1
+    pm.scan(
+        page.addr(),
+        page.addr() + 4096,
+        ScanQuery::POPULATED,
+        &mut out,
+    )
+    .is_ok()
+        && out.len() == 1
 }
 
 /// Register a page for async WP, protect it, write it: the scan must say
@@ -187,21 +228,28 @@ fn probe_wp_async() -> bool {
     let Ok(wp) = WpUffd::handshake(unsafe { OwnedFd::from_raw_fd(fd as i32) }) else {
         return false;
     };
-    let Some(page) = TestPage::new() else { return false };
+    let Some(page) = TestPage::new() else {
+        return false;
+    };
     page.write(1);
     if wp.register_wp(page.addr(), page.addr() + 4096).is_err() {
         return false;
     }
-    let Ok(mut pm) = Pagemap::open(own_pid()) else { return false };
+    let Ok(mut pm) = Pagemap::open(own_pid()) else {
+        return false;
+    };
     let mut out = Vec::new();
     let r = (|| {
         let range = (page.addr(), page.addr() + 4096);
-        pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out).ok()?;
+        pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out)
+            .ok()?;
         out.clear();
-        pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out).ok()?;
+        pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out)
+            .ok()?;
         let clean = out.is_empty();
         page.write(2);
-        pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out).ok()?;
+        pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out)
+            .ok()?;
         Some(clean && out.len() == 1)
     })()
     .unwrap_or(false);
@@ -211,28 +259,43 @@ fn probe_wp_async() -> bool {
 
 /// Clear our soft-dirty bits, then write a page: bit 55 must come back.
 fn probe_soft_dirty() -> bool {
-    let Some(page) = TestPage::new() else { return false };
+    let Some(page) = TestPage::new() else {
+        return false;
+    };
     page.write(1);
-    let Ok(pm) = Pagemap::open(own_pid()) else { return false };
+    let Ok(pm) = Pagemap::open(own_pid()) else {
+        return false;
+    };
     if crate::backend::clear_soft_dirty(own_pid()).is_err() {
         return false;
     }
     let mut e = Vec::new();
-    if pm.read_entries(page.addr(), page.addr() + 4096, &mut e).is_err() || e.len() != 1 {
+    if pm
+        .read_entries(page.addr(), page.addr() + 4096, &mut e)
+        .is_err()
+        || e.len() != 1
+    {
         return false;
     }
     let cleared = e[0] & entry::SOFT_DIRTY == 0;
     page.write(2);
     e.clear();
-    if pm.read_entries(page.addr(), page.addr() + 4096, &mut e).is_err() || e.len() != 1 {
+    if pm
+        .read_entries(page.addr(), page.addr() + 4096, &mut e)
+        .is_err()
+        || e.len() != 1
+    {
         return false;
     }
     cleared && e[0] & entry::SOFT_DIRTY != 0
 }
 
 fn probe_pidfd_getfd() -> bool {
-    let Ok(pidfd) = uffd::pidfd_open(own_pid()) else { return false };
-    uffd::pidfd_getfd(&pidfd, own_pid(), 0).is_ok() || uffd::pidfd_getfd(&pidfd, own_pid(), 2).is_ok()
+    let Ok(pidfd) = uffd::pidfd_open(own_pid()) else {
+        return false;
+    };
+    uffd::pidfd_getfd(&pidfd, own_pid(), 0).is_ok()
+        || uffd::pidfd_getfd(&pidfd, own_pid(), 2).is_ok()
 }
 
 /// Run `f` on a forked child that sleeps, then kill and reap the child.
@@ -283,7 +346,9 @@ fn probe_clone3_set_tid() -> bool {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(32768);
-    let Some(want) = (last + 500..max - 1).find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) else {
+    let Some(want) =
+        (last + 500..max - 1).find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+    else {
         return false;
     };
     let tid = [want as libc::pid_t];
@@ -294,7 +359,13 @@ fn probe_clone3_set_tid() -> bool {
         ..Default::default()
     };
     // SAFETY: fork-like clone3 (no CLONE_VM); the child exits at once.
-    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
     if r == 0 {
         unsafe { libc::_exit(0) };
     }
@@ -322,7 +393,10 @@ mod tests {
     #[test]
     fn probes_are_truthful_here() {
         let p = Probes::tracking();
-        assert!(p.uffd && p.uffd_wp && p.uffd_wp_async && p.pagemap_scan && p.pidfd_getfd, "{p:?}");
+        assert!(
+            p.uffd && p.uffd_wp && p.uffd_wp_async && p.pagemap_scan && p.pidfd_getfd,
+            "{p:?}"
+        );
         assert!(!p.soft_dirty, "this kernel has no soft-dirty: {p:?}");
         assert_eq!(p.best_backend(), crate::backend::TrackMode::UffdWp);
     }

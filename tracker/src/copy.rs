@@ -25,7 +25,11 @@ pub struct CopyStats {
 }
 
 /// Copy `ranges` (sorted) of `pid` into `writer`.
-pub fn copy_ranges(pid: i32, ranges: &[PageRange], writer: &mut ImageWriter) -> Result<CopyStats, CopyError> {
+pub fn copy_ranges(
+    pid: i32,
+    ranges: &[PageRange],
+    writer: &mut ImageWriter,
+) -> Result<CopyStats, CopyError> {
     let mut stats = CopyStats::default();
     let mut buf: Vec<u8> = Vec::new();
     let mut mem: Option<std::fs::File> = None;
@@ -65,7 +69,14 @@ pub fn copy_ranges(pid: i32, ranges: &[PageRange], writer: &mut ImageWriter) -> 
         // SAFETY: `local` covers `buf` exactly; remote addresses are only
         // read by the kernel from the target's address space.
         let n = unsafe {
-            libc::process_vm_readv(pid, local.as_ptr(), 1, remote.as_ptr(), remote.len() as u64, 0)
+            libc::process_vm_readv(
+                pid,
+                local.as_ptr(),
+                1,
+                remote.as_ptr(),
+                remote.len() as u64,
+                0,
+            )
         };
         let got = if n < 0 {
             let e = std::io::Error::last_os_error();

@@ -16,9 +16,13 @@ use std::time::{Duration, Instant};
 pub enum FreezeError {
     #[error("no process with PID {pid}; check the PID")]
     NoProcess { pid: i32 },
-    #[error("cannot attach to thread {tid} of PID {pid}: {errno} (is another tracer, e.g. gdb or strace, attached? is ptrace restricted by yama/ptrace_scope?)")]
+    #[error(
+        "cannot attach to thread {tid} of PID {pid}: {errno} (is another tracer, e.g. gdb or strace, attached? is ptrace restricted by yama/ptrace_scope?)"
+    )]
     Seize { pid: i32, tid: i32, errno: Errno },
-    #[error("thread {tid} of PID {pid} did not stop within {timeout:?} (uninterruptible sleep, D state?); the process was left running")]
+    #[error(
+        "thread {tid} of PID {pid} did not stop within {timeout:?} (uninterruptible sleep, D state?); the process was left running"
+    )]
     Timeout {
         pid: i32,
         tid: i32,
@@ -118,14 +122,19 @@ pub(crate) fn wait_stop(
 ) -> Result<WaitOutcome, FreezeError> {
     let mut nap = Duration::from_micros(20);
     loop {
-        match waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+        match waitpid(
+            Pid::from_raw(tid),
+            Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+        ) {
             Ok(WaitStatus::StillAlive) => {}
             Ok(WaitStatus::PtraceEvent(_, _, _)) => return Ok(WaitOutcome::Stopped(None)),
             Ok(WaitStatus::Stopped(_, sig)) => {
                 // A signal-delivery stop (or group stop) came first. Keep the
                 // signal for the detach; the thread is stopped either way.
                 let keep = match sig {
-                    Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU => Some(sig),
+                    Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU => {
+                        Some(sig)
+                    }
                     s => Some(s),
                 };
                 return Ok(WaitOutcome::Stopped(keep));
@@ -149,7 +158,8 @@ pub(crate) fn wait_stop(
 
 /// Thread ids of `pid`.
 pub fn list_tids(pid: i32) -> Result<Vec<i32>, FreezeError> {
-    let rd = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|_| FreezeError::NoProcess { pid })?;
+    let rd = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|_| FreezeError::NoProcess { pid })?;
     let mut v: Vec<i32> = rd
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();

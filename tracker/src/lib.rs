@@ -6,13 +6,13 @@
 //! Kernel interfaces without a safe wrapper live in one module each:
 //! [`pagemap_scan`], [`uffd`], [`inject`] (ptrace syscall injection).
 
-pub mod ebpf;
-pub mod inject;
-pub mod pagemap_scan;
-pub mod uffd;
 pub mod backend;
-pub mod freeze;
-pub mod maps;
 pub mod check;
 pub mod copy;
+pub mod ebpf;
+pub mod freeze;
+pub mod inject;
+pub mod maps;
+pub mod pagemap_scan;
 pub mod session;
+pub mod uffd;

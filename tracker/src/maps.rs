@@ -95,10 +95,26 @@ pub fn read_vmas(pid: i32) -> Result<Vec<Vma>, MapsError> {
         .map(|m| {
             let p = m.perms;
             let perms: String = [
-                if p.contains(procfs::process::MMPermissions::READ) { 'r' } else { '-' },
-                if p.contains(procfs::process::MMPermissions::WRITE) { 'w' } else { '-' },
-                if p.contains(procfs::process::MMPermissions::EXECUTE) { 'x' } else { '-' },
-                if p.contains(procfs::process::MMPermissions::SHARED) { 's' } else { 'p' },
+                if p.contains(procfs::process::MMPermissions::READ) {
+                    'r'
+                } else {
+                    '-'
+                },
+                if p.contains(procfs::process::MMPermissions::WRITE) {
+                    'w'
+                } else {
+                    '-'
+                },
+                if p.contains(procfs::process::MMPermissions::EXECUTE) {
+                    'x'
+                } else {
+                    '-'
+                },
+                if p.contains(procfs::process::MMPermissions::SHARED) {
+                    's'
+                } else {
+                    'p'
+                },
             ]
             .iter()
             .collect();
@@ -147,11 +163,20 @@ mod tests {
     #[test]
     fn own_maps_classify() {
         let vmas = read_vmas(std::process::id() as i32).unwrap();
-        assert!(vmas.iter().any(|v| v.name.as_deref() == Some("[vdso]") && !v.is_dumped()));
-        assert!(vmas.iter().any(|v| v.name.as_deref() == Some("[stack]") && v.is_dumped()));
+        assert!(
+            vmas.iter()
+                .any(|v| v.name.as_deref() == Some("[vdso]") && !v.is_dumped())
+        );
+        assert!(
+            vmas.iter()
+                .any(|v| v.name.as_deref() == Some("[stack]") && v.is_dumped())
+        );
         // Our own executable's text: private file mapping, dumped (COW pages
         // only), its file pages are holes.
         assert!(vmas.iter().any(|v| v.is_file() && v.file_pages_are_holes()));
-        assert!(matches!(read_vmas(i32::MAX - 1), Err(MapsError::NoProcess { .. })));
+        assert!(matches!(
+            read_vmas(i32::MAX - 1),
+            Err(MapsError::NoProcess { .. })
+        ));
     }
 }

@@ -75,7 +75,13 @@ pub enum ScanError {
 impl ScanError {
     /// EPERM from `PM_SCAN_CHECK_WPASYNC`: a VMA in range is not armed.
     pub fn is_not_armed(&self) -> bool {
-        matches!(self, ScanError::Ioctl { errno: nix::errno::Errno::EPERM, .. })
+        matches!(
+            self,
+            ScanError::Ioctl {
+                errno: nix::errno::Errno::EPERM,
+                ..
+            }
+        )
     }
 }
 
@@ -190,9 +196,8 @@ impl Pagemap {
         let base = out.len();
         out.resize(base + n, 0);
         // SAFETY: viewing the u64 slice as bytes; any byte pattern is a valid u64.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(out[base..].as_mut_ptr() as *mut u8, n * 8)
-        };
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(out[base..].as_mut_ptr() as *mut u8, n * 8) };
         let mut done = 0;
         while done < bytes.len() {
             match self
@@ -286,7 +291,8 @@ mod tests {
             .collect();
         assert_eq!(pages, vec![0, 5, 6, 7, 63]);
         let mut ents = Vec::new();
-        pm.read_entries(start, start + len as u64, &mut ents).unwrap();
+        pm.read_entries(start, start + len as u64, &mut ents)
+            .unwrap();
         assert_eq!(ents.len(), 64);
         assert!(entry::populated(ents[5]) && !entry::populated(ents[4]));
         unsafe { libc::munmap(p as *mut _, len) };

@@ -49,9 +49,13 @@ pub enum TrackerError {
     NoProcess { pid: i32 },
     #[error("PID {pid} exited during the {what}")]
     Exited { pid: i32, what: &'static str },
-    #[error("backend {backend} is not available on this kernel: {why}; run `tern check` to see what is")]
+    #[error(
+        "backend {backend} is not available on this kernel: {why}; run `tern check` to see what is"
+    )]
     Unavailable { backend: &'static str, why: String },
-    #[error("{path}: parent image is of PID {found}, not {pid}; give the image directory of this process's previous pre-dump")]
+    #[error(
+        "{path}: parent image is of PID {found}, not {pid}; give the image directory of this process's previous pre-dump"
+    )]
     ParentPid { path: PathBuf, pid: i32, found: i32 },
     #[error("{path}: {what}")]
     State { path: PathBuf, what: String },
@@ -183,12 +187,19 @@ impl TrackingSession {
             if alive(pid, st) {
                 e
             } else {
-                TrackerError::Exited { pid, what: "attach" }
+                TrackerError::Exited {
+                    pid,
+                    what: "attach",
+                }
             }
         })
     }
 
-    fn attach_inner(pid: i32, start_time: u64, opts: SessionOptions) -> Result<TrackingSession, TrackerError> {
+    fn attach_inner(
+        pid: i32,
+        start_time: u64,
+        opts: SessionOptions,
+    ) -> Result<TrackingSession, TrackerError> {
         gc_stale_state();
         std::fs::create_dir_all(STATE_DIR).map_err(|e| TrackerError::State {
             path: STATE_DIR.into(),
@@ -210,8 +221,11 @@ impl TrackingSession {
                     .and_then(|h| h.uffd_fd)
                     .filter(|fd| found.iter().any(|(f, _)| f == fd))
                     .or_else(|| found.iter().find(|(_, feat)| *feat != 0).map(|(f, _)| *f));
-                let orphans: Vec<i32> =
-                    found.iter().map(|(f, _)| *f).filter(|f| Some(*f) != keep).collect();
+                let orphans: Vec<i32> = found
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .filter(|f| Some(*f) != keep)
+                    .collect();
                 let pidfd = uffd::pidfd_open(pid).map_err(|_| TrackerError::NoProcess { pid })?;
                 let need_injection = keep.is_none() || !orphans.is_empty();
                 let mut created = None;
@@ -222,13 +236,24 @@ impl TrackingSession {
                     let res = (|| -> Result<(), TrackerError> {
                         scratch = Some(inj.ensure_scratch(known)?);
                         for fd in &orphans {
-                            tracing::info!(pid, fd, "closing a leftover tern userfaultfd in the target");
+                            tracing::info!(
+                                pid,
+                                fd,
+                                "closing a leftover tern userfaultfd in the target"
+                            );
                             inj.syscall(libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0])?;
                         }
                         if keep.is_none() {
                             let r = inj.syscall(
                                 libc::SYS_userfaultfd,
-                                [(libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY) as u64, 0, 0, 0, 0, 0],
+                                [
+                                    (libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY) as u64,
+                                    0,
+                                    0,
+                                    0,
+                                    0,
+                                    0,
+                                ],
                             )?;
                             if r < 0 {
                                 return Err(TrackerError::Unavailable {
@@ -264,7 +289,13 @@ impl TrackingSession {
                 };
                 target_uffd = Some(fd);
                 uffd_preexisting = preexisting;
-                tracing::debug!(pid, fd, local = wp.as_raw_fd(), preexisting, "tracking userfaultfd");
+                tracing::debug!(
+                    pid,
+                    fd,
+                    local = wp.as_raw_fd(),
+                    preexisting,
+                    "tracking userfaultfd"
+                );
                 Box::new(UffdWpTracker::new(pid, wp)?)
             }
             TrackMode::SoftDirty => Box::new(SoftDirtyTracker::new(pid, opts.timeout)?),
@@ -281,7 +312,10 @@ impl TrackingSession {
             match DirtyStream::open(pid, mode) {
                 Ok(s) => (Some(s), pin),
                 Err(e) => {
-                    tracing::warn!(pid, "eBPF dirty stream unavailable, continuing without it: {e}");
+                    tracing::warn!(
+                        pid,
+                        "eBPF dirty stream unavailable, continuing without it: {e}"
+                    );
                     (None, None)
                 }
             }
@@ -341,7 +375,11 @@ impl TrackingSession {
         }
     }
 
-    fn save_host_state(&self, last_image_id: Option<String>, in_progress: bool) -> Result<(), TrackerError> {
+    fn save_host_state(
+        &self,
+        last_image_id: Option<String>,
+        in_progress: bool,
+    ) -> Result<(), TrackerError> {
         let h = HostState {
             pid: self.pid,
             start_time: self.start_time,
@@ -363,7 +401,11 @@ impl TrackingSession {
 
     /// One pre-dump round: write an image of the pages changed since
     /// `parent` (every populated page without one) into `dir`.
-    pub fn pre_dump(&mut self, dir: &Path, parent: Option<&Path>) -> Result<PreDumpReport, TrackerError> {
+    pub fn pre_dump(
+        &mut self,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<PreDumpReport, TrackerError> {
         let t0 = Instant::now();
         let parent_inv = match parent {
             Some(p) => {
@@ -408,7 +450,9 @@ impl TrackingSession {
         let carry = if full_copy {
             Vec::new()
         } else {
-            load_host_state(&self.state_path).map(|h| h.carry).unwrap_or_default()
+            load_host_state(&self.state_path)
+                .map(|h| h.carry)
+                .unwrap_or_default()
         };
         self.save_host_state(None, true)?;
         let set: DirtySet = self
@@ -425,7 +469,8 @@ impl TrackingSession {
                     .collect();
                 // Carried pages still inside dumped VMAs; those that are
                 // holes now stay holes, the others are copied.
-                let carried = crate::backend::subtract(&carry, &crate::backend::subtract(&carry, &dumped));
+                let carried =
+                    crate::backend::subtract(&carry, &crate::backend::subtract(&carry, &dumped));
                 let to_copy = crate::backend::subtract(&carried, &set.holes);
                 set.copy = crate::backend::union(&set.copy, &to_copy);
             }
@@ -478,7 +523,9 @@ impl TrackingSession {
             frozen_ms: frozen.as_secs_f64() * 1e3,
             duration_ms: t0.elapsed().as_secs_f64() * 1e3,
             ebpf_pages: ebpf_round.as_ref().map_or(0, |r| r.pages.len() as u64),
-            vma_changes: ebpf_round.as_ref().map_or(0, |r| r.vma_changes.len() as u64),
+            vma_changes: ebpf_round
+                .as_ref()
+                .map_or(0, |r| r.vma_changes.len() as u64),
             pages_hole: stats.hole_pages,
             full_copy,
             armed_vmas: set.armed_vmas,
@@ -491,7 +538,12 @@ impl TrackingSession {
 
     /// One telemetry round (`tern track`): pages the kernel saw written
     /// since the previous round, against what the eBPF stream saw.
-    pub fn track_round(&mut self, round: u64, t_ms: f64, interval: Duration) -> Result<TrackRound, TrackerError> {
+    pub fn track_round(
+        &mut self,
+        round: u64,
+        t_ms: f64,
+        interval: Duration,
+    ) -> Result<TrackRound, TrackerError> {
         let vmas = read_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
         // Scan first, then drain: a write fault between the two is in this
         // round's eBPF set and the next round's kernel set, so eBPF pages
@@ -511,7 +563,10 @@ impl TrackingSession {
             .iter()
             .flat_map(|r| (r.start..r.end).step_by(images::PAGE_SIZE as usize))
             .collect();
-        let ebpf: Vec<u64> = ebpf_round.as_ref().map(|r| r.pages.clone()).unwrap_or_default();
+        let ebpf: Vec<u64> = ebpf_round
+            .as_ref()
+            .map(|r| r.pages.clone())
+            .unwrap_or_default();
         // The previous drain counts as evidence too: a page written twice
         // in one interval, before and after the scan reached it, faults twice
         // but is one page of the eBPF set.
@@ -521,7 +576,11 @@ impl TrackingSession {
         let both = count_common(&kernel, &pool);
         if tracing::enabled!(tracing::Level::DEBUG) {
             let ko = minus_sorted(&kernel, &pool);
-            tracing::debug!(round, "kernel-only pages (first 40): {:x?}", &ko[..ko.len().min(40)]);
+            tracing::debug!(
+                round,
+                "kernel-only pages (first 40): {:x?}",
+                &ko[..ko.len().min(40)]
+            );
         }
         // eBPF-only: pages of the previous drain that neither its round's
         // kernel set nor this one has.
@@ -545,9 +604,17 @@ impl TrackingSession {
                 / 1e6,
             hot_pages: ebpf_round
                 .as_ref()
-                .map(|r| r.hot.iter().take(8).map(|(a, n)| format!("{a:#x}:{n}")).collect())
+                .map(|r| {
+                    r.hot
+                        .iter()
+                        .take(8)
+                        .map(|(a, n)| format!("{a:#x}:{n}"))
+                        .collect()
+                })
                 .unwrap_or_default(),
-            vma_changes: ebpf_round.as_ref().map_or(0, |r| r.vma_changes.len() as u64),
+            vma_changes: ebpf_round
+                .as_ref()
+                .map_or(0, |r| r.vma_changes.len() as u64),
         })
     }
 
@@ -615,19 +682,26 @@ impl TrackingSession {
         let pid = self.pid;
         let tracker = std::mem::replace(&mut self.tracker, Box::new(NoTracker));
         drop(tracker);
-        if let Some(s) = self.ebpf.take() {
-            if let Err(e) = s.close_and_unpin() {
-                tracing::warn!(pid, "removing the eBPF pins: {e}");
-            }
+        if let Some(s) = self.ebpf.take()
+            && let Err(e) = s.close_and_unpin()
+        {
+            tracing::warn!(pid, "removing the eBPF pins: {e}");
         }
-        teardown_target(pid, self.target_uffd.into_iter().collect(), self.opts.timeout)?;
+        teardown_target(
+            pid,
+            self.target_uffd.into_iter().collect(),
+            self.opts.timeout,
+        )?;
         let _ = std::fs::remove_file(&self.state_path);
         Ok(())
     }
 
     fn exited_or(&self, e: TrackerError, what: &'static str) -> TrackerError {
         if !alive(self.pid, self.start_time) {
-            TrackerError::Exited { pid: self.pid, what }
+            TrackerError::Exited {
+                pid: self.pid,
+                what,
+            }
         } else {
             e
         }
@@ -658,14 +732,21 @@ pub struct Untracked {
 pub fn untrack(pid: i32, timeout: Duration) -> Result<Untracked, TrackerError> {
     let st = start_time(pid)?;
     let _lock = lock_target(pid)?;
-    let fds: Vec<i32> = find_tracking_uffds(pid).into_iter().map(|(f, _)| f).collect();
+    let fds: Vec<i32> = find_tracking_uffds(pid)
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect();
     let pin = PathBuf::from(format!("{BPF_PIN_ROOT}/{pid}"));
     let mut ebpf_unpinned = false;
     if pin.exists() {
         match DirtyStream::open(pid, PinMode::Dir(pin.clone())).and_then(|s| s.close_and_unpin()) {
             Ok(()) => ebpf_unpinned = true,
             Err(e) => {
-                tracing::warn!(pid, "eBPF pins under {}: {e}; removing the directory", pin.display());
+                tracing::warn!(
+                    pid,
+                    "eBPF pins under {}: {e}; removing the directory",
+                    pin.display()
+                );
                 ebpf_unpinned = std::fs::remove_dir_all(&pin).is_ok();
             }
         }
@@ -693,7 +774,12 @@ fn teardown_target(pid: i32, fds: Vec<i32>, timeout: Duration) -> Result<usize, 
             for fd in &fds {
                 let r = inj.syscall(libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0])?;
                 if r < 0 {
-                    tracing::warn!(pid, fd, "close in target: {}", nix::errno::Errno::from_raw(-r as i32));
+                    tracing::warn!(
+                        pid,
+                        fd,
+                        "close in target: {}",
+                        nix::errno::Errno::from_raw(-r as i32)
+                    );
                 }
             }
         }
@@ -722,8 +808,9 @@ pub fn find_tracking_uffds(pid: i32) -> Vec<(i32, u64)> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(|fd| uffd::fdinfo_features(pid, fd).map(|f| (fd, f)))
         .filter(|(_, f)| {
-            *f == 0 || f & (uffd::UFFD_FEATURE_WP_ASYNC | uffd::UFFD_FEATURE_WP_UNPOPULATED)
-                == (uffd::UFFD_FEATURE_WP_ASYNC | uffd::UFFD_FEATURE_WP_UNPOPULATED)
+            *f == 0
+                || f & (uffd::UFFD_FEATURE_WP_ASYNC | uffd::UFFD_FEATURE_WP_UNPOPULATED)
+                    == (uffd::UFFD_FEATURE_WP_ASYNC | uffd::UFFD_FEATURE_WP_UNPOPULATED)
         })
         .collect();
     v.sort();
@@ -776,7 +863,11 @@ pub fn gc_stale_state() {
             {
                 match std::fs::remove_dir_all(e.path()) {
                     Ok(()) => tracing::info!(pid, "removed eBPF pins of a process that is gone"),
-                    Err(err) => tracing::warn!(pid, "removing stale eBPF pins {}: {err}", e.path().display()),
+                    Err(err) => tracing::warn!(
+                        pid,
+                        "removing stale eBPF pins {}: {err}",
+                        e.path().display()
+                    ),
                 }
             }
         }
@@ -785,7 +876,10 @@ pub fn gc_stale_state() {
         for e in rd.flatten() {
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
-            let pid = name.split(['-', '.']).next().and_then(|p| p.parse::<i32>().ok());
+            let pid = name
+                .split(['-', '.'])
+                .next()
+                .and_then(|p| p.parse::<i32>().ok());
             if let Some(pid) = pid
                 && gone(pid)
             {

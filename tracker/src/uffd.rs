@@ -31,7 +31,9 @@ nix::ioctl_readwrite!(uffdio_api_ioctl, 0xAA, 0x3F, UffdioApi);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
-    #[error("UFFDIO_API on userfaultfd (fd {fd}) asking for features {features:#x}: {errno}; async write-protect needs Linux 6.7+ (use --track soft-dirty or full)")]
+    #[error(
+        "UFFDIO_API on userfaultfd (fd {fd}) asking for features {features:#x}: {errno}; async write-protect needs Linux 6.7+ (use --track soft-dirty or full)"
+    )]
     Api {
         fd: RawFd,
         features: u64,
@@ -87,7 +89,8 @@ impl WpUffd {
             })?;
         }
         // SAFETY: we own `fd`; Uffd closes it on drop.
-        let uffd = unsafe { userfaultfd::Uffd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
+        let uffd =
+            unsafe { userfaultfd::Uffd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
         Ok(WpUffd { uffd })
     }
 
@@ -95,7 +98,8 @@ impl WpUffd {
     /// invocation taking the target's tracking fd back).
     pub fn adopt(fd: OwnedFd) -> WpUffd {
         // SAFETY: as above.
-        let uffd = unsafe { userfaultfd::Uffd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
+        let uffd =
+            unsafe { userfaultfd::Uffd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
         WpUffd { uffd }
     }
 
@@ -183,13 +187,13 @@ mod tests {
     use super::*;
 
     fn own_uffd() -> OwnedFd {
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_userfaultfd,
-                libc::O_CLOEXEC | UFFD_USER_MODE_ONLY,
-            )
-        };
-        assert!(fd >= 0, "userfaultfd(2): {}", std::io::Error::last_os_error());
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
+        assert!(
+            fd >= 0,
+            "userfaultfd(2): {}",
+            std::io::Error::last_os_error()
+        );
         unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
     }
 
@@ -207,7 +211,11 @@ mod tests {
         let uffd = WpUffd::handshake(own_uffd()).expect("async uffd-WP must work here");
         let pid = std::process::id() as i32;
         let feats = fdinfo_features(pid, uffd.as_raw_fd()).unwrap();
-        assert_ne!(feats & UFFD_FEATURE_WP_ASYNC, 0, "fdinfo features {feats:#x}");
+        assert_ne!(
+            feats & UFFD_FEATURE_WP_ASYNC,
+            0,
+            "fdinfo features {feats:#x}"
+        );
         let len = 32 * 4096;
         let p = unsafe {
             libc::mmap(
@@ -227,27 +235,41 @@ mod tests {
         let mut pm = Pagemap::open(pid).unwrap();
         let mut out = Vec::new();
         // Arming scan: everything populated counts as written once.
-        pm.scan(start, start + len as u64, ScanQuery::WRITTEN_AND_REPROTECT, &mut out)
-            .unwrap();
+        pm.scan(
+            start,
+            start + len as u64,
+            ScanQuery::WRITTEN_AND_REPROTECT,
+            &mut out,
+        )
+        .unwrap();
         let n: u64 = out.iter().map(|r| (r.end - r.start) / 4096).sum();
         assert_eq!(n, 32);
         for i in [3usize, 4, 20] {
             unsafe { std::ptr::write_volatile(p.add(i * 4096 + 7), 2) };
         }
         out.clear();
-        pm.scan(start, start + len as u64, ScanQuery::WRITTEN_AND_REPROTECT, &mut out)
-            .unwrap();
+        pm.scan(
+            start,
+            start + len as u64,
+            ScanQuery::WRITTEN_AND_REPROTECT,
+            &mut out,
+        )
+        .unwrap();
         let pages: Vec<u64> = out
             .iter()
             .flat_map(|r| (r.start..r.end).step_by(4096).map(|a| (a - start) / 4096))
             .collect();
         assert_eq!(pages, vec![3, 4, 20]);
         out.clear();
-        pm.scan(start, start + len as u64, ScanQuery::WRITTEN_AND_REPROTECT, &mut out)
-            .unwrap();
+        pm.scan(
+            start,
+            start + len as u64,
+            ScanQuery::WRITTEN_AND_REPROTECT,
+            &mut out,
+        )
+        .unwrap();
         assert!(out.is_empty(), "re-protected in the same call: {out:?}");
         uffd.unregister(start, start + len as u64).unwrap();
         unsafe { libc::munmap(p as *mut _, len) };
     }
 }
-
