@@ -67,6 +67,9 @@ enum Cmd {
         /// of 4 rounds.
         #[arg(long)]
         quick: bool,
+        /// Do not raise the priority (nice -20) of the workload and of tern.
+        #[arg(long)]
+        no_nice: bool,
     },
     /// Redraw the SVG of a tracking report: `bench plot target/bench/tracking.json`.
     Plot {
@@ -110,6 +113,7 @@ fn real_main() -> Result<()> {
             full_big_repeats,
             mut full_rounds,
             quick,
+            no_nice,
         } => {
             if quick {
                 sizes = vec![256];
@@ -141,6 +145,7 @@ fn real_main() -> Result<()> {
                 full_big_rounds,
                 full_big_repeats,
                 full_rounds,
+                nice: !no_nice,
             })
         }
         Cmd::Plot { json, out } => {
