@@ -82,10 +82,15 @@ fn fmt_vma(v: &VmaRecord) -> String {
 /// Compare the chain's dumped VMAs with the target's maps: every page of a
 /// checked maps entry must be covered by dumped chain VMAs with the same
 /// permissions and name, and every dumped chain VMA must lie in such entries.
-pub fn compare_vmas(chain_vmas: &[VmaRecord], maps: &[MapEntry]) -> Vec<String> {
+/// `scratch`: tern's scratch areas, ignored on both sides.
+pub fn compare_vmas(chain_vmas: &[VmaRecord], maps: &[MapEntry], scratch: &[(u64, u64)]) -> Vec<String> {
     let mut errs = Vec::new();
-    let checked = checked_maps(maps);
-    let dumped: Vec<&VmaRecord> = chain_vmas.iter().filter(|v| v.dumped && !ignored(vma_name(v))).collect();
+    let mut checked = checked_maps(maps);
+    checked.retain(|m| !proc::in_areas(scratch, m.start, m.end));
+    let dumped: Vec<&VmaRecord> = chain_vmas
+        .iter()
+        .filter(|v| v.dumped && !ignored(vma_name(v)) && !proc::in_areas(scratch, v.start, v.end))
+        .collect();
     for m in &checked {
         let mut at = m.start;
         let overl: Vec<&&VmaRecord> = dumped.iter().filter(|v| v.start < m.end && v.end > m.start).collect();
@@ -162,13 +167,18 @@ pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
     let chain = ImageChain::open(dir).map_err(|e| format!("oracle: cannot open the chain {}: {e}", dir.display()))?;
     let _stop = Stopped::new(pid)?;
     let maps = proc::maps(pid)?;
-    let mut errs = compare_vmas(chain.vmas(), &maps);
+    let scratch = proc::scratch_areas(pid, &maps);
+    let mut errs = compare_vmas(chain.vmas(), &maps, &scratch);
     let mut report = OracleReport::default();
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
     let mut diffs = Vec::new();
     let mut ndiff = 0u64;
-    for v in chain.vmas().iter().filter(|v| v.dumped && !ignored(vma_name(v))) {
+    for v in chain
+        .vmas()
+        .iter()
+        .filter(|v| v.dumped && !ignored(vma_name(v)) && !proc::in_areas(&scratch, v.start, v.end))
+    {
         // Only what is still mapped the same way: VMA mismatches are reported above.
         let Some(m) = maps.iter().find(|m| m.start <= v.start && m.end >= v.end) else {
             continue;

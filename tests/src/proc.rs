@@ -51,6 +51,58 @@ impl fmt::Display for MapEntry {
 /// Names that are the kernel's or tern's, not the program's memory.
 pub const IGNORED_NAMES: [&str; 5] = ["[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[anon:tern-scratch]"];
 pub const SCRATCH_NAME: &str = "[anon:tern-scratch]";
+/// First bytes of tern's scratch area (tracker/src/inject.rs, `layout`).
+/// Kernels without CONFIG_ANON_VMA_NAME (this machine's) cannot name the
+/// area: it is then an unnamed r-x page followed by rw- pages, recognised
+/// by this header.
+pub const SCRATCH_MAGIC: &[u8; 16] = b"\x7ftern-scratch\0\0\0";
+/// Size of one scratch area (tracker/src/inject.rs, `SCRATCH_LEN`).
+pub const SCRATCH_LEN: u64 = 8192 + 8 * 8192;
+
+/// tern's scratch areas in `pid`, as address ranges: named
+/// `[anon:tern-scratch]` mappings, or unnamed anonymous executable pages
+/// that start with [`SCRATCH_MAGIC`] (with the rw- pages that follow them,
+/// up to [`SCRATCH_LEN`]).
+pub fn scratch_areas(pid: i32, maps: &[MapEntry]) -> Vec<(u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut i = 0;
+    while i < maps.len() {
+        let m = &maps[i];
+        let named = m.name == SCRATCH_NAME;
+        let magic = !named
+            && m.inode == 0
+            && m.name.is_empty()
+            && m.perms.starts_with("r-x")
+            && mem.as_ref().is_some_and(|f| {
+                let mut b = [0u8; 16];
+                f.read_exact_at(&mut b, m.start).is_ok() && &b == SCRATCH_MAGIC
+            });
+        if !(named || magic) {
+            i += 1;
+            continue;
+        }
+        let (start, mut end) = (m.start, m.end);
+        let mut j = i + 1;
+        while j < maps.len()
+            && maps[j].start == end
+            && maps[j].inode == 0
+            && (if named { maps[j].name == SCRATCH_NAME } else { maps[j].name.is_empty() })
+            && maps[j].end <= start + SCRATCH_LEN
+        {
+            end = maps[j].end;
+            j += 1;
+        }
+        out.push((start, end));
+        i = j;
+    }
+    out
+}
+
+pub fn in_areas(areas: &[(u64, u64)], start: u64, end: u64) -> bool {
+    areas.iter().any(|&(s, e)| s <= start && end <= e)
+}
 pub const UFFD_LINK: &str = "anon_inode:[userfaultfd]";
 
 pub fn parse_maps(text: &str) -> Vec<MapEntry> {
@@ -195,13 +247,18 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub struct Snapshot {
     pub maps: Vec<MapEntry>,
     pub fds: BTreeMap<i32, String>,
+    /// tern scratch areas found in `maps` (see [`scratch_areas`]).
+    pub scratch: Vec<(u64, u64)>,
 }
 
 impl Snapshot {
     pub fn take(pid: i32) -> Result<Snapshot, String> {
+        let maps = maps(pid)?;
+        let scratch = scratch_areas(pid, &maps);
         Ok(Snapshot {
-            maps: maps(pid)?,
+            maps,
             fds: fds(pid)?,
+            scratch,
         })
     }
 
@@ -212,17 +269,17 @@ impl Snapshot {
         let mut out = Vec::new();
         let mut after_maps: Vec<&MapEntry> = after.maps.iter().collect();
         if allow_tern_state {
-            let scratch: Vec<usize> = after_maps
-                .iter()
-                .enumerate()
-                .filter(|(_, m)| m.name == SCRATCH_NAME && !before.maps.contains(m))
-                .map(|(i, _)| i)
-                .collect();
-            if scratch.len() > 1 {
-                out.push(format!("{} {SCRATCH_NAME} mappings (at most one allowed)", scratch.len()));
+            let new_areas: Vec<(u64, u64)> =
+                after.scratch.iter().copied().filter(|a| !before.scratch.contains(a)).collect();
+            if new_areas.len() > 1 {
+                out.push(format!(
+                    "{} tern scratch areas (at most one allowed): {:x?}",
+                    new_areas.len(),
+                    new_areas
+                ));
             }
-            if let Some(&i) = scratch.first() {
-                after_maps.remove(i);
+            if let Some(&a) = new_areas.first() {
+                after_maps.retain(|m| before.maps.contains(m) || !in_areas(&[a], m.start, m.end));
             }
         }
         for m in &before.maps {

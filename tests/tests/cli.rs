@@ -7,14 +7,46 @@ use serde_json::Value;
 use std::path::Path;
 use tern_tests::*;
 
-/// The tern state in the target: (scratch mappings, userfaultfd fds).
-fn tern_state(pid: i32) -> (Vec<proc::MapEntry>, Vec<i32>) {
+/// The tern state in the target: (scratch areas, userfaultfd fds).
+fn tern_state(pid: i32) -> (Vec<(u64, u64)>, Vec<i32>) {
     let maps = proc::maps(pid).unwrap();
     let fds = proc::fds(pid).unwrap();
     (
-        maps.into_iter().filter(|m| m.name == proc::SCRATCH_NAME).collect(),
+        proc::scratch_areas(pid, &maps),
         fds.into_iter().filter(|(_, t)| t == proc::UFFD_LINK).map(|(n, _)| n).collect(),
     )
+}
+
+#[test]
+fn images_exclude_the_scratch_area() {
+    let mut w = Workload::start();
+    w.cmd("alloc a 64 rand");
+    let pid = w.pid();
+    let d = tempdir();
+    let (d1, d2) = (d.path().join("1"), d.path().join("2"));
+    pre_dump(pid, &d1, None, &[]);
+    pre_dump(pid, &d2, Some(&d1), &[]);
+    let (scratch, _) = tern_state(pid);
+    assert!(scratch.len() <= 1, "scratch areas {scratch:x?}");
+    let inv = images::Inventory::load(&d2).unwrap();
+    if let Some(&(s, e)) = scratch.first() {
+        let rec = inv.tracking.as_ref().and_then(|t| t.scratch_addr);
+        assert_eq!(rec, Some(s), "inventory.json tracking.scratch_addr vs the scratch area at {s:#x}");
+        // tern's own scratch area is not the program's memory: a restore
+        // from this chain must not recreate it.
+        let chain = restorer::ImageChain::open(&d2).unwrap();
+        let inside: Vec<String> = chain
+            .vmas()
+            .iter()
+            .filter(|v| v.dumped && v.start < e && v.end > s)
+            .map(|v| format!("{:#x}-{:#x} {} dumped", v.start, v.end, v.perms))
+            .collect();
+        assert!(
+            inside.is_empty(),
+            "the image records tern's scratch area {s:#x}-{e:#x} as target memory: {inside:?}"
+        );
+    }
+    untrack(pid);
 }
 
 #[test]
