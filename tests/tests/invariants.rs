@@ -22,10 +22,27 @@ fn kill_loop(what: &str) {
     let mut rng = Rng::new(seed);
     let mut prev_ok: Option<PathBuf> = None;
     let mut finished = 0;
+    let mut left_state = 0;
+    // How long one whole run takes, to spread some kills over all of it.
+    let whole = {
+        let t = Instant::now();
+        let run = match what {
+            "pre-dump" => pre_dump_run(pid, &d.path().join("whole"), None, &[]),
+            _ => tern(&["track", "-t", &pid.to_string(), "--interval-ms", "5", "--rounds", "3", "--json"]),
+        };
+        assert!(run.ok(), "an uninterrupted run failed:\n{}", run.describe());
+        if what == "pre-dump" {
+            prev_ok = Some(d.path().join("whole"));
+        }
+        t.elapsed()
+    };
     let t0 = Instant::now();
     for i in 0..KILL_ITERATIONS {
-        // 0-50 ms, in microseconds so that short delays are varied too.
-        let delay = Duration::from_micros(rng.below(50_001));
+        // Mostly 0-50 ms (in microseconds, so that short delays vary too);
+        // every fourth kill anywhere in a whole run.
+        // (at most 3 s: a loaded machine makes whole runs slow.)
+        let span = if i % 4 == 3 { whole.as_micros().clamp(50_000, 3_000_000) as u64 } else { 50_000 };
+        let delay = Duration::from_micros(rng.below(span + 1));
         let dir = d.path().join(format!("{i}"));
         let mut args: Vec<String> = match what {
             "pre-dump" => vec!["pre-dump".into(), "-t".into(), pid.to_string(), "-D".into(), dir.display().to_string()],
@@ -57,6 +74,9 @@ fn kill_loop(what: &str) {
         }
         assert_running_untraced(pid, &ctx);
         let now = proc::Snapshot::take(pid).unwrap();
+        if now != baseline {
+            left_state += 1;
+        }
         let diff = proc::Snapshot::diff(&baseline, &now, true);
         assert!(diff.is_empty(), "{ctx}: the target changed beyond the documented state:\n  {}", diff.join("\n  "));
         if i % 8 == 7 {
@@ -64,7 +84,8 @@ fn kill_loop(what: &str) {
         }
     }
     eprintln!(
-        "{what}: {KILL_ITERATIONS} kills in {:?} ({finished} runs finished before the kill), seed {seed:#x}",
+        "{what}: {KILL_ITERATIONS} kills in {:?}; a whole run takes {whole:?}; {finished} runs finished before the kill, \
+         {left_state} times tracking state was present after the kill; seed {seed:#x}",
         t0.elapsed()
     );
     w.self_check("after all kills");
