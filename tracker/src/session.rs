@@ -434,7 +434,7 @@ impl TrackingSession {
             );
         }
         let mut writer = ImageWriter::create(dir, self.opts.compress)?;
-        let vmas = read_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "pre-dump"))?;
+        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "pre-dump"))?;
         let ebpf_round = match &mut self.ebpf {
             Some(s) => match s.drain() {
                 Ok(r) => Some(r),
@@ -544,7 +544,7 @@ impl TrackingSession {
         t_ms: f64,
         interval: Duration,
     ) -> Result<TrackRound, TrackerError> {
-        let vmas = read_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
+        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
         // Scan first, then drain: a write fault between the two is in this
         // round's eBPF set and the next round's kernel set, so eBPF pages
         // not matched yet are carried one round before they count as
@@ -620,7 +620,7 @@ impl TrackingSession {
 
     /// Arm without writing an image (first `track` round).
     pub fn arm(&mut self) -> Result<(), TrackerError> {
-        let vmas = read_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
+        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
         if let Some(s) = &mut self.ebpf {
             let _ = s.drain();
         }
@@ -843,6 +843,23 @@ pub fn resolve_backend(mode: TrackMode) -> Result<TrackMode, TrackerError> {
 
 fn yes_no(b: bool) -> &'static str {
     if b { "works" } else { "missing" }
+}
+
+/// The target's VMAs, with tern's scratch area (found by its header where
+/// the kernel cannot name it) named `[anon:tern-scratch]`, so that it is
+/// never recorded in an image.
+pub fn read_target_vmas(pid: i32) -> Result<Vec<crate::maps::Vma>, TrackerError> {
+    let mut vmas = read_vmas(pid)?;
+    let scratch = Injector::find_scratch(pid).unwrap_or_default();
+    for v in &mut vmas {
+        if scratch
+            .iter()
+            .any(|&a| v.start >= a && v.end <= a + crate::inject::SCRATCH_LEN)
+        {
+            v.name = Some(crate::maps::SCRATCH_NAME.to_string());
+        }
+    }
+    Ok(vmas)
 }
 
 /// Remove eBPF pins and host state left for processes that are gone. Pinned
