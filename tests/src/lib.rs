@@ -73,7 +73,8 @@ pub fn workload_bin(name: &str) -> PathBuf {
     let copy = dir.join(name);
     if !copy.is_file() {
         let tmp = dir.join(format!(".{name}.tmp"));
-        std::fs::copy(&p, &tmp).unwrap_or_else(|e| panic!("copy {} to {}: {e}", p.display(), tmp.display()));
+        std::fs::copy(&p, &tmp)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", p.display(), tmp.display()));
         std::fs::rename(&tmp, &copy).unwrap();
     }
     copy
@@ -144,7 +145,9 @@ impl Workload {
             pid,
             name: name.to_string(),
         };
-        let ready = w.read_reply(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{name} did not start: {e}"));
+        let ready = w
+            .read_reply(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{name} did not start: {e}"));
         assert_eq!(ready["ready"], true, "{name}: {ready}");
         w.settle().unwrap_or_else(|e| panic!("{e}"));
         w
@@ -191,7 +194,10 @@ impl Workload {
             last.starts_with("0 0x0 ") && proc::task_state(self.pid, self.pid) == Some('S')
         });
         if !ok && proc::alive(self.pid) {
-            return Err(format!("{} (pid {}) did not go back to reading stdin: {path}: {last:?}", self.name, self.pid));
+            return Err(format!(
+                "{} (pid {}) did not go back to reading stdin: {path}: {last:?}",
+                self.name, self.pid
+            ));
         }
         // Blocked once is not settled for good: look again a moment later.
         std::thread::sleep(Duration::from_millis(1));
@@ -208,7 +214,9 @@ impl Workload {
 
     /// Send a command, which must succeed (`"ok": true`); return the reply.
     pub fn cmd(&mut self, line: &str) -> Value {
-        let v = self.try_cmd(line).unwrap_or_else(|e| panic!("workload command {line:?}: {e}"));
+        let v = self
+            .try_cmd(line)
+            .unwrap_or_else(|e| panic!("workload command {line:?}: {e}"));
         if v["ok"] != true {
             panic!("workload command {line:?} failed: {v}");
         }
@@ -230,7 +238,10 @@ impl Workload {
         let st = wait_deadline(&mut self.child, Duration::from_secs(10));
         let v = v.unwrap_or_else(|e| panic!("selfcheck after SIGTERM: {e}; exit {st:?}"));
         assert_eq!(v["result"], "PASS", "selfcheck after SIGTERM: {v}");
-        assert!(st.is_some_and(|s| s.success()), "selfcheck exit status {st:?} ({v})");
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "selfcheck exit status {st:?} ({v})"
+        );
     }
 
     /// Wait for the process to exit by itself (at most `timeout`).
@@ -291,7 +302,8 @@ impl TernRun {
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line {l:?}: {e}\n{}", self.describe()))
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("not a JSON line {l:?}: {e}\n{}", self.describe()))
             })
             .collect()
     }
@@ -303,7 +315,11 @@ impl TernRun {
             "expected a non-zero exit:\n{}",
             self.describe()
         );
-        assert!(!self.stderr.trim().is_empty(), "failed without a message on stderr:\n{}", self.describe());
+        assert!(
+            !self.stderr.trim().is_empty(),
+            "failed without a message on stderr:\n{}",
+            self.describe()
+        );
         for m in must_mention {
             assert!(
                 self.stderr.contains(m),
@@ -326,7 +342,11 @@ fn parse_json(s: &str) -> Result<Value, String> {
     // Tolerate a log line before the object: take the last line that parses.
     s.lines()
         .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok().filter(|v| v.is_object()))
+        .find_map(|l| {
+            serde_json::from_str::<Value>(l.trim())
+                .ok()
+                .filter(|v| v.is_object())
+        })
         .ok_or_else(|| "stdout is not a JSON object".to_string())
 }
 
@@ -423,10 +443,23 @@ pub const PRE_DUMP_FIELDS: [&str; 11] = [
 
 fn check_pre_dump_json(v: &Value, pid: i32, run: &TernRun) {
     for f in PRE_DUMP_FIELDS {
-        assert!(v.get(f).is_some(), "pre-dump JSON lacks {f:?}: {v}\n{}", run.describe());
+        assert!(
+            v.get(f).is_some(),
+            "pre-dump JSON lacks {f:?}: {v}\n{}",
+            run.describe()
+        );
     }
-    assert_eq!(v["pid"].as_i64(), Some(pid as i64), "pre-dump JSON pid: {v}");
-    for f in ["pages_scanned", "pages_written", "pages_zero", "bytes_written"] {
+    assert_eq!(
+        v["pid"].as_i64(),
+        Some(pid as i64),
+        "pre-dump JSON pid: {v}"
+    );
+    for f in [
+        "pages_scanned",
+        "pages_written",
+        "pages_zero",
+        "bytes_written",
+    ] {
         assert!(v[f].is_u64(), "pre-dump JSON {f:?} is not a count: {v}");
     }
     for f in ["frozen_ms", "duration_ms"] {
@@ -448,7 +481,11 @@ pub fn assert_oracle(pid: i32, dir: &Path, when: &str) -> oracle::OracleReport {
 
 /// The target must be alive, untraced and not stopped.
 pub fn assert_running_untraced(pid: i32, when: &str) {
-    assert!(proc::alive(pid), "{when}: target {pid} is gone (state {:?})", proc::state(pid));
+    assert!(
+        proc::alive(pid),
+        "{when}: target {pid} is gone (state {:?})",
+        proc::state(pid)
+    );
     // Detach happens when the tracer exits, but give the kernel a moment.
     let mut traced = Vec::new();
     let mut stopped = Vec::new();
@@ -474,7 +511,11 @@ pub fn untrack(pid: i32) -> TernRun {
 /// no userfaultfd-registered VMA, no pinned eBPF objects, untraced.
 pub fn assert_untracked_exactly(pid: i32, baseline: &proc::Snapshot, when: &str) {
     let run = untrack(pid);
-    assert_exactly_as(pid, baseline, &format!("{when}, after `tern untrack` ({})", run.stdout.trim()));
+    assert_exactly_as(
+        pid,
+        baseline,
+        &format!("{when}, after `tern untrack` ({})", run.stdout.trim()),
+    );
 }
 
 /// The target is exactly as in `baseline`, with no tern state left.
@@ -482,7 +523,11 @@ pub fn assert_exactly_as(pid: i32, baseline: &proc::Snapshot, when: &str) {
     assert_running_untraced(pid, when);
     let now = proc::Snapshot::take(pid).unwrap();
     let d = proc::Snapshot::diff(baseline, &now, false);
-    assert!(d.is_empty(), "{when}: target {pid} differs from before:\n  {}", d.join("\n  "));
+    assert!(
+        d.is_empty(),
+        "{when}: target {pid} differs from before:\n  {}",
+        d.join("\n  ")
+    );
     let reg = proc::uffd_registered_vmas(pid).unwrap();
     assert!(
         reg.is_empty(),
@@ -495,12 +540,16 @@ pub fn assert_exactly_as(pid: i32, baseline: &proc::Snapshot, when: &str) {
 
 /// A fresh temporary directory.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("tern-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("tern-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// Data pages of the newest image in `dir` (from the page map).
 pub fn image_pages(dir: &Path, kind: images::PageKind) -> u64 {
-    let img = images::Image::open(dir).unwrap_or_else(|e| panic!("open image {}: {e}", dir.display()));
+    let img =
+        images::Image::open(dir).unwrap_or_else(|e| panic!("open image {}: {e}", dir.display()));
     img.total_pages(kind)
 }
 
@@ -527,7 +576,9 @@ pub fn process_vm_write(pid: i32, addr: u64, bytes: &[u8]) {
 
 /// Address of a workload reply (`"addr"`).
 pub fn addr_of(v: &Value) -> u64 {
-    v["addr"].as_u64().unwrap_or_else(|| panic!("no addr in {v}"))
+    v["addr"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no addr in {v}"))
 }
 
 /// A chain of pre-dumps of one target, each checked with the oracle.
@@ -570,12 +621,20 @@ impl Chain {
         let extra: Vec<&str> = self.extra.iter().map(|s| s.as_str()).collect();
         let v = pre_dump(self.pid, &dir, self.prev.as_deref(), &extra);
         if let Some(b) = &self.expect_backend {
-            assert_eq!(v["backend"].as_str(), Some(b.as_str()), "round {} backend: {v}", self.rounds);
+            assert_eq!(
+                v["backend"].as_str(),
+                Some(b.as_str()),
+                "round {} backend: {v}",
+                self.rounds
+            );
         }
         assert_oracle(
             self.pid,
             &dir,
-            &format!("round {} (after: {what}; flags {:?}); tern said {v}", self.rounds, self.extra),
+            &format!(
+                "round {} (after: {what}; flags {:?}); tern said {v}",
+                self.rounds, self.extra
+            ),
         );
         self.prev = Some(dir);
         v

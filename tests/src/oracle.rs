@@ -19,7 +19,10 @@ impl Stopped {
     /// SIGSTOP `pid` and wait until every thread is in state `T`.
     pub fn new(pid: i32) -> Result<Stopped, String> {
         if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
-            return Err(format!("SIGSTOP {pid}: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "SIGSTOP {pid}: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         let s = Stopped { pid };
         let ok = proc::wait_until(Duration::from_secs(5), || {
@@ -31,7 +34,9 @@ impl Stopped {
                 .into_iter()
                 .map(|t| format!("{t}:{:?}", proc::task_state(pid, t)))
                 .collect();
-            return Err(format!("pid {pid} did not stop within 5 s (thread states {states:?})"));
+            return Err(format!(
+                "pid {pid} did not stop within 5 s (thread states {states:?})"
+            ));
         }
         Ok(s)
     }
@@ -83,7 +88,11 @@ fn fmt_vma(v: &VmaRecord) -> String {
 /// checked maps entry must be covered by dumped chain VMAs with the same
 /// permissions and name, and every dumped chain VMA must lie in such entries.
 /// `scratch`: tern's scratch areas, ignored on both sides.
-pub fn compare_vmas(chain_vmas: &[VmaRecord], maps: &[MapEntry], scratch: &[(u64, u64)]) -> Vec<String> {
+pub fn compare_vmas(
+    chain_vmas: &[VmaRecord],
+    maps: &[MapEntry],
+    scratch: &[(u64, u64)],
+) -> Vec<String> {
     let mut errs = Vec::new();
     let mut checked = checked_maps(maps);
     checked.retain(|m| !proc::in_areas(scratch, m.start, m.end));
@@ -93,10 +102,16 @@ pub fn compare_vmas(chain_vmas: &[VmaRecord], maps: &[MapEntry], scratch: &[(u64
         .collect();
     for m in &checked {
         let mut at = m.start;
-        let overl: Vec<&&VmaRecord> = dumped.iter().filter(|v| v.start < m.end && v.end > m.start).collect();
+        let overl: Vec<&&VmaRecord> = dumped
+            .iter()
+            .filter(|v| v.start < m.end && v.end > m.start)
+            .collect();
         for v in &overl {
             if v.start > at {
-                errs.push(format!("target VMA {m}: {:#x}-{:#x} not in the chain as a dumped VMA", at, v.start));
+                errs.push(format!(
+                    "target VMA {m}: {:#x}-{:#x} not in the chain as a dumped VMA",
+                    at, v.start
+                ));
             }
             if v.perms != m.perms || vma_name(v) != m.name {
                 errs.push(format!("target VMA {m}: the chain has {}", fmt_vma(v)));
@@ -117,7 +132,10 @@ pub fn compare_vmas(chain_vmas: &[VmaRecord], maps: &[MapEntry], scratch: &[(u64
     }
     for v in &dumped {
         let mut at = v.start;
-        for m in checked.iter().filter(|m| m.start < v.end && m.end > v.start) {
+        for m in checked
+            .iter()
+            .filter(|m| m.start < v.end && m.end > v.start)
+        {
             if m.start > at {
                 break;
             }
@@ -164,14 +182,17 @@ const CHUNK_PAGES: u64 = 2048; // 8 MiB
 
 /// Stop `pid`, compare its memory with the chain in `dir`, continue it.
 pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
-    let chain = ImageChain::open(dir).map_err(|e| format!("oracle: cannot open the chain {}: {e}", dir.display()))?;
+    let chain = ImageChain::open(dir)
+        .map_err(|e| format!("oracle: cannot open the chain {}: {e}", dir.display()))?;
     let _stop = Stopped::new(pid)?;
     let maps = proc::maps(pid)?;
     let scratch = proc::scratch_areas(pid, &maps);
     let mut errs = compare_vmas(chain.vmas(), &maps, &scratch);
     let mut report = OracleReport::default();
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+        .map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
     let mut diffs = Vec::new();
     let mut ndiff = 0u64;
     for v in chain
@@ -189,9 +210,14 @@ pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
             let end = (at + CHUNK_PAGES * PAGE_SIZE).min(v.end);
             let range = PageRange::new(at, end);
             let npages = range.pages() as usize;
-            let expect = chain
-                .read_range(v, range)
-                .map_err(|e| format!("oracle: chain {} cannot reassemble {:#x}-{:#x}: {e}", dir.display(), at, end))?;
+            let expect = chain.read_range(v, range).map_err(|e| {
+                format!(
+                    "oracle: chain {} cannot reassemble {:#x}-{:#x}: {e}",
+                    dir.display(),
+                    at,
+                    end
+                )
+            })?;
             let mut actual = vec![0u8; range.len() as usize];
             // Private anonymous pages that are neither present nor swapped
             // read as zeros: skip reading them (it would populate them).
@@ -226,7 +252,10 @@ pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
             }
             for p in 0..npages {
                 let o = p * PAGE_SIZE as usize;
-                let (x, y) = (&actual[o..o + PAGE_SIZE as usize], &expect[o..o + PAGE_SIZE as usize]);
+                let (x, y) = (
+                    &actual[o..o + PAGE_SIZE as usize],
+                    &expect[o..o + PAGE_SIZE as usize],
+                );
                 if x != y {
                     ndiff += 1;
                     if diffs.len() < 16 {
@@ -264,11 +293,21 @@ pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
         if errs.len() > 30 {
             let _ = write!(s, "\n  ... {} more", errs.len() - 30);
         }
-        let _ = write!(s, "\n  target maps:\n{}", maps.iter().map(|m| format!("    {m}\n")).collect::<String>());
+        let _ = write!(
+            s,
+            "\n  target maps:\n{}",
+            maps.iter()
+                .map(|m| format!("    {m}\n"))
+                .collect::<String>()
+        );
         let _ = write!(
             s,
             "  chain VMAs:\n{}",
-            chain.vmas().iter().map(|v| format!("    {}\n", fmt_vma(v))).collect::<String>()
+            chain
+                .vmas()
+                .iter()
+                .map(|v| format!("    {}\n", fmt_vma(v)))
+                .collect::<String>()
         );
         Err(s)
     }
@@ -303,6 +342,7 @@ pub fn write_reference_image(pid: i32, dir: &Path) -> Result<(), String> {
         }
     }
     let inv = Inventory::new(ImageKind::PreDump, pid, "reference", true);
-    w.finish(&MmRecord { vmas }, &inv).map_err(|e| e.to_string())?;
+    w.finish(&MmRecord { vmas }, &inv)
+        .map_err(|e| e.to_string())?;
     Ok(())
 }

@@ -27,13 +27,13 @@ impl Rng {
             .unwrap_or(0);
         Rng::new(t ^ ((std::process::id() as u64) << 40))
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = mix(self.0);
         self.0
     }
     /// Uniform in `0..n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
 

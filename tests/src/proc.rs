@@ -49,7 +49,13 @@ impl fmt::Display for MapEntry {
 }
 
 /// Names that are the kernel's or tern's, not the program's memory.
-pub const IGNORED_NAMES: [&str; 5] = ["[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[anon:tern-scratch]"];
+pub const IGNORED_NAMES: [&str; 5] = [
+    "[vvar]",
+    "[vvar_vclock]",
+    "[vdso]",
+    "[vsyscall]",
+    "[anon:tern-scratch]",
+];
 pub const SCRATCH_NAME: &str = "[anon:tern-scratch]";
 /// First bytes of tern's scratch area (tracker/src/inject.rs, `layout`).
 /// Kernels without CONFIG_ANON_VMA_NAME (this machine's) cannot name the
@@ -88,7 +94,11 @@ pub fn scratch_areas(pid: i32, maps: &[MapEntry]) -> Vec<(u64, u64)> {
         while j < maps.len()
             && maps[j].start == end
             && maps[j].inode == 0
-            && (if named { maps[j].name == SCRATCH_NAME } else { maps[j].name.is_empty() })
+            && (if named {
+                maps[j].name == SCRATCH_NAME
+            } else {
+                maps[j].name.is_empty()
+            })
             && maps[j].end <= start + SCRATCH_LEN
         {
             end = maps[j].end;
@@ -130,7 +140,8 @@ pub fn parse_maps(text: &str) -> Vec<MapEntry> {
 }
 
 pub fn maps(pid: i32) -> Result<Vec<MapEntry>, String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
     Ok(parse_maps(&text))
 }
 
@@ -182,8 +193,10 @@ pub fn alive(pid: i32) -> bool {
 
 fn status_field(path: &str, field: &str) -> Option<String> {
     let s = std::fs::read_to_string(path).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(field).map(|v| v.trim_start_matches(':').trim().to_string()))
+    s.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .map(|v| v.trim_start_matches(':').trim().to_string())
+    })
 }
 
 /// (tid, TracerPid) for every thread whose TracerPid is not 0.
@@ -203,21 +216,33 @@ pub fn traced_threads(pid: i32) -> Vec<(i32, i32)> {
 pub fn stopped_threads(pid: i32) -> Vec<(i32, char)> {
     tids(pid)
         .into_iter()
-        .filter_map(|t| task_state(pid, t).filter(|c| *c == 'T' || *c == 't').map(|c| (t, c)))
+        .filter_map(|t| {
+            task_state(pid, t)
+                .filter(|c| *c == 'T' || *c == 't')
+                .map(|c| (t, c))
+        })
         .collect()
 }
 
 /// VmFlags of every VMA that has any of the userfaultfd flags (`um`, `uw`, `ui`).
 pub fn uffd_registered_vmas(pid: i32) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
     let mut out = Vec::new();
     let mut head = String::new();
     for l in text.lines() {
         if let Some(flags) = l.strip_prefix("VmFlags:") {
-            if flags.split_whitespace().any(|f| f == "um" || f == "uw" || f == "ui") {
+            if flags
+                .split_whitespace()
+                .any(|f| f == "um" || f == "uw" || f == "ui")
+            {
                 out.push(format!("{head} [{}]", flags.trim()));
             }
-        } else if l.split_whitespace().next().is_some_and(|w| w.contains('-') && !w.ends_with(':')) {
+        } else if l
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
+        {
             head = l.to_string();
         }
     }
@@ -269,8 +294,12 @@ impl Snapshot {
         let mut out = Vec::new();
         let mut after_maps: Vec<&MapEntry> = after.maps.iter().collect();
         if allow_tern_state {
-            let new_areas: Vec<(u64, u64)> =
-                after.scratch.iter().copied().filter(|a| !before.scratch.contains(a)).collect();
+            let new_areas: Vec<(u64, u64)> = after
+                .scratch
+                .iter()
+                .copied()
+                .filter(|a| !before.scratch.contains(a))
+                .collect();
             if new_areas.len() > 1 {
                 out.push(format!(
                     "{} tern scratch areas (at most one allowed): {:x?}",

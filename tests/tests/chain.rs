@@ -14,13 +14,34 @@ struct Step {
 
 fn steps() -> Vec<Step> {
     vec![
-        Step { cmd: "dirty a 0,7,100-120", dirtied: Some(23) },
-        Step { cmd: "dirty_frac b 0.2 3", dirtied: Some(frac_set(256, 0.2, 3).len() as u64) },
-        Step { cmd: "zap a 50 10", dirtied: Some(0) },
-        Step { cmd: "dirty n 0-9", dirtied: Some(10) },
-        Step { cmd: "dirty s 1-4", dirtied: Some(4) },
-        Step { cmd: "dirty z 0-63", dirtied: Some(64) },
-        Step { cmd: "ping", dirtied: Some(0) },
+        Step {
+            cmd: "dirty a 0,7,100-120",
+            dirtied: Some(23),
+        },
+        Step {
+            cmd: "dirty_frac b 0.2 3",
+            dirtied: Some(frac_set(256, 0.2, 3).len() as u64),
+        },
+        Step {
+            cmd: "zap a 50 10",
+            dirtied: Some(0),
+        },
+        Step {
+            cmd: "dirty n 0-9",
+            dirtied: Some(10),
+        },
+        Step {
+            cmd: "dirty s 1-4",
+            dirtied: Some(4),
+        },
+        Step {
+            cmd: "dirty z 0-63",
+            dirtied: Some(64),
+        },
+        Step {
+            cmd: "ping",
+            dirtied: Some(0),
+        },
     ]
 }
 
@@ -38,8 +59,14 @@ fn multi_round(track: Option<&str>, extra: &[&str]) {
     // Everything populated is in round 1: 256 + 256 + 32 data pages at least,
     // the 64 zero-filled pages recorded as zero pages.
     let written = v["pages_written"].as_u64().unwrap();
-    assert!(written >= 544, "round 1 wrote {written} pages, populated data is at least 544: {v}");
-    assert!(v["pages_zero"].as_u64().unwrap() >= 64, "round 1: the 64 zero-filled pages are zero pages: {v}");
+    assert!(
+        written >= 544,
+        "round 1 wrote {written} pages, populated data is at least 544: {v}"
+    );
+    assert!(
+        v["pages_zero"].as_u64().unwrap() >= 64,
+        "round 1: the 64 zero-filled pages are zero pages: {v}"
+    );
     let incremental = c.expect_backend.as_deref() != Some("full");
     for s in steps() {
         w.cmd(s.cmd);
@@ -48,7 +75,11 @@ fn multi_round(track: Option<&str>, extra: &[&str]) {
             if incremental {
                 assert_incremental(&v, d, &format!("{:?} after {:?}", track, s.cmd));
             } else {
-                assert!(v["pages_written"].as_u64().unwrap() >= 544, "full copy after {:?}: {v}", s.cmd);
+                assert!(
+                    v["pages_written"].as_u64().unwrap() >= 544,
+                    "full copy after {:?}: {v}",
+                    s.cmd
+                );
             }
         }
     }

@@ -35,20 +35,44 @@ fn check_json_is_truthful_here() {
     let run = tern(&["check", "--json"]);
     let v = run.json();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let k = v["kernel"].as_str().unwrap_or_else(|| panic!("no kernel string: {v}"));
-    assert!(k.contains(kernel.trim()), "kernel {k:?}, uname -r says {:?}", kernel.trim());
+    let k = v["kernel"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no kernel string: {v}"));
+    assert!(
+        k.contains(kernel.trim()),
+        "kernel {k:?}, uname -r says {:?}",
+        kernel.trim()
+    );
     let f = &v["features"];
     for name in FEATURES {
-        assert!(f[name].is_boolean(), "features.{name} is not a boolean: {v}");
+        assert!(
+            f[name].is_boolean(),
+            "features.{name} is not a boolean: {v}"
+        );
     }
     // Measured on this machine (DESIGN.md, "Kernel facts").
-    assert_eq!(f["soft_dirty"], false, "soft-dirty is not compiled in here: {v}");
-    assert!(!soft_dirty_works(), "the independent probe found soft-dirty working; tern check says {v}");
+    assert_eq!(
+        f["soft_dirty"], false,
+        "soft-dirty is not compiled in here: {v}"
+    );
+    assert!(
+        !soft_dirty_works(),
+        "the independent probe found soft-dirty working; tern check says {v}"
+    );
     for name in ["uffd", "uffd_wp", "uffd_wp_async", "pagemap_scan"] {
         assert_eq!(f[name], true, "{name} works here: {v}");
     }
-    for name in ["ebpf_tracepoints", "pidfd_getfd", "suspend_seccomp", "rseq_config", "clone3_set_tid"] {
-        assert_eq!(f[name], true, "{name} was verified on this machine (DESIGN.md): {v}");
+    for name in [
+        "ebpf_tracepoints",
+        "pidfd_getfd",
+        "suspend_seccomp",
+        "rseq_config",
+        "clone3_set_tid",
+    ] {
+        assert_eq!(
+            f[name], true,
+            "{name} was verified on this machine (DESIGN.md): {v}"
+        );
     }
     assert_eq!(v["backend"], "uffd-wp", "{v}");
 }

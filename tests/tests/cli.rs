@@ -13,7 +13,10 @@ fn tern_state(pid: i32) -> (Vec<(u64, u64)>, Vec<i32>) {
     let fds = proc::fds(pid).unwrap();
     (
         proc::scratch_areas(pid, &maps),
-        fds.into_iter().filter(|(_, t)| t == proc::UFFD_LINK).map(|(n, _)| n).collect(),
+        fds.into_iter()
+            .filter(|(_, t)| t == proc::UFFD_LINK)
+            .map(|(n, _)| n)
+            .collect(),
     )
 }
 
@@ -31,7 +34,11 @@ fn images_exclude_the_scratch_area() {
     let inv = images::Inventory::load(&d2).unwrap();
     if let Some(&(s, e)) = scratch.first() {
         let rec = inv.tracking.as_ref().and_then(|t| t.scratch_addr);
-        assert_eq!(rec, Some(s), "inventory.json tracking.scratch_addr vs the scratch area at {s:#x}");
+        assert_eq!(
+            rec,
+            Some(s),
+            "inventory.json tracking.scratch_addr vs the scratch area at {s:#x}"
+        );
         // tern's own scratch area is not the program's memory: a restore
         // from this chain must not recreate it.
         let chain = restorer::ImageChain::open(&d2).unwrap();
@@ -58,20 +65,37 @@ fn separate_invocations_reuse_the_tracking_state() {
     let mut c = Chain::new(pid, Some("uffd-wp"), &[]);
     c.round("start");
     let (scratch1, uffd1) = tern_state(pid);
-    assert!(scratch1.len() <= 1 && uffd1.len() == 1, "after one pre-dump: scratch {scratch1:?}, uffd fds {uffd1:?}");
+    assert!(
+        scratch1.len() <= 1 && uffd1.len() == 1,
+        "after one pre-dump: scratch {scratch1:?}, uffd fds {uffd1:?}"
+    );
     assert_running_untraced(pid, "between invocations");
     for i in 0..3 {
         w.cmd(&format!("dirty a {}-{}", i * 10, i * 10 + 9));
         let v = c.round("dirty 10 pages");
         assert_incremental(&v, 10, "separate invocation");
         let (scratch, uffd) = tern_state(pid);
-        assert_eq!(uffd, uffd1, "invocation {i}: the tracking fd was not reused");
-        assert!(scratch.len() <= 1, "invocation {i}: {} scratch areas", scratch.len());
+        assert_eq!(
+            uffd, uffd1,
+            "invocation {i}: the tracking fd was not reused"
+        );
+        assert!(
+            scratch.len() <= 1,
+            "invocation {i}: {} scratch areas",
+            scratch.len()
+        );
         if !scratch1.is_empty() && !scratch.is_empty() {
-            assert_eq!(scratch, scratch1, "invocation {i}: a new scratch area instead of reusing the first");
+            assert_eq!(
+                scratch, scratch1,
+                "invocation {i}: a new scratch area instead of reusing the first"
+            );
         }
         let d = proc::Snapshot::diff(&baseline, &proc::Snapshot::take(pid).unwrap(), true);
-        assert!(d.is_empty(), "invocation {i}: more than the documented state changed:\n  {}", d.join("\n  "));
+        assert!(
+            d.is_empty(),
+            "invocation {i}: more than the documented state changed:\n  {}",
+            d.join("\n  ")
+        );
     }
     assert_untracked_exactly(pid, &baseline, "after 4 invocations");
     // Untracking twice is harmless.
@@ -129,7 +153,10 @@ fn show_describes_the_chain() {
     // The pre-dump JSON agrees with what the image holds.
     for (d, v) in dirs.iter().zip(&out) {
         // pages_written counts the data pages, or data and zero pages.
-        let (data, zero) = (image_pages(d, images::PageKind::Data), image_pages(d, images::PageKind::Zero));
+        let (data, zero) = (
+            image_pages(d, images::PageKind::Data),
+            image_pages(d, images::PageKind::Zero),
+        );
         let w = v["pages_written"].as_u64().unwrap();
         assert!(
             w == data || w == data + zero,
@@ -143,7 +170,12 @@ fn show_describes_the_chain() {
             d.display()
         );
         let stored = std::fs::metadata(d.join(images::PAGES_FILE)).unwrap().len();
-        assert_eq!(v["bytes_written"].as_u64().unwrap(), stored, "bytes_written vs pages.img in {}: {v}", d.display());
+        assert_eq!(
+            v["bytes_written"].as_u64().unwrap(),
+            stored,
+            "bytes_written vs pages.img in {}: {v}",
+            d.display()
+        );
     }
 
     let newest = dirs.last().unwrap();
@@ -153,7 +185,11 @@ fn show_describes_the_chain() {
     strings(&v, &mut s);
     for d in &dirs {
         let id = inventory_id(d);
-        assert!(s.iter().any(|x| x == &id), "tern show --json does not list image {} (id {id}): {v}", d.display());
+        assert!(
+            s.iter().any(|x| x == &id),
+            "tern show --json does not list image {} (id {id}): {v}",
+            d.display()
+        );
     }
     // Page counts per image, as the chain reader computes them.
     let chain = restorer::ImageChain::open(newest).unwrap();
@@ -161,8 +197,12 @@ fn show_describes_the_chain() {
     objects_with(&v, "data_pages", &mut objs);
     for sum in chain.summary() {
         assert!(
-            objs.iter().any(|o| o["data_pages"].as_u64() == Some(sum.data_pages)
-                && o.as_object().unwrap().values().any(|x| x.as_str() == Some(sum.id.as_str()))),
+            objs.iter()
+                .any(|o| o["data_pages"].as_u64() == Some(sum.data_pages)
+                    && o.as_object()
+                        .unwrap()
+                        .values()
+                        .any(|x| x.as_str() == Some(sum.id.as_str()))),
             "tern show --json: no image entry with id {} and data_pages {}: {v}",
             sum.id,
             sum.data_pages
@@ -181,7 +221,11 @@ fn show_describes_the_chain() {
     assert!(run.ok(), "{}", run.describe());
     for d in &dirs {
         let name = d.file_name().unwrap().to_string_lossy();
-        assert!(run.stdout.contains(&*name), "human tern show does not name {name}:\n{}", run.describe());
+        assert!(
+            run.stdout.contains(&*name),
+            "human tern show does not name {name}:\n{}",
+            run.describe()
+        );
     }
 }
 
@@ -193,7 +237,16 @@ fn track_between_pre_dumps_keeps_the_chain_right() {
     let mut c = Chain::new(pid, Some("uffd-wp"), &[]);
     c.round("start");
     w.cmd("dirty a 0-9");
-    let run = tern(&["track", "-t", &pid.to_string(), "--interval-ms", "50", "--rounds", "2", "--json"]);
+    let run = tern(&[
+        "track",
+        "-t",
+        &pid.to_string(),
+        "--interval-ms",
+        "50",
+        "--rounds",
+        "2",
+        "--json",
+    ]);
     assert!(run.ok(), "{}", run.describe());
     w.cmd("dirty a 100-109");
     // Pages dirtied before and after the track must both be in the next image.
@@ -216,7 +269,11 @@ fn pre_dump_after_untrack_is_still_right() {
     // refuse clearly; never write an image that misses the writes.
     let run = pre_dump_run(pid, &d2, Some(&d1), &[]);
     if run.ok() {
-        assert_oracle(pid, &d2, &format!("chain continued after untrack: {}", run.stdout));
+        assert_oracle(
+            pid,
+            &d2,
+            &format!("chain continued after untrack: {}", run.stdout),
+        );
     } else {
         run.assert_clear_failure(&[]);
         eprintln!("refused (acceptable): {}", run.stderr);
@@ -240,7 +297,11 @@ fn parent_image_of_another_process() {
         run.assert_clear_failure(&[]);
     }
     untrack(a.pid());
-    if proc::fds(b.pid()).unwrap().values().any(|t| t == proc::UFFD_LINK) {
+    if proc::fds(b.pid())
+        .unwrap()
+        .values()
+        .any(|t| t == proc::UFFD_LINK)
+    {
         untrack(b.pid());
     }
 }

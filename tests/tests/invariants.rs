@@ -18,7 +18,7 @@ fn kill_loop(what: &str) {
     let baseline = proc::Snapshot::take(pid).unwrap();
     let d = tempdir();
     let mut rng = Rng::from_time();
-    let seed = rng.next();
+    let seed = rng.next_u64();
     let mut rng = Rng::new(seed);
     let mut prev_ok: Option<PathBuf> = None;
     let mut finished = 0;
@@ -28,7 +28,16 @@ fn kill_loop(what: &str) {
         let t = Instant::now();
         let run = match what {
             "pre-dump" => pre_dump_run(pid, &d.path().join("whole"), None, &[]),
-            _ => tern(&["track", "-t", &pid.to_string(), "--interval-ms", "5", "--rounds", "3", "--json"]),
+            _ => tern(&[
+                "track",
+                "-t",
+                &pid.to_string(),
+                "--interval-ms",
+                "5",
+                "--rounds",
+                "3",
+                "--json",
+            ]),
         };
         assert!(run.ok(), "an uninterrupted run failed:\n{}", run.describe());
         if what == "pre-dump" {
@@ -41,11 +50,21 @@ fn kill_loop(what: &str) {
         // Mostly 0-50 ms (in microseconds, so that short delays vary too);
         // every fourth kill anywhere in a whole run.
         // (at most 3 s: a loaded machine makes whole runs slow.)
-        let span = if i % 4 == 3 { whole.as_micros().clamp(50_000, 3_000_000) as u64 } else { 50_000 };
+        let span = if i % 4 == 3 {
+            whole.as_micros().clamp(50_000, 3_000_000) as u64
+        } else {
+            50_000
+        };
         let delay = Duration::from_micros(rng.below(span + 1));
         let dir = d.path().join(format!("{i}"));
         let mut args: Vec<String> = match what {
-            "pre-dump" => vec!["pre-dump".into(), "-t".into(), pid.to_string(), "-D".into(), dir.display().to_string()],
+            "pre-dump" => vec![
+                "pre-dump".into(),
+                "-t".into(),
+                pid.to_string(),
+                "-D".into(),
+                dir.display().to_string(),
+            ],
             _ => vec![
                 "track".into(),
                 "-t".into(),
@@ -65,7 +84,9 @@ fn kill_loop(what: &str) {
         std::thread::sleep(delay);
         let _ = child.kill();
         let st = child.wait().unwrap();
-        let ctx = format!("iteration {i} (seed {seed:#x}): tern {what} SIGKILLed after {delay:?} (status {st})");
+        let ctx = format!(
+            "iteration {i} (seed {seed:#x}): tern {what} SIGKILLed after {delay:?} (status {st})"
+        );
         if st.success() {
             finished += 1;
             if what == "pre-dump" {
@@ -78,7 +99,11 @@ fn kill_loop(what: &str) {
             left_state += 1;
         }
         let diff = proc::Snapshot::diff(&baseline, &now, true);
-        assert!(diff.is_empty(), "{ctx}: the target changed beyond the documented state:\n  {}", diff.join("\n  "));
+        assert!(
+            diff.is_empty(),
+            "{ctx}: the target changed beyond the documented state:\n  {}",
+            diff.join("\n  ")
+        );
         if i % 8 == 7 {
             w.self_check(&ctx);
         }
@@ -92,9 +117,17 @@ fn kill_loop(what: &str) {
     // The next tern works on the same target...
     let fin = d.path().join("final");
     let run = pre_dump_run(pid, &fin, None, &[]);
-    assert!(run.ok(), "a pre-dump after the kills failed:\n{}", run.describe());
+    assert!(
+        run.ok(),
+        "a pre-dump after the kills failed:\n{}",
+        run.describe()
+    );
     let diff = proc::Snapshot::diff(&baseline, &proc::Snapshot::take(pid).unwrap(), true);
-    assert!(diff.is_empty(), "after the final pre-dump:\n  {}", diff.join("\n  "));
+    assert!(
+        diff.is_empty(),
+        "after the final pre-dump:\n  {}",
+        diff.join("\n  ")
+    );
     // ...and untrack restores the target exactly.
     assert_untracked_exactly(pid, &baseline, "after the kills");
     w.self_check("at the end");
@@ -146,7 +179,11 @@ fn target_exits_mid_pre_dump() {
 /// The target is untouched by a refused invocation.
 fn refused_without_trace(pid: i32, baseline: &proc::Snapshot, run: &TernRun, names: &[&str]) {
     run.assert_clear_failure(names);
-    assert_exactly_as(pid, baseline, &format!("after a refused `tern {}`", run.args.join(" ")));
+    assert_exactly_as(
+        pid,
+        baseline,
+        &format!("after a refused `tern {}`", run.args.join(" ")),
+    );
 }
 
 #[test]
@@ -156,9 +193,18 @@ fn missing_pid() {
     let dir = d.path().join("img");
     let run = pre_dump_run(pid, &dir, None, &[]);
     run.assert_clear_failure(&[&pid.to_string()]);
-    assert!(!dir.join(images::INVENTORY_FILE).exists(), "an image was written for a missing pid");
+    assert!(
+        !dir.join(images::INVENTORY_FILE).exists(),
+        "an image was written for a missing pid"
+    );
     for args in [
-        vec!["track".to_string(), "-t".into(), pid.to_string(), "--rounds".into(), "1".into()],
+        vec![
+            "track".to_string(),
+            "-t".into(),
+            pid.to_string(),
+            "--rounds".into(),
+            "1".into(),
+        ],
         vec!["untrack".to_string(), "-t".into(), pid.to_string()],
     ] {
         let run = tern(&args);
@@ -274,7 +320,12 @@ fn soft_dirty_requested_here_is_refused() {
     w.cmd("alloc a 16 rand");
     let baseline = proc::Snapshot::take(w.pid()).unwrap();
     let d = tempdir();
-    let run = pre_dump_run(w.pid(), &d.path().join("img"), None, &["--track", "soft-dirty"]);
+    let run = pre_dump_run(
+        w.pid(),
+        &d.path().join("img"),
+        None,
+        &["--track", "soft-dirty"],
+    );
     refused_without_trace(w.pid(), &baseline, &run, &["soft-dirty"]);
 }
 
@@ -288,6 +339,10 @@ fn existing_image_is_not_overwritten() {
     let id = images::Inventory::load(&dir).unwrap().id;
     let run = pre_dump_run(w.pid(), &dir, None, &[]);
     run.assert_clear_failure(&[&dir.display().to_string()]);
-    assert_eq!(images::Inventory::load(&dir).unwrap().id, id, "the image was replaced");
+    assert_eq!(
+        images::Inventory::load(&dir).unwrap().id,
+        id,
+        "the image was replaced"
+    );
     untrack(w.pid());
 }

@@ -23,7 +23,10 @@ fn reference_image_passes_the_oracle() {
     let r = assert_oracle(w.pid(), &img, "reference image");
     assert!(r.pages_compared > 200, "{r:?}");
     assert!(proc::alive(w.pid()));
-    assert!(proc::stopped_threads(w.pid()).is_empty(), "oracle left the target stopped");
+    assert!(
+        proc::stopped_threads(w.pid()).is_empty(),
+        "oracle left the target stopped"
+    );
 }
 
 #[test]
@@ -85,7 +88,10 @@ fn selfcheck_workload_passes_and_terminates() {
     let mut w2 = Workload::selfcheck(4);
     w.terminate_and_check();
     let maps = proc::maps(w2.pid()).unwrap();
-    let big = maps.iter().find(|m| m.end - m.start == 4 << 20 && m.is_private_anon()).expect("4 MiB region");
+    let big = maps
+        .iter()
+        .find(|m| m.end - m.start == 4 << 20 && m.is_private_anon())
+        .expect("4 MiB region");
     process_vm_write(w2.pid(), big.start + 4096, b"x");
     let v = w2.try_cmd("check").unwrap();
     assert_eq!(v["result"], "FAIL", "{v}");

@@ -29,7 +29,12 @@ fn one_gib_two_percent_dirty() {
     let set = frac_set(GIB_PAGES, 0.02, 2024);
     let n = set.len() as u64;
     w.cmd("dirty_frac big 0.02 2024");
-    let v2 = pre_dump(pid, &d2, Some(&d1), &["--track", "uffd-wp", "--no-compress"]);
+    let v2 = pre_dump(
+        pid,
+        &d2,
+        Some(&d1),
+        &["--track", "uffd-wp", "--no-compress"],
+    );
     eprintln!("pre-dump 2 ({n} pages dirtied): {v2}");
     let written = v2["pages_written"].as_u64().unwrap();
     let margin = GIB_PAGES / 100;
@@ -39,7 +44,10 @@ fn one_gib_two_percent_dirty() {
         n + margin
     );
     let frozen = num(&v2, "frozen_ms");
-    assert!(frozen < 5.0, "frozen_ms {frozen} with uffd-wp (expected near 0): {v2}");
+    assert!(
+        frozen < 5.0,
+        "frozen_ms {frozen} with uffd-wp (expected near 0): {v2}"
+    );
     if v2["ebpf"] == true {
         let e = v2["ebpf_pages"].as_u64().unwrap_or(0);
         assert!(
@@ -49,7 +57,11 @@ fn one_gib_two_percent_dirty() {
     }
     let t = Instant::now();
     let r = assert_oracle(pid, &d2, "1 GiB, second pre-dump");
-    eprintln!("oracle over {} pages in {:?}", r.pages_compared, t.elapsed());
+    eprintln!(
+        "oracle over {} pages in {:?}",
+        r.pages_compared,
+        t.elapsed()
+    );
     assert!(r.pages_compared >= GIB_PAGES);
     assert_untracked_exactly(pid, &baseline, "1 GiB test");
 }
@@ -74,12 +86,30 @@ fn track_ebpf_sees_user_first_writes() {
     let pid = w.pid();
     std::thread::sleep(Duration::from_millis(50));
     let baseline = proc::Snapshot::take(pid).unwrap();
-    let run = tern(&["track", "-t", &pid.to_string(), "--interval-ms", "200", "--rounds", "5", "--json"]);
+    let run = tern(&[
+        "track",
+        "-t",
+        &pid.to_string(),
+        "--interval-ms",
+        "200",
+        "--rounds",
+        "5",
+        "--json",
+    ]);
     assert!(run.ok(), "{}", run.describe());
     let lines = run.json_lines();
     assert_eq!(lines.len(), 5, "one line per round:\n{}", run.describe());
     for (i, l) in lines.iter().enumerate() {
-        for f in ["round", "t_ms", "kernel_pages", "ebpf_pages", "both", "kernel_only", "ebpf_only", "dirty_rate_mb_s"] {
+        for f in [
+            "round",
+            "t_ms",
+            "kernel_pages",
+            "ebpf_pages",
+            "both",
+            "kernel_only",
+            "ebpf_only",
+            "dirty_rate_mb_s",
+        ] {
             assert!(l.get(f).is_some(), "track line {i} lacks {f:?}: {l}");
         }
         let (k, b, ko) = (
@@ -88,19 +118,29 @@ fn track_ebpf_sees_user_first_writes() {
             l["kernel_only"].as_u64().unwrap(),
         );
         assert_eq!(k, b + ko, "kernel_pages = both + kernel_only: {l}");
-        let (e, eo) = (l["ebpf_pages"].as_u64().unwrap(), l["ebpf_only"].as_u64().unwrap());
+        let (e, eo) = (
+            l["ebpf_pages"].as_u64().unwrap(),
+            l["ebpf_only"].as_u64().unwrap(),
+        );
         assert_eq!(e, b + eo, "ebpf_pages = both + ebpf_only: {l}");
     }
     let (k, _e, b) = track_totals(&lines);
     eprintln!("track: kernel {k}, both {b}; lines: {}", run.stdout.trim());
-    assert!(k > 2000, "the kernel saw only {k} dirtied pages in 1 s of writing ~800 pages every 20 ms");
+    assert!(
+        k > 2000,
+        "the kernel saw only {k} dirtied pages in 1 s of writing ~800 pages every 20 ms"
+    );
     assert!(
         b as f64 >= 0.99 * k as f64,
         "eBPF saw {b} of the {k} pages the kernel reported written (< 99%):\n{}",
         run.stdout
     );
-    let rate: f64 = lines.iter().map(|l| num(l, "dirty_rate_mb_s")).sum::<f64>() / lines.len() as f64;
-    assert!(rate > 1.0, "dirty rate {rate} MB/s while writing ~160 MB/s of pages");
+    let rate: f64 =
+        lines.iter().map(|l| num(l, "dirty_rate_mb_s")).sum::<f64>() / lines.len() as f64;
+    assert!(
+        rate > 1.0,
+        "dirty rate {rate} MB/s while writing ~160 MB/s of pages"
+    );
     // Telemetry only: the target is exactly as found.
     assert_exactly_as(pid, &baseline, "after tern track");
     w.cmd("bg_stop");
@@ -114,7 +154,10 @@ fn pre_dump_ebpf_pages_cover_user_writes() {
     let d = tempdir();
     let (d1, d2) = (d.path().join("1"), d.path().join("2"));
     let v1 = pre_dump(pid, &d1, None, &[]);
-    assert_eq!(v1["ebpf"], true, "eBPF tracepoints work here, the pre-dump should use them: {v1}");
+    assert_eq!(
+        v1["ebpf"], true,
+        "eBPF tracepoints work here, the pre-dump should use them: {v1}"
+    );
     let n = frac_set(16384, 0.1, 5).len() as u64;
     w.cmd("dirty_frac big 0.1 5");
     let v2 = pre_dump(pid, &d2, Some(&d1), &[]);

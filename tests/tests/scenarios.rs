@@ -172,9 +172,15 @@ fn forked_child_writes_its_copy(track: Option<&str>) {
     let v = c.round("parent writes while the child lives (COW)");
     check_incremental(track, &v, 10, "parent COW writes");
     assert!(proc::alive(child), "the child died early");
-    assert!(proc::traced_threads(child).is_empty(), "the child is traced");
+    assert!(
+        proc::traced_threads(child).is_empty(),
+        "the child is traced"
+    );
     let st = w.cmd("fork_wait");
-    assert_eq!(st["status"], 0, "the forked child saw its memory change: {st}");
+    assert_eq!(
+        st["status"], 0,
+        "the forked child saw its memory change: {st}"
+    );
     w.cmd("dirty b 0-3");
     c.round("after the child exited");
     assert_untracked_exactly(pid, &baseline, "after fork");
@@ -187,7 +193,11 @@ fn process_vm_writev_from_outside(track: Option<&str>) {
     let mut c = Chain::new(w.pid(), track, &[]);
     c.round("start");
     process_vm_write(w.pid(), a + 3 * 4096, &[0xa5; 4096]);
-    process_vm_write(w.pid(), a + 40 * 4096 + 1000, b"written from outside by process_vm_writev");
+    process_vm_write(
+        w.pid(),
+        a + 40 * 4096 + 1000,
+        b"written from outside by process_vm_writev",
+    );
     process_vm_write(w.pid(), n + 5 * 4096 + 7, b"into a never-touched page");
     let v = c.round("process_vm_writev into 3 pages");
     check_incremental(track, &v, 3, "process_vm_writev");
@@ -223,7 +233,10 @@ fn new_regions_between_rounds(track: Option<&str>) {
     w.cmd("alloc nz 16 zero");
     let v = c.round("new private, shared and zero-filled regions");
     check_incremental(track, &v, 144, "new regions");
-    assert!(v["pages_zero"].as_u64().unwrap() >= 16, "new zero-filled pages: {v}");
+    assert!(
+        v["pages_zero"].as_u64().unwrap() >= 16,
+        "new zero-filled pages: {v}"
+    );
     w.cmd("dirty sh 0-15");
     let v = c.round("shared region dirtied");
     check_incremental(track, &v, 16, "shared dirtied");

@@ -32,7 +32,9 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tern_tests::pattern::{self, Content, PAGE};
 
-const THREADS: [&str; 7] = ["counter0", "counter1", "reader", "writer", "sleeper", "ids", "futex"];
+const THREADS: [&str; 7] = [
+    "counter0", "counter1", "reader", "writer", "sleeper", "ids", "futex",
+];
 static PROGRESS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
 static FAILED: AtomicBool = AtomicBool::new(false);
 static FAILURES: Mutex<String> = Mutex::new(String::new());
@@ -57,7 +59,11 @@ fn sleep_raw(d: Duration) -> (i64, i32) {
         tv_nsec: d.subsec_nanos() as _,
     };
     let rc = unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
-    let errno = if rc < 0 { std::io::Error::last_os_error().raw_os_error().unwrap_or(0) } else { 0 };
+    let errno = if rc < 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    } else {
+        0
+    };
     (rc as i64, errno)
 }
 
@@ -68,24 +74,37 @@ fn counter(id: usize, arr: &'static mut [u64]) {
     loop {
         c += 1;
         arr[(c % n) as usize] = pattern::mix(c ^ salt);
-        if c % 4096 == 0 {
+        if c.is_multiple_of(4096) {
             for i in 0..n {
                 // The last c' <= c with c' % n == i.
                 let back = (c + n - i) % n;
-                let expect = if c >= back && c - back > 0 { pattern::mix((c - back) ^ salt) } else { 0 };
+                let expect = if c >= back && c - back > 0 {
+                    pattern::mix((c - back) ^ salt)
+                } else {
+                    0
+                };
                 if arr[i as usize] != expect {
-                    fail(THREADS[id], format_args!("array[{i}] = {:#x}, want {expect:#x} at c={c}", arr[i as usize]));
+                    fail(
+                        THREADS[id],
+                        format_args!(
+                            "array[{i}] = {:#x}, want {expect:#x} at c={c}",
+                            arr[i as usize]
+                        ),
+                    );
                     break;
                 }
             }
             let x = black_box(pattern::mix(c));
             let ppid = unsafe { libc::syscall(libc::SYS_getppid) };
             if black_box(x) != pattern::mix(c) || ppid <= 0 {
-                fail(THREADS[id], format_args!("value changed across a syscall (ppid {ppid})"));
+                fail(
+                    THREADS[id],
+                    format_args!("value changed across a syscall (ppid {ppid})"),
+                );
             }
             PROGRESS[id].fetch_add(1, Ordering::Relaxed);
         }
-        if c % 65536 == 0 {
+        if c.is_multiple_of(65536) {
             sleep_raw(Duration::from_millis(1));
         }
     }
@@ -124,12 +143,18 @@ fn writer(fd: i32) {
     loop {
         let (rc, errno) = sleep_raw(Duration::from_millis(5));
         if rc != 0 {
-            fail("writer", format_args!("nanosleep returned {rc} errno {errno}"));
+            fail(
+                "writer",
+                format_args!("nanosleep returned {rc} errno {errno}"),
+            );
         }
         let b = v.to_le_bytes();
         let n = unsafe { libc::write(fd, b.as_ptr() as *const _, 8) };
         if n != 8 {
-            fail("writer", format_args!("write returned {n}: {}", std::io::Error::last_os_error()));
+            fail(
+                "writer",
+                format_args!("write returned {n}: {}", std::io::Error::last_os_error()),
+            );
         }
         v += 1;
         PROGRESS[3].fetch_add(1, Ordering::Relaxed);
@@ -142,9 +167,15 @@ fn sleeper() {
         let (rc, errno) = sleep_raw(Duration::from_millis(10));
         let el = t.elapsed();
         if rc != 0 {
-            fail("sleeper", format_args!("nanosleep returned {rc} errno {errno}"));
+            fail(
+                "sleeper",
+                format_args!("nanosleep returned {rc} errno {errno}"),
+            );
         } else if el < Duration::from_millis(10) {
-            fail("sleeper", format_args!("nanosleep(10 ms) returned after {el:?}"));
+            fail(
+                "sleeper",
+                format_args!("nanosleep(10 ms) returned after {el:?}"),
+            );
         }
         PROGRESS[4].fetch_add(1, Ordering::Relaxed);
     }
@@ -158,7 +189,10 @@ fn ids() {
             let p = unsafe { libc::syscall(libc::SYS_getpid) };
             let t = unsafe { libc::syscall(libc::SYS_gettid) };
             if p != pid || t != tid {
-                fail("ids", format_args!("getpid {p} (want {pid}), gettid {t} (want {tid})"));
+                fail(
+                    "ids",
+                    format_args!("getpid {p} (want {pid}), gettid {t} (want {tid})"),
+                );
             }
         }
         PROGRESS[5].fetch_add(1, Ordering::Relaxed);
@@ -172,13 +206,18 @@ fn futex() {
     loop {
         let g = M.lock().unwrap_or_else(|e| e.into_inner());
         let t = now();
-        let (g, res) = CV.wait_timeout(g, Duration::from_millis(20)).unwrap_or_else(|e| e.into_inner());
+        let (g, res) = CV
+            .wait_timeout(g, Duration::from_millis(20))
+            .unwrap_or_else(|e| e.into_inner());
         drop(g);
         // Nobody notifies: every wait must time out, after 20 ms.
         if !res.timed_out() {
             // A spurious wake-up is allowed by the API; count it, don't fail.
         } else if t.elapsed() < Duration::from_millis(20) {
-            fail("futex", format_args!("20 ms wait timed out after {:?}", t.elapsed()));
+            fail(
+                "futex",
+                format_args!("20 ms wait timed out after {:?}", t.elapsed()),
+            );
         }
         PROGRESS[6].fetch_add(1, Ordering::Relaxed);
     }
@@ -219,7 +258,11 @@ fn check(mem: &Mem, out: &mut String) -> bool {
         let page = unsafe { std::slice::from_raw_parts((mem.addr + i * PAGE) as *const u8, PAGE) };
         if page != want {
             if bad == 0 {
-                let _ = write!(out, "memory page {i} at {:#x} changed; ", mem.addr + i * PAGE);
+                let _ = write!(
+                    out,
+                    "memory page {i} at {:#x} changed; ",
+                    mem.addr + i * PAGE
+                );
             }
             bad += 1;
         }
@@ -238,7 +281,11 @@ fn check(mem: &Mem, out: &mut String) -> bool {
 
 fn emit(ok: bool, detail: &str, line: &mut String) {
     line.clear();
-    let _ = write!(line, "{{\"result\":\"{}\",\"detail\":\"", if ok { "PASS" } else { "FAIL" });
+    let _ = write!(
+        line,
+        "{{\"result\":\"{}\",\"detail\":\"",
+        if ok { "PASS" } else { "FAIL" }
+    );
     for ch in detail.chars() {
         match ch {
             '"' | '\\' => {
@@ -251,7 +298,12 @@ fn emit(ok: bool, detail: &str, line: &mut String) {
     }
     line.push_str("\",\"progress\":[");
     for (i, p) in PROGRESS.iter().enumerate() {
-        let _ = write!(line, "{}{}", if i > 0 { "," } else { "" }, p.load(Ordering::Relaxed));
+        let _ = write!(
+            line,
+            "{}{}",
+            if i > 0 { "," } else { "" },
+            p.load(Ordering::Relaxed)
+        );
     }
     line.push_str("]}\n");
     write_all(1, line.as_bytes());
@@ -285,7 +337,10 @@ fn prefault_stack() {
 
 fn main() {
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    let mib: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(16);
+    let mib: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
     prefault_stack();
 
     // SIGTERM goes to the main thread only: block it before any thread starts.
@@ -318,7 +373,8 @@ fn main() {
         pages,
     };
     for i in 0..pages {
-        let page = unsafe { std::slice::from_raw_parts_mut((mem.addr + i * PAGE) as *mut u8, PAGE) };
+        let page =
+            unsafe { std::slice::from_raw_parts_mut((mem.addr + i * PAGE) as *mut u8, PAGE) };
         pattern::fill_page(page, Content::Rand, SEED, 0, i as u64);
     }
 
@@ -328,13 +384,33 @@ fn main() {
     let arrays: Vec<&'static mut [u64]> = (0..2).map(|_| Vec::leak(vec![0u64; 8192])).collect();
     let mut handles = Vec::new();
     for (id, arr) in arrays.into_iter().enumerate() {
-        handles.push(std::thread::Builder::new().name(THREADS[id].into()).spawn(move || counter(id, arr)));
+        handles.push(
+            std::thread::Builder::new()
+                .name(THREADS[id].into())
+                .spawn(move || counter(id, arr)),
+        );
     }
-    handles.push(std::thread::Builder::new().name("reader".into()).spawn(move || reader(rfd)));
-    handles.push(std::thread::Builder::new().name("writer".into()).spawn(move || writer(wfd)));
-    handles.push(std::thread::Builder::new().name("sleeper".into()).spawn(sleeper));
+    handles.push(
+        std::thread::Builder::new()
+            .name("reader".into())
+            .spawn(move || reader(rfd)),
+    );
+    handles.push(
+        std::thread::Builder::new()
+            .name("writer".into())
+            .spawn(move || writer(wfd)),
+    );
+    handles.push(
+        std::thread::Builder::new()
+            .name("sleeper".into())
+            .spawn(sleeper),
+    );
     handles.push(std::thread::Builder::new().name("ids".into()).spawn(ids));
-    handles.push(std::thread::Builder::new().name("futex".into()).spawn(futex));
+    handles.push(
+        std::thread::Builder::new()
+            .name("futex".into())
+            .spawn(futex),
+    );
     for h in &handles {
         assert!(h.is_ok(), "thread spawn failed");
     }
@@ -355,7 +431,7 @@ fn main() {
     // Let every thread get going (and fault in its stack) before saying ready.
     let _ = check(&mem, &mut detail);
     line.clear();
-    let _ = write!(line, "{{\"ready\":true,\"pid\":{}}}\n", std::process::id());
+    let _ = writeln!(line, "{{\"ready\":true,\"pid\":{}}}", std::process::id());
     write_all(1, line.as_bytes());
 
     loop {
@@ -376,7 +452,10 @@ fn main() {
         }
         have += n as usize;
         while let Some(nl) = input[..have].iter().position(|&b| b == b'\n') {
-            let cmd = std::str::from_utf8(&input[..nl]).unwrap_or("").trim().to_owned();
+            let cmd = std::str::from_utf8(&input[..nl])
+                .unwrap_or("")
+                .trim()
+                .to_owned();
             input.copy_within(nl + 1..have, 0);
             have -= nl + 1;
             match cmd.as_str() {

@@ -98,10 +98,26 @@ fn mmap(len: usize, shared: bool, at: Option<usize>, noreplace: bool) -> Result<
     mmap_flags(len, shared, at, noreplace, 0)
 }
 
-fn mmap_flags(len: usize, shared: bool, at: Option<usize>, noreplace: bool, extra: i32) -> Result<usize, String> {
-    let mut flags = extra | libc::MAP_ANONYMOUS | if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+fn mmap_flags(
+    len: usize,
+    shared: bool,
+    at: Option<usize>,
+    noreplace: bool,
+    extra: i32,
+) -> Result<usize, String> {
+    let mut flags = extra
+        | libc::MAP_ANONYMOUS
+        | if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
     if at.is_some() {
-        flags |= if noreplace { libc::MAP_FIXED_NOREPLACE } else { libc::MAP_FIXED };
+        flags |= if noreplace {
+            libc::MAP_FIXED_NOREPLACE
+        } else {
+            libc::MAP_FIXED
+        };
     }
     let p = unsafe {
         libc::mmap(
@@ -114,7 +130,10 @@ fn mmap_flags(len: usize, shared: bool, at: Option<usize>, noreplace: bool, extr
         )
     };
     if p == libc::MAP_FAILED {
-        return Err(format!("mmap {len} bytes: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "mmap {len} bytes: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     if let Some(a) = at
         && p as usize != a
@@ -193,7 +212,11 @@ impl State {
                     return Err("range past the region".into());
                 }
                 let rc = unsafe {
-                    libc::madvise((r.addr + first * PAGE) as *mut _, count * PAGE, libc::MADV_DONTNEED)
+                    libc::madvise(
+                        (r.addr + first * PAGE) as *mut _,
+                        count * PAGE,
+                        libc::MADV_DONTNEED,
+                    )
                 };
                 if rc != 0 {
                     return Err(format!("madvise: {}", std::io::Error::last_os_error()));
@@ -229,7 +252,14 @@ impl State {
                         )
                     }
                 } else {
-                    unsafe { libc::mremap(old as *mut _, r.len(), newpages * PAGE, libc::MREMAP_MAYMOVE) }
+                    unsafe {
+                        libc::mremap(
+                            old as *mut _,
+                            r.len(),
+                            newpages * PAGE,
+                            libc::MREMAP_MAYMOVE,
+                        )
+                    }
                 };
                 if newaddr == libc::MAP_FAILED {
                     return Err(format!("mremap: {}", std::io::Error::last_os_error()));
@@ -240,7 +270,10 @@ impl State {
             }
             "unmap" => {
                 let name = w.get(1).ok_or("missing region name")?;
-                let r = self.regions.remove(*name).ok_or_else(|| format!("no region {name:?}"))?;
+                let r = self
+                    .regions
+                    .remove(*name)
+                    .ok_or_else(|| format!("no region {name:?}"))?;
                 if unsafe { libc::munmap(r.addr as *mut _, r.len()) } != 0 {
                     return Err(format!("munmap: {}", std::io::Error::last_os_error()));
                 }
@@ -276,7 +309,9 @@ impl State {
                     _ => return Err("protection: r, rw or none".into()),
                 };
                 let r = self.region(w.get(1))?;
-                if unsafe { libc::mprotect((r.addr + first * PAGE) as *mut _, count * PAGE, prot) } != 0 {
+                if unsafe { libc::mprotect((r.addr + first * PAGE) as *mut _, count * PAGE, prot) }
+                    != 0
+                {
                     return Err(format!("mprotect: {}", std::io::Error::last_os_error()));
                 }
                 Ok(String::new())
@@ -406,7 +441,13 @@ impl State {
         // only by the kernel, inside read(2).
         let mut data = vec![0u8; count * PAGE];
         for (i, page) in data.chunks_exact_mut(PAGE).enumerate() {
-            pattern::fill_page(page, Content::Rand, r.seed, r.generation, (first + i) as u64);
+            pattern::fill_page(
+                page,
+                Content::Rand,
+                r.seed,
+                r.generation,
+                (first + i) as u64,
+            );
         }
         let dst = (r.addr + first * PAGE) as *mut u8;
         let fd = match src {
@@ -419,7 +460,9 @@ impl State {
                 std::thread::spawn(move || {
                     let mut off = 0;
                     while off < data.len() {
-                        let n = unsafe { libc::write(wfd, data[off..].as_ptr() as *const _, data.len() - off) };
+                        let n = unsafe {
+                            libc::write(wfd, data[off..].as_ptr() as *const _, data.len() - off)
+                        };
                         if n <= 0 {
                             break;
                         }
@@ -488,7 +531,9 @@ impl State {
                     libc::_exit(3);
                 }
             }
-            let page = |i: usize| unsafe { std::slice::from_raw_parts_mut((addr + i * PAGE) as *mut u8, PAGE) };
+            let page = |i: usize| unsafe {
+                std::slice::from_raw_parts_mut((addr + i * PAGE) as *mut u8, PAGE)
+            };
             let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
             let mut generation = base_gen;
             for i in 0..pages {
@@ -506,8 +551,8 @@ impl State {
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
             let mut want = vec![0u8; PAGE];
-            for i in 0..pages {
-                pattern::fill_page(&mut want, Content::Light, seed, gens[i], i as u64);
+            for (i, &g) in gens.iter().enumerate() {
+                pattern::fill_page(&mut want, Content::Light, seed, g, i as u64);
                 if page(i) != &want[..] {
                     unsafe { libc::_exit(1) };
                 }
@@ -589,7 +634,11 @@ fn dirty(r: &mut Region, idx: &[u64]) -> Reply {
     for &i in idx {
         pattern::fill_page(r.page(i as usize), c, r.seed, r.generation, i);
     }
-    Ok(format!("\"pages\":{},\"generation\":{}", idx.len(), r.generation))
+    Ok(format!(
+        "\"pages\":{},\"generation\":{}",
+        idx.len(),
+        r.generation
+    ))
 }
 
 fn threads_dirty(r: &mut Region, n: usize, idx: &[u64]) -> Reply {
@@ -610,13 +659,18 @@ fn threads_dirty(r: &mut Region, n: usize, idx: &[u64]) -> Reply {
             s.spawn(move || {
                 barrier.wait();
                 for &i in part {
-                    let page = unsafe { std::slice::from_raw_parts_mut((addr + i as usize * PAGE) as *mut u8, PAGE) };
+                    let page = unsafe {
+                        std::slice::from_raw_parts_mut((addr + i as usize * PAGE) as *mut u8, PAGE)
+                    };
                     pattern::fill_page(page, c, seed, generation, i);
                 }
             });
         }
     });
-    Ok(format!("\"pages\":{},\"threads\":{n},\"generation\":{generation}", idx.len()))
+    Ok(format!(
+        "\"pages\":{},\"threads\":{n},\"generation\":{generation}",
+        idx.len()
+    ))
 }
 
 fn reply(r: &Reply) {
@@ -655,7 +709,10 @@ fn main() {
     let stdin = std::io::stdin();
     let mut line = String::with_capacity(4096);
     let mut input = stdin.lock();
-    reply(&Ok(format!("\"ready\":true,\"pid\":{}", std::process::id())));
+    reply(&Ok(format!(
+        "\"ready\":true,\"pid\":{}",
+        std::process::id()
+    )));
     loop {
         line.clear();
         match input.read_line(&mut line) {
