@@ -147,7 +147,7 @@ fn kill_during_track() {
 #[test]
 fn target_exits_mid_pre_dump() {
     // Big enough that copying takes far longer than the delays below.
-    for (i, delay_ms) in [0u64, 5, 30, 120].into_iter().enumerate() {
+    for (i, delay_ms) in [0u64, 5, 30, 120, 400, 1000].into_iter().enumerate() {
         let mut w = Workload::start();
         w.cmd("alloc big 32768 rand"); // 128 MiB, incompressible
         let pid = w.pid();
