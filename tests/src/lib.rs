@@ -483,8 +483,11 @@ pub fn assert_oracle(pid: i32, dir: &Path, when: &str) -> oracle::OracleReport {
 pub fn assert_running_untraced(pid: i32, when: &str) {
     assert!(
         proc::alive(pid),
-        "{when}: target {pid} is gone (state {:?})",
-        proc::state(pid)
+        "{when}: target {pid} is gone (state {:?}; exit status in /proc/{pid}/stat: {:?})",
+        proc::state(pid),
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(' ').nth(0).map(|x| x.trim().to_string()))
     );
     // Detach happens when the tracer exits, but give the kernel a moment.
     let mut traced = Vec::new();

@@ -45,6 +45,8 @@ pub enum TrackerError {
     Image(#[from] images::ImageError),
     #[error(transparent)]
     Copy(#[from] crate::copy::CopyError),
+    #[error("syscall injection into PID {pid}: {msg}")]
+    Injection { pid: i32, msg: String },
     #[error("no process with PID {pid}; check the PID")]
     NoProcess { pid: i32 },
     #[error("PID {pid} exited during the {what}")]
@@ -231,47 +233,47 @@ impl TrackingSession {
                 let mut created = None;
                 if need_injection {
                     let t = Instant::now();
-                    let mut inj = Injector::attach(pid, opts.timeout)?;
-                    let known = Injector::find_scratch(pid)?.first().copied();
-                    let res = (|| -> Result<(), TrackerError> {
-                        scratch = Some(inj.ensure_scratch(known)?);
-                        for fd in &orphans {
-                            tracing::info!(
-                                pid,
-                                fd,
-                                "closing a leftover tern userfaultfd in the target"
-                            );
-                            inj.syscall(libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0])?;
-                        }
-                        if keep.is_none() {
-                            let r = inj.syscall(
-                                libc::SYS_userfaultfd,
-                                [
-                                    (libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY) as u64,
-                                    0,
-                                    0,
-                                    0,
-                                    0,
-                                    0,
-                                ],
-                            )?;
-                            if r < 0 {
-                                return Err(TrackerError::Unavailable {
-                                    backend: "uffd-wp",
-                                    why: format!(
-                                        "userfaultfd(2) inside PID {pid} failed: {} (a seccomp filter or vm.unprivileged_userfaultfd?)",
-                                        nix::errno::Errno::from_raw(-r as i32)
-                                    ),
-                                });
+                    let orphans = orphans.clone();
+                    let create = keep.is_none();
+                    let timeout = opts.timeout;
+                    let (sc, cr): (u64, Option<i32>) = guarded(pid, timeout, move || {
+                        let mut inj = Injector::attach(pid, timeout)?;
+                        let known = Injector::find_scratch(pid)?.first().copied();
+                        let res = (|| -> Result<(u64, Option<i32>), TrackerError> {
+                            let sc = inj.ensure_scratch(known)?;
+                            let removed = inj.remove_leftover_scratch()?;
+                            if !removed.is_empty() {
+                                tracing::info!(pid, "removed leftover scratch areas {removed:x?}");
                             }
-                            created = Some(r as i32);
-                        }
-                        Ok(())
-                    })();
-                    let detached = inj.detach();
+                            for fd in &orphans {
+                                tracing::info!(pid, fd, "closing a leftover tern userfaultfd in the target");
+                                inj.syscall(libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0])?;
+                            }
+                            let mut created = None;
+                            if create {
+                                let flags = (libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY) as u64;
+                                let r = inj.syscall(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+                                if r < 0 {
+                                    return Err(TrackerError::Unavailable {
+                                        backend: "uffd-wp",
+                                        why: format!(
+                                            "userfaultfd(2) inside PID {pid} failed: {} (a seccomp filter or vm.unprivileged_userfaultfd?)",
+                                            nix::errno::Errno::from_raw(-r as i32)
+                                        ),
+                                    });
+                                }
+                                created = Some(r as i32);
+                            }
+                            Ok((sc, created))
+                        })();
+                        let detached = inj.detach();
+                        let r = res?;
+                        detached?;
+                        Ok(r)
+                    })?;
+                    scratch = Some(sc);
+                    created = cr;
                     attach_frozen = t.elapsed();
-                    res?;
-                    detached?;
                 } else {
                     scratch = Injector::find_scratch(pid)?.first().copied();
                 }
@@ -767,34 +769,136 @@ fn teardown_target(pid: i32, fds: Vec<i32>, timeout: Duration) -> Result<usize, 
     if fds.is_empty() && scratch.is_empty() {
         return Ok(0);
     }
-    let mut inj = Injector::attach(pid, timeout)?;
-    let res = (|| -> Result<(), TrackerError> {
-        if !fds.is_empty() {
-            inj.ensure_scratch(scratch.first().copied())?;
+    let known = scratch.first().copied();
+    guarded(pid, timeout, move || {
+        let mut inj = Injector::attach(pid, timeout)?;
+        let res = (|| -> Result<(), TrackerError> {
+            inj.ensure_scratch(known)?;
+            inj.remove_leftover_scratch()?;
             for fd in &fds {
                 let r = inj.syscall(libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0])?;
                 if r < 0 {
-                    tracing::warn!(
-                        pid,
-                        fd,
-                        "close in target: {}",
-                        nix::errno::Errno::from_raw(-r as i32)
-                    );
+                    tracing::warn!(pid, fd, "close in target: {}", nix::errno::Errno::from_raw(-r as i32));
                 }
             }
-        }
-        inj.remove_scratch()?;
+            inj.remove_scratch()?;
+            Ok(())
+        })();
+        let d = inj.detach();
+        res?;
+        d?;
         Ok(())
-    })();
-    let d = inj.detach();
-    res?;
-    d?;
+    })?;
     // Leftovers beyond the one the injector used (several killed runs).
     let rest = Injector::find_scratch(pid)?;
     if !rest.is_empty() {
         tracing::warn!(pid, "scratch pages remain at {rest:x?}");
     }
     Ok(scratch.len())
+}
+
+/// Run `f` (a whole injection session) in a forked child of tern in a
+/// session of its own, and return its result. Why: a tern SIGKILLed while a
+/// target thread runs an injected syscall from the vDSO (mapping or
+/// unmapping the scratch area: the two steps the scratch stub cannot cover)
+/// would leave that thread to crash. The child is not killed with tern: it
+/// finishes the session, restores the thread and detaches. Callers must be
+/// single-threaded here (they are: the eBPF stream opens later, or is closed).
+fn guarded<T, F>(pid: i32, timeout: Duration, f: F) -> Result<T, TrackerError>
+where
+    T: Serialize + for<'de> Deserialize<'de>,
+    F: FnOnce() -> Result<T, TrackerError>,
+{
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(TrackerError::State {
+            path: "pipe".into(),
+            what: std::io::Error::last_os_error().to_string(),
+        });
+    }
+    let (rd, wr) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    // SAFETY: the child only runs `f` (ptrace work on its own thread) and
+    // exits with _exit, running no destructor of the parent's state.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(TrackerError::State {
+            path: "fork".into(),
+            what: std::io::Error::last_os_error().to_string(),
+        });
+    }
+    if child == 0 {
+        drop(rd);
+        unsafe { libc::setsid() };
+        let msg = match f() {
+            Ok(v) => serde_json::json!({ "ok": v }),
+            Err(e) => serde_json::json!({
+                "err": e.to_string(),
+                "unavailable": matches!(e, TrackerError::Unavailable { .. }),
+                "exited": matches!(e, TrackerError::Exited { .. } | TrackerError::NoProcess { .. }),
+            }),
+        };
+        let mut wr = wr;
+        let _ = wr.write_all(msg.to_string().as_bytes());
+        unsafe { libc::_exit(0) };
+    }
+    drop(wr);
+    // The child's every wait has a deadline of `timeout`; bound the whole.
+    let deadline = Instant::now() + timeout * 8 + Duration::from_secs(5);
+    let mut rd = rd;
+    let mut buf = Vec::new();
+    let mut pfd = libc::pollfd {
+        fd: fds[0],
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            unsafe { libc::kill(child, libc::SIGKILL) };
+            break;
+        }
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
+        if n > 0 {
+            let mut chunk = [0u8; 4096];
+            match rd.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+    let mut st = 0;
+    unsafe { libc::waitpid(child, &mut st, 0) };
+    let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|_| TrackerError::State {
+        path: format!("injector process {child}").into(),
+        what: format!("ended without a result (wait status {st:#x}) while working on PID {pid}"),
+    })?;
+    if let Some(ok) = v.get("ok") {
+        return serde_json::from_value(ok.clone()).map_err(|e| TrackerError::State {
+            path: format!("injector process {child}").into(),
+            what: e.to_string(),
+        });
+    }
+    let msg = v["err"].as_str().unwrap_or("unknown error").to_string();
+    if v["exited"].as_bool() == Some(true) {
+        return Err(TrackerError::Exited { pid, what: "syscall injection" });
+    }
+    if v["unavailable"].as_bool() == Some(true) {
+        return Err(TrackerError::Unavailable {
+            backend: "uffd-wp",
+            why: msg,
+        });
+    }
+    Err(TrackerError::Injection { pid, msg })
 }
 
 /// tern's tracking userfaultfds in `pid`: (fd, features). Ours are those
