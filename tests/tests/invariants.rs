@@ -158,8 +158,12 @@ fn target_exits_mid_pre_dump() {
         let run = pre_dump_run(pid, &dir, None, &[]);
         let st = w.wait_exit(Duration::from_secs(10));
         assert!(st.is_some(), "the target did not exit");
+        if run.ok() && run.elapsed < Duration::from_millis(delay_ms) {
+            // tern was done before the target went: a success is right.
+            eprintln!("exit after {delay_ms} ms: tern finished first, in {:?}", run.elapsed);
+            continue;
+        }
         if run.ok() {
-            // Only acceptable if tern was done before the target went.
             panic!(
                 "case {i}: target exited {delay_ms} ms into a pre-dump that took {:?}, yet tern reported success:\n{}",
                 t.elapsed(),
