@@ -2,6 +2,7 @@
 //! Each probe exercises the feature on a scratch object of tern's own (a page
 //! of its memory, a short-lived child) rather than reading kernel config.
 
+use crate::anon::AnonRegion;
 use crate::pagemap_scan::{Pagemap, ScanQuery, entry};
 use crate::uffd::{self, WpUffd};
 use serde::Serialize;
@@ -159,57 +160,21 @@ impl Probes {
     }
 }
 
-/// A private anonymous page of our own, unmapped on drop.
-struct TestPage(*mut u8);
-impl TestPage {
-    fn new() -> Option<TestPage> {
-        // SAFETY: fresh mapping, owned by the returned value.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        (p != libc::MAP_FAILED).then_some(TestPage(p as *mut u8))
-    }
-    fn addr(&self) -> u64 {
-        self.0 as u64
-    }
-    fn write(&self, v: u8) {
-        // SAFETY: inside our mapping.
-        unsafe { std::ptr::write_volatile(self.0, v) }
-    }
-}
-impl Drop for TestPage {
-    fn drop(&mut self) {
-        unsafe { libc::munmap(self.0 as *mut _, 4096) };
-    }
-}
-
 fn own_pid() -> i32 {
     std::process::id() as i32
 }
 
 fn probe_pagemap_scan() -> bool {
-    let Some(page) = TestPage::new() else {
+    let Some(page) = AnonRegion::new(1) else {
         return false;
     };
-    page.write(1);
+    page.write(0, 0, 1);
     let Ok(mut pm) = Pagemap::open(own_pid()) else {
         return false;
     };
     let mut out = Vec::new();
-    pm.scan(
-        page.addr(),
-        page.addr() + 4096,
-        ScanQuery::POPULATED,
-        &mut out,
-    )
-    .is_ok()
+    pm.scan(page.start(), page.end(), ScanQuery::POPULATED, &mut out)
+        .is_ok()
         && out.len() == 1
 }
 
@@ -228,11 +193,11 @@ fn probe_wp_async() -> bool {
     let Ok(wp) = WpUffd::handshake(unsafe { OwnedFd::from_raw_fd(fd as i32) }) else {
         return false;
     };
-    let Some(page) = TestPage::new() else {
+    let Some(page) = AnonRegion::new(1) else {
         return false;
     };
-    page.write(1);
-    if wp.register_wp(page.addr(), page.addr() + 4096).is_err() {
+    page.write(0, 0, 1);
+    if wp.register_wp(page.start(), page.end()).is_err() {
         return false;
     }
     let Ok(mut pm) = Pagemap::open(own_pid()) else {
@@ -240,29 +205,29 @@ fn probe_wp_async() -> bool {
     };
     let mut out = Vec::new();
     let r = (|| {
-        let range = (page.addr(), page.addr() + 4096);
+        let range = (page.start(), page.end());
         pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out)
             .ok()?;
         out.clear();
         pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out)
             .ok()?;
         let clean = out.is_empty();
-        page.write(2);
+        page.write(0, 0, 2);
         pm.scan(range.0, range.1, ScanQuery::WRITTEN_AND_REPROTECT, &mut out)
             .ok()?;
         Some(clean && out.len() == 1)
     })()
     .unwrap_or(false);
-    let _ = wp.unregister(page.addr(), page.addr() + 4096);
+    let _ = wp.unregister(page.start(), page.end());
     r
 }
 
 /// Clear our soft-dirty bits, then write a page: bit 55 must come back.
 fn probe_soft_dirty() -> bool {
-    let Some(page) = TestPage::new() else {
+    let Some(page) = AnonRegion::new(1) else {
         return false;
     };
-    page.write(1);
+    page.write(0, 0, 1);
     let Ok(pm) = Pagemap::open(own_pid()) else {
         return false;
     };
@@ -270,21 +235,13 @@ fn probe_soft_dirty() -> bool {
         return false;
     }
     let mut e = Vec::new();
-    if pm
-        .read_entries(page.addr(), page.addr() + 4096, &mut e)
-        .is_err()
-        || e.len() != 1
-    {
+    if pm.read_entries(page.start(), page.end(), &mut e).is_err() || e.len() != 1 {
         return false;
     }
     let cleared = e[0] & entry::SOFT_DIRTY == 0;
-    page.write(2);
+    page.write(0, 0, 2);
     e.clear();
-    if pm
-        .read_entries(page.addr(), page.addr() + 4096, &mut e)
-        .is_err()
-        || e.len() != 1
-    {
+    if pm.read_entries(page.start(), page.end(), &mut e).is_err() || e.len() != 1 {
         return false;
     }
     cleared && e[0] & entry::SOFT_DIRTY != 0

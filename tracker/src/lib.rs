@@ -6,6 +6,7 @@
 //! Kernel interfaces without a safe wrapper live in one module each:
 //! [`pagemap_scan`], [`uffd`], [`inject`] (ptrace syscall injection).
 
+mod anon;
 pub mod backend;
 pub mod check;
 pub mod copy;

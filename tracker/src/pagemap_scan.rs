@@ -264,37 +264,19 @@ mod tests {
     /// exactly, and unpopulated ones are not.
     #[test]
     fn scan_finds_populated_pages_of_own_memory() {
-        let len = 64 * 4096;
-        // SAFETY: fresh private anonymous mapping, unmapped at the end.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as *mut u8;
-        assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+        let region = crate::anon::AnonRegion::new(64).unwrap();
         for i in [0usize, 5, 6, 7, 63] {
-            unsafe { *p.add(i * 4096) = 1 };
+            region.write(i, 0, 1);
         }
         let mut pm = Pagemap::open(std::process::id() as i32).unwrap();
         let mut out = Vec::new();
-        let start = p as u64;
-        pm.scan(start, start + len as u64, ScanQuery::POPULATED, &mut out)
+        pm.scan(region.start(), region.end(), ScanQuery::POPULATED, &mut out)
             .expect("PAGEMAP_SCAN must work on this kernel (Linux 6.7+)");
-        let pages: Vec<u64> = out
-            .iter()
-            .flat_map(|r| (r.start..r.end).step_by(4096).map(|a| (a - start) / 4096))
-            .collect();
-        assert_eq!(pages, vec![0, 5, 6, 7, 63]);
+        assert_eq!(region.page_indices(&out), vec![0, 5, 6, 7, 63]);
         let mut ents = Vec::new();
-        pm.read_entries(start, start + len as u64, &mut ents)
+        pm.read_entries(region.start(), region.end(), &mut ents)
             .unwrap();
         assert_eq!(ents.len(), 64);
         assert!(entry::populated(ents[5]) && !entry::populated(ents[4]));
-        unsafe { libc::munmap(p as *mut _, len) };
     }
 }

@@ -246,13 +246,18 @@ impl TrackingSession {
                                 tracing::info!(pid, "removed leftover scratch areas {removed:x?}");
                             }
                             for fd in &orphans {
-                                tracing::info!(pid, fd, "closing a leftover tern userfaultfd in the target");
+                                tracing::info!(
+                                    pid,
+                                    fd,
+                                    "closing a leftover tern userfaultfd in the target"
+                                );
                                 inj.syscall(libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0])?;
                             }
                             let mut created = None;
                             if create {
                                 let flags = (libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY) as u64;
-                                let r = inj.syscall(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+                                let r =
+                                    inj.syscall(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
                                 if r < 0 {
                                     return Err(TrackerError::Unavailable {
                                         backend: "uffd-wp",
@@ -778,7 +783,12 @@ fn teardown_target(pid: i32, fds: Vec<i32>, timeout: Duration) -> Result<usize, 
             for fd in &fds {
                 let r = inj.syscall(libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0])?;
                 if r < 0 {
-                    tracing::warn!(pid, fd, "close in target: {}", nix::errno::Errno::from_raw(-r as i32));
+                    tracing::warn!(
+                        pid,
+                        fd,
+                        "close in target: {}",
+                        nix::errno::Errno::from_raw(-r as i32)
+                    );
                 }
             }
             inj.remove_scratch()?;
@@ -890,7 +900,10 @@ where
     }
     let msg = v["err"].as_str().unwrap_or("unknown error").to_string();
     if v["exited"].as_bool() == Some(true) {
-        return Err(TrackerError::Exited { pid, what: "syscall injection" });
+        return Err(TrackerError::Exited {
+            pid,
+            what: "syscall injection",
+        });
     }
     if v["unavailable"].as_bool() == Some(true) {
         return Err(TrackerError::Unavailable {

@@ -216,60 +216,26 @@ mod tests {
             0,
             "fdinfo features {feats:#x}"
         );
-        let len = 32 * 4096;
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as *mut u8;
+        let region = crate::anon::AnonRegion::new(32).unwrap();
         for i in 0..32 {
-            unsafe { *p.add(i * 4096) = 1 };
+            region.write(i, 0, 1);
         }
-        let start = p as u64;
-        uffd.register_wp(start, start + len as u64).unwrap();
+        let (start, end) = (region.start(), region.end());
+        uffd.register_wp(start, end).unwrap();
         let mut pm = Pagemap::open(pid).unwrap();
-        let mut out = Vec::new();
+        let mut scan = |pm: &mut Pagemap| {
+            let mut out = Vec::new();
+            pm.scan(start, end, ScanQuery::WRITTEN_AND_REPROTECT, &mut out)
+                .unwrap();
+            region.page_indices(&out)
+        };
         // Arming scan: everything populated counts as written once.
-        pm.scan(
-            start,
-            start + len as u64,
-            ScanQuery::WRITTEN_AND_REPROTECT,
-            &mut out,
-        )
-        .unwrap();
-        let n: u64 = out.iter().map(|r| (r.end - r.start) / 4096).sum();
-        assert_eq!(n, 32);
+        assert_eq!(scan(&mut pm).len(), 32);
         for i in [3usize, 4, 20] {
-            unsafe { std::ptr::write_volatile(p.add(i * 4096 + 7), 2) };
+            region.write(i, 7, 2);
         }
-        out.clear();
-        pm.scan(
-            start,
-            start + len as u64,
-            ScanQuery::WRITTEN_AND_REPROTECT,
-            &mut out,
-        )
-        .unwrap();
-        let pages: Vec<u64> = out
-            .iter()
-            .flat_map(|r| (r.start..r.end).step_by(4096).map(|a| (a - start) / 4096))
-            .collect();
-        assert_eq!(pages, vec![3, 4, 20]);
-        out.clear();
-        pm.scan(
-            start,
-            start + len as u64,
-            ScanQuery::WRITTEN_AND_REPROTECT,
-            &mut out,
-        )
-        .unwrap();
-        assert!(out.is_empty(), "re-protected in the same call: {out:?}");
-        uffd.unregister(start, start + len as u64).unwrap();
-        unsafe { libc::munmap(p as *mut _, len) };
+        assert_eq!(scan(&mut pm), vec![3, 4, 20]);
+        assert!(scan(&mut pm).is_empty(), "re-protected in the same call");
+        uffd.unregister(start, end).unwrap();
     }
 }
