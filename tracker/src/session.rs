@@ -441,7 +441,7 @@ impl TrackingSession {
             );
         }
         let mut writer = ImageWriter::create(dir, self.opts.compress)?;
-        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "pre-dump"))?;
+        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e, "pre-dump"))?;
         let ebpf_round = match &mut self.ebpf {
             Some(s) => match s.drain() {
                 Ok(r) => Some(r),
@@ -551,7 +551,7 @@ impl TrackingSession {
         t_ms: f64,
         interval: Duration,
     ) -> Result<TrackRound, TrackerError> {
-        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
+        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e, "track"))?;
         // Scan first, then drain: a write fault between the two is in this
         // round's eBPF set and the next round's kernel set, so eBPF pages
         // not matched yet are carried one round before they count as
@@ -627,7 +627,7 @@ impl TrackingSession {
 
     /// Arm without writing an image (first `track` round).
     pub fn arm(&mut self) -> Result<(), TrackerError> {
-        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e.into(), "track"))?;
+        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e, "track"))?;
         if let Some(s) = &mut self.ebpf {
             let _ = s.drain();
         }

@@ -223,7 +223,7 @@ mod tests {
         let (start, end) = (region.start(), region.end());
         uffd.register_wp(start, end).unwrap();
         let mut pm = Pagemap::open(pid).unwrap();
-        let mut scan = |pm: &mut Pagemap| {
+        let scan = |pm: &mut Pagemap| {
             let mut out = Vec::new();
             pm.scan(start, end, ScanQuery::WRITTEN_AND_REPROTECT, &mut out)
                 .unwrap();
