@@ -847,7 +847,19 @@ where
     if child == 0 {
         drop(rd);
         unsafe { libc::setsid() };
-        let msg = match f() {
+        let st = start_time(pid).unwrap_or(0);
+        // A target that dies under the injector: say so, not how ptrace failed.
+        let res = f().map_err(|e| {
+            if alive(pid, st) {
+                e
+            } else {
+                TrackerError::Exited {
+                    pid,
+                    what: "syscall injection",
+                }
+            }
+        });
+        let msg = match res {
             Ok(v) => serde_json::json!({ "ok": v }),
             Err(e) => serde_json::json!({
                 "err": e.to_string(),
