@@ -160,7 +160,10 @@ fn target_exits_mid_pre_dump() {
         assert!(st.is_some(), "the target did not exit");
         if run.ok() && run.elapsed < Duration::from_millis(delay_ms) {
             // tern was done before the target went: a success is right.
-            eprintln!("exit after {delay_ms} ms: tern finished first, in {:?}", run.elapsed);
+            eprintln!(
+                "exit after {delay_ms} ms: tern finished first, in {:?}",
+                run.elapsed
+            );
             continue;
         }
         if run.ok() {
