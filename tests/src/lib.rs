@@ -487,7 +487,7 @@ pub fn assert_running_untraced(pid: i32, when: &str) {
         proc::state(pid),
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|s| s.rsplit(' ').nth(0).map(|x| x.trim().to_string()))
+            .and_then(|s| s.rsplit(' ').next().map(|x| x.trim().to_string()))
     );
     // Detach happens when the tracer exits, but give the kernel a moment.
     let mut traced = Vec::new();
