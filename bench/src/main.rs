@@ -42,29 +42,36 @@ enum Cmd {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "none,uffd-ebpf,uffd-noebpf,full"
+            default_value = "none,uffd-noebpf,uffd-ebpf,full"
         )]
         modes: Vec<String>,
         /// Windows per configuration (medians are taken over them).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        /// Pre-dump rounds per window.
-        #[arg(long, default_value_t = 10)]
-        rounds: usize,
         /// Time between the starts of two rounds, ms.
         #[arg(long, default_value_t = 100)]
         period_ms: u64,
-        /// Full-copy rounds per window at sizes >= 4 GiB (each copies it all).
-        #[arg(long, default_value_t = 1)]
-        full_big_rounds: usize,
-        /// Full-copy windows at sizes >= 4 GiB.
-        #[arg(long, default_value_t = 1)]
-        full_big_repeats: usize,
-        /// Full-copy rounds per window at smaller sizes.
-        #[arg(long, default_value_t = 3)]
-        full_rounds: usize,
-        /// A short run to check the plumbing: 256 MiB, 2 fractions, 2 windows
-        /// of 4 rounds.
+        /// A window lasts at least this long, ms...
+        #[arg(long, default_value_t = 1000)]
+        window_ms: u64,
+        /// ...and at least this many rounds (1 for full copies of >= 4 GiB)...
+        #[arg(long, default_value_t = 2)]
+        min_rounds: usize,
+        /// ...and at most this many.
+        #[arg(long, default_value_t = 10)]
+        max_rounds: usize,
+        /// Stop repeating windows once a fraction has taken this long, s.
+        #[arg(long, default_value_t = 8.0)]
+        frac_budget_s: f64,
+        /// Length of an untracked window, ms.
+        #[arg(long, default_value_t = 500)]
+        baseline_ms: u64,
+        /// Pass --no-compress to tern (the workload's pages compress well, and
+        /// compressed images keep 8 GiB rounds off the disk).
+        #[arg(long)]
+        no_compress: bool,
+        /// A short run to check the plumbing: 256 MiB, 2 fractions, 2
+        /// windows of at least 0.5 s.
         #[arg(long)]
         quick: bool,
         /// Do not raise the priority (nice -20) of the workload and of tern.
@@ -107,11 +114,13 @@ fn real_main() -> Result<()> {
             mut fracs,
             modes,
             mut repeats,
-            mut rounds,
             period_ms,
-            full_big_rounds,
-            full_big_repeats,
-            mut full_rounds,
+            mut window_ms,
+            min_rounds,
+            max_rounds,
+            frac_budget_s,
+            mut baseline_ms,
+            no_compress,
             quick,
             no_nice,
         } => {
@@ -119,8 +128,8 @@ fn real_main() -> Result<()> {
                 sizes = vec![256];
                 fracs = vec![0.01, 0.1];
                 repeats = 2;
-                rounds = 4;
-                full_rounds = 2;
+                window_ms = 500;
+                baseline_ms = 300;
             }
             let modes = modes
                 .iter()
@@ -140,11 +149,13 @@ fn real_main() -> Result<()> {
                 fracs,
                 modes,
                 repeats,
-                rounds,
                 period_ms,
-                full_big_rounds,
-                full_big_repeats,
-                full_rounds,
+                window_ms,
+                min_rounds: min_rounds.max(1),
+                max_rounds: max_rounds.max(1),
+                frac_budget_s,
+                baseline_ms,
+                compress: !no_compress,
                 nice: !no_nice,
             })
         }

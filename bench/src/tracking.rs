@@ -1,28 +1,32 @@
 //! `bench tracking`: what dirty tracking costs a write-heavy workload.
 //!
-//! For each resident size, one `dirtier` process per mode:
-//! - `none`: no tracking, the baseline throughput;
+//! For each resident size, one `dirtier` process runs every mode in turn, so
+//! that all of them see the same physical memory layout:
+//! untracked windows (the baseline), then `uffd-noebpf`, baseline again,
+//! `uffd-ebpf`, baseline, `full`, baseline. A tracked mode is compared with
+//! the baseline windows measured right before and right after it.
+//!
 //! - `uffd-ebpf` / `uffd-noebpf`: `tern pre-dump --track uffd-wp` rounds every
-//!   `period` ms, with and without the eBPF dirty stream;
-//! - `full`: `tern pre-dump --track full` rounds, back to back (each copies
-//!   everything).
+//!   `period` ms (or back to back when a round takes longer), with and
+//!   without the eBPF dirty stream; an initial pre-dump (full copy) first;
+//! - `full`: `tern pre-dump --track full` rounds (each copies everything).
 //!
 //! Each mode runs every working-set fraction in turn: a `frac F` command to the
 //! workload, one priming round (so the window starts with everything
-//! protected), then `repeats` windows of `rounds` rounds. Every round is a
-//! separate `tern pre-dump --json` invocation chained with `--prev-images-dir`,
-//! images in `<out>/tmp`, older ones deleted as we go.
+//! protected), then windows of rounds. Every round is a separate
+//! `tern pre-dump --json` invocation chained with `--prev-images-dir`, images
+//! in `<out>/tmp`, older ones deleted as we go.
 //!
 //! Per window: T (window length), C (page writes the workload made in it, from
 //! its progress lines), F (first writes that faulted: the sum of the rounds'
 //! `pages_written`, since each page written since the previous scan faulted
-//! exactly once). With U the untracked throughput (same size and fraction):
+//! exactly once). With U the untracked throughput (same process and fraction):
 //! slowdown = U / (C/T), and the cost per tracked first write
 //! = (T - C/U) / F, to compare with the per-fault floor (a first write to an
 //! async-WP page, measured here without tern by `crate::uffd`, and 1.15 us in
-//! DESIGN.md).
+//! DESIGN.md). The lost time T - C/U is also split into the part while a
+//! `tern` invocation ran and the part between invocations.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -50,7 +54,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::None, Mode::UffdEbpf, Mode::UffdNoEbpf, Mode::Full];
+    pub const ALL: [Mode; 4] = [Mode::None, Mode::UffdNoEbpf, Mode::UffdEbpf, Mode::Full];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -82,16 +86,21 @@ pub struct Opts {
     pub sizes_mib: Vec<u64>,
     pub fracs: Vec<f64>,
     pub modes: Vec<Mode>,
+    /// Windows per configuration (medians are taken over them).
     pub repeats: usize,
-    /// Rounds per window (uffd modes; `none` waits as long).
-    pub rounds: usize,
+    /// Time between the starts of two rounds.
     pub period_ms: u64,
-    /// Rounds per window and repeats for `full` at sizes >= 4 GiB, where
-    /// every round copies the whole region.
-    pub full_big_rounds: usize,
-    pub full_big_repeats: usize,
-    /// Rounds per window for `full` at smaller sizes.
-    pub full_rounds: usize,
+    /// A window lasts at least this long and `min_rounds` rounds...
+    pub window_ms: u64,
+    pub min_rounds: usize,
+    /// ...and at most `max_rounds` rounds.
+    pub max_rounds: usize,
+    /// Fewer windows once a fraction has taken this long.
+    pub frac_budget_s: f64,
+    /// Length of an untracked window.
+    pub baseline_ms: u64,
+    /// Pass `--no-compress` to tern unless set.
+    pub compress: bool,
     /// Raise the priority of the workload and of tern (nice -20, inherited
     /// from this driver), so that other load on the machine disturbs less.
     pub nice: bool,
@@ -265,13 +274,15 @@ struct Tern {
 }
 
 impl Tern {
-    fn new(bin: &Path, dir: PathBuf, pid: u32, mode: Mode) -> Result<Tern> {
+    fn new(bin: &Path, dir: PathBuf, pid: u32, mode: Mode, compress: bool) -> Result<Tern> {
         if dir.exists() {
             fs::remove_dir_all(&dir)?;
         }
         fs::create_dir_all(&dir)?;
         let mut args: Vec<String> = mode.tern_args().iter().map(|s| s.to_string()).collect();
-        args.push("--no-compress".into());
+        if !compress {
+            args.push("--no-compress".into());
+        }
         Ok(Tern {
             bin: bin.to_path_buf(),
             dir,
@@ -374,6 +385,15 @@ struct Window {
 }
 
 impl Window {
+    fn copy(&self) -> Window {
+        Window {
+            t_ns: self.t_ns,
+            writes: self.writes,
+            during_ns: self.during_ns,
+            during_writes: self.during_writes,
+            rounds: self.rounds.clone(),
+        }
+    }
     fn secs(&self) -> f64 {
         self.t_ns as f64 / 1e9
     }
@@ -411,30 +431,64 @@ impl Window {
     }
 }
 
-/// Measurements of one (size, mode) process, per fraction.
+/// The measurements of one tracked mode on one workload process.
 struct ModeRun {
+    mode: Mode,
     initial: Option<Value>,
+    /// Per fraction: working-set pages and windows.
     per_frac: Vec<(f64, u64, Vec<Window>)>,
+    /// Untracked windows per fraction, measured on the same process right
+    /// before and right after this mode.
+    baseline: Vec<Vec<Window>>,
 }
 
-fn run_mode(opts: &Opts, mib: u64, mode: Mode, log: &mut dyn FnMut(String)) -> Result<ModeRun> {
-    let mut w = Dirtier::start(&opts.bin_dir, mib)?;
-    let mut tern = match mode {
-        Mode::None => None,
-        _ => Some(Tern::new(
-            &opts.tern,
-            opts.out.join("tmp").join(format!("{mib}-{}", mode.name())),
-            w.pid(),
-            mode,
-        )?),
-    };
+/// Untracked windows for every fraction.
+fn baseline(opts: &Opts, w: &mut Dirtier) -> Result<Vec<Vec<Window>>> {
+    let mut all = Vec::new();
+    for &frac in &opts.fracs {
+        w.set_frac(frac)?;
+        std::thread::sleep(Duration::from_millis(50));
+        let mut windows = Vec::new();
+        for _ in 0..opts.repeats {
+            let t0 = mono_ns();
+            std::thread::sleep(Duration::from_millis(opts.baseline_ms));
+            let t1 = mono_ns();
+            windows.push(Window {
+                t_ns: t1 - t0,
+                writes: w.writes_between(t0, t1)?,
+                during_ns: 0,
+                during_writes: 0.0,
+                rounds: Vec::new(),
+            });
+        }
+        all.push(windows);
+    }
+    Ok(all)
+}
+
+/// Run `mode` on the workload: the initial pre-dump (uffd modes), then for
+/// every fraction a priming round and windows of rounds. Windows last at least
+/// `window_ms` and `min_rounds` rounds, at most `max_rounds`; a fraction gets
+/// `repeats` windows, fewer once it has used `frac_budget_s`.
+fn run_tracked(
+    opts: &Opts,
+    w: &mut Dirtier,
+    mib: u64,
+    mode: Mode,
+    log: &mut dyn FnMut(String),
+) -> Result<(Option<Value>, Vec<(f64, u64, Vec<Window>)>)> {
+    let mut tern = Tern::new(
+        &opts.tern,
+        opts.out.join("tmp").join(format!("{mib}-{}", mode.name())),
+        w.pid(),
+        mode,
+        opts.compress,
+    )?;
+    let uffd = mode != Mode::Full;
     let mut initial = None;
-    // The first pre-dump copies everything and arms the tracking.
-    if let (Some(t), true) = (
-        tern.as_mut(),
-        matches!(mode, Mode::UffdEbpf | Mode::UffdNoEbpf),
-    ) {
-        let r = t.pre_dump().context("initial pre-dump")?;
+    if uffd {
+        w.set_frac(0.0)?;
+        let r = tern.pre_dump().context("initial pre-dump")?;
         log(format!(
             "  initial pre-dump: pages_written {} duration_ms {:.1} wall_ms {:.1}",
             r.num("pages_written"),
@@ -446,59 +500,54 @@ fn run_mode(opts: &Opts, mib: u64, mode: Mode, log: &mut dyn FnMut(String)) -> R
         initial = Some(j);
     }
     let big = mib >= 4096;
-    let (rounds, repeats) = match mode {
-        Mode::Full if big => (opts.full_big_rounds, opts.full_big_repeats),
-        Mode::Full => (opts.full_rounds, opts.repeats),
-        _ => (opts.rounds, opts.repeats),
+    let min_rounds = if mode == Mode::Full && big {
+        1
+    } else {
+        opts.min_rounds
     };
     let period = Duration::from_millis(opts.period_ms);
+    let window_ns = opts.window_ms * 1_000_000;
+    let budget = Duration::from_secs_f64(opts.frac_budget_s);
     let mut per_frac = Vec::new();
     for &frac in &opts.fracs {
         let ws_pages = w.set_frac(frac)?;
-        let mut t0 = match (tern.as_mut(), mode) {
-            (Some(t), Mode::UffdEbpf | Mode::UffdNoEbpf) => {
-                t.pre_dump().context("priming round")?.t_end
-            }
-            _ => {
-                std::thread::sleep(period);
-                mono_ns()
-            }
+        let frac_start = Instant::now();
+        // A priming round, so that the first window starts with everything
+        // protected (uffd); `full` windows start with their first round.
+        let mut t0 = if uffd {
+            tern.pre_dump().context("priming round")?.t_end
+        } else {
+            mono_ns()
         };
         let mut windows = Vec::new();
-        for _ in 0..repeats {
-            let mut rs = Vec::new();
-            let t1 = match tern.as_mut() {
-                None => {
-                    std::thread::sleep(period * rounds as u32);
-                    mono_ns()
+        for _ in 0..opts.repeats {
+            let mut rs: Vec<RoundOut> = Vec::new();
+            let mut next = Instant::now();
+            let start = if uffd { t0 } else { mono_ns() };
+            loop {
+                next += period;
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                } else {
+                    next = now;
                 }
-                Some(t) => {
-                    let mut next = Instant::now();
-                    for _ in 0..rounds {
-                        next += period;
-                        let now = Instant::now();
-                        if next > now {
-                            std::thread::sleep(next - now);
-                        } else {
-                            next = now;
-                        }
-                        rs.push(t.pre_dump()?);
-                    }
-                    rs.last().expect("rounds >= 1").t_end
+                rs.push(tern.pre_dump()?);
+                let elapsed = rs.last().expect("a round").t_end - start;
+                if rs.len() >= opts.max_rounds || (rs.len() >= min_rounds && elapsed >= window_ns) {
+                    break;
                 }
-            };
-            // `full` windows start with their first round.
-            if mode == Mode::Full {
-                t0 = rs.first().map_or(t0, |r| r.t_start);
             }
-            let writes = w.writes_between(t0, t1)?;
+            let t_first = if uffd { t0 } else { rs[0].t_start };
+            let t1 = rs.last().expect("a round").t_end;
+            let writes = w.writes_between(t_first, t1)?;
             let (mut during_ns, mut during_writes) = (0, 0.0);
             for r in &rs {
                 during_ns += r.t_end - r.t_start;
                 during_writes += w.writes_between(r.t_start, r.t_end)?;
             }
             let win = Window {
-                t_ns: t1 - t0,
+                t_ns: t1 - t_first,
                 writes,
                 during_ns,
                 during_writes,
@@ -517,19 +566,110 @@ fn run_mode(opts: &Opts, mib: u64, mode: Mode, log: &mut dyn FnMut(String)) -> R
             ));
             windows.push(win);
             t0 = t1;
+            if frac_start.elapsed() > budget {
+                break;
+            }
         }
         per_frac.push((frac, ws_pages, windows));
         if !w.alive() {
             bail!("the workload died");
         }
     }
-    if let Some(t) = tern.as_mut() {
-        t.untrack()?;
-    }
+    tern.untrack()?;
     if !w.alive() {
         bail!("the workload died after untrack");
     }
-    Ok(ModeRun { initial, per_frac })
+    Ok((initial, per_frac))
+}
+
+/// One workload process per size: baseline, then each tracked mode followed
+/// by a baseline again.
+fn run_size(
+    opts: &Opts,
+    mib: u64,
+    log: &mut dyn FnMut(String),
+    failures: &mut Vec<Value>,
+) -> Result<Vec<ModeRun>> {
+    let started = Instant::now();
+    let mut w = Dirtier::start(&opts.bin_dir, mib)?;
+    log(format!(
+        "{mib} MiB: workload {} ready in {:.1} s",
+        w.pid(),
+        started.elapsed().as_secs_f64()
+    ));
+    let mut before = baseline(opts, &mut w)?;
+    log(format!("  baseline: {}", baseline_summary(opts, &before)));
+    let mut runs = vec![ModeRun {
+        mode: Mode::None,
+        initial: None,
+        per_frac: opts
+            .fracs
+            .iter()
+            .zip(&before)
+            .map(|(&f, _)| (f, 0, Vec::new()))
+            .collect(),
+        baseline: Vec::new(),
+    }];
+    let mut all_baselines: Vec<Vec<Window>> = Vec::new();
+    for &mode in opts.modes.iter().filter(|&&m| m != Mode::None) {
+        log(format!("{mib} MiB, {}", mode.name()));
+        let result = run_tracked(opts, &mut w, mib, mode, log);
+        if !w.alive() {
+            bail!("the workload died during {}", mode.name());
+        }
+        let after = baseline(opts, &mut w)?;
+        log(format!("  baseline: {}", baseline_summary(opts, &after)));
+        match result {
+            Ok((initial, per_frac)) => {
+                let baseline = before
+                    .iter()
+                    .zip(&after)
+                    .map(|(b, a)| b.iter().chain(a).map(Window::copy).collect())
+                    .collect();
+                runs.push(ModeRun {
+                    mode,
+                    initial,
+                    per_frac,
+                    baseline,
+                });
+            }
+            Err(e) => {
+                log(format!("  FAILED: {e:#}"));
+                failures.push(
+                    json!({"resident_mib": mib, "mode": mode.name(), "error": format!("{e:#}")}),
+                );
+            }
+        }
+        all_baselines.extend(std::mem::take(&mut before));
+        before = after;
+    }
+    all_baselines.extend(before);
+    // The untracked row: every baseline window of each fraction.
+    let n = opts.fracs.len();
+    let none = &mut runs[0];
+    for (i, chunk) in all_baselines.into_iter().enumerate() {
+        none.per_frac[i % n].2.extend(chunk);
+    }
+    let mut none_baseline = Vec::new();
+    for (_, _, windows) in &none.per_frac {
+        none_baseline.push(windows.iter().map(Window::copy).collect());
+    }
+    none.baseline = none_baseline;
+    Ok(runs)
+}
+
+fn baseline_summary(opts: &Opts, b: &[Vec<Window>]) -> String {
+    opts.fracs
+        .iter()
+        .zip(b)
+        .map(|(f, ws)| {
+            format!(
+                "frac {f}: {:.2} M/s",
+                med(ws.iter().map(Window::throughput).collect()) / 1e6
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn machine() -> Value {
@@ -641,28 +781,25 @@ pub fn run(opts: &Opts) -> Result<()> {
     let mut initial = Vec::new();
     let mut failures = Vec::new();
     for &mib in &opts.sizes_mib {
-        // Untracked throughput per fraction: median over windows.
-        let mut baseline: BTreeMap<u64, f64> = BTreeMap::new();
-        for &mode in &opts.modes {
-            log(format!("{mib} MiB, {}", mode.name()));
-            let run = match run_mode(opts, mib, mode, &mut log) {
-                Ok(r) => r,
-                Err(e) => {
-                    log(format!("  FAILED: {e:#}"));
-                    failures.push(json!({"resident_mib": mib, "mode": mode.name(), "error": format!("{e:#}")}));
-                    continue;
-                }
-            };
+        let runs = match run_size(opts, mib, &mut log, &mut failures) {
+            Ok(r) => r,
+            Err(e) => {
+                log(format!("  FAILED: {e:#}"));
+                failures.push(json!({"resident_mib": mib, "error": format!("{e:#}")}));
+                continue;
+            }
+        };
+        for run in runs {
+            let mode = run.mode;
             if let Some(i) = run.initial {
                 initial.push(json!({"resident_mib": mib, "mode": mode.name(), "round": i}));
             }
-            for (frac, ws_pages, windows) in run.per_frac {
-                let key = (frac * 1e6) as u64;
+            for ((frac, ws_pages, windows), base_windows) in
+                run.per_frac.into_iter().zip(&run.baseline)
+            {
                 let tput = med(windows.iter().map(Window::throughput).collect());
-                if mode == Mode::None {
-                    baseline.insert(key, tput);
-                }
-                let base = baseline.get(&key).copied();
+                let base_tput = med(base_windows.iter().map(Window::throughput).collect());
+                let base = Some(base_tput).filter(|u| u.is_finite());
                 let costs: Vec<f64> = match base {
                     Some(u) if mode != Mode::None && mode != Mode::Full => windows
                         .iter()
@@ -707,6 +844,7 @@ pub fn run(opts: &Opts) -> Result<()> {
                     "mode": mode.name(),
                     "working_set_pages": ws_pages,
                     "throughput_pws": tput,
+                    "untracked_throughput_pws": finite(base_tput),
                     "slowdown": base.map(|u| u / tput),
                     "slowdown_during_rounds": base.map(|u| finite(u / tput_during)),
                     "slowdown_between_rounds": base.map(|u| finite(u / tput_between)),
@@ -758,12 +896,13 @@ pub fn run(opts: &Opts) -> Result<()> {
             "fracs": opts.fracs,
             "modes": opts.modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
             "period_ms": opts.period_ms,
-            "rounds_per_window": opts.rounds,
+            "window_ms": opts.window_ms,
+            "min_rounds": opts.min_rounds,
+            "max_rounds": opts.max_rounds,
             "repeats": opts.repeats,
-            "full_rounds": opts.full_rounds,
-            "full_big_rounds": opts.full_big_rounds,
-            "full_big_repeats": opts.full_big_repeats,
-            "tern_args": "--no-compress",
+            "frac_budget_s": opts.frac_budget_s,
+            "baseline_ms": opts.baseline_ms,
+            "tern_args": if opts.compress { "" } else { "--no-compress" },
         },
         "elapsed_s": started.elapsed().as_secs_f64(),
         "loadavg_at_end": fs::read_to_string("/proc/loadavg")
