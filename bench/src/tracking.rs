@@ -431,12 +431,14 @@ impl Window {
     }
 }
 
+/// Per fraction: the fraction, its working-set pages, and the windows.
+type PerFrac = Vec<(f64, u64, Vec<Window>)>;
+
 /// The measurements of one tracked mode on one workload process.
 struct ModeRun {
     mode: Mode,
     initial: Option<Value>,
-    /// Per fraction: working-set pages and windows.
-    per_frac: Vec<(f64, u64, Vec<Window>)>,
+    per_frac: PerFrac,
     /// Untracked windows per fraction, measured on the same process right
     /// before and right after this mode.
     baseline: Vec<Vec<Window>>,
@@ -476,7 +478,7 @@ fn run_tracked(
     mib: u64,
     mode: Mode,
     log: &mut dyn FnMut(String),
-) -> Result<(Option<Value>, Vec<(f64, u64, Vec<Window>)>)> {
+) -> Result<(Option<Value>, PerFrac)> {
     let mut tern = Tern::new(
         &opts.tern,
         opts.out.join("tmp").join(format!("{mib}-{}", mode.name())),
