@@ -163,6 +163,8 @@ pub struct TrackingSession {
     /// must not touch it).
     uffd_preexisting: bool,
     scratch: Option<u64>,
+    /// Every scratch area of ours in the target, never recorded in images.
+    scratch_areas: Vec<u64>,
     ebpf: Option<DirtyStream>,
     ebpf_pin: Option<PathBuf>,
     /// Time the target (one thread) was stopped while attaching.
@@ -279,8 +281,6 @@ impl TrackingSession {
                     scratch = Some(sc);
                     created = cr;
                     attach_frozen = t.elapsed();
-                } else {
-                    scratch = Injector::find_scratch(pid)?.first().copied();
                 }
                 let (fd, preexisting) = match (keep, created) {
                     (Some(fd), _) => (fd, true),
@@ -308,6 +308,10 @@ impl TrackingSession {
             TrackMode::SoftDirty => Box::new(SoftDirtyTracker::new(pid, opts.timeout)?),
             TrackMode::Full | TrackMode::Auto => Box::new(FullTracker::new(pid)?),
         };
+        // Found once: only tern maps scratch areas, and the lock keeps other
+        // terns out while this session lives.
+        let scratch_areas = Injector::find_scratch(pid)?;
+        let scratch = scratch.or(scratch_areas.first().copied());
         let (ebpf, ebpf_pin) = if opts.ebpf {
             let pin = opts
                 .pin_ebpf
@@ -337,6 +341,7 @@ impl TrackingSession {
             target_uffd,
             uffd_preexisting,
             scratch,
+            scratch_areas,
             ebpf,
             ebpf_pin,
             attach_frozen,
@@ -416,7 +421,9 @@ impl TrackingSession {
         let t0 = Instant::now();
         let parent_inv = match parent {
             Some(p) => {
-                let inv = Inventory::load(p)?;
+                // Validates the parent image as a whole (page map, data
+                // bounds), not only its inventory.
+                let inv = images::Image::open(p)?.inventory;
                 if inv.pid != self.pid {
                     return Err(TrackerError::ParentPid {
                         path: p.to_path_buf(),
@@ -424,8 +431,6 @@ impl TrackingSession {
                         found: inv.pid,
                     });
                 }
-                // The whole chain must be readable now, not at restore time.
-                images::Image::open(p)?;
                 Some(inv)
             }
             None => None,
@@ -441,7 +446,8 @@ impl TrackingSession {
             );
         }
         let mut writer = ImageWriter::create(dir, self.opts.compress)?;
-        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e, "pre-dump"))?;
+        let vmas = read_target_vmas(self.pid, &self.scratch_areas)
+            .map_err(|e| self.exited_or(e, "pre-dump"))?;
         let ebpf_round = match &mut self.ebpf {
             Some(s) => match s.drain() {
                 Ok(r) => Some(r),
@@ -467,20 +473,18 @@ impl TrackingSession {
             .collect(&vmas, full_copy)
             .map_err(|e| self.exited_or(e.into(), "pre-dump"))?;
         let mut set = set;
-        {
-            if !carry.is_empty() {
-                let dumped: Vec<images::PageRange> = vmas
-                    .iter()
-                    .filter(|v| v.is_dumped())
-                    .map(|v| images::PageRange::new(v.start, v.end))
-                    .collect();
-                // Carried pages still inside dumped VMAs; those that are
-                // holes now stay holes, the others are copied.
-                let carried =
-                    crate::backend::subtract(&carry, &crate::backend::subtract(&carry, &dumped));
-                let to_copy = crate::backend::subtract(&carried, &set.holes);
-                set.copy = crate::backend::union(&set.copy, &to_copy);
-            }
+        if !carry.is_empty() {
+            let dumped: Vec<images::PageRange> = vmas
+                .iter()
+                .filter(|v| v.is_dumped())
+                .map(|v| images::PageRange::new(v.start, v.end))
+                .collect();
+            // Carried pages still inside dumped VMAs; those that are holes
+            // now stay holes, the others are copied.
+            let carried =
+                crate::backend::subtract(&carry, &crate::backend::subtract(&carry, &dumped));
+            let to_copy = crate::backend::subtract(&carried, &set.holes);
+            set.copy = crate::backend::union(&set.copy, &to_copy);
         }
         let copy_stats = crate::copy::copy_ranges(self.pid, &set.copy, &mut writer)?;
         for h in &set.holes {
@@ -551,7 +555,8 @@ impl TrackingSession {
         t_ms: f64,
         interval: Duration,
     ) -> Result<TrackRound, TrackerError> {
-        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e, "track"))?;
+        let vmas = read_target_vmas(self.pid, &self.scratch_areas)
+            .map_err(|e| self.exited_or(e, "track"))?;
         // Scan first, then drain: a write fault between the two is in this
         // round's eBPF set and the next round's kernel set, so eBPF pages
         // not matched yet are carried one round before they count as
@@ -627,7 +632,8 @@ impl TrackingSession {
 
     /// Arm without writing an image (first `track` round).
     pub fn arm(&mut self) -> Result<(), TrackerError> {
-        let vmas = read_target_vmas(self.pid).map_err(|e| self.exited_or(e, "track"))?;
+        let vmas = read_target_vmas(self.pid, &self.scratch_areas)
+            .map_err(|e| self.exited_or(e, "track"))?;
         if let Some(s) = &mut self.ebpf {
             let _ = s.drain();
         }
@@ -974,12 +980,12 @@ fn yes_no(b: bool) -> &'static str {
     if b { "works" } else { "missing" }
 }
 
-/// The target's VMAs, with tern's scratch area (found by its header where
-/// the kernel cannot name it) named `[anon:tern-scratch]`, so that it is
-/// never recorded in an image.
-pub fn read_target_vmas(pid: i32) -> Result<Vec<crate::maps::Vma>, TrackerError> {
+/// The target's VMAs, with tern's scratch areas (at `scratch`, as
+/// `Injector::find_scratch` found them by their header where the kernel
+/// cannot name them) named `[anon:tern-scratch]`, so that they are never
+/// recorded in an image.
+pub fn read_target_vmas(pid: i32, scratch: &[u64]) -> Result<Vec<crate::maps::Vma>, TrackerError> {
     let mut vmas = read_vmas(pid)?;
-    let scratch = Injector::find_scratch(pid).unwrap_or_default();
     for v in &mut vmas {
         if scratch
             .iter()
