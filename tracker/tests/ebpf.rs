@@ -507,19 +507,22 @@ fn pinned_stream_outlives_its_opener_and_is_reused() {
     assert_eq!(pages_in(&round.pages, r1, N * PAGE), 0);
 
     // 5. Teardown removes the directory and detaches the programs: keep the
-    //    (drained) page map alive through an fd of our own, let the child write
-    //    r3, and the map must stay empty.
-    let dirty = bpf_obj_get(&dir.join("DIRTY"));
-    assert!(map_is_empty(dirty));
+    //    (drained) fault ring alive through a handle of our own, let the
+    //    child write r3, and the ring must stay empty.
+    let mut faults = aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(
+        aya::maps::MapData::from_pin(dir.join("FAULTS")).expect("open the pinned FAULTS ring"),
+    ))
+    .expect("FAULTS is a ring buffer");
+    assert!(faults.next().is_none(), "drained ring not empty");
     stream.close_and_unpin().expect("close_and_unpin");
     assert!(!dir.exists(), "{} still exists", dir.display());
     child.go();
     child.report();
     assert!(
-        map_is_empty(dirty),
+        faults.next().is_none(),
         "programs still attached after close_and_unpin"
     );
-    unsafe { libc::close(dirty) };
+    drop(faults);
     assert_eq!(child.finish(), 0);
     unsafe {
         libc::munmap(r1 as *mut _, N * PAGE);
@@ -540,52 +543,6 @@ impl Drop for RemoveDirOnDrop {
         }
         let _ = std::fs::remove_dir(&self.0);
     }
-}
-
-/// `BPF_OBJ_GET`: an fd of a pinned object.
-fn bpf_obj_get(path: &Path) -> i32 {
-    #[repr(C)]
-    struct Attr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    let mut attr = Attr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: valid attr of the given size.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, &raw mut attr, size_of::<Attr>()) };
-    assert!(
-        fd >= 0,
-        "BPF_OBJ_GET {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
-    fd as i32
-}
-
-/// `BPF_MAP_GET_NEXT_KEY` from no key: ENOENT iff the map is empty.
-fn map_is_empty(fd: i32) -> bool {
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        pad: u32,
-        key: u64,
-        next_key: u64,
-    }
-    let mut next = 0u64;
-    let mut attr = Attr {
-        map_fd: fd as u32,
-        pad: 0,
-        key: 0,
-        next_key: &raw mut next as u64,
-    };
-    // SAFETY: valid attr of the given size.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, 4, &raw mut attr, size_of::<Attr>()) };
-    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT)
 }
 
 #[test]
