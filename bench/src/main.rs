@@ -42,7 +42,7 @@ enum Cmd {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "none,uffd-noebpf,uffd-ebpf,full"
+            default_value = "none,kernel-wp,uffd-noebpf,uffd-ebpf,full"
         )]
         modes: Vec<String>,
         /// Windows per configuration (medians are taken over them).

@@ -48,17 +48,26 @@ pub const DESIGN_FLOOR_US: f64 = 1.15;
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub enum Mode {
     None,
+    /// The workload tracks itself (no tern): the floor for its access pattern.
+    KernelWp,
     UffdEbpf,
     UffdNoEbpf,
     Full,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::None, Mode::UffdNoEbpf, Mode::UffdEbpf, Mode::Full];
+    pub const ALL: [Mode; 5] = [
+        Mode::None,
+        Mode::KernelWp,
+        Mode::UffdNoEbpf,
+        Mode::UffdEbpf,
+        Mode::Full,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::None => "none",
+            Mode::KernelWp => "kernel-wp",
             Mode::UffdEbpf => "uffd-ebpf",
             Mode::UffdNoEbpf => "uffd-noebpf",
             Mode::Full => "full",
@@ -67,7 +76,7 @@ impl Mode {
 
     fn tern_args(self) -> &'static [&'static str] {
         match self {
-            Mode::None => &[],
+            Mode::None | Mode::KernelWp => &[],
             Mode::UffdEbpf => &["--track", "uffd-wp"],
             Mode::UffdNoEbpf => &["--track", "uffd-wp", "--no-ebpf"],
             Mode::Full => &["--track", "full", "--no-ebpf"],
@@ -215,6 +224,37 @@ impl Dirtier {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// One round of the `kernel-wp` mode: the workload's own PAGEMAP_SCAN.
+    fn self_scan(&mut self) -> Result<RoundOut> {
+        let t_start = mono_ns();
+        writeln!(self.stdin, "scan")?;
+        self.stdin.flush()?;
+        let reply = self.line(Duration::from_secs(60))?;
+        let t_end = mono_ns();
+        let mut w = reply.split_whitespace();
+        let (Some("scan"), Some(n), Some(ns)) = (w.next(), w.next(), w.next()) else {
+            bail!("dirtier answered {reply:?} to scan");
+        };
+        let (Ok(n), Ok(ns)) = (n.parse::<u64>(), ns.parse::<u64>()) else {
+            bail!("dirtier answered {reply:?} to scan");
+        };
+        Ok(RoundOut {
+            t_start,
+            t_end,
+            json: json!({"pages_written": n, "duration_ms": ns as f64 / 1e6, "frozen_ms": 0.0}),
+        })
+    }
+
+    fn self_unscan(&mut self) -> Result<()> {
+        writeln!(self.stdin, "unscan")?;
+        self.stdin.flush()?;
+        let reply = self.line(Duration::from_secs(60))?;
+        if reply != "unscan" {
+            bail!("dirtier answered {reply:?} to unscan");
+        }
+        Ok(())
     }
 
     fn alive(&mut self) -> bool {
@@ -479,18 +519,22 @@ fn run_tracked(
     mode: Mode,
     log: &mut dyn FnMut(String),
 ) -> Result<(Option<Value>, PerFrac)> {
-    let mut tern = Tern::new(
-        &opts.tern,
-        opts.out.join("tmp").join(format!("{mib}-{}", mode.name())),
-        w.pid(),
-        mode,
-        opts.compress,
-    )?;
+    let mut tern = if mode == Mode::KernelWp {
+        None
+    } else {
+        Some(Tern::new(
+            &opts.tern,
+            opts.out.join("tmp").join(format!("{mib}-{}", mode.name())),
+            w.pid(),
+            mode,
+            opts.compress,
+        )?)
+    };
     let uffd = mode != Mode::Full;
     let mut initial = None;
     if uffd {
         w.set_frac(0.0)?;
-        let r = tern.pre_dump().context("initial pre-dump")?;
+        let r = round(&mut tern, w).context("initial pre-dump")?;
         log(format!(
             "  initial pre-dump: pages_written {} duration_ms {:.1} wall_ms {:.1}",
             r.num("pages_written"),
@@ -517,7 +561,7 @@ fn run_tracked(
         // A priming round, so that the first window starts with everything
         // protected (uffd); `full` windows start with their first round.
         let mut t0 = if uffd {
-            tern.pre_dump().context("priming round")?.t_end
+            round(&mut tern, w).context("priming round")?.t_end
         } else {
             mono_ns()
         };
@@ -534,7 +578,7 @@ fn run_tracked(
                 } else {
                     next = now;
                 }
-                rs.push(tern.pre_dump()?);
+                rs.push(round(&mut tern, w)?);
                 let elapsed = rs.last().expect("a round").t_end - start;
                 if rs.len() >= opts.max_rounds || (rs.len() >= min_rounds && elapsed >= window_ns) {
                     break;
@@ -577,11 +621,22 @@ fn run_tracked(
             bail!("the workload died");
         }
     }
-    tern.untrack()?;
+    match tern.as_mut() {
+        Some(t) => t.untrack()?,
+        None => w.self_unscan()?,
+    }
     if !w.alive() {
         bail!("the workload died after untrack");
     }
     Ok((initial, per_frac))
+}
+
+/// One round: a `tern pre-dump`, or the workload's own scan (`kernel-wp`).
+fn round(tern: &mut Option<Tern>, w: &mut Dirtier) -> Result<RoundOut> {
+    match tern {
+        Some(t) => t.pre_dump(),
+        None => w.self_scan(),
+    }
 }
 
 /// One workload process per size: baseline, then each tracked mode followed
@@ -881,6 +936,7 @@ pub fn run(opts: &Opts) -> Result<()> {
         }
     }
     let _ = fs::remove_dir_all(opts.out.join("tmp"));
+    compare_with_kernel_wp(&mut results);
 
     let report = json!({
         "benchmark": "tracking",
@@ -933,13 +989,48 @@ pub fn run(opts: &Opts) -> Result<()> {
     Ok(())
 }
 
+/// tern's cost against the workload tracking itself (same size, fraction and
+/// period, measured in the same run): the ratio that says what tern adds to
+/// what the kernel's write-protect faults cost this access pattern anyway.
+fn compare_with_kernel_wp(results: &mut [Value]) {
+    let floors: Vec<(Value, Value, f64, f64)> = results
+        .iter()
+        .filter(|r| r["mode"] == Mode::KernelWp.name())
+        .map(|r| {
+            (
+                r["resident_mib"].clone(),
+                r["frac"].clone(),
+                r["cost_per_first_write_us"].as_f64().unwrap_or(f64::NAN),
+                r["slowdown"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    for r in results.iter_mut() {
+        let mode = r["mode"].as_str().unwrap_or("");
+        if mode != Mode::UffdEbpf.name() && mode != Mode::UffdNoEbpf.name() {
+            continue;
+        }
+        let Some((_, _, cost, slowdown)) = floors
+            .iter()
+            .find(|f| f.0 == r["resident_mib"] && f.1 == r["frac"])
+        else {
+            continue;
+        };
+        let mine = r["cost_per_first_write_us"].as_f64().unwrap_or(f64::NAN);
+        let my_slowdown = r["slowdown"].as_f64().unwrap_or(f64::NAN);
+        r["kernel_wp_cost_per_first_write_us"] = finite(*cost);
+        r["cost_vs_kernel_wp"] = finite(mine / cost);
+        r["slowdown_vs_kernel_wp"] = finite(my_slowdown / slowdown);
+    }
+}
+
 fn finite(x: f64) -> Value {
     if x.is_finite() { json!(x) } else { Value::Null }
 }
 
 fn print_table(report: &Value) {
     println!(
-        "\n{:>6} {:>5} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>9} {:>9} {:>8}",
+        "\n{:>6} {:>5} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7} {:>9} {:>9} {:>8}",
         "MiB",
         "frac",
         "mode",
@@ -949,6 +1040,7 @@ fn print_table(report: &Value) {
         "betw",
         "us/1stwr",
         "xfloor",
+        "xkern",
         "pages/rnd",
         "dur_ms",
         "frozen"
@@ -959,7 +1051,7 @@ fn print_table(report: &Value) {
     };
     for r in report["results"].as_array().into_iter().flatten() {
         println!(
-            "{:>6} {:>5} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>9} {:>9} {:>8}",
+            "{:>6} {:>5} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7} {:>9} {:>9} {:>8}",
             r["resident_mib"].to_string(),
             r["frac"].to_string(),
             r["mode"].as_str().unwrap_or(""),
@@ -971,11 +1063,16 @@ fn print_table(report: &Value) {
             f(r, "slowdown_between_rounds", 2),
             f(r, "cost_per_first_write_us", 3),
             f(r, "cost_vs_measured_floor", 2),
+            f(r, "cost_vs_kernel_wp", 2),
             f(r, "round_pages_written", 0),
             f(r, "round_duration_ms", 1),
             f(r, "round_frozen_ms", 2),
         );
     }
+    println!(
+        "xfloor: against the sequential floor; xkern: against kernel-wp, the workload \
+         tracking itself with the same period (no tern)"
+    );
     println!(
         "floor: {:.3} us measured, {} us in DESIGN.md; machine: {}",
         report["floor"]["measured_us"].as_f64().unwrap_or(f64::NAN),

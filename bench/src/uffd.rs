@@ -71,6 +71,12 @@ pub struct AsyncWp {
 
 impl AsyncWp {
     pub fn new(region: &Region) -> io::Result<AsyncWp> {
+        AsyncWp::over(region.addr() as u64, region.len() as u64)
+    }
+
+    /// Register `[start, start + len)`, which must be a private anonymous
+    /// mapping of this process.
+    pub fn over(start: u64, len: u64) -> io::Result<AsyncWp> {
         // SAFETY: plain syscall.
         let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
         if raw < 0 {
@@ -84,7 +90,6 @@ impl AsyncWp {
             ioctls: 0,
         };
         ioctl(&fd, UFFDIO_API, &mut api)?;
-        let (start, len) = (region.addr() as u64, region.len() as u64);
         let mut reg = UffdioRegister {
             range: UffdioRange { start, len },
             mode: UFFDIO_REGISTER_MODE_WP,
