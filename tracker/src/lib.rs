@@ -4,7 +4,8 @@
 //! Data path: [`maps`] lists the VMAs, a [`backend::DirtyTracker`] says which
 //! pages changed, [`predump`] copies them into an `images::ImageWriter`.
 //! Kernel interfaces without a safe wrapper live in one module each:
-//! [`pagemap_scan`], [`uffd`], [`inject`] (ptrace syscall injection).
+//! [`pagemap_scan`], [`uffd`]; those the restorer shares (ptrace syscall
+//! injection, register sets, signals, seccomp, rseq, vDSO) are in the `sys` crate.
 
 mod anon;
 pub mod backend;
@@ -12,7 +13,8 @@ pub mod check;
 pub mod copy;
 pub mod ebpf;
 pub mod freeze;
-pub mod inject;
+/// Syscall injection lives in the `sys` crate (the restorer uses it too).
+pub use sys::inject;
 pub mod maps;
 pub mod pagemap_scan;
 pub mod session;

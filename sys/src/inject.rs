@@ -82,8 +82,8 @@
 //! # Using it
 //!
 //! ```no_run
-//! # use tracker::inject::Injector;
-//! # fn f(pid: i32) -> Result<(), tracker::inject::InjectError> {
+//! # use sys::inject::Injector;
+//! # fn f(pid: i32) -> Result<(), sys::inject::InjectError> {
 //! let mut inj = Injector::attach(pid, std::time::Duration::from_secs(5))?;
 //! let known = Injector::find_scratch(pid)?.first().copied();
 //! inj.ensure_scratch(known)?;

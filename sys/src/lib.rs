@@ -1,0 +1,23 @@
+//! Kernel interfaces that both sides of tern use, one module per interface,
+//! each with its uapi structs written out, typed errors and unit tests
+//! against the real kernel:
+//!
+//! - [`inject`]: ptrace syscall injection into a stopped thread (no debug
+//!   registers; a scratch area whose stub survives the tracer's death);
+//! - [`regs`]: register sets (general, FPU/xsave, arm64 PAC keys);
+//! - [`signals`]: blocked and pending signals, sigaction and sigaltstack layouts;
+//! - [`seccomp`]: a thread's filter chain and its flags;
+//! - [`rseq`]: rseq registration and critical-section abort fixup;
+//! - [`vdso`]: vDSO/vvar placement and vDSO symbols;
+//! - [`fds`]: the fd table and pipe contents.
+//!
+//! The tracker uses them to capture a process, the restorer to rebuild one;
+//! neither reaches into the other.
+
+pub mod fds;
+pub mod inject;
+pub mod regs;
+pub mod rseq;
+pub mod seccomp;
+pub mod signals;
+pub mod vdso;

@@ -1,0 +1,2 @@
+//! The vDSO and vvar areas of a process and the vDSO's symbols (ELF parsed
+//! with `object`). (Being written.)
