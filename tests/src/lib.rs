@@ -3,6 +3,7 @@
 //! a deadline, and check image chains against the live target
 //! ([`oracle::check`]).
 
+pub mod ck;
 pub mod oracle;
 pub mod pattern;
 pub mod proc;
