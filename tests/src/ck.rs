@@ -15,8 +15,6 @@
 //!
 //! Writers use [`report`]; the harness uses [`CkProcess`].
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
