@@ -1019,7 +1019,13 @@ fn compare_with_kernel_wp(results: &mut [Value]) {
         let mine = r["cost_per_first_write_us"].as_f64().unwrap_or(f64::NAN);
         let my_slowdown = r["slowdown"].as_f64().unwrap_or(f64::NAN);
         r["kernel_wp_cost_per_first_write_us"] = finite(*cost);
-        r["cost_vs_kernel_wp"] = finite(mine / cost);
+        // A floor at or below zero is noise (less lost time than the
+        // baselines' spread): no ratio then.
+        r["cost_vs_kernel_wp"] = if *cost > 0.0 {
+            finite(mine / cost)
+        } else {
+            Value::Null
+        };
         r["slowdown_vs_kernel_wp"] = finite(my_slowdown / slowdown);
     }
 }
