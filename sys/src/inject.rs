@@ -503,6 +503,41 @@ impl Injector {
         self.run(|t| t.remove_leftover_scratch())
     }
 
+    /// The thread's general registers when it stopped (see
+    /// `Tracee::original_regs`): what a dump records.
+    #[cfg(target_arch = "x86_64")]
+    pub fn original_regs(&mut self) -> Result<libc::user_regs_struct, InjectError> {
+        self.run(|t| Ok(t.original_regs()))
+    }
+
+    /// The registers the thread resumes with at [`Injector::detach`]
+    /// (a restore puts the dumped ones here).
+    #[cfg(target_arch = "x86_64")]
+    pub fn set_original_regs(&mut self, r: libc::user_regs_struct) -> Result<(), InjectError> {
+        self.run(move |t| t.set_original_regs(r))
+    }
+
+    /// Free this injector's scratch slot (the thread stays stopped; the next
+    /// injection claims a slot again).
+    #[cfg(target_arch = "x86_64")]
+    pub fn release_scratch(&mut self) -> Result<(), InjectError> {
+        self.run(|t| {
+            t.release_scratch();
+            Ok(())
+        })
+    }
+
+    /// Run `f(tid)` on the tracer thread, where ptrace requests on this
+    /// thread are allowed (PTRACE_GETREGSET, PTRACE_PEEKSIGINFO, ...). `f`
+    /// must not resume or detach the thread.
+    pub fn on_tracer<R: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(i32) -> R + Send + 'static,
+    ) -> Result<R, InjectError> {
+        let tid = self.tid;
+        self.run(move |_| Ok(f(tid)))
+    }
+
     /// Restore the thread's registers exactly and `PTRACE_DETACH`.
     pub fn detach(mut self) -> Result<(), InjectError> {
         let r = self.run(|t| t.detach());

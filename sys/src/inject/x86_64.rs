@@ -483,6 +483,43 @@ impl Tracee {
         self.timeout = timeout;
     }
 
+    /// The thread's registers as they were when it stopped (with an rseq
+    /// critical section already moved to its abort handler), before any
+    /// syscall restart fix-up: what a dump records.
+    pub fn original_regs(&self) -> Regs {
+        self.orig
+    }
+
+    /// Make `r` the registers the thread resumes with at detach (a restore
+    /// sets the dumped registers this way). The kernel applies its syscall
+    /// restart logic to them at the final stop, as for real originals.
+    pub fn set_original_regs(&mut self, r: Regs) -> Result<(), InjectError> {
+        if r.cs != USER64_CS {
+            return Err(InjectError::Unsupported {
+                pid: self.pid,
+                tid: self.tid,
+                reason: format!(
+                    "registers with code segment {:#x} (only 64-bit threads)",
+                    r.cs
+                ),
+            });
+        }
+        self.orig = r;
+        self.fixed = fixup(&r);
+        self.regs = RegsState::Other;
+        if let Some(s) = self.scratch.as_mut() {
+            s.frame_dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Give the scratch slot back (the area stays mapped); the next
+    /// injection claims one again. Lets more threads than there are slots be
+    /// injected in turn while all of them stay stopped.
+    pub fn release_scratch(&mut self) {
+        self.scratch = None;
+    }
+
     pub fn scratch_base(&self) -> Option<u64> {
         self.scratch.as_ref().map(|s| s.base)
     }
