@@ -639,7 +639,7 @@ fn inject_basic_syscalls_and_scratch_data() {
         .syscall(
             libc::SYS_userfaultfd,
             [
-                (libc::O_CLOEXEC | 1) as u64 /* UFFD_USER_MODE_ONLY */,
+                (libc::O_CLOEXEC | 1) as u64, /* UFFD_USER_MODE_ONLY */
                 0,
                 0,
                 0,
