@@ -156,8 +156,13 @@ pub struct VmaRecord {
     /// The path or pseudo-name (`[heap]`, `[stack]`, `[anon:name]`), if any.
     pub name: Option<String>,
     /// Whether tern recorded this VMA's pages (private and anonymous-shared
-    /// memory); others (file-shared, `[vvar]`, `[vdso]`) read from elsewhere.
+    /// memory); others (file-shared, `[vvar]`, `[vvar_vclock]`, `[vdso]`)
+    /// read from elsewhere.
     pub dumped: bool,
+    /// `VmFlags` from /proc/PID/smaps (`gd` grows down, `dd` dont-dump, ...);
+    /// recorded by the final dump only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vm_flags: Vec<String>,
 }
 
 impl VmaRecord {

@@ -218,6 +218,7 @@ mod tests {
                 inode: 0,
                 name: None,
                 dumped: true,
+                vm_flags: Vec::new(),
             }],
         }
     }

@@ -267,6 +267,7 @@ mod tests {
                 inode: 0,
                 name: None,
                 dumped: true,
+                vm_flags: Vec::new(),
             }],
         }
     }

@@ -519,12 +519,21 @@ impl Injector {
 
     /// Free this injector's scratch slot (the thread stays stopped; the next
     /// injection claims a slot again).
-    #[cfg(target_arch = "x86_64")]
     pub fn release_scratch(&mut self) -> Result<(), InjectError> {
         self.run(|t| {
             t.release_scratch();
             Ok(())
         })
+    }
+
+    /// Let the thread go without restoring anything, for a thread that was
+    /// killed (the kernel releases it when the tracer thread ends).
+    pub fn abandon(mut self) {
+        let _ = self.run(|t| {
+            t.abandon();
+            Ok(())
+        });
+        self.shutdown();
     }
 
     /// Run `f(tid)` on the tracer thread, where ptrace requests on this

@@ -333,6 +333,7 @@ pub fn write_reference_image(pid: i32, dir: &Path) -> Result<(), String> {
             inode: m.inode,
             name: (!m.name.is_empty()).then(|| m.name.clone()),
             dumped,
+            vm_flags: Vec::new(),
         });
         if dumped {
             let mut buf = vec![0u8; (m.end - m.start) as usize];

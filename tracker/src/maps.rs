@@ -17,6 +17,8 @@ pub enum MapsError {
         #[source]
         source: procfs::ProcError,
     },
+    #[error("PID {pid}: {what}")]
+    Smaps { pid: i32, what: String },
 }
 
 /// One VMA.
@@ -82,6 +84,7 @@ impl Vma {
             inode: self.inode,
             name: self.name.clone(),
             dumped: self.is_dumped(),
+            vm_flags: Vec::new(),
         }
     }
 }
@@ -179,4 +182,38 @@ mod tests {
             Err(MapsError::NoProcess { .. })
         ));
     }
+}
+
+/// `VmFlags` of every VMA of `pid`, keyed by (start, end), from
+/// /proc/PID/smaps. Slow for big processes (the kernel walks page tables to
+/// count RSS): read it outside the frozen window where possible.
+pub fn vm_flags(
+    pid: i32,
+) -> Result<std::collections::BTreeMap<(u64, u64), Vec<String>>, MapsError> {
+    let path = format!("/proc/{pid}/smaps");
+    let text = std::fs::read_to_string(&path).map_err(|e| MapsError::Smaps {
+        pid,
+        what: format!("{path}: {e}"),
+    })?;
+    let mut out = std::collections::BTreeMap::new();
+    let mut cur: Option<(u64, u64)> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("VmFlags:") {
+            if let Some(k) = cur.take() {
+                out.insert(k, rest.split_whitespace().map(str::to_string).collect());
+            }
+            continue;
+        }
+        // A header line: "start-end perms offset dev inode [name]".
+        let Some(range) = line.split_whitespace().next() else {
+            continue;
+        };
+        if let Some((a, b)) = range.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+            && !range.ends_with(':')
+        {
+            cur = Some((a, b));
+        }
+    }
+    Ok(out)
 }

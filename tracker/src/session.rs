@@ -419,32 +419,7 @@ impl TrackingSession {
         parent: Option<&Path>,
     ) -> Result<PreDumpReport, TrackerError> {
         let t0 = Instant::now();
-        let parent_inv = match parent {
-            Some(p) => {
-                // Validates the parent image as a whole (page map, data
-                // bounds), not only its inventory.
-                let inv = images::Image::open(p)?.inventory;
-                if inv.pid != self.pid {
-                    return Err(TrackerError::ParentPid {
-                        path: p.to_path_buf(),
-                        pid: self.pid,
-                        found: inv.pid,
-                    });
-                }
-                Some(inv)
-            }
-            None => None,
-        };
-        let full_copy = match &parent_inv {
-            Some(inv) => !self.continues_from(inv),
-            None => true,
-        };
-        if parent_inv.is_some() && full_copy && self.tracker.name() != "full" {
-            tracing::info!(
-                pid = self.pid,
-                "tracked dirty state does not continue from the parent image (first round of this tracker, or an interrupted round): copying every populated page"
-            );
-        }
+        let (parent_inv, full_copy) = self.parent_state(parent)?;
         let mut writer = ImageWriter::create(dir, self.opts.compress)?;
         let vmas = read_target_vmas(self.pid, &self.scratch_areas)
             .map_err(|e| self.exited_or(e, "pre-dump"))?;
@@ -709,6 +684,83 @@ impl TrackingSession {
         Ok(())
     }
 
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// The parent image's inventory (validated as a whole, of this PID) and
+    /// whether this round must copy every page (the tracked dirty state does
+    /// not continue from it).
+    pub fn parent_state(
+        &self,
+        parent: Option<&Path>,
+    ) -> Result<(Option<Inventory>, bool), TrackerError> {
+        let parent_inv = match parent {
+            Some(p) => {
+                let inv = images::Image::open(p)?.inventory;
+                if inv.pid != self.pid {
+                    return Err(TrackerError::ParentPid {
+                        path: p.to_path_buf(),
+                        pid: self.pid,
+                        found: inv.pid,
+                    });
+                }
+                Some(inv)
+            }
+            None => None,
+        };
+        let full_copy = match &parent_inv {
+            Some(inv) => !self.continues_from(inv),
+            None => true,
+        };
+        if parent_inv.is_some() && full_copy && self.tracker.name() != "full" {
+            tracing::info!(
+                pid = self.pid,
+                "tracked dirty state does not continue from the parent image (first round of this tracker, or an interrupted round): copying every populated page"
+            );
+        }
+        Ok((parent_inv, full_copy))
+    }
+
+    /// The target's VMAs, our scratch areas marked as such.
+    pub fn target_vmas(&self) -> Result<Vec<crate::maps::Vma>, TrackerError> {
+        read_target_vmas(self.pid, &self.scratch_areas).map_err(|e| self.exited_or(e, "dump"))
+    }
+
+    /// The final round's dirty set (the target is frozen by the caller).
+    /// Marks the host state in progress: the dirty bits are consumed.
+    pub fn collect_final(
+        &mut self,
+        vmas: &[crate::maps::Vma],
+        full_copy: bool,
+    ) -> Result<DirtySet, TrackerError> {
+        self.save_host_state(None, true)?;
+        self.tracker
+            .collect(vmas, full_copy)
+            .map_err(|e| self.exited_or(e.into(), "dump"))
+    }
+
+    /// Run `f` on this session in a forked guardian child (see `guarded`),
+    /// waiting at most `deadline`; its error is a message.
+    pub fn guarded_run<T, F>(&mut self, deadline: Duration, f: F) -> Result<T, String>
+    where
+        T: Serialize + for<'de> Deserialize<'de>,
+        F: FnOnce(&mut TrackingSession) -> Result<T, String>,
+    {
+        let pid = self.pid;
+        match guardian(pid, deadline, || f(self).map_err(serde_json::Value::from)) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(v)) => Err(v.as_str().unwrap_or("unknown error").to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The target is gone (a dump killed it): drop the host state, nothing
+    /// to tear down in it.
+    pub fn forget_target(self) {
+        let _ = std::fs::remove_file(&self.state_path);
+    }
+
     fn exited_or(&self, e: TrackerError, what: &'static str) -> TrackerError {
         if !alive(self.pid, self.start_time) {
             TrackerError::Exited {
@@ -825,6 +877,57 @@ where
     T: Serialize + for<'de> Deserialize<'de>,
     F: FnOnce() -> Result<T, TrackerError>,
 {
+    // The child's every wait has a deadline of `timeout`; bound the whole.
+    let deadline = timeout * 8 + Duration::from_secs(5);
+    let r = guardian(pid, deadline, move || {
+        let st = start_time(pid).unwrap_or(0);
+        f().map_err(|e| {
+            // A target that dies under the injector: say so, not how ptrace failed.
+            let e = if alive(pid, st) {
+                e
+            } else {
+                TrackerError::Exited {
+                    pid,
+                    what: "syscall injection",
+                }
+            };
+            serde_json::json!({
+                "msg": e.to_string(),
+                "unavailable": matches!(e, TrackerError::Unavailable { .. }),
+                "exited": matches!(e, TrackerError::Exited { .. } | TrackerError::NoProcess { .. }),
+            })
+        })
+    })?;
+    r.map_err(|v| {
+        let msg = v["msg"].as_str().unwrap_or("unknown error").to_string();
+        if v["exited"].as_bool() == Some(true) {
+            TrackerError::Exited {
+                pid,
+                what: "syscall injection",
+            }
+        } else if v["unavailable"].as_bool() == Some(true) {
+            TrackerError::Unavailable {
+                backend: "uffd-wp",
+                why: msg,
+            }
+        } else {
+            TrackerError::Injection { pid, msg }
+        }
+    })
+}
+
+/// Run `f` in a forked child of tern in a session of its own and return its
+/// result (sent back as JSON through a pipe), waiting at most `deadline`
+/// (then the child is killed). The child runs only `f` and `_exit`s.
+fn guardian<T, F>(
+    pid: i32,
+    deadline: Duration,
+    f: F,
+) -> Result<Result<T, serde_json::Value>, TrackerError>
+where
+    T: Serialize + for<'de> Deserialize<'de>,
+    F: FnOnce() -> Result<T, serde_json::Value>,
+{
     use std::io::{Read, Write};
     use std::os::fd::FromRawFd;
     let mut fds = [0i32; 2];
@@ -841,7 +944,7 @@ where
             std::fs::File::from_raw_fd(fds[1]),
         )
     };
-    // SAFETY: the child only runs `f` (ptrace work on its own thread) and
+    // SAFETY: the child only runs `f` (ptrace work on its own threads) and
     // exits with _exit, running no destructor of the parent's state.
     let child = unsafe { libc::fork() };
     if child < 0 {
@@ -853,33 +956,16 @@ where
     if child == 0 {
         drop(rd);
         unsafe { libc::setsid() };
-        let st = start_time(pid).unwrap_or(0);
-        // A target that dies under the injector: say so, not how ptrace failed.
-        let res = f().map_err(|e| {
-            if alive(pid, st) {
-                e
-            } else {
-                TrackerError::Exited {
-                    pid,
-                    what: "syscall injection",
-                }
-            }
-        });
-        let msg = match res {
+        let msg = match f() {
             Ok(v) => serde_json::json!({ "ok": v }),
-            Err(e) => serde_json::json!({
-                "err": e.to_string(),
-                "unavailable": matches!(e, TrackerError::Unavailable { .. }),
-                "exited": matches!(e, TrackerError::Exited { .. } | TrackerError::NoProcess { .. }),
-            }),
+            Err(e) => serde_json::json!({ "err": e }),
         };
         let mut wr = wr;
         let _ = wr.write_all(msg.to_string().as_bytes());
         unsafe { libc::_exit(0) };
     }
     drop(wr);
-    // The child's every wait has a deadline of `timeout`; bound the whole.
-    let deadline = Instant::now() + timeout * 8 + Duration::from_secs(5);
+    let deadline = Instant::now() + deadline;
     let mut rd = rd;
     let mut buf = Vec::new();
     let mut pfd = libc::pollfd {
@@ -895,7 +981,7 @@ where
         }
         let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
         if n > 0 {
-            let mut chunk = [0u8; 4096];
+            let mut chunk = [0u8; 65536];
             match rd.read(&mut chunk) {
                 Ok(0) => break,
                 Ok(k) => buf.extend_from_slice(&chunk[..k]),
@@ -907,29 +993,21 @@ where
     let mut st = 0;
     unsafe { libc::waitpid(child, &mut st, 0) };
     let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|_| TrackerError::State {
-        path: format!("injector process {child}").into(),
+        path: format!("guardian process {child}").into(),
         what: format!("ended without a result (wait status {st:#x}) while working on PID {pid}"),
     })?;
     if let Some(ok) = v.get("ok") {
-        return serde_json::from_value(ok.clone()).map_err(|e| TrackerError::State {
-            path: format!("injector process {child}").into(),
-            what: e.to_string(),
-        });
+        return serde_json::from_value(ok.clone())
+            .map(Ok)
+            .map_err(|e| TrackerError::State {
+                path: format!("guardian process {child}").into(),
+                what: e.to_string(),
+            });
     }
-    let msg = v["err"].as_str().unwrap_or("unknown error").to_string();
-    if v["exited"].as_bool() == Some(true) {
-        return Err(TrackerError::Exited {
-            pid,
-            what: "syscall injection",
-        });
-    }
-    if v["unavailable"].as_bool() == Some(true) {
-        return Err(TrackerError::Unavailable {
-            backend: "uffd-wp",
-            why: msg,
-        });
-    }
-    Err(TrackerError::Injection { pid, msg })
+    Ok(Err(v
+        .get("err")
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)))
 }
 
 /// tern's tracking userfaultfds in `pid`: (fd, features). Ours are those
@@ -1043,6 +1121,11 @@ pub fn gc_stale_state() {
 
 /// `pid` is still the process that started at `start_time`, and not a
 /// zombie (a zombie has no memory left to dump).
+/// Whether `pid` exists and is not a zombie.
+pub fn alive_now(pid: i32) -> bool {
+    start_time(pid).is_ok_and(|st| alive(pid, st))
+}
+
 pub fn alive(pid: i32, start_time: u64) -> bool {
     match procfs::process::Process::new(pid).and_then(|p| p.stat()) {
         Ok(s) => s.starttime == start_time && !matches!(s.state, 'Z' | 'X' | 'x'),

@@ -49,6 +49,8 @@ impl Tracee {
     pub fn detach(&mut self) -> Result<(), InjectError> {
         Ok(())
     }
+    pub fn release_scratch(&mut self) {}
+    pub fn abandon(&mut self) {}
 }
 
 fn unsupported(pid: i32, tid: i32) -> InjectError {

@@ -479,6 +479,13 @@ impl Tracee {
         !self.attached || self.abandoned
     }
 
+    /// Leave the thread to the kernel without restoring anything (it was
+    /// killed): the tracer thread ends and exit_ptrace() lets it go.
+    pub fn abandon(&mut self) {
+        self.abandoned = true;
+        self.scratch = None;
+    }
+
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
     }
