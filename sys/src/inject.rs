@@ -526,6 +526,16 @@ impl Injector {
         })
     }
 
+    /// Map a new scratch area (in [`Injector::ensure_scratch`]) exactly at
+    /// `addr` instead of where the kernel chooses.
+    #[cfg(target_arch = "x86_64")]
+    pub fn set_scratch_hint(&mut self, addr: u64) -> Result<(), InjectError> {
+        self.run(move |t| {
+            t.set_scratch_hint(addr);
+            Ok(())
+        })
+    }
+
     /// Let the thread go without restoring anything, for a thread that was
     /// killed (the kernel releases it when the tracer thread ends).
     pub fn abandon(mut self) {

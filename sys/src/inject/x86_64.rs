@@ -308,6 +308,8 @@ pub(crate) struct Tracee {
     fixed: Regs,
     raw_syscall: Option<u64>,
     scratch: Option<Scratch>,
+    /// Where a new scratch area must go (0: where the kernel likes).
+    scratch_hint: u64,
     have_syscall_info: bool,
     recovered: bool,
     /// Signals delivered on the original registers during injection.
@@ -451,6 +453,7 @@ impl Tracee {
             fixed: zero,
             raw_syscall: None,
             scratch: None,
+            scratch_hint: 0,
             have_syscall_info: true,
             recovered: false,
             delivered: 0,
@@ -518,6 +521,12 @@ impl Tracee {
             s.frame_dirty = true;
         }
         Ok(())
+    }
+
+    /// Map a new scratch area exactly at `addr` (MAP_FIXED_NOREPLACE), e.g.
+    /// where a restored address space will have nothing.
+    pub fn set_scratch_hint(&mut self, addr: u64) {
+        self.scratch_hint = addr;
     }
 
     /// Give the scratch slot back (the area stays mapped); the next
@@ -1465,13 +1474,18 @@ impl Tracee {
     }
 
     fn create_scratch(&mut self) -> Result<u64, InjectError> {
+        let fixed = if self.scratch_hint != 0 {
+            libc::MAP_FIXED_NOREPLACE
+        } else {
+            0
+        };
         let ret = self.inject(
             libc::SYS_mmap,
             [
-                0,
+                self.scratch_hint,
                 LEN as u64,
                 (libc::PROT_READ | libc::PROT_EXEC) as u64,
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed) as u64,
                 u64::MAX,
                 0,
             ],
