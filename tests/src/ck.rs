@@ -79,6 +79,18 @@ impl CkProcess {
                 bin.display()
             ));
         }
+        Self::start_program(name, &bin, args, timeout)
+    }
+
+    /// Like [`CkProcess::start`] for any program that speaks the protocol
+    /// (a script, ...): `PROGRAM ARGS --out DIR/result`. In ARGS, `{dir}`
+    /// is replaced with the process's directory.
+    pub fn start_program(
+        name: &str,
+        bin: &Path,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<CkProcess, String> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("ck-{name}-"))
             .tempdir()
@@ -89,10 +101,11 @@ impl CkProcess {
         let out = dir.path().join("result");
         let stdout = std::fs::File::create(dir.path().join("stdout")).map_err(|e| e.to_string())?;
         let stderr = std::fs::File::create(dir.path().join("stderr")).map_err(|e| e.to_string())?;
-        let child = Command::new(&bin)
+        let dir_s = dir.path().display().to_string();
+        let child = Command::new(bin)
+            .args(args.iter().map(|a| a.replace("{dir}", &dir_s)))
             .arg("--out")
             .arg(&out)
-            .args(args)
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(stdout)
