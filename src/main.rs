@@ -57,6 +57,49 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Final, stop-the-world dump: the last dirty pages and every piece of
+    /// the process's state; the target is killed afterwards unless
+    /// --leave-running.
+    Dump {
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// The last pre-dump of this process: copy only what changed since.
+        #[arg(long)]
+        prev_images_dir: Option<PathBuf>,
+        /// Let the process run on after the dump.
+        #[arg(long)]
+        leave_running: bool,
+        /// Re-read every page of the frozen process and compare it with the
+        /// image chain; a mismatch fails the dump and leaves the target running.
+        #[arg(long)]
+        verify: bool,
+        #[arg(long, default_value = "auto", value_parser = ["auto", "uffd-wp", "soft-dirty", "full"])]
+        track: String,
+        /// Compress the final pages (costs frozen time).
+        #[arg(long)]
+        compress: bool,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recreate a dumped process (same PID and TIDs) from its image chain.
+    Restore {
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// Return once the process runs instead of waiting for it.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// Write the restored PID to this file.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Telemetry only: pages dirtied per interval, kernel against eBPF.
     Track {
         #[arg(short = 't', long = "tree")]
@@ -145,6 +188,39 @@ fn run(cmd: Cmd) -> Result<()> {
             json,
         } => track(pid, interval_ms, rounds, !no_ebpf, timeout_ms, json),
         Cmd::Show { dir, vmas, json } => show(&dir, vmas, json),
+        Cmd::Dump {
+            pid,
+            dir,
+            prev_images_dir,
+            leave_running,
+            verify,
+            track,
+            compress,
+            timeout_ms,
+            json,
+        } => {
+            let track = TrackMode::parse(&track).expect("clap checked the value");
+            dump(
+                pid,
+                &dir,
+                prev_images_dir.as_deref(),
+                &tracker::dump::DumpOptions {
+                    track,
+                    compress,
+                    leave_running,
+                    timeout: Duration::from_millis(timeout_ms),
+                },
+                verify,
+                json,
+            )
+        }
+        Cmd::Restore {
+            dir,
+            detach,
+            pidfile,
+            timeout_ms,
+            json,
+        } => restore(&dir, detach, pidfile.as_deref(), timeout_ms, json),
         Cmd::Untrack {
             pid,
             timeout_ms,
@@ -253,6 +329,165 @@ fn pre_dump(
         );
     }
     Ok(())
+}
+
+fn dump(
+    pid: i32,
+    dir: &Path,
+    prev: Option<&Path>,
+    opts: &tracker::dump::DumpOptions,
+    verify: bool,
+    json: bool,
+) -> Result<()> {
+    if let Some(p) = prev {
+        images::Inventory::load(p).with_context(|| format!("--prev-images-dir {}", p.display()))?;
+    }
+    check_writable_dir(dir)?;
+    let verifier: Option<tracker::dump::Verifier> = verify.then_some(verify_chain);
+    let report = tracker::dump::dump(pid, dir, prev, opts, verifier)
+        .with_context(|| format!("dump of PID {pid} into {}", dir.display()));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            if !dir.join(images::INVENTORY_FILE).exists() {
+                for f in [
+                    images::PAGES_FILE,
+                    images::PAGEMAP_FILE,
+                    images::MM_FILE,
+                    images::process::PROCESS_FILE,
+                ] {
+                    let _ = std::fs::remove_file(dir.join(f));
+                }
+                let _ = std::fs::remove_dir_all(dir.join(images::process::PIPES_DIR));
+            } else {
+                // A complete image that failed verification: not usable.
+                let _ = std::fs::remove_file(dir.join(images::INVENTORY_FILE));
+            }
+            return Err(e);
+        }
+    };
+    if json {
+        print_json(&report);
+    } else {
+        println!(
+            "dump of PID {pid} into {}: {} threads, {} VMAs, {} pages written, {} bytes, frozen {:.1} ms, {:.1} ms in all{}{}",
+            dir.display(),
+            report.threads,
+            report.vmas,
+            report.pages_written,
+            report.bytes_written,
+            report.frozen_ms,
+            report.duration_ms,
+            match &report.verify {
+                Some(v) => format!(", verified {} pages", v.pages_checked),
+                None => String::new(),
+            },
+            if report.killed {
+                "; the process was killed"
+            } else {
+                "; the process runs on"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `dump --verify`: every page of every dumped VMA, as the chain rebuilds
+/// it, against the frozen process's memory (/proc/PID/mem).
+fn verify_chain(pid: i32, dir: &Path) -> std::result::Result<tracker::dump::VerifyReport, String> {
+    use std::os::unix::fs::FileExt;
+    let chain = restorer::ImageChain::open(dir).map_err(|e| e.to_string())?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
+    let mut report = tracker::dump::VerifyReport::default();
+    let page = images::PAGE_SIZE;
+    for v in chain.vmas().iter().filter(|v| v.dumped) {
+        let mut a = v.start;
+        while a < v.end {
+            let end = (a + (4 << 20)).min(v.end);
+            let want = chain
+                .read_range(v, images::PageRange::new(a, end))
+                .map_err(|e| e.to_string())?;
+            let mut have = vec![0u8; want.len()];
+            mem.read_exact_at(&mut have, a)
+                .map_err(|e| format!("reading {a:#x}-{end:#x} of PID {pid}: {e}"))?;
+            for (k, (w, h)) in want
+                .chunks(page as usize)
+                .zip(have.chunks(page as usize))
+                .enumerate()
+            {
+                report.pages_checked += 1;
+                if w != h {
+                    report.mismatches += 1;
+                    if report.first_mismatches.len() < 8 {
+                        let off = w.iter().zip(h).position(|(x, y)| x != y).unwrap_or(0);
+                        report.first_mismatches.push(format!(
+                            "{:#x}: byte {off} differs (image {:#04x}, process {:#04x}) in {}",
+                            a + k as u64 * page,
+                            w[off],
+                            h[off],
+                            v.name.as_deref().unwrap_or("[anon]")
+                        ));
+                    }
+                }
+            }
+            a = end;
+        }
+    }
+    Ok(report)
+}
+
+fn restore(
+    dir: &Path,
+    detach: bool,
+    pidfile: Option<&Path>,
+    timeout_ms: u64,
+    json: bool,
+) -> Result<()> {
+    let restored = restorer::restore::restore(
+        dir,
+        &restorer::restore::RestoreOptions {
+            timeout: Duration::from_millis(timeout_ms),
+        },
+    )
+    .with_context(|| format!("restore from {}", dir.display()))?;
+    let pid = restored.pid;
+    if let Some(f) = pidfile {
+        std::fs::write(f, format!("{pid}\n"))
+            .with_context(|| format!("--pidfile {}", f.display()))?;
+    }
+    if json {
+        print_json(&restored.report);
+    } else {
+        eprintln!(
+            "restored PID {pid} from {} in {:.1} ms ({} pages, {} threads)",
+            dir.display(),
+            restored.report.restore_ms,
+            restored.report.pages_restored,
+            restored.report.threads
+        );
+    }
+    if detach {
+        return Ok(());
+    }
+    // Wait for the process (our child) and exit as it did.
+    let mut st = 0;
+    // SAFETY: waitpid on our own child.
+    let r = unsafe { libc::waitpid(pid, &mut st, 0) };
+    if r != pid {
+        bail!(
+            "waiting for restored PID {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let code = if libc::WIFEXITED(st) {
+        libc::WEXITSTATUS(st)
+    } else if libc::WIFSIGNALED(st) {
+        128 + libc::WTERMSIG(st)
+    } else {
+        1
+    };
+    std::process::exit(code);
 }
 
 /// `dir` exists or can be created, and a file can be written in it.

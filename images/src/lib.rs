@@ -27,9 +27,11 @@ mod format;
 mod pagemap;
 mod writer;
 
+pub mod process;
+
 pub use format::*;
 pub use pagemap::{PageEntry, PageKind, PageMap};
-pub use writer::ImageWriter;
+pub use writer::{ImageWriter, WriteStats};
 
 use std::path::{Path, PathBuf};
 
@@ -142,6 +144,8 @@ pub struct Image {
     pub inventory: Inventory,
     pub mm: MmRecord,
     pub pagemap: PageMap,
+    /// The rest of the process's state (final dumps only).
+    pub process: Option<process::ProcessImage>,
 }
 
 impl Image {
@@ -154,11 +158,16 @@ impl Image {
             .map_err(|e| ImageError::io(&pages_path, e))?
             .len();
         pagemap.check_data_bounds(&pages_path, pages_len)?;
+        let process = match inventory.kind {
+            ImageKind::Dump => Some(process::ProcessImage::load(dir)?),
+            ImageKind::PreDump => None,
+        };
         Ok(Image {
             dir: dir.to_path_buf(),
             inventory,
             mm,
             pagemap,
+            process,
         })
     }
 

@@ -1,7 +1,9 @@
-//! The restore side of tern. For now: [`ImageChain`], which opens an image and
-//! its parents, checks the links between them, and answers "what did page X
-//! hold" for any address of the newest image's address space.
+//! The restore side of tern: [`ImageChain`], which opens an image and its
+//! parents, checks the links between them, and answers "what did page X
+//! hold" for any address of the newest image's address space; and
+//! [`restore`], which recreates the dumped process from it.
 
 mod chain;
+pub mod restore;
 
 pub use chain::{ChainError, ChainImageSummary, ImageChain, PageSource};

@@ -11,6 +11,7 @@ mod anon;
 pub mod backend;
 pub mod check;
 pub mod copy;
+pub mod dump;
 pub mod ebpf;
 pub mod freeze;
 /// Syscall injection lives in the `sys` crate (the restorer uses it too).

@@ -1351,9 +1351,8 @@ impl Tracee {
     /// Address of a `syscall` instruction already in the target: in
     /// `[vdso]`, else in any other executable mapping.
     fn raw_syscall_addr(&mut self) -> Result<u64, InjectError> {
-        if let Some(a) = self.raw_syscall {
-            return Ok(a);
-        }
+        // Looked up every time (twice per session at most): the vDSO may
+        // have moved since (a restore mremaps it).
         let maps = proc::read_maps(self.pid)?;
         let mut cands: Vec<_> = maps
             .iter()

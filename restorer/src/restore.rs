@@ -1,0 +1,1200 @@
+//! Eager restore (`tern restore`): recreate a dumped process from its image
+//! chain — same PID and TIDs, address space, memory, threads, registers,
+//! signals, rseq, files, limits, credentials, seccomp — driven from outside
+//! with ptrace, the way DESIGN.md suggests:
+//!
+//! 1. Everything is read and checked first (chain, process state, pipe data,
+//!    files to reopen, free PIDs/TIDs, same vDSO): a bad image fails before
+//!    any process exists.
+//! 2. tern forks the future process with `clone3(set_tid = [PID])`; the child
+//!    only blocks in `read(2)` on a pipe. tern seizes it with an injector and
+//!    creates the other threads from it with injected `clone3(CLONE_THREAD,
+//!    set_tid = [TID])`: each new thread resumes where the main thread is
+//!    held (the blocked read), blocks there too, and is seized in turn.
+//! 3. Through injected syscalls in the main thread: tern's own memory goes
+//!    (everything but the scratch area and the vDSO), the vDSO moves to where
+//!    the image had it, every VMA is mapped at its address and filled from
+//!    the chain (`process_vm_writev`), then given its protection; `PR_SET_MM_MAP`
+//!    sets the mm fields (brk, args, env, auxv, exe).
+//! 4. Files, cwd, umask, limits, itimers, handlers; per thread: signal mask,
+//!    pending signals re-queued, sigaltstack, robust list, clear_child_tid,
+//!    rseq, name, FPU/xsave; then credentials and, last, seccomp filters.
+//! 5. The scratch area goes, and every thread is detached with the dumped
+//!    registers (the kernel applies its syscall-restart logic to them).
+//!
+//! Any failure before the last step kills the half-built process: no
+//! half-restored process is left.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use images::process::{FdImage, ProcessImage};
+use images::{PAGE_SIZE, PageRange, VmaRecord};
+use serde::Serialize;
+use sys::inject::{InjectError, Injector};
+
+use crate::chain::{ChainError, ImageChain, PageSource};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error(transparent)]
+    Image(#[from] images::ImageError),
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error("{dir}: {what}")]
+    BadImage { dir: PathBuf, what: String },
+    #[error(
+        "PID {pid} is taken on this host (by {by}); a restore needs the same PID and TIDs: stop that process, or restore in another PID namespace"
+    )]
+    PidTaken { pid: i32, by: String },
+    #[error("restoring PID {pid}: {step}: {what}")]
+    Step {
+        pid: i32,
+        step: &'static str,
+        what: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Deadline of every wait on the restored process.
+    pub timeout: Duration,
+}
+
+/// The JSON of `tern restore`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub pid: i32,
+    pub restore_ms: f64,
+    pub pages_restored: u64,
+    pub threads: usize,
+    pub vmas: usize,
+}
+
+/// What a restore leaves running: the process (a child of this one).
+pub struct Restored {
+    pub report: RestoreReport,
+    pub pid: i32,
+}
+
+fn step<E: std::fmt::Display>(pid: i32, step: &'static str) -> impl FnOnce(E) -> RestoreError {
+    move |e| RestoreError::Step {
+        pid,
+        step,
+        what: e.to_string(),
+    }
+}
+
+/// Checked inputs of a restore.
+struct Plan {
+    chain: ImageChain,
+    process: ProcessImage,
+    /// pipe inode -> bytes queued in it.
+    pipe_data: BTreeMap<String, Vec<u8>>,
+}
+
+fn bad(dir: &Path, what: impl Into<String>) -> RestoreError {
+    RestoreError::BadImage {
+        dir: dir.to_path_buf(),
+        what: what.into(),
+    }
+}
+
+/// Step 1: read and check everything.
+fn plan(dir: &Path) -> Result<Plan, RestoreError> {
+    let chain = ImageChain::open(dir)?;
+    let newest = chain.newest();
+    let process = newest.process.clone().ok_or_else(|| {
+        bad(
+            dir,
+            "this is a pre-dump image (memory only); restore needs the final image of `tern dump`",
+        )
+    })?;
+    let mut pipe_data = BTreeMap::new();
+    for f in &process.fds {
+        if let Some(name) = &f.pipe_data
+            && !pipe_data.contains_key(name)
+        {
+            pipe_data.insert(name.clone(), images::process::load_pipe_data(dir, name)?);
+        }
+        match &f.info.kind {
+            sys::fds::FdKind::File { path, deleted, .. } => {
+                if *deleted {
+                    return Err(bad(
+                        dir,
+                        format!(
+                            "fd {} is a deleted file ({path}): tern cannot restore its contents yet",
+                            f.info.fd
+                        ),
+                    ));
+                }
+                if !Path::new(path).exists() {
+                    return Err(bad(
+                        dir,
+                        format!(
+                            "fd {} refers to {path}, which does not exist here",
+                            f.info.fd
+                        ),
+                    ));
+                }
+            }
+            sys::fds::FdKind::Socket { .. }
+            | sys::fds::FdKind::Anon { .. }
+            | sys::fds::FdKind::Other { .. } => {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "fd {} is a {:?}, which tern cannot restore yet",
+                        f.info.fd, f.info.kind
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    for v in chain.vmas() {
+        if v.is_private() && v.backing_file().is_some() {
+            let name = v.name.as_deref().unwrap_or("");
+            if name.ends_with(" (deleted)") {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "VMA {:#x}-{:#x} maps a deleted file ({name}); tern cannot restore its unmodified pages",
+                        v.start, v.end
+                    ),
+                ));
+            }
+        }
+    }
+    // Same vDSO here (the restored process keeps the one it is forked with).
+    let here = sys::vdso::VdsoLayout::of_self()
+        .map_err(|e| bad(dir, format!("reading this process's vDSO: {e}")))?;
+    sys::vdso::check_compatible(&process.vdso, &here).map_err(|e| bad(dir, e.to_string()))?;
+    // PID and TIDs must be free.
+    for t in &process.threads {
+        let p = PathBuf::from(format!("/proc/{}", t.tid));
+        if p.exists() {
+            let by = std::fs::read_to_string(p.join("comm"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "a task".into());
+            return Err(RestoreError::PidTaken { pid: t.tid, by });
+        }
+    }
+    Ok(Plan {
+        chain,
+        process,
+        pipe_data,
+    })
+}
+
+/// Restore the process whose final image is `dir`. Returns once every thread
+/// runs; the process is a child of the caller.
+pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreError> {
+    let t0 = Instant::now();
+    let plan = plan(dir)?;
+    let pid = plan.process.pid;
+    let (child, wake) = spawn_with_pid(pid)?;
+    let res = build(&plan, pid, opts);
+    drop(wake);
+    match res {
+        Ok(pages) => Ok(Restored {
+            pid,
+            report: RestoreReport {
+                pid,
+                restore_ms: t0.elapsed().as_secs_f64() * 1e3,
+                pages_restored: pages,
+                threads: plan.process.threads.len(),
+                vmas: plan.chain.vmas().len(),
+            },
+        }),
+        Err(e) => {
+            // No half-restored process: kill and reap it.
+            // SAFETY: plain kill/waitpid of our own child.
+            unsafe {
+                libc::kill(child, libc::SIGKILL);
+                let mut st = 0;
+                libc::waitpid(child, &mut st, libc::__WALL);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Fork a child with PID `pid` that blocks reading a pipe (the returned
+/// write end; dropping it would wake the child, which then exits).
+fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(step::<std::io::Error>(pid, "pipe")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fresh fds.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let tids = [pid];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without CLONE_VM is a fork; the child only calls
+    // async-signal-safe functions (read, _exit) before it is taken over.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EEXIST) => RestoreError::PidTaken {
+                pid,
+                by: "another task (it appeared after the check)".into(),
+            },
+            Some(libc::EPERM) => step::<String>(pid, "clone3 with set_tid")(
+                "not permitted: restoring a PID needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN"
+                    .into(),
+            ),
+            _ => step::<std::io::Error>(pid, "clone3 with set_tid")(e),
+        });
+    }
+    if r == 0 {
+        // The child: wait to be taken over.
+        let mut b = [0u8; 1];
+        // SAFETY: read into a local buffer, then _exit.
+        unsafe {
+            libc::read(rd.as_raw_fd(), b.as_mut_ptr().cast(), 1);
+            libc::_exit(127);
+        }
+    }
+    drop(rd);
+    Ok((r as i32, wr))
+}
+
+/// Steps 2-5. Returns the number of pages written.
+fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreError> {
+    let p = &plan.process;
+    let timeout = opts.timeout;
+    // Wait until the child sits in its read (a seize before would interrupt
+    // it elsewhere in its startup, also fine, but this is tidier).
+    let deadline = Instant::now() + timeout;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('S'))
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(step::<&str>(pid, "starting the process")(
+                "it did not block in time",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut main = Injector::attach_thread(pid, pid, timeout)?;
+    // The scratch area goes where the image has nothing (and tern neither).
+    let scratch_at = free_area(plan.chain.vmas(), pid)?;
+    main.set_scratch_hint(scratch_at)?;
+    main.ensure_scratch(None)?;
+    // The forked child inherited tern's rseq registration: drop it before
+    // its memory goes, or the kernel would write into unmapped memory.
+    if let Some(reg) = main
+        .on_tracer(sys::rseq::registration)?
+        .map_err(step(pid, "reading the inherited rseq registration"))?
+    {
+        let r = main.syscall(
+            libc::SYS_rseq,
+            [
+                reg.abi_pointer,
+                reg.abi_size as u64,
+                1, /* RSEQ_FLAG_UNREGISTER */
+                reg.signature as u64,
+                0,
+                0,
+            ],
+        )?;
+        check(pid, "unregistering the inherited rseq area", r)?;
+    }
+
+    // Threads: cloned from the main thread, each with its TID.
+    let mut others: Vec<(usize, Injector)> = Vec::new();
+    for (i, t) in p.threads.iter().enumerate() {
+        if t.tid == pid {
+            continue;
+        }
+        let tid = clone_thread(&mut main, pid, t.tid)?;
+        let deadline = Instant::now() + timeout;
+        // It blocks in the read the main thread was held in.
+        loop {
+            let st =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
+            if st
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('S'))
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(step::<String>(pid, "creating a thread")(format!(
+                    "thread {tid} did not block"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        others.push((i, Injector::attach_thread(pid, tid, timeout)?));
+    }
+    if !p.threads.iter().any(|t| t.tid == pid) {
+        return Err(bad(
+            &plan.chain.newest().dir,
+            format!("the main thread {pid} is not in the image"),
+        ));
+    }
+
+    // Address space.
+    let pages = address_space(plan, &mut main, pid, scratch_at)?;
+
+    // Process-wide state.
+    process_state(plan, &mut main, pid)?;
+
+    // Per thread.
+    let main_idx = p
+        .threads
+        .iter()
+        .position(|t| t.tid == pid)
+        .expect("checked");
+    thread_state(plan, main_idx, &mut main, pid)?;
+    for (i, inj) in others.iter_mut() {
+        inj.ensure_scratch(Some(scratch_at))?;
+        thread_state(plan, *i, inj, pid)?;
+        inj.release_scratch()?;
+    }
+
+    // Credentials, then seccomp last.
+    creds(plan, &mut main, pid)?;
+    seccomp(plan, &mut main, &mut others, pid, scratch_at)?;
+
+    // Scratch out, registers in, go.
+    for (_, inj) in others.iter_mut() {
+        inj.release_scratch()?;
+    }
+    main.remove_scratch()?;
+    let mut all: Vec<(usize, Injector)> = others;
+    all.push((main_idx, main));
+    for (i, inj) in all.iter_mut() {
+        set_regs(&p.threads[*i], inj, pid)?;
+    }
+    // Every thread has its registers: let them all go.
+    for (_, inj) in all {
+        inj.detach()?;
+    }
+    Ok(pages)
+}
+
+/// Put bytes that point into themselves into the injector's scratch data
+/// area: `build(addr)` makes them for the address they will have.
+fn put(inj: &mut Injector, build: impl Fn(u64) -> Vec<u8>) -> Result<u64, RestoreError> {
+    let at = inj.scratch_data(&[])?;
+    let got = inj.scratch_data(&build(at))?;
+    debug_assert_eq!(got, at);
+    Ok(got)
+}
+
+fn check(pid: i32, what: &'static str, r: i64) -> Result<i64, RestoreError> {
+    if r < 0 {
+        Err(RestoreError::Step {
+            pid,
+            step: what,
+            what: format!(
+                "errno {} ({})",
+                -r,
+                std::io::Error::from_raw_os_error(-r as i32)
+            ),
+        })
+    } else {
+        Ok(r)
+    }
+}
+
+/// Final registers (general via the injector, which puts them back at
+/// detach; FPU/xsave and the rest through the regsets), then detach.
+fn set_regs(
+    t: &images::process::ThreadImage,
+    inj: &mut Injector,
+    pid: i32,
+) -> Result<(), RestoreError> {
+    let regs = t.regs.clone();
+    inj.on_tracer(move |tid| regs.apply(tid))?
+        .map_err(step(pid, "setting FPU/xsave registers"))?;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let gp = t.regs.gp_x86().ok_or_else(|| {
+            step::<String>(pid, "general registers")(format!(
+                "thread {}: not x86_64 registers",
+                t.tid
+            ))
+        })?;
+        inj.set_original_regs(gp)?;
+    }
+    Ok(())
+}
+
+/// clone3(CLONE_VM | CLONE_THREAD | ..., set_tid = [tid]) in the main thread.
+fn clone_thread(main: &mut Injector, pid: i32, tid: i32) -> Result<i32, RestoreError> {
+    let flags = (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM) as u64;
+    // struct clone_args (include/uapi/linux/sched.h, 88 bytes), then the
+    // one-element set_tid array it points at.
+    let addr = put(main, |at| {
+        let mut b = Vec::with_capacity(92);
+        for v in [flags, 0, 0, 0, 0, 0, 0, 0, at + 88, 1, 0u64] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        b.extend_from_slice(&tid.to_ne_bytes());
+        b
+    })?;
+    let r = main.syscall(libc::SYS_clone3, [addr, 88, 0, 0, 0, 0])?;
+    if r == -(libc::EEXIST as i64) {
+        return Err(RestoreError::PidTaken {
+            pid: tid,
+            by: "another task".into(),
+        });
+    }
+    check(pid, "clone3 of a thread", r)?;
+    if r as i32 != tid {
+        return Err(step::<String>(pid, "clone3 of a thread")(format!(
+            "got TID {r}, wanted {tid}"
+        )));
+    }
+    Ok(tid)
+}
+
+/// An address range of the scratch area's size free in the image and in the
+/// child now.
+fn free_area(vmas: &[VmaRecord], pid: i32) -> Result<u64, RestoreError> {
+    let len = sys::inject::SCRATCH_LEN;
+    let mut taken: Vec<(u64, u64)> = vmas.iter().map(|v| (v.start, v.end)).collect();
+    let maps =
+        std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(step(pid, "reading maps"))?;
+    for l in maps.lines() {
+        if let Some((a, b)) = l.split_whitespace().next().and_then(|r| r.split_once('-'))
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+        {
+            taken.push((a, b));
+        }
+    }
+    taken.sort_unstable();
+    // Below the lowest mapping above 4 GiB, a gap of 1 MiB on each side.
+    let gap = 1 << 20;
+    let mut cand = 0x1_0000_0000u64;
+    for &(a, b) in &taken {
+        if b + gap <= cand {
+            continue;
+        }
+        if cand + len + gap <= a {
+            return Ok(cand);
+        }
+        cand = cand.max((b + gap + 0xfff) & !0xfff);
+    }
+    if cand + len < 0x7fff_0000_0000 {
+        return Ok(cand);
+    }
+    Err(step::<&str>(pid, "choosing a scratch address")(
+        "no free range",
+    ))
+}
+
+fn is_special(v: &VmaRecord) -> bool {
+    matches!(
+        v.name.as_deref(),
+        Some("[vdso]") | Some("[vvar]") | Some("[vvar_vclock]") | Some("[vsyscall]")
+    )
+}
+
+fn prot_of(perms: &str) -> u64 {
+    let b = perms.as_bytes();
+    let mut p = 0;
+    if b.first() == Some(&b'r') {
+        p |= libc::PROT_READ;
+    }
+    if b.get(1) == Some(&b'w') {
+        p |= libc::PROT_WRITE;
+    }
+    if b.get(2) == Some(&b'x') {
+        p |= libc::PROT_EXEC;
+    }
+    p as u64
+}
+
+/// Open `path` in the target (injected), returning the fd.
+fn open_in(inj: &mut Injector, pid: i32, path: &str, flags: i32) -> Result<i32, RestoreError> {
+    let mut c = path.as_bytes().to_vec();
+    c.push(0);
+    let a = inj.scratch_data(&c)?;
+    let r = inj.syscall(
+        libc::SYS_openat,
+        [
+            libc::AT_FDCWD as u64,
+            a,
+            (flags | libc::O_CLOEXEC) as u64,
+            0,
+            0,
+            0,
+        ],
+    )?;
+    if r < 0 {
+        return Err(RestoreError::Step {
+            pid,
+            step: "opening a file",
+            what: format!("{path}: {}", std::io::Error::from_raw_os_error(-r as i32)),
+        });
+    }
+    Ok(r as i32)
+}
+
+/// Step 3: tern's memory out, the image's in. Returns pages written.
+fn address_space(
+    plan: &Plan,
+    main: &mut Injector,
+    pid: i32,
+    scratch: u64,
+) -> Result<u64, RestoreError> {
+    let p = &plan.process;
+    // 1. Unmap everything but the scratch area and the vDSO areas.
+    let here = sys::vdso::VdsoLayout::of_pid(pid).map_err(step(pid, "reading the vDSO"))?;
+    let keep: Vec<(u64, u64)> = [here.vdso, here.vvar, here.vvar_vclock]
+        .into_iter()
+        .flatten()
+        .chain(std::iter::once((
+            scratch,
+            scratch + sys::inject::SCRATCH_LEN,
+        )))
+        .collect();
+    let maps =
+        std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(step(pid, "reading maps"))?;
+    for l in maps.lines() {
+        let Some((a, b)) = l.split_whitespace().next().and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if a >= 0xffff_ffff_ff60_0000 || keep.iter().any(|&(s, e)| a >= s && b <= e) {
+            continue;
+        }
+        let r = main.syscall(libc::SYS_munmap, [a, b - a, 0, 0, 0, 0])?;
+        check(pid, "unmapping tern's memory", r)?;
+    }
+    // 2. The vDSO where the image had it.
+    let moves =
+        sys::vdso::placement_moves(&here, &p.vdso).map_err(step(pid, "placing the vDSO"))?;
+    for m in moves {
+        let r = main.syscall(
+            libc::SYS_mremap,
+            [
+                m.from,
+                m.len,
+                m.len,
+                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                m.to,
+                0,
+            ],
+        )?;
+        check(pid, "moving the vDSO", r)?;
+    }
+    // 3. Every VMA, writable first, filled, then its protection.
+    let mut pages = 0u64;
+    let mut to_protect = Vec::new();
+    for v in plan.chain.vmas() {
+        if is_special(v) {
+            continue;
+        }
+        let len = v.end - v.start;
+        let prot = prot_of(&v.perms);
+        let growsdown = if v.vm_flags.iter().any(|f| f == "gd") {
+            libc::MAP_GROWSDOWN
+        } else {
+            0
+        };
+        let fixed = (libc::MAP_FIXED | growsdown) as u64;
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let file = v.backing_file().filter(|_| !v.dumped || v.is_private());
+        let r = match (v.is_private(), file) {
+            (true, Some(path)) => {
+                let fd = open_in(main, pid, path, libc::O_RDONLY)?;
+                let r = main.syscall(
+                    libc::SYS_mmap,
+                    [
+                        v.start,
+                        len,
+                        rw,
+                        libc::MAP_PRIVATE as u64 | fixed,
+                        fd as u64,
+                        v.offset,
+                    ],
+                )?;
+                main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+                r
+            }
+            (true, None) => main.syscall(
+                libc::SYS_mmap,
+                [
+                    v.start,
+                    len,
+                    rw,
+                    (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64 | fixed,
+                    u64::MAX,
+                    0,
+                ],
+            )?,
+            (false, _) if v.dumped => main.syscall(
+                libc::SYS_mmap,
+                [
+                    v.start,
+                    len,
+                    rw,
+                    (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64 | fixed,
+                    u64::MAX,
+                    0,
+                ],
+            )?,
+            (false, Some(path)) => {
+                let mode = if v.perms.as_bytes().get(1) == Some(&b'w') {
+                    libc::O_RDWR
+                } else {
+                    libc::O_RDONLY
+                };
+                let fd = open_in(main, pid, path, mode)?;
+                let r = main.syscall(
+                    libc::SYS_mmap,
+                    [
+                        v.start,
+                        len,
+                        prot,
+                        libc::MAP_SHARED as u64 | fixed,
+                        fd as u64,
+                        v.offset,
+                    ],
+                )?;
+                main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+                r
+            }
+            (false, None) => {
+                return Err(step::<String>(pid, "mapping")(format!(
+                    "VMA {:#x}-{:#x} ({:?}) is shared with no backing in the image",
+                    v.start, v.end, v.name
+                )));
+            }
+        };
+        if r as u64 != v.start {
+            return Err(RestoreError::Step {
+                pid,
+                step: "mapping the image's VMAs",
+                what: format!(
+                    "{:#x}-{:#x} {} {}: {}",
+                    v.start,
+                    v.end,
+                    v.perms,
+                    v.name.as_deref().unwrap_or(""),
+                    if r < 0 {
+                        std::io::Error::from_raw_os_error(-r as i32).to_string()
+                    } else {
+                        format!("mapped at {r:#x}")
+                    }
+                ),
+            });
+        }
+        if v.dumped {
+            pages += fill(plan, v, pid)?;
+        }
+        to_protect.push((v.start, len, prot));
+    }
+    for (start, len, prot) in to_protect {
+        let r = main.syscall(libc::SYS_mprotect, [start, len, prot, 0, 0, 0])?;
+        check(pid, "setting a VMA's protection", r)?;
+    }
+    // 4. mm fields: PR_SET_MM_MAP (struct prctl_mm_map, include/uapi/linux/prctl.h).
+    let mm = &p.mm;
+    let auxv: Vec<u8> = mm.auxv.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let exe_fd = open_in(main, pid, &p.exe, libc::O_RDONLY)?;
+    let auxv_len = auxv.len();
+    let map_off = auxv_len.next_multiple_of(16);
+    let base = put(main, |at| {
+        let mut b = auxv.clone();
+        b.resize(map_off, 0);
+        for w in [
+            mm.start_code,
+            mm.end_code,
+            mm.start_data,
+            mm.end_data,
+            mm.start_brk,
+            mm.brk,
+            mm.start_stack,
+            mm.arg_start,
+            mm.arg_end,
+            mm.env_start,
+            mm.env_end,
+            at,
+        ] {
+            b.extend_from_slice(&w.to_ne_bytes());
+        }
+        b.extend_from_slice(&(auxv_len as u32).to_ne_bytes());
+        b.extend_from_slice(&(exe_fd as u32).to_ne_bytes());
+        b
+    })?;
+    let base3 = base;
+    const PR_SET_MM: u64 = 35;
+    const PR_SET_MM_MAP: u64 = 14;
+    let r = main.syscall(
+        libc::SYS_prctl,
+        [PR_SET_MM, PR_SET_MM_MAP, base3 + map_off as u64, 104, 0, 0],
+    )?;
+    check(pid, "PR_SET_MM_MAP (brk, args, env, auxv, exe)", r)?;
+    main.syscall(libc::SYS_close, [exe_fd as u64, 0, 0, 0, 0, 0])?;
+    Ok(pages)
+}
+
+/// Write the chain's pages of `v` into the target (runs of populated
+/// pages; holes stay unpopulated or read from the mapped file).
+fn fill(plan: &Plan, v: &VmaRecord, pid: i32) -> Result<u64, RestoreError> {
+    let file_backed = v.is_private() && v.backing_file().is_some();
+    let mut pages = 0;
+    let mut addr = v.start;
+    while addr < v.end {
+        let wanted = |a: u64| match plan.chain.source(a) {
+            PageSource::Data { .. } => true,
+            PageSource::Zero => file_backed,
+            PageSource::Hole => false,
+        };
+        if !wanted(addr) {
+            addr += PAGE_SIZE;
+            continue;
+        }
+        let start = addr;
+        while addr < v.end && wanted(addr) && addr - start < (8 << 20) {
+            addr += PAGE_SIZE;
+        }
+        let range = PageRange::new(start, addr);
+        let data = plan.chain.read_range(v, range)?;
+        write_mem(pid, start, &data)?;
+        pages += range.pages();
+    }
+    Ok(pages)
+}
+
+fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<(), RestoreError> {
+    let local = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: local points at `data`; the kernel checks the remote range.
+    let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+    if n != data.len() as isize {
+        return Err(RestoreError::Step {
+            pid,
+            step: "writing memory",
+            what: format!(
+                "{:#x}+{}: {}",
+                addr,
+                data.len(),
+                if n < 0 {
+                    std::io::Error::last_os_error().to_string()
+                } else {
+                    format!("short write {n}")
+                }
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Step 4, process-wide: files, cwd, umask, personality, limits, itimers,
+/// handlers, shared pending signals.
+fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), RestoreError> {
+    let p = &plan.process;
+    // fds: first drop whatever the child inherited, then reopen the image's.
+    let r = main.syscall(libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
+    check(pid, "closing inherited fds", r)?;
+    let mut pipes: BTreeMap<String, (OwnedFd, OwnedFd)> = BTreeMap::new();
+    for f in &p.fds {
+        restore_fd(plan, f, main, pid, &mut pipes)?;
+    }
+    drop(pipes);
+    // cwd, root (only if it is not /), umask, personality.
+    let mut c = p.cwd.as_bytes().to_vec();
+    c.push(0);
+    let a = main.scratch_data(&c)?;
+    let r = main.syscall(libc::SYS_chdir, [a, 0, 0, 0, 0, 0])?;
+    check(pid, "chdir to the dumped cwd", r)?;
+    main.syscall(libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0])?;
+    let r = main.syscall(libc::SYS_personality, [p.personality, 0, 0, 0, 0, 0])?;
+    check(pid, "personality", r)?;
+    // Limits, from outside.
+    for l in &p.rlimits {
+        let new = libc::rlimit64 {
+            rlim_cur: l.cur,
+            rlim_max: l.max,
+        };
+        // SAFETY: prlimit64 on our child with a valid struct.
+        if unsafe { libc::prlimit64(pid, l.resource as _, &new, std::ptr::null_mut()) } != 0 {
+            return Err(step::<std::io::Error>(pid, "setting a resource limit")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    // Handlers.
+    for a in &p.sigactions {
+        if a.signo == libc::SIGKILL || a.signo == libc::SIGSTOP {
+            continue;
+        }
+        let ka = a.to_kernel();
+        let addr = main.scratch_data(&ka.to_bytes())?;
+        let r = main.syscall(libc::SYS_rt_sigaction, [a.signo as u64, addr, 0, 8, 0, 0])?;
+        check(pid, "rt_sigaction", r)?;
+    }
+    // itimers.
+    for t in &p.itimers {
+        let v = [
+            t.interval_us / 1_000_000,
+            t.interval_us % 1_000_000,
+            t.value_us / 1_000_000,
+            t.value_us % 1_000_000,
+        ];
+        let b: Vec<u8> = v.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let a = main.scratch_data(&b)?;
+        let r = main.syscall(libc::SYS_setitimer, [t.which as u64, a, 0, 0, 0, 0])?;
+        check(pid, "setitimer", r)?;
+    }
+    // The process name.
+    let _ = std::fs::write(format!("/proc/{pid}/comm"), &p.comm);
+    // Shared pending signals: queued by the process to itself.
+    for s in &p.shared_pending {
+        let a = main.scratch_data(&s.siginfo)?;
+        let r = main.syscall(
+            libc::SYS_rt_sigqueueinfo,
+            [pid as u64, s.signo as u64, a, 0, 0, 0],
+        )?;
+        check(pid, "re-queueing a process-wide pending signal", r)?;
+    }
+    Ok(())
+}
+
+fn restore_fd(
+    plan: &Plan,
+    f: &FdImage,
+    main: &mut Injector,
+    pid: i32,
+    pipes: &mut BTreeMap<String, (OwnedFd, OwnedFd)>,
+) -> Result<(), RestoreError> {
+    use sys::fds::FdKind;
+    let info = &f.info;
+    // fdinfo flags: access mode, status flags and O_CLOEXEC.
+    let open_flags = info.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC);
+    let cloexec = info.flags & libc::O_CLOEXEC != 0;
+    let fd = match &info.kind {
+        FdKind::File { path, .. }
+        | FdKind::Dir { path }
+        | FdKind::CharDev { path, .. }
+        | FdKind::Tty { path, .. } => {
+            let fd = open_in_plain(main, pid, path, open_flags)?;
+            if matches!(info.kind, FdKind::File { .. }) && info.pos != 0 {
+                let r = main.syscall(
+                    libc::SYS_lseek,
+                    [fd as u64, info.pos, libc::SEEK_SET as u64, 0, 0, 0],
+                )?;
+                check(pid, "seeking a file", r)?;
+            }
+            fd
+        }
+        FdKind::Pipe { read_end, .. } => {
+            let name = f.pipe_data.clone().unwrap_or_default();
+            if !pipes.contains_key(&name) {
+                let mut fds = [0i32; 2];
+                // SAFETY: pipe2 fills two fds we then own.
+                if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0
+                {
+                    return Err(step::<std::io::Error>(pid, "creating a pipe")(
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+                // SAFETY: fresh fds.
+                let (r, w) =
+                    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+                let data = plan.pipe_data.get(&name).map(Vec::as_slice).unwrap_or(&[]);
+                if !data.is_empty() {
+                    // SAFETY: fcntl on our own fd.
+                    unsafe {
+                        libc::fcntl(
+                            w.as_raw_fd(),
+                            libc::F_SETPIPE_SZ,
+                            data.len().max(4096) as i32,
+                        )
+                    };
+                    // SAFETY: write from a valid buffer.
+                    let n = unsafe { libc::write(w.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+                    if n != data.len() as isize {
+                        return Err(step::<String>(pid, "refilling a pipe")(format!(
+                            "wrote {n} of {} bytes: {}",
+                            data.len(),
+                            std::io::Error::last_os_error()
+                        )));
+                    }
+                }
+                pipes.insert(name.clone(), (r, w));
+            }
+            let (r, w) = &pipes[&name];
+            let ours = if *read_end {
+                r.as_raw_fd()
+            } else {
+                w.as_raw_fd()
+            };
+            let path = format!("/proc/{}/fd/{ours}", std::process::id());
+            open_in_plain(main, pid, &path, open_flags)?
+        }
+        other => {
+            return Err(step::<String>(pid, "restoring fds")(format!(
+                "fd {}: {other:?} not supported",
+                info.fd
+            )));
+        }
+    };
+    if fd != info.fd {
+        let r = main.syscall(
+            libc::SYS_dup3,
+            [
+                fd as u64,
+                info.fd as u64,
+                if cloexec { libc::O_CLOEXEC as u64 } else { 0 },
+                0,
+                0,
+                0,
+            ],
+        )?;
+        check(pid, "dup3 to the dumped fd number", r)?;
+        main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+    } else if !cloexec {
+        main.syscall(
+            libc::SYS_fcntl,
+            [fd as u64, libc::F_SETFD as u64, 0, 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+fn open_in_plain(
+    inj: &mut Injector,
+    pid: i32,
+    path: &str,
+    flags: i32,
+) -> Result<i32, RestoreError> {
+    let mut c = path.as_bytes().to_vec();
+    c.push(0);
+    let a = inj.scratch_data(&c)?;
+    let r = inj.syscall(
+        libc::SYS_openat,
+        [libc::AT_FDCWD as u64, a, flags as u64, 0, 0, 0],
+    )?;
+    if r < 0 {
+        return Err(RestoreError::Step {
+            pid,
+            step: "reopening a file",
+            what: format!("{path}: {}", std::io::Error::from_raw_os_error(-r as i32)),
+        });
+    }
+    Ok(r as i32)
+}
+
+/// Step 4, per thread.
+fn thread_state(plan: &Plan, idx: usize, inj: &mut Injector, pid: i32) -> Result<(), RestoreError> {
+    let t = &plan.process.threads[idx];
+    let tid = t.tid;
+    let mask = t.blocked;
+    inj.on_tracer(move |tid| sys::signals::set_blocked_mask(tid, mask))?
+        .map_err(step(pid, "setting a thread's signal mask"))?;
+    // sigaltstack
+    let ss = sys::signals::StackT::from(t.altstack);
+    let a = inj.scratch_data(&ss.to_bytes())?;
+    let r = inj.syscall(libc::SYS_sigaltstack, [a, 0, 0, 0, 0, 0])?;
+    check(pid, "sigaltstack", r)?;
+    // robust list, clear_child_tid
+    if t.robust_list != 0 {
+        let r = inj.syscall(
+            libc::SYS_set_robust_list,
+            [t.robust_list, t.robust_list_len, 0, 0, 0, 0],
+        )?;
+        check(pid, "set_robust_list", r)?;
+    }
+    inj.syscall(
+        libc::SYS_set_tid_address,
+        [t.clear_child_tid, 0, 0, 0, 0, 0],
+    )?;
+    // rseq
+    if let Some(reg) = &t.rseq {
+        let r = inj.syscall(
+            libc::SYS_rseq,
+            [
+                reg.abi_pointer,
+                reg.abi_size as u64,
+                0,
+                reg.signature as u64,
+                0,
+                0,
+            ],
+        )?;
+        check(pid, "registering rseq", r)?;
+    }
+    // the thread's own pending signals, queued to itself
+    for s in &t.pending {
+        let a = inj.scratch_data(&s.siginfo)?;
+        let r = inj.syscall(
+            libc::SYS_rt_tgsigqueueinfo,
+            [pid as u64, tid as u64, s.signo as u64, a, 0, 0],
+        )?;
+        check(pid, "re-queueing a thread's pending signal", r)?;
+    }
+    let _ = std::fs::write(format!("/proc/{pid}/task/{tid}/comm"), &t.comm);
+    Ok(())
+}
+
+/// Credentials (process-wide in the kernel's eyes for the ids: set in every
+/// thread by glibc normally; here each syscall acts on one thread, so set
+/// them in every thread before detaching).
+fn creds(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), RestoreError> {
+    let c = &plan.process.creds;
+    if c.uid == [0; 4] && c.gid == [0; 4] && c.groups.is_empty() && !c.no_new_privs {
+        return Ok(());
+    }
+    let g: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+    let a = main.scratch_data(if g.is_empty() { &[0u8; 4] } else { &g })?;
+    let r = main.syscall(libc::SYS_setgroups, [c.groups.len() as u64, a, 0, 0, 0, 0])?;
+    check(pid, "setgroups", r)?;
+    let r = main.syscall(
+        libc::SYS_setresgid,
+        [c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64, 0, 0, 0],
+    )?;
+    check(pid, "setresgid", r)?;
+    let r = main.syscall(
+        libc::SYS_setresuid,
+        [c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64, 0, 0, 0],
+    )?;
+    check(pid, "setresuid", r)?;
+    if c.no_new_privs {
+        let r = main.syscall(
+            libc::SYS_prctl,
+            [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
+        )?;
+        check(pid, "PR_SET_NO_NEW_PRIVS", r)?;
+    }
+    Ok(())
+}
+
+/// Seccomp filters last, per thread, in the order they were installed.
+fn seccomp(
+    plan: &Plan,
+    main: &mut Injector,
+    others: &mut [(usize, Injector)],
+    pid: i32,
+    scratch: u64,
+) -> Result<(), RestoreError> {
+    let p = &plan.process;
+    if p.threads.iter().all(|t| t.seccomp.is_empty()) {
+        return Ok(());
+    }
+    let chains: Vec<(i32, Vec<sys::seccomp::SeccompFilter>)> = p
+        .threads
+        .iter()
+        .map(|t| {
+            (
+                t.tid,
+                t.seccomp
+                    .iter()
+                    .map(|&i| p.seccomp_filters[i].clone())
+                    .collect(),
+            )
+        })
+        .collect();
+    let plan_s = sys::seccomp::group(&chains);
+    for st in &plan_s.steps {
+        let filter = &plan_s.filters[st.filter];
+        let flags = filter.flags & sys::seccomp::SECCOMP_FILTER_FLAG_LOG
+            | if st.tsync {
+                sys::seccomp::SECCOMP_FILTER_FLAG_TSYNC
+            } else {
+                0
+            };
+        for &tid in st
+            .threads
+            .iter()
+            .take(if st.tsync { 1 } else { usize::MAX })
+        {
+            let inj: &mut Injector = if tid == pid {
+                &mut *main
+            } else {
+                match others.iter_mut().find(|(_, i)| i.tid() == tid) {
+                    Some((_, i)) => i,
+                    None => continue,
+                }
+            };
+            inj.ensure_scratch(Some(scratch))?;
+            let insns = filter.insn_bytes();
+            let n = filter.insns.len() as u16;
+            let off = insns.len().next_multiple_of(16) as u64;
+            let base3 = put(inj, |at| {
+                let mut b = insns.clone();
+                b.resize(off as usize, 0);
+                b.extend_from_slice(&sys::seccomp::sock_fprog_bytes(at, n));
+                b
+            })?;
+            let r = inj.syscall(
+                libc::SYS_seccomp,
+                [
+                    sys::seccomp::SECCOMP_SET_MODE_FILTER as u64,
+                    flags,
+                    base3 + off,
+                    0,
+                    0,
+                    0,
+                ],
+            )?;
+            check(pid, "installing a seccomp filter", r)?;
+            if tid != pid {
+                inj.release_scratch()?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Real programs, dumped after 0 and after 3 pre-dumps, restored, and shown
+//! to carry on: `python3` with a large dict and a thread, a `bash` loop made
+//! of builtins, `sqlite3` with an in-memory database reading commands from
+//! a FIFO the test keeps writing to.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use tern_tests::ck::CkProcess;
+use tern_tests::{pre_dump, spawn_tern, tempdir, tern, wait_deadline};
+
+const READY: Duration = Duration::from_secs(60);
+
+fn require(path: &str, package: &str) -> PathBuf {
+    let p = PathBuf::from(path);
+    assert!(
+        p.is_file(),
+        "{path} is missing: install the Debian package {package} (cargo xtask setup does)"
+    );
+    p
+}
+
+/// Pre-dumps, then `tern dump --verify`; the original is reaped.
+fn checkpoint(pid: i32, root: &Path, pre_dumps: usize) -> PathBuf {
+    let mut prev: Option<PathBuf> = None;
+    for i in 0..pre_dumps {
+        let d = root.join(format!("pre{i}"));
+        pre_dump(pid, &d, prev.as_deref(), &[]);
+        prev = Some(d);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dir = root.join("dump");
+    let mut args = vec![
+        "dump".to_string(),
+        "-t".into(),
+        pid.to_string(),
+        "-D".into(),
+        dir.display().to_string(),
+        "--verify".into(),
+        "--json".into(),
+    ];
+    if let Some(p) = &prev {
+        args.push("--prev-images-dir".into());
+        args.push(p.display().to_string());
+    }
+    let v = tern(&args).json();
+    assert_eq!(v["verify"]["mismatches"].as_u64(), Some(0), "{v}");
+    dir
+}
+
+fn restore(dir: &Path) -> Child {
+    spawn_tern(&["restore", "-D", &dir.display().to_string(), "--json"])
+}
+
+/// A protocol-speaking program: checkpoint, restore, check it goes on
+/// (`progress` grows) and then passes its own check.
+fn carry_on(name: &str, program: &Path, args: &[&str], pre_dumps: usize, progress: &str) {
+    let mut ck = CkProcess::start_program(name, program, args, READY).unwrap_or_else(|e| panic!("{e}"));
+    let root = tempdir();
+    let progress_file = ck.dir.path().join(progress);
+    let dir = checkpoint(ck.pid, root.path(), pre_dumps);
+    ck.release();
+    let before = read_counter(&progress_file);
+    let mut r = restore(&dir);
+    // It carries on: the counter moves past where the dump left it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if read_counter(&progress_file) > before {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = r.kill();
+            let out = r.wait_with_output().expect("tern restore output");
+            panic!(
+                "restored {name} made no progress past {before}\n--- tern restore stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let verdict = ck.verdict(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(verdict, "PASS", "restored {name} after {pre_dumps} pre-dumps");
+    let st = wait_deadline(&mut r, Duration::from_secs(20)).expect("tern restore did not exit");
+    assert!(st.success(), "tern restore exited {st} though {name} passed");
+}
+
+fn read_counter(p: &Path) -> u64 {
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+const PYTHON: &str = r#"
+import os, signal, sys, threading, time
+out = sys.argv[sys.argv.index('--out') + 1]
+here = os.path.dirname(out)
+N = 300000
+d = {i: str(i) * 3 for i in range(N)}
+ticks = [0]
+def worker():
+    while True:
+        ticks[0] += 1
+        d[-1] = ticks[0]
+        time.sleep(0.001)
+threading.Thread(target=worker, daemon=True).start()
+def on_term(sig, frame):
+    ok = all(d[i] == str(i) * 3 for i in range(N))
+    t0 = ticks[0]
+    time.sleep(0.3)
+    ok = ok and ticks[0] > t0
+    with open(out, 'a') as f:
+        f.write('PASS\n' if ok else 'FAIL dict or thread\n')
+    os._exit(0 if ok else 1)
+signal.signal(signal.SIGTERM, on_term)
+with open(out, 'a') as f:
+    f.write('ready %d\n' % os.getpid())
+n = 0
+while True:
+    n += 1
+    with open(os.path.join(here, 'count.tmp'), 'w') as f:
+        f.write(str(n))
+    os.rename(os.path.join(here, 'count.tmp'), os.path.join(here, 'count'))
+    time.sleep(0.01)
+"#;
+
+fn python(pre_dumps: usize) {
+    let py = require("/usr/bin/python3", "python3");
+    let root = tempdir();
+    let script = root.path().join("prog.py");
+    std::fs::write(&script, PYTHON).unwrap();
+    let s = script.display().to_string();
+    carry_on("python3", &py, &[&s], pre_dumps, "count");
+}
+
+#[test]
+fn python_without_pre_dump() {
+    python(0);
+}
+
+#[test]
+fn python_after_three_pre_dumps() {
+    python(3);
+}
+
+/// Builtins only (no child process: tern dumps one process).
+const BASH: &str = r#"
+out=$2; dir=$(dirname "$out"); i=0
+trap 'echo PASS >> "$out"; exit 0' TERM
+echo "ready $$" >> "$out"
+while true; do
+  i=$((i+1))
+  if (( i % 2000 == 0 )); then echo $i > "$dir/count"; fi
+done
+"#;
+
+fn bash(pre_dumps: usize) {
+    let b = require("/usr/bin/bash", "bash");
+    carry_on("bash", &b, &["-c", BASH, "bash"], pre_dumps, "count");
+}
+
+#[test]
+fn bash_without_pre_dump() {
+    bash(0);
+}
+
+#[test]
+fn bash_after_three_pre_dumps() {
+    bash(3);
+}
+
+/// sqlite3 with an in-memory database reading commands from a FIFO: the
+/// test writes rows before the dump and queries them after the restore.
+fn sqlite(pre_dumps: usize) {
+    let sq = require("/usr/bin/sqlite3", "sqlite3");
+    let work = tempdir();
+    let fifo = work.path().join("cmds");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo on a valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    // Read-write, so that neither side blocks on open and the FIFO never
+    // sees end-of-file while the test holds it.
+    let mut cmds = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+    let out_path = work.path().join("out");
+    let mut child = Command::new(&sq)
+        .arg(":memory:")
+        .stdin(std::fs::File::open(&fifo).unwrap())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(work.path().join("err")).unwrap())
+        .current_dir(work.path())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    writeln!(
+        cmds,
+        "CREATE TABLE t(x INTEGER, y TEXT);\n\
+         WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n < 50000) INSERT INTO t SELECT n, printf('row-%d', n) FROM c;\n\
+         SELECT 'before', count(*), sum(x) FROM t;"
+    )
+    .unwrap();
+    wait_for(&out_path, "before|50000|1250025000");
+    let root = tempdir();
+    let dir = checkpoint(pid, root.path(), pre_dumps);
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut r = restore(&dir);
+    writeln!(cmds, "INSERT INTO t VALUES (7, 'after');\nSELECT 'after', count(*), sum(x) FROM t;").unwrap();
+    wait_for(&out_path, "after|50001|1250025007");
+    writeln!(cmds, ".quit").unwrap();
+    let st = wait_deadline(&mut r, Duration::from_secs(20)).expect("sqlite3 did not quit");
+    assert!(st.success(), "tern restore (waiting for sqlite3) exited {st}");
+}
+
+fn wait_for(path: &Path, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).unwrap_or_default().contains(text) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "{} never showed {text:?}; it holds {:?}",
+        path.display(),
+        std::fs::read_to_string(path).unwrap_or_default()
+    );
+}
+
+#[test]
+fn sqlite_without_pre_dump() {
+    sqlite(0);
+}
+
+#[test]
+fn sqlite_after_three_pre_dumps() {
+    sqlite(3);
+}

@@ -1,0 +1,730 @@
+//! The final, stop-the-world dump (`tern dump`): freeze every thread, copy
+//! the pages written since the parent image (all populated pages without
+//! one), capture everything else the kernel holds for the process into
+//! `process.json`, optionally verify the chain against the frozen memory,
+//! then kill the target (CRIU's default) or let it run on.
+//!
+//! # Never lose the process
+//!
+//! Everything from the freeze to the kill runs in a forked guardian child of
+//! tern, in a session of its own (see `session::guarded` for why). The
+//! target is killed only after the image is complete on disk (inventory
+//! written last), and only if the tern that asked for it is still alive: a
+//! tern killed at any moment leaves the target running, untraced. Any
+//! failure detaches every thread (the target resumes exactly where it was)
+//! and removes what tracking left in it (userfaultfd, scratch area).
+//!
+//! # Frozen time
+//!
+//! `frozen_ms` runs from the first thread stopped to the target resumed
+//! (`--leave-running`) or killed: it includes writing the image, because a
+//! target may only die once its image is safe. To keep it short, the final
+//! image stores its pages uncompressed unless asked otherwise, and signal
+//! handlers are read with injected `rt_sigaction` calls only for the
+//! signals /proc says are caught or ignored (the others are SIG_DFL with no
+//! flags: what the kernel gives a fresh process; a SIG_DFL disposition
+//! carrying flags or a mask is not preserved).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use images::process::{Creds, FdImage, ITimer, MmState, ProcessImage, Rlimit, ThreadImage};
+use images::{ImageKind, ImageWriter, Inventory, MmRecord, ParentRef, TrackingState};
+use serde::{Deserialize, Serialize};
+use sys::inject::Injector;
+
+use crate::backend::TrackMode;
+use crate::session::{SessionOptions, TrackerError, TrackingSession};
+
+/// Options of one `tern dump`.
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    pub track: TrackMode,
+    pub compress: bool,
+    pub leave_running: bool,
+    /// Deadline of every wait on the target.
+    pub timeout: Duration,
+}
+
+/// `--verify`: every dumped page compared with the frozen process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub pages_checked: u64,
+    pub mismatches: u64,
+    /// The first few mismatching pages, `0xADDR: why`.
+    pub first_mismatches: Vec<String>,
+}
+
+/// Checks the image chain in a directory against the frozen target; runs
+/// while the target is still frozen. Implemented by the caller (it needs the
+/// chain reader, which lives in the restorer).
+pub type Verifier = fn(pid: i32, dir: &Path) -> Result<VerifyReport, String>;
+
+/// The JSON of one `tern dump`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DumpReport {
+    pub pid: i32,
+    pub frozen_ms: f64,
+    pub duration_ms: f64,
+    pub pages_written: u64,
+    pub bytes_written: u64,
+    pub threads: usize,
+    pub vmas: usize,
+    pub verify: Option<VerifyReport>,
+    /// Extra fields (not in the minimal contract):
+    pub backend: String,
+    pub full_copy: bool,
+    pub pages_zero: u64,
+    pub pages_hole: u64,
+    /// From the freeze until the state was captured and the pages copied.
+    pub capture_ms: f64,
+    /// Writing the image (while still frozen).
+    pub write_ms: f64,
+    pub killed: bool,
+    pub images_dir: String,
+    pub parent: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error(transparent)]
+    Tracker(#[from] TrackerError),
+    #[error(
+        "verification failed: {mismatches} of {checked} pages differ between the image chain in {dir} and the frozen PID {pid} (first: {first}); the target was left running"
+    )]
+    Verify {
+        pid: i32,
+        dir: PathBuf,
+        checked: u64,
+        mismatches: u64,
+        first: String,
+    },
+    #[error("{0}")]
+    Capture(String),
+}
+
+impl From<images::ImageError> for DumpError {
+    fn from(e: images::ImageError) -> Self {
+        DumpError::Tracker(e.into())
+    }
+}
+
+impl From<sys::inject::InjectError> for DumpError {
+    fn from(e: sys::inject::InjectError) -> Self {
+        DumpError::Tracker(e.into())
+    }
+}
+
+/// Dump `pid` into `dir` (a final image whose parent is `parent`).
+pub fn dump(
+    pid: i32,
+    dir: &Path,
+    parent: Option<&Path>,
+    opts: &DumpOptions,
+    verifier: Option<Verifier>,
+) -> Result<DumpReport, DumpError> {
+    let t0 = Instant::now();
+    // Without a parent every page is copied: no tracking to set up.
+    let track = if parent.is_some() {
+        opts.track
+    } else {
+        TrackMode::Full
+    };
+    let mut session = TrackingSession::attach(
+        pid,
+        SessionOptions {
+            track,
+            ebpf: false,
+            compress: opts.compress,
+            timeout: opts.timeout,
+            pin_ebpf: false,
+        },
+    )?;
+    let dir_owned = dir.to_path_buf();
+    let parent_owned = parent.map(Path::to_path_buf);
+    let o = opts.clone();
+    let parent_pid = std::process::id() as i32;
+    let result = session.guarded_run(
+        // The whole dump may copy GiBs: allow for it.
+        opts.timeout * 8 + Duration::from_secs(600),
+        |s| {
+            capture(
+                s,
+                &dir_owned,
+                parent_owned.as_deref(),
+                &o,
+                verifier,
+                parent_pid,
+                t0,
+            )
+            .map_err(|e| e.to_string())
+        },
+    );
+    match result {
+        Ok(mut report) => {
+            if report.killed {
+                session.forget_target();
+            } else if let Err(e) = session.teardown() {
+                tracing::warn!(pid, "removing tracking from the still running target: {e}");
+            }
+            report.duration_ms = t0.elapsed().as_secs_f64() * 1e3;
+            Ok(report)
+        }
+        Err(msg) => {
+            // The target runs on: take tracking out of it too.
+            if crate::session::alive_now(pid)
+                && let Err(e) = session.teardown()
+            {
+                tracing::warn!(pid, "removing tracking after the failed dump: {e}");
+            }
+            Err(DumpError::Capture(msg))
+        }
+    }
+}
+
+/// Runs in the guardian child: freeze, copy, capture, write, verify, end.
+fn capture(
+    session: &mut TrackingSession,
+    dir: &Path,
+    parent: Option<&Path>,
+    opts: &DumpOptions,
+    verifier: Option<Verifier>,
+    tern_pid: i32,
+    t0: Instant,
+) -> Result<DumpReport, DumpError> {
+    let pid = session.pid();
+    let (parent_inv, full_copy) = session.parent_state(parent)?;
+    let mut writer = ImageWriter::create(dir, opts.compress)?;
+    // VmFlags (smaps) are slow to read (a page-table walk per VMA): read them
+    // before the freeze; VMAs that change meanwhile get theirs after.
+    let flags_before = crate::maps::vm_flags(pid).unwrap_or_default();
+
+    let t_freeze = Instant::now();
+    let mut threads = freeze_all(pid, opts.timeout)?;
+    let res = (|| -> Result<(ProcessImage, Vec<images::VmaRecord>, crate::backend::DirtySet, images::WriteStats, f64, f64), DumpError> {
+        // State first: its injected syscalls write below the threads' stack
+        // pointers (the scratch stub's push/popfq), so pages are copied
+        // after, and they match what a restore brings back.
+        let known = Injector::find_scratch(pid)?.first().copied();
+        let process = capture_state(
+            pid,
+            &mut threads,
+            dir,
+            session.target_uffd().map(|u| u.0),
+            known,
+        )?;
+        // A scratch area the capture mapped is not the target's memory.
+        let scratch = Injector::find_scratch(pid)?;
+        let vmas = crate::session::read_target_vmas(pid, &scratch)?;
+        let set = session.collect_final(&vmas, full_copy)?;
+        crate::copy::copy_ranges(pid, &set.copy, &mut writer).map_err(TrackerError::from)?;
+        for h in &set.holes {
+            writer.add_hole(*h);
+        }
+        let mut records: Vec<images::VmaRecord> = vmas.iter().map(|v| v.record()).collect();
+        let mut flags = flags_before.clone();
+        if records
+            .iter()
+            .any(|r| !flags.contains_key(&(r.start, r.end)))
+        {
+            flags = crate::maps::vm_flags(pid).unwrap_or_default();
+        }
+        for r in &mut records {
+            if let Some(f) = flags.get(&(r.start, r.end)) {
+                r.vm_flags = f.clone();
+            }
+        }
+        let capture_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
+        let tw = Instant::now();
+        process.store(dir)?;
+        let mut inv = Inventory::new(ImageKind::Dump, pid, session.backend(), opts.compress);
+        if let (Some(p), Some(pinv)) = (parent, &parent_inv) {
+            inv.parent = Some(ParentRef {
+                path: crate::session::relative_path(dir, p),
+                id: pinv.id.clone(),
+            });
+        }
+        inv.tracking = Some(TrackingState {
+            target_start_time: session.start_time(),
+            uffd_fd: None,
+            scratch_addr: None,
+            ebpf_pin_dir: None,
+        });
+        let mm = MmRecord { vmas: records.clone() };
+        let stats = writer.finish(&mm, &inv)?;
+        let write_ms = tw.elapsed().as_secs_f64() * 1e3;
+        Ok((process, records, set, stats, capture_ms, write_ms))
+    })();
+    let (process, records, _set, stats, capture_ms, write_ms) = match res {
+        Ok(v) => v,
+        Err(e) => {
+            drop(threads); // detach: the target resumes
+            return Err(e);
+        }
+    };
+
+    let verify = match verifier {
+        Some(v) => {
+            let r = v(pid, dir)
+                .map_err(|e| DumpError::Capture(format!("verifying {}: {e}", dir.display())))?;
+            if r.mismatches > 0 {
+                drop(threads);
+                return Err(DumpError::Verify {
+                    pid,
+                    dir: dir.to_path_buf(),
+                    checked: r.pages_checked,
+                    mismatches: r.mismatches,
+                    first: r.first_mismatches.first().cloned().unwrap_or_default(),
+                });
+            }
+            Some(r)
+        }
+        None => None,
+    };
+
+    // The end: resume, or kill if the tern that asked is still there.
+    let killed;
+    if opts.leave_running {
+        drop(threads);
+        killed = false;
+    } else {
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != tern_pid {
+            drop(threads);
+            return Err(DumpError::Capture(format!(
+                "tern ({tern_pid}) ended during the dump of PID {pid}: the target was left running"
+            )));
+        }
+        // SAFETY: plain kill(2) of the frozen target.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        killed = true;
+        for t in threads.drain(..) {
+            t.abandon();
+        }
+    }
+    let frozen_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
+    Ok(DumpReport {
+        pid,
+        frozen_ms,
+        duration_ms: t0.elapsed().as_secs_f64() * 1e3,
+        pages_written: stats.data_pages + stats.zero_pages,
+        bytes_written: stats.bytes_written,
+        threads: process.threads.len(),
+        vmas: records.len(),
+        verify,
+        backend: session.backend().to_string(),
+        full_copy,
+        pages_zero: stats.zero_pages,
+        pages_hole: stats.hole_pages,
+        capture_ms,
+        write_ms,
+        killed,
+        images_dir: dir.display().to_string(),
+        parent: parent.map(|p| p.display().to_string()),
+    })
+}
+
+/// Stop every thread of `pid`, each held by an injector (leader first).
+/// Threads created meanwhile are caught by repeating until a pass over
+/// /proc/PID/task finds no new one (stopped threads cannot clone).
+fn freeze_all(pid: i32, timeout: Duration) -> Result<Vec<Injector>, DumpError> {
+    let deadline = Instant::now() + timeout;
+    let mut held: BTreeMap<i32, Injector> = BTreeMap::new();
+    loop {
+        let tids = list_tids(pid).map_err(DumpError::Capture)?;
+        let new: Vec<i32> = tids.into_iter().filter(|t| !held.contains_key(t)).collect();
+        if new.is_empty() {
+            break;
+        }
+        for tid in new {
+            match Injector::attach_thread(pid, tid, timeout) {
+                Ok(inj) => {
+                    held.insert(tid, inj);
+                }
+                Err(sys::inject::InjectError::Exited { .. }) => {}
+                Err(e) if !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => {
+                    tracing::debug!(pid, tid, "thread gone while freezing: {e}");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(DumpError::Capture(format!(
+                "PID {pid} kept creating threads for {timeout:?} while tern was stopping them; try again"
+            )));
+        }
+    }
+    if held.is_empty() {
+        return Err(TrackerError::Exited { pid, what: "dump" }.into());
+    }
+    let mut out: Vec<Injector> = Vec::with_capacity(held.len());
+    if let Some(leader) = held.remove(&pid) {
+        out.push(leader);
+    }
+    out.extend(held.into_values());
+    Ok(out)
+}
+
+fn list_tids(pid: i32) -> Result<Vec<i32>, String> {
+    let rd = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("PID {pid}: /proc/{pid}/task: {e} (did it exit?)"))?;
+    let mut v: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+// ---- state capture ---------------------------------------------------------
+
+fn cap<E: std::fmt::Display>(what: String) -> impl FnOnce(E) -> DumpError {
+    move |e| DumpError::Capture(format!("{what}: {e}"))
+}
+
+/// Everything but memory, while every thread is stopped.
+fn capture_state(
+    pid: i32,
+    threads: &mut [Injector],
+    dir: &Path,
+    tracking_fd: Option<i32>,
+    mut scratch: Option<u64>,
+) -> Result<ProcessImage, DumpError> {
+    let status = read_status(pid, None)?;
+    let stat = read_stat(pid)?;
+    // The leader (or the first thread if the leader is gone) does the
+    // process-wide injected calls.
+    let mut thread_images = Vec::with_capacity(threads.len());
+    let mut filters: Vec<sys::seccomp::SeccompFilter> = Vec::new();
+    let mut shared_pending = Vec::new();
+    for (i, inj) in threads.iter_mut().enumerate() {
+        let tid = inj.tid();
+        let (regs, blocked, pending, shared, rseq, seccomp_chain) = inj
+            .on_tracer(move |tid| -> Result<_, String> {
+                let regs = sys::regs::ThreadRegs::capture(tid).map_err(|e| e.to_string())?;
+                let blocked = sys::signals::blocked_mask(tid).map_err(|e| e.to_string())?;
+                let pending = sys::signals::pending(tid, sys::signals::Queue::Thread)
+                    .map_err(|e| e.to_string())?;
+                let shared = if i == 0 {
+                    sys::signals::pending(tid, sys::signals::Queue::Process)
+                        .map_err(|e| e.to_string())?
+                } else {
+                    Vec::new()
+                };
+                let rseq = sys::rseq::registration(tid).map_err(|e| e.to_string())?;
+                let chain = match sys::seccomp::mode(pid, tid).map_err(|e| e.to_string())? {
+                    sys::seccomp::SeccompMode::Filter { .. } => {
+                        Some(sys::seccomp::filters(tid).map_err(|e| e.to_string())?)
+                    }
+                    sys::seccomp::SeccompMode::Strict => None,
+                    sys::seccomp::SeccompMode::Disabled => Some(Vec::new()),
+                };
+                Ok((regs, blocked, pending, shared, rseq, chain))
+            })?
+            .map_err(cap(format!("thread {tid} of PID {pid}")))?;
+        let mut regs = regs;
+        // The injector's view of the registers at the stop: an rseq critical
+        // section already moved to its abort handler (the kernel's rule).
+        #[cfg(target_arch = "x86_64")]
+        regs.set_gp_x86(&inj.original_regs()?)
+            .map_err(cap(format!("thread {tid} of PID {pid}")))?;
+        if i == 0 {
+            shared_pending = shared;
+        }
+        let (seccomp_mode, seccomp) = match seccomp_chain {
+            None => (1u8, Vec::new()),
+            Some(chain) if chain.is_empty() => (0, Vec::new()),
+            Some(chain) => {
+                let idx = chain
+                    .into_iter()
+                    .map(|f| match filters.iter().position(|g| *g == f) {
+                        Some(k) => k,
+                        None => {
+                            filters.push(f);
+                            filters.len() - 1
+                        }
+                    })
+                    .collect();
+                (2, idx)
+            }
+        };
+        // Per-thread state only the thread itself can read.
+        scratch = Some(inj.ensure_scratch(scratch)?);
+        let ss = inj.scratch_data(&[0u8; 24])?;
+        let r = inj.syscall(libc::SYS_sigaltstack, [0, ss, 0, 0, 0, 0])?;
+        if r < 0 {
+            return Err(DumpError::Capture(format!(
+                "sigaltstack in thread {tid} of PID {pid}: errno {}",
+                -r
+            )));
+        }
+        let altstack: sys::signals::AltStack =
+            sys::signals::StackT::from_bytes(&inj.read_memory(ss, 24)?)
+                .map_err(cap(format!("thread {tid} of PID {pid}")))?
+                .into();
+        let p = inj.scratch_data(&[0u8; 8])?;
+        const PR_GET_TID_ADDRESS: u64 = 40;
+        let r = inj.syscall(libc::SYS_prctl, [PR_GET_TID_ADDRESS, p, 0, 0, 0, 0])?;
+        let clear_child_tid = if r == 0 {
+            u64::from_ne_bytes(inj.read_memory(p, 8)?.try_into().unwrap_or([0; 8]))
+        } else {
+            0
+        };
+        if i != 0 {
+            inj.release_scratch()?;
+        }
+        let (robust_list, robust_list_len) = robust_list(tid);
+        thread_images.push(ThreadImage {
+            tid,
+            comm: read_trim(&format!("/proc/{pid}/task/{tid}/comm")),
+            regs,
+            blocked,
+            pending,
+            altstack,
+            rseq,
+            seccomp_mode,
+            seccomp,
+            clear_child_tid,
+            robust_list,
+            robust_list_len,
+        });
+    }
+
+    let leader = &mut threads[0];
+    // Signal dispositions: only those /proc says are not the default.
+    let caught = hex_field(&status, "SigCgt")?;
+    let ignored = hex_field(&status, "SigIgn")?;
+    let mut sigactions = Vec::new();
+    for sig in 1..=64u64 {
+        if sig == 9 || sig == 19 {
+            continue;
+        }
+        let bit = 1u64 << (sig - 1);
+        if (caught | ignored) & bit == 0 {
+            sigactions.push(sys::signals::SigAction {
+                signo: sig as i32,
+                handler: sys::signals::SIG_DFL,
+                flags: 0,
+                restorer: 0,
+                mask: 0,
+            });
+            continue;
+        }
+        let old = leader.scratch_data(&[0u8; 32])?;
+        let r = leader.syscall(libc::SYS_rt_sigaction, [sig, 0, old, 8, 0, 0])?;
+        if r < 0 {
+            return Err(DumpError::Capture(format!(
+                "rt_sigaction({sig}) in PID {pid}: errno {}",
+                -r
+            )));
+        }
+        let bytes = leader.read_memory(old, 32)?;
+        let ka = sys::signals::KernelSigaction::from_bytes(&bytes)
+            .map_err(cap(format!("sigaction {sig} of PID {pid}")))?;
+        sigactions.push(sys::signals::SigAction::from_kernel(sig as i32, &ka));
+    }
+    let mut itimers = Vec::new();
+    for which in 0..3 {
+        let buf = leader.scratch_data(&[0u8; 32])?;
+        let r = leader.syscall(libc::SYS_getitimer, [which as u64, buf, 0, 0, 0, 0])?;
+        if r < 0 {
+            return Err(DumpError::Capture(format!(
+                "getitimer({which}) in PID {pid}: errno {}",
+                -r
+            )));
+        }
+        let b = leader.read_memory(buf, 32)?;
+        let w = |k: usize| u64::from_ne_bytes(b[k * 8..k * 8 + 8].try_into().unwrap_or([0; 8]));
+        itimers.push(ITimer {
+            which,
+            interval_us: w(0) * 1_000_000 + w(1),
+            value_us: w(2) * 1_000_000 + w(3),
+        });
+    }
+    let brk = leader.syscall(libc::SYS_brk, [0; 6])? as u64;
+    leader.release_scratch()?;
+
+    let mut rlimits = Vec::new();
+    for res in 0..16u32 {
+        let mut old = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: prlimit64 with a NULL new limit only reads into `old`.
+        let r = unsafe { libc::prlimit64(pid, res as _, std::ptr::null(), &mut old) };
+        if r != 0 {
+            return Err(DumpError::Capture(format!(
+                "prlimit(PID {pid}, resource {res}): {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        rlimits.push(Rlimit {
+            resource: res,
+            cur: old.rlim_cur,
+            max: old.rlim_max,
+        });
+    }
+
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv"))
+        .map_err(cap(format!("/proc/{pid}/auxv")))?
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    let stat_u = |k: usize| -> u64 { stat.get(k).and_then(|s| s.parse().ok()).unwrap_or(0) };
+    // /proc/PID/stat field numbers (man 5 proc), 1-based; `stat` holds the
+    // fields after the command name, so field n is stat[n - 3].
+    let f = |n: usize| stat_u(n - 3);
+    let mm = MmState {
+        start_code: f(26),
+        end_code: f(27),
+        start_stack: f(28),
+        start_data: f(45),
+        end_data: f(46),
+        start_brk: f(47),
+        brk,
+        arg_start: f(48),
+        arg_end: f(49),
+        env_start: f(50),
+        env_end: f(51),
+        auxv,
+    };
+
+    let mut fds = Vec::new();
+    let mut pipes_done: BTreeMap<u64, String> = BTreeMap::new();
+    for info in sys::fds::fd_table(pid).map_err(cap(format!("fd table of PID {pid}")))? {
+        if Some(info.fd) == tracking_fd {
+            continue; // tern's own
+        }
+        let mut pipe_data = None;
+        if let sys::fds::FdKind::Pipe { ino, .. } = info.kind {
+            let name = match pipes_done.get(&ino) {
+                Some(n) => n.clone(),
+                None => {
+                    let data = sys::fds::peek_pipe(pid, info.fd)
+                        .map_err(cap(format!("pipe fd {} of PID {pid}", info.fd)))?;
+                    let name = format!("{ino}.bin");
+                    images::process::store_pipe_data(dir, &name, &data)?;
+                    pipes_done.insert(ino, name.clone());
+                    name
+                }
+            };
+            pipe_data = Some(name);
+        }
+        fds.push(FdImage { info, pipe_data });
+    }
+
+    Ok(ProcessImage {
+        pid,
+        ppid: f(4) as i32,
+        pgid: f(5) as i32,
+        sid: f(6) as i32,
+        comm: read_trim(&format!("/proc/{pid}/comm")),
+        exe: link(pid, "exe"),
+        cwd: link(pid, "cwd"),
+        root: link(pid, "root"),
+        umask: u32::from_str_radix(field(&status, "Umask").unwrap_or("0022"), 8).unwrap_or(0o022),
+        personality: u64::from_str_radix(
+            read_trim(&format!("/proc/{pid}/personality")).as_str(),
+            16,
+        )
+        .unwrap_or(0),
+        creds: creds(&status)?,
+        mm,
+        vdso: sys::vdso::VdsoLayout::of_pid(pid).map_err(cap(format!("vDSO of PID {pid}")))?,
+        sigactions,
+        shared_pending,
+        itimers,
+        rlimits,
+        seccomp_filters: filters,
+        threads: thread_images,
+        fds,
+    })
+}
+
+fn robust_list(tid: i32) -> (u64, u64) {
+    let mut head: u64 = 0;
+    let mut len: usize = 0;
+    // SAFETY: get_robust_list writes one pointer and one size_t.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
+    if r == 0 { (head, len as u64) } else { (0, 0) }
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches('\n').to_string())
+        .unwrap_or_default()
+}
+
+fn link(pid: i32, what: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/{what}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn read_status(pid: i32, tid: Option<i32>) -> Result<String, DumpError> {
+    let path = match tid {
+        Some(t) => format!("/proc/{pid}/task/{t}/status"),
+        None => format!("/proc/{pid}/status"),
+    };
+    std::fs::read_to_string(&path).map_err(cap(path))
+}
+
+/// /proc/PID/stat fields after `(comm)`, so that a comm with spaces or
+/// parentheses cannot shift them.
+fn read_stat(pid: i32) -> Result<Vec<String>, DumpError> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(cap(path.clone()))?;
+    let rest = text
+        .rfind(')')
+        .map(|i| &text[i + 1..])
+        .ok_or_else(|| DumpError::Capture(format!("{path}: no command name")))?;
+    Ok(rest.split_whitespace().map(str::to_string).collect())
+}
+
+fn field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+fn hex_field(status: &str, name: &str) -> Result<u64, DumpError> {
+    field(status, name)
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+        .ok_or_else(|| DumpError::Capture(format!("/proc status has no {name} field")))
+}
+
+fn creds(status: &str) -> Result<Creds, DumpError> {
+    let ids = |name: &str| -> Result<[u32; 4], DumpError> {
+        let v: Vec<u32> = field(status, name)
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        v.try_into()
+            .map_err(|_| DumpError::Capture(format!("/proc status: bad {name} line")))
+    };
+    Ok(Creds {
+        uid: ids("Uid")?,
+        gid: ids("Gid")?,
+        groups: field(status, "Groups")
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect(),
+        cap_inh: hex_field(status, "CapInh")?,
+        cap_prm: hex_field(status, "CapPrm")?,
+        cap_eff: hex_field(status, "CapEff")?,
+        cap_bnd: hex_field(status, "CapBnd")?,
+        cap_amb: hex_field(status, "CapAmb").unwrap_or(0),
+        no_new_privs: field(status, "NoNewPrivs") == Some("1"),
+    })
+}
