@@ -29,6 +29,9 @@ pub struct ProcessImage {
     pub root: String,
     pub umask: u32,
     pub personality: u64,
+    /// PR_GET_DUMPABLE (a uid change resets it).
+    #[serde(default)]
+    pub dumpable: Option<u32>,
     pub creds: Creds,
     pub mm: MmState,
     pub vdso: sys::vdso::VdsoLayout,
@@ -116,6 +119,9 @@ pub struct FdImage {
     /// For a pipe: the file under `pipes/` holding its queued bytes (one per
     /// pipe, shared by all its fds).
     pub pipe_data: Option<String>,
+    /// For a pipe: its capacity (F_GETPIPE_SZ).
+    #[serde(default)]
+    pub pipe_capacity: Option<u64>,
 }
 
 impl ProcessImage {

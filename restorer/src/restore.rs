@@ -397,7 +397,7 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     }
 
     // Credentials, then seccomp last.
-    creds(plan, &mut main, pid)?;
+    creds(plan, &mut main, &mut others, pid, scratch_at)?;
     seccomp(plan, &mut main, &mut others, pid, scratch_at)?;
 
     // Scratch out, registers in, go.
@@ -899,8 +899,26 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
         let r = main.syscall(libc::SYS_setitimer, [t.which as u64, a, 0, 0, 0, 0])?;
         check(pid, "setitimer", r)?;
     }
-    // The process name.
-    let _ = std::fs::write(format!("/proc/{pid}/comm"), &p.comm);
+    // Session and process group: a session leader gets its own session
+    // again; a group leader its own group; joining another process's group
+    // works only inside the session tern runs in.
+    if p.sid == pid {
+        let r = main.syscall(libc::SYS_setsid, [0; 6])?;
+        check(pid, "setsid (the process led its session)", r)?;
+    } else if p.pgid == pid {
+        let r = main.syscall(libc::SYS_setpgid, [0, 0, 0, 0, 0, 0])?;
+        check(pid, "setpgid (the process led its group)", r)?;
+    } else {
+        let r = main.syscall(libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0])?;
+        if r < 0 {
+            tracing::warn!(
+                pid,
+                pgid = p.pgid,
+                "cannot rejoin process group {} (it is gone or in another session); the process stays in tern's",
+                p.pgid
+            );
+        }
+    }
     // Shared pending signals: queued by the process to itself.
     for s in &p.shared_pending {
         let a = main.scratch_data(&s.siginfo)?;
@@ -982,9 +1000,31 @@ fn restore_fd(
             } else {
                 w.as_raw_fd()
             };
-            let path = format!("/proc/{}/fd/{ours}", std::process::id());
-            open_in_plain(main, pid, &path, open_flags)?
+            if let Some(cap) = f.pipe_capacity {
+                // SAFETY: fcntl on our own fd.
+                unsafe { libc::fcntl(ours, libc::F_SETPIPE_SZ, cap as i32) };
+            }
+            // The end's status flags (O_NONBLOCK) as dumped.
+            let status =
+                info.flags & (libc::O_NONBLOCK | libc::O_APPEND | libc::O_ASYNC | libc::O_DIRECT);
+            // SAFETY: fcntl on our own fd.
+            unsafe { libc::fcntl(ours, libc::F_SETFL, status) };
+            // The target takes our end itself (pidfd_getfd): the same open
+            // file, flags as set here (an open of /proc/.../fd/N would add
+            // O_LARGEFILE).
+            let pidfd = main.syscall(
+                libc::SYS_pidfd_open,
+                [std::process::id() as u64, 0, 0, 0, 0, 0],
+            )?;
+            check(pid, "pidfd_open(tern) in the target", pidfd)?;
+            let fd = main.syscall(
+                libc::SYS_pidfd_getfd,
+                [pidfd as u64, ours as u64, 0, 0, 0, 0],
+            )?;
+            main.syscall(libc::SYS_close, [pidfd as u64, 0, 0, 0, 0, 0])?;
+            check(pid, "pidfd_getfd of a refilled pipe", fd)? as i32
         }
+        FdKind::Fifo { path } => open_in_plain(main, pid, path, open_flags)?,
         other => {
             return Err(step::<String>(pid, "restoring fds")(format!(
                 "fd {}: {other:?} not supported",
@@ -1006,11 +1046,13 @@ fn restore_fd(
         )?;
         check(pid, "dup3 to the dumped fd number", r)?;
         main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-    } else if !cloexec {
-        main.syscall(
+    } else {
+        let v = if cloexec { libc::FD_CLOEXEC as u64 } else { 0 };
+        let r = main.syscall(
             libc::SYS_fcntl,
-            [fd as u64, libc::F_SETFD as u64, 0, 0, 0, 0],
+            [fd as u64, libc::F_SETFD as u64, v, 0, 0, 0],
         )?;
+        check(pid, "F_SETFD", r)?;
     }
     Ok(())
 }
@@ -1086,18 +1128,49 @@ fn thread_state(plan: &Plan, idx: usize, inj: &mut Injector, pid: i32) -> Result
         )?;
         check(pid, "re-queueing a thread's pending signal", r)?;
     }
-    let _ = std::fs::write(format!("/proc/{pid}/task/{tid}/comm"), &t.comm);
+    // The thread's name: only the thread itself (or its group) may set it.
+    let mut name = t.comm.as_bytes().to_vec();
+    name.truncate(15);
+    name.push(0);
+    let a = inj.scratch_data(&name)?;
+    let r = inj.syscall(libc::SYS_prctl, [libc::PR_SET_NAME as u64, a, 0, 0, 0, 0])?;
+    check(pid, "PR_SET_NAME", r)?;
     Ok(())
 }
 
 /// Credentials (process-wide in the kernel's eyes for the ids: set in every
 /// thread by glibc normally; here each syscall acts on one thread, so set
 /// them in every thread before detaching).
-fn creds(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), RestoreError> {
+fn creds(
+    plan: &Plan,
+    main: &mut Injector,
+    others: &mut [(usize, Injector)],
+    pid: i32,
+    scratch: u64,
+) -> Result<(), RestoreError> {
     let c = &plan.process.creds;
-    if c.uid == [0; 4] && c.gid == [0; 4] && c.groups.is_empty() && !c.no_new_privs {
-        return Ok(());
+    if !(c.uid == [0; 4] && c.gid == [0; 4] && c.groups.is_empty() && !c.no_new_privs) {
+        // Credentials belong to each thread in the kernel (glibc's setuid
+        // changes them in every thread): set them in every thread.
+        creds_in(c, main, pid)?;
+        for (_, inj) in others.iter_mut() {
+            inj.ensure_scratch(Some(scratch))?;
+            creds_in(c, inj, pid)?;
+            inj.release_scratch()?;
+        }
     }
+    // A uid change made the process non-dumpable: put back what it was.
+    if let Some(d) = plan.process.dumpable {
+        let r = main.syscall(
+            libc::SYS_prctl,
+            [libc::PR_SET_DUMPABLE as u64, d as u64, 0, 0, 0, 0],
+        )?;
+        check(pid, "PR_SET_DUMPABLE", r)?;
+    }
+    Ok(())
+}
+
+fn creds_in(c: &images::process::Creds, main: &mut Injector, pid: i32) -> Result<(), RestoreError> {
     let g: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     let a = main.scratch_data(if g.is_empty() { &[0u8; 4] } else { &g })?;
     let r = main.syscall(libc::SYS_setgroups, [c.groups.len() as u64, a, 0, 0, 0, 0])?;

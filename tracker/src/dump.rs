@@ -543,28 +543,13 @@ fn capture_state(
         });
     }
     let brk = leader.syscall(libc::SYS_brk, [0; 6])? as u64;
+    let dumpable = leader.syscall(
+        libc::SYS_prctl,
+        [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
+    )?;
     leader.release_scratch()?;
 
-    let mut rlimits = Vec::new();
-    for res in 0..16u32 {
-        let mut old = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit64 with a NULL new limit only reads into `old`.
-        let r = unsafe { libc::prlimit64(pid, res as _, std::ptr::null(), &mut old) };
-        if r != 0 {
-            return Err(DumpError::Capture(format!(
-                "prlimit(PID {pid}, resource {res}): {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        rlimits.push(Rlimit {
-            resource: res,
-            cur: old.rlim_cur,
-            max: old.rlim_max,
-        });
-    }
+    let rlimits = read_limits(pid)?;
 
     let auxv = std::fs::read(format!("/proc/{pid}/auxv"))
         .map_err(cap(format!("/proc/{pid}/auxv")))?
@@ -597,7 +582,13 @@ fn capture_state(
             continue; // tern's own
         }
         let mut pipe_data = None;
+        let mut pipe_capacity = None;
         if let sys::fds::FdKind::Pipe { ino, .. } = info.kind {
+            pipe_capacity = Some(
+                sys::fds::pipe_capacity(pid, info.fd)
+                    .map_err(cap(format!("pipe fd {} of PID {pid}", info.fd)))?
+                    as u64,
+            );
             let name = match pipes_done.get(&ino) {
                 Some(n) => n.clone(),
                 None => {
@@ -611,7 +602,11 @@ fn capture_state(
             };
             pipe_data = Some(name);
         }
-        fds.push(FdImage { info, pipe_data });
+        fds.push(FdImage {
+            info,
+            pipe_data,
+            pipe_capacity,
+        });
     }
 
     Ok(ProcessImage {
@@ -624,6 +619,7 @@ fn capture_state(
         cwd: link(pid, "cwd"),
         root: link(pid, "root"),
         umask: u32::from_str_radix(field(&status, "Umask").unwrap_or("0022"), 8).unwrap_or(0o022),
+        dumpable: (dumpable >= 0).then_some(dumpable as u32),
         personality: u64::from_str_radix(
             read_trim(&format!("/proc/{pid}/personality")).as_str(),
             16,
@@ -640,6 +636,34 @@ fn capture_state(
         threads: thread_images,
         fds,
     })
+}
+
+/// /proc/PID/limits (prlimit(2) on another uid's process needs
+/// CAP_SYS_RESOURCE; this file does not). Lines are resources 0.. in order,
+/// columns formatted "%-25s %-20s %-20s".
+fn read_limits(pid: i32) -> Result<Vec<Rlimit>, DumpError> {
+    let path = format!("/proc/{pid}/limits");
+    let text = std::fs::read_to_string(&path).map_err(cap(path.clone()))?;
+    let val = |s: &str| -> Option<u64> {
+        match s.trim() {
+            "unlimited" => Some(u64::MAX),
+            v => v.parse().ok(),
+        }
+    };
+    let mut out = Vec::new();
+    for (res, line) in text.lines().skip(1).enumerate() {
+        let soft = line.get(26..46).and_then(val);
+        let hard = line.get(47..67).and_then(val);
+        let (Some(cur), Some(max)) = (soft, hard) else {
+            return Err(DumpError::Capture(format!("{path}: cannot parse {line:?}")));
+        };
+        out.push(Rlimit {
+            resource: res as u32,
+            cur,
+            max,
+        });
+    }
+    Ok(out)
 }
 
 fn robust_list(tid: i32) -> (u64, u64) {
