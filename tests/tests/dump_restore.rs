@@ -32,7 +32,15 @@ fn dump(pid: i32, dir: &Path, prev: Option<&Path>, extra: &[&str]) -> Value {
     args.extend(extra.iter().map(|s| s.to_string()));
     let run = tern(&args);
     let v = run.json();
-    for f in ["pid", "frozen_ms", "duration_ms", "pages_written", "bytes_written", "threads", "vmas"] {
+    for f in [
+        "pid",
+        "frozen_ms",
+        "duration_ms",
+        "pages_written",
+        "bytes_written",
+        "threads",
+        "vmas",
+    ] {
         assert!(v.get(f).is_some(), "dump JSON lacks {f}: {v}");
     }
     assert_eq!(v["pid"].as_i64(), Some(pid as i64));
@@ -62,6 +70,9 @@ fn dump_restore(name: &str, args: &[&str], pre_dumps: usize) -> (String, Value) 
     // The original is gone (killed by the dump); reap it so its PID is free.
     ck.release();
     let mut restore = start_restore(&dir);
+    // The restore prints its JSON once the process runs again.
+    let restored = restored_json(&mut restore);
+    assert_eq!(restored["pid"].as_i64(), Some(pid as i64), "{restored}");
     let verdict = match ck.verdict(VERDICT) {
         Ok(l) => l,
         Err(e) => {
@@ -69,27 +80,63 @@ fn dump_restore(name: &str, args: &[&str], pre_dumps: usize) -> (String, Value) 
             let out = restore.wait_with_output().ok();
             panic!(
                 "ck_{name} after restore: {e}\n--- tern restore stderr:\n{}",
-                out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default()
+                out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                    .unwrap_or_default()
             );
         }
     };
-    let status = wait_deadline(&mut restore, VERDICT).expect("tern restore did not exit after the process did");
+    let status = wait_deadline(&mut restore, VERDICT)
+        .expect("tern restore did not exit after the process did");
     let mut stderr = String::new();
     if let Some(mut e) = restore.stderr.take() {
         use std::io::Read;
         let _ = e.read_to_string(&mut stderr);
     }
     if verdict == "PASS" {
-        assert!(status.success(), "restored ck_{name} said PASS but tern restore exited {status}:\n{stderr}");
+        assert!(
+            status.success(),
+            "restored ck_{name} said PASS but tern restore exited {status}:\n{stderr}"
+        );
     } else {
-        assert!(!status.success(), "restored ck_{name} said {verdict} but tern restore exited 0");
+        assert!(
+            !status.success(),
+            "restored ck_{name} said {verdict} but tern restore exited 0"
+        );
     }
     (verdict, v)
 }
 
+/// The JSON line `tern restore` prints when the process runs (at most 60 s).
+fn restored_json(restore: &mut Child) -> Value {
+    use std::io::BufRead;
+    let out = restore.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(line) if !line.trim().is_empty() => serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("tern restore printed {line:?}: {e}")),
+        _ => {
+            let _ = restore.kill();
+            let mut err = String::new();
+            if let Some(mut e) = restore.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("tern restore printed no JSON:\n{err}");
+        }
+    }
+}
+
 fn assert_pass(name: &str, args: &[&str], pre_dumps: usize) -> Value {
     let (verdict, v) = dump_restore(name, args, pre_dumps);
-    assert_eq!(verdict, "PASS", "ck_{name} after dump ({pre_dumps} pre-dumps) + restore");
+    assert_eq!(
+        verdict, "PASS",
+        "ck_{name} after dump ({pre_dumps} pre-dumps) + restore"
+    );
     v
 }
 

@@ -47,6 +47,7 @@ fn checkpoint(pid: i32, root: &Path, pre_dumps: usize) -> PathBuf {
     }
     let v = tern(&args).json();
     assert_eq!(v["verify"]["mismatches"].as_u64(), Some(0), "{v}");
+    assert_eq!(v["killed"].as_bool(), Some(true), "{v}");
     dir
 }
 
@@ -57,7 +58,8 @@ fn restore(dir: &Path) -> Child {
 /// A protocol-speaking program: checkpoint, restore, check it goes on
 /// (`progress` grows) and then passes its own check.
 fn carry_on(name: &str, program: &Path, args: &[&str], pre_dumps: usize, progress: &str) {
-    let mut ck = CkProcess::start_program(name, program, args, READY).unwrap_or_else(|e| panic!("{e}"));
+    let mut ck =
+        CkProcess::start_program(name, program, args, READY).unwrap_or_else(|e| panic!("{e}"));
     let root = tempdir();
     let progress_file = ck.dir.path().join(progress);
     let dir = checkpoint(ck.pid, root.path(), pre_dumps);
@@ -80,10 +82,18 @@ fn carry_on(name: &str, program: &Path, args: &[&str], pre_dumps: usize, progres
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let verdict = ck.verdict(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(verdict, "PASS", "restored {name} after {pre_dumps} pre-dumps");
+    let verdict = ck
+        .verdict(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        verdict, "PASS",
+        "restored {name} after {pre_dumps} pre-dumps"
+    );
     let st = wait_deadline(&mut r, Duration::from_secs(20)).expect("tern restore did not exit");
-    assert!(st.success(), "tern restore exited {st} though {name} passed");
+    assert!(
+        st.success(),
+        "tern restore exited {st} though {name} passed"
+    );
 }
 
 fn read_counter(p: &Path) -> u64 {
@@ -182,7 +192,11 @@ fn sqlite(pre_dumps: usize) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
     // Read-write, so that neither side blocks on open and the FIFO never
     // sees end-of-file while the test holds it.
-    let mut cmds = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+    let mut cmds = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
     let out_path = work.path().join("out");
     let mut child = Command::new(&sq)
         .arg(":memory:")
@@ -206,17 +220,27 @@ fn sqlite(pre_dumps: usize) {
     let _ = child.kill();
     let _ = child.wait();
     let mut r = restore(&dir);
-    writeln!(cmds, "INSERT INTO t VALUES (7, 'after');\nSELECT 'after', count(*), sum(x) FROM t;").unwrap();
+    writeln!(
+        cmds,
+        "INSERT INTO t VALUES (7, 'after');\nSELECT 'after', count(*), sum(x) FROM t;"
+    )
+    .unwrap();
     wait_for(&out_path, "after|50001|1250025007");
     writeln!(cmds, ".quit").unwrap();
     let st = wait_deadline(&mut r, Duration::from_secs(20)).expect("sqlite3 did not quit");
-    assert!(st.success(), "tern restore (waiting for sqlite3) exited {st}");
+    assert!(
+        st.success(),
+        "tern restore (waiting for sqlite3) exited {st}"
+    );
 }
 
 fn wait_for(path: &Path, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if std::fs::read_to_string(path).unwrap_or_default().contains(text) {
+        if std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(text)
+        {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -94,6 +94,8 @@ pub trait DirtyTracker {
     /// Select this round's pages. `full_copy`: a chain starts here, select
     /// every populated page (and re-arm tracking for the next round).
     fn collect(&mut self, vmas: &[Vma], full_copy: bool) -> Result<DirtySet, BackendError>;
+    /// The next collect is the last (a final dump): no need to re-arm.
+    fn final_round(&mut self) {}
 }
 
 /// Append `r` to a sorted list, merging with the last range when adjacent.
@@ -195,6 +197,9 @@ pub struct UffdWpTracker {
     pm: Pagemap,
     scratch: Vec<pagemap_scan::PageRegion>,
     entries: Vec<u64>,
+    /// Re-protect what a round reports (not in a final dump's round: no
+    /// round follows, and re-protecting costs frozen time).
+    reprotect: bool,
 }
 
 impl UffdWpTracker {
@@ -205,6 +210,7 @@ impl UffdWpTracker {
             pm: Pagemap::open(pid)?,
             scratch: Vec::new(),
             entries: Vec::new(),
+            reprotect: true,
         })
     }
 
@@ -221,6 +227,11 @@ impl UffdWpTracker {
             vma.end,
             ScanQuery {
                 return_mask: pagemap_scan::PAGE_IS_WRITTEN | pagemap_scan::PAGE_IS_FILE,
+                flags: if self.reprotect {
+                    ScanQuery::WRITTEN_AND_REPROTECT.flags
+                } else {
+                    pagemap_scan::PM_SCAN_CHECK_WPASYNC
+                },
                 ..ScanQuery::WRITTEN_AND_REPROTECT
             },
             &mut self.scratch,
@@ -241,6 +252,10 @@ impl DirtyTracker for UffdWpTracker {
         "uffd-wp"
     }
 
+    fn final_round(&mut self) {
+        self.reprotect = false;
+    }
+
     fn collect(&mut self, vmas: &[Vma], full_copy: bool) -> Result<DirtySet, BackendError> {
         let mut set = DirtySet::default();
         for vma in vmas.iter().filter(|v| v.is_dumped()) {
@@ -252,6 +267,11 @@ impl DirtyTracker for UffdWpTracker {
             // and is recorded as a hole.
             let written = match self.written(vma) {
                 Ok(w) => Some(w),
+                Err(e) if e.is_not_armed() && !self.reprotect => {
+                    // Final round: nothing to arm for; copy what is populated.
+                    set.untracked_vmas += 1;
+                    None
+                }
                 Err(e) if e.is_not_armed() => {
                     // New, moved (mremap drops the registration) or never
                     // armed: register and arm. The arming scan reports every

@@ -41,6 +41,7 @@ pub fn copy_ranges(
             .map(move |s| PageRange::new(s, (s + step).min(r.end)))
     });
     let mut batch: Vec<PageRange> = Vec::new();
+    let (mut t_read, mut t_write) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     loop {
         batch.clear();
         let mut bytes = 0usize;
@@ -66,6 +67,7 @@ pub fn copy_ranges(
                 iov_len: r.len() as usize,
             })
             .collect();
+        let t = std::time::Instant::now();
         // SAFETY: `local` covers `buf` exactly; remote addresses are only
         // read by the kernel from the target's address space.
         let n = unsafe {
@@ -78,6 +80,8 @@ pub fn copy_ranges(
                 0,
             )
         };
+        t_read += t.elapsed();
+        let t = std::time::Instant::now();
         let got = if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ESRCH) {
@@ -106,7 +110,9 @@ pub fn copy_ranges(
             }
             off += len;
         }
+        t_write += t.elapsed();
     }
+    tracing::debug!(pid, "copy: process_vm_readv {t_read:?}, image {t_write:?}");
     Ok(stats)
 }
 

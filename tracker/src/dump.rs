@@ -202,6 +202,14 @@ fn capture(
 
     let t_freeze = Instant::now();
     let mut threads = freeze_all(pid, opts.timeout)?;
+    let lap = |what: &str| {
+        tracing::debug!(
+            pid,
+            "dump: {what} at {:.2} ms",
+            t_freeze.elapsed().as_secs_f64() * 1e3
+        )
+    };
+    lap("frozen");
     let res = (|| -> Result<(ProcessImage, Vec<images::VmaRecord>, crate::backend::DirtySet, images::WriteStats, f64, f64), DumpError> {
         // State first: its injected syscalls write below the threads' stack
         // pointers (the scratch stub's push/popfq), so pages are copied
@@ -214,11 +222,15 @@ fn capture(
             session.target_uffd().map(|u| u.0),
             known,
         )?;
+        lap("state captured");
         // A scratch area the capture mapped is not the target's memory.
         let scratch = Injector::find_scratch(pid)?;
         let vmas = crate::session::read_target_vmas(pid, &scratch)?;
+        lap("VMAs read");
         let set = session.collect_final(&vmas, full_copy)?;
+        lap("dirty pages found");
         crate::copy::copy_ranges(pid, &set.copy, &mut writer).map_err(TrackerError::from)?;
+        lap("pages copied");
         for h in &set.holes {
             writer.add_hole(*h);
         }
@@ -391,6 +403,14 @@ fn capture_state(
     tracking_fd: Option<i32>,
     mut scratch: Option<u64>,
 ) -> Result<ProcessImage, DumpError> {
+    let t0 = Instant::now();
+    let lap = |what: &str| {
+        tracing::debug!(
+            pid,
+            "capture: {what} at {:.2} ms",
+            t0.elapsed().as_secs_f64() * 1e3
+        )
+    };
     let status = read_status(pid, None)?;
     let stat = read_stat(pid)?;
     // The leader (or the first thread if the leader is gone) does the
@@ -491,6 +511,7 @@ fn capture_state(
         });
     }
 
+    lap("threads");
     let leader = &mut threads[0];
     // Signal dispositions: only those /proc says are not the default.
     let caught = hex_field(&status, "SigCgt")?;
@@ -549,6 +570,7 @@ fn capture_state(
     )?;
     leader.release_scratch()?;
 
+    lap("injected calls");
     let rlimits = read_limits(pid)?;
 
     let auxv = std::fs::read(format!("/proc/{pid}/auxv"))
@@ -575,6 +597,7 @@ fn capture_state(
         auxv,
     };
 
+    lap("mm");
     let mut fds = Vec::new();
     let mut pipes_done: BTreeMap<u64, String> = BTreeMap::new();
     for info in sys::fds::fd_table(pid).map_err(cap(format!("fd table of PID {pid}")))? {

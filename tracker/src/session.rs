@@ -735,6 +735,7 @@ impl TrackingSession {
         full_copy: bool,
     ) -> Result<DirtySet, TrackerError> {
         self.save_host_state(None, true)?;
+        self.tracker.final_round();
         self.tracker
             .collect(vmas, full_copy)
             .map_err(|e| self.exited_or(e.into(), "dump"))
