@@ -165,16 +165,24 @@ pub fn dump(
         Ok(mut report) => {
             if report.killed {
                 session.forget_target();
-            } else if let Err(e) = session.teardown() {
-                tracing::warn!(pid, "removing tracking from the still running target: {e}");
+                // The eBPF pins and host state of pre-dumps: the target is gone.
+                crate::session::gc_stale_state();
+            } else {
+                // Everything tracking left, eBPF pins included (this session
+                // did not open the stream).
+                drop(session);
+                if let Err(e) = crate::session::untrack(pid, opts.timeout) {
+                    tracing::warn!(pid, "removing tracking from the still running target: {e}");
+                }
             }
             report.duration_ms = t0.elapsed().as_secs_f64() * 1e3;
             Ok(report)
         }
         Err(msg) => {
             // The target runs on: take tracking out of it too.
+            drop(session);
             if crate::session::alive_now(pid)
-                && let Err(e) = session.teardown()
+                && let Err(e) = crate::session::untrack(pid, opts.timeout)
             {
                 tracing::warn!(pid, "removing tracking after the failed dump: {e}");
             }
@@ -201,6 +209,7 @@ fn capture(
     let flags_before = crate::maps::vm_flags(pid).unwrap_or_default();
 
     let t_freeze = Instant::now();
+    let mut created_scratch = false;
     let mut threads = freeze_all(pid, opts.timeout)?;
     let lap = |what: &str| {
         tracing::debug!(
@@ -215,6 +224,7 @@ fn capture(
         // pointers (the scratch stub's push/popfq), so pages are copied
         // after, and they match what a restore brings back.
         let known = Injector::find_scratch(pid)?.first().copied();
+        created_scratch = known.is_none();
         let process = capture_state(
             pid,
             &mut threads,
@@ -295,19 +305,32 @@ fn capture(
         None => None,
     };
 
-    // The end: resume, or kill if the tern that asked is still there.
+    // The end: resume, or kill if the tern that asked is still there. A
+    // tern that died meanwhile gets nothing: the target runs on as before
+    // (no scratch area of ours that was not there) and the image is
+    // marked incomplete.
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != tern_pid {
+        if created_scratch {
+            let leader = &mut threads[0];
+            let removed = leader
+                .ensure_scratch(Injector::find_scratch(pid)?.first().copied())
+                .and_then(|_| leader.remove_scratch());
+            if let Err(e) = removed {
+                tracing::warn!(pid, "removing the scratch area after tern died: {e}");
+            }
+        }
+        let _ = std::fs::remove_file(dir.join(images::INVENTORY_FILE));
+        drop(threads);
+        return Err(DumpError::Capture(format!(
+            "tern ({tern_pid}) ended during the dump of PID {pid}: the target was left running"
+        )));
+    }
     let killed;
     if opts.leave_running {
         drop(threads);
         killed = false;
     } else {
-        // SAFETY: getppid has no preconditions.
-        if unsafe { libc::getppid() } != tern_pid {
-            drop(threads);
-            return Err(DumpError::Capture(format!(
-                "tern ({tern_pid}) ended during the dump of PID {pid}: the target was left running"
-            )));
-        }
         // SAFETY: plain kill(2) of the frozen target.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         killed = true;

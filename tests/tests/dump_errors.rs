@@ -1,0 +1,194 @@
+//! Never lose the process, and bad input changes nothing (DESIGN.md
+//! invariants 1 and 5) for `tern dump` and `tern restore`:
+//! - `dump --leave-running` leaves the target exactly as before;
+//! - tern SIGKILLed at any moment of a dump leaves it running, untraced,
+//!   with its maps and fds as before;
+//! - a missing PID, a taken PID, a truncated or corrupted image, an unknown
+//!   version and a missing parent give a clear error naming the file or PID,
+//!   and no process is created.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tern_tests::ck::CkProcess;
+use tern_tests::{assert_exactly_as, pre_dump, proc, spawn_tern, tempdir, tern, wait_deadline};
+
+const READY: Duration = Duration::from_secs(30);
+
+fn dump_args(pid: i32, dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "dump".into(),
+        "-t".into(),
+        pid.to_string(),
+        "-D".into(),
+        dir.display().to_string(),
+        "--json".into(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+#[test]
+fn leave_running_leaves_the_target_as_it_was() {
+    let mut ck = CkProcess::start("files", &[], READY).unwrap();
+    let before = proc::Snapshot::take(ck.pid).unwrap();
+    let root = tempdir();
+    let d1 = root.path().join("p1");
+    pre_dump(ck.pid, &d1, None, &[]);
+    let d = root.path().join("dump");
+    let mut a = dump_args(
+        ck.pid,
+        &d,
+        &["--leave-running", "--verify", "--prev-images-dir"],
+    );
+    a.push(d1.display().to_string());
+    let v = tern(&a).json();
+    assert_eq!(v["killed"].as_bool(), Some(false), "{v}");
+    assert_eq!(v["verify"]["mismatches"].as_u64(), Some(0), "{v}");
+    assert_exactly_as(ck.pid, &before, "after dump --leave-running");
+    assert_eq!(ck.verdict(READY).unwrap(), "PASS");
+}
+
+#[test]
+fn tern_killed_mid_dump_leaves_the_target_running() {
+    let mut ck = CkProcess::start("seccomp", &[], READY).unwrap();
+    let before = proc::Snapshot::take(ck.pid).unwrap();
+    let root = tempdir();
+    for (i, delay_ms) in [0u64, 2, 5, 10, 20, 40].into_iter().enumerate() {
+        let d = root.path().join(format!("d{i}"));
+        let mut t = spawn_tern(&dump_args(ck.pid, &d, &[]));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = t.kill();
+        let _ = t.wait();
+        // The guardian finishes on its own (it checks tern is alive before
+        // the kill): wait for it to let go.
+        std::thread::sleep(Duration::from_millis(300));
+        if !proc::alive(ck.pid) {
+            panic!("target gone after tern was killed {delay_ms} ms into a dump");
+        }
+        assert_exactly_as(
+            ck.pid,
+            &before,
+            &format!("tern killed {delay_ms} ms into a dump"),
+        );
+    }
+    assert_eq!(ck.verdict(READY).unwrap(), "PASS");
+}
+
+#[test]
+fn dump_of_a_missing_pid_is_a_clear_error() {
+    let root = tempdir();
+    let run = tern(&dump_args(999_999, &root.path().join("d"), &[]));
+    run.assert_clear_failure(&["999999"]);
+}
+
+/// A good image (target killed and reaped) for the restore error tests.
+/// The workload's directory (its output files) lives as long as the
+/// returned `CkProcess`.
+fn good_image(root: &Path) -> (std::path::PathBuf, std::path::PathBuf, i32, CkProcess) {
+    let mut ck = CkProcess::start("vdso", &[], READY).unwrap();
+    let pid = ck.pid;
+    let p1 = root.join("p1");
+    pre_dump(pid, &p1, None, &[]);
+    let d = root.join("dump");
+    let mut a = dump_args(pid, &d, &["--prev-images-dir"]);
+    a.push(p1.display().to_string());
+    tern(&a).json();
+    ck.release();
+    (p1, d, pid, ck)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn restore_fails(dir: &Path, pid: i32, mention: &[&str]) {
+    let run = tern(&["restore", "-D", &dir.display().to_string(), "--json"]);
+    run.assert_clear_failure(mention);
+    assert!(!proc::alive(pid), "a failed restore left PID {pid} behind");
+}
+
+#[test]
+fn restore_refuses_bad_images_before_anything_runs() {
+    let root = tempdir();
+    let (p1, d, pid, mut ck) = good_image(root.path());
+
+    // Truncated pages of the final image.
+    let t = root.path().join("trunc");
+    copy_dir(&d, &t);
+    let pages = t.join(images::PAGES_FILE);
+    let len = std::fs::metadata(&pages).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pages)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    restore_fails(&t, pid, &["pages.img"]);
+
+    // Corrupted process state.
+    let c = root.path().join("corrupt");
+    copy_dir(&d, &c);
+    std::fs::write(
+        c.join(images::process::PROCESS_FILE),
+        b"{\"pid\": 1, \"threads\": [",
+    )
+    .unwrap();
+    restore_fails(&c, pid, &["process.json"]);
+
+    // A format version from the future.
+    let v = root.path().join("version");
+    copy_dir(&d, &v);
+    let inv = v.join(images::INVENTORY_FILE);
+    let text = std::fs::read_to_string(&inv).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    j["version"] = serde_json::json!(999);
+    std::fs::write(&inv, j.to_string()).unwrap();
+    restore_fails(&v, pid, &["inventory.json"]);
+
+    // The parent is gone (the image names it by a relative path).
+    let m = root.path().join("orphan");
+    copy_dir(&d, &m);
+    let p1_moved = root.path().join("p1-moved");
+    std::fs::rename(&p1, &p1_moved).unwrap();
+    restore_fails(&m, pid, &["p1"]);
+    std::fs::rename(&p1_moved, &p1).unwrap();
+
+    // A pre-dump is not a final image.
+    restore_fails(&p1, pid, &["pre-dump"]);
+
+    // And the good one still restores.
+    let mut r = spawn_tern(&["restore", "-D", &d.display().to_string(), "--json"]);
+    if !proc::wait_until(Duration::from_secs(30), || proc::alive(pid)) {
+        let _ = r.kill();
+        let out = r.wait_with_output().unwrap();
+        panic!(
+            "restore did not bring PID {pid} back:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(ck.verdict(READY).unwrap(), "PASS");
+    let st = wait_deadline(&mut r, Duration::from_secs(30)).expect("tern restore did not exit");
+    assert!(st.success(), "restored ck_vdso exited {st}");
+}
+
+#[test]
+fn restore_over_a_taken_pid_names_it() {
+    let root = tempdir();
+    let mut ck = CkProcess::start("vdso", &[], READY).unwrap();
+    let d = root.path().join("dump");
+    tern(&dump_args(ck.pid, &d, &["--leave-running"])).json();
+    // The original still runs: its PID is taken.
+    let run = tern(&["restore", "-D", &d.display().to_string()]);
+    run.assert_clear_failure(&[&ck.pid.to_string(), "taken"]);
+    assert_eq!(ck.verdict(READY).unwrap(), "PASS");
+}
