@@ -166,6 +166,43 @@ fn populated_scan(
     ))
 }
 
+/// Like [`populated_scan`], for the pages of `ranges` (inside `vma`) only.
+fn populated_in(
+    pm: &mut Pagemap,
+    vma: &Vma,
+    ranges: &[PageRange],
+    entries: &mut Vec<u64>,
+) -> Result<(Vec<PageRange>, Vec<PageRange>), ScanError> {
+    let (mut copy, mut holes) = (Vec::new(), Vec::new());
+    // Few ranges: one read each. Many (scattered writes): one read of the
+    // whole VMA, sliced (each read walks page tables under the mmap lock).
+    let whole = ranges.len() > 64;
+    if whole {
+        entries.clear();
+        pm.read_entries(vma.start, vma.end, entries)?;
+    }
+    let mut part = Vec::new();
+    for r in ranges {
+        let e: &[u64] = if whole {
+            let i = ((r.start - vma.start) / PAGE_SIZE) as usize;
+            let n = r.pages() as usize;
+            &entries[i..(i + n).min(entries.len())]
+        } else {
+            part.clear();
+            pm.read_entries(r.start, r.end, &mut part)?;
+            &part
+        };
+        let (c, h) = select_from_entries(r.start, e, vma.file_pages_are_holes(), false, true);
+        for x in c {
+            push_range(&mut copy, x);
+        }
+        for x in h {
+            push_range(&mut holes, x);
+        }
+    }
+    Ok((copy, holes))
+}
+
 /// Select pages from classic pagemap entries of one VMA (soft-dirty and
 /// full backends). `entries[i]` describes page `vma_start + i * PAGE_SIZE`.
 /// Returns (copy, holes).
@@ -297,13 +334,23 @@ impl DirtyTracker for UffdWpTracker {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let (populated, holes) = populated_scan(&mut self.pm, vma, &mut self.entries)?;
             let fresh = written.is_none();
-            let copy = match written {
-                Some(w) if !full_copy => subtract(&w, &holes),
-                _ => populated.clone(),
+            let (populated, copy, holes) = match written {
+                Some(w) if !full_copy => {
+                    // Only pages written since the last round can have gone
+                    // from populated to hole (a zapped page shows as written)
+                    // or back: the pagemap is read for those alone, and the
+                    // holes recorded are theirs (older images hold the rest).
+                    let (copy, holes) = populated_in(&mut self.pm, vma, &w, &mut self.entries)?;
+                    (copy.clone(), copy, holes)
+                }
+                _ => {
+                    let (populated, holes) = populated_scan(&mut self.pm, vma, &mut self.entries)?;
+                    let copy = populated.clone();
+                    let holes = subtract(&holes, &copy);
+                    (populated, copy, holes)
+                }
             };
-            let holes = subtract(&holes, &copy);
             tracing::debug!(
                 "VMA {:#x}-{:#x} {} {}: populated {} copy {} holes {} fresh {fresh}",
                 vma.start,
