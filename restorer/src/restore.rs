@@ -400,16 +400,43 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     creds(plan, &mut main, &mut others, pid, scratch_at)?;
     seccomp(plan, &mut main, &mut others, pid, scratch_at)?;
 
-    // Scratch out, registers in, go.
+    // Registers in; then the pending signals, queued by each thread to
+    // itself: one that is not blocked is delivered right away, on the
+    // dumped context (as it would have been); then scratch out, and go.
     for (_, inj) in others.iter_mut() {
         inj.release_scratch()?;
     }
-    main.remove_scratch()?;
     let mut all: Vec<(usize, Injector)> = others;
     all.push((main_idx, main));
     for (i, inj) in all.iter_mut() {
         set_regs(&p.threads[*i], inj, pid)?;
     }
+    for (i, inj) in all.iter_mut() {
+        let t = &p.threads[*i];
+        inj.ensure_scratch(Some(scratch_at))?;
+        for s in &t.pending {
+            let a = inj.scratch_data(&s.siginfo)?;
+            let r = inj.syscall(
+                libc::SYS_rt_tgsigqueueinfo,
+                [pid as u64, t.tid as u64, s.signo as u64, a, 0, 0],
+            )?;
+            check(pid, "re-queueing a thread's pending signal", r)?;
+        }
+        if t.tid == pid {
+            for s in &p.shared_pending {
+                let a = inj.scratch_data(&s.siginfo)?;
+                let r = inj.syscall(
+                    libc::SYS_rt_sigqueueinfo,
+                    [pid as u64, s.signo as u64, a, 0, 0, 0],
+                )?;
+                check(pid, "re-queueing a process-wide pending signal", r)?;
+            }
+        } else {
+            inj.release_scratch()?;
+        }
+    }
+    let (_, main) = all.last_mut().expect("main is in the list");
+    main.remove_scratch()?;
     // Every thread has its registers: let them all go.
     for (_, inj) in all {
         inj.detach()?;
@@ -919,15 +946,7 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
             );
         }
     }
-    // Shared pending signals: queued by the process to itself.
-    for s in &p.shared_pending {
-        let a = main.scratch_data(&s.siginfo)?;
-        let r = main.syscall(
-            libc::SYS_rt_sigqueueinfo,
-            [pid as u64, s.signo as u64, a, 0, 0, 0],
-        )?;
-        check(pid, "re-queueing a process-wide pending signal", r)?;
-    }
+
     Ok(())
 }
 
@@ -1083,7 +1102,6 @@ fn open_in_plain(
 /// Step 4, per thread.
 fn thread_state(plan: &Plan, idx: usize, inj: &mut Injector, pid: i32) -> Result<(), RestoreError> {
     let t = &plan.process.threads[idx];
-    let tid = t.tid;
     let mask = t.blocked;
     inj.on_tracer(move |tid| sys::signals::set_blocked_mask(tid, mask))?
         .map_err(step(pid, "setting a thread's signal mask"))?;
@@ -1119,15 +1137,7 @@ fn thread_state(plan: &Plan, idx: usize, inj: &mut Injector, pid: i32) -> Result
         )?;
         check(pid, "registering rseq", r)?;
     }
-    // the thread's own pending signals, queued to itself
-    for s in &t.pending {
-        let a = inj.scratch_data(&s.siginfo)?;
-        let r = inj.syscall(
-            libc::SYS_rt_tgsigqueueinfo,
-            [pid as u64, tid as u64, s.signo as u64, a, 0, 0],
-        )?;
-        check(pid, "re-queueing a thread's pending signal", r)?;
-    }
+
     // The thread's name: only the thread itself (or its group) may set it.
     let mut name = t.comm.as_bytes().to_vec();
     name.truncate(15);
