@@ -3,6 +3,7 @@
 //! parsing for the workload binaries, and the userfaultfd calls the per-fault
 //! floor measurement needs.
 
+pub mod dump;
 pub mod svg;
 pub mod tracking;
 pub mod uffd;

@@ -2,6 +2,8 @@
 //!
 //! - `bench tracking --tern T --bin-dir D --out O [...]`: what dirty tracking
 //!   costs a write-heavy workload (see `bench::tracking`).
+//! - `bench dump`: frozen time of the final dump with and without pre-dumps,
+//!   and restore time (see `bench::dump`).
 //! - `bench floor`: the per-fault floor alone (first write to an async-WP page).
 
 use std::path::PathBuf;
@@ -85,6 +87,21 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Frozen time of the final dump (after 0 and 3 pre-dumps) and restore time.
+    Dump {
+        #[arg(long, default_value = "target/release/tern")]
+        tern: PathBuf,
+        #[arg(long, default_value = "target/release")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// Runs per configuration (medians).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Only the 256 MiB configuration, once.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Measure the async-WP first-write floor only.
     Floor {
         #[arg(long, default_value_t = 64)]
@@ -167,6 +184,27 @@ fn real_main() -> Result<()> {
             std::fs::write(&out, bench::svg::tracking_plot(&report))?;
             println!("wrote {}", out.display());
             Ok(())
+        }
+        Cmd::Dump {
+            tern,
+            bin_dir,
+            out,
+            repeats,
+            quick,
+        } => {
+            let mut configs = vec![(256, 16, 10), (4096, 64, 10)];
+            let mut repeats = repeats;
+            if quick {
+                configs.truncate(1);
+                repeats = 1;
+            }
+            bench::dump::run(&bench::dump::Opts {
+                tern,
+                bin_dir,
+                out,
+                configs,
+                repeats,
+            })
         }
         Cmd::Floor { mib, reps } => {
             let f = bench::uffd::measure_floor(mib, reps)?;

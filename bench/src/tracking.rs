@@ -729,7 +729,7 @@ fn baseline_summary(opts: &Opts, b: &[Vec<Window>]) -> String {
         .join(", ")
 }
 
-fn machine() -> Value {
+pub fn machine() -> Value {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()

@@ -88,8 +88,8 @@ fn test(args: &[String]) -> Result<()> {
 
 fn bench(name: &str, args: &[String]) -> Result<()> {
     match name {
-        "tracking" => {}
-        other => bail!("unknown benchmark `{other}`; known: tracking"),
+        "tracking" | "dump" => {}
+        other => bail!("unknown benchmark `{other}`; known: tracking, dump"),
     }
     eprintln!("xtask: cargo build --release (tern, bench)");
     util::run(util::cargo().args(["build", "--release", "-p", "tern", "-p", "bench"]))?;

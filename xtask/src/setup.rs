@@ -24,8 +24,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "libclang-dev",
         "bindgen in userfaultfd-sys (the `userfaultfd` crate)",
     ),
-    ("python3", "a real program the dump/restore tests checkpoint"),
-    ("sqlite3", "a real program the dump/restore tests checkpoint"),
+    (
+        "python3",
+        "a real program the dump/restore tests checkpoint",
+    ),
+    (
+        "sqlite3",
+        "a real program the dump/restore tests checkpoint",
+    ),
 ];
 
 const BPF_LINKER_SERIES: &str = "0.13";

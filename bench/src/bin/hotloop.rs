@@ -1,8 +1,9 @@
-//! The demo workload: `hotloop --mib N --hot-mib H [--drift-pages-per-ms D]`.
+//! The demo workload: `hotloop --mib N --hot-mib H [--drift-pages-per-ms D] [--sleep-ms S]`.
 //!
 //! Maps and fills N MiB (every 8th page stays zero), prints `ready ...`, then
 //! forever: rewrites the first H MiB (the hot set), advances a drift pointer
-//! by D pages through the rest, and sleeps 1 ms. Never exits until killed.
+//! by D pages through the rest, and sleeps S ms (default 1). Never exits
+//! until killed.
 
 use std::io::Write;
 use std::time::Duration;
@@ -13,6 +14,7 @@ fn main() {
     let mib: usize = arg("--mib", 256);
     let hot_mib: usize = arg("--hot-mib", 8);
     let drift: usize = arg("--drift-pages-per-ms", 1);
+    let sleep_ms: u64 = arg("--sleep-ms", 1);
     let region = Region::new(mib << 20).expect("mmap");
     region.fill(8);
     let pages = region.pages();
@@ -40,6 +42,6 @@ fn main() {
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(sleep_ms));
     }
 }

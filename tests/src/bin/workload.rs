@@ -369,8 +369,14 @@ impl State {
             }
             "exit_after" => {
                 let ms: u64 = parse(w.get(1), "milliseconds")?;
+                let seq = REPLIES.load(Ordering::SeqCst);
                 std::thread::spawn(move || {
                     std::thread::sleep(std::time::Duration::from_millis(ms));
+                    // Not before the reply to this command is out (a 0 ms
+                    // exit could otherwise beat it).
+                    while REPLIES.load(Ordering::SeqCst) == seq {
+                        std::thread::sleep(std::time::Duration::from_micros(100));
+                    }
                     unsafe { libc::_exit(0) };
                 });
                 Ok(String::new())
@@ -682,7 +688,11 @@ fn reply(r: &Reply) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+    REPLIES.fetch_add(1, Ordering::SeqCst);
 }
+
+/// Replies written so far (`exit_after` waits for its own).
+static REPLIES: AtomicU64 = AtomicU64::new(0);
 
 fn json_str(s: &str) -> String {
     let mut o = String::from("\"");
