@@ -489,6 +489,12 @@ fn set_regs(
         })?;
         inj.set_original_regs(gp)?;
     }
+    if cfg!(not(target_arch = "x86_64")) {
+        return Err(step::<String>(pid, "general registers")(format!(
+            "thread {}: restoring general registers is implemented for x86_64 only so far",
+            t.tid
+        )));
+    }
     Ok(())
 }
 

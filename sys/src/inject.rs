@@ -528,7 +528,6 @@ impl Injector {
 
     /// Map a new scratch area (in [`Injector::ensure_scratch`]) exactly at
     /// `addr` instead of where the kernel chooses.
-    #[cfg(target_arch = "x86_64")]
     pub fn set_scratch_hint(&mut self, addr: u64) -> Result<(), InjectError> {
         self.run(move |t| {
             t.set_scratch_hint(addr);

@@ -466,12 +466,15 @@ fn capture_state(
                 Ok((regs, blocked, pending, shared, rseq, chain))
             })?
             .map_err(cap(format!("thread {tid} of PID {pid}")))?;
-        let mut regs = regs;
         // The injector's view of the registers at the stop: an rseq critical
         // section already moved to its abort handler (the kernel's rule).
         #[cfg(target_arch = "x86_64")]
-        regs.set_gp_x86(&inj.original_regs()?)
-            .map_err(cap(format!("thread {tid} of PID {pid}")))?;
+        let regs = {
+            let mut regs = regs;
+            regs.set_gp_x86(&inj.original_regs()?)
+                .map_err(cap(format!("thread {tid} of PID {pid}")))?;
+            regs
+        };
         if i == 0 {
             shared_pending = shared;
         }

@@ -50,6 +50,7 @@ impl Tracee {
         Ok(())
     }
     pub fn release_scratch(&mut self) {}
+    pub fn set_scratch_hint(&mut self, _addr: u64) {}
     pub fn abandon(&mut self) {}
 }
 
