@@ -219,7 +219,14 @@ fn capture(
         )
     };
     lap("frozen");
-    let res = (|| -> Result<(ProcessImage, Vec<images::VmaRecord>, crate::backend::DirtySet, images::WriteStats, f64, f64), DumpError> {
+    type Captured = (
+        ProcessImage,
+        Vec<images::VmaRecord>,
+        images::WriteStats,
+        f64,
+        f64,
+    );
+    let res = (|| -> Result<Captured, DumpError> {
         // State first: its injected syscalls write below the threads' stack
         // pointers (the scratch stub's push/popfq), so pages are copied
         // after, and they match what a restore brings back.
@@ -273,12 +280,14 @@ fn capture(
             scratch_addr: None,
             ebpf_pin_dir: None,
         });
-        let mm = MmRecord { vmas: records.clone() };
+        let mm = MmRecord {
+            vmas: records.clone(),
+        };
         let stats = writer.finish(&mm, &inv)?;
         let write_ms = tw.elapsed().as_secs_f64() * 1e3;
-        Ok((process, records, set, stats, capture_ms, write_ms))
+        Ok((process, records, stats, capture_ms, write_ms))
     })();
-    let (process, records, _set, stats, capture_ms, write_ms) = match res {
+    let (process, records, stats, capture_ms, write_ms) = match res {
         Ok(v) => v,
         Err(e) => {
             drop(threads); // detach: the target resumes

@@ -159,31 +159,6 @@ fn path_name(p: &MMapPath) -> Option<String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_maps_classify() {
-        let vmas = read_vmas(std::process::id() as i32).unwrap();
-        assert!(
-            vmas.iter()
-                .any(|v| v.name.as_deref() == Some("[vdso]") && !v.is_dumped())
-        );
-        assert!(
-            vmas.iter()
-                .any(|v| v.name.as_deref() == Some("[stack]") && v.is_dumped())
-        );
-        // Our own executable's text: private file mapping, dumped (COW pages
-        // only), its file pages are holes.
-        assert!(vmas.iter().any(|v| v.is_file() && v.file_pages_are_holes()));
-        assert!(matches!(
-            read_vmas(i32::MAX - 1),
-            Err(MapsError::NoProcess { .. })
-        ));
-    }
-}
-
 /// `VmFlags` of every VMA of `pid`, keyed by (start, end), from
 /// /proc/PID/smaps. Slow for big processes (the kernel walks page tables to
 /// count RSS): read it outside the frozen window where possible.
@@ -216,4 +191,29 @@ pub fn vm_flags(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_maps_classify() {
+        let vmas = read_vmas(std::process::id() as i32).unwrap();
+        assert!(
+            vmas.iter()
+                .any(|v| v.name.as_deref() == Some("[vdso]") && !v.is_dumped())
+        );
+        assert!(
+            vmas.iter()
+                .any(|v| v.name.as_deref() == Some("[stack]") && v.is_dumped())
+        );
+        // Our own executable's text: private file mapping, dumped (COW pages
+        // only), its file pages are holes.
+        assert!(vmas.iter().any(|v| v.is_file() && v.file_pages_are_holes()));
+        assert!(matches!(
+            read_vmas(i32::MAX - 1),
+            Err(MapsError::NoProcess { .. })
+        ));
+    }
 }

@@ -152,8 +152,8 @@ fn main() {
     if now != tids {
         bad.push(format!("threads {now:?}, expected {tids:?}"));
     }
-    for k in 0..N {
-        let tid = TIDS[k].load(Ordering::SeqCst);
+    for (k, tid) in TIDS.iter().enumerate() {
+        let tid = tid.load(Ordering::SeqCst);
         let name =
             std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap_or_default();
         if name.trim() != format!("ckt-{k}") {
