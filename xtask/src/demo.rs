@@ -8,8 +8,11 @@
 //! 3. `tern pre-dump` rounds, each a separate invocation chained with
 //!    `--prev-images-dir`, images under `target/demo/<round>`, until
 //!    `pages_written` stops shrinking or falls under a threshold,
-//! 4. `tern show` of the chain, `tern untrack`, kill and reap the workload,
-//! 5. a summary table.
+//! 4. `tern show` of the chain,
+//! 5. the final `tern dump --verify` (the workload is killed by it) and
+//!    `tern restore --detach` of the same process, which must run again; then
+//!    it is stopped,
+//! 6. a summary table.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -114,18 +117,83 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let rounds = pre_dump_rounds(&tern, &mut workload, &images, args)?;
     let last = images.join(rounds.last().expect("at least one round").n.to_string());
     show(&tern, &last)?;
-    workload.untrack()?;
     if !workload.alive() {
         bail!("the workload died during the demo (tern must never lose the process)");
     }
-    println!(
-        "workload {} still running after {} rounds; stopping it",
-        workload.pid(),
-        rounds.len()
-    );
-    workload.stop();
+    let (dump, restore) = dump_and_restore(&tern, &mut workload, &images, &last)?;
     summary(&rounds, args);
+    println!(
+        "final dump: {} pages, frozen {:.1} ms, verified {} pages ({} mismatches); restore {:.1} ms, PID {} runs again",
+        fmt(&dump, "pages_written"),
+        dump["frozen_ms"].as_f64().unwrap_or(f64::NAN),
+        fmt(&dump["verify"], "pages_checked"),
+        fmt(&dump["verify"], "mismatches"),
+        restore["restore_ms"].as_f64().unwrap_or(f64::NAN),
+        fmt(&restore, "pid"),
+    );
     Ok(())
+}
+
+/// `tern dump --verify` after the last pre-dump, then `tern restore
+/// --detach`; the restored process must run (its CPU time grows), then it is
+/// killed.
+fn dump_and_restore(
+    tern: &Path,
+    workload: &mut Workload,
+    images: &Path,
+    last: &Path,
+) -> Result<(Value, Value)> {
+    let pid = workload.pid() as i32;
+    let dir = images.join("dump");
+    let mut cmd = Command::new(tern);
+    cmd.args(["dump", "-t", &pid.to_string(), "-D"])
+        .arg(&dir)
+        .arg("--prev-images-dir")
+        .arg(last)
+        .args(["--verify", "--json"]);
+    println!("\n$ {}", util::show(&cmd));
+    let out = util::capture(&mut cmd)?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            util::show(&cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let dump = parse_last_json(&out.stdout).context("tern dump printed no JSON")?;
+    // The dump killed it: reap it so that its PID is free again.
+    workload.tracked = false;
+    workload.stop();
+    let mut cmd = Command::new(tern);
+    cmd.args(["restore", "-D"])
+        .arg(&dir)
+        .args(["--detach", "--json"]);
+    println!("$ {}", util::show(&cmd));
+    let out = util::capture(&mut cmd)?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            util::show(&cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let restore = parse_last_json(&out.stdout).context("tern restore printed no JSON")?;
+    let cpu = || -> Option<u64> {
+        let st = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let f: Vec<&str> = st.rsplit(')').next()?.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = cpu();
+    // SAFETY: plain kill of the restored process (not our child any more).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    match (before, after) {
+        (Some(b), Some(a)) if a > b => Ok((dump, restore)),
+        _ => bail!(
+            "the restored workload (PID {pid}) is not running (CPU time {before:?} -> {after:?})"
+        ),
+    }
 }
 
 fn build() -> Result<PathBuf> {
