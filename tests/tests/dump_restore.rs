@@ -54,6 +54,10 @@ fn start_restore(dir: &Path) -> Child {
 
 /// Dump `ck` after `pre_dumps` pre-dumps, restore it, and get its verdict.
 fn dump_restore(name: &str, args: &[&str], pre_dumps: usize) -> (String, Value) {
+    // One at a time: every workload here spins on the 2 cores, and a dump
+    // waits on ptrace stops; in parallel they slowed each other past the
+    // deadlines on a loaded machine.
+    let _one = serial();
     let mut ck = CkProcess::start(name, args, READY).unwrap_or_else(|e| panic!("{e}"));
     let pid = ck.pid;
     let root = tempdir();
@@ -76,6 +80,8 @@ fn dump_restore(name: &str, args: &[&str], pre_dumps: usize) -> (String, Value) 
     let verdict = match ck.verdict(VERDICT) {
         Ok(l) => l,
         Err(e) => {
+            // SAFETY: kill the restored process (it may be running).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
             let _ = restore.kill();
             let out = restore.wait_with_output().ok();
             panic!(
@@ -185,4 +191,10 @@ fn vdso() {
 #[test]
 fn files() {
     assert_pass("files", &[], 0);
+}
+
+/// Serialises the tests of this file (see the callers).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }

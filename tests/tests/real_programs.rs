@@ -58,6 +58,10 @@ fn restore(dir: &Path) -> Child {
 /// A protocol-speaking program: checkpoint, restore, check it goes on
 /// (`progress` grows) and then passes its own check.
 fn carry_on(name: &str, program: &Path, args: &[&str], pre_dumps: usize, progress: &str) {
+    // One at a time: every workload here spins on the 2 cores, and a dump
+    // waits on ptrace stops; in parallel they slowed each other past the
+    // deadlines on a loaded machine.
+    let _one = serial();
     let mut ck =
         CkProcess::start_program(name, program, args, READY).unwrap_or_else(|e| panic!("{e}"));
     let root = tempdir();
@@ -184,6 +188,10 @@ fn bash_after_three_pre_dumps() {
 /// sqlite3 with an in-memory database reading commands from a FIFO: the
 /// test writes rows before the dump and queries them after the restore.
 fn sqlite(pre_dumps: usize) {
+    // One at a time: every workload here spins on the 2 cores, and a dump
+    // waits on ptrace stops; in parallel they slowed each other past the
+    // deadlines on a loaded machine.
+    let _one = serial();
     let sq = require("/usr/bin/sqlite3", "sqlite3");
     let work = tempdir();
     let fifo = work.path().join("cmds");
@@ -260,4 +268,10 @@ fn sqlite_without_pre_dump() {
 #[test]
 fn sqlite_after_three_pre_dumps() {
     sqlite(3);
+}
+
+/// Serialises the tests of this file (see the callers).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
