@@ -416,25 +416,17 @@ impl Tracee {
                     InjectError::Proc { pid, path, source }
                 }
             })?;
+        // Seccomp is suspended only while the thread is stopped (set after
+        // the stop, cleared before anything lets it run its own code): a
+        // thread running with PTRACE_O_SUSPEND_SECCOMP would bypass its
+        // filters.
         let opts = libc::PTRACE_O_TRACESYSGOOD as u64;
-        let mut seccomp_suspended = true;
-        match ptrace(
-            libc::PTRACE_SEIZE,
+        ptrace(libc::PTRACE_SEIZE, tid, 0, opts).map_err(|errno| InjectError::Attach {
+            pid,
             tid,
-            0,
-            opts | libc::PTRACE_O_SUSPEND_SECCOMP as u64,
-        ) {
-            Ok(_) => {}
-            Err(Errno::EPERM | Errno::EINVAL) => {
-                ptrace(libc::PTRACE_SEIZE, tid, 0, opts).map_err(|errno| InjectError::Attach {
-                    pid,
-                    tid,
-                    errno,
-                })?;
-                seccomp_suspended = false;
-            }
-            Err(errno) => return Err(InjectError::Attach { pid, tid, errno }),
-        }
+            errno,
+        })?;
+        let seccomp_suspended = false;
         // SAFETY: user_regs_struct is plain integers; all-zero is valid.
         let zero: Regs = unsafe { std::mem::zeroed() };
         let mut t = Tracee {
@@ -459,7 +451,11 @@ impl Tracee {
             delivered: 0,
             rseq_aborted: false,
         };
-        if !seccomp_suspended {
+        t.interrupt()?;
+        t.wait_jobctl(timeout, "stopping the thread (PTRACE_INTERRUPT)")?;
+        t.abandoned = false;
+        t.suspend_seccomp(true);
+        if !t.seccomp_suspended {
             let mode = proc::status_field(pid, Some(tid), "Seccomp").unwrap_or_default();
             if mode == "2" {
                 tracing::warn!(
@@ -467,11 +463,25 @@ impl Tracee {
                 );
             }
         }
-        t.interrupt()?;
-        t.wait_jobctl(timeout, "stopping the thread (PTRACE_INTERRUPT)")?;
-        t.abandoned = false;
         t.capture_original()?;
         Ok(t)
+    }
+
+    /// Turn PTRACE_O_SUSPEND_SECCOMP on (only while stopped) or off.
+    fn suspend_seccomp(&mut self, on: bool) {
+        let mut opts = libc::PTRACE_O_TRACESYSGOOD as u64;
+        if on {
+            opts |= libc::PTRACE_O_SUSPEND_SECCOMP as u64;
+        }
+        match ptrace(libc::PTRACE_SETOPTIONS, self.tid, 0, opts) {
+            Ok(_) => self.seccomp_suspended = on,
+            Err(_) if on => self.seccomp_suspended = false,
+            Err(e) => tracing::warn!(
+                "thread {} of process {}: clearing PTRACE_O_SUSPEND_SECCOMP: {e}",
+                self.tid,
+                self.pid
+            ),
+        }
     }
 
     pub fn seccomp_suspended(&self) -> bool {
@@ -1136,13 +1146,26 @@ impl Tracee {
     /// the thread again; its new registers become the original ones.
     fn deliver_on_original(&mut self, sig: i32) -> Result<(), InjectError> {
         self.set_orig()?;
-        self.resume(libc::PTRACE_CONT, sig)?;
+        // Its handler runs: under its own filters.
+        let was = self.seccomp_suspended;
+        if was {
+            self.suspend_seccomp(false);
+        }
+        let r = self.resume(libc::PTRACE_CONT, sig);
+        if was {
+            // Re-armed once it is stopped again (below).
+            self.seccomp_suspended = false;
+        }
+        r?;
         self.delivered += 1;
         self.interrupt()?;
         self.wait_jobctl(
             self.timeout,
             "stopping the thread again after delivering a signal",
         )?;
+        if was {
+            self.suspend_seccomp(true);
+        }
         self.capture_original()
     }
 
@@ -1710,6 +1733,10 @@ impl Tracee {
     }
 
     fn detach_inner(&mut self) -> Result<(), InjectError> {
+        // From here the thread may run its own code: its filters apply.
+        if self.seccomp_suspended {
+            self.suspend_seccomp(false);
+        }
         if self.stop == StopKind::SyscallExit {
             // Stop once more in the signal path, before any user
             // instruction, so the unmodified original registers can go back
