@@ -156,7 +156,9 @@ impl CkProcess {
     }
 
     fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Forget the child (it was dumped and killed, or a restored process
