@@ -236,23 +236,8 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
     }
     // SAFETY: fresh fds.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    #[repr(C)]
-    #[derive(Default)]
-    struct CloneArgs {
-        flags: u64,
-        pidfd: u64,
-        child_tid: u64,
-        parent_tid: u64,
-        exit_signal: u64,
-        stack: u64,
-        stack_size: u64,
-        tls: u64,
-        set_tid: u64,
-        set_tid_size: u64,
-        cgroup: u64,
-    }
     let tids = [pid];
-    let args = CloneArgs {
+    let args = sys::clone::CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
         set_tid: tids.as_ptr() as u64,
         set_tid_size: 1,
@@ -263,8 +248,8 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
     let r = unsafe {
         libc::syscall(
             libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
+            &args as *const sys::clone::CloneArgs,
+            std::mem::size_of::<sys::clone::CloneArgs>(),
         )
     };
     if r < 0 {
@@ -509,14 +494,20 @@ fn clone_thread(main: &mut Injector, pid: i32, tid: i32) -> Result<i32, RestoreE
     // struct clone_args (include/uapi/linux/sched.h, 88 bytes), then the
     // one-element set_tid array it points at.
     let addr = put(main, |at| {
-        let mut b = Vec::with_capacity(92);
-        for v in [flags, 0, 0, 0, 0, 0, 0, 0, at + 88, 1, 0u64] {
-            b.extend_from_slice(&v.to_ne_bytes());
+        let mut b = sys::clone::CloneArgs {
+            flags,
+            set_tid: at + sys::clone::CloneArgs::SIZE as u64,
+            set_tid_size: 1,
+            ..Default::default()
         }
+        .to_bytes();
         b.extend_from_slice(&tid.to_ne_bytes());
         b
     })?;
-    let r = main.syscall(libc::SYS_clone3, [addr, 88, 0, 0, 0, 0])?;
+    let r = main.syscall(
+        libc::SYS_clone3,
+        [addr, sys::clone::CloneArgs::SIZE as u64, 0, 0, 0, 0],
+    )?;
     if r == -(libc::EEXIST as i64) {
         return Err(RestoreError::PidTaken {
             pid: tid,

@@ -9,11 +9,13 @@
 //! - [`seccomp`]: a thread's filter chain and its flags;
 //! - [`rseq`]: rseq registration and critical-section abort fixup;
 //! - [`vdso`]: vDSO/vvar placement and vDSO symbols;
-//! - [`fds`]: the fd table and pipe contents.
+//! - [`fds`]: the fd table and pipe contents;
+//! - [`clone`]: clone3's argument block.
 //!
 //! The tracker uses them to capture a process, the restorer to rebuild one;
 //! neither reaches into the other.
 
+pub mod clone;
 pub mod fds;
 pub mod inject;
 pub mod regs;

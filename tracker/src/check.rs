@@ -276,22 +276,7 @@ fn probe_ptrace_child(f: impl FnOnce(i32) -> bool) -> bool {
     ok
 }
 
-/// `struct clone_args` (include/uapi/linux/sched.h), version 2 (88 bytes).
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
+use sys::clone::CloneArgs;
 
 /// Create a child with a chosen, currently free PID.
 fn probe_clone3_set_tid() -> bool {
