@@ -4,8 +4,42 @@
 
 use tern_tests::*;
 
+/// The kernel writes each thread's rseq area (`cpu_id_start`, `cpu_id`)
+/// when the thread returns to user mode on another CPU, and a thread blocked
+/// in read(2) does so after every SIGSTOP/SIGCONT (the read restarts). These
+/// tests take two stops with no tracking between them, so the workload is
+/// pinned to one CPU (and answers once there) to keep that page still.
+/// (tern's own tests do not need this: the tracker sees the kernel's write.)
+fn pin_to_one_cpu(w: &mut Workload) {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::sched_getaffinity(w.pid(), std::mem::size_of_val(&set), &mut set) };
+    assert_eq!(
+        r,
+        0,
+        "sched_getaffinity({}): {}",
+        w.pid(),
+        std::io::Error::last_os_error()
+    );
+    let cpu = (0..libc::CPU_SETSIZE as usize)
+        .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .expect("the workload may run on no CPU");
+    unsafe { libc::CPU_ZERO(&mut set) };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    let r = unsafe { libc::sched_setaffinity(w.pid(), std::mem::size_of_val(&set), &set) };
+    assert_eq!(
+        r,
+        0,
+        "sched_setaffinity({}, cpu {cpu}): {}",
+        w.pid(),
+        std::io::Error::last_os_error()
+    );
+    // Return to user mode once on that CPU, so its rseq area says so.
+    w.cmd("ping");
+}
+
 fn workload_with_regions() -> Workload {
     let mut w = Workload::start();
+    pin_to_one_cpu(&mut w);
     w.cmd("alloc r 64 rand");
     w.cmd("alloc l 64 light");
     w.cmd("alloc z 16 zero");
