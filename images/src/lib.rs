@@ -31,7 +31,7 @@ pub mod process;
 
 pub use format::*;
 pub use pagemap::{PageEntry, PageKind, PageMap};
-pub use writer::{ImageWriter, WriteStats};
+pub use writer::{ImageWriter, WriteStats, trim_pages_file};
 
 use std::path::{Path, PathBuf};
 
