@@ -556,6 +556,13 @@ impl Injector {
         self.run(move |_| Ok(f(tid)))
     }
 
+    /// How many times the thread ran its own code since the attach (a
+    /// signal that arrived during an injection is delivered at once, and
+    /// its handler runs): anything read from its memory before may be stale.
+    pub fn ran_program_code(&mut self) -> Result<u32, InjectError> {
+        self.run(|t| Ok(t.ran_program_code()))
+    }
+
     /// Restore the thread's registers exactly and `PTRACE_DETACH`.
     pub fn detach(mut self) -> Result<(), InjectError> {
         let r = self.run(|t| t.detach());

@@ -24,6 +24,9 @@ impl Tracee {
     pub fn released(&self) -> bool {
         true
     }
+    pub fn ran_program_code(&self) -> u32 {
+        0
+    }
     pub fn set_timeout(&mut self, _timeout: Duration) {}
     pub fn ensure_scratch(&mut self, _known: Option<u64>) -> Result<u64, InjectError> {
         self.unsupported()

@@ -314,6 +314,9 @@ pub(crate) struct Tracee {
     recovered: bool,
     /// Signals delivered on the original registers during injection.
     delivered: u32,
+    /// Other times the thread ran its own code while we held it (a signal
+    /// delivered on the way to a stop).
+    ran_code: u32,
     rseq_aborted: bool,
 }
 
@@ -449,6 +452,7 @@ impl Tracee {
             have_syscall_info: true,
             recovered: false,
             delivered: 0,
+            ran_code: 0,
             rseq_aborted: false,
         };
         t.interrupt()?;
@@ -490,6 +494,12 @@ impl Tracee {
 
     pub fn released(&self) -> bool {
         !self.attached || self.abandoned
+    }
+
+    /// How many times the thread ran its own code while held (signal
+    /// handlers run during injection): its memory may have changed.
+    pub fn ran_program_code(&self) -> u32 {
+        self.delivered + self.ran_code
     }
 
     /// Leave the thread to the kernel without restoring anything (it was
@@ -716,6 +726,9 @@ impl Tracee {
                         );
                     }
                     self.stop = StopKind::Jobctl;
+                    if ran {
+                        self.ran_code += 1;
+                    }
                     return Ok(ran);
                 }
                 Some(Stop::Signal(sig)) => {
