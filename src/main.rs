@@ -80,6 +80,14 @@ enum Cmd {
         /// Compress the final pages (costs frozen time).
         #[arg(long)]
         compress: bool,
+        /// With --prev-images-dir: copy rounds while the target still runs
+        /// (into DIR/live), at most this many, before freezing it; 0 freezes
+        /// at once.
+        #[arg(long, default_value_t = 10)]
+        live_rounds: usize,
+        /// The live rounds stop once one copies at most this many pages.
+        #[arg(long, default_value_t = 256)]
+        live_done_pages: u64,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
         #[arg(long)]
@@ -196,6 +204,8 @@ fn run(cmd: Cmd) -> Result<()> {
             verify,
             track,
             compress,
+            live_rounds,
+            live_done_pages,
             timeout_ms,
             json,
         } => {
@@ -209,6 +219,10 @@ fn run(cmd: Cmd) -> Result<()> {
                     compress,
                     leave_running,
                     timeout: Duration::from_millis(timeout_ms),
+                    live: tracker::session::LivePolicy {
+                        max_rounds: live_rounds,
+                        done_pages: live_done_pages,
+                    },
                 },
                 verify,
                 json,
@@ -369,6 +383,19 @@ fn dump(
     if json {
         print_json(&report);
     } else {
+        if !report.live_rounds.is_empty() {
+            let pages: Vec<String> = report
+                .live_rounds
+                .iter()
+                .map(|r| r.pages.to_string())
+                .collect();
+            println!(
+                "live pre-copy of PID {pid}: {} rounds in {:.1} ms, pages per round {}",
+                report.live_rounds.len(),
+                report.live_ms,
+                pages.join(", ")
+            );
+        }
         println!(
             "dump of PID {pid} into {}: {} threads, {} VMAs, {} pages written, {} bytes, frozen {:.1} ms, {:.1} ms in all{}{}",
             dir.display(),

@@ -53,7 +53,7 @@ fn start_restore(dir: &Path) -> Child {
 }
 
 /// Dump `ck` after `pre_dumps` pre-dumps, restore it, and get its verdict.
-fn dump_restore(name: &str, args: &[&str], pre_dumps: usize) -> (String, Value) {
+fn dump_restore(name: &str, args: &[&str], pre_dumps: usize, extra: &[&str]) -> (String, Value) {
     // One at a time: every workload here spins on the 2 cores, and a dump
     // waits on ptrace stops; in parallel they slowed each other past the
     // deadlines on a loaded machine.
@@ -69,7 +69,15 @@ fn dump_restore(name: &str, args: &[&str], pre_dumps: usize) -> (String, Value) 
         std::thread::sleep(Duration::from_millis(50));
     }
     let dir = root.path().join("dump");
-    let v = dump(pid, &dir, prev.as_deref(), &["--verify"]);
+    let mut dump_args = vec!["--verify"];
+    dump_args.extend_from_slice(extra);
+    let mut v = dump(pid, &dir, prev.as_deref(), &dump_args);
+    // The chain's links, for the callers (the directory goes with `root`).
+    let live = dir.join("live");
+    v["test_parents"] = serde_json::json!({
+        "dump": parent_of(&dir),
+        "live": live.exists().then(|| parent_of(&live)),
+    });
     assert_eq!(v["verify"]["mismatches"].as_u64(), Some(0), "{v}");
     // The original is gone (killed by the dump); reap it so its PID is free.
     ck.release();
@@ -138,7 +146,11 @@ fn restored_json(restore: &mut Child) -> Value {
 }
 
 fn assert_pass(name: &str, args: &[&str], pre_dumps: usize) -> Value {
-    let (verdict, v) = dump_restore(name, args, pre_dumps);
+    assert_pass_with(name, args, pre_dumps, &[])
+}
+
+fn assert_pass_with(name: &str, args: &[&str], pre_dumps: usize, extra: &[&str]) -> Value {
+    let (verdict, v) = dump_restore(name, args, pre_dumps, extra);
     assert_eq!(
         verdict, "PASS",
         "ck_{name} after dump ({pre_dumps} pre-dumps) + restore"
@@ -146,10 +158,48 @@ fn assert_pass(name: &str, args: &[&str], pre_dumps: usize) -> Value {
     v
 }
 
+/// The parent recorded in an image's inventory.
+fn parent_of(dir: &Path) -> Option<String> {
+    let inv: Value = serde_json::from_slice(
+        &std::fs::read(dir.join("inventory.json"))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display())),
+    )
+    .unwrap();
+    inv["parent"]["path"].as_str().map(String::from)
+}
+
+/// The mutator thread keeps rewriting and zapping pages all through the
+/// dump: the live pre-copy rounds (into DIR/live) copy while it runs, the
+/// frozen round what it wrote after the last of them, and the restored
+/// process finds every page at its latest generation.
 #[test]
 fn memory_after_three_pre_dumps() {
     let v = assert_pass("memory", &["--mib", "64"], 3);
     assert!(num(&v, "pages_written") > 0.0);
+    let rounds = v["live_rounds"].as_array().expect("live_rounds");
+    assert!(!rounds.is_empty() && rounds.len() <= 10, "{v}");
+    assert!(rounds.iter().all(|r| r["pages"].as_u64().is_some()), "{v}");
+    let dir = Path::new(v["images_dir"].as_str().unwrap()).to_path_buf();
+    let live = dir.join("live");
+    assert_eq!(
+        v["live_image"].as_str(),
+        Some(live.to_str().unwrap()),
+        "{v}"
+    );
+    // The chain: dump -> live -> pre2 -> pre1 -> pre0.
+    assert_eq!(v["test_parents"]["dump"], "live", "{v}");
+    assert_eq!(v["test_parents"]["live"], "../../pre2", "{v}");
+}
+
+/// `--live-rounds 0`: frozen at once, the final image continues the last
+/// pre-dump directly.
+#[test]
+fn memory_after_three_pre_dumps_frozen_at_once() {
+    let v = assert_pass_with("memory", &["--mib", "32"], 3, &["--live-rounds", "0"]);
+    assert_eq!(v["live_rounds"].as_array().map(|a| a.len()), Some(0), "{v}");
+    assert!(v["live_image"].is_null(), "{v}");
+    assert!(v["test_parents"]["live"].is_null(), "{v}");
+    assert_eq!(v["test_parents"]["dump"], "../pre2", "{v}");
 }
 
 #[test]

@@ -45,6 +45,9 @@ pub struct DumpOptions {
     pub leave_running: bool,
     /// Deadline of every wait on the target.
     pub timeout: Duration,
+    /// The live pre-copy before the freeze (only when the dump continues
+    /// tracked pre-dumps).
+    pub live: crate::session::LivePolicy,
 }
 
 /// `--verify`: every dumped page compared with the frozen process.
@@ -84,7 +87,29 @@ pub struct DumpReport {
     pub killed: bool,
     pub images_dir: String,
     pub parent: Option<String>,
+    /// The live pre-copy before the freeze: one entry per round.
+    #[serde(default)]
+    pub live_rounds: Vec<crate::session::LiveRound>,
+    /// Its image (`DIR/live`), the parent of the final one.
+    #[serde(default)]
+    pub live_image: Option<String>,
+    #[serde(default)]
+    pub live_ms: f64,
 }
+
+/// Most zeros written ahead into a final image's `pages.img`.
+const PREALLOC_MAX: u64 = 256 << 20;
+
+/// Resident memory of `pid` (/proc/PID/statm), 0 if unknown.
+fn resident_bytes(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |p| p * images::PAGE_SIZE)
+}
+
+/// Subdirectory of a dump's directory holding its live pre-copy image.
+pub const LIVE_DIR: &str = "live";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
@@ -141,8 +166,41 @@ pub fn dump(
             pin_ebpf: false,
         },
     )?;
+    // Live pre-copy: while the target runs, copy what was written since the
+    // parent, round after round, so that the frozen round finds little.
+    // Only a dump continuing tracked pre-dumps has the tracking for it;
+    // without a parent the dump is stop-the-world, like CRIU's.
+    let mut live_rounds = Vec::new();
+    let mut live_image = None;
+    let t_live = Instant::now();
+    if parent.is_some() && session.backend() != "full" && opts.live.max_rounds > 0 {
+        let live_dir = dir.join(LIVE_DIR);
+        match session.live_pre_copy(&live_dir, parent, opts.live) {
+            Ok(r) => {
+                live_rounds = r;
+                live_image = Some(live_dir);
+            }
+            Err(e) => {
+                drop(session);
+                if crate::session::alive_now(pid)
+                    && let Err(u) = crate::session::untrack(pid, opts.timeout)
+                {
+                    tracing::warn!(pid, "removing tracking after the failed dump: {u}");
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    let live_ms = t_live.elapsed().as_secs_f64() * 1e3;
+    // What the frozen round will likely write: about what the last live
+    // round copied (twice, for margin), else the resident memory.
+    let prealloc = match live_rounds.last() {
+        Some(r) => (r.pages * 2 * images::PAGE_SIZE).max(1 << 20),
+        None => resident_bytes(pid),
+    }
+    .min(PREALLOC_MAX);
     let dir_owned = dir.to_path_buf();
-    let parent_owned = parent.map(Path::to_path_buf);
+    let parent_owned = live_image.clone().or_else(|| parent.map(Path::to_path_buf));
     let o = opts.clone();
     let parent_pid = std::process::id() as i32;
     let result = session.guarded_run(
@@ -155,8 +213,11 @@ pub fn dump(
                 parent_owned.as_deref(),
                 &o,
                 verifier,
-                parent_pid,
-                t0,
+                Guard {
+                    tern_pid: parent_pid,
+                    t0,
+                    prealloc,
+                },
             )
             .map_err(|e| e.to_string())
         },
@@ -176,6 +237,10 @@ pub fn dump(
                 }
             }
             report.duration_ms = t0.elapsed().as_secs_f64() * 1e3;
+            report.parent = parent.map(|p| p.display().to_string());
+            report.live_rounds = live_rounds;
+            report.live_image = live_image.map(|p| p.display().to_string());
+            report.live_ms = live_ms;
             Ok(report)
         }
         Err(msg) => {
@@ -191,6 +256,16 @@ pub fn dump(
     }
 }
 
+/// What the guardian child gets from the tern that forked it.
+struct Guard {
+    /// That tern: the target is killed only while it lives.
+    tern_pid: i32,
+    /// When the dump started.
+    t0: Instant,
+    /// Zeros to write ahead into `pages.img` (see `ImageWriter::preallocate`).
+    prealloc: u64,
+}
+
 /// Runs in the guardian child: freeze, copy, capture, write, verify, end.
 fn capture(
     session: &mut TrackingSession,
@@ -198,15 +273,25 @@ fn capture(
     parent: Option<&Path>,
     opts: &DumpOptions,
     verifier: Option<Verifier>,
-    tern_pid: i32,
-    t0: Instant,
+    guard: Guard,
 ) -> Result<DumpReport, DumpError> {
+    let Guard {
+        tern_pid,
+        t0,
+        prealloc,
+    } = guard;
     let pid = session.pid();
     let (parent_inv, full_copy) = session.parent_state(parent)?;
     let mut writer = ImageWriter::create(dir, opts.compress)?;
+    if !opts.compress {
+        writer.preallocate(prealloc)?;
+    }
     // VmFlags (smaps) are slow to read (a page-table walk per VMA): read them
     // before the freeze; VMAs that change meanwhile get theirs after.
     let flags_before = crate::maps::vm_flags(pid).unwrap_or_default();
+    // Batch buffers touched now, not while the target is frozen.
+    let mut copier = crate::copy::Copier::for_frozen_target();
+    copier.prefault();
 
     let t_freeze = Instant::now();
     let mut created_scratch = false;
@@ -227,27 +312,72 @@ fn capture(
         f64,
     );
     let res = (|| -> Result<Captured, DumpError> {
-        // State first: its injected syscalls write below the threads' stack
-        // pointers (the scratch stub's push/popfq), so pages are copied
-        // after, and they match what a restore brings back.
-        let known = Injector::find_scratch(pid)?.first().copied();
-        created_scratch = known.is_none();
-        let process = capture_state(
-            pid,
-            &mut threads,
-            dir,
-            session.target_uffd().map(|u| u.0),
-            known,
-        )?;
-        lap("state captured");
-        // A scratch area the capture mapped is not the target's memory.
+        // The scratch area first (reused from the pre-dumps when there is
+        // one): the VMA list read next must not change under the capture.
+        let mut known = Injector::find_scratch(pid)?.first().copied();
+        if known.is_none() {
+            created_scratch = true;
+            known = Some(threads[0].ensure_scratch(None)?);
+        }
+        // A scratch area is not the target's memory.
         let scratch = Injector::find_scratch(pid)?;
-        let vmas = crate::session::read_target_vmas(pid, &scratch)?;
+        let mut vmas = crate::session::read_target_vmas(pid, &scratch)?;
         lap("VMAs read");
-        let set = session.collect_final(&vmas, full_copy)?;
-        lap("dirty pages found");
-        crate::copy::copy_ranges(pid, &set.copy, &mut writer).map_err(TrackerError::from)?;
-        lap("pages copied");
+        let ran_before = ran_program_code(&mut threads)?;
+        // The state (injected syscalls, on the tracer threads) and the pages
+        // (scan and copy, here) are captured side by side. Injected calls
+        // write below each thread's stack pointer (the stub's pushes): those
+        // pages are copied once the state is in.
+        let windows = stack_windows(&mut threads, &vmas)?;
+        let uffd = session.target_uffd().map(|u| u.0);
+        let (state, pages) = std::thread::scope(|s| {
+            let threads = &mut threads;
+            let state = s.spawn(move || capture_state(pid, threads, dir, uffd, known));
+            let pages = (|| -> Result<crate::backend::DirtySet, DumpError> {
+                let mut set = session.collect_final(&vmas, full_copy)?;
+                lap("dirty pages found");
+                set.copy = crate::backend::subtract(&set.copy, &windows);
+                set.holes = crate::backend::subtract(&set.holes, &windows);
+                copier
+                    .copy_ranges(pid, &set.copy, &mut writer)
+                    .map_err(TrackerError::from)?;
+                lap("pages copied");
+                Ok(set)
+            })();
+            let state = state.join().unwrap_or_else(|_| {
+                Err(DumpError::Capture(
+                    "the state capture thread panicked".into(),
+                ))
+            });
+            (state, pages)
+        });
+        let process = state?;
+        let mut set = pages?;
+        lap("state captured");
+        if ran_program_code(&mut threads)? != ran_before {
+            // A signal handler ran during an injection: memory and VMAs may
+            // have changed after the scan. The final scan does not re-arm,
+            // so scanning again finds every page written since the last
+            // round, these included: copy them (again).
+            tracing::info!(
+                pid,
+                "a signal handler ran during the dump: scanning its memory again"
+            );
+            vmas = crate::session::read_target_vmas(pid, &scratch)?;
+            let again = session.collect_final(&vmas, full_copy)?;
+            let copy = crate::backend::subtract(&again.copy, &windows);
+            let holes = crate::backend::subtract(&again.holes, &windows);
+            for r in copy.iter().chain(&holes) {
+                writer.replace_range(*r)?;
+            }
+            copier
+                .copy_ranges(pid, &copy, &mut writer)
+                .map_err(TrackerError::from)?;
+            set.holes = holes;
+        }
+        copier
+            .copy_ranges(pid, &windows, &mut writer)
+            .map_err(TrackerError::from)?;
         for h in &set.holes {
             writer.add_hole(*h);
         }
@@ -264,6 +394,7 @@ fn capture(
                 r.vm_flags = f.clone();
             }
         }
+        lap("VmFlags");
         let capture_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
         let tw = Instant::now();
         process.store(dir)?;
@@ -285,6 +416,7 @@ fn capture(
         };
         let stats = writer.finish(&mm, &inv)?;
         let write_ms = tw.elapsed().as_secs_f64() * 1e3;
+        lap("image written");
         Ok((process, records, stats, capture_ms, write_ms))
     })();
     let (process, records, stats, capture_ms, write_ms) = match res {
@@ -336,18 +468,24 @@ fn capture(
         )));
     }
     let killed;
+    let frozen_ms;
     if opts.leave_running {
         drop(threads);
+        frozen_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
         killed = false;
     } else {
         // SAFETY: plain kill(2) of the frozen target.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+        frozen_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
         killed = true;
         for t in threads.drain(..) {
             t.abandon();
         }
     }
-    let frozen_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
+    lap("ended");
+    if let Err(e) = images::trim_pages_file(dir, stats.stored_end) {
+        tracing::warn!(pid, "cutting the zeros written ahead: {e}");
+    }
     Ok(DumpReport {
         pid,
         frozen_ms,
@@ -366,7 +504,75 @@ fn capture(
         killed,
         images_dir: dir.display().to_string(),
         parent: parent.map(|p| p.display().to_string()),
+        live_rounds: Vec::new(),
+        live_image: None,
+        live_ms: 0.0,
     })
+}
+
+/// Times any held thread ran its own code (see `Injector::ran_program_code`).
+fn ran_program_code(threads: &mut [Injector]) -> Result<u32, DumpError> {
+    let mut n = 0;
+    for t in threads {
+        n += t.ran_program_code()?;
+    }
+    Ok(n)
+}
+
+/// Pages injected calls may write: from a little below each thread's stack
+/// pointer (the stub runs 256 bytes below it, past the red zone) up to the
+/// page holding it, and each thread's rseq area (the kernel updates its
+/// `cpu_id` whenever an injected call returns to user mode on another
+/// CPU); within dumped VMAs. Sorted, merged.
+fn stack_windows(
+    threads: &mut [Injector],
+    vmas: &[crate::maps::Vma],
+) -> Result<Vec<images::PageRange>, DumpError> {
+    let ps = images::PAGE_SIZE;
+    let dumped: Vec<images::PageRange> = vmas
+        .iter()
+        .filter(|v| v.is_dumped())
+        .map(|v| images::PageRange::new(v.start, v.end))
+        .collect();
+    let mut out = Vec::new();
+    for t in threads {
+        let sp = stack_pointer(t)?;
+        let mut w = vec![images::PageRange::new(
+            sp.saturating_sub(1024) & !(ps - 1),
+            (sp & !(ps - 1)) + ps,
+        )];
+        let tid = t.tid();
+        let rseq = t
+            .on_tracer(sys::rseq::registration)?
+            .map_err(cap(format!("rseq registration of thread {tid}")))?;
+        if let Some(r) = rseq {
+            let end = r.abi_pointer.saturating_add(r.abi_size as u64);
+            w.push(images::PageRange::new(
+                r.abi_pointer & !(ps - 1),
+                end.next_multiple_of(ps),
+            ));
+            w.sort_by_key(|r| r.start);
+            let merged = crate::backend::union(&w[..1], &w[1..]);
+            w = merged;
+        }
+        let inside = crate::backend::subtract(&w, &crate::backend::subtract(&w, &dumped));
+        out = crate::backend::union(&out, &inside);
+    }
+    Ok(out)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn stack_pointer(t: &mut Injector) -> Result<u64, DumpError> {
+    Ok(t.original_regs()?.rsp)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn stack_pointer(t: &mut Injector) -> Result<u64, DumpError> {
+    Err(DumpError::Capture(format!(
+        "thread {} of PID {}: dumping is implemented for x86_64 only",
+        t.tid(),
+        t.pid()
+    )))
 }
 
 /// Stop every thread of `pid`, each held by an injector (leader first).

@@ -176,7 +176,58 @@ pub struct TrackingSession {
     /// `track`: pages of the previous drain its kernel set did not have.
     ebpf_pending: Vec<u64>,
     state_path: PathBuf,
+    /// Batch buffers kept from round to round.
+    copier: crate::copy::Copier,
     _lock: std::fs::File,
+}
+
+/// When `tern dump`'s live pre-copy stops and the target is frozen.
+#[derive(Debug, Clone, Copy)]
+pub struct LivePolicy {
+    /// Rounds at most (0: none).
+    pub max_rounds: usize,
+    /// Done once a round copies at most this many pages: the frozen round
+    /// should find about as few.
+    pub done_pages: u64,
+}
+
+impl Default for LivePolicy {
+    fn default() -> Self {
+        LivePolicy {
+            max_rounds: 10,
+            done_pages: 256,
+        }
+    }
+}
+
+/// One round of the live pre-copy (in `tern dump`'s JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LiveRound {
+    /// Pages written by the round (data and zero).
+    pub pages: u64,
+    pub ms: f64,
+}
+
+/// Whether more live rounds are worth it: after three rounds, the last one
+/// must have copied clearly less (by a tenth) than the best before it;
+/// otherwise the target writes as fast as the rounds copy and more rounds
+/// only make the dump longer.
+fn converging(rounds: &[LiveRound]) -> bool {
+    let Some((last, before)) = rounds.split_last() else {
+        return true;
+    };
+    if rounds.len() < 3 {
+        return true;
+    }
+    let best = before.iter().map(|r| r.pages).min().unwrap_or(u64::MAX);
+    last.pages * 10 < best * 9
+}
+
+/// One round's pages, copied into a writer.
+struct RoundCopy {
+    set: DirtySet,
+    vmas: Vec<crate::maps::Vma>,
+    vanished_pages: u64,
 }
 
 impl TrackingSession {
@@ -349,6 +400,7 @@ impl TrackingSession {
             ebpf_carry: Vec::new(),
             ebpf_pending: Vec::new(),
             state_path,
+            copier: crate::copy::Copier::new(),
             _lock: lock,
         })
     }
@@ -421,8 +473,6 @@ impl TrackingSession {
         let t0 = Instant::now();
         let (parent_inv, full_copy) = self.parent_state(parent)?;
         let mut writer = ImageWriter::create(dir, self.opts.compress)?;
-        let vmas = read_target_vmas(self.pid, &self.scratch_areas)
-            .map_err(|e| self.exited_or(e, "pre-dump"))?;
         let ebpf_round = match &mut self.ebpf {
             Some(s) => match s.drain() {
                 Ok(r) => Some(r),
@@ -433,69 +483,9 @@ impl TrackingSession {
             },
             None => None,
         };
-        // Pages a `tern track` consumed since the parent (read before the
-        // state is marked in progress, which drops them).
-        let carry = if full_copy {
-            Vec::new()
-        } else {
-            load_host_state(&self.state_path)
-                .map(|h| h.carry)
-                .unwrap_or_default()
-        };
-        self.save_host_state(None, true)?;
-        let set: DirtySet = self
-            .tracker
-            .collect(&vmas, full_copy)
-            .map_err(|e| self.exited_or(e.into(), "pre-dump"))?;
-        let mut set = set;
-        if !carry.is_empty() {
-            let dumped: Vec<images::PageRange> = vmas
-                .iter()
-                .filter(|v| v.is_dumped())
-                .map(|v| images::PageRange::new(v.start, v.end))
-                .collect();
-            // Carried pages still inside dumped VMAs; those that are holes
-            // now stay holes, the others are copied.
-            let carried =
-                crate::backend::subtract(&carry, &crate::backend::subtract(&carry, &dumped));
-            let to_copy = crate::backend::subtract(&carried, &set.holes);
-            set.copy = crate::backend::union(&set.copy, &to_copy);
-        }
-        let copy_stats = crate::copy::copy_ranges(self.pid, &set.copy, &mut writer)?;
-        for h in &set.holes {
-            writer.add_hole(*h);
-        }
-        let mm = MmRecord {
-            vmas: vmas.iter().map(|v| v.record()).collect(),
-        };
-        let mut inv = Inventory::new(
-            ImageKind::PreDump,
-            self.pid,
-            self.tracker.name(),
-            self.opts.compress,
-        );
-        if let (Some(p), Some(pinv)) = (parent, &parent_inv) {
-            inv.parent = Some(ParentRef {
-                path: relative_path(dir, p),
-                id: pinv.id.clone(),
-            });
-        }
-        inv.tracking = Some(TrackingState {
-            target_start_time: self.start_time,
-            uffd_fd: self.target_uffd,
-            scratch_addr: self.scratch,
-            ebpf_pin_dir: self.ebpf_pin.as_ref().map(|p| p.display().to_string()),
-        });
-        // A target that exited during the round leaves an image of nothing
-        // (or of part of it): that is a failure, not an empty pre-dump.
-        if !alive(self.pid, self.start_time) {
-            return Err(TrackerError::Exited {
-                pid: self.pid,
-                what: "pre-dump",
-            });
-        }
-        let stats = writer.finish(&mm, &inv)?;
-        self.save_host_state(Some(inv.id.clone()), false)?;
+        let round = self.first_round(&mut writer, full_copy, "pre-dump")?;
+        let (inv, stats) = self.finish_image(writer, &round.vmas, parent, parent_inv.as_ref())?;
+        let set = round.set;
         self.last_image = Some(inv.id.clone());
         let frozen = set.frozen + std::mem::take(&mut self.attach_frozen);
         Ok(PreDumpReport {
@@ -516,10 +506,164 @@ impl TrackingSession {
             full_copy,
             armed_vmas: set.armed_vmas,
             untracked_vmas: set.untracked_vmas,
-            vanished_pages: copy_stats.vanished_pages,
+            vanished_pages: round.vanished_pages,
             images_dir: dir.display().to_string(),
             parent: parent.map(|p| p.display().to_string()),
         })
+    }
+
+    /// `tern dump`'s live pre-copy, QEMU's iterative phase: rounds while
+    /// the target runs, all into the one image `dir` (a later round's pages
+    /// replace an earlier one's), until a round copies at most
+    /// `policy.done_pages` pages or `policy.max_rounds` were made. The
+    /// frozen round that follows then copies only what was written since
+    /// the last of them. Returns the rounds made.
+    pub fn live_pre_copy(
+        &mut self,
+        dir: &Path,
+        parent: Option<&Path>,
+        policy: LivePolicy,
+    ) -> Result<Vec<LiveRound>, TrackerError> {
+        let (parent_inv, full_copy) = self.parent_state(parent)?;
+        let mut writer = ImageWriter::create(dir, self.opts.compress)?;
+        let mut rounds = Vec::new();
+        let t = Instant::now();
+        let mut round = self.first_round(&mut writer, full_copy, "dump")?;
+        rounds.push(LiveRound {
+            pages: round.set.copy_pages(),
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        });
+        while rounds.len() < policy.max_rounds
+            && round.set.copy_pages() > policy.done_pages
+            && converging(&rounds)
+        {
+            let t = Instant::now();
+            let vmas = self.target_vmas()?;
+            let set = self
+                .tracker
+                .collect(&vmas, false)
+                .map_err(|e| self.exited_or(e.into(), "dump"))?;
+            for r in set.copy.iter().chain(&set.holes) {
+                writer.replace_range(*r)?;
+            }
+            let copied = self.copier.copy_ranges(self.pid, &set.copy, &mut writer)?;
+            for h in &set.holes {
+                writer.add_hole(*h);
+            }
+            tracing::debug!(
+                pid = self.pid,
+                "live round {}: {} pages to copy, {} holes, {:.2} ms",
+                rounds.len() + 1,
+                set.copy_pages(),
+                set.holes.iter().map(|h| h.pages()).sum::<u64>(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            rounds.push(LiveRound {
+                pages: set.copy_pages(),
+                ms: t.elapsed().as_secs_f64() * 1e3,
+            });
+            round = RoundCopy {
+                set,
+                vmas,
+                vanished_pages: round.vanished_pages + copied.vanished_pages,
+            };
+        }
+        let (inv, _) = self.finish_image(writer, &round.vmas, parent, parent_inv.as_ref())?;
+        self.last_image = Some(inv.id);
+        Ok(rounds)
+    }
+
+    /// The first round into a fresh image: the pages written since the
+    /// parent (all of them if `full_copy`), plus those a `tern track`
+    /// consumed meanwhile. Marks the host state in progress.
+    fn first_round(
+        &mut self,
+        writer: &mut ImageWriter,
+        full_copy: bool,
+        what: &'static str,
+    ) -> Result<RoundCopy, TrackerError> {
+        let vmas =
+            read_target_vmas(self.pid, &self.scratch_areas).map_err(|e| self.exited_or(e, what))?;
+        // Pages a `tern track` consumed since the parent (read before the
+        // state is marked in progress, which drops them).
+        let carry = if full_copy {
+            Vec::new()
+        } else {
+            load_host_state(&self.state_path)
+                .map(|h| h.carry)
+                .unwrap_or_default()
+        };
+        self.save_host_state(None, true)?;
+        let mut set: DirtySet = self
+            .tracker
+            .collect(&vmas, full_copy)
+            .map_err(|e| self.exited_or(e.into(), what))?;
+        if !carry.is_empty() {
+            let dumped: Vec<images::PageRange> = vmas
+                .iter()
+                .filter(|v| v.is_dumped())
+                .map(|v| images::PageRange::new(v.start, v.end))
+                .collect();
+            // Carried pages still inside dumped VMAs; those that are holes
+            // now stay holes, the others are copied.
+            let carried =
+                crate::backend::subtract(&carry, &crate::backend::subtract(&carry, &dumped));
+            let to_copy = crate::backend::subtract(&carried, &set.holes);
+            set.copy = crate::backend::union(&set.copy, &to_copy);
+        }
+        let copy_stats = self.copier.copy_ranges(self.pid, &set.copy, writer)?;
+        for h in &set.holes {
+            writer.add_hole(*h);
+        }
+        Ok(RoundCopy {
+            set,
+            vmas,
+            vanished_pages: copy_stats.vanished_pages,
+        })
+    }
+
+    /// Write the page map, VMA list and inventory of a pre-copy image and
+    /// record it as the one tracking continues from.
+    fn finish_image(
+        &mut self,
+        writer: ImageWriter,
+        vmas: &[crate::maps::Vma],
+        parent: Option<&Path>,
+        parent_inv: Option<&Inventory>,
+    ) -> Result<(Inventory, images::WriteStats), TrackerError> {
+        let dir = writer.dir().to_path_buf();
+        let mm = MmRecord {
+            vmas: vmas.iter().map(|v| v.record()).collect(),
+        };
+        let mut inv = Inventory::new(
+            ImageKind::PreDump,
+            self.pid,
+            self.tracker.name(),
+            self.opts.compress,
+        );
+        if let (Some(p), Some(pinv)) = (parent, parent_inv) {
+            inv.parent = Some(ParentRef {
+                path: relative_path(&dir, p),
+                id: pinv.id.clone(),
+            });
+        }
+        inv.tracking = Some(TrackingState {
+            target_start_time: self.start_time,
+            uffd_fd: self.target_uffd,
+            scratch_addr: self.scratch,
+            ebpf_pin_dir: self.ebpf_pin.as_ref().map(|p| p.display().to_string()),
+        });
+        // A target that exited during the round leaves an image of nothing
+        // (or of part of it): that is a failure, not an empty pre-dump.
+        if !alive(self.pid, self.start_time) {
+            return Err(TrackerError::Exited {
+                pid: self.pid,
+                what: "pre-dump",
+            });
+        }
+        let stats = writer.finish(&mm, &inv)?;
+        self.save_host_state(Some(inv.id.clone()), false)?;
+        Ok((inv, stats))
     }
 
     /// One telemetry round (`tern track`): pages the kernel saw written
@@ -1213,6 +1357,28 @@ pub fn relative_path(from: &Path, target: &Path) -> String {
         p.push(c);
     }
     p.display().to_string()
+}
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+
+    fn rounds(p: &[u64]) -> Vec<LiveRound> {
+        p.iter()
+            .map(|&pages| LiveRound { pages, ms: 1.0 })
+            .collect()
+    }
+
+    #[test]
+    fn live_rounds_stop_when_they_stop_shrinking() {
+        assert!(converging(&rounds(&[4096])));
+        assert!(converging(&rounds(&[4096, 4096])));
+        assert!(!converging(&rounds(&[4096, 4096, 4096])));
+        assert!(converging(&rounds(&[4096, 3000, 1500])));
+        assert!(!converging(&rounds(&[4096, 1000, 2000])));
+        assert!(!converging(&rounds(&[4096, 1000, 950])));
+        assert!(converging(&rounds(&[4096, 1000, 800])));
+    }
 }
 
 #[cfg(test)]
