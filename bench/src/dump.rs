@@ -57,7 +57,13 @@ fn gone(pid: i32, timeout: Duration) -> bool {
 
 /// One run: start the workload, `pre_dumps` pre-dumps 100 ms apart, dump,
 /// restore (detached), check it runs, kill it. Returns (dump json, restore json).
-fn one(opts: &Opts, work: &Path, cfg: (u64, u64, u64), pre_dumps: usize) -> Result<(Value, Value)> {
+fn one(
+    opts: &Opts,
+    work: &Path,
+    cfg: (u64, u64, u64),
+    pre_dumps: usize,
+    live_rounds: Option<usize>,
+) -> Result<(Value, Value)> {
     let (mib, hot, sleep) = cfg;
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work)?;
@@ -121,6 +127,10 @@ fn one(opts: &Opts, work: &Path, cfg: (u64, u64, u64), pre_dumps: usize) -> Resu
         a.push("--prev-images-dir".into());
         a.push(p.display().to_string());
     }
+    if let Some(n) = live_rounds {
+        a.push("--live-rounds".into());
+        a.push(n.to_string());
+    }
     let dump = tern(&opts.tern, &a);
     // Reap the killed original (or kill it if the dump failed).
     let mut child = child;
@@ -170,25 +180,33 @@ pub fn run(opts: &Opts) -> Result<()> {
     let started = Instant::now();
     let mut results = Vec::new();
     for &cfg in &opts.configs {
-        for pre in [0usize, 3] {
+        // No pre-dump; 3 pre-dumps frozen at once; 3 pre-dumps and the
+        // live pre-copy (the default).
+        for (pre, live) in [(0usize, None), (3, Some(0usize)), (3, None)] {
             let mut frozen = Vec::new();
             let mut restore_ms = Vec::new();
             let mut pages = Vec::new();
+            let mut live_rounds = Vec::new();
             let mut runs = Vec::new();
             for r in 0..opts.repeats {
                 let work = opts.out.join("tmp-dump");
-                let (d, rs) = one(opts, &work, cfg, pre).with_context(|| {
+                let (d, rs) = one(opts, &work, cfg, pre, live).with_context(|| {
                     format!(
-                        "{} MiB / {} MiB hot, {pre} pre-dumps, run {r}",
+                        "{} MiB / {} MiB hot, {pre} pre-dumps, live rounds {live:?}, run {r}",
                         cfg.0, cfg.1
                     )
                 })?;
+                let live: Vec<String> = d["live_rounds"]
+                    .as_array()
+                    .map(|a| a.iter().map(|r| r["pages"].to_string()).collect())
+                    .unwrap_or_default();
                 eprintln!(
-                    "[{:6.1}s] {} MiB, {} MiB hot every {} ms, {pre} pre-dumps: frozen {:.1} ms (capture {:.1}, write {:.1}), {} pages; restore {:.1} ms",
+                    "[{:6.1}s] {} MiB, {} MiB hot every {} ms, {pre} pre-dumps: live rounds [{}], frozen {:.1} ms (capture {:.1}, write {:.1}), {} pages; restore {:.1} ms",
                     started.elapsed().as_secs_f64(),
                     cfg.0,
                     cfg.1,
                     cfg.2,
+                    live.join(", "),
                     d["frozen_ms"].as_f64().unwrap_or(f64::NAN),
                     d["capture_ms"].as_f64().unwrap_or(f64::NAN),
                     d["write_ms"].as_f64().unwrap_or(f64::NAN),
@@ -198,6 +216,7 @@ pub fn run(opts: &Opts) -> Result<()> {
                 frozen.push(d["frozen_ms"].as_f64().unwrap_or(f64::NAN));
                 restore_ms.push(rs["restore_ms"].as_f64().unwrap_or(f64::NAN));
                 pages.push(d["pages_written"].as_f64().unwrap_or(f64::NAN));
+                live_rounds.push(live.len() as f64);
                 runs.push(json!({"dump": d, "restore": rs}));
             }
             results.push(json!({
@@ -205,9 +224,11 @@ pub fn run(opts: &Opts) -> Result<()> {
                 "hot_mib": cfg.1,
                 "rewrite_every_ms": cfg.2,
                 "pre_dumps": pre,
+                "live_rounds_max": live.map_or_else(|| "default".to_string(), |n| n.to_string()),
                 "frozen_ms_median": median(&mut frozen),
                 "restore_ms_median": median(&mut restore_ms),
                 "pages_written_median": median(&mut pages),
+                "live_rounds_median": median(&mut live_rounds),
                 "runs": runs,
             }));
         }
@@ -223,15 +244,16 @@ pub fn run(opts: &Opts) -> Result<()> {
     let path = opts.out.join("dump.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!(
-        "\n{:>8} {:>8} {:>6} {:>10} {:>12} {:>12}",
-        "MiB", "hot MiB", "pre", "pages", "frozen ms", "restore ms"
+        "\n{:>8} {:>8} {:>6} {:>6} {:>10} {:>12} {:>12}",
+        "MiB", "hot MiB", "pre", "live", "pages", "frozen ms", "restore ms"
     );
     for r in &results {
         println!(
-            "{:>8} {:>8} {:>6} {:>10.0} {:>12.1} {:>12.1}",
+            "{:>8} {:>8} {:>6} {:>6.0} {:>10.0} {:>12.1} {:>12.1}",
             r["resident_mib"],
             r["hot_mib"],
             r["pre_dumps"],
+            r["live_rounds_median"].as_f64().unwrap_or(f64::NAN),
             r["pages_written_median"].as_f64().unwrap_or(f64::NAN),
             r["frozen_ms_median"].as_f64().unwrap_or(f64::NAN),
             r["restore_ms_median"].as_f64().unwrap_or(f64::NAN)
