@@ -12,7 +12,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use tern_tests::ck::CkProcess;
-use tern_tests::{assert_exactly_as, pre_dump, proc, spawn_tern, tempdir, tern, wait_deadline};
+use tern_tests::{
+    assert_exactly_as, assert_running_untraced, pre_dump, proc, spawn_tern, tempdir, tern,
+    wait_deadline,
+};
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -84,6 +87,63 @@ fn tern_killed_mid_dump_leaves_the_target_running() {
             &format!("tern killed {delay_ms} ms into a dump"),
         );
     }
+    assert_eq!(ck.verdict(READY).unwrap(), "PASS");
+}
+
+/// The same during the live pre-copy of a dump that continues a pre-dump
+/// (its mutator keeps writing, so the rounds take a while): the target keeps
+/// what the pre-dump left in it (tracking fd, scratch page) and nothing
+/// else, and the next dump of it works.
+#[test]
+fn tern_killed_during_the_live_pre_copy_leaves_the_target_running() {
+    let mut ck = CkProcess::start("memory", &["--mib", "64"], READY).unwrap();
+    let root = tempdir();
+    let p1 = root.path().join("p1");
+    pre_dump(ck.pid, &p1, None, &[]);
+    let before = proc::Snapshot::take(ck.pid).unwrap();
+    for (i, delay_ms) in [5u64, 20, 50, 100].into_iter().enumerate() {
+        let d = root.path().join(format!("d{i}"));
+        let mut a = dump_args(ck.pid, &d, &["--prev-images-dir"]);
+        a.push(p1.display().to_string());
+        let mut t = spawn_tern(&a);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = t.kill();
+        let _ = t.wait();
+        std::thread::sleep(Duration::from_millis(300));
+        if !proc::alive(ck.pid) {
+            let img = images::Image::open(&d).unwrap_or_else(|e| {
+                panic!("target gone after tern was killed {delay_ms} ms into a dump, and no complete image: {e}")
+            });
+            assert!(
+                img.process.is_some(),
+                "target gone, image is not a final dump"
+            );
+            eprintln!("tern killed {delay_ms} ms in: the dump had already completed");
+            ck.release();
+            return;
+        }
+        // As the pre-dump left it (its tracking stays, as between pre-dumps).
+        let when = format!("tern killed {delay_ms} ms into a dump with live rounds");
+        assert_running_untraced(ck.pid, &when);
+        let now = proc::Snapshot::take(ck.pid).unwrap();
+        let diff = proc::Snapshot::diff(&before, &now, false);
+        assert!(
+            diff.is_empty(),
+            "{when}: differs from before:\n  {}",
+            diff.join("\n  ")
+        );
+    }
+    // Tracking state interrupted mid-round: the next dump copies what it
+    // must (everything the interrupted rounds may have consumed) and is whole.
+    let d = root.path().join("last");
+    let mut a = dump_args(
+        ck.pid,
+        &d,
+        &["--verify", "--leave-running", "--prev-images-dir"],
+    );
+    a.push(p1.display().to_string());
+    let v = tern(&a).json();
+    assert_eq!(v["verify"]["mismatches"].as_u64(), Some(0), "{v}");
     assert_eq!(ck.verdict(READY).unwrap(), "PASS");
 }
 

@@ -169,7 +169,9 @@ pub fn dump(
     // Live pre-copy: while the target runs, copy what was written since the
     // parent, round after round, so that the frozen round finds little.
     // Only a dump continuing tracked pre-dumps has the tracking for it;
-    // without a parent the dump is stop-the-world, like CRIU's.
+    // without a parent the dump is stop-the-world, like CRIU's: setting
+    // tracking up here would leave its fd and scratch page in a target
+    // whose tern is killed mid-way, and a dump must leave it as it was.
     let mut live_rounds = Vec::new();
     let mut live_image = None;
     let t_live = Instant::now();
