@@ -122,9 +122,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
     let (dump, restore) = dump_and_restore(&tern, &mut workload, &images, &last)?;
     summary(&rounds, args);
+    let live: Vec<String> = dump["live_rounds"]
+        .as_array()
+        .map(|a| a.iter().map(|r| r["pages"].to_string()).collect())
+        .unwrap_or_default();
     println!(
-        "final dump: {} pages, frozen {:.1} ms, verified {} pages ({} mismatches); restore {:.1} ms, PID {} runs again",
+        "final dump: live rounds [{}] pages; {} pages frozen, capture {:.1} ms, frozen {:.1} ms in all with the verification of {} pages ({} mismatches); restore {:.1} ms, PID {} runs again",
+        live.join(", "),
         fmt(&dump, "pages_written"),
+        dump["capture_ms"].as_f64().unwrap_or(f64::NAN),
         dump["frozen_ms"].as_f64().unwrap_or(f64::NAN),
         fmt(&dump["verify"], "pages_checked"),
         fmt(&dump["verify"], "mismatches"),
