@@ -1246,7 +1246,16 @@ fn seccomp(
             } else {
                 match others.iter_mut().find(|(_, i)| i.tid() == tid) {
                     Some((_, i)) => i,
-                    None => continue,
+                    // Never silently: the thread would run without its filter.
+                    None => {
+                        return Err(RestoreError::Step {
+                            pid,
+                            step: "installing the seccomp filters",
+                            what: format!(
+                                "the restore holds no thread {tid} (a bug in tern); the process is not left running"
+                            ),
+                        });
+                    }
                 }
             };
             inj.ensure_scratch(Some(scratch))?;

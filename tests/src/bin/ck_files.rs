@@ -13,7 +13,10 @@
 //! - pipe P2 (O_CLOEXEC ends, resized to 128 KiB with F_SETPIPE_SZ) holding
 //!   10 known bytes, both ends held;
 //! - chdir to `sub`, umask(027), RLIMIT_NOFILE soft 512 (hard unchanged),
-//!   RLIMIT_CORE 0/unlimited, PR_SET_NAME `ck-files-comm`.
+//!   RLIMIT_CORE 0/unlimited, PR_SET_NAME `ck-files-comm`;
+//! - the three itimers armed far in the future (ITIMER_REAL 10000.25 s
+//!   every 5000.125 s, ITIMER_VIRTUAL 20000.5 s every 6000.375 s,
+//!   ITIMER_PROF 30000.75 s every 7000.625 s: they never fire here).
 //!
 //! It then records, for every fd in /proc/self/fd: the readlink target,
 //! F_GETFL, F_GETFD, lseek(SEEK_CUR) (or ESPIPE), the file type, device
@@ -31,8 +34,12 @@
 //! getcwd and /proc/self/cwd are `sub`; /proc/self/status says `Umask: 0027`
 //! (umask is never called again); the rlimits, personality, pgid and sid
 //! (= its pid) are as recorded; /proc/self/comm and PR_GET_NAME are
-//! `ck-files-comm`; finally a write to fd 100 lands at the end of `log`
-//! (O_APPEND works). Nothing depends on timing.
+//! `ck-files-comm`; each itimer has exactly its interval and a value that
+//! is still running down from where it was set (ITIMER_REAL: not more than
+//! the monotonic time since setup, plus 1 s, below it; the CPU-time timers,
+//! which the kernel rounds up by a tick each time they are set: within
+//! 60 s below and 20 ms above); finally a write to fd 100 lands at
+//! the end of `log` (O_APPEND works). Nothing else depends on timing.
 //!
 //! `--break`: right after `ready`, it lseeks `data` to offset 0, as a
 //! restore that lost file offsets would.
@@ -232,6 +239,8 @@ struct Setup {
     p1: [i32; 2],
     p2: [i32; 2],
     cwd: String,
+    /// CLOCK_MONOTONIC when the itimers were armed.
+    armed_us: u64,
 }
 
 fn setup() -> Result<Setup, String> {
@@ -313,6 +322,15 @@ fn setup() -> Result<Setup, String> {
         if libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) != 0 {
             return Err(format!("PR_SET_NAME: {}", err()));
         }
+        for (which, value, interval) in ITIMERS {
+            let t = libc::itimerval {
+                it_interval: tv(interval),
+                it_value: tv(value),
+            };
+            if libc::setitimer(which, &t, std::ptr::null_mut()) != 0 {
+                return Err(format!("setitimer {which}: {}", err()));
+            }
+        }
     }
     Ok(Setup {
         data,
@@ -321,7 +339,70 @@ fn setup() -> Result<Setup, String> {
         p1,
         p2,
         cwd,
+        armed_us: monotonic_us(),
     })
+}
+
+/// (which, value, interval) in microseconds.
+const ITIMERS: [(libc::c_int, u64, u64); 3] = [
+    (libc::ITIMER_REAL, 10_000_250_000, 5_000_125_000),
+    (libc::ITIMER_VIRTUAL, 20_000_500_000, 6_000_375_000),
+    (libc::ITIMER_PROF, 30_000_750_000, 7_000_625_000),
+];
+
+fn tv(us: u64) -> libc::timeval {
+    libc::timeval {
+        tv_sec: (us / 1_000_000) as libc::time_t,
+        tv_usec: (us % 1_000_000) as libc::suseconds_t,
+    }
+}
+
+fn us(t: libc::timeval) -> u64 {
+    t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64
+}
+
+fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+/// The itimers against what setup armed, `since_us` after it.
+fn check_itimers(since_us: u64, fails: &mut Vec<String>) {
+    for (which, value, interval) in ITIMERS {
+        let mut t = libc::itimerval {
+            it_interval: tv(0),
+            it_value: tv(0),
+        };
+        // SAFETY: getitimer writes one itimerval.
+        if unsafe { libc::getitimer(which, &mut t) } != 0 {
+            fails.push(format!("getitimer {which}: {}", err()));
+            continue;
+        }
+        let (v, i) = (us(t.it_value), us(t.it_interval));
+        if i != interval {
+            fails.push(format!(
+                "itimer {which}: interval {i} us, was set to {interval} us"
+            ));
+        }
+        // setitimer of a CPU-time timer adds a tick to its value (Linux's
+        // set_cpu_itimer), once when set up and once more when a restore
+        // sets it again: 20 ms of room above.
+        let (floor, ceil) = if which == libc::ITIMER_REAL {
+            (value.saturating_sub(since_us + 1_000_000), value)
+        } else {
+            (value - 60_000_000, value + 20_000)
+        };
+        if v == 0 || v > ceil || v < floor {
+            fails.push(format!(
+                "itimer {which}: value {v} us, set to {value} us {since_us} us ago (expected in {floor}..={ceil})"
+            ));
+        }
+    }
 }
 
 /// Everything recorded after setup.
@@ -383,6 +464,7 @@ fn drain_pipe(name: &str, rfd: i32, want: &[u8], fails: &mut Vec<String>) {
 
 fn check(s: &Setup, rec: &Recorded) -> Vec<String> {
     let mut fails = Vec::new();
+    check_itimers(monotonic_us().saturating_sub(s.armed_us), &mut fails);
     match fd_table() {
         Ok(now) => {
             let was: Vec<i32> = rec.fds.keys().copied().collect();
