@@ -114,6 +114,17 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
             "this is a pre-dump image (memory only); restore needs the final image of `tern dump`",
         )
     })?;
+    for (what, path) in [
+        ("working directory", &process.cwd),
+        ("root directory", &process.root),
+    ] {
+        if !Path::new(path).is_dir() {
+            return Err(bad(
+                dir,
+                format!("the process's {what} {path} is not a directory here"),
+            ));
+        }
+    }
     let mut pipe_data = BTreeMap::new();
     for f in &process.fds {
         if let Some(name) = &f.pipe_data
@@ -884,6 +895,15 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
     let a = main.scratch_data(&c)?;
     let r = main.syscall(libc::SYS_chdir, [a, 0, 0, 0, 0, 0])?;
     check(pid, "chdir to the dumped cwd", r)?;
+    // After every path was opened (they are this host's paths); chroot(2)
+    // leaves the cwd where it is, as the dumped process had it.
+    if p.root != "/" {
+        let mut c = p.root.as_bytes().to_vec();
+        c.push(0);
+        let a = main.scratch_data(&c)?;
+        let r = main.syscall(libc::SYS_chroot, [a, 0, 0, 0, 0, 0])?;
+        check(pid, "chroot to the dumped root directory", r)?;
+    }
     main.syscall(libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0])?;
     let r = main.syscall(libc::SYS_personality, [p.personality, 0, 0, 0, 0, 0])?;
     check(pid, "personality", r)?;

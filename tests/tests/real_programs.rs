@@ -140,6 +140,43 @@ while True:
     time.sleep(0.01)
 "#;
 
+/// Chroots into its own directory, then counts; on SIGTERM it checks from
+/// inside that its root and cwd are still that directory.
+const PYTHON_CHROOT: &str = r#"
+import os, signal, sys, time
+out = sys.argv[sys.argv.index('--out') + 1]
+here = os.path.dirname(out)
+name = os.path.basename(out)
+os.chdir(here)
+os.chroot(here)
+def on_term(sig, frame):
+    ok = os.getcwd() == '/' and os.path.exists('/' + name) and not os.path.exists(here)
+    with open('/' + name, 'a') as f:
+        f.write('PASS\n' if ok else 'FAIL cwd %r, %s still visible\n' % (os.getcwd(), here))
+    os._exit(0 if ok else 1)
+signal.signal(signal.SIGTERM, on_term)
+with open('/' + name, 'a') as f:
+    f.write('ready %d\n' % os.getpid())
+n = 0
+while True:
+    n += 1
+    with open('/count.tmp', 'w') as f:
+        f.write(str(n))
+    os.rename('/count.tmp', '/count')
+    time.sleep(0.01)
+"#;
+
+/// A process in a chroot comes back in the same root directory.
+#[test]
+fn python_in_a_chroot() {
+    let py = require("/usr/bin/python3", "python3");
+    let root = tempdir();
+    let script = root.path().join("prog.py");
+    std::fs::write(&script, PYTHON_CHROOT).unwrap();
+    let s = script.display().to_string();
+    carry_on("python3", &py, &[&s], 0, "count");
+}
+
 fn python(pre_dumps: usize) {
     let py = require("/usr/bin/python3", "python3");
     let root = tempdir();
