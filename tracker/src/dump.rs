@@ -21,9 +21,10 @@
 //! target may only die once its image is safe. To keep it short, the final
 //! image stores its pages uncompressed unless asked otherwise, and signal
 //! handlers are read with injected `rt_sigaction` calls only for the
-//! signals /proc says are caught or ignored (the others are SIG_DFL with no
-//! flags: what the kernel gives a fresh process; a SIG_DFL disposition
-//! carrying flags or a mask is not preserved).
+//! signals /proc says are caught or ignored, and SIGCHLD (the others are
+//! SIG_DFL with no flags: what the kernel gives a fresh process; flags or a
+//! mask on them would be replaced whole by the next sigaction installing a
+//! handler, and mean nothing before, except SIGCHLD's).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -765,7 +766,10 @@ fn capture_state(
             continue;
         }
         let bit = 1u64 << (sig - 1);
-        if (caught | ignored) & bit == 0 {
+        // A SIG_DFL disposition's flags and mask are replaced whole by the
+        // next sigaction that installs a handler, so they matter only for
+        // SIGCHLD (SA_NOCLDSTOP, SA_NOCLDWAIT): that one is always read.
+        if (caught | ignored) & bit == 0 && sig != libc::SIGCHLD as u64 {
             sigactions.push(sys::signals::SigAction {
                 signo: sig as i32,
                 handler: sys::signals::SIG_DFL,

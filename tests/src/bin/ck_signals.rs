@@ -10,7 +10,8 @@
 //! - SIGUSR1: SA_SIGINFO|SA_RESTART, mask {SIGUSR2}; SIGUSR2: SA_ONSTACK;
 //!   SIGWINCH: SA_RESETHAND|SA_NODEFER; SIGPIPE: SIG_IGN; SIGRTMIN+1,
 //!   +4, +5: SA_SIGINFO; SIGRTMIN+2: SA_SIGINFO, mask {SIGINT, SIGQUIT,
-//!   SIGRTMIN+6}; SIGRTMIN+3: SA_SIGINFO|SA_RESTART; SIGTERM: plain handler.
+//!   SIGRTMIN+6}; SIGRTMIN+3: SA_SIGINFO|SA_RESTART; SIGTERM: plain handler;
+//!   SIGCHLD: SIG_DFL with SA_NOCLDSTOP|SA_NOCLDWAIT.
 //! - main blocks {SIGHUP, SIGUSR1, SIGRTMIN+1, +3, +5}; t2 blocks those and
 //!   {SIGALRM, SIGTERM, SIGRTMIN+4}.
 //! - main's alternate stack: 64 KiB (flags 0); t2's: 48 KiB with
@@ -486,6 +487,13 @@ fn main() {
             vec![],
         ),
         (libc::SIGPIPE, libc::SIG_IGN, 0, vec![]),
+        // SIG_DFL, but its flags change what the kernel does with children.
+        (
+            libc::SIGCHLD,
+            libc::SIG_DFL,
+            libc::SA_NOCLDSTOP | libc::SA_NOCLDWAIT,
+            vec![],
+        ),
         (rt(1), info, sa_info, vec![]),
         (
             rt(2),
