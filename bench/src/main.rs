@@ -40,11 +40,11 @@ enum Cmd {
         /// Fractions of the pages in the working set.
         #[arg(long, value_delimiter = ',', default_value = "0.01,0.1,0.5")]
         fracs: Vec<f64>,
-        /// Modes: none, uffd-ebpf, uffd-noebpf, full.
+        /// Modes: none, kernel-wp, uffd-track, uffd-noebpf, uffd-ebpf, full.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "none,kernel-wp,uffd-noebpf,uffd-ebpf,full"
+            default_value = "none,kernel-wp,uffd-track,uffd-noebpf,uffd-ebpf,full"
         )]
         modes: Vec<String>,
         /// Windows per configuration (medians are taken over them).

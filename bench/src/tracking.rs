@@ -52,13 +52,17 @@ pub enum Mode {
     KernelWp,
     UffdEbpf,
     UffdNoEbpf,
+    /// One `tern track --no-ebpf` (scan and re-protect every period, no
+    /// copy, no image): what tracking alone costs, apart from copying.
+    UffdTrack,
     Full,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::None,
         Mode::KernelWp,
+        Mode::UffdTrack,
         Mode::UffdNoEbpf,
         Mode::UffdEbpf,
         Mode::Full,
@@ -70,13 +74,14 @@ impl Mode {
             Mode::KernelWp => "kernel-wp",
             Mode::UffdEbpf => "uffd-ebpf",
             Mode::UffdNoEbpf => "uffd-noebpf",
+            Mode::UffdTrack => "uffd-track",
             Mode::Full => "full",
         }
     }
 
     fn tern_args(self) -> &'static [&'static str] {
         match self {
-            Mode::None | Mode::KernelWp => &[],
+            Mode::None | Mode::KernelWp | Mode::UffdTrack => &[],
             Mode::UffdEbpf => &["--track", "uffd-wp"],
             Mode::UffdNoEbpf => &["--track", "uffd-wp", "--no-ebpf"],
             Mode::Full => &["--track", "full", "--no-ebpf"],
@@ -519,6 +524,9 @@ fn run_tracked(
     mode: Mode,
     log: &mut dyn FnMut(String),
 ) -> Result<(Option<Value>, PerFrac)> {
+    if mode == Mode::UffdTrack {
+        return run_track(opts, w, log).map(|p| (None, p));
+    }
     let mut tern = if mode == Mode::KernelWp {
         None
     } else {
@@ -629,6 +637,98 @@ fn run_tracked(
         bail!("the workload died after untrack");
     }
     Ok((initial, per_frac))
+}
+
+/// `uffd-track`: for every fraction one `tern track --no-ebpf` with the
+/// same period, its first interval priming (everything protected), then
+/// windows of `min_rounds` or more intervals (at least `window_ms`). A round
+/// is one JSON line, stamped when it arrives; its pages are the kernel's.
+fn run_track(opts: &Opts, w: &mut Dirtier, log: &mut dyn FnMut(String)) -> Result<PerFrac> {
+    use std::io::BufRead;
+    let per_window = opts
+        .min_rounds
+        .max(opts.window_ms.div_ceil(opts.period_ms) as usize)
+        .min(opts.max_rounds);
+    let mut per_frac = Vec::new();
+    for &frac in &opts.fracs {
+        let ws_pages = w.set_frac(frac)?;
+        let rounds = 1 + per_window * opts.repeats;
+        let mut cmd = Command::new(&opts.tern);
+        cmd.args(["track", "-t", &w.pid().to_string(), "--no-ebpf", "--json"])
+            .args(["--interval-ms", &opts.period_ms.to_string()])
+            .args(["--rounds", &rounds.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("cannot run tern track")?;
+        let stdout = child.stdout.take().context("tern track stdout")?;
+        let mut lines: Vec<RoundOut> = Vec::new();
+        let mut prev = mono_ns();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            let Ok(v) = serde_json::from_str::<Value>(line.trim()) else {
+                continue;
+            };
+            let now = mono_ns();
+            let json = json!({
+                "pages_written": v["kernel_pages"],
+                "duration_ms": Value::Null,
+                "track": v,
+            });
+            lines.push(RoundOut {
+                t_start: prev,
+                t_end: now,
+                json,
+            });
+            prev = now;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() || lines.len() < 2 {
+            bail!(
+                "`{}` failed ({}), {} lines: {}",
+                show(&cmd),
+                out.status,
+                lines.len(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let mut it = lines.into_iter();
+        let mut t0 = it.next().expect("two lines").t_end;
+        let rest: Vec<RoundOut> = it.collect();
+        let mut windows = Vec::new();
+        for chunk in rest.chunks(per_window) {
+            let mut rs: Vec<RoundOut> = Vec::new();
+            for r in chunk {
+                rs.push(RoundOut {
+                    t_start: r.t_end,
+                    t_end: r.t_end,
+                    json: r.json.clone(),
+                });
+            }
+            let t1 = rs.last().expect("a round").t_end;
+            let win = Window {
+                t_ns: t1 - t0,
+                writes: w.writes_between(t0, t1)?,
+                during_ns: 0,
+                during_writes: 0.0,
+                rounds: rs,
+            };
+            log(format!(
+                "  frac {frac}: {:.1} s, {:.2} M page-writes/s, {} first writes, {} intervals",
+                win.secs(),
+                win.throughput() / 1e6,
+                win.faults(),
+                win.rounds.len()
+            ));
+            windows.push(win);
+            t0 = t1;
+        }
+        per_frac.push((frac, ws_pages, windows));
+        if !w.alive() {
+            bail!("the workload died");
+        }
+    }
+    Ok(per_frac)
 }
 
 /// One round: a `tern pre-dump`, or the workload's own scan (`kernel-wp`).
@@ -1007,7 +1107,10 @@ fn compare_with_kernel_wp(results: &mut [Value]) {
         .collect();
     for r in results.iter_mut() {
         let mode = r["mode"].as_str().unwrap_or("");
-        if mode != Mode::UffdEbpf.name() && mode != Mode::UffdNoEbpf.name() {
+        if mode != Mode::UffdEbpf.name()
+            && mode != Mode::UffdNoEbpf.name()
+            && mode != Mode::UffdTrack.name()
+        {
             continue;
         }
         let Some((_, _, cost, slowdown)) = floors
