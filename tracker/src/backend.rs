@@ -374,6 +374,10 @@ pub struct SoftDirtyTracker {
     pid: i32,
     pm: Pagemap,
     freeze_timeout: Duration,
+    /// A final dump's round: the target is already held by the dump's
+    /// injectors (a second PTRACE_SEIZE fails with EPERM), and no round
+    /// follows, so the bits are neither frozen for nor cleared.
+    final_round: bool,
 }
 
 impl SoftDirtyTracker {
@@ -382,6 +386,7 @@ impl SoftDirtyTracker {
             pid,
             pm: Pagemap::open(pid)?,
             freeze_timeout,
+            final_round: false,
         })
     }
 }
@@ -397,12 +402,20 @@ impl DirtyTracker for SoftDirtyTracker {
         "soft-dirty"
     }
 
+    fn final_round(&mut self) {
+        self.final_round = true;
+    }
+
     fn collect(&mut self, vmas: &[Vma], full_copy: bool) -> Result<DirtySet, BackendError> {
         let mut set = DirtySet::default();
         // Reading the bits and clearing them must not race with writes:
         // freeze for that step only; the copy runs with the target live (a
         // page written after the clear is dirty again next round).
-        let frozen = crate::freeze::Frozen::freeze(self.pid, self.freeze_timeout)?;
+        let frozen = if self.final_round {
+            None
+        } else {
+            Some(crate::freeze::Frozen::freeze(self.pid, self.freeze_timeout)?)
+        };
         let t0 = std::time::Instant::now();
         let mut entries = Vec::new();
         for vma in vmas.iter().filter(|v| v.is_dumped()) {
@@ -419,8 +432,10 @@ impl DirtyTracker for SoftDirtyTracker {
             set.copy.extend(copy);
             set.holes.extend(holes);
         }
-        clear_soft_dirty(self.pid)?;
-        set.frozen = t0.elapsed();
+        if !self.final_round {
+            clear_soft_dirty(self.pid)?;
+            set.frozen = t0.elapsed();
+        }
         drop(frozen);
         Ok(set)
     }
