@@ -7,6 +7,7 @@
 mod demo;
 mod setup;
 mod util;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -45,6 +46,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Boot another kernel under qemu (TCG) with tern inside and run a lane
+    /// of tests there: `x86-softdirty` (Debian's 6.1, soft-dirty backend).
+    VmTest {
+        /// Which lane.
+        lane: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +75,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Bench { name, args } => bench(&name, &args),
+        Cmd::VmTest { lane } => vm::run(&lane),
     }
 }
 

@@ -60,56 +60,7 @@ impl Setup {
     }
 
     fn debian_packages(&self) -> Result<()> {
-        if capture(&mut command("dpkg-query", ["--version"])).is_err() {
-            eprintln!(
-                "setup: warning: dpkg-query not found (not Debian?): make sure these are installed: {}",
-                DEBIAN_PACKAGES
-                    .iter()
-                    .map(|(p, why)| format!("{p} ({why})"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            return Ok(());
-        }
-        let mut missing = Vec::new();
-        for (pkg, why) in DEBIAN_PACKAGES {
-            let out = capture(&mut command(
-                "dpkg-query",
-                ["-W", "-f=${db:Status-Abbrev}", pkg],
-            ))?;
-            let installed =
-                out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("ii");
-            if installed {
-                self.say(format!("{pkg}: installed"));
-            } else {
-                missing.push((*pkg, *why));
-            }
-        }
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
-        for (pkg, why) in &missing {
-            eprintln!("setup: Debian package {pkg} is missing (needed for {why})");
-        }
-        if !is_root() {
-            bail!(
-                "not root, cannot install; run: sudo apt-get update && sudo apt-get install -y {}",
-                names.join(" ")
-            );
-        }
-        eprintln!("setup: apt-get update");
-        run(command("apt-get", ["update", "-qq"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
-        eprintln!("setup: apt-get install {}", names.join(" "));
-        let mut install = command(
-            "apt-get",
-            ["install", "-y", "-qq", "--no-install-recommends"],
-        );
-        install
-            .args(&names)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        run(&mut install)?;
-        Ok(())
+        ensure_debian_packages(DEBIAN_PACKAGES, self.verbose)
     }
 
     fn nightly_rust_src(&self) -> Result<()> {
@@ -290,4 +241,59 @@ fn bpf_linker_version() -> Option<String> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace().nth(1).map(str::to_string)
+}
+
+/// Install the Debian packages of `list` (name, why) that are missing.
+pub fn ensure_debian_packages(list: &[(&str, &str)], verbose: bool) -> Result<()> {
+    if capture(&mut command("dpkg-query", ["--version"])).is_err() {
+        eprintln!(
+            "setup: warning: dpkg-query not found (not Debian?): make sure these are installed: {}",
+            list.iter()
+                .map(|(p, why)| format!("{p} ({why})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    for (pkg, why) in list {
+        let out = capture(&mut command(
+            "dpkg-query",
+            ["-W", "-f=${db:Status-Abbrev}", pkg],
+        ))?;
+        let installed =
+            out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("ii");
+        if installed {
+            if verbose {
+                eprintln!("setup: {pkg}: installed");
+            }
+        } else {
+            missing.push((*pkg, *why));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+    for (pkg, why) in &missing {
+        eprintln!("setup: Debian package {pkg} is missing (needed for {why})");
+    }
+    if !is_root() {
+        bail!(
+            "not root, cannot install; run: sudo apt-get update && sudo apt-get install -y {}",
+            names.join(" ")
+        );
+    }
+    eprintln!("setup: apt-get update");
+    run(command("apt-get", ["update", "-qq"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    eprintln!("setup: apt-get install {}", names.join(" "));
+    let mut install = command(
+        "apt-get",
+        ["install", "-y", "-qq", "--no-install-recommends"],
+    );
+    install
+        .args(&names)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    run(&mut install)?;
+    Ok(())
 }

@@ -1,0 +1,361 @@
+//! `cargo xtask vm-test LANE`: tern on kernels this machine does not run,
+//! booted under qemu with software emulation (TCG, no KVM needed).
+//!
+//! `x86-softdirty`: Debian bookworm's `linux-image-amd64` (6.1: soft-dirty
+//! yes, PAGEMAP_SCAN no). The kernel package is fetched with `apt-get
+//! download` into `target/vm/x86/` (kept there); the guest's root file
+//! system is an initramfs assembled here from busybox-static, the release
+//! `tern` and `hotloop` and the shared libraries they link. Its `/init`
+//! runs `tern check`, three `--track soft-dirty` pre-dumps of `hotloop`,
+//! `tern dump --verify` and `tern restore --detach`, and prints each JSON
+//! between markers on the serial console; this side checks them. The guest
+//! has a deadline and is killed at it; a failure prints the console's tail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::util;
+
+const HOST_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "booting the x86 test kernel (TCG)"),
+    ("busybox-static", "the test guest's shell and tools"),
+    ("cpio", "packing the test guest's initramfs"),
+];
+
+/// The whole guest run, boot to power-off.
+const GUEST_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The guest's /init: every step prints `TERN-STEP name rc` after its output.
+const INIT_X86: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+echo "TERN-BEGIN $(uname -r)"
+tern check --json; echo "TERN-STEP check $?"
+hotloop --mib 64 --hot-mib 4 --sleep-ms 5 > /tmp/hot.out 2>&1 &
+P=$!
+while ! grep -q ready /tmp/hot.out; do sleep 0.1; done
+prev=""
+for i in 1 2 3; do
+  tern pre-dump -t $P -D /tmp/p$i $prev --track soft-dirty --json; echo "TERN-STEP pre-dump-$i $?"
+  prev="--prev-images-dir /tmp/p$i"
+  sleep 0.2
+done
+tern dump -t $P -D /tmp/d $prev --track soft-dirty --verify --json; echo "TERN-STEP dump $?"
+sleep 0.5
+if grep -q '^State:.*Z' /proc/$P/status 2>/dev/null || [ ! -d /proc/$P ]; then
+  wait $P
+  tern restore -D /tmp/d --detach --json; echo "TERN-STEP restore $?"
+  sleep 1
+  a=$(cut -d' ' -f14 /proc/$P/stat 2>/dev/null)
+  sleep 1
+  b=$(cut -d' ' -f14 /proc/$P/stat 2>/dev/null)
+  echo "{\"utime_before\": ${a:-null}, \"utime_after\": ${b:-null}}"; echo "TERN-STEP runs 0"
+  kill -9 $P
+else
+  echo "the dump left the original running"; echo "TERN-STEP dump-killed 1"
+  kill -9 $P
+fi
+echo "TERN-END"
+poweroff -f
+"#;
+
+pub fn run(lane: &str) -> Result<()> {
+    match lane {
+        "x86-softdirty" => x86_softdirty(),
+        other => bail!("unknown VM lane `{other}`; known: x86-softdirty"),
+    }
+}
+
+fn x86_softdirty() -> Result<()> {
+    crate::setup::ensure_debian_packages(HOST_PACKAGES, false)?;
+    eprintln!("xtask: cargo build --release (tern, bench)");
+    util::run(util::cargo().args(["build", "--release", "-p", "tern", "-p", "bench"]))?;
+    let work = util::target_dir().join("vm").join("x86");
+    std::fs::create_dir_all(&work)?;
+    let vmlinuz = debian_kernel(&work, "linux-image-amd64")?;
+    let release = util::target_dir().join("release");
+    let initrd = initramfs(
+        &work,
+        &[release.join("tern"), release.join("hotloop")],
+        INIT_X86,
+    )?;
+    let t = Instant::now();
+    let console = boot(
+        Command::new("qemu-system-x86_64").args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "2048",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+            "-append",
+            "console=ttyS0 panic=-1 quiet",
+        ]),
+        &vmlinuz,
+        &initrd,
+        &work.join("console.log"),
+    )?;
+    let wall = t.elapsed();
+    let steps = parse_steps(&console);
+    let fail = |why: String| -> anyhow::Error {
+        let tail: Vec<&str> = console.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        anyhow::anyhow!(
+            "x86-softdirty lane: {why}\n--- guest console (last 40 lines; all of it in {}):\n{}",
+            work.join("console.log").display(),
+            tail.join("\n")
+        )
+    };
+    let step = |name: &str| -> Result<&Value> {
+        match steps.iter().find(|s| s.0 == name) {
+            Some((_, 0, Some(v))) => Ok(v),
+            Some((_, rc, _)) => Err(fail(format!("step {name} exited {rc}"))),
+            None => Err(fail(format!("step {name} did not run"))),
+        }
+    };
+    let check = step("check")?;
+    if check["backend"] != "soft-dirty" || check["features"]["soft_dirty"] != true {
+        return Err(fail(format!(
+            "tern check picked {} (want soft-dirty)",
+            check["backend"]
+        )));
+    }
+    let mut pre = Vec::new();
+    for i in 1..=3 {
+        let v = step(&format!("pre-dump-{i}"))?;
+        if v["backend"] != "soft-dirty" {
+            return Err(fail(format!("pre-dump {i} used {}", v["backend"])));
+        }
+        pre.push(v.clone());
+    }
+    let dump = step("dump")?;
+    if dump["verify"]["mismatches"] != 0 {
+        return Err(fail(format!(
+            "dump --verify found mismatches: {}",
+            dump["verify"]
+        )));
+    }
+    let restore = step("restore")?;
+    let runs = step("runs")?;
+    let (a, b) = (runs["utime_before"].as_u64(), runs["utime_after"].as_u64());
+    if !matches!((a, b), (Some(a), Some(b)) if b > a) {
+        return Err(fail(format!("the restored hotloop does not run: {runs}")));
+    }
+    println!(
+        "x86-softdirty lane: kernel {}, guest run {:.1} s (TCG)",
+        check["kernel"].as_str().unwrap_or("?"),
+        wall.as_secs_f64()
+    );
+    println!(
+        "  tern check: backend {}, pagemap_scan {}, uffd_wp_async {}",
+        check["backend"], check["features"]["pagemap_scan"], check["features"]["uffd_wp_async"]
+    );
+    for (i, v) in pre.iter().enumerate() {
+        println!(
+            "  pre-dump {}: pages_written {}, ebpf_pages {}, frozen_ms {:.1}, duration_ms {:.1}",
+            i + 1,
+            v["pages_written"],
+            v["ebpf_pages"],
+            v["frozen_ms"].as_f64().unwrap_or(f64::NAN),
+            v["duration_ms"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    println!(
+        "  dump: live rounds {}, pages_written {}, frozen_ms {:.1} (with --verify of {} pages, 0 mismatches)",
+        dump["live_rounds"].as_array().map_or(0, |a| a.len()),
+        dump["pages_written"],
+        dump["frozen_ms"].as_f64().unwrap_or(f64::NAN),
+        dump["verify"]["pages_checked"]
+    );
+    println!(
+        "  restore: restore_ms {:.1}, pages_restored {}; the restored hotloop runs (utime {} -> {})",
+        restore["restore_ms"].as_f64().unwrap_or(f64::NAN),
+        restore["pages_restored"],
+        a.unwrap_or(0),
+        b.unwrap_or(0)
+    );
+    Ok(())
+}
+
+/// The kernel image of Debian package `meta` (a metapackage such as
+/// `linux-image-amd64`, resolved to the versioned package it depends on),
+/// downloaded into `work` once and unpacked there.
+fn debian_kernel(work: &Path, meta: &str) -> Result<PathBuf> {
+    let deps = util::stdout_of(&mut util::command("apt-cache", ["depends", meta]))?;
+    let pkg = deps
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: "))
+        .map(str::trim)
+        .with_context(|| format!("apt-cache depends {meta}: no versioned kernel package"))?
+        .to_string();
+    let unpacked = work.join(&pkg);
+    let boot = unpacked.join("boot");
+    let find = || -> Option<PathBuf> {
+        std::fs::read_dir(&boot)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+    };
+    if let Some(k) = find() {
+        return Ok(k);
+    }
+    eprintln!("xtask: apt-get download {pkg}");
+    util::run(util::command("apt-get", ["download", &pkg]).current_dir(work))?;
+    let deb = std::fs::read_dir(work)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
+                && p.extension().is_some_and(|e| e == "deb")
+        })
+        .with_context(|| format!("apt-get download {pkg} left no .deb in {}", work.display()))?;
+    let _ = std::fs::remove_dir_all(&unpacked);
+    util::run(util::command("dpkg-deb", ["-x"]).arg(&deb).arg(&unpacked))?;
+    find().with_context(|| format!("{}: no vmlinuz-* in the package", boot.display()))
+}
+
+/// An initramfs (`work/initrd.gz`) holding busybox, `bins` in /bin, the
+/// shared libraries they link (at the paths `ldd` gives) and `init`.
+fn initramfs(work: &Path, bins: &[PathBuf], init: &str) -> Result<PathBuf> {
+    let root = work.join("root");
+    let _ = std::fs::remove_dir_all(&root);
+    for d in ["bin", "proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .context("/bin/busybox (Debian package busybox-static)")?;
+    for b in bins {
+        let name = b.file_name().context("binary without a name")?;
+        std::fs::copy(b, root.join("bin").join(name))
+            .with_context(|| format!("copying {}", b.display()))?;
+        let ldd = util::stdout_of(&mut util::command("ldd", [b]))?;
+        for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+            let to = root.join(lib.trim_start_matches('/'));
+            if let Some(dir) = to.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::copy(lib, &to).with_context(|| format!("copying {lib}"))?;
+        }
+    }
+    let init_path = root.join("init");
+    std::fs::write(&init_path, init)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init_path, std::fs::Permissions::from_mode(0o755))?;
+    let out = work.join("initrd.gz");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("find . | cpio -o -H newc --quiet | gzip -1 > \"$1\"")
+        .arg("sh")
+        .arg(&out)
+        .current_dir(&root)
+        .status()
+        .context("cannot run cpio")?;
+    if !status.success() {
+        bail!("packing {} failed ({status})", out.display());
+    }
+    Ok(out)
+}
+
+/// Boot `kernel` + `initrd` with `qemu` (its arguments set), the serial
+/// console into `log`; kill it at the deadline. Returns the console.
+fn boot(qemu: &mut Command, kernel: &Path, initrd: &Path, log: &Path) -> Result<String> {
+    let out = std::fs::File::create(log)?;
+    eprintln!(
+        "xtask: booting {} (TCG; deadline {GUEST_DEADLINE:?})",
+        kernel.display()
+    );
+    let mut child = qemu
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("cannot start qemu (Debian package qemu-system-x86)")?;
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            let console = String::from_utf8_lossy(&std::fs::read(log)?).into_owned();
+            if !console.contains("TERN-END") {
+                bail!(
+                    "the guest stopped ({st}) before its tests ended; console tail:\n{}",
+                    tail(&console, 40)
+                );
+            }
+            return Ok(console);
+        }
+        if t.elapsed() > GUEST_DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            let console = String::from_utf8_lossy(&std::fs::read(log)?).into_owned();
+            bail!(
+                "the guest did not finish within {GUEST_DEADLINE:?} (killed); console tail:\n{}",
+                tail(&console, 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `(step, exit code, the last JSON object printed before it)` for every
+/// `TERN-STEP name rc` line of the console.
+fn parse_steps(console: &str) -> Vec<(String, i32, Option<Value>)> {
+    let mut out = Vec::new();
+    let mut last: Option<Value> = None;
+    for line in console.lines() {
+        let line = line.trim_matches(|c: char| c.is_whitespace() || c == '\r');
+        if let Some(rest) = line.strip_prefix("TERN-STEP ") {
+            let mut w = rest.split_whitespace();
+            let name = w.next().unwrap_or("").to_string();
+            let rc = w.next().and_then(|r| r.parse().ok()).unwrap_or(-1);
+            out.push((name, rc, last.take()));
+        } else if let Some(start) = line.find('{') {
+            if let Ok(v) = serde_json::from_str::<Value>(&line[start..]) {
+                last = Some(v);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_take_the_json_printed_before_them() {
+        let console = "noise\r\n{\"backend\":\"soft-dirty\"}\r\nTERN-STEP check 0\r\nTERN-STEP x 3\r\n\u{1b}c{\"a\":1}\nTERN-STEP y 0\n";
+        let s = parse_steps(console);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0].0, "check");
+        assert_eq!(s[0].2.as_ref().unwrap()["backend"], "soft-dirty");
+        assert_eq!((s[1].1, s[1].2.is_none()), (3, true));
+        assert_eq!(s[2].2.as_ref().unwrap()["a"], 1);
+    }
+}
