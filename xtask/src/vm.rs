@@ -335,10 +335,10 @@ fn parse_steps(console: &str) -> Vec<(String, i32, Option<Value>)> {
             let name = w.next().unwrap_or("").to_string();
             let rc = w.next().and_then(|r| r.parse().ok()).unwrap_or(-1);
             out.push((name, rc, last.take()));
-        } else if let Some(start) = line.find('{') {
-            if let Ok(v) = serde_json::from_str::<Value>(&line[start..]) {
-                last = Some(v);
-            }
+        } else if let Some(start) = line.find('{')
+            && let Ok(v) = serde_json::from_str::<Value>(&line[start..])
+        {
+            last = Some(v);
         }
     }
     out
