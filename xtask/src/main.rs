@@ -29,8 +29,9 @@ enum Cmd {
     /// Install what is missing: Debian packages, nightly rust-src, bpf-linker,
     /// tracefs/bpffs mounts. Quiet when everything is present.
     Setup,
-    /// Build the workspace, then run every test (as root). Arguments after
-    /// `--` go to `cargo test`.
+    /// Build the workspace, then run every test (as root), then (without
+    /// arguments) the `x86-softdirty` VM lane. Arguments after `--` go to
+    /// `cargo test`.
     Test {
         #[arg(last = true)]
         args: Vec<String>,
@@ -90,8 +91,18 @@ fn test(args: &[String]) -> Result<()> {
     eprintln!("xtask: cargo build");
     util::run(util::cargo().args(["build"]))?;
     eprintln!("xtask: cargo test --no-fail-fast");
-    util::run(util::cargo().args(["test", "--no-fail-fast"]).args(args))
-        .map_err(|e| anyhow::anyhow!("tests failed: {e:#}"))
+    let tests = util::run(util::cargo().args(["test", "--no-fail-fast"]).args(args))
+        .map_err(|e| anyhow::anyhow!("tests failed: {e:#}"));
+    // The VM lane (another kernel under qemu) with the whole suite only,
+    // not with a filter.
+    let lane = if args.is_empty() {
+        eprintln!("xtask: vm-test x86-softdirty");
+        vm::run("x86-softdirty")
+    } else {
+        Ok(())
+    };
+    tests?;
+    lane
 }
 
 fn bench(name: &str, args: &[String]) -> Result<()> {
