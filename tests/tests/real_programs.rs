@@ -77,6 +77,9 @@ fn carry_on(name: &str, program: &Path, args: &[&str], pre_dumps: usize, progres
             break;
         }
         if Instant::now() > deadline {
+            // The restored process too, not only the tern waiting for it.
+            // SAFETY: plain kill(2) of the restored PID.
+            unsafe { libc::kill(ck.pid, libc::SIGKILL) };
             let _ = r.kill();
             let out = r.wait_with_output().expect("tern restore output");
             panic!(
