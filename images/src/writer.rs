@@ -215,14 +215,20 @@ impl ImageWriter {
             match e.kind {
                 PageKind::Data => {
                     self.stats.bytes_dead += e.stored_len;
-                    if left.is_empty() && right.is_empty() {
-                        continue;
-                    }
                     let path = self.dir.join(PAGES_FILE);
                     self.pages
                         .flush()
                         .map_err(|err| ImageError::io(&path, err))?;
-                    let data = crate::pagemap::read_entry_data(&path, &e)?;
+                    let data = if left.is_empty() && right.is_empty() {
+                        None
+                    } else {
+                        Some(crate::pagemap::read_entry_data(&path, &e)?)
+                    };
+                    // The dead bytes give their space back (a live
+                    // pre-copy that copies a hot set again every round would
+                    // otherwise grow the file by the set each round).
+                    self.punch(e.offset, e.stored_len);
+                    let Some(data) = data else { continue };
                     for part in [left, right] {
                         if !part.is_empty() {
                             let at = (part.start - e.start) as usize;
@@ -242,6 +248,25 @@ impl ImageWriter {
             }
         }
         Ok(())
+    }
+
+    /// Free the file's space for `len` bytes at `offset` (they read as
+    /// zeros after); best effort: a file system without hole punching keeps
+    /// them.
+    fn punch(&mut self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return;
+        }
+        // SAFETY: fallocate(2) on our own open file, no memory involved.
+        unsafe {
+            libc::fallocate(
+                self.pages.get_ref().as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            );
+        }
     }
 
     fn count_marker(&mut self, kind: PageKind, range: PageRange) {
@@ -570,6 +595,18 @@ mod tests {
                 .count() as u64;
             assert_eq!(st.data_pages, data);
             assert!(st.bytes_dead > 0);
+            // The dead bytes' space was given back: what the file occupies
+            // is about what the page map refers to (blocks round up).
+            use std::os::unix::fs::MetadataExt;
+            let md = std::fs::metadata(dir.path().join(PAGES_FILE)).unwrap();
+            let allocated = md.blocks() * 512;
+            let slack = 4096 * (img.pagemap.entries.len() as u64 + 1) * 2;
+            assert!(
+                allocated <= st.bytes_written + slack,
+                "pages.img occupies {allocated} bytes for {} live ({} dead)",
+                st.bytes_written,
+                st.bytes_dead
+            );
         }
     }
 
