@@ -108,7 +108,8 @@ fn test(args: &[String]) -> Result<()> {
 fn bench(name: &str, args: &[String]) -> Result<()> {
     match name {
         "tracking" | "dump" => {}
-        other => bail!("unknown benchmark `{other}`; known: tracking, dump"),
+        "vm-criu" => return vm::bench_criu(),
+        other => bail!("unknown benchmark `{other}`; known: tracking, dump, vm-criu"),
     }
     eprintln!("xtask: cargo build --release (tern, bench)");
     util::run(util::cargo().args(["build", "--release", "-p", "tern", "-p", "bench"]))?;

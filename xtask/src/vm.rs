@@ -74,6 +74,225 @@ pub fn run(lane: &str) -> Result<()> {
     }
 }
 
+/// The guest's /init for `bench vm-criu`: the same workload through CRIU
+/// (`pre-dump --track-mem` x3, `dump --prev-images-dir`, `--display-stats`)
+/// and through tern (3 soft-dirty pre-dumps, dump), each on a fresh
+/// `hotloop`; image sizes with `du`. CRIU's kerndat checks need loopback,
+/// the socket-diag and nf_tables modules (loaded with busybox modprobe).
+const INIT_CRIU: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /run; mount -t tmpfs run /run
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+ip link set lo up
+mkdir -p /sbin; ln -sf /bin/modprobe /sbin/modprobe
+echo /sbin/modprobe > /proc/sys/kernel/modprobe
+depmod
+for m in unix_diag netlink_diag af_packet_diag tcp_diag udp_diag nf_tables tun veth; do modprobe $m; done
+echo "TERN-BEGIN $(uname -r)"
+start() {
+  setsid hotloop --mib 256 --hot-mib 16 --drift-pages-per-ms 0 --sleep-ms 10 < /dev/null > /tmp/$1.out 2>&1 &
+  while ! grep -q ready /tmp/$1.out; do sleep 0.1; done
+  P=$(sed -n 's/.*ready pid=\([0-9]*\).*/\1/p' /tmp/$1.out)
+}
+cd /tmp
+start criu
+prev=""
+for i in 1 2 3; do
+  mkdir -p /tmp/c$i
+  criu pre-dump -t $P -D /tmp/c$i $prev --track-mem --display-stats -o pre.log; echo "TERN-STEP criu-pre-dump-$i $?"
+  prev="--prev-images-dir ../c$i"
+  sleep 0.1
+done
+mkdir -p /tmp/cd
+criu dump -t $P -D /tmp/cd $prev --track-mem --display-stats -o dump.log; echo "TERN-STEP criu-dump $?"
+for d in c1 c2 c3 cd; do echo "TERN-DU $d $(du -sk /tmp/$d | cut -f1)"; done
+start tern
+prev=""
+for i in 1 2 3; do
+  tern pre-dump -t $P -D /tmp/t$i $prev --track soft-dirty --json; echo "TERN-STEP tern-pre-dump-$i $?"
+  prev="--prev-images-dir /tmp/t$i"
+  sleep 0.1
+done
+tern dump -t $P -D /tmp/td $prev --track soft-dirty --json; echo "TERN-STEP tern-dump $?"
+for d in t1 t2 t3 td; do echo "TERN-DU $d $(du -sk /tmp/$d | cut -f1)"; done
+echo "TERN-END"
+poweroff -f
+"#;
+
+/// `cargo xtask bench vm-criu`: CRIU and tern side by side on Debian's 6.1
+/// kernel (soft-dirty) under TCG; writes `target/bench/vm-criu.json`.
+pub fn bench_criu() -> Result<()> {
+    let mut pkgs = HOST_PACKAGES.to_vec();
+    pkgs.push(("criu", "CRIU, run side by side with tern in the 6.1 guest"));
+    crate::setup::ensure_debian_packages(&pkgs, false)?;
+    eprintln!("xtask: cargo build --release (tern, bench)");
+    util::run(util::cargo().args(["build", "--release", "-p", "tern", "-p", "bench"]))?;
+    let work = util::target_dir().join("vm").join("x86");
+    std::fs::create_dir_all(&work)?;
+    let vmlinuz = debian_kernel(&work, "linux-image-amd64")?;
+    let kver = vmlinuz
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .context("kernel image name")?
+        .to_string();
+    let modules = vmlinuz
+        .parent()
+        .and_then(Path::parent)
+        .context("kernel package layout")?
+        .join("lib/modules")
+        .join(&kver);
+    let dest = format!("/lib/modules/{kver}");
+    let mut extra: Vec<(PathBuf, String)> = ["net", "lib", "crypto"]
+        .iter()
+        .map(|d| (modules.join("kernel").join(d), format!("{dest}/kernel/{d}")))
+        .collect();
+    for m in ["tun.ko", "veth.ko"] {
+        extra.push((
+            modules.join("kernel/drivers/net").join(m),
+            format!("{dest}/kernel/drivers/net/{m}"),
+        ));
+    }
+    for f in ["modules.order", "modules.builtin"] {
+        extra.push((modules.join(f), format!("{dest}/{f}")));
+    }
+    let release = util::target_dir().join("release");
+    let initrd = initramfs(
+        &work,
+        "criu",
+        &[
+            release.join("tern"),
+            release.join("hotloop"),
+            PathBuf::from("/usr/sbin/criu"),
+        ],
+        &extra,
+        INIT_CRIU,
+    )?;
+    let t = Instant::now();
+    let console = boot(
+        Command::new("qemu-system-x86_64").args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "3072",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+            "-append",
+            "console=ttyS0 panic=-1 quiet",
+        ]),
+        &vmlinuz,
+        &initrd,
+        &work.join("criu-console.log"),
+        Duration::from_secs(600),
+    )?;
+    let wall = t.elapsed();
+    let steps = parse_steps(&console);
+    let failed: Vec<String> = steps
+        .iter()
+        .filter(|s| s.1 != 0)
+        .map(|s| format!("{} exited {}", s.0, s.1))
+        .collect();
+    if !failed.is_empty() || steps.len() < 8 {
+        bail!(
+            "vm-criu: {} (of {} steps); console tail:\n{}",
+            failed.join(", "),
+            steps.len(),
+            tail(&console, 40)
+        );
+    }
+    // CRIU's --display-stats, in the order the steps ran.
+    let criu_frozen: Vec<f64> = console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Frozen time: "))
+        .filter_map(|v| v.trim().trim_end_matches("us").trim().parse::<f64>().ok())
+        .map(|us| us / 1e3)
+        .collect();
+    let du: std::collections::BTreeMap<String, u64> = console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TERN-DU "))
+        .filter_map(|r| {
+            let mut w = r.split_whitespace();
+            Some((w.next()?.to_string(), w.next()?.parse().ok()?))
+        })
+        .collect();
+    let tern_frozen: Vec<f64> = [
+        "tern-pre-dump-1",
+        "tern-pre-dump-2",
+        "tern-pre-dump-3",
+        "tern-dump",
+    ]
+    .iter()
+    .map(|n| {
+        steps
+            .iter()
+            .find(|s| s.0 == *n)
+            .and_then(|s| s.2.as_ref())
+            .and_then(|v| v["frozen_ms"].as_f64())
+            .unwrap_or(f64::NAN)
+    })
+    .collect();
+    if criu_frozen.len() != 4 {
+        bail!(
+            "vm-criu: expected 4 CRIU stats blocks, found {}",
+            criu_frozen.len()
+        );
+    }
+    println!(
+        "vm-criu: kernel {kver} under TCG (emulated: compare the columns, not with native figures), guest run {:.1} s",
+        wall.as_secs_f64()
+    );
+    println!("  hotloop 256 MiB, 16 MiB rewritten every 10 ms; 3 pre-dumps then the dump");
+    println!(
+        "  {:<12} {:>16} {:>16} {:>14} {:>14}",
+        "step", "CRIU frozen ms", "tern frozen ms", "CRIU KiB", "tern KiB"
+    );
+    let names = ["pre-dump 1", "pre-dump 2", "pre-dump 3", "dump"];
+    let cdirs = ["c1", "c2", "c3", "cd"];
+    let tdirs = ["t1", "t2", "t3", "td"];
+    let mut rows = Vec::new();
+    for i in 0..4 {
+        println!(
+            "  {:<12} {:>16.1} {:>16.1} {:>14} {:>14}",
+            names[i],
+            criu_frozen[i],
+            tern_frozen[i],
+            du.get(cdirs[i]).copied().unwrap_or(0),
+            du.get(tdirs[i]).copied().unwrap_or(0)
+        );
+        rows.push(serde_json::json!({
+            "step": names[i],
+            "criu_frozen_ms": criu_frozen[i],
+            "tern_frozen_ms": tern_frozen[i],
+            "criu_kib": du.get(cdirs[i]),
+            "tern_kib": du.get(tdirs[i]),
+        }));
+    }
+    let out = util::target_dir().join("bench");
+    std::fs::create_dir_all(&out)?;
+    let report = serde_json::json!({
+        "benchmark": "vm-criu",
+        "kernel": kver,
+        "emulation": "qemu TCG, -smp 2, 3 GiB",
+        "criu": "Debian bookworm 3.17.1",
+        "guest_run_s": wall.as_secs_f64(),
+        "rows": rows,
+    });
+    let path = out.join("vm-criu.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
 fn x86_softdirty() -> Result<()> {
     crate::setup::ensure_debian_packages(HOST_PACKAGES, false)?;
     eprintln!("xtask: cargo build --release (tern, bench)");
@@ -84,7 +303,9 @@ fn x86_softdirty() -> Result<()> {
     let release = util::target_dir().join("release");
     let initrd = initramfs(
         &work,
+        "softdirty",
         &[release.join("tern"), release.join("hotloop")],
+        &[],
         INIT_X86,
     )?;
     let t = Instant::now();
@@ -108,6 +329,7 @@ fn x86_softdirty() -> Result<()> {
         &vmlinuz,
         &initrd,
         &work.join("console.log"),
+        GUEST_DEADLINE,
     )?;
     let wall = t.elapsed();
     let steps = parse_steps(&console);
@@ -233,10 +455,17 @@ fn debian_kernel(work: &Path, meta: &str) -> Result<PathBuf> {
     find().with_context(|| format!("{}: no vmlinuz-* in the package", boot.display()))
 }
 
-/// An initramfs (`work/initrd.gz`) holding busybox, `bins` in /bin, the
-/// shared libraries they link (at the paths `ldd` gives) and `init`.
-fn initramfs(work: &Path, bins: &[PathBuf], init: &str) -> Result<PathBuf> {
-    let root = work.join("root");
+/// An initramfs (`work/NAME.gz`) holding busybox, `bins` in /bin, the
+/// shared libraries they link (at the paths `ldd` gives), `extra` trees
+/// (source, path in the guest) and `init`.
+fn initramfs(
+    work: &Path,
+    name: &str,
+    bins: &[PathBuf],
+    extra: &[(PathBuf, String)],
+    init: &str,
+) -> Result<PathBuf> {
+    let root = work.join(format!("{name}-root"));
     let _ = std::fs::remove_dir_all(&root);
     for d in ["bin", "proc", "sys", "dev", "tmp"] {
         std::fs::create_dir_all(root.join(d))?;
@@ -256,11 +485,18 @@ fn initramfs(work: &Path, bins: &[PathBuf], init: &str) -> Result<PathBuf> {
             std::fs::copy(lib, &to).with_context(|| format!("copying {lib}"))?;
         }
     }
+    for (from, to) in extra {
+        let dest = root.join(to.trim_start_matches('/'));
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        util::run(util::command("cp", ["-a"]).arg(from).arg(&dest))?;
+    }
     let init_path = root.join("init");
     std::fs::write(&init_path, init)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&init_path, std::fs::Permissions::from_mode(0o755))?;
-    let out = work.join("initrd.gz");
+    let out = work.join(format!("{name}.gz"));
     let status = Command::new("sh")
         .arg("-c")
         .arg("find . | cpio -o -H newc --quiet | gzip -1 > \"$1\"")
@@ -277,10 +513,16 @@ fn initramfs(work: &Path, bins: &[PathBuf], init: &str) -> Result<PathBuf> {
 
 /// Boot `kernel` + `initrd` with `qemu` (its arguments set), the serial
 /// console into `log`; kill it at the deadline. Returns the console.
-fn boot(qemu: &mut Command, kernel: &Path, initrd: &Path, log: &Path) -> Result<String> {
+fn boot(
+    qemu: &mut Command,
+    kernel: &Path,
+    initrd: &Path,
+    log: &Path,
+    deadline: Duration,
+) -> Result<String> {
     let out = std::fs::File::create(log)?;
     eprintln!(
-        "xtask: booting {} (TCG; deadline {GUEST_DEADLINE:?})",
+        "xtask: booting {} (TCG; deadline {deadline:?})",
         kernel.display()
     );
     let mut child = qemu
@@ -305,12 +547,12 @@ fn boot(qemu: &mut Command, kernel: &Path, initrd: &Path, log: &Path) -> Result<
             }
             return Ok(console);
         }
-        if t.elapsed() > GUEST_DEADLINE {
+        if t.elapsed() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             let console = String::from_utf8_lossy(&std::fs::read(log)?).into_owned();
             bail!(
-                "the guest did not finish within {GUEST_DEADLINE:?} (killed); console tail:\n{}",
+                "the guest did not finish within {deadline:?} (killed); console tail:\n{}",
                 tail(&console, 40)
             );
         }
