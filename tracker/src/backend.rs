@@ -414,7 +414,10 @@ impl DirtyTracker for SoftDirtyTracker {
         let frozen = if self.final_round {
             None
         } else {
-            Some(crate::freeze::Frozen::freeze(self.pid, self.freeze_timeout)?)
+            Some(crate::freeze::Frozen::freeze(
+                self.pid,
+                self.freeze_timeout,
+            )?)
         };
         let t0 = std::time::Instant::now();
         let mut entries = Vec::new();
