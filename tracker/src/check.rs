@@ -278,7 +278,11 @@ fn probe_ptrace_child(f: impl FnOnce(i32) -> bool) -> bool {
 
 use sys::clone::CloneArgs;
 
-/// Create a child with a chosen, currently free PID.
+/// Create a child with a chosen, currently free PID. The candidates start
+/// a little past the last PID handed out and wrap around below it (PIDs
+/// wrap at pid_max, past the 300 the kernel reserves), and a PID another
+/// process takes meanwhile (EEXIST) moves on to the next one: the probe
+/// says whether the kernel honours set_tid, not whether a PID race was won.
 fn probe_clone3_set_tid() -> bool {
     let last: i32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
         .ok()
@@ -288,11 +292,22 @@ fn probe_clone3_set_tid() -> bool {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(32768);
-    let Some(want) =
-        (last + 500..max - 1).find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
-    else {
-        return false;
-    };
+    let start = (last + 500).clamp(301, max - 1);
+    let candidates = (start..max).chain(301..start);
+    let free = candidates.filter(|p| !std::path::Path::new(&format!("/proc/{p}")).exists());
+    for want in free.take(20) {
+        match clone_with_pid(want) {
+            Ok(got) => return got == want,
+            Err(libc::EEXIST) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// clone3 a child that exits at once, asking for PID `want`; the PID it
+/// got, or the errno.
+fn clone_with_pid(want: i32) -> Result<i32, i32> {
     let tid = [want as libc::pid_t];
     let args = CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
@@ -309,14 +324,16 @@ fn probe_clone3_set_tid() -> bool {
         )
     };
     if r == 0 {
+        // SAFETY: the child only exits.
         unsafe { libc::_exit(0) };
     }
     if r < 0 {
-        return false;
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
     }
     let mut st = 0;
+    // SAFETY: reaping our own child.
     unsafe { libc::waitpid(r as i32, &mut st, 0) };
-    r as i32 == want
+    Ok(r as i32)
 }
 
 /// The kernel release, from uname(2).
