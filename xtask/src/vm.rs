@@ -128,12 +128,7 @@ poweroff -f
 pub fn bench_criu() -> Result<()> {
     let mut pkgs = HOST_PACKAGES.to_vec();
     pkgs.push(("criu", "CRIU, run side by side with tern in the 6.1 guest"));
-    crate::setup::ensure_debian_packages(&pkgs, false)?;
-    eprintln!("xtask: cargo build --release (tern, bench)");
-    util::run(util::cargo().args(["build", "--release", "-p", "tern", "-p", "bench"]))?;
-    let work = util::target_dir().join("vm").join("x86");
-    std::fs::create_dir_all(&work)?;
-    let vmlinuz = debian_kernel(&work, "linux-image-amd64")?;
+    let (work, vmlinuz) = prepare_x86(&pkgs)?;
     let kver = vmlinuz
         .file_name()
         .and_then(|n| n.to_str())
@@ -173,23 +168,8 @@ pub fn bench_criu() -> Result<()> {
         INIT_CRIU,
     )?;
     let t = Instant::now();
-    let console = boot(
-        Command::new("qemu-system-x86_64").args([
-            "-machine",
-            "q35",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "3072",
-            "-smp",
-            "2",
-            "-nographic",
-            "-no-reboot",
-            "-append",
-            "console=ttyS0 panic=-1 quiet",
-        ]),
+    let console = boot_x86(
+        3072,
         &vmlinuz,
         &initrd,
         &work.join("criu-console.log"),
@@ -294,12 +274,7 @@ pub fn bench_criu() -> Result<()> {
 }
 
 fn x86_softdirty() -> Result<()> {
-    crate::setup::ensure_debian_packages(HOST_PACKAGES, false)?;
-    eprintln!("xtask: cargo build --release (tern, bench)");
-    util::run(util::cargo().args(["build", "--release", "-p", "tern", "-p", "bench"]))?;
-    let work = util::target_dir().join("vm").join("x86");
-    std::fs::create_dir_all(&work)?;
-    let vmlinuz = debian_kernel(&work, "linux-image-amd64")?;
+    let (work, vmlinuz) = prepare_x86(HOST_PACKAGES)?;
     let release = util::target_dir().join("release");
     let initrd = initramfs(
         &work,
@@ -309,23 +284,8 @@ fn x86_softdirty() -> Result<()> {
         INIT_X86,
     )?;
     let t = Instant::now();
-    let console = boot(
-        Command::new("qemu-system-x86_64").args([
-            "-machine",
-            "q35",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "2048",
-            "-smp",
-            "2",
-            "-nographic",
-            "-no-reboot",
-            "-append",
-            "console=ttyS0 panic=-1 quiet",
-        ]),
+    let console = boot_x86(
+        2048,
         &vmlinuz,
         &initrd,
         &work.join("console.log"),
@@ -509,6 +469,36 @@ fn initramfs(
         bail!("packing {} failed ({status})", out.display());
     }
     Ok(out)
+}
+
+/// Host packages, the release build (tern, hotloop) and Debian's x86
+/// kernel: the work directory and the kernel image.
+fn prepare_x86(packages: &[(&str, &str)]) -> Result<(PathBuf, PathBuf)> {
+    crate::setup::ensure_debian_packages(packages, false)?;
+    eprintln!("xtask: cargo build --release (tern, bench)");
+    util::run(util::cargo().args(["build", "--release", "-p", "tern", "-p", "bench"]))?;
+    let work = util::target_dir().join("vm").join("x86");
+    std::fs::create_dir_all(&work)?;
+    let vmlinuz = debian_kernel(&work, "linux-image-amd64")?;
+    Ok((work, vmlinuz))
+}
+
+/// [`boot`] on an emulated x86 machine (q35, TCG, 2 CPUs, `mem_mib`).
+fn boot_x86(
+    mem_mib: u32,
+    kernel: &Path,
+    initrd: &Path,
+    log: &Path,
+    deadline: Duration,
+) -> Result<String> {
+    let mem = mem_mib.to_string();
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2",
+    ])
+    .args(["-m", &mem, "-nographic", "-no-reboot"])
+    .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+    boot(&mut qemu, kernel, initrd, log, deadline)
 }
 
 /// Boot `kernel` + `initrd` with `qemu` (its arguments set), the serial
