@@ -53,6 +53,32 @@ fn leave_running_leaves_the_target_as_it_was() {
     assert_eq!(ck.verdict(READY).unwrap(), "PASS");
 }
 
+/// Run `tern` with `args` (a dump of `pid` into `dir`), SIGKILL it after
+/// `delay_ms` and let its guardian finish. False if the target is gone,
+/// which is only acceptable when the dump had completed as the kill landed:
+/// then the image in `dir` is whole (the target is never killed before).
+fn target_survives_tern_killed(pid: i32, args: &[String], dir: &Path, delay_ms: u64) -> bool {
+    let mut t = spawn_tern(args);
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    let _ = t.kill();
+    let _ = t.wait();
+    // The guardian finishes on its own (it checks tern is alive before the
+    // kill): wait for it to let go.
+    std::thread::sleep(Duration::from_millis(300));
+    if proc::alive(pid) {
+        return true;
+    }
+    let img = images::Image::open(dir).unwrap_or_else(|e| {
+        panic!("target gone after tern was killed {delay_ms} ms into a dump, and no complete image: {e}")
+    });
+    assert!(
+        img.process.is_some(),
+        "target gone, image is not a final dump"
+    );
+    eprintln!("tern killed {delay_ms} ms in: the dump had already completed");
+    false
+}
+
 #[test]
 fn tern_killed_mid_dump_leaves_the_target_running() {
     let mut ck = CkProcess::start("seccomp", &[], READY).unwrap();
@@ -60,24 +86,7 @@ fn tern_killed_mid_dump_leaves_the_target_running() {
     let root = tempdir();
     for (i, delay_ms) in [0u64, 2, 5, 10, 20, 40].into_iter().enumerate() {
         let d = root.path().join(format!("d{i}"));
-        let mut t = spawn_tern(&dump_args(ck.pid, &d, &[]));
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let _ = t.kill();
-        let _ = t.wait();
-        // The guardian finishes on its own (it checks tern is alive before
-        // the kill): wait for it to let go.
-        std::thread::sleep(Duration::from_millis(300));
-        if !proc::alive(ck.pid) {
-            // Only acceptable if the dump had completed when the kill
-            // landed: the image is whole (the target is never killed before).
-            let img = images::Image::open(&d).unwrap_or_else(|e| {
-                panic!("target gone after tern was killed {delay_ms} ms into a dump, and no complete image: {e}")
-            });
-            assert!(
-                img.process.is_some(),
-                "target gone, image is not a final dump"
-            );
-            eprintln!("tern killed {delay_ms} ms in: the dump had already completed");
+        if !target_survives_tern_killed(ck.pid, &dump_args(ck.pid, &d, &[]), &d, delay_ms) {
             ck.release();
             return;
         }
@@ -105,20 +114,7 @@ fn tern_killed_during_the_live_pre_copy_leaves_the_target_running() {
         let d = root.path().join(format!("d{i}"));
         let mut a = dump_args(ck.pid, &d, &["--prev-images-dir"]);
         a.push(p1.display().to_string());
-        let mut t = spawn_tern(&a);
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let _ = t.kill();
-        let _ = t.wait();
-        std::thread::sleep(Duration::from_millis(300));
-        if !proc::alive(ck.pid) {
-            let img = images::Image::open(&d).unwrap_or_else(|e| {
-                panic!("target gone after tern was killed {delay_ms} ms into a dump, and no complete image: {e}")
-            });
-            assert!(
-                img.process.is_some(),
-                "target gone, image is not a final dump"
-            );
-            eprintln!("tern killed {delay_ms} ms in: the dump had already completed");
+        if !target_survives_tern_killed(ck.pid, &a, &d, delay_ms) {
             ck.release();
             return;
         }
