@@ -29,15 +29,18 @@ const HOST_PACKAGES: &[(&str, &str)] = &[
 /// The whole guest run, boot to power-off.
 const GUEST_DEADLINE: Duration = Duration::from_secs(300);
 
-/// The guest's /init: every step prints `TERN-STEP name rc` after its output.
-const INIT_X86: &str = r#"#!/bin/busybox sh
+/// What every guest's /init starts with (the lane's script follows).
+const INIT_PREAMBLE: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
-echo "TERN-BEGIN $(uname -r)"
+"#;
+
+/// The guest's /init (after [`INIT_PREAMBLE`]): every step prints `TERN-STEP name rc` after its output.
+const INIT_X86: &str = r#"echo "TERN-BEGIN $(uname -r)"
 tern check --json; echo "TERN-STEP check $?"
 hotloop --mib 64 --hot-mib 4 --sleep-ms 5 > /tmp/hot.out 2>&1 &
 P=$!
@@ -74,19 +77,12 @@ pub fn run(lane: &str) -> Result<()> {
     }
 }
 
-/// The guest's /init for `bench vm-criu`: the same workload through CRIU
+/// The guest's /init for `bench vm-criu` (after [`INIT_PREAMBLE`]): the same workload through CRIU
 /// (`pre-dump --track-mem` x3, `dump --prev-images-dir`, `--display-stats`)
 /// and through tern (3 soft-dirty pre-dumps, dump), each on a fresh
 /// `hotloop`; image sizes with `du`. CRIU's kerndat checks need loopback,
 /// the socket-diag and nf_tables modules (loaded with busybox modprobe).
-const INIT_CRIU: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mkdir -p /run; mount -t tmpfs run /run
-mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
-mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+const INIT_CRIU: &str = r#"mkdir -p /run; mount -t tmpfs run /run
 ip link set lo up
 mkdir -p /sbin; ln -sf /bin/modprobe /sbin/modprobe
 echo /sbin/modprobe > /proc/sys/kernel/modprobe
@@ -453,7 +449,7 @@ fn initramfs(
         util::run(util::command("cp", ["-a"]).arg(from).arg(&dest))?;
     }
     let init_path = root.join("init");
-    std::fs::write(&init_path, init)?;
+    std::fs::write(&init_path, format!("{INIT_PREAMBLE}{init}"))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&init_path, std::fs::Permissions::from_mode(0o755))?;
     let out = work.join(format!("{name}.gz"));
