@@ -1,23 +1,15 @@
-//! `cargo xtask vm-test LANE`: tern on kernels this machine does not run,
-//! booted under qemu with software emulation (TCG, no KVM needed).
-//!
-//! `x86-softdirty`: Debian bookworm's `linux-image-amd64` (6.1: soft-dirty
-//! yes, PAGEMAP_SCAN no). The kernel package is fetched with `apt-get
-//! download` into `target/vm/x86/` (kept there); the guest's root file
-//! system is an initramfs assembled here from busybox-static, the release
-//! `tern` and `hotloop` and the shared libraries they link. Its `/init`
-//! runs `tern check`, three `--track soft-dirty` pre-dumps of `hotloop`,
-//! `tern dump --verify` and `tern restore --detach`, and prints each JSON
-//! between markers on the serial console; this side checks them. The guest
-//! has a deadline and is killed at it; a failure prints the console's tail.
+//! The x86_64 lane: Debian bookworm's `linux-image-amd64` (6.1: soft-dirty
+//! yes, PAGEMAP_SCAN no) under TCG (`cargo xtask vm-test x86-softdirty`),
+//! and CRIU side by side on it (`cargo xtask bench vm-criu`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use super::{GUEST_DEADLINE, boot, debian_kernel, initramfs, parse_steps, tail};
 use crate::util;
 
 const HOST_PACKAGES: &[(&str, &str)] = &[
@@ -25,19 +17,6 @@ const HOST_PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "the test guest's shell and tools"),
     ("cpio", "packing the test guest's initramfs"),
 ];
-
-/// The whole guest run, boot to power-off.
-const GUEST_DEADLINE: Duration = Duration::from_secs(300);
-
-/// What every guest's /init starts with (the lane's script follows).
-const INIT_PREAMBLE: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
-mount -t bpf bpf /sys/fs/bpf 2>/dev/null
-"#;
 
 /// The guest's /init (after [`INIT_PREAMBLE`]): every step prints `TERN-STEP name rc` after its output.
 const INIT_X86: &str = r#"echo "TERN-BEGIN $(uname -r)"
@@ -69,13 +48,6 @@ fi
 echo "TERN-END"
 poweroff -f
 "#;
-
-pub fn run(lane: &str) -> Result<()> {
-    match lane {
-        "x86-softdirty" => x86_softdirty(),
-        other => bail!("unknown VM lane `{other}`; known: x86-softdirty"),
-    }
-}
 
 /// The guest's /init for `bench vm-criu` (after [`INIT_PREAMBLE`]): the same workload through CRIU
 /// (`pre-dump --track-mem` x3, `dump --prev-images-dir`, `--display-stats`)
@@ -269,7 +241,7 @@ pub fn bench_criu() -> Result<()> {
     Ok(())
 }
 
-fn x86_softdirty() -> Result<()> {
+pub fn softdirty() -> Result<()> {
     let (work, vmlinuz) = prepare_x86(HOST_PACKAGES)?;
     let release = util::target_dir().join("release");
     let initrd = initramfs(
@@ -369,104 +341,6 @@ fn x86_softdirty() -> Result<()> {
     Ok(())
 }
 
-/// The kernel image of Debian package `meta` (a metapackage such as
-/// `linux-image-amd64`, resolved to the versioned package it depends on),
-/// downloaded into `work` once and unpacked there.
-fn debian_kernel(work: &Path, meta: &str) -> Result<PathBuf> {
-    let deps = util::stdout_of(&mut util::command("apt-cache", ["depends", meta]))?;
-    let pkg = deps
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Depends: "))
-        .map(str::trim)
-        .with_context(|| format!("apt-cache depends {meta}: no versioned kernel package"))?
-        .to_string();
-    let unpacked = work.join(&pkg);
-    let boot = unpacked.join("boot");
-    let find = || -> Option<PathBuf> {
-        std::fs::read_dir(&boot)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-            })
-    };
-    if let Some(k) = find() {
-        return Ok(k);
-    }
-    eprintln!("xtask: apt-get download {pkg}");
-    util::run(util::command("apt-get", ["download", &pkg]).current_dir(work))?;
-    let deb = std::fs::read_dir(work)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
-                && p.extension().is_some_and(|e| e == "deb")
-        })
-        .with_context(|| format!("apt-get download {pkg} left no .deb in {}", work.display()))?;
-    let _ = std::fs::remove_dir_all(&unpacked);
-    util::run(util::command("dpkg-deb", ["-x"]).arg(&deb).arg(&unpacked))?;
-    find().with_context(|| format!("{}: no vmlinuz-* in the package", boot.display()))
-}
-
-/// An initramfs (`work/NAME.gz`) holding busybox, `bins` in /bin, the
-/// shared libraries they link (at the paths `ldd` gives), `extra` trees
-/// (source, path in the guest) and `init`.
-fn initramfs(
-    work: &Path,
-    name: &str,
-    bins: &[PathBuf],
-    extra: &[(PathBuf, String)],
-    init: &str,
-) -> Result<PathBuf> {
-    let root = work.join(format!("{name}-root"));
-    let _ = std::fs::remove_dir_all(&root);
-    for d in ["bin", "proc", "sys", "dev", "tmp"] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .context("/bin/busybox (Debian package busybox-static)")?;
-    for b in bins {
-        let name = b.file_name().context("binary without a name")?;
-        std::fs::copy(b, root.join("bin").join(name))
-            .with_context(|| format!("copying {}", b.display()))?;
-        let ldd = util::stdout_of(&mut util::command("ldd", [b]))?;
-        for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
-            let to = root.join(lib.trim_start_matches('/'));
-            if let Some(dir) = to.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::copy(lib, &to).with_context(|| format!("copying {lib}"))?;
-        }
-    }
-    for (from, to) in extra {
-        let dest = root.join(to.trim_start_matches('/'));
-        if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        util::run(util::command("cp", ["-a"]).arg(from).arg(&dest))?;
-    }
-    let init_path = root.join("init");
-    std::fs::write(&init_path, format!("{INIT_PREAMBLE}{init}"))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&init_path, std::fs::Permissions::from_mode(0o755))?;
-    let out = work.join(format!("{name}.gz"));
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg("find . | cpio -o -H newc --quiet | gzip -1 > \"$1\"")
-        .arg("sh")
-        .arg(&out)
-        .current_dir(&root)
-        .status()
-        .context("cannot run cpio")?;
-    if !status.success() {
-        bail!("packing {} failed ({status})", out.display());
-    }
-    Ok(out)
-}
-
 /// Host packages, the release build (tern, hotloop) and Debian's x86
 /// kernel: the work directory and the kernel image.
 fn prepare_x86(packages: &[(&str, &str)]) -> Result<(PathBuf, PathBuf)> {
@@ -495,95 +369,4 @@ fn boot_x86(
     .args(["-m", &mem, "-nographic", "-no-reboot"])
     .args(["-append", "console=ttyS0 panic=-1 quiet"]);
     boot(&mut qemu, kernel, initrd, log, deadline)
-}
-
-/// Boot `kernel` + `initrd` with `qemu` (its arguments set), the serial
-/// console into `log`; kill it at the deadline. Returns the console.
-fn boot(
-    qemu: &mut Command,
-    kernel: &Path,
-    initrd: &Path,
-    log: &Path,
-    deadline: Duration,
-) -> Result<String> {
-    let out = std::fs::File::create(log)?;
-    eprintln!(
-        "xtask: booting {} (TCG; deadline {deadline:?})",
-        kernel.display()
-    );
-    let mut child = qemu
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .context("cannot start qemu (Debian package qemu-system-x86)")?;
-    let t = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait()? {
-            let console = String::from_utf8_lossy(&std::fs::read(log)?).into_owned();
-            if !console.contains("TERN-END") {
-                bail!(
-                    "the guest stopped ({st}) before its tests ended; console tail:\n{}",
-                    tail(&console, 40)
-                );
-            }
-            return Ok(console);
-        }
-        if t.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let console = String::from_utf8_lossy(&std::fs::read(log)?).into_owned();
-            bail!(
-                "the guest did not finish within {deadline:?} (killed); console tail:\n{}",
-                tail(&console, 40)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// `(step, exit code, the last JSON object printed before it)` for every
-/// `TERN-STEP name rc` line of the console.
-fn parse_steps(console: &str) -> Vec<(String, i32, Option<Value>)> {
-    let mut out = Vec::new();
-    let mut last: Option<Value> = None;
-    for line in console.lines() {
-        let line = line.trim_matches(|c: char| c.is_whitespace() || c == '\r');
-        if let Some(rest) = line.strip_prefix("TERN-STEP ") {
-            let mut w = rest.split_whitespace();
-            let name = w.next().unwrap_or("").to_string();
-            let rc = w.next().and_then(|r| r.parse().ok()).unwrap_or(-1);
-            out.push((name, rc, last.take()));
-        } else if let Some(start) = line.find('{')
-            && let Ok(v) = serde_json::from_str::<Value>(&line[start..])
-        {
-            last = Some(v);
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn steps_take_the_json_printed_before_them() {
-        let console = "noise\r\n{\"backend\":\"soft-dirty\"}\r\nTERN-STEP check 0\r\nTERN-STEP x 3\r\n\u{1b}c{\"a\":1}\nTERN-STEP y 0\n";
-        let s = parse_steps(console);
-        assert_eq!(s.len(), 3);
-        assert_eq!(s[0].0, "check");
-        assert_eq!(s[0].2.as_ref().unwrap()["backend"], "soft-dirty");
-        assert_eq!((s[1].1, s[1].2.is_none()), (3, true));
-        assert_eq!(s[2].2.as_ref().unwrap()["a"], 1);
-    }
 }
