@@ -126,25 +126,36 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 mod proc;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests;
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod tracee;
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod unsupported;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
-#[cfg(not(target_arch = "x86_64"))]
-use self::unsupported as arch;
+#[cfg(target_arch = "aarch64")]
+use self::aarch64 as arch;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use self::tracee as machine;
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+use self::unsupported as machine;
 #[cfg(target_arch = "x86_64")]
 use self::x86_64 as arch;
 
 /// Default deadline for each wait on the target during an injection.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Layout of the scratch area (see the module docs). The numbers are
-/// arch-neutral; only x86_64 uses them for now.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+/// Layout of the scratch area (see the module docs); only the frames differ
+/// between the architectures.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 pub(crate) mod layout {
     pub const PAGE: u64 = 4096;
     /// First 16 bytes of the area.
@@ -161,11 +172,17 @@ pub(crate) mod layout {
     pub const SLOTS: usize = 8;
     pub const STUB_OFF: usize = 0x100;
     pub const STUB_STRIDE: usize = 128;
-    /// Register frames, one per slot, in the second (rw-) page.
+    /// Register frames, one per slot, from the second page on (rw-).
     pub const FRAMES_OFF: usize = 4096;
+    /// x86_64: the general registers the stub loads.
+    #[cfg(not(target_arch = "aarch64"))]
     pub const FRAME_STRIDE: usize = 256;
+    /// aarch64: a `struct rt_sigframe` for the stub's `rt_sigreturn`
+    /// (4.7 KiB with its FPSIMD record).
+    #[cfg(target_arch = "aarch64")]
+    pub const FRAME_STRIDE: usize = 8192;
     /// Data areas for [`super::Injector::scratch_data`], one per slot (rw-).
-    pub const DATA_OFF: usize = 8192;
+    pub const DATA_OFF: usize = (FRAMES_OFF + SLOTS * FRAME_STRIDE).next_multiple_of(PAGE as usize);
     pub const DATA_STRIDE: usize = 8192;
     pub const LEN: usize = DATA_OFF + SLOTS * DATA_STRIDE;
 }
@@ -315,7 +332,7 @@ pub enum InjectError {
     Spawn { pid: i32, source: std::io::Error },
 }
 
-type Job = Box<dyn FnOnce(&mut Option<arch::Tracee>) + Send>;
+type Job = Box<dyn FnOnce(&mut Option<machine::Tracee>) + Send>;
 
 /// A thread of another process, stopped under ptrace, into which syscalls
 /// can be injected. See the module docs.
@@ -392,7 +409,7 @@ impl Injector {
         let (rtx, rrx) = mpsc::sync_channel::<Result<bool, InjectError>>(1);
         let worker = thread::Builder::new()
             .name(format!("tern-inject-{tid}"))
-            .spawn(move || match arch::Tracee::attach(pid, tid, timeout) {
+            .spawn(move || match machine::Tracee::attach(pid, tid, timeout) {
                 Ok(t) => {
                     let _ = rtx.send(Ok(t.seccomp_suspended()));
                     worker_loop(t, rx);
@@ -579,14 +596,14 @@ impl Injector {
     }
 
     #[cfg(test)]
-    pub(crate) fn debug_state(&mut self) -> Result<arch::DebugState, InjectError> {
+    pub(crate) fn debug_state(&mut self) -> Result<machine::DebugState, InjectError> {
         self.run(|t| Ok(t.debug_state()))
     }
 
     /// Run `f` on the tracer thread and wait for its result.
     fn run<R: Send + 'static>(
         &mut self,
-        f: impl FnOnce(&mut arch::Tracee) -> Result<R, InjectError> + Send + 'static,
+        f: impl FnOnce(&mut machine::Tracee) -> Result<R, InjectError> + Send + 'static,
     ) -> Result<R, InjectError> {
         let (pid, tid) = (self.pid, self.tid);
         let released = InjectError::Released { pid, tid };
@@ -594,7 +611,7 @@ impl Injector {
             return Err(released);
         };
         let (rtx, rrx) = mpsc::sync_channel::<(Result<R, InjectError>, bool)>(1);
-        let job: Job = Box::new(move |slot: &mut Option<arch::Tracee>| {
+        let job: Job = Box::new(move |slot: &mut Option<machine::Tracee>| {
             let out = match slot.as_mut() {
                 Some(t) => {
                     let r = f(t);
@@ -648,7 +665,7 @@ impl Drop for Injector {
     }
 }
 
-fn worker_loop(t: arch::Tracee, rx: mpsc::Receiver<Job>) {
+fn worker_loop(t: machine::Tracee, rx: mpsc::Receiver<Job>) {
     let mut slot = Some(t);
     while let Ok(job) = rx.recv() {
         job(&mut slot);

@@ -1,5 +1,8 @@
 //! The /proc reading the injector needs: threads, maps, scratch areas.
-#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#![cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 
 use std::fs::File;
 use std::io::ErrorKind;
