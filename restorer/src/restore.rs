@@ -476,21 +476,23 @@ fn set_regs(
     inj.on_tracer(move |tid| regs.apply(tid))?
         .map_err(step(pid, "setting FPU/xsave registers"))?;
     #[cfg(target_arch = "x86_64")]
-    {
-        let gp = t.regs.gp_x86().ok_or_else(|| {
-            step::<String>(pid, "general registers")(format!(
-                "thread {}: not x86_64 registers",
-                t.tid
-            ))
-        })?;
-        inj.set_original_regs(gp)?;
-    }
-    if cfg!(not(target_arch = "x86_64")) {
-        return Err(step::<String>(pid, "general registers")(format!(
-            "thread {}: restoring general registers is implemented for x86_64 only so far",
-            t.tid
-        )));
-    }
+    let gp = t.regs.gp_x86();
+    #[cfg(target_arch = "aarch64")]
+    let gp = t.regs.gp_arm64();
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let gp: Option<()> = None;
+    let gp = gp.ok_or_else(|| {
+        step::<String>(pid, "general registers")(format!(
+            "thread {}: the image holds {} registers; this tern restores {} ones",
+            t.tid,
+            t.regs.arch,
+            std::env::consts::ARCH
+        ))
+    })?;
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    inj.set_original_regs(gp)?;
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = gp;
     Ok(())
 }
 

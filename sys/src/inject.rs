@@ -129,8 +129,12 @@ use std::time::Duration;
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 mod proc;
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod test_support;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests;
+#[cfg(all(test, target_arch = "aarch64"))]
+mod tests_aarch64;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod tracee;
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -522,14 +526,14 @@ impl Injector {
 
     /// The thread's general registers when it stopped (see
     /// `Tracee::original_regs`): what a dump records.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     pub fn original_regs(&mut self) -> Result<libc::user_regs_struct, InjectError> {
         self.run(|t| Ok(t.original_regs()))
     }
 
     /// The registers the thread resumes with at [`Injector::detach`]
     /// (a restore puts the dumped ones here).
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     pub fn set_original_regs(&mut self, r: libc::user_regs_struct) -> Result<(), InjectError> {
         self.run(move |t| t.set_original_regs(r))
     }
@@ -595,7 +599,7 @@ impl Injector {
         proc::find_scratch(pid)
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, target_arch = "x86_64"))]
     pub(crate) fn debug_state(&mut self) -> Result<machine::DebugState, InjectError> {
         self.run(|t| Ok(t.debug_state()))
     }

@@ -1479,6 +1479,7 @@ pub(crate) mod testutil {
         }
 
         /// Resume without detaching.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         pub fn cont(&mut self) {
             ptrace::cont(Pid::from_raw(self.tid), None).expect("PTRACE_CONT");
             self.stopped = false;
@@ -1503,6 +1504,7 @@ pub(crate) mod testutil {
     }
 
     /// The /proc/PID/maps line of the mapping containing `addr`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub fn mapping_of(pid: i32, addr: u64) -> Option<String> {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
         maps.lines()

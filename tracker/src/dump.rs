@@ -569,10 +569,15 @@ fn stack_pointer(t: &mut Injector) -> Result<u64, DumpError> {
     Ok(t.original_regs()?.rsp)
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(target_arch = "aarch64")]
+fn stack_pointer(t: &mut Injector) -> Result<u64, DumpError> {
+    Ok(t.original_regs()?.sp)
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 fn stack_pointer(t: &mut Injector) -> Result<u64, DumpError> {
     Err(DumpError::Capture(format!(
-        "thread {} of PID {}: dumping is implemented for x86_64 only",
+        "thread {} of PID {}: dumping is implemented for x86_64 and aarch64 only",
         t.tid(),
         t.pid()
     )))
@@ -690,6 +695,13 @@ fn capture_state(
         let regs = {
             let mut regs = regs;
             regs.set_gp_x86(&inj.original_regs()?)
+                .map_err(cap(format!("thread {tid} of PID {pid}")))?;
+            regs
+        };
+        #[cfg(target_arch = "aarch64")]
+        let regs = {
+            let mut regs = regs;
+            regs.set_gp_arm64(&inj.original_regs()?)
                 .map_err(cap(format!("thread {tid} of PID {pid}")))?;
             regs
         };

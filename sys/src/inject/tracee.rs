@@ -229,6 +229,9 @@ pub(crate) struct Tracee {
     scratch_hint: u64,
     have_syscall_info: bool,
     recovered: bool,
+    /// The PC at the stop, when the thread was stopped inside one of our
+    /// stubs (see [`Tracee::claim_slot`]).
+    stopped_in_stub: Option<u64>,
     /// Signals delivered on the original registers during injection.
     delivered: u32,
     /// Other times the thread ran its own code while we held it (a signal
@@ -337,6 +340,7 @@ impl Tracee {
             scratch_hint: 0,
             have_syscall_info: true,
             recovered: false,
+            stopped_in_stub: None,
             delivered: 0,
             ran_code: 0,
             rseq_aborted: false,
@@ -694,6 +698,7 @@ impl Tracee {
         self.orig = r;
         self.regs = RegsState::Orig;
         self.recovered = false;
+        self.stopped_in_stub = None;
         if !self.recover_from_stub()? {
             self.rseq_fixup();
         }
@@ -742,6 +747,7 @@ impl Tracee {
         self.orig = arch::regs_from_frame(&f, &self.orig);
         self.regs = RegsState::Other;
         self.recovered = true;
+        self.stopped_in_stub = Some(rip);
         tracing::info!(
             "thread {} of process {}: was inside tern stub {slot} of {base:#x} (an earlier tern died while injecting); resuming it from the stub frame",
             self.tid,
@@ -1287,9 +1293,20 @@ impl Tracee {
         Ok(())
     }
 
+    /// A free slot of the area at `base`. Not free: slots other injectors
+    /// of this process hold, slots other threads are inside, and the slot
+    /// this thread itself was stopped in. On arm64, a thread stopped inside
+    /// an interrupted syscall resumes through the kernel's restart check
+    /// (`pc == restart_addr`, the `svc` it was in): an injection through that
+    /// same `svc` would be turned into `restart_syscall`.
     fn claim_slot(&self, base: u64) -> Result<SlotClaim, InjectError> {
         let stubs = base + STUB_OFF as u64;
         let mut taken = 0u32;
+        if let Some(pc) = self.stopped_in_stub
+            && (stubs..stubs + (SLOTS * STUB_STRIDE) as u64).contains(&pc)
+        {
+            taken |= 1 << ((pc - stubs) as usize / STUB_STRIDE);
+        }
         for (_, pc) in proc::threads_with_pc_in(
             self.pid,
             self.tid,

@@ -1,0 +1,434 @@
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+//! What the injector's kernel tests share on both architectures: forked
+//! target processes, shared counters, waits with deadlines, /proc probes,
+//! and the loop target whose helper thread checks floating point.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::Injector;
+use super::*;
+
+pub(crate) static SERIAL: Mutex<()> = Mutex::new(());
+
+pub(crate) fn serial() -> MutexGuard<'static, ()> {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the injection tests must run as root"
+    );
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) const T: Duration = Duration::from_secs(5);
+
+/// Shared between the test and its children (MAP_SHARED).
+#[repr(C)]
+pub(crate) struct Shared {
+    pub(crate) stop: AtomicU32,
+    pub(crate) fail: AtomicU64,
+    pub(crate) counter: AtomicU64,
+    pub(crate) aux: AtomicU64,
+    pub(crate) aux2: AtomicU64,
+}
+
+pub(crate) fn shared() -> &'static Shared {
+    // SAFETY: a fresh shared anonymous page, zero-filled (valid atomics),
+    // never unmapped (leaked for the test's lifetime).
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        &*(p as *const Shared)
+    }
+}
+
+/// A forked child; killed and reaped on drop.
+pub(crate) struct Child {
+    pub(crate) pid: i32,
+    pub(crate) status: Option<i32>,
+}
+
+pub(crate) fn fork_child(f: impl FnOnce() -> i32) -> Child {
+    // SAFETY: see the module docs; the child runs `f` and _exit()s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+        unsafe { libc::_exit(code) };
+    }
+    Child { pid, status: None }
+}
+
+impl Child {
+    /// Exit code, or 128 + signal.
+    pub(crate) fn decode(st: i32) -> i32 {
+        if libc::WIFEXITED(st) {
+            libc::WEXITSTATUS(st)
+        } else {
+            128 + libc::WTERMSIG(st)
+        }
+    }
+
+    pub(crate) fn try_wait(&mut self) -> Option<i32> {
+        if self.status.is_none() {
+            let mut st = 0;
+            let r = unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG) };
+            if r == self.pid {
+                self.status = Some(Self::decode(st));
+            } else if r < 0 {
+                self.status = Some(-1);
+            }
+        }
+        self.status
+    }
+
+    pub(crate) fn alive(&mut self) -> bool {
+        self.try_wait().is_none()
+    }
+
+    pub(crate) fn wait(&mut self, timeout: Duration) -> i32 {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return s;
+            }
+            if Instant::now() > end {
+                self.kill();
+                panic!("child {} did not exit within {timeout:?}", self.pid);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub(crate) fn kill(&mut self) {
+        if self.status.is_none() {
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let mut st = 0;
+            let r = unsafe { libc::waitpid(self.pid, &mut st, 0) };
+            self.status = Some(if r == self.pid { Self::decode(st) } else { -1 });
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub(crate) fn tracer_of(pid: i32) -> i32 {
+    proc::status_field(pid, Some(pid), "TracerPid")
+        .unwrap()
+        .parse()
+        .unwrap_or(-1)
+}
+
+pub(crate) fn state_of(pid: i32) -> String {
+    proc::status_field(pid, None, "State").unwrap()
+}
+
+/// Wait until the thread is blocked in syscall `nr`; returns the pc.
+pub(crate) fn wait_in_syscall(pid: i32, nr: i64) -> u64 {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        let f: Vec<&str> = s.split_whitespace().collect();
+        if f.first() == Some(&nr.to_string().as_str()) {
+            return u64::from_str_radix(f.last().unwrap().trim_start_matches("0x"), 16).unwrap();
+        }
+        assert!(
+            Instant::now() < end,
+            "process {pid} never blocked in syscall {nr}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+pub(crate) fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Does this kernel name anonymous VMAs (CONFIG_ANON_VMA_NAME)? Probed on
+/// a mapping of our own.
+pub(crate) fn kernel_names_anon_vmas() -> bool {
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        let r = libc::prctl(0x5356_4d41, 0, p as u64, 4096u64, c"probe".as_ptr() as u64);
+        libc::munmap(p, 4096);
+        r == 0
+    }
+}
+
+/// The area's first VMA is named `[anon:tern-scratch]` where the kernel
+/// can name VMAs, else unnamed; either way find_scratch finds it.
+pub(crate) fn assert_scratch_visible(pid: i32, base: u64) {
+    let line = maps_line(pid, base);
+    assert!(line.contains(" r-xp "), "{line}");
+    assert!(maps_line(pid, base + 4096).contains(" rw-p "));
+    if kernel_names_anon_vmas() {
+        assert!(line.ends_with("[anon:tern-scratch]"), "{line}");
+        assert!(maps_line(pid, base + 4096).ends_with("[anon:tern-scratch]"));
+    } else {
+        assert!(line.trim_end().ends_with(" 0"), "unnamed: {line}");
+    }
+    assert!(Injector::find_scratch(pid).unwrap().contains(&base));
+}
+
+pub(crate) fn maps_line(pid: i32, addr: u64) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(&format!("{addr:x}-")))
+        .unwrap_or("")
+        .to_string()
+}
+
+pub(crate) fn sys0(inj: &mut Injector, nr: i64) -> i64 {
+    inj.syscall(nr, [0; 6]).unwrap()
+}
+
+pub(crate) fn pipe() -> (i32, i32) {
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    (fds[0], fds[1])
+}
+
+pub(crate) fn now_ns(clock: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+pub(crate) fn timespec_bytes(ns: i64) -> Vec<u8> {
+    let mut v = (ns / 1_000_000_000).to_le_bytes().to_vec();
+    v.extend_from_slice(&(ns % 1_000_000_000).to_le_bytes());
+    v
+}
+
+pub(crate) struct Rng(pub(crate) u64);
+impl Rng {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+// ------------------------------------------------------------------ targets
+
+/// A plain loop: counts until told to stop.
+pub(crate) fn spin_target(sh: &'static Shared) -> i32 {
+    while sh.stop.load(Relaxed) == 0 {
+        sh.counter.fetch_add(1, Relaxed);
+        std::hint::spin_loop();
+    }
+    0
+}
+
+pub(crate) static GPR_COUNTER: AtomicU64 = AtomicU64::new(0);
+pub(crate) static GPR_STOP: AtomicU8 = AtomicU8::new(0);
+
+pub(crate) fn fp_sum() -> f64 {
+    let mut s = 0.0f64;
+    for i in 1..20_000u32 {
+        let x = std::hint::black_box(i as f64);
+        s += 1.0 / (x * x);
+    }
+    s
+}
+
+extern "C" fn loop_helper(arg: *mut c_void) -> *mut c_void {
+    // SAFETY: `arg` is the &'static Shared passed by loop_target.
+    let sh = unsafe { &*(arg as *const Shared) };
+    let expect = fp_sum();
+    loop {
+        sh.counter.store(GPR_COUNTER.load(Relaxed), Relaxed);
+        if fp_sum().to_bits() != expect.to_bits() {
+            sh.fail.store(100, Relaxed);
+        }
+        if sh.stop.load(Relaxed) != 0 {
+            GPR_STOP.store(1, Relaxed);
+            return std::ptr::null_mut();
+        }
+        unsafe { libc::usleep(300) };
+    }
+}
+
+/// The leader runs `body` (a register-checking loop); a helper thread
+/// publishes its counter, checks floating point sums, relays `stop`.
+pub(crate) fn loop_target(sh: &'static Shared, body: fn() -> u64) -> i32 {
+    let mut t: libc::pthread_t = 0;
+    let r = unsafe {
+        libc::pthread_create(
+            &mut t,
+            std::ptr::null(),
+            loop_helper,
+            sh as *const Shared as *mut c_void,
+        )
+    };
+    if r != 0 {
+        return 50;
+    }
+    let code = body();
+    sh.fail.fetch_max(code, Relaxed);
+    GPR_STOP.store(1, Relaxed);
+    sh.stop.store(1, Relaxed);
+    unsafe { libc::pthread_join(t, std::ptr::null_mut()) };
+    sh.fail.load(Relaxed) as i32
+}
+
+pub(crate) fn start_loop_target(body: fn() -> u64) -> (Child, &'static Shared) {
+    let sh = shared();
+    let child = fork_child(move || loop_target(sh, body));
+    wait_until("the target loop to run", T, || {
+        sh.counter.load(Relaxed) > 1000
+    });
+    (child, sh)
+}
+
+pub(crate) fn stop_target(mut child: Child, sh: &Shared) {
+    sh.stop.store(1, Relaxed);
+    let code = child.wait(T);
+    assert_eq!(
+        code, 0,
+        "target exited with {code} (1/2: general register/flag corrupted, 3/4: ymm/MXCSR corrupted, 100: FP sum changed)"
+    );
+}
+
+pub(crate) fn hammer(pid: i32, cycles: usize, per_cycle: usize) {
+    for _ in 0..cycles {
+        let mut inj = Injector::attach(pid, T).unwrap();
+        let known = Injector::find_scratch(pid).unwrap().first().copied();
+        let base = inj.ensure_scratch(known).unwrap();
+        if let Some(k) = known {
+            assert_eq!(base, k, "reused");
+        }
+        for _ in 0..per_cycle {
+            assert_eq!(sys0(&mut inj, libc::SYS_getpid), pid as i64);
+        }
+        inj.detach().unwrap();
+    }
+}
+
+pub(crate) fn cleanup_scratch(pid: i32) {
+    let mut inj = Injector::attach(pid, T).unwrap();
+    if let Some(&k) = Injector::find_scratch(pid).unwrap().first() {
+        inj.ensure_scratch(Some(k)).unwrap();
+        inj.remove_leftover_scratch().unwrap();
+        inj.remove_scratch().unwrap();
+    }
+    inj.detach().unwrap();
+    assert!(Injector::find_scratch(pid).unwrap().is_empty());
+}
+
+pub(crate) fn injector_loop(pid: i32, seed: u64, sleep_ms: u64, sh: &Shared) -> i32 {
+    let mut rng = Rng(seed | 1);
+    loop {
+        let Ok(mut inj) = Injector::attach(pid, T) else {
+            return 5;
+        };
+        let Some(known) = Injector::find_scratch(pid)
+            .ok()
+            .and_then(|v| v.first().copied())
+        else {
+            return 6;
+        };
+        match inj.ensure_scratch(Some(known)) {
+            Ok(b) if b == known => {}
+            _ => return 7,
+        }
+        sh.aux2.store(1, SeqCst);
+        for _ in 0..rng.next() % 20 {
+            if rng.next().is_multiple_of(8) {
+                let ns = sleep_ms as i64 * 1_000_000 + (rng.next() % 1_000_000) as i64;
+                let Ok(ts) = inj.scratch_data(&timespec_bytes(ns)) else {
+                    return 8;
+                };
+                sh.aux.store(1, SeqCst);
+                if !matches!(inj.syscall(libc::SYS_nanosleep, [ts, 0, 0, 0, 0, 0]), Ok(0)) {
+                    return 9;
+                }
+            } else {
+                sh.aux.store(1, SeqCst);
+                if inj.syscall(libc::SYS_getpid, [0; 6]).ok() != Some(pid as i64) {
+                    return 10;
+                }
+            }
+            sh.aux.store(0, SeqCst);
+        }
+        if inj.detach().is_err() {
+            return 11;
+        }
+    }
+}
+
+pub(crate) fn setup_scratch(pid: i32) -> u64 {
+    let mut inj = Injector::attach(pid, T).unwrap();
+    let base = inj.ensure_scratch(None).unwrap();
+    inj.detach().unwrap();
+    base
+}
+
+pub(crate) fn check_target_after_kill(
+    target: &mut Child,
+    sh: &Shared,
+    killed: &mut Child,
+    what: &str,
+) {
+    let code = killed.wait(T);
+    assert_eq!(
+        code,
+        128 + libc::SIGKILL,
+        "{what}: the injector exited by itself with {code}"
+    );
+    wait_until("TracerPid 0", T, || tracer_of(target.pid) == 0);
+    assert!(target.alive(), "{what}: the target died");
+    assert_eq!(
+        sh.fail.load(Relaxed),
+        0,
+        "{what}: the target saw corrupted registers"
+    );
+}
+
+pub(crate) fn injector_loop_one_sleep(pid: i32, ms: i64) -> i32 {
+    let Ok(mut inj) = Injector::attach(pid, T) else {
+        return 5;
+    };
+    let Some(known) = Injector::find_scratch(pid)
+        .ok()
+        .and_then(|v| v.first().copied())
+    else {
+        return 6;
+    };
+    if inj.ensure_scratch(Some(known)).is_err() {
+        return 7;
+    }
+    inj.set_timeout(Duration::from_secs(10)).unwrap();
+    let ts = inj.scratch_data(&timespec_bytes(ms * 1_000_000)).unwrap();
+    let _ = inj.syscall(libc::SYS_nanosleep, [ts, 0, 0, 0, 0, 0]);
+    12
+}
