@@ -2,7 +2,12 @@
 //! compel), without debug registers and without touching the target's own
 //! code or data.
 //!
-//! # How it works (x86_64)
+//! # How it works
+//!
+//! Described for x86_64; aarch64 works the same way with the differences
+//! listed in its own section below. The ptrace state machine is shared
+//! (`inject/tracee.rs`); registers, stub code and frames are per
+//! architecture (`inject/x86_64.rs`, `inject/aarch64.rs`).
 //!
 //! * [`Injector::attach`] `PTRACE_SEIZE`s one thread (the leader if alive),
 //!   with `PTRACE_O_TRACESYSGOOD` and, when the kernel allows it,
@@ -79,6 +84,27 @@
 //! * Every wait has a deadline ([`Injector::set_timeout`], default
 //!   [`DEFAULT_TIMEOUT`]); waits poll `waitpid(__WALL | WNOHANG)`.
 //!
+//! # aarch64
+//!
+//! * Registers are `NT_PRSTATUS` plus the syscall number
+//!   (`NT_ARM_SYSTEM_CALL`, cleared where x86 sets `orig_rax` to -1); the
+//!   syscall is `svc #0` with the number in x8 and arguments in x0-x5.
+//! * The stub after `svc` cannot jump back without a free register, so it
+//!   points SP at its slot's frame, a `struct rt_sigframe` (registers,
+//!   FPSIMD state, signal mask), and calls `rt_sigreturn`, which restores
+//!   everything exactly (the frame is 4.7 KiB, so a slot's frame takes 8 KiB).
+//! * The kernel applies its syscall-restart fix-up *before* the signal-path
+//!   stop, so the registers seen there are already fixed up. The
+//!   `-ERESTART_RESTARTBLOCK` case (x8 = `restart_syscall` after the stop)
+//!   is lost for a thread that was injected: it restarts the original
+//!   syscall with its original arguments.
+//! * x7 cannot be set at a syscall stop (arm64 uses it as the entry/exit
+//!   marker and puts back its own copy), so the final registers are always
+//!   set at a signal-path stop.
+//! * A thread recovered from inside a stub is injected through another
+//!   slot's stub: resuming through the `svc` it was stopped at would make
+//!   the kernel turn the injection into `restart_syscall`.
+//!
 //! # Using it
 //!
 //! ```no_run
@@ -117,7 +143,7 @@
 //!   injected syscall kills the target; trap and errno results are reported.
 //!   Syscall user dispatch (`PR_SET_SYSCALL_USER_DISPATCH`) is not handled.
 //! * 64-bit threads only (a compat thread gets [`InjectError::Unsupported`]);
-//!   x86_64 only.
+//!   x86_64 and aarch64 only.
 //! * If the thread's stack pointer is within 264 bytes of the end of its
 //!   stack mapping, the stub's `push` would fault; this matters only on the
 //!   tracer-death path.
