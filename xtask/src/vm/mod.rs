@@ -10,6 +10,9 @@
 //! `tern dump --verify` and `tern restore --detach`, and prints each JSON
 //! between markers on the serial console; this side checks them. The guest
 //! has a deadline and is killed at it; a failure prints the console's tail.
+//!
+//! `arm64`: Debian trixie's arm64 kernel (6.12: uffd-wp, PAGEMAP_SCAN,
+//! pointer authentication) with a static cross build of tern (see `arm64.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -48,52 +51,98 @@ pub use x86::bench_criu;
 
 /// The kernel image of Debian package `meta` (a metapackage such as
 /// `linux-image-amd64`, resolved to the versioned package it depends on),
-/// downloaded into `work` once and unpacked there.
+/// downloaded into `work` once and unpacked there, with the host's apt.
 pub(crate) fn debian_kernel(work: &Path, meta: &str) -> Result<PathBuf> {
-    let deps = util::stdout_of(&mut util::command("apt-cache", ["depends", meta]))?;
+    debian_kernel_apt(work, meta, &[])
+}
+
+/// [`debian_kernel`] with `apt` options added to every apt-get and
+/// apt-cache call (a lane's own sources, state and architecture).
+pub(crate) fn debian_kernel_apt(work: &Path, meta: &str, apt: &[String]) -> Result<PathBuf> {
+    let deps = util::stdout_of(util::command("apt-cache", apt).args(["depends", meta]))?;
     let pkg = deps
         .lines()
         .find_map(|l| l.trim().strip_prefix("Depends: "))
         .map(str::trim)
         .with_context(|| format!("apt-cache depends {meta}: no versioned kernel package"))?
         .to_string();
-    let unpacked = work.join(&pkg);
-    let boot = unpacked.join("boot");
-    let find = || -> Option<PathBuf> {
-        std::fs::read_dir(&boot)
+    let boot = debian_package(work, &pkg, apt)?.join("boot");
+    std::fs::read_dir(&boot)
+        .with_context(|| format!("{}: the kernel package has no /boot", boot.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .with_context(|| format!("{}: no vmlinuz-* in the package", boot.display()))
+}
+
+/// Debian package `pkg` (`apt-get download` with `apt` options added) unpacked
+/// with `dpkg-deb -x` into `work/PKG`, once: a later call finds it there.
+pub(crate) fn debian_package(work: &Path, pkg: &str, apt: &[String]) -> Result<PathBuf> {
+    let unpacked = work.join(pkg);
+    let done = unpacked.join(".unpacked");
+    if done.exists() {
+        return Ok(unpacked);
+    }
+    // Kernels unpacked before the marker existed.
+    if unpacked.join("boot").is_dir() {
+        std::fs::write(&done, b"")?;
+        return Ok(unpacked);
+    }
+    let prefix = format!("{pkg}_");
+    let find_deb = || -> Option<PathBuf> {
+        std::fs::read_dir(work)
             .ok()?
             .flatten()
             .map(|e| e.path())
             .find(|p| {
                 p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+                    && p.extension().is_some_and(|e| e == "deb")
             })
     };
-    if let Some(k) = find() {
-        return Ok(k);
-    }
-    eprintln!("xtask: apt-get download {pkg}");
-    util::run(util::command("apt-get", ["download", &pkg]).current_dir(work))?;
-    let deb = std::fs::read_dir(work)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
-                && p.extension().is_some_and(|e| e == "deb")
-        })
-        .with_context(|| format!("apt-get download {pkg} left no .deb in {}", work.display()))?;
+    let deb = match find_deb() {
+        Some(deb) => deb,
+        None => {
+            eprintln!("xtask: apt-get download {pkg}");
+            util::run(
+                util::command("apt-get", apt)
+                    .args(["download", pkg])
+                    .current_dir(work),
+            )?;
+            find_deb().with_context(|| {
+                format!("apt-get download {pkg} left no .deb in {}", work.display())
+            })?
+        }
+    };
     let _ = std::fs::remove_dir_all(&unpacked);
     util::run(util::command("dpkg-deb", ["-x"]).arg(&deb).arg(&unpacked))?;
-    find().with_context(|| format!("{}: no vmlinuz-* in the package", boot.display()))
+    std::fs::write(&done, b"")?;
+    Ok(unpacked)
 }
 
-/// An initramfs (`work/NAME.gz`) holding busybox, `bins` in /bin, the
-/// shared libraries they link (at the paths `ldd` gives), `extra` trees
+/// An initramfs (`work/NAME.gz`) holding the host's busybox, `bins` in /bin,
+/// the shared libraries they link (at the paths `ldd` gives), `extra` trees
 /// (source, path in the guest) and `init`.
 pub(crate) fn initramfs(
     work: &Path,
     name: &str,
+    bins: &[PathBuf],
+    extra: &[(PathBuf, String)],
+    init: &str,
+) -> Result<PathBuf> {
+    initramfs_with(work, name, Path::new("/bin/busybox"), bins, extra, init)
+}
+
+/// [`initramfs`] with the guest's `busybox` (static) given: a guest of
+/// another architecture. Statically linked `bins` bring no libraries (and
+/// are not given to the host's `ldd`, which cannot read a foreign binary).
+pub(crate) fn initramfs_with(
+    work: &Path,
+    name: &str,
+    busybox: &Path,
     bins: &[PathBuf],
     extra: &[(PathBuf, String)],
     init: &str,
@@ -103,12 +152,15 @@ pub(crate) fn initramfs(
     for d in ["bin", "proc", "sys", "dev", "tmp"] {
         std::fs::create_dir_all(root.join(d))?;
     }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .context("/bin/busybox (Debian package busybox-static)")?;
+    std::fs::copy(busybox, root.join("bin/busybox"))
+        .with_context(|| format!("{} (Debian package busybox-static)", busybox.display()))?;
     for b in bins {
         let name = b.file_name().context("binary without a name")?;
         std::fs::copy(b, root.join("bin").join(name))
             .with_context(|| format!("copying {}", b.display()))?;
+        if !elf_interpreter(b)? {
+            continue;
+        }
         let ldd = util::stdout_of(&mut util::command("ldd", [b]))?;
         for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
             let to = root.join(lib.trim_start_matches('/'));
@@ -144,6 +196,38 @@ pub(crate) fn initramfs(
     Ok(out)
 }
 
+/// Whether the ELF file `path` names a program interpreter (a
+/// `PT_INTERP` program header: dynamically linked). Reads the 64-bit
+/// little-endian header (both lanes' binaries) by hand.
+pub(crate) fn elf_interpreter(path: &Path) -> Result<bool> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let not_elf = || anyhow::anyhow!("{}: not a 64-bit little-endian ELF file", path.display());
+    if bytes.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
+        return Err(not_elf());
+    }
+    let u16_at = |o: usize| -> Option<usize> {
+        Some(u16::from_le_bytes(bytes.get(o..o + 2)?.try_into().ok()?) as usize)
+    };
+    let u64_at = |o: usize| -> Option<usize> {
+        Some(u64::from_le_bytes(bytes.get(o..o + 8)?.try_into().ok()?) as usize)
+    };
+    // e_phoff at 0x20, e_phentsize at 0x36, e_phnum at 0x38; p_type is the
+    // first u32 of a program header; PT_INTERP = 3.
+    let (phoff, phentsize, phnum) = (
+        u64_at(0x20).ok_or_else(not_elf)?,
+        u16_at(0x36).ok_or_else(not_elf)?,
+        u16_at(0x38).ok_or_else(not_elf)?,
+    );
+    for i in 0..phnum {
+        let o = phoff + i * phentsize;
+        let p_type = bytes.get(o..o + 4).ok_or_else(not_elf)?;
+        if p_type == 3u32.to_le_bytes() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Boot `kernel` + `initrd` with `qemu` (its arguments set), the serial
 /// console into `log`; kill it at the deadline. Returns the console.
 pub(crate) fn boot(
@@ -167,7 +251,7 @@ pub(crate) fn boot(
         .stdout(out.try_clone()?)
         .stderr(out)
         .spawn()
-        .context("cannot start qemu (Debian package qemu-system-x86)")?;
+        .with_context(|| format!("cannot start {}", util::show(qemu)))?;
     let t = Instant::now();
     loop {
         if let Some(st) = child.try_wait()? {
