@@ -672,3 +672,52 @@ impl Report {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed step reports tern's error line; a step that never ran is
+    /// named; a restored pacloop whose counter stood still fails.
+    #[test]
+    fn failures_name_the_step_and_what_tern_said() {
+        let status = |it: u64| {
+            format!(
+                r#"{{"pid":9,"iterations":{it},"mask":7,"apia":"0x0060aaaa12345670","apda":"0x0040aaaa12345670","apdb":"0x0000aaaa12345670","apga":"0x1","ok":true,"mismatch":null}}"#
+            )
+        };
+        let console = format!(
+            "TERN-BEGIN 6.12\r\n\
+             {{\"arch\":\"aarch64\",\"backend\":\"uffd-wp\",\"features\":{{\"pagemap_scan\":true,\"soft_dirty\":false}}}}\r\n\
+             TERN-STEP check 0\r\n\
+             Error: pre-dump of PID 148: syscall injection is implemented for x86_64 only\r\n\
+             TERN-STEP hot-pre-dump-1 1\r\n\
+             {{\"skipped\": \"the dump failed\"}}\r\n\
+             TERN-STEP hot-restore 125\r\n\
+             {}\r\nTERN-STEP pac-setup 0\r\n\
+             {{\"alive\": true, \"before\": {}, \"after\": {}}}\r\nTERN-STEP pac-survives 0\r\n\
+             TERN-END\r\n",
+            status(5),
+            status(70),
+            status(70)
+        );
+        let report = Report::new(&console);
+        let mut failures = Vec::new();
+        report.check(&mut failures);
+        let has = |s: &str| failures.iter().any(|f| f.contains(s));
+        assert!(
+            has(
+                "step hot-pre-dump-1: exited 1: Error: pre-dump of PID 148: syscall injection is implemented for x86_64 only"
+            ),
+            "{failures:#?}"
+        );
+        assert!(has("step hot-dump: did not run"), "{failures:#?}");
+        assert!(
+            has("step hot-restore: not run (\"the dump failed\")"),
+            "{failures:#?}"
+        );
+        assert!(has("pacloop's counter did not advance"), "{failures:#?}");
+        assert!(!has("step check"), "{failures:#?}");
+        assert!(!has("step pac-setup"), "{failures:#?}");
+    }
+}
