@@ -191,8 +191,9 @@ impl Workload {
         let mut last = String::new();
         let ok = proc::wait_until(Duration::from_secs(10), || {
             last = std::fs::read_to_string(&path).unwrap_or_default();
-            // "0 0x0 ..." = read(0, ...), blocked (state S).
-            last.starts_with("0 0x0 ") && proc::task_state(self.pid, self.pid) == Some('S')
+            // "0 0x0 ..." = read(0, ...) (63 on arm64), blocked (state S).
+            last.starts_with(&format!("{} 0x0 ", libc::SYS_read))
+                && proc::task_state(self.pid, self.pid) == Some('S')
         });
         if !ok && proc::alive(self.pid) {
             return Err(format!(

@@ -57,13 +57,14 @@ pub const IGNORED_NAMES: [&str; 5] = [
     "[anon:tern-scratch]",
 ];
 pub const SCRATCH_NAME: &str = "[anon:tern-scratch]";
-/// First bytes of tern's scratch area (tracker/src/inject.rs, `layout`).
+/// First bytes of tern's scratch area (sys/src/inject.rs, `layout`).
 /// Kernels without CONFIG_ANON_VMA_NAME (this machine's) cannot name the
 /// area: it is then an unnamed r-x page followed by rw- pages, recognised
 /// by this header.
 pub const SCRATCH_MAGIC: &[u8; 16] = b"\x7ftern-scratch\0\0\0";
-/// Size of one scratch area (tracker/src/inject.rs, `SCRATCH_LEN`).
-pub const SCRATCH_LEN: u64 = 8192 + 8 * 8192;
+/// Size of one scratch area (it differs between architectures: the arm64
+/// stubs' frames are signal frames).
+pub const SCRATCH_LEN: u64 = sys::inject::SCRATCH_LEN;
 
 /// tern's scratch areas in `pid`, as address ranges: named
 /// `[anon:tern-scratch]` mappings, or unnamed anonymous executable pages

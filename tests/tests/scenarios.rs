@@ -201,7 +201,7 @@ fn process_vm_writev_from_outside(track: Option<&str>) {
     process_vm_write(w.pid(), n + 5 * 4096 + 7, b"into a never-touched page");
     let v = c.round("process_vm_writev into 3 pages");
     check_incremental(track, &v, 3, "process_vm_writev");
-    process_vm_write(w.pid(), a + 63 * 4096 + 4000, &[1u8; 200]); // crosses nothing, last page
+    process_vm_write(w.pid(), a + 63 * 4096 + 3800, &[1u8; 200]); // crosses nothing, last page
     process_vm_write(w.pid(), a + 10 * 4096 + 4090, &[2u8; 12]); // crosses into page 11
     let v = c.round("process_vm_writev across a page boundary");
     check_incremental(track, &v, 3, "process_vm_writev across pages");

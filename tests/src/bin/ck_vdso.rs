@@ -171,9 +171,22 @@ fn sys_clock(id: libc::clockid_t) -> i128 {
     ns(&ts)
 }
 
+#[cfg(target_arch = "x86_64")]
 fn sys_time() -> i64 {
     // SAFETY: time(2) with a NULL pointer.
     unsafe { libc::syscall(libc::SYS_time, std::ptr::null_mut::<libc::time_t>()) }
+}
+
+/// arm64 has no time(2): the seconds of gettimeofday(2).
+#[cfg(not(target_arch = "x86_64"))]
+fn sys_time() -> i64 {
+    let mut tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 0,
+    };
+    // SAFETY: gettimeofday(2) writes one timeval.
+    unsafe { libc::syscall(libc::SYS_gettimeofday, &mut tv, std::ptr::null_mut::<u8>()) };
+    tv.tv_sec
 }
 
 fn sys_getcpu() -> u32 {

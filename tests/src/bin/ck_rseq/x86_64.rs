@@ -539,7 +539,7 @@ fn die(msg: &str) -> ! {
     std::process::exit(3);
 }
 
-fn main() {
+pub(crate) fn main() {
     let out = ck::out_path();
     let brk = ck::break_requested();
     let (offset, size, flags) = glibc_rseq();

@@ -376,7 +376,7 @@ fn wait_running(budget: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-fn main() {
+pub(crate) fn main() {
     let out = out_path();
     if !is_x86_feature_detected!("avx") {
         report(
