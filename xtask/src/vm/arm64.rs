@@ -126,6 +126,18 @@ T0=$(cut -d' ' -f1 /proc/uptime)
 echo 1 > /proc/sys/debug/exception-trace
 tern check --json; step check $?
 
+# A libtest binary as step $1 (its arguments follow): the summary and any
+# failure lines on the console, then a JSON line with the summary.
+tests() {
+  n=$1; shift
+  "$@" > /tmp/$n.out 2>&1; rc=$?
+  grep -E "^test .*FAILED|panicked at|^test result" /tmp/$n.out | tail -20
+  sum=$(grep "^test result" /tmp/$n.out | tail -1 | tr -d '"\\')
+  echo "{\"summary\": \"$sum\"}"; step $n $rc
+}
+tests sys-tests systest --test-threads 1
+tests scenarios scenarios uffd_wp --test-threads 1
+
 hotloop --mib 64 --hot-mib 4 --sleep-ms 5 > /tmp/hot.out 2>&1 &
 P=$!
 ready /tmp/hot.out $P; step hot-ready $?
@@ -193,17 +205,19 @@ pub fn run() -> Result<()> {
 
     let t = Instant::now();
     let (tern, hotloop) = cross_build()?;
+    let tests = cross_test_bins()?;
     let pacloop = build_pacloop(&work)?;
     let build = t.elapsed();
 
-    let initrd = initramfs_with(
-        &work,
-        "arm64",
-        &busybox,
-        &[tern, hotloop, pacloop],
-        &[],
-        INIT_ARM64,
-    )?;
+    // The test executables go in as `systest` and `scenarios`; the
+    // scenarios find tern and the workloads beside themselves, in /bin.
+    let mut bins = vec![tern, hotloop, pacloop];
+    bins.extend(tests.workloads.iter().cloned());
+    let extra = [
+        (tests.systest.clone(), "/bin/systest".to_string()),
+        (tests.scenarios.clone(), "/bin/scenarios".to_string()),
+    ];
+    let initrd = initramfs_with(&work, "arm64", &busybox, &bins, &extra, INIT_ARM64)?;
     let log = work.join("console.log");
     let mut qemu = Command::new("qemu-system-aarch64");
     qemu.args(["-M", "virt", "-cpu", "max,pauth-impdef=on", "-smp", "2"])
@@ -391,21 +405,86 @@ fn kernel_config(vmlinuz: &Path) -> Result<String> {
     Ok(summary)
 }
 
+/// `cargo` for aarch64, release, statically linked.
+fn cross_cargo() -> Command {
+    let mut c = util::cargo();
+    c.env(
+        "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+        "aarch64-linux-gnu-gcc",
+    )
+    .env(
+        "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+        "-C target-feature=+crt-static",
+    );
+    c
+}
+
+/// The test executables the guest runs: `systest` (the `sys` crate's unit
+/// tests: the injector, register sets with the PAC keys, rseq, seccomp,
+/// signals, vDSO, fds against the arm64 kernel) and `scenarios` (the memory
+/// oracle after each uffd-wp pre-dump, `tests/tests/scenarios.rs`), with
+/// the workload programs `scenarios` starts.
+struct TestBins {
+    systest: PathBuf,
+    scenarios: PathBuf,
+    workloads: Vec<PathBuf>,
+}
+
+fn cross_test_bins() -> Result<TestBins> {
+    eprintln!("xtask: cargo test --no-run --release --target {TARGET} (sys, tern-tests; static)");
+    let out = util::stdout_of(
+        cross_cargo()
+            .args(["test", "--no-run", "--release", "--target", TARGET])
+            .args([
+                "-p",
+                "sys",
+                "-p",
+                "tern-tests",
+                "--lib",
+                "--test",
+                "scenarios",
+            ])
+            .args(["--bins", "--message-format=json-render-diagnostics"]),
+    )?;
+    let (mut systest, mut scenarios) = (None, None);
+    for line in out.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str())
+        else {
+            continue;
+        };
+        if v["profile"]["test"] != true {
+            continue;
+        }
+        match name {
+            "sys" => systest = Some(PathBuf::from(exe)),
+            "scenarios" => scenarios = Some(PathBuf::from(exe)),
+            _ => {}
+        }
+    }
+    let dir = util::target_dir().join(TARGET).join("release");
+    let workloads = vec![dir.join("workload"), dir.join("selfcheck")];
+    for w in &workloads {
+        if !w.is_file() {
+            bail!("{}: not built by the cross build", w.display());
+        }
+    }
+    Ok(TestBins {
+        systest: systest.context("cargo test --no-run: no executable for the sys unit tests")?,
+        scenarios: scenarios.context("cargo test --no-run: no executable for tests/scenarios")?,
+        workloads,
+    })
+}
+
 /// tern and hotloop for aarch64, release, statically linked.
 fn cross_build() -> Result<(PathBuf, PathBuf)> {
     eprintln!("xtask: cargo build --release --target {TARGET} (tern, bench; static)");
     util::run(
-        util::cargo()
+        cross_cargo()
             .args(["build", "--release", "--target", TARGET])
-            .args(["-p", "tern", "-p", "bench"])
-            .env(
-                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
-                "aarch64-linux-gnu-gcc",
-            )
-            .env(
-                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-                "-C target-feature=+crt-static",
-            ),
+            .args(["-p", "tern", "-p", "bench"]),
     )?;
     let dir = util::target_dir().join(TARGET).join("release");
     let (tern, hotloop) = (dir.join("tern"), dir.join("hotloop"));
@@ -539,6 +618,20 @@ impl Report {
                     "tern check: pagemap_scan {}, soft_dirty {} (want true, false)",
                     f["pagemap_scan"], f["soft_dirty"]
                 ));
+            }
+        }
+        for (step, what) in [
+            (
+                "sys-tests",
+                "the sys crate's kernel tests (injector, regsets, PAC keys, ...)",
+            ),
+            (
+                "scenarios",
+                "the memory oracle after uffd-wp pre-dumps (tests/scenarios)",
+            ),
+        ] {
+            if let Some(v) = self.ok(step, failures) {
+                println!("  {what}: {}", v["summary"].as_str().unwrap_or("?"));
             }
         }
         self.ok("hot-ready", failures);

@@ -37,6 +37,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+mkdir -p /dev/pts; mount -t devpts devpts /dev/pts
 "#;
 
 pub fn run(lane: &str) -> Result<()> {
