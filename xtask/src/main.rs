@@ -30,8 +30,8 @@ enum Cmd {
     /// tracefs/bpffs mounts. Quiet when everything is present.
     Setup,
     /// Build the workspace, then run every test (as root), then (without
-    /// arguments) the `x86-softdirty` VM lane. Arguments after `--` go to
-    /// `cargo test`.
+    /// arguments) the VM lanes `x86-softdirty` and `arm64`. Arguments after
+    /// `--` go to `cargo test`.
     Test {
         #[arg(last = true)]
         args: Vec<String>,
@@ -39,7 +39,9 @@ enum Cmd {
     /// Build release, start a workload and checkpoint it with `tern pre-dump`
     /// rounds until the dirty set converges; print a summary.
     Demo(demo::DemoArgs),
-    /// Run a benchmark: `tracking` (what dirty tracking costs a workload).
+    /// Run a benchmark: `tracking` (what dirty tracking costs a workload),
+    /// `dump` (frozen time of the final dump), `vm-criu` (CRIU and tern side
+    /// by side in the 6.1 guest).
     /// Arguments after the name go to the benchmark (`--quick`, ...).
     Bench {
         /// Which benchmark.
@@ -48,7 +50,9 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Boot another kernel under qemu (TCG) with tern inside and run a lane
-    /// of tests there: `x86-softdirty` (Debian's 6.1, soft-dirty backend).
+    /// of tests there: `x86-softdirty` (Debian's 6.1, soft-dirty backend),
+    /// `arm64` (Debian trixie's 6.12 on an emulated arm64 CPU with pointer
+    /// authentication, uffd-wp backend).
     VmTest {
         /// Which lane.
         lane: String,
@@ -93,16 +97,26 @@ fn test(args: &[String]) -> Result<()> {
     eprintln!("xtask: cargo test --no-fail-fast");
     let tests = util::run(util::cargo().args(["test", "--no-fail-fast"]).args(args))
         .map_err(|e| anyhow::anyhow!("tests failed: {e:#}"));
-    // The VM lane (another kernel under qemu) with the whole suite only,
-    // not with a filter.
-    let lane = if args.is_empty() {
-        eprintln!("xtask: vm-test x86-softdirty");
-        vm::run("x86-softdirty")
-    } else {
-        Ok(())
-    };
+    // The VM lanes (other kernels and arm64 under qemu) with the whole
+    // suite only, not with a filter. Each runs even if another failed.
+    let mut lanes = Vec::new();
+    if args.is_empty() {
+        for lane in ["x86-softdirty", "arm64"] {
+            eprintln!("xtask: vm-test {lane}");
+            if let Err(e) = vm::run(lane) {
+                eprintln!("xtask: vm-test {lane} failed: {e:#}");
+                lanes.push(lane);
+            }
+        }
+    }
     tests?;
-    lane
+    if !lanes.is_empty() {
+        anyhow::bail!(
+            "VM lane(s) failed: {} (their output is above)",
+            lanes.join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn bench(name: &str, args: &[String]) -> Result<()> {
