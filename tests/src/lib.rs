@@ -664,3 +664,22 @@ pub fn assert_incremental(v: &Value, dirtied: u64, when: &str) {
         dirtied + NOISE_PAGES
     );
 }
+
+/// Fail unless transparent huge pages are off for the workload's memory
+/// (`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise` or `never`;
+/// the workload never asks for them). Soft-dirty is one bit per page table
+/// entry, and a huge page's entry is the PMD: one write marks its 512 pages,
+/// which page-exact expectations (`what`) cannot allow for.
+pub fn assert_thp_not_always(what: &str) {
+    let path = "/sys/kernel/mm/transparent_hugepage/enabled";
+    // A kernel without THP has no such file: nothing to turn off.
+    let Ok(mode) = std::fs::read_to_string(path) else {
+        return;
+    };
+    assert!(
+        !mode.contains("[always]"),
+        "{path} is {:?}: a write to a transparent huge page makes all 512 of its pages soft-dirty, \
+         and {what} is checked page by page; echo madvise > {path} (the x86-softdirty VM lane does)",
+        mode.trim()
+    );
+}

@@ -2,6 +2,12 @@
 //! its pages between two pre-dumps gets a second pre-dump of that set plus a
 //! small margin, nearly unfrozen, memory intact; and the eBPF stream sees at
 //! least 99% of the user-mode first writes the kernel reports.
+//!
+//! The `soft_dirty` tests run the same checks with `--track soft-dirty`. This
+//! host's kernel has no soft-dirty, so they are `#[ignore]`d here and run
+//! inside Debian's 6.1 kernel by `cargo xtask vm-test x86-softdirty`; run
+//! where soft-dirty is missing they fail (tern refuses the backend), they
+//! never pass by skipping.
 
 use std::time::{Duration, Instant};
 use tern_tests::pattern::frac_set;
@@ -11,43 +17,95 @@ const GIB_PAGES: u64 = 262_144;
 
 #[test]
 fn one_gib_two_percent_dirty() {
+    two_percent_dirty("uffd-wp", GIB_PAGES);
+}
+
+#[test]
+#[ignore = "needs a soft-dirty kernel (x86 Linux <= 6.6); run by cargo xtask vm-test x86-softdirty"]
+fn one_gib_two_percent_dirty_soft_dirty() {
+    two_percent_dirty("soft-dirty", GIB_PAGES);
+}
+
+/// `pages` pages filled, a first pre-dump, 2% of the pages rewritten, a
+/// second pre-dump with `--track track`: it must write those pages and at
+/// most 1% of the region more, with the target frozen only as long as the
+/// backend needs, and the chain must equal the target's memory.
+fn two_percent_dirty(track: &str, pages: u64) {
+    let soft_dirty = track == "soft-dirty";
+    if soft_dirty {
+        // Soft-dirty is kept per page table entry, and a transparent huge
+        // page has one (the PMD): one write marks all 512 of its pages.
+        // With THP "always" (Debian's 6.1 default) a 2% random write set
+        // touches nearly every huge page, and the precision measured would
+        // be the huge page's, not the backend's per-page tracking.
+        assert_thp_not_always("soft-dirty's per-page precision");
+    }
     let mut w = Workload::start();
     let t = Instant::now();
-    w.cmd(&format!("alloc big {GIB_PAGES} light populate"));
-    eprintln!("filled 1 GiB in {:?}", t.elapsed());
+    w.cmd(&format!("alloc big {pages} light populate"));
+    eprintln!("filled {} MiB in {:?}", pages / 256, t.elapsed());
     let pid = w.pid();
     let baseline = proc::Snapshot::take(pid).unwrap();
     let d = tempdir();
     let (d1, d2) = (d.path().join("1"), d.path().join("2"));
     // Uncompressed: lz4 of 1 GiB in a debug build of tern is what would
     // dominate the run time otherwise; compression is covered elsewhere.
-    let v1 = pre_dump(pid, &d1, None, &["--track", "uffd-wp", "--no-compress"]);
+    let flags = ["--track", track, "--no-compress"];
+    let v1 = pre_dump(pid, &d1, None, &flags);
     eprintln!("pre-dump 1: {v1}");
-    assert_eq!(v1["backend"], "uffd-wp");
-    assert!(v1["pages_written"].as_u64().unwrap() >= GIB_PAGES, "{v1}");
+    assert_eq!(v1["backend"], track, "{v1}");
+    assert!(v1["pages_written"].as_u64().unwrap() >= pages, "{v1}");
 
-    let set = frac_set(GIB_PAGES, 0.02, 2024);
+    let set = frac_set(pages, 0.02, 2024);
     let n = set.len() as u64;
     w.cmd("dirty_frac big 0.02 2024");
-    let v2 = pre_dump(
-        pid,
-        &d2,
-        Some(&d1),
-        &["--track", "uffd-wp", "--no-compress"],
-    );
+    let v2 = pre_dump(pid, &d2, Some(&d1), &flags);
     eprintln!("pre-dump 2 ({n} pages dirtied): {v2}");
     let written = v2["pages_written"].as_u64().unwrap();
-    let margin = GIB_PAGES / 100;
+    let margin = pages / 100;
+    let (frozen, duration) = (num(&v2, "frozen_ms"), num(&v2, "duration_ms"));
+    // One line the VM lane prints on the host.
+    println!(
+        "precision {track}: {} MiB, {n} pages dirtied, second pre-dump wrote {written} (allowed {n}..={}), frozen {frozen:.1} ms of {duration:.1} ms (first pre-dump: {:.1} ms of {:.1} ms), eBPF saw {} pages (ebpf {})",
+        pages / 256,
+        n + margin,
+        num(&v1, "frozen_ms"),
+        num(&v1, "duration_ms"),
+        v2["ebpf_pages"],
+        v2["ebpf"]
+    );
     assert!(
         written >= n && written <= n + margin,
-        "second pre-dump wrote {written} pages; dirtied {n}, allowed up to {} (+1% of the 1 GiB): {v2}",
+        "second pre-dump wrote {written} pages; dirtied {n}, allowed up to {} (+1% of the region): {v2}",
         n + margin
     );
-    let frozen = num(&v2, "frozen_ms");
-    assert!(
-        frozen < 5.0,
-        "frozen_ms {frozen} with uffd-wp (expected near 0): {v2}"
-    );
+    if soft_dirty {
+        // Soft-dirty bits must be read and cleared with no write in
+        // between: tern freezes the target for the pagemap read and
+        // clear_refs (a walk of every page table of the process), so
+        // frozen_ms is not ~0 as with uffd-wp; it is about the same in both
+        // rounds, since both walk the whole region. The copy runs with the
+        // target live: the first round, which copied all of it, must have
+        // been frozen for a small part of its run.
+        let (frozen1, duration1) = (num(&v1, "frozen_ms"), num(&v1, "duration_ms"));
+        assert!(
+            frozen1 > 0.0 && frozen > 0.0,
+            "soft-dirty reports no frozen time (it freezes to read and clear the bits): {v1} {v2}"
+        );
+        assert!(
+            frozen1 < duration1 / 10.0,
+            "first pre-dump frozen {frozen1} ms of {duration1} ms: the copy of {pages} pages ran frozen? {v1}"
+        );
+        assert!(
+            frozen < duration,
+            "second pre-dump frozen {frozen} ms of {duration} ms: {v2}"
+        );
+    } else {
+        assert!(
+            frozen < 5.0,
+            "frozen_ms {frozen} with uffd-wp (expected near 0): {v2}"
+        );
+    }
     if v2["ebpf"] == true {
         let e = v2["ebpf_pages"].as_u64().unwrap_or(0);
         assert!(
@@ -56,14 +114,14 @@ fn one_gib_two_percent_dirty() {
         );
     }
     let t = Instant::now();
-    let r = assert_oracle(pid, &d2, "1 GiB, second pre-dump");
+    let r = assert_oracle(pid, &d2, &format!("{} MiB, second pre-dump", pages / 256));
     eprintln!(
         "oracle over {} pages in {:?}",
         r.pages_compared,
         t.elapsed()
     );
-    assert!(r.pages_compared >= GIB_PAGES);
-    assert_untracked_exactly(pid, &baseline, "1 GiB test");
+    assert!(r.pages_compared >= pages);
+    assert_untracked_exactly(pid, &baseline, &format!("{track} precision test"));
 }
 
 /// Sum the track lines; returns (kernel, ebpf, both).
@@ -148,21 +206,42 @@ fn track_ebpf_sees_user_first_writes() {
 
 #[test]
 fn pre_dump_ebpf_pages_cover_user_writes() {
+    ebpf_pages_cover_user_writes(None);
+}
+
+#[test]
+#[ignore = "needs a soft-dirty kernel (x86 Linux <= 6.6); run by cargo xtask vm-test x86-softdirty"]
+fn pre_dump_ebpf_pages_cover_user_writes_soft_dirty() {
+    ebpf_pages_cover_user_writes(Some("soft-dirty"));
+}
+
+/// Two pre-dumps (`--track track`, tern's default when None) with 10% of a
+/// 64 MiB region written between them: the eBPF stream, reloaded by the
+/// second invocation from its pins, saw at least 99% of those writes.
+fn ebpf_pages_cover_user_writes(track: Option<&str>) {
     let mut w = Workload::start();
     w.cmd("alloc big 16384 light");
     let pid = w.pid();
     let d = tempdir();
     let (d1, d2) = (d.path().join("1"), d.path().join("2"));
-    let v1 = pre_dump(pid, &d1, None, &[]);
+    let flags: Vec<&str> = track.map(|t| vec!["--track", t]).unwrap_or_default();
+    let v1 = pre_dump(pid, &d1, None, &flags);
+    if let Some(t) = track {
+        assert_eq!(v1["backend"], t, "{v1}");
+    }
     assert_eq!(
         v1["ebpf"], true,
         "eBPF tracepoints work here, the pre-dump should use them: {v1}"
     );
     let n = frac_set(16384, 0.1, 5).len() as u64;
     w.cmd("dirty_frac big 0.1 5");
-    let v2 = pre_dump(pid, &d2, Some(&d1), &[]);
+    let v2 = pre_dump(pid, &d2, Some(&d1), &flags);
     assert_eq!(v2["ebpf"], true, "{v2}");
     let e = v2["ebpf_pages"].as_u64().unwrap();
+    println!(
+        "eBPF recall ({}): {e} of {n} pages written between two pre-dumps; the second wrote {}",
+        v2["backend"], v2["pages_written"]
+    );
     assert!(
         e as f64 >= 0.99 * n as f64,
         "separate invocations: eBPF saw {e} of {n} pages written between them (< 99%): {v2}"
@@ -171,7 +250,9 @@ fn pre_dump_ebpf_pages_cover_user_writes() {
     assert_oracle(pid, &d2, "after the eBPF round");
     // --no-ebpf: says so.
     let d3 = d.path().join("3");
-    let v3 = pre_dump(pid, &d3, Some(&d2), &["--no-ebpf"]);
+    let mut no_ebpf = flags.clone();
+    no_ebpf.push("--no-ebpf");
+    let v3 = pre_dump(pid, &d3, Some(&d2), &no_ebpf);
     assert_eq!(v3["ebpf"], false, "{v3}");
     untrack(pid);
 }
