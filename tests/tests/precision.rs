@@ -219,6 +219,13 @@ fn pre_dump_ebpf_pages_cover_user_writes_soft_dirty() {
 /// 64 MiB region written between them: the eBPF stream, reloaded by the
 /// second invocation from its pins, saw at least 99% of those writes.
 fn ebpf_pages_cover_user_writes(track: Option<&str>) {
+    if track == Some("soft-dirty") {
+        // clear_refs write-protects a transparent huge page as one PMD: the
+        // first write to it faults once (one eBPF event) and makes all 512
+        // pages writable and soft-dirty. With THP "always" the 6.1 guest
+        // measured 84 eBPF pages of 1704 written, and 15925 pages copied.
+        assert_thp_not_always("the eBPF recall with soft-dirty");
+    }
     let mut w = Workload::start();
     w.cmd("alloc big 16384 light");
     let pid = w.pid();
