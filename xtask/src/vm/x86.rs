@@ -33,8 +33,9 @@ const HOST_PACKAGES: &[(&str, &str)] = &[
     ("criu", "CRIU, run side by side with tern in the 6.1 guest"),
 ];
 
-/// Boot to power-off of the lane's guest (about 3 minutes here: TCG, 2
-/// vCPUs on 2 host cores; the 1 GiB precision test is most of it).
+/// Boot to power-off of the lane's guest (about 280 s here: TCG, 2 vCPUs
+/// on 2 host cores; the 1 GiB precision test takes 180 s of it, two thirds
+/// of that its memory oracle).
 const LANE_DEADLINE: Duration = Duration::from_secs(540);
 
 /// The test binaries of `tern-tests` the lane runs (`cargo test --test`).
@@ -238,6 +239,11 @@ pub fn softdirty() -> Result<()> {
     let times = timings(&console);
     let mut failures = Vec::new();
 
+    let kernel = console
+        .lines()
+        .find_map(|l| l.split("TERN-BEGIN ").nth(1))
+        .map_or("?", str::trim);
+    println!("x86-softdirty lane: kernel {kernel} under TCG");
     hotloop_report(&steps, &mut failures);
     println!("  CRIU and tern side by side (part of `cargo xtask bench vm-criu`):");
     match criu_comparison(&console, &steps) {
@@ -253,7 +259,7 @@ pub fn softdirty() -> Result<()> {
         test_report(&console, &steps, &times, t, &mut failures);
     }
     println!(
-        "  times: guest boot to power-off {:.1} s (uptime at the end {:.1} s), whole lane {:.1} s",
+        "  times: guest boot to power-off {:.1} s (its /init {:.1} s), whole lane {:.1} s",
         guest.as_secs_f64(),
         times.get("guest").copied().unwrap_or(f64::NAN) / 1e3,
         t_all.elapsed().as_secs_f64()
@@ -305,10 +311,6 @@ fn hotloop_report(steps: &[(String, i32, Option<Value>)], failures: &mut Vec<Str
             check["backend"]
         ));
     }
-    println!(
-        "x86-softdirty lane: kernel {}",
-        check["kernel"].as_str().unwrap_or("?")
-    );
     println!(
         "  tern check: backend {}, pagemap_scan {}, uffd_wp_async {}, ebpf_fault_tracepoints {}",
         check["backend"],
@@ -706,8 +708,8 @@ fn print_comparison(rows: &[Row]) {
         "  hotloop 256 MiB, 16 MiB rewritten every 10 ms; 3 pre-dumps then the dump (CRIU: --track-mem; tern: --track soft-dirty)"
     );
     println!(
-        "  {:<11} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}",
-        "step", "frozen ms", "", "wall ms", "", "pages", "", "image KiB", ""
+        "  {:<11} {:^19} {:^19} {:^17} {:^19}",
+        "step", "frozen ms", "wall ms", "pages written", "image KiB"
     );
     println!(
         "  {:<11} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}",
