@@ -116,6 +116,9 @@ enum Cmd {
         interval_ms: u64,
         #[arg(long, default_value_t = 5)]
         rounds: u64,
+        /// Dirty-tracking backend (`full` tracks nothing, so it is not offered).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "uffd-wp", "soft-dirty"])]
+        track: String,
         #[arg(long)]
         no_ebpf: bool,
         #[arg(long, default_value_t = 5000)]
@@ -191,10 +194,14 @@ fn run(cmd: Cmd) -> Result<()> {
             pid,
             interval_ms,
             rounds,
+            track: mode,
             no_ebpf,
             timeout_ms,
             json,
-        } => track(pid, interval_ms, rounds, !no_ebpf, timeout_ms, json),
+        } => {
+            let mode = TrackMode::parse(&mode).expect("clap checked the value");
+            track(pid, interval_ms, rounds, mode, !no_ebpf, timeout_ms, json)
+        }
         Cmd::Show { dir, vmas, json } => show(&dir, vmas, json),
         Cmd::Dump {
             pid,
@@ -538,12 +545,20 @@ fn track(
     pid: i32,
     interval_ms: u64,
     rounds: u64,
+    mode: TrackMode,
     ebpf: bool,
     timeout_ms: u64,
     json: bool,
 ) -> Result<()> {
+    let mode =
+        tracker::session::resolve_backend(mode).with_context(|| format!("track PID {pid}"))?;
+    if mode == TrackMode::Full {
+        anyhow::bail!(
+            "track PID {pid}: this kernel has neither async uffd write-protect with PAGEMAP_SCAN (Linux 6.7+) nor soft-dirty bits, so there is no dirty tracking to report (`tern check` lists what it found)"
+        );
+    }
     let opts = SessionOptions {
-        track: TrackMode::UffdWp,
+        track: mode,
         ebpf,
         compress: false,
         timeout: Duration::from_millis(timeout_ms),
@@ -564,9 +579,10 @@ fn track(
                 print_json(&r);
             } else {
                 println!(
-                    "round {:>3} t={:>8.1} ms kernel {:>8} ebpf {:>8} both {:>8} kernel-only {:>6} ebpf-only {:>6} {:>9.1} MB/s",
+                    "round {:>3} t={:>8.1} ms {} kernel {:>8} ebpf {:>8} both {:>8} kernel-only {:>6} ebpf-only {:>6} {:>9.1} MB/s",
                     r.round,
                     r.t_ms,
+                    r.backend,
                     r.kernel_pages,
                     r.ebpf_pages,
                     r.both,

@@ -230,32 +230,6 @@ fn show_describes_the_chain() {
 }
 
 #[test]
-fn track_between_pre_dumps_keeps_the_chain_right() {
-    let mut w = Workload::start();
-    w.cmd("alloc a 256 rand");
-    let pid = w.pid();
-    let mut c = Chain::new(pid, Some("uffd-wp"), &[]);
-    c.round("start");
-    w.cmd("dirty a 0-9");
-    let run = tern(&[
-        "track",
-        "-t",
-        &pid.to_string(),
-        "--interval-ms",
-        "50",
-        "--rounds",
-        "2",
-        "--json",
-    ]);
-    assert!(run.ok(), "{}", run.describe());
-    w.cmd("dirty a 100-109");
-    // Pages dirtied before and after the track must both be in the next image.
-    let v = c.round("dirty, track, dirty");
-    assert_incremental(&v, 20, "writes around a tern track");
-    untrack(pid);
-}
-
-#[test]
 fn pre_dump_after_untrack_is_still_right() {
     let mut w = Workload::start();
     w.cmd("alloc a 128 rand");

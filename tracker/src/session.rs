@@ -118,6 +118,11 @@ pub struct PreDumpReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrackRound {
     pub round: u64,
+    /// The dirty-tracking backend that reported `kernel_pages`.
+    pub backend: String,
+    /// Time the target was frozen in this interval's collection (soft-dirty
+    /// freezes it to read and clear the bits; uffd-wp never does).
+    pub frozen_ms: f64,
     pub t_ms: f64,
     pub kernel_pages: u64,
     pub ebpf_pages: u64,
@@ -720,6 +725,8 @@ impl TrackingSession {
         self.ebpf_carry = ebpf.clone();
         Ok(TrackRound {
             round,
+            backend: self.tracker.name().to_string(),
+            frozen_ms: set.frozen.as_secs_f64() * 1e3,
             t_ms,
             kernel_pages: kernel.len() as u64,
             // Pages accounted for this round: matched ones and those a
@@ -771,15 +778,30 @@ impl TrackingSession {
         Ok(())
     }
 
-    /// Telemetry consumed the dirty state of a pre-dump chain's tracking
-    /// fd: record the pages for the chain's next pre-dump.
+    /// Does this session consume the dirty state a pre-dump chain (`h`)
+    /// relies on? uffd-wp: when it adopted the chain's fd. soft-dirty: the
+    /// bits are the process's own, so whenever a soft-dirty chain exists.
+    fn shares_chain_state(&self, h: &HostState) -> bool {
+        match self.tracker.name() {
+            "uffd-wp" => self.uffd_preexisting,
+            "soft-dirty" => h.backend == "soft-dirty" && h.start_time == self.start_time,
+            _ => false,
+        }
+    }
+
+    /// Telemetry consumed the dirty state of a pre-dump chain (its tracking
+    /// fd's protections, or the soft-dirty bits): record the pages for the
+    /// chain's next pre-dump.
     fn carry_over(&self, pages: &[images::PageRange]) -> Result<(), TrackerError> {
-        if !self.uffd_preexisting || pages.is_empty() {
+        if pages.is_empty() {
             return Ok(());
         }
         let Some(mut h) = load_host_state(&self.state_path) else {
             return Ok(()); // no chain to continue: the next pre-dump copies all
         };
+        if !self.shares_chain_state(&h) {
+            return Ok(());
+        }
         h.carry = crate::backend::union(&h.carry, pages);
         let tmp = self.state_path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec(&h).expect("state serializes"))
@@ -794,7 +816,8 @@ impl TrackingSession {
     /// pre-dump chain had armed stays (with the pages track consumed carried
     /// over to the next pre-dump); what track created is removed.
     pub fn finish_track(self) -> Result<(), TrackerError> {
-        if self.uffd_preexisting {
+        let chain = load_host_state(&self.state_path).is_some_and(|h| self.shares_chain_state(&h));
+        if self.uffd_preexisting || chain {
             Ok(())
         } else {
             self.teardown()

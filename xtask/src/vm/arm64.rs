@@ -19,8 +19,11 @@
 //! three uffd-wp pre-dumps, `dump --verify` and `restore --detach`, checks
 //! that the restored processes run (pacloop: with the same keys and mask),
 //! and restores the hotloop image once more with its PAC keys removed (an
-//! image written before tern saved them). This side checks every step and
-//! reports all of them, failed ones included.
+//! image written before tern saved them). Then it runs the `sys` crate's
+//! kernel tests (injector, regsets, PAC keys, rseq, seccomp, signals, vDSO,
+//! fds) and the memory-oracle scenarios with uffd-wp, cross-built the same
+//! way. This side checks every step and reports all of them, failed ones
+//! included.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -57,7 +60,7 @@ const SUITE: &str = "trixie";
 const MIRROR: &str = "http://deb.debian.org/debian";
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
-/// Boot to power-off (about 25 s here: TCG, 2 vCPUs on 2 host cores).
+/// Boot to power-off (about 75 s here: TCG, 2 vCPUs on 2 host cores).
 const DEADLINE: Duration = Duration::from_secs(240);
 
 /// The fixed pointer pacloop signs (xtask/vm/pacloop.c `POINTER`).

@@ -1,18 +1,19 @@
 //! `cargo xtask vm-test LANE`: tern on kernels this machine does not run,
 //! booted under qemu with software emulation (TCG, no KVM needed).
 //!
-//! `x86-softdirty`: Debian bookworm's `linux-image-amd64` (6.1: soft-dirty
-//! yes, PAGEMAP_SCAN no). The kernel package is fetched with `apt-get
-//! download` into `target/vm/x86/` (kept there); the guest's root file
-//! system is an initramfs assembled here from busybox-static, the release
-//! `tern` and `hotloop` and the shared libraries they link. Its `/init`
-//! runs `tern check`, three `--track soft-dirty` pre-dumps of `hotloop`,
-//! `tern dump --verify` and `tern restore --detach`, and prints each JSON
-//! between markers on the serial console; this side checks them. The guest
-//! has a deadline and is killed at it; a failure prints the console's tail.
+//! `x86-softdirty` (`x86.rs`): Debian bookworm's `linux-image-amd64` (6.1:
+//! soft-dirty yes, PAGEMAP_SCAN no): tern's soft-dirty backend end to end,
+//! its precision and memory-oracle tests, and CRIU side by side.
 //!
-//! `arm64`: Debian trixie's arm64 kernel (6.12: uffd-wp, PAGEMAP_SCAN,
-//! pointer authentication) with a static cross build of tern (see `arm64.rs`).
+//! `arm64` (`arm64.rs`): Debian trixie's arm64 kernel (6.12: uffd-wp,
+//! PAGEMAP_SCAN, pointer authentication) with a static cross build of tern:
+//! uffd-wp pre-dumps, dump and restore of a PAC-protected loop, the `sys`
+//! crate's kernel tests.
+//!
+//! This module holds what the lanes share: fetching Debian kernels and
+//! packages, assembling an initramfs around busybox, booting qemu with a
+//! deadline (a guest that fails or hangs is killed, its console's tail
+//! printed), and reading the `TERN-STEP` lines the guests print.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

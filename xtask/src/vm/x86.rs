@@ -9,7 +9,8 @@
 //!    CRIU 3.17.1 from the host's Debian and tern, three pre-dumps and a
 //!    dump each), printed side by side;
 //! 3. the `#[ignore]`d soft-dirty tests of the `tern-tests` crate
-//!    (`tests/tests/precision.rs`: 1 GiB, 2% dirty, and the eBPF recall;
+//!    (`tests/tests/precision.rs`: 1 GiB, 2% dirty, the eBPF recall of
+//!    pre-dump and of `tern track`, a track between two pre-dumps;
 //!    `tests/tests/scenarios.rs`: the memory oracle after each way a process
 //!    changes its memory), run with `--ignored`: on this host they cannot
 //!    run (no soft-dirty), in the guest each test binary must exit 0 and
