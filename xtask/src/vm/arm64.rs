@@ -93,11 +93,12 @@ strip_pac() {
   [ $had -gt 0 ] && [ $left -eq 0 ]; step $2 $?
 }
 zombie_or_gone() { [ ! -d /proc/$1 ] || grep -q '^State:.*Z' /proc/$1/status; }
-# Step $2: does PID $1 run? Its user time (ticks) 1 s apart.
+# Step $2: does hotloop PID $1 run? Its sleeps (and user time) 1 s apart.
 runs() {
-  a=$(cut -d' ' -f14 /proc/$1/stat 2>/dev/null); sleep 1; b=$(cut -d' ' -f14 /proc/$1/stat 2>/dev/null)
-  echo "{\"pid\": $1, \"utime_before\": ${a:-null}, \"utime_after\": ${b:-null}}"
-  [ "${b:-0}" -gt "${a:-0}" ]; step $2 $?
+  a=$(cut -d' ' -f14 /proc/$1/stat 2>/dev/null); sa=$(switches $1); sleep 1
+  b=$(cut -d' ' -f14 /proc/$1/stat 2>/dev/null); sb=$(switches $1)
+  echo "{\"pid\": $1, \"utime_before\": ${a:-null}, \"utime_after\": ${b:-null}, \"switches_before\": ${sa:-null}, \"switches_after\": ${sb:-null}}"
+  [ $(( ${sb:-0} - ${sa:-0} )) -ge MIN_LOOPS ]; step $2 $?
 }
 # Workload $1 (PID $2): three uffd-wp pre-dumps, dump --verify, restore --detach.
 # RESTORED=1 when the restore succeeded.
@@ -220,7 +221,8 @@ pub fn run() -> Result<()> {
         (tests.systest.clone(), "/bin/systest".to_string()),
         (tests.scenarios.clone(), "/bin/scenarios".to_string()),
     ];
-    let initrd = initramfs_with(&work, "arm64", &busybox, &bins, &extra, INIT_ARM64)?;
+    let init = INIT_ARM64.replace("MIN_LOOPS", &super::MIN_LOOPS.to_string());
+    let initrd = initramfs_with(&work, "arm64", &busybox, &bins, &extra, &init)?;
     let log = work.join("console.log");
     let mut qemu = Command::new("qemu-system-aarch64");
     qemu.args(["-M", "virt", "-cpu", "max,pauth-impdef=on", "-smp", "2"])
@@ -255,6 +257,7 @@ pub fn run() -> Result<()> {
         };
         println!("    {name:<18} {how}");
     }
+    super::print_stalls(&console);
     if !failures.is_empty() {
         bail!(
             "arm64 lane: {} problem(s):\n  {}\n--- guest console (last 60 lines; all of it in {}):\n{}",
@@ -758,12 +761,22 @@ impl Report {
         }
     }
 
-    /// A `runs` step: the process's user time grew.
+    /// A `runs` step: the restored hotloop went through its loop (slept) at
+    /// least [`super::MIN_LOOPS`] times in a second.
     fn runs(&self, name: &str, what: &str, failures: &mut Vec<String>) {
         if let Some(v) = self.ok(name, failures) {
+            let loops = super::loops_in_a_second(v);
+            if loops.is_none() {
+                failures.push(format!(
+                    "{what} does not run (fewer than {} sleeps in a second): {v}",
+                    super::MIN_LOOPS
+                ));
+            }
             println!(
-                "  {what} runs: utime {} -> {}",
-                v["utime_before"], v["utime_after"]
+                "  {what} runs: {} sleeps in 1 s (utime {} -> {})",
+                loops.map_or("?".into(), |n| n.to_string()),
+                v["utime_before"],
+                v["utime_after"]
             );
         }
     }
