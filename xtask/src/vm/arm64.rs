@@ -95,10 +95,7 @@ strip_pac() {
 zombie_or_gone() { [ ! -d /proc/$1 ] || grep -q '^State:.*Z' /proc/$1/status; }
 # Step $2: does hotloop PID $1 run? Its sleeps (and user time) 1 s apart.
 runs() {
-  a=$(cut -d' ' -f14 /proc/$1/stat 2>/dev/null); sa=$(switches $1); sleep 1
-  b=$(cut -d' ' -f14 /proc/$1/stat 2>/dev/null); sb=$(switches $1)
-  echo "{\"pid\": $1, \"utime_before\": ${a:-null}, \"utime_after\": ${b:-null}, \"switches_before\": ${sa:-null}, \"switches_after\": ${sb:-null}}"
-  [ $(( ${sb:-0} - ${sa:-0} )) -ge MIN_LOOPS ]; step $2 $?
+  watch_loops $1; [ $(( ${sb:-0} - ${sa:-0} )) -ge MIN_LOOPS ]; step $2 $?
 }
 # Workload $1 (PID $2): three uffd-wp pre-dumps, dump --verify, restore --detach.
 # RESTORED=1 when the restore succeeded.
@@ -768,19 +765,7 @@ impl Report {
     /// least [`super::MIN_LOOPS`] times in a second.
     fn runs(&self, name: &str, what: &str, failures: &mut Vec<String>) {
         if let Some(v) = self.ok(name, failures) {
-            let loops = super::loops_in_a_second(v);
-            if loops.is_none() {
-                failures.push(format!(
-                    "{what} does not run (fewer than {} sleeps in a second): {v}",
-                    super::MIN_LOOPS
-                ));
-            }
-            println!(
-                "  {what} runs: {} sleeps in 1 s (utime {} -> {})",
-                loops.map_or("?".into(), |n| n.to_string()),
-                v["utime_before"],
-                v["utime_after"]
-            );
+            println!("  {what} runs: {}", super::runs_summary(what, v, failures));
         }
     }
 }

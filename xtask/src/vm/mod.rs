@@ -41,6 +41,12 @@ mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 mkdir -p /dev/pts; mount -t devpts devpts /dev/pts
 # How often PID $1 went to sleep on its own: hotloop sleeps once a loop.
 switches() { sed -n 's/^voluntary_ctxt_switches:[[:space:]]*//p' /proc/$1/status 2>/dev/null; }
+# PID $1 watched for a second, as the JSON of a `runs` step (sets sa, sb).
+watch_loops() {
+  a=$(cut -d' ' -f14 /proc/$1/stat 2>/dev/null); sa=$(switches $1); sleep 1
+  b=$(cut -d' ' -f14 /proc/$1/stat 2>/dev/null); sb=$(switches $1)
+  echo "{\"pid\": $1, \"utime_before\": ${a:-null}, \"utime_after\": ${b:-null}, \"switches_before\": ${sa:-null}, \"switches_after\": ${sb:-null}}"
+}
 "#;
 
 /// A restored `hotloop` runs when it went to sleep at least this often in
@@ -52,12 +58,29 @@ pub(crate) const MIN_LOOPS: u64 = 10;
 /// The loops a restored `hotloop` made in a second, from a `runs` step's
 /// JSON (`switches_before`, `switches_after`): `None` unless at least
 /// [`MIN_LOOPS`].
-pub(crate) fn loops_in_a_second(runs: &Value) -> Option<u64> {
+fn loops_in_a_second(runs: &Value) -> Option<u64> {
     let (a, b) = (
         runs["switches_before"].as_u64()?,
         runs["switches_after"].as_u64()?,
     );
     b.checked_sub(a).filter(|n| *n >= MIN_LOOPS)
+}
+
+/// `N sleeps in 1 s (utime a -> b)` for a `runs` step's JSON; a failure
+/// naming `what` when it made fewer than [`MIN_LOOPS`] loops.
+pub(crate) fn runs_summary(what: &str, runs: &Value, failures: &mut Vec<String>) -> String {
+    let loops = loops_in_a_second(runs);
+    if loops.is_none() {
+        failures.push(format!(
+            "{what} does not run (fewer than {MIN_LOOPS} sleeps in a second): {runs}"
+        ));
+    }
+    format!(
+        "{} sleeps in 1 s (utime {} -> {})",
+        loops.map_or("?".into(), |n| n.to_string()),
+        runs["utime_before"],
+        runs["utime_after"]
+    )
 }
 
 pub fn run(lane: &str) -> Result<()> {

@@ -68,10 +68,7 @@ if grep -q '^State:.*Z' /proc/$P/status 2>/dev/null || [ ! -d /proc/$P ]; then
   wait $P
   tern restore -D /tmp/d --detach --json; echo "TERN-STEP restore $?"
   sleep 1
-  a=$(cut -d' ' -f14 /proc/$P/stat 2>/dev/null); sa=$(switches $P)
-  sleep 1
-  b=$(cut -d' ' -f14 /proc/$P/stat 2>/dev/null); sb=$(switches $P)
-  echo "{\"utime_before\": ${a:-null}, \"utime_after\": ${b:-null}, \"switches_before\": ${sa:-null}, \"switches_after\": ${sb:-null}}"; echo "TERN-STEP runs 0"
+  watch_loops $P; echo "TERN-STEP runs 0"
   kill -9 $P
 else
   echo "the dump left the original running"; echo "TERN-STEP dump-killed 1"
@@ -353,21 +350,12 @@ fn hotloop_report(steps: &[(String, i32, Option<Value>)], failures: &mut Vec<Str
     }
     let restore = ok_step(steps, "restore", failures);
     if let Some(runs) = ok_step(steps, "runs", failures) {
-        let loops = super::loops_in_a_second(runs);
-        if loops.is_none() {
-            failures.push(format!(
-                "the restored hotloop does not run (fewer than {} sleeps in a second): {runs}",
-                super::MIN_LOOPS
-            ));
-        }
+        let summary = super::runs_summary("the restored hotloop", runs, failures);
         if let Some(r) = restore {
             println!(
-                "  hotloop restore: restore_ms {:.1}, pages_restored {}; the restored hotloop runs: {} sleeps in 1 s (utime {} -> {})",
+                "  hotloop restore: restore_ms {:.1}, pages_restored {}; the restored hotloop runs: {summary}",
                 r["restore_ms"].as_f64().unwrap_or(f64::NAN),
                 r["pages_restored"],
-                loops.map_or("?".into(), |n| n.to_string()),
-                runs["utime_before"],
-                runs["utime_after"]
             );
         }
     }
