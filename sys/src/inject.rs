@@ -374,6 +374,8 @@ type Job = Box<dyn FnOnce(&mut Option<machine::Tracee>) + Send>;
 pub struct Injector {
     pid: i32,
     tid: i32,
+    /// See [`Injector::attach_owned_thread`].
+    owned: bool,
     seccomp_suspended: bool,
     tx: Option<mpsc::Sender<Job>>,
     worker: Option<thread::JoinHandle<()>>,
@@ -402,7 +404,7 @@ impl Injector {
         // The chosen thread may exit between choosing and seizing it.
         for _ in 0..3 {
             let tid = proc::choose_thread(pid)?;
-            match Self::attach_thread_unchecked(pid, tid, timeout) {
+            match Self::attach_thread_unchecked(pid, tid, timeout, false) {
                 Ok(inj) => return Ok(inj),
                 Err(e @ InjectError::Exited { .. }) => last = Some(e),
                 Err(InjectError::Attach {
@@ -427,32 +429,49 @@ impl Injector {
     /// separate slots.
     pub fn attach_thread(pid: i32, tid: i32, timeout: Duration) -> Result<Injector, InjectError> {
         proc::check_thread(pid, tid)?;
-        Self::attach_thread_unchecked(pid, tid, timeout)
+        Self::attach_thread_unchecked(pid, tid, timeout, false)
+    }
+
+    /// Like [`Injector::attach_thread`], for a thread of a process tern is
+    /// building (a restore): traced with `PTRACE_O_EXITKILL`, so that it
+    /// dies with its tracer, and killed, not let go, if the injector is
+    /// dropped without [`Injector::detach`].
+    pub fn attach_owned_thread(
+        pid: i32,
+        tid: i32,
+        timeout: Duration,
+    ) -> Result<Injector, InjectError> {
+        proc::check_thread(pid, tid)?;
+        Self::attach_thread_unchecked(pid, tid, timeout, true)
     }
 
     fn attach_thread_unchecked(
         pid: i32,
         tid: i32,
         timeout: Duration,
+        owned: bool,
     ) -> Result<Injector, InjectError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (rtx, rrx) = mpsc::sync_channel::<Result<bool, InjectError>>(1);
         let worker = thread::Builder::new()
             .name(format!("tern-inject-{tid}"))
-            .spawn(move || match machine::Tracee::attach(pid, tid, timeout) {
-                Ok(t) => {
-                    let _ = rtx.send(Ok(t.seccomp_suspended()));
-                    worker_loop(t, rx);
-                }
-                Err(e) => {
-                    let _ = rtx.send(Err(e));
-                }
-            })
+            .spawn(
+                move || match machine::Tracee::attach(pid, tid, timeout, owned) {
+                    Ok(t) => {
+                        let _ = rtx.send(Ok(t.seccomp_suspended()));
+                        worker_loop(t, rx);
+                    }
+                    Err(e) => {
+                        let _ = rtx.send(Err(e));
+                    }
+                },
+            )
             .map_err(|source| InjectError::Spawn { pid, source })?;
         match rrx.recv() {
             Ok(Ok(seccomp_suspended)) => Ok(Injector {
                 pid,
                 tid,
+                owned,
                 seccomp_suspended,
                 tx: Some(tx),
                 worker: Some(worker),
@@ -682,6 +701,12 @@ impl Injector {
 
 impl Drop for Injector {
     fn drop(&mut self) {
+        if self.owned {
+            // Never let a half-built process run: the tracee's own drop
+            // kills it (see `Tracee`'s `owned`).
+            self.shutdown();
+            return;
+        }
         if self.tx.is_some()
             && let Err(e) = self.run(|t| t.detach())
         {

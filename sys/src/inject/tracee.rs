@@ -238,6 +238,10 @@ pub(crate) struct Tracee {
     /// delivered on the way to a stop).
     ran_code: u32,
     rseq_aborted: bool,
+    /// The thread belongs to a process tern is building (a restore): it is
+    /// traced with `PTRACE_O_EXITKILL`, and dropping the tracee without
+    /// [`Tracee::detach`] kills it instead of letting it run.
+    owned: bool,
 }
 
 pub(crate) fn ptrace(req: c_uint, tid: i32, addr: u64, data: u64) -> Result<c_long, Errno> {
@@ -286,7 +290,12 @@ fn is_restart_code(ret: i64) -> bool {
 impl Tracee {
     // ---------------------------------------------------------------- attach
 
-    pub fn attach(pid: i32, tid: i32, timeout: Duration) -> Result<Tracee, InjectError> {
+    pub fn attach(
+        pid: i32,
+        tid: i32,
+        timeout: Duration,
+        owned: bool,
+    ) -> Result<Tracee, InjectError> {
         let tracer: i32 = proc::status_field(pid, Some(tid), "TracerPid")?
             .parse()
             .unwrap_or(0);
@@ -313,7 +322,7 @@ impl Tracee {
         // the stop, cleared before anything lets it run its own code): a
         // thread running with PTRACE_O_SUSPEND_SECCOMP would bypass its
         // filters.
-        let opts = libc::PTRACE_O_TRACESYSGOOD as u64;
+        let opts = Self::base_options(owned);
         ptrace(libc::PTRACE_SEIZE, tid, 0, opts).map_err(|errno| InjectError::Attach {
             pid,
             tid,
@@ -344,6 +353,7 @@ impl Tracee {
             delivered: 0,
             ran_code: 0,
             rseq_aborted: false,
+            owned,
         };
         t.interrupt()?;
         t.wait_jobctl(timeout, "stopping the thread (PTRACE_INTERRUPT)")?;
@@ -361,9 +371,18 @@ impl Tracee {
         Ok(t)
     }
 
+    /// The options every seize and SETOPTIONS carries.
+    fn base_options(owned: bool) -> u64 {
+        let mut opts = libc::PTRACE_O_TRACESYSGOOD as u64;
+        if owned {
+            opts |= libc::PTRACE_O_EXITKILL as u64;
+        }
+        opts
+    }
+
     /// Turn PTRACE_O_SUSPEND_SECCOMP on (only while stopped) or off.
     fn suspend_seccomp(&mut self, on: bool) {
-        let mut opts = libc::PTRACE_O_TRACESYSGOOD as u64;
+        let mut opts = Self::base_options(self.owned);
         if on {
             opts |= libc::PTRACE_O_SUSPEND_SECCOMP as u64;
         }
@@ -1620,6 +1639,15 @@ impl Tracee {
 
 impl Drop for Tracee {
     fn drop(&mut self) {
+        if self.owned && !self.released() {
+            // A process being built is never let go half-made: kill it
+            // (PTRACE_O_EXITKILL would, when this tracer thread ends; this
+            // is sooner and does not depend on it).
+            // SAFETY: kill(2) of the process we are building.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            self.abandon();
+            return;
+        }
         if let Err(e) = self.detach() {
             tracing::warn!(
                 "detaching from thread {} of process {}: {e}",
