@@ -51,6 +51,9 @@ enum Cmd {
         /// Store pages uncompressed.
         #[arg(long)]
         no_compress: bool,
+        /// Put the image on stable storage (fsync) before reporting success.
+        #[arg(long)]
+        fsync: bool,
         /// Deadline, in milliseconds, of every wait on the target.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
@@ -88,6 +91,10 @@ enum Cmd {
         /// The live rounds stop once one copies at most this many pages.
         #[arg(long, default_value_t = 256)]
         live_done_pages: u64,
+        /// Report success once the image is complete in the page cache,
+        /// without putting it (and its parents) on stable storage.
+        #[arg(long)]
+        no_fsync: bool,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
         #[arg(long)]
@@ -156,8 +163,145 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(cli.cmd) {
-        eprintln!("tern: error: {e:#}");
+        eprintln!("tern: error: {}", describe(&e));
         std::process::exit(1);
+    }
+}
+
+/// The error and its causes, each said once: a cause whose text an outer
+/// message already carries (most errors print their source) is not
+/// repeated.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let m = cause.to_string();
+        if out.contains(&m) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&m);
+    }
+    out
+}
+
+/// Whether `text` names `PID pid` (not a longer number starting with it).
+fn names_pid(text: &str, pid: i32) -> bool {
+    let needle = format!("PID {pid}");
+    text.match_indices(&needle).any(|(i, _)| {
+        !text[i + needle.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+    })
+}
+
+/// `e` with a context saying what failed (`verb`, of which PID, into or
+/// from which directory), leaving out what `e` already names: an error
+/// says each thing once.
+fn failed(
+    verb: &str,
+    pid: Option<i32>,
+    dir: Option<(&str, &Path)>,
+    e: impl Into<anyhow::Error>,
+) -> anyhow::Error {
+    let e = e.into();
+    let inner = describe(&e);
+    let mut ctx = verb.to_string();
+    if let Some(pid) = pid
+        && !names_pid(&inner, pid)
+    {
+        ctx.push_str(&format!(" of PID {pid}"));
+    }
+    if let Some((prep, d)) = dir
+        && !inner.contains(&d.display().to_string())
+    {
+        ctx.push_str(&format!(" {prep} {}", d.display()));
+    }
+    e.context(ctx)
+}
+
+/// The verbs that act on processes need root: refuse at once otherwise,
+/// saying why (not with the first permission error met on the way).
+fn require_root(verb: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        bail!(
+            "tern {verb} needs root (this is uid {euid}): it traces other processes (ptrace, with seccomp suspended), keeps its state in /run/tern and its eBPF programs in /sys/fs/bpf, and a restore picks PIDs; run it as root (e.g. with sudo)"
+        );
+    }
+    Ok(())
+}
+
+/// The `-D` of a new image: checked and created before the target is
+/// touched (see `images::ImageDir::create`: no symlink, no directory others
+/// may write), with nothing in it yet. If the command fails, what it
+/// left there goes, and so do the directories it created if they are
+/// empty again.
+struct NewImageDir {
+    path: PathBuf,
+    /// Directories this run created, outermost first.
+    created: Vec<PathBuf>,
+    done: bool,
+}
+
+impl NewImageDir {
+    fn prepare(dir: &Path) -> Result<NewImageDir> {
+        let mut created = Vec::new();
+        let mut p = dir;
+        while p.symlink_metadata().is_err() {
+            created.push(p.to_path_buf());
+            match p.parent() {
+                Some(q) if !q.as_os_str().is_empty() => p = q,
+                _ => break,
+            }
+        }
+        created.reverse();
+        let mut me = NewImageDir {
+            path: dir.to_path_buf(),
+            created,
+            done: false,
+        };
+        let d = images::ImageDir::create(dir).context("images dir")?;
+        if d.exists(images::INVENTORY_FILE) {
+            me.done = true; // not ours to clean
+            bail!(
+                "images dir {}: already holds an image; give an empty directory",
+                dir.display()
+            );
+        }
+        // Writable? A probe created O_EXCL | O_NOFOLLOW, then removed.
+        let probe = format!(".tern-probe-{}", std::process::id());
+        d.create_file(&probe)
+            .with_context(|| format!("images dir {}: not writable", dir.display()))?;
+        d.remove_file(&probe)?;
+        Ok(me)
+    }
+
+    /// The command succeeded: keep what it wrote.
+    fn keep(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for NewImageDir {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        match images::discard_unfinished(&self.path) {
+            Ok(true) => {
+                for d in self.created.iter().rev() {
+                    if std::fs::remove_dir(d).is_err() {
+                        break;
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cleaning up {}: {e}", self.path.display()),
+        }
     }
 }
 
@@ -166,6 +310,14 @@ fn print_json<T: Serialize>(v: &T) {
 }
 
 fn run(cmd: Cmd) -> Result<()> {
+    match &cmd {
+        Cmd::PreDump { .. } => require_root("pre-dump")?,
+        Cmd::Dump { .. } => require_root("dump")?,
+        Cmd::Restore { .. } => require_root("restore")?,
+        Cmd::Track { .. } => require_root("track")?,
+        Cmd::Untrack { .. } => require_root("untrack")?,
+        Cmd::Check { .. } | Cmd::Show { .. } => {}
+    }
     match cmd {
         Cmd::Check { json } => check(json),
         Cmd::PreDump {
@@ -175,6 +327,7 @@ fn run(cmd: Cmd) -> Result<()> {
             track,
             no_ebpf,
             no_compress,
+            fsync,
             timeout_ms,
             json,
         } => {
@@ -186,6 +339,7 @@ fn run(cmd: Cmd) -> Result<()> {
                 track,
                 !no_ebpf,
                 !no_compress,
+                fsync,
                 timeout_ms,
                 json,
             )
@@ -213,6 +367,7 @@ fn run(cmd: Cmd) -> Result<()> {
             compress,
             live_rounds,
             live_done_pages,
+            no_fsync,
             timeout_ms,
             json,
         } => {
@@ -230,6 +385,7 @@ fn run(cmd: Cmd) -> Result<()> {
                         max_rounds: live_rounds,
                         done_pages: live_done_pages,
                     },
+                    fsync: !no_fsync,
                 },
                 verify,
                 json,
@@ -248,7 +404,7 @@ fn run(cmd: Cmd) -> Result<()> {
             json,
         } => {
             let u = tracker::session::untrack(pid, Duration::from_millis(timeout_ms))
-                .with_context(|| format!("untrack PID {pid}"))?;
+                .map_err(|e| failed("untrack", Some(pid), None, e))?;
             if json {
                 print_json(&u);
             } else {
@@ -301,14 +457,16 @@ fn pre_dump(
     track: TrackMode,
     ebpf: bool,
     compress: bool,
+    fsync: bool,
     timeout_ms: u64,
     json: bool,
 ) -> Result<()> {
+    let fail = |e| failed("pre-dump", Some(pid), Some(("into", dir)), e);
     // Check the cheap things before touching the target.
     if let Some(p) = prev {
         images::Inventory::load(p).with_context(|| format!("--prev-images-dir {}", p.display()))?;
     }
-    check_writable_dir(dir)?;
+    let new_dir = NewImageDir::prepare(dir)?;
     let opts = SessionOptions {
         track,
         ebpf,
@@ -316,24 +474,13 @@ fn pre_dump(
         timeout: Duration::from_millis(timeout_ms),
         pin_ebpf: true,
     };
-    let mut s =
-        TrackingSession::attach(pid, opts).with_context(|| format!("pre-dump of PID {pid}"))?;
-    let report = s
-        .pre_dump(dir, prev)
-        .with_context(|| format!("pre-dump of PID {pid} into {}", dir.display()));
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            // Leave no half-written image behind.
-            if !dir.join(images::INVENTORY_FILE).exists() {
-                for f in [images::PAGES_FILE, images::PAGEMAP_FILE, images::MM_FILE] {
-                    let _ = std::fs::remove_file(dir.join(f));
-                }
-            }
-            return Err(e);
-        }
-    };
+    let mut s = TrackingSession::attach(pid, opts).map_err(fail)?;
+    let report = s.pre_dump(dir, prev).map_err(fail)?;
     s.detach();
+    if fsync {
+        images::sync_image(dir).map_err(|e| fail(e.into()))?;
+    }
+    new_dir.keep();
     if json {
         print_json(&report);
     } else {
@@ -363,30 +510,22 @@ fn dump(
     if let Some(p) = prev {
         images::Inventory::load(p).with_context(|| format!("--prev-images-dir {}", p.display()))?;
     }
-    check_writable_dir(dir)?;
+    let new_dir = NewImageDir::prepare(dir)?;
     let verifier: Option<tracker::dump::Verifier> = verify.then_some(verify_chain);
-    let report = tracker::dump::dump(pid, dir, prev, opts, verifier)
-        .with_context(|| format!("dump of PID {pid} into {}", dir.display()));
-    let report = match report {
+    let report = match tracker::dump::dump(pid, dir, prev, opts, verifier) {
         Ok(r) => r,
         Err(e) => {
-            if !dir.join(images::INVENTORY_FILE).exists() {
-                for f in [
-                    images::PAGES_FILE,
-                    images::PAGEMAP_FILE,
-                    images::MM_FILE,
-                    images::process::PROCESS_FILE,
-                ] {
-                    let _ = std::fs::remove_file(dir.join(f));
-                }
-                let _ = std::fs::remove_dir_all(dir.join(images::process::PIPES_DIR));
-            } else {
-                // A complete image that failed verification: not usable.
-                let _ = std::fs::remove_file(dir.join(images::INVENTORY_FILE));
+            if e.target_killed() {
+                // The image is all there is of the process now: keep it.
+                new_dir.keep();
+            } else if let Ok(d) = images::ImageDir::create(dir) {
+                // A complete image that failed verification is not usable.
+                let _ = d.remove_file(images::INVENTORY_FILE);
             }
-            return Err(e);
+            return Err(failed("dump", Some(pid), Some(("into", dir)), e));
         }
     };
+    new_dir.keep();
     if json {
         print_json(&report);
     } else {
@@ -484,11 +623,10 @@ fn restore(
             timeout: Duration::from_millis(timeout_ms),
         },
     )
-    .with_context(|| format!("restore from {}", dir.display()))?;
+    .map_err(|e| failed("restore", None, Some(("from", dir)), e))?;
     let pid = restored.pid;
     if let Some(f) = pidfile {
-        std::fs::write(f, format!("{pid}\n"))
-            .with_context(|| format!("--pidfile {}", f.display()))?;
+        write_pidfile(f, pid).with_context(|| format!("--pidfile {}", f.display()))?;
     }
     if json {
         print_json(&restored.report);
@@ -524,20 +662,19 @@ fn restore(
     std::process::exit(code);
 }
 
-/// `dir` exists or can be created, and a file can be written in it.
-fn check_writable_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("images dir {}: cannot create it", dir.display()))?;
-    if dir.join(images::INVENTORY_FILE).exists() {
-        bail!(
-            "images dir {}: already holds an image; give an empty directory",
-            dir.display()
-        );
-    }
-    let probe = dir.join(".tern-write-test");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("images dir {}: not writable", dir.display()))?;
-    let _ = std::fs::remove_file(probe);
+/// Write `pid` to `file` as a new file renamed over it: never through a
+/// link planted there, never truncating a file hard-linked to it.
+fn write_pidfile(file: &Path, pid: i32) -> Result<()> {
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("not a file name")?;
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let d = images::ImageDir::create(parent)?;
+    d.write_atomic(name, format!("{pid}\n").as_bytes(), false)?;
     Ok(())
 }
 
@@ -551,7 +688,7 @@ fn track(
     json: bool,
 ) -> Result<()> {
     let mode =
-        tracker::session::resolve_backend(mode).with_context(|| format!("track PID {pid}"))?;
+        tracker::session::resolve_backend(mode).map_err(|e| failed("track", Some(pid), None, e))?;
     if mode == TrackMode::Full {
         anyhow::bail!(
             "track PID {pid}: this kernel has neither async uffd write-protect with PAGEMAP_SCAN (Linux 6.7+) nor soft-dirty bits, so there is no dirty tracking to report (`tern check` lists what it found)"
@@ -564,7 +701,8 @@ fn track(
         timeout: Duration::from_millis(timeout_ms),
         pin_ebpf: false,
     };
-    let mut s = TrackingSession::attach(pid, opts).with_context(|| format!("track PID {pid}"))?;
+    let mut s =
+        TrackingSession::attach(pid, opts).map_err(|e| failed("track", Some(pid), None, e))?;
     let interval = Duration::from_millis(interval_ms.max(1));
     let t0 = Instant::now();
     let res = (|| -> Result<()> {
@@ -596,14 +734,14 @@ fn track(
     })();
     // Leave the target exactly as found, whatever happened.
     let torn = s.finish_track();
-    res?;
-    torn.with_context(|| format!("removing tracking from PID {pid}"))?;
+    res.map_err(|e| failed("track", Some(pid), None, e))?;
+    torn.map_err(|e| failed("removing tracking", Some(pid), None, e))?;
     Ok(())
 }
 
 fn show(dir: &Path, vmas: bool, json: bool) -> Result<()> {
     let chain =
-        restorer::ImageChain::open(dir).with_context(|| format!("show {}", dir.display()))?;
+        restorer::ImageChain::open(dir).map_err(|e| failed("show", None, Some(("of", dir)), e))?;
     let summary = chain.summary();
     let newest = chain.newest();
     if json {

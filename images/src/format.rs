@@ -1,8 +1,14 @@
 //! The JSON parts of an image: `inventory.json` and `mm.json`.
 
+use crate::fsdir::{ImageDir, MAX_JSON_BYTES};
+use crate::seal::Seal;
 use crate::{FORMAT_NAME, FORMAT_VERSION, INVENTORY_FILE, ImageError, MM_FILE};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// Most VMAs a VMA list may hold (the kernel's default `vm.max_map_count`
+/// is 65530).
+pub const MAX_VMAS: usize = 1 << 20;
 
 /// What kind of image a directory holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +56,11 @@ pub struct Inventory {
     pub kind: ImageKind,
     pub pid: i32,
     pub parent: Option<ParentRef>,
+    /// The image holds every page of the process (it was taken without a
+    /// parent: a first pre-dump, or a dump without one). The oldest image
+    /// of a chain must be one: a chain whose parent link was removed from
+    /// a middle image is refused, not restored with the older pages missing.
+    pub full: bool,
     /// The dirty-tracking backend that selected the pages of this image.
     pub backend: String,
     pub compressed: bool,
@@ -57,6 +68,9 @@ pub struct Inventory {
     pub created_unix_ms: u64,
     #[serde(default)]
     pub tracking: Option<TrackingState>,
+    /// Tamper evidence (see `seal`); written last, over everything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<Seal>,
 }
 
 impl Inventory {
@@ -68,6 +82,7 @@ impl Inventory {
             kind,
             pid,
             parent: None,
+            full: true,
             backend: backend.to_string(),
             compressed,
             page_size: crate::PAGE_SIZE,
@@ -76,30 +91,31 @@ impl Inventory {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             tracking: None,
+            seal: None,
         }
     }
 
     /// Read and validate `DIR/inventory.json`.
     pub fn load(dir: &Path) -> Result<Inventory, ImageError> {
-        let path = dir.join(INVENTORY_FILE);
-        if !dir.is_dir() {
-            return Err(ImageError::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such image directory"),
-            ));
-        }
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ImageError::NotAnImage {
-                    path: dir.to_path_buf(),
-                });
+        let (d, _) = ImageDir::open(dir)?;
+        match d.open_file(INVENTORY_FILE, false)? {
+            None => Err(ImageError::NotAnImage {
+                path: dir.to_path_buf(),
+            }),
+            Some(_) => {
+                let (text, _) = d.read_file(INVENTORY_FILE, MAX_JSON_BYTES)?;
+                Inventory::parse(&d.child(INVENTORY_FILE), &text)
             }
-            Err(e) => return Err(ImageError::io(&path, e)),
-        };
+        }
+    }
+
+    /// Parse and validate the bytes of `inventory.json` (`path` names it in
+    /// errors).
+    pub fn parse(path: &Path, text: &[u8]) -> Result<Inventory, ImageError> {
+        let path = path.to_path_buf();
         // Check the version before the full schema, so that a future format
         // is reported as such and not as a parse error.
-        let value: serde_json::Value = serde_json::from_slice(&text)
+        let value: serde_json::Value = serde_json::from_slice(text)
             .map_err(|e| ImageError::corrupt(&path, format!("not valid JSON: {e}")))?;
         if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT_NAME) {
             return Err(ImageError::corrupt(
@@ -122,12 +138,39 @@ impl Inventory {
                 format!("page size {} is not {}", inv.page_size, crate::PAGE_SIZE),
             ));
         }
+        match (&inv.parent, inv.full) {
+            (None, false) => {
+                return Err(ImageError::corrupt(
+                    &path,
+                    "names no parent, but is not a full image: the link to the older images of its chain was removed, and restoring without them would lose their pages",
+                ));
+            }
+            (Some(_), true) => {
+                return Err(ImageError::corrupt(
+                    &path,
+                    "is a full image that names a parent: the two contradict each other",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(p) = &inv.parent
+            && (p.path.is_empty() || p.path.contains('\0'))
+        {
+            return Err(ImageError::corrupt(&path, "bad parent path"));
+        }
         Ok(inv)
+    }
+
+    /// The bytes a seal covers: the inventory without its seal.
+    pub fn sealed_bytes(&self) -> Vec<u8> {
+        let mut plain = self.clone();
+        plain.seal = None;
+        serde_json::to_vec(&plain).expect("an inventory serializes")
     }
 
     /// Write `DIR/inventory.json` atomically (temporary file + rename).
     pub fn store(&self, dir: &Path) -> Result<(), ImageError> {
-        write_json_atomic(&dir.join(INVENTORY_FILE), self)
+        write_json_atomic(&ImageDir::create(dir)?, INVENTORY_FILE, self)
     }
 
     /// The parent directory, resolved against this image's directory.
@@ -189,45 +232,91 @@ pub struct MmRecord {
 
 impl MmRecord {
     pub fn load(dir: &Path) -> Result<MmRecord, ImageError> {
-        let path = dir.join(MM_FILE);
-        let text = std::fs::read(&path).map_err(|e| ImageError::io(&path, e))?;
-        let mm: MmRecord = serde_json::from_slice(&text)
-            .map_err(|e| ImageError::corrupt(&path, format!("bad VMA list: {e}")))?;
+        let (d, _) = ImageDir::open(dir)?;
+        let (text, _) = d.read_file(MM_FILE, MAX_JSON_BYTES)?;
+        MmRecord::parse(&d.child(MM_FILE), &text)
+    }
+
+    /// Parse and validate the bytes of `mm.json`.
+    pub fn parse(path: &Path, text: &[u8]) -> Result<MmRecord, ImageError> {
+        let mm: MmRecord = serde_json::from_slice(text)
+            .map_err(|e| ImageError::corrupt(path, format!("bad VMA list: {e}")))?;
+        if mm.vmas.len() > MAX_VMAS {
+            return Err(ImageError::corrupt(
+                path,
+                format!("{} VMAs, more than {MAX_VMAS}", mm.vmas.len()),
+            ));
+        }
         let mut prev_end = 0;
         for v in &mm.vmas {
+            // x86_64's legacy vsyscall page sits in the kernel's half; it is
+            // listed, never mapped by a restore.
+            let vsyscall = v.start == 0xffff_ffff_ff60_0000
+                && v.end == v.start + crate::PAGE_SIZE
+                && v.name.as_deref() == Some("[vsyscall]")
+                && !v.dumped;
             if v.start >= v.end
                 || v.start % crate::PAGE_SIZE != 0
                 || v.end % crate::PAGE_SIZE != 0
                 || v.start < prev_end
+                || (v.end > crate::MAX_USER_ADDRESS && !vsyscall)
             {
                 return Err(ImageError::corrupt(
-                    &path,
+                    path,
                     format!(
-                        "VMA {:#x}-{:#x} is empty, unaligned or out of order",
+                        "VMA {:#x}-{:#x} is empty, unaligned, out of order or outside user space",
                         v.start, v.end
                     ),
+                ));
+            }
+            let p = v.perms.as_bytes();
+            let valid = p.len() == 4
+                && matches!(p[0], b'r' | b'-')
+                && matches!(p[1], b'w' | b'-')
+                && matches!(p[2], b'x' | b'-')
+                && matches!(p[3], b'p' | b's');
+            if !valid {
+                return Err(ImageError::corrupt(
+                    path,
+                    format!(
+                        "VMA {:#x}-{:#x}: bad permissions {:?}",
+                        v.start, v.end, v.perms
+                    ),
+                ));
+            }
+            if v.name
+                .as_ref()
+                .is_some_and(|n| n.len() > 4096 || n.contains('\0'))
+                || v.vm_flags.len() > 64
+                || v.vm_flags.iter().any(|f| f.len() > 8)
+            {
+                return Err(ImageError::corrupt(
+                    path,
+                    format!("VMA {:#x}-{:#x}: bad name or flags", v.start, v.end),
                 ));
             }
             prev_end = v.end;
         }
         Ok(mm)
     }
+
     pub fn store(&self, dir: &Path) -> Result<(), ImageError> {
-        write_json_atomic(&dir.join(MM_FILE), self)
+        write_json_atomic(&ImageDir::create(dir)?, MM_FILE, self)
     }
+
     pub fn find(&self, addr: u64) -> Option<&VmaRecord> {
         let i = self.vmas.partition_point(|v| v.end <= addr);
         self.vmas.get(i).filter(|v| v.start <= addr)
     }
 }
 
-pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), ImageError> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
+pub(crate) fn write_json_atomic<T: Serialize>(
+    dir: &ImageDir,
+    name: &str,
+    value: &T,
+) -> Result<(), ImageError> {
     let text = serde_json::to_vec_pretty(value).expect("image metadata serializes");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
-    f.write_all(&text).map_err(|e| ImageError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ImageError::io(path, e))
+    dir.write_atomic(name, &text, false)
 }
 
 /// 128 random bits as hex, from the kernel's random pool.

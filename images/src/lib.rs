@@ -4,14 +4,19 @@
 //! One image is one directory:
 //!
 //! ```text
-//! inventory.json   what this image is: format version, id, pid, parent link, backend
+//! inventory.json   what this image is: format version, id, pid, parent link,
+//!                  whether it is full, backend, seal
 //! mm.json          the target's VMAs at the time of the image
 //! pagemap.img      binary index: which page ranges this image holds and how
 //! pages.img        page data, raw or lz4-compressed, one blob per data entry
+//! process.json     (final dumps) the rest of the process's state
+//! pipes/INODE.bin  (final dumps) the bytes queued in each pipe
 //! ```
 //!
 //! `inventory.json` is written last and atomically (write + rename), so a
-//! directory without it is not an image, whatever else it holds.
+//! directory without it is not an image, whatever else it holds. Every file
+//! is created and read through [`fsdir`] (no link followed, 0600/0700,
+//! bounded sizes) and covered by the inventory's [`seal`] but `pages.img`.
 //!
 //! A page-map entry says one of three things about a range of pages:
 //! - `Data`: the bytes are in `pages.img` (each blob has a CRC32);
@@ -24,23 +29,33 @@
 //! A page that an image does not mention is unchanged since the parent image.
 
 mod format;
+pub mod fsdir;
 mod pagemap;
+pub mod seal;
 mod writer;
 
 pub mod process;
 
 pub use format::*;
-pub use pagemap::{PageEntry, PageKind, PageMap};
-pub use writer::{ImageWriter, WriteStats, trim_pages_file};
+pub use fsdir::{ImageDir, Provenance, ProvenanceKind, sync_image};
+pub use pagemap::{PageEntry, PageKind, PageMap, decode_blob};
+pub use seal::{SealKey, SealStatus};
+pub use writer::{ImageWriter, MAX_BLOB_PAGES, WriteStats, discard_unfinished, trim_pages_file};
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Page size of every image (x86_64 and arm64 with 4 KiB pages).
 pub const PAGE_SIZE: u64 = 4096;
 
 /// The version written into `inventory.json` and `pagemap.img`. A reader
-/// refuses any other.
-pub const FORMAT_VERSION: u32 = 1;
+/// refuses any other. (2: inventories say whether the image is full, and
+/// carry a seal.)
+pub const FORMAT_VERSION: u32 = 2;
+
+/// No user address is at or above this (x86_64 with 5-level page tables:
+/// 2^56; arm64: 2^52). Anything an image places higher is refused.
+pub const MAX_USER_ADDRESS: u64 = 1 << 57;
 
 /// The `format` field of every inventory.
 pub const FORMAT_NAME: &str = "tern-images";
@@ -86,6 +101,10 @@ pub enum ImageError {
     },
     #[error("{path}: invalid page map: {what}")]
     InvalidPageMap { path: PathBuf, what: String },
+    /// A path tern will not read or write through (a link, a directory
+    /// others may write).
+    #[error("{path} {what}")]
+    Unsafe { path: PathBuf, what: String },
 }
 
 impl ImageError {
@@ -136,8 +155,9 @@ impl PageRange {
     }
 }
 
-/// Open one image directory: inventory, VMAs and page map. Page data is read
-/// on demand through [`Image::read_entry`].
+/// Open one image directory: inventory, VMAs, page map, and for a final
+/// dump the process state and pipe contents. Page data is read on demand
+/// through [`Image::read_entry`].
 #[derive(Debug)]
 pub struct Image {
     pub dir: PathBuf,
@@ -146,43 +166,143 @@ pub struct Image {
     pub pagemap: PageMap,
     /// The rest of the process's state (final dumps only).
     pub process: Option<process::ProcessImage>,
+    /// The bytes queued in each pipe, by the name `process.json` gives.
+    pub pipe_data: BTreeMap<String, Vec<u8>>,
+    /// Every directory, link and file read to open this image: who could
+    /// have written it.
+    pub provenance: Vec<Provenance>,
+    /// SHA-256 of each file the seal covers, as read.
+    digests: Vec<(String, [u8; 32])>,
+    /// `pages.img`, open.
+    pages: std::fs::File,
 }
 
 impl Image {
     pub fn open(dir: &Path) -> Result<Image, ImageError> {
-        let inventory = Inventory::load(dir)?;
-        let mm = MmRecord::load(dir)?;
-        let pagemap = PageMap::load(&dir.join(PAGEMAP_FILE))?;
-        let pages_path = dir.join(PAGES_FILE);
-        let pages_len = std::fs::metadata(&pages_path)
-            .map_err(|e| ImageError::io(&pages_path, e))?
-            .len();
-        pagemap.check_data_bounds(&pages_path, pages_len)?;
+        let (d, mut provenance) = ImageDir::open(dir)?;
+        if d.open_file(INVENTORY_FILE, false)?.is_none() {
+            return Err(ImageError::NotAnImage {
+                path: dir.to_path_buf(),
+            });
+        }
+        let mut digests = Vec::new();
+        let mut read = |name: &str, limit: u64| -> Result<Vec<u8>, ImageError> {
+            let (bytes, prov) = d.read_file(name, limit)?;
+            provenance.push(prov);
+            if name != INVENTORY_FILE {
+                digests.push((name.to_string(), seal::digest(&bytes)));
+            }
+            Ok(bytes)
+        };
+        let inventory = Inventory::parse(
+            &d.child(INVENTORY_FILE),
+            &read(INVENTORY_FILE, fsdir::MAX_JSON_BYTES)?,
+        )?;
+        let mm = MmRecord::parse(&d.child(MM_FILE), &read(MM_FILE, fsdir::MAX_JSON_BYTES)?)?;
+        let pagemap = PageMap::decode(
+            &d.child(PAGEMAP_FILE),
+            &read(PAGEMAP_FILE, fsdir::MAX_PAGEMAP_BYTES)?,
+        )?;
         let process = match inventory.kind {
-            ImageKind::Dump => Some(process::ProcessImage::load(dir)?),
+            ImageKind::Dump => Some(process::ProcessImage::parse(
+                &d.child(process::PROCESS_FILE),
+                &read(process::PROCESS_FILE, fsdir::MAX_JSON_BYTES)?,
+            )?),
             ImageKind::PreDump => None,
         };
+        drop(read);
+        let mut pipe_data = BTreeMap::new();
+        if let Some(p) = &process {
+            let names: std::collections::BTreeSet<&String> =
+                p.fds.iter().filter_map(|f| f.pipe_data.as_ref()).collect();
+            if !names.is_empty() {
+                let (pipes, prov) = d.open_subdir(process::PIPES_DIR)?.ok_or_else(|| {
+                    ImageError::corrupt(
+                        &d.child(process::PROCESS_FILE),
+                        format!(
+                            "pipe data is named, but there is no {}/",
+                            process::PIPES_DIR
+                        ),
+                    )
+                })?;
+                provenance.push(prov);
+                let mut total = 0u64;
+                for name in names {
+                    let (bytes, prov) = pipes.read_file(name, fsdir::MAX_PIPE_BYTES)?;
+                    total += bytes.len() as u64;
+                    if total > 16 * fsdir::MAX_PIPE_BYTES {
+                        return Err(ImageError::corrupt(
+                            pipes.path(),
+                            "more pipe contents than tern reads for one process",
+                        ));
+                    }
+                    provenance.push(prov);
+                    digests.push((
+                        format!("{}/{name}", process::PIPES_DIR),
+                        seal::digest(&bytes),
+                    ));
+                    pipe_data.insert(name.clone(), bytes);
+                }
+            }
+        }
+        let (pages, prov) = d.open_file(PAGES_FILE, false)?.ok_or_else(|| {
+            ImageError::io(
+                &d.child(PAGES_FILE),
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            )
+        })?;
+        provenance.push(prov);
+        let pages_len = pages
+            .metadata()
+            .map_err(|e| ImageError::io(&d.child(PAGES_FILE), e))?
+            .len();
+        pagemap.check_data_bounds(&d.child(PAGES_FILE), pages_len)?;
         Ok(Image {
             dir: dir.to_path_buf(),
             inventory,
             mm,
             pagemap,
             process,
+            pipe_data,
+            provenance,
+            digests,
+            pages,
         })
+    }
+
+    /// What the image's seal says, checked with `key` (this host's).
+    pub fn seal_status(&self, key: Option<&SealKey>) -> SealStatus {
+        match (&self.inventory.seal, key) {
+            (None, _) => SealStatus::Unsealed,
+            (Some(_), None) => SealStatus::Foreign,
+            (Some(s), Some(k)) => k.check(s, &self.inventory.sealed_bytes(), &self.digests),
+        }
+    }
+
+    fn pages_path(&self) -> PathBuf {
+        self.dir.join(PAGES_FILE)
     }
 
     /// Read and check the bytes of one `Data` entry: returns exactly
     /// `entry.nr_pages * PAGE_SIZE` bytes.
     pub fn read_entry(&self, entry: &PageEntry) -> Result<Vec<u8>, ImageError> {
-        let path = self.dir.join(PAGES_FILE);
-        pagemap::read_entry_data(&path, entry)
+        pagemap::read_entry_data_from(&self.pages_path(), &self.pages, entry)
     }
 
-    /// Read several entries with one open file handle.
-    pub fn entry_reader(&self) -> Result<EntryReader, ImageError> {
-        let path = self.dir.join(PAGES_FILE);
-        let file = std::fs::File::open(&path).map_err(|e| ImageError::io(&path, e))?;
-        Ok(EntryReader { path, file })
+    /// Read the stored (maybe compressed) bytes of one `Data` entry,
+    /// unchecked: [`decode_blob`] checks and decodes them.
+    pub fn read_stored(&self, entry: &PageEntry) -> Result<Vec<u8>, ImageError> {
+        use std::os::unix::fs::FileExt;
+        let mut stored = vec![0u8; entry.stored_len() as usize];
+        self.pages
+            .read_exact_at(&mut stored, entry.offset)
+            .map_err(|e| ImageError::io(&self.pages_path(), e))?;
+        Ok(stored)
+    }
+
+    /// Read several entries (kept for callers that read many).
+    pub fn entry_reader(&self) -> Result<EntryReader<'_>, ImageError> {
+        Ok(EntryReader { image: self })
     }
 
     pub fn total_pages(&self, kind: PageKind) -> u64 {
@@ -195,14 +315,13 @@ impl Image {
     }
 }
 
-/// Reads `Data` entries of one image through one open `pages.img`.
-pub struct EntryReader {
-    path: PathBuf,
-    file: std::fs::File,
+/// Reads `Data` entries of one image.
+pub struct EntryReader<'a> {
+    image: &'a Image,
 }
 
-impl EntryReader {
+impl EntryReader<'_> {
     pub fn read(&mut self, entry: &PageEntry) -> Result<Vec<u8>, ImageError> {
-        pagemap::read_entry_data_from(&self.path, &mut self.file, entry)
+        self.image.read_entry(entry)
     }
 }

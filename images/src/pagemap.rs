@@ -6,8 +6,9 @@
 //! data offset u64, stored length u64, CRC32 of the stored bytes u32,
 //! reserved u32.
 
-use crate::{FORMAT_VERSION, ImageError, PAGE_SIZE, PageRange};
-use std::io::{Read, Seek, SeekFrom};
+use crate::writer::MAX_BLOB_PAGES;
+use crate::{FORMAT_VERSION, ImageError, MAX_USER_ADDRESS, PAGE_SIZE, PageRange};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"TERNPMAP";
@@ -46,6 +47,12 @@ impl PageKind {
 /// How a `Data` entry's bytes are stored.
 pub(crate) const CODEC_RAW: u8 = 0;
 pub(crate) const CODEC_LZ4: u8 = 1;
+
+/// The most bytes lz4 can make of `n` (lz4's worst case for incompressible
+/// input, with margin): a stored blob larger than this is not an lz4 block.
+pub(crate) fn lz4_bound(n: u64) -> u64 {
+    n + n / 255 + 64
+}
 
 /// One range of pages in an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +134,8 @@ impl PageMap {
         out
     }
 
-    pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<PageMap, ImageError> {
+    /// Parse and check `pagemap.img` (`path` names it in errors).
+    pub fn decode(path: &Path, bytes: &[u8]) -> Result<PageMap, ImageError> {
         if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
             return Err(ImageError::corrupt(path, "bad magic (not a tern page map)"));
         }
@@ -178,31 +186,47 @@ impl PageMap {
             if !e.start.is_multiple_of(PAGE_SIZE)
                 || e.nr_pages == 0
                 || e.start < prev_end
-                || e.start.checked_add(e.nr_pages as u64 * PAGE_SIZE).is_none()
+                || e.end() > MAX_USER_ADDRESS
             {
                 return Err(ImageError::corrupt(
                     path,
                     format!(
-                        "entry {i} at {:#x}: unaligned, empty or out of order",
+                        "entry {i} at {:#x}: unaligned, empty, out of order or outside user space",
                         e.start
                     ),
                 ));
             }
-            if kind == PageKind::Data && e.codec != CODEC_RAW && e.codec != CODEC_LZ4 {
+            if kind == PageKind::Data {
+                let raw = e.nr_pages as u64 * PAGE_SIZE;
+                let fits = match e.codec {
+                    CODEC_RAW => e.stored_len == raw,
+                    CODEC_LZ4 => e.stored_len > 0 && e.stored_len <= lz4_bound(raw),
+                    c => {
+                        return Err(ImageError::corrupt(
+                            path,
+                            format!("entry {i}: unknown codec {c}"),
+                        ));
+                    }
+                };
+                if e.nr_pages as u64 > MAX_BLOB_PAGES || !fits {
+                    return Err(ImageError::corrupt(
+                        path,
+                        format!(
+                            "entry {i} at {:#x}: {} pages stored in {} bytes (at most {MAX_BLOB_PAGES} pages per blob, and no more bytes than its codec can make of them)",
+                            e.start, e.nr_pages, e.stored_len
+                        ),
+                    ));
+                }
+            } else if e.offset != 0 || e.stored_len != 0 {
                 return Err(ImageError::corrupt(
                     path,
-                    format!("entry {i}: unknown codec {}", e.codec),
+                    format!("entry {i} at {:#x}: a {kind:?} entry with data", e.start),
                 ));
             }
             prev_end = e.end();
             entries.push(e);
         }
         Ok(PageMap { entries })
-    }
-
-    pub fn load(path: &Path) -> Result<PageMap, ImageError> {
-        let bytes = std::fs::read(path).map_err(|e| ImageError::io(path, e))?;
-        Self::decode(path, &bytes)
     }
 
     /// Every `Data` entry must lie inside `pages.img`.
@@ -226,21 +250,29 @@ impl PageMap {
     }
 }
 
-pub(crate) fn read_entry_data(path: &Path, e: &PageEntry) -> Result<Vec<u8>, ImageError> {
-    let mut f = std::fs::File::open(path).map_err(|err| ImageError::io(path, err))?;
-    read_entry_data_from(path, &mut f, e)
-}
-
+/// Read and check the bytes of one `Data` entry from `pages.img` (`f`,
+/// named `path` in errors): exactly `nr_pages * PAGE_SIZE` bytes.
 pub(crate) fn read_entry_data_from(
     path: &Path,
-    f: &mut std::fs::File,
+    f: &std::fs::File,
     e: &PageEntry,
 ) -> Result<Vec<u8>, ImageError> {
-    assert_eq!(e.kind, PageKind::Data, "only Data entries have bytes");
+    if e.kind != PageKind::Data {
+        return Err(ImageError::corrupt(
+            path,
+            format!("pages at {:#x} have no stored bytes", e.start),
+        ));
+    }
+    // Bounded by the page map's checks (at most MAX_BLOB_PAGES pages).
     let mut stored = vec![0u8; e.stored_len as usize];
-    f.seek(SeekFrom::Start(e.offset))
-        .and_then(|_| f.read_exact(&mut stored))
+    f.read_exact_at(&mut stored, e.offset)
         .map_err(|err| ImageError::io(path, err))?;
+    decode_blob(path, e, stored)
+}
+
+/// Check a blob's CRC and decompress it: exactly `nr_pages * PAGE_SIZE`
+/// bytes.
+pub fn decode_blob(path: &Path, e: &PageEntry, stored: Vec<u8>) -> Result<Vec<u8>, ImageError> {
     if crc32fast::hash(&stored) != e.crc {
         return Err(ImageError::corrupt(
             path,

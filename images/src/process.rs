@@ -7,11 +7,12 @@
 //! The kernel-facing types (register sets, siginfo, filters, ...) are those
 //! of the `sys` crate, which both capture and restore use.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ImageError, write_json_atomic};
+use crate::ImageError;
 
 pub const PROCESS_FILE: &str = "process.json";
 pub const PIPES_DIR: &str = "pipes";
@@ -124,58 +125,178 @@ pub struct FdImage {
     pub pipe_capacity: Option<u64>,
 }
 
+/// Bounds of what a process image may hold (the kernel's own limits).
+const MAX_THREADS: usize = 1 << 22;
+const MAX_FD: i32 = 1 << 30;
+const MAX_GROUPS: usize = 65536;
+const BPF_MAXINSNS: usize = 4096;
+const RLIM_NLIMITS: u32 = 16;
+/// `struct siginfo` is 128 bytes on every architecture tern supports.
+const SIGINFO_LEN: usize = 128;
+
+/// Whether `name` may name a file under `pipes/`.
+pub fn valid_pipe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0')
+}
+
 impl ProcessImage {
-    pub fn load(dir: &Path) -> Result<ProcessImage, ImageError> {
-        let path = dir.join(PROCESS_FILE);
-        let text = std::fs::read(&path).map_err(|e| ImageError::io(&path, e))?;
-        let p: ProcessImage = serde_json::from_slice(&text)
-            .map_err(|e| ImageError::corrupt(&path, format!("bad process state: {e}")))?;
-        if p.threads.is_empty() {
-            return Err(ImageError::corrupt(&path, "no threads".to_string()));
-        }
-        for t in &p.threads {
-            if let Some(&bad) = t.seccomp.iter().find(|&&i| i >= p.seccomp_filters.len()) {
-                return Err(ImageError::corrupt(
-                    &path,
-                    format!(
-                        "thread {} refers to seccomp filter {bad}, which is not in the image",
-                        t.tid
-                    ),
-                ));
-            }
-        }
-        for f in &p.fds {
-            if let Some(name) = &f.pipe_data {
-                let data = dir.join(PIPES_DIR).join(name);
-                if !data.is_file() || name.contains('/') {
-                    return Err(ImageError::corrupt(
-                        &path,
-                        format!(
-                            "fd {} refers to pipe data {}, which is missing",
-                            f.info.fd,
-                            data.display()
-                        ),
-                    ));
-                }
-            }
-        }
+    /// Parse and check the bytes of `process.json` (`path` names it in
+    /// errors): everything a restore will hand to the kernel must be in the
+    /// kernel's own bounds, so that a damaged image is refused before any
+    /// process exists.
+    pub fn parse(path: &Path, text: &[u8]) -> Result<ProcessImage, ImageError> {
+        let p: ProcessImage = serde_json::from_slice(text)
+            .map_err(|e| ImageError::corrupt(path, format!("bad process state: {e}")))?;
+        p.validate()
+            .map_err(|what| ImageError::corrupt(path, what))?;
         Ok(p)
     }
 
-    pub fn store(&self, dir: &Path) -> Result<(), ImageError> {
-        write_json_atomic(&dir.join(PROCESS_FILE), self)
+    /// What is wrong with this process state, if anything.
+    pub fn validate(&self) -> Result<(), String> {
+        let p = self;
+        if p.threads.is_empty() {
+            return Err("no threads".into());
+        }
+        if p.threads.len() > MAX_THREADS {
+            return Err(format!("{} threads", p.threads.len()));
+        }
+        if p.pid <= 0 {
+            return Err(format!("PID {}", p.pid));
+        }
+        let mut tids = BTreeSet::new();
+        for t in &p.threads {
+            if t.tid <= 0 || !tids.insert(t.tid) {
+                return Err(format!("thread {} is not a valid or unique TID", t.tid));
+            }
+            if let Some(&bad) = t.seccomp.iter().find(|&&i| i >= p.seccomp_filters.len()) {
+                return Err(format!(
+                    "thread {} refers to seccomp filter {bad}, which is not in the image",
+                    t.tid
+                ));
+            }
+            if t.seccomp_mode > 2 || (t.seccomp_mode != 2 && !t.seccomp.is_empty()) {
+                return Err(format!("thread {}: seccomp mode {}", t.tid, t.seccomp_mode));
+            }
+            t.regs
+                .validate()
+                .map_err(|e| format!("thread {}: {e}", t.tid))?;
+            for s in &t.pending {
+                check_signal(s)?;
+            }
+            if let Some(r) = &t.rseq
+                && (r.abi_size < 32 || r.abi_size > 4096)
+            {
+                return Err(format!(
+                    "thread {}: rseq area of {} bytes",
+                    t.tid, r.abi_size
+                ));
+            }
+            if t.comm.len() > 64 || t.comm.contains('\0') {
+                return Err(format!("thread {}: bad name", t.tid));
+            }
+        }
+        if !tids.contains(&p.pid) {
+            return Err(format!(
+                "the main thread {} is not among the threads",
+                p.pid
+            ));
+        }
+        for f in &p.seccomp_filters {
+            if f.insns.is_empty() || f.insns.len() > BPF_MAXINSNS {
+                return Err(format!(
+                    "a seccomp filter of {} instructions",
+                    f.insns.len()
+                ));
+            }
+        }
+        for s in &p.shared_pending {
+            check_signal(s)?;
+        }
+        let mut signos = BTreeSet::new();
+        for a in &p.sigactions {
+            if !(1..=64).contains(&a.signo) || !signos.insert(a.signo) {
+                return Err(format!("signal action for signal {}", a.signo));
+            }
+        }
+        for t in &p.itimers {
+            if !(0..=2).contains(&t.which) {
+                return Err(format!("interval timer {}", t.which));
+            }
+            if t.interval_us / 1_000_000 > i64::MAX as u64 / 2
+                || t.value_us / 1_000_000 > i64::MAX as u64 / 2
+            {
+                return Err(format!("interval timer {}: out of range", t.which));
+            }
+        }
+        let mut res = BTreeSet::new();
+        for l in &p.rlimits {
+            if l.resource >= RLIM_NLIMITS || !res.insert(l.resource) || l.cur > l.max {
+                return Err(format!(
+                    "resource limit {} ({} / {})",
+                    l.resource, l.cur, l.max
+                ));
+            }
+        }
+        let mut fds = BTreeSet::new();
+        for f in &p.fds {
+            if f.info.fd < 0 || f.info.fd >= MAX_FD || !fds.insert(f.info.fd) {
+                return Err(format!(
+                    "fd {} is not a valid or unique fd number",
+                    f.info.fd
+                ));
+            }
+            if let Some(name) = &f.pipe_data
+                && !valid_pipe_name(name)
+            {
+                return Err(format!("fd {}: pipe data name {name:?}", f.info.fd));
+            }
+            if f.pipe_capacity
+                .is_some_and(|c| c > crate::fsdir::MAX_PIPE_BYTES)
+            {
+                return Err(format!(
+                    "fd {}: pipe capacity {:?}",
+                    f.info.fd, f.pipe_capacity
+                ));
+            }
+        }
+        if p.umask > 0o777 {
+            return Err(format!("umask {:o}", p.umask));
+        }
+        if p.personality > u32::MAX as u64 {
+            return Err(format!("personality {:#x}", p.personality));
+        }
+        if p.creds.groups.len() > MAX_GROUPS {
+            return Err(format!("{} supplementary groups", p.creds.groups.len()));
+        }
+        let a = &p.mm.auxv;
+        if a.len() % 2 != 0 || a.len() > 256 || a.len() < 2 || a[a.len() - 2] != 0 {
+            return Err(format!(
+                "auxiliary vector of {} words, not (type, value) pairs ending with AT_NULL",
+                a.len()
+            ));
+        }
+        for (what, path) in [("cwd", &p.cwd), ("root", &p.root), ("exe", &p.exe)] {
+            if !path.starts_with('/') || path.contains('\0') || path.len() > 4096 {
+                return Err(format!("{what} {path:?} is not an absolute path"));
+            }
+        }
+        Ok(())
     }
 }
 
-/// Write one pipe's queued bytes as `pipes/NAME`.
-pub fn store_pipe_data(dir: &Path, name: &str, data: &[u8]) -> Result<(), ImageError> {
-    let d = dir.join(PIPES_DIR);
-    std::fs::create_dir_all(&d).map_err(|e| ImageError::io(&d, e))?;
-    let path = d.join(name);
-    std::fs::write(&path, data).map_err(|e| ImageError::io(&path, e))
-}
-
-pub fn load_pipe_data(dir: &Path, name: &str) -> Result<Vec<u8>, ImageError> {
-    let path = dir.join(PIPES_DIR).join(name);
-    std::fs::read(&path).map_err(|e| ImageError::io(&path, e))
+fn check_signal(s: &sys::signals::PendingSignal) -> Result<(), String> {
+    if !(1..=64).contains(&s.signo) || s.siginfo.len() != SIGINFO_LEN {
+        return Err(format!(
+            "pending signal {} with {} bytes of siginfo",
+            s.signo,
+            s.siginfo.len()
+        ));
+    }
+    Ok(())
 }

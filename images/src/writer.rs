@@ -6,11 +6,17 @@
 //! round's pages win, and what an older round stored for them stays in
 //! `pages.img` as dead bytes, referenced by no entry.
 
+use crate::fsdir::ImageDir;
 use crate::pagemap::{CODEC_LZ4, CODEC_RAW, PageEntry, PageKind, PageMap};
-use crate::{ImageError, Inventory, MmRecord, PAGE_SIZE, PAGEMAP_FILE, PAGES_FILE, PageRange};
+use crate::process::{PIPES_DIR, PROCESS_FILE, ProcessImage};
+use crate::seal::{SealKey, digest};
+use crate::{
+    INVENTORY_FILE, ImageError, Inventory, MM_FILE, MmRecord, PAGE_SIZE, PAGEMAP_FILE, PAGES_FILE,
+    PageRange,
+};
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Largest run of pages stored as one blob: bounds the memory a reader needs
 /// and keeps lz4 blocks small enough to decompress on demand (lazy pages).
@@ -36,11 +42,14 @@ pub struct WriteStats {
 /// the image in `dir` (`stored_end` from its `WriteStats`). The image is
 /// valid either way; this only gives the space back.
 pub fn trim_pages_file(dir: &Path, stored_end: u64) -> Result<(), ImageError> {
-    let path = dir.join(PAGES_FILE);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .map_err(|e| ImageError::io(&path, e))?;
+    let (d, _) = ImageDir::open(dir)?;
+    let path = d.child(PAGES_FILE);
+    let Some((f, _)) = d.open_file(PAGES_FILE, true)? else {
+        return Err(ImageError::io(
+            &path,
+            std::io::Error::from_raw_os_error(libc::ENOENT),
+        ));
+    };
     let len = f.metadata().map_err(|e| ImageError::io(&path, e))?.len();
     if len > stored_end {
         f.set_len(stored_end)
@@ -49,8 +58,32 @@ pub fn trim_pages_file(dir: &Path, stored_end: u64) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// The files of an image, which a new image in the same directory replaces
+/// when no inventory says they are a finished image (a killed run's).
+const IMAGE_FILES: [&str; 4] = [PAGES_FILE, PAGEMAP_FILE, MM_FILE, PROCESS_FILE];
+
+/// Remove what an unfinished image (no inventory) left in `dir`: its
+/// files, temporary files and `pipes/`; an image with an inventory is left
+/// alone. Returns whether `dir` is empty afterwards.
+pub fn discard_unfinished(dir: &Path) -> Result<bool, ImageError> {
+    let (d, _) = ImageDir::open(dir)?;
+    if d.exists(INVENTORY_FILE) {
+        return Ok(false);
+    }
+    for f in IMAGE_FILES {
+        d.remove_file(f)?;
+    }
+    d.remove_subdir(PIPES_DIR)?;
+    for name in d.list()? {
+        if name.contains(".tmp-") {
+            d.remove_file(&name)?;
+        }
+    }
+    Ok(d.list()?.is_empty())
+}
+
 pub struct ImageWriter {
-    dir: PathBuf,
+    dir: ImageDir,
     pages: BufWriter<std::fs::File>,
     offset: u64,
     compress: bool,
@@ -61,28 +94,34 @@ pub struct ImageWriter {
     /// Zeros written ahead by `preallocate`.
     preallocated: u64,
     stats: WriteStats,
+    /// SHA-256 of each file written that the seal covers.
+    digests: Vec<(String, [u8; 32])>,
+    seal_key: Option<SealKey>,
 }
 
 impl ImageWriter {
-    /// Create (or reuse, if empty of an inventory) `dir` and start `pages.img`.
-    /// An existing image in `dir` is refused: images are never overwritten in
+    /// Create (or reuse, if empty of an inventory) `dir` and start
+    /// `pages.img` (see [`ImageDir::create`] for what is refused). An
+    /// existing image in `dir` is refused: images are never overwritten in
     /// place, a chain's parent might be the very directory.
     pub fn create(dir: &Path, compress: bool) -> Result<ImageWriter, ImageError> {
-        std::fs::create_dir_all(dir).map_err(|e| ImageError::io(dir, e))?;
-        let inv = dir.join(crate::INVENTORY_FILE);
-        if inv.exists() {
-            return Err(ImageError::io(
-                dir,
-                std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "already holds an image; choose an empty directory",
-                ),
-            ));
+        let d = ImageDir::create(dir)?;
+        if d.exists(INVENTORY_FILE) {
+            return Err(ImageError::Unsafe {
+                path: dir.to_path_buf(),
+                what: "already holds an image; choose an empty directory".into(),
+            });
         }
-        let path = dir.join(PAGES_FILE);
-        let file = std::fs::File::create(&path).map_err(|e| ImageError::io(&path, e))?;
+        // What a killed run left (no inventory: not an image) goes; so does
+        // anything planted under those names (a link is removed, never
+        // followed).
+        for f in IMAGE_FILES {
+            d.remove_file(f)?;
+        }
+        d.remove_subdir(PIPES_DIR)?;
+        let file = d.create_file(PAGES_FILE)?;
         Ok(ImageWriter {
-            dir: dir.to_path_buf(),
+            dir: d,
             pages: BufWriter::with_capacity(1 << 20, file),
             offset: 0,
             compress,
@@ -90,11 +129,30 @@ impl ImageWriter {
             clash: None,
             preallocated: 0,
             stats: WriteStats::default(),
+            digests: Vec::new(),
+            seal_key: None,
         })
     }
 
+    /// Seal the image with `key` when it is finished (see `seal`).
+    pub fn set_seal_key(&mut self, key: Option<SealKey>) {
+        self.seal_key = key;
+    }
+
+    /// fsync what `pages.img` holds so far (the zeros of `preallocate`: a
+    /// final dump checks before the freeze that the file system can make
+    /// its image durable).
+    pub fn sync_pages(&mut self) -> Result<(), ImageError> {
+        let path = self.dir.child(PAGES_FILE);
+        self.pages
+            .flush()
+            .and_then(|_| self.pages.get_ref().sync_all())
+            .map_err(|e| ImageError::io(&path, e))?;
+        self.dir.sync()
+    }
+
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// Write `bytes` of zeros into `pages.img` now, to be overwritten by
@@ -105,7 +163,7 @@ impl ImageWriter {
     /// freeze. Only before any page was added.
     pub fn preallocate(&mut self, bytes: u64) -> Result<(), ImageError> {
         use std::io::{Seek, SeekFrom};
-        let path = self.dir.join(PAGES_FILE);
+        let path = self.dir.child(PAGES_FILE);
         if self.offset != 0 || bytes == 0 {
             return Ok(());
         }
@@ -215,14 +273,18 @@ impl ImageWriter {
             match e.kind {
                 PageKind::Data => {
                     self.stats.bytes_dead += e.stored_len;
-                    let path = self.dir.join(PAGES_FILE);
+                    let path = self.dir.child(PAGES_FILE);
                     self.pages
                         .flush()
                         .map_err(|err| ImageError::io(&path, err))?;
                     let data = if left.is_empty() && right.is_empty() {
                         None
                     } else {
-                        Some(crate::pagemap::read_entry_data(&path, &e)?)
+                        Some(crate::pagemap::read_entry_data_from(
+                            &path,
+                            self.pages.get_ref(),
+                            &e,
+                        )?)
                     };
                     // The dead bytes give their space back (a live
                     // pre-copy that copies a hot set again every round would
@@ -300,7 +362,7 @@ impl ImageWriter {
         } else {
             (CODEC_RAW, chunk.into())
         };
-        let path = self.dir.join(PAGES_FILE);
+        let path = self.dir.child(PAGES_FILE);
         self.pages
             .write_all(&stored)
             .map_err(|e| ImageError::io(&path, e))?;
@@ -321,21 +383,44 @@ impl ImageWriter {
         Ok(())
     }
 
-    /// Write the page map, the VMA list and, last, the inventory. Entries
-    /// may have been added in any order but must not overlap.
+    /// Write the state of a final dump: `process.json` and the bytes
+    /// queued in each pipe (`pipes/NAME`, as `process` names them).
+    pub fn store_process(
+        &mut self,
+        process: &ProcessImage,
+        pipes: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<(), ImageError> {
+        if !pipes.is_empty() {
+            let sub = self.dir.create_subdir(PIPES_DIR)?;
+            for (name, data) in pipes {
+                let path = sub.child(name);
+                let mut f = sub.create_file(name)?;
+                f.write_all(data).map_err(|e| ImageError::io(&path, e))?;
+                self.digests
+                    .push((format!("{PIPES_DIR}/{name}"), digest(data)));
+            }
+        }
+        let text = serde_json::to_vec_pretty(process).expect("process state serializes");
+        self.dir.write_atomic(PROCESS_FILE, &text, false)?;
+        self.digests.push((PROCESS_FILE.to_string(), digest(&text)));
+        Ok(())
+    }
+
+    /// Write the page map, the VMA list and, last, the inventory (sealed
+    /// if a key was given; `full` set from whether it names a parent).
+    /// Entries may have been added in any order but must not overlap.
     pub fn finish(
         mut self,
         mm: &MmRecord,
         inventory: &Inventory,
     ) -> Result<WriteStats, ImageError> {
-        let pages_path = self.dir.join(PAGES_FILE);
-        // No fsync (CRIU does none either: it would cost the disk's write
-        // speed on every round). A crash can leave a torn image; the CRC and
-        // bounds checks catch it when the image is opened.
+        let pages_path = self.dir.child(PAGES_FILE);
+        // No fsync here: `sync_image` makes an image durable, when asked
+        // (a dump does by default, pre-dumps with --fsync).
         self.pages
             .flush()
             .map_err(|e| ImageError::io(&pages_path, e))?;
-        let pm_path = self.dir.join(PAGEMAP_FILE);
+        let pm_path = self.dir.child(PAGEMAP_FILE);
         if let Some((a, b)) = self.clash {
             return Err(ImageError::InvalidPageMap {
                 path: pm_path,
@@ -357,13 +442,20 @@ impl ImageWriter {
                 });
             }
         }
-        let map = PageMap { entries };
-        let tmp = pm_path.with_extension("img.tmp");
-        std::fs::write(&tmp, map.encode())
-            .and_then(|_| std::fs::rename(&tmp, &pm_path))
-            .map_err(|e| ImageError::io(&pm_path, e))?;
-        mm.store(&self.dir)?;
-        inventory.store(&self.dir)?;
+        let map = PageMap { entries }.encode();
+        self.dir.write_atomic(PAGEMAP_FILE, &map, false)?;
+        self.digests.push((PAGEMAP_FILE.to_string(), digest(&map)));
+        let mm_text = serde_json::to_vec_pretty(mm).expect("a VMA list serializes");
+        self.dir.write_atomic(MM_FILE, &mm_text, false)?;
+        self.digests.push((MM_FILE.to_string(), digest(&mm_text)));
+        let mut inv = inventory.clone();
+        inv.full = inv.parent.is_none();
+        inv.seal = None;
+        if let Some(k) = &self.seal_key {
+            inv.seal = Some(k.seal(&inv.sealed_bytes(), &self.digests));
+        }
+        let text = serde_json::to_vec_pretty(&inv).expect("an inventory serializes");
+        self.dir.write_atomic(INVENTORY_FILE, &text, false)?;
         Ok(self.stats)
     }
 

@@ -6,8 +6,9 @@
 //! file's bytes for a private file mapping.
 
 use images::{Image, ImageError, PAGE_SIZE, PageEntry, PageKind, PageRange, VmaRecord};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Longest chain followed: guards against a parent loop built by hand.
 const MAX_CHAIN: usize = 4096;
@@ -20,6 +21,10 @@ pub enum ChainError {
     Loop { path: PathBuf, again: PathBuf },
     #[error("{path}: chain longer than {MAX_CHAIN} images")]
     TooLong { path: PathBuf },
+    #[error(
+        "{path}: image of PID {found}, but the newer images of its chain are of PID {pid}; a chain is one process's"
+    )]
+    OtherProcess { path: PathBuf, pid: i32, found: i32 },
     #[error("{path}: VMA {start:#x}-{end:#x} ({name}) reads from {file}: {source}")]
     Backing {
         path: PathBuf,
@@ -59,6 +64,31 @@ pub struct ChainImageSummary {
     pub zero_pages: u64,
     pub hole_pages: u64,
     pub bytes_stored: u64,
+    /// Whether the image is a full one (the oldest of a chain).
+    pub full: bool,
+    /// What its seal says, checked with this host's key: `valid`,
+    /// `mismatch` (changed since it was written), `foreign` (sealed with
+    /// another host's key) or `unsealed`.
+    pub seal: &'static str,
+}
+
+/// Page data read and checked ahead (see [`ImageChain::verify_pages`]):
+/// decoded blobs by (image, entry start), up to a memory budget.
+#[derive(Default)]
+pub struct BlobCache {
+    blobs: HashMap<(usize, u64), Arc<Vec<u8>>>,
+    /// Blobs checked but not kept (over the budget): read again when used.
+    pub dropped: u64,
+    /// Bytes kept.
+    pub kept_bytes: u64,
+    /// Blobs checked.
+    pub checked: u64,
+}
+
+impl BlobCache {
+    fn get(&self, image: usize, entry: &PageEntry) -> Option<Arc<Vec<u8>>> {
+        self.blobs.get(&(image, entry.start)).cloned()
+    }
 }
 
 pub struct ImageChain {
@@ -112,6 +142,15 @@ impl ImageChain {
                 }
                 .into());
             }
+            if let Some(first) = images.first()
+                && img.inventory.pid != first.inventory.pid
+            {
+                return Err(ChainError::OtherProcess {
+                    path: cur,
+                    pid: first.inventory.pid,
+                    found: img.inventory.pid,
+                });
+            }
             let next = img.inventory.parent_dir(&cur);
             expected_id = img.inventory.parent.as_ref().map(|p| p.id.clone());
             images.push(img);
@@ -120,6 +159,8 @@ impl ImageChain {
                 None => break,
             }
         }
+        // The loop ends at an image without a parent, which Inventory::parse
+        // accepts only if it is a full one: the chain is whole.
         Ok(ImageChain { images })
     }
 
@@ -149,15 +190,62 @@ impl ImageChain {
         PageSource::Hole
     }
 
+    /// Read and check, before anything uses them, every page blob the
+    /// newest image's dumped VMAs take data from (CRC and decompression),
+    /// keeping the decoded bytes of up to `budget` bytes of them for
+    /// [`ImageChain::read_range_cached`]. A damaged blob anywhere in the
+    /// chain fails here.
+    pub fn verify_pages(&self, budget: u64) -> Result<BlobCache, ChainError> {
+        let mut cache = BlobCache::default();
+        let mut seen: HashSet<(usize, u64)> = HashSet::new();
+        for v in self.vmas().iter().filter(|v| v.dumped) {
+            let mut addr = v.start;
+            while addr < v.end {
+                match self.source(addr) {
+                    PageSource::Data { image, entry } => {
+                        if seen.insert((image, entry.start)) {
+                            let data = self.images[image].read_entry(&entry)?;
+                            cache.checked += 1;
+                            if cache.kept_bytes + data.len() as u64 <= budget {
+                                cache.kept_bytes += data.len() as u64;
+                                cache.blobs.insert((image, entry.start), Arc::new(data));
+                            } else {
+                                cache.dropped += 1;
+                            }
+                        }
+                        // Nothing shadows the newest image: its blob's other
+                        // pages come from it too.
+                        addr = if image == 0 {
+                            entry.end().min(v.end)
+                        } else {
+                            addr + PAGE_SIZE
+                        };
+                    }
+                    _ => addr += PAGE_SIZE,
+                }
+            }
+        }
+        Ok(cache)
+    }
+
     /// Reassemble the memory of `range` (inside one VMA of the newest image)
     /// as the restored process will see it.
     pub fn read_range(&self, vma: &VmaRecord, range: PageRange) -> Result<Vec<u8>, ChainError> {
+        self.read_range_cached(vma, range, &BlobCache::default())
+    }
+
+    /// [`ImageChain::read_range`], taking blobs from `cache` when it has
+    /// them (others are read and checked now).
+    pub fn read_range_cached(
+        &self,
+        vma: &VmaRecord,
+        range: PageRange,
+        cache: &BlobCache,
+    ) -> Result<Vec<u8>, ChainError> {
         assert!(range.start >= vma.start && range.end <= vma.end);
         let mut out = vec![0u8; range.len() as usize];
-        let mut readers: Vec<Option<images::EntryReader>> =
-            (0..self.images.len()).map(|_| None).collect();
-        // Cache the last decoded blob: consecutive pages usually share it.
-        let mut cached: Option<(usize, u64, Vec<u8>)> = None;
+        // The last decoded blob: consecutive pages usually share it.
+        let mut cached: Option<(usize, u64, Arc<Vec<u8>>)> = None;
         let mut backing: Option<std::fs::File> = None;
         let mut addr = range.start;
         while addr < range.end {
@@ -168,13 +256,13 @@ impl ImageChain {
                     let hit =
                         matches!(&cached, Some((i, s, _)) if *i == image && *s == entry.start);
                     if !hit {
-                        let r = match &mut readers[image] {
-                            Some(r) => r,
-                            slot => slot.insert(self.images[image].entry_reader()?),
+                        let blob = match cache.get(image, &entry) {
+                            Some(b) => b,
+                            None => Arc::new(self.images[image].read_entry(&entry)?),
                         };
-                        cached = Some((image, entry.start, r.read(&entry)?));
+                        cached = Some((image, entry.start, blob));
                     }
-                    let blob = &cached.as_ref().unwrap().2;
+                    let blob = &cached.as_ref().expect("just set").2;
                     let o = (addr - entry.start) as usize;
                     page.copy_from_slice(&blob[o..o + PAGE_SIZE as usize]);
                 }
@@ -210,6 +298,7 @@ impl ImageChain {
     }
 
     pub fn summary(&self) -> Vec<ChainImageSummary> {
+        let key = images::SealKey::host();
         self.images
             .iter()
             .map(|img| ChainImageSummary {
@@ -230,6 +319,13 @@ impl ImageChain {
                     .filter(|e| e.kind == PageKind::Data)
                     .map(|e| e.stored_len())
                     .sum(),
+                full: img.inventory.full,
+                seal: match img.seal_status(key.as_ref()) {
+                    images::SealStatus::Valid => "valid",
+                    images::SealStatus::Mismatch => "mismatch",
+                    images::SealStatus::Foreign => "foreign",
+                    images::SealStatus::Unsealed => "unsealed",
+                },
             })
             .collect()
     }

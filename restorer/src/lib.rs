@@ -4,6 +4,8 @@
 //! [`restore`], which recreates the dumped process from it.
 
 mod chain;
+mod interrupt;
 pub mod restore;
+pub mod trust;
 
-pub use chain::{ChainError, ChainImageSummary, ImageChain, PageSource};
+pub use chain::{BlobCache, ChainError, ChainImageSummary, ImageChain, PageSource};

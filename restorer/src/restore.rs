@@ -3,9 +3,10 @@
 //! signals, rseq, files, limits, credentials, seccomp — driven from outside
 //! with ptrace, the way DESIGN.md suggests:
 //!
-//! 1. Everything is read and checked first (chain, process state, pipe data,
-//!    files to reopen, free PIDs/TIDs, same vDSO): a bad image fails before
-//!    any process exists.
+//! 1. Everything is read and checked first (chain, seal, who could have
+//!    written it and what it may ask for, process state, pipe data, every
+//!    page blob, files to reopen, mm fields, free PIDs/TIDs, same vDSO): a
+//!    bad image fails before any process exists.
 //! 2. tern forks the future process with `clone3(set_tid = [PID])`; the child
 //!    only blocks in `read(2)` on a pipe. tern seizes it with an injector and
 //!    creates the other threads from it with injected `clone3(CLONE_THREAD,
@@ -22,8 +23,14 @@
 //! 5. The scratch area goes, and every thread is detached with the dumped
 //!    registers (the kernel applies its syscall-restart logic to them).
 //!
-//! Any failure before the last step kills the half-built process: no
-//! half-restored process is left.
+//! All or nothing: the process being built dies with tern. The child sets
+//! `PR_SET_PDEATHSIG(SIGKILL)` before anything else (and has it set again
+//! after each credential change, which clears it), every thread is traced
+//! with `PTRACE_O_EXITKILL`, and SIGTERM, SIGINT, SIGHUP and SIGQUIT sent
+//! to tern while it builds kill and reap the child first: a killed or
+//! interrupted restore leaves no process, or one that was complete, and the
+//! half-built one dies of SIGKILL (no core, no SIGSEGV seen by a
+//! supervisor). Any failure before the last step kills it the same way.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -35,7 +42,8 @@ use images::{PAGE_SIZE, PageRange, VmaRecord};
 use serde::Serialize;
 use sys::inject::{InjectError, Injector};
 
-use crate::chain::{ChainError, ImageChain, PageSource};
+use crate::chain::{BlobCache, ChainError, ImageChain, PageSource};
+use crate::trust;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -47,6 +55,13 @@ pub enum RestoreError {
     Inject(#[from] InjectError),
     #[error("{dir}: {what}")]
     BadImage { dir: PathBuf, what: String },
+    /// The image asks for more than it may (see `trust`).
+    #[error("{dir}: refused: {why}")]
+    Refused { dir: PathBuf, why: String },
+    #[error(
+        "{dir}: the image was changed after tern wrote it: its seal (made with this host's key) does not match its inventory.json, mm.json, pagemap.img, process.json and pipes/ as they are now; tern restores no altered image{detail}"
+    )]
+    Altered { dir: PathBuf, detail: String },
     #[error(
         "PID {pid} is taken on this host (by {by}); a restore needs the same PID and TIDs: stop that process, or restore in another PID namespace"
     )]
@@ -95,6 +110,11 @@ struct Plan {
     process: ProcessImage,
     /// pipe inode -> bytes queued in it.
     pipe_data: BTreeMap<String, Vec<u8>>,
+    /// Who could have written the chain: a user's image has its files
+    /// opened as the image's user.
+    writer: trust::Writer,
+    /// Every page blob, checked; most of them kept.
+    blobs: BlobCache,
 }
 
 fn bad(dir: &Path, what: impl Into<String>) -> RestoreError {
@@ -114,6 +134,40 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
             "this is a pre-dump image (memory only); restore needs the final image of `tern dump`",
         )
     })?;
+    // An image altered after tern wrote it here is refused, whoever owns it.
+    let key = images::SealKey::host();
+    for img in &chain.images {
+        if img.seal_status(key.as_ref()) == images::SealStatus::Mismatch {
+            // Say what the altered image would have asked for, as the
+            // image's own user: that is usually why it was altered.
+            let as_user = trust::Writer::User {
+                uid: process.creds.uid[0],
+                gids: process
+                    .creds
+                    .gid
+                    .iter()
+                    .chain(&process.creds.groups)
+                    .copied()
+                    .collect(),
+                because: img.dir.clone(),
+            };
+            let detail = trust::Restorer::current()
+                .and_then(|r| trust::check_creds(&process, &as_user, &r))
+                .and_then(|_| trust::check_access(&process, chain.vmas()))
+                .err()
+                .map(|e| format!(" (as it stands: {e})"))
+                .unwrap_or_default();
+            return Err(RestoreError::Altered {
+                dir: img.dir.clone(),
+                detail,
+            });
+        }
+    }
+    let writer =
+        trust::chain_verdict(&chain, &process, dir).map_err(|why| RestoreError::Refused {
+            dir: dir.to_path_buf(),
+            why,
+        })?;
     for (what, path) in [
         ("working directory", &process.cwd),
         ("root directory", &process.root),
@@ -125,12 +179,18 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
             ));
         }
     }
-    let mut pipe_data = BTreeMap::new();
+    let pipe_data = newest.pipe_data.clone();
     for f in &process.fds {
         if let Some(name) = &f.pipe_data
             && !pipe_data.contains_key(name)
         {
-            pipe_data.insert(name.clone(), images::process::load_pipe_data(dir, name)?);
+            return Err(bad(
+                dir,
+                format!(
+                    "fd {} refers to pipe data {name}, which is not in the image",
+                    f.info.fd
+                ),
+            ));
         }
         match &f.info.kind {
             sys::fds::FdKind::File { path, deleted, .. } => {
@@ -181,6 +241,7 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
             }
         }
     }
+    check_host_limits(dir, &process, chain.vmas())?;
     // Same vDSO here (the restored process keeps the one it is forked with).
     let here = sys::vdso::VdsoLayout::of_self()
         .map_err(|e| bad(dir, format!("reading this process's vDSO: {e}")))?;
@@ -195,49 +256,255 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
             return Err(RestoreError::PidTaken { pid: t.tid, by });
         }
     }
+    // Last (the costliest): every page blob the process will get.
+    let blobs = chain.verify_pages(blob_budget())?;
+    tracing::debug!(
+        checked = blobs.checked,
+        kept_bytes = blobs.kept_bytes,
+        dropped = blobs.dropped,
+        "page blobs checked"
+    );
     Ok(Plan {
         chain,
         process,
         pipe_data,
+        writer,
+        blobs,
     })
+}
+
+/// How much checked page data a restore keeps in memory for the fill:
+/// a quarter of what the machine has available, at most 8 GiB. Blobs past
+/// it are checked, dropped, and read (and checked) again for the fill.
+fn blob_budget() -> u64 {
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(1 << 30, |kb| kb * 1024);
+    (avail / 4).min(8 << 30)
+}
+
+/// What the kernel here would refuse once the process exists, checked now:
+/// the mm fields `PR_SET_MM_MAP` takes, VMAs beyond this machine's address
+/// space, resource limits past `fs.nr_open`, robust lists and rseq areas
+/// the kernel would not take.
+fn check_host_limits(dir: &Path, p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), RestoreError> {
+    let read_u64 =
+        |path: &str| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
+    let task_size = host_task_size();
+    let min_addr = read_u64("/proc/sys/vm/mmap_min_addr").unwrap_or(65536);
+    for v in vmas.iter().filter(|v| !is_special(v)) {
+        if v.end > task_size || v.start < min_addr {
+            return Err(bad(
+                dir,
+                format!(
+                    "VMA {:#x}-{:#x} lies outside this machine's user address space ({min_addr:#x}-{task_size:#x})",
+                    v.start, v.end
+                ),
+            ));
+        }
+    }
+    // PR_SET_MM_MAP (kernel/sys.c, validate_prctl_map_addr).
+    let m = &p.mm;
+    let fields = [
+        ("start_code", m.start_code),
+        ("end_code", m.end_code),
+        ("start_data", m.start_data),
+        ("end_data", m.end_data),
+        ("start_brk", m.start_brk),
+        ("brk", m.brk),
+        ("start_stack", m.start_stack),
+        ("arg_start", m.arg_start),
+        ("arg_end", m.arg_end),
+        ("env_start", m.env_start),
+        ("env_end", m.env_end),
+    ];
+    for (name, v) in fields {
+        if v >= task_size || v < min_addr {
+            return Err(bad(
+                dir,
+                format!(
+                    "mm field {name} = {v:#x} is outside the user address space; the kernel would refuse it (PR_SET_MM_MAP)"
+                ),
+            ));
+        }
+    }
+    let ordered = m.start_code < m.end_code
+        && m.start_data <= m.end_data
+        && m.start_brk <= m.brk
+        && m.arg_start <= m.arg_end
+        && m.env_start <= m.env_end;
+    if !ordered {
+        return Err(bad(
+            dir,
+            "mm fields out of order (code, data, brk, args or env ends before it starts); the kernel would refuse them (PR_SET_MM_MAP)",
+        ));
+    }
+    let data_limit = rlimit_cur(libc::RLIMIT_DATA);
+    let data = (m.brk - m.start_brk).saturating_add(m.end_data - m.start_data);
+    if data > data_limit {
+        return Err(bad(
+            dir,
+            format!(
+                "the data segment and heap ({data} bytes) exceed this tern's RLIMIT_DATA ({data_limit}); the kernel would refuse them (PR_SET_MM_MAP)"
+            ),
+        ));
+    }
+    // The kernel keeps as many auxv words as it gives every process here.
+    let host_auxv = std::fs::read("/proc/self/auxv").map_or(0, |a| a.len() / 8);
+    if host_auxv > 0 && m.auxv.len() > host_auxv {
+        return Err(bad(
+            dir,
+            format!(
+                "the auxiliary vector has {} words; this kernel keeps {host_auxv}",
+                m.auxv.len()
+            ),
+        ));
+    }
+    if !Path::new(&p.exe).is_file() {
+        return Err(bad(
+            dir,
+            format!("the process's executable {} is not a file here", p.exe),
+        ));
+    }
+    let nr_open = read_u64("/proc/sys/fs/nr_open").unwrap_or(1 << 20);
+    for l in &p.rlimits {
+        if l.resource == libc::RLIMIT_NOFILE as u32 && l.max != u64::MAX && l.max > nr_open {
+            return Err(bad(
+                dir,
+                format!(
+                    "RLIMIT_NOFILE {} exceeds this machine's fs.nr_open ({nr_open})",
+                    l.max
+                ),
+            ));
+        }
+    }
+    if let Some(f) = p.fds.iter().find(|f| f.info.fd as u64 >= nr_open) {
+        return Err(bad(
+            dir,
+            format!(
+                "fd {} is past this machine's fs.nr_open ({nr_open})",
+                f.info.fd
+            ),
+        ));
+    }
+    let writable = |a: u64, len: u64| {
+        vmas.iter().any(|v| {
+            v.start <= a
+                && a.saturating_add(len) <= v.end
+                && v.perms.as_bytes().get(1) == Some(&b'w')
+        })
+    };
+    for t in &p.threads {
+        if t.robust_list != 0 && t.robust_list_len != 24 {
+            return Err(bad(
+                dir,
+                format!(
+                    "thread {}: a robust list head of {} bytes (the kernel takes 24)",
+                    t.tid, t.robust_list_len
+                ),
+            ));
+        }
+        if let Some(r) = &t.rseq
+            && (r.abi_pointer % 32 != 0 || !writable(r.abi_pointer, r.abi_size as u64))
+        {
+            return Err(bad(
+                dir,
+                format!(
+                    "thread {}: its rseq area {:#x}+{} is not aligned or not in a writable VMA of the image",
+                    t.tid, r.abi_pointer, r.abi_size
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The first address past user space here: x86_64 has 47 bits of it
+/// (56 with 5-level page tables), arm64 48 (52 with LPA2 or 64 KiB pages).
+fn host_task_size() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let la57 = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+            c.lines()
+                .any(|l| l.starts_with("flags") && l.contains(" la57"))
+        });
+        if la57 {
+            (1 << 56) - 4096
+        } else {
+            (1 << 47) - 4096
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        1 << 52
+    }
+}
+
+fn rlimit_cur(res: libc::__rlimit_resource_t) -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct.
+    if unsafe { libc::getrlimit(res, &mut r) } != 0 {
+        return u64::MAX;
+    }
+    r.rlim_cur
 }
 
 /// Restore the process whose final image is `dir`. Returns once every thread
 /// runs; the process is a child of the caller.
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
+    // SIGTERM & co. from here until the process is whole kill what was
+    // built (see `interrupt`).
+    let guard = crate::interrupt::BuildGuard::arm();
     let plan = plan(dir)?;
     let pid = plan.process.pid;
     let (child, wake) = spawn_with_pid(pid)?;
+    guard.set_child(child);
     let res = build(&plan, pid, opts);
     drop(wake);
     match res {
-        Ok(pages) => Ok(Restored {
-            pid,
-            report: RestoreReport {
+        Ok(pages) => {
+            drop(guard);
+            Ok(Restored {
                 pid,
-                restore_ms: t0.elapsed().as_secs_f64() * 1e3,
-                pages_restored: pages,
-                threads: plan.process.threads.len(),
-                vmas: plan.chain.vmas().len(),
-            },
-        }),
+                report: RestoreReport {
+                    pid,
+                    restore_ms: t0.elapsed().as_secs_f64() * 1e3,
+                    pages_restored: pages,
+                    threads: plan.process.threads.len(),
+                    vmas: plan.chain.vmas().len(),
+                },
+            })
+        }
         Err(e) => {
-            // No half-restored process: kill and reap it.
+            // No half-restored process: it was killed as its tracers went
+            // (PTRACE_O_EXITKILL); make sure, and reap it.
             // SAFETY: plain kill/waitpid of our own child.
             unsafe {
                 libc::kill(child, libc::SIGKILL);
                 let mut st = 0;
                 libc::waitpid(child, &mut st, libc::__WALL);
             }
+            drop(guard);
             Err(e)
         }
     }
 }
 
 /// Fork a child with PID `pid` that blocks reading a pipe (the returned
-/// write end; dropping it would wake the child, which then exits).
+/// write end; dropping it would wake the child, which then exits). Its
+/// first act is to ask for SIGKILL when tern dies.
 fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
+    // SAFETY: getpid has no preconditions.
+    let tern = unsafe { libc::getpid() };
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills two fds we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -278,10 +545,15 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
         });
     }
     if r == 0 {
-        // The child: wait to be taken over.
+        // The child: die with tern (a tern that died before this line
+        // is caught by the parent check), then wait to be taken over.
         let mut b = [0u8; 1];
-        // SAFETY: read into a local buffer, then _exit.
+        // SAFETY: prctl, getppid, read into a local buffer, _exit.
         unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            if libc::getppid() != tern {
+                libc::_exit(127);
+            }
             libc::read(rd.as_raw_fd(), b.as_mut_ptr().cast(), 1);
             libc::_exit(127);
         }
@@ -313,7 +585,7 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let mut main = Injector::attach_thread(pid, pid, timeout)?;
+    let mut main = Injector::attach_owned_thread(pid, pid, timeout)?;
     // The scratch area goes where the image has nothing (and tern neither).
     let scratch_at = free_area(plan.chain.vmas(), pid)?;
     main.set_scratch_hint(scratch_at)?;
@@ -364,13 +636,14 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        others.push((i, Injector::attach_thread(pid, tid, timeout)?));
+        others.push((i, Injector::attach_owned_thread(pid, tid, timeout)?));
     }
-    if !p.threads.iter().any(|t| t.tid == pid) {
-        return Err(bad(
-            &plan.chain.newest().dir,
-            format!("the main thread {pid} is not in the image"),
-        ));
+
+    // A chain a user could have written opens its files as the image's
+    // user (see `trust`): groups and filesystem ids are taken now, the
+    // rest of the credentials at the end.
+    if matches!(plan.writer, trust::Writer::User { .. }) {
+        fs_ids_of_image(&plan.process.creds, &mut main, pid)?;
     }
 
     // Address space.
@@ -392,9 +665,18 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
         inj.release_scratch()?;
     }
 
-    // Credentials, then seccomp last.
-    creds(plan, &mut main, &mut others, pid, scratch_at)?;
-    seccomp(plan, &mut main, &mut others, pid, scratch_at)?;
+    // Seccomp filters and credentials last. Filters first when the
+    // injected calls bypass them (PTRACE_O_SUSPEND_SECCOMP): installing one
+    // needs CAP_SYS_ADMIN or no_new_privs, and the process may have had
+    // neither when it installed it as root before dropping privileges.
+    let suspended = main.seccomp_suspended() && others.iter().all(|(_, i)| i.seccomp_suspended());
+    if suspended {
+        seccomp(plan, &mut main, &mut others, pid, scratch_at)?;
+        creds(plan, &mut main, &mut others, pid, scratch_at)?;
+    } else {
+        creds(plan, &mut main, &mut others, pid, scratch_at)?;
+        seccomp(plan, &mut main, &mut others, pid, scratch_at)?;
+    }
 
     // Registers in; then the pending signals, queued by each thread to
     // itself: one that is not blocked is delivered right away, on the
@@ -432,6 +714,12 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
         }
     }
     let (_, main) = all.last_mut().expect("main is in the list");
+    // Whole now: it no longer dies with tern.
+    let r = main.syscall(
+        libc::SYS_prctl,
+        [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0],
+    )?;
+    check(pid, "clearing the parent-death signal", r)?;
     main.remove_scratch()?;
     // Every thread has its registers: let them all go.
     for (_, inj) in all {
@@ -842,7 +1130,7 @@ fn fill(plan: &Plan, v: &VmaRecord, pid: i32) -> Result<u64, RestoreError> {
             addr += PAGE_SIZE;
         }
         let range = PageRange::new(start, addr);
-        let data = plan.chain.read_range(v, range)?;
+        let data = plan.chain.read_range_cached(v, range, &plan.blobs)?;
         write_mem(pid, start, &data)?;
         pages += range.pages();
     }
@@ -1167,9 +1455,11 @@ fn thread_state(plan: &Plan, idx: usize, inj: &mut Injector, pid: i32) -> Result
     Ok(())
 }
 
-/// Credentials (process-wide in the kernel's eyes for the ids: set in every
-/// thread by glibc normally; here each syscall acts on one thread, so set
-/// them in every thread before detaching).
+/// Credentials, in every thread (they belong to each thread in the kernel;
+/// glibc's setuid changes them in every thread): ids, groups, the
+/// capability sets and the bounding set exactly as the dumped process had
+/// them (never tern's own: a process that had dropped capabilities gets
+/// none back), no_new_privs; then the dumpable flag.
 fn creds(
     plan: &Plan,
     main: &mut Injector,
@@ -1178,15 +1468,18 @@ fn creds(
     scratch: u64,
 ) -> Result<(), RestoreError> {
     let c = &plan.process.creds;
-    if !(c.uid == [0; 4] && c.gid == [0; 4] && c.groups.is_empty() && !c.no_new_privs) {
-        // Credentials belong to each thread in the kernel (glibc's setuid
-        // changes them in every thread): set them in every thread.
-        creds_in(c, main, pid)?;
-        for (_, inj) in others.iter_mut() {
-            inj.ensure_scratch(Some(scratch))?;
-            creds_in(c, inj, pid)?;
-            inj.release_scratch()?;
-        }
+    let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    // What the child has now: tern's own sets (it was forked from tern).
+    let tern = trust::Restorer::current()
+        .map_err(|e| step::<String>(pid, "reading tern's credentials")(e))?;
+    creds_in(c, &tern, last_cap, main, pid)?;
+    for (_, inj) in others.iter_mut() {
+        inj.ensure_scratch(Some(scratch))?;
+        creds_in(c, &tern, last_cap, inj, pid)?;
+        inj.release_scratch()?;
     }
     // A uid change made the process non-dumpable: put back what it was.
     if let Some(d) = plan.process.dumpable {
@@ -1196,30 +1489,190 @@ fn creds(
         )?;
         check(pid, "PR_SET_DUMPABLE", r)?;
     }
+    // The credential change cleared the parent-death signal.
+    die_with_tern(main, pid)
+}
+
+/// `PR_SET_PDEATHSIG(SIGKILL)` in the main thread (see `interrupt` and
+/// `spawn_with_pid`; the kernel clears it on every change of euid, egid,
+/// fsuid or fsgid).
+fn die_with_tern(main: &mut Injector, pid: i32) -> Result<(), RestoreError> {
+    let r = main.syscall(
+        libc::SYS_prctl,
+        [
+            libc::PR_SET_PDEATHSIG as u64,
+            libc::SIGKILL as u64,
+            0,
+            0,
+            0,
+            0,
+        ],
+    )?;
+    check(pid, "setting the parent-death signal", r)?;
     Ok(())
 }
 
-fn creds_in(c: &images::process::Creds, main: &mut Injector, pid: i32) -> Result<(), RestoreError> {
+/// Take the image's groups and filesystem ids in the main thread, so that
+/// the files the restore opens for the process are opened as its user
+/// would (a chain a user could have written: see `trust`).
+fn fs_ids_of_image(
+    c: &images::process::Creds,
+    main: &mut Injector,
+    pid: i32,
+) -> Result<(), RestoreError> {
     let g: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     let a = main.scratch_data(if g.is_empty() { &[0u8; 4] } else { &g })?;
     let r = main.syscall(libc::SYS_setgroups, [c.groups.len() as u64, a, 0, 0, 0, 0])?;
+    check(pid, "taking the image's groups", r)?;
+    main.syscall(libc::SYS_setfsgid, [c.gid[3] as u64, 0, 0, 0, 0, 0])?;
+    main.syscall(libc::SYS_setfsuid, [c.uid[3] as u64, 0, 0, 0, 0, 0])?;
+    // setfsuid/setfsgid say only the old value: ask again.
+    let u = main.syscall(libc::SYS_setfsuid, [u32::MAX as u64, 0, 0, 0, 0, 0])?;
+    let g = main.syscall(libc::SYS_setfsgid, [u32::MAX as u64, 0, 0, 0, 0, 0])?;
+    if u as u32 != c.uid[3] || g as u32 != c.gid[3] {
+        return Err(step::<String>(pid, "taking the image's filesystem ids")(
+            format!(
+                "fsuid {u}, fsgid {g} instead of {} and {}",
+                c.uid[3], c.gid[3]
+            ),
+        ));
+    }
+    die_with_tern(main, pid)
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// `capset(2)` of the calling thread: header then two data words.
+fn capset(
+    inj: &mut Injector,
+    pid: i32,
+    eff: u64,
+    prm: u64,
+    inh: u64,
+    what: &'static str,
+) -> Result<(), RestoreError> {
+    let mut b = Vec::with_capacity(32);
+    b.extend_from_slice(&LINUX_CAPABILITY_VERSION_3.to_ne_bytes());
+    b.extend_from_slice(&0i32.to_ne_bytes());
+    for half in [0, 32] {
+        for set in [eff, prm, inh] {
+            b.extend_from_slice(&((set >> half) as u32).to_ne_bytes());
+        }
+    }
+    let a = inj.scratch_data(&b)?;
+    let r = inj.syscall(libc::SYS_capset, [a, a + 8, 0, 0, 0, 0])?;
+    check(pid, what, r)?;
+    Ok(())
+}
+
+fn creds_in(
+    c: &images::process::Creds,
+    tern: &trust::Restorer,
+    last_cap: u32,
+    inj: &mut Injector,
+    pid: i32,
+) -> Result<(), RestoreError> {
+    let prctl =
+        |inj: &mut Injector, args: [u64; 5], what: &'static str| -> Result<(), RestoreError> {
+            let r = inj.syscall(
+                libc::SYS_prctl,
+                [args[0], args[1], args[2], args[3], args[4], 0],
+            )?;
+            check(pid, what, r).map(|_| ())
+        };
+    // The bounding set first, while the thread still has CAP_SETPCAP.
+    for cap in 0..=last_cap.min(63) {
+        if c.cap_bnd & (1u64 << cap) == 0 {
+            prctl(
+                inj,
+                [libc::PR_CAPBSET_DROP as u64, cap as u64, 0, 0, 0],
+                "dropping a capability from the bounding set",
+            )?;
+        }
+    }
+    // The inheritable set while the permitted set is still whole (a process
+    // may keep inheritable capabilities it no longer permits).
+    capset(
+        inj,
+        pid,
+        tern.cap_prm,
+        tern.cap_prm,
+        c.cap_inh,
+        "setting the inheritable capabilities",
+    )?;
+    let g: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+    let a = inj.scratch_data(if g.is_empty() { &[0u8; 4] } else { &g })?;
+    let r = inj.syscall(libc::SYS_setgroups, [c.groups.len() as u64, a, 0, 0, 0, 0])?;
     check(pid, "setgroups", r)?;
-    let r = main.syscall(
+    let r = inj.syscall(
         libc::SYS_setresgid,
         [c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64, 0, 0, 0],
     )?;
     check(pid, "setresgid", r)?;
-    let r = main.syscall(
+    inj.syscall(libc::SYS_setfsgid, [c.gid[3] as u64, 0, 0, 0, 0, 0])?;
+    // A non-root process that kept capabilities: keep them across the uid
+    // change (the kernel would clear them).
+    let keep = c.uid.iter().any(|&u| u != 0) && c.cap_prm != 0;
+    if keep {
+        prctl(
+            inj,
+            [libc::PR_SET_KEEPCAPS as u64, 1, 0, 0, 0],
+            "PR_SET_KEEPCAPS",
+        )?;
+    }
+    let r = inj.syscall(
         libc::SYS_setresuid,
         [c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64, 0, 0, 0],
     )?;
     check(pid, "setresuid", r)?;
-    if c.no_new_privs {
-        let r = main.syscall(
-            libc::SYS_prctl,
-            [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
+    inj.syscall(libc::SYS_setfsuid, [c.uid[3] as u64, 0, 0, 0, 0, 0])?;
+    capset(
+        inj,
+        pid,
+        c.cap_eff,
+        c.cap_prm,
+        c.cap_inh,
+        "setting the capabilities",
+    )?;
+    prctl(
+        inj,
+        [
+            libc::PR_CAP_AMBIENT as u64,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as u64,
+            0,
+            0,
+            0,
+        ],
+        "clearing the ambient capabilities",
+    )?;
+    for cap in 0..64u64 {
+        if c.cap_amb & (1 << cap) != 0 {
+            prctl(
+                inj,
+                [
+                    libc::PR_CAP_AMBIENT as u64,
+                    libc::PR_CAP_AMBIENT_RAISE as u64,
+                    cap,
+                    0,
+                    0,
+                ],
+                "raising an ambient capability",
+            )?;
+        }
+    }
+    if keep {
+        prctl(
+            inj,
+            [libc::PR_SET_KEEPCAPS as u64, 0, 0, 0, 0],
+            "PR_SET_KEEPCAPS",
         )?;
-        check(pid, "PR_SET_NO_NEW_PRIVS", r)?;
+    }
+    if c.no_new_privs {
+        prctl(
+            inj,
+            [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
+            "PR_SET_NO_NEW_PRIVS",
+        )?;
     }
     Ok(())
 }

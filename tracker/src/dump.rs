@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use images::process::{Creds, FdImage, ITimer, MmState, ProcessImage, Rlimit, ThreadImage};
-use images::{ImageKind, ImageWriter, Inventory, MmRecord, ParentRef, TrackingState};
+use images::{ImageKind, Inventory, MmRecord, ParentRef, TrackingState};
 use serde::{Deserialize, Serialize};
 use sys::inject::Injector;
 
@@ -49,6 +49,9 @@ pub struct DumpOptions {
     /// The live pre-copy before the freeze (only when the dump continues
     /// tracked pre-dumps).
     pub live: crate::session::LivePolicy,
+    /// Report success only once the image and its parents are on stable
+    /// storage (`tern dump` without `--no-fsync`).
+    pub fsync: bool,
 }
 
 /// `--verify`: every dumped page compared with the frozen process.
@@ -96,6 +99,10 @@ pub struct DumpReport {
     pub live_image: Option<String>,
     #[serde(default)]
     pub live_ms: f64,
+    /// Putting the image on stable storage, after the target was killed
+    /// (or resumed): part of `duration_ms`, not of `frozen_ms`.
+    #[serde(default)]
+    pub fsync_ms: f64,
 }
 
 /// Most zeros written ahead into a final image's `pages.img`.
@@ -128,6 +135,41 @@ pub enum DumpError {
     },
     #[error("{0}")]
     Capture(String),
+    #[error(
+        "{}: {source}; the image is complete in the page cache but may not be on stable storage: copy it elsewhere now (the target {})",
+        dir.display(),
+        if *killed { "was killed: the image is all there is of it" } else { "still runs" }
+    )]
+    NotDurable {
+        dir: PathBuf,
+        killed: bool,
+        #[source]
+        source: images::ImageError,
+    },
+}
+
+impl DumpError {
+    /// Whether the target was killed before the dump failed (its image is
+    /// then all there is of it, and must not be removed).
+    pub fn target_killed(&self) -> bool {
+        matches!(self, DumpError::NotDurable { killed: true, .. })
+    }
+}
+
+/// fsync every image of the chain that ends at `dir` (parents first
+/// reached through their inventories).
+fn sync_chain(dir: &Path) -> Result<(), images::ImageError> {
+    let mut cur = Some(dir.to_path_buf());
+    let mut n = 0;
+    while let Some(d) = cur {
+        images::sync_image(&d)?;
+        n += 1;
+        if n > 4096 {
+            break;
+        }
+        cur = images::Inventory::load(&d)?.parent_dir(&d);
+    }
+    Ok(())
 }
 
 impl From<images::ImageError> for DumpError {
@@ -204,6 +246,23 @@ pub fn dump(
     .min(PREALLOC_MAX);
     let dir_owned = dir.to_path_buf();
     let parent_owned = live_image.clone().or_else(|| parent.map(Path::to_path_buf));
+    // The parents are complete: on stable storage before the freeze, so
+    // that the frozen image is the only thing left to sync after it, and a
+    // file system that cannot sync fails the dump while the target runs.
+    if opts.fsync
+        && let Some(p) = &parent_owned
+        && let Err(e) = sync_chain(p)
+    {
+        drop(session);
+        if crate::session::alive_now(pid)
+            && let Err(u) = crate::session::untrack(pid, opts.timeout)
+        {
+            tracing::warn!(pid, "removing tracking after the failed dump: {u}");
+        }
+        return Err(DumpError::Capture(format!(
+            "{e}: the parent images cannot be put on stable storage; nothing was frozen, PID {pid} runs on"
+        )));
+    }
     let o = opts.clone();
     let parent_pid = std::process::id() as i32;
     let result = session.guarded_run(
@@ -238,6 +297,17 @@ pub fn dump(
                 if let Err(e) = crate::session::untrack(pid, opts.timeout) {
                     tracing::warn!(pid, "removing tracking from the still running target: {e}");
                 }
+            }
+            if opts.fsync {
+                let t = Instant::now();
+                if let Err(source) = images::sync_image(dir) {
+                    return Err(DumpError::NotDurable {
+                        dir: dir.to_path_buf(),
+                        killed: report.killed,
+                        source,
+                    });
+                }
+                report.fsync_ms = t.elapsed().as_secs_f64() * 1e3;
             }
             report.duration_ms = t0.elapsed().as_secs_f64() * 1e3;
             report.parent = parent.map(|p| p.display().to_string());
@@ -285,9 +355,17 @@ fn capture(
     } = guard;
     let pid = session.pid();
     let (parent_inv, full_copy) = session.parent_state(parent)?;
-    let mut writer = ImageWriter::create(dir, opts.compress)?;
+    let mut writer = session.image_writer(dir)?;
     if !opts.compress {
         writer.preallocate(prealloc)?;
+    }
+    if opts.fsync {
+        // Before the freeze: can this file system make the image durable?
+        writer.sync_pages().map_err(|e| {
+            DumpError::Capture(format!(
+                "{e}: the image cannot be put on stable storage here; nothing was frozen, PID {pid} runs on"
+            ))
+        })?;
     }
     // VmFlags (smaps) are slow to read (a page-table walk per VMA): read them
     // before the freeze; VMAs that change meanwhile get theirs after.
@@ -335,7 +413,7 @@ fn capture(
         let uffd = session.target_uffd().map(|u| u.0);
         let (state, pages) = std::thread::scope(|s| {
             let threads = &mut threads;
-            let state = s.spawn(move || capture_state(pid, threads, dir, uffd, known));
+            let state = s.spawn(move || capture_state(pid, threads, uffd, known));
             let pages = (|| -> Result<crate::backend::DirtySet, DumpError> {
                 let mut set = session.collect_final(&vmas, full_copy)?;
                 lap("dirty pages found");
@@ -354,7 +432,7 @@ fn capture(
             });
             (state, pages)
         });
-        let process = state?;
+        let (process, pipes) = state?;
         let mut set = pages?;
         lap("state captured");
         if ran_program_code(&mut threads)? != ran_before {
@@ -400,7 +478,7 @@ fn capture(
         lap("VmFlags");
         let capture_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
         let tw = Instant::now();
-        process.store(dir)?;
+        writer.store_process(&process, &pipes)?;
         let mut inv = Inventory::new(ImageKind::Dump, pid, session.backend(), opts.compress);
         if let (Some(p), Some(pinv)) = (parent, &parent_inv) {
             inv.parent = Some(ParentRef {
@@ -464,7 +542,9 @@ fn capture(
                 tracing::warn!(pid, "removing the scratch area after tern died: {e}");
             }
         }
-        let _ = std::fs::remove_file(dir.join(images::INVENTORY_FILE));
+        if let Ok(d) = images::ImageDir::create(dir) {
+            let _ = d.remove_file(images::INVENTORY_FILE);
+        }
         drop(threads);
         return Err(DumpError::Capture(format!(
             "tern ({tern_pid}) ended during the dump of PID {pid}: the target was left running"
@@ -510,6 +590,7 @@ fn capture(
         live_rounds: Vec::new(),
         live_image: None,
         live_ms: 0.0,
+        fsync_ms: 0.0,
     })
 }
 
@@ -641,14 +722,14 @@ fn cap<E: std::fmt::Display>(what: String) -> impl FnOnce(E) -> DumpError {
     move |e| DumpError::Capture(format!("{what}: {e}"))
 }
 
-/// Everything but memory, while every thread is stopped.
+/// Everything but memory, while every thread is stopped, and the bytes
+/// queued in each pipe (by the name the state gives them).
 fn capture_state(
     pid: i32,
     threads: &mut [Injector],
-    dir: &Path,
     tracking_fd: Option<i32>,
     mut scratch: Option<u64>,
-) -> Result<ProcessImage, DumpError> {
+) -> Result<(ProcessImage, BTreeMap<String, Vec<u8>>), DumpError> {
     let t0 = Instant::now();
     let lap = |what: &str| {
         tracing::debug!(
@@ -859,6 +940,7 @@ fn capture_state(
     lap("mm");
     let mut fds = Vec::new();
     let mut pipes_done: BTreeMap<u64, String> = BTreeMap::new();
+    let mut pipes: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for info in sys::fds::fd_table(pid).map_err(cap(format!("fd table of PID {pid}")))? {
         if Some(info.fd) == tracking_fd {
             continue; // tern's own
@@ -877,7 +959,7 @@ fn capture_state(
                     let data = sys::fds::peek_pipe(pid, info.fd)
                         .map_err(cap(format!("pipe fd {} of PID {pid}", info.fd)))?;
                     let name = format!("{ino}.bin");
-                    images::process::store_pipe_data(dir, &name, &data)?;
+                    pipes.insert(name.clone(), data);
                     pipes_done.insert(ino, name.clone());
                     name
                 }
@@ -891,7 +973,7 @@ fn capture_state(
         });
     }
 
-    Ok(ProcessImage {
+    let process = ProcessImage {
         pid,
         ppid: f(4) as i32,
         pgid: f(5) as i32,
@@ -917,7 +999,15 @@ fn capture_state(
         seccomp_filters: filters,
         threads: thread_images,
         fds,
-    })
+    };
+    // What a restore would refuse is refused here, while the target can
+    // still resume.
+    process.validate().map_err(|e| {
+        DumpError::Capture(format!(
+            "PID {pid}: the state captured is not restorable: {e}"
+        ))
+    })?;
+    Ok((process, pipes))
 }
 
 /// /proc/PID/limits (prlimit(2) on another uid's process needs

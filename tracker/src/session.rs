@@ -63,6 +63,12 @@ pub enum TrackerError {
     State { path: PathBuf, what: String },
     #[error("another tern is working on PID {pid} (lock {path} is held); wait for it or stop it")]
     Busy { pid: i32, path: PathBuf },
+    #[error(
+        "PID {pid} ({comm}) is a kernel thread: it has no user memory or registers to checkpoint; give the PID of a user process"
+    )]
+    KernelThread { pid: i32, comm: String },
+    #[error("PID {pid} is this tern itself; give the PID of the process to checkpoint")]
+    OwnProcess { pid: i32 },
 }
 
 /// Options of a session.
@@ -183,7 +189,9 @@ pub struct TrackingSession {
     state_path: PathBuf,
     /// Batch buffers kept from round to round.
     copier: crate::copy::Copier,
-    _lock: std::fs::File,
+    /// This host's key: every image written is sealed with it.
+    seal_key: Option<images::SealKey>,
+    _lock: TargetLock,
 }
 
 /// When `tern dump`'s live pre-copy stops and the target is frozen.
@@ -239,6 +247,7 @@ impl TrackingSession {
     /// Attach to `pid` and arm the chosen backend (creating or reusing the
     /// tracking userfaultfd in the target).
     pub fn attach(pid: i32, opts: SessionOptions) -> Result<TrackingSession, TrackerError> {
+        check_target(pid)?;
         let st = start_time(pid)?;
         if !alive(pid, st) {
             return Err(TrackerError::NoProcess { pid });
@@ -261,10 +270,6 @@ impl TrackingSession {
         opts: SessionOptions,
     ) -> Result<TrackingSession, TrackerError> {
         gc_stale_state();
-        std::fs::create_dir_all(STATE_DIR).map_err(|e| TrackerError::State {
-            path: STATE_DIR.into(),
-            what: e.to_string(),
-        })?;
         let lock = lock_target(pid)?;
         let state_path = PathBuf::from(format!("{STATE_DIR}/{pid}-{start_time}.json"));
         let backend = resolve_backend(opts.track)?;
@@ -406,6 +411,10 @@ impl TrackingSession {
             ebpf_pending: Vec::new(),
             state_path,
             copier: crate::copy::Copier::new(),
+            seal_key: images::SealKey::host_or_create().unwrap_or_else(|e| {
+                tracing::warn!(pid, "images will not be sealed: {e}");
+                None
+            }),
             _lock: lock,
         })
     }
@@ -458,14 +467,7 @@ impl TrackingSession {
             uffd_fd: self.target_uffd,
             carry: Vec::new(),
         };
-        let tmp = self.state_path.with_extension("tmp");
-        let text = serde_json::to_vec(&h).expect("state serializes");
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::rename(&tmp, &self.state_path))
-            .map_err(|e| TrackerError::State {
-                path: self.state_path.clone(),
-                what: e.to_string(),
-            })
+        store_host_state(&self.state_path, &h)
     }
 
     /// One pre-dump round: write an image of the pages changed since
@@ -477,7 +479,7 @@ impl TrackingSession {
     ) -> Result<PreDumpReport, TrackerError> {
         let t0 = Instant::now();
         let (parent_inv, full_copy) = self.parent_state(parent)?;
-        let mut writer = ImageWriter::create(dir, self.opts.compress)?;
+        let mut writer = self.image_writer(dir)?;
         let ebpf_round = match &mut self.ebpf {
             Some(s) => match s.drain() {
                 Ok(r) => Some(r),
@@ -530,7 +532,7 @@ impl TrackingSession {
         policy: LivePolicy,
     ) -> Result<Vec<LiveRound>, TrackerError> {
         let (parent_inv, full_copy) = self.parent_state(parent)?;
-        let mut writer = ImageWriter::create(dir, self.opts.compress)?;
+        let mut writer = self.image_writer(dir)?;
         let mut rounds = Vec::new();
         let t = Instant::now();
         let mut round = self.first_round(&mut writer, full_copy, "dump")?;
@@ -803,13 +805,7 @@ impl TrackingSession {
             return Ok(());
         }
         h.carry = crate::backend::union(&h.carry, pages);
-        let tmp = self.state_path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&h).expect("state serializes"))
-            .and_then(|_| std::fs::rename(&tmp, &self.state_path))
-            .map_err(|e| TrackerError::State {
-                path: self.state_path.clone(),
-                what: e.to_string(),
-            })
+        store_host_state(&self.state_path, &h)
     }
 
     /// End a `tern track`: leave the target as it was found. Tracking that a
@@ -853,6 +849,13 @@ impl TrackingSession {
 
     pub fn start_time(&self) -> u64 {
         self.start_time
+    }
+
+    /// A writer for a new image in `dir`, sealed with this host's key.
+    pub fn image_writer(&self, dir: &Path) -> Result<ImageWriter, TrackerError> {
+        let mut w = ImageWriter::create(dir, self.opts.compress)?;
+        w.set_seal_key(self.seal_key.clone());
+        Ok(w)
     }
 
     /// The parent image's inventory (validated as a whole, of this PID) and
@@ -963,6 +966,7 @@ pub struct Untracked {
 /// `tern untrack`: remove every trace of tern from `pid` without knowing
 /// its images: tern's userfaultfds, scratch pages, eBPF pins, host state.
 pub fn untrack(pid: i32, timeout: Duration) -> Result<Untracked, TrackerError> {
+    check_target(pid)?;
     let st = start_time(pid)?;
     let _lock = lock_target(pid)?;
     let fds: Vec<i32> = find_tracking_uffds(pid)
@@ -1309,28 +1313,104 @@ pub fn start_time(pid: i32) -> Result<u64, TrackerError> {
         .map_err(|_| TrackerError::NoProcess { pid })
 }
 
-/// One tern at a time per target.
-fn lock_target(pid: i32) -> Result<std::fs::File, TrackerError> {
-    let path = PathBuf::from(format!("{STATE_DIR}/{pid}.lock"));
-    let _ = std::fs::create_dir_all(STATE_DIR);
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| TrackerError::State {
-            path: path.clone(),
-            what: e.to_string(),
-        })?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(TrackerError::Busy { pid, path });
+/// A PID this tern may work on: a user process, not tern itself.
+pub fn check_target(pid: i32) -> Result<(), TrackerError> {
+    if pid <= 0 {
+        return Err(TrackerError::NoProcess { pid });
     }
-    Ok(f)
+    // SAFETY: getpid has no preconditions.
+    if pid == unsafe { libc::getpid() } || Path::new(&format!("/proc/self/task/{pid}")).exists() {
+        return Err(TrackerError::OwnProcess { pid });
+    }
+    let p = procfs::process::Process::new(pid).map_err(|_| TrackerError::NoProcess { pid })?;
+    let stat = p.stat().map_err(|_| TrackerError::NoProcess { pid })?;
+    const PF_KTHREAD: u32 = 0x0020_0000;
+    if stat.flags & PF_KTHREAD != 0 {
+        return Err(TrackerError::KernelThread {
+            pid,
+            comm: stat.comm,
+        });
+    }
+    Ok(())
+}
+
+/// `/run/tern`: root's, 0700, nothing in it followed through a link.
+fn state_dir() -> Result<images::ImageDir, TrackerError> {
+    let err = |e: images::ImageError| TrackerError::State {
+        path: STATE_DIR.into(),
+        what: e.to_string(),
+    };
+    let d = images::ImageDir::create(Path::new(STATE_DIR)).map_err(err)?;
+    d.make_private().map_err(err)?;
+    Ok(d)
+}
+
+fn store_host_state(path: &Path, h: &HostState) -> Result<(), TrackerError> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("state files have plain names");
+    state_dir()?
+        .write_atomic(
+            name,
+            &serde_json::to_vec(h).expect("state serializes"),
+            false,
+        )
+        .map_err(|e| TrackerError::State {
+            path: path.to_path_buf(),
+            what: e.to_string(),
+        })
+}
+
+/// The lock that keeps a second tern off a target: `/run/tern/PID.lock`,
+/// flocked; removed (while still held) when the session ends.
+pub struct TargetLock {
+    dir: images::ImageDir,
+    name: String,
+    file: std::fs::File,
+}
+
+impl Drop for TargetLock {
+    fn drop(&mut self) {
+        // Unlink before unlocking: a tern waiting on this file finds it
+        // gone and takes a new one (lock_target checks).
+        if self.dir.is_same_file(&self.name, &self.file) {
+            let _ = self.dir.remove_file(&self.name);
+        }
+    }
+}
+
+/// One tern at a time per target.
+fn lock_target(pid: i32) -> Result<TargetLock, TrackerError> {
+    let name = format!("{pid}.lock");
+    let path = PathBuf::from(format!("{STATE_DIR}/{name}"));
+    let dir = state_dir()?;
+    for _ in 0..16 {
+        let file = dir
+            .open_or_create_file(&name)
+            .map_err(|e| TrackerError::State {
+                path: path.clone(),
+                what: e.to_string(),
+            })?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(TrackerError::Busy { pid, path });
+        }
+        // The tern that held it may have removed it as we opened it: a lock
+        // on a removed file keeps nobody out. Take the one there now.
+        if dir.is_same_file(&name, &file) {
+            return Ok(TargetLock { dir, name, file });
+        }
+    }
+    Err(TrackerError::Busy { pid, path })
 }
 
 fn load_host_state(path: &Path) -> Option<HostState> {
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    let (d, _) = images::ImageDir::open(path.parent()?).ok()?;
+    let (bytes, _) = d
+        .read_file(path.file_name()?.to_str()?, images::fsdir::MAX_JSON_BYTES)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 fn count_common(a: &[u64], b: &[u64]) -> u64 {

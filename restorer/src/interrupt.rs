@@ -1,0 +1,115 @@
+//! While a restore builds its process, SIGTERM, SIGINT, SIGHUP and SIGQUIT
+//! sent to tern kill (SIGKILL) and reap that process, then end tern: a
+//! supervisor stopping a restore sees no half-built process crash.
+//!
+//! The signals are blocked in the thread that arms the guard (and so in
+//! every thread it starts later, the tracer threads included) and taken by
+//! a watcher thread with `sigtimedwait`. Disarming stops the watcher and
+//! unblocks them: from then on they act as usual (the restored process is
+//! whole and no longer dies with tern).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+const SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+fn set_of(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Armed while a restore builds its process.
+pub struct BuildGuard {
+    child: Arc<AtomicI32>,
+    stop: Arc<AtomicBool>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+    old_mask: libc::sigset_t,
+}
+
+impl BuildGuard {
+    /// Block the signals here and start watching for them.
+    pub fn arm() -> BuildGuard {
+        let set = set_of(&SIGNALS);
+        // SAFETY: pthread_sigmask with valid sets.
+        let old_mask = unsafe {
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            old
+        };
+        let child = Arc::new(AtomicI32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, st) = (child.clone(), stop.clone());
+        let watcher = std::thread::Builder::new()
+            .name("tern-restore-signals".into())
+            .spawn(move || watch(set, c, st))
+            .ok();
+        BuildGuard {
+            child,
+            stop,
+            watcher,
+            old_mask,
+        }
+    }
+
+    /// The process being built (0: none yet).
+    pub fn set_child(&self, pid: i32) {
+        self.child.store(pid, Ordering::SeqCst);
+    }
+}
+
+impl Drop for BuildGuard {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+        // SAFETY: restoring this thread's mask as it was.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
+    }
+}
+
+fn watch(set: libc::sigset_t, child: Arc<AtomicI32>, stop: Arc<AtomicBool>) {
+    let tick = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 50_000_000,
+    };
+    while !stop.load(Ordering::SeqCst) {
+        // SAFETY: sigtimedwait with a valid set and timeout.
+        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &tick) };
+        if sig <= 0 {
+            continue;
+        }
+        let pid = child.load(Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: kill and reap our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end {
+                let mut st = 0;
+                // SAFETY: waitpid on our own child.
+                let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL | libc::WNOHANG) };
+                if r == pid || r < 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            eprintln!(
+                "tern: error: restore interrupted by signal {sig}: the process being restored (PID {pid}) was killed; nothing was left running"
+            );
+        } else {
+            eprintln!(
+                "tern: error: restore interrupted by signal {sig} before any process existed"
+            );
+        }
+        // SAFETY: _exit ends tern at once, as the signal would have.
+        unsafe { libc::_exit(128 + sig) };
+    }
+}
