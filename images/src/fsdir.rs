@@ -393,11 +393,15 @@ impl ImageDir {
         cstr(&self.path, OsStr::new(name))
     }
 
-    /// The subdirectory `name`, created 0700 if missing; a symlink there is
-    /// refused.
+    /// The subdirectory `name` (tern's own: `pipes`, `live`), created 0700
+    /// if missing; a link or file under that name is removed first, never
+    /// followed.
     pub fn create_subdir(&self, name: &str) -> Result<ImageDir, ImageError> {
         let c = self.name(name)?;
         let path = self.child(name);
+        if lstat_at(self.fd.as_raw_fd(), &c).is_ok_and(|st| !is_kind(&st, libc::S_IFDIR)) {
+            self.remove_file(name)?;
+        }
         // SAFETY: mkdirat relative to our directory fd.
         if unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), 0o700) } == 0 {
             // SAFETY: fchmodat on the entry just made, not following links.
@@ -414,7 +418,18 @@ impl ImageDir {
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
             0,
         )
-        .map_err(|e| link_or(&path, e))?;
+        .map_err(|e| {
+            let link =
+                lstat_at(self.fd.as_raw_fd(), &c).is_ok_and(|st| is_kind(&st, libc::S_IFLNK));
+            link_or(
+                &path,
+                if link {
+                    std::io::Error::from_raw_os_error(libc::ELOOP)
+                } else {
+                    e
+                },
+            )
+        })?;
         let parent = self.dup()?;
         Ok(ImageDir {
             path,
@@ -447,7 +462,18 @@ impl ImageDir {
                 )))
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(e) => Err(link_or(&path, e)),
+            Err(e) => {
+                let link =
+                    lstat_at(self.fd.as_raw_fd(), &c).is_ok_and(|st| is_kind(&st, libc::S_IFLNK));
+                Err(link_or(
+                    &path,
+                    if link {
+                        std::io::Error::from_raw_os_error(libc::ELOOP)
+                    } else {
+                        e
+                    },
+                ))
+            }
         }
     }
 
@@ -632,23 +658,25 @@ impl ImageDir {
 
     /// Remove the subdirectory `name` and what tern wrote in it (files and
     /// its own subdirectories, never following a link); a missing one is
-    /// fine.
+    /// fine, and a link or file under that name is removed itself.
     pub fn remove_subdir(&self, name: &str) -> Result<(), ImageError> {
+        let c = self.name(name)?;
+        match lstat_at(self.fd.as_raw_fd(), &c) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(ImageError::io(&self.child(name), e)),
+            Ok(st) if !is_kind(&st, libc::S_IFDIR) => return self.remove_file(name),
+            Ok(_) => {}
+        }
         if let Some((sub, _)) = self.open_subdir(name)? {
             for entry in sub.list()? {
-                if sub.open_subdir(&entry).ok().flatten().is_some() {
-                    sub.remove_subdir(&entry)?;
-                } else {
-                    sub.remove_file(&entry)?;
-                }
+                sub.remove_subdir(&entry)?;
             }
-            let c = self.name(name)?;
-            // SAFETY: unlinkat(AT_REMOVEDIR) within our directory fd.
-            if unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
-                let e = last_err();
-                if e.raw_os_error() != Some(libc::ENOENT) {
-                    return Err(ImageError::io(&self.child(name), e));
-                }
+        }
+        // SAFETY: unlinkat(AT_REMOVEDIR) within our directory fd.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
+            let e = last_err();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(ImageError::io(&self.child(name), e));
             }
         }
         Ok(())

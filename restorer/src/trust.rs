@@ -323,14 +323,15 @@ fn access_mode(flags: i32) -> i32 {
     }
 }
 
-fn mode_name(mode: i32) -> &'static str {
+/// What the process needs to do with a path, as "cannot ..." ends.
+fn needs(mode: i32) -> &'static str {
     match mode {
-        libc::F_OK => "reach",
-        libc::X_OK => "enter",
-        m if m == libc::R_OK | libc::X_OK => "open and execute",
-        m if m == libc::R_OK | libc::W_OK => "open for reading and writing",
-        libc::W_OK => "open for writing",
-        _ => "open for reading",
+        libc::F_OK => "reach it",
+        libc::X_OK => "enter it",
+        m if m == libc::R_OK | libc::X_OK => "open and execute it",
+        m if m == libc::R_OK | libc::W_OK => "open it for reading and writing",
+        libc::W_OK => "open it for writing",
+        _ => "open it for reading",
     }
 }
 
@@ -426,9 +427,9 @@ fn as_user_thread(c: &Creds, items: &[(String, String, i32)]) -> Result<(), Stri
         let r = unsafe { libc::faccessat(libc::AT_FDCWD, cpath.as_ptr(), *mode, libc::AT_EACCESS) };
         if r != 0 {
             return Err(format!(
-                "{what} ({path}): uid {uid} (gid {gid}, groups {:?}) cannot {} it: {}",
+                "{what} ({path}): uid {uid} (gid {gid}, groups {:?}) cannot {}: {}",
                 c.groups,
-                mode_name(*mode),
+                needs(*mode),
                 std::io::Error::last_os_error()
             ));
         }

@@ -220,6 +220,10 @@ pub fn dump(
     let t_live = Instant::now();
     if parent.is_some() && session.backend() != "full" && opts.live.max_rounds > 0 {
         let live_dir = dir.join(LIVE_DIR);
+        // Made here, inside -D (whatever is planted under the name goes).
+        images::ImageDir::create(dir)
+            .and_then(|d| d.create_subdir(LIVE_DIR))
+            .map_err(TrackerError::from)?;
         match session.live_pre_copy(&live_dir, parent, opts.live) {
             Ok(r) => {
                 live_rounds = r;

@@ -1274,19 +1274,37 @@ pub fn gc_stale_state() {
             }
         }
     }
-    if let Ok(rd) = std::fs::read_dir(STATE_DIR) {
-        for e in rd.flatten() {
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let pid = name
-                .split(['-', '.'])
-                .next()
-                .and_then(|p| p.parse::<i32>().ok());
-            if let Some(pid) = pid
-                && gone(pid)
+    let Ok(dir) = state_dir() else { return };
+    for name in dir.list().unwrap_or_default() {
+        let pid = name
+            .split(['-', '.'])
+            .next()
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(pid) = pid
+            && gone(pid)
+        {
+            let _ = dir.remove_file(&name);
+            continue;
+        }
+        // A lock nobody holds (its tern died, or an older tern left it):
+        // removed while held, as TargetLock does.
+        if name.ends_with(".lock")
+            && let Ok(f) = dir.open_or_create_file(&name)
+        {
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0
+                && dir.is_same_file(&name, &f)
             {
-                let _ = std::fs::remove_file(e.path());
+                let _ = dir.remove_file(&name);
             }
+            continue;
+        }
+        // State an older tern wrote world-readable.
+        if let Ok(Some((f, prov))) = dir.open_file(&name, false)
+            && prov.mode & 0o077 != 0
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = f.set_permissions(std::fs::Permissions::from_mode(0o600));
         }
     }
 }

@@ -1,0 +1,372 @@
+//! Images cannot escalate privileges (README, "Trust and permissions"):
+//! a restore gives a process nothing its image's writer could not give,
+//! nothing the restoring user lacks, and nothing the dumped process did not
+//! have; an image changed after tern wrote it on this host is refused.
+//!
+//! The workload is `ck_creds`: a process of uid 1001 holding fd 10 on a
+//! file of its own, or a root process that dropped two capabilities.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use tern_tests::ck::CkProcess;
+use tern_tests::{proc, tempdir, tern, workload_bin};
+
+const READY: Duration = Duration::from_secs(30);
+const USER: u32 = 1001;
+
+fn start(mode: &str) -> CkProcess {
+    CkProcess::start_program("creds", &workload_bin("ck_creds"), &["--mode", mode], READY)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Dump `ck` (killed) into `root/dump` after one pre-dump; the chain's
+/// directories.
+fn dump(ck: &mut CkProcess, root: &Path) -> (PathBuf, PathBuf) {
+    let p1 = root.join("p1");
+    tern_tests::pre_dump(ck.pid, &p1, None, &[]);
+    let d = root.join("dump");
+    let run = tern(&[
+        "dump",
+        "-t",
+        &ck.pid.to_string(),
+        "-D",
+        &d.display().to_string(),
+        "--prev-images-dir",
+        &p1.display().to_string(),
+        "--json",
+    ]);
+    run.json();
+    ck.release();
+    (p1, d)
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
+    let mut v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+fn strip_seal(dir: &Path) {
+    edit_json(&dir.join(images::INVENTORY_FILE), |v| {
+        v.as_object_mut().unwrap().remove("seal");
+    });
+}
+
+fn chown_tree(dir: &Path, uid: u32) {
+    std::os::unix::fs::chown(dir, Some(uid), Some(uid)).unwrap();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            chown_tree(&p, uid);
+        } else {
+            std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A copy of the chain `p1`, `dump` under `root/name` (the dump's parent
+/// link is relative: it follows).
+fn copy_chain(p1: &Path, d: &Path, root: &Path, name: &str) -> PathBuf {
+    let base = root.join(name);
+    copy_dir(p1, &base.join("p1"));
+    copy_dir(d, &base.join("dump"));
+    base.join("dump")
+}
+
+/// `tern restore -D dir` (with `extra` set up before exec) must fail,
+/// naming every one of `mention`, and no process with `pid` may appear at
+/// any moment of it (it is polled all along).
+fn refused(dir: &Path, pid: i32, mention: &[&str], pre_exec: Option<fn() -> std::io::Result<()>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            let p = format!("/proc/{pid}");
+            while !stop.load(Ordering::SeqCst) {
+                if Path::new(&p).exists() {
+                    seen.store(true, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let mut cmd = std::process::Command::new(tern_tests::tern_bin());
+    cmd.args(["restore", "-D", &dir.display().to_string(), "--json"]);
+    if let Some(f) = pre_exec {
+        // SAFETY: the closure only makes raw syscalls.
+        unsafe { cmd.pre_exec(f) };
+    }
+    let out = cmd.output().expect("run tern");
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0),
+        "restore of {} succeeded: {stderr}",
+        dir.display()
+    );
+    for m in mention {
+        assert!(
+            stderr.contains(m),
+            "the refusal does not name {m:?}: {stderr}"
+        );
+    }
+    assert!(
+        !seen.load(Ordering::SeqCst),
+        "a process with PID {pid} existed during the refused restore ({stderr})"
+    );
+    assert!(!proc::alive(pid), "PID {pid} left behind: {stderr}");
+}
+
+/// `/proc/PID/status` field `name`, whitespace-normalized.
+fn status(pid: i32, name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name).map(|v| {
+                v.trim_start_matches(':')
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Restore `dir` detached; the process must come back and pass its checks.
+fn restores(dir: &Path, ck: &mut CkProcess, what: &str) {
+    let run = tern(&[
+        "restore",
+        "-D",
+        &dir.display().to_string(),
+        "--detach",
+        "--json",
+    ]);
+    let v = run.json();
+    assert_eq!(v["pid"].as_i64(), Some(ck.pid as i64), "{what}: {v}");
+    assert_eq!(ck.verdict(READY).unwrap(), "PASS", "{what}");
+}
+
+#[test]
+fn an_fd_edited_to_name_etc_shadow_is_refused() {
+    let root = tempdir();
+    let mut ck = start("user");
+    let pid = ck.pid;
+    let (p1, d) = dump(&mut ck, root.path());
+    // Edited in place (as root: the files stay root's): the seal says so.
+    let edit = |dump: &Path| {
+        edit_json(&dump.join(images::process::PROCESS_FILE), |v| {
+            for f in v["fds"].as_array_mut().unwrap() {
+                if f["info"]["fd"] == 10 {
+                    f["info"]["kind"]["File"]["path"] = "/etc/shadow".into();
+                }
+            }
+        })
+    };
+    let sealed = copy_chain(&p1, &d, root.path(), "sealed");
+    edit(&sealed);
+    refused(
+        &sealed,
+        pid,
+        &["changed after tern wrote it", "fd 10 (/etc/shadow)"],
+        None,
+    );
+    // Edited by the process's user, in a copy they own, seal removed: the
+    // file is opened as that user would, and uid 1001 cannot.
+    let theirs = copy_chain(&p1, &d, root.path(), "theirs");
+    edit(&theirs);
+    strip_seal(&theirs);
+    strip_seal(&theirs.parent().unwrap().join("p1"));
+    chown_tree(theirs.parent().unwrap(), USER);
+    refused(
+        &theirs,
+        pid,
+        &["fd 10 (/etc/shadow)", "uid 1001", "cannot open"],
+        None,
+    );
+    // The unedited image in the user's hands restores, as uid 1001, fd 10
+    // on its own file.
+    let good = copy_chain(&p1, &d, root.path(), "good");
+    chown_tree(good.parent().unwrap(), USER);
+    restores(&good, &mut ck, "the user's unedited image");
+}
+
+#[test]
+fn an_image_edited_to_uid_0_is_refused() {
+    let root = tempdir();
+    let mut ck = start("user");
+    let pid = ck.pid;
+    let (p1, d) = dump(&mut ck, root.path());
+    let to_root = |dump: &Path| {
+        edit_json(&dump.join(images::process::PROCESS_FILE), |v| {
+            v["creds"]["uid"] = serde_json::json!([0, 0, 0, 0]);
+        })
+    };
+    let sealed = copy_chain(&p1, &d, root.path(), "sealed");
+    to_root(&sealed);
+    refused(&sealed, pid, &["changed after tern wrote it"], None);
+    let theirs = copy_chain(&p1, &d, root.path(), "theirs");
+    to_root(&theirs);
+    strip_seal(&theirs);
+    chown_tree(theirs.parent().unwrap(), USER);
+    refused(
+        &theirs,
+        pid,
+        &["uid 1001", "[0, 0, 0, 0]", "cannot give"],
+        None,
+    );
+    // Capabilities written into a user's image: refused too.
+    let caps = copy_chain(&p1, &d, root.path(), "caps");
+    edit_json(&caps.join(images::process::PROCESS_FILE), |v| {
+        v["creds"]["cap_prm"] = (1u64 << 21).into();
+        v["creds"]["cap_eff"] = (1u64 << 21).into();
+    });
+    strip_seal(&caps);
+    chown_tree(caps.parent().unwrap(), USER);
+    refused(&caps, pid, &["cap_sys_admin", "uid 1001"], None);
+    // A user-owned copy of an image of a root process: the user could not
+    // have made it, so it is refused although nothing in it was changed.
+    let mut rootck = start("root-less-caps");
+    let rootpid = rootck.pid;
+    let r = tempdir();
+    let (rp1, rd) = dump(&mut rootck, r.path());
+    let stolen = copy_chain(&rp1, &rd, r.path(), "stolen");
+    chown_tree(stolen.parent().unwrap(), USER);
+    refused(&stolen, rootpid, &["uid 1001", "[0, 0, 0, 0]"], None);
+    // The untouched image still restores.
+    restores(&d, &mut ck, "the untouched image");
+}
+
+/// Drop CAP_SYS_NICE from this process's every set (run in the child tern
+/// is started as, before exec).
+fn without_cap_sys_nice() -> std::io::Result<()> {
+    // SAFETY: prctl and capget/capset on this (single-threaded) child.
+    unsafe {
+        if libc::prctl(libc::PR_CAPBSET_DROP, 23, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut hdr = [0x2008_0522u32, 0];
+        let mut data = [0u32; 6];
+        if libc::syscall(libc::SYS_capget, hdr.as_mut_ptr(), data.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for set in 0..3 {
+            data[set] &= !(1 << 23);
+        }
+        if libc::syscall(libc::SYS_capset, hdr.as_mut_ptr(), data.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn capabilities_come_back_exactly_and_never_beyond_the_restoring_user() {
+    let root = tempdir();
+    // A root process that shed cap_sys_admin and cap_sys_nice.
+    let mut ck = start("root-less-caps");
+    let pid = ck.pid;
+    let before = (
+        status(pid, "CapEff"),
+        status(pid, "CapPrm"),
+        status(pid, "CapBnd"),
+    );
+    let (_, d) = dump(&mut ck, root.path());
+    let mut full = ck;
+    let img: Value =
+        serde_json::from_slice(&std::fs::read(d.join(images::process::PROCESS_FILE)).unwrap())
+            .unwrap();
+    let prm = img["creds"]["cap_prm"].as_u64().unwrap();
+    assert_eq!(
+        prm & (1 << 23 | 1 << 21),
+        0,
+        "the workload kept what it dropped: {prm:#x}"
+    );
+    // An image asking for cap_sys_nice (root's own edit, so unsealed),
+    // restored by a tern that lacks it: refused.
+    // (A sibling of the dump: its parent link, ../p1, still resolves.)
+    let asks = root.path().join("asks");
+    copy_dir(&d, &asks);
+    edit_json(&asks.join(images::process::PROCESS_FILE), |v| {
+        v["creds"]["cap_prm"] = (prm | 1 << 23).into();
+        v["creds"]["cap_eff"] = (prm | 1 << 23).into();
+    });
+    strip_seal(&asks);
+    refused(
+        &asks,
+        pid,
+        &["cap_sys_nice", "does not hold"],
+        Some(without_cap_sys_nice),
+    );
+    // The real image, restored by root: the process gets exactly its sets
+    // back (not root's full ones).
+    let v = tern(&[
+        "restore",
+        "-D",
+        &d.display().to_string(),
+        "--detach",
+        "--json",
+    ])
+    .json();
+    assert_eq!(v["pid"].as_i64(), Some(pid as i64));
+    let after = (
+        status(pid, "CapEff"),
+        status(pid, "CapPrm"),
+        status(pid, "CapBnd"),
+    );
+    assert_eq!(
+        after, before,
+        "capabilities (eff, prm, bnd) after the restore"
+    );
+    assert_eq!(full.verdict(READY).unwrap(), "PASS");
+}
+
+#[test]
+fn a_user_written_restore_opens_files_as_the_user() {
+    // The file system ids a restore takes for a user's image: the
+    // restored process's own view of the kernel (its fd table opened as
+    // uid 1001) matches, and a file only root may read, named by a fd,
+    // stops the restore before the process exists.
+    let root = tempdir();
+    let mut ck = start("user");
+    let pid = ck.pid;
+    let (p1, d) = dump(&mut ck, root.path());
+    let secret = root.path().join("root-only");
+    std::fs::write(&secret, b"secret").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let theirs = copy_chain(&p1, &d, root.path(), "theirs");
+    let secret_s = secret.display().to_string();
+    edit_json(&theirs.join(images::process::PROCESS_FILE), |v| {
+        for f in v["fds"].as_array_mut().unwrap() {
+            if f["info"]["fd"] == 10 {
+                f["info"]["kind"]["File"]["path"] = secret_s.clone().into();
+            }
+        }
+    });
+    strip_seal(&theirs);
+    chown_tree(theirs.parent().unwrap(), USER);
+    // The directory above the chain is root's and 0700: uid 1001 cannot
+    // even reach the file.
+    refused(&theirs, pid, &["fd 10", &secret_s], None);
+    drop(ck);
+}
