@@ -30,7 +30,8 @@
 
 mod format;
 pub mod fsdir;
-mod pagemap;
+pub mod fuzz;
+pub(crate) mod pagemap;
 pub mod seal;
 mod writer;
 
@@ -84,7 +85,7 @@ pub enum ImageError {
     Version { path: PathBuf, found: u32 },
     #[error("{path}: corrupt image: {what}")]
     Corrupt { path: PathBuf, what: String },
-    #[error("{path}: parent image {parent} is missing or unreadable: {reason}")]
+    #[error("{path}: its parent image {parent} cannot be used: {reason}")]
     MissingParent {
         path: PathBuf,
         parent: PathBuf,

@@ -77,6 +77,10 @@ impl PageEntry {
     pub fn stored_len(&self) -> u64 {
         self.stored_len
     }
+    /// Where in `pages.img` they start.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
     pub(crate) fn marker(kind: PageKind, range: PageRange) -> PageEntry {
         PageEntry {
             start: range.start,

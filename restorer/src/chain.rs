@@ -96,71 +96,116 @@ pub struct ImageChain {
     pub images: Vec<Image>,
 }
 
-impl ImageChain {
-    /// Open `dir` and every parent it names. Fails before anything else on a
-    /// missing, replaced, corrupt or unsupported image.
-    pub fn open(dir: &Path) -> Result<ImageChain, ChainError> {
-        let mut images = Vec::new();
-        let mut seen = HashSet::new();
-        let mut cur = dir.to_path_buf();
-        let mut expected_id: Option<String> = None;
-        loop {
-            let canon = cur.canonicalize().unwrap_or_else(|_| cur.clone());
-            if !seen.insert(canon.clone()) {
-                return Err(ChainError::Loop {
-                    path: dir.to_path_buf(),
-                    again: cur,
-                });
-            }
-            if images.len() >= MAX_CHAIN {
-                return Err(ChainError::TooLong {
-                    path: dir.to_path_buf(),
-                });
-            }
-            let img = match Image::open(&cur) {
-                Ok(i) => i,
-                Err(e) if !images.is_empty() => {
-                    let child: &Image = images.last().unwrap();
-                    return Err(ImageError::MissingParent {
-                        path: child.dir.clone(),
+/// `path` with `.` and `..` taken out lexically (`a/b/../c` is `a/c`; a
+/// leading `..` stays): what messages name, and what loop detection uses
+/// where the path does not exist to canonicalize.
+pub(crate) fn lexical_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.last() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                Some(Component::RootDir) | Some(Component::Prefix(_)) => {}
+                _ => out.push(c),
+            },
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
+}
+
+/// The chain that ends at `dir`, newest first: `open` each image and then
+/// the parent its inventory names, checking each link (the parent has the
+/// id the child recorded, is of the same process), until an image without
+/// a parent (which `Inventory::parse` accepts only if it is a full one).
+/// Generic over how an image is opened, so that the rules can be fuzzed
+/// without a file system.
+pub fn resolve<T>(
+    dir: &Path,
+    mut open: impl FnMut(&Path) -> Result<T, ImageError>,
+    inventory: impl Fn(&T) -> &images::Inventory,
+) -> Result<Vec<(PathBuf, T)>, ChainError> {
+    let mut images: Vec<(PathBuf, T)> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut cur = dir.to_path_buf();
+    let mut expected_id: Option<String> = None;
+    loop {
+        let canon = cur.canonicalize().unwrap_or_else(|_| lexical_path(&cur));
+        if !seen.insert(canon) {
+            return Err(ChainError::Loop {
+                path: dir.to_path_buf(),
+                again: cur,
+            });
+        }
+        if images.len() >= MAX_CHAIN {
+            return Err(ChainError::TooLong {
+                path: dir.to_path_buf(),
+            });
+        }
+        let img = match open(&cur) {
+            Ok(i) => i,
+            Err(e) => {
+                return Err(match images.last() {
+                    Some((child, _)) => ImageError::MissingParent {
+                        path: child.clone(),
                         parent: cur,
                         reason: e.to_string(),
                     }
-                    .into());
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if let Some(exp) = &expected_id
-                && *exp != img.inventory.id
-            {
-                let child: &Image = images.last().unwrap();
-                return Err(ImageError::ParentMismatch {
-                    path: child.dir.clone(),
-                    parent: cur,
-                    expected: exp.clone(),
-                    found: img.inventory.id.clone(),
-                }
-                .into());
-            }
-            if let Some(first) = images.first()
-                && img.inventory.pid != first.inventory.pid
-            {
-                return Err(ChainError::OtherProcess {
-                    path: cur,
-                    pid: first.inventory.pid,
-                    found: img.inventory.pid,
+                    .into(),
+                    None => e.into(),
                 });
             }
-            let next = img.inventory.parent_dir(&cur);
-            expected_id = img.inventory.parent.as_ref().map(|p| p.id.clone());
-            images.push(img);
-            match next {
-                Some(p) => cur = p,
-                None => break,
+        };
+        let inv = inventory(&img);
+        if let Some(exp) = &expected_id
+            && *exp != inv.id
+        {
+            let (child, _) = images.last().expect("a parent has a child");
+            return Err(ImageError::ParentMismatch {
+                path: child.clone(),
+                parent: cur,
+                expected: exp.clone(),
+                found: inv.id.clone(),
             }
+            .into());
         }
-        // The loop ends at an image without a parent, which Inventory::parse
-        // accepts only if it is a full one: the chain is whole.
+        if let Some((_, first)) = images.first()
+            && inv.pid != inventory(first).pid
+        {
+            return Err(ChainError::OtherProcess {
+                path: cur,
+                pid: inventory(first).pid,
+                found: inv.pid,
+            });
+        }
+        let next = inv.parent_dir(&cur).map(|p| lexical_path(&p));
+        expected_id = inv.parent.as_ref().map(|p| p.id.clone());
+        images.push((cur, img));
+        match next {
+            Some(p) => cur = p,
+            None => break,
+        }
+    }
+    Ok(images)
+}
+
+impl ImageChain {
+    /// Open `dir` and every parent it names. Fails before anything else on a
+    /// missing, replaced, corrupt or unsupported image, a loop, a parent of
+    /// another process, and a chain cut short (its oldest image not a full
+    /// one).
+    pub fn open(dir: &Path) -> Result<ImageChain, ChainError> {
+        let images = resolve(dir, Image::open, |i| &i.inventory)?
+            .into_iter()
+            .map(|(_, i)| i)
+            .collect();
         Ok(ImageChain { images })
     }
 
@@ -382,6 +427,16 @@ mod tests {
         });
         w.finish(&anon(0x10000, 0x14000), &inv).unwrap();
         inv
+    }
+
+    #[test]
+    fn paths_are_normalized_lexically() {
+        let l = |p: &str| lexical_path(Path::new(p)).display().to_string();
+        assert_eq!(l("/a/dump/../p3/../p2"), "/a/p2");
+        assert_eq!(l("dump/live/../../p1"), "p1");
+        assert_eq!(l("../x/./y"), "../x/y");
+        assert_eq!(l("/../a"), "/a");
+        assert_eq!(l("a/.."), ".");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! [`restore`], which recreates the dumped process from it.
 
 mod chain;
+pub mod fuzz;
 mod interrupt;
 pub mod restore;
 pub mod trust;
