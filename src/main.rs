@@ -478,7 +478,16 @@ fn pre_dump(
     let report = s.pre_dump(dir, prev).map_err(fail)?;
     s.detach();
     if fsync {
-        images::sync_image(dir).map_err(|e| fail(e.into()))?;
+        images::sync_image(dir).map_err(|e| {
+            failed(
+                "pre-dump",
+                Some(pid),
+                Some(("into", dir)),
+                anyhow::Error::from(e).context(
+                    "the image is complete, but could not be put on stable storage (--fsync)",
+                ),
+            )
+        })?;
     }
     new_dir.keep();
     if json {

@@ -92,17 +92,27 @@ fn watch(set: libc::sigset_t, child: Arc<AtomicI32>, stop: Arc<AtomicBool>) {
             // SAFETY: kill and reap our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             let end = Instant::now() + Duration::from_secs(5);
+            let mut how = String::from("it was not reaped within 5 s");
             while Instant::now() < end {
                 let mut st = 0;
                 // SAFETY: waitpid on our own child.
                 let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL | libc::WNOHANG) };
-                if r == pid || r < 0 {
+                if r == pid {
+                    how = if libc::WIFSIGNALED(st) {
+                        format!("it ended by signal {}", libc::WTERMSIG(st))
+                    } else {
+                        format!("it ended with wait status {st:#x}")
+                    };
+                    break;
+                }
+                if r < 0 {
+                    how = "it was already reaped".into();
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
             eprintln!(
-                "tern: error: restore interrupted by signal {sig}: the process being restored (PID {pid}) was killed; nothing was left running"
+                "tern: error: restore interrupted by signal {sig}: the process being restored (PID {pid}) was killed ({how}); nothing was left running"
             );
         } else {
             eprintln!(

@@ -4,6 +4,7 @@
 //! ([`oracle::check`]).
 
 pub mod ck;
+pub mod failfs;
 pub mod oracle;
 pub mod pattern;
 pub mod proc;
@@ -541,6 +542,59 @@ pub fn assert_exactly_as(pid: i32, baseline: &proc::Snapshot, when: &str) {
     );
     let pin = proc::bpf_pin_dir(pid);
     assert!(!pin.exists(), "{when}: {} still exists", pin.display());
+}
+
+/// `tern restore -D dir` (with `pre_exec` run before exec) must fail,
+/// naming every one of `mention`, and no process with `pid` may appear at
+/// any moment of it (it is polled all along).
+pub fn refused(
+    dir: &Path,
+    pid: i32,
+    mention: &[&str],
+    pre_exec: Option<fn() -> std::io::Result<()>>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            let p = format!("/proc/{pid}");
+            while !stop.load(Ordering::SeqCst) {
+                if Path::new(&p).exists() {
+                    seen.store(true, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let mut cmd = std::process::Command::new(tern_bin());
+    cmd.args(["restore", "-D", &dir.display().to_string(), "--json"]);
+    if let Some(f) = pre_exec {
+        // SAFETY: the closure only makes raw syscalls.
+        unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, f) };
+    }
+    let out = cmd.output().expect("run tern");
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0),
+        "restore of {} succeeded: {stderr}",
+        dir.display()
+    );
+    for m in mention {
+        assert!(
+            stderr.contains(m),
+            "the refusal does not name {m:?}: {stderr}"
+        );
+    }
+    assert!(
+        !seen.load(Ordering::SeqCst),
+        "a process with PID {pid} existed during the refused restore ({stderr})"
+    );
+    assert!(!proc::alive(pid), "PID {pid} left behind: {stderr}");
 }
 
 /// A fresh temporary directory.

@@ -6,15 +6,12 @@
 //! The workload is `ck_creds`: a process of uid 1001 holding fd 10 on a
 //! file of its own, or a root process that dropped two capabilities.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 use tern_tests::ck::CkProcess;
-use tern_tests::{proc, tempdir, tern, workload_bin};
+use tern_tests::{refused, tempdir, tern, workload_bin};
 
 const READY: Duration = Duration::from_secs(30);
 const USER: u32 = 1001;
@@ -88,52 +85,6 @@ fn copy_chain(p1: &Path, d: &Path, root: &Path, name: &str) -> PathBuf {
     copy_dir(p1, &base.join("p1"));
     copy_dir(d, &base.join("dump"));
     base.join("dump")
-}
-
-/// `tern restore -D dir` (with `extra` set up before exec) must fail,
-/// naming every one of `mention`, and no process with `pid` may appear at
-/// any moment of it (it is polled all along).
-fn refused(dir: &Path, pid: i32, mention: &[&str], pre_exec: Option<fn() -> std::io::Result<()>>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (stop, seen) = (stop.clone(), seen.clone());
-        std::thread::spawn(move || {
-            let p = format!("/proc/{pid}");
-            while !stop.load(Ordering::SeqCst) {
-                if Path::new(&p).exists() {
-                    seen.store(true, Ordering::SeqCst);
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        })
-    };
-    let mut cmd = std::process::Command::new(tern_tests::tern_bin());
-    cmd.args(["restore", "-D", &dir.display().to_string(), "--json"]);
-    if let Some(f) = pre_exec {
-        // SAFETY: the closure only makes raw syscalls.
-        unsafe { cmd.pre_exec(f) };
-    }
-    let out = cmd.output().expect("run tern");
-    stop.store(true, Ordering::SeqCst);
-    watcher.join().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.code().is_some_and(|c| c != 0),
-        "restore of {} succeeded: {stderr}",
-        dir.display()
-    );
-    for m in mention {
-        assert!(
-            stderr.contains(m),
-            "the refusal does not name {m:?}: {stderr}"
-        );
-    }
-    assert!(
-        !seen.load(Ordering::SeqCst),
-        "a process with PID {pid} existed during the refused restore ({stderr})"
-    );
-    assert!(!proc::alive(pid), "PID {pid} left behind: {stderr}");
 }
 
 /// `/proc/PID/status` field `name`, whitespace-normalized.

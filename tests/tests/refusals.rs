@@ -1,0 +1,184 @@
+//! Clear refusals, each error said once:
+//! - `tern dump` of its own PID says so (it used to kill itself, exit 137);
+//! - PID 2 is a kernel thread, not "No such process" from /proc/2/mem;
+//! - a non-root user is told tern needs root (not a permission error on a
+//!   lock file);
+//! - no error repeats a clause or names the same PID twice.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use tern_tests::{TernRun, Workload, proc, tempdir, tern, tern_bin};
+
+/// No `: `-separated clause twice, and `PID n` at most once.
+fn said_once(run: &TernRun) {
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("tern: error:"))
+        .unwrap_or_else(|| panic!("no error line:\n{}", run.describe()));
+    let clauses: Vec<&str> = line.split(": ").collect();
+    for (i, c) in clauses.iter().enumerate() {
+        assert!(
+            !clauses[i + 1..].contains(c),
+            "{c:?} is said twice in: {line}"
+        );
+    }
+    let mut pids: Vec<&str> = line
+        .match_indices("PID ")
+        .map(|(i, _)| {
+            let rest = &line[i + 4..];
+            &rest[..rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len())]
+        })
+        .collect();
+    pids.sort();
+    let n = pids.len();
+    pids.dedup();
+    assert_eq!(pids.len(), n, "a PID is named twice in: {line}");
+}
+
+#[test]
+fn tern_refuses_to_dump_itself() {
+    let d = tempdir();
+    let dir = d.path().join("self");
+    // `exec` keeps the shell's PID: tern is asked to dump its own.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec {} dump -t $$ -D {}",
+            tern_bin().display(),
+            dir.display()
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is this tern itself"), "{stderr}");
+    assert!(!dir.exists(), "the refused dump left {}", dir.display());
+}
+
+#[test]
+fn a_kernel_thread_is_named_as_such() {
+    let d = tempdir();
+    for verb in ["pre-dump", "dump"] {
+        let run = tern(&[
+            verb,
+            "-t",
+            "2",
+            "-D",
+            &d.path().join(verb).display().to_string(),
+        ]);
+        run.assert_clear_failure(&["PID 2", "kernel thread"]);
+        said_once(&run);
+        assert!(
+            !run.stderr.contains("No such process"),
+            "{}",
+            run.describe()
+        );
+    }
+    let run = tern(&["untrack", "-t", "2"]);
+    run.assert_clear_failure(&["kernel thread"]);
+}
+
+#[test]
+fn a_user_who_is_not_root_is_told_what_tern_needs() {
+    let mut w = Workload::start();
+    w.cmd("alloc a 4 rand");
+    let d = tempdir();
+    for args in [
+        vec![
+            "pre-dump".to_string(),
+            "-t".into(),
+            w.pid().to_string(),
+            "-D".into(),
+            d.path().join("x").display().to_string(),
+        ],
+        vec![
+            "restore".into(),
+            "-D".into(),
+            d.path().display().to_string(),
+        ],
+        vec![
+            "track".into(),
+            "-t".into(),
+            w.pid().to_string(),
+            "--rounds".into(),
+            "1".into(),
+        ],
+    ] {
+        let mut cmd = Command::new(tern_bin());
+        cmd.args(&args);
+        // SAFETY: setgid/setuid in the child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("needs root") && stderr.contains("uid 65534"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("Permission denied"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn errors_say_each_thing_once() {
+    let d = tempdir();
+    let missing = proc::unused_pid();
+    let m = missing.to_string();
+    let dir = |n: &str| d.path().join(n).display().to_string();
+    let garbage = d.path().join("garbage");
+    std::fs::create_dir(&garbage).unwrap();
+    std::fs::write(garbage.join(images::INVENTORY_FILE), "{ not json").unwrap();
+    let mut w = Workload::start();
+    w.cmd("alloc a 4 rand");
+    let pid = w.pid().to_string();
+    let pre = d.path().join("pre");
+    tern_tests::pre_dump(w.pid(), &pre, None, &[]);
+    let runs: Vec<Vec<String>> = vec![
+        vec![
+            "pre-dump".into(),
+            "-t".into(),
+            m.clone(),
+            "-D".into(),
+            dir("a"),
+        ],
+        vec!["dump".into(), "-t".into(), m.clone(), "-D".into(), dir("b")],
+        vec![
+            "track".into(),
+            "-t".into(),
+            m.clone(),
+            "--rounds".into(),
+            "1".into(),
+        ],
+        vec!["untrack".into(), "-t".into(), m.clone()],
+        vec!["restore".into(), "-D".into(), dir("nothing")],
+        vec!["show".into(), dir("nothing")],
+        vec!["restore".into(), "-D".into(), pre.display().to_string()],
+        vec![
+            "pre-dump".into(),
+            "-t".into(),
+            pid.clone(),
+            "-D".into(),
+            dir("c"),
+            "--prev-images-dir".into(),
+            garbage.display().to_string(),
+        ],
+        vec!["restore".into(), "-D".into(), garbage.display().to_string()],
+    ];
+    for args in runs {
+        let run = tern(&args);
+        run.assert_clear_failure(&[]);
+        said_once(&run);
+    }
+    tern_tests::untrack(w.pid());
+}

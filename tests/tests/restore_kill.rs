@@ -1,0 +1,143 @@
+//! A restore is all or nothing (README, "Trust and permissions"): `tern
+//! restore` SIGKILLed, SIGTERMed or SIGINTed at 30 random moments leaves
+//! either no process, which died of SIGKILL (no SIGSEGV, no core), or a
+//! whole one that passes its own checks.
+//!
+//! This test binary makes itself a child subreaper, so that the processes a
+//! killed tern leaves are reparented here and their exit is seen.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tern_tests::ck::CkProcess;
+use tern_tests::{pre_dump, proc, spawn_tern, tempdir, tern, wait_deadline};
+
+const READY: Duration = Duration::from_secs(30);
+
+/// What became of the restored PID: reaped here (our orphan) or by tern.
+fn reap(pid: i32, timeout: Duration) -> Option<i32> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        let mut st = 0;
+        // SAFETY: waitpid on a process reparented to us (or ECHILD).
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL | libc::WNOHANG) };
+        if r == pid {
+            return Some(st);
+        }
+        if r < 0 && !proc::alive(pid) && !Path::new(&format!("/proc/{pid}")).exists() {
+            return None; // reaped by tern
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    panic!("PID {pid} still there after {timeout:?}");
+}
+
+#[test]
+fn tern_killed_at_random_moments_of_a_restore_leaves_nothing_or_everything() {
+    // SAFETY: prctl on this process.
+    assert_eq!(
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
+        0
+    );
+    let mut ck = CkProcess::start("memory", &["--mib", "96"], READY).unwrap();
+    let pid = ck.pid;
+    let root = tempdir();
+    let p1 = root.path().join("p1");
+    pre_dump(pid, &p1, None, &[]);
+    let d = root.path().join("dump");
+    tern(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        &d.display().to_string(),
+        "--prev-images-dir",
+        &p1.display().to_string(),
+        "--json",
+    ])
+    .json();
+    ck.release();
+    // One whole restore, to time it.
+    let t = Instant::now();
+    let v = tern(&[
+        "restore",
+        "-D",
+        &d.display().to_string(),
+        "--detach",
+        "--json",
+    ])
+    .json();
+    let full = t.elapsed();
+    assert_eq!(v["pid"].as_i64(), Some(pid as i64));
+    assert_eq!(ck.verdict(READY).unwrap(), "PASS");
+    let st = reap(pid, Duration::from_secs(10)).expect("the restored process is our orphan");
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "status {st:#x}"
+    );
+    eprintln!(
+        "a whole restore takes {full:?} ({} ms in tern)",
+        v["restore_ms"]
+    );
+
+    let mut seed = 0x2545_f491_4f6c_dd1du64 ^ std::process::id() as u64;
+    let mut rnd = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n.max(1)
+    };
+    let span = (full.as_micros() as u64 * 6 / 5).max(1000);
+    let (mut none, mut whole) = (0, 0);
+    for i in 0..30 {
+        let sig = [libc::SIGKILL, libc::SIGTERM, libc::SIGINT][i % 3];
+        let delay = Duration::from_micros(rnd(span));
+        let mut t = spawn_tern(&["restore", "-D", &d.display().to_string()]);
+        std::thread::sleep(delay);
+        // SAFETY: kill(2) of the tern we started.
+        unsafe { libc::kill(t.id() as i32, sig) };
+        let st = wait_deadline(&mut t, Duration::from_secs(30)).expect("tern did not end");
+        let out = t.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let when =
+            format!("round {i}: signal {sig} {delay:?} into the restore (tern: {st}; {stderr})");
+        assert!(
+            !stderr.contains("by signal 11") && !stderr.contains("panicked"),
+            "{when}"
+        );
+        // Give a process that survived a moment to be reparented, then see.
+        std::thread::sleep(Duration::from_millis(20));
+        if proc::alive(pid) && proc::state(pid) != Some('Z') {
+            // It must be whole: its own checks pass.
+            let v = ck.verdict(READY).unwrap_or_else(|e| panic!("{when}: {e}"));
+            assert_eq!(v, "PASS", "{when}");
+            let st = reap(pid, Duration::from_secs(10));
+            if let Some(st) = st {
+                assert!(
+                    libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+                    "{when}: the whole process exited with status {st:#x}"
+                );
+            }
+            whole += 1;
+        } else {
+            if let Some(st) = reap(pid, Duration::from_secs(10)) {
+                assert!(
+                    libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL,
+                    "{when}: the half-built process ended with status {st:#x}, not by SIGKILL"
+                );
+                assert!(!libc::WCOREDUMP(st), "{when}: it dumped core");
+            }
+            none += 1;
+        }
+        // Clean the result file for the next round's verdict.
+        let _ = std::fs::write(&ck.out, format!("ready {pid}\n"));
+        assert!(
+            proc::wait_until(Duration::from_secs(5), || !Path::new(&format!(
+                "/proc/{pid}"
+            ))
+            .exists()),
+            "{when}: PID {pid} is still taken"
+        );
+    }
+    eprintln!("30 interrupted restores: {none} left no process, {whole} a whole one");
+}
