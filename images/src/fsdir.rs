@@ -159,7 +159,18 @@ enum Walk {
 /// `O_RDONLY | O_DIRECTORY`), its parent, and what was gone through.
 fn walk(path: &Path, how: Walk) -> Result<(OwnedFd, Option<OwnedFd>, Vec<Provenance>), ImageError> {
     let io = |p: &Path, e: std::io::Error| ImageError::io(p, e);
-    let start = if path.is_absolute() { "/" } else { "." };
+    // From `/` always: the directories above the working directory count
+    // as much as those below it.
+    let absolute;
+    let path = if path.is_absolute() {
+        path
+    } else {
+        absolute = std::env::current_dir()
+            .map_err(|e| io(Path::new("."), e))?
+            .join(path);
+        &absolute
+    };
+    let start = "/";
     let mut cur = open_at(
         libc::AT_FDCWD,
         &CString::new(start).expect("no NUL"),
@@ -167,11 +178,7 @@ fn walk(path: &Path, how: Walk) -> Result<(OwnedFd, Option<OwnedFd>, Vec<Provena
         0,
     )
     .map_err(|e| io(Path::new(start), e))?;
-    let mut seen = if path.is_absolute() {
-        PathBuf::from("/")
-    } else {
-        PathBuf::new()
-    };
+    let mut seen = PathBuf::from("/");
     let mut prov = Vec::new();
     if let Ok(st) = fstat(cur.as_raw_fd()) {
         prov.push(Provenance::of(seen.clone(), ProvenanceKind::Dir, &st));

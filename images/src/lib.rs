@@ -211,7 +211,6 @@ impl Image {
             )?),
             ImageKind::PreDump => None,
         };
-        drop(read);
         let mut pipe_data = BTreeMap::new();
         if let Some(p) = &process {
             let names: std::collections::BTreeSet<&String> =

@@ -275,7 +275,7 @@ impl ProcessImage {
             return Err(format!("{} supplementary groups", p.creds.groups.len()));
         }
         let a = &p.mm.auxv;
-        if a.len() % 2 != 0 || a.len() > 256 || a.len() < 2 || a[a.len() - 2] != 0 {
+        if !a.len().is_multiple_of(2) || a.len() > 256 || a.len() < 2 || a[a.len() - 2] != 0 {
             return Err(format!(
                 "auxiliary vector of {} words, not (type, value) pairs ending with AT_NULL",
                 a.len()

@@ -575,12 +575,30 @@ pub fn refused(
         // SAFETY: the closure only makes raw syscalls.
         unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, f) };
     }
-    let out = cmd.output().expect("run tern");
+    // `--detach`: a restore that wrongly succeeds returns (and is then
+    // killed) instead of waiting for the restored process.
+    cmd.arg("--detach")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("run tern");
+    let err = drain(child.stderr.take().unwrap());
+    let _out = drain(child.stdout.take().unwrap());
+    let status = wait_deadline(&mut child, TERN_TIMEOUT);
     stop.store(true, Ordering::SeqCst);
     watcher.join().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = err.join().unwrap();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "`tern restore -D {}` did not end within {TERN_TIMEOUT:?}: {stderr}",
+            dir.display()
+        )
+    });
+    if status.success() {
+        // SAFETY: kill(2) of what the wrong restore brought back.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
     assert!(
-        out.status.code().is_some_and(|c| c != 0),
+        status.code().is_some_and(|c| c != 0),
         "restore of {} succeeded: {stderr}",
         dir.display()
     );

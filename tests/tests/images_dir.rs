@@ -41,11 +41,12 @@ impl Victim {
     fn unchanged(&self, when: &str) {
         let now = std::fs::read(&self.path)
             .unwrap_or_else(|e| panic!("{when}: victim {} gone: {e}", self.path.display()));
-        assert_eq!(
-            now,
-            self.bytes,
-            "{when}: {} was written through a link",
-            self.path.display()
+        assert!(
+            now == self.bytes,
+            "{when}: {} was written through a link (it holds {} bytes now, starting {:?})",
+            self.path.display(),
+            now.len(),
+            String::from_utf8_lossy(&now[..now.len().min(32)])
         );
         let md = std::fs::symlink_metadata(&self.path).unwrap();
         assert!(md.is_file(), "{when}: {} replaced", self.path.display());
@@ -120,6 +121,13 @@ fn planted_links_never_redirect_a_write() {
         };
         plant(&d.join(name), &target);
         let run = tern(&dump_args(pid, &d, &base));
+        // First what must never happen, then what the run says.
+        victim.unchanged(&format!("a link named {name} in -D"));
+        assert_eq!(
+            std::fs::read_dir(&vd).unwrap().count(),
+            0,
+            "a link named {name}: tern wrote into the directory it pointed at"
+        );
         if *name == "inventory.json" {
             run.assert_clear_failure(&["already holds an image"]);
         } else {
@@ -136,23 +144,17 @@ fn planted_links_never_redirect_a_write() {
                 "{name} is not tern's own file"
             );
         }
-        victim.unchanged(&format!("a link named {name} in -D"));
-        assert_eq!(
-            std::fs::read_dir(&vd).unwrap().count(),
-            0,
-            "a link named {name}: tern wrote into the directory it pointed at"
-        );
         // The same for a pre-dump (pages.img, mm.json, ...).
         let p = user_dir(root.path(), &format!("pre-{i}"));
         let victim = Victim::new(&vdir, &format!("w{i}"));
         plant(&p.join(name), &victim.path);
         let run = tern_tests::pre_dump_run(pid, &p, Some(&base), &[]);
+        victim.unchanged(&format!("a link named {name} in a pre-dump's -D"));
         if *name == "inventory.json" {
             run.assert_clear_failure(&["already holds an image"]);
         } else {
             run.json();
         }
-        victim.unchanged(&format!("a link named {name} in a pre-dump's -D"));
     }
     untrack(pid);
     assert_eq!(ck.verdict(Duration::from_secs(30)).unwrap(), "PASS");

@@ -220,8 +220,8 @@ fn without_cap_sys_nice() -> std::io::Result<()> {
         if libc::syscall(libc::SYS_capget, hdr.as_mut_ptr(), data.as_mut_ptr()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        for set in 0..3 {
-            data[set] &= !(1 << 23);
+        for word in data.iter_mut().take(3) {
+            *word &= !(1 << 23);
         }
         if libc::syscall(libc::SYS_capset, hdr.as_mut_ptr(), data.as_ptr()) != 0 {
             return Err(std::io::Error::last_os_error());
