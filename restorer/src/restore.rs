@@ -373,7 +373,7 @@ fn check_host_limits(dir: &Path, p: &ProcessImage, vmas: &[VmaRecord]) -> Result
     }
     let nr_open = read_u64("/proc/sys/fs/nr_open").unwrap_or(1 << 20);
     for l in &p.rlimits {
-        if l.resource == libc::RLIMIT_NOFILE as u32 && l.max != u64::MAX && l.max > nr_open {
+        if l.resource == libc::RLIMIT_NOFILE && l.max != u64::MAX && l.max > nr_open {
             return Err(bad(
                 dir,
                 format!(

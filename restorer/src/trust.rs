@@ -386,12 +386,11 @@ pub fn check_access(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> 
         .into_iter()
         .map(|a| (a.what, a.path.to_string(), a.mode))
         .collect();
-    let res = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         s.spawn(move || as_user_thread(&c, &items))
             .join()
             .unwrap_or_else(|_| Err("the access check panicked".into()))
-    });
-    res
+    })
 }
 
 /// Runs in a thread of its own, which it changes for good: the image's
