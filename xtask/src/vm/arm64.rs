@@ -82,15 +82,20 @@ ready() {
   echo "{\"ready\": \"$(grep ready $1 | head -1)\"}"; grep -q ready $1
 }
 # Remove the "pac" objects of the (pretty-printed) process.json in image $1,
-# as in an image written before tern saved PAC keys; step $2.
+# as in an image written before tern saved PAC keys, and its seal (tern
+# refuses an image changed after it sealed it: this edit is root's own,
+# on purpose); step $2.
 strip_pac() {
   tr -d '\n' < $1/process.json > /tmp/stripped.json
   had=$(grep -o '"pac": *{' /tmp/stripped.json | wc -l)
   sed -E 's/"pac": *\{[^{}]*(\{[^{}]*\}[^{}]*)?\}/"pac": null/g' /tmp/stripped.json > $1/process.json
   left=$(grep -o '"pac": *{' $1/process.json | wc -l)
   nulls=$(grep -o '"pac": *null' $1/process.json | wc -l)
-  echo "{\"pac_objects_before\": $had, \"pac_objects_after\": $left, \"pac_nulls\": $nulls}"
-  [ $had -gt 0 ] && [ $left -eq 0 ]; step $2 $?
+  tr -d '\n' < $1/inventory.json | sed -E 's/, *"seal": *\{[^{}]*\}//' > /tmp/inventory.json
+  cat /tmp/inventory.json > $1/inventory.json
+  seals=$(grep -c '"seal"' $1/inventory.json)
+  echo "{\"pac_objects_before\": $had, \"pac_objects_after\": $left, \"pac_nulls\": $nulls, \"seals_left\": $seals}"
+  [ $had -gt 0 ] && [ $left -eq 0 ] && [ $seals -eq 0 ]; step $2 $?
 }
 zombie_or_gone() { [ ! -d /proc/$1 ] || grep -q '^State:.*Z' /proc/$1/status; }
 # Step $2: does hotloop PID $1 run? Its sleeps (and user time) 1 s apart.
