@@ -209,6 +209,22 @@ pub struct VmaRecord {
 }
 
 impl VmaRecord {
+    /// A private anonymous read-write VMA whose pages are dumped (what
+    /// tests and tools that write images by hand describe).
+    pub fn anonymous(start: u64, end: u64) -> VmaRecord {
+        VmaRecord {
+            start,
+            end,
+            perms: "rw-p".into(),
+            offset: 0,
+            dev: "00:00".into(),
+            inode: 0,
+            name: None,
+            dumped: true,
+            vm_flags: Vec::new(),
+        }
+    }
+
     pub fn range(&self) -> crate::PageRange {
         crate::PageRange::new(self.start, self.end)
     }

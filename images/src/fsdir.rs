@@ -425,18 +425,7 @@ impl ImageDir {
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
             0,
         )
-        .map_err(|e| {
-            let link =
-                lstat_at(self.fd.as_raw_fd(), &c).is_ok_and(|st| is_kind(&st, libc::S_IFLNK));
-            link_or(
-                &path,
-                if link {
-                    std::io::Error::from_raw_os_error(libc::ELOOP)
-                } else {
-                    e
-                },
-            )
-        })?;
+        .map_err(|e| self.dir_open_error(&c, &path, e))?;
         let parent = self.dup()?;
         Ok(ImageDir {
             path,
@@ -469,19 +458,22 @@ impl ImageDir {
                 )))
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(e) => {
-                let link =
-                    lstat_at(self.fd.as_raw_fd(), &c).is_ok_and(|st| is_kind(&st, libc::S_IFLNK));
-                Err(link_or(
-                    &path,
-                    if link {
-                        std::io::Error::from_raw_os_error(libc::ELOOP)
-                    } else {
-                        e
-                    },
-                ))
-            }
+            Err(e) => Err(self.dir_open_error(&c, &path, e)),
         }
+    }
+
+    /// The error of an `O_DIRECTORY | O_NOFOLLOW` open of `name`: a link
+    /// there gives ENOTDIR, not ELOOP, so it is looked at to say so.
+    fn dir_open_error(&self, name: &CString, path: &Path, e: std::io::Error) -> ImageError {
+        let link = lstat_at(self.fd.as_raw_fd(), name).is_ok_and(|st| is_kind(&st, libc::S_IFLNK));
+        link_or(
+            path,
+            if link {
+                std::io::Error::from_raw_os_error(libc::ELOOP)
+            } else {
+                e
+            },
+        )
     }
 
     fn dup(&self) -> Result<OwnedFd, ImageError> {

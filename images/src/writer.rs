@@ -477,17 +477,7 @@ mod tests {
 
     fn mm() -> MmRecord {
         MmRecord {
-            vmas: vec![VmaRecord {
-                start: 0x10000,
-                end: 0x20000,
-                perms: "rw-p".into(),
-                offset: 0,
-                dev: "00:00".into(),
-                inode: 0,
-                name: None,
-                dumped: true,
-                vm_flags: Vec::new(),
-            }],
+            vmas: vec![VmaRecord::anonymous(0x10000, 0x20000)],
         }
     }
 

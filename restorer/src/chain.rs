@@ -399,17 +399,7 @@ mod tests {
 
     fn anon(start: u64, end: u64) -> MmRecord {
         MmRecord {
-            vmas: vec![VmaRecord {
-                start,
-                end,
-                perms: "rw-p".into(),
-                offset: 0,
-                dev: "00:00".into(),
-                inode: 0,
-                name: None,
-                dumped: true,
-                vm_flags: Vec::new(),
-            }],
+            vmas: vec![VmaRecord::anonymous(start, end)],
         }
     }
 

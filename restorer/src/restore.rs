@@ -1520,10 +1520,7 @@ fn fs_ids_of_image(
     main: &mut Injector,
     pid: i32,
 ) -> Result<(), RestoreError> {
-    let g: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    let a = main.scratch_data(if g.is_empty() { &[0u8; 4] } else { &g })?;
-    let r = main.syscall(libc::SYS_setgroups, [c.groups.len() as u64, a, 0, 0, 0, 0])?;
-    check(pid, "taking the image's groups", r)?;
+    set_groups(main, pid, &c.groups, "taking the image's groups")?;
     main.syscall(libc::SYS_setfsgid, [c.gid[3] as u64, 0, 0, 0, 0, 0])?;
     main.syscall(libc::SYS_setfsuid, [c.uid[3] as u64, 0, 0, 0, 0, 0])?;
     // setfsuid/setfsgid say only the old value: ask again.
@@ -1538,6 +1535,20 @@ fn fs_ids_of_image(
         ));
     }
     die_with_tern(main, pid)
+}
+
+/// `setgroups(2)` in the thread `inj` holds.
+fn set_groups(
+    inj: &mut Injector,
+    pid: i32,
+    groups: &[u32],
+    what: &'static str,
+) -> Result<(), RestoreError> {
+    let g: Vec<u8> = groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+    let a = inj.scratch_data(if g.is_empty() { &[0u8; 4] } else { &g })?;
+    let r = inj.syscall(libc::SYS_setgroups, [groups.len() as u64, a, 0, 0, 0, 0])?;
+    check(pid, what, r)?;
+    Ok(())
 }
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
@@ -1600,10 +1611,7 @@ fn creds_in(
         c.cap_inh,
         "setting the inheritable capabilities",
     )?;
-    let g: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    let a = inj.scratch_data(if g.is_empty() { &[0u8; 4] } else { &g })?;
-    let r = inj.syscall(libc::SYS_setgroups, [c.groups.len() as u64, a, 0, 0, 0, 0])?;
-    check(pid, "setgroups", r)?;
+    set_groups(inj, pid, &c.groups, "setgroups")?;
     let r = inj.syscall(
         libc::SYS_setresgid,
         [c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64, 0, 0, 0],

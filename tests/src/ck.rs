@@ -59,6 +59,19 @@ pub fn report(path: &Path, line: &str) {
     }
 }
 
+/// Workload side: report `PASS` (exit 0) or `FAIL <what differed>` (the
+/// first 4000 bytes; exit 1).
+pub fn finish(path: &Path, fails: &[String]) -> ! {
+    if fails.is_empty() {
+        report(path, "PASS");
+        std::process::exit(0);
+    }
+    let mut line = format!("FAIL {}", fails.join("; "));
+    line.truncate(line.floor_char_boundary(4000));
+    report(path, &line);
+    std::process::exit(1);
+}
+
 /// Harness side: a running self-checking workload, killed and reaped on drop.
 pub struct CkProcess {
     pub name: String,

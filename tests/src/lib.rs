@@ -615,6 +615,69 @@ pub fn refused(
     assert!(!proc::alive(pid), "PID {pid} left behind: {stderr}");
 }
 
+/// Copy the directory `from` (files and subdirectories) to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Rewrite the JSON file `path` with `f` applied (as its owner would edit
+/// it: owner and mode stay).
+pub fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
+    let mut v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+/// Remove the seal from the image in `dir` (an edit by someone without
+/// this host's key would leave none, or a wrong one).
+pub fn strip_seal(dir: &Path) {
+    edit_json(&dir.join(images::INVENTORY_FILE), |v| {
+        v.as_object_mut().unwrap().remove("seal");
+    });
+}
+
+/// `dump -t PID -D DIR --json EXTRA...`.
+pub fn dump_args(pid: i32, dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "dump".into(),
+        "-t".into(),
+        pid.to_string(),
+        "-D".into(),
+        dir.display().to_string(),
+        "--json".into(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// `tern restore -D DIR --detach --json` (must succeed, bringing back
+/// `pid`); its JSON.
+pub fn restore_detached(dir: &Path, pid: i32) -> Value {
+    let v = tern(&[
+        "restore",
+        "-D",
+        &dir.display().to_string(),
+        "--detach",
+        "--json",
+    ])
+    .json();
+    assert_eq!(
+        v["pid"].as_i64(),
+        Some(pid as i64),
+        "restore of {}: {v}",
+        dir.display()
+    );
+    v
+}
+
 /// A fresh temporary directory.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()

@@ -12,27 +12,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tern_tests::ck::CkProcess;
-use tern_tests::{pre_dump, refused, tempdir, tern};
+use tern_tests::{copy_dir, edit_json, pre_dump, refused, restore_detached, tempdir, tern};
 
 const READY: Duration = Duration::from_secs(30);
-
-fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
-    let mut v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}
 
 /// A chain p1 <- p2 <- p3 <- dump of ck_memory, under `root/name`.
 struct Chain {
@@ -159,14 +141,6 @@ fn damage_found_after_the_start_is_refused_before_any_process_exists() {
     refused(&base.join("dump"), c.pid, &["PR_SET_MM_MAP"], None);
     // The good chain still restores, and passes its checks.
     let mut ck = c.ck;
-    let v = tern(&[
-        "restore",
-        "-D",
-        &c.root.path().join("good/dump").display().to_string(),
-        "--detach",
-        "--json",
-    ])
-    .json();
-    assert_eq!(v["pid"].as_i64(), Some(c.pid as i64));
+    restore_detached(&c.root.path().join("good/dump"), c.pid);
     assert_eq!(ck.verdict(READY).unwrap(), "PASS");
 }

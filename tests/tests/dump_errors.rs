@@ -13,24 +13,11 @@ use std::time::Duration;
 
 use tern_tests::ck::CkProcess;
 use tern_tests::{
-    assert_exactly_as, assert_running_untraced, pre_dump, proc, spawn_tern, tempdir, tern,
-    wait_deadline,
+    assert_exactly_as, assert_running_untraced, copy_dir, dump_args, pre_dump, proc, spawn_tern,
+    tempdir, tern, wait_deadline,
 };
 
 const READY: Duration = Duration::from_secs(30);
-
-fn dump_args(pid: i32, dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "dump".into(),
-        "-t".into(),
-        pid.to_string(),
-        "-D".into(),
-        dir.display().to_string(),
-        "--json".into(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
 
 #[test]
 fn leave_running_leaves_the_target_as_it_was() {
@@ -164,18 +151,6 @@ fn good_image(root: &Path) -> (std::path::PathBuf, std::path::PathBuf, i32, CkPr
     tern(&a).json();
     ck.release();
     (p1, d, pid, ck)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 fn restore_fails(dir: &Path, pid: i32, mention: &[&str]) {

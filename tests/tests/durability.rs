@@ -8,22 +8,11 @@ use std::time::Duration;
 
 use tern_tests::ck::CkProcess;
 use tern_tests::failfs::FailFs;
-use tern_tests::{assert_exactly_as, pre_dump, pre_dump_run, proc, tempdir, tern};
+use tern_tests::{
+    assert_exactly_as, dump_args, pre_dump, pre_dump_run, proc, restore_detached, tempdir, tern,
+};
 
 const READY: Duration = Duration::from_secs(30);
-
-fn dump_args(pid: i32, dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "dump".into(),
-        "-t".into(),
-        pid.to_string(),
-        "-D".into(),
-        dir.display().to_string(),
-        "--json".into(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
 
 #[test]
 fn a_dump_onto_a_disk_that_cannot_fsync_leaves_the_target_running() {

@@ -304,20 +304,6 @@ fn run(name: &str, seeds: &[Vec<u8>], mutate: Mutator, target: fn(&[u8])) {
     );
 }
 
-fn anon_vma(start: u64, end: u64) -> VmaRecord {
-    VmaRecord {
-        start,
-        end,
-        perms: "rw-p".into(),
-        offset: 0,
-        dev: "00:00".into(),
-        inode: 0,
-        name: None,
-        dumped: true,
-        vm_flags: Vec::new(),
-    }
-}
-
 /// A chain of three small images (newest `0`), written for real.
 fn seed_chain(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut prev: Option<(std::path::PathBuf, Inventory)> = None;
@@ -343,7 +329,7 @@ fn seed_chain(root: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
         w.finish(
             &MmRecord {
-                vmas: vec![anon_vma(base, base + 512 * 4096)],
+                vmas: vec![VmaRecord::anonymous(base, base + 512 * 4096)],
             },
             &inv,
         )

@@ -16,6 +16,12 @@ use std::time::Duration;
 use tern_tests::ck::CkProcess;
 use tern_tests::{Workload, pre_dump, proc, tempdir, tern, untrack};
 
+/// A dump of `pid` into `dir` on top of `prev` that lets it run on.
+fn dump_on(pid: i32, dir: &Path, prev: &Path) -> Vec<String> {
+    let prev = prev.display().to_string();
+    tern_tests::dump_args(pid, dir, &["--prev-images-dir", &prev, "--leave-running"])
+}
+
 const USER: u32 = 1001;
 
 /// A root-owned file, and what it must still be afterwards.
@@ -69,20 +75,6 @@ fn user_dir(root: &Path, name: &str) -> PathBuf {
     d
 }
 
-fn dump_args(pid: i32, dir: &Path, prev: &Path) -> Vec<String> {
-    vec![
-        "dump".into(),
-        "-t".into(),
-        pid.to_string(),
-        "-D".into(),
-        dir.display().to_string(),
-        "--prev-images-dir".into(),
-        prev.display().to_string(),
-        "--leave-running".into(),
-        "--json".into(),
-    ]
-}
-
 #[test]
 fn planted_links_never_redirect_a_write() {
     // ck_files holds pipes with data (pipes/ is written) and runs on
@@ -120,7 +112,7 @@ fn planted_links_never_redirect_a_write() {
             victim.path.clone()
         };
         plant(&d.join(name), &target);
-        let run = tern(&dump_args(pid, &d, &base));
+        let run = tern(&dump_on(pid, &d, &base));
         // First what must never happen, then what the run says.
         victim.unchanged(&format!("a link named {name} in -D"));
         assert_eq!(
@@ -265,7 +257,7 @@ fn images_and_state_are_private_under_umask_022() {
         "the lock file of PID {pid} was left after the pre-dump"
     );
     let d = root.path().join("new/a/dump");
-    let mut args = dump_args(pid, &d, &p1);
+    let mut args = dump_on(pid, &d, &p1);
     args.retain(|a| a != "--json");
     tern_umask_022(&args);
     let mut all = Vec::new();

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tern_tests::ck::CkProcess;
-use tern_tests::{pre_dump, proc, spawn_tern, tempdir, tern, wait_deadline};
+use tern_tests::{pre_dump, proc, restore_detached, spawn_tern, tempdir, tern, wait_deadline};
 
 const READY: Duration = Duration::from_secs(30);
 

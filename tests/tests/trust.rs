@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tern_tests::ck::CkProcess;
-use tern_tests::{refused, tempdir, tern, workload_bin};
+use tern_tests::{
+    copy_dir, edit_json, refused, restore_detached, strip_seal, tempdir, tern, workload_bin,
+};
 
 const READY: Duration = Duration::from_secs(30);
 const USER: u32 = 1001;
@@ -42,18 +44,6 @@ fn dump(ck: &mut CkProcess, root: &Path) -> (PathBuf, PathBuf) {
     (p1, d)
 }
 
-fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
-    let mut v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
-}
-
-fn strip_seal(dir: &Path) {
-    edit_json(&dir.join(images::INVENTORY_FILE), |v| {
-        v.as_object_mut().unwrap().remove("seal");
-    });
-}
-
 fn chown_tree(dir: &Path, uid: u32) {
     std::os::unix::fs::chown(dir, Some(uid), Some(uid)).unwrap();
     for e in std::fs::read_dir(dir).unwrap().flatten() {
@@ -62,18 +52,6 @@ fn chown_tree(dir: &Path, uid: u32) {
             chown_tree(&p, uid);
         } else {
             std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
-        }
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
         }
     }
 }
