@@ -7,7 +7,6 @@
 //!   kernel would refuse (PR_SET_MM_MAP), are refused before any process
 //!   with the image's PID exists (the PID is polled all along).
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;

@@ -58,15 +58,7 @@ fn no_fsync_dumps_to_the_page_cache_and_fsync_is_reported() {
     assert_eq!(v["fsync_ms"].as_f64(), Some(0.0), "{v}");
     ck.release();
     // It restores from there (reads need no fsync).
-    let r = tern(&[
-        "restore",
-        "-D",
-        &d.display().to_string(),
-        "--detach",
-        "--json",
-    ])
-    .json();
-    assert_eq!(r["pid"].as_i64(), Some(pid as i64));
+    restore_detached(&d, pid);
     assert_eq!(ck.verdict(READY).unwrap(), "PASS");
     drop(fs);
     // On a real disk the fsync is done and timed.

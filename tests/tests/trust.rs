@@ -83,15 +83,7 @@ fn status(pid: i32, name: &str) -> String {
 
 /// Restore `dir` detached; the process must come back and pass its checks.
 fn restores(dir: &Path, ck: &mut CkProcess, what: &str) {
-    let run = tern(&[
-        "restore",
-        "-D",
-        &dir.display().to_string(),
-        "--detach",
-        "--json",
-    ]);
-    let v = run.json();
-    assert_eq!(v["pid"].as_i64(), Some(ck.pid as i64), "{what}: {v}");
+    restore_detached(dir, ck.pid);
     assert_eq!(ck.verdict(READY).unwrap(), "PASS", "{what}");
 }
 
@@ -248,15 +240,7 @@ fn capabilities_come_back_exactly_and_never_beyond_the_restoring_user() {
     );
     // The real image, restored by root: the process gets exactly its sets
     // back (not root's full ones).
-    let v = tern(&[
-        "restore",
-        "-D",
-        &d.display().to_string(),
-        "--detach",
-        "--json",
-    ])
-    .json();
-    assert_eq!(v["pid"].as_i64(), Some(pid as i64));
+    restore_detached(&d, pid);
     let after = (
         status(pid, "CapEff"),
         status(pid, "CapPrm"),
