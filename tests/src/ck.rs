@@ -59,6 +59,36 @@ pub fn report(path: &Path, line: &str) {
     }
 }
 
+static TERM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_term(_sig: libc::c_int) {
+    TERM.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Workload side: make SIGTERM (the harness's "check yourself now") set
+/// the flag [`terminated`] reads (SA_RESTART: blocking calls go on).
+pub fn catch_sigterm() -> Result<(), String> {
+    // SAFETY: installs a handler that only stores to an atomic.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_term as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut()) != 0 {
+            return Err(format!(
+                "sigaction(SIGTERM): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Workload side: whether SIGTERM arrived (see [`catch_sigterm`]).
+pub fn terminated() -> bool {
+    TERM.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Workload side: report `PASS` (exit 0) or `FAIL <what differed>` (the
 /// first 4000 bytes; exit 1).
 pub fn finish(path: &Path, fails: &[String]) -> ! {

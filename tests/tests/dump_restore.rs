@@ -17,14 +17,7 @@ const VERDICT: Duration = Duration::from_secs(30);
 
 /// `tern dump --json` (must succeed); returns its JSON.
 fn dump(pid: i32, dir: &Path, prev: Option<&Path>, extra: &[&str]) -> Value {
-    let mut args: Vec<String> = vec![
-        "dump".into(),
-        "-t".into(),
-        pid.to_string(),
-        "-D".into(),
-        dir.display().to_string(),
-        "--json".into(),
-    ];
+    let mut args = tern_tests::dump_args(pid, dir, &[]);
     if let Some(p) = prev {
         args.push("--prev-images-dir".into());
         args.push(p.display().to_string());

@@ -15,21 +15,15 @@
 //!   /proc/self/status, reports `ready`, and on SIGTERM checks them again,
 //!   and that fd 10 is still `data` with its bytes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tern_tests::ck;
 
-static TERM: AtomicBool = AtomicBool::new(false);
 const DATA_FD: i32 = 10;
 const DATA: &[u8] = b"tern ck_creds data\n";
 pub const USER: u32 = 1001;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_SYS_NICE: u32 = 23;
-
-extern "C" fn on_term(_sig: libc::c_int) {
-    TERM.store(true, Ordering::SeqCst);
-}
 
 fn die(msg: &str) -> ! {
     eprintln!("ck_creds: setup failed: {msg}");
@@ -158,16 +152,7 @@ fn main() {
         .map(String::as_str)
         .unwrap_or("user")
         .to_string();
-    // SAFETY: installs a handler that only stores to an atomic.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_term as *const () as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut()) != 0 {
-            die("sigaction(SIGTERM)");
-        }
-    }
+    ck::catch_sigterm().unwrap_or_else(|e| die(&e));
     setup(&mode).unwrap_or_else(|e| die(&e));
     let data_link = std::fs::read_link(format!("/proc/self/fd/{DATA_FD}"))
         .map(|p| p.to_string_lossy().into_owned())
@@ -179,7 +164,7 @@ fn main() {
         // SAFETY: dup2 over our own fd.
         unsafe { libc::dup2(1, DATA_FD) };
     }
-    while !TERM.load(Ordering::SeqCst) {
+    while !ck::terminated() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let fails = check(&recorded, &data_link);

@@ -46,7 +46,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tern_tests::ck;
 
@@ -63,8 +62,6 @@ const COMM: &str = "ck-files-comm";
 const UMASK: libc::mode_t = 0o027;
 const NOFILE_SOFT: u64 = 512;
 const RLIMITS: u32 = 16; // RLIM_NLIMITS (include/uapi/asm-generic/resource.h)
-
-static TERM: AtomicBool = AtomicBool::new(false);
 
 /// Known bytes for each object (`seed` tells them apart).
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -650,10 +647,6 @@ fn check(s: &Setup, rec: &Recorded) -> Vec<String> {
     fails
 }
 
-extern "C" fn on_term(_sig: libc::c_int) {
-    TERM.store(true, Ordering::SeqCst);
-}
-
 fn die(msg: &str) -> ! {
     eprintln!("ck_files: setup failed: {msg}");
     std::process::exit(3);
@@ -662,16 +655,7 @@ fn die(msg: &str) -> ! {
 fn main() {
     let out = ck::out_path();
     let brk = ck::break_requested();
-    // SAFETY: installs a handler that only stores to an atomic.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_term as *const () as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut()) != 0 {
-            die("sigaction(SIGTERM)");
-        }
-    }
+    ck::catch_sigterm().unwrap_or_else(|e| die(&e));
     let s = setup().unwrap_or_else(|e| die(&e));
     let rec = Recorded {
         fds: fd_table().unwrap_or_else(|e| die(&e)),
@@ -702,7 +686,7 @@ fn main() {
         // SAFETY: lseek on our fd.
         unsafe { libc::lseek(s.data, 0, libc::SEEK_SET) };
     }
-    while !TERM.load(Ordering::SeqCst) {
+    while !ck::terminated() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let fails = check(&s, &rec);

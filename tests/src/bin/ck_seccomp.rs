@@ -163,7 +163,6 @@ static SLOTS: [Slot; 5] = [const {
     }
 }; 5];
 
-static TERM: AtomicBool = AtomicBool::new(false);
 static CHECK: AtomicBool = AtomicBool::new(false);
 static READY: AtomicBool = AtomicBool::new(false);
 static BREAK_NOW: AtomicBool = AtomicBool::new(false);
@@ -495,10 +494,6 @@ fn worker(idx: usize, barrier: Option<&Barrier>) {
     }
 }
 
-extern "C" fn on_term(_sig: libc::c_int) {
-    TERM.store(true, Ordering::SeqCst);
-}
-
 fn die(msg: &str) -> ! {
     eprintln!("ck_seccomp: setup failed: {msg}");
     std::process::exit(3);
@@ -561,16 +556,7 @@ fn main() {
     if unsafe { libc::geteuid() } != 0 {
         die("must be started as root (it drops to uid 1000 itself)");
     }
-    // SAFETY: installs a handler that only stores to an atomic.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_term as *const () as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut()) != 0 {
-            die("sigaction(SIGTERM)");
-        }
-    }
+    ck::catch_sigterm().unwrap_or_else(|e| die(&e));
     if let Err(e) = precreate(&out) {
         die(&e);
     }
@@ -651,7 +637,7 @@ fn main() {
         BREAK_NOW.store(true, Ordering::SeqCst);
     }
 
-    while !TERM.load(Ordering::SeqCst) {
+    while !ck::terminated() {
         run_round(MAIN);
         nap(2);
     }

@@ -113,7 +113,6 @@ static SLOTS: [Slot; THREADS] = [const {
     }
 }; THREADS];
 
-static TERM: AtomicBool = AtomicBool::new(false);
 static CHECK: AtomicBool = AtomicBool::new(false);
 static READY: AtomicBool = AtomicBool::new(false);
 static CHECKED: AtomicUsize = AtomicUsize::new(0);
@@ -486,7 +485,7 @@ fn thread_main(idx: usize) {
         last: [i128::MIN; MONO.len()],
     };
     loop {
-        if idx == 0 && TERM.load(Ordering::SeqCst) {
+        if idx == 0 && ck::terminated() {
             CHECK.store(true, Ordering::SeqCst);
         }
         if CHECK.load(Ordering::SeqCst) {
@@ -516,10 +515,6 @@ fn thread_main(idx: usize) {
     }
 }
 
-extern "C" fn on_term(_sig: libc::c_int) {
-    TERM.store(true, Ordering::SeqCst);
-}
-
 fn die(msg: &str) -> ! {
     eprintln!("ck_vdso: setup failed: {msg}");
     std::process::exit(3);
@@ -546,16 +541,7 @@ fn damage(recorded: &mut Layout) -> String {
 fn main() {
     let out = ck::out_path();
     let brk = ck::break_requested();
-    // SAFETY: installs a handler that only stores to an atomic.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_term as *const () as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut()) != 0 {
-            die("sigaction(SIGTERM)");
-        }
-    }
+    ck::catch_sigterm().unwrap_or_else(|e| die(&e));
     let mut recorded = layout().unwrap_or_else(|e| die(&e));
     if recorded.vdso.0 == 0 || recorded.vvar.0 == 0 {
         die(&format!(
