@@ -39,7 +39,7 @@ pub mod process;
 
 pub use format::*;
 pub use fsdir::{ImageDir, Provenance, ProvenanceKind, sync_image};
-pub use pagemap::{PageEntry, PageKind, PageMap, decode_blob};
+pub use pagemap::{PageEntry, PageKind, PageMap, check_crc, decode_blob, decode_blob_into};
 pub use seal::{SealKey, SealStatus};
 pub use writer::{ImageWriter, MAX_BLOB_PAGES, WriteStats, discard_unfinished, trim_pages_file};
 

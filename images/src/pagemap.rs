@@ -277,30 +277,69 @@ pub(crate) fn read_entry_data_from(
 /// Check a blob's CRC and decompress it: exactly `nr_pages * PAGE_SIZE`
 /// bytes.
 pub fn decode_blob(path: &Path, e: &PageEntry, stored: Vec<u8>) -> Result<Vec<u8>, ImageError> {
-    if crc32fast::hash(&stored) != e.crc {
+    check_crc(path, e, &stored)?;
+    if e.codec == CODEC_RAW {
+        let want = e.nr_pages as usize * PAGE_SIZE as usize;
+        if stored.len() != want {
+            return Err(ImageError::corrupt(
+                path,
+                format!(
+                    "pages at {:#x}: {} bytes of data for {} pages",
+                    e.start,
+                    stored.len(),
+                    e.nr_pages
+                ),
+            ));
+        }
+        return Ok(stored);
+    }
+    let mut out = Vec::new();
+    decode_blob_into(path, e, &stored, &mut out)?;
+    Ok(out)
+}
+
+/// The CRC of a blob's stored bytes is the one its entry recorded.
+pub fn check_crc(path: &Path, e: &PageEntry, stored: &[u8]) -> Result<(), ImageError> {
+    if crc32fast::hash(stored) != e.crc {
         return Err(ImageError::corrupt(
             path,
             format!("checksum mismatch in the data of pages at {:#x}", e.start),
         ));
     }
+    Ok(())
+}
+
+/// Decode a blob's stored bytes (CRC checked already) into `out`, which is
+/// resized to exactly `nr_pages * PAGE_SIZE` bytes (a buffer reused from
+/// blob to blob touches no fresh memory).
+pub fn decode_blob_into(
+    path: &Path,
+    e: &PageEntry,
+    stored: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), ImageError> {
     let want = e.nr_pages as usize * PAGE_SIZE as usize;
-    let data = match e.codec {
-        CODEC_RAW => stored,
-        CODEC_LZ4 => lz4_flex::block::decompress(&stored, want).map_err(|err| {
+    out.resize(want, 0);
+    let got = match e.codec {
+        CODEC_RAW => {
+            if stored.len() == want {
+                out.copy_from_slice(stored);
+            }
+            stored.len()
+        }
+        CODEC_LZ4 => lz4_flex::block::decompress_into(stored, out).map_err(|err| {
             ImageError::corrupt(path, format!("pages at {:#x}: lz4: {err}", e.start))
         })?,
         c => return Err(ImageError::corrupt(path, format!("unknown codec {c}"))),
     };
-    if data.len() != want {
+    if got != want {
         return Err(ImageError::corrupt(
             path,
             format!(
-                "pages at {:#x}: {} bytes of data for {} pages",
-                e.start,
-                data.len(),
-                e.nr_pages
+                "pages at {:#x}: {got} bytes of data for {} pages",
+                e.start, e.nr_pages
             ),
         ));
     }
-    Ok(data)
+    Ok(())
 }

@@ -8,7 +8,6 @@
 use images::{Image, ImageError, PAGE_SIZE, PageEntry, PageKind, PageRange, VmaRecord};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Longest chain followed: guards against a parent loop built by hand.
 const MAX_CHAIN: usize = 4096;
@@ -73,10 +72,13 @@ pub struct ChainImageSummary {
 }
 
 /// Page data read and checked ahead (see [`ImageChain::verify_pages`]):
-/// decoded blobs by (image, entry start), up to a memory budget.
+/// the stored bytes of blobs (compressed as they are on disk), by (image,
+/// entry start), up to a memory budget. Kept as read, not decoded: decoded
+/// blobs would be fresh memory the kernel must zero page by page, which
+/// costs more than decoding them again into one reused buffer.
 #[derive(Default)]
 pub struct BlobCache {
-    blobs: HashMap<(usize, u64), Arc<Vec<u8>>>,
+    blobs: HashMap<(usize, u64), Vec<u8>>,
     /// Blobs checked but not kept (over the budget): read again when used.
     pub dropped: u64,
     /// Bytes kept.
@@ -86,8 +88,8 @@ pub struct BlobCache {
 }
 
 impl BlobCache {
-    fn get(&self, image: usize, entry: &PageEntry) -> Option<Arc<Vec<u8>>> {
-        self.blobs.get(&(image, entry.start)).cloned()
+    fn get(&self, image: usize, entry: &PageEntry) -> Option<&[u8]> {
+        self.blobs.get(&(image, entry.start)).map(Vec::as_slice)
     }
 }
 
@@ -243,17 +245,22 @@ impl ImageChain {
     pub fn verify_pages(&self, budget: u64) -> Result<BlobCache, ChainError> {
         let mut cache = BlobCache::default();
         let mut seen: HashSet<(usize, u64)> = HashSet::new();
+        let mut scratch = Vec::new();
         for v in self.vmas().iter().filter(|v| v.dumped) {
             let mut addr = v.start;
             while addr < v.end {
                 match self.source(addr) {
                     PageSource::Data { image, entry } => {
                         if seen.insert((image, entry.start)) {
-                            let data = self.images[image].read_entry(&entry)?;
+                            let img = &self.images[image];
+                            let path = img.dir.join(images::PAGES_FILE);
+                            let stored = img.read_stored(&entry)?;
+                            images::check_crc(&path, &entry, &stored)?;
+                            images::decode_blob_into(&path, &entry, &stored, &mut scratch)?;
                             cache.checked += 1;
-                            if cache.kept_bytes + data.len() as u64 <= budget {
-                                cache.kept_bytes += data.len() as u64;
-                                cache.blobs.insert((image, entry.start), Arc::new(data));
+                            if cache.kept_bytes + stored.len() as u64 <= budget {
+                                cache.kept_bytes += stored.len() as u64;
+                                cache.blobs.insert((image, entry.start), stored);
                             } else {
                                 cache.dropped += 1;
                             }
@@ -289,8 +296,10 @@ impl ImageChain {
     ) -> Result<Vec<u8>, ChainError> {
         assert!(range.start >= vma.start && range.end <= vma.end);
         let mut out = vec![0u8; range.len() as usize];
-        // The last decoded blob: consecutive pages usually share it.
-        let mut cached: Option<(usize, u64, Arc<Vec<u8>>)> = None;
+        // The last decoded blob (consecutive pages usually share it), in a
+        // buffer reused from blob to blob.
+        let mut cached: Option<(usize, u64)> = None;
+        let mut blob: Vec<u8> = Vec::new();
         let mut backing: Option<std::fs::File> = None;
         let mut addr = range.start;
         while addr < range.end {
@@ -298,16 +307,20 @@ impl ImageChain {
             let page = &mut out[off..off + PAGE_SIZE as usize];
             match self.source(addr) {
                 PageSource::Data { image, entry } => {
-                    let hit =
-                        matches!(&cached, Some((i, s, _)) if *i == image && *s == entry.start);
-                    if !hit {
-                        let blob = match cache.get(image, &entry) {
-                            Some(b) => b,
-                            None => Arc::new(self.images[image].read_entry(&entry)?),
-                        };
-                        cached = Some((image, entry.start, blob));
+                    if cached != Some((image, entry.start)) {
+                        let img = &self.images[image];
+                        match cache.get(image, &entry) {
+                            // Checked when it was read (and in our memory since).
+                            Some(stored) => images::decode_blob_into(
+                                &img.dir.join(images::PAGES_FILE),
+                                &entry,
+                                stored,
+                                &mut blob,
+                            )?,
+                            None => blob = img.read_entry(&entry)?,
+                        }
+                        cached = Some((image, entry.start));
                     }
-                    let blob = &cached.as_ref().expect("just set").2;
                     let o = (addr - entry.start) as usize;
                     page.copy_from_slice(&blob[o..o + PAGE_SIZE as usize]);
                 }

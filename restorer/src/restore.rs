@@ -126,7 +126,15 @@ fn bad(dir: &Path, what: impl Into<String>) -> RestoreError {
 
 /// Step 1: read and check everything.
 fn plan(dir: &Path) -> Result<Plan, RestoreError> {
+    let t0 = Instant::now();
+    let lap = |what: &str| {
+        tracing::debug!(
+            "restore plan: {what} at {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1e3
+        )
+    };
     let chain = ImageChain::open(dir)?;
+    lap("chain opened");
     let newest = chain.newest();
     let process = newest.process.clone().ok_or_else(|| {
         bad(
@@ -256,8 +264,10 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
             return Err(RestoreError::PidTaken { pid: t.tid, by });
         }
     }
+    lap("checked");
     // Last (the costliest): every page blob the process will get.
     let blobs = chain.verify_pages(blob_budget())?;
+    lap("page blobs checked");
     tracing::debug!(
         checked = blobs.checked,
         kept_bytes = blobs.kept_bytes,
@@ -273,9 +283,10 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
     })
 }
 
-/// How much checked page data a restore keeps in memory for the fill:
-/// a quarter of what the machine has available, at most 8 GiB. Blobs past
-/// it are checked, dropped, and read (and checked) again for the fill.
+/// How much checked page data (as stored, compressed) a restore keeps in
+/// memory for the fill: a quarter of what the machine has available, at
+/// most 8 GiB. Blobs past it are checked, dropped, and read (and checked)
+/// again for the fill.
 fn blob_budget() -> u64 {
     let avail = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -647,7 +658,13 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     }
 
     // Address space.
+    let t = Instant::now();
     let pages = address_space(plan, &mut main, pid, scratch_at)?;
+    tracing::debug!(
+        pid,
+        "restore: address space and memory in {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
 
     // Process-wide state.
     process_state(plan, &mut main, pid)?;
