@@ -72,10 +72,12 @@ pub struct ChainImageSummary {
 }
 
 /// Page data read and checked ahead (see [`ImageChain::verify_pages`]):
-/// the stored bytes of blobs (compressed as they are on disk), by (image,
-/// entry start), up to a memory budget. Kept as read, not decoded: decoded
-/// blobs would be fresh memory the kernel must zero page by page, which
-/// costs more than decoding them again into one reused buffer.
+/// the stored bytes of compressed blobs, by (image, entry start), up to a
+/// memory budget. Kept as read, not decoded: decoded blobs would be fresh
+/// memory the kernel must zero page by page, which costs more than decoding
+/// them again into one reused buffer; for the same reason an uncompressed
+/// blob is not kept but read again (and its CRC checked again) for the
+/// fill, from the page cache.
 #[derive(Default)]
 pub struct BlobCache {
     blobs: HashMap<(usize, u64), Vec<u8>>,
@@ -258,7 +260,13 @@ impl ImageChain {
                             images::check_crc(&path, &entry, &stored)?;
                             images::decode_blob_into(&path, &entry, &stored, &mut scratch)?;
                             cache.checked += 1;
-                            if cache.kept_bytes + stored.len() as u64 <= budget {
+                            // Kept only if compressed: keeping an
+                            // uncompressed blob costs as much fresh memory
+                            // as it holds (zeroed by the kernel page by
+                            // page, then copied out again), more than
+                            // reading it again from the page cache.
+                            let compressed = stored.len() < scratch.len();
+                            if compressed && cache.kept_bytes + stored.len() as u64 <= budget {
                                 cache.kept_bytes += stored.len() as u64;
                                 cache.blobs.insert((image, entry.start), stored);
                             } else {
