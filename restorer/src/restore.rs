@@ -1,7 +1,7 @@
 //! Eager restore (`tern restore`): recreate a dumped process from its image
 //! chain — same PID and TIDs, address space, memory, threads, registers,
 //! signals, rseq, files, limits, credentials, seccomp — driven from outside
-//! with ptrace, the way DESIGN.md suggests:
+//! with ptrace (no restorer blob runs in the process):
 //!
 //! 1. Everything is read and checked first (chain, seal, who could have
 //!    written it and what it may ask for, process state, pipe data, every
