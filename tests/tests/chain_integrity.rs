@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tern_tests::ck::CkProcess;
-use tern_tests::{copy_dir, edit_json, pre_dump, refused, restore_detached, tempdir, tern};
+use tern_tests::{
+    copy_dir, dump_args, edit_json, pre_dump, refused, restore_detached, tempdir, tern,
+};
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -34,18 +36,12 @@ impl Chain {
             std::thread::sleep(Duration::from_millis(30));
         }
         let d = root.path().join("good/dump");
-        tern(&[
-            "dump",
-            "-t",
-            &ck.pid.to_string(),
-            "-D",
-            &d.display().to_string(),
-            "--prev-images-dir",
-            &prev.unwrap().display().to_string(),
-            "--live-rounds",
-            "0",
-            "--json",
-        ])
+        let prev = prev.unwrap().display().to_string();
+        tern(&dump_args(
+            ck.pid,
+            &d,
+            &["--prev-images-dir", &prev, "--live-rounds", "0"],
+        ))
         .json();
         ck.release();
         Chain {

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tern_tests::ck::CkProcess;
-use tern_tests::{pre_dump, proc, restore_detached, spawn_tern, tempdir, tern, wait_deadline};
+use tern_tests::{
+    dump_args, pre_dump, proc, restore_detached, spawn_tern, tempdir, tern, wait_deadline,
+};
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -45,17 +47,8 @@ fn tern_killed_at_random_moments_of_a_restore_leaves_nothing_or_everything() {
     let p1 = root.path().join("p1");
     pre_dump(pid, &p1, None, &[]);
     let d = root.path().join("dump");
-    tern(&[
-        "dump",
-        "-t",
-        &pid.to_string(),
-        "-D",
-        &d.display().to_string(),
-        "--prev-images-dir",
-        &p1.display().to_string(),
-        "--json",
-    ])
-    .json();
+    let p1s = p1.display().to_string();
+    tern(&dump_args(pid, &d, &["--prev-images-dir", &p1s])).json();
     ck.release();
     // One whole restore, to time it.
     let t = Instant::now();

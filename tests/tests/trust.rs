@@ -12,7 +12,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tern_tests::ck::CkProcess;
 use tern_tests::{
-    copy_dir, edit_json, refused, restore_detached, strip_seal, tempdir, tern, workload_bin,
+    copy_dir, dump_args, edit_json, refused, restore_detached, strip_seal, tempdir, tern,
+    workload_bin,
 };
 
 const READY: Duration = Duration::from_secs(30);
@@ -29,17 +30,8 @@ fn dump(ck: &mut CkProcess, root: &Path) -> (PathBuf, PathBuf) {
     let p1 = root.join("p1");
     tern_tests::pre_dump(ck.pid, &p1, None, &[]);
     let d = root.join("dump");
-    let run = tern(&[
-        "dump",
-        "-t",
-        &ck.pid.to_string(),
-        "-D",
-        &d.display().to_string(),
-        "--prev-images-dir",
-        &p1.display().to_string(),
-        "--json",
-    ]);
-    run.json();
+    let p1s = p1.display().to_string();
+    tern(&dump_args(ck.pid, &d, &["--prev-images-dir", &p1s])).json();
     ck.release();
     (p1, d)
 }
