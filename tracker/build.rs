@@ -19,7 +19,7 @@ use std::{
 
 const SETUP_HINT: &str = "run `cargo xtask setup` (it runs `rustup component add rust-src \
      --toolchain nightly` and installs bpf-linker built against the nightly's LLVM: see \
-     DESIGN.md, Toolchain), or set TERN_SKIP_EBPF_BUILD=1 to build without the eBPF dirty stream";
+     the README, `cargo xtask setup`), or set TERN_SKIP_EBPF_BUILD=1 to build without the eBPF dirty stream";
 
 fn fail(what: &str) -> ! {
     eprintln!("error: cannot build the eBPF programs (tracker-ebpf): {what}");

@@ -386,7 +386,7 @@ pub fn tern_with_timeout<S: AsRef<str>>(args: &[S], timeout: Duration) -> TernRu
     let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
     let Some(status) = status else {
         panic!(
-            "`tern {}` did not finish within {timeout:?} (killed; DESIGN invariant 4: never hang)\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}",
+            "`tern {}` did not finish within {timeout:?} (killed; README invariant 4: never hang)\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}",
             args.join(" ")
         );
     };

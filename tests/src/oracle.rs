@@ -1,5 +1,5 @@
 //! The memory oracle: the image chain, reassembled, must equal the target's
-//! memory read while it is stopped (DESIGN.md invariant 3), and the chain's
+//! memory read while it is stopped (README, Invariants, 3), and the chain's
 //! VMA list must match /proc/PID/maps.
 
 use crate::proc::{self, IGNORED_NAMES, MapEntry};

@@ -50,7 +50,8 @@ fn check_json_is_truthful_here() {
             "features.{name} is not a boolean: {v}"
         );
     }
-    // Measured on this machine (DESIGN.md, "Kernel facts").
+    // What this machine's kernel (6.18, x86_64) has: README, "Kernels and
+    // architectures".
     assert_eq!(
         f["soft_dirty"], false,
         "soft-dirty is not compiled in here: {v}"
@@ -71,7 +72,7 @@ fn check_json_is_truthful_here() {
     ] {
         assert_eq!(
             f[name], true,
-            "{name} was verified on this machine (DESIGN.md): {v}"
+            "{name} works on this machine's kernel (README, Kernels and architectures): {v}"
         );
     }
     assert_eq!(v["backend"], "uffd-wp", "{v}");

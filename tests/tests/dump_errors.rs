@@ -1,5 +1,5 @@
-//! Never lose the process, and bad input changes nothing (DESIGN.md
-//! invariants 1 and 5) for `tern dump` and `tern restore`:
+//! Never lose the process, and bad input changes nothing (README,
+//! Invariants, 1 and 5) for `tern dump` and `tern restore`:
 //! - `dump --leave-running` leaves the target exactly as before;
 //! - tern SIGKILLed at any moment of a dump leaves it running, untraced,
 //!   with its maps and fds as before, unless the dump had already completed

@@ -1,4 +1,4 @@
-//! DESIGN.md invariants 1, 4 and 5 on real processes: tern SIGKILLed at
+//! Invariants 1, 4 and 5 (README) on real processes: tern SIGKILLed at
 //! random moments of a pre-dump or a track leaves the target running
 //! correctly and untraced, with only the documented state (one scratch page,
 //! one userfaultfd fd) left, which the next tern reuses and `tern untrack`

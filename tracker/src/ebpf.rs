@@ -8,8 +8,8 @@
 //!   `madvise`, with their arguments and result — `syscalls:sys_{enter,exit}_*`;
 //! - its thread creations and exits — `task:task_newtask`, `sched:sched_process_exit`.
 //!
-//! It is an accelerator and a telemetry source, not the truth (DESIGN.md,
-//! invariant 2): a fault shows only the *first* write to a page that is not
+//! It is an accelerator and a telemetry source, not the truth (README,
+//! Invariants, 2): a fault shows only the *first* write to a page that is not
 //! writable at that moment (not present, COW, write-protected by uffd-WP or
 //! soft-dirty clearing); writes through an already writable PTE and writes that
 //! fault nowhere (GUP, `process_vm_writev`, io_uring, O_DIRECT) do not appear,

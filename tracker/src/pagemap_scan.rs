@@ -98,7 +98,8 @@ pub struct ScanQuery {
 impl ScanQuery {
     /// Pages written since they were last protected; protect them again in
     /// the same call. The plain `PAGE_IS_WRITTEN` anyof mask keeps the kernel
-    /// on its exact path (see DESIGN.md on commit 07b4377bdbe7).
+    /// on its exact path (kernel commit 07b4377bdbe7 fixed unpopulated PTEs reported as
+    /// clean on the other paths).
     pub const WRITTEN_AND_REPROTECT: ScanQuery = ScanQuery {
         flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
         category_inverted: 0,

@@ -1,5 +1,5 @@
 //! The eBPF dirty stream against real child processes. Needs root and a
-//! kernel with the tracepoints (see DESIGN.md); these tests FAIL, never skip,
+//! kernel with the tracepoints (`tern check`: ebpf_tracepoints); these tests FAIL, never skip,
 //! when eBPF is unavailable.
 //!
 //! Children are forked from the (multi-threaded) test harness, so they only

@@ -98,8 +98,8 @@ impl Setup {
         .context("tracker-ebpf needs the nightly rust-src (it builds core for bpfel-unknown-none)")
     }
 
-    /// bpf-linker must link the nightly toolchain's own LLVM (DESIGN.md,
-    /// "Toolchain"). It is built with `LLVM_PREFIX=P` where `P/lib` holds a
+    /// bpf-linker must link the nightly toolchain's own LLVM (the README's setup
+    /// list). It is built with `LLVM_PREFIX=P` where `P/lib` holds a
     /// `libLLVM.so` symlink to the nightly's library, and it then finds the
     /// library at run time through its RUNPATH `P/lib`, by its soname: so `P/lib`
     /// also gets a symlink under the soname.
