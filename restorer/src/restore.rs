@@ -115,6 +115,8 @@ struct Plan {
     writer: trust::Writer,
     /// Every page blob, checked; most of them kept.
     blobs: BlobCache,
+    /// The credentials of this tern (the child starts with them).
+    restorer: trust::Restorer,
 }
 
 fn bad(dir: &Path, what: impl Into<String>) -> RestoreError {
@@ -142,6 +144,8 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
             "this is a pre-dump image (memory only); restore needs the final image of `tern dump`",
         )
     })?;
+    // Who runs this restore (tern's own credentials, read once).
+    let restorer = trust::Restorer::current().map_err(|e| bad(dir, e))?;
     // An image altered after tern wrote it here is refused, whoever owns it.
     let key = images::SealKey::host();
     for img in &chain.images {
@@ -159,8 +163,7 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
                     .collect(),
                 because: img.dir.clone(),
             };
-            let detail = trust::Restorer::current()
-                .and_then(|r| trust::check_creds(&process, &as_user, &r))
+            let detail = trust::check_creds(&process, &as_user, &restorer)
                 .and_then(|_| trust::check_access(&process, chain.vmas()))
                 .err()
                 .map(|e| format!(" (as it stands: {e})"))
@@ -171,11 +174,12 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
             });
         }
     }
-    let writer =
-        trust::chain_verdict(&chain, &process, dir).map_err(|why| RestoreError::Refused {
+    let writer = trust::chain_verdict(&chain, &process, &restorer, dir).map_err(|why| {
+        RestoreError::Refused {
             dir: dir.to_path_buf(),
             why,
-        })?;
+        }
+    })?;
     for (what, path) in [
         ("working directory", &process.cwd),
         ("root directory", &process.root),
@@ -280,6 +284,7 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
         pipe_data,
         writer,
         blobs,
+        restorer,
     })
 }
 
@@ -1490,12 +1495,11 @@ fn creds(
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(40);
     // What the child has now: tern's own sets (it was forked from tern).
-    let tern = trust::Restorer::current()
-        .map_err(|e| step::<String>(pid, "reading tern's credentials")(e))?;
-    creds_in(c, &tern, last_cap, main, pid)?;
+    let tern = &plan.restorer;
+    creds_in(c, tern, last_cap, main, pid)?;
     for (_, inj) in others.iter_mut() {
         inj.ensure_scratch(Some(scratch))?;
-        creds_in(c, &tern, last_cap, inj, pid)?;
+        creds_in(c, tern, last_cap, inj, pid)?;
         inj.release_scratch()?;
     }
     // A uid change made the process non-dumpable: put back what it was.

@@ -441,11 +441,11 @@ fn as_user_thread(c: &Creds, items: &[(String, String, i32)]) -> Result<(), Stri
 pub fn chain_verdict(
     chain: &ImageChain,
     process: &ProcessImage,
+    restorer: &Restorer,
     dir: &Path,
 ) -> Result<Writer, String> {
     let writer = chain_writer(chain)?;
-    let restorer = Restorer::current()?;
-    check_creds(process, &writer, &restorer)?;
+    check_creds(process, &writer, restorer)?;
     if matches!(writer, Writer::User { .. }) {
         check_access(process, chain.vmas())?;
     }
