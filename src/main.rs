@@ -26,8 +26,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Probe the kernel features tern relies on and say which backend `auto` picks.
+    /// Probe the kernel features tern relies on and say which backend `auto`
+    /// picks; with `-t PID`, also whether that process could be dumped and
+    /// restored (exit 1 if not, listing what tern cannot restore).
     Check {
+        /// A process to judge.
+        #[arg(short = 't', long = "tree")]
+        pid: Option<i32>,
         #[arg(long)]
         json: bool,
     },
@@ -319,7 +324,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Check { .. } | Cmd::Show { .. } => {}
     }
     match cmd {
-        Cmd::Check { json } => check(json),
+        Cmd::Check { pid, json } => check(pid, json),
         Cmd::PreDump {
             pid,
             dir,
@@ -418,10 +423,38 @@ fn run(cmd: Cmd) -> Result<()> {
     }
 }
 
-fn check(json: bool) -> Result<()> {
+fn check(pid: Option<i32>, json: bool) -> Result<()> {
     let p = tracker::check::Probes::all();
     let backend = p.best_backend().name();
     let kernel = tracker::check::kernel_release();
+    if let Some(pid) = pid {
+        let fail = |e| failed("check", Some(pid), None, e);
+        tracker::session::check_target(pid).map_err(fail)?;
+        let refusals = tracker::restorable::refusals(pid)
+            .map_err(tracker::session::TrackerError::from)
+            .map_err(fail)?;
+        let restorable = refusals.is_empty();
+        if json {
+            print_json(&serde_json::json!({
+                "pid": pid,
+                "restorable": restorable,
+                "refusals": refusals,
+                "kernel": kernel,
+                "arch": std::env::consts::ARCH,
+                "backend": backend,
+            }));
+        } else if restorable {
+            println!("PID {pid} can be dumped and restored (tracking backend {backend})");
+        } else {
+            println!("{}", tracker::restorable::describe(pid, &refusals));
+        }
+        if !restorable {
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     if json {
         let features: serde_json::Map<String, serde_json::Value> = p
             .as_pairs()
@@ -465,6 +498,11 @@ fn pre_dump(
     // Check the cheap things before touching the target.
     if let Some(p) = prev {
         images::Inventory::load(p).with_context(|| format!("--prev-images-dir {}", p.display()))?;
+    }
+    // The first pre-dump tells early what the final dump would refuse.
+    if prev.is_none() {
+        tracker::session::check_target(pid).map_err(fail)?;
+        tracker::restorable::ensure(pid).map_err(fail)?;
     }
     let new_dir = NewImageDir::prepare(dir)?;
     let opts = SessionOptions {

@@ -193,6 +193,10 @@ pub fn dump(
     verifier: Option<Verifier>,
 ) -> Result<DumpReport, DumpError> {
     let t0 = Instant::now();
+    // A dump kills its target: one the restore could not bring back is
+    // refused now, while it runs untouched (and again once frozen).
+    crate::session::check_target(pid)?;
+    crate::restorable::ensure(pid)?;
     // Without a parent every page is copied: no tracking to set up.
     let track = if parent.is_some() {
         opts.track
@@ -397,6 +401,18 @@ fn capture(
         f64,
     );
     let res = (|| -> Result<Captured, DumpError> {
+        // What it holds may have changed since the check before the
+        // freeze: the frozen process is the one the image must bring back.
+        let refused = crate::restorable::refusals_with(pid, Some(&flags_before))
+            .map_err(TrackerError::from)?;
+        if !refused.is_empty() {
+            return Err(TrackerError::NotRestorable {
+                pid,
+                refusals: refused,
+            }
+            .into());
+        }
+        lap("restorability checked");
         // The scratch area first (reused from the pre-dumps when there is
         // one): the VMA list read next must not change under the capture.
         let mut known = Injector::find_scratch(pid)?.first().copied();
@@ -466,7 +482,13 @@ fn capture(
         for h in &set.holes {
             writer.add_hole(*h);
         }
-        let mut records: Vec<images::VmaRecord> = vmas.iter().map(|v| v.record()).collect();
+        // tern's scratch area is not the target's: the restored process
+        // must not get one.
+        let mut records: Vec<images::VmaRecord> = vmas
+            .iter()
+            .filter(|v| v.name.as_deref() != Some(crate::maps::SCRATCH_NAME))
+            .map(|v| v.record())
+            .collect();
         let mut flags = flags_before.clone();
         if records
             .iter()

@@ -18,5 +18,6 @@ pub mod freeze;
 pub use sys::inject;
 pub mod maps;
 pub mod pagemap_scan;
+pub mod restorable;
 pub mod session;
 pub mod uffd;

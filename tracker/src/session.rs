@@ -69,6 +69,13 @@ pub enum TrackerError {
     KernelThread { pid: i32, comm: String },
     #[error("PID {pid} is this tern itself; give the PID of the process to checkpoint")]
     OwnProcess { pid: i32 },
+    #[error(transparent)]
+    Restorable(#[from] crate::restorable::RestorableError),
+    #[error("{}", crate::restorable::describe(*pid, refusals))]
+    NotRestorable {
+        pid: i32,
+        refusals: Vec<crate::restorable::Refusal>,
+    },
 }
 
 /// Options of a session.

@@ -1,0 +1,423 @@
+//! Could this process be dumped and brought back? The list of what a process
+//! holds that `tern restore` cannot recreate (or would recreate wrong), read
+//! from /proc before anything is frozen.
+//!
+//! `tern dump` and a first `tern pre-dump` refuse a process for which this
+//! list is not empty, naming each item, and leave it running untouched: a
+//! dump kills its target, so a dump the restore cannot bring back would lose
+//! the process. The final dump reads the list again once the process is
+//! frozen (what it holds may have changed meanwhile) and thaws it on a
+//! refusal. `tern check -t PID` prints the same list.
+//!
+//! Kinds refused, and why:
+//! - fds: sockets, every anonymous-inode fd (eventfd, epoll, signalfd,
+//!   timerfd, inotify, fanotify, pidfd, userfaultfd, io_uring, ...),
+//!   namespace and other pseudo-file fds, deleted files and memfds (their
+//!   contents are not in the image), devices other than the stateless ones
+//!   (`/dev/null`, `zero`, `full`, `random`, `urandom`) and terminals, a pty
+//!   master (reopening `/dev/ptmx` makes a new pty), files with locks held
+//!   through them (locks are not re-taken);
+//! - mappings: SysV shared memory, memfd and deleted files, device and I/O
+//!   mappings, hugetlbfs, AIO rings, `memfd_secret`, shadow stacks, MTE;
+//! - POSIX timers (`timer_create`), child processes (live or zombie: a
+//!   restore recreates one process), a deleted cwd, root or executable,
+//!   namespaces other than tern's (the restored process would land in
+//!   tern's), and a thread-group leader that has exited while other
+//!   threads run.
+
+use serde::Serialize;
+use sys::fds::{FdInfo, FdKind};
+
+/// One thing a process holds that tern cannot restore.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Refusal {
+    /// `socket`, `eventfd`, `eventpoll`, `posix_timer`, `child`, ...
+    pub kind: String,
+    /// `fd 4`, `0x7f..-0x7f..`, `timer 0`, `child 1234`, `cwd`, `ns/net`.
+    #[serde(rename = "where")]
+    pub at: String,
+    /// What it is and why tern refuses it.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.at, self.kind, self.reason)
+    }
+}
+
+fn refusal(kind: &str, at: impl Into<String>, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        kind: kind.into(),
+        at: at.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestorableError {
+    #[error("no process with PID {pid} (it exited, or never existed); check the PID")]
+    NoProcess { pid: i32 },
+    #[error("PID {pid}: reading {path}: {source}")]
+    Read {
+        pid: i32,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Fds(#[from] sys::fds::FdsError),
+}
+
+/// `VmFlags` by VMA, as [`crate::maps::vm_flags`] reads them.
+pub type VmFlagsByVma = std::collections::BTreeMap<(u64, u64), Vec<String>>;
+
+/// Refusals of `pid`, in a stable order (process-wide, fds, mappings).
+pub fn refusals(pid: i32) -> Result<Vec<Refusal>, RestorableError> {
+    refusals_with(pid, None)
+}
+
+/// [`refusals`] with the VmFlags already read (a frozen process: smaps is
+/// slow to read); mappings missing from them are judged by name only.
+pub fn refusals_with(
+    pid: i32,
+    flags: Option<&VmFlagsByVma>,
+) -> Result<Vec<Refusal>, RestorableError> {
+    let read = |path: String| {
+        std::fs::read_to_string(&path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                RestorableError::NoProcess { pid }
+            } else {
+                RestorableError::Read { pid, path, source }
+            }
+        })
+    };
+    let mut out = Vec::new();
+    let status = read(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+            .unwrap_or("")
+    };
+    let threads: u64 = field("Threads").parse().unwrap_or(1);
+    if field("State").starts_with('Z') {
+        if threads > 1 {
+            out.push(refusal(
+                "zombie_leader",
+                format!("thread {pid}"),
+                format!(
+                    "the thread-group leader has exited while {} other threads run; tern restores a process from its leader",
+                    threads - 1
+                ),
+            ));
+        }
+        // A zombie (leader) has no fds or mappings left to read.
+        return Ok(out);
+    }
+    process_wide(pid, &mut out);
+    for f in sys::fds::fd_table(pid)? {
+        if let Some(r) = fd_refusal(pid, &f) {
+            out.push(r);
+        }
+    }
+    mappings(pid, flags, &mut out);
+    Ok(out)
+}
+
+/// Children, POSIX timers, cwd/root/exe, namespaces.
+fn process_wide(pid: i32, out: &mut Vec<Refusal>) {
+    // Children of every thread (CONFIG_PROC_CHILDREN), else a scan of /proc.
+    let mut children: Vec<i32> = Vec::new();
+    let mut have_children_files = false;
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in rd.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                have_children_files = true;
+                children.extend(s.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+            }
+        }
+    }
+    if !have_children_files && let Ok(all) = procfs::process::all_processes() {
+        for p in all.flatten() {
+            if p.stat().is_ok_and(|s| s.ppid == pid) {
+                children.push(p.pid);
+            }
+        }
+    }
+    children.sort_unstable();
+    children.dedup();
+    for c in children {
+        let stat = procfs::process::Process::new(c).and_then(|p| p.stat());
+        let (comm, zombie) = stat
+            .map(|s| (s.comm, s.state == 'Z'))
+            .unwrap_or_else(|_| ("?".into(), false));
+        out.push(refusal(
+            "child",
+            format!("child {c}"),
+            format!(
+                "{} child process {c} ({comm}): tern restores one process, not a tree; a dump would leave it orphaned",
+                if zombie { "a zombie" } else { "a live" }
+            ),
+        ));
+    }
+    if let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/timers")) {
+        for id in t.lines().filter_map(|l| l.strip_prefix("ID:")) {
+            out.push(refusal(
+                "posix_timer",
+                format!("timer {}", id.trim()),
+                "a POSIX timer (timer_create): tern cannot restore it yet",
+            ));
+        }
+    }
+    for (what, kind) in [
+        ("cwd", "deleted_cwd"),
+        ("root", "deleted_root"),
+        ("exe", "deleted_exe"),
+    ] {
+        if let Ok(l) = std::fs::read_link(format!("/proc/{pid}/{what}")) {
+            let l = l.to_string_lossy();
+            if let Some(p) = l.strip_suffix(" (deleted)")
+                && !std::path::Path::new(&*l).exists()
+            {
+                out.push(refusal(
+                    kind,
+                    what,
+                    format!("{p} was deleted: a restore has no path to reopen it by"),
+                ));
+            }
+        }
+    }
+    for ns in ["pid", "mnt", "net", "ipc", "uts", "user", "cgroup", "time"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}"));
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}"));
+        if let (Ok(t), Ok(o)) = (theirs, ours)
+            && t != o
+        {
+            out.push(refusal(
+                "namespace",
+                format!("ns/{ns}"),
+                format!(
+                    "the process is in another {ns} namespace ({}) than tern ({}); tern restores into its own namespaces: run tern inside the process's namespaces",
+                    t.display(),
+                    o.display()
+                ),
+            ));
+        }
+    }
+}
+
+/// Stateless character devices a restore may reopen: (major, minor) of
+/// null, zero, full, random, urandom.
+const STATELESS_DEVICES: &[(u32, u32)] = &[(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)];
+
+fn fd_refusal(pid: i32, f: &FdInfo) -> Option<Refusal> {
+    let at = format!("fd {}", f.fd);
+    let r = match &f.kind {
+        FdKind::Socket { ino } => refusal(
+            "socket",
+            at,
+            format!("socket:[{ino}]: tern cannot restore sockets yet"),
+        ),
+        FdKind::Anon { what } => {
+            let kind = match what.as_str() {
+                "[eventfd]" => "eventfd",
+                "[eventpoll]" => "eventpoll",
+                "[signalfd]" => "signalfd",
+                "[timerfd]" => "timerfd",
+                "inotify" => "inotify",
+                "[fanotify]" => "fanotify",
+                "[pidfd]" => "pidfd",
+                "[userfaultfd]" => "userfaultfd",
+                "[io_uring]" => "io_uring",
+                _ => "anon_inode",
+            };
+            refusal(
+                kind,
+                at,
+                format!("anon_inode:{what}: tern cannot restore this kind of fd yet"),
+            )
+        }
+        FdKind::Other { link } => {
+            let kind = if link.starts_with("pidfd:") {
+                "pidfd"
+            } else {
+                "other_fd"
+            };
+            refusal(
+                kind,
+                at,
+                format!("{link}: tern cannot restore this kind of fd"),
+            )
+        }
+        FdKind::File {
+            path,
+            deleted: true,
+            ..
+        } => {
+            if path.starts_with("/memfd:") {
+                refusal(
+                    "memfd",
+                    at,
+                    format!("{path}: a memfd; tern does not save its contents yet"),
+                )
+            } else {
+                refusal(
+                    "deleted_file",
+                    at,
+                    format!("{path} was deleted: tern does not save its contents"),
+                )
+            }
+        }
+        FdKind::CharDev { path, rdev } => {
+            let dev = (libc::major(*rdev), libc::minor(*rdev));
+            if STATELESS_DEVICES.contains(&dev) {
+                return file_locks(pid, f);
+            }
+            refusal(
+                "device",
+                at,
+                format!(
+                    "{path} (device {}:{}): reopening a device does not bring back its state",
+                    dev.0, dev.1
+                ),
+            )
+        }
+        FdKind::Tty { path, .. } if path == "/dev/ptmx" || path.starts_with("/dev/pts/ptmx") => {
+            refusal(
+                "device",
+                at,
+                format!("{path}: a pty master; reopening it would make a new terminal"),
+            )
+        }
+        _ => return file_locks(pid, f),
+    };
+    Some(r)
+}
+
+/// A file with locks held through this fd (fdinfo `lock:` lines).
+fn file_locks(pid: i32, f: &FdInfo) -> Option<Refusal> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", f.fd)).ok()?;
+    let lock = text.lines().find_map(|l| l.strip_prefix("lock:"))?;
+    Some(refusal(
+        "file_lock",
+        format!("fd {}", f.fd),
+        format!(
+            "holds a file lock ({}): tern does not re-take locks",
+            lock.split_whitespace().collect::<Vec<_>>().join(" ")
+        ),
+    ))
+}
+
+/// Mappings a restore cannot recreate.
+fn mappings(pid: i32, flags: Option<&VmFlagsByVma>, out: &mut Vec<Refusal>) {
+    let Ok(vmas) = crate::maps::read_vmas(pid) else {
+        return;
+    };
+    let read;
+    let flags = match flags {
+        Some(f) => f,
+        None => {
+            read = crate::maps::vm_flags(pid).unwrap_or_default();
+            &read
+        }
+    };
+    for v in &vmas {
+        if v.is_special() {
+            continue;
+        }
+        let at = format!("{:#x}-{:#x}", v.start, v.end);
+        let name = v.name.as_deref().unwrap_or("");
+        let f = flags.get(&(v.start, v.end));
+        let has = |x: &str| f.is_some_and(|f| f.iter().any(|g| g == x));
+        let r = if name.starts_with("/SYSV") {
+            Some(("sysv_shm", format!("SysV shared memory {name}: tern cannot restore it yet")))
+        } else if name.starts_with("/memfd:") {
+            Some(("memfd", format!("a memfd mapping ({name}): tern does not save memfds yet")))
+        } else if name.starts_with("/[aio]") {
+            Some(("aio", "an AIO ring (io_setup): tern cannot restore it".into()))
+        } else if name.starts_with("/secretmem") {
+            Some(("secretmem", "memfd_secret memory: its pages cannot be read".into()))
+        } else if has("ht") {
+            Some(("hugetlb", format!("a hugetlbfs mapping {name}: tern cannot restore it yet")))
+        } else if has("io") || has("pf") || has("mm") {
+            Some((
+                "device_mapping",
+                format!("a device or I/O mapping {name}: reopening a device does not bring it back"),
+            ))
+        } else if has("ss") {
+            Some(("shadow_stack", "a shadow stack: tern cannot restore it".into()))
+        } else if has("mt") {
+            Some(("mte", "memory tagging (PROT_MTE): tern does not save tags".into()))
+        } else if let Some(p) = name.strip_suffix(" (deleted)")
+            && v.is_file()
+            && !(name.starts_with("/dev/zero") && v.is_shared_anon())
+            && !std::path::Path::new(name).exists()
+        {
+            Some((
+                "deleted_mapping",
+                format!("maps {p}, which was deleted: its unmodified pages are not in the image"),
+            ))
+        } else {
+            None
+        };
+        if let Some((kind, reason)) = r {
+            out.push(refusal(kind, at, reason));
+        }
+    }
+}
+
+/// `Ok` when `pid` holds nothing tern cannot restore; otherwise the
+/// refusal error that names every item.
+pub fn ensure(pid: i32) -> Result<(), crate::session::TrackerError> {
+    let refusals = refusals(pid)?;
+    if refusals.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::session::TrackerError::NotRestorable { pid, refusals })
+    }
+}
+
+/// The error text for a refused process: every item, one per line.
+pub fn describe(pid: i32, refusals: &[Refusal]) -> String {
+    let mut s = format!(
+        "PID {pid} holds {} thing{} tern cannot restore, so it was not dumped and runs on untouched:",
+        refusals.len(),
+        if refusals.len() == 1 { "" } else { "s" }
+    );
+    for r in refusals {
+        s.push_str("\n  ");
+        s.push_str(&r.to_string());
+    }
+    s.push_str("\n(`tern check -t PID --json` lists them)");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This test process holds a socket and an eventfd, and its own
+    /// namespaces: exactly those two fds are refused.
+    #[test]
+    fn refuses_a_socket_and_an_eventfd_of_this_process() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: eventfd returns a new fd or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(efd >= 0);
+        let pid = std::process::id() as i32;
+        let r = refusals(pid).unwrap();
+        let sock = format!("fd {}", a.as_raw_fd());
+        let ev = format!("fd {efd}");
+        assert!(
+            r.iter().any(|x| x.kind == "socket" && x.at == sock),
+            "{r:?}"
+        );
+        assert!(r.iter().any(|x| x.kind == "eventfd" && x.at == ev), "{r:?}");
+        assert!(!r.iter().any(|x| x.kind == "namespace"), "{r:?}");
+        // SAFETY: our own fd.
+        unsafe { libc::close(efd) };
+    }
+}
