@@ -33,6 +33,13 @@ pub struct ProcessImage {
     /// PR_GET_DUMPABLE (a uid change resets it).
     #[serde(default)]
     pub dumpable: Option<u32>,
+    /// PR_GET_THP_DISABLE when not 0: 1 (THP off), 3 (off except where
+    /// MADV_HUGEPAGE asks for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thp_disable: Option<u32>,
+    /// PR_GET_MEMORY_MERGE: KSM for every VMA (PR_SET_MEMORY_MERGE).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_merge: bool,
     pub creds: Creds,
     pub mm: MmState,
     pub vdso: sys::vdso::VdsoLayout,
@@ -123,6 +130,10 @@ pub struct FdImage {
     /// For a pipe: its capacity (F_GETPIPE_SZ).
     #[serde(default)]
     pub pipe_capacity: Option<u64>,
+    /// The lowest fd sharing this fd's open file description (a dup): the
+    /// restore dups that one instead of opening the file again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub same_as: Option<i32>,
 }
 
 /// Bounds of what a process image may hold (the kernel's own limits).
@@ -251,6 +262,14 @@ impl ProcessImage {
                     f.info.fd
                 ));
             }
+            if let Some(s) = f.same_as
+                && !(s < f.info.fd && fds.contains(&s))
+            {
+                return Err(format!(
+                    "fd {} shares the description of fd {s}, which is not an earlier fd of the image",
+                    f.info.fd
+                ));
+            }
             if let Some(name) = &f.pipe_data
                 && !valid_pipe_name(name)
             {
@@ -264,6 +283,9 @@ impl ProcessImage {
                     f.info.fd, f.pipe_capacity
                 ));
             }
+        }
+        if p.thp_disable.is_some_and(|t| t != 1 && t != 3) {
+            return Err(format!("THP disable value {:?}", p.thp_disable));
         }
         if p.umask > 0o777 {
             return Err(format!("umask {:o}", p.umask));

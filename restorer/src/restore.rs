@@ -518,6 +518,39 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
 /// Fork a child with PID `pid` that blocks reading a pipe (the returned
 /// write end; dropping it would wake the child, which then exits). Its
 /// first act is to ask for SIGKILL when tern dies.
+/// Who keeps `pid` in use though no task has it: the kernel keeps a PID
+/// while it names a process group or session (processes the original left
+/// behind in its group or session, such as orphaned children).
+fn pid_holder(pid: i32) -> String {
+    let mut users = Vec::new();
+    if let Ok(all) = procfs::process::all_processes() {
+        for p in all.flatten() {
+            if let Ok(st) = p.stat()
+                && (st.pgrp == pid || st.session == pid)
+            {
+                users.push(format!(
+                    "{} ({}) in its {}",
+                    st.pid,
+                    st.comm,
+                    if st.session == pid {
+                        "session"
+                    } else {
+                        "process group"
+                    }
+                ));
+            }
+        }
+    }
+    if users.is_empty() {
+        "another task (it appeared after the check)".into()
+    } else {
+        format!(
+            "no task, but it names the process group or session of {}: end those processes",
+            users.join(", ")
+        )
+    }
+}
+
 fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
     // SAFETY: getpid has no preconditions.
     let tern = unsafe { libc::getpid() };
@@ -551,7 +584,7 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
         return Err(match e.raw_os_error() {
             Some(libc::EEXIST) => RestoreError::PidTaken {
                 pid,
-                by: "another task (it appeared after the check)".into(),
+                by: pid_holder(pid),
             },
             Some(libc::EPERM) => step::<String>(pid, "clone3 with set_tid")(
                 "not permitted: restoring a PID needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN"
@@ -603,7 +636,7 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     }
     let mut main = Injector::attach_owned_thread(pid, pid, timeout)?;
     // The scratch area goes where the image has nothing (and tern neither).
-    let scratch_at = free_area(plan.chain.vmas(), pid)?;
+    let scratch_at = free_area(plan.chain.vmas(), pid, sys::inject::SCRATCH_LEN)?;
     main.set_scratch_hint(scratch_at)?;
     main.ensure_scratch(None)?;
     // The forked child inherited tern's rseq registration: drop it before
@@ -848,8 +881,7 @@ fn clone_thread(main: &mut Injector, pid: i32, tid: i32) -> Result<i32, RestoreE
 
 /// An address range of the scratch area's size free in the image and in the
 /// child now.
-fn free_area(vmas: &[VmaRecord], pid: i32) -> Result<u64, RestoreError> {
-    let len = sys::inject::SCRATCH_LEN;
+fn free_area(vmas: &[VmaRecord], pid: i32, len: u64) -> Result<u64, RestoreError> {
     let mut taken: Vec<(u64, u64)> = vmas.iter().map(|v| (v.start, v.end)).collect();
     let maps =
         std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(step(pid, "reading maps"))?;
@@ -877,7 +909,7 @@ fn free_area(vmas: &[VmaRecord], pid: i32) -> Result<u64, RestoreError> {
         return Ok(cand);
     }
     Err(step::<&str>(pid, "choosing a scratch address")(
-        "no free range",
+        "no free address range",
     ))
 }
 
@@ -901,6 +933,315 @@ fn prot_of(perms: &str) -> u64 {
         p |= libc::PROT_EXEC;
     }
     p as u64
+}
+
+/// tern's scratch area, recorded by dumps made before it was left out.
+fn is_scratch(v: &VmaRecord) -> bool {
+    v.name.as_deref() == Some("[anon:tern-scratch]")
+}
+
+/// VmFlags that say nothing about how a VMA was made or advised: soft-dirty
+/// and userfaultfd registrations (tern's own tracking, undone by a restore).
+fn transient_flag(f: &str) -> bool {
+    matches!(f, "sd" | "um" | "uw" | "ui")
+}
+
+/// How one VMA is recreated from its VmFlags (`/proc/PID/smaps`).
+#[derive(Debug, Clone, Default)]
+struct MapPlan {
+    /// Protection at mmap: the final one, plus PROT_WRITE where the
+    /// original was accounted writable (`ac`: written or writable once,
+    /// then made read-only) or where the legacy image has no flags.
+    map_prot: u64,
+    /// Protection at the end.
+    prot: u64,
+    /// MAP_GROWSDOWN, MAP_NORESERVE, MAP_DROPPABLE (instead of MAP_PRIVATE).
+    map_flags: u64,
+    /// madvise advice to apply, in order.
+    advice: Vec<(i32, &'static str)>,
+    /// mlock2 flags when the VMA was locked (`lo`; MLOCK_ONFAULT for `lf`).
+    mlock: Option<u64>,
+    seal: bool,
+    /// A shared file mapping that could be made writable (`mw`): its file
+    /// is opened read-write.
+    may_write_shared: bool,
+}
+
+/// MAP_DROPPABLE (Linux 6.11), a mapping type of its own.
+const MAP_DROPPABLE: u64 = 0x08;
+/// PROT_BTI (arm64 branch target identification, `bt`).
+#[cfg(target_arch = "aarch64")]
+const PROT_BTI: u64 = 0x10;
+
+impl MapPlan {
+    fn of(v: &VmaRecord) -> MapPlan {
+        let has = |f: &str| v.vm_flags.iter().any(|g| g == f);
+        #[allow(unused_mut)]
+        let mut prot = prot_of(&v.perms);
+        #[cfg(target_arch = "aarch64")]
+        if has("bt") {
+            prot |= PROT_BTI;
+        }
+        let w = libc::PROT_WRITE as u64;
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let map_prot = if v.vm_flags.is_empty() {
+            // An image without VmFlags: as before, writable for the fill.
+            if v.is_private() || v.dumped { rw } else { prot }
+        } else if v.is_private() {
+            if has("ac") { prot | w } else { prot }
+        } else if v.dumped {
+            // Shared anonymous memory is filled through the mapping
+            // (FOLL_FORCE does not write into shared mappings).
+            prot | w
+        } else {
+            prot
+        };
+        let mut map_flags = 0;
+        if has("gd") {
+            map_flags |= libc::MAP_GROWSDOWN as u64;
+        }
+        if has("nr") {
+            map_flags |= libc::MAP_NORESERVE as u64;
+        }
+        let mut advice = Vec::new();
+        for (flag, adv, name) in [
+            ("dd", libc::MADV_DONTDUMP, "MADV_DONTDUMP"),
+            ("dc", libc::MADV_DONTFORK, "MADV_DONTFORK"),
+            ("wf", libc::MADV_WIPEONFORK, "MADV_WIPEONFORK"),
+            ("hg", libc::MADV_HUGEPAGE, "MADV_HUGEPAGE"),
+            ("nh", libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE"),
+            ("mg", libc::MADV_MERGEABLE, "MADV_MERGEABLE"),
+            ("sr", libc::MADV_SEQUENTIAL, "MADV_SEQUENTIAL"),
+            ("rr", libc::MADV_RANDOM, "MADV_RANDOM"),
+        ] {
+            if has(flag) {
+                advice.push((adv, name));
+            }
+        }
+        MapPlan {
+            map_prot,
+            prot,
+            map_flags,
+            advice,
+            mlock: has("lo").then_some(if has("lf") {
+                1 /* MLOCK_ONFAULT */
+            } else {
+                0
+            }),
+            seal: has("sl"),
+            may_write_shared: !v.is_private() && has("mw"),
+        }
+        .droppable(has("dp"))
+    }
+
+    fn droppable(mut self, dp: bool) -> MapPlan {
+        if dp {
+            self.map_flags |= MAP_DROPPABLE;
+        }
+        self
+    }
+
+    fn map_type(&self, v: &VmaRecord) -> u64 {
+        if self.map_flags & MAP_DROPPABLE != 0 {
+            0
+        } else if v.is_private() {
+            libc::MAP_PRIVATE as u64
+        } else {
+            libc::MAP_SHARED as u64
+        }
+    }
+}
+
+/// Whether the kernel would merge `v`, mapped right after `prev`, into it:
+/// the original kept them as two VMAs (another anon_vma, another page
+/// offset), which a plain mmap does not reproduce.
+fn would_merge(prev: &VmaRecord, v: &VmaRecord) -> bool {
+    if prev.end != v.start || !prev.is_private() || !v.is_private() || prev.perms != v.perms {
+        return false;
+    }
+    fn flags(r: &VmaRecord) -> Vec<&str> {
+        let mut f: Vec<&str> = r
+            .vm_flags
+            .iter()
+            .map(String::as_str)
+            .filter(|f| !transient_flag(f))
+            .collect();
+        f.sort_unstable();
+        f
+    }
+    if flags(prev) != flags(v) || v.vm_flags.iter().any(|f| f == "gd") {
+        return false;
+    }
+    match (prev.backing_file(), v.backing_file()) {
+        (None, None) => prev.name == v.name,
+        (Some(a), Some(b)) => a == b && prev.offset + (prev.end - prev.start) == v.offset,
+        _ => false,
+    }
+}
+
+/// mmap `v` at `at` as `m` says (file opened with the access the original
+/// mapping had).
+fn map_vma(
+    plan: &Plan,
+    main: &mut Injector,
+    pid: i32,
+    v: &VmaRecord,
+    m: &MapPlan,
+    at: u64,
+) -> Result<(), RestoreError> {
+    let _ = plan;
+    let len = v.end - v.start;
+    let flags = m.map_type(v) | m.map_flags | libc::MAP_FIXED as u64;
+    let file = v.backing_file().filter(|_| !v.dumped || v.is_private());
+    let r = match (v.is_private(), file) {
+        (true, Some(path)) => {
+            let fd = open_in(main, pid, path, libc::O_RDONLY)?;
+            let r = main.syscall(
+                libc::SYS_mmap,
+                [at, len, m.map_prot, flags, fd as u64, v.offset],
+            )?;
+            main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+            r
+        }
+        (_, None) if v.is_private() || v.dumped => main.syscall(
+            libc::SYS_mmap,
+            [
+                at,
+                len,
+                m.map_prot,
+                flags | libc::MAP_ANONYMOUS as u64,
+                u64::MAX,
+                0,
+            ],
+        )?,
+        (false, Some(path)) => {
+            let writable = v.perms.as_bytes().get(1) == Some(&b'w');
+            let mode = if writable || m.may_write_shared {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            let fd = open_in(main, pid, path, mode)?;
+            let r = main.syscall(
+                libc::SYS_mmap,
+                [at, len, m.map_prot, flags, fd as u64, v.offset],
+            )?;
+            main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+            r
+        }
+        (_, None) => {
+            return Err(step::<String>(pid, "mapping")(format!(
+                "VMA {:#x}-{:#x} ({:?}) is shared with no backing in the image",
+                v.start, v.end, v.name
+            )));
+        }
+    };
+    if r as u64 != at {
+        return Err(RestoreError::Step {
+            pid,
+            step: "mapping the image's VMAs",
+            what: format!(
+                "{:#x}-{:#x} {} {} {:?}: {}",
+                v.start,
+                v.end,
+                v.perms,
+                v.name.as_deref().unwrap_or(""),
+                v.vm_flags,
+                if r < 0 {
+                    std::io::Error::from_raw_os_error(-r as i32).to_string()
+                } else {
+                    format!("mapped at {r:#x}")
+                }
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Give the VMA at `at` an anon_vma without leaving a page in it: write a
+/// zero byte into its first page (FOLL_FORCE), then drop the page.
+fn give_anon_vma(main: &mut Injector, pid: i32, at: u64) -> Result<(), RestoreError> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .map_err(step(pid, "opening /proc/PID/mem"))?;
+    let mut b = [0u8; 1];
+    // A file-backed page reads from the file first: write back what is there.
+    let _ = mem.read_exact_at(&mut b, at);
+    mem.write_all_at(&b, at).map_err(step(
+        pid,
+        "touching a VMA to keep it apart from its neighbour",
+    ))?;
+    let r = main.syscall(
+        libc::SYS_madvise,
+        [at, PAGE_SIZE, libc::MADV_DONTNEED as u64, 0, 0, 0],
+    )?;
+    check(pid, "dropping the page that kept a VMA apart", r)?;
+    Ok(())
+}
+
+fn check_vma(pid: i32, v: &VmaRecord, what: &str, r: i64) -> Result<(), RestoreError> {
+    if r < 0 {
+        return Err(RestoreError::Step {
+            pid,
+            step: "re-applying a VMA's state",
+            what: format!(
+                "{what} on {:#x}-{:#x} {} {}: {}",
+                v.start,
+                v.end,
+                v.perms,
+                v.name.as_deref().unwrap_or(""),
+                std::io::Error::from_raw_os_error(-r as i32)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// madvise state, final protection, locks.
+fn finish_vma(
+    main: &mut Injector,
+    pid: i32,
+    v: &VmaRecord,
+    m: &MapPlan,
+) -> Result<(), RestoreError> {
+    let len = v.end - v.start;
+    for (adv, name) in &m.advice {
+        let r = main.syscall(libc::SYS_madvise, [v.start, len, *adv as u64, 0, 0, 0])?;
+        check_vma(pid, v, name, r)?;
+    }
+    if m.map_prot != m.prot {
+        let r = main.syscall(libc::SYS_mprotect, [v.start, len, m.prot, 0, 0, 0])?;
+        check_vma(pid, v, "mprotect", r)?;
+    }
+    if let Some(flags) = m.mlock {
+        let r = main.syscall(libc::SYS_mlock2, [v.start, len, flags, 0, 0, 0])?;
+        check_vma(pid, v, "mlock2", r)?;
+    }
+    Ok(())
+}
+
+/// The process's THP and KSM settings (prctl).
+fn process_mm_flags(main: &mut Injector, pid: i32, p: &ProcessImage) -> Result<(), RestoreError> {
+    const PR_SET_THP_DISABLE: u64 = 41;
+    const PR_THP_DISABLE_EXCEPT_ADVISED: u64 = 1 << 1;
+    const PR_SET_MEMORY_MERGE: u64 = 67;
+    if let Some(t) = p.thp_disable {
+        let flags = if t & 2 != 0 {
+            PR_THP_DISABLE_EXCEPT_ADVISED
+        } else {
+            0
+        };
+        let r = main.syscall(libc::SYS_prctl, [PR_SET_THP_DISABLE, 1, flags, 0, 0, 0])?;
+        check(pid, "PR_SET_THP_DISABLE", r)?;
+    }
+    if p.memory_merge {
+        let r = main.syscall(libc::SYS_prctl, [PR_SET_MEMORY_MERGE, 1, 0, 0, 0, 0])?;
+        check(pid, "PR_SET_MEMORY_MERGE", r)?;
+    }
+    Ok(())
 }
 
 /// Open `path` in the target (injected), returning the fd.
@@ -979,116 +1320,69 @@ fn address_space(
         )?;
         check(pid, "moving the vDSO", r)?;
     }
-    // 3. Every VMA, writable first, filled, then its protection.
+    // 3. Every VMA, as the kernel had it: mapped with the flags it was made
+    //    with, filled, then given its madvise state, protection, locks and
+    //    seal (see `MapPlan`).
     let mut pages = 0u64;
-    let mut to_protect = Vec::new();
-    for v in plan.chain.vmas() {
-        if is_special(v) {
-            continue;
-        }
-        let len = v.end - v.start;
-        let prot = prot_of(&v.perms);
-        let growsdown = if v.vm_flags.iter().any(|f| f == "gd") {
-            libc::MAP_GROWSDOWN
+    let vmas: Vec<&VmaRecord> = plan
+        .chain
+        .vmas()
+        .iter()
+        .filter(|v| !is_special(v) && !is_scratch(v))
+        .collect();
+    let mut after = Vec::new();
+    for (k, v) in vmas.iter().enumerate() {
+        let prev = k.checked_sub(1).map(|i| vmas[i]);
+        let m = MapPlan::of(v);
+        // A neighbour the kernel would merge it with, though the original
+        // kept them apart: map and fill it elsewhere, then move it in place
+        // (its anon_vma and page offset then keep it apart).
+        let apart = prev.is_some_and(|p| would_merge(p, v));
+        let at = if apart {
+            free_area(plan.chain.vmas(), pid, v.end - v.start)?
+        } else {
+            v.start
+        };
+        map_vma(plan, main, pid, v, &m, at)?;
+        let filled = if v.dumped {
+            fill(plan, v, pid, at, m.map_prot & libc::PROT_WRITE as u64 != 0)?
         } else {
             0
         };
-        let fixed = (libc::MAP_FIXED | growsdown) as u64;
-        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let file = v.backing_file().filter(|_| !v.dumped || v.is_private());
-        let r = match (v.is_private(), file) {
-            (true, Some(path)) => {
-                let fd = open_in(main, pid, path, libc::O_RDONLY)?;
-                let r = main.syscall(
-                    libc::SYS_mmap,
-                    [
-                        v.start,
-                        len,
-                        rw,
-                        libc::MAP_PRIVATE as u64 | fixed,
-                        fd as u64,
-                        v.offset,
-                    ],
-                )?;
-                main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-                r
+        pages += filled;
+        if apart {
+            if filled == 0 {
+                give_anon_vma(main, pid, at)?;
             }
-            (true, None) => main.syscall(
-                libc::SYS_mmap,
+            let len = v.end - v.start;
+            let r = main.syscall(
+                libc::SYS_mremap,
                 [
-                    v.start,
+                    at,
                     len,
-                    rw,
-                    (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64 | fixed,
-                    u64::MAX,
+                    len,
+                    (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                    v.start,
                     0,
                 ],
-            )?,
-            (false, _) if v.dumped => main.syscall(
-                libc::SYS_mmap,
-                [
-                    v.start,
-                    len,
-                    rw,
-                    (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64 | fixed,
-                    u64::MAX,
-                    0,
-                ],
-            )?,
-            (false, Some(path)) => {
-                let mode = if v.perms.as_bytes().get(1) == Some(&b'w') {
-                    libc::O_RDWR
-                } else {
-                    libc::O_RDONLY
-                };
-                let fd = open_in(main, pid, path, mode)?;
-                let r = main.syscall(
-                    libc::SYS_mmap,
-                    [
-                        v.start,
-                        len,
-                        prot,
-                        libc::MAP_SHARED as u64 | fixed,
-                        fd as u64,
-                        v.offset,
-                    ],
-                )?;
-                main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-                r
-            }
-            (false, None) => {
-                return Err(step::<String>(pid, "mapping")(format!(
-                    "VMA {:#x}-{:#x} ({:?}) is shared with no backing in the image",
-                    v.start, v.end, v.name
-                )));
-            }
-        };
-        if r as u64 != v.start {
-            return Err(RestoreError::Step {
-                pid,
-                step: "mapping the image's VMAs",
-                what: format!(
-                    "{:#x}-{:#x} {} {}: {}",
-                    v.start,
-                    v.end,
-                    v.perms,
-                    v.name.as_deref().unwrap_or(""),
-                    if r < 0 {
-                        std::io::Error::from_raw_os_error(-r as i32).to_string()
-                    } else {
-                        format!("mapped at {r:#x}")
-                    }
-                ),
-            });
+            )?;
+            check(pid, "moving a VMA next to its neighbour", r)?;
         }
-        if v.dumped {
-            pages += fill(plan, v, pid)?;
-        }
-        to_protect.push((v.start, len, prot));
+        after.push((*v, m));
     }
-    for (start, len, prot) in to_protect {
-        let r = main.syscall(libc::SYS_mprotect, [start, len, prot, 0, 0, 0])?;
-        check(pid, "setting a VMA's protection", r)?;
+    for (v, m) in &after {
+        finish_vma(main, pid, v, m)?;
+    }
+    if p.thp_disable.is_some() || p.memory_merge {
+        process_mm_flags(main, pid, p)?;
+    }
+    // Seals last: nothing may change a sealed VMA afterwards.
+    for (v, m) in &after {
+        if m.seal {
+            const SYS_MSEAL: i64 = 462;
+            let r = main.syscall(SYS_MSEAL, [v.start, v.end - v.start, 0, 0, 0, 0])?;
+            check_vma(pid, v, "mseal", r)?;
+        }
     }
     // 4. mm fields: PR_SET_MM_MAP (struct prctl_mm_map, include/uapi/linux/prctl.h).
     let mm = &p.mm;
@@ -1131,10 +1425,30 @@ fn address_space(
     Ok(pages)
 }
 
-/// Write the chain's pages of `v` into the target (runs of populated
-/// pages; holes stay unpopulated or read from the mapped file).
-fn fill(plan: &Plan, v: &VmaRecord, pid: i32) -> Result<u64, RestoreError> {
+/// Write the chain's pages of `v` into the target, `v` being mapped at `at`
+/// for now (runs of populated pages; holes stay unpopulated or read from
+/// the mapped file). A VMA mapped without write permission is written
+/// through /proc/PID/mem (FOLL_FORCE, copy-on-write of a private mapping),
+/// so that it never needs PROT_WRITE it did not have (which would also
+/// account it, VM_ACCOUNT, where the original was not).
+fn fill(
+    plan: &Plan,
+    v: &VmaRecord,
+    pid: i32,
+    at: u64,
+    writable: bool,
+) -> Result<u64, RestoreError> {
     let file_backed = v.is_private() && v.backing_file().is_some();
+    let mem = if writable {
+        None
+    } else {
+        Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/{pid}/mem"))
+                .map_err(step(pid, "opening /proc/PID/mem"))?,
+        )
+    };
     let mut pages = 0;
     let mut addr = v.start;
     while addr < v.end {
@@ -1153,7 +1467,18 @@ fn fill(plan: &Plan, v: &VmaRecord, pid: i32) -> Result<u64, RestoreError> {
         }
         let range = PageRange::new(start, addr);
         let data = plan.chain.read_range_cached(v, range, &plan.blobs)?;
-        write_mem(pid, start, &data)?;
+        let to = at + (start - v.start);
+        match &mem {
+            None => write_mem(pid, to, &data)?,
+            Some(f) => {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&data, to).map_err(|e| RestoreError::Step {
+                    pid,
+                    step: "writing memory",
+                    what: format!("{to:#x}+{} through /proc/{pid}/mem: {e}", data.len()),
+                })?;
+            }
+        }
         pages += range.pages();
     }
     Ok(pages)
@@ -1196,11 +1521,15 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
     // fds: first drop whatever the child inherited, then reopen the image's.
     let r = main.syscall(libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
     check(pid, "closing inherited fds", r)?;
-    let mut pipes: BTreeMap<String, (OwnedFd, OwnedFd)> = BTreeMap::new();
+    let mut pipes: BTreeMap<String, PipeEnds> = BTreeMap::new();
+    let fifos = open_fifos(plan, main, pid)?;
     for f in &p.fds {
         restore_fd(plan, f, main, pid, &mut pipes)?;
     }
     drop(pipes);
+    for (fd, _) in fifos {
+        main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+    }
     // cwd, root (only if it is not /), umask, personality.
     let mut c = p.cwd.as_bytes().to_vec();
     c.push(0);
@@ -1279,18 +1608,145 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
     Ok(())
 }
 
+/// O_LARGEFILE as the kernel reports it in fdinfo (libc defines it as 0 on
+/// 64-bit targets, where open(2) adds it by itself).
+#[cfg(target_arch = "aarch64")]
+const KERNEL_O_LARGEFILE: i32 = 0o400000;
+#[cfg(not(target_arch = "aarch64"))]
+const KERNEL_O_LARGEFILE: i32 = 0o100000;
+
+/// tern's ends of a pipe being refilled, and which of them already went to
+/// the process as an open file description of its own.
+struct PipeEnds {
+    read: OwnedFd,
+    write: OwnedFd,
+    read_given: bool,
+    write_given: bool,
+}
+
+/// Every FIFO the process has open, opened first in the process without
+/// blocking (read-write, or read-only when it may not write it) and
+/// refilled with its saved bytes: its own opens then neither block nor find
+/// it empty. Returns the helper fds in the process (closed once its fds are
+/// in) with tern's write ends (kept as long).
+fn open_fifos(
+    plan: &Plan,
+    main: &mut Injector,
+    pid: i32,
+) -> Result<Vec<(i32, Option<std::fs::File>)>, RestoreError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use sys::fds::FdKind;
+    let mut done: Vec<&str> = Vec::new();
+    let mut out = Vec::new();
+    for f in &plan.process.fds {
+        let FdKind::Fifo { path, .. } = &f.info.kind else {
+            continue;
+        };
+        if done.contains(&path.as_str()) {
+            continue;
+        }
+        done.push(path);
+        let nb = libc::O_NONBLOCK | libc::O_CLOEXEC;
+        let fd = match open_in_plain(main, pid, path, libc::O_RDWR | nb) {
+            Ok(fd) => fd,
+            Err(_) => open_in_plain(main, pid, path, libc::O_RDONLY | nb)?,
+        };
+        // Out of the way of the fd numbers the image restores.
+        let above = plan
+            .process
+            .fds
+            .iter()
+            .map(|f| f.info.fd)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let high = main.syscall(
+            libc::SYS_fcntl,
+            [
+                fd as u64,
+                libc::F_DUPFD_CLOEXEC as u64,
+                above as u64,
+                0,
+                0,
+                0,
+            ],
+        )?;
+        check(pid, "moving a FIFO's helper fd", high)?;
+        main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        let fd = high as i32;
+        let theirs = sys::fds::pidfd_getfd(pid, fd).map_err(step(pid, "taking a FIFO's fd"))?;
+        let file = std::fs::File::from(theirs);
+        let md = file.metadata().map_err(step(pid, "stat of a FIFO"))?;
+        if !md.file_type().is_fifo() {
+            return Err(step::<String>(pid, "reopening a FIFO")(format!(
+                "{path} is no longer a FIFO here"
+            )));
+        }
+        // tern's own writer (through the verified object, not the path).
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|e| {
+                step::<String>(pid, "opening a FIFO to refill it")(format!("{path}: {e}"))
+            })?;
+        let data = f
+            .pipe_data
+            .as_ref()
+            .and_then(|n| plan.pipe_data.get(n))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        unsafe { libc::ioctl(file.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        if let Some(cap) = f.pipe_capacity {
+            // SAFETY: fcntl on our own fd.
+            unsafe { libc::fcntl(writer.as_raw_fd(), libc::F_SETPIPE_SZ, cap as i32) };
+        }
+        if !data.is_empty() && queued > 0 {
+            tracing::warn!(
+                pid,
+                "FIFO {path} still holds {queued} bytes (another process keeps it open): its saved {} bytes are not written again",
+                data.len()
+            );
+        } else if !data.is_empty() {
+            // SAFETY: write from a valid buffer.
+            let n = unsafe { libc::write(writer.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+            if n != data.len() as isize {
+                return Err(step::<String>(pid, "refilling a FIFO")(format!(
+                    "{path}: wrote {n} of {} bytes: {}",
+                    data.len(),
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        out.push((fd, Some(writer)));
+    }
+    Ok(out)
+}
+
 fn restore_fd(
     plan: &Plan,
     f: &FdImage,
     main: &mut Injector,
     pid: i32,
-    pipes: &mut BTreeMap<String, (OwnedFd, OwnedFd)>,
+    pipes: &mut BTreeMap<String, PipeEnds>,
 ) -> Result<(), RestoreError> {
     use sys::fds::FdKind;
     let info = &f.info;
     // fdinfo flags: access mode, status flags and O_CLOEXEC.
     let open_flags = info.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC);
     let cloexec = info.flags & libc::O_CLOEXEC != 0;
+    let dup_flags = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+    // A dup of an earlier fd: the same open file description.
+    if let Some(s) = f.same_as {
+        let r = main.syscall(
+            libc::SYS_dup3,
+            [s as u64, info.fd as u64, dup_flags, 0, 0, 0],
+        )?;
+        check(pid, "dup3 of a shared open file description", r)?;
+        return Ok(());
+    }
     let fd = match &info.kind {
         FdKind::File { path, .. }
         | FdKind::Dir { path }
@@ -1340,13 +1796,42 @@ fn restore_fd(
                         )));
                     }
                 }
-                pipes.insert(name.clone(), (r, w));
+                pipes.insert(
+                    name.clone(),
+                    PipeEnds {
+                        read: r,
+                        write: w,
+                        read_given: false,
+                        write_given: false,
+                    },
+                );
             }
-            let (r, w) = &pipes[&name];
-            let ours = if *read_end {
-                r.as_raw_fd()
+            let ends = pipes.get_mut(&name).expect("inserted above");
+            // pipe(2) made the end without O_LARGEFILE, an open of
+            // /proc/PID/fd/N with it: each open file description of the
+            // original is recreated the way it was made.
+            let given = if *read_end {
+                &mut ends.read_given
             } else {
-                w.as_raw_fd()
+                &mut ends.write_given
+            };
+            let end = if *read_end { &ends.read } else { &ends.write };
+            let reopened;
+            let ours = if !*given && info.flags & KERNEL_O_LARGEFILE == 0 {
+                *given = true;
+                end.as_raw_fd()
+            } else {
+                use std::os::unix::fs::OpenOptionsExt;
+                reopened = std::fs::OpenOptions::new()
+                    .read(*read_end)
+                    .write(!*read_end)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(format!("/proc/self/fd/{}", end.as_raw_fd()))
+                    .map_err(step(
+                        pid,
+                        "opening a pipe again (a second open file description)",
+                    ))?;
+                reopened.as_raw_fd()
             };
             if let Some(cap) = f.pipe_capacity {
                 // SAFETY: fcntl on our own fd.
@@ -1372,7 +1857,7 @@ fn restore_fd(
             main.syscall(libc::SYS_close, [pidfd as u64, 0, 0, 0, 0, 0])?;
             check(pid, "pidfd_getfd of a refilled pipe", fd)? as i32
         }
-        FdKind::Fifo { path } => open_in_plain(main, pid, path, open_flags)?,
+        FdKind::Fifo { path, .. } => open_in_plain(main, pid, path, open_flags)?,
         other => {
             return Err(step::<String>(pid, "restoring fds")(format!(
                 "fd {}: {other:?} not supported",

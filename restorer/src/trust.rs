@@ -348,7 +348,7 @@ pub fn check_access(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> 
             | FdKind::Dir { path }
             | FdKind::CharDev { path, .. }
             | FdKind::Tty { path, .. }
-            | FdKind::Fifo { path } => path,
+            | FdKind::Fifo { path, .. } => path,
             _ => continue,
         };
         list.push(Access {

@@ -46,9 +46,14 @@ pub enum FdKind {
         ino: u64,
         read_end: bool,
     },
-    /// A named pipe: reopened by its path (its data lives in the FIFO).
+    /// A named pipe: reopened by its path; the bytes queued in it are
+    /// saved like a pipe's (they go when its last fd closes).
     Fifo {
         path: String,
+        #[serde(default)]
+        dev: u64,
+        #[serde(default)]
+        ino: u64,
     },
     CharDev {
         path: String,
@@ -217,7 +222,11 @@ fn classify(link: &str, md: &Metadata, flags: i32) -> Option<FdKind> {
     } else if ft.is_dir() {
         FdKind::Dir { path }
     } else if ft.is_fifo() {
-        FdKind::Fifo { path }
+        FdKind::Fifo {
+            path,
+            dev: md.dev(),
+            ino: md.ino(),
+        }
     } else if ft.is_char_device() {
         let rdev = md.rdev();
         if is_tty_major(libc::major(rdev)) {
@@ -321,6 +330,26 @@ pub fn fd_table(pid: i32) -> Result<Vec<FdInfo>, FdsError> {
         std::fs::read_dir(&dir).map_err(list_err)?;
     }
     Ok(out)
+}
+
+/// Whether `pid`'s fds `a` and `b` are one open file description (dup'ed,
+/// inherited: one offset, one set of status flags), by kcmp(2) KCMP_FILE.
+/// Needs ptrace access to `pid` and CONFIG_KCMP.
+pub fn same_description(pid: i32, a: i32, b: i32) -> Result<bool, FdsError> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes integers only.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
+    if r < 0 {
+        return Err(FdsError::Fd {
+            pid,
+            fd: b,
+            what: format!(
+                "kcmp(KCMP_FILE) with fd {a} (a kernel without CONFIG_KCMP cannot tell dup'ed fds apart)"
+            ),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(r == 0)
 }
 
 /// pidfd_open(2) + pidfd_getfd(2): a duplicate, in this process, of `pid`'s

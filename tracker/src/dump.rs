@@ -934,6 +934,12 @@ fn capture_state(
         libc::SYS_prctl,
         [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
     )?;
+    // Process-wide memory settings (mm flags): THP disabled (1, or 3 with
+    // PR_THP_DISABLE_EXCEPT_ADVISED) and KSM for every VMA.
+    const PR_GET_THP_DISABLE: u64 = 42;
+    const PR_GET_MEMORY_MERGE: u64 = 68;
+    let thp_disable = leader.syscall(libc::SYS_prctl, [PR_GET_THP_DISABLE, 0, 0, 0, 0, 0])?;
+    let memory_merge = leader.syscall(libc::SYS_prctl, [PR_GET_MEMORY_MERGE, 0, 0, 0, 0, 0])?;
     leader.release_scratch()?;
 
     lap("injected calls");
@@ -965,7 +971,7 @@ fn capture_state(
 
     lap("mm");
     let mut fds = Vec::new();
-    let mut pipes_done: BTreeMap<u64, String> = BTreeMap::new();
+    let mut pipes_done: BTreeMap<(u64, u64), String> = BTreeMap::new();
     let mut pipes: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for info in sys::fds::fd_table(pid).map_err(cap(format!("fd table of PID {pid}")))? {
         if Some(info.fd) == tracking_fd {
@@ -973,20 +979,41 @@ fn capture_state(
         }
         let mut pipe_data = None;
         let mut pipe_capacity = None;
-        if let sys::fds::FdKind::Pipe { ino, .. } = info.kind {
+        // A dup of an earlier fd (same object first, then kcmp).
+        let mut same_as = None;
+        for earlier in fds.iter().filter(|e: &&FdImage| e.same_as.is_none()) {
+            if same_object(&earlier.info.kind, &info.kind)
+                && sys::fds::same_description(pid, earlier.info.fd, info.fd)
+                    .map_err(cap(format!("fd {} of PID {pid}", info.fd)))?
+            {
+                same_as = Some(earlier.info.fd);
+                break;
+            }
+        }
+        let queue = match info.kind {
+            sys::fds::FdKind::Pipe { ino, .. } => Some((0, ino, "")),
+            sys::fds::FdKind::Fifo { dev, ino, .. } => Some((dev, ino, "fifo-")),
+            _ => None,
+        };
+        if let Some((dev, ino, prefix)) = queue {
             pipe_capacity = Some(
                 sys::fds::pipe_capacity(pid, info.fd)
                     .map_err(cap(format!("pipe fd {} of PID {pid}", info.fd)))?
                     as u64,
             );
-            let name = match pipes_done.get(&ino) {
+            let key = (dev, ino);
+            let name = match pipes_done.get(&key) {
                 Some(n) => n.clone(),
                 None => {
                     let data = sys::fds::peek_pipe(pid, info.fd)
                         .map_err(cap(format!("pipe fd {} of PID {pid}", info.fd)))?;
-                    let name = format!("{ino}.bin");
+                    let name = if prefix.is_empty() {
+                        format!("{ino}.bin")
+                    } else {
+                        format!("{prefix}{dev}-{ino}.bin")
+                    };
                     pipes.insert(name.clone(), data);
-                    pipes_done.insert(ino, name.clone());
+                    pipes_done.insert(key, name.clone());
                     name
                 }
             };
@@ -996,6 +1023,7 @@ fn capture_state(
             info,
             pipe_data,
             pipe_capacity,
+            same_as,
         });
     }
 
@@ -1010,6 +1038,8 @@ fn capture_state(
         root: link(pid, "root"),
         umask: u32::from_str_radix(field(&status, "Umask").unwrap_or("0022"), 8).unwrap_or(0o022),
         dumpable: (dumpable >= 0).then_some(dumpable as u32),
+        thp_disable: (thp_disable > 0).then_some(thp_disable as u32),
+        memory_merge: memory_merge == 1,
         personality: u64::from_str_radix(
             read_trim(&format!("/proc/{pid}/personality")).as_str(),
             16,
@@ -1039,6 +1069,44 @@ fn capture_state(
 /// /proc/PID/limits (prlimit(2) on another uid's process needs
 /// CAP_SYS_RESOURCE; this file does not). Lines are resources 0.. in order,
 /// columns formatted "%-25s %-20s %-20s".
+/// Whether two fds refer to one object (a file, a pipe, a device...), the
+/// precondition of their sharing one open file description.
+fn same_object(a: &sys::fds::FdKind, b: &sys::fds::FdKind) -> bool {
+    use sys::fds::FdKind as K;
+    match (a, b) {
+        (
+            K::File {
+                dev: d1, ino: i1, ..
+            },
+            K::File {
+                dev: d2, ino: i2, ..
+            },
+        ) => d1 == d2 && i1 == i2,
+        (
+            K::Pipe {
+                ino: a,
+                read_end: r1,
+            },
+            K::Pipe {
+                ino: b,
+                read_end: r2,
+            },
+        ) => a == b && r1 == r2,
+        (
+            K::Fifo {
+                dev: d1, ino: i1, ..
+            },
+            K::Fifo {
+                dev: d2, ino: i2, ..
+            },
+        ) => d1 == d2 && i1 == i2,
+        (K::Dir { path: a }, K::Dir { path: b }) => a == b,
+        (K::CharDev { rdev: a, .. }, K::CharDev { rdev: b, .. }) => a == b,
+        (K::Tty { rdev: a, .. }, K::Tty { rdev: b, .. }) => a == b,
+        _ => false,
+    }
+}
+
 fn read_limits(pid: i32) -> Result<Vec<Rlimit>, DumpError> {
     let path = format!("/proc/{pid}/limits");
     let text = std::fs::read_to_string(&path).map_err(cap(path.clone()))?;

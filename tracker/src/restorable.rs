@@ -117,7 +117,15 @@ pub fn refusals_with(
         return Ok(out);
     }
     process_wide(pid, &mut out);
+    // tern's own tracking userfaultfd (pre-dumps) is not the process's.
+    let tracking: Vec<i32> = crate::session::find_tracking_uffds(pid)
+        .into_iter()
+        .map(|(fd, _)| fd)
+        .collect();
     for f in sys::fds::fd_table(pid)? {
+        if tracking.contains(&f.fd) {
+            continue;
+        }
         if let Some(r) = fd_refusal(pid, &f) {
             out.push(r);
         }
@@ -332,24 +340,47 @@ fn mappings(pid: i32, flags: Option<&VmFlagsByVma>, out: &mut Vec<Refusal>) {
         let f = flags.get(&(v.start, v.end));
         let has = |x: &str| f.is_some_and(|f| f.iter().any(|g| g == x));
         let r = if name.starts_with("/SYSV") {
-            Some(("sysv_shm", format!("SysV shared memory {name}: tern cannot restore it yet")))
+            Some((
+                "sysv_shm",
+                format!("SysV shared memory {name}: tern cannot restore it yet"),
+            ))
         } else if name.starts_with("/memfd:") {
-            Some(("memfd", format!("a memfd mapping ({name}): tern does not save memfds yet")))
+            Some((
+                "memfd",
+                format!("a memfd mapping ({name}): tern does not save memfds yet"),
+            ))
         } else if name.starts_with("/[aio]") {
-            Some(("aio", "an AIO ring (io_setup): tern cannot restore it".into()))
+            Some((
+                "aio",
+                "an AIO ring (io_setup): tern cannot restore it".into(),
+            ))
         } else if name.starts_with("/secretmem") {
-            Some(("secretmem", "memfd_secret memory: its pages cannot be read".into()))
+            Some((
+                "secretmem",
+                "memfd_secret memory: its pages cannot be read".into(),
+            ))
         } else if has("ht") {
-            Some(("hugetlb", format!("a hugetlbfs mapping {name}: tern cannot restore it yet")))
+            Some((
+                "hugetlb",
+                format!("a hugetlbfs mapping {name}: tern cannot restore it yet"),
+            ))
         } else if has("io") || has("pf") || has("mm") {
             Some((
                 "device_mapping",
-                format!("a device or I/O mapping {name}: reopening a device does not bring it back"),
+                format!(
+                    "a device or I/O mapping {name}: reopening a device does not bring it back"
+                ),
             ))
         } else if has("ss") {
-            Some(("shadow_stack", "a shadow stack: tern cannot restore it".into()))
+            Some((
+                "shadow_stack",
+                "a shadow stack: tern cannot restore it".into(),
+            ))
         } else if has("mt") {
-            Some(("mte", "memory tagging (PROT_MTE): tern does not save tags".into()))
+            Some((
+                "mte",
+                "memory tagging (PROT_MTE): tern does not save tags".into(),
+            ))
         } else if let Some(p) = name.strip_suffix(" (deleted)")
             && v.is_file()
             && !(name.starts_with("/dev/zero") && v.is_shared_anon())
