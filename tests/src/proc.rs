@@ -354,3 +354,99 @@ pub fn unused_pid() -> i32 {
         .find(|&p| unsafe { libc::kill(p, 0) } != 0 && !std::path::Path::new(&format!("/proc/{p}")).exists())
         .expect("no free pid")
 }
+
+/// What a process looks like from outside, line by line, as a restore must
+/// bring it back: every VMA of /proc/PID/smaps (range, permissions, offset,
+/// device, inode, name; Size, KernelPageSize, MMUPageSize, THPeligible,
+/// ProtectionKey; VmFlags without soft-dirty and userfaultfd registration,
+/// which are tern's tracking) and every fd (what it refers to, fdinfo
+/// flags, offset). Residency (Rss, Pss, ...) is left out, and so are the
+/// numbers a restore cannot keep: the inode of shared anonymous memory and
+/// of pipes (new objects, same content).
+pub fn shape(pid: i32) -> Result<Vec<String>, String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for l in smaps.lines() {
+        let mut w = l.split_whitespace();
+        let Some(first) = w.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let name = f.get(5..).map(|n| n.join(" ")).unwrap_or_default();
+            let shmem = f.get(3) == Some(&"00:01") || name.starts_with("/SYSV");
+            cur = format!(
+                "{} {} {} {} {} {}",
+                f[0],
+                f.get(1).unwrap_or(&""),
+                f.get(2).unwrap_or(&""),
+                f.get(3).unwrap_or(&""),
+                if shmem {
+                    "(shmem)"
+                } else {
+                    f.get(4).unwrap_or(&"")
+                },
+                name
+            );
+        } else if let Some(rest) = l.strip_prefix("VmFlags:") {
+            let flags: Vec<&str> = rest
+                .split_whitespace()
+                .filter(|f| !matches!(*f, "sd" | "um" | "uw" | "ui"))
+                .collect();
+            cur.push_str(&format!(" | VmFlags {}", flags.join(" ")));
+        } else if matches!(
+            first,
+            "Size:" | "KernelPageSize:" | "MMUPageSize:" | "THPeligible:" | "ProtectionKey:"
+        ) {
+            cur.push_str(&format!(" | {first} {}", w.collect::<Vec<_>>().join(" ")));
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(|e| format!("/proc/{pid}/fd: {e}"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    for fd in fds {
+        let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_else(|e| format!("? {e}"));
+        let link = if link.starts_with("pipe:[") {
+            "pipe".to_string()
+        } else {
+            link
+        };
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        let field = |n: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(n))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_string()
+        };
+        out.push(format!(
+            "fd {fd} {link} flags {} pos {}",
+            field("flags:"),
+            field("pos:")
+        ));
+    }
+    Ok(out)
+}
+
+/// The lines of `a` and `b` that differ, for a failure message (empty when
+/// they are equal).
+pub fn shape_diff(a: &[String], b: &[String]) -> String {
+    let mut s = String::new();
+    for l in a.iter().filter(|l| !b.contains(l)) {
+        s.push_str(&format!("\n  before only: {l}"));
+    }
+    for l in b.iter().filter(|l| !a.contains(l)) {
+        s.push_str(&format!("\n  after only:  {l}"));
+    }
+    s
+}

@@ -2,7 +2,9 @@
 //! each sets its state up, is dumped (after 0 or 3 pre-dumps), killed,
 //! restored with the same PID, and then checks everything itself on
 //! SIGTERM (PASS or FAIL with what differed). `tern restore` waits for the
-//! process and exits with its status.
+//! process and exits with its status. Each restored process must also look
+//! from outside as the original did before tern touched it: its maps
+//! (smaps, VmFlags included) and fds, line by line (`proc::shape`).
 
 use std::path::Path;
 use std::process::Child;
@@ -53,6 +55,8 @@ fn dump_restore(name: &str, args: &[&str], pre_dumps: usize, extra: &[&str]) -> 
     let _one = serial();
     let mut ck = CkProcess::start(name, args, READY).unwrap_or_else(|e| panic!("{e}"));
     let pid = ck.pid;
+    // Its maps and fds as they were, before tern touched it.
+    let before = tern_tests::proc::shape(pid).unwrap_or_else(|e| panic!("{e}"));
     let root = tempdir();
     let mut prev: Option<std::path::PathBuf> = None;
     for i in 0..pre_dumps {
@@ -78,6 +82,17 @@ fn dump_restore(name: &str, args: &[&str], pre_dumps: usize, extra: &[&str]) -> 
     // The restore prints its JSON once the process runs again.
     let restored = restored_json(&mut restore);
     assert_eq!(restored["pid"].as_i64(), Some(pid as i64), "{restored}");
+    // Nothing of tern left in it, nothing of the original missing.
+    let after = tern_tests::proc::shape(pid).unwrap_or_else(|e| panic!("{e}"));
+    let diff = tern_tests::proc::shape_diff(&before, &after);
+    if !diff.is_empty() {
+        // SAFETY: kill the restored process.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = restore.kill();
+        panic!(
+            "ck_{name} {args:?} after {pre_dumps} pre-dumps: the restored process's maps or fds differ from the original's:{diff}"
+        );
+    }
     let verdict = match ck.verdict(VERDICT) {
         Ok(l) => l,
         Err(e) => {
@@ -234,6 +249,31 @@ fn vdso() {
 #[test]
 fn files() {
     assert_pass("files", &[], 0);
+}
+
+#[test]
+fn vma_state() {
+    assert_pass("vma", &[], 0);
+}
+
+#[test]
+fn vma_state_after_three_pre_dumps() {
+    assert_pass("vma", &[], 3);
+}
+
+#[test]
+fn vma_state_with_process_thp_and_ksm_settings() {
+    assert_pass("vma", &["--prctl"], 0);
+}
+
+#[test]
+fn open_file_descriptions() {
+    assert_pass("ofd", &[], 0);
+}
+
+#[test]
+fn open_file_descriptions_after_three_pre_dumps() {
+    assert_pass("ofd", &[], 3);
 }
 
 /// Serialises the tests of this file (see the callers).
