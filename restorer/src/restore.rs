@@ -14,9 +14,13 @@
 //!    held (the blocked read), blocks there too, and is seized in turn.
 //! 3. Through injected syscalls in the main thread: tern's own memory goes
 //!    (everything but the scratch area and the vDSO), the vDSO moves to where
-//!    the image had it, every VMA is mapped at its address and filled from
-//!    the chain (`process_vm_writev`), then given its protection; `PR_SET_MM_MAP`
-//!    sets the mm fields (brk, args, env, auxv, exe).
+//!    the image had it, every VMA is mapped at its address with the mmap
+//!    flags its VmFlags say it was made with, filled from the chain
+//!    (`process_vm_writev`, or /proc/PID/mem where it is not writable), then
+//!    given its madvise state, protection and locks ([`MapPlan`]); a VMA the
+//!    kernel would merge with its neighbour is built elsewhere and moved in
+//!    place; seals go on last. `PR_SET_MM_MAP` sets the mm fields (brk,
+//!    args, env, auxv, exe).
 //! 4. Files, cwd, umask, limits, itimers, handlers; per thread: signal mask,
 //!    pending signals re-queued, sigaltstack, robust list, clear_child_tid,
 //!    rseq, name, FPU/xsave; then credentials and, last, seccomp filters.
