@@ -17,7 +17,7 @@
 //!    the image had it, every VMA is mapped at its address with the mmap
 //!    flags its VmFlags say it was made with, filled from the chain
 //!    (`process_vm_writev`, or /proc/PID/mem where it is not writable), then
-//!    given its madvise state, protection and locks ([`MapPlan`]); a VMA the
+//!    given its madvise state, protection and locks (`MapPlan`); a VMA the
 //!    kernel would merge with its neighbour is built elsewhere and moved in
 //!    place; seals go on last. `PR_SET_MM_MAP` sets the mm fields (brk,
 //!    args, env, auxv, exe).
