@@ -305,6 +305,54 @@ pub fn check_creds(p: &ProcessImage, w: &Writer, r: &Restorer) -> Result<(), Str
     Ok(())
 }
 
+/// What an image a user could have written may not ask of a restore that
+/// runs as root: hard resource limits above tern's own (an unprivileged
+/// process cannot raise them), more locked memory than its own
+/// RLIMIT_MEMLOCK allows (tern locks it before the credentials drop), and
+/// KSM for every VMA (PR_SET_MEMORY_MERGE needs CAP_SYS_RESOURCE).
+pub fn check_limits(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> {
+    for l in &p.rlimits {
+        let mut ours = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: prlimit64 of this process, reading into a valid struct.
+        if unsafe { libc::prlimit64(0, l.resource as _, std::ptr::null(), &mut ours) } != 0 {
+            continue;
+        }
+        if l.max > ours.rlim_max {
+            return Err(format!(
+                "PID {}: the image asks for a hard limit of {} for resource {}, above this tern's {}; an unprivileged process cannot raise it",
+                p.pid, l.max, l.resource, ours.rlim_max
+            ));
+        }
+    }
+    let locked: u64 = vmas
+        .iter()
+        .filter(|v| v.vm_flags.iter().any(|f| f == "lo"))
+        .map(|v| v.end - v.start)
+        .sum();
+    let memlock = p
+        .rlimits
+        .iter()
+        .find(|l| l.resource == libc::RLIMIT_MEMLOCK as u32)
+        .map(|l| l.cur)
+        .unwrap_or(0);
+    if locked > memlock {
+        return Err(format!(
+            "PID {}: the image asks for {locked} bytes of locked memory (mlock), above its RLIMIT_MEMLOCK of {memlock}",
+            p.pid
+        ));
+    }
+    if p.memory_merge {
+        return Err(format!(
+            "PID {}: the image asks for KSM on every mapping (PR_SET_MEMORY_MERGE), which needs CAP_SYS_RESOURCE",
+            p.pid
+        ));
+    }
+    Ok(())
+}
+
 /// A path a restore opens for the process, and how.
 struct Access<'a> {
     what: String,
@@ -448,6 +496,7 @@ pub fn chain_verdict(
     check_creds(process, &writer, restorer)?;
     if matches!(writer, Writer::User { .. }) {
         check_access(process, chain.vmas())?;
+        check_limits(process, chain.vmas())?;
     }
     tracing::debug!(dir = %dir.display(), ?writer, "trust");
     Ok(writer)
@@ -502,5 +551,40 @@ mod tests {
         };
         let e = check_creds(&process(0, (1 << 41) - 1), &Writer::Root, &weak).unwrap_err();
         assert!(e.contains("cap_sys_nice"), "{e}");
+    }
+
+    #[test]
+    fn a_user_written_image_locks_no_more_than_its_limit_and_raises_no_hard_limit() {
+        let mut p = process(1001, 0);
+        p.rlimits = vec![images::process::Rlimit {
+            resource: libc::RLIMIT_MEMLOCK as u32,
+            cur: 8192,
+            max: 8192,
+        }];
+        let mut v = VmaRecord::anonymous(0x10000, 0x12000);
+        v.vm_flags = vec!["rd".into(), "wr".into(), "lo".into()];
+        assert!(check_limits(&p, std::slice::from_ref(&v)).is_ok());
+        v.end = 0x13000;
+        let e = check_limits(&p, &[v]).unwrap_err();
+        assert!(e.contains("12288 bytes of locked memory"), "{e}");
+        p.memory_merge = true;
+        let e = check_limits(&p, &[]).unwrap_err();
+        assert!(e.contains("PR_SET_MEMORY_MERGE"), "{e}");
+        p.memory_merge = false;
+        p.rlimits = vec![images::process::Rlimit {
+            resource: libc::RLIMIT_NOFILE as u32,
+            cur: 1024,
+            max: u64::MAX,
+        }];
+        let mut ours = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: reading this process's limit.
+        unsafe { libc::prlimit64(0, libc::RLIMIT_NOFILE, std::ptr::null(), &mut ours) };
+        if ours.rlim_max != u64::MAX {
+            let e = check_limits(&p, &[]).unwrap_err();
+            assert!(e.contains("hard limit"), "{e}");
+        }
     }
 }

@@ -16,7 +16,8 @@
 //!   contents are not in the image), devices other than the stateless ones
 //!   (`/dev/null`, `zero`, `full`, `random`, `urandom`) and terminals, a pty
 //!   master (reopening `/dev/ptmx` makes a new pty), files with locks held
-//!   through them (locks are not re-taken);
+//!   through them (locks are not re-taken), O_ASYNC fds (their signal
+//!   owner is not restored);
 //! - mappings: SysV shared memory, memfd and deleted files, device and I/O
 //!   mappings, hugetlbfs, AIO rings, `memfd_secret`, shadow stacks, MTE;
 //! - POSIX timers (`timer_create`), child processes (live or zombie: a
@@ -222,6 +223,13 @@ const STATELESS_DEVICES: &[(u32, u32)] = &[(1, 3), (1, 5), (1, 7), (1, 8), (1, 9
 
 fn fd_refusal(pid: i32, f: &FdInfo) -> Option<Refusal> {
     let at = format!("fd {}", f.fd);
+    if f.flags & libc::O_ASYNC != 0 {
+        return Some(refusal(
+            "async_io",
+            at,
+            "O_ASYNC (signal-driven I/O): its owner and signal (F_SETOWN, F_SETSIG) are not restored",
+        ));
+    }
     let r = match &f.kind {
         FdKind::Socket { ino } => refusal(
             "socket",
