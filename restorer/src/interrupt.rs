@@ -6,7 +6,10 @@
 //! every thread it starts later, the tracer threads included) and taken by
 //! a watcher thread with `sigtimedwait`. Disarming stops the watcher and
 //! unblocks them: from then on they act as usual (the restored process is
-//! whole and no longer dies with tern).
+//! whole and no longer dies with tern). A signal tern was started with
+//! ignored (`nohup`, or `&` in a script for SIGINT and SIGQUIT) is left
+//! alone: blocked, the kernel would queue it for the watcher instead of
+//! dropping it, and a restore the caller shielded would be killed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -37,7 +40,8 @@ pub struct BuildGuard {
 impl BuildGuard {
     /// Block the signals here and start watching for them.
     pub fn arm() -> BuildGuard {
-        let set = set_of(&SIGNALS);
+        let watched: Vec<i32> = SIGNALS.into_iter().filter(|&s| !ignored(s)).collect();
+        let set = set_of(&watched);
         // SAFETY: pthread_sigmask with valid sets.
         let old_mask = unsafe {
             let mut old: libc::sigset_t = std::mem::zeroed();
@@ -73,6 +77,16 @@ impl Drop for BuildGuard {
         }
         // SAFETY: restoring this thread's mask as it was.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
+    }
+}
+
+/// Whether `sig` is ignored (SIG_IGN) in this process.
+fn ignored(sig: i32) -> bool {
+    // SAFETY: sigaction with a null new action only reads the disposition
+    // into a local struct.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
     }
 }
 

@@ -335,7 +335,7 @@ pub fn check_limits(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> 
     let memlock = p
         .rlimits
         .iter()
-        .find(|l| l.resource == libc::RLIMIT_MEMLOCK as u32)
+        .find(|l| l.resource == libc::RLIMIT_MEMLOCK)
         .map(|l| l.cur)
         .unwrap_or(0);
     if locked > memlock {
@@ -557,7 +557,7 @@ mod tests {
     fn a_user_written_image_locks_no_more_than_its_limit_and_raises_no_hard_limit() {
         let mut p = process(1001, 0);
         p.rlimits = vec![images::process::Rlimit {
-            resource: libc::RLIMIT_MEMLOCK as u32,
+            resource: libc::RLIMIT_MEMLOCK,
             cur: 8192,
             max: 8192,
         }];
@@ -572,7 +572,7 @@ mod tests {
         assert!(e.contains("PR_SET_MEMORY_MERGE"), "{e}");
         p.memory_merge = false;
         p.rlimits = vec![images::process::Rlimit {
-            resource: libc::RLIMIT_NOFILE as u32,
+            resource: libc::RLIMIT_NOFILE,
             cur: 1024,
             max: u64::MAX,
         }];

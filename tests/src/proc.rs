@@ -450,3 +450,23 @@ pub fn shape_diff(a: &[String], b: &[String]) -> String {
     }
     s
 }
+
+/// What became of `pid` in a child subreaper: its wait status if it was
+/// reaped here (our orphan), `None` if another parent (tern) reaped it.
+/// Panics if it is still there after `timeout`.
+pub fn reap_orphan(pid: i32, timeout: Duration) -> Option<i32> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        let mut st = 0;
+        // SAFETY: waitpid on a process reparented to us (or ECHILD).
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL | libc::WNOHANG) };
+        if r == pid {
+            return Some(st);
+        }
+        if r < 0 && !alive(pid) && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return None; // reaped by tern
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    panic!("PID {pid} still there after {timeout:?}");
+}

@@ -4,7 +4,9 @@
 //! whole one that passes its own checks.
 //!
 //! This test binary makes itself a child subreaper, so that the processes a
-//! killed tern leaves are reparented here and their exit is seen.
+//! killed tern leaves are reparented here and their exit is seen. It sets
+//! the signals' dispositions itself (a shell that started the suite in the
+//! background left SIGINT and SIGQUIT ignored, and tern inherits that).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -16,31 +18,21 @@ use tern_tests::{
 
 const READY: Duration = Duration::from_secs(30);
 
-/// What became of the restored PID: reaped here (our orphan) or by tern.
-fn reap(pid: i32, timeout: Duration) -> Option<i32> {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        let mut st = 0;
-        // SAFETY: waitpid on a process reparented to us (or ECHILD).
-        let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL | libc::WNOHANG) };
-        if r == pid {
-            return Some(st);
+/// Make this process a child subreaper and give `signals` the disposition
+/// `how` (inherited by the terns it starts when SIG_IGN or SIG_DFL).
+fn set_up(signals: &[i32], how: libc::sighandler_t) {
+    // SAFETY: prctl and signal(2) on this process.
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), 0);
+        for &s in signals {
+            libc::signal(s, how);
         }
-        if r < 0 && !proc::alive(pid) && !Path::new(&format!("/proc/{pid}")).exists() {
-            return None; // reaped by tern
-        }
-        std::thread::sleep(Duration::from_millis(2));
     }
-    panic!("PID {pid} still there after {timeout:?}");
 }
 
 #[test]
 fn tern_killed_at_random_moments_of_a_restore_leaves_nothing_or_everything() {
-    // SAFETY: prctl on this process.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
-        0
-    );
+    set_up(&[libc::SIGTERM, libc::SIGINT], libc::SIG_DFL);
     let mut ck = CkProcess::start("memory", &["--mib", "96"], READY).unwrap();
     let pid = ck.pid;
     let root = tempdir();
@@ -55,7 +47,8 @@ fn tern_killed_at_random_moments_of_a_restore_leaves_nothing_or_everything() {
     let v = restore_detached(&d, pid);
     let full = t.elapsed();
     assert_eq!(ck.verdict(READY).unwrap(), "PASS");
-    let st = reap(pid, Duration::from_secs(10)).expect("the restored process is our orphan");
+    let st = proc::reap_orphan(pid, Duration::from_secs(10))
+        .expect("the restored process is our orphan");
     assert!(
         libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
         "status {st:#x}"
@@ -96,7 +89,7 @@ fn tern_killed_at_random_moments_of_a_restore_leaves_nothing_or_everything() {
             // It must be whole: its own checks pass.
             let v = ck.verdict(READY).unwrap_or_else(|e| panic!("{when}: {e}"));
             assert_eq!(v, "PASS", "{when}");
-            let st = reap(pid, Duration::from_secs(10));
+            let st = proc::reap_orphan(pid, Duration::from_secs(10));
             if let Some(st) = st {
                 assert!(
                     libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
@@ -105,7 +98,7 @@ fn tern_killed_at_random_moments_of_a_restore_leaves_nothing_or_everything() {
             }
             whole += 1;
         } else {
-            if let Some(st) = reap(pid, Duration::from_secs(10)) {
+            if let Some(st) = proc::reap_orphan(pid, Duration::from_secs(10)) {
                 assert!(
                     libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL,
                     "{when}: the half-built process ended with status {st:#x}, not by SIGKILL"
