@@ -73,9 +73,20 @@ fn status(pid: i32, name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Restore `dir` detached; the process must come back and pass its checks.
-fn restores(dir: &Path, ck: &mut CkProcess, what: &str) {
+/// The maps and fds of `pid` (see `proc::shape`).
+fn shape(pid: i32) -> Vec<String> {
+    tern_tests::proc::shape(pid).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Restore `dir` detached; the process must come back with the maps and
+/// fds it had (`before`), nothing of tern's, and pass its checks.
+fn restores(dir: &Path, ck: &mut CkProcess, before: &[String], what: &str) {
     restore_detached(dir, ck.pid);
+    let diff = tern_tests::proc::shape_diff(before, &shape(ck.pid));
+    assert!(
+        diff.is_empty(),
+        "{what}: the restored process's maps or fds differ from the original's:{diff}"
+    );
     assert_eq!(ck.verdict(READY).unwrap(), "PASS", "{what}");
 }
 
@@ -84,6 +95,7 @@ fn an_fd_edited_to_name_etc_shadow_is_refused() {
     let root = tempdir();
     let mut ck = start("user");
     let pid = ck.pid;
+    let before = shape(pid);
     let (p1, d) = dump(&mut ck, root.path());
     // Edited in place (as root: the files stay root's): the seal says so.
     let edit = |dump: &Path| {
@@ -120,7 +132,7 @@ fn an_fd_edited_to_name_etc_shadow_is_refused() {
     // on its own file.
     let good = copy_chain(&p1, &d, root.path(), "good");
     chown_tree(good.parent().unwrap(), USER);
-    restores(&good, &mut ck, "the user's unedited image");
+    restores(&good, &mut ck, &before, "the user's unedited image");
 }
 
 #[test]
@@ -128,6 +140,7 @@ fn an_image_edited_to_uid_0_is_refused() {
     let root = tempdir();
     let mut ck = start("user");
     let pid = ck.pid;
+    let before = shape(pid);
     let (p1, d) = dump(&mut ck, root.path());
     let to_root = |dump: &Path| {
         edit_json(&dump.join(images::process::PROCESS_FILE), |v| {
@@ -166,7 +179,7 @@ fn an_image_edited_to_uid_0_is_refused() {
     chown_tree(stolen.parent().unwrap(), USER);
     refused(&stolen, rootpid, &["uid 1001", "[0, 0, 0, 0]"], None);
     // The untouched image still restores.
-    restores(&d, &mut ck, "the untouched image");
+    restores(&d, &mut ck, &before, "the untouched image");
 }
 
 /// Drop CAP_SYS_NICE from this process's every set (run in the child tern
@@ -203,6 +216,7 @@ fn capabilities_come_back_exactly_and_never_beyond_the_restoring_user() {
         status(pid, "CapPrm"),
         status(pid, "CapBnd"),
     );
+    let shape_before = shape(pid);
     let (_, d) = dump(&mut ck, root.path());
     let mut full = ck;
     let img: Value =
@@ -231,8 +245,13 @@ fn capabilities_come_back_exactly_and_never_beyond_the_restoring_user() {
         Some(without_cap_sys_nice),
     );
     // The real image, restored by root: the process gets exactly its sets
-    // back (not root's full ones).
+    // back (not root's full ones), and its maps and fds.
     restore_detached(&d, pid);
+    let diff = tern_tests::proc::shape_diff(&shape_before, &shape(pid));
+    assert!(
+        diff.is_empty(),
+        "the restored process's maps or fds differ from the original's:{diff}"
+    );
     let after = (
         status(pid, "CapEff"),
         status(pid, "CapPrm"),
