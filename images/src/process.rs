@@ -40,6 +40,12 @@ pub struct ProcessImage {
     /// PR_GET_MEMORY_MERGE: KSM for every VMA (PR_SET_MEMORY_MERGE).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub memory_merge: bool,
+    /// /proc/PID/oom_score_adj (-1000..=1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
+    /// /proc/PID/coredump_filter (which mappings a core dump holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coredump_filter: Option<u32>,
     pub creds: Creds,
     pub mm: MmState,
     pub vdso: sys::vdso::VdsoLayout,
@@ -72,6 +78,10 @@ pub struct ThreadImage {
     pub clear_child_tid: u64,
     pub robust_list: u64,
     pub robust_list_len: u64,
+    /// Policy, nice, priority, CPU affinity, I/O priority (absent in
+    /// images of older terns: the thread keeps what the restore gives it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sched: Option<sys::sched::Scheduling>,
 }
 
 /// Fields of the kernel's `mm_struct` a restore sets with `PR_SET_MM_MAP`.

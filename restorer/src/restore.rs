@@ -737,6 +737,10 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
         seccomp(plan, &mut main, &mut others, pid, scratch_at)?;
     }
 
+    // Scheduling last among the settings, from outside: a thread made
+    // SCHED_IDLE or pinned to a busy CPU would slow the injections above.
+    scheduling(plan, pid)?;
+
     // Registers in; then the pending signals, queued by each thread to
     // itself: one that is not blocked is delivered right away, on the
     // dumped context (as it would have been); then scratch out, and go.
@@ -785,6 +789,46 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
         inj.detach()?;
     }
     Ok(pages)
+}
+
+/// Each thread's policy, nice, priority, CPU affinity and I/O priority,
+/// and the process's OOM score adjustment and core dump filter, set from
+/// outside (tern may; `trust` has checked that a user's image asks for
+/// nothing its user could not set). CPUs this host does not have leave the
+/// thread free to run on any (a warning), as after a migration to a
+/// smaller machine.
+fn scheduling(plan: &Plan, pid: i32) -> Result<(), RestoreError> {
+    for t in &plan.process.threads {
+        let Some(s) = &t.sched else { continue };
+        match sys::sched::apply(t.tid, s) {
+            Ok(()) => {}
+            Err(e @ sys::sched::SchedError::NoCpus { .. }) => {
+                tracing::warn!(pid, "restore: {e}");
+            }
+            Err(e) => return Err(step(pid, "setting a thread's scheduling")(e)),
+        }
+    }
+    let p = &plan.process;
+    if let Some(v) = p.oom_score_adj {
+        write_proc(pid, "oom_score_adj", &v.to_string())?;
+    }
+    if let Some(v) = p.coredump_filter {
+        write_proc(pid, "coredump_filter", &format!("{v:#x}"))?;
+    }
+    Ok(())
+}
+
+/// Write `value` to /proc/PID/NAME of the process being built.
+fn write_proc(pid: i32, name: &'static str, value: &str) -> Result<(), RestoreError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = format!("/proc/{pid}/{name}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(|e| step(pid, name)(format!("writing {value} to {path}: {e}")))
 }
 
 /// Put bytes that point into themselves into the injector's scratch data

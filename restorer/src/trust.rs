@@ -353,6 +353,79 @@ pub fn check_limits(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> 
     Ok(())
 }
 
+/// What an image a user could have written may not ask of the scheduling
+/// tern sets from outside as root (`restore::scheduling`): what the
+/// process could not have set itself with the capabilities and limits the
+/// image gives it (sched(7), ioprio_set(2), proc(5)). A negative nice value
+/// below `20 - RLIMIT_NICE`, a real-time priority above RLIMIT_RTPRIO,
+/// SCHED_DEADLINE and the real-time I/O class need CAP_SYS_NICE; a negative
+/// OOM score adjustment needs CAP_SYS_RESOURCE.
+pub fn check_scheduling(p: &ProcessImage) -> Result<(), String> {
+    const CAP_SYS_NICE: u32 = 23;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let has = |cap: u32| p.creds.cap_eff & (1 << cap) != 0;
+    let limit = |res: libc::__rlimit_resource_t| {
+        p.rlimits
+            .iter()
+            .find(|l| l.resource == res)
+            .map_or(0, |l| l.cur)
+    };
+    let refuse = |what: String, cap: &str| {
+        Err(format!(
+            "PID {}: the image asks for {what}, which a process without {cap} cannot set; tern will not set it for a user's image",
+            p.pid
+        ))
+    };
+    if !has(CAP_SYS_NICE) {
+        // Any process may raise its nice value; below 0 (where a process
+        // starts) only down to 20 - RLIMIT_NICE.
+        let nice_floor =
+            (20 - i64::try_from(limit(libc::RLIMIT_NICE).min(40)).unwrap_or(40)).min(0);
+        let rtprio = limit(libc::RLIMIT_RTPRIO);
+        for t in &p.threads {
+            let Some(s) = &t.sched else { continue };
+            let tid = t.tid;
+            if i64::from(s.nice) < nice_floor {
+                return refuse(
+                    format!(
+                        "nice {} in thread {tid} (RLIMIT_NICE allows {nice_floor})",
+                        s.nice
+                    ),
+                    "CAP_SYS_NICE",
+                );
+            }
+            if s.policy == sys::sched::SCHED_DEADLINE {
+                return refuse(format!("SCHED_DEADLINE in thread {tid}"), "CAP_SYS_NICE");
+            }
+            if s.is_realtime() && u64::from(s.priority) > rtprio {
+                return refuse(
+                    format!(
+                        "real-time priority {} in thread {tid} (RLIMIT_RTPRIO allows {rtprio})",
+                        s.priority
+                    ),
+                    "CAP_SYS_NICE",
+                );
+            }
+            if s.io_class() == sys::sched::IOPRIO_CLASS_RT {
+                return refuse(
+                    format!("the real-time I/O class in thread {tid}"),
+                    "CAP_SYS_NICE",
+                );
+            }
+        }
+    }
+    if let Some(v) = p.oom_score_adj
+        && v < 0
+        && !has(CAP_SYS_RESOURCE)
+    {
+        return refuse(
+            format!("an OOM score adjustment of {v}"),
+            "CAP_SYS_RESOURCE",
+        );
+    }
+    Ok(())
+}
+
 /// A path a restore opens for the process, and how.
 struct Access<'a> {
     what: String,
@@ -497,6 +570,7 @@ pub fn chain_verdict(
     if matches!(writer, Writer::User { .. }) {
         check_access(process, chain.vmas())?;
         check_limits(process, chain.vmas())?;
+        check_scheduling(process)?;
     }
     tracing::debug!(dir = %dir.display(), ?writer, "trust");
     Ok(writer)
@@ -586,5 +660,66 @@ mod tests {
             let e = check_limits(&p, &[]).unwrap_err();
             assert!(e.contains("hard limit"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_user_written_image_asks_for_no_scheduling_its_user_could_not_set() {
+        let mut p = process(1001, 0);
+        let nice = |n: i32| sys::sched::Scheduling {
+            policy: sys::sched::SCHED_NORMAL,
+            reset_on_fork: false,
+            nice: n,
+            priority: 0,
+            runtime_ns: 0,
+            deadline_ns: 0,
+            period_ns: 0,
+            cpus: vec![0],
+            ioprio: 0,
+        };
+        let tid = p.threads[0].tid;
+        // Raising nice, SCHED_BATCH/IDLE, the idle I/O class: any user may.
+        p.threads[0].sched = Some(sys::sched::Scheduling {
+            policy: sys::sched::SCHED_IDLE,
+            ioprio: sys::sched::IOPRIO_CLASS_IDLE << sys::sched::IOPRIO_CLASS_SHIFT,
+            ..nice(19)
+        });
+        p.oom_score_adj = Some(500);
+        assert!(check_scheduling(&p).is_ok());
+        p.threads[0].sched = Some(nice(-5));
+        let e = check_scheduling(&p).unwrap_err();
+        assert!(e.contains(&format!("nice -5 in thread {tid}")), "{e}");
+        // ... unless its RLIMIT_NICE allows it (20 - 25 = -5).
+        p.rlimits = vec![images::process::Rlimit {
+            resource: libc::RLIMIT_NICE,
+            cur: 25,
+            max: 25,
+        }];
+        assert!(check_scheduling(&p).is_ok());
+        p.threads[0].sched = Some(sys::sched::Scheduling {
+            policy: sys::sched::SCHED_FIFO,
+            priority: 10,
+            ..nice(0)
+        });
+        let e = check_scheduling(&p).unwrap_err();
+        assert!(e.contains("real-time priority 10"), "{e}");
+        p.threads[0].sched = Some(sys::sched::Scheduling {
+            ioprio: sys::sched::IOPRIO_CLASS_RT << sys::sched::IOPRIO_CLASS_SHIFT,
+            ..nice(0)
+        });
+        let e = check_scheduling(&p).unwrap_err();
+        assert!(e.contains("real-time I/O class"), "{e}");
+        p.threads[0].sched = Some(nice(0));
+        p.oom_score_adj = Some(-1000);
+        let e = check_scheduling(&p).unwrap_err();
+        assert!(e.contains("-1000") && e.contains("CAP_SYS_RESOURCE"), "{e}");
+        // A process holding CAP_SYS_NICE and CAP_SYS_RESOURCE could.
+        let mut q = process(1001, 1 << 23 | 1 << 24);
+        q.oom_score_adj = Some(-1000);
+        q.threads[0].sched = Some(sys::sched::Scheduling {
+            policy: sys::sched::SCHED_FIFO,
+            priority: 50,
+            ..nice(-20)
+        });
+        assert!(check_scheduling(&q).is_ok());
     }
 }

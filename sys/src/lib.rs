@@ -10,7 +10,9 @@
 //! - [`rseq`]: rseq registration and critical-section abort fixup;
 //! - [`vdso`]: vDSO/vvar placement and vDSO symbols;
 //! - [`fds`]: the fd table and pipe contents;
-//! - [`clone`]: clone3's argument block.
+//! - [`clone`]: clone3's argument block;
+//! - [`sched`]: a thread's scheduling policy, nice, CPU affinity and I/O
+//!   priority.
 //!
 //! The tracker uses them to capture a process, the restorer to rebuild one;
 //! neither reaches into the other.
@@ -20,6 +22,7 @@ pub mod fds;
 pub mod inject;
 pub mod regs;
 pub mod rseq;
+pub mod sched;
 pub mod seccomp;
 pub mod signals;
 pub mod vdso;

@@ -1,4 +1,6 @@
-//! The self-checking workloads `ck_vma` (VMA ranges and flags: madvise
+//! The self-checking workloads `ck_sched` (each thread's policy, nice,
+//! CPU affinity, I/O priority; the process's OOM score adjustment and core
+//! dump filter), `ck_vma` (VMA ranges and flags: madvise
 //! state, locking, sealing, MAP_DROPPABLE, MAP_GROWSDOWN, a shared file
 //! mapping that may become writable, separate adjacent VMAs; with
 //! `--prctl` the THP-disable and memory-merge process flags) and `ck_ofd`
@@ -110,4 +112,15 @@ fn ofd_break_fails() {
         &[],
         &["fd R (pipe read end)", "F_GETFL found 0x800, expected 0x0"],
     );
+}
+
+#[test]
+fn sched_passes() {
+    passes("sched", &[]);
+}
+
+#[test]
+fn sched_break_fails() {
+    // cks-batch back at nice 0: its thread line names both values.
+    fails_when_broken("sched", &[], &["thread cks-batch", "nice 9", "nice 0 "]);
 }

@@ -276,6 +276,16 @@ fn open_file_descriptions_after_three_pre_dumps() {
     assert_pass("ofd", &[], 3);
 }
 
+#[test]
+fn scheduling() {
+    assert_pass("sched", &[], 0);
+}
+
+#[test]
+fn scheduling_after_three_pre_dumps() {
+    assert_pass("sched", &[], 3);
+}
+
 /// Serialises the tests of this file (see the callers).
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());

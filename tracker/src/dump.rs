@@ -858,6 +858,7 @@ fn capture_state(
             inj.release_scratch()?;
         }
         let (robust_list, robust_list_len) = robust_list(tid);
+        let sched = sys::sched::read(tid).map_err(cap(format!("PID {pid}")))?;
         thread_images.push(ThreadImage {
             tid,
             comm: read_trim(&format!("/proc/{pid}/task/{tid}/comm")),
@@ -871,6 +872,7 @@ fn capture_state(
             clear_child_tid,
             robust_list,
             robust_list_len,
+            sched: Some(sched),
         });
     }
 
@@ -1040,6 +1042,14 @@ fn capture_state(
         dumpable: (dumpable >= 0).then_some(dumpable as u32),
         thp_disable: (thp_disable > 0).then_some(thp_disable as u32),
         memory_merge: memory_merge == 1,
+        oom_score_adj: read_trim(&format!("/proc/{pid}/oom_score_adj"))
+            .parse()
+            .ok(),
+        coredump_filter: u32::from_str_radix(
+            read_trim(&format!("/proc/{pid}/coredump_filter")).as_str(),
+            16,
+        )
+        .ok(),
         personality: u64::from_str_radix(
             read_trim(&format!("/proc/{pid}/personality")).as_str(),
             16,
