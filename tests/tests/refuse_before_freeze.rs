@@ -302,4 +302,11 @@ refusal_tests! {
     refuses_flock: "flock" => "file_lock",
     refuses_device: "device" => "device",
     refuses_zombie_leader: "zombie-leader" => "zombie_leader",
+    refuses_async_io: "async-io" => "async_io",
+    refuses_io_uring: "io-uring" => "io_uring",
+    refuses_aio: "aio" => "aio",
+    refuses_userfaultfd: "userfaultfd" => "userfaultfd",
+    refuses_fanotify: "fanotify" => "fanotify",
+    refuses_namespace: "namespace" => "namespace",
+    refuses_deleted_exe: "deleted-exe" => "deleted_exe",
 }

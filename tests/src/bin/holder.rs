@@ -11,7 +11,10 @@
 //! `eventfd`, `epoll`, `signalfd`, `timerfd`, `inotify`, `pidfd`,
 //! `posix-timer`, `child`, `zombie-child`, `deleted-cwd`, `deleted-file`,
 //! `deleted-mapping`, `memfd`, `sysv-shm`, `flock`, `device`,
-//! `zombie-leader`. The resource fds are moved to [`FD`] (and [`FD`] + 1
+//! `zombie-leader`, `async-io`, `io-uring`, `aio`, `userfaultfd`,
+//! `fanotify`, `namespace` (its own UTS namespace), `deleted-exe` (it
+//! re-executes itself from a copy under the temporary directory, then
+//! removes the copy). The resource fds are moved to [`FD`] (and [`FD`] + 1
 //! for the second end of a socket pair). Temporary files go to `$TMPDIR`
 //! (or /tmp) and are removed where the kind allows (`flock` keeps its file:
 //! a deleted file would be a second reason to refuse).
@@ -313,6 +316,77 @@ fn set_up(kind: &str) -> Vec<String> {
                 }
                 lines.push(fd_line(move_fd(fd, FD)));
             }
+            "async-io" => {
+                // A pipe read end that signals its owner on input.
+                let mut p = [-1i32; 2];
+                check(libc::pipe(p.as_mut_ptr()) as _, "pipe");
+                let fd = move_fd(p[0], FD);
+                check(
+                    libc::fcntl(fd, libc::F_SETOWN, libc::getpid()) as _,
+                    "F_SETOWN",
+                );
+                let fl = libc::fcntl(fd, libc::F_GETFL);
+                check(
+                    libc::fcntl(fd, libc::F_SETFL, fl | libc::O_ASYNC) as _,
+                    "O_ASYNC",
+                );
+                lines.push(fd_line(fd));
+            }
+            "io-uring" => {
+                // struct io_uring_params is 120 bytes; zeroed asks for defaults.
+                let mut params = [0u8; 120];
+                let fd = check(
+                    libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr()),
+                    "io_uring_setup",
+                ) as i32;
+                lines.push(fd_line(move_fd(fd, FD)));
+            }
+            "aio" => {
+                let mut ctx: libc::c_ulong = 0;
+                check(
+                    libc::syscall(libc::SYS_io_setup, 8, &mut ctx as *mut libc::c_ulong),
+                    "io_setup",
+                );
+                lines.push(format!("map {ctx:#x}"));
+            }
+            "userfaultfd" => {
+                let fd = check(
+                    libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC),
+                    "userfaultfd",
+                ) as i32;
+                // Handshaken as a program would (UFFDIO_API, asking for
+                // UFFD_FEATURE_MISSING_SHMEM): one never handshaken is
+                // taken for what a tern killed while arming its tracking
+                // left, which the next pre-dump removes.
+                let mut api = [0u64; 3];
+                api[0] = 0xaa; // UFFD_API
+                api[1] = 1 << 5; // UFFD_FEATURE_MISSING_SHMEM
+                const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+                check(
+                    libc::ioctl(fd, UFFDIO_API as _, api.as_mut_ptr()) as _,
+                    "UFFDIO_API",
+                );
+                lines.push(fd_line(move_fd(fd, FD)));
+            }
+            "fanotify" => {
+                // FAN_CLASS_NOTIF (0), events read-only.
+                lines.push(fd_line(move_fd(
+                    libc::fanotify_init(0, libc::O_RDONLY as u32),
+                    FD,
+                )));
+            }
+            "namespace" => {
+                check(
+                    libc::unshare(libc::CLONE_NEWUTS) as _,
+                    "unshare(CLONE_NEWUTS)",
+                );
+            }
+            "deleted-exe" => {
+                // Runs from a copy of this binary (see `main`), removed now.
+                let exe = std::fs::read_link("/proc/self/exe")
+                    .unwrap_or_else(|e| die(&format!("/proc/self/exe: {e}")));
+                unlink(&exe);
+            }
             "zombie-leader" => {}
             _ => {
                 eprintln!("holder: unknown kind {kind:?}");
@@ -344,6 +418,18 @@ fn main() {
             eprintln!("usage: holder KIND --out FILE");
             std::process::exit(2);
         });
+    if kind == "deleted-exe" && std::env::var_os("HOLDER_COPY").is_none() {
+        // Run from a copy (same PID: exec), which `set_up` then removes.
+        let copy = tmp_path("exe");
+        let exe = std::fs::read_link("/proc/self/exe").unwrap_or_else(|e| die(&e.to_string()));
+        std::fs::copy(&exe, &copy).unwrap_or_else(|e| die(&format!("copy {}: {e}", exe.display())));
+        use std::os::unix::process::CommandExt;
+        let e = std::process::Command::new(&copy)
+            .args(std::env::args_os().skip(1))
+            .env("HOLDER_COPY", "1")
+            .exec();
+        die(&format!("exec {}: {e}", copy.display()));
+    }
     // Only the resource of KIND: no fd inherited from whoever started us.
     // SAFETY: close_range(2) of fds this process does not use; installs a
     // handler that only stores to an atomic.
