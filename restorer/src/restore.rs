@@ -1268,7 +1268,36 @@ fn finish_vma(
         let r = main.syscall(libc::SYS_mlock2, [v.start, len, flags, 0, 0, 0])?;
         check_vma(pid, v, "mlock2", r)?;
     }
+    if let Some(name) = anon_name(v) {
+        // PR_SET_VMA / PR_SET_VMA_ANON_NAME (include/uapi/linux/prctl.h).
+        const PR_SET_VMA: u64 = 0x5356_4d41;
+        let mut c = name.as_bytes().to_vec();
+        c.push(0);
+        let a = main.scratch_data(&c)?;
+        let r = main.syscall(libc::SYS_prctl, [PR_SET_VMA, 0, v.start, len, a, 0])?;
+        if r == -i64::from(libc::EINVAL) {
+            // A kernel without CONFIG_ANON_VMA_NAME: the mapping is whole,
+            // only its name in /proc/PID/maps is missing.
+            tracing::warn!(
+                pid,
+                "restore: {:#x}-{:#x} cannot be named {name:?} here (PR_SET_VMA_ANON_NAME: this kernel lacks CONFIG_ANON_VMA_NAME)",
+                v.start,
+                v.end
+            );
+        } else {
+            check_vma(pid, v, "PR_SET_VMA_ANON_NAME", r)?;
+        }
+    }
     Ok(())
+}
+
+/// The name userspace gave an anonymous VMA (`[anon:NAME]`, or
+/// `[anon_shmem:NAME]` for shared anonymous memory).
+fn anon_name(v: &VmaRecord) -> Option<&str> {
+    let n = v.name.as_deref()?;
+    n.strip_prefix("[anon:")
+        .or_else(|| n.strip_prefix("[anon_shmem:"))?
+        .strip_suffix(']')
 }
 
 /// The process's THP and KSM settings (prctl).
@@ -2323,4 +2352,23 @@ fn seccomp(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_vma_names_are_read_from_the_maps_name() {
+        let mut v = VmaRecord::anonymous(0x10000, 0x12000);
+        assert_eq!(anon_name(&v), None);
+        v.name = Some("[anon:jit code]".into());
+        assert_eq!(anon_name(&v), Some("jit code"));
+        v.name = Some("[anon_shmem:ring]".into());
+        assert_eq!(anon_name(&v), Some("ring"));
+        for other in ["[heap]", "[stack]", "/usr/lib/x.so", "[anon:unterminated"] {
+            v.name = Some(other.into());
+            assert_eq!(anon_name(&v), None, "{other}");
+        }
+    }
 }
