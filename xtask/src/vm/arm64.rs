@@ -124,6 +124,12 @@ cycle() {
     skip $n-restore "the dump left the original running"; return
   fi
   wait $P 2>/dev/null
+  # A dump that caught pacloop between opening its temporary status file and
+  # renaming it has that file open; the restored pacloop renames it away.
+  # Files are not in the image (as with CRIU), so keep a copy to put back
+  # before the same image is restored again.
+  rm -f /tmp/$n.tmp-at-dump
+  [ -e /tmp/$n.status.tmp ] && cp /tmp/$n.status.tmp /tmp/$n.tmp-at-dump
   tern restore -D /tmp/$n-d --detach --json; rc=$?; step $n-restore $rc
   [ $rc -eq 0 ] && RESTORED=1
 }
@@ -176,6 +182,7 @@ if [ $rc -eq 0 ]; then
     # The control: the same image without its keys must not run on unnoticed.
     strip_pac /tmp/pac-d pac-nokeys-edit
     cp /tmp/pac.status /tmp/pac.before
+    [ -e /tmp/pac.tmp-at-dump ] && cp /tmp/pac.tmp-at-dump /tmp/pac.status.tmp
     tern restore -D /tmp/pac-d --detach --json; rc=$?; step pac-nokeys-restore $rc
     sleep 2
     alive=false; zombie_or_gone $P || alive=true
