@@ -27,10 +27,7 @@ pub struct Probes {
 
 /// What each feature is for, in `tern check`'s human output.
 pub const USES: &[(&str, &str)] = &[
-    (
-        "uffd",
-        "userfaultfd(2): write-protect tracking, lazy restore",
-    ),
+    ("uffd", "userfaultfd(2): write-protect tracking"),
     ("uffd_wp", "userfaultfd write-protect mode"),
     (
         "uffd_wp_async",

@@ -2,7 +2,10 @@
 //! it writes, and write incremental images of them.
 //!
 //! Data path: [`maps`] lists the VMAs, a [`backend::DirtyTracker`] says which
-//! pages changed, [`predump`] copies them into an `images::ImageWriter`.
+//! pages changed, [`copy`] copies them into an `images::ImageWriter`, in
+//! rounds a [`session::TrackingSession`] drives (pre-dumps, `tern track`) or
+//! in the final [`dump`]. How a page travels from a write to a restored
+//! process: `docs/architecture.md`.
 //! Kernel interfaces without a safe wrapper live in one module each:
 //! [`pagemap_scan`], [`uffd`]; those the restorer shares (ptrace syscall
 //! injection, register sets, signals, seccomp, rseq, vDSO) are in the `sys` crate.
