@@ -54,19 +54,9 @@ pub struct DumpOptions {
     pub fsync: bool,
 }
 
-/// `--verify`: every dumped page compared with the frozen process.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct VerifyReport {
-    pub pages_checked: u64,
-    pub mismatches: u64,
-    /// The first few mismatching pages, `0xADDR: why`.
-    pub first_mismatches: Vec<String>,
-}
-
-/// Checks the image chain in a directory against the frozen target; runs
-/// while the target is still frozen. Implemented by the caller (it needs the
-/// chain reader, which lives in the restorer).
-pub type Verifier = fn(pid: i32, dir: &Path) -> Result<VerifyReport, String>;
+/// `--verify`: every dumped page compared with the frozen process (see
+/// `restorer::verify`).
+pub use restorer::verify::VerifyReport;
 
 /// The JSON of one `tern dump`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,7 +180,7 @@ pub fn dump(
     dir: &Path,
     parent: Option<&Path>,
     opts: &DumpOptions,
-    verifier: Option<Verifier>,
+    verify: bool,
 ) -> Result<DumpReport, DumpError> {
     let t0 = Instant::now();
     // A dump kills its target: one the restore could not bring back is
@@ -282,7 +272,7 @@ pub fn dump(
                 &dir_owned,
                 parent_owned.as_deref(),
                 &o,
-                verifier,
+                verify,
                 Guard {
                     tern_pid: parent_pid,
                     t0,
@@ -353,7 +343,7 @@ fn capture(
     dir: &Path,
     parent: Option<&Path>,
     opts: &DumpOptions,
-    verifier: Option<Verifier>,
+    verify: bool,
     guard: Guard,
 ) -> Result<DumpReport, DumpError> {
     let Guard {
@@ -534,23 +524,22 @@ fn capture(
         }
     };
 
-    let verify = match verifier {
-        Some(v) => {
-            let r = v(pid, dir)
-                .map_err(|e| DumpError::Capture(format!("verifying {}: {e}", dir.display())))?;
-            if r.mismatches > 0 {
-                drop(threads);
-                return Err(DumpError::Verify {
-                    pid,
-                    dir: dir.to_path_buf(),
-                    checked: r.pages_checked,
-                    mismatches: r.mismatches,
-                    first: r.first_mismatches.first().cloned().unwrap_or_default(),
-                });
-            }
-            Some(r)
+    let verify = if verify {
+        let r = restorer::verify::verify_chain(pid, dir)
+            .map_err(|e| DumpError::Capture(format!("verifying {}: {e}", dir.display())))?;
+        if r.mismatches > 0 {
+            drop(threads);
+            return Err(DumpError::Verify {
+                pid,
+                dir: dir.to_path_buf(),
+                checked: r.pages_checked,
+                mismatches: r.mismatches,
+                first: r.first_mismatches.first().cloned().unwrap_or_default(),
+            });
         }
-        None => None,
+        Some(r)
+    } else {
+        None
     };
 
     // The end: resume, or kill if the tern that asked is still there. A
