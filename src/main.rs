@@ -212,6 +212,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A span's close says how long it took: the restore's steps.
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .init();
     if let Err(e) = run(cli.cmd) {
         eprintln!("tern: error: {}", describe(&e));
