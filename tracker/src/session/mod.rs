@@ -26,7 +26,9 @@ use crate::inject::{InjectError, Injector};
 use crate::maps::{MapsError, read_vmas};
 use crate::uffd::{self, UffdError, WpUffd};
 use images::{ImageKind, ImageWriter, Inventory, MmRecord, ParentRef, TrackingState};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,7 @@ mod host;
 mod target;
 mod untrack;
 
+pub use guardian::{Cause, GuardianError};
 use guardian::{guarded, guardian};
 pub use host::{BPF_PIN_ROOT, STATE_DIR, TargetLock, gc_stale_state};
 use host::{HostState, load_host_state, lock_target, store_host_state};
@@ -62,11 +65,14 @@ pub enum TrackerError {
     #[error("no process with PID {pid}; check the PID")]
     NoProcess { pid: i32 },
     #[error("PID {pid} exited during the {what}")]
-    Exited { pid: i32, what: &'static str },
+    Exited { pid: i32, what: Cow<'static, str> },
     #[error(
         "backend {backend} is not available on this kernel: {why}; run `tern check` to see what is"
     )]
-    Unavailable { backend: &'static str, why: String },
+    Unavailable {
+        backend: Cow<'static, str>,
+        why: String,
+    },
     #[error(
         "{path}: parent image is of PID {found}, not {pid}; give the image directory of this process's previous pre-dump"
     )]
@@ -88,6 +94,13 @@ pub enum TrackerError {
         pid: i32,
         refusals: Vec<crate::restorable::Refusal>,
     },
+    #[error(transparent)]
+    Guardian(#[from] GuardianError),
+    /// An error whose source (an io, errno or ptrace error) does not cross
+    /// the guardian's pipe as itself: its message, which names what the
+    /// original named.
+    #[error("{cause}")]
+    Remote { cause: Cause },
 }
 
 /// Options of a session.
@@ -259,7 +272,7 @@ impl TrackingSession {
             } else {
                 TrackerError::Exited {
                     pid,
-                    what: "attach",
+                    what: "attach".into(),
                 }
             }
         })
@@ -324,7 +337,7 @@ impl TrackingSession {
                                     inj.syscall(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
                                 if r < 0 {
                                     return Err(TrackerError::Unavailable {
-                                        backend: "uffd-wp",
+                                        backend: "uffd-wp".into(),
                                         why: format!(
                                             "userfaultfd(2) inside PID {pid} failed: {} (a seccomp filter or vm.unprivileged_userfaultfd?)",
                                             nix::errno::Errno::from_raw(-r as i32)
@@ -666,7 +679,7 @@ impl TrackingSession {
         if !alive(self.pid, self.start_time) {
             return Err(TrackerError::Exited {
                 pid: self.pid,
-                what: "pre-dump",
+                what: "pre-dump".into(),
             });
         }
         let stats = writer.finish(&mm, &inv)?;
@@ -913,17 +926,18 @@ impl TrackingSession {
     }
 
     /// Run `f` on this session in a forked guardian child (see `guarded`),
-    /// waiting at most `deadline`; its error is a message.
-    pub fn guarded_run<T, F>(&mut self, deadline: Duration, f: F) -> Result<T, String>
+    /// waiting at most `deadline`; its error comes back typed (see
+    /// `guardian`), and so does the guardian's own failure, as `E`.
+    pub fn guarded_run<T, E, F>(&mut self, deadline: Duration, f: F) -> Result<T, E>
     where
-        T: Serialize + for<'de> Deserialize<'de>,
-        F: FnOnce(&mut TrackingSession) -> Result<T, String>,
+        T: Serialize + DeserializeOwned,
+        E: Serialize + DeserializeOwned + From<TrackerError>,
+        F: FnOnce(&mut TrackingSession) -> Result<T, E>,
     {
         let pid = self.pid;
-        match guardian(pid, deadline, || f(self).map_err(serde_json::Value::from)) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(v)) => Err(v.as_str().unwrap_or("unknown error").to_string()),
-            Err(e) => Err(e.to_string()),
+        match guardian(pid, deadline, || f(self)) {
+            Ok(r) => r,
+            Err(e) => Err(TrackerError::from(e).into()),
         }
     }
 
@@ -937,7 +951,7 @@ impl TrackingSession {
         if !alive(self.pid, self.start_time) {
             TrackerError::Exited {
                 pid: self.pid,
-                what,
+                what: what.into(),
             }
         } else {
             e
@@ -962,7 +976,7 @@ pub fn resolve_backend(mode: TrackMode) -> Result<TrackMode, TrackerError> {
         TrackMode::Auto => Ok(probes.best_backend()),
         TrackMode::UffdWp if !(probes.uffd_wp_async && probes.pagemap_scan && probes.pidfd_getfd) => {
             Err(TrackerError::Unavailable {
-                backend: "uffd-wp",
+                backend: "uffd-wp".into(),
                 why: format!(
                     "async uffd write-protect {}, PAGEMAP_SCAN {}, pidfd_getfd {} (all three need Linux 6.7+)",
                     yes_no(probes.uffd_wp_async),
@@ -972,7 +986,7 @@ pub fn resolve_backend(mode: TrackMode) -> Result<TrackMode, TrackerError> {
             })
         }
         TrackMode::SoftDirty if !probes.soft_dirty => Err(TrackerError::Unavailable {
-            backend: "soft-dirty",
+            backend: "soft-dirty".into(),
             why: "pagemap bit 55 never sets after clear_refs 4 (CONFIG_MEM_SOFT_DIRTY is off, and arm64 has no soft-dirty); use --track uffd-wp or full".into(),
         }),
         m => Ok(m),
