@@ -4,13 +4,13 @@
 use super::TrackerError;
 use std::path::Path;
 
-/// `pid` is still the process that started at `start_time`, and not a
-/// zombie (a zombie has no memory left to dump).
 /// Whether `pid` exists and is not a zombie.
 pub fn alive_now(pid: i32) -> bool {
     start_time(pid).is_ok_and(|st| alive(pid, st))
 }
 
+/// `pid` is still the process that started at `start_time`, and not a
+/// zombie (a zombie has no memory left to dump).
 pub fn alive(pid: i32, start_time: u64) -> bool {
     match procfs::process::Process::new(pid).and_then(|p| p.stat()) {
         Ok(s) => s.starttime == start_time && !matches!(s.state, 'Z' | 'X' | 'x'),
