@@ -3,7 +3,8 @@
 //! with `--json` (one per line for `track`), logs to stderr.
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use images::NewImageDir;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -48,8 +49,8 @@ enum Cmd {
         #[arg(long)]
         prev_images_dir: Option<PathBuf>,
         /// Dirty-tracking backend.
-        #[arg(long, default_value = "auto", value_parser = ["auto", "uffd-wp", "soft-dirty", "full"])]
-        track: String,
+        #[arg(long, value_enum, default_value_t = Track::Auto)]
+        track: Track,
         /// Do not use the eBPF dirty stream.
         #[arg(long)]
         no_ebpf: bool,
@@ -83,8 +84,8 @@ enum Cmd {
         /// image chain; a mismatch fails the dump and leaves the target running.
         #[arg(long)]
         verify: bool,
-        #[arg(long, default_value = "auto", value_parser = ["auto", "uffd-wp", "soft-dirty", "full"])]
-        track: String,
+        #[arg(long, value_enum, default_value_t = Track::Auto)]
+        track: Track,
         /// Compress the final pages (costs frozen time).
         #[arg(long)]
         compress: bool,
@@ -129,8 +130,8 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         rounds: u64,
         /// Dirty-tracking backend (`full` tracks nothing, so it is not offered).
-        #[arg(long, default_value = "auto", value_parser = ["auto", "uffd-wp", "soft-dirty"])]
-        track: String,
+        #[arg(long, value_enum, default_value_t = TelemetryTrack::Auto)]
+        track: TelemetryTrack,
         #[arg(long)]
         no_ebpf: bool,
         #[arg(long, default_value_t = 5000)]
@@ -159,6 +160,51 @@ enum Cmd {
     },
 }
 
+/// `--track` of `pre-dump` and `dump`: the dirty-tracking backend.
+#[derive(Clone, Copy, ValueEnum)]
+enum Track {
+    /// The best one this kernel has (`tern check` says which).
+    Auto,
+    /// Async userfaultfd write-protect with PAGEMAP_SCAN (Linux 6.7+).
+    UffdWp,
+    /// The kernel's soft-dirty page bits (x86_64 with CONFIG_MEM_SOFT_DIRTY).
+    SoftDirty,
+    /// No tracking: every round copies every populated page.
+    Full,
+}
+
+/// `--track` of `track`: `full` tracks nothing, so it is not offered.
+#[derive(Clone, Copy, ValueEnum)]
+enum TelemetryTrack {
+    /// The best one this kernel has (`tern check` says which).
+    Auto,
+    /// Async userfaultfd write-protect with PAGEMAP_SCAN (Linux 6.7+).
+    UffdWp,
+    /// The kernel's soft-dirty page bits (x86_64 with CONFIG_MEM_SOFT_DIRTY).
+    SoftDirty,
+}
+
+impl From<Track> for TrackMode {
+    fn from(t: Track) -> TrackMode {
+        match t {
+            Track::Auto => TrackMode::Auto,
+            Track::UffdWp => TrackMode::UffdWp,
+            Track::SoftDirty => TrackMode::SoftDirty,
+            Track::Full => TrackMode::Full,
+        }
+    }
+}
+
+impl From<TelemetryTrack> for TrackMode {
+    fn from(t: TelemetryTrack) -> TrackMode {
+        match t {
+            TelemetryTrack::Auto => TrackMode::Auto,
+            TelemetryTrack::UffdWp => TrackMode::UffdWp,
+            TelemetryTrack::SoftDirty => TrackMode::SoftDirty,
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -166,6 +212,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A span's close says how long it took: the restore's steps.
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .init();
     if let Err(e) = run(cli.cmd) {
         eprintln!("tern: error: {}", describe(&e));
@@ -240,76 +288,6 @@ fn require_root(verb: &str) -> Result<()> {
     Ok(())
 }
 
-/// The `-D` of a new image: checked and created before the target is
-/// touched (see `images::ImageDir::create`: no symlink, no directory others
-/// may write), with nothing in it yet. If the command fails, what it
-/// left there goes, and so do the directories it created if they are
-/// empty again.
-struct NewImageDir {
-    path: PathBuf,
-    /// Directories this run created, outermost first.
-    created: Vec<PathBuf>,
-    done: bool,
-}
-
-impl NewImageDir {
-    fn prepare(dir: &Path) -> Result<NewImageDir> {
-        let mut created = Vec::new();
-        let mut p = dir;
-        while p.symlink_metadata().is_err() {
-            created.push(p.to_path_buf());
-            match p.parent() {
-                Some(q) if !q.as_os_str().is_empty() => p = q,
-                _ => break,
-            }
-        }
-        created.reverse();
-        let mut me = NewImageDir {
-            path: dir.to_path_buf(),
-            created,
-            done: false,
-        };
-        let d = images::ImageDir::create(dir).context("images dir")?;
-        if d.exists(images::INVENTORY_FILE) {
-            me.done = true; // not ours to clean
-            bail!(
-                "images dir {}: already holds an image; give an empty directory",
-                dir.display()
-            );
-        }
-        // Writable? A probe created O_EXCL | O_NOFOLLOW, then removed.
-        let probe = format!(".tern-probe-{}", std::process::id());
-        d.create_file(&probe)
-            .with_context(|| format!("images dir {}: not writable", dir.display()))?;
-        d.remove_file(&probe)?;
-        Ok(me)
-    }
-
-    /// The command succeeded: keep what it wrote.
-    fn keep(mut self) {
-        self.done = true;
-    }
-}
-
-impl Drop for NewImageDir {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        match images::discard_unfinished(&self.path) {
-            Ok(true) => {
-                for d in self.created.iter().rev() {
-                    if std::fs::remove_dir(d).is_err() {
-                        break;
-                    }
-                }
-            }
-            Ok(false) => {}
-            Err(e) => tracing::warn!("cleaning up {}: {e}", self.path.display()),
-        }
-    }
-}
-
 fn print_json<T: Serialize>(v: &T) {
     println!("{}", serde_json::to_string(v).expect("serializable"));
 }
@@ -336,7 +314,7 @@ fn run(cmd: Cmd) -> Result<()> {
             timeout_ms,
             json,
         } => {
-            let track = TrackMode::parse(&track).expect("clap checked the value");
+            let track = TrackMode::from(track);
             pre_dump(
                 pid,
                 &dir,
@@ -358,7 +336,7 @@ fn run(cmd: Cmd) -> Result<()> {
             timeout_ms,
             json,
         } => {
-            let mode = TrackMode::parse(&mode).expect("clap checked the value");
+            let mode = TrackMode::from(mode);
             track(pid, interval_ms, rounds, mode, !no_ebpf, timeout_ms, json)
         }
         Cmd::Show { dir, vmas, json } => show(&dir, vmas, json),
@@ -376,7 +354,7 @@ fn run(cmd: Cmd) -> Result<()> {
             timeout_ms,
             json,
         } => {
-            let track = TrackMode::parse(&track).expect("clap checked the value");
+            let track = TrackMode::from(track);
             dump(
                 pid,
                 &dir,
@@ -558,8 +536,7 @@ fn dump(
         images::Inventory::load(p).with_context(|| format!("--prev-images-dir {}", p.display()))?;
     }
     let new_dir = NewImageDir::prepare(dir)?;
-    let verifier: Option<tracker::dump::Verifier> = verify.then_some(verify_chain);
-    let report = match tracker::dump::dump(pid, dir, prev, opts, verifier) {
+    let report = match tracker::dump::dump(pid, dir, prev, opts, verify) {
         Ok(r) => r,
         Err(e) => {
             if e.target_killed() {
@@ -610,51 +587,6 @@ fn dump(
         );
     }
     Ok(())
-}
-
-/// `dump --verify`: every page of every dumped VMA, as the chain rebuilds
-/// it, against the frozen process's memory (/proc/PID/mem).
-fn verify_chain(pid: i32, dir: &Path) -> std::result::Result<tracker::dump::VerifyReport, String> {
-    use std::os::unix::fs::FileExt;
-    let chain = restorer::ImageChain::open(dir).map_err(|e| e.to_string())?;
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
-        .map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
-    let mut report = tracker::dump::VerifyReport::default();
-    let page = images::PAGE_SIZE;
-    for v in chain.vmas().iter().filter(|v| v.dumped) {
-        let mut a = v.start;
-        while a < v.end {
-            let end = (a + (4 << 20)).min(v.end);
-            let want = chain
-                .read_range(v, images::PageRange::new(a, end))
-                .map_err(|e| e.to_string())?;
-            let mut have = vec![0u8; want.len()];
-            mem.read_exact_at(&mut have, a)
-                .map_err(|e| format!("reading {a:#x}-{end:#x} of PID {pid}: {e}"))?;
-            for (k, (w, h)) in want
-                .chunks(page as usize)
-                .zip(have.chunks(page as usize))
-                .enumerate()
-            {
-                report.pages_checked += 1;
-                if w != h {
-                    report.mismatches += 1;
-                    if report.first_mismatches.len() < 8 {
-                        let off = w.iter().zip(h).position(|(x, y)| x != y).unwrap_or(0);
-                        report.first_mismatches.push(format!(
-                            "{:#x}: byte {off} differs (image {:#04x}, process {:#04x}) in {}",
-                            a + k as u64 * page,
-                            w[off],
-                            h[off],
-                            v.name.as_deref().unwrap_or("[anon]")
-                        ));
-                    }
-                }
-            }
-            a = end;
-        }
-    }
-    Ok(report)
 }
 
 fn restore(

@@ -31,6 +31,7 @@
 mod format;
 pub mod fsdir;
 pub mod fuzz;
+mod new_dir;
 pub(crate) mod pagemap;
 pub mod seal;
 mod writer;
@@ -39,6 +40,7 @@ pub mod process;
 
 pub use format::*;
 pub use fsdir::{ImageDir, Provenance, ProvenanceKind, sync_image};
+pub use new_dir::{NewDirError, NewImageDir};
 pub use pagemap::{PageEntry, PageKind, PageMap, check_crc, decode_blob, decode_blob_into};
 pub use seal::{SealKey, SealStatus};
 pub use writer::{ImageWriter, MAX_BLOB_PAGES, WriteStats, discard_unfinished, trim_pages_file};

@@ -1,12 +1,14 @@
 //! The restore side of tern: [`ImageChain`], which opens an image and its
 //! parents, checks the links between them, and answers "what did page X
 //! hold" for any address of the newest image's address space; and
-//! [`restore`], which recreates the dumped process from it.
+//! [`restore`], which recreates the dumped process from it; [`verify`],
+//! which compares a chain with the memory of the frozen process it is of.
 
 mod chain;
 pub mod fuzz;
 mod interrupt;
 pub mod restore;
 pub mod trust;
+pub mod verify;
 
 pub use chain::{BlobCache, ChainError, ChainImageSummary, ImageChain, PageSource};

@@ -45,6 +45,7 @@ use images::process::{FdImage, ProcessImage};
 use images::{PAGE_SIZE, PageRange, VmaRecord};
 use serde::Serialize;
 use sys::inject::{InjectError, Injector};
+use tracing::span::EnteredSpan;
 
 use crate::chain::{BlobCache, ChainError, ImageChain, PageSource};
 use crate::trust;
@@ -106,6 +107,24 @@ fn step<E: std::fmt::Display>(pid: i32, step: &'static str) -> impl FnOnce(E) ->
         step,
         what: e.to_string(),
     }
+}
+
+/// Run one step of a restore in a span of its own: with `--log debug` the
+/// span's close says how long the step took, and an error it fails with is
+/// logged inside it (so the log says which step failed, in which restore).
+fn in_step<T>(
+    span: tracing::Span,
+    f: impl FnOnce() -> Result<T, RestoreError>,
+) -> Result<T, RestoreError> {
+    span.in_scope(|| f().inspect_err(|e| tracing::debug!(error = %e, "step failed")))
+}
+
+/// Leave the span of the step done and enter the next one's (for steps
+/// written inline rather than as one call). The next span is made once the
+/// first is left, so that it is its sibling, not its child.
+fn next_step(done: EnteredSpan, next: impl FnOnce() -> tracing::Span) -> EnteredSpan {
+    drop(done);
+    next().entered()
 }
 
 /// Checked inputs of a restore.
@@ -480,13 +499,16 @@ fn rlimit_cur(res: libc::__rlimit_resource_t) -> u64 {
 /// Restore the process whose final image is `dir`. Returns once every thread
 /// runs; the process is a child of the caller.
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreError> {
+    let span = tracing::debug_span!("restore", dir = %dir.display(), pid = tracing::field::Empty);
+    let _restore = span.enter();
     let t0 = Instant::now();
     // SIGTERM & co. from here until the process is whole kill what was
     // built (see `interrupt`).
     let guard = crate::interrupt::BuildGuard::arm();
-    let plan = plan(dir)?;
+    let plan = in_step(tracing::debug_span!("plan"), || plan(dir))?;
     let pid = plan.process.pid;
-    let (child, wake) = spawn_with_pid(pid)?;
+    span.record("pid", pid);
+    let (child, wake) = in_step(tracing::debug_span!("fork"), || spawn_with_pid(pid))?;
     guard.set_child(child);
     let res = build(&plan, pid, opts);
     drop(wake);
@@ -619,6 +641,7 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
 fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreError> {
     let p = &plan.process;
     let timeout = opts.timeout;
+    let step_span = tracing::debug_span!("attach").entered();
     // Wait until the child sits in its read (a seize before would interrupt
     // it elsewhere in its startup, also fine, but this is tidier).
     let deadline = Instant::now() + timeout;
@@ -664,6 +687,9 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     }
 
     // Threads: cloned from the main thread, each with its TID.
+    let step_span = next_step(step_span, || {
+        tracing::debug_span!("threads", count = p.threads.len())
+    });
     let mut others: Vec<(usize, Injector)> = Vec::new();
     for (i, t) in p.threads.iter().enumerate() {
         if t.tid == pid {
@@ -695,13 +721,18 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     // A chain a user could have written opens its files as the image's
     // user (see `trust`): groups and filesystem ids are taken now, the
     // rest of the credentials at the end.
+    drop(step_span);
     if matches!(plan.writer, trust::Writer::User { .. }) {
-        fs_ids_of_image(&plan.process.creds, &mut main, pid)?;
+        in_step(tracing::debug_span!("filesystem ids"), || {
+            fs_ids_of_image(&plan.process.creds, &mut main, pid)
+        })?;
     }
 
     // Address space.
     let t = Instant::now();
-    let pages = address_space(plan, &mut main, pid, scratch_at)?;
+    let pages = in_step(tracing::debug_span!("address space"), || {
+        address_space(plan, &mut main, pid, scratch_at)
+    })?;
     tracing::debug!(
         pid,
         "restore: address space and memory in {:.1} ms",
@@ -709,7 +740,9 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     );
 
     // Process-wide state.
-    process_state(plan, &mut main, pid)?;
+    in_step(tracing::debug_span!("process state"), || {
+        process_state(plan, &mut main, pid)
+    })?;
 
     // Per thread.
     let main_idx = p
@@ -717,11 +750,19 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
         .iter()
         .position(|t| t.tid == pid)
         .expect("checked");
-    thread_state(plan, main_idx, &mut main, pid)?;
+    in_step(tracing::debug_span!("thread state", tid = pid), || {
+        thread_state(plan, main_idx, &mut main, pid)
+    })?;
     for (i, inj) in others.iter_mut() {
-        inj.ensure_scratch(Some(scratch_at))?;
-        thread_state(plan, *i, inj, pid)?;
-        inj.release_scratch()?;
+        in_step(
+            tracing::debug_span!("thread state", tid = p.threads[*i].tid),
+            || {
+                inj.ensure_scratch(Some(scratch_at))?;
+                thread_state(plan, *i, inj, pid)?;
+                inj.release_scratch()?;
+                Ok(())
+            },
+        )?;
     }
 
     // Seccomp filters and credentials last. Filters first when the
@@ -729,21 +770,32 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     // needs CAP_SYS_ADMIN or no_new_privs, and the process may have had
     // neither when it installed it as root before dropping privileges.
     let suspended = main.seccomp_suspended() && others.iter().all(|(_, i)| i.seccomp_suspended());
+    let seccomp_step = |main: &mut Injector, others: &mut Vec<(usize, Injector)>| {
+        in_step(tracing::debug_span!("seccomp"), || {
+            seccomp(plan, main, others, pid, scratch_at)
+        })
+    };
+    let creds_step = |main: &mut Injector, others: &mut Vec<(usize, Injector)>| {
+        in_step(tracing::debug_span!("credentials"), || {
+            creds(plan, main, others, pid, scratch_at)
+        })
+    };
     if suspended {
-        seccomp(plan, &mut main, &mut others, pid, scratch_at)?;
-        creds(plan, &mut main, &mut others, pid, scratch_at)?;
+        seccomp_step(&mut main, &mut others)?;
+        creds_step(&mut main, &mut others)?;
     } else {
-        creds(plan, &mut main, &mut others, pid, scratch_at)?;
-        seccomp(plan, &mut main, &mut others, pid, scratch_at)?;
+        creds_step(&mut main, &mut others)?;
+        seccomp_step(&mut main, &mut others)?;
     }
 
     // Scheduling last among the settings, from outside: a thread made
     // SCHED_IDLE or pinned to a busy CPU would slow the injections above.
-    scheduling(plan, pid)?;
+    in_step(tracing::debug_span!("scheduling"), || scheduling(plan, pid))?;
 
     // Registers in; then the pending signals, queued by each thread to
     // itself: one that is not blocked is delivered right away, on the
     // dumped context (as it would have been); then scratch out, and go.
+    let step_span = tracing::debug_span!("registers").entered();
     for (_, inj) in others.iter_mut() {
         inj.release_scratch()?;
     }
@@ -752,6 +804,7 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     for (i, inj) in all.iter_mut() {
         set_regs(&p.threads[*i], inj, pid)?;
     }
+    let step_span = next_step(step_span, || tracing::debug_span!("pending signals"));
     for (i, inj) in all.iter_mut() {
         let t = &p.threads[*i];
         inj.ensure_scratch(Some(scratch_at))?;
@@ -776,6 +829,7 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
             inj.release_scratch()?;
         }
     }
+    let step_span = next_step(step_span, || tracing::debug_span!("release"));
     let (_, main) = all.last_mut().expect("main is in the list");
     // Whole now: it no longer dies with tern.
     let r = main.syscall(
@@ -788,6 +842,7 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     for (_, inj) in all {
         inj.detach()?;
     }
+    drop(step_span);
     Ok(pages)
 }
 
@@ -1422,7 +1477,10 @@ fn address_space(
         };
         map_vma(plan, main, pid, v, &m, at)?;
         let filled = if v.dumped {
-            fill(plan, v, pid, at, m.map_prot & libc::PROT_WRITE as u64 != 0)?
+            // Per VMA: at trace level, not to flood a debug log.
+            in_step(tracing::trace_span!("fill", start = v.start), || {
+                fill(plan, v, pid, at, m.map_prot & libc::PROT_WRITE as u64 != 0)
+            })?
         } else {
             0
         };
@@ -1596,6 +1654,7 @@ fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<(), RestoreError> {
 fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), RestoreError> {
     let p = &plan.process;
     // fds: first drop whatever the child inherited, then reopen the image's.
+    let fds_span = tracing::debug_span!("fds", count = p.fds.len()).entered();
     let r = main.syscall(libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
     check(pid, "closing inherited fds", r)?;
     let mut pipes: BTreeMap<String, PipeEnds> = BTreeMap::new();
@@ -1607,6 +1666,7 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
     for (fd, _) in fifos {
         main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
     }
+    drop(fds_span);
     // cwd, root (only if it is not /), umask, personality.
     let mut c = p.cwd.as_bytes().to_vec();
     c.push(0);

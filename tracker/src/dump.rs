@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use sys::inject::Injector;
 
 use crate::backend::TrackMode;
-use crate::session::{SessionOptions, TrackerError, TrackingSession};
+use crate::session::{Cause, SessionOptions, TrackerError, TrackingSession};
 
 /// Options of one `tern dump`.
 #[derive(Debug, Clone)]
@@ -54,19 +54,9 @@ pub struct DumpOptions {
     pub fsync: bool,
 }
 
-/// `--verify`: every dumped page compared with the frozen process.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct VerifyReport {
-    pub pages_checked: u64,
-    pub mismatches: u64,
-    /// The first few mismatching pages, `0xADDR: why`.
-    pub first_mismatches: Vec<String>,
-}
-
-/// Checks the image chain in a directory against the frozen target; runs
-/// while the target is still frozen. Implemented by the caller (it needs the
-/// chain reader, which lives in the restorer).
-pub type Verifier = fn(pid: i32, dir: &Path) -> Result<VerifyReport, String>;
+/// `--verify`: every dumped page compared with the frozen process (see
+/// `restorer::verify`).
+pub use restorer::verify::VerifyReport;
 
 /// The JSON of one `tern dump`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,7 +109,12 @@ fn resident_bytes(pid: i32) -> u64 {
 /// Subdirectory of a dump's directory holding its live pre-copy image.
 pub const LIVE_DIR: &str = "live";
 
-#[derive(Debug, thiserror::Error)]
+/// Why a dump failed. Most of it happens in the guardian child (see
+/// `session::guarded`), and crosses back to tern typed: every variant but
+/// those produced in tern itself serializes (a source error from a kernel
+/// interface as a [`Cause`]). Unless said otherwise, the target was left
+/// running as it was.
+#[derive(Debug, thiserror::Error, Serialize, Deserialize)]
 pub enum DumpError {
     #[error(transparent)]
     Tracker(#[from] TrackerError),
@@ -133,13 +128,74 @@ pub enum DumpError {
         mismatches: u64,
         first: String,
     },
-    #[error("{0}")]
-    Capture(String),
+    #[error("verifying {} against PID {pid}: {source}; the target was left running", dir.display())]
+    VerifyRead {
+        pid: i32,
+        dir: PathBuf,
+        source: Cause,
+    },
+    #[error(
+        "{source}: the parent images cannot be put on stable storage; nothing was frozen, PID {pid} runs on"
+    )]
+    #[serde(skip)]
+    ParentsNotDurable {
+        pid: i32,
+        #[source]
+        source: images::ImageError,
+    },
+    #[error(
+        "{source}: the image cannot be put on stable storage here; nothing was frozen, PID {pid} runs on"
+    )]
+    NoStableStorage { pid: i32, source: Cause },
+    #[error("PID {pid}: /proc/{pid}/task: {source} (did it exit?)")]
+    Tasks { pid: i32, source: Cause },
+    #[error(
+        "PID {pid} kept creating threads for {timeout:?} while tern was stopping them; try again"
+    )]
+    ThreadsKeptComing { pid: i32, timeout: Duration },
+    #[error("thread {tid} of PID {pid}: dumping is implemented for x86_64 and aarch64 only")]
+    UnsupportedArch { pid: i32, tid: i32 },
+    #[error("registers of thread {tid} of PID {pid}: {source}")]
+    Registers { pid: i32, tid: i32, source: Cause },
+    #[error("signal state of thread {tid} of PID {pid}: {source}")]
+    Signals { pid: i32, tid: i32, source: Cause },
+    #[error("signal handler {signo} of PID {pid}: {source}")]
+    Sigaction { pid: i32, signo: u64, source: Cause },
+    #[error("rseq registration of thread {tid} of PID {pid}: {source}")]
+    Rseq { pid: i32, tid: i32, source: Cause },
+    #[error("seccomp state of thread {tid} of PID {pid}: {source}")]
+    Seccomp { pid: i32, tid: i32, source: Cause },
+    #[error("scheduling state of thread {tid} of PID {pid}: {source}")]
+    Sched { pid: i32, tid: i32, source: Cause },
+    #[error("{call} injected into thread {tid} of PID {pid} failed: {}", nix::errno::Errno::from_raw(*errno))]
+    Syscall {
+        pid: i32,
+        tid: i32,
+        call: String,
+        errno: i32,
+    },
+    #[error("fd table of PID {pid}: {source}")]
+    FdTable { pid: i32, source: Cause },
+    #[error("fd {fd} of PID {pid}: {source}")]
+    Fd { pid: i32, fd: i32, source: Cause },
+    #[error("vDSO of PID {pid}: {source}")]
+    Vdso { pid: i32, source: Cause },
+    #[error("{path}: {source}")]
+    ProcRead { path: String, source: Cause },
+    #[error("{path}: {what}")]
+    ProcParse { path: String, what: String },
+    #[error("PID {pid}: the state captured is not restorable: {source}")]
+    Unrestorable { pid: i32, source: Cause },
+    #[error("PID {pid}: the state capture thread panicked; the target was left running")]
+    CapturePanicked { pid: i32 },
+    #[error("tern ({tern_pid}) ended during the dump of PID {pid}: the target was left running")]
+    TernEnded { tern_pid: i32, pid: i32 },
     #[error(
         "{}: {source}; the image is complete in the page cache but may not be on stable storage: copy it elsewhere now (the target {})",
         dir.display(),
         if *killed { "was killed: the image is all there is of it" } else { "still runs" }
     )]
+    #[serde(skip)]
     NotDurable {
         dir: PathBuf,
         killed: bool,
@@ -190,7 +246,7 @@ pub fn dump(
     dir: &Path,
     parent: Option<&Path>,
     opts: &DumpOptions,
-    verifier: Option<Verifier>,
+    verify: bool,
 ) -> Result<DumpReport, DumpError> {
     let t0 = Instant::now();
     // A dump kills its target: one the restore could not bring back is
@@ -267,9 +323,7 @@ pub fn dump(
         {
             tracing::warn!(pid, "removing tracking after the failed dump: {u}");
         }
-        return Err(DumpError::Capture(format!(
-            "{e}: the parent images cannot be put on stable storage; nothing was frozen, PID {pid} runs on"
-        )));
+        return Err(DumpError::ParentsNotDurable { pid, source: e });
     }
     let o = opts.clone();
     let parent_pid = std::process::id() as i32;
@@ -282,14 +336,13 @@ pub fn dump(
                 &dir_owned,
                 parent_owned.as_deref(),
                 &o,
-                verifier,
+                verify,
                 Guard {
                     tern_pid: parent_pid,
                     t0,
                     prealloc,
                 },
             )
-            .map_err(|e| e.to_string())
         },
     );
     match result {
@@ -324,7 +377,7 @@ pub fn dump(
             report.live_ms = live_ms;
             Ok(report)
         }
-        Err(msg) => {
+        Err(e) => {
             // The target runs on: take tracking out of it too.
             drop(session);
             if crate::session::alive_now(pid)
@@ -332,7 +385,7 @@ pub fn dump(
             {
                 tracing::warn!(pid, "removing tracking after the failed dump: {e}");
             }
-            Err(DumpError::Capture(msg))
+            Err(e)
         }
     }
 }
@@ -353,7 +406,7 @@ fn capture(
     dir: &Path,
     parent: Option<&Path>,
     opts: &DumpOptions,
-    verifier: Option<Verifier>,
+    verify: bool,
     guard: Guard,
 ) -> Result<DumpReport, DumpError> {
     let Guard {
@@ -369,11 +422,12 @@ fn capture(
     }
     if opts.fsync {
         // Before the freeze: can this file system make the image durable?
-        writer.sync_pages().map_err(|e| {
-            DumpError::Capture(format!(
-                "{e}: the image cannot be put on stable storage here; nothing was frozen, PID {pid} runs on"
-            ))
-        })?;
+        writer
+            .sync_pages()
+            .map_err(|e| DumpError::NoStableStorage {
+                pid,
+                source: Cause::of(&e),
+            })?;
     }
     // VmFlags (smaps) are slow to read (a page-table walk per VMA): read them
     // before the freeze; VMAs that change meanwhile get theirs after.
@@ -445,11 +499,9 @@ fn capture(
                 lap("pages copied");
                 Ok(set)
             })();
-            let state = state.join().unwrap_or_else(|_| {
-                Err(DumpError::Capture(
-                    "the state capture thread panicked".into(),
-                ))
-            });
+            let state = state
+                .join()
+                .unwrap_or(Err(DumpError::CapturePanicked { pid }));
             (state, pages)
         });
         let (process, pipes) = state?;
@@ -534,23 +586,25 @@ fn capture(
         }
     };
 
-    let verify = match verifier {
-        Some(v) => {
-            let r = v(pid, dir)
-                .map_err(|e| DumpError::Capture(format!("verifying {}: {e}", dir.display())))?;
-            if r.mismatches > 0 {
-                drop(threads);
-                return Err(DumpError::Verify {
-                    pid,
-                    dir: dir.to_path_buf(),
-                    checked: r.pages_checked,
-                    mismatches: r.mismatches,
-                    first: r.first_mismatches.first().cloned().unwrap_or_default(),
-                });
-            }
-            Some(r)
+    let verify = if verify {
+        let r = restorer::verify::verify_chain(pid, dir).map_err(|e| DumpError::VerifyRead {
+            pid,
+            dir: dir.to_path_buf(),
+            source: Cause::of(&e),
+        })?;
+        if r.mismatches > 0 {
+            drop(threads);
+            return Err(DumpError::Verify {
+                pid,
+                dir: dir.to_path_buf(),
+                checked: r.pages_checked,
+                mismatches: r.mismatches,
+                first: r.first_mismatches.first().cloned().unwrap_or_default(),
+            });
         }
-        None => None,
+        Some(r)
+    } else {
+        None
     };
 
     // The end: resume, or kill if the tern that asked is still there. A
@@ -572,9 +626,7 @@ fn capture(
             let _ = d.remove_file(images::INVENTORY_FILE);
         }
         drop(threads);
-        return Err(DumpError::Capture(format!(
-            "tern ({tern_pid}) ended during the dump of PID {pid}: the target was left running"
-        )));
+        return Err(DumpError::TernEnded { tern_pid, pid });
     }
     let killed;
     let frozen_ms;
@@ -654,7 +706,11 @@ fn stack_windows(
         let tid = t.tid();
         let rseq = t
             .on_tracer(sys::rseq::registration)?
-            .map_err(cap(format!("rseq registration of thread {tid}")))?;
+            .map_err(|e| DumpError::Rseq {
+                pid: t.pid(),
+                tid,
+                source: Cause::of(&e),
+            })?;
         if let Some(r) = rseq {
             let end = r.abi_pointer.saturating_add(r.abi_size as u64);
             w.push(images::PageRange::new(
@@ -683,11 +739,10 @@ fn stack_pointer(t: &mut Injector) -> Result<u64, DumpError> {
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 fn stack_pointer(t: &mut Injector) -> Result<u64, DumpError> {
-    Err(DumpError::Capture(format!(
-        "thread {} of PID {}: dumping is implemented for x86_64 and aarch64 only",
-        t.tid(),
-        t.pid()
-    )))
+    Err(DumpError::UnsupportedArch {
+        pid: t.pid(),
+        tid: t.tid(),
+    })
 }
 
 /// Stop every thread of `pid`, each held by an injector (leader first).
@@ -697,7 +752,10 @@ fn freeze_all(pid: i32, timeout: Duration) -> Result<Vec<Injector>, DumpError> {
     let deadline = Instant::now() + timeout;
     let mut held: BTreeMap<i32, Injector> = BTreeMap::new();
     loop {
-        let tids = list_tids(pid).map_err(DumpError::Capture)?;
+        let tids = list_tids(pid).map_err(|e| DumpError::Tasks {
+            pid,
+            source: Cause::of(&e),
+        })?;
         let new: Vec<i32> = tids.into_iter().filter(|t| !held.contains_key(t)).collect();
         if new.is_empty() {
             break;
@@ -715,13 +773,15 @@ fn freeze_all(pid: i32, timeout: Duration) -> Result<Vec<Injector>, DumpError> {
             }
         }
         if Instant::now() > deadline {
-            return Err(DumpError::Capture(format!(
-                "PID {pid} kept creating threads for {timeout:?} while tern was stopping them; try again"
-            )));
+            return Err(DumpError::ThreadsKeptComing { pid, timeout });
         }
     }
     if held.is_empty() {
-        return Err(TrackerError::Exited { pid, what: "dump" }.into());
+        return Err(TrackerError::Exited {
+            pid,
+            what: "dump".into(),
+        }
+        .into());
     }
     let mut out: Vec<Injector> = Vec::with_capacity(held.len());
     if let Some(leader) = held.remove(&pid) {
@@ -731,9 +791,8 @@ fn freeze_all(pid: i32, timeout: Duration) -> Result<Vec<Injector>, DumpError> {
     Ok(out)
 }
 
-fn list_tids(pid: i32) -> Result<Vec<i32>, String> {
-    let rd = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map_err(|e| format!("PID {pid}: /proc/{pid}/task: {e} (did it exit?)"))?;
+fn list_tids(pid: i32) -> Result<Vec<i32>, std::io::Error> {
+    let rd = std::fs::read_dir(format!("/proc/{pid}/task"))?;
     let mut v: Vec<i32> = rd
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
@@ -744,8 +803,31 @@ fn list_tids(pid: i32) -> Result<Vec<i32>, String> {
 
 // ---- state capture ---------------------------------------------------------
 
-fn cap<E: std::fmt::Display>(what: String) -> impl FnOnce(E) -> DumpError {
-    move |e| DumpError::Capture(format!("{what}: {e}"))
+/// A thread's registers that could not be read.
+fn registers<E: std::error::Error + 'static>(pid: i32, tid: i32) -> impl FnOnce(E) -> DumpError {
+    move |e| DumpError::Registers {
+        pid,
+        tid,
+        source: Cause::of(&e),
+    }
+}
+
+/// A thread's signal state (mask, pending, alternate stack) that could not
+/// be read.
+fn signals<E: std::error::Error + 'static>(pid: i32, tid: i32) -> impl FnOnce(E) -> DumpError {
+    move |e| DumpError::Signals {
+        pid,
+        tid,
+        source: Cause::of(&e),
+    }
+}
+
+/// A /proc file that could not be read.
+fn proc_read<E: std::error::Error + 'static>(path: String) -> impl FnOnce(E) -> DumpError {
+    move |e| DumpError::ProcRead {
+        path,
+        source: Cause::of(&e),
+    }
 }
 
 /// Everything but memory, while every thread is stopped, and the bytes
@@ -773,43 +855,51 @@ fn capture_state(
     let mut shared_pending = Vec::new();
     for (i, inj) in threads.iter_mut().enumerate() {
         let tid = inj.tid();
-        let (regs, blocked, pending, shared, rseq, seccomp_chain) = inj
-            .on_tracer(move |tid| -> Result<_, String> {
-                let regs = sys::regs::ThreadRegs::capture(tid).map_err(|e| e.to_string())?;
-                let blocked = sys::signals::blocked_mask(tid).map_err(|e| e.to_string())?;
+        let (regs, blocked, pending, shared, rseq, seccomp_chain) =
+            inj.on_tracer(move |tid| -> Result<_, DumpError> {
+                let regs = sys::regs::ThreadRegs::capture(tid).map_err(registers(pid, tid))?;
+                let blocked = sys::signals::blocked_mask(tid).map_err(signals(pid, tid))?;
                 let pending = sys::signals::pending(tid, sys::signals::Queue::Thread)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(signals(pid, tid))?;
                 let shared = if i == 0 {
                     sys::signals::pending(tid, sys::signals::Queue::Process)
-                        .map_err(|e| e.to_string())?
+                        .map_err(signals(pid, tid))?
                 } else {
                     Vec::new()
                 };
-                let rseq = sys::rseq::registration(tid).map_err(|e| e.to_string())?;
-                let chain = match sys::seccomp::mode(pid, tid).map_err(|e| e.to_string())? {
+                let rseq = sys::rseq::registration(tid).map_err(|e| DumpError::Rseq {
+                    pid,
+                    tid,
+                    source: Cause::of(&e),
+                })?;
+                let seccomp = |e: sys::seccomp::SeccompError| DumpError::Seccomp {
+                    pid,
+                    tid,
+                    source: Cause::of(&e),
+                };
+                let chain = match sys::seccomp::mode(pid, tid).map_err(seccomp)? {
                     sys::seccomp::SeccompMode::Filter { .. } => {
-                        Some(sys::seccomp::filters(tid).map_err(|e| e.to_string())?)
+                        Some(sys::seccomp::filters(tid).map_err(seccomp)?)
                     }
                     sys::seccomp::SeccompMode::Strict => None,
                     sys::seccomp::SeccompMode::Disabled => Some(Vec::new()),
                 };
                 Ok((regs, blocked, pending, shared, rseq, chain))
-            })?
-            .map_err(cap(format!("thread {tid} of PID {pid}")))?;
+            })??;
         // The injector's view of the registers at the stop: an rseq critical
         // section already moved to its abort handler (the kernel's rule).
         #[cfg(target_arch = "x86_64")]
         let regs = {
             let mut regs = regs;
             regs.set_gp_x86(&inj.original_regs()?)
-                .map_err(cap(format!("thread {tid} of PID {pid}")))?;
+                .map_err(registers(pid, tid))?;
             regs
         };
         #[cfg(target_arch = "aarch64")]
         let regs = {
             let mut regs = regs;
             regs.set_gp_arm64(&inj.original_regs()?)
-                .map_err(cap(format!("thread {tid} of PID {pid}")))?;
+                .map_err(registers(pid, tid))?;
             regs
         };
         if i == 0 {
@@ -837,14 +927,16 @@ fn capture_state(
         let ss = inj.scratch_data(&[0u8; 24])?;
         let r = inj.syscall(libc::SYS_sigaltstack, [0, ss, 0, 0, 0, 0])?;
         if r < 0 {
-            return Err(DumpError::Capture(format!(
-                "sigaltstack in thread {tid} of PID {pid}: errno {}",
-                -r
-            )));
+            return Err(DumpError::Syscall {
+                pid,
+                tid,
+                call: "sigaltstack".into(),
+                errno: -r as i32,
+            });
         }
         let altstack: sys::signals::AltStack =
             sys::signals::StackT::from_bytes(&inj.read_memory(ss, 24)?)
-                .map_err(cap(format!("thread {tid} of PID {pid}")))?
+                .map_err(signals(pid, tid))?
                 .into();
         let p = inj.scratch_data(&[0u8; 8])?;
         const PR_GET_TID_ADDRESS: u64 = 40;
@@ -858,7 +950,11 @@ fn capture_state(
             inj.release_scratch()?;
         }
         let (robust_list, robust_list_len) = robust_list(tid);
-        let sched = sys::sched::read(tid).map_err(cap(format!("PID {pid}")))?;
+        let sched = sys::sched::read(tid).map_err(|e| DumpError::Sched {
+            pid,
+            tid,
+            source: Cause::of(&e),
+        })?;
         thread_images.push(ThreadImage {
             tid,
             comm: read_trim(&format!("/proc/{pid}/task/{tid}/comm")),
@@ -903,14 +999,21 @@ fn capture_state(
         let old = leader.scratch_data(&[0u8; 32])?;
         let r = leader.syscall(libc::SYS_rt_sigaction, [sig, 0, old, 8, 0, 0])?;
         if r < 0 {
-            return Err(DumpError::Capture(format!(
-                "rt_sigaction({sig}) in PID {pid}: errno {}",
-                -r
-            )));
+            return Err(DumpError::Syscall {
+                pid,
+                tid: leader.tid(),
+                call: format!("rt_sigaction({sig})"),
+                errno: -r as i32,
+            });
         }
         let bytes = leader.read_memory(old, 32)?;
-        let ka = sys::signals::KernelSigaction::from_bytes(&bytes)
-            .map_err(cap(format!("sigaction {sig} of PID {pid}")))?;
+        let ka = sys::signals::KernelSigaction::from_bytes(&bytes).map_err(|e| {
+            DumpError::Sigaction {
+                pid,
+                signo: sig,
+                source: Cause::of(&e),
+            }
+        })?;
         sigactions.push(sys::signals::SigAction::from_kernel(sig as i32, &ka));
     }
     let mut itimers = Vec::new();
@@ -918,10 +1021,12 @@ fn capture_state(
         let buf = leader.scratch_data(&[0u8; 32])?;
         let r = leader.syscall(libc::SYS_getitimer, [which as u64, buf, 0, 0, 0, 0])?;
         if r < 0 {
-            return Err(DumpError::Capture(format!(
-                "getitimer({which}) in PID {pid}: errno {}",
-                -r
-            )));
+            return Err(DumpError::Syscall {
+                pid,
+                tid: leader.tid(),
+                call: format!("getitimer({which})"),
+                errno: -r as i32,
+            });
         }
         let b = leader.read_memory(buf, 32)?;
         let w = |k: usize| u64::from_ne_bytes(b[k * 8..k * 8 + 8].try_into().unwrap_or([0; 8]));
@@ -948,7 +1053,7 @@ fn capture_state(
     let rlimits = read_limits(pid)?;
 
     let auxv = std::fs::read(format!("/proc/{pid}/auxv"))
-        .map_err(cap(format!("/proc/{pid}/auxv")))?
+        .map_err(proc_read(format!("/proc/{pid}/auxv")))?
         .chunks_exact(8)
         .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
         .collect();
@@ -975,7 +1080,16 @@ fn capture_state(
     let mut fds = Vec::new();
     let mut pipes_done: BTreeMap<(u64, u64), String> = BTreeMap::new();
     let mut pipes: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    for info in sys::fds::fd_table(pid).map_err(cap(format!("fd table of PID {pid}")))? {
+    let fd_table = sys::fds::fd_table(pid).map_err(|e| DumpError::FdTable {
+        pid,
+        source: Cause::of(&e),
+    })?;
+    for info in fd_table {
+        let fd_err = |e: sys::fds::FdsError| DumpError::Fd {
+            pid,
+            fd: info.fd,
+            source: Cause::of(&e),
+        };
         if Some(info.fd) == tracking_fd {
             continue; // tern's own
         }
@@ -985,8 +1099,7 @@ fn capture_state(
         let mut same_as = None;
         for earlier in fds.iter().filter(|e: &&FdImage| e.same_as.is_none()) {
             if same_object(&earlier.info.kind, &info.kind)
-                && sys::fds::same_description(pid, earlier.info.fd, info.fd)
-                    .map_err(cap(format!("fd {} of PID {pid}", info.fd)))?
+                && sys::fds::same_description(pid, earlier.info.fd, info.fd).map_err(fd_err)?
             {
                 same_as = Some(earlier.info.fd);
                 break;
@@ -998,17 +1111,12 @@ fn capture_state(
             _ => None,
         };
         if let Some((dev, ino, prefix)) = queue {
-            pipe_capacity = Some(
-                sys::fds::pipe_capacity(pid, info.fd)
-                    .map_err(cap(format!("pipe fd {} of PID {pid}", info.fd)))?
-                    as u64,
-            );
+            pipe_capacity = Some(sys::fds::pipe_capacity(pid, info.fd).map_err(fd_err)? as u64);
             let key = (dev, ino);
             let name = match pipes_done.get(&key) {
                 Some(n) => n.clone(),
                 None => {
-                    let data = sys::fds::peek_pipe(pid, info.fd)
-                        .map_err(cap(format!("pipe fd {} of PID {pid}", info.fd)))?;
+                    let data = sys::fds::peek_pipe(pid, info.fd).map_err(fd_err)?;
                     let name = if prefix.is_empty() {
                         format!("{ino}.bin")
                     } else {
@@ -1057,7 +1165,10 @@ fn capture_state(
         .unwrap_or(0),
         creds: creds(&status)?,
         mm,
-        vdso: sys::vdso::VdsoLayout::of_pid(pid).map_err(cap(format!("vDSO of PID {pid}")))?,
+        vdso: sys::vdso::VdsoLayout::of_pid(pid).map_err(|e| DumpError::Vdso {
+            pid,
+            source: Cause::of(&e),
+        })?,
         sigactions,
         shared_pending,
         itimers,
@@ -1068,10 +1179,9 @@ fn capture_state(
     };
     // What a restore would refuse is refused here, while the target can
     // still resume.
-    process.validate().map_err(|e| {
-        DumpError::Capture(format!(
-            "PID {pid}: the state captured is not restorable: {e}"
-        ))
+    process.validate().map_err(|e| DumpError::Unrestorable {
+        pid,
+        source: Cause::msg(e),
     })?;
     Ok((process, pipes))
 }
@@ -1119,7 +1229,7 @@ fn same_object(a: &sys::fds::FdKind, b: &sys::fds::FdKind) -> bool {
 
 fn read_limits(pid: i32) -> Result<Vec<Rlimit>, DumpError> {
     let path = format!("/proc/{pid}/limits");
-    let text = std::fs::read_to_string(&path).map_err(cap(path.clone()))?;
+    let text = std::fs::read_to_string(&path).map_err(proc_read(path.clone()))?;
     let val = |s: &str| -> Option<u64> {
         match s.trim() {
             "unlimited" => Some(u64::MAX),
@@ -1131,7 +1241,10 @@ fn read_limits(pid: i32) -> Result<Vec<Rlimit>, DumpError> {
         let soft = line.get(26..46).and_then(val);
         let hard = line.get(47..67).and_then(val);
         let (Some(cur), Some(max)) = (soft, hard) else {
-            return Err(DumpError::Capture(format!("{path}: cannot parse {line:?}")));
+            return Err(DumpError::ProcParse {
+                path,
+                what: format!("cannot parse {line:?}"),
+            });
         };
         out.push(Rlimit {
             resource: res as u32,
@@ -1174,18 +1287,21 @@ fn read_status(pid: i32, tid: Option<i32>) -> Result<String, DumpError> {
         Some(t) => format!("/proc/{pid}/task/{t}/status"),
         None => format!("/proc/{pid}/status"),
     };
-    std::fs::read_to_string(&path).map_err(cap(path))
+    std::fs::read_to_string(&path).map_err(proc_read(path))
 }
 
 /// /proc/PID/stat fields after `(comm)`, so that a comm with spaces or
 /// parentheses cannot shift them.
 fn read_stat(pid: i32) -> Result<Vec<String>, DumpError> {
     let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).map_err(cap(path.clone()))?;
+    let text = std::fs::read_to_string(&path).map_err(proc_read(path.clone()))?;
     let rest = text
         .rfind(')')
         .map(|i| &text[i + 1..])
-        .ok_or_else(|| DumpError::Capture(format!("{path}: no command name")))?;
+        .ok_or_else(|| DumpError::ProcParse {
+            path,
+            what: "no command name".into(),
+        })?;
     Ok(rest.split_whitespace().map(str::to_string).collect())
 }
 
@@ -1199,7 +1315,10 @@ fn field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
 fn hex_field(status: &str, name: &str) -> Result<u64, DumpError> {
     field(status, name)
         .and_then(|v| u64::from_str_radix(v, 16).ok())
-        .ok_or_else(|| DumpError::Capture(format!("/proc status has no {name} field")))
+        .ok_or_else(|| DumpError::ProcParse {
+            path: "/proc status".into(),
+            what: format!("no {name} field"),
+        })
 }
 
 fn creds(status: &str) -> Result<Creds, DumpError> {
@@ -1209,8 +1328,10 @@ fn creds(status: &str) -> Result<Creds, DumpError> {
             .split_whitespace()
             .filter_map(|x| x.parse().ok())
             .collect();
-        v.try_into()
-            .map_err(|_| DumpError::Capture(format!("/proc status: bad {name} line")))
+        v.try_into().map_err(|_| DumpError::ProcParse {
+            path: "/proc status".into(),
+            what: format!("bad {name} line"),
+        })
     };
     Ok(Creds {
         uid: ids("Uid")?,

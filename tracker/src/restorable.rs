@@ -26,11 +26,11 @@
 //!   tern's), and a thread-group leader that has exited while other
 //!   threads run.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sys::fds::{FdInfo, FdKind};
 
 /// One thing a process holds that tern cannot restore.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Refusal {
     /// `socket`, `eventfd`, `eventpoll`, `posix_timer`, `child`, ...
     pub kind: String,

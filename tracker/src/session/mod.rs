@@ -12,6 +12,11 @@
 //!   round copy everything instead of silently missing pages.
 //!
 //! `teardown` (`tern untrack`) removes all of it.
+//!
+//! This module holds the session itself; [`host`] the host-side state and
+//! lock, [`target`] which process a PID names, [`untrack`] the removal of
+//! what tern leaves in a target, [`guardian`] the forked child that runs
+//! work which must finish even if tern is killed.
 
 use crate::backend::{
     BackendError, DirtySet, DirtyTracker, FullTracker, SoftDirtyTracker, TrackMode, UffdWpTracker,
@@ -21,15 +26,25 @@ use crate::inject::{InjectError, Injector};
 use crate::maps::{MapsError, read_vmas};
 use crate::uffd::{self, UffdError, WpUffd};
 use images::{ImageKind, ImageWriter, Inventory, MmRecord, ParentRef, TrackingState};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::os::fd::AsRawFd;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Where host-side tracking state lives.
-pub const STATE_DIR: &str = "/run/tern";
-/// Where eBPF objects are pinned, one directory per PID.
-pub const BPF_PIN_ROOT: &str = "/sys/fs/bpf/tern";
+mod guardian;
+mod host;
+mod target;
+mod untrack;
+
+pub use guardian::{Cause, GuardianError};
+use guardian::{guarded, guardian};
+pub use host::{BPF_PIN_ROOT, STATE_DIR, TargetLock, gc_stale_state};
+use host::{HostState, load_host_state, lock_target, store_host_state};
+
+pub use target::{alive, alive_now, check_target, start_time};
+use untrack::teardown_target;
+pub use untrack::{Untracked, find_tracking_uffds, untrack};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackerError {
@@ -50,11 +65,14 @@ pub enum TrackerError {
     #[error("no process with PID {pid}; check the PID")]
     NoProcess { pid: i32 },
     #[error("PID {pid} exited during the {what}")]
-    Exited { pid: i32, what: &'static str },
+    Exited { pid: i32, what: Cow<'static, str> },
     #[error(
         "backend {backend} is not available on this kernel: {why}; run `tern check` to see what is"
     )]
-    Unavailable { backend: &'static str, why: String },
+    Unavailable {
+        backend: Cow<'static, str>,
+        why: String,
+    },
     #[error(
         "{path}: parent image is of PID {found}, not {pid}; give the image directory of this process's previous pre-dump"
     )]
@@ -76,6 +94,13 @@ pub enum TrackerError {
         pid: i32,
         refusals: Vec<crate::restorable::Refusal>,
     },
+    #[error(transparent)]
+    Guardian(#[from] GuardianError),
+    /// An error whose source (an io, errno or ptrace error) does not cross
+    /// the guardian's pipe as itself: its message, which names what the
+    /// original named.
+    #[error("{cause}")]
+    Remote { cause: Cause },
 }
 
 /// Options of a session.
@@ -150,24 +175,6 @@ pub struct TrackRound {
     pub ebpf_pending: u64,
     pub hot_pages: Vec<String>,
     pub vma_changes: u64,
-}
-
-/// Host-side record of where the target's tracked dirty state stands.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct HostState {
-    pid: i32,
-    start_time: u64,
-    backend: String,
-    /// Id of the last image whose round completed; dirty state since then
-    /// is intact in the kernel.
-    last_image_id: Option<String>,
-    /// A round started and has not finished (or tern died in it).
-    in_progress: bool,
-    uffd_fd: Option<i32>,
-    /// Pages a `tern track` run saw written (and so re-protected) between
-    /// two pre-dumps: the next pre-dump copies them too.
-    #[serde(default)]
-    carry: Vec<images::PageRange>,
 }
 
 pub struct TrackingSession {
@@ -265,7 +272,7 @@ impl TrackingSession {
             } else {
                 TrackerError::Exited {
                     pid,
-                    what: "attach",
+                    what: "attach".into(),
                 }
             }
         })
@@ -330,7 +337,7 @@ impl TrackingSession {
                                     inj.syscall(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
                                 if r < 0 {
                                     return Err(TrackerError::Unavailable {
-                                        backend: "uffd-wp",
+                                        backend: "uffd-wp".into(),
                                         why: format!(
                                             "userfaultfd(2) inside PID {pid} failed: {} (a seccomp filter or vm.unprivileged_userfaultfd?)",
                                             nix::errno::Errno::from_raw(-r as i32)
@@ -672,7 +679,7 @@ impl TrackingSession {
         if !alive(self.pid, self.start_time) {
             return Err(TrackerError::Exited {
                 pid: self.pid,
-                what: "pre-dump",
+                what: "pre-dump".into(),
             });
         }
         let stats = writer.finish(&mm, &inv)?;
@@ -919,17 +926,18 @@ impl TrackingSession {
     }
 
     /// Run `f` on this session in a forked guardian child (see `guarded`),
-    /// waiting at most `deadline`; its error is a message.
-    pub fn guarded_run<T, F>(&mut self, deadline: Duration, f: F) -> Result<T, String>
+    /// waiting at most `deadline`; its error comes back typed (see
+    /// `guardian`), and so does the guardian's own failure, as `E`.
+    pub fn guarded_run<T, E, F>(&mut self, deadline: Duration, f: F) -> Result<T, E>
     where
-        T: Serialize + for<'de> Deserialize<'de>,
-        F: FnOnce(&mut TrackingSession) -> Result<T, String>,
+        T: Serialize + DeserializeOwned,
+        E: Serialize + DeserializeOwned + From<TrackerError>,
+        F: FnOnce(&mut TrackingSession) -> Result<T, E>,
     {
         let pid = self.pid;
-        match guardian(pid, deadline, || f(self).map_err(serde_json::Value::from)) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(v)) => Err(v.as_str().unwrap_or("unknown error").to_string()),
-            Err(e) => Err(e.to_string()),
+        match guardian(pid, deadline, || f(self)) {
+            Ok(r) => r,
+            Err(e) => Err(TrackerError::from(e).into()),
         }
     }
 
@@ -943,7 +951,7 @@ impl TrackingSession {
         if !alive(self.pid, self.start_time) {
             TrackerError::Exited {
                 pid: self.pid,
-                what,
+                what: what.into(),
             }
         } else {
             e
@@ -961,254 +969,6 @@ impl DirtyTracker for NoTracker {
     }
 }
 
-/// What `teardown_target` removed.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Untracked {
-    pub pid: i32,
-    pub uffd_fds_closed: Vec<i32>,
-    pub scratch_pages_removed: usize,
-    pub ebpf_unpinned: bool,
-}
-
-/// `tern untrack`: remove every trace of tern from `pid` without knowing
-/// its images: tern's userfaultfds, scratch pages, eBPF pins, host state.
-pub fn untrack(pid: i32, timeout: Duration) -> Result<Untracked, TrackerError> {
-    check_target(pid)?;
-    let st = start_time(pid)?;
-    let _lock = lock_target(pid)?;
-    let fds: Vec<i32> = find_tracking_uffds(pid)
-        .into_iter()
-        .map(|(f, _)| f)
-        .collect();
-    let pin = PathBuf::from(format!("{BPF_PIN_ROOT}/{pid}"));
-    let mut ebpf_unpinned = false;
-    if pin.exists() {
-        match DirtyStream::open(pid, PinMode::Dir(pin.clone())).and_then(|s| s.close_and_unpin()) {
-            Ok(()) => ebpf_unpinned = true,
-            Err(e) => {
-                tracing::warn!(
-                    pid,
-                    "eBPF pins under {}: {e}; removing the directory",
-                    pin.display()
-                );
-                ebpf_unpinned = std::fs::remove_dir_all(&pin).is_ok();
-            }
-        }
-    }
-    let scratch = teardown_target(pid, fds.clone(), timeout)?;
-    let _ = std::fs::remove_file(format!("{STATE_DIR}/{pid}-{st}.json"));
-    Ok(Untracked {
-        pid,
-        uffd_fds_closed: fds,
-        scratch_pages_removed: scratch,
-        ebpf_unpinned,
-    })
-}
-
-/// Close `fds` in the target and unmap every scratch page of ours.
-fn teardown_target(pid: i32, fds: Vec<i32>, timeout: Duration) -> Result<usize, TrackerError> {
-    let scratch = Injector::find_scratch(pid)?;
-    if fds.is_empty() && scratch.is_empty() {
-        return Ok(0);
-    }
-    let known = scratch.first().copied();
-    guarded(pid, timeout, move || {
-        let mut inj = Injector::attach(pid, timeout)?;
-        let res = (|| -> Result<(), TrackerError> {
-            inj.ensure_scratch(known)?;
-            inj.remove_leftover_scratch()?;
-            for fd in &fds {
-                let r = inj.syscall(libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0])?;
-                if r < 0 {
-                    tracing::warn!(
-                        pid,
-                        fd,
-                        "close in target: {}",
-                        nix::errno::Errno::from_raw(-r as i32)
-                    );
-                }
-            }
-            inj.remove_scratch()?;
-            Ok(())
-        })();
-        let d = inj.detach();
-        res?;
-        d?;
-        Ok(())
-    })?;
-    // Leftovers beyond the one the injector used (several killed runs).
-    let rest = Injector::find_scratch(pid)?;
-    if !rest.is_empty() {
-        tracing::warn!(pid, "scratch pages remain at {rest:x?}");
-    }
-    Ok(scratch.len())
-}
-
-/// Run `f` (a whole injection session) in a forked child of tern in a
-/// session of its own, and return its result. Why: a tern SIGKILLed while a
-/// target thread runs an injected syscall from the vDSO (mapping or
-/// unmapping the scratch area: the two steps the scratch stub cannot cover)
-/// would leave that thread to crash. The child is not killed with tern: it
-/// finishes the session, restores the thread and detaches. Callers must be
-/// single-threaded here (they are: the eBPF stream opens later, or is closed).
-fn guarded<T, F>(pid: i32, timeout: Duration, f: F) -> Result<T, TrackerError>
-where
-    T: Serialize + for<'de> Deserialize<'de>,
-    F: FnOnce() -> Result<T, TrackerError>,
-{
-    // The child's every wait has a deadline of `timeout`; bound the whole.
-    let deadline = timeout * 8 + Duration::from_secs(5);
-    let r = guardian(pid, deadline, move || {
-        let st = start_time(pid).unwrap_or(0);
-        f().map_err(|e| {
-            // A target that dies under the injector: say so, not how ptrace failed.
-            let e = if alive(pid, st) {
-                e
-            } else {
-                TrackerError::Exited {
-                    pid,
-                    what: "syscall injection",
-                }
-            };
-            serde_json::json!({
-                "msg": e.to_string(),
-                "unavailable": matches!(e, TrackerError::Unavailable { .. }),
-                "exited": matches!(e, TrackerError::Exited { .. } | TrackerError::NoProcess { .. }),
-            })
-        })
-    })?;
-    r.map_err(|v| {
-        let msg = v["msg"].as_str().unwrap_or("unknown error").to_string();
-        if v["exited"].as_bool() == Some(true) {
-            TrackerError::Exited {
-                pid,
-                what: "syscall injection",
-            }
-        } else if v["unavailable"].as_bool() == Some(true) {
-            TrackerError::Unavailable {
-                backend: "uffd-wp",
-                why: msg,
-            }
-        } else {
-            TrackerError::Injection { pid, msg }
-        }
-    })
-}
-
-/// Run `f` in a forked child of tern in a session of its own and return its
-/// result (sent back as JSON through a pipe), waiting at most `deadline`
-/// (then the child is killed). The child runs only `f` and `_exit`s.
-fn guardian<T, F>(
-    pid: i32,
-    deadline: Duration,
-    f: F,
-) -> Result<Result<T, serde_json::Value>, TrackerError>
-where
-    T: Serialize + for<'de> Deserialize<'de>,
-    F: FnOnce() -> Result<T, serde_json::Value>,
-{
-    use std::io::{Read, Write};
-    use std::os::fd::FromRawFd;
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 fills two fds we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(TrackerError::State {
-            path: "pipe".into(),
-            what: std::io::Error::last_os_error().to_string(),
-        });
-    }
-    let (rd, wr) = unsafe {
-        (
-            std::fs::File::from_raw_fd(fds[0]),
-            std::fs::File::from_raw_fd(fds[1]),
-        )
-    };
-    // SAFETY: the child only runs `f` (ptrace work on its own threads) and
-    // exits with _exit, running no destructor of the parent's state.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return Err(TrackerError::State {
-            path: "fork".into(),
-            what: std::io::Error::last_os_error().to_string(),
-        });
-    }
-    if child == 0 {
-        drop(rd);
-        unsafe { libc::setsid() };
-        let msg = match f() {
-            Ok(v) => serde_json::json!({ "ok": v }),
-            Err(e) => serde_json::json!({ "err": e }),
-        };
-        let mut wr = wr;
-        let _ = wr.write_all(msg.to_string().as_bytes());
-        unsafe { libc::_exit(0) };
-    }
-    drop(wr);
-    let deadline = Instant::now() + deadline;
-    let mut rd = rd;
-    let mut buf = Vec::new();
-    let mut pfd = libc::pollfd {
-        fd: fds[0],
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            unsafe { libc::kill(child, libc::SIGKILL) };
-            break;
-        }
-        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
-        if n > 0 {
-            let mut chunk = [0u8; 65536];
-            match rd.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-    }
-    let mut st = 0;
-    unsafe { libc::waitpid(child, &mut st, 0) };
-    let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|_| TrackerError::State {
-        path: format!("guardian process {child}").into(),
-        what: format!("ended without a result (wait status {st:#x}) while working on PID {pid}"),
-    })?;
-    if let Some(ok) = v.get("ok") {
-        return serde_json::from_value(ok.clone())
-            .map(Ok)
-            .map_err(|e| TrackerError::State {
-                path: format!("guardian process {child}").into(),
-                what: e.to_string(),
-            });
-    }
-    Ok(Err(v
-        .get("err")
-        .cloned()
-        .unwrap_or(serde_json::Value::Null)))
-}
-
-/// tern's tracking userfaultfds in `pid`: (fd, features). Ours are those
-/// handshaken with async write-protect, or never handshaken (a tern killed
-/// between creating and arming one).
-pub fn find_tracking_uffds(pid: i32) -> Vec<(i32, u64)> {
-    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    let mut v: Vec<(i32, u64)> = rd
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|fd| uffd::fdinfo_features(pid, fd).map(|f| (fd, f)))
-        .filter(|(_, f)| {
-            *f == 0
-                || f & (uffd::UFFD_FEATURE_WP_ASYNC | uffd::UFFD_FEATURE_WP_UNPOPULATED)
-                    == (uffd::UFFD_FEATURE_WP_ASYNC | uffd::UFFD_FEATURE_WP_UNPOPULATED)
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 /// Pick the backend for `mode`, checking that it works here.
 pub fn resolve_backend(mode: TrackMode) -> Result<TrackMode, TrackerError> {
     let probes = crate::check::Probes::tracking();
@@ -1216,7 +976,7 @@ pub fn resolve_backend(mode: TrackMode) -> Result<TrackMode, TrackerError> {
         TrackMode::Auto => Ok(probes.best_backend()),
         TrackMode::UffdWp if !(probes.uffd_wp_async && probes.pagemap_scan && probes.pidfd_getfd) => {
             Err(TrackerError::Unavailable {
-                backend: "uffd-wp",
+                backend: "uffd-wp".into(),
                 why: format!(
                     "async uffd write-protect {}, PAGEMAP_SCAN {}, pidfd_getfd {} (all three need Linux 6.7+)",
                     yes_no(probes.uffd_wp_async),
@@ -1226,7 +986,7 @@ pub fn resolve_backend(mode: TrackMode) -> Result<TrackMode, TrackerError> {
             })
         }
         TrackMode::SoftDirty if !probes.soft_dirty => Err(TrackerError::Unavailable {
-            backend: "soft-dirty",
+            backend: "soft-dirty".into(),
             why: "pagemap bit 55 never sets after clear_refs 4 (CONFIG_MEM_SOFT_DIRTY is off, and arm64 has no soft-dirty); use --track uffd-wp or full".into(),
         }),
         m => Ok(m),
@@ -1252,190 +1012,6 @@ pub fn read_target_vmas(pid: i32, scratch: &[u64]) -> Result<Vec<crate::maps::Vm
         }
     }
     Ok(vmas)
-}
-
-/// Remove eBPF pins and host state left for processes that are gone. Pinned
-/// programs of dead targets record nothing, but the kernel allows only 64
-/// programs per tracepoint: without this, chains that end with the target's
-/// death (instead of `tern untrack`) would eventually exhaust them.
-pub fn gc_stale_state() {
-    let gone = |pid: i32| {
-        procfs::process::Process::new(pid)
-            .and_then(|p| p.stat())
-            .map(|s| matches!(s.state, 'Z' | 'X' | 'x'))
-            .unwrap_or(true)
-    };
-    if let Ok(rd) = std::fs::read_dir(BPF_PIN_ROOT) {
-        for e in rd.flatten() {
-            if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok())
-                && gone(pid)
-            {
-                match std::fs::remove_dir_all(e.path()) {
-                    Ok(()) => tracing::info!(pid, "removed eBPF pins of a process that is gone"),
-                    Err(err) => tracing::warn!(
-                        pid,
-                        "removing stale eBPF pins {}: {err}",
-                        e.path().display()
-                    ),
-                }
-            }
-        }
-    }
-    let Ok(dir) = state_dir() else { return };
-    for name in dir.list().unwrap_or_default() {
-        let pid = name
-            .split(['-', '.'])
-            .next()
-            .and_then(|p| p.parse::<i32>().ok());
-        if let Some(pid) = pid
-            && gone(pid)
-        {
-            let _ = dir.remove_file(&name);
-            continue;
-        }
-        // A lock nobody holds (its tern died, or an older tern left it):
-        // removed while held, as TargetLock does.
-        if name.ends_with(".lock")
-            && let Ok(f) = dir.open_or_create_file(&name)
-        {
-            // SAFETY: flock on an fd we own.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0
-                && dir.is_same_file(&name, &f)
-            {
-                let _ = dir.remove_file(&name);
-            }
-            continue;
-        }
-        // State an older tern wrote world-readable.
-        if let Ok(Some((f, prov))) = dir.open_file(&name, false)
-            && prov.mode & 0o077 != 0
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = f.set_permissions(std::fs::Permissions::from_mode(0o600));
-        }
-    }
-}
-
-/// `pid` is still the process that started at `start_time`, and not a
-/// zombie (a zombie has no memory left to dump).
-/// Whether `pid` exists and is not a zombie.
-pub fn alive_now(pid: i32) -> bool {
-    start_time(pid).is_ok_and(|st| alive(pid, st))
-}
-
-pub fn alive(pid: i32, start_time: u64) -> bool {
-    match procfs::process::Process::new(pid).and_then(|p| p.stat()) {
-        Ok(s) => s.starttime == start_time && !matches!(s.state, 'Z' | 'X' | 'x'),
-        Err(_) => false,
-    }
-}
-
-/// Field 22 of /proc/PID/stat: tells a PID's process from a later one.
-pub fn start_time(pid: i32) -> Result<u64, TrackerError> {
-    procfs::process::Process::new(pid)
-        .and_then(|p| p.stat())
-        .map(|s| s.starttime)
-        .map_err(|_| TrackerError::NoProcess { pid })
-}
-
-/// A PID this tern may work on: a user process, not tern itself.
-pub fn check_target(pid: i32) -> Result<(), TrackerError> {
-    if pid <= 0 {
-        return Err(TrackerError::NoProcess { pid });
-    }
-    // SAFETY: getpid has no preconditions.
-    if pid == unsafe { libc::getpid() } || Path::new(&format!("/proc/self/task/{pid}")).exists() {
-        return Err(TrackerError::OwnProcess { pid });
-    }
-    let p = procfs::process::Process::new(pid).map_err(|_| TrackerError::NoProcess { pid })?;
-    let stat = p.stat().map_err(|_| TrackerError::NoProcess { pid })?;
-    const PF_KTHREAD: u32 = 0x0020_0000;
-    if stat.flags & PF_KTHREAD != 0 {
-        return Err(TrackerError::KernelThread {
-            pid,
-            comm: stat.comm,
-        });
-    }
-    Ok(())
-}
-
-/// `/run/tern`: root's, 0700, nothing in it followed through a link.
-fn state_dir() -> Result<images::ImageDir, TrackerError> {
-    let err = |e: images::ImageError| TrackerError::State {
-        path: STATE_DIR.into(),
-        what: e.to_string(),
-    };
-    let d = images::ImageDir::create(Path::new(STATE_DIR)).map_err(err)?;
-    d.make_private().map_err(err)?;
-    Ok(d)
-}
-
-fn store_host_state(path: &Path, h: &HostState) -> Result<(), TrackerError> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("state files have plain names");
-    state_dir()?
-        .write_atomic(
-            name,
-            &serde_json::to_vec(h).expect("state serializes"),
-            false,
-        )
-        .map_err(|e| TrackerError::State {
-            path: path.to_path_buf(),
-            what: e.to_string(),
-        })
-}
-
-/// The lock that keeps a second tern off a target: `/run/tern/PID.lock`,
-/// flocked; removed (while still held) when the session ends.
-pub struct TargetLock {
-    dir: images::ImageDir,
-    name: String,
-    file: std::fs::File,
-}
-
-impl Drop for TargetLock {
-    fn drop(&mut self) {
-        // Unlink before unlocking: a tern waiting on this file finds it
-        // gone and takes a new one (lock_target checks).
-        if self.dir.is_same_file(&self.name, &self.file) {
-            let _ = self.dir.remove_file(&self.name);
-        }
-    }
-}
-
-/// One tern at a time per target.
-fn lock_target(pid: i32) -> Result<TargetLock, TrackerError> {
-    let name = format!("{pid}.lock");
-    let path = PathBuf::from(format!("{STATE_DIR}/{name}"));
-    let dir = state_dir()?;
-    for _ in 0..16 {
-        let file = dir
-            .open_or_create_file(&name)
-            .map_err(|e| TrackerError::State {
-                path: path.clone(),
-                what: e.to_string(),
-            })?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(TrackerError::Busy { pid, path });
-        }
-        // The tern that held it may have removed it as we opened it: a lock
-        // on a removed file keeps nobody out. Take the one there now.
-        if dir.is_same_file(&name, &file) {
-            return Ok(TargetLock { dir, name, file });
-        }
-    }
-    Err(TrackerError::Busy { pid, path })
-}
-
-fn load_host_state(path: &Path) -> Option<HostState> {
-    let (d, _) = images::ImageDir::open(path.parent()?).ok()?;
-    let (bytes, _) = d
-        .read_file(path.file_name()?.to_str()?, images::fsdir::MAX_JSON_BYTES)
-        .ok()?;
-    serde_json::from_slice(&bytes).ok()
 }
 
 fn count_common(a: &[u64], b: &[u64]) -> u64 {
