@@ -66,6 +66,21 @@ pub mod event {
     pub const THREAD_EXITED: u32 = 17;
     /// A target thread forked a child process.
     pub const CHILD_PROCESS: u32 = 18;
+
+    /// What a kind is called in messages.
+    pub const fn name(kind: u32) -> &'static str {
+        match kind {
+            MMAP => "mmap",
+            MUNMAP => "munmap",
+            MREMAP => "mremap",
+            BRK => "brk",
+            MADVISE => "madvise",
+            THREAD_CREATED => "thread created",
+            THREAD_EXITED => "thread exited",
+            CHILD_PROCESS => "child process",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Slots of the per-CPU `COUNTERS` array (monotonic, summed over CPUs by

@@ -193,8 +193,8 @@ mod programs {
                     warn!(
                         ctx,
                         target: "tracker::ebpf",
-                        "eBPF EVENTS ring buffer full: event {} of pid {} thread {} dropped ({} on this CPU since the stream was loaded); drain more often",
-                        kind,
+                        "eBPF EVENTS ring buffer full: event '{}' of pid {} thread {} dropped ({} on this CPU since the stream was loaded); drain more often",
+                        event::name(kind),
                         tgid,
                         tid,
                         n
@@ -229,8 +229,8 @@ mod programs {
                 warn!(
                     ctx,
                     target: "tracker::ebpf",
-                    "eBPF PENDING map full: syscall {} of pid {} thread {} not followed ({} on this CPU since the stream was loaded)",
-                    kind,
+                    "eBPF PENDING map full: {} of pid {} thread {} not followed ({} on this CPU since the stream was loaded)",
+                    event::name(kind),
                     tgid,
                     tid,
                     n

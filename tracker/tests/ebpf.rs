@@ -716,7 +716,10 @@ fn full_events_ring_is_counted_and_logged() {
         "every call recorded or counted lost"
     );
     let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
-    let want = format!("of pid {} thread {} dropped", child.pid, child.pid);
+    let want = format!(
+        "event 'madvise' of pid {} thread {} dropped",
+        child.pid, child.pid
+    );
     let line = logs
         .lines()
         .find(|l| l.contains("EVENTS ring buffer full") && l.contains(&want))
