@@ -110,6 +110,10 @@ fn main() {
     let root_dir = ebpf_dir.to_str().expect("utf-8 path");
     println!("cargo:rerun-if-changed={root_dir}/src");
     println!("cargo:rerun-if-changed={root_dir}/Cargo.toml");
+    // The layouts it shares with this crate (a path dependency of both).
+    let common_dir = manifest_dir.join("../tracker-common");
+    println!("cargo:rerun-if-changed={}/src", common_dir.display());
+    println!("cargo:rerun-if-changed={}/Cargo.toml", common_dir.display());
     // A partial rebuild must not leave a stale object behind.
     let _ = std::fs::remove_file(&object);
     // aya-build forwards the nested cargo's stderr as one `cargo:warning` per

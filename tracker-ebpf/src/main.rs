@@ -17,8 +17,15 @@
 //!   (a target thread exits): [`Event`]s into the same ring buffer.
 //!
 //! Every drop (a map or a ring buffer full) is counted in [`COUNTERS`], so
-//! userspace can report how much it lost. The layouts here are mirrored by
-//! `tracker/src/ebpf.rs`; keep them in sync.
+//! userspace can report how much it lost, and logged with aya-log (a warning
+//! that reaches tern's log when tracker drains the stream): the 1st, 2nd,
+//! 4th, 8th, ... drop of each kind on each CPU, so that a full ring does not
+//! also flood the log ring.
+//!
+//! The record layouts, event kinds, counter slots and the tracepoint field
+//! offsets read here come from `tracker-common`, which `tracker` uses too
+//! (and checks the offsets against the running kernel's tracefs `format`
+//! files before loading these programs).
 //!
 //! On a non-BPF target this crate is an empty binary, so that
 //! `cargo build/clippy/test --workspace` work with the stable toolchain.
@@ -37,45 +44,26 @@ mod programs {
         maps::{Array, HashMap, PerCpuArray, RingBuf},
         programs::TracePointContext,
     };
+    use aya_log_ebpf::warn;
+    use tracker_common::{
+        CLONE_THREAD, Event, KEY_KERNEL,
+        counter::{
+            EVENTS_LOST, KERNEL_WRITE_FAULTS, N as N_COUNTERS, PAGES_LOST, PENDING_LOST,
+            USER_WRITE_FAULTS,
+        },
+        event,
+        tracepoint::{
+            BRK_ARGS, FAULT_ADDRESS, FAULT_ERROR_CODE, MADVISE_ARGS, MAX_SYSCALL_ARGS, MMAP_ARGS,
+            MREMAP_ARGS, MUNMAP_ARGS, NEWTASK_CLONE_FLAGS, NEWTASK_PID, SYSCALL_ARGS, SYSCALL_RET,
+        },
+    };
 
-    /// Bit 0 of a [`FAULTS`] record: the fault was taken in kernel mode.
-    const KEY_KERNEL: u64 = 1;
-
-    // Event kinds (the `kind` field of [`Event`]).
-    const EV_MMAP: u32 = 1;
-    const EV_MUNMAP: u32 = 2;
-    const EV_MREMAP: u32 = 3;
-    const EV_BRK: u32 = 4;
-    const EV_MADVISE: u32 = 5;
-    const EV_THREAD_CREATED: u32 = 16;
-    const EV_THREAD_EXITED: u32 = 17;
-    const EV_CHILD_PROCESS: u32 = 18;
-
-    // Indices into [`COUNTERS`].
-    const C_USER_WRITE_FAULTS: u32 = 0;
-    const C_KERNEL_WRITE_FAULTS: u32 = 1;
-    const C_PAGES_LOST: u32 = 2;
-    const C_EVENTS: u32 = 3;
-    const C_EVENTS_LOST: u32 = 4;
-    const C_PENDING_LOST: u32 = 5;
-    const N_COUNTERS: u32 = 8;
-
-    const CLONE_THREAD: u64 = 0x0001_0000;
-
-    /// One ring-buffer record; `args` depends on `kind` (see tracker/src/ebpf.rs).
-    #[repr(C)]
-    pub struct Event {
-        pub kind: u32,
-        pub tid: u32,
-        pub args: [u64; 5],
-    }
-
-    /// A syscall between its enter and exit tracepoints.
+    /// A syscall between its enter and exit tracepoints (eBPF side only).
     #[repr(C)]
     pub struct Pending {
         pub kind: u32,
         pub pad: u32,
-        pub args: [u64; 4],
+        pub args: [u64; MAX_SYSCALL_ARGS],
     }
 
     /// Target tgids (value unused).
@@ -109,12 +97,27 @@ mod programs {
     #[map]
     static STATE: Array<u64> = Array::with_max_entries(32, 0);
 
+    /// Count one more in slot `idx` of this CPU; the new count (0 if the
+    /// slot is missing).
     #[inline(always)]
-    fn bump(idx: u32) {
-        if let Some(p) = COUNTERS.get_ptr_mut(idx) {
-            // Per-CPU slot, and tracepoint programs do not migrate: no atomics needed.
-            unsafe { *p += 1 };
+    fn bump(idx: u32) -> u64 {
+        match COUNTERS.get_ptr_mut(idx) {
+            Some(p) => {
+                // Per-CPU slot, and tracepoint programs do not migrate: no atomics needed.
+                unsafe {
+                    *p += 1;
+                    *p
+                }
+            }
+            None => 0,
         }
+    }
+
+    /// Log the `n`-th drop of a kind on this CPU? The 1st, 2nd, 4th, 8th, ...:
+    /// a ring that stays full must not flood the log ring too.
+    #[inline(always)]
+    fn log_drop(n: u64) -> bool {
+        n.is_power_of_two()
     }
 
     #[inline(always)]
@@ -128,14 +131,13 @@ mod programs {
         if !current_is_target() {
             return;
         }
-        // exceptions:page_fault_{user,kernel}: address @8, ip @16, error_code @24.
-        let Ok(error_code) = (unsafe { ctx.read_at::<u64>(24) }) else {
+        let Ok(error_code) = (unsafe { ctx.read_at::<u64>(FAULT_ERROR_CODE) }) else {
             return;
         };
         if error_code & 2 == 0 {
             return;
         }
-        let Ok(address) = (unsafe { ctx.read_at::<u64>(8) }) else {
+        let Ok(address) = (unsafe { ctx.read_at::<u64>(FAULT_ADDRESS) }) else {
             return;
         };
         if address >> 63 != 0 {
@@ -143,14 +145,24 @@ mod programs {
             return;
         }
         bump(if kernel {
-            C_KERNEL_WRITE_FAULTS
+            KERNEL_WRITE_FAULTS
         } else {
-            C_USER_WRITE_FAULTS
+            USER_WRITE_FAULTS
         });
         let key = (address & !0xfff) | if kernel { KEY_KERNEL } else { 0 };
         // No wakeup: nobody polls this ring, userspace drains it each round.
         if FAULTS.output::<u64>(key, BPF_RB_NO_WAKEUP as u64).is_err() {
-            bump(C_PAGES_LOST);
+            let n = bump(PAGES_LOST);
+            if log_drop(n) {
+                let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+                warn!(
+                    ctx,
+                    target: "tracker::ebpf",
+                    "eBPF FAULTS ring buffer full: a write fault of pid {} dropped ({} on this CPU since the stream was loaded); drain more often",
+                    tgid,
+                    n
+                );
+            }
         }
     }
 
@@ -167,41 +179,67 @@ mod programs {
     }
 
     #[inline(always)]
-    fn push(kind: u32, tid: u32, args: [u64; 5]) {
+    fn push(ctx: &TracePointContext, kind: u32, tid: u32, args: [u64; 5]) {
         match EVENTS.reserve::<Event>(0) {
             Some(mut entry) => {
                 entry.write(Event { kind, tid, args });
                 entry.submit(0);
-                bump(C_EVENTS);
+                bump(tracker_common::counter::EVENTS);
             }
-            None => bump(C_EVENTS_LOST),
+            None => {
+                let n = bump(EVENTS_LOST);
+                if log_drop(n) {
+                    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+                    warn!(
+                        ctx,
+                        target: "tracker::ebpf",
+                        "eBPF EVENTS ring buffer full: event '{}' of pid {} thread {} dropped ({} on this CPU since the stream was loaded); drain more often",
+                        event::name(kind),
+                        tgid,
+                        tid,
+                        n
+                    );
+                }
+            }
         }
     }
 
-    /// sys_enter_*: `__syscall_nr` @8, then the arguments, 8 bytes each, from @16.
+    /// sys_enter_*: the arguments, 8 bytes each, from `SYSCALL_ARGS`.
     #[inline(always)]
     fn on_enter(ctx: &TracePointContext, kind: u32, nargs: usize) {
         if !current_is_target() {
             return;
         }
-        let mut args = [0u64; 4];
+        let mut args = [0u64; MAX_SYSCALL_ARGS];
         let mut i = 0;
-        while i < nargs && i < 4 {
-            args[i] = unsafe { ctx.read_at::<u64>(16 + 8 * i) }.unwrap_or(0);
+        while i < nargs && i < MAX_SYSCALL_ARGS {
+            args[i] = unsafe { ctx.read_at::<u64>(SYSCALL_ARGS + 8 * i) }.unwrap_or(0);
             i += 1;
         }
-        if kind == EV_BRK && args[0] == 0 {
+        if kind == event::BRK && args[0] == 0 {
             // brk(0) only asks where the break is.
             return;
         }
         let tid = bpf_get_current_pid_tgid() as u32;
         let pending = Pending { kind, pad: 0, args };
         if PENDING.insert(tid, pending, 0).is_err() {
-            bump(C_PENDING_LOST);
+            let n = bump(PENDING_LOST);
+            if log_drop(n) {
+                let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+                warn!(
+                    ctx,
+                    target: "tracker::ebpf",
+                    "eBPF PENDING map full: {} of pid {} thread {} not followed ({} on this CPU since the stream was loaded)",
+                    event::name(kind),
+                    tgid,
+                    tid,
+                    n
+                );
+            }
         }
     }
 
-    /// sys_exit_*: `__syscall_nr` @8, `ret` @16.
+    /// sys_exit_*: `ret` at `SYSCALL_RET`.
     #[inline(always)]
     fn on_exit(ctx: &TracePointContext, kind: u32) {
         let tid = bpf_get_current_pid_tgid() as u32;
@@ -213,93 +251,93 @@ mod programs {
         if pkind != kind || !current_is_target() {
             return;
         }
-        let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1);
+        let ret = unsafe { ctx.read_at::<i64>(SYSCALL_RET) }.unwrap_or(-1);
         if (-4095..0).contains(&ret) {
             // Failed: the address space did not change.
             return;
         }
-        push(kind, tid, [a[0], a[1], a[2], a[3], ret as u64]);
+        push(ctx, kind, tid, [a[0], a[1], a[2], a[3], ret as u64]);
     }
 
     #[tracepoint]
     pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
-        on_enter(&ctx, EV_MMAP, 4);
+        on_enter(&ctx, event::MMAP, MMAP_ARGS);
         0
     }
     #[tracepoint]
     pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
-        on_exit(&ctx, EV_MMAP);
+        on_exit(&ctx, event::MMAP);
         0
     }
     #[tracepoint]
     pub fn sys_enter_munmap(ctx: TracePointContext) -> u32 {
-        on_enter(&ctx, EV_MUNMAP, 2);
+        on_enter(&ctx, event::MUNMAP, MUNMAP_ARGS);
         0
     }
     #[tracepoint]
     pub fn sys_exit_munmap(ctx: TracePointContext) -> u32 {
-        on_exit(&ctx, EV_MUNMAP);
+        on_exit(&ctx, event::MUNMAP);
         0
     }
     #[tracepoint]
     pub fn sys_enter_mremap(ctx: TracePointContext) -> u32 {
-        on_enter(&ctx, EV_MREMAP, 4);
+        on_enter(&ctx, event::MREMAP, MREMAP_ARGS);
         0
     }
     #[tracepoint]
     pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
-        on_exit(&ctx, EV_MREMAP);
+        on_exit(&ctx, event::MREMAP);
         0
     }
     #[tracepoint]
     pub fn sys_enter_brk(ctx: TracePointContext) -> u32 {
-        on_enter(&ctx, EV_BRK, 1);
+        on_enter(&ctx, event::BRK, BRK_ARGS);
         0
     }
     #[tracepoint]
     pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
-        on_exit(&ctx, EV_BRK);
+        on_exit(&ctx, event::BRK);
         0
     }
     #[tracepoint]
     pub fn sys_enter_madvise(ctx: TracePointContext) -> u32 {
-        on_enter(&ctx, EV_MADVISE, 3);
+        on_enter(&ctx, event::MADVISE, MADVISE_ARGS);
         0
     }
     #[tracepoint]
     pub fn sys_exit_madvise(ctx: TracePointContext) -> u32 {
-        on_exit(&ctx, EV_MADVISE);
+        on_exit(&ctx, event::MADVISE);
         0
     }
 
-    /// task:task_newtask, run by the creating task: `pid` @8, `comm[16]` @12,
-    /// `clone_flags` @32.
+    /// task:task_newtask, run by the creating task: the new task's `pid` and
+    /// `clone_flags`.
     #[tracepoint]
     pub fn task_newtask(ctx: TracePointContext) -> u32 {
         if !current_is_target() {
             return 0;
         }
-        let child = unsafe { ctx.read_at::<i32>(8) }.unwrap_or(0) as u32;
-        let flags = unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0);
+        let child = unsafe { ctx.read_at::<i32>(NEWTASK_PID) }.unwrap_or(0) as u32;
+        let flags = unsafe { ctx.read_at::<u64>(NEWTASK_CLONE_FLAGS) }.unwrap_or(0);
         let kind = if flags & CLONE_THREAD != 0 {
-            EV_THREAD_CREATED
+            event::THREAD_CREATED
         } else {
-            EV_CHILD_PROCESS
+            event::CHILD_PROCESS
         };
         let parent = bpf_get_current_pid_tgid() as u32;
-        push(kind, child, [parent as u64, flags, 0, 0, 0]);
+        push(&ctx, kind, child, [parent as u64, flags, 0, 0, 0]);
         0
     }
 
     /// sched:sched_process_exit, run by the exiting thread itself.
     #[tracepoint]
-    pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         if !current_is_target() {
             return 0;
         }
         let tid = bpf_get_current_pid_tgid() as u32;
         let _ = PENDING.remove(tid);
-        push(EV_THREAD_EXITED, tid, [0; 5]);
+        push(&ctx, event::THREAD_EXITED, tid, [0; 5]);
         0
     }
 

@@ -6,7 +6,6 @@ use crate::anon::AnonRegion;
 use crate::pagemap_scan::{Pagemap, ScanQuery, entry};
 use crate::uffd::{self, WpUffd};
 use serde::Serialize;
-use std::os::fd::{FromRawFd, OwnedFd};
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Probes {
@@ -100,26 +99,12 @@ impl Probes {
     /// The probes that decide the tracking backend (fast, no children).
     pub fn tracking() -> Probes {
         let mut p = Probes::default();
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_userfaultfd,
-                libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY,
-            )
-        };
-        p.uffd = fd >= 0;
-        if p.uffd {
-            // SAFETY: the fd was just returned to us.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-            let mut api = uffd::UffdioApi {
-                api: uffd::UFFD_API,
-                features: 0,
-                ioctls: 0,
-            };
+        if let Ok(fd) = uffd::create_unhandshaken() {
+            p.uffd = true;
             // With features 0, UFFDIO_API reports every feature it supports.
-            if unsafe { uffd::uffdio_api_ioctl(fd as i32, &mut api) }.is_ok() {
-                p.uffd_wp = api.features & 1 != 0; // UFFD_FEATURE_PAGEFAULT_FLAG_WP
+            if let Ok((_, features)) = uffd::handshake(fd, &[0]) {
+                p.uffd_wp = features & 1 != 0; // UFFD_FEATURE_PAGEFAULT_FLAG_WP
             }
-            drop(owned);
         }
         p.pagemap_scan = probe_pagemap_scan();
         p.uffd_wp_async = p.uffd && p.pagemap_scan && probe_wp_async();
@@ -178,16 +163,10 @@ fn probe_pagemap_scan() -> bool {
 /// Register a page for async WP, protect it, write it: the scan must say
 /// written exactly once.
 fn probe_wp_async() -> bool {
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_userfaultfd,
-            libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY,
-        )
-    };
-    if fd < 0 {
+    let Ok(fd) = uffd::create_unhandshaken() else {
         return false;
-    }
-    let Ok(wp) = WpUffd::handshake(unsafe { OwnedFd::from_raw_fd(fd as i32) }) else {
+    };
+    let Ok(wp) = WpUffd::handshake(fd) else {
         return false;
     };
     let Some(page) = AnonRegion::new(1) else {

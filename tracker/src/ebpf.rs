@@ -29,6 +29,22 @@
 //! Counters are monotonic per-CPU values; a drain reports the difference to
 //! the previous drain's snapshot, kept in a map so it survives pinning.
 //!
+//! # Logging
+//!
+//! A drop (a full ring buffer or `PENDING` map) is counted in
+//! [`EbpfRound::lost`] and also logged by the programs with aya-log-ebpf (the
+//! 1st, 2nd, 4th, ... drop of each kind on each CPU). A drain forwards those
+//! records through aya-log to the `log` facade, which tern's `tracing`
+//! subscriber receives: warnings with target `tracker::ebpf`.
+//!
+//! # Layouts
+//!
+//! The records, event kinds, counter slots and tracepoint field offsets are
+//! written once, in `tracker-common`, used by both sides. The programs read
+//! tracepoint records at fixed offsets: before loading them, the offsets are
+//! checked against tracefs's `format` files of the running kernel, and a
+//! moved field is an [`EbpfError::FormatMismatch`] naming it.
+//!
 //! # Pinning
 //!
 //! [`PinMode::Dir`] pins the maps and the tracepoint links in a bpffs
@@ -48,65 +64,41 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, links::FdLink},
 };
+use aya_log::EbpfLogger;
+use tracker_common::{
+    EVENT_SIZE, Event, FAULT_RECORD_SIZE, KEY_KERNEL, counter, event,
+    tracepoint::{self, FieldName, Layout},
+};
 
 /// The eBPF object built by `build.rs` from `tracker-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracker-ebpf"));
 
-// ---- layouts shared with tracker-ebpf/src/main.rs -------------------------
+// ---- layouts shared with tracker-ebpf: crate tracker-common ---------------
 
-const KEY_KERNEL: u64 = 1;
-
-const EV_MMAP: u32 = 1;
-const EV_MUNMAP: u32 = 2;
-const EV_MREMAP: u32 = 3;
-const EV_BRK: u32 = 4;
-const EV_MADVISE: u32 = 5;
-const EV_THREAD_CREATED: u32 = 16;
-const EV_THREAD_EXITED: u32 = 17;
-const EV_CHILD_PROCESS: u32 = 18;
-
-const C_USER_WRITE_FAULTS: usize = 0;
-const C_KERNEL_WRITE_FAULTS: usize = 1;
-const C_PAGES_LOST: usize = 2;
-const C_EVENTS: usize = 3;
-const C_EVENTS_LOST: usize = 4;
-const C_PENDING_LOST: usize = 5;
-const N_COUNTERS: usize = 8;
+const N_COUNTERS: usize = counter::N as usize;
 
 /// `STATE` array slots (userspace only): `[0, N_COUNTERS)` counter baselines.
 const S_MAGIC: u32 = 16;
 const S_PID: u32 = 17;
 const S_START_TIME: u32 = 18;
 const S_FLAGS: u32 = 19;
-/// "tern-eb1": layout version of the pinned objects.
-const STATE_MAGIC: u64 = 0x7465_726e_2d65_6231;
+/// Id of [`LOG_PROGRAM`], for attaching aya-log to a reused pinned stream.
+const S_LOG_PROGRAM: u32 = 20;
+/// "tern-eb2": layout version of the pinned objects.
+const STATE_MAGIC: u64 = 0x7465_726e_2d65_6232;
 const FLAG_FAULTS: u64 = 1;
-
-/// Size of one ring-buffer record (`struct Event`: u32 kind, u32 tid, u64 args[5]).
-const EVENT_SIZE: usize = 48;
 
 /// Twice what the FAULTS ring holds.
 const MAX_FAULTS_PER_DRAIN: usize = 1 << 22;
 
 const MAP_NAMES: [&str; 6] = ["TARGET", "FAULTS", "PENDING", "COUNTERS", "EVENTS", "STATE"];
 
-/// (program name, tracepoint category, tracepoint name, is a fault tracepoint)
-const PROGRAMS: [(&str, &str, &str, bool); 14] = [
-    ("page_fault_user", "exceptions", "page_fault_user", true),
-    ("page_fault_kernel", "exceptions", "page_fault_kernel", true),
-    ("sys_enter_mmap", "syscalls", "sys_enter_mmap", false),
-    ("sys_exit_mmap", "syscalls", "sys_exit_mmap", false),
-    ("sys_enter_munmap", "syscalls", "sys_enter_munmap", false),
-    ("sys_exit_munmap", "syscalls", "sys_exit_munmap", false),
-    ("sys_enter_mremap", "syscalls", "sys_enter_mremap", false),
-    ("sys_exit_mremap", "syscalls", "sys_exit_mremap", false),
-    ("sys_enter_brk", "syscalls", "sys_enter_brk", false),
-    ("sys_exit_brk", "syscalls", "sys_exit_brk", false),
-    ("sys_enter_madvise", "syscalls", "sys_enter_madvise", false),
-    ("sys_exit_madvise", "syscalls", "sys_exit_madvise", false),
-    ("task_newtask", "task", "task_newtask", false),
-    ("sched_process_exit", "sched", "sched_process_exit", false),
-];
+/// The programs: one per tracepoint, named after it.
+const PROGRAMS: [Layout; 14] = tracepoint::LAYOUTS;
+
+/// A program that logs (aya-log) and is attached on every kernel: through it
+/// a reused pinned stream finds its log ring buffer.
+const LOG_PROGRAM: &str = "sys_enter_mmap";
 
 /// Number of entries in [`EbpfRound::hot`].
 pub const HOT_PAGES: usize = 64;
@@ -133,14 +125,24 @@ pub enum EbpfError {
     #[error("tracepoint {0} does not exist on this kernel")]
     MissingTracepoint(String),
     #[error(
-        "tracepoint {tracepoint}: field `{field}` is at offset {found:?} here, \
-         the eBPF programs read it at {expected}"
+        "tracepoint {tracepoint}, field {field}: the eBPF programs read {expected_size} bytes at \
+         offset {expected_offset}, but this kernel's tracefs format {}; this kernel lays the \
+         record out differently from what tern was built for: run without the eBPF stream \
+         (--no-ebpf; the kernel's dirty bits alone are exact)",
+        match found {
+            Some((offset, size)) => format!("has it at offset {offset} ({size} bytes)"),
+            None => "has no such field".to_string(),
+        }
     )]
     FormatMismatch {
+        /// `category:name`.
         tracepoint: String,
+        /// The field's name (`argument I (name)` for a syscall argument).
         field: String,
-        expected: usize,
-        found: Option<usize>,
+        expected_offset: usize,
+        expected_size: usize,
+        /// Offset and size in this kernel's format, if it has the field.
+        found: Option<(usize, usize)>,
     },
     #[error(
         "permission denied while {what}: loading and attaching eBPF tracepoint programs needs \
@@ -255,8 +257,14 @@ pub struct EbpfRound {
     pub vma_changes: Vec<VmaChange>,
     pub thread_events: Vec<ThreadEvent>,
     /// Pages or events dropped because a map or the ring buffer was full.
+    /// The programs also log drops (aya-log, warnings with target
+    /// `tracker::ebpf`), which a drain forwards to the `log`/`tracing` logger.
     pub lost: u64,
 }
+
+/// The aya-log reader: forwards what the programs log to the `log` facade
+/// (which tern's `tracing` subscriber receives).
+type Logger = EbpfLogger<&'static dyn log::Log>;
 
 /// A loaded, attached dirty stream for one target process.
 pub struct DirtyStream {
@@ -270,6 +278,9 @@ pub struct DirtyStream {
     counters: PerCpuArray<MapData, u64>,
     state: Array<MapData, u64>,
     events: RingBuf<MapData>,
+    /// What the programs log (drops); `None` only for a reused pinned stream
+    /// whose log ring could not be found (warned about at open).
+    logger: Option<Logger>,
     page_mask: u64,
 }
 
@@ -337,7 +348,7 @@ impl DirtyStream {
         while entries.len() < MAX_FAULTS_PER_DRAIN
             && let Some(item) = self.faults.next()
         {
-            if let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) {
+            if let Ok(bytes) = <[u8; FAULT_RECORD_SIZE]>::try_from(&item[..]) {
                 entries.push((u64::from_ne_bytes(bytes), 1));
             }
         }
@@ -366,15 +377,26 @@ impl DirtyStream {
         let mut round = build_round(entries, self.page_mask);
         round.vma_changes = vma_changes;
         round.thread_events = thread_events;
-        round.write_faults = delta[C_USER_WRITE_FAULTS] + delta[C_KERNEL_WRITE_FAULTS];
-        round.lost = delta[C_PAGES_LOST] + delta[C_EVENTS_LOST] + delta[C_PENDING_LOST];
-        let _ = delta[C_EVENTS];
+        let d = |slot: u32| delta[slot as usize];
+        round.write_faults = d(counter::USER_WRITE_FAULTS) + d(counter::KERNEL_WRITE_FAULTS);
+        round.lost = d(counter::PAGES_LOST) + d(counter::EVENTS_LOST) + d(counter::PENDING_LOST);
+        // Last: the warnings of the drops counted above.
+        self.flush_log();
         Ok(round)
+    }
+
+    /// Forward what the programs logged since the last flush to the `log`
+    /// facade (`tracing`, in tern). [`DirtyStream::drain`] does it too.
+    pub fn flush_log(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
     }
 
     /// Detach and remove the pinned objects (teardown). For an unpinned
     /// stream this just detaches.
-    pub fn close_and_unpin(self) -> Result<(), EbpfError> {
+    pub fn close_and_unpin(mut self) -> Result<(), EbpfError> {
+        self.flush_log();
         let dir = self.pin_dir.clone();
         drop(self);
         if let Some(dir) = dir {
@@ -412,7 +434,11 @@ impl DirtyStream {
             if name == "page_fault_user" && !faults {
                 continue;
             }
-            let (_, cat, tp, _) = PROGRAMS.iter().find(|p| p.0 == name).expect("known");
+            let (cat, tp) = PROGRAMS
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| (p.category, p.name))
+                .ok_or_else(|| missing(&format!("program {name}")))?;
             let prog = tracepoint(&mut bpf, name)?;
             let id = prog
                 .attach(cat, tp)
@@ -455,7 +481,14 @@ impl DirtyStream {
         let faults = fault_tracepoints_exist(tracefs);
         check_formats(tracefs, faults)?;
         let mut bpf = load_object()?;
+        // Takes the programs' log ring buffer (AYA_LOGS) out of `bpf`.
+        let logger =
+            EbpfLogger::init(&mut bpf).map_err(|e| bpf_err("opening the eBPF log (aya-log)", e))?;
         load_programs(&mut bpf)?;
+        let log_program = tracepoint(&mut bpf, LOG_PROGRAM)?
+            .info()
+            .map_err(|e| bpf_err(&format!("reading the id of program {LOG_PROGRAM}"), e))?
+            .id();
 
         let mut state = bpf.take_map("STATE").ok_or_else(|| missing("STATE map"))?;
         let mut target = bpf
@@ -469,6 +502,7 @@ impl DirtyStream {
                 (S_PID, pid as u64),
                 (S_START_TIME, start_time),
                 (S_FLAGS, if faults { FLAG_FAULTS } else { 0 }),
+                (S_LOG_PROGRAM, u64::from(log_program)),
             ];
             for (slot, value) in meta {
                 state
@@ -486,7 +520,8 @@ impl DirtyStream {
             })?;
         }
 
-        let result = Self::attach_and_finish(pid, faults, bpf, state, target, pin_dir.clone());
+        let result =
+            Self::attach_and_finish(pid, faults, bpf, state, target, logger, pin_dir.clone());
         if result.is_err()
             && let Some(dir) = &pin_dir
         {
@@ -501,12 +536,20 @@ impl DirtyStream {
         mut bpf: Ebpf,
         state: Map,
         target: Map,
+        logger: Logger,
         pin_dir: Option<PathBuf>,
     ) -> Result<DirtyStream, EbpfError> {
-        for (name, cat, tp, is_fault) in PROGRAMS {
-            if is_fault && !faults {
+        for Layout {
+            category: cat,
+            name,
+            fault,
+            ..
+        } in PROGRAMS
+        {
+            if fault && !faults {
                 continue;
             }
+            let tp = name;
             let prog = tracepoint(&mut bpf, name)?;
             let id = prog
                 .attach(cat, tp)
@@ -564,6 +607,7 @@ impl DirtyStream {
                 .map_err(|e| bpf_err("opening the COUNTERS map", e))?,
             state: Array::try_from(state).map_err(|e| bpf_err("opening the STATE map", e))?,
             events: RingBuf::try_from(events).map_err(|e| bpf_err("opening the EVENTS map", e))?,
+            logger: Some(logger),
             page_mask: !(page_size() - 1),
         })
     }
@@ -597,8 +641,8 @@ impl DirtyStream {
         let complete = MAP_NAMES.iter().all(|m| dir.join(m).exists())
             && PROGRAMS
                 .iter()
-                .filter(|p| faults || !p.3)
-                .all(|p| dir.join(link_pin_name(p.0)).exists());
+                .filter(|p| faults || !p.fault)
+                .all(|p| dir.join(link_pin_name(p.name)).exists());
         if !complete {
             return Ok(None);
         }
@@ -606,6 +650,20 @@ impl DirtyStream {
         if target.get(&(pid as u32), 0).is_err() {
             return Ok(None);
         }
+        // The log ring buffer is not pinned: the pinned programs hold it,
+        // and aya-log finds it through one of them.
+        let log_program = get(S_LOG_PROGRAM) as u32;
+        let logger = match EbpfLogger::init_from_id(log_program) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!(
+                    "pinned eBPF stream in {}: cannot read what its programs log \
+                     (program {LOG_PROGRAM}, id {log_program}): {e}; drops are still counted",
+                    dir.display()
+                );
+                None
+            }
+        };
         Ok(Some(DirtyStream {
             pid,
             pin_dir: Some(dir.to_path_buf()),
@@ -615,6 +673,7 @@ impl DirtyStream {
             counters: from_pin(dir, "COUNTERS")?,
             state,
             events: from_pin(dir, "EVENTS")?,
+            logger,
             page_mask: !(page_size() - 1),
         }))
     }
@@ -628,25 +687,22 @@ enum Decoded {
 }
 
 fn decode_event(raw: &[u8]) -> Option<Decoded> {
-    if raw.len() < EVENT_SIZE {
-        return None;
-    }
-    let u32_at = |o: usize| u32::from_ne_bytes(raw[o..o + 4].try_into().expect("4 bytes"));
-    let u64_at = |o: usize| u64::from_ne_bytes(raw[o..o + 8].try_into().expect("8 bytes"));
-    let kind = u32_at(0);
-    let tid = u32_at(4);
-    let args = [u64_at(8), u64_at(16), u64_at(24), u64_at(32), u64_at(40)];
+    let raw = raw.get(..EVENT_SIZE)?;
+    // SAFETY: `raw` holds EVENT_SIZE == size_of::<Event>() bytes, read
+    // unaligned, and `Event` is `aya::Pod` (integers only, no padding): every
+    // bit pattern is a valid `Event`.
+    let Event { kind, tid, args } = unsafe { raw.as_ptr().cast::<Event>().read_unaligned() };
     let vma = |kind| Some(Decoded::Vma(VmaChange { kind, tid, args }));
     let thread = |kind| Some(Decoded::Thread(ThreadEvent { kind, tid }));
     match kind {
-        EV_MMAP => vma(VmaChangeKind::Mmap),
-        EV_MUNMAP => vma(VmaChangeKind::Munmap),
-        EV_MREMAP => vma(VmaChangeKind::Mremap),
-        EV_BRK => vma(VmaChangeKind::Brk),
-        EV_MADVISE => vma(VmaChangeKind::Madvise),
-        EV_THREAD_CREATED => thread(ThreadEventKind::Created),
-        EV_THREAD_EXITED => thread(ThreadEventKind::Exited),
-        EV_CHILD_PROCESS => thread(ThreadEventKind::ChildProcess),
+        event::MMAP => vma(VmaChangeKind::Mmap),
+        event::MUNMAP => vma(VmaChangeKind::Munmap),
+        event::MREMAP => vma(VmaChangeKind::Mremap),
+        event::BRK => vma(VmaChangeKind::Brk),
+        event::MADVISE => vma(VmaChangeKind::Madvise),
+        event::THREAD_CREATED => thread(ThreadEventKind::Created),
+        event::THREAD_EXITED => thread(ThreadEventKind::Exited),
+        event::CHILD_PROCESS => thread(ThreadEventKind::ChildProcess),
         _ => None,
     }
 }
@@ -713,7 +769,7 @@ fn tracepoint<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut TracePoint, E
 }
 
 fn load_programs(bpf: &mut Ebpf) -> Result<(), EbpfError> {
-    for (name, ..) in PROGRAMS {
+    for Layout { name, .. } in PROGRAMS {
         tracepoint(bpf, name)?
             .load()
             .map_err(|e| bpf_err(&format!("loading eBPF program {name}"), e))?;
@@ -740,7 +796,7 @@ fn link_pin_name(program: &str) -> String {
 fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
     let names = PROGRAMS
         .iter()
-        .map(|p| link_pin_name(p.0))
+        .map(|p| link_pin_name(p.name))
         .chain(MAP_NAMES.iter().map(|m| m.to_string()));
     for name in names {
         let path = dir.join(name);
@@ -952,22 +1008,36 @@ fn fault_tracepoints_exist(tracefs: &Path) -> bool {
         .all(|n| tracefs.join("events/exceptions").join(n).is_dir())
 }
 
-/// Field offsets of a tracepoint, from its `format` file.
-fn format_fields(tracefs: &Path, cat: &str, name: &str) -> Result<Vec<(String, usize)>, EbpfError> {
-    let path = tracefs.join("events").join(cat).join(name).join("format");
-    let text = fs::read_to_string(&path)
-        .map_err(|_| EbpfError::MissingTracepoint(format!("{cat}:{name}")))?;
+/// One field of a tracepoint's `format` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FormatField {
+    name: String,
+    offset: usize,
+    size: usize,
+}
+
+/// The fields of a tracepoint `format` file (lines
+/// `field:unsigned long address;\toffset:8;\tsize:8;\tsigned:0;`), in order.
+/// Lines that do not parse are skipped: a field the programs read and that is
+/// not found is reported as missing by [`check_format`].
+fn parse_format(text: &str) -> Vec<FormatField> {
     let mut fields = Vec::new();
     for line in text.lines() {
-        let line = line.trim();
-        let Some(rest) = line.strip_prefix("field:") else {
+        let Some(rest) = line.trim().strip_prefix("field:") else {
             continue;
         };
         let mut parts = rest.split(';');
         let decl = parts.next().unwrap_or("").trim();
-        let offset = parts
-            .find_map(|p| p.trim().strip_prefix("offset:"))
-            .and_then(|o| o.trim().parse().ok());
+        let (mut offset, mut size) = (None, None);
+        for part in parts {
+            let part = part.trim();
+            if let Some(o) = part.strip_prefix("offset:") {
+                offset = o.trim().parse().ok();
+            } else if let Some(z) = part.strip_prefix("size:") {
+                size = z.trim().parse().ok();
+            }
+        }
+        // `unsigned long address`, `char comm[16]`, `const char * name`.
         let name = decl
             .rsplit(|c: char| c.is_whitespace() || c == '*')
             .next()
@@ -975,80 +1045,67 @@ fn format_fields(tracefs: &Path, cat: &str, name: &str) -> Result<Vec<(String, u
             .split('[')
             .next()
             .unwrap_or("");
-        if let Some(offset) = offset {
-            fields.push((name.to_string(), offset));
-        }
-    }
-    Ok(fields)
-}
-
-/// The eBPF programs read tracepoint records at fixed offsets; make sure this
-/// kernel lays them out that way.
-fn check_formats(tracefs: &Path, faults: bool) -> Result<(), EbpfError> {
-    // (category, tracepoint, [(field, offset)])
-    type Expect = (&'static str, &'static str, Vec<(&'static str, usize)>);
-    let mut expect: Vec<Expect> = vec![
-        (
-            "task",
-            "task_newtask",
-            vec![("pid", 8), ("clone_flags", 32)],
-        ),
-        ("sched", "sched_process_exit", vec![]),
-    ];
-    if faults {
-        for n in ["page_fault_user", "page_fault_kernel"] {
-            expect.push(("exceptions", n, vec![("address", 8), ("error_code", 24)]));
-        }
-    }
-    for (sys, nargs) in [
-        ("mmap", 4),
-        ("munmap", 2),
-        ("mremap", 4),
-        ("brk", 1),
-        ("madvise", 3),
-    ] {
-        let enter = format!("sys_enter_{sys}");
-        let fields = format_fields(tracefs, "syscalls", &enter)?;
-        let args: Vec<usize> = fields
-            .iter()
-            .filter(|(n, _)| !n.starts_with("common_") && n != "__syscall_nr")
-            .map(|f| f.1)
-            .collect();
-        for i in 0..nargs {
-            if args.get(i).copied() != Some(16 + 8 * i) {
-                return Err(EbpfError::FormatMismatch {
-                    tracepoint: format!("syscalls:{enter}"),
-                    field: format!("argument {i}"),
-                    expected: 16 + 8 * i,
-                    found: args.get(i).copied(),
-                });
-            }
-        }
-        let exit = format!("sys_exit_{sys}");
-        let fields = format_fields(tracefs, "syscalls", &exit)?;
-        let ret = fields.iter().find(|f| f.0 == "ret").map(|f| f.1);
-        if ret != Some(16) {
-            return Err(EbpfError::FormatMismatch {
-                tracepoint: format!("syscalls:{exit}"),
-                field: "ret".into(),
-                expected: 16,
-                found: ret,
+        if let (Some(offset), Some(size), false) = (offset, size, name.is_empty()) {
+            fields.push(FormatField {
+                name: name.to_string(),
+                offset,
+                size,
             });
         }
     }
-    for (cat, name, want) in expect {
-        let fields = format_fields(tracefs, cat, name)?;
-        for (field, offset) in want {
-            let found = fields.iter().find(|f| f.0 == field).map(|f| f.1);
-            if found != Some(offset) {
-                return Err(EbpfError::FormatMismatch {
-                    tracepoint: format!("{cat}:{name}"),
-                    field: field.into(),
-                    expected: offset,
-                    found,
-                });
+    fields
+}
+
+/// Check one tracepoint's `format` text against the fields the programs
+/// read in it: each must be where they read it, and as wide.
+fn check_format(layout: &Layout, text: &str) -> Result<(), EbpfError> {
+    let fields = parse_format(text);
+    // Syscall arguments: the fields after `__syscall_nr`.
+    let args: Vec<&FormatField> = fields
+        .iter()
+        .skip_while(|f| f.name != "__syscall_nr")
+        .skip(1)
+        .collect();
+    for want in layout.fields {
+        let (label, found) = match want.name {
+            FieldName::Named(name) => (format!("`{name}`"), fields.iter().find(|f| f.name == name)),
+            FieldName::SyscallArg(i) => {
+                let found = args.get(i).copied();
+                let label = match found {
+                    Some(f) => format!("argument {i} (`{}`)", f.name),
+                    None => format!("argument {i}"),
+                };
+                (label, found)
             }
+        };
+        let found = found.map(|f| (f.offset, f.size));
+        if found != Some((want.offset, want.size)) {
+            return Err(EbpfError::FormatMismatch {
+                tracepoint: format!("{}:{}", layout.category, layout.name),
+                field: label,
+                expected_offset: want.offset,
+                expected_size: want.size,
+                found,
+            });
         }
+    }
+    Ok(())
+}
+
+/// The eBPF programs read tracepoint records at fixed offsets
+/// (`tracker_common::tracepoint`); make sure this kernel lays them out that
+/// way, before loading them. `faults`: the fault tracepoints are used.
+fn check_formats(tracefs: &Path, faults: bool) -> Result<(), EbpfError> {
+    for layout in PROGRAMS.iter().filter(|l| faults || !l.fault) {
+        let path = tracefs
+            .join("events")
+            .join(layout.category)
+            .join(layout.name)
+            .join("format");
+        let text = fs::read_to_string(&path).map_err(|_| {
+            EbpfError::MissingTracepoint(format!("{}:{}", layout.category, layout.name))
+        })?;
+        check_format(layout, &text)?;
     }
     Ok(())
 }
@@ -1076,7 +1133,7 @@ mod tests {
     #[test]
     fn event_decoding() {
         let mut raw = vec![0u8; EVENT_SIZE];
-        raw[0..4].copy_from_slice(&EV_MREMAP.to_ne_bytes());
+        raw[0..4].copy_from_slice(&event::MREMAP.to_ne_bytes());
         raw[4..8].copy_from_slice(&42u32.to_ne_bytes());
         raw[40..48].copy_from_slice(&0x7000u64.to_ne_bytes());
         match decode_event(&raw) {
@@ -1087,7 +1144,7 @@ mod tests {
             }
             _ => panic!("not a vma change"),
         }
-        raw[0..4].copy_from_slice(&EV_THREAD_EXITED.to_ne_bytes());
+        raw[0..4].copy_from_slice(&event::THREAD_EXITED.to_ne_bytes());
         assert!(matches!(
             decode_event(&raw),
             Some(Decoded::Thread(ThreadEvent {
@@ -1096,6 +1153,159 @@ mod tests {
             }))
         ));
         assert!(decode_event(&raw[..8]).is_none());
+    }
+
+    /// The format of `category:name` on this kernel (tracefs mounted if
+    /// needed: these tests run as root).
+    fn real_format(layout: &Layout) -> String {
+        let tracefs = ensure_tracefs().expect("tracefs (the unit tests run as root)");
+        let path = tracefs
+            .join("events")
+            .join(layout.category)
+            .join(layout.name)
+            .join("format");
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn layout(name: &str) -> &'static Layout {
+        PROGRAMS.iter().find(|l| l.name == name).expect("a program")
+    }
+
+    #[test]
+    fn offsets_match_this_kernels_tracefs_formats() {
+        // This x86 kernel has the fault tracepoints too: every layout applies.
+        for layout in &PROGRAMS {
+            let text = real_format(layout);
+            let fields = parse_format(&text);
+            assert!(
+                fields.iter().any(|f| f.name == "common_pid"),
+                "{}: format not parsed: {fields:?}",
+                layout.name
+            );
+            check_format(layout, &text)
+                .unwrap_or_else(|e| panic!("{}:{}: {e}", layout.category, layout.name));
+        }
+        let tracefs = ensure_tracefs().unwrap();
+        assert!(
+            fault_tracepoints_exist(&tracefs),
+            "x86: exceptions:page_fault_user"
+        );
+        check_formats(&tracefs, true).expect("check_formats on this kernel");
+        // What the programs read, found by name on this kernel.
+        let fault = parse_format(&real_format(layout("page_fault_user")));
+        let at = |fields: &[FormatField], name: &str| {
+            fields
+                .iter()
+                .find(|f| f.name == name)
+                .map(|f| (f.offset, f.size))
+        };
+        assert_eq!(at(&fault, "address"), Some((tracepoint::FAULT_ADDRESS, 8)));
+        assert_eq!(
+            at(&fault, "error_code"),
+            Some((tracepoint::FAULT_ERROR_CODE, 8))
+        );
+        let mmap = parse_format(&real_format(layout("sys_enter_mmap")));
+        assert_eq!(at(&mmap, "addr"), Some((tracepoint::SYSCALL_ARGS, 8)));
+        assert_eq!(at(&mmap, "flags"), Some((tracepoint::SYSCALL_ARGS + 24, 8)));
+        let newtask = parse_format(&real_format(layout("task_newtask")));
+        assert_eq!(at(&newtask, "comm").map(|f| f.1), Some(16), "char comm[16]");
+    }
+
+    const FAULT_FORMAT: &str = "name: page_fault_user
+ID: 122
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:unsigned long address;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:unsigned long ip;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:unsigned long error_code;\toffset:24;\tsize:8;\tsigned:0;
+
+print fmt: \"address=%ps ip=%ps error_code=0x%lx\", ...
+";
+
+    #[test]
+    fn a_moved_field_is_named_with_both_offsets() {
+        let fault = layout("page_fault_user");
+        check_format(fault, FAULT_FORMAT).expect("the synthetic format as the programs expect");
+
+        // A kernel that put a field before error_code.
+        let moved = FAULT_FORMAT.replace("error_code;\toffset:24;", "error_code;\toffset:32;");
+        let err = check_format(fault, &moved).unwrap_err();
+        match &err {
+            EbpfError::FormatMismatch {
+                tracepoint,
+                field,
+                expected_offset,
+                expected_size,
+                found,
+            } => {
+                assert_eq!(tracepoint, "exceptions:page_fault_user");
+                assert_eq!(field, "`error_code`");
+                assert_eq!((*expected_offset, *expected_size), (24, 8));
+                assert_eq!(*found, Some((32, 8)));
+            }
+            other => panic!("not a FormatMismatch: {other}"),
+        }
+        let msg = err.to_string();
+        for part in [
+            "exceptions:page_fault_user",
+            "error_code",
+            "offset 24",
+            "offset 32",
+            "--no-ebpf",
+        ] {
+            assert!(msg.contains(part), "{part:?} not in: {msg}");
+        }
+
+        // Narrowed, renamed away.
+        let narrowed = FAULT_FORMAT.replace(
+            "address;\toffset:8;\tsize:8;",
+            "address;\toffset:8;\tsize:4;",
+        );
+        let err = check_format(fault, &narrowed).unwrap_err();
+        assert!(
+            matches!(&err, EbpfError::FormatMismatch { field, found: Some((8, 4)), .. } if field == "`address`"),
+            "{err}"
+        );
+        let renamed = FAULT_FORMAT.replace(" address;", " addr;");
+        let err = check_format(fault, &renamed).unwrap_err();
+        assert!(
+            matches!(&err, EbpfError::FormatMismatch { field, found: None, .. } if field == "`address`"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("has no such field"), "{err}");
+    }
+
+    #[test]
+    fn a_moved_syscall_argument_is_named() {
+        let munmap = layout("sys_enter_munmap");
+        let text = real_format(munmap);
+        check_format(munmap, &text).expect("this kernel");
+        // A kernel with 8 more bytes of common fields: every argument moves.
+        let shifted = text
+            .replace("offset:24;", "offset:32;")
+            .replace("offset:16;", "offset:24;");
+        assert_ne!(shifted, text);
+        let err = check_format(munmap, &shifted).unwrap_err();
+        match &err {
+            EbpfError::FormatMismatch {
+                tracepoint,
+                field,
+                expected_offset,
+                found,
+                ..
+            } => {
+                assert_eq!(tracepoint, "syscalls:sys_enter_munmap");
+                // Named after this kernel's field, `addr`.
+                assert_eq!(field, "argument 0 (`addr`)");
+                assert_eq!(*expected_offset, 16);
+                assert_eq!(*found, Some((24, 8)));
+            }
+            other => panic!("not a FormatMismatch: {other}"),
+        }
     }
 
     #[test]

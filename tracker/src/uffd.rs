@@ -5,9 +5,21 @@
 //! over with `pidfd_getfd(2)`. Everything after that (API handshake,
 //! registration) is done from tern on that fd and acts on the target's memory.
 //!
-//! The `userfaultfd` crate (0.9) registers ranges but does not know
-//! `UFFD_FEATURE_WP_ASYNC` / `WP_UNPOPULATED`, so the `UFFDIO_API` handshake is
-//! a raw ioctl with the uapi struct written out (include/uapi/linux/userfaultfd.h).
+//! The `userfaultfd` crate (0.9) does everything after the handshake:
+//! [`userfaultfd::Uffd`] registers and unregisters ranges, and has the copy,
+//! zeropage, wake, write-protect and event-reading calls (what a lazy-pages
+//! server needs; [`WpUffd::uffd`] and [`handshake`] hand it out). Raw code
+//! stays only where the crate lacks the feature, each place saying which:
+//!
+//! - the `UFFDIO_API` handshake ([`handshake`]): the crate does it only inside
+//!   `UffdBuilder::create`, on a userfaultfd it opens itself in this process,
+//!   while tern's is created inside the target; its `FeatureFlags` has no
+//!   `UFFD_FEATURE_WP_ASYNC`, `WP_UNPOPULATED` or `WP_HUGETLBFS_SHMEM`; and
+//!   it drops the features the kernel reports. The uapi struct is written out
+//!   (include/uapi/linux/userfaultfd.h);
+//! - a userfaultfd of our own without the handshake ([`create_unhandshaken`],
+//!   for probes and tests): `UffdBuilder::create` always does the handshake,
+//!   and a userfaultfd takes only one.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -55,6 +67,56 @@ pub enum UffdError {
     PidfdOpen { pid: i32, errno: nix::errno::Errno },
 }
 
+/// The `UFFDIO_API` handshake on `fd`, a fresh userfaultfd (possibly
+/// created inside another process), asking for each feature set of
+/// `attempts` in turn until the kernel accepts one (a kernel rejects feature
+/// bits it does not know; a failed handshake does not count, a successful
+/// one is the only one). Returns the crate's handle, which owns `fd`, and the
+/// features the kernel reported.
+///
+/// Raw: the crate has no handshake on a userfaultfd it did not create, nor
+/// names for the write-protect features (see the module doc).
+pub fn handshake(fd: OwnedFd, attempts: &[u64]) -> Result<(userfaultfd::Uffd, u64), UffdError> {
+    let raw = fd.as_raw_fd();
+    let mut last = (0, nix::errno::Errno::EINVAL);
+    for &features in attempts {
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        // SAFETY: `api` is a valid uffdio_api for the duration of the call.
+        match unsafe { uffdio_api_ioctl(raw, &mut api) } {
+            Ok(_) => {
+                // SAFETY: we own `fd`; Uffd closes it on drop.
+                let uffd = unsafe {
+                    userfaultfd::Uffd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd))
+                };
+                return Ok((uffd, api.features));
+            }
+            Err(errno) => last = (features, errno),
+        }
+    }
+    Err(UffdError::Api {
+        fd: raw,
+        features: last.0,
+        errno: last.1,
+    })
+}
+
+/// `userfaultfd(O_CLOEXEC | UFFD_USER_MODE_ONLY)` in this process, without the
+/// handshake (for probes and tests; raw: the crate's `UffdBuilder::create`
+/// always does the handshake).
+pub fn create_unhandshaken() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; on success the kernel returns a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 /// A userfaultfd armed for async write-protect tracking.
 pub struct WpUffd {
     uffd: userfaultfd::Uffd,
@@ -64,33 +126,10 @@ impl WpUffd {
     /// Take ownership of `fd` (a fresh userfaultfd) and do the API handshake
     /// with `WP_ASYNC | WP_UNPOPULATED` (and shmem/hugetlb WP when offered).
     pub fn handshake(fd: OwnedFd) -> Result<WpUffd, UffdError> {
-        let raw = fd.as_raw_fd();
         let base = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: base | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
-            ioctls: 0,
-        };
-        // SAFETY: `api` is a valid uffdio_api for the duration of the call.
-        let r = unsafe { uffdio_api_ioctl(raw, &mut api) };
-        if r.is_err() {
-            // Older kernels reject unknown feature bits: retry with the two
-            // we cannot do without. The handshake may be done only once per
-            // uffd, but a failed one does not count.
-            api = UffdioApi {
-                api: UFFD_API,
-                features: base,
-                ioctls: 0,
-            };
-            unsafe { uffdio_api_ioctl(raw, &mut api) }.map_err(|errno| UffdError::Api {
-                fd: raw,
-                features: base,
-                errno,
-            })?;
-        }
-        // SAFETY: we own `fd`; Uffd closes it on drop.
-        let uffd =
-            unsafe { userfaultfd::Uffd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
+        // Older kernels reject unknown feature bits: then the two we cannot
+        // do without.
+        let (uffd, _) = handshake(fd, &[base | UFFD_FEATURE_WP_HUGETLBFS_SHMEM, base])?;
         Ok(WpUffd { uffd })
     }
 
@@ -132,12 +171,19 @@ impl WpUffd {
     pub fn as_raw_fd(&self) -> RawFd {
         self.uffd.as_raw_fd()
     }
+
+    /// The crate's handle, for its other calls (write-protect, wake, events).
+    pub fn uffd(&self) -> &userfaultfd::Uffd {
+        &self.uffd
+    }
 }
 
 /// The crate links another nix version: carry the errno over by number.
-fn uffd_errno(e: userfaultfd::Error) -> nix::errno::Errno {
+pub fn uffd_errno(e: userfaultfd::Error) -> nix::errno::Errno {
     match e {
-        userfaultfd::Error::SystemError(errno) => nix::errno::Errno::from_raw(errno as i32),
+        userfaultfd::Error::SystemError(errno)
+        | userfaultfd::Error::CopyFailed(errno)
+        | userfaultfd::Error::ZeropageFailed(errno) => nix::errno::Errno::from_raw(errno as i32),
         _ => nix::errno::Errno::EINVAL,
     }
 }
@@ -187,14 +233,7 @@ mod tests {
     use super::*;
 
     fn own_uffd() -> OwnedFd {
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
-        assert!(
-            fd >= 0,
-            "userfaultfd(2): {}",
-            std::io::Error::last_os_error()
-        );
-        unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+        create_unhandshaken().expect("userfaultfd(2)")
     }
 
     #[test]
@@ -237,5 +276,65 @@ mod tests {
         assert_eq!(scan(&mut pm), vec![3, 4, 20]);
         assert!(scan(&mut pm).is_empty(), "re-protected in the same call");
         uffd.unregister(start, end).unwrap();
+    }
+
+    /// A userfaultfd handshaken here for missing faults, then the crate's
+    /// register, zeropage, copy and unregister on it (what a lazy-pages server
+    /// does): pages appear with the contents given, without a fault.
+    #[test]
+    fn crate_copy_and_zeropage_on_a_handshaken_uffd() {
+        let (uffd, features) = handshake(own_uffd(), &[0]).expect("UFFDIO_API");
+        // Asked for none, the kernel reports every feature it has (what
+        // `tern check` reads): async write-protect among them on this kernel.
+        assert_ne!(features & UFFD_FEATURE_WP_ASYNC, 0, "{features:#x}");
+        let region = crate::anon::AnonRegion::new(4).unwrap();
+        let (start, end) = (region.start(), region.end());
+        let page = (end - start) as usize / 4;
+        let ioctls = uffd
+            .register(start as *mut libc::c_void, (end - start) as usize)
+            .expect("register for missing faults");
+        assert!(
+            ioctls.contains(userfaultfd::IoctlFlags::COPY | userfaultfd::IoctlFlags::ZEROPAGE),
+            "{ioctls:?}"
+        );
+        let src = vec![0x5au8; page];
+        // SAFETY: `src` is `page` readable bytes; the destination pages are
+        // registered and not populated.
+        let copied =
+            unsafe { uffd.copy(src.as_ptr().cast(), start as *mut libc::c_void, page, false) }
+                .map_err(uffd_errno)
+                .expect("UFFDIO_COPY");
+        assert_eq!(copied, page);
+        // SAFETY: as above, pages 1..4.
+        let zeroed = unsafe {
+            uffd.zeropage(
+                (start as usize + page) as *mut libc::c_void,
+                3 * page,
+                false,
+            )
+        }
+        .map_err(uffd_errno)
+        .expect("UFFDIO_ZEROPAGE");
+        assert_eq!(zeroed, 3 * page);
+        // Populated now (a read would otherwise wait for a fault nobody
+        // serves), with the contents given.
+        let read = |page_index: usize, off: usize| {
+            // SAFETY: inside the region, populated above.
+            unsafe {
+                std::ptr::read_volatile((start as usize + page_index * page + off) as *const u8)
+            }
+        };
+        assert_eq!(read(0, 0), 0x5a);
+        assert_eq!(read(0, page - 1), 0x5a);
+        assert_eq!(read(3, 100), 0);
+        // Populating a page again is EEXIST, carried over with its errno.
+        // SAFETY: a registered page; the kernel refuses to replace it.
+        let again = unsafe { uffd.zeropage(start as *mut libc::c_void, page, false) };
+        assert_eq!(
+            again.map_err(uffd_errno).unwrap_err(),
+            nix::errno::Errno::EEXIST
+        );
+        uffd.unregister(start as *mut libc::c_void, (end - start) as usize)
+            .expect("unregister");
     }
 }

@@ -450,6 +450,7 @@ fn pin_helper() {
 #[test]
 fn pinned_stream_outlives_its_opener_and_is_reused() {
     require_root();
+    capture_logs();
     const N: usize = 100;
     let r1 = mmap_anon(N * PAGE);
     let r2 = mmap_anon(N * PAGE);
@@ -489,6 +490,13 @@ fn pinned_stream_outlives_its_opener_and_is_reused() {
     let round = stream.drain().expect("drain");
     let seen = pages_in(&round.pages, r1, N * PAGE);
     assert!(seen * 100 >= N * 99, "recorded while unowned: {seen}/{N}");
+    // ... and reads what its programs log (aya-log finds their log ring
+    // through the program id kept in the pinned STATE map).
+    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
+    assert!(
+        !logs.contains(&format!("pinned eBPF stream in {}", dir.display())),
+        "{logs}"
+    );
 
     // Another live process cannot take this directory over.
     let me = std::process::id() as i32;
@@ -632,4 +640,94 @@ fn open_errors_are_clear() {
         DirtyStream::open(std::process::id() as i32, PinMode::Dir(tmp.path().into())).unwrap_err();
     assert!(matches!(err, EbpfError::Bpffs { .. }), "{err}");
     assert!(err.to_string().contains("bpf"), "{err}");
+}
+
+/// What reached the `tracing` subscriber, installed as tern installs it
+/// (`fmt().init()`, which also bridges the `log` facade aya-log writes to).
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        tracing_subscriber::fmt()
+            .with_writer(|| Capture)
+            .with_ansi(false)
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .init()
+    });
+}
+
+/// A full EVENTS ring (1 MiB: ~18.7k records of 56 bytes with the ring's
+/// header) drops events: the drain counts them, and the programs' aya-log
+/// warning reaches the `tracing` log, naming the ring and the target.
+#[test]
+fn full_events_ring_is_counted_and_logged() {
+    require_root();
+    capture_logs();
+    const CALLS: usize = 30_000;
+    let page = mmap_anon(PAGE);
+    let child = Child::spawn(move |go, rep| {
+        child::wait_go(go);
+        for _ in 0..CALLS {
+            // SAFETY: advice on the child's own (inherited) mapping.
+            unsafe { libc::madvise(page as *mut _, PAGE, libc::MADV_NORMAL) };
+        }
+        child::report(rep, &[1]);
+        child::wait_go(go);
+    });
+    let mut stream = DirtyStream::open(child.pid, PinMode::None).expect("open");
+    child.go();
+    child.report();
+    let round = stream.drain().expect("drain");
+    let recorded = round
+        .vma_changes
+        .iter()
+        .filter(|v| v.kind == VmaChangeKind::Madvise)
+        .count();
+    eprintln!(
+        "{CALLS} madvise calls: {recorded} recorded, {} lost",
+        round.lost
+    );
+    assert_eq!(
+        recorded,
+        round.vma_changes.len(),
+        "{:?}",
+        round.vma_changes.first()
+    );
+    assert!(
+        (10_000..CALLS).contains(&recorded),
+        "the 1 MiB ring holds ~18.7k events, {recorded} recorded"
+    );
+    assert_eq!(
+        recorded as u64 + round.lost,
+        CALLS as u64,
+        "every call recorded or counted lost"
+    );
+    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
+    let want = format!(
+        "event 'madvise' of pid {} thread {} dropped",
+        child.pid, child.pid
+    );
+    let line = logs
+        .lines()
+        .find(|l| l.contains("EVENTS ring buffer full") && l.contains(&want))
+        .unwrap_or_else(|| panic!("no aya-log warning about the full EVENTS ring in:\n{logs}"));
+    assert!(
+        line.contains("WARN") && line.contains("tracker::ebpf"),
+        "{line}"
+    );
+    assert_eq!(child.finish(), 0);
+    unsafe { libc::munmap(page as *mut _, PAGE) };
 }
