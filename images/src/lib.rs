@@ -36,6 +36,7 @@ pub mod seal;
 mod writer;
 
 pub mod process;
+pub mod state;
 
 pub use format::*;
 pub use fsdir::{ImageDir, Provenance, ProvenanceKind, sync_image};
