@@ -3,7 +3,8 @@
 //! (registers, queued signals, rseq, seccomp filters, scheduling, fds, the
 //! vDSO) and from this one (signal dispositions, the alternate stack) go
 //! sys -> state -> JSON -> state -> sys and compare equal; the registers
-//! that come back are accepted by the kernel and read back the same.
+//! that come back (also from the JSON of an older image, without `tls`
+//! and `pac`) are accepted by the kernel and read back the same.
 
 use std::time::{Duration, Instant};
 
@@ -199,6 +200,16 @@ fn kernel_state_of_a_stopped_process_comes_back_unchanged_through_the_image() {
     let back = through_image::<_, RegsState>(&regs);
     back.apply(pid)
         .expect("the kernel takes the registers back");
+    assert_eq!(sys::regs::ThreadRegs::capture(pid).unwrap(), regs);
+    // As an image written before `tls` and `pac` existed holds them.
+    let mut old = serde_json::to_value(RegsState::from(regs.clone())).unwrap();
+    let fields = old.as_object_mut().unwrap();
+    fields.remove("tls");
+    fields.remove("pac");
+    let old: RegsState = serde_json::from_value(old).unwrap();
+    sys::regs::ThreadRegs::from(old)
+        .apply(pid)
+        .expect("the kernel takes the registers of an older image");
     assert_eq!(sys::regs::ThreadRegs::capture(pid).unwrap(), regs);
 
     // And the whole process state made of them passes the image's checks
