@@ -614,22 +614,31 @@ impl ImageDir {
         Ok(Some((File::from(fd), prov)))
     }
 
-    /// Read the regular file `name`, at most `limit` bytes (a larger file
-    /// is refused, not truncated).
+    /// Read the regular file `name`, at most `limit` bytes: every file of
+    /// an image is read through here ([`MAX_JSON_BYTES`] for the JSON
+    /// files, [`MAX_PAGEMAP_BYTES`], [`MAX_PIPE_BYTES`]). A larger file is
+    /// refused ([`ImageError::TooLarge`]), not truncated, and is not read:
+    /// its size is checked on the opened file first, and the read stops
+    /// one byte past the limit should it grow meanwhile.
     pub fn read_file(&self, name: &str, limit: u64) -> Result<(Vec<u8>, Provenance), ImageError> {
         let path = self.child(name);
         let (f, prov) = self.open_file(name, false)?.ok_or_else(|| {
             ImageError::io(&path, std::io::Error::from_raw_os_error(libc::ENOENT))
         })?;
-        let mut buf = Vec::new();
+        let size = f.metadata().map_err(|e| ImageError::io(&path, e))?.len();
+        if size > limit {
+            return Err(ImageError::TooLarge { path, size, limit });
+        }
+        let mut buf = Vec::with_capacity(size as usize);
         f.take(limit + 1)
             .read_to_end(&mut buf)
             .map_err(|e| ImageError::io(&path, e))?;
         if buf.len() as u64 > limit {
-            return Err(ImageError::corrupt(
-                &path,
-                format!("larger than the {limit} bytes tern reads from such a file"),
-            ));
+            return Err(ImageError::TooLarge {
+                path,
+                size: buf.len() as u64,
+                limit,
+            });
         }
         Ok((buf, prov))
     }
@@ -864,8 +873,41 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let d = ImageDir::create(root.path()).unwrap();
         d.write_atomic("big", &[1u8; 100], false).unwrap();
-        assert!(d.read_file("big", 100).is_ok());
-        let err = d.read_file("big", 99).unwrap_err().to_string();
-        assert!(err.contains("larger than"), "{err}");
+        assert_eq!(d.read_file("big", 100).unwrap().0.len(), 100);
+        let err = d.read_file("big", 99).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ImageError::TooLarge {
+                    size: 100,
+                    limit: 99,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&root.path().join("big").display().to_string())
+                && msg.contains("100 bytes")
+                && msg.contains("99"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_without_being_read() {
+        // A sparse file of 1 TiB: reading it whole would take long and
+        // allocate it all; its size alone refuses it.
+        let root = tempfile::tempdir().unwrap();
+        let d = ImageDir::create(root.path()).unwrap();
+        d.create_file("huge").unwrap().set_len(1 << 40).unwrap();
+        let t = std::time::Instant::now();
+        let err = d.read_file("huge", MAX_JSON_BYTES).unwrap_err();
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        assert!(
+            matches!(&err, ImageError::TooLarge { size, limit: MAX_JSON_BYTES, .. } if *size == 1 << 40),
+            "{err:?}"
+        );
     }
 }

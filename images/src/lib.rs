@@ -37,6 +37,7 @@ pub mod seal;
 mod writer;
 
 pub mod process;
+pub mod state;
 
 pub use format::*;
 pub use fsdir::{ImageDir, Provenance, ProvenanceKind, sync_image};
@@ -104,6 +105,15 @@ pub enum ImageError {
     },
     #[error("{path}: invalid page map: {what}")]
     InvalidPageMap { path: PathBuf, what: String },
+    /// A file of an image larger than tern reads from such a file.
+    #[error(
+        "{path} is {size} bytes, more than the {limit} bytes tern reads from such a file; it was not written by tern as it is (damaged or made by hand): take the image again"
+    )]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     /// A path tern will not read or write through (a link, a directory
     /// others may write).
     #[error("{path} {what}")]

@@ -4,8 +4,9 @@
 //! queued in the process's pipes. Written before the inventory (which is
 //! written last and marks the image complete).
 //!
-//! The kernel-facing types (register sets, siginfo, filters, ...) are those
-//! of the `sys` crate, which both capture and restore use.
+//! The kernel-facing parts (register sets, siginfo, filters, ...) are the
+//! image's own state types ([`crate::state`]), converted to and from the
+//! `sys` crate's live types where capture and restore meet the kernel.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -13,11 +14,15 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::ImageError;
+use crate::state::{
+    AltStackState, FdState, PendingSignalState, RegsState, RseqState, SchedState,
+    SeccompFilterState, SigActionState, VdsoState,
+};
 
 pub const PROCESS_FILE: &str = "process.json";
 pub const PIPES_DIR: &str = "pipes";
 
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ProcessImage {
     pub pid: i32,
     pub ppid: i32,
@@ -48,29 +53,29 @@ pub struct ProcessImage {
     pub coredump_filter: Option<u32>,
     pub creds: Creds,
     pub mm: MmState,
-    pub vdso: sys::vdso::VdsoLayout,
+    pub vdso: VdsoState,
     /// Signals 1..=64 except SIGKILL and SIGSTOP.
-    pub sigactions: Vec<sys::signals::SigAction>,
+    pub sigactions: Vec<SigActionState>,
     /// The process-wide (shared) pending queue, in order.
-    pub shared_pending: Vec<sys::signals::PendingSignal>,
+    pub shared_pending: Vec<PendingSignalState>,
     pub itimers: Vec<ITimer>,
     pub rlimits: Vec<Rlimit>,
     /// Distinct seccomp filters; threads refer to them by index.
-    pub seccomp_filters: Vec<sys::seccomp::SeccompFilter>,
+    pub seccomp_filters: Vec<SeccompFilterState>,
     pub threads: Vec<ThreadImage>,
     pub fds: Vec<FdImage>,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ThreadImage {
     pub tid: i32,
     pub comm: String,
-    pub regs: sys::regs::ThreadRegs,
+    pub regs: RegsState,
     pub blocked: u64,
     /// The thread's private pending queue, in order.
-    pub pending: Vec<sys::signals::PendingSignal>,
-    pub altstack: sys::signals::AltStack,
-    pub rseq: Option<sys::rseq::RseqRegistration>,
+    pub pending: Vec<PendingSignalState>,
+    pub altstack: AltStackState,
+    pub rseq: Option<RseqState>,
     /// 0 disabled, 1 strict, 2 filter.
     pub seccomp_mode: u8,
     /// Indices into [`ProcessImage::seccomp_filters`], oldest first.
@@ -81,7 +86,7 @@ pub struct ThreadImage {
     /// Policy, nice, priority, CPU affinity, I/O priority (absent in
     /// images of older terns: the thread keeps what the restore gives it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sched: Option<sys::sched::Scheduling>,
+    pub sched: Option<SchedState>,
 }
 
 /// Fields of the kernel's `mm_struct` a restore sets with `PR_SET_MM_MAP`.
@@ -131,9 +136,9 @@ pub struct Rlimit {
     pub max: u64,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct FdImage {
-    pub info: sys::fds::FdInfo,
+    pub info: FdState,
     /// For a pipe: the file under `pipes/` holding its queued bytes (one per
     /// pipe, shared by all its fds).
     pub pipe_data: Option<String>,
@@ -204,7 +209,7 @@ impl ProcessImage {
             if t.seccomp_mode > 2 || (t.seccomp_mode != 2 && !t.seccomp.is_empty()) {
                 return Err(format!("thread {}: seccomp mode {}", t.tid, t.seccomp_mode));
             }
-            t.regs
+            sys::regs::ThreadRegs::from(t.regs.clone())
                 .validate()
                 .map_err(|e| format!("thread {}: {e}", t.tid))?;
             for s in &t.pending {
@@ -322,7 +327,7 @@ impl ProcessImage {
     }
 }
 
-fn check_signal(s: &sys::signals::PendingSignal) -> Result<(), String> {
+fn check_signal(s: &PendingSignalState) -> Result<(), String> {
     if !(1..=64).contains(&s.signo) || s.siginfo.len() != SIGINFO_LEN {
         return Err(format!(
             "pending signal {} with {} bytes of siginfo",

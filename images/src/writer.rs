@@ -473,7 +473,7 @@ fn is_zero(page: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Image, ImageKind, VmaRecord};
+    use crate::{INVENTORY_FILE, Image, ImageKind, MM_FILE, VmaRecord};
 
     fn mm() -> MmRecord {
         MmRecord {
@@ -567,6 +567,63 @@ mod tests {
             err.contains("pagemap.img") && err.contains("truncated"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_oversized_file_of_an_image_is_refused_naming_it() {
+        // A final dump: inventory, VMA list, page map and process state.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ImageWriter::create(dir.path(), false).unwrap();
+        w.add_pages(0x10000, &[3u8; 4096]).unwrap();
+        let text = include_bytes!("../tests/fixtures/v2/every-field.process.json");
+        let p = ProcessImage::parse(Path::new("every-field.process.json"), text).unwrap();
+        let pipes: BTreeMap<String, Vec<u8>> = p
+            .fds
+            .iter()
+            .filter_map(|f| Some((f.pipe_data.clone()?, b"queued".to_vec())))
+            .collect();
+        w.store_process(&p, &pipes).unwrap();
+        let inv = Inventory::new(ImageKind::Dump, p.pid, "full", false);
+        w.finish(&mm(), &inv).unwrap();
+        assert!(Image::open(dir.path()).unwrap().process.is_some());
+        for (name, limit) in [
+            (INVENTORY_FILE, crate::fsdir::MAX_JSON_BYTES),
+            (MM_FILE, crate::fsdir::MAX_JSON_BYTES),
+            (PAGEMAP_FILE, crate::fsdir::MAX_PAGEMAP_BYTES),
+            (PROCESS_FILE, crate::fsdir::MAX_JSON_BYTES),
+        ] {
+            let path = dir.path().join(name);
+            let keep = std::fs::read(&path).unwrap();
+            // One byte over the limit (sparse: nothing is written).
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_len(limit + 1).unwrap();
+            let err = Image::open(dir.path()).unwrap_err();
+            match &err {
+                ImageError::TooLarge {
+                    path: p,
+                    size,
+                    limit: l,
+                } => assert_eq!((p, *size, *l), (&path, limit + 1, limit)),
+                other => panic!("{name}: {other:?}"),
+            }
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&path.display().to_string())
+                    && msg.contains(&format!("{} bytes", limit + 1))
+                    && msg.contains(&limit.to_string()),
+                "{msg}"
+            );
+            if name == INVENTORY_FILE {
+                let e = Inventory::load(dir.path()).unwrap_err();
+                assert!(matches!(e, ImageError::TooLarge { .. }), "{e:?}");
+            }
+            if name == MM_FILE {
+                let e = MmRecord::load(dir.path()).unwrap_err();
+                assert!(matches!(e, ImageError::TooLarge { .. }), "{e:?}");
+            }
+            std::fs::write(&path, keep).unwrap();
+            assert!(Image::open(dir.path()).is_ok(), "{name} put back");
+        }
     }
 
     #[test]

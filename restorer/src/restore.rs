@@ -42,6 +42,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use images::process::{FdImage, ProcessImage};
+use images::state::FdKindState;
 use images::{PAGE_SIZE, PageRange, VmaRecord};
 use serde::Serialize;
 use sys::inject::{InjectError, Injector};
@@ -228,7 +229,7 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
             ));
         }
         match &f.info.kind {
-            sys::fds::FdKind::File { path, deleted, .. } => {
+            FdKindState::File { path, deleted, .. } => {
                 if *deleted {
                     return Err(bad(
                         dir,
@@ -248,9 +249,7 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
                     ));
                 }
             }
-            sys::fds::FdKind::Socket { .. }
-            | sys::fds::FdKind::Anon { .. }
-            | sys::fds::FdKind::Other { .. } => {
+            FdKindState::Socket { .. } | FdKindState::Anon { .. } | FdKindState::Other { .. } => {
                 return Err(bad(
                     dir,
                     format!(
@@ -280,7 +279,8 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
     // Same vDSO here (the restored process keeps the one it is forked with).
     let here = sys::vdso::VdsoLayout::of_self()
         .map_err(|e| bad(dir, format!("reading this process's vDSO: {e}")))?;
-    sys::vdso::check_compatible(&process.vdso, &here).map_err(|e| bad(dir, e.to_string()))?;
+    sys::vdso::check_compatible(&process.vdso.clone().into(), &here)
+        .map_err(|e| bad(dir, e.to_string()))?;
     // PID and TIDs must be free.
     for t in &process.threads {
         let p = PathBuf::from(format!("/proc/{}", t.tid));
@@ -855,7 +855,7 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
 fn scheduling(plan: &Plan, pid: i32) -> Result<(), RestoreError> {
     for t in &plan.process.threads {
         let Some(s) = &t.sched else { continue };
-        match sys::sched::apply(t.tid, s) {
+        match sys::sched::apply(t.tid, &s.clone().into()) {
             Ok(()) => {}
             Err(e @ sys::sched::SchedError::NoCpus { .. }) => {
                 tracing::warn!(pid, "restore: {e}");
@@ -918,13 +918,13 @@ fn set_regs(
     inj: &mut Injector,
     pid: i32,
 ) -> Result<(), RestoreError> {
-    let regs = t.regs.clone();
+    let regs = sys::regs::ThreadRegs::from(t.regs.clone());
+    #[cfg(target_arch = "x86_64")]
+    let gp = regs.gp_x86();
+    #[cfg(target_arch = "aarch64")]
+    let gp = regs.gp_arm64();
     inj.on_tracer(move |tid| regs.apply(tid))?
         .map_err(step(pid, "setting FPU/xsave registers"))?;
-    #[cfg(target_arch = "x86_64")]
-    let gp = t.regs.gp_x86();
-    #[cfg(target_arch = "aarch64")]
-    let gp = t.regs.gp_arm64();
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let gp: Option<()> = None;
     let gp = gp.ok_or_else(|| {
@@ -1436,8 +1436,8 @@ fn address_space(
         check(pid, "unmapping tern's memory", r)?;
     }
     // 2. The vDSO where the image had it.
-    let moves =
-        sys::vdso::placement_moves(&here, &p.vdso).map_err(step(pid, "placing the vDSO"))?;
+    let moves = sys::vdso::placement_moves(&here, &p.vdso.clone().into())
+        .map_err(step(pid, "placing the vDSO"))?;
     for m in moves {
         let r = main.syscall(
             libc::SYS_mremap,
@@ -1703,7 +1703,7 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
         if a.signo == libc::SIGKILL || a.signo == libc::SIGSTOP {
             continue;
         }
-        let ka = a.to_kernel();
+        let ka = sys::signals::SigAction::from(*a).to_kernel();
         let addr = main.scratch_data(&ka.to_bytes())?;
         let r = main.syscall(libc::SYS_rt_sigaction, [a.signo as u64, addr, 0, 8, 0, 0])?;
         check(pid, "rt_sigaction", r)?;
@@ -1771,8 +1771,8 @@ fn open_fifos(
     main: &mut Injector,
     pid: i32,
 ) -> Result<Vec<(i32, Option<std::fs::File>)>, RestoreError> {
+    use images::state::FdKindState as FdKind;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    use sys::fds::FdKind;
     let mut done: Vec<&str> = Vec::new();
     let mut out = Vec::new();
     for f in &plan.process.fds {
@@ -1869,7 +1869,7 @@ fn restore_fd(
     pid: i32,
     pipes: &mut BTreeMap<String, PipeEnds>,
 ) -> Result<(), RestoreError> {
-    use sys::fds::FdKind;
+    use images::state::FdKindState as FdKind;
     let info = &f.info;
     // fdinfo flags: access mode, status flags and O_CLOEXEC.
     let open_flags = info.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC);
@@ -2057,7 +2057,7 @@ fn thread_state(plan: &Plan, idx: usize, inj: &mut Injector, pid: i32) -> Result
     inj.on_tracer(move |tid| sys::signals::set_blocked_mask(tid, mask))?
         .map_err(step(pid, "setting a thread's signal mask"))?;
     // sigaltstack
-    let ss = sys::signals::StackT::from(t.altstack);
+    let ss = sys::signals::StackT::from(sys::signals::AltStack::from(t.altstack));
     let a = inj.scratch_data(&ss.to_bytes())?;
     let r = inj.syscall(libc::SYS_sigaltstack, [a, 0, 0, 0, 0, 0])?;
     check(pid, "sigaltstack", r)?;
@@ -2348,7 +2348,7 @@ fn seccomp(
                 t.tid,
                 t.seccomp
                     .iter()
-                    .map(|&i| p.seccomp_filters[i].clone())
+                    .map(|&i| p.seccomp_filters[i].clone().into())
                     .collect(),
             )
         })

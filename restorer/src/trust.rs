@@ -383,7 +383,9 @@ pub fn check_scheduling(p: &ProcessImage) -> Result<(), String> {
             (20 - i64::try_from(limit(libc::RLIMIT_NICE).min(40)).unwrap_or(40)).min(0);
         let rtprio = limit(libc::RLIMIT_RTPRIO);
         for t in &p.threads {
-            let Some(s) = &t.sched else { continue };
+            let Some(s) = t.sched.clone().map(sys::sched::Scheduling::from) else {
+                continue;
+            };
             let tid = t.tid;
             if i64::from(s.nice) < nice_floor {
                 return refuse(
@@ -461,7 +463,7 @@ fn needs(mode: i32) -> &'static str {
 /// of tern that takes the image's groups and filesystem ids first (they are
 /// per thread in the kernel), with `faccessat(AT_EACCESS)`.
 pub fn check_access(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> {
-    use sys::fds::FdKind;
+    use images::state::FdKindState as FdKind;
     let mut list: Vec<Access> = Vec::new();
     for f in &p.fds {
         let path = match &f.info.kind {
@@ -665,7 +667,7 @@ mod tests {
     #[test]
     fn a_user_written_image_asks_for_no_scheduling_its_user_could_not_set() {
         let mut p = process(1001, 0);
-        let nice = |n: i32| sys::sched::Scheduling {
+        let nice = |n: i32| images::state::SchedState {
             policy: sys::sched::SCHED_NORMAL,
             reset_on_fork: false,
             nice: n,
@@ -678,7 +680,7 @@ mod tests {
         };
         let tid = p.threads[0].tid;
         // Raising nice, SCHED_BATCH/IDLE, the idle I/O class: any user may.
-        p.threads[0].sched = Some(sys::sched::Scheduling {
+        p.threads[0].sched = Some(images::state::SchedState {
             policy: sys::sched::SCHED_IDLE,
             ioprio: sys::sched::IOPRIO_CLASS_IDLE << sys::sched::IOPRIO_CLASS_SHIFT,
             ..nice(19)
@@ -695,14 +697,14 @@ mod tests {
             max: 25,
         }];
         assert!(check_scheduling(&p).is_ok());
-        p.threads[0].sched = Some(sys::sched::Scheduling {
+        p.threads[0].sched = Some(images::state::SchedState {
             policy: sys::sched::SCHED_FIFO,
             priority: 10,
             ..nice(0)
         });
         let e = check_scheduling(&p).unwrap_err();
         assert!(e.contains("real-time priority 10"), "{e}");
-        p.threads[0].sched = Some(sys::sched::Scheduling {
+        p.threads[0].sched = Some(images::state::SchedState {
             ioprio: sys::sched::IOPRIO_CLASS_RT << sys::sched::IOPRIO_CLASS_SHIFT,
             ..nice(0)
         });
@@ -715,7 +717,7 @@ mod tests {
         // A process holding CAP_SYS_NICE and CAP_SYS_RESOURCE could.
         let mut q = process(1001, 1 << 23 | 1 << 24);
         q.oom_score_adj = Some(-1000);
-        q.threads[0].sched = Some(sys::sched::Scheduling {
+        q.threads[0].sched = Some(images::state::SchedState {
             policy: sys::sched::SCHED_FIFO,
             priority: 50,
             ..nice(-20)

@@ -26,10 +26,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use serde::{Deserialize, Serialize};
 
 /// What an fd refers to.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FdKind {
     /// A regular file (also a memfd: `/memfd:NAME`, deleted).
     File {
@@ -50,9 +49,7 @@ pub enum FdKind {
     /// saved like a pipe's (they go when its last fd closes).
     Fifo {
         path: String,
-        #[serde(default)]
         dev: u64,
-        #[serde(default)]
         ino: u64,
     },
     CharDev {
@@ -83,7 +80,7 @@ pub enum FdKind {
 }
 
 /// One fd of a process.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FdInfo {
     pub fd: i32,
     pub kind: FdKind,

@@ -25,7 +25,6 @@ use std::ffi::c_void;
 
 use libc::c_uint;
 use nix::errno::Errno;
-use serde::{Deserialize, Serialize};
 
 // Note types, from include/uapi/linux/elf.h (checked against the 6.1 system
 // headers and the cross aarch64 headers).
@@ -442,21 +441,18 @@ fn get_optional(tid: i32, note: u32, start: usize) -> Result<Option<Vec<u8>>, Re
 /// arm64 pointer-authentication state of a thread. Every part is optional:
 /// address and generic authentication are separate CPU features, and the
 /// enabled-keys regset appeared in Linux 5.13.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PacKeys {
     /// `struct user_pac_address_keys`.
-    #[serde(default)]
     pub address: Option<PacAddressKeys>,
     /// `struct user_pac_generic_keys`: the APGA key, two u64 in memory order.
-    #[serde(default)]
     pub generic: Option<[u64; 2]>,
     /// `NT_ARM_PAC_ENABLED_KEYS`: `PR_PAC_AP*KEY` bits of the enabled keys.
-    #[serde(default)]
     pub enabled_keys: Option<u64>,
 }
 
 /// The four address keys, each a `__uint128_t` as two u64 in memory order.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PacAddressKeys {
     pub apia: [u64; 2],
     pub apib: [u64; 2],
@@ -486,29 +482,22 @@ impl From<PacAddressKeys> for UserPacAddressKeys {
     }
 }
 
-/// The register state of one thread as stored in an image. Byte blobs are
-/// the kernel's regsets verbatim (serialized as hex strings in
-/// human-readable formats). Fields added after the first image format are
-/// `#[serde(default)]`, so older images still deserialize.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// The register state of one thread. Byte blobs are the kernel's regsets
+/// verbatim (an image keeps them as they are: `images::state::RegsState`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct ThreadRegs {
     /// `"x86_64"` or `"aarch64"` ([`ARCH_X86_64`], [`ARCH_AARCH64`]).
     pub arch: String,
     /// `NT_PRSTATUS`.
-    #[serde(with = "hex_bytes")]
     pub gp: Vec<u8>,
     /// `NT_PRFPREG`.
-    #[serde(default, with = "hex_bytes_opt")]
     pub fp: Option<Vec<u8>>,
     /// x86 `NT_X86_XSTATE` (standard XSAVE format); `None` without XSAVE.
-    #[serde(default, with = "hex_bytes_opt")]
     pub xstate: Option<Vec<u8>>,
     /// arm64 `NT_ARM_TLS`.
-    #[serde(default, with = "hex_bytes_opt")]
     pub tls: Option<Vec<u8>>,
     /// arm64 pointer-authentication keys; `None` on x86, on CPUs/kernels
     /// without PAC, and in images written before PAC support.
-    #[serde(default)]
     pub pac: Option<PacKeys>,
 }
 
@@ -1111,164 +1100,6 @@ fn apply_aarch64(r: &ThreadRegs, tid: i32) -> Result<(), RegsError> {
     Ok(())
 }
 
-/// Serde helper for byte blobs: a lowercase hex string in human-readable
-/// formats (JSON images stay compact and diffable), raw bytes otherwise.
-/// Deserializing also accepts a sequence of numbers. Use with
-/// `#[serde(with = "sys::regs::hex_bytes")]` on a `Vec<u8>`.
-pub mod hex_bytes {
-    use std::fmt;
-
-    use serde::de::{self, SeqAccess, Visitor};
-    use serde::{Deserializer, Serializer};
-
-    pub fn encode(b: &[u8]) -> String {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut s = String::with_capacity(b.len() * 2);
-        for &x in b {
-            s.push(DIGITS[(x >> 4) as usize] as char);
-            s.push(DIGITS[(x & 15) as usize] as char);
-        }
-        s
-    }
-
-    /// `None` for odd lengths or non-hex characters.
-    pub fn decode(s: &str) -> Option<Vec<u8>> {
-        fn nibble(c: u8) -> Option<u8> {
-            match c {
-                b'0'..=b'9' => Some(c - b'0'),
-                b'a'..=b'f' => Some(c - b'a' + 10),
-                b'A'..=b'F' => Some(c - b'A' + 10),
-                _ => None,
-            }
-        }
-        let s = s.as_bytes();
-        if !s.len().is_multiple_of(2) {
-            return None;
-        }
-        s.chunks_exact(2)
-            .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
-            .collect()
-    }
-
-    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        if s.is_human_readable() {
-            s.serialize_str(&encode(b))
-        } else {
-            s.serialize_bytes(b)
-        }
-    }
-
-    pub(super) struct BytesVisitor;
-
-    impl<'de> Visitor<'de> for BytesVisitor {
-        type Value = Vec<u8>;
-
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a hex string or a byte array")
-        }
-
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
-            decode(v).ok_or_else(|| {
-                E::custom(format_args!(
-                    "invalid hex string of {} characters (odd length or a non-hex character)",
-                    v.len()
-                ))
-            })
-        }
-
-        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-            Ok(v.to_vec())
-        }
-
-        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-            Ok(v)
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
-            while let Some(b) = seq.next_element::<u8>()? {
-                out.push(b);
-            }
-            Ok(out)
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        if d.is_human_readable() {
-            d.deserialize_any(BytesVisitor)
-        } else {
-            d.deserialize_byte_buf(BytesVisitor)
-        }
-    }
-}
-
-/// [`hex_bytes`] for `Option<Vec<u8>>` (`null` / absent is `None`).
-pub mod hex_bytes_opt {
-    use std::fmt;
-
-    use serde::de::{self, SeqAccess, Visitor};
-    use serde::{Deserializer, Serialize, Serializer};
-
-    use super::hex_bytes::{self, BytesVisitor};
-
-    struct Hex<'a>(&'a [u8]);
-
-    impl Serialize for Hex<'_> {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            hex_bytes::serialize(self.0, s)
-        }
-    }
-
-    pub fn serialize<S: Serializer>(b: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
-        match b {
-            Some(b) => s.serialize_some(&Hex(b)),
-            None => s.serialize_none(),
-        }
-    }
-
-    struct OptVisitor;
-
-    impl<'de> Visitor<'de> for OptVisitor {
-        type Value = Option<Vec<u8>>;
-
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("null, a hex string or a byte array")
-        }
-
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            hex_bytes::deserialize(d).map(Some)
-        }
-
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            BytesVisitor.visit_str(v).map(Some)
-        }
-
-        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
-            Ok(Some(v.to_vec()))
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-            BytesVisitor.visit_seq(seq).map(Some)
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
-        if d.is_human_readable() {
-            d.deserialize_any(OptVisitor)
-        } else {
-            d.deserialize_option(OptVisitor)
-        }
-    }
-}
-
 /// Helpers shared by the ptrace tests of this crate's register and signal
 /// modules: forked children that are always killed and reaped, pipes with
 /// deadlines, and a PTRACE_SEIZE guard whose waits all have deadlines.
@@ -1583,40 +1414,6 @@ mod layout_tests {
         assert_eq!(offset_of!(R, fs_base), x86_gp::FS_BASE);
         assert_eq!(offset_of!(R, gs_base), x86_gp::GS_BASE);
         assert_eq!(offset_of!(R, gs), x86_gp::LEN - 8);
-    }
-
-    #[test]
-    fn hex_round_trip_and_rejects() {
-        let b: Vec<u8> = (0..=255).collect();
-        let s = hex_bytes::encode(&b);
-        assert_eq!(&s[..8], "00010203");
-        assert_eq!(hex_bytes::decode(&s), Some(b));
-        assert_eq!(hex_bytes::decode("0aFf"), Some(vec![0x0a, 0xff]));
-        assert_eq!(hex_bytes::decode("abc"), None);
-        assert_eq!(hex_bytes::decode("zz"), None);
-    }
-
-    /// An image as a map of strings, the way a JSON image written before
-    /// `tls` and `pac` existed looks.
-    fn from_string_map(fields: &[(&str, &str)]) -> Result<ThreadRegs, serde::de::value::Error> {
-        use serde::de::IntoDeserializer;
-        let d: serde::de::value::MapDeserializer<_, serde::de::value::Error> =
-            serde::de::value::MapDeserializer::new(
-                fields
-                    .iter()
-                    .map(|&(k, v)| (k.into_deserializer(), v.into_deserializer())),
-            );
-        ThreadRegs::deserialize(d)
-    }
-
-    #[test]
-    fn images_without_the_newer_fields_deserialize() {
-        let gp = hex_bytes::encode(&[7u8; x86_gp::LEN]);
-        let r = from_string_map(&[("arch", "x86_64"), ("gp", &gp)]).expect("deserializes");
-        assert_eq!(r.gp, vec![7u8; x86_gp::LEN]);
-        assert_eq!((r.fp, r.xstate, r.tls, r.pac), (None, None, None, None));
-        let bad = from_string_map(&[("arch", "x86_64"), ("gp", "0g")]);
-        assert!(bad.is_err());
     }
 
     #[test]
@@ -2015,7 +1812,7 @@ mod tests {
     }
 
     #[test]
-    fn apply_of_capture_and_of_an_old_style_image_keep_the_child_running() {
+    fn apply_of_capture_keeps_the_child_running() {
         use std::sync::atomic::Ordering::SeqCst;
         let _g = serial();
         avx_offset();
@@ -2039,33 +1836,9 @@ mod tests {
         };
         wait_progress(0);
         let mut t = Traced::seize(child.pid);
-        for round in 0..20u32 {
+        for _ in 0..20u32 {
             let r = ThreadRegs::capture(child.pid).expect("capture");
-            if round.is_multiple_of(2) {
-                r.apply(child.pid).expect("apply(capture())");
-            } else {
-                // The same registers, through the image format of an
-                // image written before `tls`/`pac` existed.
-                let gp = hex_bytes::encode(&r.gp);
-                let fp = hex_bytes::encode(r.fp.as_deref().unwrap());
-                let xs = hex_bytes::encode(r.xstate.as_deref().unwrap());
-                use serde::de::IntoDeserializer;
-                let fields = [
-                    ("arch", "x86_64"),
-                    ("gp", &gp[..]),
-                    ("fp", &fp[..]),
-                    ("xstate", &xs[..]),
-                ];
-                let d: serde::de::value::MapDeserializer<_, serde::de::value::Error> =
-                    serde::de::value::MapDeserializer::new(
-                        fields
-                            .iter()
-                            .map(|&(k, v)| (k.into_deserializer(), v.into_deserializer())),
-                    );
-                let old = ThreadRegs::deserialize(d).expect("old-style image");
-                assert_eq!(old, r);
-                old.apply(child.pid).expect("apply(old image)");
-            }
+            r.apply(child.pid).expect("apply(capture())");
             let n = sh[0].load(SeqCst);
             t.cont();
             wait_progress(n);

@@ -21,7 +21,6 @@
 use std::os::raw::c_void;
 
 use nix::errno::Errno;
-use serde::{Deserialize, Serialize};
 
 /// Request of include/uapi/linux/ptrace.h.
 const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
@@ -120,8 +119,8 @@ impl RseqCs {
     }
 }
 
-/// A thread's rseq registration, as recorded in an image.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+/// A thread's rseq registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RseqRegistration {
     /// Address of the thread's `struct rseq`.
     pub abi_pointer: u64,

@@ -10,7 +10,6 @@
 //! `SCHED_FIFO`, or given an I/O class comes back so.
 
 use nix::errno::Errno;
-use serde::{Deserialize, Serialize};
 
 /// `struct sched_attr` (include/uapi/linux/sched/types.h), as of
 /// `SCHED_ATTR_SIZE_VER1` (56 bytes, with the utilization clamps).
@@ -59,12 +58,11 @@ pub const IOPRIO_CLASS_IDLE: u16 = 3;
 const CPU_SETSIZE: usize = 1024;
 
 /// What a restore sets on a thread.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scheduling {
     /// `SCHED_*`.
     pub policy: u32,
     /// `SCHED_FLAG_RESET_ON_FORK`.
-    #[serde(default)]
     pub reset_on_fork: bool,
     /// The nice value (kept for every policy: a real-time thread keeps it
     /// for when it goes back to a fair one).
@@ -72,11 +70,8 @@ pub struct Scheduling {
     /// The real-time priority (SCHED_FIFO, SCHED_RR; else 0).
     pub priority: u32,
     /// SCHED_DEADLINE parameters (ns; else 0).
-    #[serde(default)]
     pub runtime_ns: u64,
-    #[serde(default)]
     pub deadline_ns: u64,
-    #[serde(default)]
     pub period_ns: u64,
     /// The CPUs the thread may run on.
     pub cpus: Vec<u32>,

@@ -39,7 +39,6 @@
 use std::os::raw::c_void;
 
 use nix::errno::Errno;
-use serde::{Deserialize, Serialize};
 
 // Requests of include/uapi/linux/ptrace.h.
 const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
@@ -141,7 +140,7 @@ pub fn sock_fprog_bytes(filter_addr: u64, len: u16) -> [u8; 16] {
 }
 
 /// A thread's seccomp mode, from /proc/PID/task/TID/status.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeccompMode {
     Disabled,
     /// `SECCOMP_MODE_STRICT`: only read, write, _exit and sigreturn.
@@ -155,7 +154,7 @@ pub enum SeccompMode {
 }
 
 /// One classic-BPF filter program and its flags.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeccompFilter {
     /// Each `struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}` as its 8
     /// bytes in native order (see [`SockFilter::to_insn`]).

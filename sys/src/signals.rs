@@ -20,7 +20,6 @@ use std::ffi::c_void;
 
 use libc::{c_long, c_uint};
 use nix::errno::Errno;
-use serde::{Deserialize, Serialize};
 
 /// Size of `siginfo_t` (`SI_MAX_SIZE`, include/uapi/asm-generic/siginfo.h).
 pub const SIGINFO_SIZE: usize = 128;
@@ -253,7 +252,7 @@ impl SiginfoRt {
 }
 
 /// Which pending queue [`pending`] reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Queue {
     /// The thread's own queue (`tgkill`, `rt_tgsigqueueinfo`, faults).
     Thread,
@@ -262,13 +261,12 @@ pub enum Queue {
 }
 
 /// One queued signal, as `PTRACE_PEEKSIGINFO` reported it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PendingSignal {
     pub signo: i32,
     /// `si_code` (e.g. [`SI_QUEUE`], [`SI_TKILL`], [`SI_USER`]).
     pub code: i32,
     /// The 128-byte `siginfo_t` as the kernel gave it.
-    #[serde(with = "crate::regs::hex_bytes")]
     pub siginfo: Vec<u8>,
 }
 
@@ -448,8 +446,8 @@ fn words<const N: usize>(b: &[u8], what: &'static str) -> Result<[u64; N], Signa
     Ok(out)
 }
 
-/// A signal's disposition as stored in an image.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// A signal's disposition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SigAction {
     pub signo: i32,
     pub handler: u64,
@@ -519,8 +517,8 @@ impl StackT {
     }
 }
 
-/// A thread's alternate signal stack as stored in an image.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// A thread's alternate signal stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AltStack {
     pub sp: u64,
     /// `SS_*` flags as `sigaltstack` reports them ([`SS_DISABLE`] when none

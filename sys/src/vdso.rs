@@ -29,7 +29,6 @@
 use std::os::unix::fs::FileExt;
 
 use object::{Object, ObjectSegment, ObjectSymbol};
-use serde::{Deserialize, Serialize};
 
 /// The names of the areas in /proc/PID/maps.
 pub const VDSO: &str = "[vdso]";
@@ -41,7 +40,7 @@ pub const VVAR_VCLOCK: &str = "[vvar_vclock]";
 const PAGE: u64 = 4096;
 
 /// One exported (dynamic) symbol of the vDSO.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VdsoSymbol {
     pub name: String,
     /// From the start of the `[vdso]` mapping.
@@ -51,7 +50,7 @@ pub struct VdsoSymbol {
 
 /// Where a process's vDSO areas are (`(start, end)`, end exclusive) and what
 /// its vDSO is.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VdsoLayout {
     pub vdso: Option<(u64, u64)>,
     pub vvar: Option<(u64, u64)>,

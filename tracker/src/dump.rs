@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use images::process::{Creds, FdImage, ITimer, MmState, ProcessImage, Rlimit, ThreadImage};
+use images::state::FdKindState;
 use images::{ImageKind, Inventory, MmRecord, ParentRef, TrackingState};
 use serde::{Deserialize, Serialize};
 use sys::inject::Injector;
@@ -958,17 +959,17 @@ fn capture_state(
         thread_images.push(ThreadImage {
             tid,
             comm: read_trim(&format!("/proc/{pid}/task/{tid}/comm")),
-            regs,
+            regs: regs.into(),
             blocked,
-            pending,
-            altstack,
-            rseq,
+            pending: pending.into_iter().map(Into::into).collect(),
+            altstack: altstack.into(),
+            rseq: rseq.map(Into::into),
             seccomp_mode,
             seccomp,
             clear_child_tid,
             robust_list,
             robust_list_len,
-            sched: Some(sched),
+            sched: Some(sched.into()),
         });
     }
 
@@ -1097,8 +1098,9 @@ fn capture_state(
         let mut pipe_capacity = None;
         // A dup of an earlier fd (same object first, then kcmp).
         let mut same_as = None;
+        let kind = FdKindState::from(info.kind.clone());
         for earlier in fds.iter().filter(|e: &&FdImage| e.same_as.is_none()) {
-            if same_object(&earlier.info.kind, &info.kind)
+            if same_object(&earlier.info.kind, &kind)
                 && sys::fds::same_description(pid, earlier.info.fd, info.fd).map_err(fd_err)?
             {
                 same_as = Some(earlier.info.fd);
@@ -1130,7 +1132,7 @@ fn capture_state(
             pipe_data = Some(name);
         }
         fds.push(FdImage {
-            info,
+            info: info.into(),
             pipe_data,
             pipe_capacity,
             same_as,
@@ -1165,15 +1167,17 @@ fn capture_state(
         .unwrap_or(0),
         creds: creds(&status)?,
         mm,
-        vdso: sys::vdso::VdsoLayout::of_pid(pid).map_err(|e| DumpError::Vdso {
-            pid,
-            source: Cause::of(&e),
-        })?,
-        sigactions,
-        shared_pending,
+        vdso: sys::vdso::VdsoLayout::of_pid(pid)
+            .map_err(|e| DumpError::Vdso {
+                pid,
+                source: Cause::of(&e),
+            })?
+            .into(),
+        sigactions: sigactions.into_iter().map(Into::into).collect(),
+        shared_pending: shared_pending.into_iter().map(Into::into).collect(),
         itimers,
         rlimits,
-        seccomp_filters: filters,
+        seccomp_filters: filters.into_iter().map(Into::into).collect(),
         threads: thread_images,
         fds,
     };
@@ -1191,8 +1195,8 @@ fn capture_state(
 /// columns formatted "%-25s %-20s %-20s".
 /// Whether two fds refer to one object (a file, a pipe, a device...), the
 /// precondition of their sharing one open file description.
-fn same_object(a: &sys::fds::FdKind, b: &sys::fds::FdKind) -> bool {
-    use sys::fds::FdKind as K;
+fn same_object(a: &FdKindState, b: &FdKindState) -> bool {
+    use FdKindState as K;
     match (a, b) {
         (
             K::File {
