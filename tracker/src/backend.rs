@@ -443,8 +443,9 @@ impl UffdWpTracker {
             return Ok(part(self.whole_sparse(vma)?, why, false));
         }
         // For the log: a VMA that lost its registration still carries the
-        // write-protect bits of its pages that were not written.
-        let stale_bits = if was_armed > 0 && tracing::enabled!(tracing::Level::DEBUG) {
+        // write-protect bits of its pages that were not written (a new
+        // mapping has none), whether or not this tracker armed it.
+        let stale_bits = if tracing::enabled!(tracing::Level::DEBUG) {
             self.wp_bits(vma)?
         } else {
             0
@@ -476,11 +477,11 @@ impl UffdWpTracker {
         self.written(vma)?;
         let why = if stale_bits > 0 {
             format!(
-                "lost its registration: {was_armed} of its pages were armed last round and \
-                 {stale_bits} still carry write-protect bits (an mremap moved an armed VMA \
-                 next to them, the two merged and the kernel cleared the merged VMA's \
-                 registration); a write since then left its page's bit set, so every \
-                 populated page may have been written and is copied (armed again)"
+                "lost its registration: {stale_bits} of its pages still carry write-protect \
+                 bits (an mremap moved an armed VMA next to armed pages, the two merged and \
+                 the kernel cleared the merged VMA's registration); a write since then left \
+                 its page's bit set, so every populated page may have been written and is \
+                 copied (armed again)"
             )
         } else if was_armed > 0 {
             "mapped anew (or moved) over pages armed last round: every populated page \
