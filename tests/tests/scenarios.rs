@@ -331,11 +331,19 @@ fn churn_rounds(track: Option<&str>, mode: &str) {
             .unwrap();
         let what = format!("churn step {i} ({mode})");
         let v = c.round(&what);
-        // Soft-dirty: the moved region merges with the big one (nothing is
-        // registered), and the kernel reports a VMA expanded by a mapping
-        // all dirty.
-        let n = with_merges(track, w.pid(), big, before, n, BIG);
-        check_incremental(track, &v, n, &what);
+        if track == Some("soft-dirty") && vma_at(w.pid(), big) != before {
+            // Nothing is registered: the moved region merges with the big
+            // one. A VMA a new mapping expanded is all dirty (VM_SOFTDIRTY),
+            // one an mremap merged into may not be: either count is right.
+            let written = v["pages_written"].as_u64().unwrap();
+            assert!(
+                written >= n && written <= n + BIG + NOISE_PAGES,
+                "{what}: pages_written {written}, expected {n}..={}: {v}",
+                n + BIG + NOISE_PAGES
+            );
+        } else {
+            check_incremental(track, &v, n, &what);
+        }
     }
 }
 
