@@ -310,6 +310,25 @@ fn pages_within(ranges: &[PageRange], r: PageRange) -> u64 {
         .sum()
 }
 
+/// `r` cut at the boundaries of the sorted disjoint VMA `ranges`: the
+/// parts of VMAs inside it and the unmapped gaps between them, in order.
+fn pieces(ranges: &[(u64, u64)], r: PageRange) -> Vec<PageRange> {
+    let mut out = Vec::new();
+    let mut at = r.start;
+    for &(s, e) in ranges.iter().filter(|&&(s, e)| s < r.end && e > r.start) {
+        if s > at {
+            out.push(PageRange::new(at, s));
+        }
+        let (s, e) = (s.max(at), e.min(r.end));
+        out.push(PageRange::new(s, e));
+        at = e;
+    }
+    if at < r.end {
+        out.push(PageRange::new(at, r.end));
+    }
+    out
+}
+
 /// What to record for one VMA: pages to copy, holes, and (for the debug
 /// log) why a VMA is copied whole.
 struct VmaPages {
@@ -409,6 +428,7 @@ impl UffdWpTracker {
         idx: usize,
         vma: &Vma,
         was_armed: u64,
+        full_copy: bool,
         maps: &mut Option<MapsNow>,
         set: &mut DirtySet,
     ) -> Result<VmaPages, BackendError> {
@@ -451,12 +471,46 @@ impl UffdWpTracker {
             0
         };
         if !self.still_mapped(vma, maps)? {
+            // The range read at the start of the round now holds other
+            // VMAs (or parts of them): one that is armed failed the scan of
+            // the whole range. Each is taken on its own: an armed one's bits
+            // are good (an armed VMA never lost its registration since it
+            // was last armed and copied), the others are copied whole and
+            // not registered this round (registering the old range would
+            // split the target's VMA, and an mremap of a range across the
+            // split would fail with EFAULT).
             set.untracked_vmas += 1;
-            let why = "changed since this round read the maps: not armed this round \
-                       (registering the old range would split the target's VMA, and an \
-                       mremap of a range across the split would fail), every populated page copied"
-                .to_string();
-            return Ok(part(self.whole(vma)?, why, false));
+            let now = maps.as_ref().expect("read by still_mapped");
+            let (mut copy, mut holes) = (Vec::new(), Vec::new());
+            let (mut scanned, mut whole) = (0, 0);
+            for p in pieces(&now.ranges, PageRange::new(vma.start, vma.end)) {
+                let sub = Vma {
+                    start: p.start,
+                    end: p.end,
+                    ..vma.clone()
+                };
+                let (c, h) = match self.written(&sub) {
+                    Ok(w) if !full_copy => {
+                        scanned += p.pages();
+                        populated_in(&mut self.pm, &sub, &w, &mut self.entries)?
+                    }
+                    Ok(_) => self.whole(&sub)?,
+                    Err(e) if e.is_not_armed() => {
+                        whole += p.pages();
+                        self.whole(&sub)?
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                copy.extend(c);
+                holes.extend(h);
+            }
+            let why = format!(
+                "changed since this round read the maps: {scanned} of its pages are in VMAs \
+                 still armed and were scanned, {whole} are not armed and were copied whole \
+                 (not registered this round: registering the old range would split the \
+                 target's VMA)"
+            );
+            return Ok(part((copy, holes), why, false));
         }
         if let Err(e) = self.uffd.register_wp(vma.start, vma.end) {
             tracing::warn!(
@@ -548,7 +602,7 @@ impl DirtyTracker for UffdWpTracker {
         for idx in unarmed {
             let vma = dumped[idx];
             let was_armed = pages_within(&self.armed, PageRange::new(vma.start, vma.end));
-            parts.push(self.not_armed(idx, vma, was_armed, &mut maps, &mut set)?);
+            parts.push(self.not_armed(idx, vma, was_armed, full_copy, &mut maps, &mut set)?);
         }
         // In address order: `copy` and `holes` are sorted.
         parts.sort_by_key(|p| p.idx);
@@ -694,6 +748,18 @@ mod tests {
 
     fn r(a: u64, b: u64) -> PageRange {
         PageRange::new(a * P, b * P)
+    }
+
+    #[test]
+    fn pieces_cut_at_vma_boundaries() {
+        let vmas = [(0, 2 * P), (2 * P, 5 * P), (7 * P, 9 * P), (12 * P, 20 * P)];
+        assert_eq!(
+            pieces(&vmas, r(1, 14)),
+            vec![r(1, 2), r(2, 5), r(5, 7), r(7, 9), r(9, 12), r(12, 14)]
+        );
+        assert_eq!(pieces(&vmas, r(3, 4)), vec![r(3, 4)]);
+        assert_eq!(pieces(&vmas, r(9, 11)), vec![r(9, 11)]);
+        assert_eq!(pieces(&[], r(9, 11)), vec![r(9, 11)]);
     }
 
     #[test]
