@@ -425,15 +425,15 @@ impl UffdWpTracker {
     /// no armed VMA.
     fn not_armed(
         &mut self,
-        idx: usize,
         vma: &Vma,
-        was_armed: u64,
         full_copy: bool,
         maps: &mut Option<MapsNow>,
         set: &mut DirtySet,
+        depth: u8,
     ) -> Result<VmaPages, BackendError> {
+        let was_armed = pages_within(&self.armed, PageRange::new(vma.start, vma.end));
         let part = |(copy, holes): (Vec<PageRange>, Vec<PageRange>), why: String, armed| VmaPages {
-            idx,
+            idx: 0, // set by the caller
             copy,
             holes,
             why: Some(why),
@@ -473,17 +473,23 @@ impl UffdWpTracker {
         if !self.still_mapped(vma, maps)? {
             // The range read at the start of the round now holds other
             // VMAs (or parts of them): one that is armed failed the scan of
-            // the whole range. Each is taken on its own: an armed one's bits
-            // are good (an armed VMA never lost its registration since it
-            // was last armed and copied), the others are copied whole and
-            // not registered this round (registering the old range would
-            // split the target's VMA, and an mremap of a range across the
-            // split would fail with EFAULT).
-            set.untracked_vmas += 1;
-            let now = maps.as_ref().expect("read by still_mapped");
+            // the whole range. Each part is taken on its own: an armed one's
+            // bits are good (an armed VMA never lost its registration since
+            // it was last armed and copied); one that is a whole VMA now is
+            // handled as any VMA that is not armed (once: `depth`); the
+            // others (parts of VMAs reaching out of the range, gaps) are
+            // copied whole and not registered this round: registering them
+            // would split the target's VMA, and an mremap of a range across
+            // the split would fail with EFAULT.
+            let now = &maps.as_ref().expect("read by still_mapped").ranges;
+            // Each piece, and whether it is a whole VMA now.
+            let parts: Vec<(PageRange, bool)> = pieces(now, PageRange::new(vma.start, vma.end))
+                .into_iter()
+                .map(|p| (p, now.binary_search(&(p.start, p.end)).is_ok()))
+                .collect();
             let (mut copy, mut holes) = (Vec::new(), Vec::new());
-            let (mut scanned, mut whole) = (0, 0);
-            for p in pieces(&now.ranges, PageRange::new(vma.start, vma.end)) {
+            let (mut scanned, mut whole, mut armed) = (0, 0, 0);
+            for (p, is_vma) in parts {
                 let sub = Vma {
                     start: p.start,
                     end: p.end,
@@ -495,6 +501,15 @@ impl UffdWpTracker {
                         populated_in(&mut self.pm, &sub, &w, &mut self.entries)?
                     }
                     Ok(_) => self.whole(&sub)?,
+                    Err(e) if e.is_not_armed() && is_vma && depth == 0 => {
+                        let r = self.not_armed(&sub, full_copy, maps, set, depth + 1)?;
+                        if r.armed {
+                            armed += p.pages();
+                        } else {
+                            whole += p.pages();
+                        }
+                        (r.copy, r.holes)
+                    }
                     Err(e) if e.is_not_armed() => {
                         whole += p.pages();
                         self.whole(&sub)?
@@ -504,11 +519,13 @@ impl UffdWpTracker {
                 copy.extend(c);
                 holes.extend(h);
             }
+            if whole > 0 {
+                set.untracked_vmas += 1;
+            }
             let why = format!(
                 "changed since this round read the maps: {scanned} of its pages are in VMAs \
-                 still armed and were scanned, {whole} are not armed and were copied whole \
-                 (not registered this round: registering the old range would split the \
-                 target's VMA)"
+                 still armed and were scanned, {armed} in VMAs armed now and {whole} in \
+                 ranges left unarmed were copied whole"
             );
             return Ok(part((copy, holes), why, false));
         }
@@ -600,9 +617,9 @@ impl DirtyTracker for UffdWpTracker {
         // with the target's maps read again just before.
         let mut maps = None;
         for idx in unarmed {
-            let vma = dumped[idx];
-            let was_armed = pages_within(&self.armed, PageRange::new(vma.start, vma.end));
-            parts.push(self.not_armed(idx, vma, was_armed, full_copy, &mut maps, &mut set)?);
+            let mut p = self.not_armed(dumped[idx], full_copy, &mut maps, &mut set, 0)?;
+            p.idx = idx;
+            parts.push(p);
         }
         // In address order: `copy` and `holes` are sorted.
         parts.sort_by_key(|p| p.idx);
