@@ -178,6 +178,10 @@ fn hex16(b: &[u8]) -> String {
 
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAP: u64 = 1 << 62;
+/// Swap type bits of a swapped entry, and the type of PTE markers (the
+/// last one, MAX_SWAPFILES_SHIFT = 5: never a swap device).
+const PM_SWAP_TYPE: u64 = 0x1f;
+const PM_SWP_PTE_MARKER: u64 = 31;
 const CHUNK_PAGES: u64 = 2048; // 8 MiB
 
 /// Stop `pid`, compare its memory with the chain in `dir`, continue it.
@@ -221,6 +225,12 @@ pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
             let mut actual = vec![0u8; range.len() as usize];
             // Private anonymous pages that are neither present nor swapped
             // read as zeros: skip reading them (it would populate them).
+            // Nor is a page whose entry is a PTE marker (a uffd-wp marker
+            // tern's tracking left on an unpopulated page): it shows as
+            // swapped, with swap type SWP_PTE_MARKER, and holds no data.
+            // Reading it would fault a zero page in, and the target's next
+            // mremap of that region would carry it to a new VMA, whose
+            // populated pages a round then copies.
             let mut want_read = vec![true; npages];
             if m.is_private_anon() {
                 let mut pm = vec![0u8; npages * 8];
@@ -229,7 +239,8 @@ pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
                     .map_err(|e| format!("/proc/{pid}/pagemap at {at:#x}: {e}"))?;
                 for (i, w) in pm.chunks_exact(8).enumerate() {
                     let e = u64::from_le_bytes(w.try_into().unwrap());
-                    want_read[i] = e & (PM_PRESENT | PM_SWAP) != 0;
+                    let marker = e & PM_PRESENT == 0 && e & PM_SWAP_TYPE == PM_SWP_PTE_MARKER;
+                    want_read[i] = e & (PM_PRESENT | PM_SWAP) != 0 && !marker;
                 }
             }
             let mut i = 0;

@@ -329,3 +329,159 @@ fn ebpf_pages_cover_user_writes(track: Option<&str>) {
     assert_eq!(v3["ebpf"], false, "{v3}");
     untrack(pid);
 }
+
+/// The big region of the churn tests (issue 13): 256 MiB.
+const CHURN_BIG: u64 = 65_536;
+/// Pages of it the churn writes per step.
+const CHURN_PAGES: u64 = 1300;
+const CHURN_ROUNDS: usize = 80;
+/// A round may copy at most this many times what was written (plus
+/// [`NOISE_PAGES`]): a round that copied the whole big region copied 50 times.
+const CHURN_FACTOR: u64 = 3;
+
+#[test]
+fn churn_beside_a_big_region_copies_what_was_written() {
+    churn_pre_dumps("maps");
+}
+
+#[test]
+fn realloc_churn_beside_a_big_region_copies_what_was_written() {
+    churn_pre_dumps("realloc");
+}
+
+/// Issue 13: a process that, between two pre-dumps, maps a small region,
+/// moves the one it mapped before onto a placeholder beside a 256 MiB
+/// region, unmaps and maps a third anew (with `realloc`: also reallocs a
+/// large block) and writes 1300 pages of the big region. Over 80 uffd-wp
+/// pre-dumps, each must copy at least what the churn wrote and at most
+/// [`CHURN_FACTOR`] times that (with an untouched small region armed, the
+/// move merged it with the big region, whose registration the kernel then
+/// cleared: the round copied all 65,536 pages); the chain must equal the
+/// target's memory at the end.
+fn churn_pre_dumps(mode: &str) {
+    let mut w = Workload::start();
+    w.cmd(&format!("alloc big {CHURN_BIG} light populate"));
+    let pid = w.pid();
+    let d = tempdir();
+    let flags = ["--track", "uffd-wp", "--no-compress"];
+    let mut prev = d.path().join("0");
+    let v = pre_dump(pid, &prev, None, &flags);
+    assert!(v["pages_written"].as_u64().unwrap() >= CHURN_BIG, "{v}");
+    let mut rows = Vec::new();
+    for i in 1..=CHURN_ROUNDS {
+        let n = w.cmd(&format!("churn big {CHURN_PAGES} {i} {mode}"))["pages"]
+            .as_u64()
+            .unwrap();
+        let dir = d.path().join(i.to_string());
+        let v = pre_dump(pid, &dir, Some(&prev), &flags);
+        rows.push((n, v["pages_written"].as_u64().unwrap(), v));
+        // The images are not needed past the next round's parent link
+        // (kept: the chain is checked whole at the end).
+        prev = dir;
+    }
+    let ratio = |&(n, c, _): &(u64, u64, serde_json::Value)| c as f64 / n as f64;
+    let max = rows.iter().map(ratio).fold(0.0, f64::max);
+    let min = rows.iter().map(ratio).fold(f64::MAX, f64::min);
+    println!(
+        "churn ({mode}) beside {} MiB, {CHURN_ROUNDS} uffd-wp pre-dumps: copied/written per round from {min:.3} to {max:.3}; written,copied: {}",
+        CHURN_BIG / 256,
+        rows.iter()
+            .map(|(n, c, _)| format!("{n},{c}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    for (i, (n, c, v)) in rows.iter().enumerate() {
+        assert!(
+            *c >= *n && *c <= CHURN_FACTOR * n + NOISE_PAGES,
+            "round {} of the churn ({mode}): {n} pages written, {c} copied (allowed {n}..={}): {v}",
+            i + 1,
+            CHURN_FACTOR * n + NOISE_PAGES
+        );
+    }
+    assert_oracle(
+        pid,
+        &prev,
+        &format!("after {CHURN_ROUNDS} churn rounds ({mode})"),
+    );
+}
+
+/// The same churn, as the issue saw it: `tern track` rounds every 100 ms
+/// while a background thread churns every 50 ms. No round after the first
+/// may report more than [`CHURN_FACTOR`] times what the churn can have
+/// written in it (each step writes at most `max_step_pages`; the steps a
+/// round can hold follow from the time since the previous round).
+///
+/// The first round is not held to it: until the big region is armed, the
+/// small regions moved beside it merge with it (nothing is registered), so
+/// its VMA grows and shrinks every step; when it changed while the arming
+/// round ran, that round cannot register it (the range it read is no longer
+/// one VMA, and registering it would split the target's VMA) and the first
+/// round copies it whole. Once armed, nothing unarmed merges with it.
+#[test]
+fn track_rounds_beside_a_churning_big_region() {
+    const PERIOD_MS: f64 = 50.0;
+    let mut w = Workload::start();
+    w.cmd(&format!("alloc big {CHURN_BIG} light populate"));
+    let pid = w.pid();
+    w.cmd(&format!("churn_bg big {CHURN_PAGES} 13 {PERIOD_MS} maps"));
+    let run = tern(&[
+        "track",
+        "-t",
+        &pid.to_string(),
+        "--interval-ms",
+        "100",
+        "--rounds",
+        &CHURN_ROUNDS.to_string(),
+        "--track",
+        "uffd-wp",
+        "--json",
+    ]);
+    let st = w.cmd("churn_stop");
+    assert!(run.ok(), "{}", run.describe());
+    let lines = run.json_lines();
+    assert_eq!(
+        lines.len(),
+        CHURN_ROUNDS,
+        "one line per round:\n{}",
+        run.describe()
+    );
+    let step = st["max_step_pages"].as_u64().unwrap();
+    assert!(st["iterations"].as_u64().unwrap() > 0, "{st}");
+    let mut t0 = 0.0;
+    let mut worst = (0.0, 0, 0);
+    for (i, l) in lines.iter().enumerate() {
+        let (t, k) = (num(l, "t_ms"), l["kernel_pages"].as_u64().unwrap());
+        if i == 0 {
+            t0 = t;
+            continue;
+        }
+        // Steps that can have written in (t0, t]: one per period, and one
+        // more at each end.
+        let steps = ((t - t0) / PERIOD_MS).ceil() as u64 + 2;
+        let allowed = CHURN_FACTOR * steps * step + NOISE_PAGES;
+        let r = k as f64 / (steps * step) as f64;
+        if r > worst.0 {
+            worst = (r, k, i + 1);
+        }
+        assert!(
+            k <= allowed,
+            "track round {}: {k} pages reported written in {:.0} ms, while the churn writes at most {step} per {PERIOD_MS} ms step (allowed {allowed}):\n{}",
+            i + 1,
+            t - t0,
+            run.stdout
+        );
+        t0 = t;
+    }
+    println!(
+        "track beside a churning {} MiB region: {CHURN_ROUNDS} rounds, churn {st}; kernel_pages per round: {}; worst round {} with {} pages ({:.2} of what its steps could write)",
+        CHURN_BIG / 256,
+        lines
+            .iter()
+            .map(|l| l["kernel_pages"].to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        worst.2,
+        worst.1,
+        worst.0
+    );
+}

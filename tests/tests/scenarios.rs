@@ -44,6 +44,9 @@ backends!(
     process_vm_writev_from_outside,
     mprotect_splits,
     new_regions_between_rounds,
+    churn_beside_a_big_region,
+    realloc_beside_a_big_region,
+    pages_moved_back_next_to_their_region,
 );
 
 fn incremental(track: Option<&str>) -> bool {
@@ -295,4 +298,83 @@ fn new_regions_between_rounds(track: Option<&str>) {
     w.cmd("dirty sh 0-15");
     let v = c.round("shared region dirtied");
     check_incremental(track, &v, 16, "shared dirtied");
+}
+
+/// Issue 13: every round, a small region is mapped (untouched), the one
+/// mapped the round before is moved with mremap onto a placeholder right
+/// beside the big region and written, and a third is unmapped and mapped
+/// anew; 150 pages of the big region are written. The big region's
+/// registration must survive (an untouched armed VMA moved beside it
+/// merged with it, and the kernel cleared the merged VMA's registration:
+/// with uffd-wp every round then copied all of it): each round copies what
+/// the churn wrote.
+fn churn_beside_a_big_region(track: Option<&str>) {
+    churn_rounds(track, "maps");
+}
+
+/// The same churn, and glibc realloc growing and shrinking a large
+/// (mmapped) block, which moves it when it cannot grow in place.
+fn realloc_beside_a_big_region(track: Option<&str>) {
+    churn_rounds(track, "realloc");
+}
+
+fn churn_rounds(track: Option<&str>, mode: &str) {
+    const BIG: u64 = 4096;
+    let mut w = Workload::start();
+    let big = addr_of(&w.cmd(&format!("alloc big {BIG} light")));
+    let mut c = Chain::new(w.pid(), track, &[]);
+    c.round("start");
+    for i in 0..6 {
+        let before = vma_at(w.pid(), big);
+        let n = w.cmd(&format!("churn big 150 {i} {mode}"))["pages"]
+            .as_u64()
+            .unwrap();
+        let what = format!("churn step {i} ({mode})");
+        let v = c.round(&what);
+        if track == Some("soft-dirty") && vma_at(w.pid(), big) != before {
+            // Nothing is registered: the moved region merges with the big
+            // one. A VMA a new mapping expanded is all dirty (VM_SOFTDIRTY),
+            // one an mremap merged into may not be: either count is right.
+            let written = v["pages_written"].as_u64().unwrap();
+            assert!(
+                written >= n && written <= n + BIG + NOISE_PAGES,
+                "{what}: pages_written {written}, expected {n}..={}: {v}",
+                n + BIG + NOISE_PAGES
+            );
+        } else {
+            check_incremental(track, &v, n, &what);
+        }
+    }
+}
+
+/// The tail of a region moved away and back: back in place, it merges with
+/// the rest of the region (same anon_vma, page offsets in line), and the
+/// kernel clears the registration of the merged VMA. Pages written after
+/// that keep their write-protect bits: were they trusted, these writes
+/// would be missed. The oracle must hold; with uffd-wp, the round copies
+/// the region whole (nothing tells which of its pages were written).
+fn pages_moved_back_next_to_their_region(track: Option<&str>) {
+    let mut w = Workload::start();
+    let a = addr_of(&w.cmd("alloc a 64 rand"));
+    let mut c = Chain::new(w.pid(), track, &[]);
+    c.round("start");
+    w.cmd("move_out a 56 8");
+    w.cmd("dirty a 1");
+    let v = c.round("tail of a moved away");
+    check_incremental(track, &v, 9, "tail moved away");
+    let before = vma_at(w.pid(), a);
+    w.cmd("move_back a");
+    let after = vma_at(w.pid(), a);
+    assert!(
+        after.0 <= a && after.1 >= a + 64 * 4096,
+        "the tail did not merge back with a: a's VMA was {before:x?}, is {after:x?}"
+    );
+    w.cmd("dirty a 5,6,60");
+    let v = c.round("tail moved back, a written");
+    if track == Some("uffd-wp") {
+        assert_incremental(&v, 64, "a lost its registration: copied whole");
+    }
+    w.cmd("dirty a 7,62");
+    let v = c.round("a written again");
+    check_incremental(track, &v, 2, "a armed again");
 }

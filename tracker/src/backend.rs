@@ -63,6 +63,8 @@ pub enum BackendError {
     },
     #[error(transparent)]
     Freeze(#[from] crate::freeze::FreezeError),
+    #[error(transparent)]
+    Maps(#[from] crate::maps::MapsError),
 }
 
 /// What one round must record, over all dumped VMAs.
@@ -237,6 +239,9 @@ pub struct UffdWpTracker {
     /// Re-protect what a round reports (not in a final dump's round: no
     /// round follows, and re-protecting costs frozen time).
     reprotect: bool,
+    /// VMAs armed at the end of the previous round (sorted): tells a VMA
+    /// that lost its registration from a new one, for the debug log.
+    armed: Vec<PageRange>,
 }
 
 impl UffdWpTracker {
@@ -248,6 +253,7 @@ impl UffdWpTracker {
             scratch: Vec::new(),
             entries: Vec::new(),
             reprotect: true,
+            armed: Vec::new(),
         })
     }
 
@@ -284,6 +290,283 @@ impl UffdWpTracker {
     }
 }
 
+/// The target's VMA boundaries, read again shortly before registering: a
+/// registration of a range that is no longer exactly one VMA would split
+/// the target's VMA there (see [`UffdWpTracker::not_armed`]).
+struct MapsNow {
+    read_at: std::time::Instant,
+    ranges: Vec<(u64, u64)>,
+}
+
+/// How long a re-read of the maps is trusted for registrations.
+const MAPS_FRESH: Duration = Duration::from_millis(2);
+
+/// Pages of `r` inside the sorted disjoint `ranges`.
+fn pages_within(ranges: &[PageRange], r: PageRange) -> u64 {
+    ranges
+        .iter()
+        .filter(|x| x.start < r.end && x.end > r.start)
+        .map(|x| PageRange::new(x.start.max(r.start), x.end.min(r.end)).pages())
+        .sum()
+}
+
+/// `r` cut at the boundaries of the sorted disjoint VMA `ranges`: the
+/// parts of VMAs inside it and the unmapped gaps between them, in order.
+fn pieces(ranges: &[(u64, u64)], r: PageRange) -> Vec<PageRange> {
+    let mut out = Vec::new();
+    let mut at = r.start;
+    for &(s, e) in ranges.iter().filter(|&&(s, e)| s < r.end && e > r.start) {
+        if s > at {
+            out.push(PageRange::new(at, s));
+        }
+        let (s, e) = (s.max(at), e.min(r.end));
+        out.push(PageRange::new(s, e));
+        at = e;
+    }
+    if at < r.end {
+        out.push(PageRange::new(at, r.end));
+    }
+    out
+}
+
+/// What to record for one VMA: pages to copy, holes, and (for the debug
+/// log) why a VMA is copied whole.
+struct VmaPages {
+    /// Index of the VMA among the round's dumped VMAs.
+    idx: usize,
+    copy: Vec<PageRange>,
+    holes: Vec<PageRange>,
+    why: Option<String>,
+    armed: bool,
+}
+
+impl UffdWpTracker {
+    /// Every populated page of `vma` to copy, and the rest as holes.
+    fn whole(&mut self, vma: &Vma) -> Result<(Vec<PageRange>, Vec<PageRange>), ScanError> {
+        let (copy, holes) = populated_scan(&mut self.pm, vma, &mut self.entries)?;
+        let holes = subtract(&holes, &copy);
+        Ok((copy, holes))
+    }
+
+    /// [`Self::whole`] for a VMA that holds no data: its populated pages
+    /// (zero pages, page-cache pages) found with one PAGEMAP_SCAN, which
+    /// skips empty page tables, instead of a pagemap read of every page.
+    fn whole_sparse(&mut self, vma: &Vma) -> Result<(Vec<PageRange>, Vec<PageRange>), ScanError> {
+        self.scratch.clear();
+        self.pm
+            .scan(vma.start, vma.end, ScanQuery::POPULATED, &mut self.scratch)?;
+        let mut copy = Vec::new();
+        for r in &self.scratch {
+            if vma.file_pages_are_holes() && r.categories & pagemap_scan::PAGE_IS_FILE != 0 {
+                continue;
+            }
+            push_range(&mut copy, PageRange::new(r.start, r.end));
+        }
+        let holes = subtract(&[PageRange::new(vma.start, vma.end)], &copy);
+        Ok((copy, holes))
+    }
+
+    /// Pages of `vma` whose page table entry carries a uffd-wp bit (or
+    /// marker): left from an earlier registration, never from a new mapping.
+    fn wp_bits(&mut self, vma: &Vma) -> Result<u64, ScanError> {
+        self.entries.clear();
+        self.pm
+            .read_entries(vma.start, vma.end, &mut self.entries)?;
+        Ok(self
+            .entries
+            .iter()
+            .filter(|&&e| e & entry::UFFD_WP != 0)
+            .count() as u64)
+    }
+
+    /// Whether `vma` is still exactly one VMA of the target (`now` is read
+    /// again when older than [`MAPS_FRESH`]).
+    fn still_mapped(&self, vma: &Vma, now: &mut Option<MapsNow>) -> Result<bool, BackendError> {
+        if now
+            .as_ref()
+            .is_none_or(|m| m.read_at.elapsed() > MAPS_FRESH)
+        {
+            let vmas = crate::maps::read_vmas(self.pid)?;
+            *now = Some(MapsNow {
+                read_at: std::time::Instant::now(),
+                ranges: vmas.iter().map(|v| (v.start, v.end)).collect(),
+            });
+        }
+        let ranges = &now.as_ref().expect("just read").ranges;
+        Ok(ranges.binary_search(&(vma.start, vma.end)).is_ok())
+    }
+
+    /// A VMA the scan found not armed: new, moved (mremap without
+    /// `UFFD_FEATURE_EVENT_REMAP` clears the registration of the moved VMA),
+    /// never armed, or one that lost its registration. Its pages cannot be
+    /// told apart by the write-protect bits, so every populated page is
+    /// copied; it is armed when that is safe and useful.
+    ///
+    /// How a VMA loses its registration (Linux 6.18, checked on the real
+    /// kernel): an mremap of an armed VMA copies it to its new place
+    /// (copy_vma), where it merges with an armed neighbour of the same
+    /// uffd context, flags and compatible anon_vma; only then does the
+    /// kernel clear the registration of the moved VMA, which is now the
+    /// merged one (mremap_userfaultfd_prep). The neighbour's pages keep
+    /// their write-protect bits, but a write to them in an unregistered VMA
+    /// makes the page writable and leaves the bit set: once registered
+    /// again, PAGEMAP_SCAN reports such a page as not written. None of
+    /// those pages may be trusted, so the whole VMA is copied.
+    ///
+    /// A moved anonymous VMA that has an anon_vma merges only where its
+    /// page offsets line up with its neighbour's and the anon_vma is the
+    /// same (pages moved back beside the VMA they were split from). One
+    /// without an anon_vma (no write ever faulted a page into it) takes its
+    /// page offset from its new address and merges with any neighbour of
+    /// the same flags and uffd context: that is how a small VMA armed while
+    /// untouched, moved beside a big armed one, took the big one's
+    /// registration away. So VMAs without data are left unarmed until they
+    /// have some: unarmed, a moved VMA has no uffd context and merges with
+    /// no armed VMA.
+    fn not_armed(
+        &mut self,
+        vma: &Vma,
+        full_copy: bool,
+        maps: &mut Option<MapsNow>,
+        set: &mut DirtySet,
+        depth: u8,
+    ) -> Result<VmaPages, BackendError> {
+        let was_armed = pages_within(&self.armed, PageRange::new(vma.start, vma.end));
+        let part = |(copy, holes): (Vec<PageRange>, Vec<PageRange>), why: String, armed| VmaPages {
+            idx: 0, // set by the caller
+            copy,
+            holes,
+            why: Some(why),
+            armed,
+        };
+        if !self.reprotect {
+            // Final round: nothing to arm for; copy what is populated.
+            set.untracked_vmas += 1;
+            let why = "not armed (final round): every populated page copied".to_string();
+            return Ok(part(self.whole(vma)?, why, false));
+        }
+        // A failed probe arms the VMA, as before this check existed.
+        let has_data = self
+            .pm
+            .any(
+                vma.start,
+                vma.end,
+                ScanQuery::data(vma.file_pages_are_holes()),
+            )
+            .unwrap_or(true);
+        if !has_data {
+            let why = "holds no data yet (no page written into it): left unarmed, its pages \
+                       copied whole until it has some (all of them new since it was empty); \
+                       armed while untouched, an mremap could move it next to an armed VMA, \
+                       merge the two and clear the registration of both"
+                .to_string();
+            return Ok(part(self.whole_sparse(vma)?, why, false));
+        }
+        // For the log: a VMA that lost its registration still carries the
+        // write-protect bits of its pages that were not written (a new
+        // mapping has none), whether or not this tracker armed it.
+        let stale_bits = if tracing::enabled!(tracing::Level::DEBUG) {
+            self.wp_bits(vma)?
+        } else {
+            0
+        };
+        if !self.still_mapped(vma, maps)? {
+            // The range read at the start of the round now holds other
+            // VMAs (or parts of them): one that is armed failed the scan of
+            // the whole range. Each part is taken on its own: an armed one's
+            // bits are good (an armed VMA never lost its registration since
+            // it was last armed and copied); one that is a whole VMA now is
+            // handled as any VMA that is not armed (once: `depth`); the
+            // others (parts of VMAs reaching out of the range, gaps) are
+            // copied whole and not registered this round: registering them
+            // would split the target's VMA, and an mremap of a range across
+            // the split would fail with EFAULT.
+            let now = &maps.as_ref().expect("read by still_mapped").ranges;
+            // Each piece, and whether it is a whole VMA now.
+            let parts: Vec<(PageRange, bool)> = pieces(now, PageRange::new(vma.start, vma.end))
+                .into_iter()
+                .map(|p| (p, now.binary_search(&(p.start, p.end)).is_ok()))
+                .collect();
+            let (mut copy, mut holes) = (Vec::new(), Vec::new());
+            let (mut scanned, mut whole, mut armed) = (0, 0, 0);
+            for (p, is_vma) in parts {
+                let sub = Vma {
+                    start: p.start,
+                    end: p.end,
+                    ..vma.clone()
+                };
+                let (c, h) = match self.written(&sub) {
+                    Ok(w) if !full_copy => {
+                        scanned += p.pages();
+                        populated_in(&mut self.pm, &sub, &w, &mut self.entries)?
+                    }
+                    Ok(_) => self.whole(&sub)?,
+                    Err(e) if e.is_not_armed() && is_vma && depth == 0 => {
+                        let r = self.not_armed(&sub, full_copy, maps, set, depth + 1)?;
+                        if r.armed {
+                            armed += p.pages();
+                        } else {
+                            whole += p.pages();
+                        }
+                        (r.copy, r.holes)
+                    }
+                    Err(e) if e.is_not_armed() => {
+                        whole += p.pages();
+                        self.whole(&sub)?
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                copy.extend(c);
+                holes.extend(h);
+            }
+            if whole > 0 {
+                set.untracked_vmas += 1;
+            }
+            let why = format!(
+                "changed since this round read the maps: {scanned} of its pages are in VMAs \
+                 still armed and were scanned, {armed} in VMAs armed now and {whole} in \
+                 ranges left unarmed were copied whole"
+            );
+            return Ok(part((copy, holes), why, false));
+        }
+        if let Err(e) = self.uffd.register_wp(vma.start, vma.end) {
+            tracing::warn!(
+                pid = self.pid,
+                "VMA {:#x}-{:#x} {} cannot be write-protected ({e}); copying it whole every round",
+                vma.start,
+                vma.end,
+                vma.name.as_deref().unwrap_or("")
+            );
+            set.untracked_vmas += 1;
+            let why = format!("cannot be armed ({e}): every populated page copied");
+            return Ok(part(self.whole(vma)?, why, false));
+        }
+        set.armed_vmas += 1;
+        // The arming scan reports every page, holes included, so its answer
+        // is not used: the pagemap read after it says what to copy (a page
+        // written between the two is copied, and reported again next round).
+        self.written(vma)?;
+        let why = if stale_bits > 0 {
+            format!(
+                "lost its registration: {stale_bits} of its pages still carry write-protect \
+                 bits (an mremap moved an armed VMA next to armed pages, the two merged and \
+                 the kernel cleared the merged VMA's registration); a write since then left \
+                 its page's bit set, so every populated page may have been written and is \
+                 copied (armed again)"
+            )
+        } else if was_armed > 0 {
+            "mapped anew (or moved) over pages armed last round: every populated page \
+             copied, then armed"
+                .to_string()
+        } else {
+            "new to the tracker (new, moved, grown into an unarmed range, or first round): \
+             every populated page copied, then armed"
+                .to_string()
+        };
+        Ok(part(self.whole(vma)?, why, true))
+    }
+}
+
 impl DirtyTracker for UffdWpTracker {
     fn name(&self) -> &'static str {
         "uffd-wp"
@@ -295,75 +578,74 @@ impl DirtyTracker for UffdWpTracker {
 
     fn collect(&mut self, vmas: &[Vma], full_copy: bool) -> Result<DirtySet, BackendError> {
         let mut set = DirtySet::default();
-        for vma in vmas.iter().filter(|v| v.is_dumped()) {
+        let dumped: Vec<&Vma> = vmas.iter().filter(|v| v.is_dumped()).collect();
+        let mut parts = Vec::with_capacity(dumped.len());
+        let mut unarmed = Vec::new();
+        for (idx, &vma) in dumped.iter().enumerate() {
             set.pages_scanned += vma.pages();
             // Written pages first, then the pagemap: a page written after
             // the scan is unprotected and shows up next round; a written page
             // that is a hole by the time the pagemap is read was zapped
             // (PAGEMAP_SCAN reports zapped pages of an armed VMA as written)
             // and is recorded as a hole.
-            let written = match self.written(vma) {
-                Ok(w) => Some(w),
-                Err(e) if e.is_not_armed() && !self.reprotect => {
-                    // Final round: nothing to arm for; copy what is populated.
-                    set.untracked_vmas += 1;
-                    None
-                }
+            let w = match self.written(vma) {
+                Ok(w) => w,
                 Err(e) if e.is_not_armed() => {
-                    // New, moved (mremap drops the registration) or never
-                    // armed: register and arm. The arming scan reports every
-                    // page, holes included, so its answer is not used: the
-                    // pagemap read after it says what to copy.
-                    match self.uffd.register_wp(vma.start, vma.end) {
-                        Ok(()) => {
-                            set.armed_vmas += 1;
-                            self.written(vma)?;
-                        }
-                        Err(e) => {
-                            tracing::warn!(
-                                pid = self.pid,
-                                "VMA {:#x}-{:#x} {} cannot be write-protected ({e}); copying it whole every round",
-                                vma.start,
-                                vma.end,
-                                vma.name.as_deref().unwrap_or("")
-                            );
-                            set.untracked_vmas += 1;
-                        }
-                    }
-                    None
+                    unarmed.push(idx);
+                    continue;
                 }
                 Err(e) => return Err(e.into()),
             };
-            let fresh = written.is_none();
-            let (populated, copy, holes) = match written {
-                Some(w) if !full_copy => {
-                    // Only pages written since the last round can have gone
-                    // from populated to hole (a zapped page shows as written)
-                    // or back: the pagemap is read for those alone, and the
-                    // holes recorded are theirs (older images hold the rest).
-                    let (copy, holes) = populated_in(&mut self.pm, vma, &w, &mut self.entries)?;
-                    (copy.clone(), copy, holes)
-                }
-                _ => {
-                    let (populated, holes) = populated_scan(&mut self.pm, vma, &mut self.entries)?;
-                    let copy = populated.clone();
-                    let holes = subtract(&holes, &copy);
-                    (populated, copy, holes)
-                }
+            let (copy, holes) = if full_copy {
+                self.whole(vma)?
+            } else {
+                // Only pages written since the last round can have gone
+                // from populated to hole (a zapped page shows as written)
+                // or back: the pagemap is read for those alone, and the
+                // holes recorded are theirs (older images hold the rest).
+                populated_in(&mut self.pm, vma, &w, &mut self.entries)?
             };
+            parts.push(VmaPages {
+                idx,
+                copy,
+                holes,
+                why: None,
+                armed: true,
+            });
+        }
+        // Then the VMAs that are not armed, registered (where they are)
+        // with the target's maps read again just before.
+        let mut maps = None;
+        for idx in unarmed {
+            let mut p = self.not_armed(dumped[idx], full_copy, &mut maps, &mut set, 0)?;
+            p.idx = idx;
+            parts.push(p);
+        }
+        // In address order: `copy` and `holes` are sorted.
+        parts.sort_by_key(|p| p.idx);
+        let mut armed = Vec::new();
+        for p in parts {
+            let vma = dumped[p.idx];
+            let pages = |v: &[PageRange]| v.iter().map(|r| r.pages()).sum::<u64>();
             tracing::debug!(
-                "VMA {:#x}-{:#x} {} {}: populated {} copy {} holes {} fresh {fresh}",
+                "VMA {:#x}-{:#x} {} {}: copy {} holes {} fresh {}{}{}",
                 vma.start,
                 vma.end,
                 vma.perms,
                 vma.name.as_deref().unwrap_or(""),
-                populated.iter().map(|r| r.pages()).sum::<u64>(),
-                copy.iter().map(|r| r.pages()).sum::<u64>(),
-                holes.iter().map(|r| r.pages()).sum::<u64>()
+                pages(&p.copy),
+                pages(&p.holes),
+                p.why.is_some(),
+                if p.why.is_some() { ": " } else { "" },
+                p.why.as_deref().unwrap_or("")
             );
-            set.copy.extend(copy);
-            set.holes.extend(holes);
+            if p.armed {
+                push_range(&mut armed, PageRange::new(vma.start, vma.end));
+            }
+            set.copy.extend(p.copy);
+            set.holes.extend(p.holes);
         }
+        self.armed = armed;
         Ok(set)
     }
 }
@@ -483,6 +765,18 @@ mod tests {
 
     fn r(a: u64, b: u64) -> PageRange {
         PageRange::new(a * P, b * P)
+    }
+
+    #[test]
+    fn pieces_cut_at_vma_boundaries() {
+        let vmas = [(0, 2 * P), (2 * P, 5 * P), (7 * P, 9 * P), (12 * P, 20 * P)];
+        assert_eq!(
+            pieces(&vmas, r(1, 14)),
+            vec![r(1, 2), r(2, 5), r(5, 7), r(7, 9), r(9, 12), r(12, 14)]
+        );
+        assert_eq!(pieces(&vmas, r(3, 4)), vec![r(3, 4)]);
+        assert_eq!(pieces(&vmas, r(9, 11)), vec![r(9, 11)]);
+        assert_eq!(pieces(&[], r(9, 11)), vec![r(9, 11)]);
     }
 
     #[test]

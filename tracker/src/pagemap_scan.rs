@@ -117,6 +117,25 @@ impl ScanQuery {
     };
 }
 
+impl ScanQuery {
+    /// Pages holding data of their own: populated, and neither the shared
+    /// zero page (a read of an untouched page) nor, with `file_is_hole`, a
+    /// page-cache page of a private file mapping. An anonymous page is
+    /// found only where a write faulted one in, which gave its VMA an
+    /// anon_vma. A uffd-wp marker left on an unpopulated page counts
+    /// (PAGEMAP_SCAN reports it as swapped).
+    pub fn data(file_is_hole: bool) -> ScanQuery {
+        let not = PAGE_IS_PFNZERO | if file_is_hole { PAGE_IS_FILE } else { 0 };
+        ScanQuery {
+            flags: 0,
+            category_inverted: not,
+            category_mask: not,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        }
+    }
+}
+
 /// An open `/proc/PID/pagemap`, for PAGEMAP_SCAN and for classic reads.
 pub struct Pagemap {
     file: File,
@@ -208,6 +227,42 @@ impl Pagemap {
         Ok(())
     }
 
+    /// Whether any page of `[start, end)` matches `query`: one call that
+    /// stops at the first such page (`max_pages` 1). `query` must not
+    /// write-protect anything.
+    pub fn any(&mut self, start: u64, end: u64, query: ScanQuery) -> Result<bool, ScanError> {
+        debug_assert_eq!(query.flags & PM_SCAN_WP_MATCHING, 0);
+        let mut region = PageRegion::default();
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: query.flags,
+            start,
+            end,
+            walk_end: 0,
+            vec: &mut region as *mut PageRegion as u64,
+            vec_len: 1,
+            max_pages: 1,
+            category_inverted: query.category_inverted,
+            category_mask: query.category_mask,
+            category_anyof_mask: query.category_anyof_mask,
+            return_mask: query.return_mask,
+        };
+        // SAFETY: `arg` describes `region`, which outlives the call; the
+        // kernel writes at most one region (vec_len 1) into it.
+        let n =
+            unsafe { pagemap_scan_ioctl(self.file.as_raw_fd(), &mut arg) }.map_err(|errno| {
+                ScanError::Ioctl {
+                    path: self.path.clone(),
+                    start,
+                    end,
+                    errno,
+                    hint: "",
+                }
+            })?;
+        self.ioctls += 1;
+        Ok(n > 0)
+    }
+
     /// Read classic 64-bit pagemap entries for `[start, end)`.
     pub fn read_entries(&self, start: u64, end: u64, out: &mut Vec<u64>) -> Result<(), ScanError> {
         use std::os::unix::fs::FileExt;
@@ -297,6 +352,32 @@ mod tests {
             .unwrap();
         assert_eq!(ents.len(), 64);
         assert!(entry::populated(ents[5]) && !entry::populated(ents[4]));
+    }
+
+    /// `any` with the data query: zero pages (read faults) and unpopulated
+    /// pages are not data, a written page is.
+    #[test]
+    fn any_data_ignores_zero_pages() {
+        let region = crate::anon::AnonRegion::new(16).unwrap();
+        let (start, end) = (region.start(), region.end());
+        let mut pm = Pagemap::open(std::process::id() as i32).unwrap();
+        assert!(!pm.any(start, end, ScanQuery::data(false)).unwrap());
+        for i in [2usize, 9] {
+            // SAFETY: a page of our own mapping.
+            let _ = unsafe { std::ptr::read_volatile((start + i as u64 * 4096) as *const u8) };
+        }
+        let mut out = Vec::new();
+        pm.scan(start, end, ScanQuery::POPULATED, &mut out).unwrap();
+        assert_eq!(
+            region.page_indices(&out),
+            vec![2, 9],
+            "read faults map the zero page"
+        );
+        assert!(out.iter().all(|r| r.categories & PAGE_IS_PFNZERO != 0));
+        assert!(!pm.any(start, end, ScanQuery::data(false)).unwrap());
+        region.write(13, 0, 1);
+        assert!(pm.any(start, end, ScanQuery::data(false)).unwrap());
+        assert_eq!(pm.ioctls(), 4);
     }
 
     /// More regions than the kernel's internal chunk of 512: one call covers

@@ -29,6 +29,15 @@
 //! bg NAME FRAC SEED PERIOD_MS           background thread: each period, write one
 //!                                       byte to a fresh random FRAC of the pages
 //! bg_stop                               -> iterations, page_writes
+//! churn NAME PAGES SEED [maps|realloc]  one step of mapping churn beside NAME (see
+//!                                       `Churn`), then PAGES random pages of NAME
+//!                                       written -> pages (all pages written), churn
+//! churn_bg NAME PAGES SEED PERIOD_MS [maps|realloc]
+//!                                       the same in a background thread, each period
+//! churn_stop                            -> iterations, page_writes, max_step_pages
+//! move_out NAME FIRST COUNT             move those pages of NAME away (mremap onto a
+//!                                       placeholder) -> addr
+//! move_back NAME                        move them back where they were
 //! exit_after MS                         _exit(0) after MS ms (reply now)
 //! exit
 //! ```
@@ -89,6 +98,10 @@ struct State {
     regions: HashMap<String, Region>,
     child: Option<libc::pid_t>,
     bg: Option<Bg>,
+    churn: Option<Churn>,
+    churn_bg: Option<ChurnBg>,
+    /// Pages moved away by move_out: (region, where they were, where they are, pages).
+    moved_out: Option<(String, usize, usize, usize)>,
     tmpdir: std::path::PathBuf,
 }
 
@@ -367,6 +380,112 @@ impl State {
                     bg.writes.load(Ordering::SeqCst)
                 ))
             }
+            "churn" => {
+                let pages: u64 = parse(w.get(2), "page count")?;
+                let seed: u64 = parse(w.get(3), "seed")?;
+                let mode = ChurnMode::parse(w.get(4).copied())?;
+                if self.churn_bg.is_some() {
+                    return Err("a background churn is running".into());
+                }
+                let r = self.region(w.get(1))?;
+                let (addr, npages) = (r.addr, r.pages);
+                let churn = self
+                    .churn
+                    .get_or_insert_with(|| Churn::new(addr, npages, seed, mode));
+                let n = churn.step(pages)?;
+                Ok(format!("\"pages\":{n},\"steps\":{}", churn.steps))
+            }
+            "churn_bg" => {
+                let pages: u64 = parse(w.get(2), "page count")?;
+                let seed: u64 = parse(w.get(3), "seed")?;
+                let period: u64 = parse(w.get(4), "period")?;
+                let mode = ChurnMode::parse(w.get(5).copied())?;
+                if self.churn_bg.is_some() || self.churn.is_some() {
+                    return Err("a churn already ran in this process".into());
+                }
+                let r = self.region(w.get(1))?;
+                let mut churn = Churn::new(r.addr, r.pages, seed, mode);
+                let stop = Arc::new(AtomicBool::new(false));
+                let s = stop.clone();
+                let handle = std::thread::spawn(move || -> Result<Churn, String> {
+                    let period = std::time::Duration::from_millis(period);
+                    while !s.load(Ordering::Relaxed) {
+                        let start = std::time::Instant::now();
+                        churn.step(pages)?;
+                        let spent = start.elapsed();
+                        if spent < period {
+                            std::thread::sleep(period - spent);
+                        }
+                    }
+                    Ok(churn)
+                });
+                self.churn_bg = Some(ChurnBg { stop, handle });
+                Ok(String::new())
+            }
+            "churn_stop" => {
+                let bg = self.churn_bg.take().ok_or("no background churn")?;
+                bg.stop.store(true, Ordering::SeqCst);
+                let churn = bg
+                    .handle
+                    .join()
+                    .map_err(|_| "background churn panicked")??;
+                let out = format!(
+                    "\"iterations\":{},\"page_writes\":{},\"max_step_pages\":{}",
+                    churn.steps, churn.page_writes, churn.max_step_pages
+                );
+                self.churn = Some(churn);
+                Ok(out)
+            }
+            "move_out" => {
+                let first: usize = parse(w.get(2), "first page")?;
+                let count: usize = parse(w.get(3), "count")?;
+                if self.moved_out.is_some() {
+                    return Err("pages are already moved out".into());
+                }
+                let r = self.region(w.get(1))?;
+                if count == 0 || first + count > r.pages {
+                    return Err("range past the region".into());
+                }
+                let from = r.addr + first * PAGE;
+                let spot = mmap_prot(count * PAGE, libc::PROT_NONE)?;
+                // SAFETY: moves pages of a region this process owns onto
+                // a placeholder it just mapped.
+                let to = unsafe {
+                    libc::mremap(
+                        from as *mut _,
+                        count * PAGE,
+                        count * PAGE,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        spot as *mut libc::c_void,
+                    )
+                };
+                if to == libc::MAP_FAILED {
+                    return Err(format!("mremap: {}", std::io::Error::last_os_error()));
+                }
+                let name = w[1].to_string();
+                self.moved_out = Some((name, from, to as usize, count));
+                Ok(format!("\"addr\":{}", to as usize))
+            }
+            "move_back" => {
+                let (name, home, at, count) = self.moved_out.take().ok_or("nothing moved out")?;
+                if w.get(1) != Some(&name.as_str()) {
+                    return Err(format!("the pages moved out are {name}'s"));
+                }
+                // SAFETY: moves the pages back into the hole they left.
+                let to = unsafe {
+                    libc::mremap(
+                        at as *mut _,
+                        count * PAGE,
+                        count * PAGE,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        home as *mut libc::c_void,
+                    )
+                };
+                if to == libc::MAP_FAILED {
+                    return Err(format!("mremap: {}", std::io::Error::last_os_error()));
+                }
+                Ok(format!("\"addr\":{home}"))
+            }
             "exit_after" => {
                 let ms: u64 = parse(w.get(1), "milliseconds")?;
                 let seq = REPLIES.load(Ordering::SeqCst);
@@ -618,6 +737,10 @@ impl State {
     }
 
     fn cleanup(&mut self) {
+        if let Some(bg) = self.churn_bg.take() {
+            bg.stop.store(true, Ordering::SeqCst);
+            let _ = bg.handle.join();
+        }
         if let Some(bg) = self.bg.take() {
             bg.stop.store(true, Ordering::SeqCst);
             let _ = bg.handle.join();
@@ -629,6 +752,239 @@ impl State {
             }
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum ChurnMode {
+    /// mmap, mremap onto a placeholder, munmap and mmap anew.
+    Maps,
+    /// The same, and glibc realloc of a large block to and fro.
+    Realloc,
+}
+
+impl ChurnMode {
+    fn parse(s: Option<&str>) -> Result<ChurnMode, String> {
+        match s {
+            None | Some("maps") => Ok(ChurnMode::Maps),
+            Some("realloc") => Ok(ChurnMode::Realloc),
+            Some(o) => Err(format!("churn mode {o:?}: maps or realloc")),
+        }
+    }
+}
+
+/// Mapping churn beside a big region (the pattern of issue 13). Each step
+/// maps a small region and leaves it untouched (carved out of a PROT_NONE
+/// reservation, as allocators do, so that it merges with nothing); moves the one the previous
+/// step mapped (untouched until then) with mremap onto a placeholder it has
+/// just mapped right below or right above the big region (whichever side
+/// is free), writes a page of it and unmaps the one moved before; unmaps a third and maps it anew
+/// (writing its two pages); with `realloc`, also grows or shrinks a large
+/// malloc'd block with glibc's realloc (an mremap of the block's own
+/// mapping, moved when it cannot grow in place) and writes its first and
+/// last pages. Then it writes `pages` random pages of the big region. The
+/// kernel places these mappings next to each other and to the big region:
+/// whatever merges, the pages a step wrote are all it changed.
+struct Churn {
+    big: usize,
+    big_pages: usize,
+    mode: ChurnMode,
+    rng: pattern::Rng,
+    /// Regions moved by earlier steps (addr, pages); the oldest are
+    /// unmapped so that a few stay.
+    small: std::collections::VecDeque<(usize, usize)>,
+    /// The region mapped by the previous step, moved by the next one.
+    fresh: Option<(usize, usize)>,
+    /// PROT_NONE reservation the small regions are carved out of, one slot
+    /// (and a page of gap) each.
+    nursery: Option<usize>,
+    /// The region unmapped and mapped anew each step.
+    renewed: Option<(usize, usize)>,
+    /// The realloc'd block and its size.
+    block: Option<(usize, usize)>,
+    steps: u64,
+    page_writes: u64,
+    max_step_pages: u64,
+}
+
+const CHURN_SMALL: usize = 4;
+const CHURN_RENEWED: usize = 2;
+const CHURN_KEEP: usize = 1;
+
+impl Churn {
+    fn new(big: usize, big_pages: usize, seed: u64, mode: ChurnMode) -> Churn {
+        Churn {
+            big,
+            big_pages,
+            mode,
+            rng: pattern::Rng::new(seed),
+            small: Default::default(),
+            fresh: None,
+            nursery: None,
+            renewed: None,
+            block: None,
+            steps: 0,
+            page_writes: 0,
+            max_step_pages: 0,
+        }
+    }
+
+    /// Write one word of the page at `addr` (a new value every step).
+    fn touch(&mut self, addr: usize) {
+        let p = (addr + (self.steps as usize % 512) * 8) as *mut u64;
+        // SAFETY: `addr` is a writable page of a mapping this churn owns.
+        unsafe { std::ptr::write_volatile(p, self.rng.next_u64()) };
+    }
+
+    fn step(&mut self, pages: u64) -> Result<u64, String> {
+        let mut written = 0;
+        // The region the previous step mapped, moved onto a placeholder
+        // mapped for it, then written.
+        if let Some((from, n)) = self.fresh.take() {
+            let below = self.big - n * PAGE;
+            let above = self.big + self.big_pages * PAGE;
+            let spot = mmap_at(below, n * PAGE, libc::PROT_NONE)
+                .or_else(|_| mmap_at(above, n * PAGE, libc::PROT_NONE))
+                .or_else(|_| mmap_prot(n * PAGE, libc::PROT_NONE))?;
+            // SAFETY: moves a mapping this churn owns onto one it owns.
+            let to = unsafe {
+                libc::mremap(
+                    from as *mut _,
+                    n * PAGE,
+                    n * PAGE,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    spot as *mut libc::c_void,
+                )
+            };
+            if to == libc::MAP_FAILED {
+                return Err(format!("mremap: {}", std::io::Error::last_os_error()));
+            }
+            let to = to as usize;
+            self.touch(to + (self.steps as usize % n) * PAGE);
+            written += 1;
+            self.small.push_back((to, n));
+            while self.small.len() > CHURN_KEEP {
+                let (a, n) = self.small.pop_front().unwrap();
+                munmap(a, n)?;
+            }
+        }
+        // A small region, left untouched for now.
+        const SLOTS: usize = 8;
+        let nursery = match self.nursery {
+            Some(a) => a,
+            None => *self.nursery.insert(mmap_prot(
+                SLOTS * (CHURN_SMALL + 1) * PAGE,
+                libc::PROT_NONE,
+            )?),
+        };
+        let slot = nursery + (self.steps as usize % SLOTS) * (CHURN_SMALL + 1) * PAGE;
+        self.fresh = Some((
+            mmap(CHURN_SMALL * PAGE, false, Some(slot), false)?,
+            CHURN_SMALL,
+        ));
+        // A third one unmapped and mapped anew.
+        if let Some((a, n)) = self.renewed.take() {
+            munmap(a, n)?;
+        }
+        let r = mmap(CHURN_RENEWED * PAGE, false, None, false)?;
+        for i in 0..CHURN_RENEWED {
+            self.touch(r + i * PAGE);
+        }
+        written += CHURN_RENEWED as u64;
+        self.renewed = Some((r, CHURN_RENEWED));
+        if self.mode == ChurnMode::Realloc {
+            // 1 MiB and up: an mmapped chunk, grown or shrunk by mremap.
+            let len = (256 + 64 * (self.steps as usize % 4)) * PAGE;
+            let old = self
+                .block
+                .map_or(std::ptr::null_mut(), |(a, _)| a as *mut libc::c_void);
+            // SAFETY: `old` is null or the block realloc returned last.
+            let b = unsafe { libc::realloc(old, len) };
+            if b.is_null() {
+                return Err(format!(
+                    "realloc {len}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let b = b as usize;
+            self.block = Some((b, len));
+            // Its first and last pages (the chunk header is on the first).
+            self.touch(b);
+            self.touch((b + len - 8) & !(PAGE - 1));
+            written += 2;
+        }
+        // The big region's pages, `pages` distinct ones.
+        let mut idx = std::collections::BTreeSet::new();
+        while (idx.len() as u64) < pages.min(self.big_pages as u64) {
+            idx.insert(self.rng.below(self.big_pages as u64) as usize);
+        }
+        for &i in &idx {
+            self.touch(self.big + i * PAGE);
+        }
+        written += idx.len() as u64;
+        self.steps += 1;
+        self.page_writes += written;
+        self.max_step_pages = self.max_step_pages.max(written);
+        Ok(written)
+    }
+}
+
+struct ChurnBg {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<Churn, String>>,
+}
+
+fn mmap_prot(len: usize, prot: i32) -> Result<usize, String> {
+    // SAFETY: a new anonymous mapping at an address of the kernel's choice.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    Ok(p as usize)
+}
+
+/// A new anonymous mapping at `addr` exactly, if nothing is mapped there.
+fn mmap_at(addr: usize, len: usize, prot: i32) -> Result<usize, String> {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!(
+            "mmap at {addr:#x}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if p as usize != addr {
+        // Kernels before 4.17 take the flag as a hint.
+        // SAFETY: unmaps what was just mapped.
+        unsafe { libc::munmap(p, len) };
+        return Err(format!("mmap at {addr:#x} gave {:#x}", p as usize));
+    }
+    Ok(addr)
+}
+
+fn munmap(addr: usize, pages: usize) -> Result<(), String> {
+    // SAFETY: unmaps a mapping this churn owns.
+    if unsafe { libc::munmap(addr as *mut _, pages * PAGE) } != 0 {
+        return Err(format!("munmap: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn dirty(r: &mut Region, idx: &[u64]) -> Reply {
@@ -714,6 +1070,9 @@ fn main() {
         regions: HashMap::new(),
         child: None,
         bg: None,
+        churn: None,
+        churn_bg: None,
+        moved_out: None,
         tmpdir: std::env::temp_dir(),
     };
     let stdin = std::io::stdin();
