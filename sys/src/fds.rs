@@ -365,35 +365,35 @@ pub fn pidfd_getfd(pid: i32, fd: i32) -> Result<OwnedFd, FdsError> {
             source: std::io::Error::from(e),
         }
     };
-    let pidfd = sys_pidfd_open(pid).map_err(err(
+    let pidfd = pidfd_open(pid).map_err(err(
         "pidfd_open (does the process exist? Linux 5.3+ is needed)",
     ))?;
-    sys_pidfd_getfd(&pidfd, fd).map_err(err(
+    pidfd_getfd_from(&pidfd, fd).map_err(err(
         "pidfd_getfd (is the fd open, and may this user ptrace the process?)",
     ))
 }
 
-fn sys_pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
-    // SAFETY: pidfd_open takes two integers; a non-negative result is a new
-    // fd that nothing else owns.
-    unsafe {
-        let r = Errno::result(libc::syscall(libc::SYS_pidfd_open, pid, 0))?;
-        Ok(OwnedFd::from_raw_fd(r as i32))
-    }
+/// A syscall's result that is a new fd on success.
+fn new_fd(r: libc::c_long) -> Result<OwnedFd, Errno> {
+    let r = Errno::result(r)?;
+    // A kernel fd number is an int: a value beyond it is no fd.
+    let fd = std::os::fd::RawFd::try_from(r).map_err(|_| Errno::EOVERFLOW)?;
+    // SAFETY: a non-negative result of pidfd_open/pidfd_getfd is a new fd
+    // that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn sys_pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> Result<OwnedFd, Errno> {
-    // SAFETY: pidfd_getfd takes integers; a non-negative result is a new fd
-    // that nothing else owns.
-    unsafe {
-        let r = Errno::result(libc::syscall(
-            libc::SYS_pidfd_getfd,
-            pidfd.as_raw_fd(),
-            fd,
-            0,
-        ))?;
-        Ok(OwnedFd::from_raw_fd(r as i32))
-    }
+/// `pidfd_open(2)`: a pidfd for process `pid` (Linux 5.3+), close-on-exec.
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes two integers.
+    new_fd(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })
+}
+
+/// `pidfd_getfd(2)`: a duplicate, in this process, of the fd `fd` of the
+/// process `pidfd` refers to (Linux 5.6+; needs ptrace access to it).
+pub fn pidfd_getfd_from(pidfd: &impl AsRawFd, fd: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_getfd takes three integers.
+    new_fd(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })
 }
 
 /// tee(2) without blocking: duplicates up to `len` bytes of pipe `from`

@@ -11,6 +11,7 @@
 //! - [`vdso`]: vDSO/vvar placement and vDSO symbols;
 //! - [`fds`]: the fd table and pipe contents;
 //! - [`clone`]: clone3's argument block;
+//! - [`ptrace`]: the one `ptrace(2)` wrapper the others use;
 //! - [`sched`]: a thread's scheduling policy, nice, CPU affinity and I/O
 //!   priority.
 //!
@@ -20,6 +21,7 @@
 pub mod clone;
 pub mod fds;
 pub mod inject;
+pub mod ptrace;
 pub mod regs;
 pub mod rseq;
 pub mod sched;

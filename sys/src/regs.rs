@@ -21,9 +21,6 @@
 //! (`NT_ARM_SVE`, `NT_ARM_ZA`), the arm64 syscall number
 //! (`NT_ARM_SYSTEM_CALL`), debug registers, 32-bit (compat) threads.
 
-use std::ffi::c_void;
-
-use libc::c_uint;
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
@@ -335,24 +332,6 @@ fn put_u64(b: &mut [u8], off: usize, v: u64) -> bool {
     }
 }
 
-/// `ptrace(req, tid, note, &iov)`.
-fn ptrace_iov(req: c_uint, tid: i32, note: u32, iov: &mut libc::iovec) -> Result<(), Errno> {
-    // SAFETY: GETREGSET/SETREGSET take the note type as an integer in
-    // `addr` and a `struct iovec` in `data`; the kernel reads or writes at
-    // most `iov_len` bytes at `iov_base` (a buffer the caller owns for the
-    // duration of the call; for SETREGSET it is only read) and writes back
-    // `iov_len`.
-    let r = unsafe {
-        libc::ptrace(
-            req,
-            tid,
-            note as usize as *mut c_void,
-            iov as *mut libc::iovec as *mut c_void,
-        )
-    };
-    if r == -1 { Err(Errno::last()) } else { Ok(()) }
-}
-
 /// `PTRACE_GETREGSET`: the register set `note` of the stopped thread `tid`,
 /// exactly the bytes the kernel filled (at most `max_len`). `max_len` must
 /// be a multiple of the set's element size (16 is always enough: PAC keys
@@ -361,19 +340,16 @@ fn ptrace_iov(req: c_uint, tid: i32, note: u32, iov: &mut libc::iovec) -> Result
 /// buffer until it fits.
 pub fn get_regset(tid: i32, note: u32, max_len: usize) -> Result<Vec<u8>, RegsError> {
     let mut buf = vec![0u8; max_len];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut c_void,
-        iov_len: buf.len(),
-    };
-    ptrace_iov(libc::PTRACE_GETREGSET, tid, note, &mut iov).map_err(|errno| RegsError::Ptrace {
-        tid,
-        op: "PTRACE_GETREGSET",
-        note,
-        errno,
-    })?;
-    // The kernel only ever shrinks iov_len (to what it filled); min() is
-    // belt and braces against a value beyond the buffer.
-    buf.truncate(iov.iov_len.min(max_len));
+    // The kernel only ever shrinks iov_len (to what it filled); get_regset
+    // caps it at the buffer's length.
+    let filled =
+        crate::ptrace::get_regset(tid, note, &mut buf).map_err(|errno| RegsError::Ptrace {
+            tid,
+            op: "PTRACE_GETREGSET",
+            note,
+            errno,
+        })?;
+    buf.truncate(filled);
     Ok(buf)
 }
 
@@ -404,17 +380,13 @@ pub fn get_regset_whole(tid: i32, note: u32, start: usize) -> Result<Vec<u8>, Re
 /// what it knows), the ignored tail must be all zero, otherwise register
 /// state would be dropped silently: [`RegsError::PartialSet`].
 pub fn set_regset(tid: i32, note: u32, data: &[u8]) -> Result<(), RegsError> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut c_void,
-        iov_len: data.len(),
-    };
-    ptrace_iov(libc::PTRACE_SETREGSET, tid, note, &mut iov).map_err(|errno| RegsError::Ptrace {
-        tid,
-        op: "PTRACE_SETREGSET",
-        note,
-        errno,
-    })?;
-    let consumed = iov.iov_len.min(data.len());
+    let consumed =
+        crate::ptrace::set_regset(tid, note, data).map_err(|errno| RegsError::Ptrace {
+            tid,
+            op: "PTRACE_SETREGSET",
+            note,
+            errno,
+        })?;
     if data[consumed..].iter().any(|&b| b != 0) {
         return Err(RegsError::PartialSet {
             tid,

@@ -18,8 +18,6 @@
 //! per-CPU data it no longer owns. [`abort_fixup`] applies the kernel's
 //! rules to a captured IP.
 
-use std::os::raw::c_void;
-
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
@@ -184,15 +182,14 @@ pub fn registration(tid: i32) -> Result<Option<RseqRegistration>, RseqError> {
     // SAFETY: the kernel writes at most `addr` = size_of::<conf>() bytes
     // into `conf`, which we own.
     let r = unsafe {
-        libc::ptrace(
+        crate::ptrace::request(
             PTRACE_GET_RSEQ_CONFIGURATION,
             tid,
-            std::mem::size_of::<PtraceRseqConfiguration>() as *mut c_void,
-            (&mut conf as *mut PtraceRseqConfiguration).cast::<c_void>(),
+            std::mem::size_of::<PtraceRseqConfiguration>() as u64,
+            &raw mut conf as u64,
         )
     };
-    if r == -1 {
-        let errno = Errno::last();
+    if let Err(errno) = r {
         let hint = match errno {
             Errno::EIO => {
                 "the kernel does not know this request (it needs Linux 5.13+ built with CONFIG_RSEQ)"

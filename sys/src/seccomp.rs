@@ -36,8 +36,6 @@
 //! program ([`SeccompFilter::insn_bytes`]) and its `struct sock_fprog`
 //! ([`sock_fprog_bytes`]) are written into the target's memory first.
 
-use std::os::raw::c_void;
-
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
@@ -269,19 +267,6 @@ pub fn mode(pid: i32, tid: i32) -> Result<SeccompMode, SeccompError> {
     mode_at(tid, format!("/proc/{pid}/task/{tid}/status"))
 }
 
-/// `libc::ptrace` returning the errno on failure.
-fn ptrace(req: libc::c_uint, tid: i32, addr: u64, data: *mut c_void) -> Result<i64, Errno> {
-    // SAFETY: the two requests used here take an integer `addr` and a
-    // `data` buffer owned by the caller that is at least as large as what
-    // the kernel writes for them (see the call sites).
-    let r = unsafe { libc::ptrace(req, tid, addr as *mut c_void, data) };
-    if r == -1 {
-        Err(Errno::last())
-    } else {
-        Ok(r as i64)
-    }
-}
-
 fn ptrace_err(op: &'static str, tid: i32, index: u64, errno: Errno) -> SeccompError {
     let hint = match errno {
         Errno::EACCES | Errno::EPERM => {
@@ -326,14 +311,17 @@ pub fn filters(tid: i32) -> Result<Vec<SeccompFilter>, SeccompError> {
     // newest (ptrace(2) says the opposite; the tests pin the real order).
     let mut out = Vec::new();
     for index in 0u64.. {
-        // SAFETY (ptrace): `buf` holds BPF_MAXINSNS 8-byte sock_filters,
-        // the most the kernel writes.
-        let n = match ptrace(
-            PTRACE_SECCOMP_GET_FILTER,
-            tid,
-            index,
-            buf.as_mut_ptr().cast(),
-        ) {
+        // SAFETY: `addr` is the filter's index; `buf` holds BPF_MAXINSNS
+        // 8-byte sock_filters, the most the kernel writes.
+        let r = unsafe {
+            crate::ptrace::request(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index,
+                buf.as_mut_ptr() as u64,
+            )
+        };
+        let n = match r {
             Ok(n) => n,
             Err(Errno::ENOENT) => break,
             Err(Errno::EINVAL) => {
@@ -367,14 +355,16 @@ pub fn filters(tid: i32) -> Result<Vec<SeccompFilter>, SeccompError> {
             filter_off: index,
             flags: 0,
         };
-        // SAFETY (ptrace): the kernel reads `filter_off` and writes at most
-        // `addr` = size_of::<SeccompMetadata>() bytes into `md`.
-        ptrace(
-            PTRACE_SECCOMP_GET_METADATA,
-            tid,
-            std::mem::size_of::<SeccompMetadata>() as u64,
-            (&mut md as *mut SeccompMetadata).cast(),
-        )
+        // SAFETY: the kernel reads `filter_off` and writes at most `addr` =
+        // size_of::<SeccompMetadata>() bytes into `md`, which we own.
+        unsafe {
+            crate::ptrace::request(
+                PTRACE_SECCOMP_GET_METADATA,
+                tid,
+                std::mem::size_of::<SeccompMetadata>() as u64,
+                &raw mut md as u64,
+            )
+        }
         .map_err(|e| ptrace_err("PTRACE_SECCOMP_GET_METADATA", tid, index, e))?;
         out.push(SeccompFilter {
             insns: buf[..len].to_vec(),

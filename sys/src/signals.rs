@@ -16,9 +16,7 @@
 //! otherwise). Signal masks are 64-bit: bit `signo - 1` stands for signal
 //! `signo` (the kernel's `sigset_t` on x86_64 and aarch64).
 
-use std::ffi::c_void;
-
-use libc::{c_long, c_uint};
+use libc::c_uint;
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
@@ -129,26 +127,19 @@ fn errno_hint(errno: Errno) -> &'static str {
     }
 }
 
-fn ptrace(req: c_uint, tid: i32, addr: *mut c_void, data: *mut c_void) -> Result<c_long, Errno> {
-    // SAFETY: the requests used here take a size or a pointer to a struct
-    // in `addr` and a pointer in `data`; every pointer is to a buffer the
-    // caller owns for the duration of the call and at least as large as
-    // what the kernel reads or writes for that request (checked at each
-    // call site).
-    let r = unsafe { libc::ptrace(req, tid, addr, data) };
-    if r == -1 { Err(Errno::last()) } else { Ok(r) }
-}
-
 /// The blocked-signal mask of the stopped thread `tid`.
 pub fn blocked_mask(tid: i32) -> Result<u64, SignalsError> {
     let mut mask = 0u64;
-    // addr is the sigset size (8); data receives it.
-    ptrace(
-        PTRACE_GETSIGMASK,
-        tid,
-        SIGSET_SIZE as *mut c_void,
-        &mut mask as *mut u64 as *mut c_void,
-    )
+    // SAFETY: addr is the sigset size (8); the kernel writes that many
+    // bytes into `mask`, which we own.
+    unsafe {
+        crate::ptrace::request(
+            PTRACE_GETSIGMASK,
+            tid,
+            SIGSET_SIZE as u64,
+            &raw mut mask as u64,
+        )
+    }
     .map_err(|errno| SignalsError::Ptrace {
         tid,
         op: "PTRACE_GETSIGMASK",
@@ -160,13 +151,16 @@ pub fn blocked_mask(tid: i32) -> Result<u64, SignalsError> {
 /// Set the blocked-signal mask of the stopped thread `tid`. The kernel
 /// silently drops SIGKILL and SIGSTOP from it.
 pub fn set_blocked_mask(tid: i32, mask: u64) -> Result<(), SignalsError> {
-    let mut m = mask;
-    ptrace(
-        PTRACE_SETSIGMASK,
-        tid,
-        SIGSET_SIZE as *mut c_void,
-        &mut m as *mut u64 as *mut c_void,
-    )
+    // SAFETY: addr is the sigset size (8); the kernel reads that many
+    // bytes from `mask`, a local.
+    unsafe {
+        crate::ptrace::request(
+            PTRACE_SETSIGMASK,
+            tid,
+            SIGSET_SIZE as u64,
+            &raw const mask as u64,
+        )
+    }
     .map_err(|errno| SignalsError::Ptrace {
         tid,
         op: "PTRACE_SETSIGMASK",
@@ -323,13 +317,16 @@ fn pending_batched(
             flags,
             nr: batch as i32,
         };
-        // The kernel writes at most `nr` siginfos (batch * 128 bytes = buf).
-        let n = ptrace(
-            PTRACE_PEEKSIGINFO,
-            tid,
-            &mut args as *mut PtracePeeksiginfoArgs as *mut c_void,
-            buf.as_mut_ptr() as *mut c_void,
-        )
+        // SAFETY: the kernel reads `args` and writes at most `nr`
+        // siginfos (batch * 128 bytes = buf, which we own).
+        let n = unsafe {
+            crate::ptrace::request(
+                PTRACE_PEEKSIGINFO,
+                tid,
+                &raw mut args as u64,
+                buf.as_mut_ptr() as u64,
+            )
+        }
         .map_err(|errno| SignalsError::Ptrace {
             tid,
             op: "PTRACE_PEEKSIGINFO",
@@ -668,6 +665,7 @@ mod layout_tests {
 
 #[cfg(test)]
 mod tests {
+    use std::ffi::c_void;
     use std::time::Duration;
 
     use super::*;

@@ -30,7 +30,8 @@ use libc::{c_uint, user_regs_struct};
 use nix::errno::Errno;
 
 use super::layout::*;
-use super::tracee::{FRAME_MAGIC, ptrace};
+use super::tracee::FRAME_MAGIC;
+use crate::ptrace;
 
 /// The general registers and the syscall number (`pt_regs->syscallno`;
 /// -1 when no syscall is in progress), which decides whether the kernel
@@ -99,25 +100,46 @@ pub(crate) fn zeroed() -> Regs {
     }
 }
 
-fn regset(req: c_uint, tid: i32, note: u32, buf: *mut u8, len: usize) -> Result<usize, Errno> {
+/// `PTRACE_GETREGSET`/`PTRACE_SETREGSET` of `note` through `len` bytes at
+/// `buf`: how many the kernel filled or took.
+///
+/// # Safety
+///
+/// `buf` must point to `len` bytes the caller owns for the call (writable
+/// and unaliased for GETREGSET).
+unsafe fn regset(
+    req: c_uint,
+    tid: i32,
+    note: u32,
+    buf: *mut u8,
+    len: usize,
+) -> Result<usize, Errno> {
     let mut iov = libc::iovec {
         iov_base: buf.cast(),
         iov_len: len,
     };
-    ptrace(req, tid, note as u64, &mut iov as *mut libc::iovec as u64)?;
+    // SAFETY: GETREGSET/SETREGSET take the note type in `addr` and a
+    // `struct iovec` in `data`; the kernel reads or writes at most `len`
+    // bytes at `buf`, which the caller owns for the call (this function's
+    // contract).
+    unsafe { ptrace::request(req, tid, u64::from(note), &raw mut iov as u64) }?;
     Ok(iov.iov_len)
 }
 
 pub(crate) fn getregs(tid: i32) -> Result<Regs, (&'static str, Errno)> {
     let mut r = zeroed();
     let len = std::mem::size_of::<user_regs_struct>();
-    let got = regset(
-        libc::PTRACE_GETREGSET,
-        tid,
-        libc::NT_PRSTATUS as u32,
-        (&mut r.gp as *mut user_regs_struct).cast(),
-        len,
-    )
+    // SAFETY: the buffer is a local of exactly `len` bytes, borrowed for
+    // the call.
+    let got = unsafe {
+        regset(
+            libc::PTRACE_GETREGSET,
+            tid,
+            libc::NT_PRSTATUS as u32,
+            (&mut r.gp as *mut user_regs_struct).cast(),
+            len,
+        )
+    }
     .map_err(|e| ("PTRACE_GETREGSET NT_PRSTATUS", e))?;
     if got != len {
         // A compat (AArch32) thread has a shorter register set.
@@ -126,35 +148,47 @@ pub(crate) fn getregs(tid: i32) -> Result<Regs, (&'static str, Errno)> {
             Errno::EINVAL,
         ));
     }
-    regset(
-        libc::PTRACE_GETREGSET,
-        tid,
-        NT_ARM_SYSTEM_CALL,
-        (&mut r.syscallno as *mut i32).cast(),
-        4,
-    )
+    // SAFETY: the buffer is a local of exactly `len` bytes, borrowed for
+    // the call.
+    unsafe {
+        regset(
+            libc::PTRACE_GETREGSET,
+            tid,
+            NT_ARM_SYSTEM_CALL,
+            (&mut r.syscallno as *mut i32).cast(),
+            4,
+        )
+    }
     .map_err(|e| ("PTRACE_GETREGSET NT_ARM_SYSTEM_CALL", e))?;
     Ok(r)
 }
 
 pub(crate) fn setregs(tid: i32, r: &Regs) -> Result<(), (&'static str, Errno)> {
     let mut gp = r.gp;
-    regset(
-        libc::PTRACE_SETREGSET,
-        tid,
-        libc::NT_PRSTATUS as u32,
-        (&mut gp as *mut user_regs_struct).cast(),
-        std::mem::size_of::<user_regs_struct>(),
-    )
+    // SAFETY: the buffer is a local of exactly `len` bytes, borrowed for
+    // the call.
+    unsafe {
+        regset(
+            libc::PTRACE_SETREGSET,
+            tid,
+            libc::NT_PRSTATUS as u32,
+            (&mut gp as *mut user_regs_struct).cast(),
+            std::mem::size_of::<user_regs_struct>(),
+        )
+    }
     .map_err(|e| ("PTRACE_SETREGSET NT_PRSTATUS", e))?;
     let mut nr = r.syscallno;
-    regset(
-        libc::PTRACE_SETREGSET,
-        tid,
-        NT_ARM_SYSTEM_CALL,
-        (&mut nr as *mut i32).cast(),
-        4,
-    )
+    // SAFETY: the buffer is a local of exactly `len` bytes, borrowed for
+    // the call.
+    unsafe {
+        regset(
+            libc::PTRACE_SETREGSET,
+            tid,
+            NT_ARM_SYSTEM_CALL,
+            (&mut nr as *mut i32).cast(),
+            4,
+        )
+    }
     .map_err(|e| ("PTRACE_SETREGSET NT_ARM_SYSTEM_CALL", e))?;
     Ok(())
 }
@@ -328,13 +362,17 @@ fn word(f: &[u8], o: usize) -> u64 {
 pub(crate) fn frame(fixed: &Regs, tid: i32, owner: u64) -> Result<Vec<u8>, (&'static str, Errno)> {
     const _: () = assert!(sigframe::LEN <= FRAME_STRIDE);
     let mut fp = [0u8; FPSIMD_STATE_LEN];
-    let got = regset(
-        libc::PTRACE_GETREGSET,
-        tid,
-        libc::NT_PRFPREG as u32,
-        fp.as_mut_ptr(),
-        fp.len(),
-    )
+    // SAFETY: the buffer is a local of exactly `len` bytes, borrowed for
+    // the call.
+    let got = unsafe {
+        regset(
+            libc::PTRACE_GETREGSET,
+            tid,
+            libc::NT_PRFPREG as u32,
+            fp.as_mut_ptr(),
+            fp.len(),
+        )
+    }
     .map_err(|e| ("PTRACE_GETREGSET NT_PRFPREG", e))?;
     if got != FPSIMD_STATE_LEN {
         return Err((
@@ -343,7 +381,9 @@ pub(crate) fn frame(fixed: &Regs, tid: i32, owner: u64) -> Result<Vec<u8>, (&'st
         ));
     }
     let mut mask = 0u64;
-    ptrace(PTRACE_GETSIGMASK, tid, 8, &mut mask as *mut u64 as u64)
+    // SAFETY: addr is the sigset size (8); the kernel writes that many
+    // bytes into `mask`, which we own.
+    unsafe { ptrace::request(PTRACE_GETSIGMASK, tid, 8, &raw mut mask as u64) }
         .map_err(|e| ("PTRACE_GETSIGMASK", e))?;
 
     use sigframe::*;

@@ -10,12 +10,13 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use libc::{c_long, c_uint, c_void};
+use libc::c_uint;
 use nix::errno::Errno;
 
 use super::arch::{self, Regs};
 use super::layout::*;
 use super::{DEFAULT_TIMEOUT, InjectError, proc};
+use crate::ptrace;
 
 // Kernel-internal syscall return values (include/linux/errno.h, the same on
 // both architectures) that a tracer can see when a thread stopped inside an
@@ -244,14 +245,6 @@ pub(crate) struct Tracee {
     owned: bool,
 }
 
-pub(crate) fn ptrace(req: c_uint, tid: i32, addr: u64, data: u64) -> Result<c_long, Errno> {
-    // SAFETY: every request used in this module takes integers, or pointers
-    // to buffers owned by the caller that are at least as large as the
-    // kernel writes or reads for that request.
-    let r = unsafe { libc::ptrace(req, tid, addr as *mut c_void, data as *mut c_void) };
-    if r == -1 { Err(Errno::last()) } else { Ok(r) }
-}
-
 fn decode(status: i32) -> Option<Stop> {
     if libc::WIFSTOPPED(status) {
         let sig = libc::WSTOPSIG(status);
@@ -323,7 +316,7 @@ impl Tracee {
         // thread running with PTRACE_O_SUSPEND_SECCOMP would bypass its
         // filters.
         let opts = Self::base_options(owned);
-        ptrace(libc::PTRACE_SEIZE, tid, 0, opts).map_err(|errno| InjectError::Attach {
+        ptrace::plain(libc::PTRACE_SEIZE, tid, 0, opts).map_err(|errno| InjectError::Attach {
             pid,
             tid,
             errno,
@@ -386,7 +379,7 @@ impl Tracee {
         if on {
             opts |= libc::PTRACE_O_SUSPEND_SECCOMP as u64;
         }
-        match ptrace(libc::PTRACE_SETOPTIONS, self.tid, 0, opts) {
+        match ptrace::plain(libc::PTRACE_SETOPTIONS, self.tid, 0, opts) {
             Ok(_) => self.seccomp_suspended = on,
             Err(_) if on => self.seccomp_suspended = false,
             Err(e) => tracing::warn!(
@@ -521,13 +514,13 @@ impl Tracee {
         } else {
             "PTRACE_CONT"
         };
-        ptrace(req, self.tid, 0, sig as u64)
+        ptrace::plain(req, self.tid, 0, sig as u64)
             .map(|_| ())
             .map_err(|e| self.pt_err(op, e))
     }
 
     fn interrupt(&self) -> Result<(), InjectError> {
-        ptrace(libc::PTRACE_INTERRUPT, self.tid, 0, 0)
+        ptrace::plain(libc::PTRACE_INTERRUPT, self.tid, 0, 0)
             .map(|_| ())
             .map_err(|e| self.pt_err("PTRACE_INTERRUPT", e))
     }
@@ -674,13 +667,9 @@ impl Tracee {
         }
         // SAFETY: siginfo_t is plain data; all-zero is valid.
         let mut si: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        ptrace(
-            libc::PTRACE_GETSIGINFO,
-            self.tid,
-            0,
-            &mut si as *mut _ as u64,
-        )
-        .ok()?;
+        // SAFETY: the kernel writes one siginfo_t into `si`, which we own.
+        unsafe { ptrace::request(libc::PTRACE_GETSIGINFO, self.tid, 0, &raw mut si as u64) }
+            .ok()?;
         if si.si_code <= 0 {
             return None; // sent by a process, not raised by an instruction
         }
@@ -779,12 +768,16 @@ impl Tracee {
     /// to its abort handler, as the kernel does for a preempted thread.
     fn rseq_fixup(&mut self) {
         let mut conf = PtraceRseqConfiguration::default();
-        let r = ptrace(
-            PTRACE_GET_RSEQ_CONFIGURATION,
-            self.tid,
-            std::mem::size_of::<PtraceRseqConfiguration>() as u64,
-            &mut conf as *mut _ as u64,
-        );
+        // SAFETY: the kernel writes at most `addr` = size_of::<conf>()
+        // bytes into `conf`, which we own.
+        let r = unsafe {
+            ptrace::request(
+                PTRACE_GET_RSEQ_CONFIGURATION,
+                self.tid,
+                std::mem::size_of::<PtraceRseqConfiguration>() as u64,
+                &raw mut conf as u64,
+            )
+        };
         if r.is_err() || conf.rseq_abi_pointer == 0 {
             return;
         }
@@ -952,12 +945,17 @@ impl Tracee {
         let insn = arch::SYSCALL_INSN.len() as u64;
         if self.have_syscall_info {
             let mut info = PtraceSyscallInfo::default();
-            match ptrace(
-                PTRACE_GET_SYSCALL_INFO,
-                self.tid,
-                std::mem::size_of::<PtraceSyscallInfo>() as u64,
-                &mut info as *mut _ as u64,
-            ) {
+            // SAFETY: the kernel writes at most `addr` = size_of::<info>()
+            // bytes into `info`, which we own.
+            let r = unsafe {
+                ptrace::request(
+                    PTRACE_GET_SYSCALL_INFO,
+                    self.tid,
+                    std::mem::size_of::<PtraceSyscallInfo>() as u64,
+                    &raw mut info as u64,
+                )
+            };
+            match r {
                 Ok(_) => {
                     let ok = info.op == op
                         && (op != PTRACE_SYSCALL_INFO_ENTRY
@@ -1056,12 +1054,16 @@ impl Tracee {
             flags: 0,
             nr: buf.len() as i32,
         };
-        let n = ptrace(
-            PTRACE_PEEKSIGINFO,
-            self.tid,
-            &args as *const _ as u64,
-            buf.as_mut_ptr() as u64,
-        )
+        // SAFETY: the kernel reads `args` and writes at most `nr` =
+        // buf.len() siginfos into `buf`, which we own.
+        let n = unsafe {
+            ptrace::request(
+                PTRACE_PEEKSIGINFO,
+                self.tid,
+                &raw const args as u64,
+                buf.as_mut_ptr() as u64,
+            )
+        }
         .ok()?;
         buf.iter().take(n.max(0) as usize).find_map(|si| {
             // SAFETY: SIGSYS with SYS_SECCOMP carries call_addr at si_addr's offset.
@@ -1631,7 +1633,8 @@ impl Tracee {
             }
         }
         self.set_orig()?;
-        ptrace(libc::PTRACE_DETACH, self.tid, 0, 0).map_err(|e| self.pt_err("PTRACE_DETACH", e))?;
+        ptrace::plain(libc::PTRACE_DETACH, self.tid, 0, 0)
+            .map_err(|e| self.pt_err("PTRACE_DETACH", e))?;
         self.attached = false;
         Ok(())
     }

@@ -7,8 +7,9 @@ use nix::errno::Errno;
 
 use super::layout::*;
 use super::tracee::{
-    ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, FRAME_MAGIC, ptrace,
+    ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, FRAME_MAGIC,
 };
+use crate::ptrace;
 
 /// The registers the state machine keeps per stop.
 pub(crate) type Regs = user_regs_struct;
@@ -28,13 +29,15 @@ pub(crate) fn zeroed() -> Regs {
 
 pub(crate) fn getregs(tid: i32) -> Result<Regs, (&'static str, Errno)> {
     let mut r = zeroed();
-    ptrace(libc::PTRACE_GETREGS, tid, 0, &mut r as *mut Regs as u64)
+    // SAFETY: the kernel writes one user_regs_struct into `r`, which we own.
+    unsafe { ptrace::request(libc::PTRACE_GETREGS, tid, 0, &raw mut r as u64) }
         .map_err(|e| ("PTRACE_GETREGS", e))?;
     Ok(r)
 }
 
 pub(crate) fn setregs(tid: i32, r: &Regs) -> Result<(), (&'static str, Errno)> {
-    ptrace(libc::PTRACE_SETREGS, tid, 0, r as *const Regs as u64)
+    // SAFETY: the kernel reads one user_regs_struct from `r`.
+    unsafe { ptrace::request(libc::PTRACE_SETREGS, tid, 0, std::ptr::from_ref(r) as u64) }
         .map(|_| ())
         .map_err(|e| ("PTRACE_SETREGS", e))
 }
