@@ -413,11 +413,8 @@ fn check_host_limits(dir: &Path, p: &ProcessImage, vmas: &[VmaRecord]) -> Result
         ));
     }
     let writable = |a: u64, len: u64| {
-        vmas.iter().any(|v| {
-            v.start <= a
-                && a.saturating_add(len) <= v.end
-                && v.perms.as_bytes().get(1) == Some(&b'w')
-        })
+        vmas.iter()
+            .any(|v| v.start <= a && a.saturating_add(len) <= v.end && perms(v).write)
     };
     for t in &p.threads {
         if t.robust_list != 0 && t.robust_list_len != 24 {
@@ -623,12 +620,7 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     // it elsewhere in its startup, also fine, but this is tidier).
     let deadline = Instant::now() + timeout;
     loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('S'))
-        {
+        if sys::proc::stat(pid, None).is_ok_and(|s| s.state == 'S') {
             break;
         }
         if Instant::now() > deadline {
@@ -673,13 +665,7 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
         let deadline = Instant::now() + timeout;
         // It blocks in the read the main thread was held in.
         loop {
-            let st =
-                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
-            if st
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('S'))
-            {
+            if sys::proc::stat(pid, Some(tid)).is_ok_and(|s| s.state == 'S') {
                 break;
             }
             if Instant::now() > deadline {
@@ -931,15 +917,8 @@ fn clone_thread(main: &mut Injector, pid: i32, tid: i32) -> Result<i32, RestoreE
 /// child now.
 fn free_area(vmas: &[VmaRecord], pid: i32, len: u64) -> Result<u64, RestoreError> {
     let mut taken: Vec<(u64, u64)> = vmas.iter().map(|v| (v.start, v.end)).collect();
-    let maps =
-        std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(step(pid, "reading maps"))?;
-    for l in maps.lines() {
-        if let Some((a, b)) = l.split_whitespace().next().and_then(|r| r.split_once('-'))
-            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
-        {
-            taken.push((a, b));
-        }
-    }
+    let maps = sys::proc::maps(pid, None).map_err(step(pid, "reading maps"))?;
+    taken.extend(maps.iter().map(|m| (m.start, m.end)));
     taken.sort_unstable();
     // Below the lowest mapping above 4 GiB, a gap of 1 MiB on each side.
     let gap = 1 << 20;
@@ -968,19 +947,11 @@ fn is_special(v: &VmaRecord) -> bool {
     )
 }
 
-fn prot_of(perms: &str) -> u64 {
-    let b = perms.as_bytes();
-    let mut p = 0;
-    if b.first() == Some(&b'r') {
-        p |= libc::PROT_READ;
-    }
-    if b.get(1) == Some(&b'w') {
-        p |= libc::PROT_WRITE;
-    }
-    if b.get(2) == Some(&b'x') {
-        p |= libc::PROT_EXEC;
-    }
-    p as u64
+/// The VMA's permissions. The image keeps them as maps shows them
+/// ("rw-p"), checked when mm.json was read: text that is not four such
+/// letters cannot reach here, and would read as no access at all.
+pub(crate) fn perms(v: &VmaRecord) -> sys::proc::VmaPerms {
+    v.perms.parse().unwrap_or_default()
 }
 
 /// tern's scratch area, recorded by dumps made before it was left out.
@@ -1025,7 +996,7 @@ impl MapPlan {
     fn of(v: &VmaRecord) -> MapPlan {
         let has = |f: &str| v.vm_flags.iter().any(|g| g == f);
         #[allow(unused_mut)]
-        let mut prot = prot_of(&v.perms);
+        let mut prot = u64::from(perms(v).prot().cast_unsigned());
         #[cfg(target_arch = "aarch64")]
         if has("bt") {
             prot |= PROT_BTI;
@@ -1163,7 +1134,7 @@ fn map_vma(
             ],
         )?,
         (false, Some(path)) => {
-            let writable = v.perms.as_bytes().get(1) == Some(&b'w');
+            let writable = perms(v).write;
             let mode = if writable || m.may_write_shared {
                 libc::O_RDWR
             } else {
@@ -1365,15 +1336,8 @@ fn address_space(
             scratch + sys::inject::SCRATCH_LEN,
         )))
         .collect();
-    let maps =
-        std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(step(pid, "reading maps"))?;
-    for l in maps.lines() {
-        let Some((a, b)) = l.split_whitespace().next().and_then(|r| r.split_once('-')) else {
-            continue;
-        };
-        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
-            continue;
-        };
+    let maps = sys::proc::maps(pid, None).map_err(step(pid, "reading maps"))?;
+    for (a, b) in maps.iter().map(|m| (m.start, m.end)) {
         if a >= 0xffff_ffff_ff60_0000 || keep.iter().any(|&(s, e)| a >= s && b <= e) {
             continue;
         }

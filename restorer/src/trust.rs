@@ -480,7 +480,7 @@ pub fn check_access(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> 
     }
     for v in vmas {
         if let Some(path) = v.backing_file().filter(|_| !v.dumped || v.is_private()) {
-            let mode = if !v.is_private() && v.perms.as_bytes().get(1) == Some(&b'w') {
+            let mode = if !v.is_private() && crate::restore::perms(v).write {
                 libc::R_OK | libc::W_OK
             } else {
                 libc::R_OK

@@ -292,6 +292,8 @@ pub enum InjectError {
         hint: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    ProcFile(crate::proc::ProcError),
     #[error("reading {path} for process {pid}: {source}")]
     Proc {
         pid: i32,

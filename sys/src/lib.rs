@@ -11,6 +11,7 @@
 //! - [`vdso`]: vDSO/vvar placement and vDSO symbols;
 //! - [`fds`]: the fd table and pipe contents;
 //! - [`clone`]: clone3's argument block;
+//! - [`proc`]: /proc/PID (status, stat, maps with typed permissions, limits, auxv);
 //! - [`ptrace`]: the one `ptrace(2)` wrapper the others use;
 //! - [`sched`]: a thread's scheduling policy, nice, CPU affinity and I/O
 //!   priority.
@@ -21,6 +22,7 @@
 pub mod clone;
 pub mod fds;
 pub mod inject;
+pub mod proc;
 pub mod ptrace;
 pub mod regs;
 pub mod rseq;

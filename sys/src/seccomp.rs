@@ -188,11 +188,10 @@ impl SeccompFilter {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
-    #[error("thread {tid}: reading {path}: {source} (has the thread exited?)")]
+    #[error("thread {tid}: {source} (has the thread exited?)")]
     StatusRead {
         tid: i32,
-        path: String,
-        source: std::io::Error,
+        source: crate::proc::ProcError,
     },
     #[error("thread {tid}: {path}: {what}")]
     StatusFormat {
@@ -218,25 +217,26 @@ pub enum SeccompError {
     BadCount { tid: i32, index: u64, count: i64 },
 }
 
-/// The thread's mode from a status file's text.
-fn parse_status(tid: i32, path: &str, text: &str) -> Result<SeccompMode, SeccompError> {
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    };
+/// The thread's mode from its status file's `Seccomp:` value and
+/// `Seccomp_filters:` text.
+fn mode_from(
+    tid: i32,
+    path: &str,
+    mode: Option<u32>,
+    filters: Option<&str>,
+) -> Result<SeccompMode, SeccompError> {
     let bad = |what: String| SeccompError::StatusFormat {
         tid,
         path: path.to_string(),
         what,
     };
-    match field("Seccomp") {
+    match mode {
         // No line at all: a kernel without CONFIG_SECCOMP, where no thread
         // can be confined.
-        None | Some("0") => Ok(SeccompMode::Disabled),
-        Some("1") => Ok(SeccompMode::Strict),
-        Some("2") => {
-            let filters = match field("Seccomp_filters") {
+        None | Some(0) => Ok(SeccompMode::Disabled),
+        Some(1) => Ok(SeccompMode::Strict),
+        Some(2) => {
+            let filters = match filters {
                 None => 0,
                 Some(v) => v.parse().map_err(|_| {
                     bad(format!(
@@ -252,19 +252,17 @@ fn parse_status(tid: i32, path: &str, text: &str) -> Result<SeccompMode, Seccomp
     }
 }
 
-fn mode_at(tid: i32, path: String) -> Result<SeccompMode, SeccompError> {
-    let text = std::fs::read_to_string(&path).map_err(|source| SeccompError::StatusRead {
-        tid,
-        path: path.clone(),
-        source,
-    })?;
-    parse_status(tid, &path, &text)
+fn mode_at(pid: i32, tid: i32) -> Result<SeccompMode, SeccompError> {
+    let path = format!("{}/status", crate::proc::dir(pid, Some(tid)));
+    let st = crate::proc::status_file(pid, Some(tid))
+        .map_err(|source| SeccompError::StatusRead { tid, source })?;
+    mode_from(tid, &path, st.parsed.seccomp, st.field("Seccomp_filters"))
 }
 
 /// The seccomp mode of thread `tid` of process `pid`, from
 /// /proc/PID/task/TID/status (needs no ptrace).
 pub fn mode(pid: i32, tid: i32) -> Result<SeccompMode, SeccompError> {
-    mode_at(tid, format!("/proc/{pid}/task/{tid}/status"))
+    mode_at(pid, tid)
 }
 
 fn ptrace_err(op: &'static str, tid: i32, index: u64, errno: Errno) -> SeccompError {
@@ -326,7 +324,7 @@ pub fn filters(tid: i32) -> Result<Vec<SeccompFilter>, SeccompError> {
             Err(Errno::ENOENT) => break,
             Err(Errno::EINVAL) => {
                 // Also what a thread not in filter mode gets: tell apart.
-                match mode_at(tid, format!("/proc/{tid}/status"))? {
+                match mode_at(tid, tid)? {
                     SeccompMode::Disabled if index == 0 => break,
                     SeccompMode::Strict => return Err(SeccompError::Strict { tid }),
                     _ => {
@@ -818,29 +816,27 @@ mod tests {
 
     #[test]
     fn status_parsing() {
-        let p = |t: &str| parse_status(7, "/proc/7/status", t);
+        let p = |mode, filters| mode_from(7, "/proc/7/status", mode, filters);
+        assert_eq!(p(Some(0), Some("0")).unwrap(), SeccompMode::Disabled);
+        assert_eq!(p(Some(1), None).unwrap(), SeccompMode::Strict);
         assert_eq!(
-            p("Name:\tx\nSeccomp:\t0\nSeccomp_filters:\t0\n").unwrap(),
-            SeccompMode::Disabled
-        );
-        assert_eq!(p("Seccomp:\t1\n").unwrap(), SeccompMode::Strict);
-        assert_eq!(
-            p("Seccomp:\t2\nSeccomp_filters:\t3\n").unwrap(),
+            p(Some(2), Some("3")).unwrap(),
             SeccompMode::Filter { filters: 3 }
         );
         // A kernel before 5.9 has no count.
         assert_eq!(
-            p("Seccomp:\t2\n").unwrap(),
+            p(Some(2), None).unwrap(),
             SeccompMode::Filter { filters: 0 }
         );
         // Without CONFIG_SECCOMP there is no line, and nothing to confine.
-        assert_eq!(p("Name:\tx\n").unwrap(), SeccompMode::Disabled);
-        let e = p("Seccomp:\t9\n").unwrap_err().to_string();
-        assert!(e.contains("thread 7") && e.contains("\"9\""), "{e}");
-        let e = p("Seccomp:\t2\nSeccomp_filters:\tx\n")
-            .unwrap_err()
-            .to_string();
+        assert_eq!(p(None, None).unwrap(), SeccompMode::Disabled);
+        let e = p(Some(9), None).unwrap_err().to_string();
+        assert!(e.contains("thread 7") && e.contains('9'), "{e}");
+        let e = p(Some(2), Some("x")).unwrap_err().to_string();
         assert!(e.contains("/proc/7/status"), "{e}");
+        // The real file of a thread without a filter.
+        let me = std::process::id() as i32;
+        assert_eq!(mode_at(me, me).unwrap(), SeccompMode::Disabled);
     }
 
     // --------------------------------------------------------- planning

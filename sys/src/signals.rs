@@ -90,21 +90,13 @@ pub enum SignalsError {
         "thread {tid}: more than {max} pending signals in its {queue:?} queue (signals keep arriving while it is stopped?); stop the senders and retry"
     )]
     TooMany { tid: i32, queue: Queue, max: usize },
-    #[error("reading {path} (process {pid}, thread {tid}): {source}; check that the thread exists")]
+    #[error(
+        "reading /proc/{pid}/task/{tid}/status (process {pid}, thread {tid}): {source}; check that the thread exists"
+    )]
     Proc {
         pid: i32,
         tid: i32,
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(
-        "{path} (process {pid}, thread {tid}): field {field} is missing or not a 64-bit hex mask; this kernel's /proc format is not one tern knows"
-    )]
-    ProcField {
-        pid: i32,
-        tid: i32,
-        path: String,
-        field: &'static str,
+        source: crate::proc::ProcError,
     },
     #[error(
         "{what}: {len} bytes, expected {expected}; the image or target memory holding it is corrupt"
@@ -365,25 +357,12 @@ fn pending_batched(
 /// process, and the blocked mask. Needs no ptrace; a cross-check for the
 /// ptrace view.
 pub fn pending_from_status(pid: i32, tid: i32) -> Result<(u64, u64, u64), SignalsError> {
-    let path = format!("/proc/{pid}/task/{tid}/status");
-    let text = std::fs::read_to_string(&path).map_err(|source| SignalsError::Proc {
+    let st = crate::proc::status(pid, Some(tid)).map_err(|source| SignalsError::Proc {
         pid,
         tid,
-        path: path.clone(),
         source,
     })?;
-    let field = |name: &'static str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .ok_or_else(|| SignalsError::ProcField {
-                pid,
-                tid,
-                path: path.clone(),
-                field: name,
-            })
-    };
-    Ok((field("SigPnd")?, field("ShdPnd")?, field("SigBlk")?))
+    Ok((st.sigpnd, st.shdpnd, st.sigblk))
 }
 
 /// The kernel's `struct sigaction` as `rt_sigaction(2)` takes it with

@@ -86,6 +86,8 @@ pub enum VdsoError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}; check that the process still exists")]
+    ProcMaps(crate::proc::ProcError),
     #[error(
         "PID {pid}: {what} in /proc/{pid}/maps; tern cannot tell which area is the kernel's (was it remapped by the process?)"
     )]
@@ -102,26 +104,11 @@ pub enum VdsoError {
     Placement { what: String },
 }
 
-fn parse_range(s: &str) -> Option<(u64, u64)> {
-    let (a, b) = s.split_once('-')?;
-    let (a, b) = (
-        u64::from_str_radix(a, 16).ok()?,
-        u64::from_str_radix(b, 16).ok()?,
-    );
-    (a < b).then_some((a, b))
-}
-
-/// The three areas from the text of /proc/PID/maps.
-fn areas_from_maps(pid: i32, maps: &str) -> Result<VdsoLayout, VdsoError> {
+/// The three areas among the VMAs of /proc/PID/maps.
+fn areas_from_maps(pid: i32, maps: &[crate::proc::Vma]) -> Result<VdsoLayout, VdsoError> {
     let mut l = VdsoLayout::default();
-    for line in maps.lines() {
-        // start-end perms offset dev inode [name]; special names have no
-        // spaces.
-        let mut w = line.split_whitespace();
-        let Some(range) = w.next().and_then(parse_range) else {
-            continue;
-        };
-        let name = w.nth(4);
+    for v in maps.iter().filter(|v| v.start < v.end) {
+        let name = v.name.as_deref();
         let slot = match name {
             Some(VDSO) => &mut l.vdso,
             Some(VVAR) => &mut l.vvar,
@@ -138,12 +125,12 @@ fn areas_from_maps(pid: i32, maps: &str) -> Result<VdsoLayout, VdsoError> {
                     name.unwrap_or("?"),
                     first.0,
                     first.1,
-                    range.0,
-                    range.1
+                    v.start,
+                    v.end
                 ),
             });
         }
-        *slot = Some(range);
+        *slot = Some((v.start, v.end));
     }
     Ok(l)
 }
@@ -209,8 +196,7 @@ impl VdsoLayout {
             let path = path.to_string();
             move |source| VdsoError::Proc { pid, path, source }
         };
-        let path = format!("{proc_dir}/maps");
-        let maps = std::fs::read_to_string(&path).map_err(proc_err(&path))?;
+        let maps = crate::proc::maps(pid, None).map_err(VdsoError::ProcMaps)?;
         let mut l = areas_from_maps(pid, &maps)?;
         let Some((start, end)) = l.vdso else {
             return Ok(l); // booted with vdso=0, or unmapped by the process
@@ -625,10 +611,9 @@ mod tests {
                 );
             }
         }
-        assert!(matches!(
-            VdsoLayout::of_pid(pid),
-            Err(VdsoError::Proc { pid: p, .. }) if p == pid
-        ));
+        let e = VdsoLayout::of_pid(pid).unwrap_err();
+        assert!(matches!(&e, VdsoError::ProcMaps(p) if p.is_gone()), "{e}");
+        assert!(e.to_string().contains(&pid.to_string()), "{e}");
     }
 
     #[test]
@@ -694,12 +679,13 @@ mod tests {
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
 55d000000000-55d000001000 r--p 00000000 08:01 1234                       /usr/bin/[vdso]
 ";
-        let l = areas_from_maps(7, maps).unwrap();
+        let vmas = |t: &str| crate::proc::parse_maps(7, t).unwrap();
+        let l = areas_from_maps(7, &vmas(maps)).unwrap();
         assert_eq!(l.vvar, Some((0x7f00_0000_0000, 0x7f00_0000_4000)));
         assert_eq!(l.vvar_vclock, Some((0x7f00_0000_4000, 0x7f00_0000_6000)));
         assert_eq!(l.vdso, Some((0x7f00_0000_6000, 0x7f00_0000_8000)));
         let twice = format!("{maps}7f1000000000-7f1000002000 r-xp 00000000 00:00 0 [vdso]\n");
-        let e = areas_from_maps(7, &twice).unwrap_err().to_string();
+        let e = areas_from_maps(7, &vmas(&twice)).unwrap_err().to_string();
         assert!(
             e.contains("PID 7") && e.contains("two areas named [vdso]"),
             "{e}"

@@ -126,14 +126,11 @@ impl Drop for Child {
 }
 
 pub(crate) fn tracer_of(pid: i32) -> i32 {
-    proc::status_field(pid, Some(pid), "TracerPid")
-        .unwrap()
-        .parse()
-        .unwrap_or(-1)
+    proc::status(pid, Some(pid)).unwrap().tracerpid
 }
 
 pub(crate) fn state_of(pid: i32) -> String {
-    proc::status_field(pid, None, "State").unwrap()
+    proc::status(pid, None).unwrap().state
 }
 
 /// Wait until the thread is blocked in syscall `nr`; returns the pc.

@@ -679,7 +679,7 @@ fn leader_gone_attaches_another_thread() {
     });
     let pid = child.pid;
     wait_until("the leader to exit", T, || {
-        proc::status_field(pid, Some(pid), "State").is_ok_and(|s| s.starts_with('Z'))
+        proc::status(pid, Some(pid)).is_ok_and(|s| s.state.starts_with('Z'))
     });
     let mut inj = Injector::attach(pid, T).unwrap();
     assert_ne!(inj.tid(), pid);
@@ -1134,7 +1134,7 @@ fn seccomp_filter_without_suspension_is_reported_not_fatal() {
     wait_until("the filtered target to run", T, || {
         sh.counter.load(Relaxed) > 0
     });
-    assert_eq!(proc::status_field(pid, None, "Seccomp").unwrap(), "2");
+    assert_eq!(proc::status(pid, None).unwrap().seccomp, Some(2));
 
     std::thread::spawn(move || {
         drop_cap_sys_admin_in_this_thread();
@@ -1172,11 +1172,11 @@ fn seccomp_filter_without_suspension_is_reported_not_fatal() {
         sh.counter.load(Relaxed) > c + 1000
     });
     std::thread::sleep(Duration::from_millis(50));
-    let pending = proc::status_field(pid, Some(pid), "ShdPnd").unwrap()
-        + &proc::status_field(pid, Some(pid), "SigPnd").unwrap();
-    assert!(
-        pending.chars().all(|c| c == '0'),
-        "signals pending: {pending}"
+    let st = proc::status(pid, Some(pid)).unwrap();
+    assert_eq!(
+        (st.shdpnd, st.sigpnd),
+        (0, 0),
+        "signals pending (process, thread)"
     );
     stop_target(child, sh);
 }

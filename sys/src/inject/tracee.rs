@@ -289,9 +289,7 @@ impl Tracee {
         timeout: Duration,
         owned: bool,
     ) -> Result<Tracee, InjectError> {
-        let tracer: i32 = proc::status_field(pid, Some(tid), "TracerPid")?
-            .parse()
-            .unwrap_or(0);
+        let tracer = proc::status(pid, Some(tid))?.tracerpid;
         if tracer != 0 {
             return Err(InjectError::AlreadyTraced { pid, tid, tracer });
         }
@@ -353,8 +351,8 @@ impl Tracee {
         t.abandoned = false;
         t.suspend_seccomp(true);
         if !t.seccomp_suspended {
-            let mode = proc::status_field(pid, Some(tid), "Seccomp").unwrap_or_default();
-            if mode == "2" {
+            let mode = proc::status(pid, Some(tid)).ok().and_then(|s| s.seccomp);
+            if mode == Some(2) {
                 tracing::warn!(
                     "thread {tid} of process {pid} has a seccomp filter and PTRACE_O_SUSPEND_SECCOMP was refused (needs CAP_SYS_ADMIN): injected syscalls go through the filter"
                 );
@@ -725,7 +723,8 @@ impl Tracee {
         let Some(v) = maps.iter().find(|v| (v.start..v.end).contains(&rip)) else {
             return Ok(false);
         };
-        if !v.executable() || (v.name != MAPS_NAME && !(v.name.is_empty() && v.inode == 0)) {
+        if !v.perms.exec || (v.name_or_empty() != MAPS_NAME && !(v.name.is_none() && v.inode == 0))
+        {
             return Ok(false);
         }
         let bases = proc::scratch_in_maps(self.pid, &maps);
@@ -1234,14 +1233,14 @@ impl Tracee {
         let mut cands: Vec<_> = maps
             .iter()
             .filter(|v| {
-                v.executable()
-                    && v.readable()
-                    && v.name != "[vsyscall]"
-                    && v.name != MAPS_NAME
-                    && !(v.name.is_empty() && v.inode == 0)
+                v.perms.exec
+                    && v.perms.read
+                    && v.name_or_empty() != "[vsyscall]"
+                    && v.name_or_empty() != MAPS_NAME
+                    && !(v.name.is_none() && v.inode == 0)
             })
             .collect();
-        cands.sort_by_key(|v| v.name != "[vdso]");
+        cands.sort_by_key(|v| v.name_or_empty() != "[vdso]");
         for v in cands {
             let len = (v.end - v.start).min(4 << 20) as usize;
             let mut buf = vec![0u8; len];
@@ -1252,7 +1251,7 @@ impl Tracee {
                 tracing::debug!(
                     "process {}: using the syscall instruction at {a:#x} ({})",
                     self.pid,
-                    v.name
+                    v.name_or_empty()
                 );
                 self.raw_syscall = Some(a);
                 return Ok(a);
@@ -1296,12 +1295,14 @@ impl Tracee {
         let maps = proc::read_maps(self.pid).map_err(|e| e.to_string())?;
         let find = |a: u64| maps.iter().find(|v| (v.start..v.end).contains(&a));
         match find(base) {
-            Some(v) if v.perms.starts_with("r-x") && v.end >= base + PAGE => {}
+            Some(v) if v.perms.read && !v.perms.write && v.perms.exec && v.end >= base + PAGE => {}
             Some(v) => return Err(format!("mapped {} there", v.perms)),
             None => return Err("nothing mapped there".into()),
         }
         match find(base + PAGE) {
-            Some(v) if v.perms.starts_with("rw-") && v.end >= base + LEN as u64 => {}
+            Some(v)
+                if v.perms.read && v.perms.write && !v.perms.exec && v.end >= base + LEN as u64 => {
+            }
             _ => return Err("its data part is not a writable mapping of the expected size".into()),
         }
         let mut page = vec![0u8; PAGE as usize];
