@@ -37,7 +37,7 @@
 //! supervisor). Any failure before the last step kills it the same way.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -504,12 +504,9 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
         Err(e) => {
             // No half-restored process: it was killed as its tracers went
             // (PTRACE_O_EXITKILL); make sure, and reap it.
-            // SAFETY: plain kill/waitpid of our own child.
-            unsafe {
-                libc::kill(child, libc::SIGKILL);
-                let mut st = 0;
-                libc::waitpid(child, &mut st, libc::__WALL);
-            }
+            let child = nix::unistd::Pid::from_raw(child);
+            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::__WALL));
             drop(guard);
             Err(e)
         }
@@ -555,15 +552,7 @@ fn pid_holder(pid: i32) -> String {
 fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
     // SAFETY: getpid has no preconditions.
     let tern = unsafe { libc::getpid() };
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 fills two fds we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(step::<std::io::Error>(pid, "pipe")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: fresh fds.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step(pid, "pipe"))?;
     let tids = [pid];
     let args = sys::clone::CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
@@ -1526,17 +1515,16 @@ fn fill(
 }
 
 fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<(), RestoreError> {
-    let local = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
+    let remote = nix::sys::uio::RemoteIoVec {
+        base: usize::try_from(addr).unwrap_or(usize::MAX),
+        len: data.len(),
     };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: local points at `data`; the kernel checks the remote range.
-    let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
-    if n != data.len() as isize {
+    let n = nix::sys::uio::process_vm_writev(
+        nix::unistd::Pid::from_raw(pid),
+        &[std::io::IoSlice::new(data)],
+        &[remote],
+    );
+    if n != Ok(data.len()) {
         return Err(RestoreError::Step {
             pid,
             step: "writing memory",
@@ -1544,10 +1532,9 @@ fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<(), RestoreError> {
                 "{:#x}+{}: {}",
                 addr,
                 data.len(),
-                if n < 0 {
-                    std::io::Error::last_os_error().to_string()
-                } else {
-                    format!("short write {n}")
+                match n {
+                    Err(e) => e.to_string(),
+                    Ok(n) => format!("short write {n}"),
                 }
             ),
         });
@@ -1591,16 +1578,9 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
     check(pid, "personality", r)?;
     // Limits, from outside.
     for l in &p.rlimits {
-        let new = libc::rlimit64 {
-            rlim_cur: l.cur,
-            rlim_max: l.max,
-        };
-        // SAFETY: prlimit64 on our child with a valid struct.
-        if unsafe { libc::prlimit64(pid, l.resource as _, &new, std::ptr::null_mut()) } != 0 {
-            return Err(step::<std::io::Error>(pid, "setting a resource limit")(
-                std::io::Error::last_os_error(),
-            ));
-        }
+        sys::rlimit::set(pid, l.resource, l.cur, l.max).map_err(|e| {
+            step::<String>(pid, "setting a resource limit")(format!("resource {}: {e}", l.resource))
+        })?;
     }
     // Handlers.
     for a in &p.sigactions {
@@ -1806,17 +1786,10 @@ fn restore_fd(
         FdKind::Pipe { read_end, .. } => {
             let name = f.pipe_data.clone().unwrap_or_default();
             if !pipes.contains_key(&name) {
-                let mut fds = [0i32; 2];
-                // SAFETY: pipe2 fills two fds we then own.
-                if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0
-                {
-                    return Err(step::<std::io::Error>(pid, "creating a pipe")(
-                        std::io::Error::last_os_error(),
-                    ));
-                }
-                // SAFETY: fresh fds.
-                let (r, w) =
-                    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+                let (r, w) = nix::unistd::pipe2(
+                    nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK,
+                )
+                .map_err(step(pid, "creating a pipe"))?;
                 let data = plan.pipe_data.get(&name).map(Vec::as_slice).unwrap_or(&[]);
                 if !data.is_empty() {
                     // SAFETY: fcntl on our own fd.

@@ -312,18 +312,13 @@ pub fn check_creds(p: &ProcessImage, w: &Writer, r: &Restorer) -> Result<(), Str
 /// KSM for every VMA (PR_SET_MEMORY_MERGE needs CAP_SYS_RESOURCE).
 pub fn check_limits(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> {
     for l in &p.rlimits {
-        let mut ours = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit64 of this process, reading into a valid struct.
-        if unsafe { libc::prlimit64(0, l.resource as _, std::ptr::null(), &mut ours) } != 0 {
+        let Ok((_, our_max)) = sys::rlimit::get(0, l.resource) else {
             continue;
-        }
-        if l.max > ours.rlim_max {
+        };
+        if l.max > our_max {
             return Err(format!(
                 "PID {}: the image asks for a hard limit of {} for resource {}, above this tern's {}; an unprivileged process cannot raise it",
-                p.pid, l.max, l.resource, ours.rlim_max
+                p.pid, l.max, l.resource, our_max
             ));
         }
     }
@@ -650,13 +645,8 @@ mod tests {
             cur: 1024,
             max: u64::MAX,
         }];
-        let mut ours = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: reading this process's limit.
-        unsafe { libc::prlimit64(0, libc::RLIMIT_NOFILE, std::ptr::null(), &mut ours) };
-        if ours.rlim_max != u64::MAX {
+        let (_, our_max) = sys::rlimit::get(0, libc::RLIMIT_NOFILE).unwrap();
+        if our_max != u64::MAX {
             let e = check_limits(&p, &[]).unwrap_err();
             assert!(e.contains("hard limit"), "{e}");
         }

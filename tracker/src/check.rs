@@ -270,22 +270,19 @@ fn probe_pidfd_getfd() -> bool {
 
 /// Run `f` on a forked child that sleeps, then kill and reap the child.
 fn probe_ptrace_child(f: impl FnOnce(i32) -> bool) -> bool {
-    // SAFETY: the child only sleeps in a loop and is killed by us.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return false;
-    }
-    if pid == 0 {
-        loop {
-            unsafe { libc::pause() };
-        }
-    }
-    let ok = f(pid);
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-        let mut st = 0;
-        libc::waitpid(pid, &mut st, libc::__WALL);
-    }
+    use nix::unistd::ForkResult;
+    // SAFETY: the child only calls pause(2), async-signal-safe, until we
+    // kill it.
+    let pid = match unsafe { nix::unistd::fork() } {
+        Err(_) => return false,
+        Ok(ForkResult::Child) => loop {
+            nix::unistd::pause();
+        },
+        Ok(ForkResult::Parent { child }) => child,
+    };
+    let ok = f(pid.as_raw());
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::__WALL));
     ok
 }
 

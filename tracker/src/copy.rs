@@ -10,6 +10,7 @@
 //! does not spend its time faulting in and zeroing its own buffers.
 
 use images::{ImageError, ImageWriter, PAGE_SIZE, PageRange};
+use nix::sys::uio::RemoteIoVec;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, mpsc};
@@ -227,44 +228,28 @@ fn read_batch(
     mut buf: Vec<u8>,
     spent: &mut Duration,
 ) -> Result<Batch, CopyError> {
-    let bytes: usize = ranges.iter().map(|r| r.len() as usize).sum();
+    let bytes: usize = ranges.iter().map(|r| sys::usize_of(r.len())).sum();
     if buf.len() < bytes {
         buf.resize(bytes, 0);
     }
-    let local = [libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: bytes,
-    }];
-    let remote: Vec<libc::iovec> = ranges
+    let remote: Vec<RemoteIoVec> = ranges
         .iter()
-        .map(|r| libc::iovec {
-            iov_base: r.start as *mut libc::c_void,
-            iov_len: r.len() as usize,
+        .map(|r| RemoteIoVec {
+            base: sys::usize_of(r.start),
+            len: sys::usize_of(r.len()),
         })
         .collect();
     let t = Instant::now();
-    // SAFETY: `local` covers the first `bytes` of `buf` (at least that
-    // long); remote addresses are only read by the kernel from the
-    // target's address space.
-    let n = unsafe {
-        libc::process_vm_readv(
-            pid,
-            local.as_ptr(),
-            1,
-            remote.as_ptr(),
-            remote.len() as u64,
-            0,
-        )
-    };
+    let n = nix::sys::uio::process_vm_readv(
+        nix::unistd::Pid::from_raw(pid),
+        &mut [std::io::IoSliceMut::new(&mut buf[..bytes])],
+        &remote,
+    );
     *spent += t.elapsed();
-    let got = if n < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ESRCH) {
-            return Err(CopyError::Exited { pid });
-        }
-        0
-    } else {
-        n as usize
+    let got = match n {
+        Err(nix::errno::Errno::ESRCH) => return Err(CopyError::Exited { pid }),
+        Err(_) => 0,
+        Ok(n) => n,
     };
     Ok(Batch { ranges, buf, got })
 }

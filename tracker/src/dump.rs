@@ -583,8 +583,11 @@ fn capture(
         frozen_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
         killed = false;
     } else {
-        // SAFETY: plain kill(2) of the frozen target.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // The frozen target: a failure means it is gone already.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         frozen_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
         killed = true;
         for t in threads.drain(..) {
