@@ -598,7 +598,7 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
         }
     }
     drop(rd);
-    Ok((r as i32, wr))
+    Ok((check_int(pid, "clone3 with set_tid", r)?, wr))
 }
 
 /// Steps 2-5. Returns the number of pages written.
@@ -815,16 +815,30 @@ fn put(inj: &mut Injector, build: impl Fn(u64) -> Vec<u8>) -> Result<u64, Restor
     Ok(got)
 }
 
+/// A negative syscall result as the error it stands for.
+fn os_error(r: i64) -> std::io::Error {
+    match i32::try_from(-r) {
+        Ok(errno) => std::io::Error::from_raw_os_error(errno),
+        Err(_) => std::io::Error::other(format!("result {r}, no errno")),
+    }
+}
+
+/// [`check`], then the result as an int (an fd, PID or TID).
+fn check_int(pid: i32, what: &'static str, r: i64) -> Result<i32, RestoreError> {
+    let r = check(pid, what, r)?;
+    i32::try_from(r).map_err(|_| RestoreError::Step {
+        pid,
+        step: what,
+        what: format!("the kernel returned {r}, not an int"),
+    })
+}
+
 fn check(pid: i32, what: &'static str, r: i64) -> Result<i64, RestoreError> {
     if r < 0 {
         Err(RestoreError::Step {
             pid,
             step: what,
-            what: format!(
-                "errno {} ({})",
-                -r,
-                std::io::Error::from_raw_os_error(-r as i32)
-            ),
+            what: format!("errno {} ({})", -r, os_error(r)),
         })
     } else {
         Ok(r)
@@ -894,7 +908,7 @@ fn clone_thread(main: &mut Injector, pid: i32, tid: i32) -> Result<i32, RestoreE
         });
     }
     check(pid, "clone3 of a thread", r)?;
-    if r as i32 != tid {
+    if r != i64::from(tid) {
         return Err(step::<String>(pid, "clone3 of a thread")(format!(
             "got TID {r}, wanted {tid}"
         )));
@@ -1156,7 +1170,7 @@ fn map_vma(
                 v.name.as_deref().unwrap_or(""),
                 v.vm_flags,
                 if r < 0 {
-                    std::io::Error::from_raw_os_error(-r as i32).to_string()
+                    os_error(r).to_string()
                 } else {
                     format!("mapped at {r:#x}")
                 }
@@ -1201,7 +1215,7 @@ fn check_vma(pid: i32, v: &VmaRecord, what: &str, r: i64) -> Result<(), RestoreE
                 v.end,
                 v.perms,
                 v.name.as_deref().unwrap_or(""),
-                std::io::Error::from_raw_os_error(-r as i32)
+                os_error(r)
             ),
         });
     }
@@ -1301,10 +1315,10 @@ fn open_in(inj: &mut Injector, pid: i32, path: &str, flags: i32) -> Result<i32, 
         return Err(RestoreError::Step {
             pid,
             step: "opening a file",
-            what: format!("{path}: {}", std::io::Error::from_raw_os_error(-r as i32)),
+            what: format!("{path}: {}", os_error(r)),
         });
     }
-    Ok(r as i32)
+    check_int(pid, "opening a file", r)
 }
 
 /// Step 3: tern's memory out, the image's in. Returns pages written.
@@ -1439,7 +1453,8 @@ fn address_space(
         ] {
             b.extend_from_slice(&w.to_ne_bytes());
         }
-        b.extend_from_slice(&(auxv_len as u32).to_ne_bytes());
+        // The image's auxv is at most 256 words (checked when it was read).
+        b.extend_from_slice(&u32::try_from(auxv_len).unwrap_or(u32::MAX).to_ne_bytes());
         b.extend_from_slice(&(exe_fd as u32).to_ne_bytes());
         b
     })?;
@@ -1694,7 +1709,7 @@ fn open_fifos(
         )?;
         check(pid, "moving a FIFO's helper fd", high)?;
         main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-        let fd = high as i32;
+        let fd = check_int(pid, "moving a FIFO's helper fd", high)?;
         let theirs = sys::fds::pidfd_getfd(pid, fd).map_err(step(pid, "taking a FIFO's fd"))?;
         let file = std::fs::File::from(theirs);
         let md = file.metadata().map_err(step(pid, "stat of a FIFO"))?;
@@ -1722,7 +1737,13 @@ fn open_fifos(
         unsafe { libc::ioctl(file.as_raw_fd(), libc::FIONREAD, &mut queued) };
         if let Some(cap) = f.pipe_capacity {
             // SAFETY: fcntl on our own fd.
-            unsafe { libc::fcntl(writer.as_raw_fd(), libc::F_SETPIPE_SZ, cap as i32) };
+            unsafe {
+                libc::fcntl(
+                    writer.as_raw_fd(),
+                    libc::F_SETPIPE_SZ,
+                    i32::try_from(cap).unwrap_or(i32::MAX),
+                )
+            };
         }
         if !data.is_empty() && queued > 0 {
             tracing::warn!(
@@ -1797,7 +1818,7 @@ fn restore_fd(
                         libc::fcntl(
                             w.as_raw_fd(),
                             libc::F_SETPIPE_SZ,
-                            data.len().max(4096) as i32,
+                            i32::try_from(data.len().max(4096)).unwrap_or(i32::MAX),
                         )
                     };
                     // SAFETY: write from a valid buffer.
@@ -1849,7 +1870,13 @@ fn restore_fd(
             };
             if let Some(cap) = f.pipe_capacity {
                 // SAFETY: fcntl on our own fd.
-                unsafe { libc::fcntl(ours, libc::F_SETPIPE_SZ, cap as i32) };
+                unsafe {
+                    libc::fcntl(
+                        ours,
+                        libc::F_SETPIPE_SZ,
+                        i32::try_from(cap).unwrap_or(i32::MAX),
+                    )
+                };
             }
             // The end's status flags (O_NONBLOCK) as dumped.
             let status =
@@ -1869,7 +1896,7 @@ fn restore_fd(
                 [pidfd as u64, ours as u64, 0, 0, 0, 0],
             )?;
             main.syscall(libc::SYS_close, [pidfd as u64, 0, 0, 0, 0, 0])?;
-            check(pid, "pidfd_getfd of a refilled pipe", fd)? as i32
+            check_int(pid, "pidfd_getfd of a refilled pipe", fd)?
         }
         FdKind::Fifo { path, .. } => open_in_plain(main, pid, path, open_flags)?,
         other => {
@@ -1921,10 +1948,10 @@ fn open_in_plain(
         return Err(RestoreError::Step {
             pid,
             step: "reopening a file",
-            what: format!("{path}: {}", std::io::Error::from_raw_os_error(-r as i32)),
+            what: format!("{path}: {}", os_error(r)),
         });
     }
-    Ok(r as i32)
+    check_int(pid, "opening a file", r)
 }
 
 /// Step 4, per thread.
@@ -2046,7 +2073,7 @@ fn fs_ids_of_image(
     // setfsuid/setfsgid say only the old value: ask again.
     let u = main.syscall(libc::SYS_setfsuid, [u32::MAX as u64, 0, 0, 0, 0, 0])?;
     let g = main.syscall(libc::SYS_setfsgid, [u32::MAX as u64, 0, 0, 0, 0, 0])?;
-    if u as u32 != c.uid[3] || g as u32 != c.gid[3] {
+    if u != i64::from(c.uid[3]) || g != i64::from(c.gid[3]) {
         return Err(step::<String>(pid, "taking the image's filesystem ids")(
             format!(
                 "fsuid {u}, fsgid {g} instead of {} and {}",
@@ -2087,7 +2114,10 @@ fn capset(
     b.extend_from_slice(&0i32.to_ne_bytes());
     for half in [0, 32] {
         for set in [eff, prm, inh] {
-            b.extend_from_slice(&((set >> half) as u32).to_ne_bytes());
+            // The low and high 32 bits of each set, on purpose.
+            #[allow(clippy::cast_possible_truncation)]
+            let word = (set >> half) as u32;
+            b.extend_from_slice(&word.to_ne_bytes());
         }
     }
     let a = inj.scratch_data(&b)?;
@@ -2263,11 +2293,18 @@ fn seccomp(
             };
             inj.ensure_scratch(Some(scratch))?;
             let insns = filter.insn_bytes();
-            let n = filter.insns.len() as u16;
+            let n = u16::try_from(filter.insns.len()).map_err(|_| RestoreError::Step {
+                pid,
+                step: "installing a seccomp filter",
+                what: format!(
+                    "{} instructions, more than a filter holds",
+                    filter.insns.len()
+                ),
+            })?;
             let off = insns.len().next_multiple_of(16) as u64;
             let base3 = put(inj, |at| {
                 let mut b = insns.clone();
-                b.resize(off as usize, 0);
+                b.resize(sys::usize_of(off), 0);
                 b.extend_from_slice(&sys::seccomp::sock_fprog_bytes(at, n));
                 b
             })?;

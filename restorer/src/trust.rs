@@ -526,8 +526,8 @@ fn as_user_thread(c: &Creds, items: &[(String, String, i32)]) -> Result<(), Stri
         }
         libc::syscall(libc::SYS_setfsgid, gid);
         libc::syscall(libc::SYS_setfsuid, uid);
-        if libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32 != uid
-            || libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32 != gid
+        if libc::syscall(libc::SYS_setfsuid, u32::MAX) != i64::from(uid)
+            || libc::syscall(libc::SYS_setfsgid, u32::MAX) != i64::from(gid)
         {
             return Err(format!(
                 "cannot take uid {uid} / gid {gid} to check the image's files"

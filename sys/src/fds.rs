@@ -475,8 +475,9 @@ pub fn peek_pipe(pid: i32, fd: i32) -> Result<Vec<u8>, FdsError> {
         .map_err(|e| err(format!("creating a pipe to copy into: {e}")))?;
     // tee links the source's buffers one by one: ours needs as many slots,
     // i.e. the same capacity, however full each buffer is.
-    match fcntl(wr.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(cap as libc::c_int)) {
-        Ok(n) if n as usize >= cap => {}
+    let want = libc::c_int::try_from(cap).unwrap_or(libc::c_int::MAX);
+    match fcntl(wr.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(want)) {
+        Ok(n) if usize::try_from(n).is_ok_and(|n| n >= cap) => {}
         Ok(n) => return Err(err(format!("our copy pipe got {n} bytes, not {cap}"))),
         Err(e) => {
             return Err(err(format!(
@@ -518,7 +519,7 @@ mod tests {
 
     /// Byte `i` of the data in the pipe the child fills in 7-byte writes.
     fn small_byte(i: usize) -> u8 {
-        (i * 7 + 3) as u8
+        (i * 7 + 3).to_le_bytes()[0]
     }
 
     fn words<const N: usize>(b: &[u8]) -> [u64; N] {
@@ -642,7 +643,7 @@ mod tests {
         std::fs::write(path("ap"), vec![2u8; 100]).unwrap();
         std::fs::write(path("ro"), vec![3u8; 50]).unwrap();
         let data: Vec<u8> = (0..100 * 1024u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
             .collect();
         let (rep_r, rep_w) = pipe();
         let (go_r, go_w) = pipe();
@@ -684,8 +685,8 @@ mod tests {
             ptm,
             pts,
             sized,
-        ] = std::array::from_fn(|k| w[k] as i64 as i32);
-        let small = w[NFDS] as usize;
+        ] = std::array::from_fn(|k| i32::try_from(w[k] as i64).unwrap());
+        let small = crate::usize_of(w[NFDS]);
         assert!(
             [rw, ap, ro, null, dir, del, p0, p1, efd, sock]
                 .iter()

@@ -504,6 +504,7 @@ mod tests {
             rlim_cur: 0,
             rlim_max: 0,
         };
+        // SAFETY: getrlimit(2) writes one struct rlimit into a local.
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
         assert_eq!(lim[7].soft, r.rlim_cur);
         let aux = auxv(pid).unwrap();

@@ -1263,6 +1263,7 @@ pub(crate) mod testutil {
     pub fn serial() -> MutexGuard<'static, ()> {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
+            // SAFETY: takes no arguments and cannot fail.
             unsafe { libc::geteuid() },
             0,
             "the ptrace tests must run as root"
@@ -1325,6 +1326,7 @@ pub(crate) mod testutil {
                 // SAFETY: plain syscalls on our own child.
                 unsafe { libc::kill(self.pid, libc::SIGKILL) };
                 let mut st = 0;
+                // SAFETY: waitpid(2) writes at most one int, into a local status (or none for a null pointer).
                 let r = unsafe { libc::waitpid(self.pid, &mut st, 0) };
                 self.status = Some(if r == self.pid { Self::decode(st) } else { -1 });
             }
@@ -1771,7 +1773,7 @@ mod tests {
         let mut p = [0u8; 128];
         let mut i = 0;
         while i < 128 {
-            p[i] = (i as u8).wrapping_mul(29).wrapping_add(3);
+            p[i] = i.to_le_bytes()[0].wrapping_mul(29).wrapping_add(3);
             i += 1;
         }
         Ymm(p)
@@ -1996,7 +1998,7 @@ mod tests {
         let p = p as usize;
         let mut child = fork_child(move || {
             // SAFETY: AVX was checked by the parent before forking.
-            unsafe { checking_loop(p as *const u64) as i32 }
+            unsafe { i32::try_from(checking_loop(p as *const u64)).unwrap() }
         });
         let wait_progress = |from: u64| {
             let end = Instant::now() + T;

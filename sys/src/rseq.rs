@@ -541,6 +541,7 @@ mod tests {
             std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly))
         };
         #[cfg(target_arch = "aarch64")]
+        // SAFETY: reads TPIDR_EL0, the thread pointer; no memory access.
         unsafe {
             std::arch::asm!("mrs {}, tpidr_el0", out(reg) tp, options(nostack, nomem))
         };
@@ -559,6 +560,7 @@ mod tests {
     fn glibc_registration_in_every_thread() {
         // SAFETY: a constant glibc exports.
         assert_ne!(
+            // SAFETY: an extern static glibc sets before main and never writes again.
             unsafe { __rseq_size },
             0,
             "glibc did not register rseq (GLIBC_TUNABLES=glibc.pthread.rseq=0, or a kernel without rseq?)"
@@ -610,8 +612,8 @@ mod tests {
             page[T_TID].load(SeqCst) != 0 && page[U_TID].load(SeqCst) != 0
         });
         assert_eq!(page[FAIL].load(SeqCst), 0, "rseq unregister failed (errno)");
-        let tid = page[T_TID].load(SeqCst) as i32;
-        let utid = page[U_TID].load(SeqCst) as i32;
+        let tid = i32::try_from(page[T_TID].load(SeqCst)).unwrap();
+        let utid = i32::try_from(page[U_TID].load(SeqCst)).unwrap();
         let mem = read_mem_via_proc(pid);
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
         let cpus = std::thread::available_parallelism().unwrap().get() as u64;
@@ -781,7 +783,7 @@ mod tests {
         wait_until("the thread to spin in its section", || {
             page[ARMED].load(SeqCst) == 1 && page[COUNTER].load(SeqCst) > 10_000
         });
-        let tid = page[TID].load(SeqCst) as i32;
+        let tid = i32::try_from(page[TID].load(SeqCst)).unwrap();
         let (start, len, abort) = (
             page[START].load(SeqCst),
             page[LEN].load(SeqCst),

@@ -1042,10 +1042,10 @@ mod tests {
         for _ in 0..500 {
             let mut threads: Vec<(i32, Vec<SeccompFilter>)> = vec![(100, vec![])];
             for _ in 0..rnd(12) {
-                let k = rnd(threads.len() as u64) as usize;
+                let k = crate::usize_of(rnd(threads.len() as u64));
                 if rnd(3) == 0 {
                     let chain = threads[k].1.clone();
-                    threads.push((100 + threads.len() as i32, chain));
+                    threads.push((100 + i32::try_from(threads.len()).unwrap(), chain));
                 } else {
                     threads[k].1.push(f(rnd(4)));
                 }
@@ -1058,7 +1058,7 @@ mod tests {
 
     /// A filter returning `errno` for syscall `nr` and allowing the rest.
     fn deny(nr: i64, errno: i32) -> Vec<SockFilter> {
-        let op = |code: u32| code as u16;
+        let op = |code: u32| u16::try_from(code).unwrap();
         vec![
             // A = seccomp_data.nr
             SockFilter {
@@ -1071,7 +1071,7 @@ mod tests {
                 code: op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K),
                 jt: 0,
                 jf: 1,
-                k: nr as u32,
+                k: u32::try_from(nr).unwrap(),
             },
             SockFilter {
                 code: op(libc::BPF_RET | libc::BPF_K),
@@ -1100,7 +1100,7 @@ mod tests {
     fn prog(insns: Vec<SockFilter>, flags: u64) -> &'static Prog {
         let filter = SeccompFilter::from_sock_filters(&insns, flags);
         let bytes = filter.insn_bytes();
-        let fprog = sock_fprog_bytes(bytes.as_ptr() as u64, insns.len() as u16);
+        let fprog = sock_fprog_bytes(bytes.as_ptr() as u64, u16::try_from(insns.len()).unwrap());
         Box::leak(Box::new(Prog {
             filter,
             _insns: bytes,
@@ -1217,7 +1217,7 @@ mod tests {
                 page[COUNTER].fetch_add(1, SeqCst);
                 sleep_ms(1);
             }
-            page[FAIL].load(SeqCst) as i32
+            i32::try_from(page[FAIL].load(SeqCst)).unwrap()
         });
         let pid = child.pid;
         wait_until("the child's threads", || {
@@ -1227,8 +1227,8 @@ mod tests {
                 || page[FAIL].load(SeqCst) != 0
         });
         assert_eq!(page[FAIL].load(SeqCst), 0, "the child's own checks failed");
-        let early = page[T_EARLY].load(SeqCst) as i32;
-        let late = page[T_LATE].load(SeqCst) as i32;
+        let early = i32::try_from(page[T_EARLY].load(SeqCst)).unwrap();
+        let late = i32::try_from(page[T_LATE].load(SeqCst)).unwrap();
 
         assert_eq!(mode(pid, pid).unwrap(), SeccompMode::Filter { filters: 2 });
         assert_eq!(mode(pid, late).unwrap(), SeccompMode::Filter { filters: 3 });
@@ -1319,7 +1319,7 @@ mod tests {
             }
             page[OK].fetch_add(1, SeqCst);
             idle_until_stop(page);
-            page[FAIL].load(SeqCst) as i32
+            i32::try_from(page[FAIL].load(SeqCst)).unwrap()
         });
         let pid = child.pid;
         wait_until("the filter in all threads", || {
@@ -1328,8 +1328,8 @@ mod tests {
         assert_eq!(page[FAIL].load(SeqCst), 0);
         let tids = [
             pid,
-            page[TIDS].load(SeqCst) as i32,
-            page[TIDS + 1].load(SeqCst) as i32,
+            i32::try_from(page[TIDS].load(SeqCst)).unwrap(),
+            i32::try_from(page[TIDS + 1].load(SeqCst)).unwrap(),
         ];
         let mut chains = Vec::new();
         for t in tids {
@@ -1454,7 +1454,7 @@ mod tests {
         let a = prog(deny(libc::SYS_getppid, libc::EPERM), 0);
         let allow_all = prog(
             vec![SockFilter {
-                code: (libc::BPF_RET | libc::BPF_K) as u16,
+                code: u16::try_from(libc::BPF_RET | libc::BPF_K).unwrap(),
                 jt: 0,
                 jf: 0,
                 k: SECCOMP_RET_ALLOW,
@@ -1513,7 +1513,12 @@ mod tests {
         let synthetic: Vec<(i32, Vec<SeccompFilter>)> = chains
             .iter()
             .enumerate()
-            .map(|(i, c)| (i as i32, c.iter().map(|p| p.filter.clone()).collect()))
+            .map(|(i, c)| {
+                (
+                    i32::try_from(i).unwrap(),
+                    c.iter().map(|p| p.filter.clone()).collect(),
+                )
+            })
             .collect();
         let plan = group(&synthetic);
         // The programs of the plan's filters, and the flat list of
@@ -1552,7 +1557,7 @@ mod tests {
                 sleep_ms(1);
             }
             loop {
-                let k = page[NEXT].load(SeqCst) as usize;
+                let k = crate::usize_of(page[NEXT].load(SeqCst));
                 if k >= ops.len() || page[FAIL].load(SeqCst) != 0 {
                     break;
                 }
@@ -1580,7 +1585,7 @@ mod tests {
                 }
             }
             run(0);
-            page[FAIL].load(SeqCst) as i32
+            i32::try_from(page[FAIL].load(SeqCst)).unwrap()
         });
         let pid = child.pid;
         wait_until("the plan to run", || {
@@ -1593,7 +1598,9 @@ mod tests {
             flat(&plan)
         );
         assert_eq!(page[DONE].load(SeqCst), n as u64);
-        let tids: Vec<i32> = (0..n).map(|i| page[TIDS + i].load(SeqCst) as i32).collect();
+        let tids: Vec<i32> = (0..n)
+            .map(|i| i32::try_from(page[TIDS + i].load(SeqCst)).unwrap())
+            .collect();
         let mut back = Vec::new();
         for (i, &t) in tids.iter().enumerate() {
             let chain = read_chain(&mut child, t);

@@ -307,7 +307,7 @@ fn pending_batched(
         let mut args = PtracePeeksiginfoArgs {
             off: out.len() as u64,
             flags,
-            nr: batch as i32,
+            nr: i32::try_from(batch).unwrap_or(i32::MAX),
         };
         // SAFETY: the kernel reads `args` and writes at most `nr`
         // siginfos (batch * 128 bytes = buf, which we own).
@@ -327,14 +327,10 @@ fn pending_batched(
         if n == 0 {
             return Ok(out);
         }
-        if n < 0 || n as usize > batch {
-            return Err(SignalsError::PeekCount {
-                tid,
-                n: n as i64,
-                batch,
-            });
-        }
-        for si in buf[..n as usize * SIGINFO_SIZE].chunks_exact(SIGINFO_SIZE) {
+        let Some(n) = usize::try_from(n).ok().filter(|&n| n <= batch) else {
+            return Err(SignalsError::PeekCount { tid, n, batch });
+        };
+        for si in buf[..n * SIGINFO_SIZE].chunks_exact(SIGINFO_SIZE) {
             let head = SiginfoRt::from_bytes(si)?;
             out.push(PendingSignal {
                 signo: head.si_signo,
@@ -488,6 +484,8 @@ impl StackT {
         let w = words::<3>(b, "stack_t")?;
         Ok(StackT {
             ss_sp: w[0],
+            // The low and high halves of the second word, on purpose.
+            #[allow(clippy::cast_possible_truncation)]
             ss_flags: w[1] as u32 as i32,
             pad: (w[1] >> 32) as u32 as i32,
             ss_size: w[2],
@@ -699,7 +697,7 @@ mod tests {
 
     fn sigqueue(pid: i32, sig: i32, value: u64) {
         let v = libc::sigval {
-            sival_ptr: value as usize as *mut c_void,
+            sival_ptr: crate::usize_of(value) as *mut c_void,
         };
         // SAFETY: plain syscall wrapper.
         let r = unsafe { libc::sigqueue(pid, sig, v) };
@@ -906,6 +904,7 @@ mod tests {
             }
             // SAFETY: plain data, all-zero valid; glibc fills it.
             let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: a null new value changes nothing; the kernel writes the current one into a local.
             if unsafe { libc::sigaction(sig, std::ptr::null(), &mut sa) } != 0 {
                 return 4;
             }
@@ -963,6 +962,7 @@ mod tests {
             }
             // SAFETY: plain data; glibc fills it.
             let mut l: libc::stack_t = unsafe { std::mem::zeroed() };
+            // SAFETY: a null new value changes nothing; the kernel writes the current one into a local.
             if unsafe { libc::sigaltstack(std::ptr::null(), &mut l) } != 0 {
                 return 12;
             }

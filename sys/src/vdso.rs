@@ -202,7 +202,7 @@ impl VdsoLayout {
             return Ok(l); // booted with vdso=0, or unmapped by the process
         };
         let path = format!("{proc_dir}/mem");
-        let mut bytes = vec![0u8; (end - start) as usize];
+        let mut bytes = vec![0u8; crate::usize_of(end - start)];
         let mem = std::fs::File::open(&path).map_err(proc_err(&path))?;
         mem.read_exact_at(&mut bytes, start)
             .map_err(proc_err(&format!("{path} at {start:#x}-{end:#x}")))?;
@@ -754,7 +754,7 @@ mod tests {
         let arrange = |rng: &mut u64, b: u64| {
             let mut order = [0usize, 1, 2];
             for i in (1..3).rev() {
-                order.swap(i, (next(rng) % (i as u64 + 1)) as usize);
+                order.swap(i, crate::usize_of(next(rng) % (i as u64 + 1)));
             }
             let mut at = b;
             let mut pos = [0u64; 3];
@@ -857,7 +857,7 @@ mod tests {
             let a = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
-                    len as usize,
+                    crate::usize_of(len),
                     libc::PROT_NONE,
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                     -1,
@@ -877,7 +877,7 @@ mod tests {
     impl Drop for Reserve {
         fn drop(&mut self) {
             // SAFETY: unmaps only our own reservation.
-            unsafe { libc::munmap(self.0 as *mut libc::c_void, self.1 as usize) };
+            unsafe { libc::munmap(self.0 as *mut libc::c_void, crate::usize_of(self.1)) };
         }
     }
 
@@ -903,7 +903,7 @@ mod tests {
                 rlim_max: 0,
             };
             libc::setrlimit(libc::RLIMIT_CORE, &no_core);
-            libc::munmap(reserve.0 as *mut libc::c_void, reserve.1 as usize);
+            libc::munmap(reserve.0 as *mut libc::c_void, crate::usize_of(reserve.1));
         }
         let mut k = 0u64;
         for m in moves.iter().flatten() {
@@ -929,7 +929,7 @@ mod tests {
         type ClockGettime = extern "C" fn(libc::clockid_t, *mut libc::timespec) -> libc::c_int;
         // SAFETY: `call` is __vdso_clock_gettime of the moved vDSO (the
         // parent's symbol table, the same vDSO), which has this signature.
-        let f: ClockGettime = unsafe { std::mem::transmute(call as usize) };
+        let f: ClockGettime = unsafe { std::mem::transmute(crate::usize_of(call)) };
         let mut t = [libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -1004,7 +1004,7 @@ mod tests {
             "move {} failed with errno {} ({}); moves {second:?}",
             r[0],
             r[1],
-            nix::errno::Errno::from_raw(r[1] as i32)
+            nix::errno::Errno::from_raw(i32::try_from(r[1]).unwrap())
         );
         assert!(
             t0.0 <= r[2] && r[2] <= t1.0,

@@ -6,7 +6,7 @@ use crate::anon::AnonRegion;
 use crate::pagemap_scan::{Pagemap, ScanQuery, entry};
 use crate::uffd::{self, WpUffd};
 use serde::Serialize;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Probes {
@@ -116,23 +116,26 @@ impl Probes {
     /// The probes that decide the tracking backend (fast, no children).
     pub fn tracking() -> Probes {
         let mut p = Probes::default();
+        // SAFETY: userfaultfd(2) takes integer flags.
         let fd = unsafe {
             libc::syscall(
                 libc::SYS_userfaultfd,
                 libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY,
             )
         };
+        let fd = RawFd::try_from(fd).unwrap_or(-1);
         p.uffd = fd >= 0;
         if p.uffd {
             // SAFETY: the fd was just returned to us.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
             let mut api = uffd::UffdioApi {
                 api: uffd::UFFD_API,
                 features: 0,
                 ioctls: 0,
             };
             // With features 0, UFFDIO_API reports every feature it supports.
-            if unsafe { uffd::uffdio_api_ioctl(fd as i32, &mut api) }.is_ok() {
+            // SAFETY: an open userfaultfd of ours; `api` is a local uffdio_api the kernel reads and writes.
+            if unsafe { uffd::uffdio_api_ioctl(fd, &mut api) }.is_ok() {
                 p.uffd_wp = api.features & 1 != 0; // UFFD_FEATURE_PAGEFAULT_FLAG_WP
             }
             drop(owned);
@@ -194,16 +197,21 @@ fn probe_pagemap_scan() -> bool {
 /// Register a page for async WP, protect it, write it: the scan must say
 /// written exactly once.
 fn probe_wp_async() -> bool {
+    // SAFETY: userfaultfd(2) takes integer flags.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_userfaultfd,
             libc::O_CLOEXEC | uffd::UFFD_USER_MODE_ONLY,
         )
     };
+    let Ok(fd) = RawFd::try_from(fd) else {
+        return false;
+    };
     if fd < 0 {
         return false;
     }
-    let Ok(wp) = WpUffd::handshake(unsafe { OwnedFd::from_raw_fd(fd as i32) }) else {
+    // SAFETY: the fd was just returned to us.
+    let Ok(wp) = WpUffd::handshake(unsafe { OwnedFd::from_raw_fd(fd) }) else {
         return false;
     };
     let Some(page) = AnonRegion::new(1) else {
@@ -340,10 +348,9 @@ fn clone_with_pid(want: i32) -> Result<i32, i32> {
     if r < 0 {
         return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
     }
-    let mut st = 0;
-    // SAFETY: reaping our own child.
-    unsafe { libc::waitpid(r as i32, &mut st, 0) };
-    Ok(r as i32)
+    let child = i32::try_from(r).map_err(|_| libc::EINVAL)?;
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+    Ok(child)
 }
 
 /// The kernel release, from uname(2).

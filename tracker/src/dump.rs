@@ -874,17 +874,18 @@ fn capture_state(
     // Signal dispositions: only those /proc says are not the default.
     let (caught, ignored) = (status.sigcgt, status.sigign);
     let mut sigactions = Vec::new();
-    for sig in 1..=64u64 {
-        if sig == 9 || sig == 19 {
+    for signo in 1..=64i32 {
+        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
             continue;
         }
+        let sig = u64::from(signo.unsigned_abs());
         let bit = 1u64 << (sig - 1);
         // A SIG_DFL disposition's flags and mask are replaced whole by the
         // next sigaction that installs a handler, so they matter only for
         // SIGCHLD (SA_NOCLDSTOP, SA_NOCLDWAIT): that one is always read.
-        if (caught | ignored) & bit == 0 && sig != libc::SIGCHLD as u64 {
+        if (caught | ignored) & bit == 0 && signo != libc::SIGCHLD {
             sigactions.push(sys::signals::SigAction {
-                signo: sig as i32,
+                signo,
                 handler: sys::signals::SIG_DFL,
                 flags: 0,
                 restorer: 0,
@@ -903,7 +904,7 @@ fn capture_state(
         let bytes = leader.read_memory(old, 32)?;
         let ka = sys::signals::KernelSigaction::from_bytes(&bytes)
             .map_err(cap(format!("sigaction {sig} of PID {pid}")))?;
-        sigactions.push(sys::signals::SigAction::from_kernel(sig as i32, &ka));
+        sigactions.push(sys::signals::SigAction::from_kernel(signo, &ka));
     }
     let mut itimers = Vec::new();
     for which in 0..3 {
@@ -1024,8 +1025,8 @@ fn capture_state(
         cwd: link(pid, "cwd"),
         root: link(pid, "root"),
         umask: status.umask.unwrap_or(0o022),
-        dumpable: (dumpable >= 0).then_some(dumpable as u32),
-        thp_disable: (thp_disable > 0).then_some(thp_disable as u32),
+        dumpable: u32::try_from(dumpable).ok(),
+        thp_disable: u32::try_from(thp_disable).ok().filter(|&v| v > 0),
         memory_merge: memory_merge == 1,
         oom_score_adj: read_trim(&format!("/proc/{pid}/oom_score_adj"))
             .parse()

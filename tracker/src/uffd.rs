@@ -82,6 +82,7 @@ impl WpUffd {
                 features: base,
                 ioctls: 0,
             };
+            // SAFETY: an open userfaultfd of ours; `api` is a local uffdio_api the kernel reads and writes.
             unsafe { uffdio_api_ioctl(raw, &mut api) }.map_err(|errno| UffdError::Api {
                 fd: raw,
                 features: base,
@@ -108,7 +109,7 @@ impl WpUffd {
         self.uffd
             .register_with_mode(
                 start as *mut libc::c_void,
-                (end - start) as usize,
+                sys::usize_of(end - start),
                 userfaultfd::RegisterMode::WRITE_PROTECT,
             )
             .map(|_| ())
@@ -121,7 +122,7 @@ impl WpUffd {
 
     pub fn unregister(&self, start: u64, end: u64) -> Result<(), UffdError> {
         self.uffd
-            .unregister(start as *mut libc::c_void, (end - start) as usize)
+            .unregister(start as *mut libc::c_void, sys::usize_of(end - start))
             .map_err(|e| UffdError::Register {
                 start,
                 end,
@@ -171,13 +172,15 @@ mod tests {
 
     fn own_uffd() -> OwnedFd {
         let fd =
+            // SAFETY: userfaultfd(2) takes integer flags.
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
         assert!(
             fd >= 0,
             "userfaultfd(2): {}",
             std::io::Error::last_os_error()
         );
-        unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+        // SAFETY: the fd was just returned by the kernel and nothing else owns it.
+        unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) }
     }
 
     #[test]

@@ -309,6 +309,8 @@ fn insn(v: u32) -> [u8; 4] {
 /// `adr x<rd>, pc + off` (off within +-1 MiB).
 fn adr(rd: u32, off: i64) -> [u8; 4] {
     assert!((-(1 << 20)..(1 << 20)).contains(&off));
+    // The low 21 bits of the two's complement offset, on purpose.
+    #[allow(clippy::cast_possible_truncation)]
     let imm = (off as u32) & 0x1f_ffff;
     insn(0x1000_0000 | ((imm & 3) << 29) | ((imm >> 2) << 5) | rd)
 }
@@ -400,7 +402,11 @@ pub(crate) fn frame(fixed: &Regs, tid: i32, owner: u64) -> Result<Vec<u8>, (&'st
     put_u64(&mut f, PC, fixed.gp.pc);
     put_u64(&mut f, PSTATE, fixed.gp.pstate);
     put_u32(&mut f, RESERVED, FPSIMD_MAGIC);
-    put_u32(&mut f, RESERVED + 4, FPSIMD_SIZE as u32);
+    put_u32(
+        &mut f,
+        RESERVED + 4,
+        u32::try_from(FPSIMD_SIZE).unwrap_or(0),
+    );
     // fpsr, fpcr come after the 32 vector registers in user_fpsimd_state.
     f[RESERVED + 8..RESERVED + 16].copy_from_slice(&fp[512..520]);
     f[RESERVED + 16..RESERVED + 16 + 512].copy_from_slice(&fp[..512]);

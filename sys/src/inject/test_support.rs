@@ -15,6 +15,7 @@ pub(crate) static SERIAL: Mutex<()> = Mutex::new(());
 
 pub(crate) fn serial() -> MutexGuard<'static, ()> {
     assert_eq!(
+        // SAFETY: takes no arguments and cannot fail.
         unsafe { libc::geteuid() },
         0,
         "the injection tests must run as root"
@@ -63,6 +64,7 @@ pub(crate) fn fork_child(f: impl FnOnce() -> i32) -> Child {
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
         let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+        // SAFETY: ends this (forked) process at once; nothing after it runs.
         unsafe { libc::_exit(code) };
     }
     Child { pid, status: None }
@@ -81,6 +83,7 @@ impl Child {
     pub(crate) fn try_wait(&mut self) -> Option<i32> {
         if self.status.is_none() {
             let mut st = 0;
+            // SAFETY: waitpid(2) writes at most one int, into a local status (or none for a null pointer).
             let r = unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG) };
             if r == self.pid {
                 self.status = Some(Self::decode(st));
@@ -111,8 +114,10 @@ impl Child {
 
     pub(crate) fn kill(&mut self) {
         if self.status.is_none() {
+            // SAFETY: kill(2) takes integers only.
             unsafe { libc::kill(self.pid, libc::SIGKILL) };
             let mut st = 0;
+            // SAFETY: waitpid(2) writes at most one int, into a local status (or none for a null pointer).
             let r = unsafe { libc::waitpid(self.pid, &mut st, 0) };
             self.status = Some(if r == self.pid { Self::decode(st) } else { -1 });
         }
@@ -161,6 +166,7 @@ pub(crate) fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> b
 /// Does this kernel name anonymous VMAs (CONFIG_ANON_VMA_NAME)? Probed on
 /// a mapping of our own.
 pub(crate) fn kernel_names_anon_vmas() -> bool {
+    // SAFETY: maps, names and unmaps one anonymous page of our own; the name is a NUL-terminated literal.
     unsafe {
         let p = libc::mmap(
             std::ptr::null_mut(),
@@ -206,6 +212,7 @@ pub(crate) fn sys0(inj: &mut Injector, nr: i64) -> i64 {
 
 pub(crate) fn pipe() -> (i32, i32) {
     let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two fds into `fds`, a local array of two.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     (fds[0], fds[1])
 }
@@ -215,6 +222,7 @@ pub(crate) fn now_ns(clock: libc::clockid_t) -> i64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: clock_gettime(2) writes one timespec into a local.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
@@ -271,6 +279,7 @@ extern "C" fn loop_helper(arg: *mut c_void) -> *mut c_void {
             GPR_STOP.store(1, Relaxed);
             return std::ptr::null_mut();
         }
+        // SAFETY: sleeping takes integers (or a timespec local we own) and touches no memory of ours else.
         unsafe { libc::usleep(300) };
     }
 }
@@ -279,6 +288,7 @@ extern "C" fn loop_helper(arg: *mut c_void) -> *mut c_void {
 /// publishes its counter, checks floating point sums, relays `stop`.
 pub(crate) fn loop_target(sh: &'static Shared, body: fn() -> u64) -> i32 {
     let mut t: libc::pthread_t = 0;
+    // SAFETY: the thread gets a pointer to `sh`, which outlives it (it is joined before `sh` is dropped); `t` is a local.
     let r = unsafe {
         libc::pthread_create(
             &mut t,
@@ -294,8 +304,9 @@ pub(crate) fn loop_target(sh: &'static Shared, body: fn() -> u64) -> i32 {
     sh.fail.fetch_max(code, Relaxed);
     GPR_STOP.store(1, Relaxed);
     sh.stop.store(1, Relaxed);
+    // SAFETY: joins a thread this code created and has not joined or detached; no result is read (null).
     unsafe { libc::pthread_join(t, std::ptr::null_mut()) };
-    sh.fail.load(Relaxed) as i32
+    i32::try_from(sh.fail.load(Relaxed)).unwrap()
 }
 
 pub(crate) fn start_loop_target(body: fn() -> u64) -> (Child, &'static Shared) {

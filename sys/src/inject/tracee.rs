@@ -80,9 +80,17 @@ pub(crate) struct PtracePeeksiginfoArgs {
 /// VMA name, and `stub(k)` for every slot, padded with `fill` (a trapping
 /// instruction).
 pub(crate) fn code_page_with(fill: &[u8], stub: impl Fn(usize) -> Vec<u8>) -> Vec<u8> {
-    let mut p: Vec<u8> = fill.iter().copied().cycle().take(PAGE as usize).collect();
+    let mut p: Vec<u8> = fill
+        .iter()
+        .copied()
+        .cycle()
+        .take(crate::usize_of(PAGE))
+        .collect();
     let mut h = Vec::with_capacity(HEADER_LEN);
     h.extend_from_slice(&MAGIC);
+    // Layout constants, all far below 2^32 (asserted at compile time in
+    // layout).
+    #[allow(clippy::cast_possible_truncation)]
     for v in [VERSION, PAGE as u32] {
         h.extend_from_slice(&v.to_le_bytes());
     }
@@ -97,6 +105,7 @@ pub(crate) fn code_page_with(fill: &[u8], stub: impl Fn(usize) -> Vec<u8>) -> Ve
         DATA_STRIDE,
         NAME_OFF,
     ] {
+        #[allow(clippy::cast_possible_truncation)] // as above
         h.extend_from_slice(&(v as u32).to_le_bytes());
     }
     assert_eq!(h.len(), HEADER_LEN);
@@ -243,6 +252,11 @@ pub(crate) struct Tracee {
     /// traced with `PTRACE_O_EXITKILL`, and dropping the tracee without
     /// [`Tracee::detach`] kills it instead of letting it run.
     owned: bool,
+}
+
+/// The errno of a failed injected syscall's result (-4095..=-1).
+fn errno_of(ret: i64) -> Errno {
+    i32::try_from(-ret).map_or(Errno::UnknownErrno, Errno::from_raw)
 }
 
 fn decode(status: i32) -> Option<Stop> {
@@ -731,7 +745,7 @@ impl Tracee {
         let Some(&base) = bases.iter().find(|&&b| rip.wrapping_sub(b) < PAGE) else {
             return Ok(false);
         };
-        let off = (rip - base) as usize;
+        let off = crate::usize_of(rip - base);
         if !(STUB_OFF..STUB_OFF + SLOTS * STUB_STRIDE).contains(&off) {
             return Ok(false);
         }
@@ -1051,7 +1065,7 @@ impl Tracee {
         let args = PtracePeeksiginfoArgs {
             off: 0,
             flags: 0,
-            nr: buf.len() as i32,
+            nr: i32::try_from(buf.len()).unwrap_or(0),
         };
         // SAFETY: the kernel reads `args` and writes at most `nr` =
         // buf.len() siginfos into `buf`, which we own.
@@ -1064,14 +1078,16 @@ impl Tracee {
             )
         }
         .ok()?;
-        buf.iter().take(n.max(0) as usize).find_map(|si| {
-            // SAFETY: SIGSYS with SYS_SECCOMP carries call_addr at si_addr's offset.
-            let addr = unsafe { si.si_addr() } as u64;
-            (si.si_signo == libc::SIGSYS
-                && si.si_code == SYS_SECCOMP
-                && addr == entry + arch::SYSCALL_INSN.len() as u64)
-                .then_some(addr)
-        })
+        buf.iter()
+            .take(usize::try_from(n).unwrap_or(0))
+            .find_map(|si| {
+                // SAFETY: SIGSYS with SYS_SECCOMP carries call_addr at si_addr's offset.
+                let addr = unsafe { si.si_addr() } as u64;
+                (si.si_signo == libc::SIGSYS
+                    && si.si_code == SYS_SECCOMP
+                    && addr == entry + arch::SYSCALL_INSN.len() as u64)
+                    .then_some(addr)
+            })
     }
 
     /// At an exit stop with our SIGSYS queued: let the thread dequeue it
@@ -1305,7 +1321,7 @@ impl Tracee {
             }
             _ => return Err("its data part is not a writable mapping of the expected size".into()),
         }
-        let mut page = vec![0u8; PAGE as usize];
+        let mut page = vec![0u8; crate::usize_of(PAGE)];
         self.read_mem(base, &mut page).map_err(|e| e.to_string())?;
         if page != arch::code_page() {
             return Err(
@@ -1327,7 +1343,7 @@ impl Tracee {
         if let Some(pc) = self.stopped_in_stub
             && (stubs..stubs + (SLOTS * STUB_STRIDE) as u64).contains(&pc)
         {
-            taken |= 1 << ((pc - stubs) as usize / STUB_STRIDE);
+            taken |= 1 << (crate::usize_of(pc - stubs) / STUB_STRIDE);
         }
         for (_, pc) in proc::threads_with_pc_in(
             self.pid,
@@ -1335,7 +1351,7 @@ impl Tracee {
             stubs,
             stubs + (SLOTS * STUB_STRIDE) as u64,
         ) {
-            taken |= 1 << ((pc - stubs) as usize / STUB_STRIDE);
+            taken |= 1 << (crate::usize_of(pc - stubs) / STUB_STRIDE);
         }
         let mut c = claims();
         let bits = c.entry((self.pid, base)).or_insert(0);
@@ -1383,7 +1399,7 @@ impl Tracee {
                 pid: self.pid,
                 tid: self.tid,
                 step: "mmap",
-                errno: Errno::from_raw(-ret as i32),
+                errno: errno_of(ret),
             });
         }
         let base = ret as u64;
@@ -1430,7 +1446,7 @@ impl Tracee {
                     pid: self.pid,
                     tid: self.tid,
                     step: "mprotect",
-                    errno: Errno::from_raw(-e as i32),
+                    errno: errno_of(e),
                 });
             }
             Err(e) => {
@@ -1457,7 +1473,7 @@ impl Tracee {
             tracing::debug!(
                 "process {}: naming the scratch area failed ({}); it is recognised by its header",
                 self.pid,
-                Errno::from_raw(-named as i32)
+                errno_of(named)
             );
         }
         // Children forked by the target do not need it.
@@ -1477,7 +1493,7 @@ impl Tracee {
             Ok(e) => tracing::warn!(
                 "process {}: munmap of the scratch area at {base:#x}: {}",
                 self.pid,
-                Errno::from_raw(-e as i32)
+                errno_of(e)
             ),
             Err(e) => tracing::warn!(
                 "process {}: munmap of the scratch area at {base:#x}: {e}",
@@ -1541,7 +1557,7 @@ impl Tracee {
                 pid: self.pid,
                 tid: self.tid,
                 addr: base,
-                errno: Errno::from_raw(-ret as i32),
+                errno: errno_of(ret),
             });
         }
         self.scratch = None;
@@ -1576,7 +1592,7 @@ impl Tracee {
                 tracing::warn!(
                     "process {}: munmap of the leftover scratch area at {base:#x}: {}",
                     self.pid,
-                    Errno::from_raw(-ret as i32)
+                    errno_of(ret)
                 );
             }
         }

@@ -181,7 +181,10 @@ fn stub_code(k: usize) -> Vec<u8> {
     // the displacement being its last 4) to `frame + off`.
     fn rel(c: &[u8], at: usize, len: usize, target: usize) -> [u8; 4] {
         let next = at + c.len() + len;
-        ((target as i64 - next as i64) as i32).to_le_bytes()
+        // Both lie in one STUB_STRIDE-sized stub and frame area.
+        i32::try_from(target as i64 - next as i64)
+            .expect("a stub's displacement fits 32 bits")
+            .to_le_bytes()
     }
     c.extend_from_slice(&[0x0f, 0x05]); // syscall
     let d = rel(&c, at, 6, frame + F_RFLAGS);
@@ -334,7 +337,7 @@ mod unit {
     #[test]
     fn code_page_layout() {
         let p = code_page();
-        assert_eq!(p.len(), PAGE as usize);
+        assert_eq!(p.len(), crate::usize_of(PAGE));
         assert!(proc::header_is_ours(&p));
         assert_eq!(&p[NAME_OFF..NAME_OFF + NAME.len()], NAME);
         for k in 0..SLOTS {
@@ -342,7 +345,7 @@ mod unit {
             assert_eq!(&p[at..at + 2], &[0x0f, 0x05]);
         }
         const { assert!(FRAMES_OFF + SLOTS * FRAME_STRIDE <= DATA_OFF) };
-        const { assert!(STUB_OFF + SLOTS * STUB_STRIDE <= PAGE as usize) };
+        const { assert!(STUB_OFF + SLOTS * STUB_STRIDE <= crate::usize_of(PAGE)) };
     }
 
     #[test]
