@@ -1311,14 +1311,43 @@ fn open_in(inj: &mut Injector, pid: i32, path: &str, flags: i32) -> Result<i32, 
             0,
         ],
     )?;
+    opened(pid, "opening a file", path, r)
+}
+
+/// Write all of `data` at once into the pipe or FIFO `fd`, sized for it
+/// beforehand (`what` prefixes the error: the FIFO's path).
+fn refill(
+    pid: i32,
+    step: &'static str,
+    what: &str,
+    fd: &impl std::os::fd::AsFd,
+    data: &[u8],
+) -> Result<(), RestoreError> {
+    match nix::unistd::write(fd, data) {
+        Ok(n) if n == data.len() => Ok(()),
+        Ok(n) => Err(RestoreError::Step {
+            pid,
+            step,
+            what: format!("{what}wrote {n} of {} bytes", data.len()),
+        }),
+        Err(e) => Err(RestoreError::Step {
+            pid,
+            step,
+            what: format!("{what}writing {} bytes: {e}", data.len()),
+        }),
+    }
+}
+
+/// The fd an injected open of `path` returned, or the error naming it.
+fn opened(pid: i32, step: &'static str, path: &str, r: i64) -> Result<i32, RestoreError> {
     if r < 0 {
         return Err(RestoreError::Step {
             pid,
-            step: "opening a file",
+            step,
             what: format!("{path}: {}", os_error(r)),
         });
     }
-    check_int(pid, "opening a file", r)
+    check_int(pid, step, r)
 }
 
 /// Step 3: tern's memory out, the image's in. Returns pages written.
@@ -1752,15 +1781,7 @@ fn open_fifos(
                 data.len()
             );
         } else if !data.is_empty() {
-            // SAFETY: write from a valid buffer.
-            let n = unsafe { libc::write(writer.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-            if n != data.len() as isize {
-                return Err(step::<String>(pid, "refilling a FIFO")(format!(
-                    "{path}: wrote {n} of {} bytes: {}",
-                    data.len(),
-                    std::io::Error::last_os_error()
-                )));
-            }
+            refill(pid, "refilling a FIFO", &format!("{path}: "), &writer, data)?;
         }
         out.push((fd, Some(writer)));
     }
@@ -1821,15 +1842,7 @@ fn restore_fd(
                             i32::try_from(data.len().max(4096)).unwrap_or(i32::MAX),
                         )
                     };
-                    // SAFETY: write from a valid buffer.
-                    let n = unsafe { libc::write(w.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-                    if n != data.len() as isize {
-                        return Err(step::<String>(pid, "refilling a pipe")(format!(
-                            "wrote {n} of {} bytes: {}",
-                            data.len(),
-                            std::io::Error::last_os_error()
-                        )));
-                    }
+                    refill(pid, "refilling a pipe", "", &w, data)?;
                 }
                 pipes.insert(
                     name.clone(),
@@ -1944,14 +1957,7 @@ fn open_in_plain(
         libc::SYS_openat,
         [libc::AT_FDCWD as u64, a, flags as u64, 0, 0, 0],
     )?;
-    if r < 0 {
-        return Err(RestoreError::Step {
-            pid,
-            step: "reopening a file",
-            what: format!("{path}: {}", os_error(r)),
-        });
-    }
-    check_int(pid, "opening a file", r)
+    opened(pid, "reopening a file", path, r)
 }
 
 /// Step 4, per thread.

@@ -245,19 +245,22 @@ enum Reading {
     Got(FdInfo),
 }
 
+/// The error of `what`, done to `pid`'s `fd`.
+fn fd_err(pid: i32, fd: i32, what: String) -> impl FnOnce(std::io::Error) -> FdsError {
+    move |source| FdsError::Fd {
+        pid,
+        fd,
+        what,
+        source,
+    }
+}
+
 /// One consistent reading of `pid`'s `fd`: link, fdinfo and stat, then the
 /// link again.
 fn read_fd(pid: i32, fd: i32) -> Result<Reading, FdsError> {
     let lpath = format!("/proc/{pid}/fd/{fd}");
     let ipath = format!("/proc/{pid}/fdinfo/{fd}");
-    let err = |what: String| {
-        move |source| FdsError::Fd {
-            pid,
-            fd,
-            what,
-            source,
-        }
-    };
+    let err = |what: String| fd_err(pid, fd, what);
     macro_rules! get {
         ($e:expr, $what:expr) => {
             match $e {
@@ -424,14 +427,7 @@ fn sys_fionread(f: &impl AsFd) -> Result<usize, Errno> {
 /// effects).
 fn open_pipe(pid: i32, fd: i32) -> Result<File, FdsError> {
     let path = format!("/proc/{pid}/fd/{fd}");
-    let fd_err = |what: String| {
-        move |source| FdsError::Fd {
-            pid,
-            fd,
-            what,
-            source,
-        }
-    };
+    let fd_err = |what: String| fd_err(pid, fd, what);
     let md = std::fs::metadata(&path).map_err(fd_err(format!("stat {path}")))?;
     if !md.file_type().is_fifo() {
         let link = std::fs::read_link(&path)

@@ -53,45 +53,57 @@ pub fn plain(req: c_uint, tid: i32, addr: u64, data: u64) -> Result<c_long, Errn
 /// `PTRACE_GETREGSET` of register set `note` into `buf`: the number of
 /// bytes the kernel filled (it cuts a larger set to `buf.len()`).
 pub fn get_regset(tid: i32, note: u32, buf: &mut [u8]) -> Result<usize, Errno> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: GETREGSET takes the note type as an integer in `addr` and a
-    // `struct iovec` in `data`; the kernel writes at most `iov_len` bytes at
-    // `iov_base`, which is `buf` (borrowed exclusively for the call), and
-    // writes back `iov_len`.
+    // SAFETY: `buf` is borrowed exclusively for the call, so the kernel
+    // may write its `len` bytes.
     unsafe {
-        request(
+        regset(
             libc::PTRACE_GETREGSET,
             tid,
-            u64::from(note),
-            &raw mut iov as u64,
+            note,
+            buf.as_mut_ptr(),
+            buf.len(),
         )
-    }?;
-    Ok(iov.iov_len.min(buf.len()))
+    }
 }
 
 /// `PTRACE_SETREGSET` of register set `note` from `data`: the number of
 /// bytes the kernel took (it ignores what lies beyond its set).
 pub fn set_regset(tid: i32, note: u32, data: &[u8]) -> Result<usize, Errno> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr().cast_mut().cast(),
-        iov_len: data.len(),
-    };
-    // SAFETY: SETREGSET takes the note type as an integer in `addr` and a
-    // `struct iovec` in `data`; the kernel only reads (at most `iov_len`
-    // bytes at `iov_base`, which is `data`) and writes back `iov_len` into
-    // `iov`, our own local.
+    // SAFETY: SETREGSET only reads the `len` bytes of `data`.
     unsafe {
-        request(
+        regset(
             libc::PTRACE_SETREGSET,
             tid,
-            u64::from(note),
-            &raw mut iov as u64,
+            note,
+            data.as_ptr().cast_mut(),
+            data.len(),
         )
-    }?;
-    Ok(iov.iov_len.min(data.len()))
+    }
+}
+
+/// GETREGSET/SETREGSET through a `struct iovec` of `len` bytes at `base`.
+///
+/// # Safety
+///
+/// `base` must point to `len` bytes the kernel may read (SET) or write
+/// (GET) for the duration of the call.
+pub(crate) unsafe fn regset(
+    req: c_uint,
+    tid: i32,
+    note: u32,
+    base: *mut u8,
+    len: usize,
+) -> Result<usize, Errno> {
+    let mut iov = libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    };
+    // SAFETY: GETREGSET/SETREGSET take the note type as an integer in
+    // `addr` and a `struct iovec` in `data`; the kernel uses at most
+    // `iov_len` bytes at `iov_base` (valid, by this function's contract)
+    // and writes back `iov_len` into `iov`, our local.
+    unsafe { request(req, tid, u64::from(note), &raw mut iov as u64) }?;
+    Ok(iov.iov_len.min(len))
 }
 
 #[cfg(test)]

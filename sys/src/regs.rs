@@ -1261,7 +1261,6 @@ pub(crate) mod testutil {
     /// Serialises the ptrace tests of this module and `signals` (they fork
     /// and the machine has two cores) and checks for root.
     pub fn serial() -> MutexGuard<'static, ()> {
-        // SAFETY: geteuid has no preconditions.
         assert_eq!(
             // SAFETY: takes no arguments and cannot fail.
             unsafe { libc::geteuid() },
@@ -1292,7 +1291,8 @@ pub(crate) mod testutil {
     }
 
     impl Child {
-        fn decode(st: i32) -> i32 {
+        /// Exit code, or 128 + signal.
+        pub fn decode(st: i32) -> i32 {
             if libc::WIFEXITED(st) {
                 libc::WEXITSTATUS(st)
             } else {
@@ -1300,25 +1300,39 @@ pub(crate) mod testutil {
             }
         }
 
-        /// Exit code (128 + signal for a kill), waiting at most `timeout`.
-        pub fn wait(&mut self, timeout: Duration) -> i32 {
-            let end = Instant::now() + timeout;
-            while self.status.is_none() {
+        /// The exit status if the child has ended (-1 if it cannot be
+        /// waited for), without blocking.
+        pub fn try_wait(&mut self) -> Option<i32> {
+            if self.status.is_none() {
                 let mut st = 0;
-                // SAFETY: waitpid writes one int.
+                // SAFETY: waitpid writes one int, into `st`, a local.
                 let r = unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG) };
                 if r == self.pid {
                     self.status = Some(Self::decode(st));
                 } else if r < 0 {
                     self.status = Some(-1);
-                } else if Instant::now() > end {
-                    self.kill();
-                    panic!("child {} did not exit within {timeout:?}", self.pid);
-                } else {
-                    std::thread::sleep(Duration::from_millis(2));
                 }
             }
-            self.status.unwrap_or(-1)
+            self.status
+        }
+
+        pub fn alive(&mut self) -> bool {
+            self.try_wait().is_none()
+        }
+
+        /// Exit code (128 + signal for a kill), waiting at most `timeout`.
+        pub fn wait(&mut self, timeout: Duration) -> i32 {
+            let end = Instant::now() + timeout;
+            loop {
+                if let Some(s) = self.try_wait() {
+                    return s;
+                }
+                if Instant::now() > end {
+                    self.kill();
+                    panic!("child {} did not exit within {timeout:?}", self.pid);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
 
         pub fn kill(&mut self) {

@@ -31,7 +31,7 @@ use nix::errno::Errno;
 
 use super::layout::*;
 use super::tracee::FRAME_MAGIC;
-use crate::ptrace;
+use crate::ptrace::{self, regset};
 
 /// The general registers and the syscall number (`pt_regs->syscallno`;
 /// -1 when no syscall is in progress), which decides whether the kernel
@@ -98,32 +98,6 @@ pub(crate) fn zeroed() -> Regs {
         gp: unsafe { std::mem::zeroed() },
         syscallno: NO_SYSCALL,
     }
-}
-
-/// `PTRACE_GETREGSET`/`PTRACE_SETREGSET` of `note` through `len` bytes at
-/// `buf`: how many the kernel filled or took.
-///
-/// # Safety
-///
-/// `buf` must point to `len` bytes the caller owns for the call (writable
-/// and unaliased for GETREGSET).
-unsafe fn regset(
-    req: c_uint,
-    tid: i32,
-    note: u32,
-    buf: *mut u8,
-    len: usize,
-) -> Result<usize, Errno> {
-    let mut iov = libc::iovec {
-        iov_base: buf.cast(),
-        iov_len: len,
-    };
-    // SAFETY: GETREGSET/SETREGSET take the note type in `addr` and a
-    // `struct iovec` in `data`; the kernel reads or writes at most `len`
-    // bytes at `buf`, which the caller owns for the call (this function's
-    // contract).
-    unsafe { ptrace::request(req, tid, u64::from(note), &raw mut iov as u64) }?;
-    Ok(iov.iov_len)
 }
 
 pub(crate) fn getregs(tid: i32) -> Result<Regs, (&'static str, Errno)> {

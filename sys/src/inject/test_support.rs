@@ -52,83 +52,9 @@ pub(crate) fn shared() -> &'static Shared {
     }
 }
 
-/// A forked child; killed and reaped on drop.
-pub(crate) struct Child {
-    pub(crate) pid: i32,
-    pub(crate) status: Option<i32>,
-}
-
-pub(crate) fn fork_child(f: impl FnOnce() -> i32) -> Child {
-    // SAFETY: see the module docs; the child runs `f` and _exit()s.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-    if pid == 0 {
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
-        // SAFETY: ends this (forked) process at once; nothing after it runs.
-        unsafe { libc::_exit(code) };
-    }
-    Child { pid, status: None }
-}
-
-impl Child {
-    /// Exit code, or 128 + signal.
-    pub(crate) fn decode(st: i32) -> i32 {
-        if libc::WIFEXITED(st) {
-            libc::WEXITSTATUS(st)
-        } else {
-            128 + libc::WTERMSIG(st)
-        }
-    }
-
-    pub(crate) fn try_wait(&mut self) -> Option<i32> {
-        if self.status.is_none() {
-            let mut st = 0;
-            // SAFETY: waitpid(2) writes at most one int, into a local status (or none for a null pointer).
-            let r = unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG) };
-            if r == self.pid {
-                self.status = Some(Self::decode(st));
-            } else if r < 0 {
-                self.status = Some(-1);
-            }
-        }
-        self.status
-    }
-
-    pub(crate) fn alive(&mut self) -> bool {
-        self.try_wait().is_none()
-    }
-
-    pub(crate) fn wait(&mut self, timeout: Duration) -> i32 {
-        let end = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return s;
-            }
-            if Instant::now() > end {
-                self.kill();
-                panic!("child {} did not exit within {timeout:?}", self.pid);
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    pub(crate) fn kill(&mut self) {
-        if self.status.is_none() {
-            // SAFETY: kill(2) takes integers only.
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
-            let mut st = 0;
-            // SAFETY: waitpid(2) writes at most one int, into a local status (or none for a null pointer).
-            let r = unsafe { libc::waitpid(self.pid, &mut st, 0) };
-            self.status = Some(if r == self.pid { Self::decode(st) } else { -1 });
-        }
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+/// The forked children of the tests: one helper for `regs`, `signals`
+/// and the injector.
+pub(crate) use crate::regs::testutil::{Child, fork_child};
 
 pub(crate) fn tracer_of(pid: i32) -> i32 {
     proc::status(pid, Some(pid)).unwrap().tracerpid
