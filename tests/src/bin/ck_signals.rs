@@ -342,7 +342,7 @@ fn received(from: usize) -> Vec<Got> {
             let g = |k: usize| r[k].load(Ordering::SeqCst);
             Got {
                 sig: i32::try_from(g(0)).unwrap(),
-                code: i32::try_from(g(1)).unwrap(),
+                code: i32::try_from(g(1).cast_signed()).unwrap(),
                 value: g(2) as i64,
                 pid: i32::try_from(g(3)).unwrap(),
                 uid: u32::try_from(g(4)).unwrap(),
