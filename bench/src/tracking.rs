@@ -648,7 +648,7 @@ fn run_track(opts: &Opts, w: &mut Dirtier, log: &mut dyn FnMut(String)) -> Resul
     use std::io::BufRead;
     let per_window = opts
         .min_rounds
-        .max(opts.window_ms.div_ceil(opts.period_ms) as usize)
+        .max(usize::try_from(opts.window_ms.div_ceil(opts.period_ms)).unwrap_or(usize::MAX))
         .min(opts.max_rounds);
     let mut per_frac = Vec::new();
     for &frac in &opts.fracs {

@@ -82,8 +82,9 @@ impl AsyncWp {
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
+        let raw = i32::try_from(raw).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
         // SAFETY: a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut api = UffdioApi {
             api: UFFD_API,
             features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,

@@ -88,7 +88,7 @@ impl Inventory {
             page_size: crate::PAGE_SIZE,
             created_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                 .unwrap_or(0),
             tracking: None,
             seal: None,
@@ -123,7 +123,11 @@ impl Inventory {
                 format!("\"format\" is not \"{FORMAT_NAME}\""),
             ));
         }
-        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        // A version beyond u32 is as unknown as any other too new.
+        let version = value
+            .get("version")
+            .and_then(|v| v.as_u64())
+            .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
         if version != FORMAT_VERSION {
             return Err(ImageError::Version {
                 path,

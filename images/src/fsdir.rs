@@ -790,6 +790,7 @@ mod tests {
         d.write_atomic("x.json", b"{}", false).unwrap();
         let sub = d.create_subdir("pipes").unwrap();
         drop(sub.create_file("p.bin").unwrap());
+        // SAFETY: umask(2) takes and returns an integer.
         unsafe { libc::umask(old) };
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&root.path().join("a")), 0o700);
@@ -835,6 +836,7 @@ mod tests {
         std::os::unix::fs::symlink(root.path(), &other).unwrap();
         // SAFETY: lchown of our own test link.
         let c = CString::new(other.as_os_str().as_bytes()).unwrap();
+        // SAFETY: the path is a NUL-terminated CString that outlives the call.
         assert_eq!(unsafe { libc::lchown(c.as_ptr(), 1001, 1001) }, 0);
         let err = ImageDir::create(&other.join("img"))
             .unwrap_err()

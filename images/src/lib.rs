@@ -305,7 +305,7 @@ impl Image {
     /// unchecked: [`decode_blob`] checks and decodes them.
     pub fn read_stored(&self, entry: &PageEntry) -> Result<Vec<u8>, ImageError> {
         use std::os::unix::fs::FileExt;
-        let mut stored = vec![0u8; entry.stored_len() as usize];
+        let mut stored = vec![0u8; sys::usize_of(entry.stored_len())];
         self.pages
             .read_exact_at(&mut stored, entry.offset)
             .map_err(|e| ImageError::io(&self.pages_path(), e))?;

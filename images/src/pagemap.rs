@@ -81,10 +81,12 @@ impl PageEntry {
     pub fn offset(&self) -> u64 {
         self.offset
     }
+    /// A marker entry for `range`, which must count at most `u32::MAX`
+    /// pages (the writer splits larger ones); a larger one is cut there.
     pub(crate) fn marker(kind: PageKind, range: PageRange) -> PageEntry {
         PageEntry {
             start: range.start,
-            nr_pages: range.pages() as u32,
+            nr_pages: u32::try_from(range.pages()).unwrap_or(u32::MAX),
             kind,
             codec: CODEC_RAW,
             offset: 0,
@@ -131,7 +133,11 @@ impl PageMap {
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        // u32::MAX entries would be a 160 GiB page map, never built in
+        // memory; were it, the clamped count would make readers refuse
+        // the file (its length disagrees), not misread it.
+        let count = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&count.to_le_bytes());
         out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&body);
@@ -268,7 +274,7 @@ pub(crate) fn read_entry_data_from(
         ));
     }
     // Bounded by the page map's checks (at most MAX_BLOB_PAGES pages).
-    let mut stored = vec![0u8; e.stored_len as usize];
+    let mut stored = vec![0u8; sys::usize_of(e.stored_len)];
     f.read_exact_at(&mut stored, e.offset)
         .map_err(|err| ImageError::io(path, err))?;
     decode_blob(path, e, stored)
@@ -279,7 +285,7 @@ pub(crate) fn read_entry_data_from(
 pub fn decode_blob(path: &Path, e: &PageEntry, stored: Vec<u8>) -> Result<Vec<u8>, ImageError> {
     check_crc(path, e, &stored)?;
     if e.codec == CODEC_RAW {
-        let want = e.nr_pages as usize * PAGE_SIZE as usize;
+        let want = e.nr_pages as usize * sys::usize_of(PAGE_SIZE);
         if stored.len() != want {
             return Err(ImageError::corrupt(
                 path,
@@ -318,7 +324,7 @@ pub fn decode_blob_into(
     stored: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), ImageError> {
-    let want = e.nr_pages as usize * PAGE_SIZE as usize;
+    let want = e.nr_pages as usize * sys::usize_of(PAGE_SIZE);
     out.resize(want, 0);
     let got = match e.codec {
         CODEC_RAW => {

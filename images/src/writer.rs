@@ -171,7 +171,7 @@ impl ImageWriter {
         let f = self.pages.get_mut();
         let mut at = 0u64;
         while at < bytes {
-            let n = (bytes - at).min(zeros.len() as u64) as usize;
+            let n = sys::usize_of((bytes - at).min(zeros.len() as u64));
             f.write_all(&zeros[..n])
                 .map_err(|e| ImageError::io(&path, e))?;
             at += n as u64;
@@ -186,7 +186,7 @@ impl ImageWriter {
     /// All-zero pages become `Zero` entries and are not stored.
     pub fn add_pages(&mut self, start: u64, bytes: &[u8]) -> Result<(), ImageError> {
         assert!(start.is_multiple_of(PAGE_SIZE) && (bytes.len() as u64).is_multiple_of(PAGE_SIZE));
-        let ps = PAGE_SIZE as usize;
+        let ps = sys::usize_of(PAGE_SIZE);
         let mut run_start = 0usize; // index of first page of the current run
         let mut run_zero = None::<bool>;
         let npages = bytes.len() / ps;
@@ -225,14 +225,23 @@ impl ImageWriter {
     }
 
     fn add_marker(&mut self, kind: PageKind, range: PageRange) {
+        // An entry counts at most u32::MAX pages (16 TiB): a larger range
+        // takes several.
+        let most = u64::from(u32::MAX);
+        if range.pages() > most {
+            let mid = range.start + most * PAGE_SIZE;
+            self.add_marker(kind, PageRange::new(range.start, mid));
+            self.add_marker(kind, PageRange::new(mid, range.end));
+            return;
+        }
         self.count_marker(kind, range);
         // Merge with the marker of the same kind just below, when adjacent.
         if let Some((_, last)) = self.entries.range_mut(..range.start).next_back()
             && last.kind == kind
             && last.end() == range.start
-            && (last.nr_pages as u64 + range.pages()) < u32::MAX as u64
+            && let Ok(merged) = u32::try_from(u64::from(last.nr_pages) + range.pages())
         {
-            last.nr_pages += range.pages() as u32;
+            last.nr_pages = merged;
             return;
         }
         self.insert(PageEntry::marker(kind, range));
@@ -293,8 +302,8 @@ impl ImageWriter {
                     let Some(data) = data else { continue };
                     for part in [left, right] {
                         if !part.is_empty() {
-                            let at = (part.start - e.start) as usize;
-                            let bytes = &data[at..at + part.len() as usize];
+                            let at = sys::usize_of(part.start - e.start);
+                            let bytes = &data[at..at + sys::usize_of(part.len())];
                             self.write_blob(part.start, bytes)?;
                         }
                     }
@@ -366,7 +375,15 @@ impl ImageWriter {
         self.pages
             .write_all(&stored)
             .map_err(|e| ImageError::io(&path, e))?;
-        let nr = (chunk.len() as u64 / PAGE_SIZE) as u32;
+        let nr = u32::try_from(chunk.len() as u64 / PAGE_SIZE).map_err(|_| {
+            ImageError::InvalidPageMap {
+                path: path.clone(),
+                what: format!(
+                    "a chunk of {} bytes, more pages than an entry counts",
+                    chunk.len()
+                ),
+            }
+        })?;
         self.insert(PageEntry {
             start: addr,
             nr_pages: nr,
@@ -466,6 +483,7 @@ impl ImageWriter {
 
 fn is_zero(page: &[u8]) -> bool {
     // Compare in u64 words; the compiler vectorizes this.
+    // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned middle of the slice.
     let (pre, mid, post) = unsafe { page.align_to::<u64>() };
     pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
@@ -646,8 +664,10 @@ mod tests {
     fn long_runs_are_split_into_blobs() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = ImageWriter::create(dir.path(), true).unwrap();
-        let n = MAX_BLOB_PAGES as usize * 2 + 3;
-        let bytes: Vec<u8> = (0..n * 4096).map(|i| (i / 4096 % 251 + 1) as u8).collect();
+        let n = sys::usize_of(MAX_BLOB_PAGES) * 2 + 3;
+        let bytes: Vec<u8> = (0..n * 4096)
+            .map(|i| (i / 4096 % 251 + 1).to_le_bytes()[0])
+            .collect();
         w.add_pages(0x100000, &bytes).unwrap();
         let inv = Inventory::new(ImageKind::PreDump, 1, "full", true);
         w.finish(&mm(), &inv).unwrap();
@@ -671,7 +691,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let mut w = ImageWriter::create(dir.path(), compress).unwrap();
             // Model: None = nothing recorded, Some(None) = hole, Some(Some(b)) = bytes.
-            let mut model: Vec<Option<Option<Vec<u8>>>> = vec![None; PAGES as usize];
+            let mut model: Vec<Option<Option<Vec<u8>>>> = vec![None; sys::usize_of(PAGES)];
             let mut seed = 0x9e37_79b9_7f4a_7c15u64;
             let mut rnd = |n: u64| {
                 seed ^= seed << 13;
@@ -688,21 +708,22 @@ mod tests {
                 if rnd(4) == 0 {
                     w.add_hole(r);
                     for p in first..first + count {
-                        model[p as usize] = Some(None);
+                        model[sys::usize_of(p)] = Some(None);
                     }
                 } else {
-                    let mut bytes = vec![0u8; (count * PAGE_SIZE) as usize];
+                    let mut bytes = vec![0u8; sys::usize_of(count * PAGE_SIZE)];
                     for p in 0..count {
                         // Some pages all zero, the others marked with round and page.
                         if rnd(3) != 0 {
-                            let at = (p * PAGE_SIZE) as usize;
-                            bytes[at..at + 4096].fill(round.wrapping_mul(7) ^ p as u8 | 1);
+                            let at = sys::usize_of(p * PAGE_SIZE);
+                            bytes[at..at + 4096]
+                                .fill(round.wrapping_mul(7) ^ p.to_le_bytes()[0] | 1);
                         }
                     }
                     w.add_pages(r.start, &bytes).unwrap();
                     for p in 0..count {
-                        let at = (p * PAGE_SIZE) as usize;
-                        model[(first + p) as usize] = Some(Some(bytes[at..at + 4096].to_vec()));
+                        let at = sys::usize_of(p * PAGE_SIZE);
+                        model[sys::usize_of(first + p)] = Some(Some(bytes[at..at + 4096].to_vec()));
                     }
                 }
             }
@@ -711,21 +732,21 @@ mod tests {
             let st = w.finish(&mm(), &inv).unwrap();
             assert_eq!(st, expect);
             let img = Image::open(dir.path()).unwrap();
-            let mut seen = vec![None; PAGES as usize];
+            let mut seen = vec![None; sys::usize_of(PAGES)];
             for e in &img.pagemap.entries {
                 let data = (e.kind == PageKind::Data).then(|| img.read_entry(e).unwrap());
                 for i in 0..e.nr_pages as u64 {
-                    let p = ((e.start - BASE) / PAGE_SIZE + i) as usize;
+                    let p = sys::usize_of((e.start - BASE) / PAGE_SIZE + i);
                     assert!(seen[p].is_none(), "page {p} in two entries");
                     seen[p] = Some(match (e.kind, &data) {
                         (PageKind::Hole, _) => None,
                         (PageKind::Zero, _) => Some(vec![0u8; 4096]),
-                        (_, Some(d)) => Some(d[(i * PAGE_SIZE) as usize..][..4096].to_vec()),
+                        (_, Some(d)) => Some(d[sys::usize_of(i * PAGE_SIZE)..][..4096].to_vec()),
                         _ => unreachable!(),
                     });
                 }
             }
-            for p in 0..PAGES as usize {
+            for p in 0..sys::usize_of(PAGES) {
                 assert_eq!(seen[p], model[p], "page {p} (compress {compress})");
             }
             let data: u64 = model
@@ -755,7 +776,9 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let mut w = ImageWriter::create(dir.path(), false).unwrap();
             w.preallocate(pre).unwrap();
-            let bytes: Vec<u8> = (0..pages * 4096).map(|i| (i % 253) as u8 + 1).collect();
+            let bytes: Vec<u8> = (0..pages * 4096)
+                .map(|i| (i % 253).to_le_bytes()[0] + 1)
+                .collect();
             w.add_pages(0x10000, &bytes).unwrap();
             let inv = Inventory::new(ImageKind::PreDump, 1, "full", false);
             let mut m = mm();

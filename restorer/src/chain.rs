@@ -303,7 +303,7 @@ impl ImageChain {
         cache: &BlobCache,
     ) -> Result<Vec<u8>, ChainError> {
         assert!(range.start >= vma.start && range.end <= vma.end);
-        let mut out = vec![0u8; range.len() as usize];
+        let mut out = vec![0u8; sys::usize_of(range.len())];
         // The last decoded blob (consecutive pages usually share it), in a
         // buffer reused from blob to blob.
         let mut cached: Option<(usize, u64)> = None;
@@ -311,8 +311,8 @@ impl ImageChain {
         let mut backing: Option<std::fs::File> = None;
         let mut addr = range.start;
         while addr < range.end {
-            let off = (addr - range.start) as usize;
-            let page = &mut out[off..off + PAGE_SIZE as usize];
+            let off = sys::usize_of(addr - range.start);
+            let page = &mut out[off..off + sys::usize_of(PAGE_SIZE)];
             match self.source(addr) {
                 PageSource::Data { image, entry } => {
                     if cached != Some((image, entry.start)) {
@@ -329,8 +329,8 @@ impl ImageChain {
                         }
                         cached = Some((image, entry.start));
                     }
-                    let o = (addr - entry.start) as usize;
-                    page.copy_from_slice(&blob[o..o + PAGE_SIZE as usize]);
+                    let o = sys::usize_of(addr - entry.start);
+                    page.copy_from_slice(&blob[o..o + sys::usize_of(PAGE_SIZE)]);
                 }
                 PageSource::Zero => {}
                 PageSource::Hole => {

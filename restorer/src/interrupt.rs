@@ -103,8 +103,10 @@ fn watch(set: libc::sigset_t, child: Arc<AtomicI32>, stop: Arc<AtomicBool>) {
         }
         let pid = child.load(Ordering::SeqCst);
         if pid > 0 {
-            // SAFETY: kill and reap our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             let end = Instant::now() + Duration::from_secs(5);
             let mut how = String::from("it was not reaped within 5 s");
             while Instant::now() < end {

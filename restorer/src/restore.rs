@@ -37,7 +37,7 @@
 //! supervisor). Any failure before the last step kills it the same way.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -432,11 +432,8 @@ fn check_host_limits(dir: &Path, p: &ProcessImage, vmas: &[VmaRecord]) -> Result
         ));
     }
     let writable = |a: u64, len: u64| {
-        vmas.iter().any(|v| {
-            v.start <= a
-                && a.saturating_add(len) <= v.end
-                && v.perms.as_bytes().get(1) == Some(&b'w')
-        })
+        vmas.iter()
+            .any(|v| v.start <= a && a.saturating_add(len) <= v.end && perms(v).write)
     };
     for t in &p.threads {
         if t.robust_list != 0 && t.robust_list_len != 24 {
@@ -529,12 +526,9 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
         Err(e) => {
             // No half-restored process: it was killed as its tracers went
             // (PTRACE_O_EXITKILL); make sure, and reap it.
-            // SAFETY: plain kill/waitpid of our own child.
-            unsafe {
-                libc::kill(child, libc::SIGKILL);
-                let mut st = 0;
-                libc::waitpid(child, &mut st, libc::__WALL);
-            }
+            let child = nix::unistd::Pid::from_raw(child);
+            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::__WALL));
             drop(guard);
             Err(e)
         }
@@ -580,15 +574,7 @@ fn pid_holder(pid: i32) -> String {
 fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
     // SAFETY: getpid has no preconditions.
     let tern = unsafe { libc::getpid() };
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 fills two fds we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(step::<std::io::Error>(pid, "pipe")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: fresh fds.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step(pid, "pipe"))?;
     let tids = [pid];
     let args = sys::clone::CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
@@ -634,7 +620,7 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
         }
     }
     drop(rd);
-    Ok((r as i32, wr))
+    Ok((check_int(pid, "clone3 with set_tid", r)?, wr))
 }
 
 /// Steps 2-5. Returns the number of pages written.
@@ -646,12 +632,7 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
     // it elsewhere in its startup, also fine, but this is tidier).
     let deadline = Instant::now() + timeout;
     loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('S'))
-        {
+        if sys::proc::stat(pid, None).is_ok_and(|s| s.state == 'S') {
             break;
         }
         if Instant::now() > deadline {
@@ -699,13 +680,7 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
         let deadline = Instant::now() + timeout;
         // It blocks in the read the main thread was held in.
         loop {
-            let st =
-                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
-            if st
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('S'))
-            {
+            if sys::proc::stat(pid, Some(tid)).is_ok_and(|s| s.state == 'S') {
                 break;
             }
             if Instant::now() > deadline {
@@ -895,16 +870,30 @@ fn put(inj: &mut Injector, build: impl Fn(u64) -> Vec<u8>) -> Result<u64, Restor
     Ok(got)
 }
 
+/// A negative syscall result as the error it stands for.
+fn os_error(r: i64) -> std::io::Error {
+    match i32::try_from(-r) {
+        Ok(errno) => std::io::Error::from_raw_os_error(errno),
+        Err(_) => std::io::Error::other(format!("result {r}, no errno")),
+    }
+}
+
+/// [`check`], then the result as an int (an fd, PID or TID).
+fn check_int(pid: i32, what: &'static str, r: i64) -> Result<i32, RestoreError> {
+    let r = check(pid, what, r)?;
+    i32::try_from(r).map_err(|_| RestoreError::Step {
+        pid,
+        step: what,
+        what: format!("the kernel returned {r}, not an int"),
+    })
+}
+
 fn check(pid: i32, what: &'static str, r: i64) -> Result<i64, RestoreError> {
     if r < 0 {
         Err(RestoreError::Step {
             pid,
             step: what,
-            what: format!(
-                "errno {} ({})",
-                -r,
-                std::io::Error::from_raw_os_error(-r as i32)
-            ),
+            what: format!("errno {} ({})", -r, os_error(r)),
         })
     } else {
         Ok(r)
@@ -974,7 +963,7 @@ fn clone_thread(main: &mut Injector, pid: i32, tid: i32) -> Result<i32, RestoreE
         });
     }
     check(pid, "clone3 of a thread", r)?;
-    if r as i32 != tid {
+    if r != i64::from(tid) {
         return Err(step::<String>(pid, "clone3 of a thread")(format!(
             "got TID {r}, wanted {tid}"
         )));
@@ -986,15 +975,8 @@ fn clone_thread(main: &mut Injector, pid: i32, tid: i32) -> Result<i32, RestoreE
 /// child now.
 fn free_area(vmas: &[VmaRecord], pid: i32, len: u64) -> Result<u64, RestoreError> {
     let mut taken: Vec<(u64, u64)> = vmas.iter().map(|v| (v.start, v.end)).collect();
-    let maps =
-        std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(step(pid, "reading maps"))?;
-    for l in maps.lines() {
-        if let Some((a, b)) = l.split_whitespace().next().and_then(|r| r.split_once('-'))
-            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
-        {
-            taken.push((a, b));
-        }
-    }
+    let maps = sys::proc::maps(pid, None).map_err(step(pid, "reading maps"))?;
+    taken.extend(maps.iter().map(|m| (m.start, m.end)));
     taken.sort_unstable();
     // Below the lowest mapping above 4 GiB, a gap of 1 MiB on each side.
     let gap = 1 << 20;
@@ -1023,19 +1005,11 @@ fn is_special(v: &VmaRecord) -> bool {
     )
 }
 
-fn prot_of(perms: &str) -> u64 {
-    let b = perms.as_bytes();
-    let mut p = 0;
-    if b.first() == Some(&b'r') {
-        p |= libc::PROT_READ;
-    }
-    if b.get(1) == Some(&b'w') {
-        p |= libc::PROT_WRITE;
-    }
-    if b.get(2) == Some(&b'x') {
-        p |= libc::PROT_EXEC;
-    }
-    p as u64
+/// The VMA's permissions. The image keeps them as maps shows them
+/// ("rw-p"), checked when mm.json was read: text that is not four such
+/// letters cannot reach here, and would read as no access at all.
+pub(crate) fn perms(v: &VmaRecord) -> sys::proc::VmaPerms {
+    v.perms.parse().unwrap_or_default()
 }
 
 /// tern's scratch area, recorded by dumps made before it was left out.
@@ -1080,7 +1054,7 @@ impl MapPlan {
     fn of(v: &VmaRecord) -> MapPlan {
         let has = |f: &str| v.vm_flags.iter().any(|g| g == f);
         #[allow(unused_mut)]
-        let mut prot = prot_of(&v.perms);
+        let mut prot = u64::from(perms(v).prot().cast_unsigned());
         #[cfg(target_arch = "aarch64")]
         if has("bt") {
             prot |= PROT_BTI;
@@ -1218,7 +1192,7 @@ fn map_vma(
             ],
         )?,
         (false, Some(path)) => {
-            let writable = v.perms.as_bytes().get(1) == Some(&b'w');
+            let writable = perms(v).write;
             let mode = if writable || m.may_write_shared {
                 libc::O_RDWR
             } else {
@@ -1251,7 +1225,7 @@ fn map_vma(
                 v.name.as_deref().unwrap_or(""),
                 v.vm_flags,
                 if r < 0 {
-                    std::io::Error::from_raw_os_error(-r as i32).to_string()
+                    os_error(r).to_string()
                 } else {
                     format!("mapped at {r:#x}")
                 }
@@ -1296,7 +1270,7 @@ fn check_vma(pid: i32, v: &VmaRecord, what: &str, r: i64) -> Result<(), RestoreE
                 v.end,
                 v.perms,
                 v.name.as_deref().unwrap_or(""),
-                std::io::Error::from_raw_os_error(-r as i32)
+                os_error(r)
             ),
         });
     }
@@ -1392,14 +1366,43 @@ fn open_in(inj: &mut Injector, pid: i32, path: &str, flags: i32) -> Result<i32, 
             0,
         ],
     )?;
+    opened(pid, "opening a file", path, r)
+}
+
+/// Write all of `data` at once into the pipe or FIFO `fd`, sized for it
+/// beforehand (`what` prefixes the error: the FIFO's path).
+fn refill(
+    pid: i32,
+    step: &'static str,
+    what: &str,
+    fd: &impl std::os::fd::AsFd,
+    data: &[u8],
+) -> Result<(), RestoreError> {
+    match nix::unistd::write(fd, data) {
+        Ok(n) if n == data.len() => Ok(()),
+        Ok(n) => Err(RestoreError::Step {
+            pid,
+            step,
+            what: format!("{what}wrote {n} of {} bytes", data.len()),
+        }),
+        Err(e) => Err(RestoreError::Step {
+            pid,
+            step,
+            what: format!("{what}writing {} bytes: {e}", data.len()),
+        }),
+    }
+}
+
+/// The fd an injected open of `path` returned, or the error naming it.
+fn opened(pid: i32, step: &'static str, path: &str, r: i64) -> Result<i32, RestoreError> {
     if r < 0 {
         return Err(RestoreError::Step {
             pid,
-            step: "opening a file",
-            what: format!("{path}: {}", std::io::Error::from_raw_os_error(-r as i32)),
+            step,
+            what: format!("{path}: {}", os_error(r)),
         });
     }
-    Ok(r as i32)
+    check_int(pid, step, r)
 }
 
 /// Step 3: tern's memory out, the image's in. Returns pages written.
@@ -1420,15 +1423,8 @@ fn address_space(
             scratch + sys::inject::SCRATCH_LEN,
         )))
         .collect();
-    let maps =
-        std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(step(pid, "reading maps"))?;
-    for l in maps.lines() {
-        let Some((a, b)) = l.split_whitespace().next().and_then(|r| r.split_once('-')) else {
-            continue;
-        };
-        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
-            continue;
-        };
+    let maps = sys::proc::maps(pid, None).map_err(step(pid, "reading maps"))?;
+    for (a, b) in maps.iter().map(|m| (m.start, m.end)) {
         if a >= 0xffff_ffff_ff60_0000 || keep.iter().any(|&(s, e)| a >= s && b <= e) {
             continue;
         }
@@ -1544,7 +1540,8 @@ fn address_space(
         ] {
             b.extend_from_slice(&w.to_ne_bytes());
         }
-        b.extend_from_slice(&(auxv_len as u32).to_ne_bytes());
+        // The image's auxv is at most 256 words (checked when it was read).
+        b.extend_from_slice(&u32::try_from(auxv_len).unwrap_or(u32::MAX).to_ne_bytes());
         b.extend_from_slice(&(exe_fd as u32).to_ne_bytes());
         b
     })?;
@@ -1620,17 +1617,16 @@ fn fill(
 }
 
 fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<(), RestoreError> {
-    let local = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
+    let remote = nix::sys::uio::RemoteIoVec {
+        base: usize::try_from(addr).unwrap_or(usize::MAX),
+        len: data.len(),
     };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: local points at `data`; the kernel checks the remote range.
-    let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
-    if n != data.len() as isize {
+    let n = nix::sys::uio::process_vm_writev(
+        nix::unistd::Pid::from_raw(pid),
+        &[std::io::IoSlice::new(data)],
+        &[remote],
+    );
+    if n != Ok(data.len()) {
         return Err(RestoreError::Step {
             pid,
             step: "writing memory",
@@ -1638,10 +1634,9 @@ fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<(), RestoreError> {
                 "{:#x}+{}: {}",
                 addr,
                 data.len(),
-                if n < 0 {
-                    std::io::Error::last_os_error().to_string()
-                } else {
-                    format!("short write {n}")
+                match n {
+                    Err(e) => e.to_string(),
+                    Ok(n) => format!("short write {n}"),
                 }
             ),
         });
@@ -1687,16 +1682,9 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
     check(pid, "personality", r)?;
     // Limits, from outside.
     for l in &p.rlimits {
-        let new = libc::rlimit64 {
-            rlim_cur: l.cur,
-            rlim_max: l.max,
-        };
-        // SAFETY: prlimit64 on our child with a valid struct.
-        if unsafe { libc::prlimit64(pid, l.resource as _, &new, std::ptr::null_mut()) } != 0 {
-            return Err(step::<std::io::Error>(pid, "setting a resource limit")(
-                std::io::Error::last_os_error(),
-            ));
-        }
+        sys::rlimit::set(pid, l.resource, l.cur, l.max).map_err(|e| {
+            step::<String>(pid, "setting a resource limit")(format!("resource {}: {e}", l.resource))
+        })?;
     }
     // Handlers.
     for a in &p.sigactions {
@@ -1810,7 +1798,7 @@ fn open_fifos(
         )?;
         check(pid, "moving a FIFO's helper fd", high)?;
         main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-        let fd = high as i32;
+        let fd = check_int(pid, "moving a FIFO's helper fd", high)?;
         let theirs = sys::fds::pidfd_getfd(pid, fd).map_err(step(pid, "taking a FIFO's fd"))?;
         let file = std::fs::File::from(theirs);
         let md = file.metadata().map_err(step(pid, "stat of a FIFO"))?;
@@ -1838,7 +1826,13 @@ fn open_fifos(
         unsafe { libc::ioctl(file.as_raw_fd(), libc::FIONREAD, &mut queued) };
         if let Some(cap) = f.pipe_capacity {
             // SAFETY: fcntl on our own fd.
-            unsafe { libc::fcntl(writer.as_raw_fd(), libc::F_SETPIPE_SZ, cap as i32) };
+            unsafe {
+                libc::fcntl(
+                    writer.as_raw_fd(),
+                    libc::F_SETPIPE_SZ,
+                    i32::try_from(cap).unwrap_or(i32::MAX),
+                )
+            };
         }
         if !data.is_empty() && queued > 0 {
             tracing::warn!(
@@ -1847,15 +1841,7 @@ fn open_fifos(
                 data.len()
             );
         } else if !data.is_empty() {
-            // SAFETY: write from a valid buffer.
-            let n = unsafe { libc::write(writer.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-            if n != data.len() as isize {
-                return Err(step::<String>(pid, "refilling a FIFO")(format!(
-                    "{path}: wrote {n} of {} bytes: {}",
-                    data.len(),
-                    std::io::Error::last_os_error()
-                )));
-            }
+            refill(pid, "refilling a FIFO", &format!("{path}: "), &writer, data)?;
         }
         out.push((fd, Some(writer)));
     }
@@ -1902,17 +1888,10 @@ fn restore_fd(
         FdKind::Pipe { read_end, .. } => {
             let name = f.pipe_data.clone().unwrap_or_default();
             if !pipes.contains_key(&name) {
-                let mut fds = [0i32; 2];
-                // SAFETY: pipe2 fills two fds we then own.
-                if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0
-                {
-                    return Err(step::<std::io::Error>(pid, "creating a pipe")(
-                        std::io::Error::last_os_error(),
-                    ));
-                }
-                // SAFETY: fresh fds.
-                let (r, w) =
-                    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+                let (r, w) = nix::unistd::pipe2(
+                    nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK,
+                )
+                .map_err(step(pid, "creating a pipe"))?;
                 let data = plan.pipe_data.get(&name).map(Vec::as_slice).unwrap_or(&[]);
                 if !data.is_empty() {
                     // SAFETY: fcntl on our own fd.
@@ -1920,18 +1899,10 @@ fn restore_fd(
                         libc::fcntl(
                             w.as_raw_fd(),
                             libc::F_SETPIPE_SZ,
-                            data.len().max(4096) as i32,
+                            i32::try_from(data.len().max(4096)).unwrap_or(i32::MAX),
                         )
                     };
-                    // SAFETY: write from a valid buffer.
-                    let n = unsafe { libc::write(w.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-                    if n != data.len() as isize {
-                        return Err(step::<String>(pid, "refilling a pipe")(format!(
-                            "wrote {n} of {} bytes: {}",
-                            data.len(),
-                            std::io::Error::last_os_error()
-                        )));
-                    }
+                    refill(pid, "refilling a pipe", "", &w, data)?;
                 }
                 pipes.insert(
                     name.clone(),
@@ -1972,7 +1943,13 @@ fn restore_fd(
             };
             if let Some(cap) = f.pipe_capacity {
                 // SAFETY: fcntl on our own fd.
-                unsafe { libc::fcntl(ours, libc::F_SETPIPE_SZ, cap as i32) };
+                unsafe {
+                    libc::fcntl(
+                        ours,
+                        libc::F_SETPIPE_SZ,
+                        i32::try_from(cap).unwrap_or(i32::MAX),
+                    )
+                };
             }
             // The end's status flags (O_NONBLOCK) as dumped.
             let status =
@@ -1992,7 +1969,7 @@ fn restore_fd(
                 [pidfd as u64, ours as u64, 0, 0, 0, 0],
             )?;
             main.syscall(libc::SYS_close, [pidfd as u64, 0, 0, 0, 0, 0])?;
-            check(pid, "pidfd_getfd of a refilled pipe", fd)? as i32
+            check_int(pid, "pidfd_getfd of a refilled pipe", fd)?
         }
         FdKind::Fifo { path, .. } => open_in_plain(main, pid, path, open_flags)?,
         other => {
@@ -2040,14 +2017,7 @@ fn open_in_plain(
         libc::SYS_openat,
         [libc::AT_FDCWD as u64, a, flags as u64, 0, 0, 0],
     )?;
-    if r < 0 {
-        return Err(RestoreError::Step {
-            pid,
-            step: "reopening a file",
-            what: format!("{path}: {}", std::io::Error::from_raw_os_error(-r as i32)),
-        });
-    }
-    Ok(r as i32)
+    opened(pid, "reopening a file", path, r)
 }
 
 /// Step 4, per thread.
@@ -2169,7 +2139,7 @@ fn fs_ids_of_image(
     // setfsuid/setfsgid say only the old value: ask again.
     let u = main.syscall(libc::SYS_setfsuid, [u32::MAX as u64, 0, 0, 0, 0, 0])?;
     let g = main.syscall(libc::SYS_setfsgid, [u32::MAX as u64, 0, 0, 0, 0, 0])?;
-    if u as u32 != c.uid[3] || g as u32 != c.gid[3] {
+    if u != i64::from(c.uid[3]) || g != i64::from(c.gid[3]) {
         return Err(step::<String>(pid, "taking the image's filesystem ids")(
             format!(
                 "fsuid {u}, fsgid {g} instead of {} and {}",
@@ -2210,7 +2180,10 @@ fn capset(
     b.extend_from_slice(&0i32.to_ne_bytes());
     for half in [0, 32] {
         for set in [eff, prm, inh] {
-            b.extend_from_slice(&((set >> half) as u32).to_ne_bytes());
+            // The low and high 32 bits of each set, on purpose.
+            #[allow(clippy::cast_possible_truncation)]
+            let word = (set >> half) as u32;
+            b.extend_from_slice(&word.to_ne_bytes());
         }
     }
     let a = inj.scratch_data(&b)?;
@@ -2386,11 +2359,18 @@ fn seccomp(
             };
             inj.ensure_scratch(Some(scratch))?;
             let insns = filter.insn_bytes();
-            let n = filter.insns.len() as u16;
+            let n = u16::try_from(filter.insns.len()).map_err(|_| RestoreError::Step {
+                pid,
+                step: "installing a seccomp filter",
+                what: format!(
+                    "{} instructions, more than a filter holds",
+                    filter.insns.len()
+                ),
+            })?;
             let off = insns.len().next_multiple_of(16) as u64;
             let base3 = put(inj, |at| {
                 let mut b = insns.clone();
-                b.resize(off as usize, 0);
+                b.resize(sys::usize_of(off), 0);
                 b.extend_from_slice(&sys::seccomp::sock_fprog_bytes(at, n));
                 b
             })?;

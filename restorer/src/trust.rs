@@ -312,18 +312,13 @@ pub fn check_creds(p: &ProcessImage, w: &Writer, r: &Restorer) -> Result<(), Str
 /// KSM for every VMA (PR_SET_MEMORY_MERGE needs CAP_SYS_RESOURCE).
 pub fn check_limits(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> {
     for l in &p.rlimits {
-        let mut ours = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit64 of this process, reading into a valid struct.
-        if unsafe { libc::prlimit64(0, l.resource as _, std::ptr::null(), &mut ours) } != 0 {
+        let Ok((_, our_max)) = sys::rlimit::get(0, l.resource) else {
             continue;
-        }
-        if l.max > ours.rlim_max {
+        };
+        if l.max > our_max {
             return Err(format!(
                 "PID {}: the image asks for a hard limit of {} for resource {}, above this tern's {}; an unprivileged process cannot raise it",
-                p.pid, l.max, l.resource, ours.rlim_max
+                p.pid, l.max, l.resource, our_max
             ));
         }
     }
@@ -482,7 +477,7 @@ pub fn check_access(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> 
     }
     for v in vmas {
         if let Some(path) = v.backing_file().filter(|_| !v.dumped || v.is_private()) {
-            let mode = if !v.is_private() && v.perms.as_bytes().get(1) == Some(&b'w') {
+            let mode = if !v.is_private() && crate::restore::perms(v).write {
                 libc::R_OK | libc::W_OK
             } else {
                 libc::R_OK
@@ -533,8 +528,8 @@ fn as_user_thread(c: &Creds, items: &[(String, String, i32)]) -> Result<(), Stri
         }
         libc::syscall(libc::SYS_setfsgid, gid);
         libc::syscall(libc::SYS_setfsuid, uid);
-        if libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32 != uid
-            || libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32 != gid
+        if libc::syscall(libc::SYS_setfsuid, u32::MAX) != i64::from(uid)
+            || libc::syscall(libc::SYS_setfsgid, u32::MAX) != i64::from(gid)
         {
             return Err(format!(
                 "cannot take uid {uid} / gid {gid} to check the image's files"
@@ -652,13 +647,8 @@ mod tests {
             cur: 1024,
             max: u64::MAX,
         }];
-        let mut ours = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: reading this process's limit.
-        unsafe { libc::prlimit64(0, libc::RLIMIT_NOFILE, std::ptr::null(), &mut ours) };
-        if ours.rlim_max != u64::MAX {
+        let (_, our_max) = sys::rlimit::get(0, libc::RLIMIT_NOFILE).unwrap();
+        if our_max != u64::MAX {
             let e = check_limits(&p, &[]).unwrap_err();
             assert!(e.contains("hard limit"), "{e}");
         }

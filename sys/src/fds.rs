@@ -242,19 +242,22 @@ enum Reading {
     Got(FdInfo),
 }
 
+/// The error of `what`, done to `pid`'s `fd`.
+fn fd_err(pid: i32, fd: i32, what: String) -> impl FnOnce(std::io::Error) -> FdsError {
+    move |source| FdsError::Fd {
+        pid,
+        fd,
+        what,
+        source,
+    }
+}
+
 /// One consistent reading of `pid`'s `fd`: link, fdinfo and stat, then the
 /// link again.
 fn read_fd(pid: i32, fd: i32) -> Result<Reading, FdsError> {
     let lpath = format!("/proc/{pid}/fd/{fd}");
     let ipath = format!("/proc/{pid}/fdinfo/{fd}");
-    let err = |what: String| {
-        move |source| FdsError::Fd {
-            pid,
-            fd,
-            what,
-            source,
-        }
-    };
+    let err = |what: String| fd_err(pid, fd, what);
     macro_rules! get {
         ($e:expr, $what:expr) => {
             match $e {
@@ -362,35 +365,35 @@ pub fn pidfd_getfd(pid: i32, fd: i32) -> Result<OwnedFd, FdsError> {
             source: std::io::Error::from(e),
         }
     };
-    let pidfd = sys_pidfd_open(pid).map_err(err(
+    let pidfd = pidfd_open(pid).map_err(err(
         "pidfd_open (does the process exist? Linux 5.3+ is needed)",
     ))?;
-    sys_pidfd_getfd(&pidfd, fd).map_err(err(
+    pidfd_getfd_from(&pidfd, fd).map_err(err(
         "pidfd_getfd (is the fd open, and may this user ptrace the process?)",
     ))
 }
 
-fn sys_pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
-    // SAFETY: pidfd_open takes two integers; a non-negative result is a new
-    // fd that nothing else owns.
-    unsafe {
-        let r = Errno::result(libc::syscall(libc::SYS_pidfd_open, pid, 0))?;
-        Ok(OwnedFd::from_raw_fd(r as i32))
-    }
+/// A syscall's result that is a new fd on success.
+fn new_fd(r: libc::c_long) -> Result<OwnedFd, Errno> {
+    let r = Errno::result(r)?;
+    // A kernel fd number is an int: a value beyond it is no fd.
+    let fd = std::os::fd::RawFd::try_from(r).map_err(|_| Errno::EOVERFLOW)?;
+    // SAFETY: a non-negative result of pidfd_open/pidfd_getfd is a new fd
+    // that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn sys_pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> Result<OwnedFd, Errno> {
-    // SAFETY: pidfd_getfd takes integers; a non-negative result is a new fd
-    // that nothing else owns.
-    unsafe {
-        let r = Errno::result(libc::syscall(
-            libc::SYS_pidfd_getfd,
-            pidfd.as_raw_fd(),
-            fd,
-            0,
-        ))?;
-        Ok(OwnedFd::from_raw_fd(r as i32))
-    }
+/// `pidfd_open(2)`: a pidfd for process `pid` (Linux 5.3+), close-on-exec.
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes two integers.
+    new_fd(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })
+}
+
+/// `pidfd_getfd(2)`: a duplicate, in this process, of the fd `fd` of the
+/// process `pidfd` refers to (Linux 5.6+; needs ptrace access to it).
+pub fn pidfd_getfd_from(pidfd: &impl AsRawFd, fd: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_getfd takes three integers.
+    new_fd(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })
 }
 
 /// tee(2) without blocking: duplicates up to `len` bytes of pipe `from`
@@ -421,14 +424,7 @@ fn sys_fionread(f: &impl AsFd) -> Result<usize, Errno> {
 /// effects).
 fn open_pipe(pid: i32, fd: i32) -> Result<File, FdsError> {
     let path = format!("/proc/{pid}/fd/{fd}");
-    let fd_err = |what: String| {
-        move |source| FdsError::Fd {
-            pid,
-            fd,
-            what,
-            source,
-        }
-    };
+    let fd_err = |what: String| fd_err(pid, fd, what);
     let md = std::fs::metadata(&path).map_err(fd_err(format!("stat {path}")))?;
     if !md.file_type().is_fifo() {
         let link = std::fs::read_link(&path)
@@ -472,8 +468,9 @@ pub fn peek_pipe(pid: i32, fd: i32) -> Result<Vec<u8>, FdsError> {
         .map_err(|e| err(format!("creating a pipe to copy into: {e}")))?;
     // tee links the source's buffers one by one: ours needs as many slots,
     // i.e. the same capacity, however full each buffer is.
-    match fcntl(wr.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(cap as libc::c_int)) {
-        Ok(n) if n as usize >= cap => {}
+    let want = libc::c_int::try_from(cap).unwrap_or(libc::c_int::MAX);
+    match fcntl(wr.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(want)) {
+        Ok(n) if usize::try_from(n).is_ok_and(|n| n >= cap) => {}
         Ok(n) => return Err(err(format!("our copy pipe got {n} bytes, not {cap}"))),
         Err(e) => {
             return Err(err(format!(
@@ -515,7 +512,7 @@ mod tests {
 
     /// Byte `i` of the data in the pipe the child fills in 7-byte writes.
     fn small_byte(i: usize) -> u8 {
-        (i * 7 + 3) as u8
+        (i * 7 + 3).to_le_bytes()[0]
     }
 
     fn words<const N: usize>(b: &[u8]) -> [u64; N] {
@@ -639,7 +636,7 @@ mod tests {
         std::fs::write(path("ap"), vec![2u8; 100]).unwrap();
         std::fs::write(path("ro"), vec![3u8; 50]).unwrap();
         let data: Vec<u8> = (0..100 * 1024u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
             .collect();
         let (rep_r, rep_w) = pipe();
         let (go_r, go_w) = pipe();
@@ -681,8 +678,8 @@ mod tests {
             ptm,
             pts,
             sized,
-        ] = std::array::from_fn(|k| w[k] as i64 as i32);
-        let small = w[NFDS] as usize;
+        ] = std::array::from_fn(|k| i32::try_from(w[k] as i64).unwrap());
+        let small = crate::usize_of(w[NFDS]);
         assert!(
             [rw, ap, ro, null, dir, del, p0, p1, efd, sock]
                 .iter()

@@ -212,9 +212,12 @@ pub(crate) mod layout {
     #[cfg(target_arch = "aarch64")]
     pub const FRAME_STRIDE: usize = 8192;
     /// Data areas for [`super::Injector::scratch_data`], one per slot (rw-).
-    pub const DATA_OFF: usize = (FRAMES_OFF + SLOTS * FRAME_STRIDE).next_multiple_of(PAGE as usize);
+    pub const DATA_OFF: usize =
+        (FRAMES_OFF + SLOTS * FRAME_STRIDE).next_multiple_of(crate::usize_of(PAGE));
     pub const DATA_STRIDE: usize = 8192;
     pub const LEN: usize = DATA_OFF + SLOTS * DATA_STRIDE;
+    // The header stores these as u32: every one fits.
+    const _: () = assert!(LEN < 1 << 32 && PAGE < 1 << 32);
 }
 
 /// Size in bytes of one scratch area (`munmap(addr, SCRATCH_LEN)` removes it).
@@ -292,6 +295,8 @@ pub enum InjectError {
         hint: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    ProcFile(crate::proc::ProcError),
     #[error("reading {path} for process {pid}: {source}")]
     Proc {
         pid: i32,

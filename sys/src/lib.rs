@@ -7,10 +7,13 @@
 //! - [`regs`]: register sets (general, FPU/xsave, arm64 PAC keys);
 //! - [`signals`]: blocked and pending signals, sigaction and sigaltstack layouts;
 //! - [`seccomp`]: a thread's filter chain and its flags;
+//! - [`rlimit`]: resource limits of any process (prlimit);
 //! - [`rseq`]: rseq registration and critical-section abort fixup;
 //! - [`vdso`]: vDSO/vvar placement and vDSO symbols;
 //! - [`fds`]: the fd table and pipe contents;
 //! - [`clone`]: clone3's argument block;
+//! - [`proc`]: /proc/PID (status, stat, maps with typed permissions, limits, auxv);
+//! - [`ptrace`]: the one `ptrace(2)` wrapper the others use;
 //! - [`sched`]: a thread's scheduling policy, nice, CPU affinity and I/O
 //!   priority.
 //!
@@ -20,9 +23,23 @@
 pub mod clone;
 pub mod fds;
 pub mod inject;
+pub mod proc;
+pub mod ptrace;
 pub mod regs;
+pub mod rlimit;
 pub mod rseq;
 pub mod sched;
 pub mod seccomp;
 pub mod signals;
 pub mod vdso;
+
+// tern runs on 64-bit Linux only (x86_64, aarch64): addresses and lengths
+// the kernel reports as u64 fit a usize.
+const _: () = assert!(usize::BITS == u64::BITS, "tern needs a 64-bit target");
+
+/// `v` as a usize: lossless, usize is 64 bits wide (asserted at compile
+/// time above).
+#[allow(clippy::cast_possible_truncation)] // usize::BITS == 64, asserted above
+pub const fn usize_of(v: u64) -> usize {
+    v as usize
+}

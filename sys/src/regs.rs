@@ -21,9 +21,6 @@
 //! (`NT_ARM_SVE`, `NT_ARM_ZA`), the arm64 syscall number
 //! (`NT_ARM_SYSTEM_CALL`), debug registers, 32-bit (compat) threads.
 
-use std::ffi::c_void;
-
-use libc::c_uint;
 use nix::errno::Errno;
 
 // Note types, from include/uapi/linux/elf.h (checked against the 6.1 system
@@ -334,24 +331,6 @@ fn put_u64(b: &mut [u8], off: usize, v: u64) -> bool {
     }
 }
 
-/// `ptrace(req, tid, note, &iov)`.
-fn ptrace_iov(req: c_uint, tid: i32, note: u32, iov: &mut libc::iovec) -> Result<(), Errno> {
-    // SAFETY: GETREGSET/SETREGSET take the note type as an integer in
-    // `addr` and a `struct iovec` in `data`; the kernel reads or writes at
-    // most `iov_len` bytes at `iov_base` (a buffer the caller owns for the
-    // duration of the call; for SETREGSET it is only read) and writes back
-    // `iov_len`.
-    let r = unsafe {
-        libc::ptrace(
-            req,
-            tid,
-            note as usize as *mut c_void,
-            iov as *mut libc::iovec as *mut c_void,
-        )
-    };
-    if r == -1 { Err(Errno::last()) } else { Ok(()) }
-}
-
 /// `PTRACE_GETREGSET`: the register set `note` of the stopped thread `tid`,
 /// exactly the bytes the kernel filled (at most `max_len`). `max_len` must
 /// be a multiple of the set's element size (16 is always enough: PAC keys
@@ -360,19 +339,16 @@ fn ptrace_iov(req: c_uint, tid: i32, note: u32, iov: &mut libc::iovec) -> Result
 /// buffer until it fits.
 pub fn get_regset(tid: i32, note: u32, max_len: usize) -> Result<Vec<u8>, RegsError> {
     let mut buf = vec![0u8; max_len];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut c_void,
-        iov_len: buf.len(),
-    };
-    ptrace_iov(libc::PTRACE_GETREGSET, tid, note, &mut iov).map_err(|errno| RegsError::Ptrace {
-        tid,
-        op: "PTRACE_GETREGSET",
-        note,
-        errno,
-    })?;
-    // The kernel only ever shrinks iov_len (to what it filled); min() is
-    // belt and braces against a value beyond the buffer.
-    buf.truncate(iov.iov_len.min(max_len));
+    // The kernel only ever shrinks iov_len (to what it filled); get_regset
+    // caps it at the buffer's length.
+    let filled =
+        crate::ptrace::get_regset(tid, note, &mut buf).map_err(|errno| RegsError::Ptrace {
+            tid,
+            op: "PTRACE_GETREGSET",
+            note,
+            errno,
+        })?;
+    buf.truncate(filled);
     Ok(buf)
 }
 
@@ -403,17 +379,13 @@ pub fn get_regset_whole(tid: i32, note: u32, start: usize) -> Result<Vec<u8>, Re
 /// what it knows), the ignored tail must be all zero, otherwise register
 /// state would be dropped silently: [`RegsError::PartialSet`].
 pub fn set_regset(tid: i32, note: u32, data: &[u8]) -> Result<(), RegsError> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut c_void,
-        iov_len: data.len(),
-    };
-    ptrace_iov(libc::PTRACE_SETREGSET, tid, note, &mut iov).map_err(|errno| RegsError::Ptrace {
-        tid,
-        op: "PTRACE_SETREGSET",
-        note,
-        errno,
-    })?;
-    let consumed = iov.iov_len.min(data.len());
+    let consumed =
+        crate::ptrace::set_regset(tid, note, data).map_err(|errno| RegsError::Ptrace {
+            tid,
+            op: "PTRACE_SETREGSET",
+            note,
+            errno,
+        })?;
     if data[consumed..].iter().any(|&b| b != 0) {
         return Err(RegsError::PartialSet {
             tid,
@@ -1120,8 +1092,8 @@ pub(crate) mod testutil {
     /// Serialises the ptrace tests of this module and `signals` (they fork
     /// and the machine has two cores) and checks for root.
     pub fn serial() -> MutexGuard<'static, ()> {
-        // SAFETY: geteuid has no preconditions.
         assert_eq!(
+            // SAFETY: takes no arguments and cannot fail.
             unsafe { libc::geteuid() },
             0,
             "the ptrace tests must run as root"
@@ -1150,7 +1122,8 @@ pub(crate) mod testutil {
     }
 
     impl Child {
-        fn decode(st: i32) -> i32 {
+        /// Exit code, or 128 + signal.
+        pub fn decode(st: i32) -> i32 {
             if libc::WIFEXITED(st) {
                 libc::WEXITSTATUS(st)
             } else {
@@ -1158,25 +1131,39 @@ pub(crate) mod testutil {
             }
         }
 
-        /// Exit code (128 + signal for a kill), waiting at most `timeout`.
-        pub fn wait(&mut self, timeout: Duration) -> i32 {
-            let end = Instant::now() + timeout;
-            while self.status.is_none() {
+        /// The exit status if the child has ended (-1 if it cannot be
+        /// waited for), without blocking.
+        pub fn try_wait(&mut self) -> Option<i32> {
+            if self.status.is_none() {
                 let mut st = 0;
-                // SAFETY: waitpid writes one int.
+                // SAFETY: waitpid writes one int, into `st`, a local.
                 let r = unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG) };
                 if r == self.pid {
                     self.status = Some(Self::decode(st));
                 } else if r < 0 {
                     self.status = Some(-1);
-                } else if Instant::now() > end {
-                    self.kill();
-                    panic!("child {} did not exit within {timeout:?}", self.pid);
-                } else {
-                    std::thread::sleep(Duration::from_millis(2));
                 }
             }
-            self.status.unwrap_or(-1)
+            self.status
+        }
+
+        pub fn alive(&mut self) -> bool {
+            self.try_wait().is_none()
+        }
+
+        /// Exit code (128 + signal for a kill), waiting at most `timeout`.
+        pub fn wait(&mut self, timeout: Duration) -> i32 {
+            let end = Instant::now() + timeout;
+            loop {
+                if let Some(s) = self.try_wait() {
+                    return s;
+                }
+                if Instant::now() > end {
+                    self.kill();
+                    panic!("child {} did not exit within {timeout:?}", self.pid);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
 
         pub fn kill(&mut self) {
@@ -1184,6 +1171,7 @@ pub(crate) mod testutil {
                 // SAFETY: plain syscalls on our own child.
                 unsafe { libc::kill(self.pid, libc::SIGKILL) };
                 let mut st = 0;
+                // SAFETY: waitpid(2) writes at most one int, into a local status (or none for a null pointer).
                 let r = unsafe { libc::waitpid(self.pid, &mut st, 0) };
                 self.status = Some(if r == self.pid { Self::decode(st) } else { -1 });
             }
@@ -1596,7 +1584,7 @@ mod tests {
         let mut p = [0u8; 128];
         let mut i = 0;
         while i < 128 {
-            p[i] = (i as u8).wrapping_mul(29).wrapping_add(3);
+            p[i] = i.to_le_bytes()[0].wrapping_mul(29).wrapping_add(3);
             i += 1;
         }
         Ymm(p)
@@ -1821,7 +1809,7 @@ mod tests {
         let p = p as usize;
         let mut child = fork_child(move || {
             // SAFETY: AVX was checked by the parent before forking.
-            unsafe { checking_loop(p as *const u64) as i32 }
+            unsafe { i32::try_from(checking_loop(p as *const u64)).unwrap() }
         });
         let wait_progress = |from: u64| {
             let end = Instant::now() + T;

@@ -18,8 +18,6 @@
 //! per-CPU data it no longer owns. [`abort_fixup`] applies the kernel's
 //! rules to a captured IP.
 
-use std::os::raw::c_void;
-
 use nix::errno::Errno;
 
 /// Request of include/uapi/linux/ptrace.h.
@@ -183,15 +181,14 @@ pub fn registration(tid: i32) -> Result<Option<RseqRegistration>, RseqError> {
     // SAFETY: the kernel writes at most `addr` = size_of::<conf>() bytes
     // into `conf`, which we own.
     let r = unsafe {
-        libc::ptrace(
+        crate::ptrace::request(
             PTRACE_GET_RSEQ_CONFIGURATION,
             tid,
-            std::mem::size_of::<PtraceRseqConfiguration>() as *mut c_void,
-            (&mut conf as *mut PtraceRseqConfiguration).cast::<c_void>(),
+            std::mem::size_of::<PtraceRseqConfiguration>() as u64,
+            &raw mut conf as u64,
         )
     };
-    if r == -1 {
-        let errno = Errno::last();
+    if let Err(errno) = r {
         let hint = match errno {
             Errno::EIO => {
                 "the kernel does not know this request (it needs Linux 5.13+ built with CONFIG_RSEQ)"
@@ -543,6 +540,7 @@ mod tests {
             std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly))
         };
         #[cfg(target_arch = "aarch64")]
+        // SAFETY: reads TPIDR_EL0, the thread pointer; no memory access.
         unsafe {
             std::arch::asm!("mrs {}, tpidr_el0", out(reg) tp, options(nostack, nomem))
         };
@@ -561,6 +559,7 @@ mod tests {
     fn glibc_registration_in_every_thread() {
         // SAFETY: a constant glibc exports.
         assert_ne!(
+            // SAFETY: an extern static glibc sets before main and never writes again.
             unsafe { __rseq_size },
             0,
             "glibc did not register rseq (GLIBC_TUNABLES=glibc.pthread.rseq=0, or a kernel without rseq?)"
@@ -612,8 +611,8 @@ mod tests {
             page[T_TID].load(SeqCst) != 0 && page[U_TID].load(SeqCst) != 0
         });
         assert_eq!(page[FAIL].load(SeqCst), 0, "rseq unregister failed (errno)");
-        let tid = page[T_TID].load(SeqCst) as i32;
-        let utid = page[U_TID].load(SeqCst) as i32;
+        let tid = i32::try_from(page[T_TID].load(SeqCst)).unwrap();
+        let utid = i32::try_from(page[U_TID].load(SeqCst)).unwrap();
         let mem = read_mem_via_proc(pid);
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
         let cpus = std::thread::available_parallelism().unwrap().get() as u64;
@@ -783,7 +782,7 @@ mod tests {
         wait_until("the thread to spin in its section", || {
             page[ARMED].load(SeqCst) == 1 && page[COUNTER].load(SeqCst) > 10_000
         });
-        let tid = page[TID].load(SeqCst) as i32;
+        let tid = i32::try_from(page[TID].load(SeqCst)).unwrap();
         let (start, len, abort) = (
             page[START].load(SeqCst),
             page[LEN].load(SeqCst),

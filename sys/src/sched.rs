@@ -158,7 +158,7 @@ pub fn get_affinity(tid: i32) -> Result<Vec<u32>, SchedError> {
     Ok((0..CPU_SETSIZE)
         // SAFETY: CPU_ISSET reads bit `c` of a set of CPU_SETSIZE bits.
         .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .map(|c| c as u32)
+        .filter_map(|c| u32::try_from(c).ok())
         .collect())
 }
 
@@ -194,7 +194,13 @@ pub fn set_affinity(tid: i32, cpus: &[u32]) -> Result<(), SchedError> {
 pub fn get_ioprio(tid: i32) -> Result<u16, SchedError> {
     // SAFETY: plain syscall with integer arguments.
     let r = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, tid) };
-    call(tid, "ioprio_get", r).map(|v| v as u16)
+    call(tid, "ioprio_get", r).and_then(|v| {
+        u16::try_from(v).map_err(|_| SchedError::Call {
+            tid,
+            call: "ioprio_get",
+            err: Errno::ERANGE,
+        })
+    })
 }
 
 /// Set the raw I/O priority of thread `tid`.
@@ -217,7 +223,8 @@ pub fn set_ioprio(tid: i32, ioprio: u16) -> Result<(), SchedError> {
 pub fn get_nice(tid: i32) -> Result<i32, SchedError> {
     // SAFETY: plain syscall with integer arguments.
     let r = unsafe { libc::syscall(libc::SYS_getpriority, libc::PRIO_PROCESS, tid) };
-    call(tid, "getpriority", r).map(|v| 20 - v as i32)
+    // getpriority(2) returns 20 - nice: 1..=40.
+    call(tid, "getpriority", r).map(|v| 20 - i32::try_from(v).unwrap_or(20))
 }
 
 /// Thread `tid`'s scheduling state.
@@ -370,6 +377,7 @@ mod tests {
         apply(tid, &fifo).unwrap();
         // SAFETY: plain query of our own thread.
         assert_eq!(
+            // SAFETY: sched_getscheduler(2) takes an integer.
             unsafe { libc::sched_getscheduler(tid) },
             libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK
         );

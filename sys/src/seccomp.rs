@@ -36,8 +36,6 @@
 //! program ([`SeccompFilter::insn_bytes`]) and its `struct sock_fprog`
 //! ([`sock_fprog_bytes`]) are written into the target's memory first.
 
-use std::os::raw::c_void;
-
 use nix::errno::Errno;
 
 // Requests of include/uapi/linux/ptrace.h.
@@ -189,11 +187,10 @@ impl SeccompFilter {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
-    #[error("thread {tid}: reading {path}: {source} (has the thread exited?)")]
+    #[error("thread {tid}: {source} (has the thread exited?)")]
     StatusRead {
         tid: i32,
-        path: String,
-        source: std::io::Error,
+        source: crate::proc::ProcError,
     },
     #[error("thread {tid}: {path}: {what}")]
     StatusFormat {
@@ -219,25 +216,26 @@ pub enum SeccompError {
     BadCount { tid: i32, index: u64, count: i64 },
 }
 
-/// The thread's mode from a status file's text.
-fn parse_status(tid: i32, path: &str, text: &str) -> Result<SeccompMode, SeccompError> {
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    };
+/// The thread's mode from its status file's `Seccomp:` value and
+/// `Seccomp_filters:` text.
+fn mode_from(
+    tid: i32,
+    path: &str,
+    mode: Option<u32>,
+    filters: Option<&str>,
+) -> Result<SeccompMode, SeccompError> {
     let bad = |what: String| SeccompError::StatusFormat {
         tid,
         path: path.to_string(),
         what,
     };
-    match field("Seccomp") {
+    match mode {
         // No line at all: a kernel without CONFIG_SECCOMP, where no thread
         // can be confined.
-        None | Some("0") => Ok(SeccompMode::Disabled),
-        Some("1") => Ok(SeccompMode::Strict),
-        Some("2") => {
-            let filters = match field("Seccomp_filters") {
+        None | Some(0) => Ok(SeccompMode::Disabled),
+        Some(1) => Ok(SeccompMode::Strict),
+        Some(2) => {
+            let filters = match filters {
                 None => 0,
                 Some(v) => v.parse().map_err(|_| {
                     bad(format!(
@@ -253,32 +251,17 @@ fn parse_status(tid: i32, path: &str, text: &str) -> Result<SeccompMode, Seccomp
     }
 }
 
-fn mode_at(tid: i32, path: String) -> Result<SeccompMode, SeccompError> {
-    let text = std::fs::read_to_string(&path).map_err(|source| SeccompError::StatusRead {
-        tid,
-        path: path.clone(),
-        source,
-    })?;
-    parse_status(tid, &path, &text)
+fn mode_at(pid: i32, tid: i32) -> Result<SeccompMode, SeccompError> {
+    let path = format!("{}/status", crate::proc::dir(pid, Some(tid)));
+    let st = crate::proc::status_file(pid, Some(tid))
+        .map_err(|source| SeccompError::StatusRead { tid, source })?;
+    mode_from(tid, &path, st.parsed.seccomp, st.field("Seccomp_filters"))
 }
 
 /// The seccomp mode of thread `tid` of process `pid`, from
 /// /proc/PID/task/TID/status (needs no ptrace).
 pub fn mode(pid: i32, tid: i32) -> Result<SeccompMode, SeccompError> {
-    mode_at(tid, format!("/proc/{pid}/task/{tid}/status"))
-}
-
-/// `libc::ptrace` returning the errno on failure.
-fn ptrace(req: libc::c_uint, tid: i32, addr: u64, data: *mut c_void) -> Result<i64, Errno> {
-    // SAFETY: the two requests used here take an integer `addr` and a
-    // `data` buffer owned by the caller that is at least as large as what
-    // the kernel writes for them (see the call sites).
-    let r = unsafe { libc::ptrace(req, tid, addr as *mut c_void, data) };
-    if r == -1 {
-        Err(Errno::last())
-    } else {
-        Ok(r as i64)
-    }
+    mode_at(pid, tid)
 }
 
 fn ptrace_err(op: &'static str, tid: i32, index: u64, errno: Errno) -> SeccompError {
@@ -325,19 +308,22 @@ pub fn filters(tid: i32) -> Result<Vec<SeccompFilter>, SeccompError> {
     // newest (ptrace(2) says the opposite; the tests pin the real order).
     let mut out = Vec::new();
     for index in 0u64.. {
-        // SAFETY (ptrace): `buf` holds BPF_MAXINSNS 8-byte sock_filters,
-        // the most the kernel writes.
-        let n = match ptrace(
-            PTRACE_SECCOMP_GET_FILTER,
-            tid,
-            index,
-            buf.as_mut_ptr().cast(),
-        ) {
+        // SAFETY: `addr` is the filter's index; `buf` holds BPF_MAXINSNS
+        // 8-byte sock_filters, the most the kernel writes.
+        let r = unsafe {
+            crate::ptrace::request(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index,
+                buf.as_mut_ptr() as u64,
+            )
+        };
+        let n = match r {
             Ok(n) => n,
             Err(Errno::ENOENT) => break,
             Err(Errno::EINVAL) => {
                 // Also what a thread not in filter mode gets: tell apart.
-                match mode_at(tid, format!("/proc/{tid}/status"))? {
+                match mode_at(tid, tid)? {
                     SeccompMode::Disabled if index == 0 => break,
                     SeccompMode::Strict => return Err(SeccompError::Strict { tid }),
                     _ => {
@@ -366,14 +352,16 @@ pub fn filters(tid: i32) -> Result<Vec<SeccompFilter>, SeccompError> {
             filter_off: index,
             flags: 0,
         };
-        // SAFETY (ptrace): the kernel reads `filter_off` and writes at most
-        // `addr` = size_of::<SeccompMetadata>() bytes into `md`.
-        ptrace(
-            PTRACE_SECCOMP_GET_METADATA,
-            tid,
-            std::mem::size_of::<SeccompMetadata>() as u64,
-            (&mut md as *mut SeccompMetadata).cast(),
-        )
+        // SAFETY: the kernel reads `filter_off` and writes at most `addr` =
+        // size_of::<SeccompMetadata>() bytes into `md`, which we own.
+        unsafe {
+            crate::ptrace::request(
+                PTRACE_SECCOMP_GET_METADATA,
+                tid,
+                std::mem::size_of::<SeccompMetadata>() as u64,
+                &raw mut md as u64,
+            )
+        }
         .map_err(|e| ptrace_err("PTRACE_SECCOMP_GET_METADATA", tid, index, e))?;
         out.push(SeccompFilter {
             insns: buf[..len].to_vec(),
@@ -827,29 +815,27 @@ mod tests {
 
     #[test]
     fn status_parsing() {
-        let p = |t: &str| parse_status(7, "/proc/7/status", t);
+        let p = |mode, filters| mode_from(7, "/proc/7/status", mode, filters);
+        assert_eq!(p(Some(0), Some("0")).unwrap(), SeccompMode::Disabled);
+        assert_eq!(p(Some(1), None).unwrap(), SeccompMode::Strict);
         assert_eq!(
-            p("Name:\tx\nSeccomp:\t0\nSeccomp_filters:\t0\n").unwrap(),
-            SeccompMode::Disabled
-        );
-        assert_eq!(p("Seccomp:\t1\n").unwrap(), SeccompMode::Strict);
-        assert_eq!(
-            p("Seccomp:\t2\nSeccomp_filters:\t3\n").unwrap(),
+            p(Some(2), Some("3")).unwrap(),
             SeccompMode::Filter { filters: 3 }
         );
         // A kernel before 5.9 has no count.
         assert_eq!(
-            p("Seccomp:\t2\n").unwrap(),
+            p(Some(2), None).unwrap(),
             SeccompMode::Filter { filters: 0 }
         );
         // Without CONFIG_SECCOMP there is no line, and nothing to confine.
-        assert_eq!(p("Name:\tx\n").unwrap(), SeccompMode::Disabled);
-        let e = p("Seccomp:\t9\n").unwrap_err().to_string();
-        assert!(e.contains("thread 7") && e.contains("\"9\""), "{e}");
-        let e = p("Seccomp:\t2\nSeccomp_filters:\tx\n")
-            .unwrap_err()
-            .to_string();
+        assert_eq!(p(None, None).unwrap(), SeccompMode::Disabled);
+        let e = p(Some(9), None).unwrap_err().to_string();
+        assert!(e.contains("thread 7") && e.contains('9'), "{e}");
+        let e = p(Some(2), Some("x")).unwrap_err().to_string();
         assert!(e.contains("/proc/7/status"), "{e}");
+        // The real file of a thread without a filter.
+        let me = std::process::id() as i32;
+        assert_eq!(mode_at(me, me).unwrap(), SeccompMode::Disabled);
     }
 
     // --------------------------------------------------------- planning
@@ -1055,10 +1041,10 @@ mod tests {
         for _ in 0..500 {
             let mut threads: Vec<(i32, Vec<SeccompFilter>)> = vec![(100, vec![])];
             for _ in 0..rnd(12) {
-                let k = rnd(threads.len() as u64) as usize;
+                let k = crate::usize_of(rnd(threads.len() as u64));
                 if rnd(3) == 0 {
                     let chain = threads[k].1.clone();
-                    threads.push((100 + threads.len() as i32, chain));
+                    threads.push((100 + i32::try_from(threads.len()).unwrap(), chain));
                 } else {
                     threads[k].1.push(f(rnd(4)));
                 }
@@ -1071,7 +1057,7 @@ mod tests {
 
     /// A filter returning `errno` for syscall `nr` and allowing the rest.
     fn deny(nr: i64, errno: i32) -> Vec<SockFilter> {
-        let op = |code: u32| code as u16;
+        let op = |code: u32| u16::try_from(code).unwrap();
         vec![
             // A = seccomp_data.nr
             SockFilter {
@@ -1084,7 +1070,7 @@ mod tests {
                 code: op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K),
                 jt: 0,
                 jf: 1,
-                k: nr as u32,
+                k: u32::try_from(nr).unwrap(),
             },
             SockFilter {
                 code: op(libc::BPF_RET | libc::BPF_K),
@@ -1113,7 +1099,7 @@ mod tests {
     fn prog(insns: Vec<SockFilter>, flags: u64) -> &'static Prog {
         let filter = SeccompFilter::from_sock_filters(&insns, flags);
         let bytes = filter.insn_bytes();
-        let fprog = sock_fprog_bytes(bytes.as_ptr() as u64, insns.len() as u16);
+        let fprog = sock_fprog_bytes(bytes.as_ptr() as u64, u16::try_from(insns.len()).unwrap());
         Box::leak(Box::new(Prog {
             filter,
             _insns: bytes,
@@ -1230,7 +1216,7 @@ mod tests {
                 page[COUNTER].fetch_add(1, SeqCst);
                 sleep_ms(1);
             }
-            page[FAIL].load(SeqCst) as i32
+            i32::try_from(page[FAIL].load(SeqCst)).unwrap()
         });
         let pid = child.pid;
         wait_until("the child's threads", || {
@@ -1240,8 +1226,8 @@ mod tests {
                 || page[FAIL].load(SeqCst) != 0
         });
         assert_eq!(page[FAIL].load(SeqCst), 0, "the child's own checks failed");
-        let early = page[T_EARLY].load(SeqCst) as i32;
-        let late = page[T_LATE].load(SeqCst) as i32;
+        let early = i32::try_from(page[T_EARLY].load(SeqCst)).unwrap();
+        let late = i32::try_from(page[T_LATE].load(SeqCst)).unwrap();
 
         assert_eq!(mode(pid, pid).unwrap(), SeccompMode::Filter { filters: 2 });
         assert_eq!(mode(pid, late).unwrap(), SeccompMode::Filter { filters: 3 });
@@ -1332,7 +1318,7 @@ mod tests {
             }
             page[OK].fetch_add(1, SeqCst);
             idle_until_stop(page);
-            page[FAIL].load(SeqCst) as i32
+            i32::try_from(page[FAIL].load(SeqCst)).unwrap()
         });
         let pid = child.pid;
         wait_until("the filter in all threads", || {
@@ -1341,8 +1327,8 @@ mod tests {
         assert_eq!(page[FAIL].load(SeqCst), 0);
         let tids = [
             pid,
-            page[TIDS].load(SeqCst) as i32,
-            page[TIDS + 1].load(SeqCst) as i32,
+            i32::try_from(page[TIDS].load(SeqCst)).unwrap(),
+            i32::try_from(page[TIDS + 1].load(SeqCst)).unwrap(),
         ];
         let mut chains = Vec::new();
         for t in tids {
@@ -1467,7 +1453,7 @@ mod tests {
         let a = prog(deny(libc::SYS_getppid, libc::EPERM), 0);
         let allow_all = prog(
             vec![SockFilter {
-                code: (libc::BPF_RET | libc::BPF_K) as u16,
+                code: u16::try_from(libc::BPF_RET | libc::BPF_K).unwrap(),
                 jt: 0,
                 jf: 0,
                 k: SECCOMP_RET_ALLOW,
@@ -1526,7 +1512,12 @@ mod tests {
         let synthetic: Vec<(i32, Vec<SeccompFilter>)> = chains
             .iter()
             .enumerate()
-            .map(|(i, c)| (i as i32, c.iter().map(|p| p.filter.clone()).collect()))
+            .map(|(i, c)| {
+                (
+                    i32::try_from(i).unwrap(),
+                    c.iter().map(|p| p.filter.clone()).collect(),
+                )
+            })
             .collect();
         let plan = group(&synthetic);
         // The programs of the plan's filters, and the flat list of
@@ -1565,7 +1556,7 @@ mod tests {
                 sleep_ms(1);
             }
             loop {
-                let k = page[NEXT].load(SeqCst) as usize;
+                let k = crate::usize_of(page[NEXT].load(SeqCst));
                 if k >= ops.len() || page[FAIL].load(SeqCst) != 0 {
                     break;
                 }
@@ -1593,7 +1584,7 @@ mod tests {
                 }
             }
             run(0);
-            page[FAIL].load(SeqCst) as i32
+            i32::try_from(page[FAIL].load(SeqCst)).unwrap()
         });
         let pid = child.pid;
         wait_until("the plan to run", || {
@@ -1606,7 +1597,9 @@ mod tests {
             flat(&plan)
         );
         assert_eq!(page[DONE].load(SeqCst), n as u64);
-        let tids: Vec<i32> = (0..n).map(|i| page[TIDS + i].load(SeqCst) as i32).collect();
+        let tids: Vec<i32> = (0..n)
+            .map(|i| i32::try_from(page[TIDS + i].load(SeqCst)).unwrap())
+            .collect();
         let mut back = Vec::new();
         for (i, &t) in tids.iter().enumerate() {
             let chain = read_chain(&mut child, t);

@@ -16,9 +16,7 @@
 //! otherwise). Signal masks are 64-bit: bit `signo - 1` stands for signal
 //! `signo` (the kernel's `sigset_t` on x86_64 and aarch64).
 
-use std::ffi::c_void;
-
-use libc::{c_long, c_uint};
+use libc::c_uint;
 use nix::errno::Errno;
 
 /// Size of `siginfo_t` (`SI_MAX_SIZE`, include/uapi/asm-generic/siginfo.h).
@@ -91,21 +89,13 @@ pub enum SignalsError {
         "thread {tid}: more than {max} pending signals in its {queue:?} queue (signals keep arriving while it is stopped?); stop the senders and retry"
     )]
     TooMany { tid: i32, queue: Queue, max: usize },
-    #[error("reading {path} (process {pid}, thread {tid}): {source}; check that the thread exists")]
+    #[error(
+        "reading /proc/{pid}/task/{tid}/status (process {pid}, thread {tid}): {source}; check that the thread exists"
+    )]
     Proc {
         pid: i32,
         tid: i32,
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(
-        "{path} (process {pid}, thread {tid}): field {field} is missing or not a 64-bit hex mask; this kernel's /proc format is not one tern knows"
-    )]
-    ProcField {
-        pid: i32,
-        tid: i32,
-        path: String,
-        field: &'static str,
+        source: crate::proc::ProcError,
     },
     #[error(
         "{what}: {len} bytes, expected {expected}; the image or target memory holding it is corrupt"
@@ -128,26 +118,19 @@ fn errno_hint(errno: Errno) -> &'static str {
     }
 }
 
-fn ptrace(req: c_uint, tid: i32, addr: *mut c_void, data: *mut c_void) -> Result<c_long, Errno> {
-    // SAFETY: the requests used here take a size or a pointer to a struct
-    // in `addr` and a pointer in `data`; every pointer is to a buffer the
-    // caller owns for the duration of the call and at least as large as
-    // what the kernel reads or writes for that request (checked at each
-    // call site).
-    let r = unsafe { libc::ptrace(req, tid, addr, data) };
-    if r == -1 { Err(Errno::last()) } else { Ok(r) }
-}
-
 /// The blocked-signal mask of the stopped thread `tid`.
 pub fn blocked_mask(tid: i32) -> Result<u64, SignalsError> {
     let mut mask = 0u64;
-    // addr is the sigset size (8); data receives it.
-    ptrace(
-        PTRACE_GETSIGMASK,
-        tid,
-        SIGSET_SIZE as *mut c_void,
-        &mut mask as *mut u64 as *mut c_void,
-    )
+    // SAFETY: addr is the sigset size (8); the kernel writes that many
+    // bytes into `mask`, which we own.
+    unsafe {
+        crate::ptrace::request(
+            PTRACE_GETSIGMASK,
+            tid,
+            SIGSET_SIZE as u64,
+            &raw mut mask as u64,
+        )
+    }
     .map_err(|errno| SignalsError::Ptrace {
         tid,
         op: "PTRACE_GETSIGMASK",
@@ -159,13 +142,16 @@ pub fn blocked_mask(tid: i32) -> Result<u64, SignalsError> {
 /// Set the blocked-signal mask of the stopped thread `tid`. The kernel
 /// silently drops SIGKILL and SIGSTOP from it.
 pub fn set_blocked_mask(tid: i32, mask: u64) -> Result<(), SignalsError> {
-    let mut m = mask;
-    ptrace(
-        PTRACE_SETSIGMASK,
-        tid,
-        SIGSET_SIZE as *mut c_void,
-        &mut m as *mut u64 as *mut c_void,
-    )
+    // SAFETY: addr is the sigset size (8); the kernel reads that many
+    // bytes from `mask`, a local.
+    unsafe {
+        crate::ptrace::request(
+            PTRACE_SETSIGMASK,
+            tid,
+            SIGSET_SIZE as u64,
+            &raw const mask as u64,
+        )
+    }
     .map_err(|errno| SignalsError::Ptrace {
         tid,
         op: "PTRACE_SETSIGMASK",
@@ -319,15 +305,18 @@ fn pending_batched(
         let mut args = PtracePeeksiginfoArgs {
             off: out.len() as u64,
             flags,
-            nr: batch as i32,
+            nr: i32::try_from(batch).unwrap_or(i32::MAX),
         };
-        // The kernel writes at most `nr` siginfos (batch * 128 bytes = buf).
-        let n = ptrace(
-            PTRACE_PEEKSIGINFO,
-            tid,
-            &mut args as *mut PtracePeeksiginfoArgs as *mut c_void,
-            buf.as_mut_ptr() as *mut c_void,
-        )
+        // SAFETY: the kernel reads `args` and writes at most `nr`
+        // siginfos (batch * 128 bytes = buf, which we own).
+        let n = unsafe {
+            crate::ptrace::request(
+                PTRACE_PEEKSIGINFO,
+                tid,
+                &raw mut args as u64,
+                buf.as_mut_ptr() as u64,
+            )
+        }
         .map_err(|errno| SignalsError::Ptrace {
             tid,
             op: "PTRACE_PEEKSIGINFO",
@@ -336,14 +325,10 @@ fn pending_batched(
         if n == 0 {
             return Ok(out);
         }
-        if n < 0 || n as usize > batch {
-            return Err(SignalsError::PeekCount {
-                tid,
-                n: n as i64,
-                batch,
-            });
-        }
-        for si in buf[..n as usize * SIGINFO_SIZE].chunks_exact(SIGINFO_SIZE) {
+        let Some(n) = usize::try_from(n).ok().filter(|&n| n <= batch) else {
+            return Err(SignalsError::PeekCount { tid, n, batch });
+        };
+        for si in buf[..n * SIGINFO_SIZE].chunks_exact(SIGINFO_SIZE) {
             let head = SiginfoRt::from_bytes(si)?;
             out.push(PendingSignal {
                 signo: head.si_signo,
@@ -366,25 +351,12 @@ fn pending_batched(
 /// process, and the blocked mask. Needs no ptrace; a cross-check for the
 /// ptrace view.
 pub fn pending_from_status(pid: i32, tid: i32) -> Result<(u64, u64, u64), SignalsError> {
-    let path = format!("/proc/{pid}/task/{tid}/status");
-    let text = std::fs::read_to_string(&path).map_err(|source| SignalsError::Proc {
+    let st = crate::proc::status(pid, Some(tid)).map_err(|source| SignalsError::Proc {
         pid,
         tid,
-        path: path.clone(),
         source,
     })?;
-    let field = |name: &'static str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .ok_or_else(|| SignalsError::ProcField {
-                pid,
-                tid,
-                path: path.clone(),
-                field: name,
-            })
-    };
-    Ok((field("SigPnd")?, field("ShdPnd")?, field("SigBlk")?))
+    Ok((st.sigpnd, st.shdpnd, st.sigblk))
 }
 
 /// The kernel's `struct sigaction` as `rt_sigaction(2)` takes it with
@@ -510,6 +482,8 @@ impl StackT {
         let w = words::<3>(b, "stack_t")?;
         Ok(StackT {
             ss_sp: w[0],
+            // The low and high halves of the second word, on purpose.
+            #[allow(clippy::cast_possible_truncation)]
             ss_flags: w[1] as u32 as i32,
             pad: (w[1] >> 32) as u32 as i32,
             ss_size: w[2],
@@ -666,6 +640,7 @@ mod layout_tests {
 
 #[cfg(test)]
 mod tests {
+    use std::ffi::c_void;
     use std::time::Duration;
 
     use super::*;
@@ -720,7 +695,7 @@ mod tests {
 
     fn sigqueue(pid: i32, sig: i32, value: u64) {
         let v = libc::sigval {
-            sival_ptr: value as usize as *mut c_void,
+            sival_ptr: crate::usize_of(value) as *mut c_void,
         };
         // SAFETY: plain syscall wrapper.
         let r = unsafe { libc::sigqueue(pid, sig, v) };
@@ -927,6 +902,7 @@ mod tests {
             }
             // SAFETY: plain data, all-zero valid; glibc fills it.
             let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: a null new value changes nothing; the kernel writes the current one into a local.
             if unsafe { libc::sigaction(sig, std::ptr::null(), &mut sa) } != 0 {
                 return 4;
             }
@@ -984,6 +960,7 @@ mod tests {
             }
             // SAFETY: plain data; glibc fills it.
             let mut l: libc::stack_t = unsafe { std::mem::zeroed() };
+            // SAFETY: a null new value changes nothing; the kernel writes the current one into a local.
             if unsafe { libc::sigaltstack(std::ptr::null(), &mut l) } != 0 {
                 return 12;
             }

@@ -85,6 +85,8 @@ pub enum VdsoError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}; check that the process still exists")]
+    ProcMaps(crate::proc::ProcError),
     #[error(
         "PID {pid}: {what} in /proc/{pid}/maps; tern cannot tell which area is the kernel's (was it remapped by the process?)"
     )]
@@ -101,26 +103,11 @@ pub enum VdsoError {
     Placement { what: String },
 }
 
-fn parse_range(s: &str) -> Option<(u64, u64)> {
-    let (a, b) = s.split_once('-')?;
-    let (a, b) = (
-        u64::from_str_radix(a, 16).ok()?,
-        u64::from_str_radix(b, 16).ok()?,
-    );
-    (a < b).then_some((a, b))
-}
-
-/// The three areas from the text of /proc/PID/maps.
-fn areas_from_maps(pid: i32, maps: &str) -> Result<VdsoLayout, VdsoError> {
+/// The three areas among the VMAs of /proc/PID/maps.
+fn areas_from_maps(pid: i32, maps: &[crate::proc::Vma]) -> Result<VdsoLayout, VdsoError> {
     let mut l = VdsoLayout::default();
-    for line in maps.lines() {
-        // start-end perms offset dev inode [name]; special names have no
-        // spaces.
-        let mut w = line.split_whitespace();
-        let Some(range) = w.next().and_then(parse_range) else {
-            continue;
-        };
-        let name = w.nth(4);
+    for v in maps.iter().filter(|v| v.start < v.end) {
+        let name = v.name.as_deref();
         let slot = match name {
             Some(VDSO) => &mut l.vdso,
             Some(VVAR) => &mut l.vvar,
@@ -137,12 +124,12 @@ fn areas_from_maps(pid: i32, maps: &str) -> Result<VdsoLayout, VdsoError> {
                     name.unwrap_or("?"),
                     first.0,
                     first.1,
-                    range.0,
-                    range.1
+                    v.start,
+                    v.end
                 ),
             });
         }
-        *slot = Some(range);
+        *slot = Some((v.start, v.end));
     }
     Ok(l)
 }
@@ -208,14 +195,13 @@ impl VdsoLayout {
             let path = path.to_string();
             move |source| VdsoError::Proc { pid, path, source }
         };
-        let path = format!("{proc_dir}/maps");
-        let maps = std::fs::read_to_string(&path).map_err(proc_err(&path))?;
+        let maps = crate::proc::maps(pid, None).map_err(VdsoError::ProcMaps)?;
         let mut l = areas_from_maps(pid, &maps)?;
         let Some((start, end)) = l.vdso else {
             return Ok(l); // booted with vdso=0, or unmapped by the process
         };
         let path = format!("{proc_dir}/mem");
-        let mut bytes = vec![0u8; (end - start) as usize];
+        let mut bytes = vec![0u8; crate::usize_of(end - start)];
         let mem = std::fs::File::open(&path).map_err(proc_err(&path))?;
         mem.read_exact_at(&mut bytes, start)
             .map_err(proc_err(&format!("{path} at {start:#x}-{end:#x}")))?;
@@ -624,10 +610,9 @@ mod tests {
                 );
             }
         }
-        assert!(matches!(
-            VdsoLayout::of_pid(pid),
-            Err(VdsoError::Proc { pid: p, .. }) if p == pid
-        ));
+        let e = VdsoLayout::of_pid(pid).unwrap_err();
+        assert!(matches!(&e, VdsoError::ProcMaps(p) if p.is_gone()), "{e}");
+        assert!(e.to_string().contains(&pid.to_string()), "{e}");
     }
 
     #[test]
@@ -693,12 +678,13 @@ mod tests {
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
 55d000000000-55d000001000 r--p 00000000 08:01 1234                       /usr/bin/[vdso]
 ";
-        let l = areas_from_maps(7, maps).unwrap();
+        let vmas = |t: &str| crate::proc::parse_maps(7, t).unwrap();
+        let l = areas_from_maps(7, &vmas(maps)).unwrap();
         assert_eq!(l.vvar, Some((0x7f00_0000_0000, 0x7f00_0000_4000)));
         assert_eq!(l.vvar_vclock, Some((0x7f00_0000_4000, 0x7f00_0000_6000)));
         assert_eq!(l.vdso, Some((0x7f00_0000_6000, 0x7f00_0000_8000)));
         let twice = format!("{maps}7f1000000000-7f1000002000 r-xp 00000000 00:00 0 [vdso]\n");
-        let e = areas_from_maps(7, &twice).unwrap_err().to_string();
+        let e = areas_from_maps(7, &vmas(&twice)).unwrap_err().to_string();
         assert!(
             e.contains("PID 7") && e.contains("two areas named [vdso]"),
             "{e}"
@@ -767,7 +753,7 @@ mod tests {
         let arrange = |rng: &mut u64, b: u64| {
             let mut order = [0usize, 1, 2];
             for i in (1..3).rev() {
-                order.swap(i, (next(rng) % (i as u64 + 1)) as usize);
+                order.swap(i, crate::usize_of(next(rng) % (i as u64 + 1)));
             }
             let mut at = b;
             let mut pos = [0u64; 3];
@@ -870,7 +856,7 @@ mod tests {
             let a = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
-                    len as usize,
+                    crate::usize_of(len),
                     libc::PROT_NONE,
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                     -1,
@@ -890,7 +876,7 @@ mod tests {
     impl Drop for Reserve {
         fn drop(&mut self) {
             // SAFETY: unmaps only our own reservation.
-            unsafe { libc::munmap(self.0 as *mut libc::c_void, self.1 as usize) };
+            unsafe { libc::munmap(self.0 as *mut libc::c_void, crate::usize_of(self.1)) };
         }
     }
 
@@ -916,7 +902,7 @@ mod tests {
                 rlim_max: 0,
             };
             libc::setrlimit(libc::RLIMIT_CORE, &no_core);
-            libc::munmap(reserve.0 as *mut libc::c_void, reserve.1 as usize);
+            libc::munmap(reserve.0 as *mut libc::c_void, crate::usize_of(reserve.1));
         }
         let mut k = 0u64;
         for m in moves.iter().flatten() {
@@ -942,7 +928,7 @@ mod tests {
         type ClockGettime = extern "C" fn(libc::clockid_t, *mut libc::timespec) -> libc::c_int;
         // SAFETY: `call` is __vdso_clock_gettime of the moved vDSO (the
         // parent's symbol table, the same vDSO), which has this signature.
-        let f: ClockGettime = unsafe { std::mem::transmute(call as usize) };
+        let f: ClockGettime = unsafe { std::mem::transmute(crate::usize_of(call)) };
         let mut t = [libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -1017,7 +1003,7 @@ mod tests {
             "move {} failed with errno {} ({}); moves {second:?}",
             r[0],
             r[1],
-            nix::errno::Errno::from_raw(r[1] as i32)
+            nix::errno::Errno::from_raw(i32::try_from(r[1]).unwrap())
         );
         assert!(
             t0.0 <= r[2] && r[2] <= t1.0,

@@ -236,6 +236,7 @@ impl Workload {
 
     /// `selfcheck`: SIGTERM it, it must print PASS and exit 0.
     pub fn terminate_and_check(mut self) {
+        // SAFETY: kill(2) takes integers only.
         unsafe { libc::kill(self.pid, libc::SIGTERM) };
         let v = self.read_reply(Duration::from_secs(10));
         let st = wait_deadline(&mut self.child, Duration::from_secs(10));
@@ -704,6 +705,7 @@ pub fn process_vm_write(pid: i32, addr: u64, bytes: &[u8]) {
         iov_base: addr as *mut _,
         iov_len: bytes.len(),
     };
+    // SAFETY: local points at a buffer we own of iov_len bytes; the kernel checks the remote range.
     let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
     assert_eq!(
         n,

@@ -18,6 +18,7 @@ pub struct Stopped {
 impl Stopped {
     /// SIGSTOP `pid` and wait until every thread is in state `T`.
     pub fn new(pid: i32) -> Result<Stopped, String> {
+        // SAFETY: kill(2) takes integers only.
         if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
             return Err(format!(
                 "SIGSTOP {pid}: {}",
@@ -44,6 +45,7 @@ impl Stopped {
 
 impl Drop for Stopped {
     fn drop(&mut self) {
+        // SAFETY: kill(2) takes integers only.
         unsafe { libc::kill(self.pid, libc::SIGCONT) };
     }
 }
@@ -213,7 +215,7 @@ pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
         while at < v.end {
             let end = (at + CHUNK_PAGES * PAGE_SIZE).min(v.end);
             let range = PageRange::new(at, end);
-            let npages = range.pages() as usize;
+            let npages = sys::usize_of(range.pages());
             let expect = chain.read_range(v, range).map_err(|e| {
                 format!(
                     "oracle: chain {} cannot reassemble {:#x}-{:#x}: {e}",
@@ -222,7 +224,7 @@ pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
                     end
                 )
             })?;
-            let mut actual = vec![0u8; range.len() as usize];
+            let mut actual = vec![0u8; sys::usize_of(range.len())];
             // Private anonymous pages that are neither present nor swapped
             // read as zeros: skip reading them (it would populate them).
             // Nor is a page whose entry is a PTE marker (a uffd-wp marker
@@ -253,8 +255,8 @@ pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
                 while j < npages && want_read[j] {
                     j += 1;
                 }
-                let off = i * PAGE_SIZE as usize;
-                let len = (j - i) * PAGE_SIZE as usize;
+                let off = i * sys::usize_of(PAGE_SIZE);
+                let len = (j - i) * sys::usize_of(PAGE_SIZE);
                 let a = at + off as u64;
                 mem.read_exact_at(&mut actual[off..off + len], a)
                     .map_err(|e| format!("/proc/{pid}/mem at {a:#x}+{len:#x} ({m}): {e}"))?;
@@ -262,10 +264,10 @@ pub fn check(pid: i32, dir: &Path) -> Result<OracleReport, String> {
                 i = j;
             }
             for p in 0..npages {
-                let o = p * PAGE_SIZE as usize;
+                let o = p * sys::usize_of(PAGE_SIZE);
                 let (x, y) = (
-                    &actual[o..o + PAGE_SIZE as usize],
-                    &expect[o..o + PAGE_SIZE as usize],
+                    &actual[o..o + sys::usize_of(PAGE_SIZE)],
+                    &expect[o..o + sys::usize_of(PAGE_SIZE)],
                 );
                 if x != y {
                     ndiff += 1;
@@ -347,7 +349,7 @@ pub fn write_reference_image(pid: i32, dir: &Path) -> Result<(), String> {
             vm_flags: Vec::new(),
         });
         if dumped {
-            let mut buf = vec![0u8; (m.end - m.start) as usize];
+            let mut buf = vec![0u8; sys::usize_of(m.end - m.start)];
             mem.read_exact_at(&mut buf, m.start)
                 .map_err(|e| format!("/proc/{pid}/mem {m}: {e}"))?;
             w.add_pages(m.start, &buf).map_err(|e| e.to_string())?;

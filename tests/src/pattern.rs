@@ -23,7 +23,7 @@ impl Rng {
     pub fn from_time() -> Rng {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap())
             .unwrap_or(0);
         Rng::new(t ^ ((std::process::id() as u64) << 40))
     }
@@ -83,7 +83,7 @@ pub fn fill_page(page: &mut [u8], content: Content, seed: u64, generation: u64, 
             }
         }
         Content::Light => {
-            let b = (mix(seed ^ generation ^ (idx << 20)) as u8) | 1;
+            let b = mix(seed ^ generation ^ (idx << 20)).to_le_bytes()[0] | 1;
             page.fill(b);
             page[0..8].copy_from_slice(&idx.to_le_bytes());
             page[8..16].copy_from_slice(&(generation ^ (seed << 32)).to_le_bytes());
@@ -97,6 +97,8 @@ pub fn fill_page(page: &mut [u8], content: Content, seed: u64, generation: u64, 
 /// each page independently with probability `frac`. The workload's
 /// `dirty_frac` command dirties exactly this set.
 pub fn frac_set(pages: u64, frac: f64, seed: u64) -> Vec<u64> {
+    // A fraction of the u64 range; float-to-int `as` saturates.
+    #[allow(clippy::cast_possible_truncation)]
     let threshold = (frac.clamp(0.0, 1.0) * (u64::MAX as f64)) as u64;
     (0..pages)
         .filter(|&i| mix(seed.wrapping_mul(0x100_0000_01b3) ^ mix(i)) <= threshold)

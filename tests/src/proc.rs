@@ -351,6 +351,7 @@ pub fn unused_pid() -> i32 {
         .unwrap_or(32768);
     (1000..max)
         .rev()
+        // SAFETY: kill(2) takes integers only.
         .find(|&p| unsafe { libc::kill(p, 0) } != 0 && !std::path::Path::new(&format!("/proc/{p}")).exists())
         .expect("no free pid")
 }

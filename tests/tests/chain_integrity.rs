@@ -113,7 +113,7 @@ fn damage_found_after_the_start_is_refused_before_any_process_exists() {
         .expect("p2 provides some page of the final image");
     drop(chain);
     let mut b = std::fs::read(&pages).unwrap();
-    b[used.offset() as usize] ^= 0xff;
+    b[sys::usize_of(used.offset())] ^= 0xff;
     std::fs::write(&pages, &b).unwrap();
     refused(
         &base.join("dump"),

@@ -21,6 +21,7 @@ struct Counting;
 
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
 
+// SAFETY: every method forwards to System with the same arguments, so the GlobalAlloc contract holds as System keeps it.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         LARGEST.fetch_max(l.size(), Ordering::Relaxed);
@@ -54,7 +55,7 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        sys::usize_of(self.next() % n.max(1) as u64)
     }
 }
 
@@ -85,7 +86,7 @@ fn mutate_bytes(r: &mut Rng, data: &mut Vec<u8>, other: &[u8]) {
             }
             1 if len > 0 => {
                 let i = r.below(len);
-                data[i] = INTERESTING[r.below(INTERESTING.len())] as u8;
+                data[i] = (INTERESTING[r.below(INTERESTING.len())]).to_le_bytes()[0];
             }
             2 if len >= 8 => {
                 let i = r.below(len - 7);
@@ -95,7 +96,7 @@ fn mutate_bytes(r: &mut Rng, data: &mut Vec<u8>, other: &[u8]) {
             3 => {
                 let i = r.below(len + 1);
                 let n = 1 + r.below(64);
-                let b: Vec<u8> = (0..n).map(|_| r.next() as u8).collect();
+                let b: Vec<u8> = (0..n).map(|_| r.next().to_le_bytes()[0]).collect();
                 data.splice(i..i, b);
             }
             4 if len > 0 => {
@@ -315,7 +316,7 @@ fn seed_chain(root: &std::path::Path) -> Vec<std::path::PathBuf> {
         let mut bytes = vec![0u8; 300 * 4096];
         for (p, chunk) in bytes.chunks_mut(4096).enumerate() {
             if p % 3 != 0 {
-                chunk.fill((p + i) as u8);
+                chunk.fill((p + i).to_le_bytes()[0]);
             }
         }
         w.add_pages(base, &bytes).unwrap();

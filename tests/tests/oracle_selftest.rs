@@ -11,7 +11,9 @@ use tern_tests::*;
 /// pinned to one CPU (and answers once there) to keep that page still.
 /// (tern's own tests do not need this: the tracker sees the kernel's write.)
 fn pin_to_one_cpu(w: &mut Workload) {
+    // SAFETY: a plain C struct; all-zero is a valid value.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the cpu_set_t is a local of the size passed; the CPU index is below CPU_SETSIZE.
     let r = unsafe { libc::sched_getaffinity(w.pid(), std::mem::size_of_val(&set), &mut set) };
     assert_eq!(
         r,
@@ -21,10 +23,14 @@ fn pin_to_one_cpu(w: &mut Workload) {
         std::io::Error::last_os_error()
     );
     let cpu = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: the cpu_set_t is a local of the size passed; the CPU index is below CPU_SETSIZE.
         .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
         .expect("the workload may run on no CPU");
+    // SAFETY: the cpu_set_t is a local of the size passed; the CPU index is below CPU_SETSIZE.
     unsafe { libc::CPU_ZERO(&mut set) };
+    // SAFETY: the cpu_set_t is a local of the size passed; the CPU index is below CPU_SETSIZE.
     unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: the cpu_set_t is a local of the size passed; the CPU index is below CPU_SETSIZE.
     let r = unsafe { libc::sched_setaffinity(w.pid(), std::mem::size_of_val(&set), &set) };
     assert_eq!(
         r,

@@ -65,7 +65,7 @@ fn tern_killed_at_random_moments_of_a_restore_leaves_nothing_or_everything() {
         seed ^= seed << 17;
         seed % n.max(1)
     };
-    let span = (full.as_micros() as u64 * 6 / 5).max(1000);
+    let span = (u64::try_from(full.as_micros()).unwrap() * 6 / 5).max(1000);
     let (mut none, mut whole) = (0, 0);
     for i in 0..30 {
         let sig = [libc::SIGKILL, libc::SIGTERM, libc::SIGINT][i % 3];

@@ -218,7 +218,7 @@ fn forked_child_writes_its_copy(track: Option<&str>) {
     let mut c = Chain::new(pid, track, &[]);
     c.round("start");
     // The child rewrites all of its copy of a, and keeps writing for 3 s.
-    let child = w.cmd("fork a 3000")["child"].as_i64().unwrap() as i32;
+    let child = i32::try_from(w.cmd("fork a 3000")["child"].as_i64().unwrap()).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let v = c.round("child writing its copy");
     check_incremental(track, &v, 0, "the child's writes are not the parent's");

@@ -187,7 +187,7 @@ fn populated_in(
     for r in ranges {
         let e: &[u64] = if whole {
             let i = ((r.start - vma.start) / PAGE_SIZE) as usize;
-            let n = r.pages() as usize;
+            let n = sys::usize_of(r.pages());
             &entries[i..(i + n).min(entries.len())]
         } else {
             part.clear();

@@ -74,23 +74,36 @@ impl Probes {
         p.ebpf_fault_tracepoints = p.ebpf_tracepoints
             && crate::ebpf::DirtyStream::fault_tracepoints_available().unwrap_or(false);
         p.suspend_seccomp = probe_ptrace_child(|pid| {
-            let opts = libc::PTRACE_O_SUSPEND_SECCOMP as libc::c_long;
-            // SAFETY: plain ptrace on our own stopped child.
-            unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, opts) == 0 }
+            let opts = libc::PTRACE_O_SUSPEND_SECCOMP as u64;
+            sys::ptrace::plain(libc::PTRACE_SEIZE, pid, 0, opts).is_ok()
         });
         p.rseq_config = probe_ptrace_child(|pid| {
-            unsafe {
-                if libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) != 0 {
-                    return false;
-                }
-                libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0);
-                let mut st = 0;
-                libc::waitpid(pid, &mut st, libc::__WALL);
-                let mut conf = [0u64; 4];
-                // PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
-                let r = libc::ptrace(0x420f, pid, std::mem::size_of_val(&conf), conf.as_mut_ptr());
-                r > 0
+            if sys::ptrace::plain(libc::PTRACE_SEIZE, pid, 0, 0).is_err()
+                || sys::ptrace::plain(libc::PTRACE_INTERRUPT, pid, 0, 0).is_err()
+            {
+                return false;
             }
+            if nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::__WALL),
+            )
+            .is_err()
+            {
+                return false;
+            }
+            let mut conf = [0u64; 4];
+            // PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
+            // SAFETY: the kernel writes at most `addr` = size_of_val(&conf)
+            // bytes into `conf`, which we own.
+            let r = unsafe {
+                sys::ptrace::request(
+                    0x420f,
+                    pid,
+                    std::mem::size_of_val(&conf) as u64,
+                    conf.as_mut_ptr() as u64,
+                )
+            };
+            r.is_ok_and(|n| n > 0)
         });
         p.clone3_set_tid = probe_clone3_set_tid();
         p
@@ -233,22 +246,19 @@ fn probe_pidfd_getfd() -> bool {
 
 /// Run `f` on a forked child that sleeps, then kill and reap the child.
 fn probe_ptrace_child(f: impl FnOnce(i32) -> bool) -> bool {
-    // SAFETY: the child only sleeps in a loop and is killed by us.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return false;
-    }
-    if pid == 0 {
-        loop {
-            unsafe { libc::pause() };
-        }
-    }
-    let ok = f(pid);
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-        let mut st = 0;
-        libc::waitpid(pid, &mut st, libc::__WALL);
-    }
+    use nix::unistd::ForkResult;
+    // SAFETY: the child only calls pause(2), async-signal-safe, until we
+    // kill it.
+    let pid = match unsafe { nix::unistd::fork() } {
+        Err(_) => return false,
+        Ok(ForkResult::Child) => loop {
+            nix::unistd::pause();
+        },
+        Ok(ForkResult::Parent { child }) => child,
+    };
+    let ok = f(pid.as_raw());
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::__WALL));
     ok
 }
 
@@ -306,10 +316,9 @@ fn clone_with_pid(want: i32) -> Result<i32, i32> {
     if r < 0 {
         return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
     }
-    let mut st = 0;
-    // SAFETY: reaping our own child.
-    unsafe { libc::waitpid(r as i32, &mut st, 0) };
-    Ok(r as i32)
+    let child = i32::try_from(r).map_err(|_| libc::EINVAL)?;
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+    Ok(child)
 }
 
 /// The kernel release, from uname(2).

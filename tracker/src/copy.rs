@@ -10,6 +10,7 @@
 //! does not spend its time faulting in and zeroing its own buffers.
 
 use images::{ImageError, ImageWriter, PAGE_SIZE, PageRange};
+use nix::sys::uio::RemoteIoVec;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, mpsc};
@@ -110,7 +111,7 @@ impl Copier {
     ) -> Result<CopyStats, CopyError> {
         let total: u64 = ranges.iter().map(|r| r.len()).sum();
         let mut batches = batches(ranges);
-        if total as usize <= BATCH_BYTES {
+        if sys::usize_of(total) <= BATCH_BYTES {
             // One batch: no second thread.
             let mut stats = CopyStats::default();
             let mut w = BatchWriter::new(pid, writer);
@@ -227,44 +228,28 @@ fn read_batch(
     mut buf: Vec<u8>,
     spent: &mut Duration,
 ) -> Result<Batch, CopyError> {
-    let bytes: usize = ranges.iter().map(|r| r.len() as usize).sum();
+    let bytes: usize = ranges.iter().map(|r| sys::usize_of(r.len())).sum();
     if buf.len() < bytes {
         buf.resize(bytes, 0);
     }
-    let local = [libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: bytes,
-    }];
-    let remote: Vec<libc::iovec> = ranges
+    let remote: Vec<RemoteIoVec> = ranges
         .iter()
-        .map(|r| libc::iovec {
-            iov_base: r.start as *mut libc::c_void,
-            iov_len: r.len() as usize,
+        .map(|r| RemoteIoVec {
+            base: sys::usize_of(r.start),
+            len: sys::usize_of(r.len()),
         })
         .collect();
     let t = Instant::now();
-    // SAFETY: `local` covers the first `bytes` of `buf` (at least that
-    // long); remote addresses are only read by the kernel from the
-    // target's address space.
-    let n = unsafe {
-        libc::process_vm_readv(
-            pid,
-            local.as_ptr(),
-            1,
-            remote.as_ptr(),
-            remote.len() as u64,
-            0,
-        )
-    };
+    let n = nix::sys::uio::process_vm_readv(
+        nix::unistd::Pid::from_raw(pid),
+        &mut [std::io::IoSliceMut::new(&mut buf[..bytes])],
+        &remote,
+    );
     *spent += t.elapsed();
-    let got = if n < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ESRCH) {
-            return Err(CopyError::Exited { pid });
-        }
-        0
-    } else {
-        n as usize
+    let got = match n {
+        Err(nix::errno::Errno::ESRCH) => return Err(CopyError::Exited { pid }),
+        Err(_) => 0,
+        Ok(n) => n,
     };
     Ok(Batch { ranges, buf, got })
 }
@@ -274,14 +259,14 @@ fn batches(ranges: &[PageRange]) -> impl Iterator<Item = Vec<PageRange>> + '_ {
     let step = BATCH_BYTES as u64;
     let mut pieces = ranges.iter().flat_map(move |r| {
         (r.start..r.end)
-            .step_by(step as usize)
+            .step_by(sys::usize_of(step))
             .map(move |s| PageRange::new(s, (s + step).min(r.end)))
     });
     std::iter::from_fn(move || {
         let mut batch = Vec::new();
         let mut bytes = 0usize;
         for p in pieces.by_ref() {
-            bytes += p.len() as usize;
+            bytes += sys::usize_of(p.len());
             batch.push(p);
             if bytes >= BATCH_BYTES || batch.len() >= BATCH_IOVS {
                 break;
@@ -315,7 +300,7 @@ impl<'a> BatchWriter<'a> {
         let mut off = 0usize;
         let mut page = Vec::new();
         for r in &b.ranges {
-            let len = r.len() as usize;
+            let len = sys::usize_of(r.len());
             if off + len <= b.got {
                 self.writer.add_pages(r.start, &b.buf[off..off + len])?;
             } else {
@@ -327,8 +312,8 @@ impl<'a> BatchWriter<'a> {
                         Err(_) => return Err(CopyError::Exited { pid }),
                     },
                 };
-                page.resize(PAGE_SIZE as usize, 0);
-                for addr in (r.start..r.end).step_by(PAGE_SIZE as usize) {
+                page.resize(sys::usize_of(PAGE_SIZE), 0);
+                for addr in (r.start..r.end).step_by(sys::usize_of(PAGE_SIZE)) {
                     match mem.read_exact_at(&mut page, addr) {
                         Ok(()) => self.writer.add_pages(addr, &page)?,
                         Err(_) => self.vanished += 1,
@@ -379,16 +364,16 @@ mod tests {
     fn copies_own_memory_exactly() {
         let pid = std::process::id() as i32;
         for pages in [3usize, 2000] {
-            let len = pages * PAGE_SIZE as usize;
-            let mut region = vec![0u8; len + PAGE_SIZE as usize];
-            let base = (region.as_ptr() as usize).next_multiple_of(PAGE_SIZE as usize);
+            let len = pages * sys::usize_of(PAGE_SIZE);
+            let mut region = vec![0u8; len + sys::usize_of(PAGE_SIZE)];
+            let base = (region.as_ptr() as usize).next_multiple_of(sys::usize_of(PAGE_SIZE));
             let off = base - region.as_ptr() as usize;
             for (i, b) in region[off..off + len].iter_mut().enumerate() {
                 // Every third page stays zero.
                 *b = if (i / 4096) % 3 == 1 {
                     0
                 } else {
-                    (i % 251) as u8 + 1
+                    (i % 251).to_le_bytes()[0] + 1
                 };
             }
             let ranges = [
@@ -417,9 +402,9 @@ mod tests {
             for e in &img.pagemap.entries {
                 let data = match e.kind {
                     images::PageKind::Data => img.read_entry(e).unwrap(),
-                    _ => vec![0u8; e.nr_pages as usize * PAGE_SIZE as usize],
+                    _ => vec![0u8; e.nr_pages as usize * sys::usize_of(PAGE_SIZE)],
                 };
-                let at = (e.start as usize) - base + off;
+                let at = sys::usize_of(e.start) - base + off;
                 assert_eq!(
                     &data[..],
                     &region[at..at + data.len()],

@@ -185,6 +185,10 @@ pub enum DumpError {
     ProcRead { path: String, source: Cause },
     #[error("{path}: {what}")]
     ProcParse { path: String, what: String },
+    /// A /proc file read through `sys::proc` (its error names the PID and
+    /// the file).
+    #[error("{source}")]
+    Proc { source: Cause },
     #[error("PID {pid}: the state captured is not restorable: {source}")]
     Unrestorable { pid: i32, source: Cause },
     #[error("PID {pid}: the state capture thread panicked; the target was left running")]
@@ -636,8 +640,11 @@ fn capture(
         frozen_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
         killed = false;
     } else {
-        // SAFETY: plain kill(2) of the frozen target.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // The frozen target: a failure means it is gone already.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         frozen_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
         killed = true;
         for t in threads.drain(..) {
@@ -753,7 +760,7 @@ fn freeze_all(pid: i32, timeout: Duration) -> Result<Vec<Injector>, DumpError> {
     let deadline = Instant::now() + timeout;
     let mut held: BTreeMap<i32, Injector> = BTreeMap::new();
     loop {
-        let tids = list_tids(pid).map_err(|e| DumpError::Tasks {
+        let tids = sys::proc::tids(pid).map_err(|e| DumpError::Tasks {
             pid,
             source: Cause::of(&e),
         })?;
@@ -792,16 +799,6 @@ fn freeze_all(pid: i32, timeout: Duration) -> Result<Vec<Injector>, DumpError> {
     Ok(out)
 }
 
-fn list_tids(pid: i32) -> Result<Vec<i32>, std::io::Error> {
-    let rd = std::fs::read_dir(format!("/proc/{pid}/task"))?;
-    let mut v: Vec<i32> = rd
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    v.sort_unstable();
-    Ok(v)
-}
-
 // ---- state capture ---------------------------------------------------------
 
 /// A thread's registers that could not be read.
@@ -823,10 +820,9 @@ fn signals<E: std::error::Error + 'static>(pid: i32, tid: i32) -> impl FnOnce(E)
     }
 }
 
-/// A /proc file that could not be read.
-fn proc_read<E: std::error::Error + 'static>(path: String) -> impl FnOnce(E) -> DumpError {
-    move |e| DumpError::ProcRead {
-        path,
+/// A /proc file `sys::proc` could not read or parse.
+fn proc_err(e: sys::proc::ProcError) -> DumpError {
+    DumpError::Proc {
         source: Cause::of(&e),
     }
 }
@@ -847,8 +843,8 @@ fn capture_state(
             t0.elapsed().as_secs_f64() * 1e3
         )
     };
-    let status = read_status(pid, None)?;
-    let stat = read_stat(pid)?;
+    let status = sys::proc::status(pid, None).map_err(proc_err)?;
+    let stat = sys::proc::stat(pid, None).map_err(proc_err)?;
     // The leader (or the first thread if the leader is gone) does the
     // process-wide injected calls.
     let mut thread_images = Vec::with_capacity(threads.len());
@@ -976,20 +972,20 @@ fn capture_state(
     lap("threads");
     let leader = &mut threads[0];
     // Signal dispositions: only those /proc says are not the default.
-    let caught = hex_field(&status, "SigCgt")?;
-    let ignored = hex_field(&status, "SigIgn")?;
+    let (caught, ignored) = (status.sigcgt, status.sigign);
     let mut sigactions = Vec::new();
-    for sig in 1..=64u64 {
-        if sig == 9 || sig == 19 {
+    for signo in 1..=64i32 {
+        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
             continue;
         }
+        let sig = u64::from(signo.unsigned_abs());
         let bit = 1u64 << (sig - 1);
         // A SIG_DFL disposition's flags and mask are replaced whole by the
         // next sigaction that installs a handler, so they matter only for
         // SIGCHLD (SA_NOCLDSTOP, SA_NOCLDWAIT): that one is always read.
-        if (caught | ignored) & bit == 0 && sig != libc::SIGCHLD as u64 {
+        if (caught | ignored) & bit == 0 && signo != libc::SIGCHLD {
             sigactions.push(sys::signals::SigAction {
-                signo: sig as i32,
+                signo,
                 handler: sys::signals::SIG_DFL,
                 flags: 0,
                 restorer: 0,
@@ -1015,7 +1011,7 @@ fn capture_state(
                 source: Cause::of(&e),
             }
         })?;
-        sigactions.push(sys::signals::SigAction::from_kernel(sig as i32, &ka));
+        sigactions.push(sys::signals::SigAction::from_kernel(signo, &ka));
     }
     let mut itimers = Vec::new();
     for which in 0..3 {
@@ -1053,27 +1049,20 @@ fn capture_state(
     lap("injected calls");
     let rlimits = read_limits(pid)?;
 
-    let auxv = std::fs::read(format!("/proc/{pid}/auxv"))
-        .map_err(proc_read(format!("/proc/{pid}/auxv")))?
-        .chunks_exact(8)
-        .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect();
-    let stat_u = |k: usize| -> u64 { stat.get(k).and_then(|s| s.parse().ok()).unwrap_or(0) };
-    // /proc/PID/stat field numbers (man 5 proc), 1-based; `stat` holds the
-    // fields after the command name, so field n is stat[n - 3].
-    let f = |n: usize| stat_u(n - 3);
+    let auxv = sys::proc::auxv(pid).map_err(proc_err)?;
+    // The fields after startstack exist since Linux 3.3/3.5.
     let mm = MmState {
-        start_code: f(26),
-        end_code: f(27),
-        start_stack: f(28),
-        start_data: f(45),
-        end_data: f(46),
-        start_brk: f(47),
+        start_code: stat.startcode,
+        end_code: stat.endcode,
+        start_stack: stat.startstack,
+        start_data: stat.start_data.unwrap_or(0),
+        end_data: stat.end_data.unwrap_or(0),
+        start_brk: stat.start_brk.unwrap_or(0),
         brk,
-        arg_start: f(48),
-        arg_end: f(49),
-        env_start: f(50),
-        env_end: f(51),
+        arg_start: stat.arg_start.unwrap_or(0),
+        arg_end: stat.arg_end.unwrap_or(0),
+        env_start: stat.env_start.unwrap_or(0),
+        env_end: stat.env_end.unwrap_or(0),
         auxv,
     };
 
@@ -1141,16 +1130,16 @@ fn capture_state(
 
     let process = ProcessImage {
         pid,
-        ppid: f(4) as i32,
-        pgid: f(5) as i32,
-        sid: f(6) as i32,
+        ppid: stat.ppid,
+        pgid: stat.pgrp,
+        sid: stat.session,
         comm: read_trim(&format!("/proc/{pid}/comm")),
         exe: link(pid, "exe"),
         cwd: link(pid, "cwd"),
         root: link(pid, "root"),
-        umask: u32::from_str_radix(field(&status, "Umask").unwrap_or("0022"), 8).unwrap_or(0o022),
-        dumpable: (dumpable >= 0).then_some(dumpable as u32),
-        thp_disable: (thp_disable > 0).then_some(thp_disable as u32),
+        umask: status.umask.unwrap_or(0o022),
+        dumpable: u32::try_from(dumpable).ok(),
+        thp_disable: u32::try_from(thp_disable).ok().filter(|&v| v > 0),
         memory_merge: memory_merge == 1,
         oom_score_adj: read_trim(&format!("/proc/{pid}/oom_score_adj"))
             .parse()
@@ -1232,31 +1221,15 @@ fn same_object(a: &FdKindState, b: &FdKindState) -> bool {
 }
 
 fn read_limits(pid: i32) -> Result<Vec<Rlimit>, DumpError> {
-    let path = format!("/proc/{pid}/limits");
-    let text = std::fs::read_to_string(&path).map_err(proc_read(path.clone()))?;
-    let val = |s: &str| -> Option<u64> {
-        match s.trim() {
-            "unlimited" => Some(u64::MAX),
-            v => v.parse().ok(),
-        }
-    };
-    let mut out = Vec::new();
-    for (res, line) in text.lines().skip(1).enumerate() {
-        let soft = line.get(26..46).and_then(val);
-        let hard = line.get(47..67).and_then(val);
-        let (Some(cur), Some(max)) = (soft, hard) else {
-            return Err(DumpError::ProcParse {
-                path,
-                what: format!("cannot parse {line:?}"),
-            });
-        };
-        out.push(Rlimit {
-            resource: res as u32,
-            cur,
-            max,
-        });
-    }
-    Ok(out)
+    Ok(sys::proc::limits(pid)
+        .map_err(proc_err)?
+        .into_iter()
+        .map(|l| Rlimit {
+            resource: l.resource,
+            cur: l.soft,
+            max: l.hard,
+        })
+        .collect())
 }
 
 fn robust_list(tid: i32) -> (u64, u64) {
@@ -1286,70 +1259,22 @@ fn link(pid: i32, what: &str) -> String {
         .unwrap_or_default()
 }
 
-fn read_status(pid: i32, tid: Option<i32>) -> Result<String, DumpError> {
-    let path = match tid {
-        Some(t) => format!("/proc/{pid}/task/{t}/status"),
-        None => format!("/proc/{pid}/status"),
-    };
-    std::fs::read_to_string(&path).map_err(proc_read(path))
-}
-
-/// /proc/PID/stat fields after `(comm)`, so that a comm with spaces or
-/// parentheses cannot shift them.
-fn read_stat(pid: i32) -> Result<Vec<String>, DumpError> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).map_err(proc_read(path.clone()))?;
-    let rest = text
-        .rfind(')')
-        .map(|i| &text[i + 1..])
-        .ok_or_else(|| DumpError::ProcParse {
-            path,
-            what: "no command name".into(),
-        })?;
-    Ok(rest.split_whitespace().map(str::to_string).collect())
-}
-
-fn field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .map(str::trim)
-}
-
-fn hex_field(status: &str, name: &str) -> Result<u64, DumpError> {
-    field(status, name)
-        .and_then(|v| u64::from_str_radix(v, 16).ok())
-        .ok_or_else(|| DumpError::ProcParse {
-            path: "/proc status".into(),
-            what: format!("no {name} field"),
-        })
-}
-
-fn creds(status: &str) -> Result<Creds, DumpError> {
-    let ids = |name: &str| -> Result<[u32; 4], DumpError> {
-        let v: Vec<u32> = field(status, name)
-            .unwrap_or("")
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        v.try_into().map_err(|_| DumpError::ProcParse {
-            path: "/proc status".into(),
-            what: format!("bad {name} line"),
-        })
-    };
+fn creds(st: &sys::proc::Status) -> Result<Creds, DumpError> {
     Ok(Creds {
-        uid: ids("Uid")?,
-        gid: ids("Gid")?,
-        groups: field(status, "Groups")
-            .unwrap_or("")
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect(),
-        cap_inh: hex_field(status, "CapInh")?,
-        cap_prm: hex_field(status, "CapPrm")?,
-        cap_eff: hex_field(status, "CapEff")?,
-        cap_bnd: hex_field(status, "CapBnd")?,
-        cap_amb: hex_field(status, "CapAmb").unwrap_or(0),
-        no_new_privs: field(status, "NoNewPrivs") == Some("1"),
+        uid: [st.ruid, st.euid, st.suid, st.fuid],
+        gid: [st.rgid, st.egid, st.sgid, st.fgid],
+        // procfs reads gids as i32 (a gid above i32::MAX fails the whole
+        // parse, with an error naming the file): none is negative here.
+        groups: st.groups.iter().map(|&g| g.cast_unsigned()).collect(),
+        cap_inh: st.capinh,
+        cap_prm: st.capprm,
+        cap_eff: st.capeff,
+        cap_bnd: st.capbnd.ok_or_else(|| DumpError::ProcParse {
+            path: format!("/proc/{}/status", st.pid),
+            what: "no CapBnd field".into(),
+        })?,
+        // Since Linux 4.3; before it, no process has ambient capabilities.
+        cap_amb: st.capamb.unwrap_or(0),
+        no_new_privs: st.nonewprivs == Some(1),
     })
 }

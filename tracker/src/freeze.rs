@@ -158,13 +158,7 @@ pub(crate) fn wait_stop(
 
 /// Thread ids of `pid`.
 pub fn list_tids(pid: i32) -> Result<Vec<i32>, FreezeError> {
-    let rd = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map_err(|_| FreezeError::NoProcess { pid })?;
-    let mut v: Vec<i32> = rd
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    v.sort();
-    Ok(v)
+    sys::proc::tids(pid).map_err(|_| FreezeError::NoProcess { pid })
 }
 
 #[cfg(test)]
@@ -182,15 +176,8 @@ mod tests {
             .unwrap();
         let pid = child.id() as i32;
         std::thread::sleep(Duration::from_millis(50));
-        let utime = || -> u64 {
-            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-            let rest = &s[s.rfind(')').unwrap() + 2..];
-            rest.split(' ').nth(11).unwrap().parse().unwrap()
-        };
-        let state = || -> char {
-            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-            s[s.rfind(')').unwrap() + 2..].chars().next().unwrap()
-        };
+        let utime = || sys::proc::stat(pid, None).unwrap().utime;
+        let state = || sys::proc::stat(pid, None).unwrap().state;
         {
             let f = Frozen::freeze(pid, Duration::from_secs(5)).unwrap();
             assert_eq!(f.tids().count(), 1);

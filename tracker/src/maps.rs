@@ -1,8 +1,8 @@
-//! The target's VMAs, from `/proc/PID/maps` (parsed by the `procfs` crate),
-//! and which of them tern records.
+//! The target's VMAs, from `/proc/PID/maps` (read by [`sys::proc`]), and
+//! which of them tern records.
 
 use images::VmaRecord;
-use procfs::process::MMapPath;
+use sys::proc::{ProcError, VmaPerms};
 
 /// Name of tern's scratch mapping in the target (set with PR_SET_VMA_ANON_NAME).
 pub const SCRATCH_NAME: &str = "[anon:tern-scratch]";
@@ -11,14 +11,8 @@ pub const SCRATCH_NAME: &str = "[anon:tern-scratch]";
 pub enum MapsError {
     #[error("no process with PID {pid} (it exited, or never existed); check the PID")]
     NoProcess { pid: i32 },
-    #[error("/proc/{pid}/maps: {source}")]
-    Read {
-        pid: i32,
-        #[source]
-        source: procfs::ProcError,
-    },
-    #[error("PID {pid}: {what}")]
-    Smaps { pid: i32, what: String },
+    #[error(transparent)]
+    Read(ProcError),
 }
 
 /// One VMA.
@@ -26,7 +20,7 @@ pub enum MapsError {
 pub struct Vma {
     pub start: u64,
     pub end: u64,
-    pub perms: String,
+    pub perms: VmaPerms,
     pub offset: u64,
     pub dev: String,
     pub inode: u64,
@@ -38,10 +32,10 @@ impl Vma {
         (self.end - self.start) / images::PAGE_SIZE
     }
     pub fn is_private(&self) -> bool {
-        self.perms.as_bytes().get(3) == Some(&b'p')
+        self.perms.is_private()
     }
     pub fn is_readable(&self) -> bool {
-        self.perms.as_bytes().first() == Some(&b'r')
+        self.perms.read
     }
     /// Backed by a regular file (its unmodified pages read from the file).
     pub fn is_file(&self) -> bool {
@@ -78,7 +72,8 @@ impl Vma {
         VmaRecord {
             start: self.start,
             end: self.end,
-            perms: self.perms.clone(),
+            // The image keeps the text form ("rw-p"), as maps shows it.
+            perms: self.perms.to_string(),
             offset: self.offset,
             dev: self.dev.clone(),
             inode: self.inode,
@@ -89,74 +84,28 @@ impl Vma {
     }
 }
 
-/// Read the VMAs of `pid`.
-pub fn read_vmas(pid: i32) -> Result<Vec<Vma>, MapsError> {
-    let proc = procfs::process::Process::new(pid).map_err(|e| map_err(pid, e))?;
-    let maps = proc.maps().map_err(|e| map_err(pid, e))?;
-    Ok(maps
-        .into_iter()
-        .map(|m| {
-            let p = m.perms;
-            let perms: String = [
-                if p.contains(procfs::process::MMPermissions::READ) {
-                    'r'
-                } else {
-                    '-'
-                },
-                if p.contains(procfs::process::MMPermissions::WRITE) {
-                    'w'
-                } else {
-                    '-'
-                },
-                if p.contains(procfs::process::MMPermissions::EXECUTE) {
-                    'x'
-                } else {
-                    '-'
-                },
-                if p.contains(procfs::process::MMPermissions::SHARED) {
-                    's'
-                } else {
-                    'p'
-                },
-            ]
-            .iter()
-            .collect();
-            Vma {
-                start: m.address.0,
-                end: m.address.1,
-                perms,
-                offset: m.offset,
-                dev: format!("{:02x}:{:02x}", m.dev.0, m.dev.1),
-                inode: m.inode,
-                name: path_name(&m.pathname),
-            }
-        })
-        .collect())
-}
-
-fn map_err(pid: i32, e: procfs::ProcError) -> MapsError {
+fn map_err(e: ProcError) -> MapsError {
     match e {
-        procfs::ProcError::NotFound(_) => MapsError::NoProcess { pid },
-        e => MapsError::Read { pid, source: e },
+        ProcError::NoProcess { pid } => MapsError::NoProcess { pid },
+        e => MapsError::Read(e),
     }
 }
 
-fn path_name(p: &MMapPath) -> Option<String> {
-    Some(match p {
-        MMapPath::Path(p) => p.display().to_string(),
-        MMapPath::Heap => "[heap]".into(),
-        MMapPath::Stack => "[stack]".into(),
-        MMapPath::TStack(t) => format!("[stack:{t}]"),
-        MMapPath::Vdso => "[vdso]".into(),
-        MMapPath::Vvar => "[vvar]".into(),
-        MMapPath::Vsyscall => "[vsyscall]".into(),
-        MMapPath::Rollup => "[rollup]".into(),
-        MMapPath::Anonymous => return None,
-        MMapPath::Vsys(key) => format!("/SYSV{key:08x}"),
-        // procfs strips the brackets of pseudo-names (`[vvar_vclock]`,
-        // `[anon:NAME]`): put them back so names read as in /proc/PID/maps.
-        MMapPath::Other(s) => format!("[{s}]"),
-    })
+/// Read the VMAs of `pid`.
+pub fn read_vmas(pid: i32) -> Result<Vec<Vma>, MapsError> {
+    Ok(sys::proc::maps(pid, None)
+        .map_err(map_err)?
+        .into_iter()
+        .map(|m| Vma {
+            dev: m.dev_text(),
+            start: m.start,
+            end: m.end,
+            perms: m.perms,
+            offset: m.offset,
+            inode: m.inode,
+            name: m.name,
+        })
+        .collect())
 }
 
 /// `VmFlags` of every VMA of `pid`, keyed by (start, end), from
@@ -165,32 +114,7 @@ fn path_name(p: &MMapPath) -> Option<String> {
 pub fn vm_flags(
     pid: i32,
 ) -> Result<std::collections::BTreeMap<(u64, u64), Vec<String>>, MapsError> {
-    let path = format!("/proc/{pid}/smaps");
-    let text = std::fs::read_to_string(&path).map_err(|e| MapsError::Smaps {
-        pid,
-        what: format!("{path}: {e}"),
-    })?;
-    let mut out = std::collections::BTreeMap::new();
-    let mut cur: Option<(u64, u64)> = None;
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("VmFlags:") {
-            if let Some(k) = cur.take() {
-                out.insert(k, rest.split_whitespace().map(str::to_string).collect());
-            }
-            continue;
-        }
-        // A header line: "start-end perms offset dev inode [name]".
-        let Some(range) = line.split_whitespace().next() else {
-            continue;
-        };
-        if let Some((a, b)) = range.split_once('-')
-            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
-            && !range.ends_with(':')
-        {
-            cur = Some((a, b));
-        }
-    }
-    Ok(out)
+    sys::proc::vm_flags(pid).map_err(map_err)
 }
 
 #[cfg(test)]

@@ -59,13 +59,8 @@ fn refusal(kind: &str, at: impl Into<String>, reason: impl Into<String>) -> Refu
 pub enum RestorableError {
     #[error("no process with PID {pid} (it exited, or never existed); check the PID")]
     NoProcess { pid: i32 },
-    #[error("PID {pid}: reading {path}: {source}")]
-    Read {
-        pid: i32,
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(sys::proc::ProcError),
     #[error(transparent)]
     Fds(#[from] sys::fds::FdsError),
 }
@@ -84,26 +79,13 @@ pub fn refusals_with(
     pid: i32,
     flags: Option<&VmFlagsByVma>,
 ) -> Result<Vec<Refusal>, RestorableError> {
-    let read = |path: String| {
-        std::fs::read_to_string(&path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                RestorableError::NoProcess { pid }
-            } else {
-                RestorableError::Read { pid, path, source }
-            }
-        })
-    };
     let mut out = Vec::new();
-    let status = read(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-            .unwrap_or("")
-    };
-    let threads: u64 = field("Threads").parse().unwrap_or(1);
-    if field("State").starts_with('Z') {
+    let status = sys::proc::status(pid, None).map_err(|e| match e {
+        sys::proc::ProcError::NoProcess { pid } => RestorableError::NoProcess { pid },
+        e => RestorableError::Read(e),
+    })?;
+    let threads = status.threads;
+    if status.state.starts_with('Z') {
         if threads > 1 {
             out.push(refusal(
                 "zombie_leader",

@@ -147,7 +147,7 @@ impl WpUffd {
         self.uffd
             .register_with_mode(
                 start as *mut libc::c_void,
-                (end - start) as usize,
+                sys::usize_of(end - start),
                 userfaultfd::RegisterMode::WRITE_PROTECT,
             )
             .map(|_| ())
@@ -160,7 +160,7 @@ impl WpUffd {
 
     pub fn unregister(&self, start: u64, end: u64) -> Result<(), UffdError> {
         self.uffd
-            .unregister(start as *mut libc::c_void, (end - start) as usize)
+            .unregister(start as *mut libc::c_void, sys::usize_of(end - start))
             .map_err(|e| UffdError::Register {
                 start,
                 end,
@@ -190,29 +190,12 @@ pub fn uffd_errno(e: userfaultfd::Error) -> nix::errno::Errno {
 
 /// `pidfd_open(2)`.
 pub fn pidfd_open(pid: i32) -> Result<OwnedFd, UffdError> {
-    // SAFETY: plain syscall; on success the kernel returns a new fd we own.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if r < 0 {
-        return Err(UffdError::PidfdOpen {
-            pid,
-            errno: nix::errno::Errno::last(),
-        });
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+    sys::fds::pidfd_open(pid).map_err(|errno| UffdError::PidfdOpen { pid, errno })
 }
 
 /// `pidfd_getfd(2)`: a duplicate of the target's fd `fd`.
 pub fn pidfd_getfd(pidfd: &OwnedFd, pid: i32, fd: i32) -> Result<OwnedFd, UffdError> {
-    // SAFETY: plain syscall; on success the kernel returns a new fd we own.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if r < 0 {
-        return Err(UffdError::GetFd {
-            pid,
-            fd,
-            errno: nix::errno::Errno::last(),
-        });
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+    sys::fds::pidfd_getfd_from(pidfd, fd).map_err(|errno| UffdError::GetFd { pid, fd, errno })
 }
 
 /// Features a userfaultfd was handshaken with, from `/proc/PID/fdinfo/FD`

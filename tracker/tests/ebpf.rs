@@ -17,6 +17,7 @@ const PAGE: usize = 4096;
 fn require_root() {
     // SAFETY: no preconditions.
     assert_eq!(
+        // SAFETY: takes no arguments and cannot fail.
         unsafe { libc::geteuid() },
         0,
         "the eBPF tests need root (they fail rather than skip)"
@@ -49,6 +50,7 @@ mod child {
             }
             if r == 0 {
                 // Parent gone.
+                // SAFETY: ends this (forked) process at once; nothing after it runs.
                 unsafe { libc::_exit(3) };
             }
         }
@@ -75,8 +77,10 @@ impl Child {
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
             body(go_r, report_w);
+            // SAFETY: ends this (forked) process at once; nothing after it runs.
             unsafe { libc::_exit(0) };
         }
+        // SAFETY: closes an fd this code opened and no longer uses.
         unsafe {
             libc::close(go_r);
             libc::close(report_w);
@@ -91,6 +95,7 @@ impl Child {
     fn go(&self) {
         // SAFETY: valid buffer.
         assert_eq!(
+            // SAFETY: the kernel reads at most the given length from the buffer, which we own for the call.
             unsafe { libc::write(self.go_w, b"g".as_ptr().cast(), 1) },
             1
         );
@@ -152,6 +157,7 @@ impl Drop for Child {
                 libc::waitpid(self.pid, std::ptr::null_mut(), 0);
             }
         }
+        // SAFETY: closes an fd this code opened and no longer uses.
         unsafe {
             libc::close(self.go_w);
             libc::close(self.report_r);
@@ -238,6 +244,7 @@ fn recall_of_first_writes_and_empty_second_drain() {
     assert_eq!(again.write_faults, 0);
     assert_eq!(again.lost, 0);
     assert_eq!(child.finish(), 0);
+    // SAFETY: unmaps only a region this code mapped, which nothing references any more.
     unsafe { libc::munmap(region as *mut _, N * PAGE) };
 }
 
@@ -255,6 +262,7 @@ fn kernel_write_shows_as_kernel_fault() {
             // SAFETY: read(2) into the fresh buffer: copy_to_user faults.
             let n = unsafe { libc::read(data_r, (buf + got) as *mut _, LEN - got) };
             if n <= 0 {
+                // SAFETY: ends this (forked) process at once; nothing after it runs.
                 unsafe { libc::_exit(4) };
             }
             got += n as usize;
@@ -262,13 +270,15 @@ fn kernel_write_shows_as_kernel_fault() {
         child::report(rep, &[1]);
         child::wait_go(go);
     });
+    // SAFETY: closes an fd this code opened and no longer uses.
     unsafe { libc::close(data_r) };
-    let buf = child.report()[0] as usize;
+    let buf = sys::usize_of(child.report()[0]);
     let mut stream = DirtyStream::open(child.pid, PinMode::None).expect("open");
     child.go();
     let data = vec![7u8; LEN];
     // SAFETY: valid buffer; 16 KiB fits in the pipe.
     assert_eq!(
+        // SAFETY: the kernel reads at most the given length from the buffer, which we own for the call.
         unsafe { libc::write(data_w, data.as_ptr().cast(), LEN) },
         LEN as isize
     );
@@ -285,6 +295,7 @@ fn kernel_write_shows_as_kernel_fault() {
         assert!(round.pages.binary_search(p).is_ok());
     }
     assert_eq!(child.finish(), 0);
+    // SAFETY: closes an fd this code opened and no longer uses.
     unsafe { libc::close(data_w) };
 }
 
@@ -301,8 +312,8 @@ fn address_space_changes_are_reported() {
             libc::madvise(b as *mut _, 8 * PAGE, libc::MADV_DONTNEED);
             // A failing call is not reported.
             libc::munmap(3 as *mut _, PAGE);
-            let cur = libc::syscall(libc::SYS_brk, 0) as usize;
-            let nb = libc::syscall(libc::SYS_brk, cur + 16 * PAGE) as usize;
+            let cur = usize::try_from(libc::syscall(libc::SYS_brk, 0)).unwrap();
+            let nb = usize::try_from(libc::syscall(libc::SYS_brk, cur + 16 * PAGE)).unwrap();
             child::report(rep, &[a as u64, b as u64, cur as u64, nb as u64]);
         }
         child::wait_go(go);
@@ -379,10 +390,12 @@ fn thread_creation_and_exit_are_reported() {
         };
         // Wait for the kernel to clear ctid at thread exit.
         loop {
+            // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
             let v = unsafe { std::ptr::read_volatile(ctid) };
             if v == 0 {
                 break;
             }
+            // SAFETY: FUTEX_WAIT reads the int at `ctid`, a live word the kernel clears at thread exit; no timeout (null).
             unsafe {
                 libc::syscall(
                     libc::SYS_futex,
@@ -394,10 +407,13 @@ fn thread_creation_and_exit_are_reported() {
             };
         }
         // And a child process, which is not a thread.
+        // SAFETY: the child calls only async-signal-safe functions (or plain memory accesses of this single-threaded program) before _exit.
         let gc = unsafe { libc::fork() };
         if gc == 0 {
+            // SAFETY: ends this (forked) process at once; nothing after it runs.
             unsafe { libc::_exit(0) };
         }
+        // SAFETY: waitpid(2) writes at most one int, into a local status (or none for a null pointer).
         unsafe { libc::waitpid(gc, std::ptr::null_mut(), 0) };
         child::report(rep, &[tid as u64, gc as u64]);
         child::wait_go(go);
@@ -414,9 +430,9 @@ fn thread_creation_and_exit_are_reported() {
     assert_eq!(
         ev,
         vec![
-            (ThreadEventKind::Created, tid as u32),
-            (ThreadEventKind::Exited, tid as u32),
-            (ThreadEventKind::ChildProcess, gc as u32),
+            (ThreadEventKind::Created, u32::try_from(tid).unwrap()),
+            (ThreadEventKind::Exited, u32::try_from(tid).unwrap()),
+            (ThreadEventKind::ChildProcess, u32::try_from(gc).unwrap()),
         ]
     );
     let pid = child.pid;
@@ -459,6 +475,7 @@ fn pinned_stream_outlives_its_opener_and_is_reused() {
         for r in [r1, r2, r3] {
             child::wait_go(go);
             for i in 0..N {
+                // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
                 unsafe { std::ptr::write_volatile((r + i * PAGE) as *mut u8, 1) };
             }
             child::report(rep, &[1]);
@@ -536,6 +553,7 @@ fn pinned_stream_outlives_its_opener_and_is_reused() {
     );
     drop(faults);
     assert_eq!(child.finish(), 0);
+    // SAFETY: unmaps only a region this code mapped, which nothing references any more.
     unsafe {
         libc::munmap(r1 as *mut _, N * PAGE);
         libc::munmap(r2 as *mut _, N * PAGE);
@@ -567,9 +585,11 @@ fn repeated_faults_rank_a_page_hot() {
         // One first touch each for pages 1..8; page 0 faults REPEAT times:
         // MADV_DONTNEED drops it, so the next write faults again.
         for i in 1..8 {
+            // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
             unsafe { std::ptr::write_volatile((region + i * PAGE) as *mut u8, 1) };
         }
         for _ in 0..REPEAT {
+            // SAFETY: MADV_DONTNEED on a mapping this program made, to which no Rust reference is alive.
             unsafe {
                 std::ptr::write_volatile(region as *mut u8, 1);
                 libc::madvise(region as *mut _, PAGE, libc::MADV_DONTNEED);
@@ -584,7 +604,7 @@ fn repeated_faults_rank_a_page_hot() {
     let round = stream.drain().expect("drain");
     assert_eq!(
         round.hot[0],
-        (region as u64, REPEAT as u32),
+        (region as u64, u32::try_from(REPEAT).unwrap()),
         "{:?}",
         round.hot
     );
@@ -596,6 +616,7 @@ fn repeated_faults_rank_a_page_hot() {
         .count();
     assert_eq!(madvises, REPEAT);
     assert_eq!(child.finish(), 0);
+    // SAFETY: unmaps only a region this code mapped, which nothing references any more.
     unsafe { libc::munmap(region as *mut _, 8 * PAGE) };
 }
 
@@ -608,6 +629,7 @@ fn drain_of_many_pages() {
     let child = Child::spawn(move |go, rep| {
         child::wait_go(go);
         for i in 0..N {
+            // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
             unsafe { std::ptr::write_volatile((region + i * PAGE) as *mut u8, 1) };
         }
         child::report(rep, &[1]);
@@ -627,6 +649,7 @@ fn drain_of_many_pages() {
     );
     assert!(seen * 100 >= N * 99, "recall {seen}/{N}");
     assert_eq!(child.finish(), 0);
+    // SAFETY: unmaps only a region this code mapped, which nothing references any more.
     unsafe { libc::munmap(region as *mut _, N * PAGE) };
 }
 

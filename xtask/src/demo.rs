@@ -340,7 +340,11 @@ pub fn parse_last_json(stdout: &[u8]) -> Option<Value> {
 
 fn field_u64(v: &Value, key: &str) -> Option<u64> {
     v.get(key)
-        .and_then(|x| x.as_u64().or_else(|| x.as_f64().map(|f| f as u64)))
+        // A float's fraction is dropped on purpose (`as` saturates).
+        .and_then(|x| {
+            #[allow(clippy::cast_possible_truncation)]
+            x.as_u64().or_else(|| x.as_f64().map(|f| f as u64))
+        })
 }
 
 fn fmt(v: &Value, key: &str) -> String {

@@ -74,8 +74,8 @@ fn say(line: &str) {
 }
 
 fn working_set(pages: usize, frac: f64) -> Vec<u32> {
-    (0..pages as u32)
-        .filter(|&p| unit_hash(p as u64) < frac)
+    (0..u32::try_from(pages).unwrap_or(u32::MAX))
+        .filter(|&p| unit_hash(u64::from(p)) < frac)
         .collect()
 }
 

@@ -29,7 +29,7 @@ fn main() {
     let mut cold = hot;
     loop {
         sweep += 1;
-        let offset = (sweep as usize * 64) % PAGE;
+        let offset = usize::try_from(sweep.wrapping_mul(64) % PAGE as u64).unwrap_or(0);
         for p in 0..hot {
             region.write(p, offset, sweep << 20 | p as u64);
         }

@@ -30,7 +30,8 @@ use libc::{c_uint, user_regs_struct};
 use nix::errno::Errno;
 
 use super::layout::*;
-use super::tracee::{FRAME_MAGIC, ptrace};
+use super::tracee::FRAME_MAGIC;
+use crate::ptrace::{self, regset};
 
 /// The general registers and the syscall number (`pt_regs->syscallno`;
 /// -1 when no syscall is in progress), which decides whether the kernel
@@ -99,25 +100,20 @@ pub(crate) fn zeroed() -> Regs {
     }
 }
 
-fn regset(req: c_uint, tid: i32, note: u32, buf: *mut u8, len: usize) -> Result<usize, Errno> {
-    let mut iov = libc::iovec {
-        iov_base: buf.cast(),
-        iov_len: len,
-    };
-    ptrace(req, tid, note as u64, &mut iov as *mut libc::iovec as u64)?;
-    Ok(iov.iov_len)
-}
-
 pub(crate) fn getregs(tid: i32) -> Result<Regs, (&'static str, Errno)> {
     let mut r = zeroed();
     let len = std::mem::size_of::<user_regs_struct>();
-    let got = regset(
-        libc::PTRACE_GETREGSET,
-        tid,
-        libc::NT_PRSTATUS as u32,
-        (&mut r.gp as *mut user_regs_struct).cast(),
-        len,
-    )
+    // SAFETY: the buffer is a local of exactly `len` bytes, borrowed for
+    // the call.
+    let got = unsafe {
+        regset(
+            libc::PTRACE_GETREGSET,
+            tid,
+            libc::NT_PRSTATUS as u32,
+            (&mut r.gp as *mut user_regs_struct).cast(),
+            len,
+        )
+    }
     .map_err(|e| ("PTRACE_GETREGSET NT_PRSTATUS", e))?;
     if got != len {
         // A compat (AArch32) thread has a shorter register set.
@@ -126,35 +122,47 @@ pub(crate) fn getregs(tid: i32) -> Result<Regs, (&'static str, Errno)> {
             Errno::EINVAL,
         ));
     }
-    regset(
-        libc::PTRACE_GETREGSET,
-        tid,
-        NT_ARM_SYSTEM_CALL,
-        (&mut r.syscallno as *mut i32).cast(),
-        4,
-    )
+    // SAFETY: the buffer is a local of exactly `len` bytes, borrowed for
+    // the call.
+    unsafe {
+        regset(
+            libc::PTRACE_GETREGSET,
+            tid,
+            NT_ARM_SYSTEM_CALL,
+            (&mut r.syscallno as *mut i32).cast(),
+            4,
+        )
+    }
     .map_err(|e| ("PTRACE_GETREGSET NT_ARM_SYSTEM_CALL", e))?;
     Ok(r)
 }
 
 pub(crate) fn setregs(tid: i32, r: &Regs) -> Result<(), (&'static str, Errno)> {
     let mut gp = r.gp;
-    regset(
-        libc::PTRACE_SETREGSET,
-        tid,
-        libc::NT_PRSTATUS as u32,
-        (&mut gp as *mut user_regs_struct).cast(),
-        std::mem::size_of::<user_regs_struct>(),
-    )
+    // SAFETY: the buffer is a local of exactly `len` bytes, borrowed for
+    // the call.
+    unsafe {
+        regset(
+            libc::PTRACE_SETREGSET,
+            tid,
+            libc::NT_PRSTATUS as u32,
+            (&mut gp as *mut user_regs_struct).cast(),
+            std::mem::size_of::<user_regs_struct>(),
+        )
+    }
     .map_err(|e| ("PTRACE_SETREGSET NT_PRSTATUS", e))?;
     let mut nr = r.syscallno;
-    regset(
-        libc::PTRACE_SETREGSET,
-        tid,
-        NT_ARM_SYSTEM_CALL,
-        (&mut nr as *mut i32).cast(),
-        4,
-    )
+    // SAFETY: the buffer is a local of exactly `len` bytes, borrowed for
+    // the call.
+    unsafe {
+        regset(
+            libc::PTRACE_SETREGSET,
+            tid,
+            NT_ARM_SYSTEM_CALL,
+            (&mut nr as *mut i32).cast(),
+            4,
+        )
+    }
     .map_err(|e| ("PTRACE_SETREGSET NT_ARM_SYSTEM_CALL", e))?;
     Ok(())
 }
@@ -275,6 +283,8 @@ fn insn(v: u32) -> [u8; 4] {
 /// `adr x<rd>, pc + off` (off within +-1 MiB).
 fn adr(rd: u32, off: i64) -> [u8; 4] {
     assert!((-(1 << 20)..(1 << 20)).contains(&off));
+    // The low 21 bits of the two's complement offset, on purpose.
+    #[allow(clippy::cast_possible_truncation)]
     let imm = (off as u32) & 0x1f_ffff;
     insn(0x1000_0000 | ((imm & 3) << 29) | ((imm >> 2) << 5) | rd)
 }
@@ -328,13 +338,17 @@ fn word(f: &[u8], o: usize) -> u64 {
 pub(crate) fn frame(fixed: &Regs, tid: i32, owner: u64) -> Result<Vec<u8>, (&'static str, Errno)> {
     const _: () = assert!(sigframe::LEN <= FRAME_STRIDE);
     let mut fp = [0u8; FPSIMD_STATE_LEN];
-    let got = regset(
-        libc::PTRACE_GETREGSET,
-        tid,
-        libc::NT_PRFPREG as u32,
-        fp.as_mut_ptr(),
-        fp.len(),
-    )
+    // SAFETY: the buffer is a local of exactly `len` bytes, borrowed for
+    // the call.
+    let got = unsafe {
+        regset(
+            libc::PTRACE_GETREGSET,
+            tid,
+            libc::NT_PRFPREG as u32,
+            fp.as_mut_ptr(),
+            fp.len(),
+        )
+    }
     .map_err(|e| ("PTRACE_GETREGSET NT_PRFPREG", e))?;
     if got != FPSIMD_STATE_LEN {
         return Err((
@@ -343,7 +357,9 @@ pub(crate) fn frame(fixed: &Regs, tid: i32, owner: u64) -> Result<Vec<u8>, (&'st
         ));
     }
     let mut mask = 0u64;
-    ptrace(PTRACE_GETSIGMASK, tid, 8, &mut mask as *mut u64 as u64)
+    // SAFETY: addr is the sigset size (8); the kernel writes that many
+    // bytes into `mask`, which we own.
+    unsafe { ptrace::request(PTRACE_GETSIGMASK, tid, 8, &raw mut mask as u64) }
         .map_err(|e| ("PTRACE_GETSIGMASK", e))?;
 
     use sigframe::*;
@@ -360,7 +376,11 @@ pub(crate) fn frame(fixed: &Regs, tid: i32, owner: u64) -> Result<Vec<u8>, (&'st
     put_u64(&mut f, PC, fixed.gp.pc);
     put_u64(&mut f, PSTATE, fixed.gp.pstate);
     put_u32(&mut f, RESERVED, FPSIMD_MAGIC);
-    put_u32(&mut f, RESERVED + 4, FPSIMD_SIZE as u32);
+    put_u32(
+        &mut f,
+        RESERVED + 4,
+        u32::try_from(FPSIMD_SIZE).unwrap_or(0),
+    );
     // fpsr, fpcr come after the 32 vector registers in user_fpsimd_state.
     f[RESERVED + 8..RESERVED + 16].copy_from_slice(&fp[512..520]);
     f[RESERVED + 16..RESERVED + 16 + 512].copy_from_slice(&fp[..512]);

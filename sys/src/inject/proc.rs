@@ -11,24 +11,7 @@ use std::os::unix::fs::FileExt;
 use super::InjectError;
 use super::layout;
 
-/// One line of /proc/PID/maps.
-#[derive(Debug, Clone)]
-pub(crate) struct Vma {
-    pub start: u64,
-    pub end: u64,
-    pub perms: String,
-    pub inode: u64,
-    pub name: String,
-}
-
-impl Vma {
-    pub fn executable(&self) -> bool {
-        self.perms.as_bytes().get(2) == Some(&b'x')
-    }
-    pub fn readable(&self) -> bool {
-        self.perms.as_bytes().first() == Some(&b'r')
-    }
-}
+pub(crate) use crate::proc::Vma;
 
 fn proc_err(pid: i32, path: &str, source: std::io::Error) -> InjectError {
     if source.kind() == ErrorKind::NotFound || source.raw_os_error() == Some(libc::ESRCH) {
@@ -42,70 +25,36 @@ fn proc_err(pid: i32, path: &str, source: std::io::Error) -> InjectError {
     }
 }
 
-/// The /proc directory of a thread that still has the address space:
-/// /proc/PID, or /proc/PID/task/TID when the leader has exited (a zombie
-/// leader's maps are empty and its mem unreadable).
-fn mm_dir(pid: i32) -> String {
-    match choose_thread(pid) {
-        Ok(t) if t != pid => format!("/proc/{pid}/task/{t}"),
-        _ => format!("/proc/{pid}"),
+impl From<crate::proc::ProcError> for InjectError {
+    fn from(e: crate::proc::ProcError) -> InjectError {
+        match e {
+            crate::proc::ProcError::NoProcess { pid } => InjectError::NoSuchProcess { pid },
+            e => InjectError::ProcFile(e),
+        }
     }
+}
+
+/// A thread that still has the address space: `None` for the leader,
+/// `Some(tid)` of a live thread when the leader has exited (a zombie
+/// leader's maps are empty and its mem unreadable).
+fn mm_thread(pid: i32) -> Option<i32> {
+    match choose_thread(pid) {
+        Ok(t) if t != pid => Some(t),
+        _ => None,
+    }
+}
+
+fn mm_dir(pid: i32) -> String {
+    crate::proc::dir(pid, mm_thread(pid))
 }
 
 pub(crate) fn read_maps(pid: i32) -> Result<Vec<Vma>, InjectError> {
-    let path = format!("{}/maps", mm_dir(pid));
-    let text = std::fs::read_to_string(&path).map_err(|e| proc_err(pid, &path, e))?;
-    Ok(parse_maps(&text))
+    Ok(crate::proc::maps(pid, mm_thread(pid))?)
 }
 
-pub(crate) fn parse_maps(text: &str) -> Vec<Vma> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        // start-end perms offset dev inode [name]
-        let mut it = line.splitn(6, ' ');
-        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
-            (it.next(), it.next(), it.next(), it.next(), it.next())
-        else {
-            continue;
-        };
-        let name = it.next().unwrap_or("").trim_start().to_string();
-        let Some((s, e)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else {
-            continue;
-        };
-        out.push(Vma {
-            start,
-            end,
-            perms: perms.to_string(),
-            inode: inode.parse().unwrap_or(0),
-            name,
-        });
-    }
-    out
-}
-
-/// A field of /proc/PID/task/TID/status (or /proc/PID/status with tid = None).
-pub(crate) fn status_field(pid: i32, tid: Option<i32>, field: &str) -> Result<String, InjectError> {
-    let path = match tid {
-        Some(t) => format!("/proc/{pid}/task/{t}/status"),
-        None => format!("/proc/{pid}/status"),
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| proc_err(pid, &path, e))?;
-    for line in text.lines() {
-        if let Some(v) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
-            return Ok(v.trim().to_string());
-        }
-    }
-    Ok(String::new())
-}
-
-fn thread_alive(pid: i32, tid: i32) -> bool {
-    match status_field(pid, Some(tid), "State") {
-        Ok(s) => !(s.starts_with('Z') || s.starts_with('X')),
-        Err(_) => false,
-    }
+/// /proc/PID/task/TID/status (or /proc/PID/status with tid = None).
+pub(crate) fn status(pid: i32, tid: Option<i32>) -> Result<crate::proc::Status, InjectError> {
+    Ok(crate::proc::status(pid, tid)?)
 }
 
 /// The leader if alive, else the first live thread.
@@ -113,35 +62,26 @@ pub(crate) fn choose_thread(pid: i32) -> Result<i32, InjectError> {
     if pid <= 0 {
         return Err(InjectError::NoSuchProcess { pid });
     }
-    let tgid = status_field(pid, None, "Tgid")?;
-    if let Ok(tgid) = tgid.parse::<i32>()
-        && tgid != pid
-    {
+    let tgid = status(pid, None)?.tgid;
+    if tgid != pid {
         return Err(InjectError::NotAProcess { pid, tgid });
     }
-    if thread_alive(pid, pid) {
+    if crate::proc::thread_alive(pid, pid) {
         return Ok(pid);
     }
-    let path = format!("/proc/{pid}/task");
-    let mut tids: Vec<i32> = std::fs::read_dir(&path)
-        .map_err(|e| proc_err(pid, &path, e))?
-        .filter_map(|d| d.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    tids.sort_unstable();
-    tids.into_iter()
-        .find(|&t| t != pid && thread_alive(pid, t))
+    crate::proc::tids(pid)?
+        .into_iter()
+        .find(|&t| t != pid && crate::proc::thread_alive(pid, t))
         .ok_or(InjectError::NoLiveThread { pid })
 }
 
 /// `tid` is a live thread of process `pid`.
 pub(crate) fn check_thread(pid: i32, tid: i32) -> Result<(), InjectError> {
-    let tgid = status_field(pid, None, "Tgid")?;
-    if let Ok(tgid) = tgid.parse::<i32>()
-        && tgid != pid
-    {
+    let tgid = status(pid, None)?.tgid;
+    if tgid != pid {
         return Err(InjectError::NotAProcess { pid, tgid });
     }
-    if !thread_alive(pid, tid) {
+    if !crate::proc::thread_alive(pid, tid) {
         return Err(InjectError::Exited {
             pid,
             tid,
@@ -156,13 +96,10 @@ pub(crate) fn check_thread(pid: i32, tid: i32) -> Result<(), InjectError> {
 /// /proc/PID/task/TID/syscall ("nr args... sp pc", "-1 sp pc" or "running").
 pub(crate) fn threads_with_pc_in(pid: i32, exclude: i32, start: u64, end: u64) -> Vec<(i32, u64)> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+    let Ok(tids) = crate::proc::tids(pid) else {
         return out;
     };
-    for d in dir.flatten() {
-        let Some(tid) = d.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
+    for tid in tids {
         if tid == exclude {
             continue;
         }
@@ -217,16 +154,20 @@ pub(crate) fn scratch_in_maps(pid: i32, maps: &[Vma]) -> Vec<u64> {
     let mut out = Vec::new();
     let mut mem: Option<File> = None;
     for (i, v) in maps.iter().enumerate() {
-        if !v.executable() || !v.readable() {
+        if !v.perms.exec || !v.perms.read {
             continue;
         }
-        let named = v.name == layout::MAPS_NAME;
+        let named = v.name_or_empty() == layout::MAPS_NAME;
         // The second part of an area is rw-, so an executable VMA that
         // directly follows a named one of ours is no separate area.
-        if named && i > 0 && maps[i - 1].end == v.start && maps[i - 1].name == layout::MAPS_NAME {
+        if named
+            && i > 0
+            && maps[i - 1].end == v.start
+            && maps[i - 1].name_or_empty() == layout::MAPS_NAME
+        {
             continue;
         }
-        let anon = v.name.is_empty() && v.inode == 0;
+        let anon = v.name.is_none() && v.inode == 0;
         if !named && !anon {
             continue;
         }
@@ -260,32 +201,10 @@ pub(crate) fn scratch_extent(pid: i32, maps: &[Vma], base: u64) -> u64 {
     }
     let mut end = base;
     for v in maps.iter().filter(|v| v.start >= base) {
-        if v.start != end || (v.name != layout::MAPS_NAME && end != base) {
+        if v.start != end || (v.name_or_empty() != layout::MAPS_NAME && end != base) {
             break;
         }
         end = v.end;
     }
     end.saturating_sub(base).max(layout::PAGE)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parse_maps_lines() {
-        let text = "7f0000000000-7f0000001000 r-xp 00000000 00:00 0                          [anon:tern-scratch]\n\
-                    7f0000001000-7f0000012000 rw-p 00000000 00:00 0                          [anon:tern-scratch]\n\
-                    7ffd1000-7ffd3000 r-xp 00000000 00:00 0                          [vdso]\n\
-                    55550000-55551000 r--p 00000000 08:01 1234                       /usr/bin/a b\n";
-        let v = parse_maps(text);
-        assert_eq!(v.len(), 4);
-        assert_eq!(v[0].start, 0x7f0000000000);
-        assert_eq!(v[0].name, "[anon:tern-scratch]");
-        assert!(v[0].executable());
-        assert!(!v[1].executable());
-        assert_eq!(v[2].name, "[vdso]");
-        assert_eq!(v[3].name, "/usr/bin/a b");
-        assert_eq!(v[3].inode, 1234);
-    }
 }

@@ -15,6 +15,7 @@ pub(crate) static SERIAL: Mutex<()> = Mutex::new(());
 
 pub(crate) fn serial() -> MutexGuard<'static, ()> {
     assert_eq!(
+        // SAFETY: takes no arguments and cannot fail.
         unsafe { libc::geteuid() },
         0,
         "the injection tests must run as root"
@@ -51,89 +52,16 @@ pub(crate) fn shared() -> &'static Shared {
     }
 }
 
-/// A forked child; killed and reaped on drop.
-pub(crate) struct Child {
-    pub(crate) pid: i32,
-    pub(crate) status: Option<i32>,
-}
-
-pub(crate) fn fork_child(f: impl FnOnce() -> i32) -> Child {
-    // SAFETY: see the module docs; the child runs `f` and _exit()s.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-    if pid == 0 {
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
-        unsafe { libc::_exit(code) };
-    }
-    Child { pid, status: None }
-}
-
-impl Child {
-    /// Exit code, or 128 + signal.
-    pub(crate) fn decode(st: i32) -> i32 {
-        if libc::WIFEXITED(st) {
-            libc::WEXITSTATUS(st)
-        } else {
-            128 + libc::WTERMSIG(st)
-        }
-    }
-
-    pub(crate) fn try_wait(&mut self) -> Option<i32> {
-        if self.status.is_none() {
-            let mut st = 0;
-            let r = unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG) };
-            if r == self.pid {
-                self.status = Some(Self::decode(st));
-            } else if r < 0 {
-                self.status = Some(-1);
-            }
-        }
-        self.status
-    }
-
-    pub(crate) fn alive(&mut self) -> bool {
-        self.try_wait().is_none()
-    }
-
-    pub(crate) fn wait(&mut self, timeout: Duration) -> i32 {
-        let end = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return s;
-            }
-            if Instant::now() > end {
-                self.kill();
-                panic!("child {} did not exit within {timeout:?}", self.pid);
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    pub(crate) fn kill(&mut self) {
-        if self.status.is_none() {
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
-            let mut st = 0;
-            let r = unsafe { libc::waitpid(self.pid, &mut st, 0) };
-            self.status = Some(if r == self.pid { Self::decode(st) } else { -1 });
-        }
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+/// The forked children of the tests: one helper for `regs`, `signals`
+/// and the injector.
+pub(crate) use crate::regs::testutil::{Child, fork_child};
 
 pub(crate) fn tracer_of(pid: i32) -> i32 {
-    proc::status_field(pid, Some(pid), "TracerPid")
-        .unwrap()
-        .parse()
-        .unwrap_or(-1)
+    proc::status(pid, Some(pid)).unwrap().tracerpid
 }
 
 pub(crate) fn state_of(pid: i32) -> String {
-    proc::status_field(pid, None, "State").unwrap()
+    proc::status(pid, None).unwrap().state
 }
 
 /// Wait until the thread is blocked in syscall `nr`; returns the pc.
@@ -164,6 +92,7 @@ pub(crate) fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> b
 /// Does this kernel name anonymous VMAs (CONFIG_ANON_VMA_NAME)? Probed on
 /// a mapping of our own.
 pub(crate) fn kernel_names_anon_vmas() -> bool {
+    // SAFETY: maps, names and unmaps one anonymous page of our own; the name is a NUL-terminated literal.
     unsafe {
         let p = libc::mmap(
             std::ptr::null_mut(),
@@ -209,6 +138,7 @@ pub(crate) fn sys0(inj: &mut Injector, nr: i64) -> i64 {
 
 pub(crate) fn pipe() -> (i32, i32) {
     let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two fds into `fds`, a local array of two.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     (fds[0], fds[1])
 }
@@ -218,6 +148,7 @@ pub(crate) fn now_ns(clock: libc::clockid_t) -> i64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: clock_gettime(2) writes one timespec into a local.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
@@ -274,6 +205,7 @@ extern "C" fn loop_helper(arg: *mut c_void) -> *mut c_void {
             GPR_STOP.store(1, Relaxed);
             return std::ptr::null_mut();
         }
+        // SAFETY: sleeping takes integers (or a timespec local we own) and touches no memory of ours else.
         unsafe { libc::usleep(300) };
     }
 }
@@ -282,6 +214,7 @@ extern "C" fn loop_helper(arg: *mut c_void) -> *mut c_void {
 /// publishes its counter, checks floating point sums, relays `stop`.
 pub(crate) fn loop_target(sh: &'static Shared, body: fn() -> u64) -> i32 {
     let mut t: libc::pthread_t = 0;
+    // SAFETY: the thread gets a pointer to `sh`, which outlives it (it is joined before `sh` is dropped); `t` is a local.
     let r = unsafe {
         libc::pthread_create(
             &mut t,
@@ -297,8 +230,9 @@ pub(crate) fn loop_target(sh: &'static Shared, body: fn() -> u64) -> i32 {
     sh.fail.fetch_max(code, Relaxed);
     GPR_STOP.store(1, Relaxed);
     sh.stop.store(1, Relaxed);
+    // SAFETY: joins a thread this code created and has not joined or detached; no result is read (null).
     unsafe { libc::pthread_join(t, std::ptr::null_mut()) };
-    sh.fail.load(Relaxed) as i32
+    i32::try_from(sh.fail.load(Relaxed)).unwrap()
 }
 
 pub(crate) fn start_loop_target(body: fn() -> u64) -> (Child, &'static Shared) {

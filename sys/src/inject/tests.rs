@@ -118,7 +118,7 @@ static PAT: Pattern = {
     let mut p = [0u8; 32 * 14];
     let mut i = 0;
     while i < p.len() {
-        p[i] = (i * 37 + 11) as u8;
+        p[i] = (i * 37 + 11).to_le_bytes()[0];
         i += 1;
     }
     Pattern(p)
@@ -281,6 +281,7 @@ fn inject_basic_syscalls_and_scratch_data() {
         .unwrap();
     assert_eq!(n, msg.len() as i64);
     let mut buf = [0u8; 64];
+    // SAFETY: the kernel writes at most the given length into the buffer, which we own for the call.
     let got = unsafe { libc::read(rfd, buf.as_mut_ptr() as *mut c_void, buf.len()) };
     assert_eq!(&buf[..got as usize], msg);
 
@@ -384,6 +385,7 @@ fn inject_basic_syscalls_and_scratch_data() {
     });
     sh.stop.store(1, Relaxed);
     assert_eq!(child.wait(T), 0);
+    // SAFETY: closes an fd this code opened and no longer uses.
     unsafe {
         libc::close(rfd);
         libc::close(wfd);
@@ -396,6 +398,7 @@ fn inject_into_thread_blocked_in_read_restarts_it() {
     let (rfd, wfd) = pipe();
     let mut child = fork_child(move || {
         let mut buf = [0u8; 64];
+        // SAFETY: the kernel writes at most the given length into the buffer, which we own for the call.
         let n = unsafe { libc::read(rfd, buf.as_mut_ptr() as *mut c_void, buf.len()) };
         if n < 0 {
             let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
@@ -436,6 +439,7 @@ fn inject_into_thread_blocked_in_read_restarts_it() {
     wait_in_syscall(pid, libc::SYS_read);
     assert!(child.alive());
     assert_eq!(
+        // SAFETY: the kernel reads at most the given length from the buffer, which we own for the call.
         unsafe { libc::write(wfd, b"hello".as_ptr() as *const c_void, 5) },
         5
     );
@@ -444,6 +448,7 @@ fn inject_into_thread_blocked_in_read_restarts_it() {
         0,
         "20: EINTR, 21: errno 512..516 leaked, 22: other error, 23: wrong data"
     );
+    // SAFETY: closes an fd this code opened and no longer uses.
     unsafe {
         libc::close(rfd);
         libc::close(wfd);
@@ -466,13 +471,16 @@ fn inject_into_sleeping_threads_keeps_their_full_sleep() {
             };
             let ret = match kind {
                 // glibc's nanosleep() is clock_nanosleep(2); call the real one.
+                // SAFETY: the kernel reads a local timespec; no remainder is written (null).
                 0 => unsafe {
-                    libc::syscall(
+                    i32::try_from(libc::syscall(
                         libc::SYS_nanosleep,
                         &req,
                         std::ptr::null_mut::<libc::timespec>(),
-                    ) as i32
+                    ))
+                    .unwrap()
                 },
+                // SAFETY: the kernel reads a local timespec; no remainder is written (null).
                 1 => unsafe {
                     libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &req, std::ptr::null_mut())
                 },
@@ -482,6 +490,7 @@ fn inject_into_sleeping_threads_keeps_their_full_sleep() {
                         tv_sec: end / 1_000_000_000,
                         tv_nsec: end % 1_000_000_000,
                     };
+                    // SAFETY: the kernel reads a local timespec; no remainder is written (null).
                     unsafe {
                         libc::clock_nanosleep(
                             libc::CLOCK_MONOTONIC,
@@ -624,6 +633,7 @@ fn attach_errors_are_clear() {
     let (tx, rx) = std::sync::mpsc::channel();
     let (_stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let h = std::thread::spawn(move || {
+        // SAFETY: takes no arguments and cannot fail.
         tx.send(unsafe { libc::gettid() }).unwrap();
         let _ = stop_rx.recv();
     });
@@ -656,14 +666,17 @@ fn leader_gone_attaches_another_thread() {
     let _g = serial();
     let sh = shared();
     extern "C" fn worker(arg: *mut c_void) -> *mut c_void {
+        // SAFETY: `arg` is the &Shared handed to pthread_create; it outlives the thread, which is joined before it is dropped.
         let sh = unsafe { &*(arg as *const Shared) };
         while sh.stop.load(Relaxed) == 0 {
             sh.counter.fetch_add(1, Relaxed);
         }
+        // SAFETY: ends this (forked) process at once; nothing after it runs.
         unsafe { libc::_exit(0) }
     }
     let mut child = fork_child(move || {
         let mut t: libc::pthread_t = 0;
+        // SAFETY: the thread gets a pointer to `sh`, which outlives it (it is joined before `sh` is dropped); `t` is a local.
         unsafe {
             libc::pthread_create(
                 &mut t,
@@ -679,7 +692,7 @@ fn leader_gone_attaches_another_thread() {
     });
     let pid = child.pid;
     wait_until("the leader to exit", T, || {
-        proc::status_field(pid, Some(pid), "State").is_ok_and(|s| s.starts_with('Z'))
+        proc::status(pid, Some(pid)).is_ok_and(|s| s.state.starts_with('Z'))
     });
     let mut inj = Injector::attach(pid, T).unwrap();
     assert_ne!(inj.tid(), pid);
@@ -703,6 +716,7 @@ fn group_stopped_target_stays_stopped() {
     let mut child = fork_child(move || spin_target(sh));
     let pid = child.pid;
     wait_until("the target to run", T, || sh.counter.load(Relaxed) > 0);
+    // SAFETY: kill(2) takes integers only.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     wait_until("the stop", T, || state_of(pid).starts_with('T'));
     let mut inj = Injector::attach(pid, T).unwrap();
@@ -719,6 +733,7 @@ fn group_stopped_target_stays_stopped() {
     let c = sh.counter.load(Relaxed);
     std::thread::sleep(Duration::from_millis(30));
     assert_eq!(sh.counter.load(Relaxed), c, "still stopped");
+    // SAFETY: kill(2) takes integers only.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     wait_until("the target to continue", T, || {
         sh.counter.load(Relaxed) > c + 1000
@@ -743,6 +758,7 @@ fn signals_arriving_during_injection_are_delivered_not_lost() {
     let sh = shared();
     let sig = libc::SIGRTMIN();
     let child = fork_child(move || {
+        // SAFETY: installs a handler in this forked child; `sa` is a local, all-zero (valid) before its fields are set, and no old action is read (null).
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_rt as *const () as usize;
@@ -767,6 +783,7 @@ fn signals_arriving_during_injection_are_delivered_not_lost() {
             let v = libc::sigval {
                 sival_ptr: i as *mut c_void,
             };
+            // SAFETY: sigqueue(3) takes integers and a sigval by value.
             assert_eq!(unsafe { libc::sigqueue(pid, sig, v) }, 0);
             std::thread::sleep(Duration::from_micros(300));
         }
@@ -914,6 +931,7 @@ fn tracer_killed_while_the_target_was_blocked_in_read() {
     let (rfd, wfd) = pipe();
     let mut child = fork_child(move || {
         let mut buf = [0u8; 64];
+        // SAFETY: the kernel writes at most the given length into the buffer, which we own for the call.
         let n = unsafe { libc::read(rfd, buf.as_mut_ptr() as *mut c_void, buf.len()) };
         if n < 0 {
             let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
@@ -952,6 +970,7 @@ fn tracer_killed_while_the_target_was_blocked_in_read() {
     assert!(child.alive());
     cleanup_scratch(pid);
     assert_eq!(
+        // SAFETY: the kernel reads at most the given length from the buffer, which we own for the call.
         unsafe { libc::write(wfd, b"hello".as_ptr() as *const c_void, 5) },
         5
     );
@@ -960,6 +979,7 @@ fn tracer_killed_while_the_target_was_blocked_in_read() {
         0,
         "20: EINTR, 21: errno 512..516 leaked, 22: other error, 23: wrong data"
     );
+    // SAFETY: closes an fd this code opened and no longer uses.
     unsafe {
         libc::close(rfd);
         libc::close(wfd);
@@ -1094,6 +1114,7 @@ fn drop_cap_sys_admin_in_this_thread() {
         pid: 0,
     };
     let mut d = [Data::default(); 2];
+    // SAFETY: capget/capset read and write the local header and two-element data array the uapi expects.
     unsafe {
         assert_eq!(libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()), 0);
         d[0].effective &= !(1 << 21); // CAP_SYS_ADMIN
@@ -1111,16 +1132,17 @@ fn seccomp_filter_without_suspension_is_reported_not_fatal() {
         let f = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
         let prog = [
             f(0x20, 0, 0, 0), // ld [nr]
-            f(0x15, 0, 1, libc::SYS_getppid as u32),
+            f(0x15, 0, 1, u32::try_from(libc::SYS_getppid).unwrap()),
             f(0x06, 0, 0, 0x0003_0000), // SECCOMP_RET_TRAP
-            f(0x15, 0, 1, libc::SYS_getuid as u32),
+            f(0x15, 0, 1, u32::try_from(libc::SYS_getuid).unwrap()),
             f(0x06, 0, 0, 0x0005_0000 | libc::EPERM as u32), // SECCOMP_RET_ERRNO
             f(0x06, 0, 0, 0x7fff_0000),                      // SECCOMP_RET_ALLOW
         ];
         let fprog = libc::sock_fprog {
-            len: prog.len() as u16,
+            len: u16::try_from(prog.len()).unwrap(),
             filter: prog.as_ptr() as *mut _,
         };
+        // SAFETY: prctl takes integers and a sock_fprog local that points at the filter, alive for the call.
         unsafe {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
                 || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &fprog) != 0
@@ -1134,7 +1156,7 @@ fn seccomp_filter_without_suspension_is_reported_not_fatal() {
     wait_until("the filtered target to run", T, || {
         sh.counter.load(Relaxed) > 0
     });
-    assert_eq!(proc::status_field(pid, None, "Seccomp").unwrap(), "2");
+    assert_eq!(proc::status(pid, None).unwrap().seccomp, Some(2));
 
     std::thread::spawn(move || {
         drop_cap_sys_admin_in_this_thread();
@@ -1172,11 +1194,11 @@ fn seccomp_filter_without_suspension_is_reported_not_fatal() {
         sh.counter.load(Relaxed) > c + 1000
     });
     std::thread::sleep(Duration::from_millis(50));
-    let pending = proc::status_field(pid, Some(pid), "ShdPnd").unwrap()
-        + &proc::status_field(pid, Some(pid), "SigPnd").unwrap();
-    assert!(
-        pending.chars().all(|c| c == '0'),
-        "signals pending: {pending}"
+    let st = proc::status(pid, Some(pid)).unwrap();
+    assert_eq!(
+        (st.shdpnd, st.sigpnd),
+        (0, 0),
+        "signals pending (process, thread)"
     );
     stop_target(child, sh);
 }
@@ -1186,7 +1208,9 @@ fn two_threads_injected_at_once_share_the_scratch_area() {
     let _g = serial();
     let sh = shared();
     extern "C" fn worker(arg: *mut c_void) -> *mut c_void {
+        // SAFETY: `arg` is the &Shared handed to pthread_create; it outlives the thread, which is joined before it is dropped.
         let sh = unsafe { &*(arg as *const Shared) };
+        // SAFETY: takes no arguments and cannot fail.
         sh.aux.store(unsafe { libc::gettid() } as u64, SeqCst);
         while sh.stop.load(Relaxed) == 0 {
             sh.aux2.fetch_add(1, Relaxed);
@@ -1195,6 +1219,7 @@ fn two_threads_injected_at_once_share_the_scratch_area() {
     }
     let mut child = fork_child(move || {
         let mut t: libc::pthread_t = 0;
+        // SAFETY: the thread gets a pointer to `sh`, which outlives it (it is joined before `sh` is dropped); `t` is a local.
         unsafe {
             libc::pthread_create(
                 &mut t,
@@ -1204,12 +1229,13 @@ fn two_threads_injected_at_once_share_the_scratch_area() {
             )
         };
         let r = spin_target(sh);
+        // SAFETY: joins a thread this code created and has not joined or detached; no result is read (null).
         unsafe { libc::pthread_join(t, std::ptr::null_mut()) };
         r
     });
     let pid = child.pid;
     wait_until("the worker thread", T, || sh.aux.load(SeqCst) != 0);
-    let tid = sh.aux.load(SeqCst) as i32;
+    let tid = i32::try_from(sh.aux.load(SeqCst)).unwrap();
     assert!(matches!(
         Injector::attach_thread(pid, 999_999_999, T),
         Err(InjectError::Exited { .. })

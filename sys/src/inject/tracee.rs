@@ -10,12 +10,13 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use libc::{c_long, c_uint, c_void};
+use libc::c_uint;
 use nix::errno::Errno;
 
 use super::arch::{self, Regs};
 use super::layout::*;
 use super::{DEFAULT_TIMEOUT, InjectError, proc};
+use crate::ptrace;
 
 // Kernel-internal syscall return values (include/linux/errno.h, the same on
 // both architectures) that a tracer can see when a thread stopped inside an
@@ -79,9 +80,17 @@ pub(crate) struct PtracePeeksiginfoArgs {
 /// VMA name, and `stub(k)` for every slot, padded with `fill` (a trapping
 /// instruction).
 pub(crate) fn code_page_with(fill: &[u8], stub: impl Fn(usize) -> Vec<u8>) -> Vec<u8> {
-    let mut p: Vec<u8> = fill.iter().copied().cycle().take(PAGE as usize).collect();
+    let mut p: Vec<u8> = fill
+        .iter()
+        .copied()
+        .cycle()
+        .take(crate::usize_of(PAGE))
+        .collect();
     let mut h = Vec::with_capacity(HEADER_LEN);
     h.extend_from_slice(&MAGIC);
+    // Layout constants, all far below 2^32 (asserted at compile time in
+    // layout).
+    #[allow(clippy::cast_possible_truncation)]
     for v in [VERSION, PAGE as u32] {
         h.extend_from_slice(&v.to_le_bytes());
     }
@@ -96,6 +105,7 @@ pub(crate) fn code_page_with(fill: &[u8], stub: impl Fn(usize) -> Vec<u8>) -> Ve
         DATA_STRIDE,
         NAME_OFF,
     ] {
+        #[allow(clippy::cast_possible_truncation)] // as above
         h.extend_from_slice(&(v as u32).to_le_bytes());
     }
     assert_eq!(h.len(), HEADER_LEN);
@@ -244,12 +254,9 @@ pub(crate) struct Tracee {
     owned: bool,
 }
 
-pub(crate) fn ptrace(req: c_uint, tid: i32, addr: u64, data: u64) -> Result<c_long, Errno> {
-    // SAFETY: every request used in this module takes integers, or pointers
-    // to buffers owned by the caller that are at least as large as the
-    // kernel writes or reads for that request.
-    let r = unsafe { libc::ptrace(req, tid, addr as *mut c_void, data as *mut c_void) };
-    if r == -1 { Err(Errno::last()) } else { Ok(r) }
+/// The errno of a failed injected syscall's result (-4095..=-1).
+fn errno_of(ret: i64) -> Errno {
+    i32::try_from(-ret).map_or(Errno::UnknownErrno, Errno::from_raw)
 }
 
 fn decode(status: i32) -> Option<Stop> {
@@ -296,9 +303,7 @@ impl Tracee {
         timeout: Duration,
         owned: bool,
     ) -> Result<Tracee, InjectError> {
-        let tracer: i32 = proc::status_field(pid, Some(tid), "TracerPid")?
-            .parse()
-            .unwrap_or(0);
+        let tracer = proc::status(pid, Some(tid))?.tracerpid;
         if tracer != 0 {
             return Err(InjectError::AlreadyTraced { pid, tid, tracer });
         }
@@ -323,7 +328,7 @@ impl Tracee {
         // thread running with PTRACE_O_SUSPEND_SECCOMP would bypass its
         // filters.
         let opts = Self::base_options(owned);
-        ptrace(libc::PTRACE_SEIZE, tid, 0, opts).map_err(|errno| InjectError::Attach {
+        ptrace::plain(libc::PTRACE_SEIZE, tid, 0, opts).map_err(|errno| InjectError::Attach {
             pid,
             tid,
             errno,
@@ -360,8 +365,8 @@ impl Tracee {
         t.abandoned = false;
         t.suspend_seccomp(true);
         if !t.seccomp_suspended {
-            let mode = proc::status_field(pid, Some(tid), "Seccomp").unwrap_or_default();
-            if mode == "2" {
+            let mode = proc::status(pid, Some(tid)).ok().and_then(|s| s.seccomp);
+            if mode == Some(2) {
                 tracing::warn!(
                     "thread {tid} of process {pid} has a seccomp filter and PTRACE_O_SUSPEND_SECCOMP was refused (needs CAP_SYS_ADMIN): injected syscalls go through the filter"
                 );
@@ -386,7 +391,7 @@ impl Tracee {
         if on {
             opts |= libc::PTRACE_O_SUSPEND_SECCOMP as u64;
         }
-        match ptrace(libc::PTRACE_SETOPTIONS, self.tid, 0, opts) {
+        match ptrace::plain(libc::PTRACE_SETOPTIONS, self.tid, 0, opts) {
             Ok(_) => self.seccomp_suspended = on,
             Err(_) if on => self.seccomp_suspended = false,
             Err(e) => tracing::warn!(
@@ -521,13 +526,13 @@ impl Tracee {
         } else {
             "PTRACE_CONT"
         };
-        ptrace(req, self.tid, 0, sig as u64)
+        ptrace::plain(req, self.tid, 0, sig as u64)
             .map(|_| ())
             .map_err(|e| self.pt_err(op, e))
     }
 
     fn interrupt(&self) -> Result<(), InjectError> {
-        ptrace(libc::PTRACE_INTERRUPT, self.tid, 0, 0)
+        ptrace::plain(libc::PTRACE_INTERRUPT, self.tid, 0, 0)
             .map(|_| ())
             .map_err(|e| self.pt_err("PTRACE_INTERRUPT", e))
     }
@@ -674,13 +679,9 @@ impl Tracee {
         }
         // SAFETY: siginfo_t is plain data; all-zero is valid.
         let mut si: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        ptrace(
-            libc::PTRACE_GETSIGINFO,
-            self.tid,
-            0,
-            &mut si as *mut _ as u64,
-        )
-        .ok()?;
+        // SAFETY: the kernel writes one siginfo_t into `si`, which we own.
+        unsafe { ptrace::request(libc::PTRACE_GETSIGINFO, self.tid, 0, &raw mut si as u64) }
+            .ok()?;
         if si.si_code <= 0 {
             return None; // sent by a process, not raised by an instruction
         }
@@ -736,14 +737,15 @@ impl Tracee {
         let Some(v) = maps.iter().find(|v| (v.start..v.end).contains(&rip)) else {
             return Ok(false);
         };
-        if !v.executable() || (v.name != MAPS_NAME && !(v.name.is_empty() && v.inode == 0)) {
+        if !v.perms.exec || (v.name_or_empty() != MAPS_NAME && !(v.name.is_none() && v.inode == 0))
+        {
             return Ok(false);
         }
         let bases = proc::scratch_in_maps(self.pid, &maps);
         let Some(&base) = bases.iter().find(|&&b| rip.wrapping_sub(b) < PAGE) else {
             return Ok(false);
         };
-        let off = (rip - base) as usize;
+        let off = crate::usize_of(rip - base);
         if !(STUB_OFF..STUB_OFF + SLOTS * STUB_STRIDE).contains(&off) {
             return Ok(false);
         }
@@ -779,12 +781,16 @@ impl Tracee {
     /// to its abort handler, as the kernel does for a preempted thread.
     fn rseq_fixup(&mut self) {
         let mut conf = PtraceRseqConfiguration::default();
-        let r = ptrace(
-            PTRACE_GET_RSEQ_CONFIGURATION,
-            self.tid,
-            std::mem::size_of::<PtraceRseqConfiguration>() as u64,
-            &mut conf as *mut _ as u64,
-        );
+        // SAFETY: the kernel writes at most `addr` = size_of::<conf>()
+        // bytes into `conf`, which we own.
+        let r = unsafe {
+            ptrace::request(
+                PTRACE_GET_RSEQ_CONFIGURATION,
+                self.tid,
+                std::mem::size_of::<PtraceRseqConfiguration>() as u64,
+                &raw mut conf as u64,
+            )
+        };
         if r.is_err() || conf.rseq_abi_pointer == 0 {
             return;
         }
@@ -952,12 +958,17 @@ impl Tracee {
         let insn = arch::SYSCALL_INSN.len() as u64;
         if self.have_syscall_info {
             let mut info = PtraceSyscallInfo::default();
-            match ptrace(
-                PTRACE_GET_SYSCALL_INFO,
-                self.tid,
-                std::mem::size_of::<PtraceSyscallInfo>() as u64,
-                &mut info as *mut _ as u64,
-            ) {
+            // SAFETY: the kernel writes at most `addr` = size_of::<info>()
+            // bytes into `info`, which we own.
+            let r = unsafe {
+                ptrace::request(
+                    PTRACE_GET_SYSCALL_INFO,
+                    self.tid,
+                    std::mem::size_of::<PtraceSyscallInfo>() as u64,
+                    &raw mut info as u64,
+                )
+            };
+            match r {
                 Ok(_) => {
                     let ok = info.op == op
                         && (op != PTRACE_SYSCALL_INFO_ENTRY
@@ -1054,23 +1065,29 @@ impl Tracee {
         let args = PtracePeeksiginfoArgs {
             off: 0,
             flags: 0,
-            nr: buf.len() as i32,
+            nr: i32::try_from(buf.len()).unwrap_or(0),
         };
-        let n = ptrace(
-            PTRACE_PEEKSIGINFO,
-            self.tid,
-            &args as *const _ as u64,
-            buf.as_mut_ptr() as u64,
-        )
+        // SAFETY: the kernel reads `args` and writes at most `nr` =
+        // buf.len() siginfos into `buf`, which we own.
+        let n = unsafe {
+            ptrace::request(
+                PTRACE_PEEKSIGINFO,
+                self.tid,
+                &raw const args as u64,
+                buf.as_mut_ptr() as u64,
+            )
+        }
         .ok()?;
-        buf.iter().take(n.max(0) as usize).find_map(|si| {
-            // SAFETY: SIGSYS with SYS_SECCOMP carries call_addr at si_addr's offset.
-            let addr = unsafe { si.si_addr() } as u64;
-            (si.si_signo == libc::SIGSYS
-                && si.si_code == SYS_SECCOMP
-                && addr == entry + arch::SYSCALL_INSN.len() as u64)
-                .then_some(addr)
-        })
+        buf.iter()
+            .take(usize::try_from(n).unwrap_or(0))
+            .find_map(|si| {
+                // SAFETY: SIGSYS with SYS_SECCOMP carries call_addr at si_addr's offset.
+                let addr = unsafe { si.si_addr() } as u64;
+                (si.si_signo == libc::SIGSYS
+                    && si.si_code == SYS_SECCOMP
+                    && addr == entry + arch::SYSCALL_INSN.len() as u64)
+                    .then_some(addr)
+            })
     }
 
     /// At an exit stop with our SIGSYS queued: let the thread dequeue it
@@ -1232,14 +1249,14 @@ impl Tracee {
         let mut cands: Vec<_> = maps
             .iter()
             .filter(|v| {
-                v.executable()
-                    && v.readable()
-                    && v.name != "[vsyscall]"
-                    && v.name != MAPS_NAME
-                    && !(v.name.is_empty() && v.inode == 0)
+                v.perms.exec
+                    && v.perms.read
+                    && v.name_or_empty() != "[vsyscall]"
+                    && v.name_or_empty() != MAPS_NAME
+                    && !(v.name.is_none() && v.inode == 0)
             })
             .collect();
-        cands.sort_by_key(|v| v.name != "[vdso]");
+        cands.sort_by_key(|v| v.name_or_empty() != "[vdso]");
         for v in cands {
             let len = (v.end - v.start).min(4 << 20) as usize;
             let mut buf = vec![0u8; len];
@@ -1250,7 +1267,7 @@ impl Tracee {
                 tracing::debug!(
                     "process {}: using the syscall instruction at {a:#x} ({})",
                     self.pid,
-                    v.name
+                    v.name_or_empty()
                 );
                 self.raw_syscall = Some(a);
                 return Ok(a);
@@ -1294,15 +1311,17 @@ impl Tracee {
         let maps = proc::read_maps(self.pid).map_err(|e| e.to_string())?;
         let find = |a: u64| maps.iter().find(|v| (v.start..v.end).contains(&a));
         match find(base) {
-            Some(v) if v.perms.starts_with("r-x") && v.end >= base + PAGE => {}
+            Some(v) if v.perms.read && !v.perms.write && v.perms.exec && v.end >= base + PAGE => {}
             Some(v) => return Err(format!("mapped {} there", v.perms)),
             None => return Err("nothing mapped there".into()),
         }
         match find(base + PAGE) {
-            Some(v) if v.perms.starts_with("rw-") && v.end >= base + LEN as u64 => {}
+            Some(v)
+                if v.perms.read && v.perms.write && !v.perms.exec && v.end >= base + LEN as u64 => {
+            }
             _ => return Err("its data part is not a writable mapping of the expected size".into()),
         }
-        let mut page = vec![0u8; PAGE as usize];
+        let mut page = vec![0u8; crate::usize_of(PAGE)];
         self.read_mem(base, &mut page).map_err(|e| e.to_string())?;
         if page != arch::code_page() {
             return Err(
@@ -1324,7 +1343,7 @@ impl Tracee {
         if let Some(pc) = self.stopped_in_stub
             && (stubs..stubs + (SLOTS * STUB_STRIDE) as u64).contains(&pc)
         {
-            taken |= 1 << ((pc - stubs) as usize / STUB_STRIDE);
+            taken |= 1 << (crate::usize_of(pc - stubs) / STUB_STRIDE);
         }
         for (_, pc) in proc::threads_with_pc_in(
             self.pid,
@@ -1332,7 +1351,7 @@ impl Tracee {
             stubs,
             stubs + (SLOTS * STUB_STRIDE) as u64,
         ) {
-            taken |= 1 << ((pc - stubs) as usize / STUB_STRIDE);
+            taken |= 1 << (crate::usize_of(pc - stubs) / STUB_STRIDE);
         }
         let mut c = claims();
         let bits = c.entry((self.pid, base)).or_insert(0);
@@ -1380,7 +1399,7 @@ impl Tracee {
                 pid: self.pid,
                 tid: self.tid,
                 step: "mmap",
-                errno: Errno::from_raw(-ret as i32),
+                errno: errno_of(ret),
             });
         }
         let base = ret as u64;
@@ -1427,7 +1446,7 @@ impl Tracee {
                     pid: self.pid,
                     tid: self.tid,
                     step: "mprotect",
-                    errno: Errno::from_raw(-e as i32),
+                    errno: errno_of(e),
                 });
             }
             Err(e) => {
@@ -1454,7 +1473,7 @@ impl Tracee {
             tracing::debug!(
                 "process {}: naming the scratch area failed ({}); it is recognised by its header",
                 self.pid,
-                Errno::from_raw(-named as i32)
+                errno_of(named)
             );
         }
         // Children forked by the target do not need it.
@@ -1474,7 +1493,7 @@ impl Tracee {
             Ok(e) => tracing::warn!(
                 "process {}: munmap of the scratch area at {base:#x}: {}",
                 self.pid,
-                Errno::from_raw(-e as i32)
+                errno_of(e)
             ),
             Err(e) => tracing::warn!(
                 "process {}: munmap of the scratch area at {base:#x}: {e}",
@@ -1538,7 +1557,7 @@ impl Tracee {
                 pid: self.pid,
                 tid: self.tid,
                 addr: base,
-                errno: Errno::from_raw(-ret as i32),
+                errno: errno_of(ret),
             });
         }
         self.scratch = None;
@@ -1573,7 +1592,7 @@ impl Tracee {
                 tracing::warn!(
                     "process {}: munmap of the leftover scratch area at {base:#x}: {}",
                     self.pid,
-                    Errno::from_raw(-ret as i32)
+                    errno_of(ret)
                 );
             }
         }
@@ -1631,7 +1650,8 @@ impl Tracee {
             }
         }
         self.set_orig()?;
-        ptrace(libc::PTRACE_DETACH, self.tid, 0, 0).map_err(|e| self.pt_err("PTRACE_DETACH", e))?;
+        ptrace::plain(libc::PTRACE_DETACH, self.tid, 0, 0)
+            .map_err(|e| self.pt_err("PTRACE_DETACH", e))?;
         self.attached = false;
         Ok(())
     }

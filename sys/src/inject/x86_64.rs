@@ -7,8 +7,9 @@ use nix::errno::Errno;
 
 use super::layout::*;
 use super::tracee::{
-    ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, FRAME_MAGIC, ptrace,
+    ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, FRAME_MAGIC,
 };
+use crate::ptrace;
 
 /// The registers the state machine keeps per stop.
 pub(crate) type Regs = user_regs_struct;
@@ -28,13 +29,15 @@ pub(crate) fn zeroed() -> Regs {
 
 pub(crate) fn getregs(tid: i32) -> Result<Regs, (&'static str, Errno)> {
     let mut r = zeroed();
-    ptrace(libc::PTRACE_GETREGS, tid, 0, &mut r as *mut Regs as u64)
+    // SAFETY: the kernel writes one user_regs_struct into `r`, which we own.
+    unsafe { ptrace::request(libc::PTRACE_GETREGS, tid, 0, &raw mut r as u64) }
         .map_err(|e| ("PTRACE_GETREGS", e))?;
     Ok(r)
 }
 
 pub(crate) fn setregs(tid: i32, r: &Regs) -> Result<(), (&'static str, Errno)> {
-    ptrace(libc::PTRACE_SETREGS, tid, 0, r as *const Regs as u64)
+    // SAFETY: the kernel reads one user_regs_struct from `r`.
+    unsafe { ptrace::request(libc::PTRACE_SETREGS, tid, 0, std::ptr::from_ref(r) as u64) }
         .map(|_| ())
         .map_err(|e| ("PTRACE_SETREGS", e))
 }
@@ -178,7 +181,10 @@ fn stub_code(k: usize) -> Vec<u8> {
     // the displacement being its last 4) to `frame + off`.
     fn rel(c: &[u8], at: usize, len: usize, target: usize) -> [u8; 4] {
         let next = at + c.len() + len;
-        ((target as i64 - next as i64) as i32).to_le_bytes()
+        // Both lie in one STUB_STRIDE-sized stub and frame area.
+        i32::try_from(target as i64 - next as i64)
+            .expect("a stub's displacement fits 32 bits")
+            .to_le_bytes()
     }
     c.extend_from_slice(&[0x0f, 0x05]); // syscall
     let d = rel(&c, at, 6, frame + F_RFLAGS);
@@ -331,7 +337,7 @@ mod unit {
     #[test]
     fn code_page_layout() {
         let p = code_page();
-        assert_eq!(p.len(), PAGE as usize);
+        assert_eq!(p.len(), crate::usize_of(PAGE));
         assert!(proc::header_is_ours(&p));
         assert_eq!(&p[NAME_OFF..NAME_OFF + NAME.len()], NAME);
         for k in 0..SLOTS {
@@ -339,7 +345,7 @@ mod unit {
             assert_eq!(&p[at..at + 2], &[0x0f, 0x05]);
         }
         const { assert!(FRAMES_OFF + SLOTS * FRAME_STRIDE <= DATA_OFF) };
-        const { assert!(STUB_OFF + SLOTS * STUB_STRIDE <= PAGE as usize) };
+        const { assert!(STUB_OFF + SLOTS * STUB_STRIDE <= crate::usize_of(PAGE)) };
     }
 
     #[test]

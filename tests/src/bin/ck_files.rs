@@ -67,9 +67,10 @@ const RLIMITS: u32 = 16; // RLIM_NLIMITS (include/uapi/asm-generic/resource.h)
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| {
-            (i as u32)
-                .wrapping_mul(131)
-                .wrapping_add(seed as u32 * 17 + (i as u32 >> 8)) as u8
+            let i = u32::try_from(i).unwrap();
+            i.wrapping_mul(131)
+                .wrapping_add(u32::from(seed) * 17 + (i >> 8))
+                .to_le_bytes()[0]
         })
         .collect()
 }

@@ -218,7 +218,7 @@ fn check_big_page(words: &[u64], index: u64, table: u64) -> Result<(), String> {
 
 /// Byte `off` of page `page` of a filled small region.
 fn fill_byte(region: u8, page: usize, off: usize) -> u8 {
-    (region as usize * 131 + page * 7 + off % 251 + off / 251) as u8 ^ 0x5A
+    (region as usize * 131 + page * 7 + off % 251 + off / 251).to_le_bytes()[0] ^ 0x5A
 }
 
 fn fill(p: *mut u8, region: u8, pages: std::ops::Range<usize>) {
@@ -398,7 +398,7 @@ fn main() {
     // file: a private mapping of a file of ours, three pages changed (COW),
     // and a read-only private mapping of pages 4..8.
     let file_bytes: Vec<u8> = (0..FILE_PAGES * PAGE)
-        .map(|i| (i % 241) as u8 ^ (i / PAGE) as u8)
+        .map(|i| (i % 241).to_le_bytes()[0] ^ (i / PAGE).to_le_bytes()[0])
         .collect();
     if let Err(e) = std::fs::write(FILE_NAME, &file_bytes) {
         eprintln!("ck_memory: cannot write {FILE_NAME} in the cwd: {e}");
@@ -451,7 +451,7 @@ fn main() {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                let i = hot + (x as usize % (pages - hot));
+                let i = hot + (sys::usize_of(x) % (pages - hot));
                 let generation = (table[i].load(Ordering::SeqCst) & !ZAPPED) + 1;
                 // SAFETY: page i of `big`, which only this thread writes.
                 let p = unsafe { big.0.add(i * PAGE) };

@@ -69,9 +69,10 @@ extern "C" fn on_alarm(_: i32) {
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| {
-            (i as u32)
-                .wrapping_mul(197)
-                .wrapping_add(seed as u32 * 29 + (i as u32 >> 9)) as u8
+            let i = u32::try_from(i).unwrap();
+            i.wrapping_mul(197)
+                .wrapping_add(u32::from(seed) * 29 + (i >> 9))
+                .to_le_bytes()[0]
         })
         .collect()
 }

@@ -192,7 +192,7 @@ fn errno_name(e: i32) -> String {
 
 fn gettid() -> i32 {
     // SAFETY: gettid(2) takes no arguments.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    unsafe { i32::try_from(libc::syscall(libc::SYS_gettid)).unwrap() }
 }
 
 /// Run one probed syscall in the calling thread: 0 on success, else errno.
@@ -231,18 +231,18 @@ fn check_probes(who: &str, filters: &[&Filter], out: &mut Vec<String>) {
 
 /// Install `f` in the calling thread (TSYNC: in every thread).
 fn install(f: &Filter) -> Result<(), String> {
-    let data = |field: usize| field as u32;
+    let data = |field: usize| u32::try_from(field).unwrap();
     let arch_off = data(std::mem::offset_of!(libc::seccomp_data, arch));
     let nr_off = data(std::mem::offset_of!(libc::seccomp_data, nr));
-    let ld = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-    let jeq = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+    let ld = u16::try_from(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS).unwrap();
+    let jeq = u16::try_from(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K).unwrap();
+    let ret = u16::try_from(libc::BPF_RET | libc::BPF_K).unwrap();
     let ins = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
     let prog = [
         ins(ld, 0, 0, arch_off),
         ins(jeq, 0, 3, AUDIT_ARCH_X86_64),
         ins(ld, 0, 0, nr_off),
-        ins(jeq, 0, 1, f.nr as u32),
+        ins(jeq, 0, 1, u32::try_from(f.nr).unwrap()),
         ins(
             ret,
             0,
@@ -252,7 +252,7 @@ fn install(f: &Filter) -> Result<(), String> {
         ins(ret, 0, 0, libc::SECCOMP_RET_ALLOW),
     ];
     let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
+        len: u16::try_from(prog.len()).unwrap(),
         filter: prog.as_ptr() as *mut _,
     };
     // SAFETY: seccomp(2) reads `fprog` and the program it points to, both

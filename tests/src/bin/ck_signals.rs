@@ -341,12 +341,12 @@ fn received(from: usize) -> Vec<Got> {
             let r = &REC[i];
             let g = |k: usize| r[k].load(Ordering::SeqCst);
             Got {
-                sig: g(0) as i32,
-                code: g(1) as i32,
+                sig: i32::try_from(g(0)).unwrap(),
+                code: i32::try_from(g(1).cast_signed()).unwrap(),
                 value: g(2) as i64,
-                pid: g(3) as i32,
-                uid: g(4) as u32,
-                tid: g(5) as i32,
+                pid: i32::try_from(g(3)).unwrap(),
+                uid: u32::try_from(g(4)).unwrap(),
+                tid: i32::try_from(g(5)).unwrap(),
             }
         })
         .collect()
@@ -447,7 +447,7 @@ fn t2_check(w: &T2Want) -> Vec<String> {
     USR2_AT.store(0, Ordering::SeqCst);
     // SAFETY: a signal to this very thread; its handler only stores atomics.
     unsafe { libc::syscall(libc::SYS_tgkill, w.pid, tid, libc::SIGUSR2) };
-    let at = USR2_AT.load(Ordering::SeqCst) as usize;
+    let at = sys::usize_of(USR2_AT.load(Ordering::SeqCst));
     if !(w.alt.0..w.alt.0 + w.alt.1).contains(&at) || USR2_TID.load(Ordering::SeqCst) != tid {
         bad.push(format!(
             "SIGUSR2 (SA_ONSTACK) in t2 ran with a local at {at:#x} in tid {}, not on t2's alternate stack {:#x}+{}",
@@ -688,7 +688,7 @@ fn main() {
     // SA_ONSTACK in main.
     // SAFETY: a signal to this thread; the handler only stores atomics.
     unsafe { libc::syscall(libc::SYS_tgkill, pid, gettid(), libc::SIGUSR2) };
-    let at = USR2_AT.load(Ordering::SeqCst) as usize;
+    let at = sys::usize_of(USR2_AT.load(Ordering::SeqCst));
     if !(main_sp..main_sp + MAIN_ALT).contains(&at) {
         bad.push(format!(
             "SIGUSR2 (SA_ONSTACK) in main ran with a local at {at:#x}, not on main's alternate stack {main_sp:#x}+{MAIN_ALT}"

@@ -125,7 +125,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn gettid() -> i32 {
     // SAFETY: gettid(2) takes no arguments.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    unsafe { i32::try_from(libc::syscall(libc::SYS_gettid)).unwrap() }
 }
 
 fn ns(ts: &libc::timespec) -> i128 {
@@ -153,7 +153,7 @@ fn vdso_clock(id: libc::clockid_t) -> i128 {
     // SAFETY: the address of `__vdso_clock_gettime` in this process's vDSO,
     // found in its dynamic symbol table; it writes one timespec.
     unsafe {
-        let f: ClockGettime = std::mem::transmute(f as usize);
+        let f: ClockGettime = std::mem::transmute(sys::usize_of(f));
         f(id, &mut ts)
     };
     ns(&ts)
@@ -208,7 +208,7 @@ fn vdso_getcpu() -> u32 {
     // SAFETY: the address of `__vdso_getcpu` in this process's vDSO; it
     // writes one u32.
     unsafe {
-        let f: Getcpu = std::mem::transmute(f as usize);
+        let f: Getcpu = std::mem::transmute(sys::usize_of(f));
         f(&mut cpu, std::ptr::null_mut(), std::ptr::null_mut())
     };
     cpu
@@ -251,7 +251,7 @@ fn rd<T: Copy>(img: &[u8], off: u64) -> Result<T, String> {
 fn resolve(base: u64, len: u64) -> Result<Vec<u64>, String> {
     // SAFETY: [base, base+len) is the readable [vdso] mapping of this
     // process (from /proc/self/maps).
-    let img = unsafe { std::slice::from_raw_parts(base as *const u8, len as usize) }.to_vec();
+    let img = unsafe { std::slice::from_raw_parts(base as *const u8, sys::usize_of(len)) }.to_vec();
     let eh: libc::Elf64_Ehdr = rd(&img, 0)?;
     if eh.e_ident[..4] != *b"\x7fELF" {
         return Err(format!("no ELF header at the vDSO start {base:#x}"));
@@ -452,7 +452,7 @@ impl Thread {
             let t1 = sys_time();
             // SAFETY: time(3) with a NULL pointer.
             let v = unsafe { libc::time(std::ptr::null_mut()) };
-            let rt = (clock(libc::CLOCK_REALTIME) / 1_000_000_000) as i64;
+            let rt = i64::try_from(clock(libc::CLOCK_REALTIME) / 1_000_000_000).unwrap();
             let t2 = sys_time();
             if t1 <= v && v <= t2 && rt >= t1 - 2 && rt <= t2 + 2 {
                 ok = true;
@@ -529,7 +529,7 @@ fn damage(recorded: &mut Layout) -> String {
     if cs.trim() == "tsc" && a != 0 {
         // SAFETY: unmaps the [vvar_vclock] pages, which the vDSO does not
         // read with the TSC clocksource.
-        if unsafe { libc::munmap(a as *mut libc::c_void, (b - a) as usize) } == 0 {
+        if unsafe { libc::munmap(a as *mut libc::c_void, sys::usize_of(b - a)) } == 0 {
             return format!("unmapped [vvar_vclock] {a:#x}-{b:#x}");
         }
     }

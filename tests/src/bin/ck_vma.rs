@@ -128,7 +128,7 @@ fn setup_fail(out: &Path, what: String) -> ! {
 
 /// Byte `off` of page `page` of region `region`.
 fn fill_byte(region: usize, page: usize, off: usize) -> u8 {
-    (region * 131 + page * 7 + off % 251 + off / 251) as u8 ^ 0xA5
+    (region * 131 + page * 7 + off % 251 + off / 251).to_le_bytes()[0] ^ 0xA5
 }
 
 fn fill(p: *mut u8, region: usize, pages: std::ops::Range<usize>) {

@@ -96,7 +96,7 @@ impl Node {
         if size > MAX_SIZE {
             return Err(ENOSPC);
         }
-        self.data.resize(size as usize, 0);
+        self.data.resize(sys::usize_of(size), 0);
         self.attr.size = size;
         self.attr.blocks = size.div_ceil(512);
         Ok(())
@@ -406,7 +406,7 @@ impl Filesystem for FailFs {
         match self.get(ino) {
             Ok(n) if n.is_dir() => reply.error(EISDIR),
             Ok(n) => {
-                let start = (off.max(0) as usize).min(n.data.len());
+                let start = usize::try_from(off.max(0)).unwrap().min(n.data.len());
                 let end = start.saturating_add(size as usize).min(n.data.len());
                 reply.data(&n.data[start..end]);
             }
@@ -427,7 +427,10 @@ impl Filesystem for FailFs {
         reply: ReplyWrite,
     ) {
         let r = self.get(ino).and_then(|n| {
-            let (start, end) = (off.max(0) as usize, off.max(0) as usize + data.len());
+            let (start, end) = (
+                usize::try_from(off.max(0)).unwrap(),
+                usize::try_from(off.max(0)).unwrap() + data.len(),
+            );
             if end > n.data.len() {
                 n.resize(end as u64)?;
             }
@@ -436,7 +439,7 @@ impl Filesystem for FailFs {
             Ok(())
         });
         match r {
-            Ok(()) => reply.written(data.len() as u32),
+            Ok(()) => reply.written(u32::try_from(data.len()).unwrap()),
             Err(e) => reply.error(e),
         }
     }
@@ -469,7 +472,11 @@ impl Filesystem for FailFs {
         };
         let mut list = vec![(ino, OsString::from(".")), (d.parent, OsString::from(".."))];
         list.extend(d.children.iter().map(|(k, v)| (*v, k.clone())));
-        for (i, (ino, name)) in list.into_iter().enumerate().skip(off.max(0) as usize) {
+        for (i, (ino, name)) in list
+            .into_iter()
+            .enumerate()
+            .skip(usize::try_from(off.max(0)).unwrap())
+        {
             let kind = self
                 .nodes
                 .get(&ino)
@@ -562,6 +569,7 @@ fn main() {
 }
 
 fn run(mnt: &Path) -> Result<i32, String> {
+    // SAFETY: takes no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err("not root: failfs mounts with mount(2) itself (there is no fusermount)".into());
     }
@@ -579,7 +587,9 @@ fn run(mnt: &Path) -> Result<i32, String> {
         .dev();
 
     // SIGTERM and SIGINT are blocked in every thread; one thread takes them.
+    // SAFETY: a plain C struct; all-zero is a valid value.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigset operations on a local set; pthread_sigmask reads it and writes no old mask (null).
     unsafe {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
@@ -622,6 +632,7 @@ fn run(mnt: &Path) -> Result<i32, String> {
     });
     std::thread::spawn(move || {
         let mut sig: c_int = 0;
+        // SAFETY: sigwait(3) reads a local set and writes one int into a local.
         unsafe { libc::sigwait(&set, &mut sig) };
         let _ = tx.send((String::new(), 0));
     });
@@ -645,6 +656,7 @@ fn run(mnt: &Path) -> Result<i32, String> {
     }
     // Detach even while files are open: never hang here.
     let c = std::ffi::CString::new(mnt.as_os_str().as_bytes()).unwrap();
+    // SAFETY: the path is a NUL-terminated CString that outlives the call.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(EINVAL) {

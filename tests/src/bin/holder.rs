@@ -80,14 +80,15 @@ fn create_file(path: &Path, len: usize) -> i32 {
     let c = cstr(path);
     // SAFETY: open/write with a valid C string and buffer.
     unsafe {
-        let fd = check(
+        let fd = i32::try_from(check(
             libc::open(
                 c.as_ptr(),
                 libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC,
                 0o600,
             ) as _,
             &format!("open {}", path.display()),
-        ) as i32;
+        ))
+        .unwrap();
         let buf = vec![0x5au8; len];
         if libc::write(fd, buf.as_ptr().cast(), len) != len as isize {
             die(&format!("write {}", path.display()));
@@ -172,10 +173,11 @@ fn set_up(kind: &str) -> Vec<String> {
                 lines.push(fd_line(fd));
             }
             "pidfd" => {
-                let fd = check(
+                let fd = i32::try_from(check(
                     libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0),
                     "pidfd_open",
-                ) as i32;
+                ))
+                .unwrap();
                 lines.push(fd_line(move_fd(fd, FD)));
             }
             "posix-timer" => {
@@ -203,7 +205,7 @@ fn set_up(kind: &str) -> Vec<String> {
             }
             "child" => {
                 let parent = libc::getpid();
-                let pid = check(libc::fork() as _, "fork") as i32;
+                let pid = i32::try_from(check(libc::fork() as _, "fork")).unwrap();
                 if pid == 0 {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                     if libc::getppid() != parent {
@@ -216,7 +218,7 @@ fn set_up(kind: &str) -> Vec<String> {
                 lines.push(format!("child {pid}"));
             }
             "zombie-child" => {
-                let pid = check(libc::fork() as _, "fork") as i32;
+                let pid = i32::try_from(check(libc::fork() as _, "fork")).unwrap();
                 if pid == 0 {
                     libc::_exit(0);
                 }
@@ -286,10 +288,11 @@ fn set_up(kind: &str) -> Vec<String> {
                 lines.push(format!("map {:#x}", a as usize));
             }
             "sysv-shm" => {
-                let id = check(
+                let id = i32::try_from(check(
                     libc::shmget(libc::IPC_PRIVATE, 64 * 1024, libc::IPC_CREAT | 0o600) as _,
                     "shmget",
-                ) as i32;
+                ))
+                .unwrap();
                 let a = libc::shmat(id, std::ptr::null(), 0);
                 if a as isize == -1 {
                     let e = std::io::Error::last_os_error();
@@ -335,10 +338,11 @@ fn set_up(kind: &str) -> Vec<String> {
             "io-uring" => {
                 // struct io_uring_params is 120 bytes; zeroed asks for defaults.
                 let mut params = [0u8; 120];
-                let fd = check(
+                let fd = i32::try_from(check(
                     libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr()),
                     "io_uring_setup",
-                ) as i32;
+                ))
+                .unwrap();
                 lines.push(fd_line(move_fd(fd, FD)));
             }
             "aio" => {
@@ -350,10 +354,11 @@ fn set_up(kind: &str) -> Vec<String> {
                 lines.push(format!("map {ctx:#x}"));
             }
             "userfaultfd" => {
-                let fd = check(
+                let fd = i32::try_from(check(
                     libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC),
                     "userfaultfd",
-                ) as i32;
+                ))
+                .unwrap();
                 // Handshaken as a program would (UFFDIO_API, asking for
                 // UFFD_FEATURE_MISSING_SHMEM): one never handshaken is
                 // taken for what a tern killed while arming its tracking

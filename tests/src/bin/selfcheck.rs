@@ -58,6 +58,7 @@ fn sleep_raw(d: Duration) -> (i64, i32) {
         tv_sec: d.as_secs() as _,
         tv_nsec: d.subsec_nanos() as _,
     };
+    // SAFETY: sleeping takes integers (or a timespec local we own) and touches no memory of ours else.
     let rc = unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
     let errno = if rc < 0 {
         std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
@@ -73,7 +74,7 @@ fn counter(id: usize, arr: &'static mut [u64]) {
     let mut c: u64 = 0;
     loop {
         c += 1;
-        arr[(c % n) as usize] = pattern::mix(c ^ salt);
+        arr[sys::usize_of(c % n)] = pattern::mix(c ^ salt);
         if c.is_multiple_of(4096) {
             for i in 0..n {
                 // The last c' <= c with c' % n == i.
@@ -83,18 +84,19 @@ fn counter(id: usize, arr: &'static mut [u64]) {
                 } else {
                     0
                 };
-                if arr[i as usize] != expect {
+                if arr[sys::usize_of(i)] != expect {
                     fail(
                         THREADS[id],
                         format_args!(
                             "array[{i}] = {:#x}, want {expect:#x} at c={c}",
-                            arr[i as usize]
+                            arr[sys::usize_of(i)]
                         ),
                     );
                     break;
                 }
             }
             let x = black_box(pattern::mix(c));
+            // SAFETY: takes no arguments and cannot fail.
             let ppid = unsafe { libc::syscall(libc::SYS_getppid) };
             if black_box(x) != pattern::mix(c) || ppid <= 0 {
                 fail(
@@ -116,6 +118,7 @@ fn reader(fd: i32) {
         let mut buf = [0u8; 8];
         let mut got = 0;
         while got < 8 {
+            // SAFETY: the kernel writes at most the given length into the buffer, which we own for the call.
             let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr() as *mut _, 8 - got) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
@@ -149,6 +152,7 @@ fn writer(fd: i32) {
             );
         }
         let b = v.to_le_bytes();
+        // SAFETY: the kernel reads at most the given length from the buffer, which we own for the call.
         let n = unsafe { libc::write(fd, b.as_ptr() as *const _, 8) };
         if n != 8 {
             fail(
@@ -183,10 +187,13 @@ fn sleeper() {
 
 fn ids() {
     let pid = std::process::id() as i64;
+    // SAFETY: takes no arguments and cannot fail.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) };
     loop {
         for _ in 0..100 {
+            // SAFETY: takes no arguments and cannot fail.
             let p = unsafe { libc::syscall(libc::SYS_getpid) };
+            // SAFETY: takes no arguments and cannot fail.
             let t = unsafe { libc::syscall(libc::SYS_gettid) };
             if p != pid || t != tid {
                 fail(
@@ -255,6 +262,7 @@ fn check(mem: &Mem, out: &mut String) -> bool {
     let mut bad = 0;
     for i in 0..mem.pages {
         pattern::fill_page(&mut want, Content::Rand, SEED, 0, i as u64);
+        // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
         let page = unsafe { std::slice::from_raw_parts((mem.addr + i * PAGE) as *const u8, PAGE) };
         if page != want {
             if bad == 0 {
@@ -311,6 +319,7 @@ fn emit(ok: bool, detail: &str, line: &mut String) {
 
 fn write_all(fd: i32, mut b: &[u8]) {
     while !b.is_empty() {
+        // SAFETY: the kernel reads at most the given length from the buffer, which we own for the call.
         let n = unsafe { libc::write(fd, b.as_ptr() as *const _, b.len()) };
         if n <= 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -336,6 +345,7 @@ fn prefault_stack() {
 }
 
 fn main() {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes integers.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let mib: usize = std::env::args()
         .nth(1)
@@ -344,6 +354,7 @@ fn main() {
     prefault_stack();
 
     // SIGTERM goes to the main thread only: block it before any thread starts.
+    // SAFETY: sigset operations on a local set; pthread_sigmask reads it and writes no old mask (null).
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -357,6 +368,7 @@ fn main() {
     }
 
     let pages = mib * 256;
+    // SAFETY: maps or moves only anonymous memory of this program at addresses it owns; the result is checked before use.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -374,11 +386,13 @@ fn main() {
     };
     for i in 0..pages {
         let page =
+            // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
             unsafe { std::slice::from_raw_parts_mut((mem.addr + i * PAGE) as *mut u8, PAGE) };
         pattern::fill_page(page, Content::Rand, SEED, 0, i as u64);
     }
 
     let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two fds into `fds`, a local array of two.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     let (rfd, wfd) = (fds[0], fds[1]);
     let arrays: Vec<&'static mut [u64]> = (0..2).map(|_| Vec::leak(vec![0u64; 8192])).collect();
@@ -415,6 +429,7 @@ fn main() {
         assert!(h.is_ok(), "thread spawn failed");
     }
 
+    // SAFETY: sigset operations on a local set; pthread_sigmask reads it and writes no old mask (null).
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -438,16 +453,20 @@ fn main() {
         if TERM.load(Ordering::SeqCst) {
             let ok = check(&mem, &mut detail);
             emit(ok, &detail, &mut line);
+            // SAFETY: ends this (forked) process at once; nothing after it runs.
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
+        // SAFETY: the kernel writes at most the given length into the buffer, which we own for the call.
         let n = unsafe { libc::read(0, input[have..].as_mut_ptr() as *mut _, input.len() - have) };
         if n < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
+            // SAFETY: ends this (forked) process at once; nothing after it runs.
             unsafe { libc::_exit(2) };
         }
         if n == 0 {
+            // SAFETY: ends this (forked) process at once; nothing after it runs.
             unsafe { libc::_exit(0) };
         }
         have += n as usize;
@@ -464,6 +483,7 @@ fn main() {
                     emit(ok, &detail, &mut line);
                 }
                 "ping" => write_all(1, b"{\"ok\":true}\n"),
+                // SAFETY: ends this (forked) process at once; nothing after it runs.
                 "exit" => unsafe { libc::_exit(0) },
                 _ => write_all(1, b"{\"ok\":false,\"error\":\"unknown command\"}\n"),
             }

@@ -63,6 +63,7 @@ impl Region {
     }
     fn page(&self, idx: usize) -> &'static mut [u8] {
         assert!(idx < self.pages);
+        // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
         unsafe { std::slice::from_raw_parts_mut((self.addr + idx * PAGE) as *mut u8, PAGE) }
     }
     /// What a dirtying write puts in a page of this region.
@@ -82,6 +83,7 @@ impl Region {
 fn fill(page: &mut [u8], content: Content, seed: u64, generation: u64, idx: u64) {
     match content {
         // Populate with a real write, leaving zeros.
+        // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
         Content::Zero => unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) },
         c => pattern::fill_page(page, c, seed, generation, idx),
     }
@@ -132,6 +134,7 @@ fn mmap_flags(
             libc::MAP_FIXED
         };
     }
+    // SAFETY: maps or moves only anonymous memory of this program at addresses it owns; the result is checked before use.
     let p = unsafe {
         libc::mmap(
             at.unwrap_or(0) as *mut libc::c_void,
@@ -224,6 +227,7 @@ impl State {
                 if first + count > r.pages {
                     return Err("range past the region".into());
                 }
+                // SAFETY: MADV_DONTNEED on a mapping this program made, to which no Rust reference is alive.
                 let rc = unsafe {
                     libc::madvise(
                         (r.addr + first * PAGE) as *mut _,
@@ -242,6 +246,7 @@ impl State {
                 let old = r.addr;
                 let newaddr = if cmd == "mremap" {
                     // Reserve a fresh spot, then move the region onto it.
+                    // SAFETY: maps or moves only anonymous memory of this program at addresses it owns; the result is checked before use.
                     let spot = unsafe {
                         libc::mmap(
                             std::ptr::null_mut(),
@@ -255,6 +260,7 @@ impl State {
                     if spot == libc::MAP_FAILED {
                         return Err(format!("mmap: {}", std::io::Error::last_os_error()));
                     }
+                    // SAFETY: maps or moves only anonymous memory of this program at addresses it owns; the result is checked before use.
                     unsafe {
                         libc::mremap(
                             old as *mut _,
@@ -265,6 +271,7 @@ impl State {
                         )
                     }
                 } else {
+                    // SAFETY: maps or moves only anonymous memory of this program at addresses it owns; the result is checked before use.
                     unsafe {
                         libc::mremap(
                             old as *mut _,
@@ -287,6 +294,7 @@ impl State {
                     .regions
                     .remove(*name)
                     .ok_or_else(|| format!("no region {name:?}"))?;
+                // SAFETY: unmaps only a region this code mapped, which nothing references any more.
                 if unsafe { libc::munmap(r.addr as *mut _, r.len()) } != 0 {
                     return Err(format!("munmap: {}", std::io::Error::last_os_error()));
                 }
@@ -302,6 +310,7 @@ impl State {
                     Some(p) => p.parse().map_err(|_| "bad page count")?,
                     None => r.pages,
                 };
+                // SAFETY: unmaps only a region this code mapped, which nothing references any more.
                 if unsafe { libc::munmap(r.addr as *mut _, r.len()) } != 0 {
                     return Err(format!("munmap: {}", std::io::Error::last_os_error()));
                 }
@@ -322,6 +331,7 @@ impl State {
                     _ => return Err("protection: r, rw or none".into()),
                 };
                 let r = self.region(w.get(1))?;
+                // SAFETY: changes the protection of a mapping this program made; no Rust reference into it is alive.
                 if unsafe { libc::mprotect((r.addr + first * PAGE) as *mut _, count * PAGE, prot) }
                     != 0
                 {
@@ -345,6 +355,7 @@ impl State {
             "fork_wait" => {
                 let pid = self.child.take().ok_or("no child")?;
                 let mut status = 0;
+                // SAFETY: waitpid(2) writes at most one int, into a local status (or none for a null pointer).
                 if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
                     return Err(format!("waitpid: {}", std::io::Error::last_os_error()));
                 }
@@ -364,6 +375,7 @@ impl State {
                     ),
                     _ => (0, r.pages),
                 };
+                // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
                 let bytes = unsafe {
                     std::slice::from_raw_parts((r.addr + first * PAGE) as *const u8, count * PAGE)
                 };
@@ -496,6 +508,7 @@ impl State {
                     while REPLIES.load(Ordering::SeqCst) == seq {
                         std::thread::sleep(std::time::Duration::from_micros(100));
                     }
+                    // SAFETY: ends this (forked) process at once; nothing after it runs.
                     unsafe { libc::_exit(0) };
                 });
                 Ok(String::new())
@@ -578,6 +591,7 @@ impl State {
         let fd = match src {
             "pipe" => {
                 let mut fds = [0; 2];
+                // SAFETY: pipe(2) writes two fds into `fds`, a local array of two.
                 if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
                     return Err(format!("pipe: {}", std::io::Error::last_os_error()));
                 }
@@ -585,6 +599,7 @@ impl State {
                 std::thread::spawn(move || {
                     let mut off = 0;
                     while off < data.len() {
+                        // SAFETY: the kernel reads at most the given length from the buffer, which we own for the call.
                         let n = unsafe {
                             libc::write(wfd, data[off..].as_ptr() as *const _, data.len() - off)
                         };
@@ -593,6 +608,7 @@ impl State {
                         }
                         off += n as usize;
                     }
+                    // SAFETY: closes an fd this code opened and no longer uses.
                     unsafe { libc::close(wfd) };
                 });
                 fds[0]
@@ -601,6 +617,7 @@ impl State {
                 let path = tmpdir.join(format!("readfill-{}", std::process::id()));
                 std::fs::write(&path, &data).map_err(|e| format!("{}: {e}", path.display()))?;
                 let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+                // SAFETY: the path is a NUL-terminated CString that outlives the call.
                 let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY) };
                 let _ = std::fs::remove_file(&path);
                 if fd < 0 {
@@ -613,12 +630,14 @@ impl State {
         let mut off = 0;
         let total = count * PAGE;
         while off < total {
+            // SAFETY: the kernel writes at most the given length into the buffer, which we own for the call.
             let n = unsafe { libc::read(fd, dst.add(off) as *mut _, total - off) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
+                // SAFETY: closes an fd this code opened and no longer uses.
                 unsafe { libc::close(fd) };
                 return Err(format!("read: {e}"));
             }
@@ -627,6 +646,7 @@ impl State {
             }
             off += n as usize;
         }
+        // SAFETY: closes an fd this code opened and no longer uses.
         unsafe { libc::close(fd) };
         if off != total {
             return Err(format!("read {off} of {total} bytes"));
@@ -644,18 +664,21 @@ impl State {
         // The child writes generations far from the parent's.
         let base_gen = r.generation + 1_000_000;
         let ppid = std::process::id() as i32;
+        // SAFETY: the child calls only async-signal-safe functions (or plain memory accesses of this single-threaded program) before _exit.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(format!("fork: {}", std::io::Error::last_os_error()));
         }
         if pid == 0 {
             // Child: raw memory and syscalls only.
+            // SAFETY: prctl and getppid take integers; _exit ends the child at once.
             unsafe {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if libc::getppid() != ppid {
                     libc::_exit(3);
                 }
             }
+            // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
             let page = |i: usize| unsafe {
                 std::slice::from_raw_parts_mut((addr + i * PAGE) as *mut u8, PAGE)
             };
@@ -669,7 +692,7 @@ impl State {
             while std::time::Instant::now() < deadline {
                 generation += 1;
                 for _ in 0..16.min(pages) {
-                    let i = rng.below(pages as u64) as usize;
+                    let i = sys::usize_of(rng.below(pages as u64));
                     pattern::fill_page(page(i), Content::Light, seed, generation, i as u64);
                     gens[i] = generation;
                 }
@@ -679,9 +702,11 @@ impl State {
             for (i, &g) in gens.iter().enumerate() {
                 pattern::fill_page(&mut want, Content::Light, seed, g, i as u64);
                 if page(i) != &want[..] {
+                    // SAFETY: ends this (forked) process at once; nothing after it runs.
                     unsafe { libc::_exit(1) };
                 }
             }
+            // SAFETY: ends this (forked) process at once; nothing after it runs.
             unsafe { libc::_exit(0) };
         }
         self.child = Some(pid);
@@ -701,6 +726,8 @@ impl State {
         let iterations = Arc::new(AtomicU64::new(0));
         let writes = Arc::new(AtomicU64::new(0));
         let (s, it, wr) = (stop.clone(), iterations.clone(), writes.clone());
+        // A fraction of the u64 range; float-to-int `as` saturates.
+        #[allow(clippy::cast_possible_truncation)]
         let threshold = (frac.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
         let handle = std::thread::spawn(move || {
             let mut n: u64 = 0;
@@ -710,8 +737,9 @@ impl State {
                 let mut count = 0;
                 for i in 0..pages {
                     if pattern::mix(round_seed ^ i as u64) <= threshold {
+                        // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
                         unsafe {
-                            let p = (addr + i * PAGE + (n as usize % 512) * 8) as *mut u64;
+                            let p = (addr + i * PAGE + (sys::usize_of(n) % 512) * 8) as *mut u64;
                             std::ptr::write_volatile(p, std::ptr::read_volatile(p).wrapping_add(1));
                         }
                         count += 1;
@@ -746,6 +774,7 @@ impl State {
             let _ = bg.handle.join();
         }
         if let Some(pid) = self.child.take() {
+            // SAFETY: kill(2) takes integers; waitpid reaps our own child and reads no status (null).
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
                 libc::waitpid(pid, std::ptr::null_mut(), 0);
@@ -988,13 +1017,13 @@ fn munmap(addr: usize, pages: usize) -> Result<(), String> {
 }
 
 fn dirty(r: &mut Region, idx: &[u64]) -> Reply {
-    if let Some(bad) = idx.iter().find(|&&i| i as usize >= r.pages) {
+    if let Some(bad) = idx.iter().find(|&&i| sys::usize_of(i) >= r.pages) {
         return Err(format!("page {bad} past the region ({} pages)", r.pages));
     }
     r.generation += 1;
     let c = r.dirty_content();
     for &i in idx {
-        pattern::fill_page(r.page(i as usize), c, r.seed, r.generation, i);
+        pattern::fill_page(r.page(sys::usize_of(i)), c, r.seed, r.generation, i);
     }
     Ok(format!(
         "\"pages\":{},\"generation\":{}",
@@ -1007,7 +1036,7 @@ fn threads_dirty(r: &mut Region, n: usize, idx: &[u64]) -> Reply {
     if n == 0 {
         return Err("no threads".into());
     }
-    if let Some(bad) = idx.iter().find(|&&i| i as usize >= r.pages) {
+    if let Some(bad) = idx.iter().find(|&&i| sys::usize_of(i) >= r.pages) {
         return Err(format!("page {bad} past the region"));
     }
     r.generation += 1;
@@ -1021,8 +1050,12 @@ fn threads_dirty(r: &mut Region, n: usize, idx: &[u64]) -> Reply {
             s.spawn(move || {
                 barrier.wait();
                 for &i in part {
+                    // SAFETY: the address lies inside a mapping this program made and has not unmapped, of at least the length used.
                     let page = unsafe {
-                        std::slice::from_raw_parts_mut((addr + i as usize * PAGE) as *mut u8, PAGE)
+                        std::slice::from_raw_parts_mut(
+                            (addr + sys::usize_of(i) * PAGE) as *mut u8,
+                            PAGE,
+                        )
                     };
                     pattern::fill_page(page, c, seed, generation, i);
                 }
@@ -1065,6 +1098,7 @@ fn json_str(s: &str) -> String {
 }
 
 fn main() {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes integers.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let mut st = State {
         regions: HashMap::new(),

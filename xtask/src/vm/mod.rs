@@ -253,7 +253,7 @@ pub(crate) fn elf_interpreter(path: &Path) -> Result<bool> {
         Some(u16::from_le_bytes(bytes.get(o..o + 2)?.try_into().ok()?) as usize)
     };
     let u64_at = |o: usize| -> Option<usize> {
-        Some(u64::from_le_bytes(bytes.get(o..o + 8)?.try_into().ok()?) as usize)
+        usize::try_from(u64::from_le_bytes(bytes.get(o..o + 8)?.try_into().ok()?)).ok()
     };
     // e_phoff at 0x20, e_phentsize at 0x36, e_phnum at 0x38; p_type is the
     // first u32 of a program header; PT_INTERP = 3.

@@ -682,7 +682,12 @@ fn criu_comparison(console: &str, steps: &[(String, i32, Option<Value>)]) -> Res
                 wall_ms: times.get(c).copied().unwrap_or(f64::NAN),
                 pages: cs
                     .and_then(|s| s.get("Memory pages written"))
-                    .map(|&n| n as u64),
+                    // Whole pages; `as` saturates.
+                    .map(|&n| {
+                        #[allow(clippy::cast_possible_truncation)]
+                        let pages = n as u64;
+                        pages
+                    }),
                 kib: du.get(cdir).copied(),
             },
             tern: Side {

@@ -108,7 +108,7 @@ fn expect() -> Expect {
     for (r, reg) in ymm.iter_mut().enumerate() {
         for (i, b) in reg.iter_mut().enumerate() {
             // Distinct per register and per byte, never all zero.
-            *b = (r as u8).wrapping_mul(29) ^ (i as u8).wrapping_mul(71) ^ 0xA3;
+            *b = r.to_le_bytes()[0].wrapping_mul(29) ^ i.to_le_bytes()[0].wrapping_mul(71) ^ 0xA3;
         }
     }
     let mut x87 = [[0u8; 10]; 7];
@@ -116,7 +116,8 @@ fn expect() -> Expect {
         // Normal extended-precision values whose low mantissa bits no
         // double could hold.
         let mantissa = (1u64 << 63) | 0x5DEE_CE66_D1CE_4E5B_u64.wrapping_mul(k as u64 + 3) >> 1;
-        let exponent = (0x3FFF + k as u16 * 3 - 9) | if k % 2 == 1 { 0x8000 } else { 0 };
+        let exponent =
+            (0x3FFF + u16::try_from(k).unwrap() * 3 - 9) | if k % 2 == 1 { 0x8000 } else { 0 };
         v[..8].copy_from_slice(&mantissa.to_le_bytes());
         v[8..].copy_from_slice(&exponent.to_le_bytes());
     }

@@ -146,7 +146,7 @@ fn errno_name(e: i32) -> String {
 
 fn gettid() -> i32 {
     // SAFETY: gettid(2) takes no arguments.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    unsafe { i32::try_from(libc::syscall(libc::SYS_gettid)).unwrap() }
 }
 
 /// The x86_64 thread pointer (the TCB's self pointer at %fs:0).
