@@ -622,21 +622,12 @@ fn restore(
         return Ok(());
     }
     // Wait for the process (our child) and exit as it did.
-    let mut st = 0;
-    // SAFETY: waitpid on our own child.
-    let r = unsafe { libc::waitpid(pid, &mut st, 0) };
-    if r != pid {
-        bail!(
-            "waiting for restored PID {pid}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    let code = if libc::WIFEXITED(st) {
-        libc::WEXITSTATUS(st)
-    } else if libc::WIFSIGNALED(st) {
-        128 + libc::WTERMSIG(st)
-    } else {
-        1
+    use nix::sys::wait::{WaitStatus, waitpid};
+    let code = match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(WaitStatus::Exited(_, code)) => code,
+        Ok(WaitStatus::Signaled(_, sig, _)) => 128 + sig as i32,
+        Ok(_) => 1,
+        Err(e) => bail!("waiting for restored PID {pid}: {e}"),
     };
     std::process::exit(code);
 }

@@ -629,7 +629,7 @@ impl ImageDir {
         if size > limit {
             return Err(ImageError::TooLarge { path, size, limit });
         }
-        let mut buf = Vec::with_capacity(size as usize);
+        let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         f.take(limit + 1)
             .read_to_end(&mut buf)
             .map_err(|e| ImageError::io(&path, e))?;

@@ -774,13 +774,13 @@ mod tests {
                 link: "mnt:[4026531841]".into(),
             },
         ];
-        for (i, kind) in kinds.into_iter().enumerate() {
+        for (fd, kind) in (0..).zip(kinds) {
             round_trip::<_, FdState>(sys::fds::FdInfo {
-                fd: i as i32,
+                fd,
                 kind,
                 flags: libc::O_RDWR | libc::O_CLOEXEC,
                 pos: 12345,
-                mnt_id: (i % 2 == 0).then_some(30),
+                mnt_id: (fd % 2 == 0).then_some(30),
             });
         }
     }

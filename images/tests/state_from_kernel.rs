@@ -80,7 +80,7 @@ fn stopped_child() -> Stopped {
             if libc::sigqueue(libc::getpid(), libc::SIGUSR1, v) != 0 {
                 fail(4);
             }
-            let me = libc::syscall(libc::SYS_gettid) as i32;
+            let me = libc::gettid();
             if libc::syscall(libc::SYS_tgkill, libc::getpid(), me, SIGRT2) != 0 {
                 fail(5);
             }
@@ -127,8 +127,8 @@ fn stopped_child() -> Stopped {
 
 #[test]
 fn kernel_state_of_a_stopped_process_comes_back_unchanged_through_the_image() {
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
+        // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() },
         0,
         "reading another process's seccomp filters needs root"

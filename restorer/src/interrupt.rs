@@ -110,20 +110,24 @@ fn watch(set: libc::sigset_t, child: Arc<AtomicI32>, stop: Arc<AtomicBool>) {
             let end = Instant::now() + Duration::from_secs(5);
             let mut how = String::from("it was not reaped within 5 s");
             while Instant::now() < end {
-                let mut st = 0;
-                // SAFETY: waitpid on our own child.
-                let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL | libc::WNOHANG) };
-                if r == pid {
-                    how = if libc::WIFSIGNALED(st) {
-                        format!("it ended by signal {}", libc::WTERMSIG(st))
-                    } else {
-                        format!("it ended with wait status {st:#x}")
-                    };
-                    break;
-                }
-                if r < 0 {
-                    how = "it was already reaped".into();
-                    break;
+                use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+                match waitpid(
+                    nix::unistd::Pid::from_raw(pid),
+                    Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+                ) {
+                    Ok(WaitStatus::StillAlive) => {}
+                    Ok(WaitStatus::Signaled(_, s, _)) => {
+                        how = format!("it ended by signal {}", s as i32);
+                        break;
+                    }
+                    Ok(other) => {
+                        how = format!("it ended: {other:?}");
+                        break;
+                    }
+                    Err(_) => {
+                        how = "it was already reaped".into();
+                        break;
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }

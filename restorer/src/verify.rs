@@ -61,8 +61,8 @@ pub fn verify_chain(pid: i32, dir: &Path) -> Result<VerifyReport, VerifyError> {
                     source,
                 })?;
             for (k, (w, h)) in want
-                .chunks(page as usize)
-                .zip(have.chunks(page as usize))
+                .chunks(sys::usize_of(page))
+                .zip(have.chunks(sys::usize_of(page)))
                 .enumerate()
             {
                 report.pages_checked += 1;

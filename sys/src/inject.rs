@@ -163,6 +163,7 @@ mod tests;
 mod tests_aarch64;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod tracee;
+pub use tracee::errno_of;
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod unsupported;
 #[cfg(target_arch = "x86_64")]

@@ -457,6 +457,7 @@ fn track_rounds_beside_a_churning_big_region() {
         }
         // Steps that can have written in (t0, t]: one per period, and one
         // more at each end.
+        #[allow(clippy::cast_possible_truncation)] // a few rounds' worth of 50 ms periods
         let steps = ((t - t0) / PERIOD_MS).ceil() as u64 + 2;
         let allowed = CHURN_FACTOR * steps * step + NOISE_PAGES;
         let r = k as f64 / (steps * step) as f64;

@@ -14,7 +14,7 @@
 //!   writes, so the target is frozen for that step (not for the copy).
 //! - [`FullTracker`]: every populated page, every round: the baseline.
 
-use crate::maps::Vma;
+use crate::maps::{Vma, VmaPolicy};
 use crate::pagemap_scan::{self, Pagemap, ScanError, ScanQuery, entry};
 use crate::uffd::{UffdError, WpUffd};
 use images::{PAGE_SIZE, PageRange};

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use sys::inject::Injector;
 
 use crate::backend::TrackMode;
+use crate::maps::VmaPolicy;
 use crate::session::{Cause, SessionOptions, TrackerError, TrackingSession};
 
 /// Options of one `tern dump`.
@@ -928,7 +929,7 @@ fn capture_state(
                 pid,
                 tid,
                 call: "sigaltstack".into(),
-                errno: -r as i32,
+                errno: sys::inject::errno_of(r) as i32,
             });
         }
         let altstack: sys::signals::AltStack =
@@ -1000,7 +1001,7 @@ fn capture_state(
                 pid,
                 tid: leader.tid(),
                 call: format!("rt_sigaction({sig})"),
-                errno: -r as i32,
+                errno: sys::inject::errno_of(r) as i32,
             });
         }
         let bytes = leader.read_memory(old, 32)?;
@@ -1022,7 +1023,7 @@ fn capture_state(
                 pid,
                 tid: leader.tid(),
                 call: format!("getitimer({which})"),
-                errno: -r as i32,
+                errno: sys::inject::errno_of(r) as i32,
             });
         }
         let b = leader.read_memory(buf, 32)?;

@@ -54,7 +54,6 @@
 //! read twice). [`DirtyStream::close_and_unpin`] removes them.
 
 use std::{
-    ffi::CString,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -355,22 +354,22 @@ impl DirtyStream {
 
         // Counters: difference to the previous drain's snapshot.
         let mut now = [0u64; N_COUNTERS];
-        for (i, slot) in now.iter_mut().enumerate() {
+        for (i, slot) in (0u32..).zip(now.iter_mut()) {
             let values = self
                 .counters
-                .get(&(i as u32), 0)
+                .get(&i, 0)
                 .map_err(|e| bpf_err("reading the COUNTERS map", e))?;
             *slot = values.iter().fold(0u64, |a, v| a.wrapping_add(*v));
         }
         let mut delta = [0u64; N_COUNTERS];
-        for (i, (d, n)) in delta.iter_mut().zip(now).enumerate() {
+        for (i, (d, n)) in (0u32..).zip(delta.iter_mut().zip(now)) {
             let before = self
                 .state
-                .get(&(i as u32), 0)
+                .get(&i, 0)
                 .map_err(|e| bpf_err("reading the STATE map", e))?;
             *d = n.wrapping_sub(before);
             self.state
-                .set(i as u32, n, 0)
+                .set(i, n, 0)
                 .map_err(|e| bpf_err("updating the STATE map", e))?;
         }
 
@@ -622,7 +621,10 @@ impl DirtyStream {
         if get(S_MAGIC) != STATE_MAGIC {
             return Ok(None);
         }
-        let pinned = get(S_PID) as i32;
+        // A value that is no PID is a damaged pin: load anew.
+        let Ok(pinned) = i32::try_from(get(S_PID)) else {
+            return Ok(None);
+        };
         if pinned != pid {
             if process_start_time(pinned).ok() == Some(get(S_START_TIME)) {
                 return Err(EbpfError::PinnedForOtherTarget {
@@ -652,7 +654,8 @@ impl DirtyStream {
         }
         // The log ring buffer is not pinned: the pinned programs hold it,
         // and aya-log finds it through one of them.
-        let log_program = get(S_LOG_PROGRAM) as u32;
+        // No program has id 0: a damaged slot only loses the programs' logs.
+        let log_program = u32::try_from(get(S_LOG_PROGRAM)).unwrap_or(0);
         let logger = match EbpfLogger::init_from_id(log_program) {
             Ok(logger) => Some(logger),
             Err(e) => {
@@ -735,7 +738,7 @@ fn build_round(entries: Vec<(u64, u64)>, page_mask: u64) -> EbpfRound {
     round.kernel_pages = round.kernel_fault_pages.len();
     let mut hot: Vec<(u64, u32)> = counts
         .iter()
-        .map(|&(p, c)| (p, c.min(u32::MAX as u64) as u32))
+        .map(|&(p, c)| (p, u32::try_from(c).unwrap_or(u32::MAX)))
         .collect();
     let by_heat = |a: &(u64, u32), b: &(u64, u32)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
     if hot.len() > HOT_PAGES {
@@ -881,67 +884,40 @@ fn process_start_time(pid: i32) -> Result<u64, EbpfError> {
     if pid <= 0 {
         return Err(EbpfError::NoSuchProcess(pid));
     }
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|_| EbpfError::NoSuchProcess(pid))?;
-    let after_comm = stat
-        .rfind(')')
-        .map(|i| &stat[i + 1..])
-        .ok_or(EbpfError::NoSuchProcess(pid))?;
-    // After the comm: field 3 (state) is index 0, field 22 is index 19.
-    after_comm
-        .split_whitespace()
-        .nth(19)
-        .and_then(|s| s.parse().ok())
-        .ok_or(EbpfError::NoSuchProcess(pid))
+    sys::proc::stat(pid, None)
+        .map(|st| st.starttime)
+        .map_err(|_| EbpfError::NoSuchProcess(pid))
 }
 
 fn raise_memlock() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
     // Kernels >= 5.11 account BPF memory to the memcg and ignore this limit;
     // older ones need it raised. Failing to raise it is not an error.
-    let lim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: valid pointer to a rlimit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
-        let mut cur = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: valid pointer to a rlimit.
-        if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) } == 0 {
-            let raised = libc::rlimit {
-                rlim_cur: cur.rlim_max,
-                rlim_max: cur.rlim_max,
-            };
-            // SAFETY: valid pointer to a rlimit.
-            unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) };
-        }
+    let inf = libc::RLIM_INFINITY;
+    if setrlimit(Resource::RLIMIT_MEMLOCK, inf, inf).is_err()
+        && let Ok((_, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK)
+    {
+        let _ = setrlimit(Resource::RLIMIT_MEMLOCK, hard, hard);
     }
 }
 
+/// The file system type (`f_type` of statfs(2)) of what `path` is on.
 fn fs_magic(path: &Path) -> Option<i64> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out pointer.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    #[allow(clippy::unnecessary_cast)]
-    Some(st.f_type as i64)
+    let st = nix::sys::statfs::statfs(path).ok()?;
+    #[allow(clippy::useless_conversion)] // __fsword_t is i64 on the 64-bit targets, not everywhere
+    Some(i64::from(st.filesystem_type().0))
 }
 
 fn mount(fstype: &str, target: &Path) -> io::Result<()> {
-    let src = CString::new(if fstype == "bpf" { "bpf" } else { "nodev" }).expect("cstr");
-    let ty = CString::new(fstype).expect("cstr");
-    let tgt = CString::new(target.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    // SAFETY: valid C strings; no data argument.
-    let r = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), ty.as_ptr(), 0, std::ptr::null()) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let src = if fstype == "bpf" { "bpf" } else { "nodev" };
+    nix::mount::mount(
+        Some(src),
+        target,
+        Some(fstype),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(io::Error::from)
 }
 
 /// Where tracefs is; mounts it at /sys/kernel/tracing if it is nowhere.

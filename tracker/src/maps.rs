@@ -2,7 +2,7 @@
 //! which of them tern records.
 
 use images::VmaRecord;
-use sys::proc::{ProcError, VmaPerms};
+use sys::proc::ProcError;
 
 /// Name of tern's scratch mapping in the target (set with PR_SET_VMA_ANON_NAME).
 pub const SCRATCH_NAME: &str = "[anon:tern-scratch]";
@@ -15,67 +15,73 @@ pub enum MapsError {
     Read(ProcError),
 }
 
-/// One VMA.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Vma {
-    pub start: u64,
-    pub end: u64,
-    pub perms: VmaPerms,
-    pub offset: u64,
-    pub dev: String,
-    pub inode: u64,
-    pub name: Option<String>,
+/// One VMA, as `sys::proc` reads it; what tern does with it is
+/// [`VmaPolicy`].
+pub use sys::proc::Vma;
+
+/// Which VMAs tern records, and how their pages are copied.
+pub trait VmaPolicy {
+    fn pages(&self) -> u64;
+    fn is_private(&self) -> bool;
+    fn is_readable(&self) -> bool;
+    /// Backed by a regular file (its unmodified pages read from the file).
+    fn is_file(&self) -> bool;
+    /// Kernel-provided areas that are never copied: the restorer maps them.
+    fn is_special(&self) -> bool;
+    /// Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, memfd, SysV shm):
+    /// its only copy is the memory itself, so it is recorded.
+    fn is_shared_anon(&self) -> bool;
+    /// Whether tern records this VMA's pages.
+    fn is_dumped(&self) -> bool;
+    /// In this VMA, a page the kernel reports as a file page (page cache,
+    /// not yet copied-on-write) reads the same from the backing file: it is
+    /// not copied. True for private file mappings only: shared anonymous
+    /// memory is also "file" (shmem) to the kernel, but has no other copy.
+    fn file_pages_are_holes(&self) -> bool;
+    /// The VMA as an image records it.
+    fn record(&self) -> VmaRecord;
 }
 
-impl Vma {
-    pub fn pages(&self) -> u64 {
+impl VmaPolicy for Vma {
+    fn pages(&self) -> u64 {
         (self.end - self.start) / images::PAGE_SIZE
     }
-    pub fn is_private(&self) -> bool {
+    fn is_private(&self) -> bool {
         self.perms.is_private()
     }
-    pub fn is_readable(&self) -> bool {
+    fn is_readable(&self) -> bool {
         self.perms.read
     }
-    /// Backed by a regular file (its unmodified pages read from the file).
-    pub fn is_file(&self) -> bool {
+    fn is_file(&self) -> bool {
         self.inode != 0 && self.name.as_deref().is_some_and(|n| n.starts_with('/'))
     }
-    /// Kernel-provided areas that are never copied: the restorer maps them.
-    pub fn is_special(&self) -> bool {
+    fn is_special(&self) -> bool {
         matches!(
             self.name.as_deref(),
             Some("[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]" | "[uprobes]")
         ) || self.name.as_deref() == Some(SCRATCH_NAME)
     }
-    /// Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, memfd, SysV shm):
-    /// its only copy is the memory itself, so it is recorded.
-    pub fn is_shared_anon(&self) -> bool {
+    fn is_shared_anon(&self) -> bool {
         !self.is_private()
             && (self.inode == 0
                 || self.name.as_deref().is_some_and(|n| {
                     n.starts_with("/dev/zero") || n.starts_with("/SYSV") || n.starts_with("/memfd:")
                 }))
     }
-    /// Whether tern records this VMA's pages.
-    pub fn is_dumped(&self) -> bool {
+    fn is_dumped(&self) -> bool {
         !self.is_special() && (self.is_private() || self.is_shared_anon())
     }
-    /// In this VMA, a page the kernel reports as a file page (page cache,
-    /// not yet copied-on-write) reads the same from the backing file: it is
-    /// not copied. True for private file mappings only: shared anonymous
-    /// memory is also "file" (shmem) to the kernel, but has no other copy.
-    pub fn file_pages_are_holes(&self) -> bool {
+    fn file_pages_are_holes(&self) -> bool {
         self.is_private() && self.is_file()
     }
-    pub fn record(&self) -> VmaRecord {
+    fn record(&self) -> VmaRecord {
         VmaRecord {
             start: self.start,
             end: self.end,
             // The image keeps the text form ("rw-p"), as maps shows it.
             perms: self.perms.to_string(),
             offset: self.offset,
-            dev: self.dev.clone(),
+            dev: self.dev_text(),
             inode: self.inode,
             name: self.name.clone(),
             dumped: self.is_dumped(),
@@ -93,19 +99,7 @@ fn map_err(e: ProcError) -> MapsError {
 
 /// Read the VMAs of `pid`.
 pub fn read_vmas(pid: i32) -> Result<Vec<Vma>, MapsError> {
-    Ok(sys::proc::maps(pid, None)
-        .map_err(map_err)?
-        .into_iter()
-        .map(|m| Vma {
-            dev: m.dev_text(),
-            start: m.start,
-            end: m.end,
-            perms: m.perms,
-            offset: m.offset,
-            inode: m.inode,
-            name: m.name,
-        })
-        .collect())
+    sys::proc::maps(pid, None).map_err(map_err)
 }
 
 /// `VmFlags` of every VMA of `pid`, keyed by (start, end), from

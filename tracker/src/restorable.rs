@@ -29,6 +29,8 @@
 use serde::{Deserialize, Serialize};
 use sys::fds::{FdInfo, FdKind};
 
+use crate::maps::VmaPolicy;
+
 /// One thing a process holds that tern cannot restore.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Refusal {

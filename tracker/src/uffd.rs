@@ -113,8 +113,9 @@ pub fn create_unhandshaken() -> std::io::Result<OwnedFd> {
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: the fd was just returned to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A userfaultfd armed for async write-protect tracking.
@@ -271,10 +272,10 @@ mod tests {
         // `tern check` reads): async write-protect among them on this kernel.
         assert_ne!(features & UFFD_FEATURE_WP_ASYNC, 0, "{features:#x}");
         let region = crate::anon::AnonRegion::new(4).unwrap();
-        let (start, end) = (region.start(), region.end());
-        let page = (end - start) as usize / 4;
+        let (start, end) = (sys::usize_of(region.start()), sys::usize_of(region.end()));
+        let page = (end - start) / 4;
         let ioctls = uffd
-            .register(start as *mut libc::c_void, (end - start) as usize)
+            .register(start as *mut libc::c_void, end - start)
             .expect("register for missing faults");
         assert!(
             ioctls.contains(userfaultfd::IoctlFlags::COPY | userfaultfd::IoctlFlags::ZEROPAGE),
@@ -289,23 +290,15 @@ mod tests {
                 .expect("UFFDIO_COPY");
         assert_eq!(copied, page);
         // SAFETY: as above, pages 1..4.
-        let zeroed = unsafe {
-            uffd.zeropage(
-                (start as usize + page) as *mut libc::c_void,
-                3 * page,
-                false,
-            )
-        }
-        .map_err(uffd_errno)
-        .expect("UFFDIO_ZEROPAGE");
+        let zeroed = unsafe { uffd.zeropage((start + page) as *mut libc::c_void, 3 * page, false) }
+            .map_err(uffd_errno)
+            .expect("UFFDIO_ZEROPAGE");
         assert_eq!(zeroed, 3 * page);
         // Populated now (a read would otherwise wait for a fault nobody
         // serves), with the contents given.
         let read = |page_index: usize, off: usize| {
             // SAFETY: inside the region, populated above.
-            unsafe {
-                std::ptr::read_volatile((start as usize + page_index * page + off) as *const u8)
-            }
+            unsafe { std::ptr::read_volatile((start + page_index * page + off) as *const u8) }
         };
         assert_eq!(read(0, 0), 0x5a);
         assert_eq!(read(0, page - 1), 0x5a);
@@ -317,7 +310,7 @@ mod tests {
             again.map_err(uffd_errno).unwrap_err(),
             nix::errno::Errno::EEXIST
         );
-        uffd.unregister(start as *mut libc::c_void, (end - start) as usize)
+        uffd.unregister(start as *mut libc::c_void, end - start)
             .expect("unregister");
     }
 }

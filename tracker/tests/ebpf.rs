@@ -752,5 +752,6 @@ fn full_events_ring_is_counted_and_logged() {
         "{line}"
     );
     assert_eq!(child.finish(), 0);
+    // SAFETY: `page` is the mapping of PAGE bytes this test made, no longer used.
     unsafe { libc::munmap(page as *mut _, PAGE) };
 }

@@ -255,7 +255,7 @@ pub(crate) struct Tracee {
 }
 
 /// The errno of a failed injected syscall's result (-4095..=-1).
-fn errno_of(ret: i64) -> Errno {
+pub fn errno_of(ret: i64) -> Errno {
     i32::try_from(-ret).map_or(Errno::UnknownErrno, Errno::from_raw)
 }
 

@@ -830,7 +830,7 @@ struct Churn {
     renewed: Option<(usize, usize)>,
     /// The realloc'd block and its size.
     block: Option<(usize, usize)>,
-    steps: u64,
+    steps: usize,
     page_writes: u64,
     max_step_pages: u64,
 }
@@ -859,7 +859,7 @@ impl Churn {
 
     /// Write one word of the page at `addr` (a new value every step).
     fn touch(&mut self, addr: usize) {
-        let p = (addr + (self.steps as usize % 512) * 8) as *mut u64;
+        let p = (addr + (self.steps % 512) * 8) as *mut u64;
         // SAFETY: `addr` is a writable page of a mapping this churn owns.
         unsafe { std::ptr::write_volatile(p, self.rng.next_u64()) };
     }
@@ -888,7 +888,7 @@ impl Churn {
                 return Err(format!("mremap: {}", std::io::Error::last_os_error()));
             }
             let to = to as usize;
-            self.touch(to + (self.steps as usize % n) * PAGE);
+            self.touch(to + (self.steps % n) * PAGE);
             written += 1;
             self.small.push_back((to, n));
             while self.small.len() > CHURN_KEEP {
@@ -905,7 +905,7 @@ impl Churn {
                 libc::PROT_NONE,
             )?),
         };
-        let slot = nursery + (self.steps as usize % SLOTS) * (CHURN_SMALL + 1) * PAGE;
+        let slot = nursery + (self.steps % SLOTS) * (CHURN_SMALL + 1) * PAGE;
         self.fresh = Some((
             mmap(CHURN_SMALL * PAGE, false, Some(slot), false)?,
             CHURN_SMALL,
@@ -922,7 +922,7 @@ impl Churn {
         self.renewed = Some((r, CHURN_RENEWED));
         if self.mode == ChurnMode::Realloc {
             // 1 MiB and up: an mmapped chunk, grown or shrunk by mremap.
-            let len = (256 + 64 * (self.steps as usize % 4)) * PAGE;
+            let len = (256 + 64 * (self.steps % 4)) * PAGE;
             let old = self
                 .block
                 .map_or(std::ptr::null_mut(), |(a, _)| a as *mut libc::c_void);
@@ -944,7 +944,7 @@ impl Churn {
         // The big region's pages, `pages` distinct ones.
         let mut idx = std::collections::BTreeSet::new();
         while (idx.len() as u64) < pages.min(self.big_pages as u64) {
-            idx.insert(self.rng.below(self.big_pages as u64) as usize);
+            idx.insert(sys::usize_of(self.rng.below(self.big_pages as u64)));
         }
         for &i in &idx {
             self.touch(self.big + i * PAGE);

@@ -74,9 +74,13 @@ pub enum GuardianError {
         deadline: Duration,
     },
     #[error(
-        "guardian process {child} ended without a result (wait status {status:#x}) while working on PID {pid}"
+        "guardian process {child} ended without a result ({status}) while working on PID {pid}"
     )]
-    NoResult { child: i32, pid: i32, status: i32 },
+    NoResult {
+        child: i32,
+        pid: i32,
+        status: String,
+    },
     #[error(
         "guardian process {child} working on PID {pid} sent a result tern cannot read: {source}"
     )]
@@ -250,68 +254,56 @@ where
     E: Serialize + DeserializeOwned,
     F: FnOnce() -> Result<T, E>,
 {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::signal::{Signal, kill};
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, fork, pipe2, setsid};
     use std::io::{Read, Write};
-    use std::os::fd::FromRawFd;
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 fills two fds we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(GuardianError::Pipe {
-            pid,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: both fds were just created by pipe2 and are owned by nothing else.
-    let (rd, wr) = unsafe {
-        (
-            std::fs::File::from_raw_fd(fds[0]),
-            std::fs::File::from_raw_fd(fds[1]),
-        )
-    };
+    use std::os::fd::AsFd;
+    let (rd, wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| GuardianError::Pipe {
+        pid,
+        source: e.into(),
+    })?;
+    let (mut rd, wr) = (std::fs::File::from(rd), std::fs::File::from(wr));
     // SAFETY: the child only runs `f` (ptrace work on its own threads) and
     // exits with _exit, running no destructor of the parent's state.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return Err(GuardianError::Fork {
-            pid,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    if child == 0 {
-        drop(rd);
-        // SAFETY: setsid has no preconditions (the child is no group leader).
-        unsafe { libc::setsid() };
-        // An error that does not serialize leaves the pipe empty: the
-        // parent then says the guardian ended without a result.
-        if let Ok(msg) = serde_json::to_vec(&f()) {
-            let mut wr = wr;
-            let _ = wr.write_all(&msg);
+    let child = match unsafe { fork() } {
+        Err(e) => {
+            return Err(GuardianError::Fork {
+                pid,
+                source: e.into(),
+            });
         }
-        // SAFETY: _exit ends the child without running the parent's
-        // destructors or atexit handlers.
-        unsafe { libc::_exit(0) };
-    }
-    drop(wr);
-    let started = Instant::now();
-    let until = started + deadline;
-    let mut rd = rd;
-    let mut buf = Vec::new();
-    let mut pfd = libc::pollfd {
-        fd: fds[0],
-        events: libc::POLLIN,
-        revents: 0,
+        Ok(ForkResult::Child) => {
+            drop(rd);
+            // The child of a fork is no group leader: setsid cannot fail.
+            let _ = setsid();
+            // An error that does not serialize leaves the pipe empty: the
+            // parent then says the guardian ended without a result.
+            if let Ok(msg) = serde_json::to_vec(&f()) {
+                let mut wr = wr;
+                let _ = wr.write_all(&msg);
+            }
+            // SAFETY: _exit ends the child without running the parent's
+            // destructors or atexit handlers.
+            unsafe { libc::_exit(0) };
+        }
+        Ok(ForkResult::Parent { child }) => child,
     };
+    drop(wr);
+    let until = Instant::now() + deadline;
+    let mut buf = Vec::new();
     let mut timed_out = false;
     loop {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            // SAFETY: plain kill(2) of our own child.
-            unsafe { libc::kill(child, libc::SIGKILL) };
+            let _ = kill(child, Signal::SIGKILL);
             timed_out = true;
             break;
         }
-        // SAFETY: poll on one pollfd we own, for the pipe's read end.
-        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
-        if n > 0 {
+        let wait = PollTimeout::from(u16::try_from(left.as_millis().min(1000)).unwrap_or(1000));
+        let ready = poll(&mut [PollFd::new(rd.as_fd(), PollFlags::POLLIN)], wait);
+        if ready.is_ok_and(|n| n > 0) {
             let mut chunk = [0u8; 65536];
             match rd.read(&mut chunk) {
                 Ok(0) => break,
@@ -321,9 +313,13 @@ where
             }
         }
     }
-    let mut st = 0;
-    // SAFETY: waitpid on our own child, with a status we own.
-    unsafe { libc::waitpid(child, &mut st, 0) };
+    let status = match waitpid(child, None) {
+        Ok(WaitStatus::Exited(_, code)) => format!("exit code {code}"),
+        Ok(WaitStatus::Signaled(_, sig, _)) => format!("killed by {sig}"),
+        Ok(other) => format!("{other:?}"),
+        Err(e) => format!("waitpid: {e}"),
+    };
+    let child = child.as_raw();
     if buf.is_empty() {
         return Err(if timed_out {
             GuardianError::Deadline {
@@ -332,11 +328,7 @@ where
                 deadline,
             }
         } else {
-            GuardianError::NoResult {
-                child,
-                pid,
-                status: st,
-            }
+            GuardianError::NoResult { child, pid, status }
         });
     }
     serde_json::from_slice(&buf).map_err(|source| GuardianError::BadResult { child, pid, source })

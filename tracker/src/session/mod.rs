@@ -23,7 +23,7 @@ use crate::backend::{
 };
 use crate::ebpf::{DirtyStream, PinMode};
 use crate::inject::{InjectError, Injector};
-use crate::maps::{MapsError, read_vmas};
+use crate::maps::{MapsError, VmaPolicy, read_vmas};
 use crate::uffd::{self, UffdError, WpUffd};
 use images::{ImageKind, ImageWriter, Inventory, MmRecord, ParentRef, TrackingState};
 use serde::de::DeserializeOwned;
@@ -340,11 +340,14 @@ impl TrackingSession {
                                         backend: "uffd-wp".into(),
                                         why: format!(
                                             "userfaultfd(2) inside PID {pid} failed: {} (a seccomp filter or vm.unprivileged_userfaultfd?)",
-                                            nix::errno::Errno::from_raw(-r as i32)
+                                            sys::inject::errno_of(r)
                                         ),
                                     });
                                 }
-                                created = Some(r as i32);
+                                created = Some(i32::try_from(r).map_err(|_| TrackerError::Unavailable {
+                                    backend: "uffd-wp".into(),
+                                    why: format!("userfaultfd(2) inside PID {pid} returned {r}, not an fd"),
+                                })?);
                             }
                             Ok((sc, created))
                         })();
@@ -713,7 +716,7 @@ impl TrackingSession {
         let kernel: Vec<u64> = set
             .copy
             .iter()
-            .flat_map(|r| (r.start..r.end).step_by(images::PAGE_SIZE as usize))
+            .flat_map(|r| (r.start..r.end).step_by(sys::usize_of(images::PAGE_SIZE)))
             .collect();
         let ebpf: Vec<u64> = ebpf_round
             .as_ref()

@@ -75,12 +75,7 @@ pub(super) fn teardown_target(
             for fd in &fds {
                 let r = inj.syscall(libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0])?;
                 if r < 0 {
-                    tracing::warn!(
-                        pid,
-                        fd,
-                        "close in target: {}",
-                        nix::errno::Errno::from_raw(-r as i32)
-                    );
+                    tracing::warn!(pid, fd, "close in target: {}", sys::inject::errno_of(r));
                 }
             }
             inj.remove_scratch()?;
