@@ -195,8 +195,9 @@ impl Inventory {
 pub struct VmaRecord {
     pub start: u64,
     pub end: u64,
-    /// `rwxp` / `rw-s` as in /proc/PID/maps.
-    pub perms: String,
+    /// Typed; in JSON `rwxp` / `rw-s` as in /proc/PID/maps (anything else
+    /// fails the load).
+    pub perms: sys::proc::VmaPerms,
     pub offset: u64,
     pub dev: String,
     pub inode: u64,
@@ -219,7 +220,12 @@ impl VmaRecord {
         VmaRecord {
             start,
             end,
-            perms: "rw-p".into(),
+            perms: sys::proc::VmaPerms {
+                read: true,
+                write: true,
+                exec: false,
+                shared: false,
+            },
             offset: 0,
             dev: "00:00".into(),
             inode: 0,
@@ -233,7 +239,7 @@ impl VmaRecord {
         crate::PageRange::new(self.start, self.end)
     }
     pub fn is_private(&self) -> bool {
-        self.perms.as_bytes().get(3) == Some(&b'p')
+        self.perms.is_private()
     }
     /// File-backed: the holes of this VMA read from `name` at `offset`.
     pub fn backing_file(&self) -> Option<&str> {
@@ -286,21 +292,6 @@ impl MmRecord {
                     format!(
                         "VMA {:#x}-{:#x} is empty, unaligned, out of order or outside user space",
                         v.start, v.end
-                    ),
-                ));
-            }
-            let p = v.perms.as_bytes();
-            let valid = p.len() == 4
-                && matches!(p[0], b'r' | b'-')
-                && matches!(p[1], b'w' | b'-')
-                && matches!(p[2], b'x' | b'-')
-                && matches!(p[3], b'p' | b's');
-            if !valid {
-                return Err(ImageError::corrupt(
-                    path,
-                    format!(
-                        "VMA {:#x}-{:#x}: bad permissions {:?}",
-                        v.start, v.end, v.perms
                     ),
                 ));
             }

@@ -433,7 +433,7 @@ fn check_host_limits(dir: &Path, p: &ProcessImage, vmas: &[VmaRecord]) -> Result
     }
     let writable = |a: u64, len: u64| {
         vmas.iter()
-            .any(|v| v.start <= a && a.saturating_add(len) <= v.end && perms(v).write)
+            .any(|v| v.start <= a && a.saturating_add(len) <= v.end && v.perms.write)
     };
     for t in &p.threads {
         if t.robust_list != 0 && t.robust_list_len != 24 {
@@ -1005,13 +1005,6 @@ fn is_special(v: &VmaRecord) -> bool {
     )
 }
 
-/// The VMA's permissions. The image keeps them as maps shows them
-/// ("rw-p"), checked when mm.json was read: text that is not four such
-/// letters cannot reach here, and would read as no access at all.
-pub(crate) fn perms(v: &VmaRecord) -> sys::proc::VmaPerms {
-    v.perms.parse().unwrap_or_default()
-}
-
 /// tern's scratch area, recorded by dumps made before it was left out.
 fn is_scratch(v: &VmaRecord) -> bool {
     v.name.as_deref() == Some("[anon:tern-scratch]")
@@ -1054,7 +1047,7 @@ impl MapPlan {
     fn of(v: &VmaRecord) -> MapPlan {
         let has = |f: &str| v.vm_flags.iter().any(|g| g == f);
         #[allow(unused_mut)]
-        let mut prot = u64::from(perms(v).prot().cast_unsigned());
+        let mut prot = u64::from(v.perms.prot().cast_unsigned());
         #[cfg(target_arch = "aarch64")]
         if has("bt") {
             prot |= PROT_BTI;
@@ -1192,7 +1185,7 @@ fn map_vma(
             ],
         )?,
         (false, Some(path)) => {
-            let writable = perms(v).write;
+            let writable = v.perms.write;
             let mode = if writable || m.may_write_shared {
                 libc::O_RDWR
             } else {

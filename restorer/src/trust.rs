@@ -477,7 +477,7 @@ pub fn check_access(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> 
     }
     for v in vmas {
         if let Some(path) = v.backing_file().filter(|_| !v.dumped || v.is_private()) {
-            let mode = if !v.is_private() && crate::restore::perms(v).write {
+            let mode = if !v.is_private() && v.perms.write {
                 libc::R_OK | libc::W_OK
             } else {
                 libc::R_OK

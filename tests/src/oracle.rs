@@ -115,7 +115,7 @@ pub fn compare_vmas(
                     at, v.start
                 ));
             }
-            if v.perms != m.perms || vma_name(v) != m.name {
+            if v.perms.to_string() != m.perms || vma_name(v) != m.name {
                 errs.push(format!("target VMA {m}: the chain has {}", fmt_vma(v)));
             }
             at = at.max(v.end);
@@ -340,7 +340,7 @@ pub fn write_reference_image(pid: i32, dir: &Path) -> Result<(), String> {
         vmas.push(VmaRecord {
             start: m.start,
             end: m.end,
-            perms: m.perms.clone(),
+            perms: m.perms.parse().map_err(|e| format!("{m}: {e}"))?,
             offset: m.offset,
             dev: m.dev.clone(),
             inode: m.inode,

@@ -78,8 +78,7 @@ impl VmaPolicy for Vma {
         VmaRecord {
             start: self.start,
             end: self.end,
-            // The image keeps the text form ("rw-p"), as maps shows it.
-            perms: self.perms.to_string(),
+            perms: self.perms,
             offset: self.offset,
             dev: self.dev_text(),
             inode: self.inode,
