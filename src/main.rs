@@ -278,9 +278,8 @@ fn failed(
 /// The verbs that act on processes need root: refuse at once otherwise,
 /// saying why (not with the first permission error met on the way).
 fn require_root(verb: &str) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
+    let euid = nix::unistd::geteuid();
+    if !euid.is_root() {
         bail!(
             "tern {verb} needs root (this is uid {euid}): it traces other processes (ptrace, with seccomp suspended), keeps its state in /run/tern and its eBPF programs in /sys/fs/bpf, and a restore picks PIDs; run it as root (e.g. with sudo)"
         );

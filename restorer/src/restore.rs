@@ -383,7 +383,7 @@ fn check_host_limits(dir: &Path, p: &ProcessImage, vmas: &[VmaRecord]) -> Result
             "mm fields out of order (code, data, brk, args or env ends before it starts); the kernel would refuse them (PR_SET_MM_MAP)",
         ));
     }
-    let data_limit = rlimit_cur(libc::RLIMIT_DATA);
+    let data_limit = rlimit_cur(nix::sys::resource::Resource::RLIMIT_DATA);
     let data = (m.brk - m.start_brk).saturating_add(m.end_data - m.start_data);
     if data > data_limit {
         return Err(bad(
@@ -481,16 +481,8 @@ fn host_task_size() -> u64 {
     }
 }
 
-fn rlimit_cur(res: libc::__rlimit_resource_t) -> u64 {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit fills the struct.
-    if unsafe { libc::getrlimit(res, &mut r) } != 0 {
-        return u64::MAX;
-    }
-    r.rlim_cur
+fn rlimit_cur(res: nix::sys::resource::Resource) -> u64 {
+    nix::sys::resource::getrlimit(res).map_or(u64::MAX, |(soft, _)| soft)
 }
 
 /// Restore the process whose final image is `dir`. Returns once every thread
@@ -572,8 +564,7 @@ fn pid_holder(pid: i32) -> String {
 }
 
 fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
-    // SAFETY: getpid has no preconditions.
-    let tern = unsafe { libc::getpid() };
+    let tern = nix::unistd::getpid().as_raw();
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step(pid, "pipe"))?;
     let tids = [pid];
     let args = sys::clone::CloneArgs {

@@ -617,8 +617,7 @@ fn capture(
     // tern that died meanwhile gets nothing: the target runs on as before
     // (no scratch area of ours that was not there) and the image is
     // marked incomplete.
-    // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } != tern_pid {
+    if nix::unistd::getppid().as_raw() != tern_pid {
         if created_scratch {
             let leader = &mut threads[0];
             let removed = leader

@@ -31,8 +31,9 @@ pub fn check_target(pid: i32) -> Result<(), TrackerError> {
     if pid <= 0 {
         return Err(TrackerError::NoProcess { pid });
     }
-    // SAFETY: getpid has no preconditions.
-    if pid == unsafe { libc::getpid() } || Path::new(&format!("/proc/self/task/{pid}")).exists() {
+    if pid == nix::unistd::getpid().as_raw()
+        || Path::new(&format!("/proc/self/task/{pid}")).exists()
+    {
         return Err(TrackerError::OwnProcess { pid });
     }
     let p = procfs::process::Process::new(pid).map_err(|_| TrackerError::NoProcess { pid })?;
