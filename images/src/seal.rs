@@ -19,6 +19,7 @@
 //! ownership rules are what keep a forged `pages.img` from reaching a
 //! process with more privileges than its writer.
 
+use crate::state::hex_bytes;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -71,16 +72,12 @@ impl std::fmt::Debug for SealKey {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 impl SealKey {
     pub fn from_bytes(key: [u8; KEY_LEN]) -> SealKey {
         let mut h = Sha256::new();
         h.update(b"tern-seal-key-id\0");
         h.update(key);
-        let id = hex(&h.finalize()[..8]);
+        let id = hex_bytes::encode(&h.finalize()[..8]);
         SealKey { key, id }
     }
 
@@ -197,7 +194,7 @@ impl SealKey {
         }
         m.update(&(inventory.len() as u64).to_le_bytes());
         m.update(inventory);
-        hex(&m.finalize().into_bytes())
+        hex_bytes::encode(&m.finalize().into_bytes())
     }
 
     pub fn seal(&self, inventory: &[u8], files: &[(String, [u8; 32])]) -> Seal {

@@ -565,7 +565,7 @@ impl From<FdKindState> for sys::fds::FdKind {
 /// Serde helper for byte blobs: a lowercase hex string in human-readable
 /// formats (JSON images stay compact and diffable), raw bytes otherwise.
 /// Deserializing also accepts a sequence of numbers.
-mod hex_bytes {
+pub(crate) mod hex_bytes {
     use std::fmt;
 
     use serde::de::{self, SeqAccess, Visitor};

@@ -7,7 +7,7 @@
 //! # Never lose the process
 //!
 //! Everything from the freeze to the kill runs in a forked guardian child of
-//! tern, in a session of its own (see `session::guarded` for why). The
+//! tern, in a session of its own (see `session::guardian` for why). The
 //! target is killed only after the image is complete on disk (inventory
 //! written last), and only if the tern that asked for it is still alive: a
 //! tern killed at any moment leaves the target running, untraced. Any
@@ -112,7 +112,7 @@ fn resident_bytes(pid: i32) -> u64 {
 pub const LIVE_DIR: &str = "live";
 
 /// Why a dump failed. Most of it happens in the guardian child (see
-/// `session::guarded`), and crosses back to tern typed: every variant but
+/// `session::guardian`), and crosses back to tern typed: every variant but
 /// those produced in tern itself serializes (a source error from a kernel
 /// interface as a [`Cause`]). Unless said otherwise, the target was left
 /// running as it was.
@@ -182,8 +182,6 @@ pub enum DumpError {
     Fd { pid: i32, fd: i32, source: Cause },
     #[error("vDSO of PID {pid}: {source}")]
     Vdso { pid: i32, source: Cause },
-    #[error("{path}: {source}")]
-    ProcRead { path: String, source: Cause },
     #[error("{path}: {what}")]
     ProcParse { path: String, what: String },
     /// A /proc file read through `sys::proc` (its error names the PID and

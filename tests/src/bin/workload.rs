@@ -460,42 +460,20 @@ impl State {
                 }
                 let from = r.addr + first * PAGE;
                 let spot = mmap_prot(count * PAGE, libc::PROT_NONE)?;
-                // SAFETY: moves pages of a region this process owns onto
-                // a placeholder it just mapped.
-                let to = unsafe {
-                    libc::mremap(
-                        from as *mut _,
-                        count * PAGE,
-                        count * PAGE,
-                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                        spot as *mut libc::c_void,
-                    )
-                };
-                if to == libc::MAP_FAILED {
-                    return Err(format!("mremap: {}", std::io::Error::last_os_error()));
-                }
+                // Pages of a region this process owns, onto a placeholder it
+                // just mapped.
+                let to = move_fixed(from, count * PAGE, spot)?;
                 let name = w[1].to_string();
-                self.moved_out = Some((name, from, to as usize, count));
-                Ok(format!("\"addr\":{}", to as usize))
+                self.moved_out = Some((name, from, to, count));
+                Ok(format!("\"addr\":{to}"))
             }
             "move_back" => {
                 let (name, home, at, count) = self.moved_out.take().ok_or("nothing moved out")?;
                 if w.get(1) != Some(&name.as_str()) {
                     return Err(format!("the pages moved out are {name}'s"));
                 }
-                // SAFETY: moves the pages back into the hole they left.
-                let to = unsafe {
-                    libc::mremap(
-                        at as *mut _,
-                        count * PAGE,
-                        count * PAGE,
-                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                        home as *mut libc::c_void,
-                    )
-                };
-                if to == libc::MAP_FAILED {
-                    return Err(format!("mremap: {}", std::io::Error::last_os_error()));
-                }
+                // The pages back into the hole they left.
+                move_fixed(at, count * PAGE, home)?;
                 Ok(format!("\"addr\":{home}"))
             }
             "exit_after" => {
@@ -874,20 +852,8 @@ impl Churn {
             let spot = mmap_at(below, n * PAGE, libc::PROT_NONE)
                 .or_else(|_| mmap_at(above, n * PAGE, libc::PROT_NONE))
                 .or_else(|_| mmap_prot(n * PAGE, libc::PROT_NONE))?;
-            // SAFETY: moves a mapping this churn owns onto one it owns.
-            let to = unsafe {
-                libc::mremap(
-                    from as *mut _,
-                    n * PAGE,
-                    n * PAGE,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    spot as *mut libc::c_void,
-                )
-            };
-            if to == libc::MAP_FAILED {
-                return Err(format!("mremap: {}", std::io::Error::last_os_error()));
-            }
-            let to = to as usize;
+            // A mapping this churn owns, onto one it owns.
+            let to = move_fixed(from, n * PAGE, spot)?;
             self.touch(to + (self.steps % n) * PAGE);
             written += 1;
             self.small.push_back((to, n));
@@ -960,6 +926,27 @@ impl Churn {
 struct ChurnBg {
     stop: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<Result<Churn, String>>,
+}
+
+/// Move `len` bytes of this program's own memory at `from` onto `to`
+/// (replacing what is mapped there, a placeholder of its own), as
+/// `mremap(MREMAP_MAYMOVE | MREMAP_FIXED)`.
+fn move_fixed(from: usize, len: usize, to: usize) -> Result<usize, String> {
+    // SAFETY: both ranges are anonymous memory this program mapped and holds
+    // no Rust reference into; the result is checked.
+    let r = unsafe {
+        libc::mremap(
+            from as *mut _,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            to as *mut libc::c_void,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(format!("mremap: {}", std::io::Error::last_os_error()));
+    }
+    Ok(r as usize)
 }
 
 fn mmap_prot(len: usize, prot: i32) -> Result<usize, String> {
