@@ -116,6 +116,33 @@ enum Cmd {
         /// Write the restored PID to this file.
         #[arg(long)]
         pidfile: Option<PathBuf>,
+        /// Run the process at once and bring its anonymous memory in behind
+        /// it through userfaultfd: faults answered first, the rest pushed in
+        /// the background (tern stays until every page is in; with
+        /// --detach a `tern lazy-pages` daemon does).
+        #[arg(long)]
+        lazy_pages: bool,
+        #[command(flatten)]
+        fill: FillArgs,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The page service of a lazy restore: with --resume, take over the
+    /// fill of a restored process whose service is gone (killed, or
+    /// started detached) and finish it.
+    LazyPages {
+        /// Take over a process restored with --lazy-pages.
+        #[arg(long)]
+        resume: bool,
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        /// The image it was restored from.
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        #[command(flatten)]
+        fill: FillArgs,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
         #[arg(long)]
@@ -158,6 +185,56 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How a lazy restore's background fill goes.
+#[derive(clap::Args, Clone, Copy)]
+struct FillArgs {
+    /// Which pages the background fill pushes first.
+    #[arg(long, value_enum, default_value_t = PrefetchArg::Hot)]
+    prefetch: PrefetchArg,
+    /// Limit the background fill to this many MB/s (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    prefetch_mb_s: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PrefetchArg {
+    /// The pages written last first: the final dump's, the live rounds',
+    /// then each pre-dump's, newest first.
+    Hot,
+    /// In address order.
+    Address,
+    /// None: pages come only when the process faults on them.
+    None,
+}
+
+impl FillArgs {
+    fn options(self, timeout_ms: u64) -> restorer::service::ServiceOptions {
+        restorer::service::ServiceOptions {
+            prefetch: match self.prefetch {
+                PrefetchArg::Hot => restorer::lazy::Prefetch::Hot,
+                PrefetchArg::Address => restorer::lazy::Prefetch::Address,
+                PrefetchArg::None => restorer::lazy::Prefetch::None,
+            },
+            rate_mb_s: self.prefetch_mb_s,
+            timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    fn args(self) -> Vec<String> {
+        vec![
+            "--prefetch".into(),
+            match self.prefetch {
+                PrefetchArg::Hot => "hot",
+                PrefetchArg::Address => "address",
+                PrefetchArg::None => "none",
+            }
+            .into(),
+            "--prefetch-mb-s".into(),
+            self.prefetch_mb_s.to_string(),
+        ]
+    }
 }
 
 /// `--track` of `pre-dump` and `dump`: the dirty-tracking backend.
@@ -296,6 +373,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::PreDump { .. } => require_root("pre-dump")?,
         Cmd::Dump { .. } => require_root("dump")?,
         Cmd::Restore { .. } => require_root("restore")?,
+        Cmd::LazyPages { .. } => require_root("lazy-pages")?,
         Cmd::Track { .. } => require_root("track")?,
         Cmd::Untrack { .. } => require_root("untrack")?,
         Cmd::Check { .. } | Cmd::Show { .. } => {}
@@ -377,9 +455,33 @@ fn run(cmd: Cmd) -> Result<()> {
             dir,
             detach,
             pidfile,
+            lazy_pages,
+            fill,
             timeout_ms,
             json,
-        } => restore(&dir, detach, pidfile.as_deref(), timeout_ms, json),
+        } => restore(
+            &dir,
+            detach,
+            pidfile.as_deref(),
+            lazy_pages.then_some(fill),
+            timeout_ms,
+            json,
+        ),
+        Cmd::LazyPages {
+            resume,
+            pid,
+            dir,
+            fill,
+            timeout_ms,
+            json,
+        } => {
+            if !resume {
+                bail!(
+                    "tern lazy-pages serves a process restored with --lazy-pages: give --resume -t PID -D DIR (a lazy restore starts its own service)"
+                );
+            }
+            lazy_pages(pid, &dir, fill, timeout_ms, json)
+        }
         Cmd::Untrack {
             pid,
             timeout_ms,
@@ -592,6 +694,7 @@ fn restore(
     dir: &Path,
     detach: bool,
     pidfile: Option<&Path>,
+    lazy: Option<FillArgs>,
     timeout_ms: u64,
     json: bool,
 ) -> Result<()> {
@@ -599,6 +702,7 @@ fn restore(
         dir,
         &restorer::restore::RestoreOptions {
             timeout: Duration::from_millis(timeout_ms),
+            lazy: lazy.is_some(),
         },
     )
     .map_err(|e| failed("restore", None, Some(("from", dir)), e))?;
@@ -606,16 +710,65 @@ fn restore(
     if let Some(f) = pidfile {
         write_pidfile(f, pid).with_context(|| format!("--pidfile {}", f.display()))?;
     }
-    if json {
-        print_json(&restored.report);
-    } else {
+    let report = restored.report;
+    let say = |lazy: Option<&restorer::service::LazyStats>| {
         eprintln!(
-            "restored PID {pid} from {} in {:.1} ms ({} pages, {} threads)",
+            "restored PID {pid} from {} in {:.1} ms ({} pages, {} threads){}",
             dir.display(),
-            restored.report.restore_ms,
-            restored.report.pages_restored,
-            restored.report.threads
+            report.restore_ms,
+            report.pages_restored,
+            report.threads,
+            lazy.map(|l| format!(
+                "; {} pages lazily in {:.1} ms ({} faults, p50 {:.1} us, p99 {:.1} us, {} pushed)",
+                l.pages, l.fill_ms, l.faults, l.fault_us_p50, l.fault_us_p99, l.prefetched
+            ))
+            .unwrap_or_default()
         );
+    };
+    match (restored.lazy, lazy) {
+        (Some((chain, handoff)), Some(fill)) => {
+            if detach {
+                // The service becomes a daemon of its own: `tern lazy-pages
+                // --resume`, which takes the userfaultfd from the process.
+                drop(chain);
+                let service = spawn_lazy_daemon(pid, dir, fill, timeout_ms)?;
+                drop(handoff);
+                if json {
+                    let mut v = serde_json::to_value(&report).expect("serializable");
+                    v["lazy_service"] = serde_json::json!({
+                        "pid": service,
+                        "stats": dir.join(LAZY_STATS).display().to_string(),
+                    });
+                    print_json(&v);
+                } else {
+                    say(None);
+                    eprintln!(
+                        "lazy pages served by PID {service}; figures in {} when done",
+                        dir.join(LAZY_STATS).display()
+                    );
+                }
+                return Ok(());
+            }
+            let stats = restorer::service::serve(chain, handoff, &fill.options(timeout_ms))
+                .map_err(|e| failed("lazy pages", Some(pid), Some(("from", dir)), e))?;
+            if json {
+                let mut v = serde_json::to_value(&report).expect("serializable");
+                v["lazy"] = serde_json::to_value(&stats).expect("serializable");
+                print_json(&v);
+            } else {
+                say(Some(&stats));
+            }
+        }
+        _ => {
+            if json {
+                print_json(&report);
+            } else {
+                say(None);
+            }
+            if detach {
+                return Ok(());
+            }
+        }
     }
     if detach {
         return Ok(());
@@ -629,6 +782,98 @@ fn restore(
         Err(e) => bail!("waiting for restored PID {pid}: {e}"),
     };
     std::process::exit(code);
+}
+
+/// Where a detached page service leaves its figures (and its error).
+const LAZY_STATS: &str = "lazy-stats.json";
+/// Its log (stderr).
+const LAZY_LOG: &str = "lazy-pages.log";
+
+/// Start `tern lazy-pages --resume` for `pid` as a daemon (its own session,
+/// stdio away from ours, stderr into DIR/lazy-pages.log) and wait until it
+/// serves (holds the service lock) or fails.
+fn spawn_lazy_daemon(pid: i32, dir: &Path, fill: FillArgs, timeout_ms: u64) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let d = images::ImageDir::create(dir)?;
+    let log = d.open_or_create_file(LAZY_LOG)?;
+    log.set_len(0)?;
+    let exe = std::env::current_exe().context("finding tern's own executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["lazy-pages", "--resume", "-t", &pid.to_string(), "-D"])
+        .arg(dir)
+        .args(fill.args())
+        .args(["--timeout-ms", &timeout_ms.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting the page service of PID {pid}"))?;
+    let service = i32::try_from(child.id()).context("service PID")?;
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        if restorer::service::ServiceLock::held(pid) {
+            return Ok(service);
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(dir.join(LAZY_LOG)).unwrap_or_default();
+            bail!(
+                "the page service of PID {pid} (tern lazy-pages, PID {service}) exited ({status}) before serving: {}; the process waits for its pages: run `tern lazy-pages --resume -t {pid} -D {}`",
+                log.trim(),
+                dir.display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the page service of PID {pid} (tern lazy-pages, PID {service}) did not start serving within {timeout_ms} ms; see {}",
+                dir.join(LAZY_LOG).display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn lazy_pages(pid: i32, dir: &Path, fill: FillArgs, timeout_ms: u64, json: bool) -> Result<()> {
+    let res = restorer::service::resume(pid, dir, &fill.options(timeout_ms));
+    // The figures (or the error) also go to DIR/lazy-stats.json: a
+    // detached service has no one reading its stdout.
+    let record = match &res {
+        Ok(stats) => serde_json::json!({ "pid": pid, "lazy": stats }),
+        Err(e) => serde_json::json!({ "pid": pid, "error": e.to_string() }),
+    };
+    let written = images::ImageDir::create(dir).and_then(|d| {
+        d.write_atomic(
+            LAZY_STATS,
+            &serde_json::to_vec(&record).expect("serializable"),
+            false,
+        )
+    });
+    let stats = res.map_err(|e| failed("lazy pages", Some(pid), Some(("from", dir)), e))?;
+    if let Err(e) = written {
+        tracing::warn!(pid, "writing {}: {e}", dir.join(LAZY_STATS).display());
+    }
+    if json {
+        print_json(&record);
+    } else {
+        eprintln!(
+            "PID {pid}: {} pages lazily in {:.1} ms ({} faults, p50 {:.1} us, p99 {:.1} us, {} pushed, {} already in)",
+            stats.pages,
+            stats.fill_ms,
+            stats.faults,
+            stats.fault_us_p50,
+            stats.fault_us_p99,
+            stats.prefetched,
+            stats.already_in
+        );
+    }
+    Ok(())
 }
 
 /// Write `pid` to `file` as a new file renamed over it: never through a

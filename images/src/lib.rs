@@ -312,6 +312,37 @@ impl Image {
         Ok(stored)
     }
 
+    /// Whether `pages.img` is still the file this image opened: `Some(why)`
+    /// when it was removed or replaced since (a reader that keeps serving
+    /// pages from it long after the open, as a lazy restore does, refuses
+    /// to go on with an image that is being taken away or rewritten).
+    pub fn pages_file_changed(&self) -> Option<&'static str> {
+        use std::os::unix::fs::MetadataExt;
+        let open = self.pages.metadata().ok()?;
+        if open.nlink() == 0 {
+            return Some("was removed");
+        }
+        match std::fs::symlink_metadata(self.pages_path()) {
+            Ok(now) if now.dev() == open.dev() && now.ino() == open.ino() => None,
+            Ok(_) => Some("was replaced by another file"),
+            Err(_) => Some("was removed"),
+        }
+    }
+
+    /// [`Image::read_stored`] into `buf` (resized), reused from call to call.
+    pub fn read_stored_into(&self, entry: &PageEntry, buf: &mut Vec<u8>) -> Result<(), ImageError> {
+        use std::os::unix::fs::FileExt;
+        buf.resize(sys::usize_of(entry.stored_len()), 0);
+        self.pages
+            .read_exact_at(buf, entry.offset)
+            .map_err(|e| ImageError::io(&self.pages_path(), e))
+    }
+
+    /// Whether `entry` is stored as it is (not compressed).
+    pub fn is_raw(entry: &PageEntry) -> bool {
+        entry.stored_len() == entry.nr_pages as u64 * PAGE_SIZE
+    }
+
     /// Read several entries (kept for callers that read many).
     pub fn entry_reader(&self) -> Result<EntryReader<'_>, ImageError> {
         Ok(EntryReader { image: self })

@@ -241,14 +241,19 @@ impl ImageChain {
 
     /// Read and check, before anything uses them, every page blob the
     /// newest image's dumped VMAs take data from (CRC and decompression),
+    /// (those of the VMAs `wanted` accepts),
     /// keeping the decoded bytes of up to `budget` bytes of them for
     /// [`ImageChain::read_range_cached`]. A damaged blob anywhere in the
     /// chain fails here.
-    pub fn verify_pages(&self, budget: u64) -> Result<BlobCache, ChainError> {
+    pub fn verify_pages(
+        &self,
+        budget: u64,
+        wanted: impl Fn(&VmaRecord) -> bool,
+    ) -> Result<BlobCache, ChainError> {
         let mut cache = BlobCache::default();
         let mut seen: HashSet<(usize, u64)> = HashSet::new();
         let mut scratch = Vec::new();
-        for v in self.vmas().iter().filter(|v| v.dumped) {
+        for v in self.vmas().iter().filter(|v| v.dumped && wanted(v)) {
             let mut addr = v.start;
             while addr < v.end {
                 match self.source(addr) {

@@ -72,9 +72,10 @@ impl BuildGuard {
 impl Drop for BuildGuard {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(w) = self.watcher.take() {
-            let _ = w.join();
-        }
+        // Not joined: the watcher sees `stop` within a tick (50 ms), which
+        // a restore must not wait for (it would count in the time until
+        // the process runs). A signal it takes after this is passed on.
+        drop(self.watcher.take());
         // SAFETY: restoring this thread's mask as it was.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
     }
@@ -100,6 +101,13 @@ fn watch(set: libc::sigset_t, child: Arc<AtomicI32>, stop: Arc<AtomicBool>) {
         let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &tick) };
         if sig <= 0 {
             continue;
+        }
+        if stop.load(Ordering::SeqCst) {
+            // Disarmed meanwhile: the signal is for tern as it is now
+            // (unblocked again in the other threads), not for the build.
+            // SAFETY: kill of our own process with the signal taken.
+            unsafe { libc::kill(libc::getpid(), sig) };
+            return;
         }
         let pid = child.load(Ordering::SeqCst);
         if pid > 0 {

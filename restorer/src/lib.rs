@@ -4,10 +4,12 @@
 //! [`restore`], which recreates the dumped process from it; [`verify`],
 //! which compares a chain with the memory of the frozen process it is of.
 
-mod chain;
+pub mod chain;
 pub mod fuzz;
 mod interrupt;
+pub mod lazy;
 pub mod restore;
+pub mod service;
 pub mod trust;
 pub mod verify;
 

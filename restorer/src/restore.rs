@@ -84,6 +84,9 @@ pub enum RestoreError {
 pub struct RestoreOptions {
     /// Deadline of every wait on the restored process.
     pub timeout: Duration,
+    /// Leave private anonymous memory out of the build, for a page service
+    /// to deliver through userfaultfd (`crate::service`).
+    pub lazy: bool,
 }
 
 /// The JSON of `tern restore`.
@@ -100,6 +103,9 @@ pub struct RestoreReport {
 pub struct Restored {
     pub report: RestoreReport,
     pub pid: i32,
+    /// A lazy restore: what its page service needs (the chain and the
+    /// process's userfaultfd).
+    pub lazy: Option<(ImageChain, crate::service::Handoff)>,
 }
 
 fn step<E: std::fmt::Display>(pid: i32, step: &'static str) -> impl FnOnce(E) -> RestoreError {
@@ -141,6 +147,8 @@ struct Plan {
     blobs: BlobCache,
     /// The credentials of this tern (the child starts with them).
     restorer: trust::Restorer,
+    /// Private anonymous memory is left to a page service.
+    lazy: bool,
 }
 
 fn bad(dir: &Path, what: impl Into<String>) -> RestoreError {
@@ -151,7 +159,7 @@ fn bad(dir: &Path, what: impl Into<String>) -> RestoreError {
 }
 
 /// Step 1: read and check everything.
-fn plan(dir: &Path) -> Result<Plan, RestoreError> {
+fn plan(dir: &Path, lazy: bool) -> Result<Plan, RestoreError> {
     let t0 = Instant::now();
     let lap = |what: &str| {
         tracing::debug!(
@@ -293,7 +301,8 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
     }
     lap("checked");
     // Last (the costliest): every page blob the process will get.
-    let blobs = chain.verify_pages(blob_budget())?;
+    // (A lazy restore checks the blobs of lazy memory as it reads them.)
+    let blobs = chain.verify_pages(blob_budget(), |v| !(lazy && crate::lazy::is_lazy(v)))?;
     lap("page blobs checked");
     tracing::debug!(
         checked = blobs.checked,
@@ -308,6 +317,7 @@ fn plan(dir: &Path) -> Result<Plan, RestoreError> {
         writer,
         blobs,
         restorer,
+        lazy,
     })
 }
 
@@ -494,7 +504,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     // SIGTERM & co. from here until the process is whole kill what was
     // built (see `interrupt`).
     let guard = crate::interrupt::BuildGuard::arm();
-    let plan = in_step(tracing::debug_span!("plan"), || plan(dir))?;
+    let plan = in_step(tracing::debug_span!("plan"), || plan(dir, opts.lazy))?;
     let pid = plan.process.pid;
     span.record("pid", pid);
     let (child, wake) = in_step(tracing::debug_span!("fork"), || spawn_with_pid(pid))?;
@@ -502,17 +512,19 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     let res = build(&plan, pid, opts);
     drop(wake);
     match res {
-        Ok(pages) => {
+        Ok((pages, handoff)) => {
             drop(guard);
+            let report = RestoreReport {
+                pid,
+                restore_ms: t0.elapsed().as_secs_f64() * 1e3,
+                pages_restored: pages,
+                threads: plan.process.threads.len(),
+                vmas: plan.chain.vmas().len(),
+            };
             Ok(Restored {
                 pid,
-                report: RestoreReport {
-                    pid,
-                    restore_ms: t0.elapsed().as_secs_f64() * 1e3,
-                    pages_restored: pages,
-                    threads: plan.process.threads.len(),
-                    vmas: plan.chain.vmas().len(),
-                },
+                report,
+                lazy: handoff.map(|h| (plan.chain, h)),
             })
         }
         Err(e) => {
@@ -614,8 +626,13 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
     Ok((check_int(pid, "clone3 with set_tid", r)?, wr))
 }
 
-/// Steps 2-5. Returns the number of pages written.
-fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreError> {
+/// Steps 2-5. Returns the number of pages written, and for a lazy restore
+/// what its page service needs.
+fn build(
+    plan: &Plan,
+    pid: i32,
+    opts: &RestoreOptions,
+) -> Result<(u64, Option<crate::service::Handoff>), RestoreError> {
     let p = &plan.process;
     let timeout = opts.timeout;
     let step_span = tracing::debug_span!("attach").entered();
@@ -710,7 +727,30 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
         process_state(plan, &mut main, pid)
     })?;
 
-    // Per thread.
+    // Lazy: the process's userfaultfd, made now that its fds are in place
+    // (and while it still has the credentials to ask for fork events).
+    let mut lazy = if plan.lazy {
+        Some(in_step(tracing::debug_span!("userfaultfd"), || {
+            lazy_uffd(plan, &mut main, pid)
+        })?)
+    } else {
+        None
+    };
+
+    // Per thread. The kernel writes each thread's rseq area as soon as it
+    // is registered (and reads it on every return to user mode): in a lazy
+    // restore, its page comes in now.
+    if let Some(h) = &mut lazy {
+        for t in &p.threads {
+            if let Some(r) = &t.rseq {
+                let (a, b) = (
+                    r.abi_pointer & !(PAGE_SIZE - 1),
+                    (r.abi_pointer + u64::from(r.abi_size)).next_multiple_of(PAGE_SIZE),
+                );
+                h.already_in.extend(fill_lazy_pages(plan, pid, a, b)?);
+            }
+        }
+    }
     let main_idx = p
         .threads
         .iter()
@@ -795,6 +835,31 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
             inj.release_scratch()?;
         }
     }
+    // Lazy: register the lazy memory last, once nothing of the build
+    // touches it any more.
+    if let Some(h) = &lazy {
+        let _s = tracing::debug_span!("register lazy memory").entered();
+        for v in plan.chain.vmas().iter().filter(|v| crate::lazy::is_lazy(v)) {
+            let ioctls = h
+                .uffd
+                .register(v.start as *mut libc::c_void, sys::usize_of(v.end - v.start))
+                .map_err(|e| RestoreError::Step {
+                    pid,
+                    step: "registering lazy memory with userfaultfd",
+                    what: format!("{:#x}-{:#x}: {}", v.start, v.end, sys::uffd::uffd_errno(e)),
+                })?;
+            if !ioctls.contains(userfaultfd::IoctlFlags::COPY | userfaultfd::IoctlFlags::ZEROPAGE) {
+                return Err(RestoreError::Step {
+                    pid,
+                    step: "registering lazy memory with userfaultfd",
+                    what: format!(
+                        "{:#x}-{:#x}: the kernel offers no UFFDIO_COPY/ZEROPAGE there ({ioctls:?})",
+                        v.start, v.end
+                    ),
+                });
+            }
+        }
+    }
     let step_span = next_step(step_span, || tracing::debug_span!("release"));
     let (_, main) = all.last_mut().expect("main is in the list");
     // Whole now: it no longer dies with tern.
@@ -809,7 +874,110 @@ fn build(plan: &Plan, pid: i32, opts: &RestoreOptions) -> Result<u64, RestoreErr
         inj.detach()?;
     }
     drop(step_span);
-    Ok(pages)
+    Ok((pages, lazy))
+}
+
+/// Features of a lazy restore's userfaultfd: the non-cooperative events,
+/// so that the service follows fork, mremap, madvise and munmap.
+const LAZY_FEATURES: u64 = sys::uffd::UFFD_FEATURE_EVENT_FORK
+    | sys::uffd::UFFD_FEATURE_EVENT_REMAP
+    | sys::uffd::UFFD_FEATURE_EVENT_REMOVE
+    | sys::uffd::UFFD_FEATURE_EVENT_UNMAP;
+
+/// Create the lazy restore's userfaultfd inside the process (its context
+/// is the process's memory), keep the process's copy at a high fd number
+/// (close-on-exec; see `service` for why it keeps one) and take tern's
+/// with `pidfd_getfd`, handshaken for missing faults and the events.
+fn lazy_uffd(
+    plan: &Plan,
+    main: &mut Injector,
+    pid: i32,
+) -> Result<crate::service::Handoff, RestoreError> {
+    let r = main.syscall(
+        libc::SYS_userfaultfd,
+        [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
+    )?;
+    let fd = check_int(pid, "userfaultfd(2) in the process", r)?;
+    // The highest fd number under its RLIMIT_NOFILE that the image does
+    // not use: out of the way of the numbers a program hands out.
+    let nofile = sys::proc::limits(pid)
+        .ok()
+        .and_then(|l| l.into_iter().find(|l| l.resource == libc::RLIMIT_NOFILE))
+        .map_or(1024, |l| l.soft.min(1 << 20));
+    let used: std::collections::BTreeSet<i32> =
+        plan.process.fds.iter().map(|f| f.info.fd).collect();
+    let high = (0..i32::try_from(nofile).unwrap_or(1024))
+        .rev()
+        .find(|n| !used.contains(n) && *n != fd)
+        .ok_or_else(|| RestoreError::Step {
+            pid,
+            step: "placing the userfaultfd",
+            what: format!("no free fd number under its RLIMIT_NOFILE ({nofile})"),
+        })?;
+    let high = if high > fd {
+        let r = main.syscall(
+            libc::SYS_dup3,
+            [fd as u64, high as u64, libc::O_CLOEXEC as u64, 0, 0, 0],
+        )?;
+        check(pid, "moving the userfaultfd to a high fd number", r)?;
+        main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        high
+    } else {
+        fd
+    };
+    let local =
+        sys::fds::pidfd_getfd(pid, high).map_err(step(pid, "pidfd_getfd of the userfaultfd"))?;
+    let (uffd, _) = sys::uffd::handshake(local, &[LAZY_FEATURES]).map_err(|e| {
+        RestoreError::Step {
+            pid,
+            step: "UFFDIO_API for lazy pages",
+            what: format!(
+                "{e}: missing-page faults with fork, remap, remove and unmap events need Linux 4.11+ and CAP_SYS_PTRACE"
+            ),
+        }
+    })?;
+    Ok(crate::service::Handoff {
+        pid,
+        uffd,
+        fd_in_process: high,
+        already_in: Vec::new(),
+        resumed: false,
+    })
+}
+
+/// Copy the chain's pages of `[start, end)` (page aligned) of lazy memory
+/// in now, through /proc/PID/mem (the VMA may be read-only). Returns the
+/// pages written.
+fn fill_lazy_pages(plan: &Plan, pid: i32, start: u64, end: u64) -> Result<Vec<u64>, RestoreError> {
+    use std::os::unix::fs::FileExt;
+    let mut done = Vec::new();
+    let Some(v) = plan
+        .chain
+        .vmas()
+        .iter()
+        .find(|v| v.start <= start && end <= v.end && crate::lazy::is_lazy(v))
+    else {
+        return Ok(done);
+    };
+    let data = plan
+        .chain
+        .read_range_cached(v, PageRange::new(start, end), &plan.blobs)?;
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .map_err(step(pid, "opening /proc/PID/mem"))?;
+    mem.write_all_at(&data, start)
+        .map_err(|e| RestoreError::Step {
+            pid,
+            step: "writing memory",
+            what: format!("{start:#x}+{} through /proc/{pid}/mem: {e}", data.len()),
+        })?;
+    let mut a = start;
+    while a < end {
+        done.push(a);
+        a += PAGE_SIZE;
+    }
+    Ok(done)
 }
 
 /// Each thread's policy, nice, priority, CPU affinity and I/O priority,
@@ -1456,7 +1624,7 @@ fn address_space(
             v.start
         };
         map_vma(plan, main, pid, v, &m, at)?;
-        let filled = if v.dumped {
+        let filled = if v.dumped && !(plan.lazy && crate::lazy::is_lazy(v)) {
             // Per VMA: at trace level, not to flood a debug log.
             in_step(tracing::trace_span!("fill", start = v.start), || {
                 fill(plan, v, pid, at, m.map_prot & libc::PROT_WRITE as u64 != 0)

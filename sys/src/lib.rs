@@ -31,6 +31,7 @@ pub mod rseq;
 pub mod sched;
 pub mod seccomp;
 pub mod signals;
+pub mod uffd;
 pub mod vdso;
 
 // tern runs on 64-bit Linux only (x86_64, aarch64): addresses and lengths

@@ -131,6 +131,32 @@ pub fn tids(pid: i32) -> Result<Vec<i32>, ProcError> {
     Ok(v)
 }
 
+/// Every descendant of `pid` (children, theirs, ...), from
+/// `/proc/PID/task/TID/children`; processes that come and go meanwhile may
+/// be missed or named after they are gone.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for tid in tids(p).unwrap_or_default() {
+            let path = format!("/proc/{p}/task/{tid}/children");
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            for c in text
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                if !out.contains(&c) && out.len() < 65536 {
+                    out.push(c);
+                    todo.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// One resource limit (`/proc/PID/limits`); `u64::MAX` is unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limit {

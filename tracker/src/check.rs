@@ -115,7 +115,7 @@ impl Probes {
         if let Ok(fd) = uffd::create_unhandshaken() {
             p.uffd = true;
             // With features 0, UFFDIO_API reports every feature it supports.
-            if let Ok((_, features)) = uffd::handshake(fd, &[0]) {
+            if let Ok((_, features)) = sys::uffd::handshake(fd, &[0]) {
                 p.uffd_wp = features & 1 != 0; // UFFD_FEATURE_PAGEFAULT_FLAG_WP
             }
         }
