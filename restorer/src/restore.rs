@@ -36,7 +36,7 @@
 //! half-built one dies of SIGKILL (no core, no SIGSEGV seen by a
 //! supervisor). Any failure before the last step kills it the same way.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -123,7 +123,15 @@ fn in_step<T>(
     span: tracing::Span,
     f: impl FnOnce() -> Result<T, RestoreError>,
 ) -> Result<T, RestoreError> {
-    span.in_scope(|| f().inspect_err(|e| tracing::debug!(error = %e, "step failed")))
+    span.in_scope(|| {
+        let n0 = sys::inject::injected_syscalls();
+        let r = f().inspect_err(|e| tracing::debug!(error = %e, "step failed"));
+        tracing::trace!(
+            injected = sys::inject::injected_syscalls() - n0,
+            "syscalls injected"
+        );
+        r
+    })
 }
 
 /// Leave the span of the step done and enter the next one's (for steps
@@ -509,7 +517,12 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     span.record("pid", pid);
     let (child, wake) = in_step(tracing::debug_span!("fork"), || spawn_with_pid(pid))?;
     guard.set_child(child);
+    let n0 = sys::inject::injected_syscalls();
     let res = build(&plan, pid, opts);
+    tracing::debug!(
+        injected = sys::inject::injected_syscalls() - n0,
+        "restore: syscalls injected"
+    );
     drop(wake);
     match res {
         Ok((pages, handoff)) => {
@@ -612,11 +625,29 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
         // The child: die with tern (a tern that died before this line
         // is caught by the parent check), then wait to be taken over.
         let mut b = [0u8; 1];
-        // SAFETY: prctl, getppid, read into a local buffer, _exit.
+        // Every disposition back to the default (tern ignores SIGPIPE, std
+        // catches SIGSEGV and SIGBUS): the restore then sets only the ones
+        // the image has that are not the default, instead of injecting all
+        // 64. Raw rt_sigaction with an all-zero kernel sigaction: glibc's
+        // wrapper would add SA_RESTORER.
+        let dfl = [0u64; 4];
+        // SAFETY: prctl, getppid, rt_sigaction from a local buffer, read
+        // into a local buffer, _exit: all async-signal-safe.
         unsafe {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
             if libc::getppid() != tern {
                 libc::_exit(127);
+            }
+            for sig in 1..=64 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        dfl.as_ptr(),
+                        std::ptr::null_mut::<u64>(),
+                        8,
+                    );
+                }
             }
             libc::read(rd.as_raw_fd(), b.as_mut_ptr().cast(), 1);
             libc::_exit(127);
@@ -624,6 +655,23 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
     }
     drop(rd);
     Ok((check_int(pid, "clone3 with set_tid", r)?, wr))
+}
+
+/// Wait until the new process (or thread `tid`) sleeps in its read. It gets
+/// there within a few hundred microseconds: polled closely at first (every
+/// millisecond of a restore counts), then less.
+fn blocks_in_time(pid: i32, tid: Option<i32>, deadline: Instant) -> bool {
+    let mut nap = Duration::from_micros(20);
+    loop {
+        if sys::proc::stat(pid, tid).is_ok_and(|s| s.state == 'S') {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(1));
+    }
 }
 
 /// Steps 2-5. Returns the number of pages written, and for a lazy restore
@@ -638,17 +686,10 @@ fn build(
     let step_span = tracing::debug_span!("attach").entered();
     // Wait until the child sits in its read (a seize before would interrupt
     // it elsewhere in its startup, also fine, but this is tidier).
-    let deadline = Instant::now() + timeout;
-    loop {
-        if sys::proc::stat(pid, None).is_ok_and(|s| s.state == 'S') {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(step::<&str>(pid, "starting the process")(
-                "it did not block in time",
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    if !blocks_in_time(pid, None, Instant::now() + timeout) {
+        return Err(step::<&str>(pid, "starting the process")(
+            "it did not block in time",
+        ));
     }
     let mut main = Injector::attach_owned_thread(pid, pid, timeout)?;
     // The scratch area goes where the image has nothing (and tern neither).
@@ -685,18 +726,11 @@ fn build(
             continue;
         }
         let tid = clone_thread(&mut main, pid, t.tid)?;
-        let deadline = Instant::now() + timeout;
         // It blocks in the read the main thread was held in.
-        loop {
-            if sys::proc::stat(pid, Some(tid)).is_ok_and(|s| s.state == 'S') {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(step::<String>(pid, "creating a thread")(format!(
-                    "thread {tid} did not block"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        if !blocks_in_time(pid, Some(tid), Instant::now() + timeout) {
+            return Err(step::<String>(pid, "creating a thread")(format!(
+                "thread {tid} did not block"
+            )));
         }
         others.push((i, Injector::attach_owned_thread(pid, tid, timeout)?));
     }
@@ -1310,9 +1344,43 @@ fn would_merge(prev: &VmaRecord, v: &VmaRecord) -> bool {
 
 /// mmap `v` at `at` as `m` says (file opened with the access the original
 /// mapping had).
+/// The files the VMAs map, opened in the target once each (a library maps
+/// four or five VMAs of one file): path and open mode -> fd there.
+#[derive(Default)]
+struct MappedFiles(HashMap<(String, i32), i32>);
+
+impl MappedFiles {
+    fn open(
+        &mut self,
+        main: &mut Injector,
+        pid: i32,
+        path: &str,
+        mode: i32,
+    ) -> Result<i32, RestoreError> {
+        if let Some(fd) = self.0.get(&(path.to_string(), mode)) {
+            return Ok(*fd);
+        }
+        let fd = open_in(main, pid, path, mode)?;
+        self.0.insert((path.to_string(), mode), fd);
+        Ok(fd)
+    }
+
+    /// Close them all in the target.
+    fn close(self, main: &mut Injector) -> Result<(), RestoreError> {
+        let calls = self
+            .0
+            .into_values()
+            .map(|fd| (libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]))
+            .collect();
+        main.syscalls(calls)?;
+        Ok(())
+    }
+}
+
 fn map_vma(
     plan: &Plan,
     main: &mut Injector,
+    files: &mut MappedFiles,
     pid: i32,
     v: &VmaRecord,
     m: &MapPlan,
@@ -1324,13 +1392,11 @@ fn map_vma(
     let file = v.backing_file().filter(|_| !v.dumped || v.is_private());
     let r = match (v.is_private(), file) {
         (true, Some(path)) => {
-            let fd = open_in(main, pid, path, libc::O_RDONLY)?;
-            let r = main.syscall(
+            let fd = files.open(main, pid, path, libc::O_RDONLY)?;
+            main.syscall(
                 libc::SYS_mmap,
                 [at, len, m.map_prot, flags, fd as u64, v.offset],
-            )?;
-            main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-            r
+            )?
         }
         (_, None) if v.is_private() || v.dumped => main.syscall(
             libc::SYS_mmap,
@@ -1350,13 +1416,11 @@ fn map_vma(
             } else {
                 libc::O_RDONLY
             };
-            let fd = open_in(main, pid, path, mode)?;
-            let r = main.syscall(
+            let fd = files.open(main, pid, path, mode)?;
+            main.syscall(
                 libc::SYS_mmap,
                 [at, len, m.map_prot, flags, fd as u64, v.offset],
-            )?;
-            main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-            r
+            )?
         }
         (_, None) => {
             return Err(step::<String>(pid, "mapping")(format!(
@@ -1576,11 +1640,17 @@ fn address_space(
         )))
         .collect();
     let maps = sys::proc::maps(pid, None).map_err(step(pid, "reading maps"))?;
-    for (a, b) in maps.iter().map(|m| (m.start, m.end)) {
-        if a >= 0xffff_ffff_ff60_0000 || keep.iter().any(|&(s, e)| a >= s && b <= e) {
-            continue;
-        }
-        let r = main.syscall(libc::SYS_munmap, [a, b - a, 0, 0, 0, 0])?;
+    let unmap = unmap_ranges(
+        maps.iter()
+            .map(|m| (m.start, m.end))
+            .filter(|&(a, _)| a < 0xffff_ffff_ff60_0000),
+        &keep,
+    );
+    let calls = unmap
+        .iter()
+        .map(|&(a, b)| (libc::SYS_munmap, [a, b - a, 0, 0, 0, 0]))
+        .collect();
+    for r in main.syscalls(calls)? {
         check(pid, "unmapping tern's memory", r)?;
     }
     // 2. The vDSO where the image had it.
@@ -1611,6 +1681,7 @@ fn address_space(
         .filter(|v| !is_special(v) && !is_scratch(v))
         .collect();
     let mut after = Vec::new();
+    let mut files = MappedFiles::default();
     for (k, v) in vmas.iter().enumerate() {
         let prev = k.checked_sub(1).map(|i| vmas[i]);
         let m = MapPlan::of(v);
@@ -1623,7 +1694,7 @@ fn address_space(
         } else {
             v.start
         };
-        map_vma(plan, main, pid, v, &m, at)?;
+        map_vma(plan, main, &mut files, pid, v, &m, at)?;
         let filled = if v.dumped && !(plan.lazy && crate::lazy::is_lazy(v)) {
             // Per VMA: at trace level, not to flood a debug log.
             in_step(tracing::trace_span!("fill", start = v.start), || {
@@ -1653,6 +1724,7 @@ fn address_space(
         }
         after.push((*v, m));
     }
+    files.close(main)?;
     for (v, m) in &after {
         finish_vma(main, pid, v, m)?;
     }
@@ -1707,6 +1779,25 @@ fn address_space(
     check(pid, "PR_SET_MM_MAP (brk, args, env, auxv, exe)", r)?;
     main.syscall(libc::SYS_close, [exe_fd as u64, 0, 0, 0, 0, 0])?;
     Ok(pages)
+}
+
+/// The ranges to unmap to remove every one of `maps` (sorted) but those
+/// inside `keep`: neighbours merged across the gaps between them (unmapping
+/// a gap does nothing), so that a few munmaps remove what the forked child
+/// inherited from tern, not one per VMA.
+fn unmap_ranges(maps: impl Iterator<Item = (u64, u64)>, keep: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in maps {
+        if keep.iter().any(|&(s, e)| a >= s && b <= e) {
+            continue;
+        }
+        match out.last_mut() {
+            // No kept area between the last range and this one.
+            Some(last) if !keep.iter().any(|&(s, _)| s >= last.1 && s < a) => last.1 = b,
+            _ => out.push((a, b)),
+        }
+    }
+    out
 }
 
 /// Write the chain's pages of `v` into the target, `v` being mapped at `at`
@@ -1838,9 +1929,15 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
             step::<String>(pid, "setting a resource limit")(format!("resource {}: {e}", l.resource))
         })?;
     }
-    // Handlers.
+    // Handlers. The child reset every disposition to the default before it
+    // blocked (see `spawn_with_pid`); if it shows any other (it could not),
+    // every one is set.
+    let all_default = sys::proc::status(pid, None).is_ok_and(|s| s.sigign == 0 && s.sigcgt == 0);
     for a in &p.sigactions {
         if a.signo == libc::SIGKILL || a.signo == libc::SIGSTOP {
+            continue;
+        }
+        if all_default && a.handler == 0 && a.flags == 0 && a.restorer == 0 && a.mask == 0 {
             continue;
         }
         let ka = sys::signals::SigAction::from(*a).to_kernel();
@@ -2549,6 +2646,29 @@ fn seccomp(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unmap_ranges_span_gaps_but_never_a_kept_area() {
+        let maps = [
+            (0x1000, 0x2000),
+            (0x3000, 0x4000),
+            (0x5000, 0x6000), // kept
+            (0x7000, 0x8000),
+            (0x9000, 0xa000),
+            (0xc000, 0xd000), // kept
+            (0xe000, 0xf000),
+        ];
+        let keep = [(0x5000, 0x6000), (0xc000, 0xd000), (0xa800, 0xb000)];
+        assert_eq!(
+            unmap_ranges(maps.into_iter(), &keep),
+            vec![
+                (0x1000, 0x4000),
+                (0x7000, 0xa000),
+                (0xe000, 0xf000)
+            ]
+        );
+        assert_eq!(unmap_ranges([(0x5000, 0x6000)].into_iter(), &keep), vec![]);
+    }
 
     #[test]
     fn anonymous_vma_names_are_read_from_the_maps_name() {

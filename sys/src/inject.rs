@@ -181,6 +181,16 @@ use self::x86_64 as arch;
 /// Default deadline for each wait on the target during an injection.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Syscalls injected by this process so far, every target together: the
+/// restore logs how many each of its steps made (each one costs a few
+/// ptrace stops, the bulk of a restore's time).
+static INJECTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The number of syscalls injected by this process so far.
+pub fn injected_syscalls() -> u64 {
+    INJECTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Layout of the scratch area (see the module docs); only the frames differ
 /// between the architectures.
 #[cfg_attr(
@@ -533,7 +543,23 @@ impl Injector {
     /// Returns the raw kernel return value (negative errno on failure).
     /// Needs [`Injector::ensure_scratch`] first.
     pub fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<i64, InjectError> {
+        INJECTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.run(move |t| t.syscall(nr, args))
+    }
+
+    /// Run several syscalls one after the other in one trip to the tracer
+    /// thread (each trip costs two thread switches). Returns each one's raw
+    /// return value; stops at the first injection error. A syscall that
+    /// fails in the kernel (negative return) does not stop the batch: the
+    /// caller checks the values.
+    pub fn syscalls(&mut self, calls: Vec<(i64, [u64; 6])>) -> Result<Vec<i64>, InjectError> {
+        INJECTED.fetch_add(calls.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.run(move |t| {
+            calls
+                .iter()
+                .map(|&(nr, args)| t.syscall(nr, args))
+                .collect()
+        })
     }
 
     /// Copy `bytes` (a C string argument, a struct, ...) into this injector's
