@@ -53,8 +53,13 @@ use crate::lazy::{LazyError, LazyMap, PageSet, Prefetch, Run};
 
 /// Bytes a fill copy moves under the lock: a fault waits at most for one.
 const FILL_CHUNK: u64 = 32 * PAGE_SIZE;
-/// Decoded blobs kept for faults and the fill.
-const BLOB_CACHE_BYTES: usize = 128 << 20;
+/// Decoded blobs kept for faults. Few: a fault that decodes a blob puts
+/// the rest of its pages in at once, so a blob is seldom wanted twice; an
+/// evicted one's buffer is decoded into next.
+const BLOB_CACHE_BYTES: usize = 4 << 20;
+/// Spare decode buffers kept, faulted in (a fresh buffer costs a page
+/// fault per page: twice the read and check of a blob).
+const FREE_BUFFERS: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct ServiceOptions {
@@ -269,6 +274,8 @@ struct Blobs {
     map: HashMap<(usize, u64), Arc<Vec<u8>>>,
     order: VecDeque<(usize, u64)>,
     bytes: usize,
+    /// Buffers to decode into, already faulted in.
+    free: Vec<Vec<u8>>,
 }
 
 struct Shared {
@@ -388,16 +395,27 @@ impl Shared {
     }
 
     /// The decoded bytes of the blob of `run` (for faults: kept a while,
-    /// neighbouring faults come from the same blob).
-    fn blob(&self, run: &Run, addr: u64) -> Result<Arc<Vec<u8>>, LazyError> {
+    /// neighbouring faults come from the same blob). Decoded into buffers
+    /// of blobs evicted before: a fresh buffer costs a page fault per page,
+    /// as much as the decoding itself.
+    /// The second value says whether it was decoded now (not cached).
+    fn blob(&self, run: &Run, addr: u64) -> Result<(Arc<Vec<u8>>, bool), LazyError> {
         let key = (run.image, run.entry.start);
-        if let Some(b) = lock(&self.blobs).map.get(&key) {
-            return Ok(b.clone());
-        }
-        let (mut stored, mut out) = (Vec::new(), Vec::new());
-        let data = self.decode(run, addr, &mut stored, &mut out)?.to_vec();
+        let (mut stored, mut out) = {
+            let mut c = lock(&self.blobs);
+            if let Some(b) = c.map.get(&key) {
+                return Ok((b.clone(), false));
+            }
+            (c.free.pop().unwrap_or_default(), c.free.pop().unwrap_or_default())
+        };
+        let raw = {
+            let d = self.decode(run, addr, &mut stored, &mut out)?;
+            std::ptr::eq(d.as_ptr(), stored.as_ptr())
+        };
+        let (data, spare) = if raw { (stored, out) } else { (out, stored) };
         let data = Arc::new(data);
         let mut c = lock(&self.blobs);
+        c.free.push(spare);
         c.bytes += data.len();
         c.map.insert(key, data.clone());
         c.order.push_back(key);
@@ -406,9 +424,13 @@ impl Shared {
         {
             if let Some(b) = c.map.remove(&old) {
                 c.bytes -= b.len();
+                if let Ok(v) = Arc::try_unwrap(b) {
+                    c.free.push(v);
+                }
             }
         }
-        Ok(data)
+        c.free.truncate(FREE_BUFFERS);
+        Ok((data, true))
     }
 
     fn fail(&self, e: LazyError) {
@@ -610,6 +632,15 @@ fn serve_locked(
             map: HashMap::new(),
             order: VecDeque::new(),
             bytes: 0,
+            // Warm buffers from the start: the first faults come before
+            // any blob was evicted.
+            free: (0..FREE_BUFFERS)
+                .map(|_| {
+                    let mut v = vec![1u8; sys::usize_of(images::BLOB_PAGES * PAGE_SIZE)];
+                    v.clear();
+                    v
+                })
+                .collect(),
         }),
         stop: AtomicBool::new(false),
         fault_waiting: AtomicBool::new(false),
@@ -708,14 +739,13 @@ fn alive(pid: i32) -> bool {
 }
 
 /// The background fill: every space, the process's first, run by run in
-/// `order`, chunk by chunk.
+/// `order`, chunk by chunk. Reading, checking and decoding the blobs runs on
+/// a thread of its own a few blobs ahead of the copies: the two together
+/// on one thread made the fill a third slower than the copies alone.
 fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
     let t0 = Instant::now();
     let mut bytes = 0u64;
     let mut pieces = Vec::new();
-    let (mut stored, mut out) = (Vec::new(), Vec::new());
-    // The blob decoded last (runs of one blob follow each other).
-    let mut have: Option<(usize, u64, bool)> = None;
     let mut space = 0;
     loop {
         {
@@ -724,57 +754,115 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
                 return;
             }
         }
-        for &ri in order {
-            let run = s.map.runs[ri];
-            let mut ia = run.start;
-            while ia < run.end {
-                if s.stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let ib = (ia + FILL_CHUNK).min(run.end);
-                // Anything left to do here?
-                {
-                    let st = lock(&s.state);
-                    let sp = &st.spaces[space];
-                    if sp.dead {
-                        break;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(FILL_AHEAD);
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let ok = std::thread::scope(|sc| {
+            sc.spawn(move || decode_ahead(s, space, order, &tx, &back_rx));
+            // The decoded bytes of the blob being copied.
+            let mut cur: Vec<u8> = Vec::new();
+            for msg in rx.iter() {
+                let (ri, data) = match msg {
+                    Decoded::Blob(ri, data) => {
+                        let old = std::mem::replace(&mut cur, data);
+                        let _ = back_tx.send(old);
+                        (ri, &cur)
                     }
-                    let first = run.first + (ia - run.start) / PAGE_SIZE;
-                    let n = (ib - ia) / PAGE_SIZE;
-                    if (first..first + n).all(|i| sp.done.contains(i)) {
-                        ia = ib;
-                        continue;
+                    Decoded::Same(ri) => (ri, &cur),
+                    Decoded::Failed(e) => {
+                        s.fail(e);
+                        return false;
                     }
-                }
-                if have.is_none_or(|(i, e, _)| (i, e) != (run.image, run.entry.start)) {
-                    match s.decode(&run, ia, &mut stored, &mut out) {
-                        Ok(d) => {
-                            let raw = std::ptr::eq(d.as_ptr(), stored.as_ptr());
-                            have = Some((run.image, run.entry.start, raw));
-                        }
-                        Err(e) => {
-                            s.fail(e);
-                            return;
-                        }
-                    }
-                }
-                let data: &[u8] = match have {
-                    Some((_, _, true)) => &stored,
-                    _ => &out,
                 };
-                let moved = put_chunk(s, space, &run, ia, ib, data, &mut pieces);
-                bytes += moved;
-                ia = ib;
-                if rate_mb_s > 0 {
-                    let due = Duration::from_secs_f64(bytes as f64 / (rate_mb_s as f64 * 1e6));
-                    let el = t0.elapsed();
-                    if due > el {
-                        std::thread::sleep(due - el);
+                let run = s.map.runs[ri];
+                let mut ia = run.start;
+                while ia < run.end {
+                    if s.stop.load(Ordering::SeqCst) {
+                        return false;
+                    }
+                    let ib = (ia + FILL_CHUNK).min(run.end);
+                    bytes += put_chunk(s, space, &run, ia, ib, data, &mut pieces);
+                    ia = ib;
+                    if rate_mb_s > 0 {
+                        let due = Duration::from_secs_f64(bytes as f64 / (rate_mb_s as f64 * 1e6));
+                        let el = t0.elapsed();
+                        if due > el {
+                            std::thread::sleep(due - el);
+                        }
                     }
                 }
             }
+            true
+        });
+        drop(rx);
+        if !ok {
+            return;
         }
         space += 1;
+    }
+}
+
+/// Blobs decoded ahead of the copies.
+const FILL_AHEAD: usize = 4;
+
+enum Decoded {
+    /// Run `.0`, whose blob's decoded bytes are `.1`.
+    Blob(usize, Vec<u8>),
+    /// Run `.0`, from the same blob as the run before it.
+    Same(usize),
+    Failed(LazyError),
+}
+
+/// The fill's reader: the blob of every run in `order` with pages still
+/// missing in space `space`, decoded, sent to the copies in order. Buffers
+/// come back through `back` (fresh memory would cost a page fault a page).
+fn decode_ahead(
+    s: &Shared,
+    space: usize,
+    order: &[usize],
+    tx: &std::sync::mpsc::SyncSender<Decoded>,
+    back: &std::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    let mut last: Option<(usize, u64)> = None;
+    let mut spare: Vec<Vec<u8>> = Vec::new();
+    for &ri in order {
+        if s.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let run = s.map.runs[ri];
+        {
+            let st = lock(&s.state);
+            let Some(sp) = st.spaces.get(space) else {
+                return;
+            };
+            if sp.dead {
+                return;
+            }
+            if (run.first..run.first + run.pages()).all(|i| sp.done.contains(i)) {
+                continue;
+            }
+        }
+        let key = (run.image, run.entry.start);
+        let msg = if last == Some(key) {
+            Decoded::Same(ri)
+        } else {
+            spare.extend(back.try_iter());
+            let mut stored = spare.pop().unwrap_or_default();
+            let mut out = spare.pop().unwrap_or_default();
+            let raw = match s.decode(&run, run.start, &mut stored, &mut out) {
+                Ok(d) => std::ptr::eq(d.as_ptr(), stored.as_ptr()),
+                Err(e) => {
+                    let _ = tx.send(Decoded::Failed(e));
+                    return;
+                }
+            };
+            let (data, other) = if raw { (stored, out) } else { (out, stored) };
+            spare.push(other);
+            last = Some(key);
+            Decoded::Blob(ri, data)
+        };
+        if tx.send(msg).is_err() {
+            return;
+        }
     }
 }
 
@@ -789,114 +877,121 @@ fn put_chunk(
     data: &[u8],
     pieces: &mut Vec<(u64, u64, u64)>,
 ) -> u64 {
-    let blob_off = |a: u64| sys::usize_of(a - run.entry.start);
     let mut moved = 0;
     loop {
         while s.fault_waiting.load(Ordering::Acquire) {
             std::thread::yield_now();
         }
         let mut st = lock(&s.state);
-        let State { spaces, stats, .. } = &mut *st;
-        let sp = &mut spaces[space];
-        if sp.dead {
-            return moved;
-        }
-        sp.current(ia, ib, pieces);
-        let mut again = false;
-        for &(cur, s0, s1) in pieces.iter() {
-            // Sub-runs of pages not in yet.
-            let mut a = s0;
-            while a < s1 {
-                let idx = |x: u64| run.first + (x - run.start) / PAGE_SIZE;
-                if sp.done.contains(idx(a)) {
-                    a += PAGE_SIZE;
-                    continue;
+        match put_locked(s, &mut st, space, run, ia, ib, data, pieces, &mut moved) {
+            Some(()) => return moved,
+            None => {
+                // An event is pending: let the fault thread apply it first.
+                drop(st);
+                std::thread::sleep(Duration::from_micros(50));
+                if s.stop.load(Ordering::SeqCst) {
+                    return moved;
                 }
-                let mut b = a + PAGE_SIZE;
-                while b < s1 && !sp.done.contains(idx(b)) {
-                    b += PAGE_SIZE;
-                }
-                let dst = cur + (a - s0);
-                let mut off = 0;
-                while a + off < b {
-                    let src = &data[blob_off(a + off)..blob_off(b)];
-                    match copy(&sp.uffd, src, dst + off) {
-                        Put::Done => {
-                            for p in (a + off..b).step_by(sys::usize_of(PAGE_SIZE)) {
-                                if sp.done.insert(idx(p)) {
-                                    stats.prefetched += 1;
-                                    stats.pages += 1;
-                                }
-                            }
-                            moved += b - (a + off);
-                            off = b - a;
-                        }
-                        Put::Partial(n) => {
-                            let n = n - n % PAGE_SIZE;
-                            for p in (a + off..a + off + n).step_by(sys::usize_of(PAGE_SIZE)) {
-                                if sp.done.insert(idx(p)) {
-                                    stats.prefetched += 1;
-                                    stats.pages += 1;
-                                }
-                            }
-                            moved += n;
-                            off += n;
-                            // The page after: there already, or gone.
-                            if a + off < b && n == 0 {
-                                sp.done.insert(idx(a + off));
-                                off += PAGE_SIZE;
-                            }
-                        }
-                        Put::Exists => {
-                            // Put there by a fault answer in between: a
-                            // page at a time from here.
-                            sp.done.insert(idx(a + off));
-                            off += PAGE_SIZE;
-                        }
-                        Put::Again => {
-                            again = true;
-                            break;
-                        }
-                        Put::Gone => {
-                            // Not registered any more: a child's range it
-                            // does not have (MADV_DONTFORK).
-                            sp.done.insert(idx(a + off));
-                            off += PAGE_SIZE;
-                        }
-                        Put::NoMm => {
-                            sp.dead = true;
-                            return moved;
-                        }
-                        Put::Failed(e) => {
-                            let pid = s.pid;
-                            drop(st);
-                            s.fail(LazyError::Service {
-                                pid,
-                                what: format!("UFFDIO_COPY to {:#x}: {e}", dst + off),
-                            });
-                            return moved;
-                        }
-                    }
-                }
-                if again {
-                    break;
-                }
-                a = b;
             }
-            if again {
-                break;
-            }
-        }
-        if !again {
-            return moved;
-        }
-        // An event is pending: let the fault thread apply it first.
-        drop(st);
-        std::thread::sleep(Duration::from_micros(50));
-        if s.stop.load(Ordering::SeqCst) {
-            return moved;
         }
     }
+}
+
+/// [`put_chunk`] with the state held: None if the kernel refused a copy
+/// because an event is unread (the pages not copied are left to a retry).
+#[allow(clippy::too_many_arguments)]
+fn put_locked(
+    s: &Shared,
+    st: &mut State,
+    space: usize,
+    run: &Run,
+    ia: u64,
+    ib: u64,
+    data: &[u8],
+    pieces: &mut Vec<(u64, u64, u64)>,
+    moved: &mut u64,
+) -> Option<()> {
+    let blob_off = |a: u64| sys::usize_of(a - run.entry.start);
+    let State { spaces, stats, .. } = st;
+    let sp = &mut spaces[space];
+    if sp.dead {
+        return Some(());
+    }
+    sp.current(ia, ib, pieces);
+    for &(cur, s0, s1) in pieces.iter() {
+        // Sub-runs of pages not in yet.
+        let mut a = s0;
+        while a < s1 {
+            let idx = |x: u64| run.first + (x - run.start) / PAGE_SIZE;
+            if sp.done.contains(idx(a)) {
+                a += PAGE_SIZE;
+                continue;
+            }
+            let mut b = a + PAGE_SIZE;
+            while b < s1 && !sp.done.contains(idx(b)) {
+                b += PAGE_SIZE;
+            }
+            let dst = cur + (a - s0);
+            let mut off = 0;
+            while a + off < b {
+                let src = &data[blob_off(a + off)..blob_off(b)];
+                match copy(&sp.uffd, src, dst + off) {
+                    Put::Done => {
+                        for p in (a + off..b).step_by(sys::usize_of(PAGE_SIZE)) {
+                            if sp.done.insert(idx(p)) {
+                                stats.prefetched += 1;
+                                stats.pages += 1;
+                            }
+                        }
+                        *moved += b - (a + off);
+                        off = b - a;
+                    }
+                    Put::Partial(n) => {
+                        let n = n - n % PAGE_SIZE;
+                        for p in (a + off..a + off + n).step_by(sys::usize_of(PAGE_SIZE)) {
+                            if sp.done.insert(idx(p)) {
+                                stats.prefetched += 1;
+                                stats.pages += 1;
+                            }
+                        }
+                        *moved += n;
+                        off += n;
+                        // The page after: there already, or gone.
+                        if a + off < b && n == 0 {
+                            sp.done.insert(idx(a + off));
+                            off += PAGE_SIZE;
+                        }
+                    }
+                    Put::Exists => {
+                        // Put there by a fault answer in between: a
+                        // page at a time from here.
+                        sp.done.insert(idx(a + off));
+                        off += PAGE_SIZE;
+                    }
+                    Put::Again => return None,
+                    Put::Gone => {
+                        // Not registered any more: a child's range it
+                        // does not have (MADV_DONTFORK).
+                        sp.done.insert(idx(a + off));
+                        off += PAGE_SIZE;
+                    }
+                    Put::NoMm => {
+                        sp.dead = true;
+                        return Some(());
+                    }
+                    Put::Failed(e) => {
+                        s.fail(LazyError::Service {
+                            pid: s.pid,
+                            what: format!("UFFDIO_COPY to {:#x}: {e}", dst + off),
+                        });
+                        return Some(());
+                    }
+                }
+            }
+            a = b;
+        }
+    }
+    Some(())
 }
 
 /// The fault thread: poll every userfaultfd, answer faults, apply events.
@@ -1123,13 +1218,32 @@ fn answer_fault(
             if sp.done.contains(idx) {
                 Put::Exists
             } else {
-                let data = s.blob(&run, a).inspect_err(|_| kill(s.pid))?;
+                let (data, fresh) = s.blob(&run, a).inspect_err(|_| kill(s.pid))?;
                 let off = sys::usize_of(ia - run.entry.start);
                 let r = copy(&uffd, &data[off..off + sys::usize_of(PAGE_SIZE)], a);
                 if matches!(r, Put::Done) {
                     let sp = &mut st.spaces[space];
                     if sp.done.insert(idx) {
                         st.stats.pages += 1;
+                    }
+                    if fresh {
+                        // The thread runs on; its next faults are most
+                        // likely its neighbours: the rest of the blob
+                        // decoded for it goes in now.
+                        record_fault(st, t_wake);
+                        let mut moved = 0;
+                        put_locked(
+                            s,
+                            st,
+                            space,
+                            &run,
+                            run.start,
+                            run.end,
+                            &data,
+                            &mut Vec::new(),
+                            &mut moved,
+                        );
+                        return Ok(true);
                     }
                 }
                 r
@@ -1163,9 +1277,13 @@ fn answer_fault(
             });
         }
     }
+    record_fault(st, t_wake);
+    Ok(true)
+}
+
+fn record_fault(st: &mut State, t_wake: Instant) {
     st.stats.faults += 1;
     st.fault_us.push(t_wake.elapsed().as_secs_f64() * 1e6);
-    Ok(true)
 }
 
 /// SIGKILL the process: it must not run on with memory tern cannot give.
