@@ -4,6 +4,7 @@
 //! floor measurement needs.
 
 pub mod dump;
+pub mod restore;
 pub mod svg;
 pub mod tracking;
 pub mod uffd;
