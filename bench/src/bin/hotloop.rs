@@ -8,9 +8,9 @@
 //! killed.
 //!
 //! With `--report-ms R` (R > 0) it prints its progress for the restore
-//! benchmark, stamped with CLOCK_MONOTONIC (which a benchmark driver on the
-//! same machine shares, and which a checkpoint/restore on the same boot
-//! keeps):
+//! benchmark, stamped with CLOCK_REALTIME (which a benchmark driver on the
+//! same machine shares; CRIU shifts a restored process's monotonic clock,
+//! see `bench::real_ns`):
 //! - `progress T_NS SWEEPS PAGES` at most every R ms: the time and the
 //!   running counts of hot-set sweeps and page writes (rates come from the
 //!   differences between two lines);
@@ -27,7 +27,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use bench::{PAGE, Region, arg, flag, mono_ns};
+use bench::{PAGE, Region, arg, flag, real_ns};
 
 /// Page writes between two clock checks.
 const CHECK_EVERY: usize = 64;
@@ -64,7 +64,7 @@ fn main() {
     let mut sweep: u64 = 0;
     let mut written: u64 = 0;
     let mut cold = cold_start;
-    let mut last_check = mono_ns();
+    let mut last_check = real_ns();
     let mut last_report = last_check;
     loop {
         sweep += 1;
@@ -73,7 +73,7 @@ fn main() {
             let p = hot_start + i;
             region.write(p, offset, sweep << 20 | p as u64);
             if report_ns != 0 && i % CHECK_EVERY == CHECK_EVERY - 1 {
-                let now = mono_ns();
+                let now = real_ns();
                 if now.saturating_sub(last_check) > GAP_NS {
                     // Unbuffered: the driver times the restore by this line.
                     let _ = writeln!(out, "resumed {now} {}", now - last_check);
@@ -94,7 +94,7 @@ fn main() {
             }
         }
         if report_ns != 0 {
-            let now = mono_ns();
+            let now = real_ns();
             if now - last_report >= report_ns {
                 let _ = writeln!(out, "progress {now} {sweep} {written}");
                 let _ = out.flush();
@@ -105,7 +105,7 @@ fn main() {
             std::thread::sleep(Duration::from_millis(sleep_ms));
             // A sleeping loop has gaps of its own: only a gap beyond the
             // sleep is a stop.
-            last_check = mono_ns();
+            last_check = real_ns();
         }
     }
 }
