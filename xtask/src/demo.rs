@@ -187,9 +187,11 @@ fn restores_table(eager: &Value, lazy: &Value) {
                 fmt(stats, "fault_us_p50"),
                 fmt(stats, "fault_us_p99")
             ),
-            lazy["all_in_ms"]
-                .as_f64()
-                .map_or("-".into(), |v| format!("{v:.1}")),
+            // tern's own figures: the restore, then the fill behind it.
+            match (lazy["restore_ms"].as_f64(), stats["fill_ms"].as_f64()) {
+                (Some(r), Some(f)) => format!("{:.1}", r + f),
+                _ => "-".into(),
+            },
             fmt(stats, "fill_mb_s"),
         ],
     ];
@@ -234,8 +236,7 @@ fn cpu_ticks(pid: i32) -> Option<u64> {
 /// The dump in `dir` restored again, lazily and detached: the process must
 /// run (its CPU time grows) while its page service fills it; the service's
 /// figures come from `DIR/lazy-stats.json` once every page is in. Returns
-/// tern's JSON with `lazy` (the service's figures) and `all_in_ms` (from the
-/// start of `tern restore` until the figures appeared) added.
+/// tern's JSON with `lazy` (the service's figures) added.
 fn lazy_restore(tern: &Path, pid: i32, dir: &Path) -> Result<Value> {
     wait_pid_free(pid, Duration::from_secs(10))?;
     let stats_path = dir.join("lazy-stats.json");
@@ -300,11 +301,11 @@ fn lazy_restore(tern: &Path, pid: i32, dir: &Path) -> Result<Value> {
         bail!("the page service of PID {pid} failed: {stats}");
     }
     println!(
-        "lazy restore: PID {pid} ran {:.1} ms after tern started it; every page in after {all_in_ms:.0} ms (polled)",
-        restore["restore_ms"].as_f64().unwrap_or(f64::NAN)
+        "lazy restore: PID {pid} runs after a restore of {:.1} ms; its page service filled the rest in {:.1} ms (figures read {all_in_ms:.0} ms after the start, after the 500 ms check that it runs)",
+        restore["restore_ms"].as_f64().unwrap_or(f64::NAN),
+        stats["lazy"]["fill_ms"].as_f64().unwrap_or(f64::NAN),
     );
     restore["lazy"] = stats["lazy"].clone();
-    restore["all_in_ms"] = all_in_ms.into();
     Ok(restore)
 }
 
