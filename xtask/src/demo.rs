@@ -226,6 +226,20 @@ fn wait_pid_free(pid: i32, deadline: Duration) -> Result<()> {
     }
 }
 
+/// Process `pid`'s state letter (`R`, `S`, `T`, `Z`, ...), for messages.
+fn state(pid: i32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|st| {
+            st.rsplit(')')
+                .next()?
+                .split_whitespace()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "gone".into())
+}
+
 /// Process `pid`'s user + system CPU time, in ticks.
 fn cpu_ticks(pid: i32) -> Option<u64> {
     let st = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -266,7 +280,8 @@ fn lazy_restore(tern: &Path, pid: i32, dir: &Path) -> Result<Value> {
     if !matches!((before, after), (Some(b), Some(a)) if a > b) {
         kill();
         bail!(
-            "the lazily restored workload (PID {pid}) is not running (CPU time {before:?} -> {after:?})"
+            "the lazily restored workload (PID {pid}) is not running (CPU time {before:?} -> {after:?}, state {})",
+            state(pid)
         );
     }
     // The page service writes its figures (or its error) when done.
@@ -356,12 +371,13 @@ fn dump_and_restore(
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_millis(500));
     let after = cpu_ticks(pid);
+    let st = state(pid);
     // SAFETY: plain kill of the restored process (not our child any more).
     unsafe { libc::kill(pid, libc::SIGKILL) };
     match (before, after) {
         (Some(b), Some(a)) if a > b => Ok((dump, restore)),
         _ => bail!(
-            "the restored workload (PID {pid}) is not running (CPU time {before:?} -> {after:?})"
+            "the restored workload (PID {pid}) is not running (CPU time {before:?} -> {after:?}, state {st})"
         ),
     }
 }
