@@ -174,3 +174,37 @@ fn find_deb(work: &Path, pkg: &str) -> Option<PathBuf> {
                 && p.extension().is_some_and(|e| e == "deb")
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The arm64 lane's configuration, as it was before it moved here.
+    #[test]
+    fn own_apt_is_one_suite_one_architecture() {
+        let dir = std::env::temp_dir().join(format!("xtask-apt-test-{}", std::process::id()));
+        let apt = OwnApt::new(&dir, "trixie", "arm64", "a test").expect("writes its files");
+        let sources = std::fs::read_to_string(dir.join("sources.list")).expect("sources.list");
+        assert_eq!(
+            sources,
+            format!("deb [arch=arm64 signed-by={KEYRING}] {MIRROR} trixie main\n")
+        );
+        let opts = &apt.options;
+        assert!(opts.iter().step_by(2).all(|o| o == "-o"));
+        for want in [
+            format!(
+                "Dir::Etc::SourceList={}",
+                dir.join("sources.list").display()
+            ),
+            "Dir::Etc::SourceParts=/dev/null".to_string(),
+            format!("Dir::State::status={}", dir.join("status").display()),
+            "APT::Architecture=arm64".to_string(),
+            "APT::Architectures=arm64".to_string(),
+        ] {
+            assert!(opts.contains(&want), "{want} missing from {opts:?}");
+        }
+        assert!(!apt.has_lists());
+        assert!(dir.join("state/lists/partial").is_dir());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
