@@ -4,6 +4,7 @@
 //! floor measurement needs.
 
 pub mod dump;
+pub mod restore;
 pub mod svg;
 pub mod tracking;
 pub mod uffd;
@@ -21,6 +22,22 @@ pub fn mono_ns() -> u64 {
     };
     // SAFETY: ts is a valid timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CLOCK_REALTIME in nanoseconds: the axis `hotloop`'s progress lines and
+/// the restore benchmark share. Not CLOCK_MONOTONIC: CRIU restores a process
+/// into a time namespace whose offsets make its monotonic clock continue
+/// from the dump (measured: `monotonic -3 122103594` in
+/// `/proc/PID/timens_offsets` of a process restored 3.1 s after its dump),
+/// so a restored process's monotonic stamps are not the driver's.
+pub fn real_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

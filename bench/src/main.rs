@@ -4,6 +4,8 @@
 //!   costs a write-heavy workload (see `bench::tracking`).
 //! - `bench dump`: frozen time of the final dump with and without pre-dumps,
 //!   and restore time (see `bench::dump`).
+//! - `bench restore`: eager and lazy restore, tern beside CRIU (see
+//!   `bench::restore`).
 //! - `bench floor`: the per-fault floor alone (first write to an async-WP page).
 
 use std::path::PathBuf;
@@ -99,6 +101,27 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
         /// Only the 256 MiB configuration, once.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Eager and lazy restore of hotloop (256 MiB and 4 GiB), tern and CRIU.
+    Restore {
+        #[arg(long, default_value = "target/release/tern")]
+        tern: PathBuf,
+        #[arg(long, default_value = "target/release")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// CRIU's command (`cargo xtask bench restore` fetches one).
+        #[arg(long, conflicts_with = "no_criu")]
+        criu: Option<PathBuf>,
+        /// Run without CRIU; the reason goes into the report.
+        #[arg(long, value_name = "WHY")]
+        no_criu: Option<String>,
+        /// Restores per mode (medians).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Only 256 MiB, one restore per mode.
         #[arg(long)]
         quick: bool,
     },
@@ -202,6 +225,43 @@ fn real_main() -> Result<()> {
                 tern,
                 bin_dir,
                 out,
+                configs,
+                repeats,
+            })
+        }
+        Cmd::Restore {
+            tern,
+            bin_dir,
+            out,
+            criu,
+            no_criu,
+            repeats,
+            quick,
+        } => {
+            let mut configs = vec![(256, 16), (4096, 64)];
+            let mut repeats = repeats.max(1);
+            if quick {
+                configs.truncate(1);
+                repeats = 1;
+            }
+            if !tern.exists() {
+                bail!(
+                    "{} does not exist: build it first (cargo build --release)",
+                    tern.display()
+                );
+            }
+            let criu = match (criu, no_criu) {
+                (Some(c), _) => Ok(c),
+                (None, Some(why)) => Err(why),
+                (None, None) => Err(
+                    "no --criu given (`cargo xtask bench restore` fetches Debian trixie's)".into(),
+                ),
+            };
+            bench::restore::run(&bench::restore::Opts {
+                tern,
+                bin_dir,
+                out,
+                criu,
                 configs,
                 repeats,
             })

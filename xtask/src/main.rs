@@ -4,6 +4,8 @@
 //! bookworm machine (root, stable and nightly rustup toolchains) needs nothing
 //! else than `cargo xtask demo` or `cargo xtask test`.
 
+mod criu;
+mod debian;
 mod demo;
 mod setup;
 mod util;
@@ -40,8 +42,9 @@ enum Cmd {
     /// rounds until the dirty set converges; print a summary.
     Demo(demo::DemoArgs),
     /// Run a benchmark: `tracking` (what dirty tracking costs a workload),
-    /// `dump` (frozen time of the final dump), `vm-criu` (CRIU and tern side
-    /// by side in the 6.1 guest).
+    /// `dump` (frozen time of the final dump), `restore` (eager and lazy
+    /// restore, CRIU's beside them), `vm-criu` (CRIU and tern side by side
+    /// in the 6.1 guest).
     /// Arguments after the name go to the benchmark (`--quick`, ...).
     Bench {
         /// Which benchmark.
@@ -121,9 +124,23 @@ fn test(args: &[String]) -> Result<()> {
 
 fn bench(name: &str, args: &[String]) -> Result<()> {
     match name {
-        "tracking" | "dump" => {}
+        "tracking" | "dump" | "restore" => {}
         "vm-criu" => return vm::bench_criu(),
-        other => bail!("unknown benchmark `{other}`; known: tracking, dump, vm-criu"),
+        other => bail!("unknown benchmark `{other}`; known: tracking, dump, restore, vm-criu"),
+    }
+    // `bench restore` runs CRIU beside tern: Debian trixie's, fetched under
+    // target/criu/. Without it the benchmark runs tern alone and its report
+    // says why.
+    let mut criu_args: Vec<std::ffi::OsString> = Vec::new();
+    if name == "restore" {
+        match criu::fetch() {
+            Ok(criu) => criu_args.extend(["--criu".into(), criu.into_os_string()]),
+            Err(e) => {
+                let why = format!("CRIU could not be fetched: {e:#}");
+                eprintln!("xtask: {why}; the benchmark runs without it");
+                criu_args.extend(["--no-criu".into(), why.into()]);
+            }
+        }
     }
     eprintln!("xtask: cargo build --release (tern, bench)");
     util::run(util::cargo().args(["build", "--release", "-p", "tern", "-p", "bench"]))?;
@@ -137,6 +154,7 @@ fn bench(name: &str, args: &[String]) -> Result<()> {
             .arg(&release)
             .arg("--out")
             .arg(&out)
+            .args(criu_args)
             .args(args)
             .current_dir(util::root()),
     )

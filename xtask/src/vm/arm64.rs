@@ -32,10 +32,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{
-    boot, debian_kernel_apt, debian_package, elf_interpreter, initramfs_with, parse_steps,
-};
-use crate::util;
+use super::{boot, elf_interpreter, initramfs_with, parse_steps};
+use crate::{debian, util};
 
 const HOST_PACKAGES: &[(&str, &str)] = &[
     (
@@ -55,10 +53,8 @@ const HOST_PACKAGES: &[(&str, &str)] = &[
 
 const TARGET: &str = "aarch64-unknown-linux-gnu";
 
-/// The Debian release the guest's packages come from, and its mirror.
+/// The Debian release the guest's packages come from.
 const SUITE: &str = "trixie";
-const MIRROR: &str = "http://deb.debian.org/debian";
-const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Boot to power-off (about 75 s here: TCG, 2 vCPUs on 2 host cores).
 const DEADLINE: Duration = Duration::from_secs(240);
@@ -297,62 +293,14 @@ fn ensure_rust_target() -> Result<()> {
     util::run(&mut util::command("rustup", ["target", "add", TARGET]))
 }
 
-/// The lane's own apt: `work/apt/{sources.list,state,status,cache}` and
-/// arm64 as the only architecture. Returns the `-o` options for apt-get and
-/// apt-cache.
-fn apt_options(work: &Path) -> Result<Vec<String>> {
-    let apt = work.join("apt");
-    for d in ["state/lists/partial", "cache/archives/partial"] {
-        std::fs::create_dir_all(apt.join(d))?;
-    }
-    let sources = apt.join("sources.list");
-    std::fs::write(
-        &sources,
-        format!("deb [arch=arm64 signed-by={KEYRING}] {MIRROR} {SUITE} main\n"),
-    )?;
-    // No packages are installed in this configuration.
-    let status = apt.join("status");
-    if !status.exists() {
-        std::fs::write(&status, b"")?;
-    }
-    let d = |p: &Path| p.to_string_lossy().into_owned();
-    Ok([
-        format!("Dir::Etc::SourceList={}", d(&sources)),
-        "Dir::Etc::SourceParts=/dev/null".to_string(),
-        format!("Dir::State={}", d(&apt.join("state"))),
-        format!("Dir::State::status={}", d(&status)),
-        format!("Dir::Cache={}", d(&apt.join("cache"))),
-        "APT::Architecture=arm64".to_string(),
-        "APT::Architectures=arm64".to_string(),
-        // Only the package lists: no translations, no AppStream metadata.
-        "Acquire::Languages=none".to_string(),
-        "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false".to_string(),
-    ]
-    .into_iter()
-    .flat_map(|o| ["-o".to_string(), o])
-    .collect())
-}
-
-/// The trixie arm64 kernel image and busybox, fetched once. `apt-get
-/// update` runs when the lane has no package lists yet, and again if a
-/// download from older lists fails (the mirror moved on).
+/// The trixie arm64 kernel image and busybox, fetched once through the
+/// lane's own apt configuration (`work/apt`, arm64 as the only
+/// architecture; see `crate::debian`).
 fn guest_packages(work: &Path) -> Result<(PathBuf, PathBuf)> {
-    let apt = apt_options(work)?;
-    let lists = work.join("apt/state/lists");
-    let has_lists = std::fs::read_dir(&lists)?
-        .flatten()
-        .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"));
-    let update = || -> Result<()> {
-        eprintln!("xtask: apt-get update (Debian {SUITE} arm64, the lane's own lists)");
-        util::run(util::command("apt-get", &apt).arg("update"))
-            .context("apt-get update of the arm64 lane's lists")
-    };
-    if !has_lists {
-        update()?;
-    }
-    let fetch = || -> Result<(PathBuf, PathBuf)> {
-        let kernel = debian_kernel_apt(work, "linux-image-arm64", &apt)?;
-        let pkg = debian_package(work, "busybox-static", &apt)?;
+    let apt = debian::OwnApt::new(&work.join("apt"), SUITE, "arm64", "the arm64 lane")?;
+    apt.fetch(|apt| {
+        let kernel = debian::kernel(work, "linux-image-arm64", apt)?;
+        let pkg = debian::package(work, "busybox-static", apt)?;
         // /usr/bin since trixie's merged /usr; /bin before.
         let busybox = ["usr/bin/busybox", "bin/busybox"]
             .iter()
@@ -360,16 +308,7 @@ fn guest_packages(work: &Path) -> Result<(PathBuf, PathBuf)> {
             .find(|p| p.is_file())
             .with_context(|| format!("{}: no busybox in the package", pkg.display()))?;
         Ok((kernel, busybox))
-    };
-    match fetch() {
-        Ok(r) => Ok(r),
-        Err(e) if has_lists => {
-            eprintln!("xtask: {e:#}; refreshing the package lists");
-            update()?;
-            fetch()
-        }
-        Err(e) => Err(e),
-    }
+    })
 }
 
 /// Read the kernel package's `/boot/config-*` and check what the lane

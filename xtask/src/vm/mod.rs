@@ -10,8 +10,8 @@
 //! uffd-wp pre-dumps, dump and restore of a PAC-protected loop, the `sys`
 //! crate's kernel tests.
 //!
-//! This module holds what the lanes share: fetching Debian kernels and
-//! packages, assembling an initramfs around busybox, booting qemu with a
+//! This module holds what the lanes share (`crate::debian` fetches their
+//! Debian packages): assembling an initramfs around busybox, booting qemu with a
 //! deadline (a guest that fails or hangs is killed, its console's tail
 //! printed), and reading the `TERN-STEP` lines the guests print.
 
@@ -97,74 +97,7 @@ pub use x86::bench_criu;
 /// `linux-image-amd64`, resolved to the versioned package it depends on),
 /// downloaded into `work` once and unpacked there, with the host's apt.
 pub(crate) fn debian_kernel(work: &Path, meta: &str) -> Result<PathBuf> {
-    debian_kernel_apt(work, meta, &[])
-}
-
-/// [`debian_kernel`] with `apt` options added to every apt-get and
-/// apt-cache call (a lane's own sources, state and architecture).
-pub(crate) fn debian_kernel_apt(work: &Path, meta: &str, apt: &[String]) -> Result<PathBuf> {
-    let deps = util::stdout_of(util::command("apt-cache", apt).args(["depends", meta]))?;
-    let pkg = deps
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Depends: "))
-        .map(str::trim)
-        .with_context(|| format!("apt-cache depends {meta}: no versioned kernel package"))?
-        .to_string();
-    let boot = debian_package(work, &pkg, apt)?.join("boot");
-    std::fs::read_dir(&boot)
-        .with_context(|| format!("{}: the kernel package has no /boot", boot.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .with_context(|| format!("{}: no vmlinuz-* in the package", boot.display()))
-}
-
-/// Debian package `pkg` (`apt-get download` with `apt` options added) unpacked
-/// with `dpkg-deb -x` into `work/PKG`, once: a later call finds it there.
-pub(crate) fn debian_package(work: &Path, pkg: &str, apt: &[String]) -> Result<PathBuf> {
-    let unpacked = work.join(pkg);
-    let done = unpacked.join(".unpacked");
-    if done.exists() {
-        return Ok(unpacked);
-    }
-    // Kernels unpacked before the marker existed.
-    if unpacked.join("boot").is_dir() {
-        std::fs::write(&done, b"")?;
-        return Ok(unpacked);
-    }
-    let prefix = format!("{pkg}_");
-    let find_deb = || -> Option<PathBuf> {
-        std::fs::read_dir(work)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
-                    && p.extension().is_some_and(|e| e == "deb")
-            })
-    };
-    let deb = match find_deb() {
-        Some(deb) => deb,
-        None => {
-            eprintln!("xtask: apt-get download {pkg}");
-            util::run(
-                util::command("apt-get", apt)
-                    .args(["download", pkg])
-                    .current_dir(work),
-            )?;
-            find_deb().with_context(|| {
-                format!("apt-get download {pkg} left no .deb in {}", work.display())
-            })?
-        }
-    };
-    let _ = std::fs::remove_dir_all(&unpacked);
-    util::run(util::command("dpkg-deb", ["-x"]).arg(&deb).arg(&unpacked))?;
-    std::fs::write(&done, b"")?;
-    Ok(unpacked)
+    crate::debian::kernel(work, meta, &[])
 }
 
 /// An initramfs (`work/NAME.gz`) holding the host's busybox, `bins` in /bin,
