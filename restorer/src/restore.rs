@@ -518,7 +518,25 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     let (child, wake) = in_step(tracing::debug_span!("fork"), || spawn_with_pid(pid))?;
     guard.set_child(child);
     let n0 = sys::inject::injected_syscalls();
-    let res = build(&plan, pid, opts);
+    // The page service's map of the lazy pages is made on the other core
+    // while the build waits on the process (it takes milliseconds for a
+    // big chain, and the process's first faults would wait for it).
+    let (res, map) = std::thread::scope(|sc| {
+        let map = opts
+            .lazy
+            .then(|| sc.spawn(|| crate::lazy::LazyMap::of(&plan.chain)));
+        let res = build(&plan, pid, opts);
+        (res, map.and_then(|h| h.join().ok()))
+    });
+    let res = res.map(|(pages, handoff)| {
+        (
+            pages,
+            handoff.map(|mut h| {
+                h.map = map;
+                h
+            }),
+        )
+    });
     tracing::debug!(
         injected = sys::inject::injected_syscalls() - n0,
         "restore: syscalls injected"
@@ -976,6 +994,7 @@ fn lazy_uffd(
         fd_in_process: high,
         already_in: Vec::new(),
         resumed: false,
+        map: None,
     })
 }
 

@@ -112,6 +112,8 @@ pub struct Handoff {
     pub already_in: Vec<u64>,
     /// Pages came in before this service: learn which from pagemap.
     pub resumed: bool,
+    /// The chain's lazy pages, if made already (`LazyMap::of`).
+    pub map: Option<LazyMap>,
 }
 
 /// Where an image range lives now in one address space.
@@ -567,6 +569,7 @@ pub fn resume(pid: i32, dir: &Path, opts: &ServiceOptions) -> Result<LazyStats, 
         fd_in_process: fd,
         already_in: Vec::new(),
         resumed: true,
+        map: None,
     };
     let r = serve_locked(chain, h, opts);
     drop(lock);
@@ -588,7 +591,8 @@ fn serve_locked(
 ) -> Result<LazyStats, LazyError> {
     let t0 = Instant::now();
     let pid = h.pid;
-    let map = LazyMap::of(&chain);
+    let mut h = h;
+    let map = h.map.take().unwrap_or_else(|| LazyMap::of(&chain));
     let uffd = Arc::new(h.uffd);
     let mut main = Space::new(uffd.clone(), &map);
     let mut stats = LazyStats::default();
