@@ -44,7 +44,9 @@ pub use fsdir::{ImageDir, Provenance, ProvenanceKind, sync_image};
 pub use new_dir::{NewDirError, NewImageDir};
 pub use pagemap::{PageEntry, PageKind, PageMap, check_crc, decode_blob, decode_blob_into};
 pub use seal::{SealKey, SealStatus};
-pub use writer::{BLOB_PAGES, ImageWriter, MAX_BLOB_PAGES, WriteStats, discard_unfinished, trim_pages_file};
+pub use writer::{
+    BLOB_PAGES, ImageWriter, MAX_BLOB_PAGES, WriteStats, discard_unfinished, trim_pages_file,
+};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

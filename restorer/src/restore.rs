@@ -709,7 +709,7 @@ fn build(
             "it did not block in time",
         ));
     }
-    let mut main = Injector::attach_owned_thread(pid, pid, timeout)?;
+    let mut main = Injector::attach_owned_thread_here(pid, pid, timeout)?;
     // The scratch area goes where the image has nothing (and tern neither).
     let scratch_at = free_area(plan.chain.vmas(), pid, sys::inject::SCRATCH_LEN)?;
     main.set_scratch_hint(scratch_at)?;
@@ -750,7 +750,7 @@ fn build(
                 "thread {tid} did not block"
             )));
         }
-        others.push((i, Injector::attach_owned_thread(pid, tid, timeout)?));
+        others.push((i, Injector::attach_owned_thread_here(pid, tid, timeout)?));
     }
 
     // A chain a user could have written opens its files as the image's
@@ -2680,11 +2680,7 @@ mod tests {
         let keep = [(0x5000, 0x6000), (0xc000, 0xd000), (0xa800, 0xb000)];
         assert_eq!(
             unmap_ranges(maps.into_iter(), &keep),
-            vec![
-                (0x1000, 0x4000),
-                (0x7000, 0xa000),
-                (0xe000, 0xf000)
-            ]
+            vec![(0x1000, 0x4000), (0x7000, 0xa000), (0xe000, 0xf000)]
         );
         assert_eq!(unmap_ranges([(0x5000, 0x6000)].into_iter(), &keep), vec![]);
     }

@@ -408,7 +408,10 @@ impl Shared {
             if let Some(b) = c.map.get(&key) {
                 return Ok((b.clone(), false));
             }
-            (c.free.pop().unwrap_or_default(), c.free.pop().unwrap_or_default())
+            (
+                c.free.pop().unwrap_or_default(),
+                c.free.pop().unwrap_or_default(),
+            )
         };
         let raw = {
             let d = self.decode(run, addr, &mut stored, &mut out)?;

@@ -395,6 +395,10 @@ pub struct Injector {
     seccomp_suspended: bool,
     tx: Option<mpsc::Sender<Job>>,
     worker: Option<thread::JoinHandle<()>>,
+    /// Traced from the thread that attached (see
+    /// [`Injector::attach_owned_thread_here`]): the tracee, and that
+    /// thread's id.
+    here: Option<(Option<machine::Tracee>, i32)>,
 }
 
 impl std::fmt::Debug for Injector {
@@ -403,7 +407,10 @@ impl std::fmt::Debug for Injector {
             .field("pid", &self.pid)
             .field("tid", &self.tid)
             .field("seccomp_suspended", &self.seccomp_suspended)
-            .field("attached", &self.worker.is_some())
+            .field(
+                "attached",
+                &(self.worker.is_some() || self.here.as_ref().is_some_and(|h| h.0.is_some())),
+            )
             .finish()
     }
 }
@@ -461,6 +468,30 @@ impl Injector {
         Self::attach_thread_unchecked(pid, tid, timeout, true)
     }
 
+    /// Like [`Injector::attach_owned_thread`], traced from the calling
+    /// thread itself rather than a tracer thread of its own: every request
+    /// then costs no thread switch (two per request otherwise, the larger
+    /// part of an injected syscall's cost in a restore). The injector must
+    /// stay on this thread: used from another, it refuses
+    /// ([`InjectError::Released`]).
+    pub fn attach_owned_thread_here(
+        pid: i32,
+        tid: i32,
+        timeout: Duration,
+    ) -> Result<Injector, InjectError> {
+        proc::check_thread(pid, tid)?;
+        let t = machine::Tracee::attach(pid, tid, timeout, true)?;
+        Ok(Injector {
+            pid,
+            tid,
+            owned: true,
+            seccomp_suspended: t.seccomp_suspended(),
+            tx: None,
+            worker: None,
+            here: Some((Some(t), nix::unistd::gettid().as_raw())),
+        })
+    }
+
     fn attach_thread_unchecked(
         pid: i32,
         tid: i32,
@@ -491,6 +522,7 @@ impl Injector {
                 seccomp_suspended,
                 tx: Some(tx),
                 worker: Some(worker),
+                here: None,
             }),
             Ok(Err(e)) => {
                 let _ = worker.join();
@@ -688,6 +720,20 @@ impl Injector {
     ) -> Result<R, InjectError> {
         let (pid, tid) = (self.pid, self.tid);
         let released = InjectError::Released { pid, tid };
+        if let Some((slot, owner)) = self.here.as_mut() {
+            if *owner != nix::unistd::gettid().as_raw() {
+                return Err(released);
+            }
+            let Some(t) = slot.as_mut() else {
+                return Err(released);
+            };
+            let r = f(t);
+            if t.released() {
+                // Dropped now, as the tracer thread would end.
+                *slot = None;
+            }
+            return r;
+        }
         let Some(tx) = self.tx.as_ref() else {
             return Err(released);
         };
@@ -724,6 +770,10 @@ impl Injector {
     }
 
     fn shutdown(&mut self) {
+        if let Some((slot, _)) = self.here.as_mut() {
+            // An owned tracee's drop kills a thread not detached.
+            *slot = None;
+        }
         self.tx = None;
         if let Some(w) = self.worker.take() {
             let _ = w.join();
@@ -739,7 +789,7 @@ impl Drop for Injector {
             self.shutdown();
             return;
         }
-        if self.tx.is_some()
+        if (self.tx.is_some() || self.here.as_ref().is_some_and(|h| h.0.is_some()))
             && let Err(e) = self.run(|t| t.detach())
         {
             tracing::warn!(

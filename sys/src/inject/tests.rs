@@ -455,6 +455,74 @@ fn inject_into_thread_blocked_in_read_restarts_it() {
     }
 }
 
+/// Traced from the test's own thread (no tracer thread): syscalls and a
+/// batch of them run, another thread is refused, the detach lets the
+/// target go on in its read; an owned target dropped undetached dies.
+#[test]
+fn attached_here_injects_on_this_thread_only() {
+    let _g = serial();
+    let (rfd, wfd) = pipe();
+    let mut child = fork_child(move || {
+        let mut buf = [0u8; 8];
+        // SAFETY: the kernel writes at most the given length into the buffer, which we own for the call.
+        let n = unsafe { libc::read(rfd, buf.as_mut_ptr() as *mut c_void, buf.len()) };
+        if n == 2 && &buf[..2] == b"ok" { 0 } else { 30 }
+    });
+    let pid = child.pid;
+    wait_in_syscall(pid, libc::SYS_read);
+    let mut inj = Injector::attach_owned_thread_here(pid, pid, T).unwrap();
+    inj.ensure_scratch(None).unwrap();
+    assert_eq!(sys0(&mut inj, libc::SYS_getpid), pid as i64);
+    let calls = vec![
+        (libc::SYS_getpid, [0; 6]),
+        (libc::SYS_gettid, [0; 6]),
+        (libc::SYS_getppid, [0; 6]),
+    ];
+    assert_eq!(
+        inj.syscalls(calls).unwrap(),
+        vec![pid as i64, pid as i64, i64::from(std::process::id() as i32)]
+    );
+    let mut inj = std::thread::scope(|sc| {
+        sc.spawn(move || {
+            let r = inj.syscall(libc::SYS_getpid, [0; 6]);
+            assert!(matches!(r, Err(InjectError::Released { .. })), "{r:?}");
+            inj
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(sys0(&mut inj, libc::SYS_getpid), pid as i64);
+    inj.remove_scratch().unwrap();
+    inj.detach().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    wait_in_syscall(pid, libc::SYS_read);
+    // SAFETY: writes 2 bytes from a static buffer into our pipe.
+    assert_eq!(
+        unsafe { libc::write(wfd, b"ok".as_ptr() as *const c_void, 2) },
+        2
+    );
+    assert_eq!(child.wait(T), 0, "the target went on in its read");
+
+    let mut doomed = fork_child(move || {
+        let mut buf = [0u8; 8];
+        // SAFETY: as above.
+        unsafe { libc::read(rfd, buf.as_mut_ptr() as *mut c_void, buf.len()) };
+        31
+    });
+    wait_in_syscall(doomed.pid, libc::SYS_read);
+    drop(Injector::attach_owned_thread_here(doomed.pid, doomed.pid, T).unwrap());
+    assert_eq!(
+        doomed.wait(T),
+        128 + libc::SIGKILL,
+        "an owned target dropped undetached dies"
+    );
+    // SAFETY: closes fds this code opened and no longer uses.
+    unsafe {
+        libc::close(rfd);
+        libc::close(wfd);
+    }
+}
+
 #[test]
 fn inject_into_sleeping_threads_keeps_their_full_sleep() {
     let _g = serial();
