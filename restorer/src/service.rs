@@ -753,6 +753,9 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
                             have = Some((run.image, run.entry.start, raw));
                         }
                         Err(e) => {
+                            // As on a fault: the process must not run on
+                            // (its threads would wait forever on the pages).
+                            kill(s.pid);
                             s.fail(e);
                             return;
                         }
