@@ -258,8 +258,17 @@ fn unreadable(how: &str) {
         _ => unreachable!(),
     }
     let t = Instant::now();
-    let st = lazy::reap(pid, CMD).unwrap_or_else(|e| panic!("{pages:?} {how}: {e}"));
-    let stats = lazy::wait_stats(&dir, END).unwrap_or_else(|e| panic!("{e}"));
+    let stats = lazy::wait_stats(&dir, CMD).unwrap_or_else(|e| panic!("{e}"));
+    let st = lazy::reap(pid, END).unwrap_or_else(|e| {
+        panic!(
+            "{} {how}: {e}; the page service said {stats}; threads {:?}",
+            pages.display(),
+            proc::tids(pid)
+                .iter()
+                .map(|&t| (t, proc::task_state(pid, t)))
+                .collect::<Vec<_>>()
+        )
+    });
     assert!(
         libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL,
         "{} {how}: the process ended with status {st:#x}, not by SIGKILL ({:?} later); {stats}",
