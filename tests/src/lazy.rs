@@ -25,7 +25,12 @@ pub fn restore_detached(dir: &Path, pid: i32, fill: &[&str]) -> Value {
     args.extend(fill.iter().map(|s| s.to_string()));
     let run = tern(&args);
     let v = run.json();
-    assert_eq!(v["pid"].as_i64(), Some(i64::from(pid)), "{}", run.describe());
+    assert_eq!(
+        v["pid"].as_i64(),
+        Some(i64::from(pid)),
+        "{}",
+        run.describe()
+    );
     assert!(
         v["lazy_service"]["pid"].as_i64().is_some_and(|p| p > 0),
         "no lazy_service.pid: {}",

@@ -71,7 +71,12 @@ fn resume(pid: i32, dir: &Path, fill: &[&str]) -> Value {
     args.extend(fill.iter().map(|s| s.to_string()));
     let run = tern(&args);
     let v = run.json();
-    assert_eq!(v["pid"].as_i64(), Some(i64::from(pid)), "{}", run.describe());
+    assert_eq!(
+        v["pid"].as_i64(),
+        Some(i64::from(pid)),
+        "{}",
+        run.describe()
+    );
     assert_eq!(v["lazy"]["exited"], false, "{}", run.describe());
     v
 }
@@ -100,8 +105,8 @@ fn check_and_end(ck: &mut CkProcess, when: &str) {
 /// Kill the `--prefetch none` service of `v` (it must still be serving),
 /// finish the fill with a resumed one, and check everything.
 fn finish_by_resume(ck: &mut CkProcess, v: &Value, dir: &Path, when: &str) {
-    let serving = lazy::kill_service(lazy::service_pid(v), END)
-        .unwrap_or_else(|e| panic!("{when}: {e}"));
+    let serving =
+        lazy::kill_service(lazy::service_pid(v), END).unwrap_or_else(|e| panic!("{when}: {e}"));
     assert!(
         serving,
         "{when}: the --prefetch none service ended by itself"
@@ -215,7 +220,10 @@ fn service_killed_at_20_random_moments_then_resumed() {
         let serving = lazy::kill_service(lazy::service_pid(&v), END)
             .unwrap_or_else(|e| panic!("{when}: {e}"));
         assert!(serving, "{when}: the fill had already ended");
-        assert!(proc::alive(pid), "{when}: the process died with its service");
+        assert!(
+            proc::alive(pid),
+            "{when}: the process died with its service"
+        );
         // Left without a service a moment: threads wait on missing pages.
         std::thread::sleep(Duration::from_micros(rng.below(100_000)));
         let order = if round % 2 == 0 { "hot" } else { "address" };
@@ -249,7 +257,10 @@ fn unreadable(how: &str) {
         "overwritten" => {
             // In place, same length: only the CRCs can tell.
             use std::os::unix::fs::FileExt;
-            let f = std::fs::OpenOptions::new().write(true).open(&pages).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&pages)
+                .unwrap();
             let len = f.metadata().unwrap().len();
             f.write_all_at(&vec![0x5a; usize::try_from(len).unwrap()], 0)
                 .unwrap();
@@ -299,7 +310,9 @@ fn unreadable(how: &str) {
             chain.images[image].dir.display(),
             p1.display()
         ),
-        other => panic!("the error names {addr:#x}, which has no data in the chain ({other:?}): {err}"),
+        other => {
+            panic!("the error names {addr:#x}, which has no data in the chain ({other:?}): {err}")
+        }
     }
     let sst = lazy::reap(lazy::service_pid(&v), END).unwrap_or_else(|e| panic!("{e}"));
     assert!(
@@ -309,7 +322,9 @@ fn unreadable(how: &str) {
     let fails = read_fails(&ck);
     assert!(fails.is_empty(), "a reader saw wrong memory: {fails:#?}");
     assert!(
-        !ck.lines().iter().any(|l| l == "PASS" || l.starts_with("FAIL")),
+        !ck.lines()
+            .iter()
+            .any(|l| l == "PASS" || l.starts_with("FAIL")),
         "the workload went on to a verdict: {:?}",
         ck.lines()
     );

@@ -66,20 +66,21 @@ fn restore(dir: &Path, flags: &[&str]) -> Child {
 const LAZY: &[&str] = &["--lazy-pages", "--prefetch-mb-s", "16"];
 
 /// After a lazy restore ended (the program exited): its JSON must show
-/// the program ran while pages were lazy (it faulted) and that the fill
-/// completed before it exited.
+/// the program ran while pages were lazy (it faulted) and pages were
+/// served. (It may have exited before the fill ended: `exited`.)
 fn assert_lazy_json(name: &str, r: Child) -> serde_json::Value {
     let out = r.wait_with_output().expect("tern restore output");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap_or("")).unwrap_or_else(|e| {
-        panic!(
-            "lazy restore of {name}: no JSON on stdout ({e}): {stdout:?}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap_or(""))
+        .unwrap_or_else(|e| {
+            panic!(
+                "lazy restore of {name}: no JSON on stdout ({e}): {stdout:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
     let l = &v["lazy"];
     assert!(
-        l["faults"].as_u64() > Some(0) && l["pages"].as_u64() > Some(0) && l["exited"] == false,
+        l["faults"].as_u64() > Some(0) && l["pages"].as_u64() > Some(0),
         "lazy restore of {name}: {v}"
     );
     v
@@ -408,7 +409,10 @@ fn bash_forking_children_restored_lazily() {
     wait_for(&count, "");
     let started = Instant::now();
     while read_counter(&count) < 40 {
-        assert!(started.elapsed() < Duration::from_secs(30), "bash forked fewer than 40 children in 30 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "bash forked fewer than 40 children in 30 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::fs::write(d.join("hold"), "").unwrap();
@@ -441,7 +445,9 @@ fn bash_forking_children_restored_lazily() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let verdict = ck.verdict(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
+    let verdict = ck
+        .verdict(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(verdict, "PASS", "restored forking bash: {:?}", ck.lines());
     let st = wait_deadline(&mut r, Duration::from_secs(20)).expect("tern restore did not exit");
     assert!(st.success(), "tern restore exited {st} though bash passed");

@@ -565,10 +565,10 @@ fn change(kind: &str) -> Result<String, String> {
             g.push(zero(name, again, REGION_PAGES));
         }
         "dontneed" => {
-            sys("madvise", unsafe {
-                libc::madvise(p(16) as _, mid, libc::MADV_DONTNEED)
-            }
-            .into())?;
+            sys(
+                "madvise",
+                unsafe { libc::madvise(p(16) as _, mid, libc::MADV_DONTNEED) }.into(),
+            )?;
             set_segs(
                 name,
                 vec![
@@ -602,14 +602,14 @@ fn change(kind: &str) -> Result<String, String> {
             );
         }
         "mprotect" => {
-            sys("mprotect r", unsafe {
-                libc::mprotect(p(16) as _, mid, libc::PROT_READ)
-            }
-            .into())?;
-            sys("mprotect none", unsafe {
-                libc::mprotect(p(0) as _, 8 * PAGE, libc::PROT_NONE)
-            }
-            .into())?;
+            sys(
+                "mprotect r",
+                unsafe { libc::mprotect(p(16) as _, mid, libc::PROT_READ) }.into(),
+            )?;
+            sys(
+                "mprotect none",
+                unsafe { libc::mprotect(p(0) as _, 8 * PAGE, libc::PROT_NONE) }.into(),
+            )?;
             // The read-only pages, read (faulted in) while read-only.
             let f = {
                 let mut buf = [0u64; WORDS];
@@ -631,10 +631,11 @@ fn change(kind: &str) -> Result<String, String> {
             if !f.is_empty() {
                 return Err(format!("read-only pages: {}", f.join("; ")));
             }
-            sys("mprotect rw", unsafe {
-                libc::mprotect(p(0) as _, 64 * PAGE, libc::PROT_READ | libc::PROT_WRITE)
-            }
-            .into())?;
+            sys(
+                "mprotect rw",
+                unsafe { libc::mprotect(p(0) as _, 64 * PAGE, libc::PROT_READ | libc::PROT_WRITE) }
+                    .into(),
+            )?;
             fill(p(20), p(20), 1);
             set_segs(
                 name,
@@ -656,15 +657,15 @@ fn change(kind: &str) -> Result<String, String> {
             }
             let half = isize::try_from(mid).unwrap();
             if unsafe { libc::sbrk(-half) } as isize == -1 {
-                return Err(format!("sbrk(-{half}): {}", std::io::Error::last_os_error()));
+                return Err(format!(
+                    "sbrk(-{half}): {}",
+                    std::io::Error::last_os_error()
+                ));
             }
             if unsafe { libc::sbrk(half) } as isize == -1 {
                 return Err(format!("sbrk({half}): {}", std::io::Error::last_os_error()));
             }
-            set_segs(
-                name,
-                vec![data(name, r, 32, r, 0), zero(name, p(32), 32)],
-            );
+            set_segs(name, vec![data(name, r, 32, r, 0), zero(name, p(32), 32)]);
         }
         _ => unreachable!(),
     }
@@ -700,7 +701,9 @@ fn fork_check() -> Result<String, String> {
         let r = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
         if r == child {
             return if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
-                Ok(format!("child {child}; main pages lazy at the fork: {lazy}"))
+                Ok(format!(
+                    "child {child}; main pages lazy at the fork: {lazy}"
+                ))
             } else {
                 Err(format!(
                     "child {child} ended with status {status:#x} (main pages lazy at the fork: {lazy})"
@@ -832,7 +835,9 @@ fn main() {
     let reads = s.reads.load(Ordering::Relaxed);
     let rf = s.read_fails.load(Ordering::SeqCst);
     if rf > 0 {
-        fails.push(format!("the readers found {rf} wrong pages (READ-FAIL lines)"));
+        fails.push(format!(
+            "the readers found {rf} wrong pages (READ-FAIL lines)"
+        ));
     }
     if reads == 0 {
         fails.push("the readers read no page".into());
