@@ -209,7 +209,8 @@ fn service_killed_at_20_random_moments_then_resumed() {
     let fill_ms = l["fill_ms"].as_f64().unwrap();
     check_and_end(&mut ck, "after a whole detached fill");
     let mut rng = Rng::from_time();
-    let span = (fill_ms * 800.0) as u64; // microseconds: 80% of the fill
+    // Microseconds: 80% of the fill.
+    let span = u64::try_from(Duration::from_secs_f64(fill_ms * 0.8e-3).as_micros()).unwrap();
     let mut already = Vec::new();
     for round in 0..20 {
         let _ = std::fs::remove_file(dir.join("lazy-stats.json"));

@@ -508,10 +508,9 @@ fn change(kind: &str) -> Result<String, String> {
         "brk" => "brk",
         other => return Err(format!("unknown change {other:?}")),
     };
-    // SAFETY (all blocks below): system calls on this process's own
-    // change region, which nothing else uses.
     match kind {
         "unmap" => {
+            // SAFETY: a system call on this process's own change region, which nothing else uses.
             sys("munmap", unsafe { libc::munmap(p(16) as _, mid) }.into())?;
             set_segs(
                 name,
@@ -535,6 +534,7 @@ fn change(kind: &str) -> Result<String, String> {
         "remap" => {
             // A free place for 96 pages: map it, then let mremap replace it.
             let to = mmap_anon(96 * PAGE, libc::PROT_NONE, None);
+            // SAFETY: a system call on this process's own change region, which nothing else uses.
             let got = unsafe {
                 libc::mremap(
                     r as _,
@@ -567,6 +567,7 @@ fn change(kind: &str) -> Result<String, String> {
         "dontneed" => {
             sys(
                 "madvise",
+                // SAFETY: a system call on this process's own change region, which nothing else uses.
                 unsafe { libc::madvise(p(16) as _, mid, libc::MADV_DONTNEED) }.into(),
             )?;
             set_segs(
@@ -579,6 +580,7 @@ fn change(kind: &str) -> Result<String, String> {
             );
         }
         "mapover" => {
+            // SAFETY: a system call on this process's own change region, which nothing else uses.
             let got = unsafe {
                 libc::mmap(
                     p(16) as _,
@@ -604,10 +606,12 @@ fn change(kind: &str) -> Result<String, String> {
         "mprotect" => {
             sys(
                 "mprotect r",
+                // SAFETY: a system call on this process's own change region, which nothing else uses.
                 unsafe { libc::mprotect(p(16) as _, mid, libc::PROT_READ) }.into(),
             )?;
             sys(
                 "mprotect none",
+                // SAFETY: a system call on this process's own change region, which nothing else uses.
                 unsafe { libc::mprotect(p(0) as _, 8 * PAGE, libc::PROT_NONE) }.into(),
             )?;
             // The read-only pages, read (faulted in) while read-only.
@@ -633,6 +637,7 @@ fn change(kind: &str) -> Result<String, String> {
             }
             sys(
                 "mprotect rw",
+                // SAFETY: a system call on this process's own change region, which nothing else uses.
                 unsafe { libc::mprotect(p(0) as _, 64 * PAGE, libc::PROT_READ | libc::PROT_WRITE) }
                     .into(),
             )?;
@@ -656,12 +661,14 @@ fn change(kind: &str) -> Result<String, String> {
                 ));
             }
             let half = isize::try_from(mid).unwrap();
+            // SAFETY: a system call on this process's own change region, which nothing else uses.
             if unsafe { libc::sbrk(-half) } as isize == -1 {
                 return Err(format!(
                     "sbrk(-{half}): {}",
                     std::io::Error::last_os_error()
                 ));
             }
+            // SAFETY: a system call on this process's own change region, which nothing else uses.
             if unsafe { libc::sbrk(half) } as isize == -1 {
                 return Err(format!("sbrk({half}): {}", std::io::Error::last_os_error()));
             }
