@@ -225,3 +225,24 @@ pub fn read_fails(ck: &CkProcess) -> Vec<String> {
         .filter(|l| l.starts_with("READ-FAIL") || l.starts_with("child FAIL"))
         .collect()
 }
+
+/// Kills (SIGKILL) and reaps the listed orphans when dropped: a failing
+/// test leaves no restored process waiting on its pages, nor its service.
+pub struct KillOnDrop(pub Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let mut st = 0;
+            // SAFETY: waitpid without blocking: 0 only for a child or
+            // orphan of ours still running (one already reaped gives
+            // ECHILD, and its PID may belong to someone else by now).
+            let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL | libc::WNOHANG) };
+            if r == 0 {
+                // SAFETY: kill(2) of our unreaped orphan.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = reap(pid, Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -123,6 +123,7 @@ fn change(kind: &str) {
     lazy::become_subreaper();
     let (mut ck, _root, dir) = checkpointed(&["--mib", "4"], true);
     let v = lazy::restore_detached(&dir, ck.pid, &["--prefetch", "none"]);
+    let _cleanup = lazy::KillOnDrop(vec![ck.pid, lazy::service_pid(&v)]);
     let r = ck_cmd(&ck, &format!("change {kind}"), CMD).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         r, "PASS lazy 64/64",
@@ -170,6 +171,7 @@ fn fork_while_pages_are_lazy() {
     // Slow readers: most of `main` is still lazy at the fork.
     let (mut ck, _root, dir) = checkpointed(&["--mib", "16", "--pace", "20000"], false);
     let v = lazy::restore_detached(&dir, ck.pid, &["--prefetch", "none"]);
+    let _cleanup = lazy::KillOnDrop(vec![ck.pid, lazy::service_pid(&v)]);
     let r = ck_cmd(&ck, "fork", CMD).unwrap_or_else(|e| panic!("{e}"));
     assert!(r.starts_with("PASS"), "the forked child: {r}");
     let lazy_at_fork: u64 = r
@@ -215,6 +217,7 @@ fn service_killed_at_20_random_moments_then_resumed() {
     for round in 0..20 {
         let _ = std::fs::remove_file(dir.join("lazy-stats.json"));
         let v = lazy::restore_detached(&dir, pid, KILL_FILL);
+        let _cleanup = lazy::KillOnDrop(vec![pid, lazy::service_pid(&v)]);
         let delay = Duration::from_micros(rng.below(span.max(1)));
         std::thread::sleep(delay);
         let when = format!("round {round}: service killed {delay:?} into a {fill_ms:.0} ms fill");
@@ -248,6 +251,7 @@ fn unreadable(how: &str) {
     let pages = p1.join("pages.img");
     let chain = restorer::ImageChain::open(&dir).unwrap();
     let v = lazy::restore_detached(&dir, pid, &["--prefetch-mb-s", "4"]);
+    let _cleanup = lazy::KillOnDrop(vec![pid, lazy::service_pid(&v)]);
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         !dir.join("lazy-stats.json").exists(),
