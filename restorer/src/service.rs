@@ -776,6 +776,9 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
                     }
                     Decoded::Same(ri) => (ri, &cur),
                     Decoded::Failed(e) => {
+                        // As on a fault: the process must not run on (its
+                        // threads would wait forever on their pages).
+                        kill(s.pid);
                         s.fail(e);
                         return false;
                     }

@@ -5,6 +5,10 @@
 //! process and exits with its status. Each restored process must also look
 //! from outside as the original did before tern touched it: its maps
 //! (smaps, VmFlags included) and fds, line by line (`proc::shape`).
+//!
+//! `mod lazily`: the same workloads restored with `--lazy-pages`; they run
+//! while their memory comes in, and once the fill is over they hold no
+//! userfaultfd and no VMA registered with one.
 
 use std::path::Path;
 use std::process::Child;
@@ -42,13 +46,27 @@ fn dump(pid: i32, dir: &Path, prev: Option<&Path>, extra: &[&str]) -> Value {
     v
 }
 
-/// Start `tern restore -D DIR --json` (it waits for the process).
-fn start_restore(dir: &Path) -> Child {
-    spawn_tern(&["restore", "-D", &dir.display().to_string(), "--json"])
+/// Start `tern restore -D DIR --json FLAGS...` (it waits for the process).
+fn start_restore(dir: &Path, flags: &[&str]) -> Child {
+    let d = dir.display().to_string();
+    let mut args = vec!["restore", "-D", &d, "--json"];
+    args.extend_from_slice(flags);
+    spawn_tern(&args)
 }
 
-/// Dump `ck` after `pre_dumps` pre-dumps, restore it, and get its verdict.
-fn dump_restore(name: &str, args: &[&str], pre_dumps: usize, extra: &[&str]) -> (String, Value) {
+/// The flags of a lazy restore: memory served through userfaultfd while the
+/// process runs, the fill slowed down so that it runs a while lazily.
+const LAZY: &[&str] = &["--lazy-pages", "--prefetch-mb-s", "64"];
+
+/// Dump `ck` after `pre_dumps` pre-dumps, restore it (`tern restore` with
+/// `restore_flags`), and get its verdict.
+fn dump_restore(
+    name: &str,
+    args: &[&str],
+    pre_dumps: usize,
+    extra: &[&str],
+    restore_flags: &[&str],
+) -> (String, Value) {
     // One at a time: every workload here spins on the 2 cores, and a dump
     // waits on ptrace stops; in parallel they slowed each other past the
     // deadlines on a loaded machine.
@@ -78,10 +96,19 @@ fn dump_restore(name: &str, args: &[&str], pre_dumps: usize, extra: &[&str]) -> 
     assert_eq!(v["verify"]["mismatches"].as_u64(), Some(0), "{v}");
     // The original is gone (killed by the dump); reap it so its PID is free.
     ck.release();
-    let mut restore = start_restore(&dir);
-    // The restore prints its JSON once the process runs again.
+    let mut restore = start_restore(&dir, restore_flags);
+    // The restore prints its JSON once the process runs again (lazily: once
+    // its fill is over).
     let restored = restored_json(&mut restore);
     assert_eq!(restored["pid"].as_i64(), Some(pid as i64), "{restored}");
+    if restore_flags.contains(&"--lazy-pages") {
+        let l = &restored["lazy"];
+        assert!(
+            l["pages"].as_u64() > Some(0) && l["exited"] == false,
+            "ck_{name}: lazy restore JSON: {restored}"
+        );
+        tern_tests::lazy::assert_fill_left_nothing(pid, &format!("ck_{name} after its fill"));
+    }
     // Nothing of tern left in it, nothing of the original missing.
     let after = tern_tests::proc::shape(pid).unwrap_or_else(|e| panic!("{e}"));
     let diff = tern_tests::proc::shape_diff(&before, &after);
@@ -158,10 +185,26 @@ fn assert_pass(name: &str, args: &[&str], pre_dumps: usize) -> Value {
 }
 
 fn assert_pass_with(name: &str, args: &[&str], pre_dumps: usize, extra: &[&str]) -> Value {
-    let (verdict, v) = dump_restore(name, args, pre_dumps, extra);
+    assert_pass_restored(name, args, pre_dumps, extra, &[])
+}
+
+/// Restored with `--lazy-pages`: the workload runs, and checks itself,
+/// while its memory comes in behind it.
+fn assert_pass_lazily(name: &str, args: &[&str], pre_dumps: usize) -> Value {
+    assert_pass_restored(name, args, pre_dumps, &[], LAZY)
+}
+
+fn assert_pass_restored(
+    name: &str,
+    args: &[&str],
+    pre_dumps: usize,
+    extra: &[&str],
+    restore_flags: &[&str],
+) -> Value {
+    let (verdict, v) = dump_restore(name, args, pre_dumps, extra, restore_flags);
     assert_eq!(
         verdict, "PASS",
-        "ck_{name} after dump ({pre_dumps} pre-dumps) + restore"
+        "ck_{name} after dump ({pre_dumps} pre-dumps) + restore {restore_flags:?}"
     );
     v
 }
@@ -284,6 +327,51 @@ fn scheduling() {
 #[test]
 fn scheduling_after_three_pre_dumps() {
     assert_pass("sched", &[], 3);
+}
+
+/// The same workloads restored with `--lazy-pages`.
+mod lazily {
+    use super::assert_pass_lazily;
+
+    #[test]
+    fn memory_after_three_pre_dumps() {
+        assert_pass_lazily("memory", &["--mib", "64"], 3);
+    }
+
+    #[test]
+    fn threads() {
+        assert_pass_lazily("threads", &[], 0);
+    }
+
+    #[test]
+    fn signals() {
+        assert_pass_lazily("signals", &[], 0);
+    }
+
+    #[test]
+    fn fpu() {
+        assert_pass_lazily("fpu", &[], 1);
+    }
+
+    #[test]
+    fn seccomp() {
+        assert_pass_lazily("seccomp", &[], 0);
+    }
+
+    #[test]
+    fn rseq() {
+        assert_pass_lazily("rseq", &[], 0);
+    }
+
+    #[test]
+    fn vdso() {
+        assert_pass_lazily("vdso", &[], 0);
+    }
+
+    #[test]
+    fn files() {
+        assert_pass_lazily("files", &[], 0);
+    }
 }
 
 /// Serialises the tests of this file (see the callers).

@@ -1,7 +1,9 @@
 //! Real programs, dumped after 0 and after 3 pre-dumps, restored, and shown
 //! to carry on: `python3` with a large dict and a thread, a `bash` loop made
 //! of builtins, `sqlite3` with an in-memory database reading commands from
-//! a FIFO the test keeps writing to.
+//! a FIFO the test keeps writing to. `python3` and `sqlite3` also restored
+//! with `--lazy-pages` (working while their memory comes in), and a `bash`
+//! loop whose children, forked while its pages are lazy, read its data.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -51,13 +53,49 @@ fn checkpoint(pid: i32, root: &Path, pre_dumps: usize) -> PathBuf {
     dir
 }
 
-fn restore(dir: &Path) -> Child {
-    spawn_tern(&["restore", "-D", &dir.display().to_string(), "--json"])
+/// `tern restore -D DIR --json FLAGS...` (it waits for the process).
+fn restore(dir: &Path, flags: &[&str]) -> Child {
+    let d = dir.display().to_string();
+    let mut args = vec!["restore", "-D", &d, "--json"];
+    args.extend_from_slice(flags);
+    spawn_tern(&args)
+}
+
+/// A lazy restore whose fill takes a few seconds: the program works while
+/// its memory is still coming in.
+const LAZY: &[&str] = &["--lazy-pages", "--prefetch-mb-s", "16"];
+
+/// After a lazy restore ended (the program exited): its JSON must show
+/// the program ran while pages were lazy (it faulted) and pages were
+/// served. (It may have exited before the fill ended: `exited`.)
+fn assert_lazy_json(name: &str, r: Child) -> serde_json::Value {
+    let out = r.wait_with_output().expect("tern restore output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap_or(""))
+        .unwrap_or_else(|e| {
+            panic!(
+                "lazy restore of {name}: no JSON on stdout ({e}): {stdout:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let l = &v["lazy"];
+    assert!(
+        l["faults"].as_u64() > Some(0) && l["pages"].as_u64() > Some(0),
+        "lazy restore of {name}: {v}"
+    );
+    v
 }
 
 /// A protocol-speaking program: checkpoint, restore, check it goes on
 /// (`progress` grows) and then passes its own check.
-fn carry_on(name: &str, program: &Path, args: &[&str], pre_dumps: usize, progress: &str) {
+fn carry_on(
+    name: &str,
+    program: &Path,
+    args: &[&str],
+    pre_dumps: usize,
+    progress: &str,
+    flags: &[&str],
+) {
     // One at a time: every workload here spins on the 2 cores, and a dump
     // waits on ptrace stops; in parallel they slowed each other past the
     // deadlines on a loaded machine.
@@ -69,7 +107,7 @@ fn carry_on(name: &str, program: &Path, args: &[&str], pre_dumps: usize, progres
     let dir = checkpoint(ck.pid, root.path(), pre_dumps);
     ck.release();
     let before = read_counter(&progress_file);
-    let mut r = restore(&dir);
+    let mut r = restore(&dir, flags);
     // It carries on: the counter moves past where the dump left it.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -101,6 +139,9 @@ fn carry_on(name: &str, program: &Path, args: &[&str], pre_dumps: usize, progres
         st.success(),
         "tern restore exited {st} though {name} passed"
     );
+    if flags.contains(&"--lazy-pages") {
+        assert_lazy_json(name, r);
+    }
 }
 
 fn read_counter(p: &Path) -> u64 {
@@ -177,26 +218,31 @@ fn python_in_a_chroot() {
     let script = root.path().join("prog.py");
     std::fs::write(&script, PYTHON_CHROOT).unwrap();
     let s = script.display().to_string();
-    carry_on("python3", &py, &[&s], 0, "count");
+    carry_on("python3", &py, &[&s], 0, "count", &[]);
 }
 
-fn python(pre_dumps: usize) {
+fn python(pre_dumps: usize, flags: &[&str]) {
     let py = require("/usr/bin/python3", "python3");
     let root = tempdir();
     let script = root.path().join("prog.py");
     std::fs::write(&script, PYTHON).unwrap();
     let s = script.display().to_string();
-    carry_on("python3", &py, &[&s], pre_dumps, "count");
+    carry_on("python3", &py, &[&s], pre_dumps, "count", flags);
 }
 
 #[test]
 fn python_without_pre_dump() {
-    python(0);
+    python(0, &[]);
 }
 
 #[test]
 fn python_after_three_pre_dumps() {
-    python(3);
+    python(3, &[]);
+}
+
+#[test]
+fn python_restored_lazily() {
+    python(1, LAZY);
 }
 
 /// Builtins only (no child process: tern dumps one process).
@@ -212,7 +258,7 @@ done
 
 fn bash(pre_dumps: usize) {
     let b = require("/usr/bin/bash", "bash");
-    carry_on("bash", &b, &["-c", BASH, "bash"], pre_dumps, "count");
+    carry_on("bash", &b, &["-c", BASH, "bash"], pre_dumps, "count", &[]);
 }
 
 #[test]
@@ -227,7 +273,7 @@ fn bash_after_three_pre_dumps() {
 
 /// sqlite3 with an in-memory database reading commands from a FIFO: the
 /// test writes rows before the dump and queries them after the restore.
-fn sqlite(pre_dumps: usize) {
+fn sqlite(pre_dumps: usize, flags: &[&str]) {
     // One at a time: every workload here spins on the 2 cores, and a dump
     // waits on ptrace stops; in parallel they slowed each other past the
     // deadlines on a loaded machine.
@@ -267,7 +313,7 @@ fn sqlite(pre_dumps: usize) {
     let dir = checkpoint(pid, root.path(), pre_dumps);
     let _ = child.kill();
     let _ = child.wait();
-    let mut r = restore(&dir);
+    let mut r = restore(&dir, flags);
     writeln!(
         cmds,
         "INSERT INTO t VALUES (7, 'after');\nSELECT 'after', count(*), sum(x) FROM t;"
@@ -280,6 +326,9 @@ fn sqlite(pre_dumps: usize) {
         st.success(),
         "tern restore (waiting for sqlite3) exited {st}"
     );
+    if flags.contains(&"--lazy-pages") {
+        assert_lazy_json("sqlite3", r);
+    }
 }
 
 fn wait_for(path: &Path, text: &str) {
@@ -302,12 +351,111 @@ fn wait_for(path: &Path, text: &str) {
 
 #[test]
 fn sqlite_without_pre_dump() {
-    sqlite(0);
+    sqlite(0, &[]);
 }
 
 #[test]
 fn sqlite_after_three_pre_dumps() {
-    sqlite(3);
+    sqlite(3, &[]);
+}
+
+#[test]
+fn sqlite_restored_lazily() {
+    sqlite(1, &["--lazy-pages", "--prefetch-mb-s", "2"]);
+}
+
+/// Forks a checking child every few ms, unless DIR/hold exists (then it
+/// says `held` in DIR/state and forks nothing: an image holds one process,
+/// and tern refuses to dump one with a child). Each child reads random
+/// blocks of a 1.3 MB string the parent built before the dump and exits 1
+/// (after a `FAIL child ...` line) if one is wrong.
+const BASH_FORKING: &str = r#"
+out=$2; dir=$(dirname "$out"); n=0; fails=0
+export LC_ALL=C
+printf -v data 'block-%06d;' {1..100000}
+mkfifo "$dir/nap"; exec 3<>"$dir/nap"
+trap 'if ((fails == 0)); then echo PASS >> "$out"; else echo "FAIL $fails children failed" >> "$out"; fi; exit 0' TERM
+echo "ready $$" >> "$out"
+while true; do
+  if [[ -e $dir/hold ]]; then echo held > "$dir/state"; read -t 0.01 -u 3; continue; fi
+  echo run > "$dir/state"
+  ( for j in 1 2 3 4; do
+      k=$(( (RANDOM * 32768 + RANDOM) % 100000 + 1 ))
+      printf -v want 'block-%06d;' $k
+      got=${data:$(( (k - 1) * 13 )):13}
+      if [[ ${#data} != 1300000 || $got != "$want" ]]; then
+        echo "FAIL child: block $k reads '$got' (length ${#data})" >> "$out"; exit 1
+      fi
+    done; exit 0 )
+  if (( $? != 0 )); then fails=$((fails + 1)); fi
+  n=$((n + 1)); if (( n % 20 == 0 )); then echo $n > "$dir/count"; fi
+  read -t 0.003 -u 3
+done
+"#;
+
+/// The forking bash loop, held while it is dumped, restored lazily (a slow
+/// fill) and let go: children forked while the parent's pages are lazy
+/// read the parent's data (served through their own userfaultfds), and at
+/// least 100 of them finish, all right.
+#[test]
+fn bash_forking_children_restored_lazily() {
+    let _one = serial();
+    let b = require("/usr/bin/bash", "bash");
+    let mut ck = CkProcess::start_program("bash", &b, &["-c", BASH_FORKING, "bash"], READY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let d = ck.dir.path().to_path_buf();
+    let count = d.join("count");
+    // It forks a while before the dump: the children work.
+    wait_for(&count, "");
+    let started = Instant::now();
+    while read_counter(&count) < 40 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "bash forked fewer than 40 children in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(d.join("hold"), "").unwrap();
+    let pid = ck.pid;
+    let held = tern_tests::proc::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(d.join("state")).is_ok_and(|s| s.trim() == "held")
+            && std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .is_ok_and(|c| c.trim().is_empty())
+    });
+    assert!(held, "bash did not stop forking within 10 s");
+    let root = tempdir();
+    let dir = checkpoint(pid, root.path(), 0);
+    ck.release();
+    let before = read_counter(&count);
+    let mut r = restore(&dir, &["--lazy-pages", "--prefetch-mb-s", "2"]);
+    std::fs::remove_file(d.join("hold")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_counter(&count) < before + 100 {
+        if Instant::now() > deadline || ck.lines().iter().any(|l| l.starts_with("FAIL")) {
+            // SAFETY: plain kill(2) of the restored PID.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = r.kill();
+            let out = r.wait_with_output().expect("tern restore output");
+            panic!(
+                "restored bash: {} children done since the dump (need 100); result file {:?}\n--- tern restore stderr:\n{}",
+                read_counter(&count) - before,
+                ck.lines(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let verdict = ck
+        .verdict(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(verdict, "PASS", "restored forking bash: {:?}", ck.lines());
+    let st = wait_deadline(&mut r, Duration::from_secs(20)).expect("tern restore did not exit");
+    assert!(st.success(), "tern restore exited {st} though bash passed");
+    let v = assert_lazy_json("bash", r);
+    assert!(
+        v["lazy"]["children"].as_u64() > Some(0),
+        "no child was forked while pages were lazy (the fill was too quick): {v}"
+    );
 }
 
 /// Serialises the tests of this file (see the callers).
