@@ -1723,10 +1723,15 @@ fn address_space(
             0
         };
         pages += filled;
+        // The kernel drops VM_ACCOUNT when an anonymous VMA without an
+        // anon_vma (no page ever in it) is made read-only: one the original
+        // had written (`ac`), left empty here (lazy, or holes only), gets
+        // its anon_vma before `finish_vma` takes PROT_WRITE away.
+        let keeps_account = m.map_prot != m.prot && v.is_private() && v.backing_file().is_none();
+        if filled == 0 && (apart || keeps_account) {
+            give_anon_vma(main, pid, at)?;
+        }
         if apart {
-            if filled == 0 {
-                give_anon_vma(main, pid, at)?;
-            }
             let len = v.end - v.start;
             let r = main.syscall(
                 libc::SYS_mremap,

@@ -184,9 +184,10 @@ impl Space {
         }
     }
 
-    /// Take `[s, e)` out of the mappings; the image pages that lived there
-    /// are gone (counted in `dropped`) unless `keep` says otherwise.
-    fn cut(&mut self, s: u64, e: u64, map: &LazyMap, dropped: &mut u64) -> Vec<Mapping> {
+    /// Take `[s, e)` out of the mappings and return what was there; with
+    /// `dropped`, the image pages that lived there are gone for good (marked
+    /// done, counted); without, they move (a remap) and are still to come.
+    fn cut(&mut self, s: u64, e: u64, map: &LazyMap, dropped: Option<&mut u64>) -> Vec<Mapping> {
         let mut out = Vec::new();
         let mut removed = Vec::new();
         for m in self.maps.drain(..) {
@@ -217,6 +218,9 @@ impl Space {
             }
         }
         self.maps = out;
+        let Some(dropped) = dropped else {
+            return removed;
+        };
         for r in &removed {
             if let Some(img) = r.image {
                 let mut a = img;
@@ -241,11 +245,11 @@ impl Space {
     fn apply(&mut self, c: Change, map: &LazyMap, dropped: &mut u64) {
         match c {
             Change::Unmap { start, end } => {
-                self.cut(start, end, map, dropped);
+                self.cut(start, end, map, Some(dropped));
             }
             Change::Remove { start, end } => {
                 // Emptied: still registered, reads zeros from now on.
-                for r in self.cut(start, end, map, dropped) {
+                for r in self.cut(start, end, map, Some(dropped)) {
                     self.insert(Mapping { image: None, ..r });
                 }
             }
@@ -253,12 +257,14 @@ impl Space {
                 // Whatever was at the destination was unmapped first (its
                 // own event). The old range, if it stays (MREMAP_DONTUNMAP),
                 // is empty.
-                let mut ignore = 0;
-                let moved = self.cut(from, from + len, map, &mut ignore);
+                // The moved pages are still to come, at their new place
+                // (marking them done would leave a fault there answered
+                // "already in" for ever).
+                let moved = self.cut(from, from + len, map, None);
                 for r in &moved {
                     self.insert(Mapping { image: None, ..*r });
                 }
-                self.cut(to, to + len, map, dropped);
+                self.cut(to, to + len, map, Some(dropped));
                 for r in moved {
                     self.insert(Mapping {
                         start: r.start - from + to,
@@ -943,18 +949,24 @@ fn put_locked(
             }
             let dst = cur + (a - s0);
             let mut off = 0;
+            // A copy may span two VMAs (the process split the range, e.g.
+            // with mprotect): the kernel refuses it as if nothing were
+            // mapped. Then page by page, and only a single page refused is
+            // gone.
+            let mut most = b - a;
             while a + off < b {
-                let src = &data[blob_off(a + off)..blob_off(b)];
+                let end = b.min(a + off + most);
+                let src = &data[blob_off(a + off)..blob_off(end)];
                 match copy(&sp.uffd, src, dst + off) {
                     Put::Done => {
-                        for p in (a + off..b).step_by(sys::usize_of(PAGE_SIZE)) {
+                        for p in (a + off..end).step_by(sys::usize_of(PAGE_SIZE)) {
                             if sp.done.insert(idx(p)) {
                                 stats.prefetched += 1;
                                 stats.pages += 1;
                             }
                         }
-                        *moved += b - (a + off);
-                        off = b - a;
+                        *moved += end - (a + off);
+                        off = end - a;
                     }
                     Put::Partial(n) => {
                         let n = n - n % PAGE_SIZE;
@@ -967,7 +979,7 @@ fn put_locked(
                         *moved += n;
                         off += n;
                         // The page after: there already, or gone.
-                        if a + off < b && n == 0 {
+                        if a + off < end && n == 0 {
                             sp.done.insert(idx(a + off));
                             off += PAGE_SIZE;
                         }
@@ -979,9 +991,11 @@ fn put_locked(
                         off += PAGE_SIZE;
                     }
                     Put::Again => return None,
+                    Put::Gone if end - (a + off) > PAGE_SIZE => most = PAGE_SIZE,
                     Put::Gone => {
                         // Not registered any more: a child's range it
-                        // does not have (MADV_DONTFORK).
+                        // does not have (MADV_DONTFORK), or unmapped (its
+                        // event follows).
                         sp.done.insert(idx(a + off));
                         off += PAGE_SIZE;
                     }
