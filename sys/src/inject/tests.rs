@@ -497,10 +497,8 @@ fn attached_here_injects_on_this_thread_only() {
     std::thread::sleep(Duration::from_millis(20));
     wait_in_syscall(pid, libc::SYS_read);
     // SAFETY: writes 2 bytes from a static buffer into our pipe.
-    assert_eq!(
-        unsafe { libc::write(wfd, b"ok".as_ptr() as *const c_void, 2) },
-        2
-    );
+    let n = unsafe { libc::write(wfd, b"ok".as_ptr() as *const c_void, 2) };
+    assert_eq!(n, 2);
     assert_eq!(child.wait(T), 0, "the target went on in its read");
 
     let mut doomed = fork_child(move || {
