@@ -957,19 +957,13 @@ fn put_locked(
             while a + off < b {
                 let end = b.min(a + off + most);
                 let src = &data[blob_off(a + off)..blob_off(end)];
-                match copy(&sp.uffd, src, dst + off) {
-                    Put::Done => {
-                        for p in (a + off..end).step_by(sys::usize_of(PAGE_SIZE)) {
-                            if sp.done.insert(idx(p)) {
-                                stats.prefetched += 1;
-                                stats.pages += 1;
-                            }
-                        }
-                        *moved += end - (a + off);
-                        off = end - a;
-                    }
-                    Put::Partial(n) => {
-                        let n = n - n % PAGE_SIZE;
+                let put = copy(&sp.uffd, src, dst + off);
+                match put {
+                    Put::Done | Put::Partial(_) => {
+                        let n = match put {
+                            Put::Partial(n) => n - n % PAGE_SIZE,
+                            _ => end - (a + off),
+                        };
                         for p in (a + off..a + off + n).step_by(sys::usize_of(PAGE_SIZE)) {
                             if sp.done.insert(idx(p)) {
                                 stats.prefetched += 1;
