@@ -771,6 +771,10 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
         let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let ok = std::thread::scope(|sc| {
             sc.spawn(move || decode_ahead(s, space, order, &tx, &back_rx));
+            // Owned here: dropped when this returns, early too, so that a
+            // reader blocked on a full channel sees it closed and ends
+            // (the scope waits for it).
+            let rx = rx;
             // The decoded bytes of the blob being copied.
             let mut cur: Vec<u8> = Vec::new();
             for msg in rx.iter() {
@@ -809,7 +813,6 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
             }
             true
         });
-        drop(rx);
         if !ok {
             return;
         }
