@@ -614,6 +614,58 @@ fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
     })
 }
 
+/// The output of a running `tern` (spawned with [`spawn_tern`]) read in
+/// the background: stdout line by line, stderr whole.
+pub struct TernOutput {
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl TernOutput {
+    /// Take `child`'s stdout and stderr.
+    pub fn of(child: &mut Child) -> TernOutput {
+        use std::io::BufRead;
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        TernOutput {
+            lines: rx,
+            stderr: child.stderr.take().map(drain),
+        }
+    }
+
+    /// The next non-empty stdout line as JSON, at most `timeout`.
+    pub fn json(&self, timeout: Duration) -> Result<Value, String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .map_err(|e| format!("no JSON line on stdout within {timeout:?} ({e})"))?;
+            if !line.trim().is_empty() {
+                return serde_json::from_str(line.trim())
+                    .map_err(|e| format!("stdout line {line:?}: {e}"));
+            }
+        }
+    }
+
+    /// All of stderr; only once the tern ended (else it waits for it).
+    pub fn stderr(&mut self) -> String {
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
 /// Run `tern ARGS` to completion, at most `timeout` (a hang fails the test).
 pub fn tern_with_timeout<S: AsRef<str>>(args: &[S], timeout: Duration) -> TernRun {
     let t0 = Instant::now();
