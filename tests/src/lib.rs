@@ -190,9 +190,7 @@ impl Workload {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
         }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         drop(cmd);
         let pid = child.id() as i32;
         let (stdin, stdout) = match ours {
@@ -234,7 +232,10 @@ impl Workload {
 
     /// Why it gave no answer: whether it is gone, and how.
     fn describe_state(&mut self) -> String {
-        let st = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        let st = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
         let rst = self
             .restore
             .as_mut()

@@ -442,11 +442,14 @@ pub fn read_ranges(
         for m in maps.iter().filter(|m| m.start < end && m.end > start) {
             let (s, e) = (m.start.max(start), m.end.min(end));
             r.maps.push(format!("{s:x}-{e:x} {} {}", m.perms, m.name));
-            for i in sys::usize_of((s - start) / PAGE_SIZE)..sys::usize_of((e - start) / PAGE_SIZE)
-            {
-                let marker = pm[i] & PM_PRESENT == 0 && pm[i] & PM_SWAP_TYPE == PM_SWP_PTE_MARKER;
+            let (first, last) = (
+                sys::usize_of((s - start) / PAGE_SIZE),
+                sys::usize_of((e - start) / PAGE_SIZE),
+            );
+            for (i, &entry) in pm.iter().enumerate().take(last).skip(first) {
+                let marker = entry & PM_PRESENT == 0 && entry & PM_SWAP_TYPE == PM_SWP_PTE_MARKER;
                 r.mapped[i] = true;
-                r.in_memory[i] = pm[i] & (PM_PRESENT | PM_SWAP) != 0 && !marker;
+                r.in_memory[i] = entry & (PM_PRESENT | PM_SWAP) != 0 && !marker;
                 if !(fault_in || r.in_memory[i] || !m.is_private_anon()) {
                     continue;
                 }

@@ -479,7 +479,8 @@ fn restore_lazily(w: &mut Workload, c: &Chain, track: Option<&str>) {
     let mut written = None;
     let ran = proc::wait_until(RESTORE_WAIT, || {
         written = std::fs::read_to_string(&pidfile).ok();
-        written.as_ref().is_some_and(|s| s.ends_with('\n')) || matches!(restore.try_wait(), Ok(Some(_)))
+        written.as_ref().is_some_and(|s| s.ends_with('\n'))
+            || matches!(restore.try_wait(), Ok(Some(_)))
     });
     if !(ran && written.is_some()) {
         let _ = restore.kill();

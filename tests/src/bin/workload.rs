@@ -530,7 +530,11 @@ impl State {
             if let Some((b, len)) = c.block {
                 // The pages of the realloc'd block (inside glibc's chunk).
                 let first = b & !(PAGE - 1);
-                all.push(("churn.block".into(), first, (b + len - first).div_ceil(PAGE)));
+                all.push((
+                    "churn.block".into(),
+                    first,
+                    (b + len - first).div_ceil(PAGE),
+                ));
             }
         }
         all.sort_by_key(|r| r.1);
