@@ -2,6 +2,12 @@
 //! items 6 and 9), each with the uffd-wp, the soft-dirty and the full-copy
 //! backend. After every round the oracle must hold; with uffd-wp and
 //! soft-dirty the incremental rounds must write what changed and little more.
+//! Each scenario then ends with a final `tern dump` on top of its chain and
+//! a `tern restore --lazy-pages` of it, whose workload must hold what it
+//! held at the dump, page for page, while its pages are still coming in,
+//! and carry on once they are all in (see [`restore_lazily`]). The workload
+//! talks to the test through FIFOs, which the restore opens again by path
+//! ([`Workload::start_restorable`]).
 //!
 //! The `soft_dirty` variants are `#[ignore]`d: this host's kernel has no
 //! soft-dirty, and `cargo xtask vm-test x86-softdirty` runs them (with
