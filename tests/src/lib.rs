@@ -11,10 +11,11 @@ pub mod pattern;
 pub mod proc;
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The directory holding the workspace's binaries: the target directory of
@@ -101,11 +102,21 @@ pub fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
 }
 
 /// A running workload program that answers one JSON line per command. It is
-/// our child; dropping it kills and reaps it.
+/// our child (dropping it kills and reaps it), or, once adopted after a
+/// restore ([`Workload::adopt`]), the child of the `tern restore` that
+/// brought it back (dropping it kills it, and reaps that tern).
 pub struct Workload {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
+    child: Option<Child>,
+    /// `tern restore` waiting for the adopted process.
+    restore: Option<Child>,
+    /// Our write end of its stdin.
+    stdin: Option<File>,
+    /// Our read end of its stdout, and what was read of it past the last line.
+    stdout: File,
+    buf: Vec<u8>,
+    /// With [`Workload::start_restorable`]: the directory of the FIFOs its
+    /// stdin and stdout are, and of its stderr file.
+    fifos: Option<tempfile::TempDir>,
     pid: i32,
     name: String,
 }
@@ -116,35 +127,86 @@ impl Workload {
         Workload::spawn("workload", &[])
     }
 
+    /// Start the `workload` program so that a restore of it can keep
+    /// talking to us: its stdin and stdout are named pipes (FIFOs) in a
+    /// directory of its own, which `tern restore` opens again by path
+    /// (a pipe to us could not be recreated). We keep the FIFOs open (the
+    /// write end of its stdin, its stdout read-write), so that neither end
+    /// sees an end of file while the process is dumped and restored, and
+    /// its stderr is a file there (shown when it fails).
+    pub fn start_restorable() -> Workload {
+        Workload::spawn_with("workload", &[], true)
+    }
+
     /// Start the `selfcheck` program with a `mib` MiB checked region.
     pub fn selfcheck(mib: usize) -> Workload {
         Workload::spawn("selfcheck", &[&mib.to_string()])
     }
 
     pub fn spawn(name: &str, args: &[&str]) -> Workload {
-        let mut child = Command::new(workload_bin(name))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let pid = child.id() as i32;
-        let stdout = child.stdout.take().unwrap();
-        let stdin = child.stdin.take();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
+        Workload::spawn_with(name, args, false)
+    }
+
+    fn spawn_with(name: &str, args: &[&str], fifos: bool) -> Workload {
+        let mut cmd = Command::new(workload_bin(name));
+        cmd.args(args);
+        let mut dir = None;
+        let mut ours: Option<(File, File)> = None;
+        if fifos {
+            let d = tempfile::Builder::new()
+                .prefix("tern-workload-")
+                .tempdir()
+                .expect("tempdir");
+            let (cmd_path, out_path) = (d.path().join("stdin"), d.path().join("stdout"));
+            for p in [&cmd_path, &out_path] {
+                let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+                // SAFETY: mkfifo(3) of a NUL-terminated path.
+                let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+                assert_eq!(
+                    rc,
+                    0,
+                    "mkfifo {}: {}",
+                    p.display(),
+                    std::io::Error::last_os_error()
+                );
             }
-        });
+            // Each read end first, without blocking, then the write ends
+            // (which then do not block either).
+            let its_stdin = open_fifo(&cmd_path, libc::O_RDONLY | libc::O_NONBLOCK);
+            let our_stdin = open_fifo(&cmd_path, libc::O_WRONLY);
+            let our_stdout = open_fifo(&out_path, libc::O_RDWR);
+            let its_stdout = open_fifo(&out_path, libc::O_WRONLY);
+            set_blocking(&its_stdin);
+            let stderr = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(d.path().join("stderr"))
+                .expect("stderr file");
+            cmd.stdin(its_stdin).stdout(its_stdout).stderr(stderr);
+            ours = Some((our_stdin, our_stdout));
+            dir = Some(d);
+        } else {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        drop(cmd);
+        let pid = child.id() as i32;
+        let (stdin, stdout) = match ours {
+            Some((i, o)) => (i, o),
+            None => (
+                File::from(std::os::fd::OwnedFd::from(child.stdin.take().unwrap())),
+                File::from(std::os::fd::OwnedFd::from(child.stdout.take().unwrap())),
+            ),
+        };
         let mut w = Workload {
-            child,
-            stdin,
-            lines: rx,
+            child: Some(child),
+            restore: None,
+            stdin: Some(stdin),
+            stdout,
+            buf: Vec::new(),
+            fifos: dir,
             pid,
             name: name.to_string(),
         };
@@ -160,16 +222,91 @@ impl Workload {
         self.pid
     }
 
+    /// Its stderr (a [`Workload::start_restorable`] one's; empty otherwise).
+    pub fn stderr(&self) -> String {
+        self.fifos
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.path().join("stderr")).ok())
+            .unwrap_or_default()
+    }
+
+    /// Why it gave no answer: whether it is gone, and how.
+    fn describe_state(&mut self) -> String {
+        let st = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        let rst = self
+            .restore
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        format!(
+            "exit status {st:?}, state {:?}{}{}",
+            proc::state(self.pid),
+            rst.map(|s| format!(", the tern restore that holds it exited {s}"))
+                .unwrap_or_default(),
+            Some(self.stderr())
+                .filter(|s| !s.is_empty())
+                .map(|s| format!("; its stderr:\n{s}"))
+                .unwrap_or_default()
+        )
+    }
+
+    /// The next line of its stdout, at most `timeout`; an error at once if
+    /// it ends (end of file, or the process gone).
+    fn read_line(&mut self, timeout: Duration) -> Result<String, String> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Ok(String::from_utf8_lossy(&line[..i]).into_owned());
+            }
+            let now = Instant::now();
+            if now >= end {
+                return Err(format!("no answer within {timeout:?}"));
+            }
+            let wait = (end - now).min(Duration::from_millis(50));
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.stdout),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(wait.as_millis()).unwrap_or(50).max(1);
+            // SAFETY: poll(2) on one pollfd we own.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("poll of its stdout: {e}"));
+            }
+            if r == 0 {
+                // We hold a FIFO stdout read-write (no end of file): see
+                // whether the process is still there.
+                if !proc::alive(self.pid) {
+                    return Err("the process is gone".into());
+                }
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            match self.stdout.read(&mut chunk) {
+                Ok(0) => return Err("its stdout was closed".into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("read of its stdout: {e}")),
+            }
+        }
+    }
+
     fn read_reply(&mut self, timeout: Duration) -> Result<Value, String> {
-        let line = match self.lines.recv_timeout(timeout) {
+        let line = match self.read_line(timeout) {
             Ok(l) => l,
-            Err(_) => {
-                let st = self.child.try_wait().ok().flatten();
+            Err(e) => {
+                let state = self.describe_state();
                 return Err(format!(
-                    "{} (pid {}) gave no answer within {timeout:?}; exit status {st:?}, state {:?}",
-                    self.name,
-                    self.pid,
-                    proc::state(self.pid)
+                    "{} (pid {}) gave no answer: {e}; {state}",
+                    self.name, self.pid
                 ));
             }
         };
@@ -240,7 +377,7 @@ impl Workload {
         // SAFETY: kill(2) takes integers only.
         unsafe { libc::kill(self.pid, libc::SIGTERM) };
         let v = self.read_reply(Duration::from_secs(10));
-        let st = wait_deadline(&mut self.child, Duration::from_secs(10));
+        let st = self.wait_exit(Duration::from_secs(10));
         let v = v.unwrap_or_else(|e| panic!("selfcheck after SIGTERM: {e}; exit {st:?}"));
         assert_eq!(v["result"], "PASS", "selfcheck after SIGTERM: {v}");
         assert!(
@@ -249,15 +386,113 @@ impl Workload {
         );
     }
 
-    /// Wait for the process to exit by itself (at most `timeout`).
+    /// Wait for the process to exit by itself (at most `timeout`); SIGKILL
+    /// it past that (None). An adopted process's status is the one its
+    /// `tern restore` exits with (a signal `N` as exit code 128 + N).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        wait_deadline(&mut self.child, timeout)
+        match (self.child.as_mut(), self.restore.as_mut()) {
+            (Some(c), _) => wait_deadline(c, timeout),
+            (None, Some(r)) => {
+                let st = wait_deadline(r, timeout);
+                if st.is_none() {
+                    // The restore is reaped; the process dies with it (its
+                    // parent death signal) or by ours.
+                    // SAFETY: kill(2) takes integers only.
+                    unsafe { libc::kill(self.pid, libc::SIGKILL) };
+                }
+                self.restore = None;
+                st
+            }
+            (None, None) => None,
+        }
     }
 
     /// Kill and reap now.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut r) = self.restore.take() {
+            // The adopted process is not reaped while its tern restore
+            // runs: its PID is still its own.
+            if r.try_wait().ok().flatten().is_none() {
+                // SAFETY: kill(2) takes integers only.
+                unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            }
+            if wait_deadline(&mut r, Duration::from_secs(10)).is_none() {
+                eprintln!("tern restore of PID {} did not end: killed", self.pid);
+            }
+        }
+    }
+
+    /// The process was killed by a `tern dump`: reap it (at most
+    /// `timeout`), so that its PID is free for the restore. Its status.
+    pub fn reap_dumped(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        let c = self.child.as_mut().ok_or("not our child")?;
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Ok(st);
+            }
+            if Instant::now() > end {
+                return Err(format!(
+                    "{} (pid {}) still runs {timeout:?} after its dump (state {:?})",
+                    self.name,
+                    self.pid,
+                    proc::state(self.pid)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Take over the process `restore` (a running `tern restore`, not
+    /// detached) brought back with this PID: commands go to it through the
+    /// same FIFOs ([`Workload::start_restorable`]), and `restore` reaps it.
+    /// It must be running, untraced, and waiting for a command.
+    pub fn adopt(&mut self, restore: Child) -> Result<(), String> {
+        if self.fifos.is_none() {
+            return Err("only a workload started with start_restorable can be adopted".into());
+        }
+        if self.child.is_some() {
+            return Err("the original is not reaped yet (reap_dumped)".into());
+        }
+        self.restore = Some(restore);
+        self.buf.clear();
+        assert_running_untraced(self.pid, "the restored workload");
+        self.settle()
+    }
+
+    /// The `tern restore` that holds an adopted process.
+    pub fn restore_mut(&mut self) -> Option<&mut Child> {
+        self.restore.as_mut()
+    }
+}
+
+/// Open the FIFO `path` with `flags` (and O_CLOEXEC).
+fn open_fifo(path: &Path, flags: i32) -> File {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: open(2) of a NUL-terminated path; the fd is ours.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    assert!(
+        fd >= 0,
+        "open {} ({flags:#o}): {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd that nothing else owns.
+    File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Clear O_NONBLOCK on `f`'s open file description.
+fn set_blocking(f: &File) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+    // SAFETY: fcntl(2) on our own fd.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
     }
 }
 
@@ -265,10 +500,13 @@ impl Drop for Workload {
     fn drop(&mut self) {
         self.stdin.take();
         // Let it go on its own for a moment (it kills and reaps its own child).
-        if wait_deadline(&mut self.child, Duration::from_millis(0)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if let Some(c) = self.child.as_mut()
+            && wait_deadline(c, Duration::from_millis(0)).is_none()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
         }
+        self.kill();
     }
 }
 
@@ -375,6 +613,58 @@ fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
         let _ = r.read_to_end(&mut s);
         String::from_utf8_lossy(&s).into_owned()
     })
+}
+
+/// The output of a running `tern` (spawned with [`spawn_tern`]) read in
+/// the background: stdout line by line, stderr whole.
+pub struct TernOutput {
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl TernOutput {
+    /// Take `child`'s stdout and stderr.
+    pub fn of(child: &mut Child) -> TernOutput {
+        use std::io::BufRead;
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        TernOutput {
+            lines: rx,
+            stderr: child.stderr.take().map(drain),
+        }
+    }
+
+    /// The next non-empty stdout line as JSON, at most `timeout`.
+    pub fn json(&self, timeout: Duration) -> Result<Value, String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .map_err(|e| format!("no JSON line on stdout within {timeout:?} ({e})"))?;
+            if !line.trim().is_empty() {
+                return serde_json::from_str(line.trim())
+                    .map_err(|e| format!("stdout line {line:?}: {e}"));
+            }
+        }
+    }
+
+    /// All of stderr; only once the tern ended (else it waits for it).
+    pub fn stderr(&mut self) -> String {
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
 }
 
 /// Run `tern ARGS` to completion, at most `timeout` (a hang fails the test).

@@ -360,3 +360,165 @@ pub fn write_reference_image(pid: i32, dir: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     Ok(())
 }
+
+/// What a named page range of a process held: its mappings (clipped to
+/// the range), and per page whether it was mapped, whether it was in memory
+/// (present or swapped, from /proc/PID/pagemap, before anything was read)
+/// and its bytes (zeros where nothing was mapped or read).
+#[derive(Debug, Clone)]
+pub struct RangeImage {
+    pub name: String,
+    pub start: u64,
+    pub pages: u64,
+    /// `start-end perms name` of each mapping overlapping the range, clipped.
+    pub maps: Vec<String>,
+    pub mapped: Vec<bool>,
+    pub in_memory: Vec<bool>,
+    pub data: Vec<u8>,
+}
+
+impl RangeImage {
+    fn page(&self, i: usize) -> &[u8] {
+        let p = sys::usize_of(PAGE_SIZE);
+        &self.data[i * p..(i + 1) * p]
+    }
+
+    /// Pages that were mapped and held something other than zeros.
+    pub fn data_pages(&self) -> u64 {
+        (0..sys::usize_of(self.pages))
+            .filter(|&i| self.mapped[i] && self.page(i).iter().any(|&b| b != 0))
+            .count() as u64
+    }
+}
+
+/// Stop `pid` and read the page ranges `ranges` (name, start, pages).
+///
+/// `fault_in` false: as the oracle reads a target, private anonymous pages
+/// that are not in memory are not read (they read as zeros, and reading
+/// would populate them). `fault_in` true: every mapped page is read, as the
+/// process's own access would: in a process restored with `--lazy-pages` a
+/// page not in yet faults and its userfaultfd service brings it (reading
+/// does not wait for the background fill). `in_memory` is taken before
+/// anything is read either way.
+pub fn read_ranges(
+    pid: i32,
+    ranges: &[(String, u64, u64)],
+    fault_in: bool,
+) -> Result<Vec<RangeImage>, String> {
+    let _stop = Stopped::new(pid)?;
+    let maps = proc::maps(pid)?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .map_err(|e| format!("/proc/{pid}/mem: {e}"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+        .map_err(|e| format!("/proc/{pid}/pagemap: {e}"))?;
+    let psz = sys::usize_of(PAGE_SIZE);
+    let mut out = Vec::new();
+    // Every range's pagemap first: nothing read yet.
+    let mut entries = Vec::new();
+    for (name, start, pages) in ranges {
+        let n = sys::usize_of(*pages);
+        let mut pm = vec![0u8; n * 8];
+        pagemap
+            .read_exact_at(&mut pm, start / PAGE_SIZE * 8)
+            .map_err(|e| format!("/proc/{pid}/pagemap at {start:#x} ({name}): {e}"))?;
+        entries.push(
+            pm.chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+                .collect::<Vec<u64>>(),
+        );
+    }
+    for ((name, start, pages), pm) in ranges.iter().zip(entries) {
+        let (start, n) = (*start, sys::usize_of(*pages));
+        let end = start + pages * PAGE_SIZE;
+        let mut r = RangeImage {
+            name: name.clone(),
+            start,
+            pages: *pages,
+            maps: Vec::new(),
+            mapped: vec![false; n],
+            in_memory: vec![false; n],
+            data: vec![0u8; n * psz],
+        };
+        for m in maps.iter().filter(|m| m.start < end && m.end > start) {
+            let (s, e) = (m.start.max(start), m.end.min(end));
+            r.maps.push(format!("{s:x}-{e:x} {} {}", m.perms, m.name));
+            let (first, last) = (
+                sys::usize_of((s - start) / PAGE_SIZE),
+                sys::usize_of((e - start) / PAGE_SIZE),
+            );
+            for (i, &entry) in pm.iter().enumerate().take(last).skip(first) {
+                let marker = entry & PM_PRESENT == 0 && entry & PM_SWAP_TYPE == PM_SWP_PTE_MARKER;
+                r.mapped[i] = true;
+                r.in_memory[i] = entry & (PM_PRESENT | PM_SWAP) != 0 && !marker;
+                if !(fault_in || r.in_memory[i] || !m.is_private_anon()) {
+                    continue;
+                }
+                let a = start + i as u64 * PAGE_SIZE;
+                mem.read_exact_at(&mut r.data[i * psz..(i + 1) * psz], a)
+                    .map_err(|e| format!("/proc/{pid}/mem at {a:#x} ({name}, {m}): {e}"))?;
+            }
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Compare the ranges read from a process (`actual`) with what they held
+/// before (`expect`, the same ranges in the same order): the same mappings,
+/// and every page the same bytes. Returns the differences (at most a few
+/// pages each), empty if none.
+pub fn compare_ranges(expect: &[RangeImage], actual: &[RangeImage]) -> Vec<String> {
+    let mut errs = Vec::new();
+    if expect.len() != actual.len() {
+        errs.push(format!(
+            "{} ranges expected, {} read",
+            expect.len(),
+            actual.len()
+        ));
+    }
+    for (x, y) in expect.iter().zip(actual) {
+        let what = format!("{} ({:#x}, {} pages)", x.name, x.start, x.pages);
+        if (x.start, x.pages) != (y.start, y.pages) {
+            errs.push(format!("{what}: compared with {:#x}+{}", y.start, y.pages));
+            continue;
+        }
+        if x.maps != y.maps {
+            errs.push(format!(
+                "{what}: mapped as {:?}, expected as {:?}",
+                y.maps, x.maps
+            ));
+        }
+        let mut ndiff = 0;
+        for i in 0..sys::usize_of(x.pages) {
+            let (a, b) = (x.page(i), y.page(i));
+            if a == b && x.mapped[i] == y.mapped[i] {
+                continue;
+            }
+            ndiff += 1;
+            if ndiff > 8 {
+                continue;
+            }
+            let addr = x.start + i as u64 * PAGE_SIZE;
+            let how = if x.mapped[i] != y.mapped[i] {
+                format!("mapped {} (expected {})", y.mapped[i], x.mapped[i])
+            } else if b.iter().all(|&c| c == 0) {
+                format!(
+                    "reads as zeros where it held data (in memory before: {}, now: {})",
+                    x.in_memory[i], y.in_memory[i]
+                )
+            } else {
+                let first = a.iter().zip(b).position(|(p, q)| p != q).unwrap();
+                format!(
+                    "first difference at byte {first:#x}: {} where it held {}",
+                    hex16(&b[first..]),
+                    hex16(&a[first..])
+                )
+            };
+            errs.push(format!("{what}: page {i} ({addr:#x}) {how}"));
+        }
+        if ndiff > 8 {
+            errs.push(format!("{what}: {ndiff} pages differ in all"));
+        }
+    }
+    errs
+}

@@ -2,6 +2,12 @@
 //! items 6 and 9), each with the uffd-wp, the soft-dirty and the full-copy
 //! backend. After every round the oracle must hold; with uffd-wp and
 //! soft-dirty the incremental rounds must write what changed and little more.
+//! Each scenario then ends with a final `tern dump` on top of its chain and
+//! a `tern restore --lazy-pages` of it, whose workload must hold what it
+//! held at the dump, page for page, while its pages are still coming in,
+//! and carry on once they are all in (see [`restore_lazily`]). The workload
+//! talks to the test through FIFOs, which the restore opens again by path
+//! ([`Workload::start_restorable`]).
 //!
 //! The `soft_dirty` variants are `#[ignore]`d: this host's kernel has no
 //! soft-dirty, and `cargo xtask vm-test x86-softdirty` runs them (with
@@ -96,7 +102,7 @@ fn with_merges(
 }
 
 fn dirty_sets(track: Option<&str>) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     w.cmd("alloc a 1024 rand");
     w.cmd("alloc b 1024 light");
     let mut c = Chain::new(w.pid(), track, &[]);
@@ -113,10 +119,11 @@ fn dirty_sets(track: Option<&str>) {
     w.cmd("dirty a 0-99");
     let v = c.round("again");
     check_incremental(track, &v, set.len() as u64 + 100, "again");
+    restore_lazily(&mut w, &c, track);
 }
 
 fn zap(track: Option<&str>) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     w.cmd("alloc a 128 rand");
     w.cmd("alloc b 64 light");
     let mut c = Chain::new(w.pid(), track, &[]);
@@ -131,10 +138,11 @@ fn zap(track: Option<&str>) {
     c.round("zap everything of a");
     w.cmd("dirty a 127");
     c.round("one page of a zapped region");
+    restore_lazily(&mut w, &c, track);
 }
 
 fn mremap_move_and_grow(track: Option<&str>) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     w.cmd("alloc a 64 rand");
     w.cmd("alloc b 32 light");
     let mut c = Chain::new(w.pid(), track, &[]);
@@ -152,10 +160,11 @@ fn mremap_move_and_grow(track: Option<&str>) {
     w.cmd("grow a 256");
     w.cmd("dirty a 100-110,255");
     c.round("a grown (MAYMOVE)");
+    restore_lazily(&mut w, &c, track);
 }
 
 fn unmap_and_map_anew(track: Option<&str>) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     w.cmd("alloc a 64 rand");
     let b = addr_of(&w.cmd("alloc b 32 light"));
     w.cmd("alloc keep 16 rand");
@@ -173,10 +182,11 @@ fn unmap_and_map_anew(track: Option<&str>) {
     c.round("a mapped anew, smaller, zero-filled");
     w.cmd(&format!("alloc c 32 rand at={b:#x}"));
     c.round("c mapped where b was");
+    restore_lazily(&mut w, &c, track);
 }
 
 fn kernel_writes_through_read(track: Option<&str>) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     let a = addr_of(&w.cmd("alloc a 64 rand"));
     w.cmd("alloc n 32 none");
     let mut c = Chain::new(w.pid(), track, &[]);
@@ -194,10 +204,11 @@ fn kernel_writes_through_read(track: Option<&str>) {
     w.cmd("readfill n 0 32 pipe");
     let v = c.round("read(2) into never-touched pages");
     check_incremental(track, &v, 32, "read into untouched pages");
+    restore_lazily(&mut w, &c, track);
 }
 
 fn threads(track: Option<&str>) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     w.cmd("alloc a 1024 light");
     let mut c = Chain::new(w.pid(), track, &[]);
     c.round("start");
@@ -207,10 +218,11 @@ fn threads(track: Option<&str>) {
     check_incremental(track, &v, 1024, "4 threads");
     w.cmd("threads a 8 0-100,300-400,1000-1023");
     c.round("8 threads");
+    restore_lazily(&mut w, &c, track);
 }
 
 fn forked_child_writes_its_copy(track: Option<&str>) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     w.cmd("alloc a 256 rand");
     w.cmd("alloc b 64 light");
     let pid = w.pid();
@@ -238,10 +250,11 @@ fn forked_child_writes_its_copy(track: Option<&str>) {
     w.cmd("dirty b 0-3");
     c.round("after the child exited");
     assert_untracked_exactly(pid, &baseline, "after fork");
+    restore_lazily(&mut w, &c, track);
 }
 
 fn process_vm_writev_from_outside(track: Option<&str>) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     let a = addr_of(&w.cmd("alloc a 64 rand"));
     let n = addr_of(&w.cmd("alloc n 16 none"));
     let mut c = Chain::new(w.pid(), track, &[]);
@@ -259,10 +272,11 @@ fn process_vm_writev_from_outside(track: Option<&str>) {
     process_vm_write(w.pid(), a + 10 * 4096 + 4090, &[2u8; 12]); // crosses into page 11
     let v = c.round("process_vm_writev across a page boundary");
     check_incremental(track, &v, 3, "process_vm_writev across pages");
+    restore_lazily(&mut w, &c, track);
 }
 
 fn mprotect_splits(track: Option<&str>) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     w.cmd("alloc a 64 rand");
     let mut c = Chain::new(w.pid(), track, &[]);
     c.round("start");
@@ -275,10 +289,11 @@ fn mprotect_splits(track: Option<&str>) {
     w.cmd("dirty a 33");
     let v = c.round("made writable again and dirtied");
     check_incremental(track, &v, 5, "after mprotect rw");
+    restore_lazily(&mut w, &c, track);
 }
 
 fn new_regions_between_rounds(track: Option<&str>) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     let a = addr_of(&w.cmd("alloc a 32 rand"));
     let mut c = Chain::new(w.pid(), track, &[]);
     c.round("start");
@@ -298,6 +313,7 @@ fn new_regions_between_rounds(track: Option<&str>) {
     w.cmd("dirty sh 0-15");
     let v = c.round("shared region dirtied");
     check_incremental(track, &v, 16, "shared dirtied");
+    restore_lazily(&mut w, &c, track);
 }
 
 /// Issue 13: every round, a small region is mapped (untouched), the one
@@ -320,7 +336,7 @@ fn realloc_beside_a_big_region(track: Option<&str>) {
 
 fn churn_rounds(track: Option<&str>, mode: &str) {
     const BIG: u64 = 4096;
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     let big = addr_of(&w.cmd(&format!("alloc big {BIG} light")));
     let mut c = Chain::new(w.pid(), track, &[]);
     c.round("start");
@@ -345,6 +361,7 @@ fn churn_rounds(track: Option<&str>, mode: &str) {
             check_incremental(track, &v, n, &what);
         }
     }
+    restore_lazily(&mut w, &c, track);
 }
 
 /// The tail of a region moved away and back: back in place, it merges with
@@ -354,7 +371,7 @@ fn churn_rounds(track: Option<&str>, mode: &str) {
 /// would be missed. The oracle must hold; with uffd-wp, the round copies
 /// the region whole (nothing tells which of its pages were written).
 fn pages_moved_back_next_to_their_region(track: Option<&str>) {
-    let mut w = Workload::start();
+    let mut w = Workload::start_restorable();
     let a = addr_of(&w.cmd("alloc a 64 rand"));
     let mut c = Chain::new(w.pid(), track, &[]);
     c.round("start");
@@ -377,4 +394,203 @@ fn pages_moved_back_next_to_their_region(track: Option<&str>) {
     w.cmd("dirty a 7,62");
     let v = c.round("a written again");
     check_incremental(track, &v, 2, "a armed again");
+    restore_lazily(&mut w, &c, track);
+}
+
+/// The fill of a scenario's restore takes about this long (its rate is
+/// set from the chain's lazy pages): long enough that pages are still
+/// lazy when the restored workload is first checked, short enough to add
+/// little to the test.
+const FILL_SECS: f64 = 0.8;
+/// Deadline for the restore's process to run, and for its fill to end.
+const RESTORE_WAIT: Duration = Duration::from_secs(60);
+
+/// The end of every scenario: a final `tern dump` on top of its chain,
+/// `tern restore --lazy-pages` (the fill slowed down), and then:
+///
+/// - while pages are still lazy (at least one page that held data is not in
+///   yet: asserted), the workload answers commands: each of its regions'
+///   checksum, computed by the process itself reading its memory (faulting
+///   the lazy pages in), is the one of what it held at the dump; then
+///   every page of every region it made (its own, a churn's mappings)
+///   holds what it held at the dump, read from outside (a missing page is
+///   brought by the service), with the same mappings;
+/// - once the fill is over (`tern restore` prints its JSON): the process
+///   holds no userfaultfd and no VMA registered with one; a new pre-dump
+///   chain of the restored process holds the oracle, before and after it
+///   dirties pages of each region (uffd-wp: and that round copies what was
+///   dirtied); it exits 0 when told, and `tern restore` with it.
+///
+/// What the workload held at the dump is read (not faulting anything in)
+/// just before the dump, while it waits for a command: nothing changes it
+/// in between.
+fn restore_lazily(w: &mut Workload, c: &Chain, track: Option<&str>) {
+    let pid = w.pid();
+    let regions: Vec<(String, u64, u64)> = w.cmd("regions")["regions"]
+        .as_array()
+        .expect("regions")
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_string(),
+                r["addr"].as_u64().unwrap(),
+                r["pages"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let held = oracle::read_ranges(pid, &regions, false).unwrap_or_else(|e| panic!("{e}"));
+    let data_pages: u64 = held.iter().map(|r| r.data_pages()).sum();
+    assert!(data_pages > 0, "the regions hold no data: {regions:?}");
+
+    // The final dump, on top of the chain.
+    let dir = c.root.path().join("dump");
+    let prev = c.dir().display().to_string();
+    let mut extra: Vec<&str> = c.extra.iter().map(String::as_str).collect();
+    extra.extend(["--prev-images-dir", &prev, "--verify"]);
+    let v = tern(&dump_args(pid, &dir, &extra)).json();
+    assert_eq!(v["killed"], true, "the dump did not kill the workload: {v}");
+    assert_eq!(
+        v["verify"]["mismatches"].as_u64(),
+        Some(0),
+        "the dump's own verification: {v}"
+    );
+    w.reap_dumped(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // The fill's rate, from the pages it has to bring.
+    let chain = restorer::ImageChain::open(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let lazy_pages = restorer::lazy::LazyMap::of(&chain).pages;
+    drop(chain);
+    let mb = (lazy_pages * 4096) as f64 / 1e6;
+    // Whole MB/s, at least 1.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let rate = (mb / FILL_SECS).floor().max(1.0) as u64;
+    let pidfile = c.root.path().join("restored.pid");
+    let d = dir.display().to_string();
+    let p = pidfile.display().to_string();
+    let rate_s = rate.to_string();
+    let mut restore = spawn_tern(&[
+        "restore",
+        "-D",
+        &d,
+        "--lazy-pages",
+        "--prefetch-mb-s",
+        &rate_s,
+        "--json",
+        "--pidfile",
+        &p,
+    ]);
+    let mut out = TernOutput::of(&mut restore);
+    // The PID file is written once the process runs (before the fill).
+    let mut written = None;
+    let ran = proc::wait_until(RESTORE_WAIT, || {
+        written = std::fs::read_to_string(&pidfile).ok();
+        written.as_ref().is_some_and(|s| s.ends_with('\n'))
+            || matches!(restore.try_wait(), Ok(Some(_)))
+    });
+    if !(ran && written.is_some()) {
+        let _ = restore.kill();
+        let st = restore.wait();
+        panic!(
+            "tern restore -D {d}: the process did not run within {RESTORE_WAIT:?} (tern: {st:?}):\n{}",
+            out.stderr()
+        );
+    }
+    assert_eq!(
+        written.as_deref().map(str::trim),
+        Some(pid.to_string().as_str()),
+        "--pidfile"
+    );
+    let t_run = std::time::Instant::now();
+    w.adopt(restore).unwrap_or_else(|e| panic!("{e}"));
+
+    // While lazy: how many pages that held data are not in yet (nothing
+    // faulted in by this look).
+    let first = oracle::read_ranges(pid, &regions, false).unwrap_or_else(|e| panic!("{e}"));
+    let mut lazy_seen = 0u64;
+    for (h, f) in held.iter().zip(&first) {
+        for i in 0..f.in_memory.len() {
+            let p = &h.data[i * 4096..(i + 1) * 4096];
+            if h.mapped[i] && f.mapped[i] && !f.in_memory[i] && p.iter().any(|&b| b != 0) {
+                lazy_seen += 1;
+            }
+        }
+    }
+    let look_ms = t_run.elapsed().as_secs_f64() * 1e3;
+    assert!(
+        lazy_seen > 0,
+        "no page of the regions was lazy {look_ms:.0} ms after the restored process ran ({lazy_pages} lazy pages in all, filled at {rate} MB/s): this check shows nothing"
+    );
+    // The process reads its memory itself.
+    for (h, (name, _, _)) in held.iter().zip(&regions) {
+        if !own_region(name) {
+            continue;
+        }
+        let sum = w.cmd(&format!("sum {name}"))["sum"].as_u64().unwrap();
+        assert_eq!(
+            sum,
+            tern_tests::pattern::fnv(&h.data),
+            "region {name}: the restored process's own checksum of its {} pages differs from what it held at the dump",
+            h.pages
+        );
+    }
+    // Every page, from outside.
+    let now = oracle::read_ranges(pid, &regions, true).unwrap_or_else(|e| panic!("{e}"));
+    let errs = oracle::compare_ranges(&held, &now);
+    assert!(
+        errs.is_empty(),
+        "the restored workload's memory differs from what it held at the dump ({lazy_seen} pages still lazy at the first look):\n  {}",
+        errs.join("\n  ")
+    );
+
+    // The fill ends.
+    let r = out.json(RESTORE_WAIT).unwrap_or_else(|e| {
+        w.kill();
+        panic!("tern restore -D {d} --lazy-pages: {e}\n{}", out.stderr())
+    });
+    assert_eq!(r["pid"].as_i64(), Some(i64::from(pid)), "{r}");
+    let l = &r["lazy"];
+    assert_eq!(l["exited"], false, "the restored workload exited: {r}");
+    assert!(
+        l["pages"].as_u64() >= Some(lazy_seen),
+        "{lazy_seen} pages that held data were not in at the first look, but the service brought fewer pages: {r}"
+    );
+    tern_tests::lazy::assert_fill_left_nothing(pid, "the restored workload after its fill");
+    eprintln!(
+        "lazy restore of pid {pid}: {lazy_pages} lazy pages at {rate} MB/s; first look {look_ms:.0} ms after it ran: {lazy_seen} of {data_pages} region pages with data not in; service: {l}"
+    );
+
+    // It goes on, and can be checkpointed again.
+    let mut again = Chain::new(pid, track, &[]);
+    again.round("restored, after its fill");
+    let mut dirtied = 0;
+    for (name, _, pages) in &regions {
+        if own_region(name) && *pages > 0 {
+            let idx = if *pages > 1 {
+                format!("0,{}", pages - 1)
+            } else {
+                "0".into()
+            };
+            dirtied += w.cmd(&format!("dirty {name} {idx}"))["pages"]
+                .as_u64()
+                .unwrap();
+        }
+    }
+    let v = again.round("restored, regions dirtied");
+    if track == Some("uffd-wp") {
+        assert_incremental(&v, dirtied, "the restored workload, regions dirtied");
+    }
+    w.send("exit").unwrap_or_else(|e| panic!("{e}"));
+    let st = w.wait_exit(Duration::from_secs(10));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "the restored workload, told to exit, ended with {st:?}; tern restore:\n{}",
+        out.stderr()
+    );
+}
+
+/// A region the workload allocated by name (not a churn's mapping, nor
+/// pages moved out: `churn.*`, `moved_out.*`).
+fn own_region(name: &str) -> bool {
+    !name.contains('.')
 }

@@ -12,6 +12,9 @@
 //! alloc NAME PAGES [rand|light|zero|none] [shared] [populate] [at=ADDR] [seed=N]
 //!                                       -> addr, len   (fills every page)
 //! addr NAME                             -> addr, len, pages
+//! regions                               -> regions: [{name, addr, pages}] of every
+//!                                       region, and of the mappings a churn keeps
+//!                                       (`churn.*`) and pages moved out
 //! dirty NAME IDX[,A-B...]               write new contents into those pages
 //! dirty_frac NAME FRAC SEED             the pages of pattern::frac_set
 //! zap NAME FIRST COUNT                  madvise(MADV_DONTNEED)
@@ -203,6 +206,7 @@ impl State {
                 let r = self.region(w.get(1))?;
                 Ok(region_json(r))
             }
+            "regions" => self.regions_json(),
             "dirty" => {
                 let spec = w.get(2).ok_or("missing index list")?;
                 let r = self.region(w.get(1))?;
@@ -498,6 +502,47 @@ impl State {
             }
             other => Err(format!("unknown command {other:?}")),
         }
+    }
+
+    /// Every page range this program mapped and still holds, by name.
+    fn regions_json(&self) -> Reply {
+        if self.churn_bg.is_some() {
+            return Err("a background churn is running: its mappings change".into());
+        }
+        let mut all: Vec<(String, usize, usize)> = self
+            .regions
+            .iter()
+            .map(|(n, r)| (n.clone(), r.addr, r.pages))
+            .collect();
+        if let Some((name, _, at, count)) = &self.moved_out {
+            all.push((format!("moved_out.{name}"), *at, *count));
+        }
+        if let Some(c) = &self.churn {
+            for (i, &(a, n)) in c.small.iter().enumerate() {
+                all.push((format!("churn.small.{i}"), a, n));
+            }
+            if let Some((a, n)) = c.fresh {
+                all.push(("churn.fresh".into(), a, n));
+            }
+            if let Some((a, n)) = c.renewed {
+                all.push(("churn.renewed".into(), a, n));
+            }
+            if let Some((b, len)) = c.block {
+                // The pages of the realloc'd block (inside glibc's chunk).
+                let first = b & !(PAGE - 1);
+                all.push((
+                    "churn.block".into(),
+                    first,
+                    (b + len - first).div_ceil(PAGE),
+                ));
+            }
+        }
+        all.sort_by_key(|r| r.1);
+        let items: Vec<String> = all
+            .iter()
+            .map(|(n, a, p)| format!("{{\"name\":{},\"addr\":{a},\"pages\":{p}}}", json_str(n)))
+            .collect();
+        Ok(format!("\"regions\":[{}]", items.join(",")))
     }
 
     fn alloc(&mut self, w: &[&str]) -> Reply {
