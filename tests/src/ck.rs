@@ -233,6 +233,15 @@ impl CkProcess {
             }
             if let Some(st) = self.try_wait() {
                 self.child = None;
+                // It may have written its verdict between the read above
+                // and its exit.
+                if let Some(l) = self
+                    .lines()
+                    .into_iter()
+                    .find(|l| l == "PASS" || l.starts_with("FAIL"))
+                {
+                    return Ok(l);
+                }
                 return Err(format!(
                     "ck_{} exited ({st}) without a verdict; result file: {:?}; stderr: {}",
                     self.name,
