@@ -24,7 +24,8 @@ use crate::chain::ImageChain;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Prefetch {
     /// The pages the chain saw written last first: the final dump's, then
-    /// the live rounds', then each pre-dump's, newest first; then by address.
+    /// the live rounds', then each pre-dump's, newest first; within each,
+    /// those written in most rounds first, then by address.
     #[default]
     Hot,
     /// By address.
@@ -85,6 +86,9 @@ pub struct Run {
     pub entry: PageEntry,
     /// Index of the run's first page among all the lazy data pages.
     pub first: u64,
+    /// How many images of the chain have pages of this range (1: written
+    /// in one round only; a page of the hot set is in every image).
+    pub rounds: u16,
 }
 
 impl Run {
@@ -172,6 +176,7 @@ impl LazyMap {
                             image,
                             entry: *e,
                             first: 0,
+                            rounds: 1,
                         });
                     }
                 }
@@ -183,6 +188,19 @@ impl LazyMap {
                 .map(|e| (e.start, e.end()))
                 .collect();
             covered = union(&covered, &mine);
+        }
+        // Rounds: the run's own image, and every older one with pages in
+        // its range (entries are sorted and disjoint).
+        for r in &mut runs {
+            let older = chain.images[r.image + 1..]
+                .iter()
+                .filter(|img| {
+                    let es = &img.pagemap.entries;
+                    let i = es.partition_point(|e| e.end() <= r.start);
+                    es.get(i).is_some_and(|e| e.start < r.end)
+                })
+                .count();
+            r.rounds = u16::try_from(1 + older).unwrap_or(u16::MAX);
         }
         runs.sort_unstable_by_key(|r| r.start);
         let mut pages = 0;
@@ -217,7 +235,13 @@ impl LazyMap {
     pub fn order(&self, prefetch: Prefetch) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.runs.len()).collect();
         match prefetch {
-            Prefetch::Hot => idx.sort_by_key(|&i| (self.runs[i].image, self.runs[i].start)),
+            // Within an image, the pages written in most rounds first: a
+            // final dump holds the hot set and the few pages a round
+            // happened to touch; the hot set is in every image before it.
+            Prefetch::Hot => idx.sort_by_key(|&i| {
+                let r = &self.runs[i];
+                (r.image, std::cmp::Reverse(r.rounds), r.start)
+            }),
             Prefetch::Address => {}
             Prefetch::None => idx.clear(),
         }

@@ -676,10 +676,12 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
 }
 
 /// Wait until the new process (or thread `tid`) sleeps in its read. It gets
-/// there within a few hundred microseconds: polled closely at first (every
-/// millisecond of a restore counts), then less.
+/// there within a few hundred microseconds: polled every 10 µs for the first
+/// 2 ms (every millisecond of a restore counts, and a doubling nap would
+/// overshoot by as much as it waited), then less.
 fn blocks_in_time(pid: i32, tid: Option<i32>, deadline: Instant) -> bool {
-    let mut nap = Duration::from_micros(20);
+    let t0 = Instant::now();
+    let mut nap = Duration::from_micros(10);
     loop {
         if sys::proc::stat(pid, tid).is_ok_and(|s| s.state == 'S') {
             return true;
@@ -688,7 +690,9 @@ fn blocks_in_time(pid: i32, tid: Option<i32>, deadline: Instant) -> bool {
             return false;
         }
         std::thread::sleep(nap);
-        nap = (nap * 2).min(Duration::from_millis(1));
+        if t0.elapsed() > Duration::from_millis(2) {
+            nap = (nap * 2).min(Duration::from_millis(1));
+        }
     }
 }
 

@@ -16,8 +16,11 @@
 //!   a fault with `UFFDIO_COPY` of its page (or `UFFDIO_ZEROPAGE` where the
 //!   image has no data, or the range was since emptied), an event by
 //!   updating where each range of the image now lives (`Space`);
-//! - the fill thread decodes page blobs outside the lock, then copies them
-//!   in chunks under it, in prefetch order.
+//! - the fill thread copies page blobs in chunks under it, in prefetch
+//!   order; a reader thread of its own reads, checks and decodes them
+//!   outside the lock, well ahead of the copies, into a cache the fault
+//!   thread looks in first (with the hot pages first in the fill's order,
+//!   a fault on one mostly finds its blob decoded already).
 //!
 //! The kernel fails a copy with EAGAIN while an event is unread; reading
 //! and applying events under the lock that copies hold closes the rest of
@@ -57,9 +60,18 @@ const FILL_CHUNK: u64 = 32 * PAGE_SIZE;
 /// the rest of its pages in at once, so a blob is seldom wanted twice; an
 /// evicted one's buffer is decoded into next.
 const BLOB_CACHE_BYTES: usize = 4 << 20;
+/// Blobs the fill's reader decodes ahead of its copies. Far enough that a
+/// fault on the pages the fill goes to next finds them decoded (the reader
+/// decodes a 128 KiB blob in ~5 µs, the copies move it in ~40 µs).
+const FILL_AHEAD: usize = 32;
 /// Spare decode buffers kept, faulted in (a fresh buffer costs a page
 /// fault per page: twice the read and check of a blob).
-const FREE_BUFFERS: usize = 8;
+const FREE_BUFFERS: usize = 2 * FILL_AHEAD + 8;
+/// Spare buffers kept for faults, made before the first one.
+const WARM_BUFFERS: usize = 8;
+/// How often a page file is checked for removal or replacement, ns (a stat
+/// of the open file and one of its path: 2-5 µs, too much for every blob).
+const CHANGED_CHECK_NS: u64 = 1_000_000;
 
 #[derive(Debug, Clone)]
 pub struct ServiceOptions {
@@ -277,13 +289,27 @@ impl Space {
     }
 }
 
-/// Decoded page blobs, shared by the two threads, oldest dropped first.
+/// Decoded page blobs, shared by the threads: those a fault decoded
+/// (oldest dropped first), and those the fill's reader decoded ahead,
+/// until the fill has copied them.
+/// A blob: (image, its first page's address).
+type BlobKey = (usize, u64);
+/// A blob's decoded pages.
+type BlobBytes = Arc<Vec<u8>>;
+
 struct Blobs {
-    map: HashMap<(usize, u64), Arc<Vec<u8>>>,
-    order: VecDeque<(usize, u64)>,
+    /// Blob (image, offset in its image's address space) -> its decoded
+    /// pages, and whether the fill's reader decoded it (the fill drops it).
+    map: HashMap<BlobKey, (BlobBytes, bool)>,
+    /// The blobs faults decoded, oldest first.
+    order: VecDeque<BlobKey>,
     bytes: usize,
     /// Buffers to decode into, already faulted in.
     free: Vec<Vec<u8>>,
+    /// The same, kept for faults (the fill's reader takes every spare one
+    /// it finds, and a fault decoding into fresh memory waits 30-90 µs
+    /// more).
+    fault_free: Vec<Vec<u8>>,
 }
 
 struct Shared {
@@ -292,6 +318,10 @@ struct Shared {
     map: LazyMap,
     state: Mutex<State>,
     blobs: Mutex<Blobs>,
+    /// Per image: when its page file was last found unchanged (ns from
+    /// `t0`).
+    checked: Vec<std::sync::atomic::AtomicU64>,
+    t0: Instant,
     stop: AtomicBool,
     /// The fault thread wants the state: the fill lets it go first.
     fault_waiting: AtomicBool,
@@ -386,10 +416,15 @@ impl Shared {
             file: file.clone(),
             what,
         };
-        if let Some(why) = img.pages_file_changed() {
-            return Err(unreadable(format!(
-                "the file {why} after the restore began"
-            )));
+        let now = u64::try_from(self.t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let last = &self.checked[run.image];
+        if now.saturating_sub(last.load(Ordering::Relaxed)) > CHANGED_CHECK_NS {
+            if let Some(why) = img.pages_file_changed() {
+                return Err(unreadable(format!(
+                    "the file {why} after the restore began"
+                )));
+            }
+            last.store(now, Ordering::Relaxed);
         }
         img.read_stored_into(&run.entry, stored)
             .map_err(|e| unreadable(e.to_string()))?;
@@ -406,18 +441,20 @@ impl Shared {
     /// neighbouring faults come from the same blob). Decoded into buffers
     /// of blobs evicted before: a fresh buffer costs a page fault per page,
     /// as much as the decoding itself.
-    /// The second value says whether it was decoded now (not cached).
-    fn blob(&self, run: &Run, addr: u64) -> Result<(Arc<Vec<u8>>, bool), LazyError> {
+    fn blob(&self, run: &Run, addr: u64) -> Result<Arc<Vec<u8>>, LazyError> {
         let key = (run.image, run.entry.start);
         let (mut stored, mut out) = {
             let mut c = lock(&self.blobs);
-            if let Some(b) = c.map.get(&key) {
-                return Ok((b.clone(), false));
+            if let Some((b, _)) = c.map.get(&key) {
+                return Ok(b.clone());
             }
-            (
-                c.free.pop().unwrap_or_default(),
-                c.free.pop().unwrap_or_default(),
-            )
+            let mut take = || {
+                c.fault_free
+                    .pop()
+                    .or_else(|| c.free.pop())
+                    .unwrap_or_default()
+            };
+            (take(), take())
         };
         let raw = {
             let d = self.decode(run, addr, &mut stored, &mut out)?;
@@ -426,22 +463,79 @@ impl Shared {
         let (data, spare) = if raw { (stored, out) } else { (out, stored) };
         let data = Arc::new(data);
         let mut c = lock(&self.blobs);
-        c.free.push(spare);
+        c.fault_free.push(spare);
         c.bytes += data.len();
-        c.map.insert(key, data.clone());
+        c.map.insert(key, (data.clone(), false));
         c.order.push_back(key);
         while c.bytes > BLOB_CACHE_BYTES
             && let Some(old) = c.order.pop_front()
         {
-            if let Some(b) = c.map.remove(&old) {
-                c.bytes -= b.len();
-                if let Ok(v) = Arc::try_unwrap(b) {
-                    c.free.push(v);
+            match c.map.remove(&old) {
+                Some((b, false)) => {
+                    c.bytes -= b.len();
+                    if let Ok(v) = Arc::try_unwrap(b) {
+                        c.fault_free.push(v);
+                    }
                 }
+                // The fill's since (it took a fault's): its to drop.
+                Some(fill) => {
+                    c.map.insert(old, fill);
+                }
+                None => {}
             }
         }
-        c.free.truncate(FREE_BUFFERS);
-        Ok((data, true))
+        c.fault_free.truncate(WARM_BUFFERS);
+        Ok(data)
+    }
+
+    /// The fill's reader: the decoded blob of `run`, from the cache (a
+    /// fault decoded it) or decoded now into a spare buffer and cached
+    /// for faults until the fill has copied it ([`Shared::copied`]).
+    fn blob_ahead(&self, run: &Run) -> Result<Arc<Vec<u8>>, LazyError> {
+        let key = (run.image, run.entry.start);
+        let (mut stored, mut out) = {
+            let mut c = lock(&self.blobs);
+            if let Some((b, fill)) = c.map.get_mut(&key) {
+                // A fault's: the fill drops it once copied.
+                *fill = true;
+                let b = b.clone();
+                if let Some(i) = c.order.iter().position(|k| *k == key) {
+                    c.order.remove(i);
+                    c.bytes -= b.len();
+                }
+                return Ok(b);
+            }
+            (
+                c.free.pop().unwrap_or_default(),
+                c.free.pop().unwrap_or_default(),
+            )
+        };
+        let raw = {
+            let d = self.decode(run, run.start, &mut stored, &mut out)?;
+            std::ptr::eq(d.as_ptr(), stored.as_ptr())
+        };
+        let (data, spare) = if raw { (stored, out) } else { (out, stored) };
+        let data = Arc::new(data);
+        let mut c = lock(&self.blobs);
+        c.free.push(spare);
+        c.map.entry(key).or_insert_with(|| (data.clone(), true));
+        Ok(data)
+    }
+
+    /// The fill has copied blob `key` (`data`): out of the cache, its
+    /// buffer decoded into next.
+    fn copied(&self, key: BlobKey, data: BlobBytes) {
+        let mut c = lock(&self.blobs);
+        if let Some((b, true)) = c.map.get(&key)
+            && Arc::ptr_eq(b, &data)
+        {
+            c.map.remove(&key);
+        }
+        if let Ok(v) = Arc::try_unwrap(data)
+            && c.free.len() < FREE_BUFFERS
+        {
+            c.free.push(v);
+        }
     }
 
     fn fail(&self, e: LazyError) {
@@ -631,6 +725,7 @@ fn serve_locked(
         already_in = stats.already_in,
         "lazy pages: serving"
     );
+    let images_in_chain = chain.images.len();
     let shared = Arc::new(Shared {
         pid,
         chain,
@@ -645,9 +740,10 @@ fn serve_locked(
             map: HashMap::new(),
             order: VecDeque::new(),
             bytes: 0,
+            free: Vec::new(),
             // Warm buffers from the start: the first faults come before
-            // any blob was evicted.
-            free: (0..FREE_BUFFERS)
+            // any blob was evicted (the fill's reader warms its own).
+            fault_free: (0..WARM_BUFFERS)
                 .map(|_| {
                     let mut v = vec![1u8; sys::usize_of(images::BLOB_PAGES * PAGE_SIZE)];
                     v.clear();
@@ -655,6 +751,10 @@ fn serve_locked(
                 })
                 .collect(),
         }),
+        checked: (0..images_in_chain)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect(),
+        t0: Instant::now(),
         stop: AtomicBool::new(false),
         fault_waiting: AtomicBool::new(false),
         failure: Mutex::new(None),
@@ -751,6 +851,20 @@ fn alive(pid: i32) -> bool {
     sys::proc::stat(pid, None).is_ok_and(|s| s.state != 'Z' && s.state != 'X')
 }
 
+/// Whether `pid` is alive and stays so: a process killed a moment ago may
+/// still be on its way out (it fails our injections before it is a
+/// zombie); give it 100 ms to get there.
+fn still_alive(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
 /// The background fill: every space, the process's first, run by run in
 /// `order`, chunk by chunk. Reading, checking and decoding the blobs runs on
 /// a thread of its own a few blobs ahead of the copies: the two together
@@ -768,23 +882,26 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
             }
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(FILL_AHEAD);
-        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let ok = std::thread::scope(|sc| {
-            sc.spawn(move || decode_ahead(s, space, order, &tx, &back_rx));
+            sc.spawn(move || decode_ahead(s, space, order, &tx));
             // Owned here: dropped when this returns, early too, so that a
             // reader blocked on a full channel sees it closed and ends
             // (the scope waits for it).
             let rx = rx;
-            // The decoded bytes of the blob being copied.
-            let mut cur: Vec<u8> = Vec::new();
+            // The blob being copied, decoded.
+            let mut cur: Option<(BlobKey, BlobBytes)> = None;
+            let empty = Arc::new(Vec::new());
             for msg in rx.iter() {
                 let (ri, data) = match msg {
                     Decoded::Blob(ri, data) => {
-                        let old = std::mem::replace(&mut cur, data);
-                        let _ = back_tx.send(old);
-                        (ri, &cur)
+                        let run = &s.map.runs[ri];
+                        if let Some((key, old)) = cur.replace(((run.image, run.entry.start), data))
+                        {
+                            s.copied(key, old);
+                        }
+                        (ri, cur.as_ref().map_or(&empty, |c| &c.1))
                     }
-                    Decoded::Same(ri) => (ri, &cur),
+                    Decoded::Same(ri) => (ri, cur.as_ref().map_or(&empty, |c| &c.1)),
                     Decoded::Failed(e) => {
                         // As on a fault: the process must not run on (its
                         // threads would wait forever on their pages).
@@ -811,6 +928,9 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
                     }
                 }
             }
+            if let Some((key, data)) = cur {
+                s.copied(key, data);
+            }
             true
         });
         if !ok {
@@ -820,36 +940,32 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
     }
 }
 
-/// Blobs decoded ahead of the copies.
-const FILL_AHEAD: usize = 4;
-
 enum Decoded {
     /// Run `.0`, whose blob's decoded bytes are `.1`.
-    Blob(usize, Vec<u8>),
+    Blob(usize, Arc<Vec<u8>>),
     /// Run `.0`, from the same blob as the run before it.
     Same(usize),
     Failed(LazyError),
 }
 
 /// The fill's reader: the blob of every run in `order` with pages still
-/// missing in space `space`, decoded, sent to the copies in order. Buffers
-/// come back through `back` (fresh memory would cost a page fault a page).
+/// missing in space `space`, decoded, sent to the copies in order.
 fn decode_ahead(
     s: &Shared,
     space: usize,
     order: &[usize],
     tx: &std::sync::mpsc::SyncSender<Decoded>,
-    back: &std::sync::mpsc::Receiver<Vec<u8>>,
 ) {
     let mut last: Option<(usize, u64)> = None;
-    let mut spare: Vec<Vec<u8>> = Vec::new();
     for &ri in order {
         if s.stop.load(Ordering::SeqCst) {
             return;
         }
         let run = s.map.runs[ri];
-        {
-            let st = lock(&s.state);
+        // Skip a run whose pages are all in already (faults put them), if
+        // the state is free: waiting for it behind a busy fault thread
+        // would leave the copies nothing decoded to copy (they look again).
+        if let Ok(st) = s.state.try_lock() {
             let Some(sp) = st.spaces.get(space) else {
                 return;
             };
@@ -864,20 +980,16 @@ fn decode_ahead(
         let msg = if last == Some(key) {
             Decoded::Same(ri)
         } else {
-            spare.extend(back.try_iter());
-            let mut stored = spare.pop().unwrap_or_default();
-            let mut out = spare.pop().unwrap_or_default();
-            let raw = match s.decode(&run, run.start, &mut stored, &mut out) {
-                Ok(d) => std::ptr::eq(d.as_ptr(), stored.as_ptr()),
+            match s.blob_ahead(&run) {
+                Ok(data) => {
+                    last = Some(key);
+                    Decoded::Blob(ri, data)
+                }
                 Err(e) => {
                     let _ = tx.send(Decoded::Failed(e));
                     return;
                 }
-            };
-            let (data, other) = if raw { (stored, out) } else { (out, stored) };
-            spare.push(other);
-            last = Some(key);
-            Decoded::Blob(ri, data)
+            }
         };
         if tx.send(msg).is_err() {
             return;
@@ -1239,7 +1351,7 @@ fn answer_fault(
             if sp.done.contains(idx) {
                 Put::Exists
             } else {
-                let (data, fresh) = s.blob(&run, a).inspect_err(|_| kill(s.pid))?;
+                let data = s.blob(&run, a).inspect_err(|_| kill(s.pid))?;
                 let off = sys::usize_of(ia - run.entry.start);
                 let r = copy(&uffd, &data[off..off + sys::usize_of(PAGE_SIZE)], a);
                 if matches!(r, Put::Done) {
@@ -1247,25 +1359,23 @@ fn answer_fault(
                     if sp.done.insert(idx) {
                         st.stats.pages += 1;
                     }
-                    if fresh {
-                        // The thread runs on; its next faults are most
-                        // likely its neighbours: the rest of the blob
-                        // decoded for it goes in now.
-                        record_fault(st, t_wake);
-                        let mut moved = 0;
-                        put_locked(
-                            s,
-                            st,
-                            space,
-                            &run,
-                            run.start,
-                            run.end,
-                            &data,
-                            &mut Vec::new(),
-                            &mut moved,
-                        );
-                        return Ok(true);
-                    }
+                    // The thread runs on; its next faults are most likely
+                    // its neighbours: the rest of the run goes in now
+                    // (the pages not in yet).
+                    record_fault(st, t_wake);
+                    let mut moved = 0;
+                    put_locked(
+                        s,
+                        st,
+                        space,
+                        &run,
+                        run.start,
+                        run.end,
+                        &data,
+                        &mut Vec::new(),
+                        &mut moved,
+                    );
+                    return Ok(true);
                 }
                 r
             }
@@ -1359,7 +1469,7 @@ fn finish(s: &Shared, uffd: &Uffd, fd_in_process: i32, timeout: Duration) -> Res
             d
         })();
         if let Err(e) = r {
-            if p == pid && alive(pid) {
+            if p == pid && still_alive(pid) {
                 return Err(err(format!(
                     "closing its copy of the userfaultfd (fd {fd_in_process}): {e}"
                 )));
