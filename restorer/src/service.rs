@@ -60,6 +60,26 @@ const FILL_CHUNK: u64 = 32 * PAGE_SIZE;
 /// the rest of its pages in at once, so a blob is seldom wanted twice; an
 /// evicted one's buffer is decoded into next.
 const BLOB_CACHE_BYTES: usize = 4 << 20;
+/// Niceness of the fill's threads.
+const FILL_NICE: i32 = 10;
+
+/// Put the calling fill thread below the restored process (nice
+/// [`FILL_NICE`]): on a machine whose cores the process keeps busy, the
+/// fill takes what the process leaves rather than slowing it down; the
+/// pages it waits for come through the fault thread, which runs first.
+fn below_the_process(pid: i32) {
+    let tid = nix::unistd::gettid().as_raw();
+    let attr = sys::sched::SchedAttr {
+        size: sys::sched::SCHED_ATTR_SIZE_VER1,
+        sched_policy: sys::sched::SCHED_NORMAL,
+        sched_nice: FILL_NICE,
+        ..Default::default()
+    };
+    if let Err(e) = sys::sched::set_attr(tid, &attr) {
+        tracing::debug!(pid, "lazy pages: fill thread keeps its niceness: {e}");
+    }
+}
+
 /// Blobs the fill's reader decodes ahead of its copies. Far enough that a
 /// fault on the pages the fill goes to next finds them decoded (the reader
 /// decodes a 128 KiB blob in ~5 µs, the copies move it in ~40 µs).
@@ -870,6 +890,7 @@ fn still_alive(pid: i32) -> bool {
 /// a thread of its own a few blobs ahead of the copies: the two together
 /// on one thread made the fill a third slower than the copies alone.
 fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
+    below_the_process(s.pid);
     let t0 = Instant::now();
     let mut bytes = 0u64;
     let mut pieces = Vec::new();
@@ -883,7 +904,10 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(FILL_AHEAD);
         let ok = std::thread::scope(|sc| {
-            sc.spawn(move || decode_ahead(s, space, order, &tx));
+            sc.spawn(move || {
+                below_the_process(s.pid);
+                decode_ahead(s, space, order, &tx)
+            });
             // Owned here: dropped when this returns, early too, so that a
             // reader blocked on a full channel sees it closed and ends
             // (the scope waits for it).
