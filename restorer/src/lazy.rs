@@ -153,7 +153,8 @@ impl LazyMap {
             .filter(|v| is_lazy(v))
             .map(|v| (v.start, v.end))
             .collect();
-        let mut runs = Vec::new();
+        let entries: usize = chain.images.iter().map(|i| i.pagemap.entries.len()).sum();
+        let mut runs = Vec::with_capacity(entries);
         let mut covered: Vec<(u64, u64)> = Vec::new();
         let mut pieces = Vec::new();
         for (image, img) in chain.images.iter().enumerate() {
@@ -181,6 +182,10 @@ impl LazyMap {
                     }
                 }
             }
+            if image + 1 == chain.images.len() {
+                // The oldest (usually the biggest): nothing older to cover.
+                break;
+            }
             let mine: Vec<(u64, u64)> = img
                 .pagemap
                 .entries
@@ -202,7 +207,9 @@ impl LazyMap {
                 .count();
             r.rounds = u16::try_from(1 + older).unwrap_or(u16::MAX);
         }
-        runs.sort_unstable_by_key(|r| r.start);
+        // Each image's runs are in address order already: a stable sort
+        // merges those few sorted stretches.
+        runs.sort_by_key(|r| r.start);
         let mut pages = 0;
         for r in &mut runs {
             r.first = pages;

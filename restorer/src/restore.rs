@@ -522,9 +522,18 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     // while the build waits on the process (it takes milliseconds for a
     // big chain, and the process's first faults would wait for it).
     let (res, map) = std::thread::scope(|sc| {
-        let map = opts
-            .lazy
-            .then(|| sc.spawn(|| crate::lazy::LazyMap::of(&plan.chain)));
+        let map = opts.lazy.then(|| {
+            sc.spawn(|| {
+                let t = Instant::now();
+                let m = crate::lazy::LazyMap::of(&plan.chain);
+                tracing::debug!(
+                    runs = m.runs.len(),
+                    "lazy map made in {:.1} ms",
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+                m
+            })
+        });
         let res = build(&plan, pid, opts);
         (res, map.and_then(|h| h.join().ok()))
     });
