@@ -60,10 +60,10 @@ const FILL_CHUNK: u64 = 32 * PAGE_SIZE;
 /// the rest of its pages in at once, so a blob is seldom wanted twice; an
 /// evicted one's buffer is decoded into next.
 const BLOB_CACHE_BYTES: usize = 4 << 20;
-/// Niceness of the fill's threads.
+/// Niceness of the fill's copying thread.
 const FILL_NICE: i32 = 10;
 
-/// Put the calling fill thread below the restored process (nice
+/// Put the fill's copying thread below the restored process (nice
 /// [`FILL_NICE`]): on a machine whose cores the process keeps busy, the
 /// fill takes what the process leaves rather than slowing it down; the
 /// pages it waits for come through the fault thread, which runs first.
@@ -904,10 +904,10 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(FILL_AHEAD);
         let ok = std::thread::scope(|sc| {
-            sc.spawn(move || {
-                below_the_process(s.pid);
-                decode_ahead(s, space, order, &tx)
-            });
+            // The reader keeps the process's niceness: it is light (a
+            // blob in ~5 µs), and behind it the faults find nothing
+            // decoded.
+            sc.spawn(move || decode_ahead(s, space, order, &tx));
             // Owned here: dropped when this returns, early too, so that a
             // reader blocked on a full channel sees it closed and ends
             // (the scope waits for it).
