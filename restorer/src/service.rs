@@ -60,26 +60,6 @@ const FILL_CHUNK: u64 = 32 * PAGE_SIZE;
 /// the rest of its pages in at once, so a blob is seldom wanted twice; an
 /// evicted one's buffer is decoded into next.
 const BLOB_CACHE_BYTES: usize = 4 << 20;
-/// Niceness of the fill's copying thread.
-const FILL_NICE: i32 = 10;
-
-/// Put the fill's copying thread below the restored process (nice
-/// [`FILL_NICE`]): on a machine whose cores the process keeps busy, the
-/// fill takes what the process leaves rather than slowing it down; the
-/// pages it waits for come through the fault thread, which runs first.
-fn below_the_process(pid: i32) {
-    let tid = nix::unistd::gettid().as_raw();
-    let attr = sys::sched::SchedAttr {
-        size: sys::sched::SCHED_ATTR_SIZE_VER1,
-        sched_policy: sys::sched::SCHED_NORMAL,
-        sched_nice: FILL_NICE,
-        ..Default::default()
-    };
-    if let Err(e) = sys::sched::set_attr(tid, &attr) {
-        tracing::debug!(pid, "lazy pages: fill thread keeps its niceness: {e}");
-    }
-}
-
 /// Blobs the fill's reader decodes ahead of its copies. Far enough that a
 /// fault on the pages the fill goes to next finds them decoded (the reader
 /// decodes a 128 KiB blob in ~5 µs, the copies move it in ~40 µs).
@@ -800,7 +780,25 @@ fn serve_locked(
     };
     let t_fill = Instant::now();
     let order = shared.map.order(opts.prefetch);
-    fill(&shared, &order, opts.rate_mb_s);
+    std::thread::scope(|sc| {
+        let on_its_own = std::thread::Builder::new()
+            .name("tern-fill".into())
+            .spawn_scoped(sc, || fill(&shared, &order, opts.rate_mb_s));
+        match on_its_own {
+            Ok(h) => {
+                if h.join().is_err() {
+                    shared.fail(LazyError::Service {
+                        pid,
+                        what: "the fill thread panicked".into(),
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::debug!(pid, "lazy pages: no fill thread ({e}): filling from here");
+                fill(&shared, &order, opts.rate_mb_s);
+            }
+        }
+    });
     let fill_secs = t_fill.elapsed().as_secs_f64();
     // Whatever prefetch left (all of it with --prefetch none) comes on
     // fault: wait until every space has all its pages or is gone.
@@ -887,10 +885,10 @@ fn still_alive(pid: i32) -> bool {
 
 /// The background fill: every space, the process's first, run by run in
 /// `order`, chunk by chunk. Reading, checking and decoding the blobs runs on
-/// a thread of its own a few blobs ahead of the copies: the two together
-/// on one thread made the fill a third slower than the copies alone.
+/// a thread of its own up to [`FILL_AHEAD`] blobs ahead of the copies (the
+/// two together on one thread made the fill a third slower than the copies
+/// alone), into the cache faults look in first.
 fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
-    below_the_process(s.pid);
     let t0 = Instant::now();
     let mut bytes = 0u64;
     let mut pieces = Vec::new();
@@ -904,9 +902,6 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(FILL_AHEAD);
         let ok = std::thread::scope(|sc| {
-            // The reader keeps the process's niceness: it is light (a
-            // blob in ~5 µs), and behind it the faults find nothing
-            // decoded.
             sc.spawn(move || decode_ahead(s, space, order, &tx));
             // Owned here: dropped when this returns, early too, so that a
             // reader blocked on a full channel sees it closed and ends
