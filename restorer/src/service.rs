@@ -289,14 +289,14 @@ impl Space {
     }
 }
 
-/// Decoded page blobs, shared by the threads: those a fault decoded
-/// (oldest dropped first), and those the fill's reader decoded ahead,
-/// until the fill has copied them.
 /// A blob: (image, its first page's address).
 type BlobKey = (usize, u64);
 /// A blob's decoded pages.
 type BlobBytes = Arc<Vec<u8>>;
 
+/// Decoded page blobs, shared by the threads: those a fault decoded
+/// (oldest dropped first), and those the fill's reader decoded ahead,
+/// until the fill has copied them.
 struct Blobs {
     /// Blob (image, offset in its image's address space) -> its decoded
     /// pages, and whether the fill's reader decoded it (the fill drops it).
@@ -477,7 +477,8 @@ impl Shared {
                         c.fault_free.push(v);
                     }
                 }
-                // The fill's since (it took a fault's): its to drop.
+                // The fill's since (its reader took a fault's): the fill
+                // drops it.
                 Some(fill) => {
                     c.map.insert(old, fill);
                 }
