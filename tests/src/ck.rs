@@ -145,16 +145,17 @@ impl CkProcess {
         let stdout = std::fs::File::create(dir.path().join("stdout")).map_err(|e| e.to_string())?;
         let stderr = std::fs::File::create(dir.path().join("stderr")).map_err(|e| e.to_string())?;
         let dir_s = dir.path().display().to_string();
-        let child = Command::new(bin)
-            .args(args.iter().map(|a| a.replace("{dir}", &dir_s)))
-            .arg("--out")
-            .arg(&out)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let child = crate::spawn_retrying(
+            Command::new(bin)
+                .args(args.iter().map(|a| a.replace("{dir}", &dir_s)))
+                .arg("--out")
+                .arg(&out)
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr),
+        )
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
         let pid = child.id() as i32;
         let mut p = CkProcess {
             name: name.to_string(),

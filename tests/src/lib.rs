@@ -48,6 +48,22 @@ pub fn tern_bin() -> PathBuf {
 /// per test process to a private directory: a rebuild of the workspace while
 /// the tests run must not delete the file that a target's mappings (and an
 /// image's file-backed VMAs) read from.
+/// `cmd.spawn()`, tried again for a while on ETXTBSY: the binary is a copy
+/// this test process wrote (see [`workload_bin`]), and a child another test
+/// thread forks while the copy's write fd is open holds that fd until it
+/// execs; executing the copy meanwhile fails with "Text file busy".
+pub fn spawn_retrying(cmd: &mut Command) -> std::io::Result<Child> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
+}
+
 pub fn workload_bin(name: &str) -> PathBuf {
     static COPIES: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
     let p = bin_dir().join(name);
@@ -190,7 +206,7 @@ impl Workload {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let mut child = spawn_retrying(&mut cmd).unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         drop(cmd);
         let pid = child.id() as i32;
         let (stdin, stdout) = match ours {

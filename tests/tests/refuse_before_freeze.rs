@@ -32,16 +32,17 @@ impl Holder {
         std::fs::create_dir(&tmp).unwrap();
         let stdout = std::fs::File::create(dir.path().join("stdout")).unwrap();
         let stderr = std::fs::File::create(dir.path().join("stderr")).unwrap();
-        let child = Command::new(workload_bin("holder"))
-            .arg(kind)
-            .arg("--out")
-            .arg(&out)
-            .env("TMPDIR", &tmp)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn holder {kind}: {e}"));
+        let child = tern_tests::spawn_retrying(
+            Command::new(workload_bin("holder"))
+                .arg(kind)
+                .arg("--out")
+                .arg(&out)
+                .env("TMPDIR", &tmp)
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr),
+        )
+        .unwrap_or_else(|e| panic!("spawn holder {kind}: {e}"));
         let pid = child.id() as i32;
         let mut h = Holder {
             kind: kind.to_string(),
