@@ -437,13 +437,29 @@ impl Shared {
         Ok(out)
     }
 
+    /// [`Shared::decode`] with buffers it takes: (the buffer holding the
+    /// pages, the other one, free again).
+    fn decode_owned(
+        &self,
+        run: &Run,
+        addr: u64,
+        mut stored: Vec<u8>,
+        mut out: Vec<u8>,
+    ) -> Result<(Vec<u8>, Vec<u8>), LazyError> {
+        let raw = {
+            let d = self.decode(run, addr, &mut stored, &mut out)?;
+            std::ptr::eq(d.as_ptr(), stored.as_ptr())
+        };
+        Ok(if raw { (stored, out) } else { (out, stored) })
+    }
+
     /// The decoded bytes of the blob of `run` (for faults: kept a while,
     /// neighbouring faults come from the same blob). Decoded into buffers
     /// of blobs evicted before: a fresh buffer costs a page fault per page,
     /// as much as the decoding itself.
     fn blob(&self, run: &Run, addr: u64) -> Result<Arc<Vec<u8>>, LazyError> {
         let key = (run.image, run.entry.start);
-        let (mut stored, mut out) = {
+        let (stored, out) = {
             let mut c = lock(&self.blobs);
             if let Some((b, _)) = c.map.get(&key) {
                 return Ok(b.clone());
@@ -456,11 +472,7 @@ impl Shared {
             };
             (take(), take())
         };
-        let raw = {
-            let d = self.decode(run, addr, &mut stored, &mut out)?;
-            std::ptr::eq(d.as_ptr(), stored.as_ptr())
-        };
-        let (data, spare) = if raw { (stored, out) } else { (out, stored) };
+        let (data, spare) = self.decode_owned(run, addr, stored, out)?;
         let data = Arc::new(data);
         let mut c = lock(&self.blobs);
         c.fault_free.push(spare);
@@ -494,7 +506,7 @@ impl Shared {
     /// for faults until the fill has copied it ([`Shared::copied`]).
     fn blob_ahead(&self, run: &Run) -> Result<Arc<Vec<u8>>, LazyError> {
         let key = (run.image, run.entry.start);
-        let (mut stored, mut out) = {
+        let (stored, out) = {
             let mut c = lock(&self.blobs);
             if let Some((b, fill)) = c.map.get_mut(&key) {
                 // A fault's: the fill drops it once copied.
@@ -511,11 +523,7 @@ impl Shared {
                 c.free.pop().unwrap_or_default(),
             )
         };
-        let raw = {
-            let d = self.decode(run, run.start, &mut stored, &mut out)?;
-            std::ptr::eq(d.as_ptr(), stored.as_ptr())
-        };
-        let (data, spare) = if raw { (stored, out) } else { (out, stored) };
+        let (data, spare) = self.decode_owned(run, run.start, stored, out)?;
         let data = Arc::new(data);
         let mut c = lock(&self.blobs);
         c.free.push(spare);
