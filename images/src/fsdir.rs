@@ -533,6 +533,39 @@ impl ImageDir {
         Ok(File::from(fd))
     }
 
+    /// Take an exclusive `flock` on the lock file `name` (created 0600 if
+    /// missing), held as long as the returned file is open. `Ok(None)`: it
+    /// was still held by someone else after `wait`. A holder that lets go
+    /// within `wait` (a tern sweeping stale locks, a probe of whether a
+    /// service runs) is waited for, not reported as a second tern; a file
+    /// its last holder removed while we opened it is reopened, since a lock
+    /// on a removed file keeps nobody out.
+    pub fn lock_file(
+        &self,
+        name: &str,
+        wait: std::time::Duration,
+    ) -> Result<Option<File>, ImageError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let file = self.open_or_create_file(name)?;
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                if self.is_same_file(name, &file) {
+                    return Ok(Some(file));
+                }
+            } else {
+                let e = last_err();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return Err(ImageError::io(&self.child(name), e));
+                }
+                std::thread::sleep(std::time::Duration::from_micros(250));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+        }
+    }
+
     /// Whether `name` is still the file `f` (not removed or replaced since
     /// it was opened).
     pub fn is_same_file(&self, name: &str, f: &File) -> bool {
@@ -780,6 +813,37 @@ fn sync_tree(d: &ImageDir) -> Result<(), ImageError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn a_lock_held_for_a_moment_is_waited_for_one_kept_is_reported() {
+        use std::time::{Duration, Instant};
+        let root = tempfile::tempdir().unwrap();
+        let d = ImageDir::create(root.path()).unwrap();
+        // A holder that lets go after 20 ms (a sweep, a probe): taken.
+        let held = d.lock_file("t.lock", Duration::ZERO).unwrap().unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            drop(held);
+        });
+        let got = d.lock_file("t.lock", Duration::from_millis(500)).unwrap();
+        assert!(got.is_some(), "a lock let go after 20 ms was not taken");
+        t.join().unwrap();
+        // A holder that keeps it: reported after the wait, not before.
+        let start = Instant::now();
+        assert!(
+            d.lock_file("t.lock", Duration::from_millis(50))
+                .unwrap()
+                .is_none()
+        );
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        // Removed by its holder while held (as tern's locks are at the
+        // end): a new file is locked, not the removed one.
+        let old = got.unwrap();
+        d.remove_file("t.lock").unwrap();
+        let new = d.lock_file("t.lock", Duration::ZERO).unwrap().unwrap();
+        assert!(d.is_same_file("t.lock", &new));
+        assert!(!d.is_same_file("t.lock", &old));
+    }
 
     #[test]
     fn files_are_private_whatever_the_umask() {

@@ -561,8 +561,8 @@ impl Shared {
 /// resume while the first still runs) is refused: two readers of one
 /// userfaultfd would each see half of the events.
 pub struct ServiceLock {
-    _file: nix::fcntl::Flock<std::fs::File>,
     name: String,
+    _file: std::fs::File,
 }
 
 impl Drop for ServiceLock {
@@ -583,21 +583,23 @@ fn lock_name(pid: i32) -> Result<String, LazyError> {
     Ok(format!("lazy-{pid}-{}.lock", st.starttime))
 }
 
+/// How long a starting service waits for the lock: [`ServiceLock::held`]
+/// (a `tern restore --detach` waiting for its service) holds it for a
+/// moment at a time; only a service that keeps it is another service.
+const LOCK_WAIT: Duration = Duration::from_millis(200);
+
 impl ServiceLock {
     pub fn take(pid: i32) -> Result<ServiceLock, LazyError> {
         let name = lock_name(pid)?;
         let err = |what: String| LazyError::Service { pid, what };
         let d = state_dir().ok_or_else(|| err("cannot use /run/tern".into()))?;
-        let f = d
-            .open_or_create_file(&name)
-            .map_err(|e| err(format!("/run/tern/{name}: {e}")))?;
-        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(l) => Ok(ServiceLock { _file: l, name }),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(err(
+        match d.lock_file(&name, LOCK_WAIT) {
+            Ok(Some(file)) => Ok(ServiceLock { name, _file: file }),
+            Ok(None) => Err(err(
                 "another page service serves it (tern lazy-pages or a tern restore --lazy-pages still running); stop it first"
                     .into(),
             )),
-            Err((_, e)) => Err(err(format!("locking /run/tern/{name}: {e}"))),
+            Err(e) => Err(err(format!("locking /run/tern/{name}: {e}"))),
         }
     }
 

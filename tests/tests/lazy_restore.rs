@@ -14,6 +14,7 @@
 //!   process is killed, the error names the address and the file, and no
 //!   thread ever read a zero page.
 //!
+//! While a service serves, a second one for the same process is refused.
 //! After every finished fill the process holds no userfaultfd and no VMA
 //! is registered with one. A `--prefetch none` fill ends only when every
 //! page was touched, so those scenarios finish it by killing the service
@@ -129,6 +130,18 @@ fn change(kind: &str) {
         r, "PASS lazy 64/64",
         "{kind} of a lazy range: the workload says {r:?} (expected all 64 pages still lazy and all right)"
     );
+    // A second service of the same process is refused while this one
+    // serves: two readers of one userfaultfd would each see half of the
+    // events.
+    let second = tern(&[
+        "lazy-pages",
+        "--resume",
+        "-t",
+        &ck.pid.to_string(),
+        "-D",
+        &dir.display().to_string(),
+    ]);
+    second.assert_clear_failure(&["another page service serves it"]);
     finish_by_resume(&mut ck, &v, &dir, &format!("after {kind} of a lazy range"));
 }
 

@@ -3,12 +3,17 @@
 //! - PID 2 is a kernel thread, not "No such process" from /proc/2/mem;
 //! - a non-root user is told tern needs root (not a permission error on a
 //!   lock file);
-//! - no error repeats a clause or names the same PID twice.
+//! - no error repeats a clause or names the same PID twice;
+//! - a second tern on a target another tern works on is refused, naming
+//!   the lock; terns working on different targets at once never refuse
+//!   each other (each sweeps `/run/tern` of the state of gone processes).
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use tern_tests::{TernRun, Workload, proc, tempdir, tern, tern_bin};
+use std::time::Duration;
+
+use tern_tests::{TernOutput, TernRun, Workload, proc, spawn_tern, tempdir, tern, tern_bin};
 
 /// No `: `-separated clause twice, and `PID n` at most once.
 fn said_once(run: &TernRun) {
@@ -181,4 +186,79 @@ fn errors_say_each_thing_once() {
         said_once(&run);
     }
     tern_tests::untrack(w.pid());
+}
+
+#[test]
+fn one_tern_per_target_and_none_refused_by_terns_on_other_targets() {
+    let d = tempdir();
+    let mut w = Workload::start();
+    w.cmd("alloc a 4 rand");
+    let pid = w.pid().to_string();
+    // A `tern track` holds the target's lock until its last round.
+    let mut track = spawn_tern(&[
+        "track",
+        "-t",
+        &pid,
+        "--interval-ms",
+        "100",
+        "--rounds",
+        "30",
+        "--json",
+    ]);
+    let mut out = TernOutput::of(&mut track);
+    out.json(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("tern track: {e}: {}", out.stderr()));
+    let run = tern(&[
+        "pre-dump",
+        "-t",
+        &pid,
+        "-D",
+        &d.path().join("second").display().to_string(),
+        "--json",
+    ]);
+    run.assert_clear_failure(&["another tern is working on PID", "/run/tern/"]);
+    said_once(&run);
+    let _ = track.kill();
+    let _ = track.wait();
+    tern_tests::untrack(w.pid());
+
+    // Three targets pre-dumped at the same time, round after round: each
+    // tern sweeps /run/tern as it starts, and no sweep may ever make
+    // another tern see its own target's lock held.
+    let mut ws: Vec<Workload> = (0..3)
+        .map(|_| {
+            let mut w = Workload::start();
+            w.cmd("alloc a 1 rand");
+            w
+        })
+        .collect();
+    for round in 0..8 {
+        let runs: Vec<_> = ws
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let dir = d.path().join(format!("w{i}-{round}"));
+                let pid = w.pid();
+                std::thread::spawn(move || {
+                    tern(&[
+                        "pre-dump".to_string(),
+                        "-t".into(),
+                        pid.to_string(),
+                        "-D".into(),
+                        dir.display().to_string(),
+                        "--track".into(),
+                        "full".into(),
+                        "--json".into(),
+                    ])
+                })
+            })
+            .collect();
+        for r in runs {
+            let r = r.join().unwrap();
+            assert!(r.ok(), "round {round}:\n{}", r.describe());
+        }
+    }
+    for w in &mut ws {
+        tern_tests::untrack(w.pid());
+    }
 }

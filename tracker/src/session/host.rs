@@ -6,7 +6,6 @@
 
 use super::TrackerError;
 use serde::{Deserialize, Serialize};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Where host-side tracking state lives.
@@ -61,7 +60,10 @@ pub fn gc_stale_state() {
     }
     let Ok(dir) = state_dir() else { return };
     for name in dir.list().unwrap_or_default() {
+        // PID.lock, PID-*.json, and the page service's lazy-PID-START.*.
         let pid = name
+            .strip_prefix("lazy-")
+            .unwrap_or(&name)
             .split(['-', '.'])
             .next()
             .and_then(|p| p.parse::<i32>().ok());
@@ -71,17 +73,11 @@ pub fn gc_stale_state() {
             let _ = dir.remove_file(&name);
             continue;
         }
-        // A lock nobody holds (its tern died, or an older tern left it):
-        // removed while held, as TargetLock does.
-        if name.ends_with(".lock")
-            && let Ok(f) = dir.open_or_create_file(&name)
-        {
-            // SAFETY: flock on an fd we own.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0
-                && dir.is_same_file(&name, &f)
-            {
-                let _ = dir.remove_file(&name);
-            }
+        // The lock of a live process is left alone, held or not: a tern
+        // taking it now must never find it held by this sweep (it would
+        // report a second tern at work), and an unheld one is simply taken
+        // by the next tern.
+        if name.ends_with(".lock") {
             continue;
         }
         // State an older tern wrote world-readable.
@@ -140,30 +136,26 @@ impl Drop for TargetLock {
     }
 }
 
-/// One tern at a time per target.
+/// One tern at a time per target. A holder that lets go within
+/// [`LOCK_WAIT`] is waited for: the lock is a second tern's only while that
+/// tern works on the target.
 pub(super) fn lock_target(pid: i32) -> Result<TargetLock, TrackerError> {
     let name = format!("{pid}.lock");
     let path = PathBuf::from(format!("{STATE_DIR}/{name}"));
     let dir = state_dir()?;
-    for _ in 0..16 {
-        let file = dir
-            .open_or_create_file(&name)
-            .map_err(|e| TrackerError::State {
-                path: path.clone(),
-                what: e.to_string(),
-            })?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(TrackerError::Busy { pid, path });
-        }
-        // The tern that held it may have removed it as we opened it: a lock
-        // on a removed file keeps nobody out. Take the one there now.
-        if dir.is_same_file(&name, &file) {
-            return Ok(TargetLock { dir, name, file });
-        }
+    match dir.lock_file(&name, LOCK_WAIT) {
+        Ok(Some(file)) => Ok(TargetLock { dir, name, file }),
+        Ok(None) => Err(TrackerError::Busy { pid, path }),
+        Err(e) => Err(TrackerError::State {
+            path,
+            what: e.to_string(),
+        }),
     }
-    Err(TrackerError::Busy { pid, path })
 }
+
+/// How long a tern waits for the lock of its target before it reports
+/// another tern at work there.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub(super) fn load_host_state(path: &Path) -> Option<HostState> {
     let (d, _) = images::ImageDir::open(path.parent()?).ok()?;
