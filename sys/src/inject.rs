@@ -54,6 +54,14 @@
 //!   thread returns into the vDSO with foreign registers and will most
 //!   likely crash. Between injections the thread holds its (fixed-up)
 //!   original registers, never injected ones.
+//! * **Batches** ([`Injector::syscall_batch`]), in a process tern is
+//!   building only (traced with `PTRACE_O_EXITKILL`: it never runs
+//!   untraced). The first page also holds a batch stub that walks a table
+//!   of syscalls in the slot's data area (number, arguments, a "may fail"
+//!   word the result overwrites), stops at the first failure, and ends in
+//!   `int3` (`brk #0` on aarch64): one stop for the whole batch instead of
+//!   an enter and an exit stop per syscall. Signals that come meanwhile are
+//!   held and sent again after it.
 //! * **Syscall restart.** If the thread was stopped inside an interrupted
 //!   syscall (`orig_rax >= 0`, RAX one of -ERESTARTSYS, -ERESTARTNOINTR,
 //!   -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK) the kernel would fix the
@@ -213,6 +221,13 @@ pub(crate) mod layout {
     pub const SLOTS: usize = 8;
     pub const STUB_OFF: usize = 0x100;
     pub const STUB_STRIDE: usize = 128;
+    /// The batch stub ([`super::Injector::syscall_batch`]), after the slots'
+    /// stubs in the first page; shared by all slots (it works on the table
+    /// its registers point at).
+    pub const BATCH_OFF: usize = STUB_OFF + SLOTS * STUB_STRIDE;
+    /// One entry of a batch table: number, six arguments, and a word that
+    /// holds the "may fail" flag going in and the result coming out.
+    pub const BATCH_ENTRY: usize = 64;
     /// Register frames, one per slot, from the second page on (rw-).
     pub const FRAMES_OFF: usize = 4096;
     /// x86_64: the general registers the stub loads.
@@ -379,6 +394,31 @@ pub enum InjectError {
 }
 
 type Job = Box<dyn FnOnce(&mut Option<machine::Tracee>) + Send>;
+
+/// One syscall of a batch ([`Injector::syscall_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Syscall {
+    pub nr: i64,
+    pub args: [u64; 6],
+    /// A failure does not end the batch (the caller checks the result).
+    pub may_fail: bool,
+}
+
+impl Syscall {
+    pub fn new(nr: i64, args: [u64; 6]) -> Syscall {
+        Syscall {
+            nr,
+            args,
+            may_fail: false,
+        }
+    }
+
+    /// Let the batch go on if this one fails.
+    pub fn may_fail(mut self) -> Syscall {
+        self.may_fail = true;
+        self
+    }
+}
 
 /// A thread of another process, stopped under ptrace, into which syscalls
 /// can be injected. See the module docs.
@@ -579,19 +619,51 @@ impl Injector {
         self.run(move |t| t.syscall(nr, args))
     }
 
-    /// Run several syscalls one after the other in one trip to the tracer
-    /// thread (each trip costs two thread switches). Returns each one's raw
-    /// return value; stops at the first injection error. A syscall that
-    /// fails in the kernel (negative return) does not stop the batch: the
-    /// caller checks the values.
+    /// Run several syscalls one after the other, as one batch (see
+    /// [`Injector::syscall_batch`]). Returns each one's raw return value; a
+    /// syscall that fails in the kernel (negative return) does not stop the
+    /// batch: the caller checks the values.
     pub fn syscalls(&mut self, calls: Vec<(i64, [u64; 6])>) -> Result<Vec<i64>, InjectError> {
-        INJECTED.fetch_add(calls.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        self.run(move |t| {
-            calls
-                .iter()
-                .map(|&(nr, args)| t.syscall(nr, args))
-                .collect()
-        })
+        let calls = calls
+            .into_iter()
+            .map(|(nr, args)| Syscall::new(nr, args).may_fail())
+            .collect();
+        self.syscall_batch(calls, Vec::new())
+    }
+
+    /// Where [`Injector::syscall_batch`] puts its `data`: arguments that
+    /// point into it are computed from this address. Needs
+    /// [`Injector::ensure_scratch`] first.
+    pub fn batch_data_addr(&mut self) -> Result<u64, InjectError> {
+        self.run(|t| t.batch_data_addr())
+    }
+
+    /// Run `calls` in order, with `data` (paths, structs the calls point
+    /// at, at most [`SCRATCH_DATA_CAPACITY`] bytes with the table) written
+    /// at [`Injector::batch_data_addr`] first. Stops after the first call
+    /// that fails (a result in -4095..=-1) unless it is marked
+    /// [`Syscall::may_fail`]: the results returned are those of the calls
+    /// that ran, so fewer results than calls means the last one failed.
+    ///
+    /// In a process tern is building ([`Injector::attach_owned_thread`])
+    /// the whole batch runs in one stop: the scratch area's batch stub
+    /// walks a table of the calls and traps at its end, instead of two
+    /// ptrace stops per syscall (15-50 µs each here). Such a thread dies
+    /// with tern (`PTRACE_O_EXITKILL`), so the trap is never reached
+    /// untraced. A signal that arrives meanwhile is held back and sent
+    /// again after the batch; a blocking call it interrupts is restarted
+    /// by the kernel. In any other process the calls run one by one, each
+    /// with the usual tracer-death safety.
+    pub fn syscall_batch(
+        &mut self,
+        calls: Vec<Syscall>,
+        data: Vec<u8>,
+    ) -> Result<Vec<i64>, InjectError> {
+        let r = self.run(move |t| t.syscall_batch(&calls, &data));
+        if let Ok(v) = &r {
+            INJECTED.fetch_add(v.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
     }
 
     /// Copy `bytes` (a C string argument, a struct, ...) into this injector's

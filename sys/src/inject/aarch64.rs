@@ -315,7 +315,67 @@ fn stub_code(k: usize) -> Vec<u8> {
 /// The first page of every scratch area: header, name, stubs (`brk #0`
 /// between them). It does not depend on where the area is mapped.
 pub(crate) fn code_page() -> Vec<u8> {
-    super::tracee::code_page_with(&BRK, stub_code)
+    super::tracee::code_page_with(&BRK, stub_code, &batch_code())
+}
+
+/// The batch stub's instructions (at `BATCH_OFF`), for a thread that dies
+/// with its tracer (see `Injector::syscall_batch`): x19 points at the
+/// table, x20 holds the number of entries.
+///
+/// ```text
+/// loop: cbz  x20, done
+///       ldp  x8, x0, [x19]       ; number, first argument
+///       ldp  x1, x2, [x19, #16]
+///       ldp  x3, x4, [x19, #32]
+///       ldp  x5, x21, [x19, #48] ; last argument, "may fail"
+///       svc  #0
+///       str  x0, [x19, #56]      ; the result
+///       add  x19, x19, #64
+///       sub  x20, x20, #1
+///       cbnz x21, loop
+///       cmn  x0, #4095           ; carry set: -4095..=-1, an error
+///       b.lo loop
+/// done: brk  #0                  ; the tracer takes over here
+/// ```
+const BATCH_INSNS: [u32; 13] = [
+    0xb400_0194,
+    0xa940_0268,
+    0xa941_0a61,
+    0xa942_1263,
+    0xa943_5665,
+    0xd400_0001,
+    0xf900_1e60,
+    0x9101_0273,
+    0xd100_0694,
+    0xb5ff_fef5,
+    0xb13f_fc1f,
+    0x54ff_fea3,
+    0xd420_0000,
+];
+
+fn batch_code() -> Vec<u8> {
+    BATCH_INSNS.iter().flat_map(|i| i.to_le_bytes()).collect()
+}
+
+/// Where the PC is at the batch stub's final trap (`brk` reports its own
+/// address).
+pub(crate) const BATCH_TRAP_PC: usize = 4 * (BATCH_INSNS.len() - 1);
+
+/// `fixed` with the PC at the batch stub `entry`, its table at `table`
+/// (`count` entries), SP at `sp` and no syscall to restart.
+pub(crate) fn batch_regs(fixed: &Regs, entry: u64, sp: u64, table: u64, count: u64) -> Regs {
+    let mut r = *fixed;
+    r.gp.pc = entry;
+    r.gp.regs[19] = table;
+    r.gp.regs[20] = count;
+    r.gp.sp = sp;
+    r.syscallno = NO_SYSCALL;
+    r
+}
+
+/// The batch stub's table cursor: the entry after the last one that ran.
+pub(crate) fn batch_cursor(r: &Regs) -> u64 {
+    r.gp.regs[19]
 }
 
 fn put_u64(f: &mut [u8], off: usize, v: u64) {

@@ -366,3 +366,113 @@ pub(crate) fn injector_loop_one_sleep(pid: i32, ms: i64) -> i32 {
     let _ = inj.syscall(libc::SYS_nanosleep, [ts, 0, 0, 0, 0, 0]);
     12
 }
+
+/// Batches of syscalls in a process being built (owned, traced from this
+/// thread): results in order, the first failure ends a batch unless it may
+/// fail, data the calls point at is in place, a batch longer than one
+/// table runs whole, and a signal that comes during a blocking call of a
+/// batch neither breaks the batch nor is lost (the target, which ignores
+/// it, goes on in its read).
+pub(crate) fn check_syscall_batches() {
+    let _g = serial();
+    let (rfd, wfd) = pipe();
+    let mut child = fork_child(move || {
+        let mut buf = [0u8; 8];
+        // SAFETY: the kernel writes at most the given length into the buffer, which we own for the call.
+        let n = unsafe { libc::read(rfd, buf.as_mut_ptr() as *mut c_void, buf.len()) };
+        if n == 2 && &buf[..2] == b"ok" { 0 } else { 30 }
+    });
+    let pid = child.pid;
+    wait_in_syscall(pid, libc::SYS_read);
+    let mut inj = Injector::attach_owned_thread_here(pid, pid, Duration::from_secs(5)).unwrap();
+    inj.ensure_scratch(None).unwrap();
+    let call = |nr: i64| Syscall::new(nr, [0; 6]);
+    let bad_close = Syscall::new(libc::SYS_close, [u64::MAX, 0, 0, 0, 0, 0]);
+    let me = i64::from(std::process::id() as i32);
+    // The first failure ends the batch.
+    let r = inj
+        .syscall_batch(
+            vec![call(libc::SYS_getpid), bad_close, call(libc::SYS_getppid)],
+            Vec::new(),
+        )
+        .unwrap();
+    assert_eq!(r, vec![pid as i64, -i64::from(libc::EBADF)]);
+    // Unless it may fail.
+    let r = inj
+        .syscall_batch(
+            vec![bad_close.may_fail(), call(libc::SYS_getppid)],
+            Vec::new(),
+        )
+        .unwrap();
+    assert_eq!(r, vec![-i64::from(libc::EBADF), me]);
+    // Data: a path the call opens.
+    let at = inj.batch_data_addr().unwrap();
+    let r = inj
+        .syscall_batch(
+            vec![Syscall::new(
+                libc::SYS_openat,
+                [
+                    libc::AT_FDCWD as u64,
+                    at,
+                    (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            )],
+            b"/proc/version\0".to_vec(),
+        )
+        .unwrap();
+    assert!(r[0] >= 0, "openat from batch data: {}", r[0]);
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{}", r[0])).unwrap();
+    assert_eq!(link, std::path::Path::new("/proc/version"));
+    inj.syscall(libc::SYS_close, [r[0] as u64, 0, 0, 0, 0, 0])
+        .unwrap();
+    // Longer than one table: every call runs.
+    let r = inj
+        .syscall_batch(vec![call(libc::SYS_gettid); 300], Vec::new())
+        .unwrap();
+    assert_eq!(r, vec![pid as i64; 300]);
+    // A signal (SIGWINCH, ignored by default) sent 50 ms into a 200 ms
+    // nanosleep of a batch: the sleep is restarted, not cut short.
+    let ts = timespec_bytes(200_000_000);
+    let at = inj.batch_data_addr().unwrap();
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: tgkill(2) with plain integers.
+        unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, libc::SIGWINCH) };
+    });
+    let t = Instant::now();
+    let r = inj
+        .syscall_batch(
+            vec![
+                Syscall::new(libc::SYS_nanosleep, [at, 0, 0, 0, 0, 0]),
+                call(libc::SYS_getpid),
+            ],
+            ts,
+        )
+        .unwrap();
+    sender.join().unwrap();
+    assert_eq!(r, vec![0, pid as i64], "nanosleep, getpid");
+    assert!(
+        t.elapsed() >= Duration::from_millis(195),
+        "the sleep was cut short: {:?}",
+        t.elapsed()
+    );
+    inj.remove_scratch().unwrap();
+    inj.detach().unwrap();
+    wait_in_syscall(pid, libc::SYS_read);
+    // SAFETY: writes 2 bytes from a static buffer into our pipe.
+    let n = unsafe { libc::write(wfd, b"ok".as_ptr() as *const c_void, 2) };
+    assert_eq!(n, 2);
+    assert_eq!(
+        child.wait(Duration::from_secs(5)),
+        0,
+        "the target went on in its read"
+    );
+    // SAFETY: closes fds this code opened and no longer uses.
+    unsafe {
+        libc::close(rfd);
+        libc::close(wfd);
+    }
+}

@@ -1337,3 +1337,8 @@ fn two_threads_injected_at_once_share_the_scratch_area() {
     sh.stop.store(1, Relaxed);
     assert_eq!(child.wait(T), 0);
 }
+
+#[test]
+fn syscall_batches_run_in_a_process_being_built() {
+    check_syscall_batches();
+}

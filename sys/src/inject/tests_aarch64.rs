@@ -254,3 +254,8 @@ fn tracer_killed_at_random_points_100_times() {
     cleanup_scratch(pid);
     stop_target(target, sh);
 }
+
+#[test]
+fn syscall_batches_run_in_a_process_being_built() {
+    check_syscall_batches();
+}

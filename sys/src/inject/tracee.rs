@@ -79,7 +79,11 @@ pub(crate) struct PtracePeeksiginfoArgs {
 /// The first page of a scratch area: the header ([`super::layout`]), the
 /// VMA name, and `stub(k)` for every slot, padded with `fill` (a trapping
 /// instruction).
-pub(crate) fn code_page_with(fill: &[u8], stub: impl Fn(usize) -> Vec<u8>) -> Vec<u8> {
+pub(crate) fn code_page_with(
+    fill: &[u8],
+    stub: impl Fn(usize) -> Vec<u8>,
+    batch: &[u8],
+) -> Vec<u8> {
     let mut p: Vec<u8> = fill
         .iter()
         .copied()
@@ -118,6 +122,8 @@ pub(crate) fn code_page_with(fill: &[u8], stub: impl Fn(usize) -> Vec<u8>) -> Ve
         assert!(code.len() <= STUB_STRIDE);
         p[at..at + code.len()].copy_from_slice(&code);
     }
+    assert!(BATCH_OFF + batch.len() <= crate::usize_of(PAGE));
+    p[BATCH_OFF..BATCH_OFF + batch.len()].copy_from_slice(batch);
     p
 }
 
@@ -843,6 +849,157 @@ impl Tracee {
             s.data_reset = true;
         }
         r
+    }
+
+    pub fn batch_data_addr(&mut self) -> Result<u64, InjectError> {
+        let (pid, tid) = (self.pid, self.tid);
+        let s = self
+            .scratch
+            .as_ref()
+            .ok_or(InjectError::NoScratch { pid, tid })?;
+        Ok(s.base + (DATA_OFF + s.claim.slot * DATA_STRIDE) as u64)
+    }
+
+    /// See `Injector::syscall_batch`.
+    pub fn syscall_batch(
+        &mut self,
+        calls: &[super::Syscall],
+        data: &[u8],
+    ) -> Result<Vec<i64>, InjectError> {
+        let (pid, tid) = (self.pid, self.tid);
+        let base = self.batch_data_addr()?;
+        let table_off = data.len().next_multiple_of(BATCH_ENTRY);
+        let room = DATA_STRIDE.saturating_sub(table_off) / BATCH_ENTRY;
+        if room == 0 && !calls.is_empty() {
+            return Err(InjectError::ScratchFull {
+                pid,
+                tid,
+                requested: table_off + BATCH_ENTRY,
+                available: DATA_STRIDE,
+                capacity: DATA_STRIDE,
+            });
+        }
+        if !data.is_empty() {
+            self.write_mem(base, data, "")?;
+        }
+        if let Some(s) = self.scratch.as_mut() {
+            // Data written with `scratch_data` before is overwritten.
+            s.data_reset = true;
+        }
+        let failed = |c: &super::Syscall, r: i64| !c.may_fail && (-4095..0).contains(&r);
+        let mut out = Vec::with_capacity(calls.len());
+        if !self.owned {
+            for c in calls {
+                let r = self.inject(c.nr, c.args, false)?;
+                out.push(r);
+                if failed(c, r) {
+                    break;
+                }
+            }
+            return Ok(out);
+        }
+        let table = base + table_off as u64;
+        for chunk in calls.chunks(room.max(1)) {
+            let mut t = Vec::with_capacity(chunk.len() * BATCH_ENTRY);
+            for c in chunk {
+                t.extend_from_slice(&c.nr.to_ne_bytes());
+                for a in c.args {
+                    t.extend_from_slice(&a.to_ne_bytes());
+                }
+                t.extend_from_slice(&u64::from(c.may_fail).to_ne_bytes());
+            }
+            self.write_mem(table, &t, "")?;
+            let ran = self.run_batch(table, chunk.len())?;
+            self.read_mem(table, &mut t[..ran * BATCH_ENTRY])?;
+            for (k, e) in t[..ran * BATCH_ENTRY].chunks_exact(BATCH_ENTRY).enumerate() {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&e[56..64]);
+                let r = i64::from_ne_bytes(w);
+                out.push(r);
+                if failed(&chunk[k], r) {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Run the batch stub over the `count` entries at `table` and wait for
+    /// its trap; returns how many entries ran.
+    fn run_batch(&mut self, table: u64, count: usize) -> Result<usize, InjectError> {
+        if self.released() {
+            return Err(InjectError::Released {
+                pid: self.pid,
+                tid: self.tid,
+            });
+        }
+        let Some(entry) = self.scratch.as_ref().map(|s| s.base + BATCH_OFF as u64) else {
+            return Err(InjectError::NoScratch {
+                pid: self.pid,
+                tid: self.tid,
+            });
+        };
+        let deadline = Instant::now() + self.timeout;
+        let sp = arch::sp(&self.orig).wrapping_sub(STACK_GAP) & !15;
+        let r = arch::batch_regs(&self.fixed, entry, sp, table, count as u64);
+        self.setregs(&r)?;
+        self.regs = RegsState::Other;
+        self.resume(libc::PTRACE_CONT, 0)?;
+        // Signals that came during the batch: sent again after it.
+        let mut held = Vec::new();
+        let at = loop {
+            match self.wait(deadline) {
+                None => {
+                    // A thread of a process tern builds: it dies with the
+                    // injector (see Drop), never resumed half-way.
+                    self.abandoned = true;
+                    return Err(InjectError::Timeout {
+                        pid: self.pid,
+                        tid: self.tid,
+                        what: format!("a batch of {count} injected syscalls"),
+                        after: self.timeout,
+                    });
+                }
+                Some(Stop::Signal(sig)) => {
+                    let regs = self.getregs()?;
+                    if sig == libc::SIGTRAP && arch::ip(&regs) == entry + arch::BATCH_TRAP_PC as u64
+                    {
+                        break regs;
+                    }
+                    if let Some((code, addr)) = self.fault_if_ours(sig) {
+                        return Err(self.suppress_fault(sig, code, addr));
+                    }
+                    held.push(sig);
+                    self.resume(libc::PTRACE_CONT, 0)?;
+                }
+                Some(Stop::Jobctl(_) | Stop::Event(_)) => self.resume(libc::PTRACE_CONT, 0)?,
+                Some(Stop::Syscall) => {
+                    return Err(self.protocol("a syscall stop during a batch of syscalls".into()));
+                }
+                Some(Stop::Exited(s)) => return Err(self.exited(s)),
+            }
+        };
+        // Not a stop before user code with the registers it returns with:
+        // detach stops it once more first, as after a syscall.
+        self.stop = StopKind::SyscallExit;
+        self.set_fixed()?;
+        for sig in held {
+            tracing::debug!(
+                "thread {} of process {}: signal {sig} came during a batch of injected syscalls; sent again",
+                self.tid,
+                self.pid
+            );
+            // SAFETY: tgkill(2) with plain integers.
+            unsafe { libc::syscall(libc::SYS_tgkill, self.pid, self.tid, sig) };
+        }
+        let done = arch::batch_cursor(&at).wrapping_sub(table) / BATCH_ENTRY as u64;
+        match usize::try_from(done) {
+            Ok(n) if n >= 1 && n <= count => Ok(n),
+            _ => Err(self.protocol(format!(
+                "the batch stub's cursor {:#x} is outside its table at {table:#x} ({count} entries)",
+                arch::batch_cursor(&at)
+            ))),
+        }
     }
 
     fn stub_entry(&mut self) -> Result<u64, InjectError> {

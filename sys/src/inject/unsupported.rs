@@ -37,6 +37,16 @@ impl Tracee {
     pub fn scratch_data(&mut self, _bytes: &[u8]) -> Result<u64, InjectError> {
         self.unsupported()
     }
+    pub fn batch_data_addr(&mut self) -> Result<u64, InjectError> {
+        self.unsupported()
+    }
+    pub fn syscall_batch(
+        &mut self,
+        _calls: &[super::Syscall],
+        _data: &[u8],
+    ) -> Result<Vec<i64>, InjectError> {
+        self.unsupported()
+    }
     pub fn read_memory(&mut self, _addr: u64, _len: usize) -> Result<Vec<u8>, InjectError> {
         self.unsupported()
     }

@@ -209,10 +209,54 @@ fn stub_code(k: usize) -> Vec<u8> {
     c
 }
 
+/// The batch stub (at `BATCH_OFF`), for a thread that dies with its
+/// tracer (see `Injector::syscall_batch`): RBX points at the table, R12
+/// holds the number of entries.
+///
+/// ```text
+/// loop: test r12, r12 ; jz done
+///       mov  rax, [rbx]        ; number
+///       mov  rdi, [rbx+8] ... mov r9, [rbx+48]
+///       mov  r14, [rbx+56]     ; "may fail"
+///       syscall
+///       mov  [rbx+56], rax     ; the result
+///       add  rbx, 64 ; dec r12
+///       test r14, r14 ; jnz loop
+///       cmp  rax, -4095 ; jb loop   ; not an error: go on
+/// done: int3                   ; the tracer takes over here
+/// ```
+pub(crate) const BATCH_CODE: [u8; 0x3f] = [
+    0x4d, 0x85, 0xe4, 0x74, 0x39, 0x48, 0x8b, 0x03, 0x48, 0x8b, 0x7b, 0x08, 0x48, 0x8b, 0x73, 0x10,
+    0x48, 0x8b, 0x53, 0x18, 0x4c, 0x8b, 0x53, 0x20, 0x4c, 0x8b, 0x43, 0x28, 0x4c, 0x8b, 0x4b, 0x30,
+    0x4c, 0x8b, 0x73, 0x38, 0x0f, 0x05, 0x48, 0x89, 0x43, 0x38, 0x48, 0x83, 0xc3, 0x40, 0x49, 0xff,
+    0xcc, 0x4d, 0x85, 0xf6, 0x75, 0xca, 0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, 0x72, 0xc2, 0xcc,
+];
+
+/// Where the PC is at the batch stub's final trap (`int3` reports the
+/// address after it).
+pub(crate) const BATCH_TRAP_PC: usize = BATCH_CODE.len();
+
+/// `fixed` with the PC at the batch stub `entry`, its table at `table`
+/// (`count` entries), RSP at `sp` and no restart pending.
+pub(crate) fn batch_regs(fixed: &Regs, entry: u64, sp: u64, table: u64, count: u64) -> Regs {
+    let mut r = *fixed;
+    r.rip = entry;
+    r.orig_rax = u64::MAX;
+    r.rbx = table;
+    r.r12 = count;
+    r.rsp = sp;
+    r
+}
+
+/// The batch stub's table cursor: the entry after the last one that ran.
+pub(crate) fn batch_cursor(r: &Regs) -> u64 {
+    r.rbx
+}
+
 /// The first page of every scratch area: header, name, stubs (int3 between
-/// them). It does not depend on where the area is mapped.
+/// them), the batch stub. It does not depend on where the area is mapped.
 pub(crate) fn code_page() -> Vec<u8> {
-    super::tracee::code_page_with(&[0xcc], stub_code)
+    super::tracee::code_page_with(&[0xcc], stub_code, &BATCH_CODE)
 }
 
 /// The register frame of a slot: `fixed` (what the stub restores) and the
