@@ -45,7 +45,7 @@ use images::process::{FdImage, ProcessImage};
 use images::state::FdKindState;
 use images::{PAGE_SIZE, PageRange, VmaRecord};
 use serde::Serialize;
-use sys::inject::{InjectError, Injector};
+use sys::inject::{InjectError, Injector, Syscall};
 use tracing::span::EnteredSpan;
 
 use crate::chain::{BlobCache, ChainError, ImageChain, PageSource};
@@ -1125,6 +1125,92 @@ fn check(pid: i32, what: &'static str, r: i64) -> Result<i64, RestoreError> {
     }
 }
 
+/// Syscalls injected together ([`Injector::syscall_batch`]: one ptrace
+/// stop for all of them in the process being built, instead of two per
+/// syscall), each with what to make of its result.
+struct Batch<'c> {
+    base: u64,
+    calls: Vec<Syscall>,
+    checks: Vec<ResultCheck<'c>>,
+    data: Vec<u8>,
+}
+
+/// What a batched syscall's result means: an error, a warning, nothing.
+type ResultCheck<'c> = Box<dyn FnOnce(i64) -> Result<(), RestoreError> + 'c>;
+
+/// Data a batch carries at most (the rest of the slot's data area holds
+/// its table).
+const BATCH_DATA: usize = 4096;
+
+impl<'c> Batch<'c> {
+    fn new(inj: &mut Injector) -> Result<Batch<'c>, RestoreError> {
+        Ok(Batch {
+            base: inj.batch_data_addr()?,
+            calls: Vec::new(),
+            checks: Vec::new(),
+            data: Vec::new(),
+        })
+    }
+
+    /// Whether `len` more bytes of data fit (else [`Batch::run`] first).
+    fn fits(&self, len: usize) -> bool {
+        self.data.len().next_multiple_of(16) + len <= BATCH_DATA
+    }
+
+    /// Put `bytes` in the batch's data; their address in the process.
+    fn data(&mut self, bytes: &[u8]) -> u64 {
+        let off = self.data.len().next_multiple_of(16);
+        self.data.resize(off, 0);
+        self.data.extend_from_slice(bytes);
+        self.base + off as u64
+    }
+
+    /// `s` NUL-terminated in the batch's data; its address.
+    fn cstr(&mut self, s: &str) -> u64 {
+        let mut c = s.as_bytes().to_vec();
+        c.push(0);
+        self.data(&c)
+    }
+
+    /// Add `call`; `check` turns its result into an error (or a warning,
+    /// for a call marked may-fail).
+    fn push(&mut self, call: Syscall, check: impl FnOnce(i64) -> Result<(), RestoreError> + 'c) {
+        self.calls.push(call);
+        self.checks.push(Box::new(check));
+    }
+
+    /// Run what was added, check each result; the batch is then empty
+    /// (its data too). Returns the results.
+    fn run(&mut self, inj: &mut Injector, pid: i32) -> Result<Vec<i64>, RestoreError> {
+        let calls = std::mem::take(&mut self.calls);
+        let checks = std::mem::take(&mut self.checks);
+        let data = std::mem::take(&mut self.data);
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let nrs: Vec<i64> = calls.iter().map(|c| c.nr).collect();
+        let n = calls.len();
+        let results = inj.syscall_batch(calls, data)?;
+        for (check, &r) in checks.into_iter().zip(&results) {
+            check(r)?;
+        }
+        if results.len() < n {
+            // The check of the call that ended the batch did not say why.
+            let k = results.len().saturating_sub(1);
+            return Err(RestoreError::Step {
+                pid,
+                step: "injecting a batch of syscalls",
+                what: format!(
+                    "syscall {} failed: {}",
+                    nrs[k],
+                    os_error(results.last().copied().unwrap_or(0))
+                ),
+            });
+        }
+        Ok(results)
+    }
+}
+
 /// Final registers (general via the injector, which puts them back at
 /// detach; FPU/xsave and the rest through the regsets), then detach.
 fn set_regs(
@@ -1374,27 +1460,59 @@ fn would_merge(prev: &VmaRecord, v: &VmaRecord) -> bool {
     }
 }
 
-/// mmap `v` at `at` as `m` says (file opened with the access the original
-/// mapping had).
 /// The files the VMAs map, opened in the target once each (a library maps
 /// four or five VMAs of one file): path and open mode -> fd there.
 #[derive(Default)]
 struct MappedFiles(HashMap<(String, i32), i32>);
 
 impl MappedFiles {
-    fn open(
-        &mut self,
+    /// Open every file of `wanted` (path, mode), in as few batches as their
+    /// paths fit in.
+    fn open<'a>(
         main: &mut Injector,
         pid: i32,
-        path: &str,
-        mode: i32,
-    ) -> Result<i32, RestoreError> {
-        if let Some(fd) = self.0.get(&(path.to_string(), mode)) {
-            return Ok(*fd);
+        wanted: impl Iterator<Item = (&'a str, i32)>,
+    ) -> Result<MappedFiles, RestoreError> {
+        let mut keys: Vec<(String, i32)> = Vec::new();
+        for (path, mode) in wanted {
+            if !keys.iter().any(|(p, m)| p == path && *m == mode) {
+                keys.push((path.to_string(), mode));
+            }
         }
-        let fd = open_in(main, pid, path, mode)?;
-        self.0.insert((path.to_string(), mode), fd);
-        Ok(fd)
+        let mut files = MappedFiles::default();
+        let mut b = Batch::new(main)?;
+        let mut queued: Vec<(String, i32)> = Vec::new();
+        for (k, (path, mode)) in keys.iter().enumerate() {
+            let a = b.cstr(path);
+            let p = path.clone();
+            b.push(
+                Syscall::new(
+                    libc::SYS_openat,
+                    [
+                        libc::AT_FDCWD as u64,
+                        a,
+                        (mode | libc::O_CLOEXEC) as u64,
+                        0,
+                        0,
+                        0,
+                    ],
+                ),
+                move |r| opened(pid, "opening a file", &p, r).map(|_| ()),
+            );
+            queued.push((path.clone(), *mode));
+            let last = k + 1 == keys.len();
+            if last || !b.fits(keys[k + 1].0.len() + 1) {
+                let fds = b.run(main, pid)?;
+                for (key, fd) in queued.drain(..).zip(fds) {
+                    files.0.insert(key, check_int(pid, "opening a file", fd)?);
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    fn fd(&self, path: &str, mode: i32) -> Option<i32> {
+        self.0.get(&(path.to_string(), mode)).copied()
     }
 
     /// Close them all in the target.
@@ -1409,101 +1527,112 @@ impl MappedFiles {
     }
 }
 
+/// The file `v` maps and the mode to open it with (the access the
+/// original mapping had); None for anonymous memory.
+fn mapped_file<'v>(
+    pid: i32,
+    v: &'v VmaRecord,
+    m: &MapPlan,
+) -> Result<Option<(&'v str, i32)>, RestoreError> {
+    let file = v.backing_file().filter(|_| !v.dumped || v.is_private());
+    match (v.is_private(), file) {
+        (true, Some(path)) => Ok(Some((path, libc::O_RDONLY))),
+        (_, None) if v.is_private() || v.dumped => Ok(None),
+        (false, Some(path)) => {
+            let mode = if v.perms.write || m.may_write_shared {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            Ok(Some((path, mode)))
+        }
+        (_, None) => Err(step::<String>(pid, "mapping")(format!(
+            "VMA {:#x}-{:#x} ({:?}) is shared with no backing in the image",
+            v.start, v.end, v.name
+        ))),
+    }
+}
+
+/// Add to `b` the mmap of `v` at `at` as `m` says, from its file opened in
+/// `files` (see [`mapped_file`]).
 fn map_vma(
-    plan: &Plan,
-    main: &mut Injector,
-    files: &mut MappedFiles,
+    b: &mut Batch<'_>,
+    files: &MappedFiles,
     pid: i32,
     v: &VmaRecord,
     m: &MapPlan,
     at: u64,
 ) -> Result<(), RestoreError> {
-    let _ = plan;
     let len = v.end - v.start;
     let flags = m.map_type(v) | m.map_flags | libc::MAP_FIXED as u64;
-    let file = v.backing_file().filter(|_| !v.dumped || v.is_private());
-    let r = match (v.is_private(), file) {
-        (true, Some(path)) => {
-            let fd = files.open(main, pid, path, libc::O_RDONLY)?;
-            main.syscall(
-                libc::SYS_mmap,
-                [at, len, m.map_prot, flags, fd as u64, v.offset],
-            )?
+    let args = match mapped_file(pid, v, m)? {
+        Some((path, mode)) => {
+            let fd = files
+                .fd(path, mode)
+                .ok_or_else(|| step::<String>(pid, "mapping")(format!("{path} was not opened")))?;
+            [at, len, m.map_prot, flags, fd as u64, v.offset]
         }
-        (_, None) if v.is_private() || v.dumped => main.syscall(
-            libc::SYS_mmap,
-            [
-                at,
-                len,
-                m.map_prot,
-                flags | libc::MAP_ANONYMOUS as u64,
-                u64::MAX,
-                0,
-            ],
-        )?,
-        (false, Some(path)) => {
-            let writable = v.perms.write;
-            let mode = if writable || m.may_write_shared {
-                libc::O_RDWR
-            } else {
-                libc::O_RDONLY
-            };
-            let fd = files.open(main, pid, path, mode)?;
-            main.syscall(
-                libc::SYS_mmap,
-                [at, len, m.map_prot, flags, fd as u64, v.offset],
-            )?
-        }
-        (_, None) => {
-            return Err(step::<String>(pid, "mapping")(format!(
-                "VMA {:#x}-{:#x} ({:?}) is shared with no backing in the image",
-                v.start, v.end, v.name
-            )));
-        }
+        None => [
+            at,
+            len,
+            m.map_prot,
+            flags | libc::MAP_ANONYMOUS as u64,
+            u64::MAX,
+            0,
+        ],
     };
-    if r as u64 != at {
-        return Err(RestoreError::Step {
+    let what = format!(
+        "{:#x}-{:#x} {} {} {:?}",
+        v.start,
+        v.end,
+        v.perms,
+        v.name.as_deref().unwrap_or(""),
+        v.vm_flags
+    );
+    b.push(Syscall::new(libc::SYS_mmap, args), move |r| {
+        if r as u64 == at {
+            return Ok(());
+        }
+        Err(RestoreError::Step {
             pid,
             step: "mapping the image's VMAs",
             what: format!(
-                "{:#x}-{:#x} {} {} {:?}: {}",
-                v.start,
-                v.end,
-                v.perms,
-                v.name.as_deref().unwrap_or(""),
-                v.vm_flags,
+                "{what}: {}",
                 if r < 0 {
                     os_error(r).to_string()
                 } else {
                     format!("mapped at {r:#x}")
                 }
             ),
-        });
-    }
+        })
+    });
     Ok(())
 }
 
 /// Give the VMA at `at` an anon_vma without leaving a page in it: write a
-/// zero byte into its first page (FOLL_FORCE), then drop the page.
-fn give_anon_vma(main: &mut Injector, pid: i32, at: u64) -> Result<(), RestoreError> {
+/// zero byte into its first page (FOLL_FORCE) now, and add to `b` the
+/// madvise that drops the page.
+fn give_anon_vma(b: &mut Batch<'_>, pid: i32, at: u64) -> Result<(), RestoreError> {
     use std::os::unix::fs::FileExt;
     let mem = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(format!("/proc/{pid}/mem"))
         .map_err(step(pid, "opening /proc/PID/mem"))?;
-    let mut b = [0u8; 1];
+    let mut byte = [0u8; 1];
     // A file-backed page reads from the file first: write back what is there.
-    let _ = mem.read_exact_at(&mut b, at);
-    mem.write_all_at(&b, at).map_err(step(
+    let _ = mem.read_exact_at(&mut byte, at);
+    mem.write_all_at(&byte, at).map_err(step(
         pid,
         "touching a VMA to keep it apart from its neighbour",
     ))?;
-    let r = main.syscall(
-        libc::SYS_madvise,
-        [at, PAGE_SIZE, libc::MADV_DONTNEED as u64, 0, 0, 0],
-    )?;
-    check(pid, "dropping the page that kept a VMA apart", r)?;
+    b.push(
+        Syscall::new(
+            libc::SYS_madvise,
+            [at, PAGE_SIZE, libc::MADV_DONTNEED as u64, 0, 0, 0],
+        ),
+        move |r| check(pid, "dropping the page that kept a VMA apart", r).map(|_| ()),
+    );
     Ok(())
 }
 
@@ -1525,45 +1654,58 @@ fn check_vma(pid: i32, v: &VmaRecord, what: &str, r: i64) -> Result<(), RestoreE
     Ok(())
 }
 
-/// madvise state, final protection, locks.
-fn finish_vma(
+/// Add to `b` what gives `v` its madvise state, final protection, locks
+/// and name (`b` runs first if the name does not fit in it).
+fn finish_vma<'c>(
+    b: &mut Batch<'c>,
     main: &mut Injector,
     pid: i32,
-    v: &VmaRecord,
+    v: &'c VmaRecord,
     m: &MapPlan,
 ) -> Result<(), RestoreError> {
     let len = v.end - v.start;
-    for (adv, name) in &m.advice {
-        let r = main.syscall(libc::SYS_madvise, [v.start, len, *adv as u64, 0, 0, 0])?;
-        check_vma(pid, v, name, r)?;
+    for &(adv, name) in &m.advice {
+        b.push(
+            Syscall::new(libc::SYS_madvise, [v.start, len, adv as u64, 0, 0, 0]),
+            move |r| check_vma(pid, v, name, r),
+        );
     }
     if m.map_prot != m.prot {
-        let r = main.syscall(libc::SYS_mprotect, [v.start, len, m.prot, 0, 0, 0])?;
-        check_vma(pid, v, "mprotect", r)?;
+        b.push(
+            Syscall::new(libc::SYS_mprotect, [v.start, len, m.prot, 0, 0, 0]),
+            move |r| check_vma(pid, v, "mprotect", r),
+        );
     }
     if let Some(flags) = m.mlock {
-        let r = main.syscall(libc::SYS_mlock2, [v.start, len, flags, 0, 0, 0])?;
-        check_vma(pid, v, "mlock2", r)?;
+        b.push(
+            Syscall::new(libc::SYS_mlock2, [v.start, len, flags, 0, 0, 0]),
+            move |r| check_vma(pid, v, "mlock2", r),
+        );
     }
     if let Some(name) = anon_name(v) {
         // PR_SET_VMA / PR_SET_VMA_ANON_NAME (include/uapi/linux/prctl.h).
         const PR_SET_VMA: u64 = 0x5356_4d41;
-        let mut c = name.as_bytes().to_vec();
-        c.push(0);
-        let a = main.scratch_data(&c)?;
-        let r = main.syscall(libc::SYS_prctl, [PR_SET_VMA, 0, v.start, len, a, 0])?;
-        if r == -i64::from(libc::EINVAL) {
-            // A kernel without CONFIG_ANON_VMA_NAME: the mapping is whole,
-            // only its name in /proc/PID/maps is missing.
-            tracing::warn!(
-                pid,
-                "restore: {:#x}-{:#x} cannot be named {name:?} here (PR_SET_VMA_ANON_NAME: this kernel lacks CONFIG_ANON_VMA_NAME)",
-                v.start,
-                v.end
-            );
-        } else {
-            check_vma(pid, v, "PR_SET_VMA_ANON_NAME", r)?;
+        if !b.fits(name.len() + 1) {
+            b.run(main, pid)?;
         }
+        let a = b.cstr(name);
+        b.push(
+            Syscall::new(libc::SYS_prctl, [PR_SET_VMA, 0, v.start, len, a, 0]).may_fail(),
+            move |r| {
+                if r == -i64::from(libc::EINVAL) {
+                    // A kernel without CONFIG_ANON_VMA_NAME: the mapping is
+                    // whole, only its name in /proc/PID/maps is missing.
+                    tracing::warn!(
+                        pid,
+                        "restore: {:#x}-{:#x} cannot be named {name:?} here (PR_SET_VMA_ANON_NAME: this kernel lacks CONFIG_ANON_VMA_NAME)",
+                        v.start,
+                        v.end
+                    );
+                    return Ok(());
+                }
+                check_vma(pid, v, "PR_SET_VMA_ANON_NAME", r)
+            },
+        );
     }
     Ok(())
 }
@@ -1577,8 +1719,8 @@ fn anon_name(v: &VmaRecord) -> Option<&str> {
         .strip_suffix(']')
 }
 
-/// The process's THP and KSM settings (prctl).
-fn process_mm_flags(main: &mut Injector, pid: i32, p: &ProcessImage) -> Result<(), RestoreError> {
+/// Add to `b` the process's THP and KSM settings (prctl).
+fn process_mm_flags(b: &mut Batch<'_>, pid: i32, p: &ProcessImage) {
     const PR_SET_THP_DISABLE: u64 = 41;
     const PR_THP_DISABLE_EXCEPT_ADVISED: u64 = 1 << 1;
     const PR_SET_MEMORY_MERGE: u64 = 67;
@@ -1588,14 +1730,17 @@ fn process_mm_flags(main: &mut Injector, pid: i32, p: &ProcessImage) -> Result<(
         } else {
             0
         };
-        let r = main.syscall(libc::SYS_prctl, [PR_SET_THP_DISABLE, 1, flags, 0, 0, 0])?;
-        check(pid, "PR_SET_THP_DISABLE", r)?;
+        b.push(
+            Syscall::new(libc::SYS_prctl, [PR_SET_THP_DISABLE, 1, flags, 0, 0, 0]),
+            move |r| check(pid, "PR_SET_THP_DISABLE", r).map(|_| ()),
+        );
     }
     if p.memory_merge {
-        let r = main.syscall(libc::SYS_prctl, [PR_SET_MEMORY_MERGE, 1, 0, 0, 0, 0])?;
-        check(pid, "PR_SET_MEMORY_MERGE", r)?;
+        b.push(
+            Syscall::new(libc::SYS_prctl, [PR_SET_MEMORY_MERGE, 1, 0, 0, 0, 0]),
+            move |r| check(pid, "PR_SET_MEMORY_MERGE", r).map(|_| ()),
+        );
     }
-    Ok(())
 }
 
 /// Open `path` in the target (injected), returning the fd.
@@ -1651,6 +1796,44 @@ fn opened(pid: i32, step: &'static str, path: &str, r: i64) -> Result<i32, Resto
         });
     }
     check_int(pid, step, r)
+}
+
+/// Fill `v`, mapped at `at`, from the image (not its lazy pages); the
+/// pages written.
+fn fill_vma(
+    plan: &Plan,
+    pid: i32,
+    v: &VmaRecord,
+    m: &MapPlan,
+    at: u64,
+) -> Result<u64, RestoreError> {
+    if !v.dumped || (plan.lazy && crate::lazy::is_lazy(v)) {
+        return Ok(0);
+    }
+    // Per VMA: at trace level, not to flood a debug log.
+    in_step(tracing::trace_span!("fill", start = v.start), || {
+        fill(plan, v, pid, at, m.map_prot & libc::PROT_WRITE as u64 != 0)
+    })
+}
+
+/// Fill `v`, mapped in place; the pages written. The kernel drops
+/// VM_ACCOUNT when an anonymous VMA without an anon_vma (no page ever in
+/// it) is made read-only: one the original had written (`ac`), left empty
+/// here (lazy, or holes only), gets its anon_vma before `finish` takes
+/// PROT_WRITE away.
+fn fill_mapped(
+    plan: &Plan,
+    finish: &mut Batch<'_>,
+    pid: i32,
+    v: &VmaRecord,
+    m: &MapPlan,
+) -> Result<u64, RestoreError> {
+    let filled = fill_vma(plan, pid, v, m, v.start)?;
+    let keeps_account = m.map_prot != m.prot && v.is_private() && v.backing_file().is_none();
+    if filled == 0 && keeps_account {
+        give_anon_vma(finish, pid, v.start)?;
+    }
+    Ok(filled)
 }
 
 /// Step 3: tern's memory out, the image's in. Returns pages written.
@@ -1712,41 +1895,46 @@ fn address_space(
         .iter()
         .filter(|v| !is_special(v) && !is_scratch(v))
         .collect();
-    let mut after = Vec::new();
-    let mut files = MappedFiles::default();
+    let plans: Vec<MapPlan> = vmas.iter().map(|v| MapPlan::of(v)).collect();
+    let wanted = vmas
+        .iter()
+        .zip(&plans)
+        .map(|(v, m)| mapped_file(pid, v, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let files = MappedFiles::open(main, pid, wanted.into_iter().flatten())?;
+    // The mmaps go in batches; each VMA is filled once its mmap ran. What
+    // comes after the last fill (madvise, protection, locks, names, seals)
+    // is one more batch.
+    let mut maps = Batch::new(main)?;
+    let mut mapped: Vec<usize> = Vec::new();
+    let mut finish = Batch::new(main)?;
     for (k, v) in vmas.iter().enumerate() {
-        let prev = k.checked_sub(1).map(|i| vmas[i]);
-        let m = MapPlan::of(v);
+        let m = &plans[k];
         // A neighbour the kernel would merge it with, though the original
         // kept them apart: map and fill it elsewhere, then move it in place
         // (its anon_vma and page offset then keep it apart).
-        let apart = prev.is_some_and(|p| would_merge(p, v));
-        let at = if apart {
-            free_area(plan.chain.vmas(), pid, v.end - v.start)?
-        } else {
-            v.start
-        };
-        map_vma(plan, main, &mut files, pid, v, &m, at)?;
-        let filled = if v.dumped && !(plan.lazy && crate::lazy::is_lazy(v)) {
-            // Per VMA: at trace level, not to flood a debug log.
-            in_step(tracing::trace_span!("fill", start = v.start), || {
-                fill(plan, v, pid, at, m.map_prot & libc::PROT_WRITE as u64 != 0)
-            })?
-        } else {
-            0
-        };
-        pages += filled;
-        // The kernel drops VM_ACCOUNT when an anonymous VMA without an
-        // anon_vma (no page ever in it) is made read-only: one the original
-        // had written (`ac`), left empty here (lazy, or holes only), gets
-        // its anon_vma before `finish_vma` takes PROT_WRITE away.
-        let keeps_account = m.map_prot != m.prot && v.is_private() && v.backing_file().is_none();
-        if filled == 0 && (apart || keeps_account) {
-            give_anon_vma(main, pid, at)?;
+        let prev = k.checked_sub(1).map(|i| vmas[i]);
+        if !prev.is_some_and(|p| would_merge(p, v)) {
+            map_vma(&mut maps, &files, pid, v, m, v.start)?;
+            mapped.push(k);
+            continue;
         }
-        if apart {
-            let len = v.end - v.start;
-            let r = main.syscall(
+        maps.run(main, pid)?;
+        for i in mapped.drain(..) {
+            pages += fill_mapped(plan, &mut finish, pid, vmas[i], &plans[i])?;
+        }
+        let at = free_area(plan.chain.vmas(), pid, v.end - v.start)?;
+        let mut one = Batch::new(main)?;
+        map_vma(&mut one, &files, pid, v, m, at)?;
+        one.run(main, pid)?;
+        let filled = fill_vma(plan, pid, v, m, at)?;
+        pages += filled;
+        if filled == 0 {
+            give_anon_vma(&mut one, pid, at)?;
+        }
+        let len = v.end - v.start;
+        one.push(
+            Syscall::new(
                 libc::SYS_mremap,
                 [
                     at,
@@ -1756,26 +1944,34 @@ fn address_space(
                     v.start,
                     0,
                 ],
-            )?;
-            check(pid, "moving a VMA next to its neighbour", r)?;
-        }
-        after.push((*v, m));
+            ),
+            move |r| check(pid, "moving a VMA next to its neighbour", r).map(|_| ()),
+        );
+        one.run(main, pid)?;
+    }
+    maps.run(main, pid)?;
+    for i in mapped.drain(..) {
+        pages += fill_mapped(plan, &mut finish, pid, vmas[i], &plans[i])?;
     }
     files.close(main)?;
-    for (v, m) in &after {
-        finish_vma(main, pid, v, m)?;
+    for (v, m) in vmas.iter().zip(&plans) {
+        finish_vma(&mut finish, main, pid, v, m)?;
     }
     if p.thp_disable.is_some() || p.memory_merge {
-        process_mm_flags(main, pid, p)?;
+        process_mm_flags(&mut finish, pid, p);
     }
     // Seals last: nothing may change a sealed VMA afterwards.
-    for (v, m) in &after {
+    for (v, m) in vmas.iter().zip(&plans) {
         if m.seal {
             const SYS_MSEAL: i64 = 462;
-            let r = main.syscall(SYS_MSEAL, [v.start, v.end - v.start, 0, 0, 0, 0])?;
-            check_vma(pid, v, "mseal", r)?;
+            let v: &VmaRecord = v;
+            finish.push(
+                Syscall::new(SYS_MSEAL, [v.start, v.end - v.start, 0, 0, 0, 0]),
+                move |r| check_vma(pid, v, "mseal", r),
+            );
         }
     }
+    finish.run(main, pid)?;
     // 4. mm fields: PR_SET_MM_MAP (struct prctl_mm_map, include/uapi/linux/prctl.h).
     let mm = &p.mm;
     let auxv: Vec<u8> = mm.auxv.iter().flat_map(|w| w.to_ne_bytes()).collect();
@@ -1942,30 +2138,37 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
         main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
     }
     drop(fds_span);
-    // cwd, root (only if it is not /), umask, personality.
-    let mut c = p.cwd.as_bytes().to_vec();
-    c.push(0);
-    let a = main.scratch_data(&c)?;
-    let r = main.syscall(libc::SYS_chdir, [a, 0, 0, 0, 0, 0])?;
-    check(pid, "chdir to the dumped cwd", r)?;
-    // After every path was opened (they are this host's paths); chroot(2)
-    // leaves the cwd where it is, as the dumped process had it.
-    if p.root != "/" {
-        let mut c = p.root.as_bytes().to_vec();
-        c.push(0);
-        let a = main.scratch_data(&c)?;
-        let r = main.syscall(libc::SYS_chroot, [a, 0, 0, 0, 0, 0])?;
-        check(pid, "chroot to the dumped root directory", r)?;
-    }
-    main.syscall(libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0])?;
-    let r = main.syscall(libc::SYS_personality, [p.personality, 0, 0, 0, 0, 0])?;
-    check(pid, "personality", r)?;
     // Limits, from outside.
     for l in &p.rlimits {
         sys::rlimit::set(pid, l.resource, l.cur, l.max).map_err(|e| {
             step::<String>(pid, "setting a resource limit")(format!("resource {}: {e}", l.resource))
         })?;
     }
+    // The rest in one batch: cwd, root (only if it is not /), umask,
+    // personality, handlers, itimers, session and group.
+    let mut b = Batch::new(main)?;
+    let a = b.cstr(&p.cwd);
+    b.push(
+        Syscall::new(libc::SYS_chdir, [a, 0, 0, 0, 0, 0]),
+        move |r| check(pid, "chdir to the dumped cwd", r).map(|_| ()),
+    );
+    // After every path was opened (they are this host's paths); chroot(2)
+    // leaves the cwd where it is, as the dumped process had it.
+    if p.root != "/" {
+        let a = b.cstr(&p.root);
+        b.push(
+            Syscall::new(libc::SYS_chroot, [a, 0, 0, 0, 0, 0]),
+            move |r| check(pid, "chroot to the dumped root directory", r).map(|_| ()),
+        );
+    }
+    b.push(
+        Syscall::new(libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0]).may_fail(),
+        |_| Ok(()),
+    );
+    b.push(
+        Syscall::new(libc::SYS_personality, [p.personality, 0, 0, 0, 0, 0]),
+        move |r| check(pid, "personality", r).map(|_| ()),
+    );
     // Handlers. The child reset every disposition to the default before it
     // blocked (see `spawn_with_pid`); if it shows any other (it could not),
     // every one is set.
@@ -1977,10 +2180,15 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
         if all_default && a.handler == 0 && a.flags == 0 && a.restorer == 0 && a.mask == 0 {
             continue;
         }
-        let ka = sys::signals::SigAction::from(*a).to_kernel();
-        let addr = main.scratch_data(&ka.to_bytes())?;
-        let r = main.syscall(libc::SYS_rt_sigaction, [a.signo as u64, addr, 0, 8, 0, 0])?;
-        check(pid, "rt_sigaction", r)?;
+        let ka = sys::signals::SigAction::from(*a).to_kernel().to_bytes();
+        if !b.fits(ka.len()) {
+            b.run(main, pid)?;
+        }
+        let addr = b.data(&ka);
+        b.push(
+            Syscall::new(libc::SYS_rt_sigaction, [a.signo as u64, addr, 0, 8, 0, 0]),
+            move |r| check(pid, "rt_sigaction", r).map(|_| ()),
+        );
     }
     // itimers.
     for t in &p.itimers {
@@ -1990,32 +2198,44 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
             t.value_us / 1_000_000,
             t.value_us % 1_000_000,
         ];
-        let b: Vec<u8> = v.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let a = main.scratch_data(&b)?;
-        let r = main.syscall(libc::SYS_setitimer, [t.which as u64, a, 0, 0, 0, 0])?;
-        check(pid, "setitimer", r)?;
+        let d: Vec<u8> = v.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        if !b.fits(d.len()) {
+            b.run(main, pid)?;
+        }
+        let a = b.data(&d);
+        b.push(
+            Syscall::new(libc::SYS_setitimer, [t.which as u64, a, 0, 0, 0, 0]),
+            move |r| check(pid, "setitimer", r).map(|_| ()),
+        );
     }
     // Session and process group: a session leader gets its own session
     // again; a group leader its own group; joining another process's group
     // works only inside the session tern runs in.
     if p.sid == pid {
-        let r = main.syscall(libc::SYS_setsid, [0; 6])?;
-        check(pid, "setsid (the process led its session)", r)?;
+        b.push(Syscall::new(libc::SYS_setsid, [0; 6]), move |r| {
+            check(pid, "setsid (the process led its session)", r).map(|_| ())
+        });
     } else if p.pgid == pid {
-        let r = main.syscall(libc::SYS_setpgid, [0, 0, 0, 0, 0, 0])?;
-        check(pid, "setpgid (the process led its group)", r)?;
+        b.push(Syscall::new(libc::SYS_setpgid, [0; 6]), move |r| {
+            check(pid, "setpgid (the process led its group)", r).map(|_| ())
+        });
     } else {
-        let r = main.syscall(libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0])?;
-        if r < 0 {
-            tracing::warn!(
-                pid,
-                pgid = p.pgid,
-                "cannot rejoin process group {} (it is gone or in another session); the process stays in tern's",
-                p.pgid
-            );
-        }
+        let pgid = p.pgid;
+        b.push(
+            Syscall::new(libc::SYS_setpgid, [0, pgid as u64, 0, 0, 0, 0]).may_fail(),
+            move |r| {
+                if r < 0 {
+                    tracing::warn!(
+                        pid,
+                        pgid,
+                        "cannot rejoin process group {pgid} (it is gone or in another session); the process stays in tern's"
+                    );
+                }
+                Ok(())
+            },
+        );
     }
-
+    b.run(main, pid)?;
     Ok(())
 }
 
@@ -2380,35 +2600,41 @@ fn creds(
         creds_in(c, tern, last_cap, inj, pid)?;
         inj.release_scratch()?;
     }
+    let mut b = Batch::new(main)?;
     // A uid change made the process non-dumpable: put back what it was.
     if let Some(d) = plan.process.dumpable {
-        let r = main.syscall(
-            libc::SYS_prctl,
-            [libc::PR_SET_DUMPABLE as u64, d as u64, 0, 0, 0, 0],
-        )?;
-        check(pid, "PR_SET_DUMPABLE", r)?;
+        b.push(
+            Syscall::new(
+                libc::SYS_prctl,
+                [libc::PR_SET_DUMPABLE as u64, d as u64, 0, 0, 0, 0],
+            ),
+            move |r| check(pid, "PR_SET_DUMPABLE", r).map(|_| ()),
+        );
     }
     // The credential change cleared the parent-death signal.
-    die_with_tern(main, pid)
+    die_with_tern(&mut b, pid);
+    b.run(main, pid)?;
+    Ok(())
 }
 
-/// `PR_SET_PDEATHSIG(SIGKILL)` in the main thread (see `interrupt` and
-/// `spawn_with_pid`; the kernel clears it on every change of euid, egid,
-/// fsuid or fsgid).
-fn die_with_tern(main: &mut Injector, pid: i32) -> Result<(), RestoreError> {
-    let r = main.syscall(
-        libc::SYS_prctl,
-        [
-            libc::PR_SET_PDEATHSIG as u64,
-            libc::SIGKILL as u64,
-            0,
-            0,
-            0,
-            0,
-        ],
-    )?;
-    check(pid, "setting the parent-death signal", r)?;
-    Ok(())
+/// Add to `b` `PR_SET_PDEATHSIG(SIGKILL)` (for the main thread: see
+/// `interrupt` and `spawn_with_pid`; the kernel clears it on every change
+/// of euid, egid, fsuid or fsgid).
+fn die_with_tern(b: &mut Batch<'_>, pid: i32) {
+    b.push(
+        Syscall::new(
+            libc::SYS_prctl,
+            [
+                libc::PR_SET_PDEATHSIG as u64,
+                libc::SIGKILL as u64,
+                0,
+                0,
+                0,
+                0,
+            ],
+        ),
+        move |r| check(pid, "setting the parent-death signal", r).map(|_| ()),
+    );
 }
 
 /// Take the image's groups and filesystem ids in the main thread, so that
@@ -2419,12 +2645,29 @@ fn fs_ids_of_image(
     main: &mut Injector,
     pid: i32,
 ) -> Result<(), RestoreError> {
-    set_groups(main, pid, &c.groups, "taking the image's groups")?;
-    main.syscall(libc::SYS_setfsgid, [c.gid[3] as u64, 0, 0, 0, 0, 0])?;
-    main.syscall(libc::SYS_setfsuid, [c.uid[3] as u64, 0, 0, 0, 0, 0])?;
+    let mut b = Batch::new(main)?;
+    set_groups(&mut b, pid, &c.groups, "taking the image's groups");
+    let any = |_| Ok(());
+    b.push(
+        Syscall::new(libc::SYS_setfsgid, [c.gid[3] as u64, 0, 0, 0, 0, 0]).may_fail(),
+        any,
+    );
+    b.push(
+        Syscall::new(libc::SYS_setfsuid, [c.uid[3] as u64, 0, 0, 0, 0, 0]).may_fail(),
+        any,
+    );
     // setfsuid/setfsgid say only the old value: ask again.
-    let u = main.syscall(libc::SYS_setfsuid, [u32::MAX as u64, 0, 0, 0, 0, 0])?;
-    let g = main.syscall(libc::SYS_setfsgid, [u32::MAX as u64, 0, 0, 0, 0, 0])?;
+    b.push(
+        Syscall::new(libc::SYS_setfsuid, [u32::MAX as u64, 0, 0, 0, 0, 0]).may_fail(),
+        any,
+    );
+    b.push(
+        Syscall::new(libc::SYS_setfsgid, [u32::MAX as u64, 0, 0, 0, 0, 0]).may_fail(),
+        any,
+    );
+    die_with_tern(&mut b, pid);
+    let r = b.run(main, pid)?;
+    let (u, g) = (r[3], r[4]);
     if u != i64::from(c.uid[3]) || g != i64::from(c.gid[3]) {
         return Err(step::<String>(pid, "taking the image's filesystem ids")(
             format!(
@@ -2433,51 +2676,42 @@ fn fs_ids_of_image(
             ),
         ));
     }
-    die_with_tern(main, pid)
+    Ok(())
 }
 
-/// `setgroups(2)` in the thread `inj` holds.
-fn set_groups(
-    inj: &mut Injector,
-    pid: i32,
-    groups: &[u32],
-    what: &'static str,
-) -> Result<(), RestoreError> {
+/// Add to `b` `setgroups(2)` of its thread.
+fn set_groups(b: &mut Batch<'_>, pid: i32, groups: &[u32], what: &'static str) {
     let g: Vec<u8> = groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    let a = inj.scratch_data(if g.is_empty() { &[0u8; 4] } else { &g })?;
-    let r = inj.syscall(libc::SYS_setgroups, [groups.len() as u64, a, 0, 0, 0, 0])?;
-    check(pid, what, r)?;
-    Ok(())
+    let a = b.data(if g.is_empty() { &[0u8; 4] } else { &g });
+    b.push(
+        Syscall::new(libc::SYS_setgroups, [groups.len() as u64, a, 0, 0, 0, 0]),
+        move |r| check(pid, what, r).map(|_| ()),
+    );
 }
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// `capset(2)` of the calling thread: header then two data words.
-fn capset(
-    inj: &mut Injector,
-    pid: i32,
-    eff: u64,
-    prm: u64,
-    inh: u64,
-    what: &'static str,
-) -> Result<(), RestoreError> {
-    let mut b = Vec::with_capacity(32);
-    b.extend_from_slice(&LINUX_CAPABILITY_VERSION_3.to_ne_bytes());
-    b.extend_from_slice(&0i32.to_ne_bytes());
+/// Add to `b` `capset(2)` of its thread: header then two data words.
+fn capset(b: &mut Batch<'_>, pid: i32, eff: u64, prm: u64, inh: u64, what: &'static str) {
+    let mut d = Vec::with_capacity(32);
+    d.extend_from_slice(&LINUX_CAPABILITY_VERSION_3.to_ne_bytes());
+    d.extend_from_slice(&0i32.to_ne_bytes());
     for half in [0, 32] {
         for set in [eff, prm, inh] {
             // The low and high 32 bits of each set, on purpose.
             #[allow(clippy::cast_possible_truncation)]
             let word = (set >> half) as u32;
-            b.extend_from_slice(&word.to_ne_bytes());
+            d.extend_from_slice(&word.to_ne_bytes());
         }
     }
-    let a = inj.scratch_data(&b)?;
-    let r = inj.syscall(libc::SYS_capset, [a, a + 8, 0, 0, 0, 0])?;
-    check(pid, what, r)?;
-    Ok(())
+    let a = b.data(&d);
+    b.push(
+        Syscall::new(libc::SYS_capset, [a, a + 8, 0, 0, 0, 0]),
+        move |r| check(pid, what, r).map(|_| ()),
+    );
 }
 
+/// The image's credentials in the thread `inj` holds, in one batch.
 fn creds_in(
     c: &images::process::Creds,
     tern: &trust::Restorer,
@@ -2485,67 +2719,80 @@ fn creds_in(
     inj: &mut Injector,
     pid: i32,
 ) -> Result<(), RestoreError> {
-    let prctl =
-        |inj: &mut Injector, args: [u64; 5], what: &'static str| -> Result<(), RestoreError> {
-            let r = inj.syscall(
+    let mut b = Batch::new(inj)?;
+    let prctl = |b: &mut Batch<'_>, args: [u64; 5], what: &'static str| {
+        b.push(
+            Syscall::new(
                 libc::SYS_prctl,
                 [args[0], args[1], args[2], args[3], args[4], 0],
-            )?;
-            check(pid, what, r).map(|_| ())
-        };
+            ),
+            move |r| check(pid, what, r).map(|_| ()),
+        );
+    };
     // The bounding set first, while the thread still has CAP_SETPCAP.
     for cap in 0..=last_cap.min(63) {
         if c.cap_bnd & (1u64 << cap) == 0 {
             prctl(
-                inj,
+                &mut b,
                 [libc::PR_CAPBSET_DROP as u64, cap as u64, 0, 0, 0],
                 "dropping a capability from the bounding set",
-            )?;
+            );
         }
     }
     // The inheritable set while the permitted set is still whole (a process
     // may keep inheritable capabilities it no longer permits).
     capset(
-        inj,
+        &mut b,
         pid,
         tern.cap_prm,
         tern.cap_prm,
         c.cap_inh,
         "setting the inheritable capabilities",
-    )?;
-    set_groups(inj, pid, &c.groups, "setgroups")?;
-    let r = inj.syscall(
-        libc::SYS_setresgid,
-        [c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64, 0, 0, 0],
-    )?;
-    check(pid, "setresgid", r)?;
-    inj.syscall(libc::SYS_setfsgid, [c.gid[3] as u64, 0, 0, 0, 0, 0])?;
+    );
+    set_groups(&mut b, pid, &c.groups, "setgroups");
+    b.push(
+        Syscall::new(
+            libc::SYS_setresgid,
+            [c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64, 0, 0, 0],
+        ),
+        move |r| check(pid, "setresgid", r).map(|_| ()),
+    );
+    // setfsuid/setfsgid return the old id, never an error.
+    b.push(
+        Syscall::new(libc::SYS_setfsgid, [c.gid[3] as u64, 0, 0, 0, 0, 0]).may_fail(),
+        |_| Ok(()),
+    );
     // A non-root process that kept capabilities: keep them across the uid
     // change (the kernel would clear them).
     let keep = c.uid.iter().any(|&u| u != 0) && c.cap_prm != 0;
     if keep {
         prctl(
-            inj,
+            &mut b,
             [libc::PR_SET_KEEPCAPS as u64, 1, 0, 0, 0],
             "PR_SET_KEEPCAPS",
-        )?;
+        );
     }
-    let r = inj.syscall(
-        libc::SYS_setresuid,
-        [c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64, 0, 0, 0],
-    )?;
-    check(pid, "setresuid", r)?;
-    inj.syscall(libc::SYS_setfsuid, [c.uid[3] as u64, 0, 0, 0, 0, 0])?;
+    b.push(
+        Syscall::new(
+            libc::SYS_setresuid,
+            [c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64, 0, 0, 0],
+        ),
+        move |r| check(pid, "setresuid", r).map(|_| ()),
+    );
+    b.push(
+        Syscall::new(libc::SYS_setfsuid, [c.uid[3] as u64, 0, 0, 0, 0, 0]).may_fail(),
+        |_| Ok(()),
+    );
     capset(
-        inj,
+        &mut b,
         pid,
         c.cap_eff,
         c.cap_prm,
         c.cap_inh,
         "setting the capabilities",
-    )?;
+    );
     prctl(
-        inj,
+        &mut b,
         [
             libc::PR_CAP_AMBIENT as u64,
             libc::PR_CAP_AMBIENT_CLEAR_ALL as u64,
@@ -2554,11 +2801,11 @@ fn creds_in(
             0,
         ],
         "clearing the ambient capabilities",
-    )?;
+    );
     for cap in 0..64u64 {
         if c.cap_amb & (1 << cap) != 0 {
             prctl(
-                inj,
+                &mut b,
                 [
                     libc::PR_CAP_AMBIENT as u64,
                     libc::PR_CAP_AMBIENT_RAISE as u64,
@@ -2567,23 +2814,24 @@ fn creds_in(
                     0,
                 ],
                 "raising an ambient capability",
-            )?;
+            );
         }
     }
     if keep {
         prctl(
-            inj,
+            &mut b,
             [libc::PR_SET_KEEPCAPS as u64, 0, 0, 0, 0],
             "PR_SET_KEEPCAPS",
-        )?;
+        );
     }
     if c.no_new_privs {
         prctl(
-            inj,
+            &mut b,
             [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
             "PR_SET_NO_NEW_PRIVS",
-        )?;
+        );
     }
+    b.run(inj, pid)?;
     Ok(())
 }
 
