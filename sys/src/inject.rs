@@ -504,7 +504,7 @@ impl Injector {
         tid: i32,
         timeout: Duration,
     ) -> Result<Injector, InjectError> {
-        proc::check_thread(pid, tid)?;
+        proc::check_owned_thread(pid, tid)?;
         Self::attach_thread_unchecked(pid, tid, timeout, true)
     }
 
@@ -519,7 +519,7 @@ impl Injector {
         tid: i32,
         timeout: Duration,
     ) -> Result<Injector, InjectError> {
-        proc::check_thread(pid, tid)?;
+        proc::check_owned_thread(pid, tid)?;
         let t = machine::Tracee::attach(pid, tid, timeout, true)?;
         Ok(Injector {
             pid,

@@ -309,9 +309,13 @@ impl Tracee {
         timeout: Duration,
         owned: bool,
     ) -> Result<Tracee, InjectError> {
-        let tracer = proc::status(pid, Some(tid))?.tracerpid;
-        if tracer != 0 {
-            return Err(InjectError::AlreadyTraced { pid, tid, tracer });
+        // A process tern made itself has no tracer but tern (and a seize
+        // of a traced thread fails anyway): the status read is spared.
+        if !owned {
+            let tracer = proc::status(pid, Some(tid))?.tracerpid;
+            if tracer != 0 {
+                return Err(InjectError::AlreadyTraced { pid, tid, tracer });
+            }
         }
         let path = format!("/proc/{pid}/task/{tid}/mem");
         let mem = OpenOptions::new()
@@ -725,7 +729,9 @@ impl Tracee {
         self.regs = RegsState::Orig;
         self.recovered = false;
         self.stopped_in_stub = None;
-        if !self.recover_from_stub()? {
+        // A thread of a process tern builds never ran one of its stubs
+        // untraced (it dies with tern): no maps to read for one.
+        if self.owned || !self.recover_from_stub()? {
             self.rseq_fixup();
         }
         self.fixed = arch::fixup(&self.orig);
@@ -1614,31 +1620,39 @@ impl Tracee {
                 return Err(e);
             }
         }
-        let named = self.inject(
-            libc::SYS_prctl,
-            [
-                PR_SET_VMA,
-                PR_SET_VMA_ANON_NAME,
-                base,
-                LEN as u64,
-                base + NAME_OFF as u64,
-                0,
+        // Named, and kept out of children the target forks (they do not
+        // need it); one stop for both in a process tern builds.
+        let r = self.syscall_batch(
+            &[
+                super::Syscall::new(
+                    libc::SYS_prctl,
+                    [
+                        PR_SET_VMA,
+                        PR_SET_VMA_ANON_NAME,
+                        base,
+                        LEN as u64,
+                        base + NAME_OFF as u64,
+                        0,
+                    ],
+                )
+                .may_fail(),
+                super::Syscall::new(
+                    libc::SYS_madvise,
+                    [base, LEN as u64, libc::MADV_DONTFORK as u64, 0, 0, 0],
+                )
+                .may_fail(),
             ],
-            false,
+            &[],
         )?;
-        if named != 0 {
+        if let Some(&named) = r.first()
+            && named != 0
+        {
             tracing::debug!(
                 "process {}: naming the scratch area failed ({}); it is recognised by its header",
                 self.pid,
                 errno_of(named)
             );
         }
-        // Children forked by the target do not need it.
-        let _ = self.inject(
-            libc::SYS_madvise,
-            [base, LEN as u64, libc::MADV_DONTFORK as u64, 0, 0, 0],
-            false,
-        )?;
         tracing::debug!("process {}: scratch area at {base:#x}", self.pid);
         Ok(base)
     }
