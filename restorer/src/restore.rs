@@ -1286,8 +1286,8 @@ fn clone_thread(main: &mut Injector, pid: i32, tid: i32) -> Result<i32, RestoreE
 /// child now.
 fn free_area(vmas: &[VmaRecord], pid: i32, len: u64) -> Result<u64, RestoreError> {
     let mut taken: Vec<(u64, u64)> = vmas.iter().map(|v| (v.start, v.end)).collect();
-    let maps = sys::proc::maps(pid, None).map_err(step(pid, "reading maps"))?;
-    taken.extend(maps.iter().map(|m| (m.start, m.end)));
+    let maps = sys::proc::map_ranges(pid).map_err(step(pid, "reading maps"))?;
+    taken.extend(maps);
     taken.sort_unstable();
     // Below the lowest mapping above 4 GiB, a gap of 1 MiB on each side.
     let gap = 1 << 20;
@@ -1854,11 +1854,9 @@ fn address_space(
             scratch + sys::inject::SCRATCH_LEN,
         )))
         .collect();
-    let maps = sys::proc::maps(pid, None).map_err(step(pid, "reading maps"))?;
+    let maps = sys::proc::map_ranges(pid).map_err(step(pid, "reading maps"))?;
     let unmap = unmap_ranges(
-        maps.iter()
-            .map(|m| (m.start, m.end))
-            .filter(|&(a, _)| a < 0xffff_ffff_ff60_0000),
+        maps.into_iter().filter(|&(a, _)| a < 0xffff_ffff_ff60_0000),
         &keep,
     );
     let calls = unmap
