@@ -958,19 +958,17 @@ fn lazy_uffd(
     main: &mut Injector,
     pid: i32,
 ) -> Result<crate::service::Handoff, RestoreError> {
-    let r = main.syscall(
-        libc::SYS_userfaultfd,
-        [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
-    )?;
-    let fd = check_int(pid, "userfaultfd(2) in the process", r)?;
+    // The image's fds are all the process has now: the userfaultfd takes
+    // the lowest number they leave free.
+    let used: std::collections::BTreeSet<i32> =
+        plan.process.fds.iter().map(|f| f.info.fd).collect();
+    let fd = (0..).find(|n| !used.contains(n)).unwrap_or(0);
     // The highest fd number under its RLIMIT_NOFILE that the image does
     // not use: out of the way of the numbers a program hands out.
     let nofile = sys::proc::limits(pid)
         .ok()
         .and_then(|l| l.into_iter().find(|l| l.resource == libc::RLIMIT_NOFILE))
         .map_or(1024, |l| l.soft.min(1 << 20));
-    let used: std::collections::BTreeSet<i32> =
-        plan.process.fds.iter().map(|f| f.info.fd).collect();
     let high = (0..i32::try_from(nofile).unwrap_or(1024))
         .rev()
         .find(|n| !used.contains(n) && *n != fd)
@@ -979,17 +977,34 @@ fn lazy_uffd(
             step: "placing the userfaultfd",
             what: format!("no free fd number under its RLIMIT_NOFILE ({nofile})"),
         })?;
+    let mut b = Batch::new(main)?;
+    b.push(
+        Syscall::new(
+            libc::SYS_userfaultfd,
+            [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
+        ),
+        move |r| {
+            let got = check_int(pid, "userfaultfd(2) in the process", r)?;
+            expect_fd(pid, "userfaultfd(2) in the process", got, fd)
+        },
+    );
     let high = if high > fd {
-        let r = main.syscall(
-            libc::SYS_dup3,
-            [fd as u64, high as u64, libc::O_CLOEXEC as u64, 0, 0, 0],
-        )?;
-        check(pid, "moving the userfaultfd to a high fd number", r)?;
-        main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        b.push(
+            Syscall::new(
+                libc::SYS_dup3,
+                [fd as u64, high as u64, libc::O_CLOEXEC as u64, 0, 0, 0],
+            ),
+            move |r| check(pid, "moving the userfaultfd to a high fd number", r).map(|_| ()),
+        );
+        b.push(
+            Syscall::new(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]).may_fail(),
+            |_| Ok(()),
+        );
         high
     } else {
         fd
     };
+    b.run(main, pid)?;
     let local =
         sys::fds::pidfd_getfd(pid, high).map_err(step(pid, "pidfd_getfd of the userfaultfd"))?;
     let (uffd, _) = sys::uffd::handshake(local, &[LAZY_FEATURES]).map_err(|e| {
@@ -1743,25 +1758,6 @@ fn process_mm_flags(b: &mut Batch<'_>, pid: i32, p: &ProcessImage) {
     }
 }
 
-/// Open `path` in the target (injected), returning the fd.
-fn open_in(inj: &mut Injector, pid: i32, path: &str, flags: i32) -> Result<i32, RestoreError> {
-    let mut c = path.as_bytes().to_vec();
-    c.push(0);
-    let a = inj.scratch_data(&c)?;
-    let r = inj.syscall(
-        libc::SYS_openat,
-        [
-            libc::AT_FDCWD as u64,
-            a,
-            (flags | libc::O_CLOEXEC) as u64,
-            0,
-            0,
-            0,
-        ],
-    )?;
-    opened(pid, "opening a file", path, r)
-}
-
 /// Write all of `data` at once into the pipe or FIFO `fd`, sized for it
 /// beforehand (`what` prefixes the error: the FIFO's path).
 fn refill(
@@ -1899,7 +1895,13 @@ fn address_space(
         .zip(&plans)
         .map(|(v, m)| mapped_file(pid, v, m))
         .collect::<Result<Vec<_>, _>>()?;
-    let files = MappedFiles::open(main, pid, wanted.into_iter().flatten())?;
+    // The executable too, for PR_SET_MM_MAP (often one of them already).
+    let exe = (p.exe.as_str(), libc::O_RDONLY);
+    let files = MappedFiles::open(
+        main,
+        pid,
+        wanted.into_iter().flatten().chain(std::iter::once(exe)),
+    )?;
     // The mmaps go in batches; each VMA is filled once its mmap ran. What
     // comes after the last fill (madvise, protection, locks, names, seals)
     // is one more batch.
@@ -1951,7 +1953,6 @@ fn address_space(
     for i in mapped.drain(..) {
         pages += fill_mapped(plan, &mut finish, pid, vmas[i], &plans[i])?;
     }
-    files.close(main)?;
     for (v, m) in vmas.iter().zip(&plans) {
         finish_vma(&mut finish, main, pid, v, m)?;
     }
@@ -1969,46 +1970,48 @@ fn address_space(
             );
         }
     }
-    finish.run(main, pid)?;
     // 4. mm fields: PR_SET_MM_MAP (struct prctl_mm_map, include/uapi/linux/prctl.h).
     let mm = &p.mm;
+    let exe_fd = files
+        .fd(exe.0, exe.1)
+        .ok_or_else(|| step::<String>(pid, "PR_SET_MM_MAP")(format!("{} was not opened", p.exe)))?;
     let auxv: Vec<u8> = mm.auxv.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let exe_fd = open_in(main, pid, &p.exe, libc::O_RDONLY)?;
-    let auxv_len = auxv.len();
-    let map_off = auxv_len.next_multiple_of(16);
-    let base = put(main, |at| {
-        let mut b = auxv.clone();
-        b.resize(map_off, 0);
-        for w in [
-            mm.start_code,
-            mm.end_code,
-            mm.start_data,
-            mm.end_data,
-            mm.start_brk,
-            mm.brk,
-            mm.start_stack,
-            mm.arg_start,
-            mm.arg_end,
-            mm.env_start,
-            mm.env_end,
-            at,
-        ] {
-            b.extend_from_slice(&w.to_ne_bytes());
-        }
-        // The image's auxv is at most 256 words (checked when it was read).
-        b.extend_from_slice(&u32::try_from(auxv_len).unwrap_or(u32::MAX).to_ne_bytes());
-        b.extend_from_slice(&(exe_fd as u32).to_ne_bytes());
-        b
-    })?;
-    let base3 = base;
+    if !finish.fits(auxv.len() + 16 + 104) {
+        finish.run(main, pid)?;
+    }
+    let auxv_at = finish.data(&auxv);
+    let mut map = Vec::with_capacity(104);
+    for w in [
+        mm.start_code,
+        mm.end_code,
+        mm.start_data,
+        mm.end_data,
+        mm.start_brk,
+        mm.brk,
+        mm.start_stack,
+        mm.arg_start,
+        mm.arg_end,
+        mm.env_start,
+        mm.env_end,
+        auxv_at,
+    ] {
+        map.extend_from_slice(&w.to_ne_bytes());
+    }
+    // The image's auxv is at most 256 words (checked when it was read).
+    map.extend_from_slice(&u32::try_from(auxv.len()).unwrap_or(u32::MAX).to_ne_bytes());
+    map.extend_from_slice(&(exe_fd as u32).to_ne_bytes());
+    let map_at = finish.data(&map);
     const PR_SET_MM: u64 = 35;
     const PR_SET_MM_MAP: u64 = 14;
-    let r = main.syscall(
-        libc::SYS_prctl,
-        [PR_SET_MM, PR_SET_MM_MAP, base3 + map_off as u64, 104, 0, 0],
-    )?;
-    check(pid, "PR_SET_MM_MAP (brk, args, env, auxv, exe)", r)?;
-    main.syscall(libc::SYS_close, [exe_fd as u64, 0, 0, 0, 0, 0])?;
+    finish.push(
+        Syscall::new(
+            libc::SYS_prctl,
+            [PR_SET_MM, PR_SET_MM_MAP, map_at, map.len() as u64, 0, 0],
+        ),
+        move |r| check(pid, "PR_SET_MM_MAP (brk, args, env, auxv, exe)", r).map(|_| ()),
+    );
+    finish.run(main, pid)?;
+    files.close(main)?;
     Ok(pages)
 }
 
@@ -2126,15 +2129,14 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
     let fds_span = tracing::debug_span!("fds", count = p.fds.len()).entered();
     let r = main.syscall(libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
     check(pid, "closing inherited fds", r)?;
-    let mut pipes: BTreeMap<String, PipeEnds> = BTreeMap::new();
     let fifos = open_fifos(plan, main, pid)?;
-    for f in &p.fds {
-        restore_fd(plan, f, main, pid, &mut pipes)?;
-    }
-    drop(pipes);
-    for (fd, _) in fifos {
-        main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-    }
+    restore_fds(plan, main, pid, fifos.iter().map(|(fd, _)| *fd))?;
+    let calls = fifos
+        .iter()
+        .map(|(fd, _)| (libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0]))
+        .collect();
+    main.syscalls(calls)?;
+    drop(fifos);
     drop(fds_span);
     // Limits, from outside.
     for l in &p.rlimits {
@@ -2352,14 +2354,123 @@ fn open_fifos(
     Ok(out)
 }
 
-fn restore_fd(
+/// The fd numbers taken in the process while its fds are restored: an
+/// open (or dup, pidfd_open, pidfd_getfd) takes the lowest free one, so
+/// each fd a batched call will return is known before it runs (checked
+/// when it does).
+struct FdTable(std::collections::BTreeSet<i32>);
+
+impl FdTable {
+    /// The fd the next open takes.
+    fn open(&mut self) -> i32 {
+        let mut fd = 0;
+        while self.0.contains(&fd) {
+            fd += 1;
+        }
+        self.0.insert(fd);
+        fd
+    }
+}
+
+/// The process's fds, in batches (see [`FdTable`]).
+struct FdRestore<'p> {
+    pid: i32,
+    b: Batch<'p>,
+    table: FdTable,
+    pipes: BTreeMap<String, PipeEnds>,
+    /// tern's fds the process takes with pidfd_getfd when the batch runs.
+    held: Vec<OwnedFd>,
+}
+
+impl<'p> FdRestore<'p> {
+    /// Add the open of `path` with `flags`; the fd it will take.
+    fn open(
+        &mut self,
+        main: &mut Injector,
+        path: &'p str,
+        flags: i32,
+    ) -> Result<i32, RestoreError> {
+        if !self.b.fits(path.len() + 1) {
+            self.run(main)?;
+        }
+        let a = self.b.cstr(path);
+        let fd = self.table.open();
+        let pid = self.pid;
+        self.b.push(
+            Syscall::new(
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, a, flags as u64, 0, 0, 0],
+            ),
+            move |r| {
+                let got = opened(pid, "reopening a file", path, r)?;
+                expect_fd(pid, "reopening a file", got, fd)
+            },
+        );
+        Ok(fd)
+    }
+
+    fn run(&mut self, main: &mut Injector) -> Result<(), RestoreError> {
+        self.b.run(main, self.pid)?;
+        self.held.clear();
+        Ok(())
+    }
+
+    fn push(&mut self, call: Syscall, what: &'static str) {
+        let pid = self.pid;
+        self.b.push(call, move |r| check(pid, what, r).map(|_| ()));
+    }
+
+    fn close(&mut self, fd: i32) {
+        self.table.0.remove(&fd);
+        self.b.push(
+            Syscall::new(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]).may_fail(),
+            |_| Ok(()),
+        );
+    }
+}
+
+/// A batched call returned another fd than the table said it would.
+fn expect_fd(pid: i32, what: &'static str, got: i32, want: i32) -> Result<(), RestoreError> {
+    if got == want {
+        return Ok(());
+    }
+    Err(RestoreError::Step {
+        pid,
+        step: what,
+        what: format!("the kernel gave fd {got} where fd {want} was the lowest free one"),
+    })
+}
+
+/// Every fd of the image, in as few batches as their paths fit in.
+/// `taken`: fds already in the process (the FIFO helpers).
+fn restore_fds(
     plan: &Plan,
-    f: &FdImage,
     main: &mut Injector,
     pid: i32,
-    pipes: &mut BTreeMap<String, PipeEnds>,
+    taken: impl Iterator<Item = i32>,
+) -> Result<(), RestoreError> {
+    let mut r = FdRestore {
+        pid,
+        b: Batch::new(main)?,
+        table: FdTable(taken.collect()),
+        pipes: BTreeMap::new(),
+        held: Vec::new(),
+    };
+    for f in &plan.process.fds {
+        restore_fd(plan, f, main, &mut r)?;
+    }
+    r.run(main)?;
+    Ok(())
+}
+
+fn restore_fd<'p>(
+    plan: &'p Plan,
+    f: &'p FdImage,
+    main: &mut Injector,
+    r: &mut FdRestore<'p>,
 ) -> Result<(), RestoreError> {
     use images::state::FdKindState as FdKind;
+    let pid = r.pid;
     let info = &f.info;
     // fdinfo flags: access mode, status flags and O_CLOEXEC.
     let open_flags = info.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC);
@@ -2367,11 +2478,14 @@ fn restore_fd(
     let dup_flags = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
     // A dup of an earlier fd: the same open file description.
     if let Some(s) = f.same_as {
-        let r = main.syscall(
-            libc::SYS_dup3,
-            [s as u64, info.fd as u64, dup_flags, 0, 0, 0],
-        )?;
-        check(pid, "dup3 of a shared open file description", r)?;
+        r.push(
+            Syscall::new(
+                libc::SYS_dup3,
+                [s as u64, info.fd as u64, dup_flags, 0, 0, 0],
+            ),
+            "dup3 of a shared open file description",
+        );
+        r.table.0.insert(info.fd);
         return Ok(());
     }
     let fd = match &info.kind {
@@ -2379,20 +2493,22 @@ fn restore_fd(
         | FdKind::Dir { path }
         | FdKind::CharDev { path, .. }
         | FdKind::Tty { path, .. } => {
-            let fd = open_in_plain(main, pid, path, open_flags)?;
+            let fd = r.open(main, path, open_flags)?;
             if matches!(info.kind, FdKind::File { .. }) && info.pos != 0 {
-                let r = main.syscall(
-                    libc::SYS_lseek,
-                    [fd as u64, info.pos, libc::SEEK_SET as u64, 0, 0, 0],
-                )?;
-                check(pid, "seeking a file", r)?;
+                r.push(
+                    Syscall::new(
+                        libc::SYS_lseek,
+                        [fd as u64, info.pos, libc::SEEK_SET as u64, 0, 0, 0],
+                    ),
+                    "seeking a file",
+                );
             }
             fd
         }
         FdKind::Pipe { read_end, .. } => {
             let name = f.pipe_data.clone().unwrap_or_default();
-            if !pipes.contains_key(&name) {
-                let (r, w) = nix::unistd::pipe2(
+            if !r.pipes.contains_key(&name) {
+                let (rd, w) = nix::unistd::pipe2(
                     nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK,
                 )
                 .map_err(step(pid, "creating a pipe"))?;
@@ -2408,17 +2524,17 @@ fn restore_fd(
                     };
                     refill(pid, "refilling a pipe", "", &w, data)?;
                 }
-                pipes.insert(
+                r.pipes.insert(
                     name.clone(),
                     PipeEnds {
-                        read: r,
+                        read: rd,
                         write: w,
                         read_given: false,
                         write_given: false,
                     },
                 );
             }
-            let ends = pipes.get_mut(&name).expect("inserted above");
+            let ends = r.pipes.get_mut(&name).expect("inserted above");
             // pipe(2) made the end without O_LARGEFILE, an open of
             // /proc/PID/fd/N with it: each open file description of the
             // original is recreated the way it was made.
@@ -2428,13 +2544,12 @@ fn restore_fd(
                 &mut ends.write_given
             };
             let end = if *read_end { &ends.read } else { &ends.write };
-            let reopened;
             let ours = if !*given && info.flags & KERNEL_O_LARGEFILE == 0 {
                 *given = true;
                 end.as_raw_fd()
             } else {
                 use std::os::unix::fs::OpenOptionsExt;
-                reopened = std::fs::OpenOptions::new()
+                let reopened = std::fs::OpenOptions::new()
                     .read(*read_end)
                     .write(!*read_end)
                     .custom_flags(libc::O_NONBLOCK)
@@ -2443,7 +2558,10 @@ fn restore_fd(
                         pid,
                         "opening a pipe again (a second open file description)",
                     ))?;
-                reopened.as_raw_fd()
+                let fd = reopened.as_raw_fd();
+                // Kept open until the process took it.
+                r.held.push(OwnedFd::from(reopened));
+                fd
             };
             if let Some(cap) = f.pipe_capacity {
                 // SAFETY: fcntl on our own fd.
@@ -2463,19 +2581,32 @@ fn restore_fd(
             // The target takes our end itself (pidfd_getfd): the same open
             // file, flags as set here (an open of /proc/.../fd/N would add
             // O_LARGEFILE).
-            let pidfd = main.syscall(
-                libc::SYS_pidfd_open,
-                [std::process::id() as u64, 0, 0, 0, 0, 0],
-            )?;
-            check(pid, "pidfd_open(tern) in the target", pidfd)?;
-            let fd = main.syscall(
-                libc::SYS_pidfd_getfd,
-                [pidfd as u64, ours as u64, 0, 0, 0, 0],
-            )?;
-            main.syscall(libc::SYS_close, [pidfd as u64, 0, 0, 0, 0, 0])?;
-            check_int(pid, "pidfd_getfd of a refilled pipe", fd)?
+            let pidfd = r.table.open();
+            r.b.push(
+                Syscall::new(
+                    libc::SYS_pidfd_open,
+                    [std::process::id() as u64, 0, 0, 0, 0, 0],
+                ),
+                move |x| {
+                    let got = check_int(pid, "pidfd_open(tern) in the target", x)?;
+                    expect_fd(pid, "pidfd_open(tern) in the target", got, pidfd)
+                },
+            );
+            let fd = r.table.open();
+            r.b.push(
+                Syscall::new(
+                    libc::SYS_pidfd_getfd,
+                    [pidfd as u64, ours as u64, 0, 0, 0, 0],
+                ),
+                move |x| {
+                    let got = check_int(pid, "pidfd_getfd of a refilled pipe", x)?;
+                    expect_fd(pid, "pidfd_getfd of a refilled pipe", got, fd)
+                },
+            );
+            r.close(pidfd);
+            fd
         }
-        FdKind::Fifo { path, .. } => open_in_plain(main, pid, path, open_flags)?,
+        FdKind::Fifo { path, .. } => r.open(main, path, open_flags)?,
         other => {
             return Err(step::<String>(pid, "restoring fds")(format!(
                 "fd {}: {other:?} not supported",
@@ -2484,26 +2615,24 @@ fn restore_fd(
         }
     };
     if fd != info.fd {
-        let r = main.syscall(
-            libc::SYS_dup3,
-            [
-                fd as u64,
-                info.fd as u64,
-                if cloexec { libc::O_CLOEXEC as u64 } else { 0 },
-                0,
-                0,
-                0,
-            ],
-        )?;
-        check(pid, "dup3 to the dumped fd number", r)?;
-        main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        r.push(
+            Syscall::new(
+                libc::SYS_dup3,
+                [fd as u64, info.fd as u64, dup_flags, 0, 0, 0],
+            ),
+            "dup3 to the dumped fd number",
+        );
+        r.table.0.insert(info.fd);
+        r.close(fd);
     } else {
         let v = if cloexec { libc::FD_CLOEXEC as u64 } else { 0 };
-        let r = main.syscall(
-            libc::SYS_fcntl,
-            [fd as u64, libc::F_SETFD as u64, v, 0, 0, 0],
-        )?;
-        check(pid, "F_SETFD", r)?;
+        r.push(
+            Syscall::new(
+                libc::SYS_fcntl,
+                [fd as u64, libc::F_SETFD as u64, v, 0, 0, 0],
+            ),
+            "F_SETFD",
+        );
     }
     Ok(())
 }
@@ -2530,46 +2659,59 @@ fn thread_state(plan: &Plan, idx: usize, inj: &mut Injector, pid: i32) -> Result
     let mask = t.blocked;
     inj.on_tracer(move |tid| sys::signals::set_blocked_mask(tid, mask))?
         .map_err(step(pid, "setting a thread's signal mask"))?;
+    let mut b = Batch::new(inj)?;
+    let checked = |what: &'static str| move |r| check(pid, what, r).map(|_| ());
     // sigaltstack
     let ss = sys::signals::StackT::from(sys::signals::AltStack::from(t.altstack));
-    let a = inj.scratch_data(&ss.to_bytes())?;
-    let r = inj.syscall(libc::SYS_sigaltstack, [a, 0, 0, 0, 0, 0])?;
-    check(pid, "sigaltstack", r)?;
+    let a = b.data(&ss.to_bytes());
+    b.push(
+        Syscall::new(libc::SYS_sigaltstack, [a, 0, 0, 0, 0, 0]),
+        checked("sigaltstack"),
+    );
     // robust list, clear_child_tid
     if t.robust_list != 0 {
-        let r = inj.syscall(
-            libc::SYS_set_robust_list,
-            [t.robust_list, t.robust_list_len, 0, 0, 0, 0],
-        )?;
-        check(pid, "set_robust_list", r)?;
+        b.push(
+            Syscall::new(
+                libc::SYS_set_robust_list,
+                [t.robust_list, t.robust_list_len, 0, 0, 0, 0],
+            ),
+            checked("set_robust_list"),
+        );
     }
-    inj.syscall(
-        libc::SYS_set_tid_address,
-        [t.clear_child_tid, 0, 0, 0, 0, 0],
-    )?;
+    b.push(
+        Syscall::new(
+            libc::SYS_set_tid_address,
+            [t.clear_child_tid, 0, 0, 0, 0, 0],
+        ),
+        checked("set_tid_address"),
+    );
     // rseq
     if let Some(reg) = &t.rseq {
-        let r = inj.syscall(
-            libc::SYS_rseq,
-            [
-                reg.abi_pointer,
-                reg.abi_size as u64,
-                0,
-                reg.signature as u64,
-                0,
-                0,
-            ],
-        )?;
-        check(pid, "registering rseq", r)?;
+        b.push(
+            Syscall::new(
+                libc::SYS_rseq,
+                [
+                    reg.abi_pointer,
+                    reg.abi_size as u64,
+                    0,
+                    reg.signature as u64,
+                    0,
+                    0,
+                ],
+            ),
+            checked("registering rseq"),
+        );
     }
-
     // The thread's name: only the thread itself (or its group) may set it.
     let mut name = t.comm.as_bytes().to_vec();
     name.truncate(15);
     name.push(0);
-    let a = inj.scratch_data(&name)?;
-    let r = inj.syscall(libc::SYS_prctl, [libc::PR_SET_NAME as u64, a, 0, 0, 0, 0])?;
-    check(pid, "PR_SET_NAME", r)?;
+    let a = b.data(&name);
+    b.push(
+        Syscall::new(libc::SYS_prctl, [libc::PR_SET_NAME as u64, a, 0, 0, 0, 0]),
+        checked("PR_SET_NAME"),
+    );
+    b.run(inj, pid)?;
     Ok(())
 }
 
