@@ -692,7 +692,7 @@ fn blocks_in_time(pid: i32, tid: Option<i32>, deadline: Instant) -> bool {
     let t0 = Instant::now();
     let mut nap = Duration::from_micros(10);
     loop {
-        if sys::proc::stat(pid, tid).is_ok_and(|s| s.state == 'S') {
+        if sys::proc::state(pid, tid) == Some('S') {
             return true;
         }
         if Instant::now() > deadline {
