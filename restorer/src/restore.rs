@@ -535,15 +535,19 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
             })
         });
         let res = build(&plan, pid, opts);
-        (res, map.and_then(|h| h.join().ok()))
+        // The process runs from here (its threads were let go); the map
+        // may still be in the making.
+        let runs_at = t0.elapsed();
+        (res.map(|r| (r, runs_at)), map.and_then(|h| h.join().ok()))
     });
-    let res = res.map(|(pages, handoff)| {
+    let res = res.map(|((pages, handoff), runs_at)| {
         (
             pages,
             handoff.map(|mut h| {
                 h.map = map;
                 h
             }),
+            runs_at,
         )
     });
     tracing::debug!(
@@ -552,11 +556,11 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     );
     drop(wake);
     match res {
-        Ok((pages, handoff)) => {
+        Ok((pages, handoff, runs_at)) => {
             drop(guard);
             let report = RestoreReport {
                 pid,
-                restore_ms: t0.elapsed().as_secs_f64() * 1e3,
+                restore_ms: runs_at.as_secs_f64() * 1e3,
                 pages_restored: pages,
                 threads: plan.process.threads.len(),
                 vmas: plan.chain.vmas().len(),
