@@ -731,25 +731,12 @@ fn build(
     let scratch_at = free_area(plan.chain.vmas(), pid, sys::inject::SCRATCH_LEN)?;
     main.set_scratch_hint(scratch_at)?;
     main.ensure_scratch(None)?;
-    // The forked child inherited tern's rseq registration: drop it before
-    // its memory goes, or the kernel would write into unmapped memory.
-    if let Some(reg) = main
+    // The forked child inherited tern's rseq registration: dropped before
+    // its memory goes (the first call of `address_space`), or the kernel
+    // would write into unmapped memory.
+    let inherited_rseq = main
         .on_tracer(sys::rseq::registration)?
-        .map_err(step(pid, "reading the inherited rseq registration"))?
-    {
-        let r = main.syscall(
-            libc::SYS_rseq,
-            [
-                reg.abi_pointer,
-                reg.abi_size as u64,
-                1, /* RSEQ_FLAG_UNREGISTER */
-                reg.signature as u64,
-                0,
-                0,
-            ],
-        )?;
-        check(pid, "unregistering the inherited rseq area", r)?;
-    }
+        .map_err(step(pid, "reading the inherited rseq registration"))?;
 
     // Threads: cloned from the main thread, each with its TID.
     let step_span = next_step(step_span, || {
@@ -783,7 +770,7 @@ fn build(
     // Address space.
     let t = Instant::now();
     let pages = in_step(tracing::debug_span!("address space"), || {
-        address_space(plan, &mut main, pid, scratch_at)
+        address_space(plan, &mut main, pid, scratch_at, inherited_rseq)
     })?;
     tracing::debug!(
         pid,
@@ -1842,6 +1829,7 @@ fn address_space(
     main: &mut Injector,
     pid: i32,
     scratch: u64,
+    inherited_rseq: Option<sys::rseq::RseqRegistration>,
 ) -> Result<u64, RestoreError> {
     let p = &plan.process;
     // 1. Unmap everything but the scratch area and the vDSO areas.
@@ -1859,30 +1847,49 @@ fn address_space(
         maps.into_iter().filter(|&(a, _)| a < 0xffff_ffff_ff60_0000),
         &keep,
     );
-    let calls = unmap
-        .iter()
-        .map(|&(a, b)| (libc::SYS_munmap, [a, b - a, 0, 0, 0, 0]))
-        .collect();
-    for r in main.syscalls(calls)? {
-        check(pid, "unmapping tern's memory", r)?;
+    let mut b = Batch::new(main)?;
+    if let Some(reg) = inherited_rseq {
+        b.push(
+            Syscall::new(
+                libc::SYS_rseq,
+                [
+                    reg.abi_pointer,
+                    reg.abi_size as u64,
+                    1, /* RSEQ_FLAG_UNREGISTER */
+                    reg.signature as u64,
+                    0,
+                    0,
+                ],
+            ),
+            move |r| check(pid, "unregistering the inherited rseq area", r).map(|_| ()),
+        );
+    }
+    for &(a, e) in &unmap {
+        b.push(
+            Syscall::new(libc::SYS_munmap, [a, e - a, 0, 0, 0, 0]),
+            move |r| check(pid, "unmapping tern's memory", r).map(|_| ()),
+        );
     }
     // 2. The vDSO where the image had it.
     let moves = sys::vdso::placement_moves(&here, &p.vdso.clone().into())
         .map_err(step(pid, "placing the vDSO"))?;
     for m in moves {
-        let r = main.syscall(
-            libc::SYS_mremap,
-            [
-                m.from,
-                m.len,
-                m.len,
-                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
-                m.to,
-                0,
-            ],
-        )?;
-        check(pid, "moving the vDSO", r)?;
+        b.push(
+            Syscall::new(
+                libc::SYS_mremap,
+                [
+                    m.from,
+                    m.len,
+                    m.len,
+                    (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                    m.to,
+                    0,
+                ],
+            ),
+            move |r| check(pid, "moving the vDSO", r).map(|_| ()),
+        );
     }
+    b.run(main, pid)?;
     // 3. Every VMA, as the kernel had it: mapped with the flags it was made
     //    with, filled, then given its madvise state, protection, locks and
     //    seal (see `MapPlan`).
@@ -2131,10 +2138,25 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
     let p = &plan.process;
     // fds: first drop whatever the child inherited, then reopen the image's.
     let fds_span = tracing::debug_span!("fds", count = p.fds.len()).entered();
-    let r = main.syscall(libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
-    check(pid, "closing inherited fds", r)?;
+    let close_all = Syscall::new(libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0]);
+    let has_fifos = p
+        .fds
+        .iter()
+        .any(|f| matches!(f.info.kind, images::state::FdKindState::Fifo { .. }));
+    // The FIFOs' helpers are opened between the two; without FIFOs the
+    // close goes first in the fds' batch.
+    if has_fifos {
+        let r = main.syscall(close_all.nr, close_all.args)?;
+        check(pid, "closing inherited fds", r)?;
+    }
     let fifos = open_fifos(plan, main, pid)?;
-    restore_fds(plan, main, pid, fifos.iter().map(|(fd, _)| *fd))?;
+    restore_fds(
+        plan,
+        main,
+        pid,
+        fifos.iter().map(|(fd, _)| *fd),
+        (!has_fifos).then_some(close_all),
+    )?;
     let calls = fifos
         .iter()
         .map(|(fd, _)| (libc::SYS_close, [*fd as u64, 0, 0, 0, 0, 0]))
@@ -2446,12 +2468,14 @@ fn expect_fd(pid: i32, what: &'static str, got: i32, want: i32) -> Result<(), Re
 }
 
 /// Every fd of the image, in as few batches as their paths fit in.
-/// `taken`: fds already in the process (the FIFO helpers).
+/// `taken`: fds already in the process (the FIFO helpers); `first`: a call
+/// to make before (the close of every inherited fd).
 fn restore_fds(
     plan: &Plan,
     main: &mut Injector,
     pid: i32,
     taken: impl Iterator<Item = i32>,
+    first: Option<Syscall>,
 ) -> Result<(), RestoreError> {
     let mut r = FdRestore {
         pid,
@@ -2460,6 +2484,9 @@ fn restore_fds(
         pipes: BTreeMap::new(),
         held: Vec::new(),
     };
+    if let Some(c) = first {
+        r.push(c, "closing inherited fds");
+    }
     for f in &plan.process.fds {
         restore_fd(plan, f, main, &mut r)?;
     }
