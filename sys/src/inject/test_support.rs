@@ -428,6 +428,9 @@ pub(crate) fn check_syscall_batches() {
     assert_eq!(link, std::path::Path::new("/proc/version"));
     inj.syscall(libc::SYS_close, [r[0] as u64, 0, 0, 0, 0, 0])
         .unwrap();
+    // Data beyond the slot's area is refused, not written into the next.
+    let r = inj.syscall_batch(vec![call(libc::SYS_getpid)], vec![0u8; 9000]);
+    assert!(matches!(r, Err(InjectError::ScratchFull { .. })), "{r:?}");
     // Longer than one table: every call runs.
     let r = inj
         .syscall_batch(vec![call(libc::SYS_gettid); 300], Vec::new())

@@ -876,7 +876,7 @@ impl Tracee {
         let base = self.batch_data_addr()?;
         let table_off = data.len().next_multiple_of(BATCH_ENTRY);
         let room = DATA_STRIDE.saturating_sub(table_off) / BATCH_ENTRY;
-        if room == 0 && !calls.is_empty() {
+        if data.len() > DATA_STRIDE || (room == 0 && !calls.is_empty()) {
             return Err(InjectError::ScratchFull {
                 pid,
                 tid,
