@@ -980,12 +980,12 @@ fn lazy_uffd(
         },
     );
     let high = if high > fd {
-        b.push(
+        b.checked(
             Syscall::new(
                 libc::SYS_dup3,
                 [fd as u64, high as u64, libc::O_CLOEXEC as u64, 0, 0, 0],
             ),
-            move |r| check(pid, "moving the userfaultfd to a high fd number", r).map(|_| ()),
+            "moving the userfaultfd to a high fd number",
         );
         b.push(
             Syscall::new(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]).may_fail(),
@@ -1135,6 +1135,7 @@ fn check(pid: i32, what: &'static str, r: i64) -> Result<i64, RestoreError> {
 /// stop for all of them in the process being built, instead of two per
 /// syscall), each with what to make of its result.
 struct Batch<'c> {
+    pid: i32,
     base: u64,
     calls: Vec<Syscall>,
     checks: Vec<ResultCheck<'c>>,
@@ -1151,6 +1152,7 @@ const BATCH_DATA: usize = 4096;
 impl<'c> Batch<'c> {
     fn new(inj: &mut Injector) -> Result<Batch<'c>, RestoreError> {
         Ok(Batch {
+            pid: inj.pid(),
             base: inj.batch_data_addr()?,
             calls: Vec::new(),
             checks: Vec::new(),
@@ -1183,6 +1185,12 @@ impl<'c> Batch<'c> {
     fn push(&mut self, call: Syscall, check: impl FnOnce(i64) -> Result<(), RestoreError> + 'c) {
         self.calls.push(call);
         self.checks.push(Box::new(check));
+    }
+
+    /// Add `call`; a failure is the error of step `what`.
+    fn checked(&mut self, call: Syscall, what: &'static str) {
+        let pid = self.pid;
+        self.push(call, move |r| check(pid, what, r).map(|_| ()));
     }
 
     /// Run what was added, check each result; the batch is then empty
@@ -1632,12 +1640,12 @@ fn give_anon_vma(b: &mut Batch<'_>, pid: i32, at: u64) -> Result<(), RestoreErro
         pid,
         "touching a VMA to keep it apart from its neighbour",
     ))?;
-    b.push(
+    b.checked(
         Syscall::new(
             libc::SYS_madvise,
             [at, PAGE_SIZE, libc::MADV_DONTNEED as u64, 0, 0, 0],
         ),
-        move |r| check(pid, "dropping the page that kept a VMA apart", r).map(|_| ()),
+        "dropping the page that kept a VMA apart",
     );
     Ok(())
 }
@@ -1726,7 +1734,7 @@ fn anon_name(v: &VmaRecord) -> Option<&str> {
 }
 
 /// Add to `b` the process's THP and KSM settings (prctl).
-fn process_mm_flags(b: &mut Batch<'_>, pid: i32, p: &ProcessImage) {
+fn process_mm_flags(b: &mut Batch<'_>, p: &ProcessImage) {
     const PR_SET_THP_DISABLE: u64 = 41;
     const PR_THP_DISABLE_EXCEPT_ADVISED: u64 = 1 << 1;
     const PR_SET_MEMORY_MERGE: u64 = 67;
@@ -1736,15 +1744,15 @@ fn process_mm_flags(b: &mut Batch<'_>, pid: i32, p: &ProcessImage) {
         } else {
             0
         };
-        b.push(
+        b.checked(
             Syscall::new(libc::SYS_prctl, [PR_SET_THP_DISABLE, 1, flags, 0, 0, 0]),
-            move |r| check(pid, "PR_SET_THP_DISABLE", r).map(|_| ()),
+            "PR_SET_THP_DISABLE",
         );
     }
     if p.memory_merge {
-        b.push(
+        b.checked(
             Syscall::new(libc::SYS_prctl, [PR_SET_MEMORY_MERGE, 1, 0, 0, 0, 0]),
-            move |r| check(pid, "PR_SET_MEMORY_MERGE", r).map(|_| ()),
+            "PR_SET_MEMORY_MERGE",
         );
     }
 }
@@ -1849,7 +1857,7 @@ fn address_space(
     );
     let mut b = Batch::new(main)?;
     if let Some(reg) = inherited_rseq {
-        b.push(
+        b.checked(
             Syscall::new(
                 libc::SYS_rseq,
                 [
@@ -1861,20 +1869,20 @@ fn address_space(
                     0,
                 ],
             ),
-            move |r| check(pid, "unregistering the inherited rseq area", r).map(|_| ()),
+            "unregistering the inherited rseq area",
         );
     }
     for &(a, e) in &unmap {
-        b.push(
+        b.checked(
             Syscall::new(libc::SYS_munmap, [a, e - a, 0, 0, 0, 0]),
-            move |r| check(pid, "unmapping tern's memory", r).map(|_| ()),
+            "unmapping tern's memory",
         );
     }
     // 2. The vDSO where the image had it.
     let moves = sys::vdso::placement_moves(&here, &p.vdso.clone().into())
         .map_err(step(pid, "placing the vDSO"))?;
     for m in moves {
-        b.push(
+        b.checked(
             Syscall::new(
                 libc::SYS_mremap,
                 [
@@ -1886,7 +1894,7 @@ fn address_space(
                     0,
                 ],
             ),
-            move |r| check(pid, "moving the vDSO", r).map(|_| ()),
+            "moving the vDSO",
         );
     }
     b.run(main, pid)?;
@@ -1944,7 +1952,7 @@ fn address_space(
             give_anon_vma(&mut one, pid, at)?;
         }
         let len = v.end - v.start;
-        one.push(
+        one.checked(
             Syscall::new(
                 libc::SYS_mremap,
                 [
@@ -1956,7 +1964,7 @@ fn address_space(
                     0,
                 ],
             ),
-            move |r| check(pid, "moving a VMA next to its neighbour", r).map(|_| ()),
+            "moving a VMA next to its neighbour",
         );
         one.run(main, pid)?;
     }
@@ -1968,7 +1976,7 @@ fn address_space(
         finish_vma(&mut finish, main, pid, v, m)?;
     }
     if p.thp_disable.is_some() || p.memory_merge {
-        process_mm_flags(&mut finish, pid, p);
+        process_mm_flags(&mut finish, p);
     }
     // Seals last: nothing may change a sealed VMA afterwards.
     for (v, m) in vmas.iter().zip(&plans) {
@@ -2014,12 +2022,12 @@ fn address_space(
     let map_at = finish.data(&map);
     const PR_SET_MM: u64 = 35;
     const PR_SET_MM_MAP: u64 = 14;
-    finish.push(
+    finish.checked(
         Syscall::new(
             libc::SYS_prctl,
             [PR_SET_MM, PR_SET_MM_MAP, map_at, map.len() as u64, 0, 0],
         ),
-        move |r| check(pid, "PR_SET_MM_MAP (brk, args, env, auxv, exe)", r).map(|_| ()),
+        "PR_SET_MM_MAP (brk, args, env, auxv, exe)",
     );
     finish.run(main, pid)?;
     files.close(main)?;
@@ -2174,26 +2182,26 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
     // personality, handlers, itimers, session and group.
     let mut b = Batch::new(main)?;
     let a = b.cstr(&p.cwd);
-    b.push(
+    b.checked(
         Syscall::new(libc::SYS_chdir, [a, 0, 0, 0, 0, 0]),
-        move |r| check(pid, "chdir to the dumped cwd", r).map(|_| ()),
+        "chdir to the dumped cwd",
     );
     // After every path was opened (they are this host's paths); chroot(2)
     // leaves the cwd where it is, as the dumped process had it.
     if p.root != "/" {
         let a = b.cstr(&p.root);
-        b.push(
+        b.checked(
             Syscall::new(libc::SYS_chroot, [a, 0, 0, 0, 0, 0]),
-            move |r| check(pid, "chroot to the dumped root directory", r).map(|_| ()),
+            "chroot to the dumped root directory",
         );
     }
     b.push(
         Syscall::new(libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0]).may_fail(),
         |_| Ok(()),
     );
-    b.push(
+    b.checked(
         Syscall::new(libc::SYS_personality, [p.personality, 0, 0, 0, 0, 0]),
-        move |r| check(pid, "personality", r).map(|_| ()),
+        "personality",
     );
     // Handlers. The child reset every disposition to the default before it
     // blocked (see `spawn_with_pid`); if it shows any other (it could not),
@@ -2211,9 +2219,9 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
             b.run(main, pid)?;
         }
         let addr = b.data(&ka);
-        b.push(
+        b.checked(
             Syscall::new(libc::SYS_rt_sigaction, [a.signo as u64, addr, 0, 8, 0, 0]),
-            move |r| check(pid, "rt_sigaction", r).map(|_| ()),
+            "rt_sigaction",
         );
     }
     // itimers.
@@ -2229,9 +2237,9 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
             b.run(main, pid)?;
         }
         let a = b.data(&d);
-        b.push(
+        b.checked(
             Syscall::new(libc::SYS_setitimer, [t.which as u64, a, 0, 0, 0, 0]),
-            move |r| check(pid, "setitimer", r).map(|_| ()),
+            "setitimer",
         );
     }
     // Session and process group: a session leader gets its own session
@@ -2441,11 +2449,6 @@ impl<'p> FdRestore<'p> {
         Ok(())
     }
 
-    fn push(&mut self, call: Syscall, what: &'static str) {
-        let pid = self.pid;
-        self.b.push(call, move |r| check(pid, what, r).map(|_| ()));
-    }
-
     fn close(&mut self, fd: i32) {
         self.table.0.remove(&fd);
         self.b.push(
@@ -2485,7 +2488,7 @@ fn restore_fds(
         held: Vec::new(),
     };
     if let Some(c) = first {
-        r.push(c, "closing inherited fds");
+        r.b.checked(c, "closing inherited fds");
     }
     for f in &plan.process.fds {
         restore_fd(plan, f, main, &mut r)?;
@@ -2509,7 +2512,7 @@ fn restore_fd<'p>(
     let dup_flags = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
     // A dup of an earlier fd: the same open file description.
     if let Some(s) = f.same_as {
-        r.push(
+        r.b.checked(
             Syscall::new(
                 libc::SYS_dup3,
                 [s as u64, info.fd as u64, dup_flags, 0, 0, 0],
@@ -2526,7 +2529,7 @@ fn restore_fd<'p>(
         | FdKind::Tty { path, .. } => {
             let fd = r.open(main, path, open_flags)?;
             if matches!(info.kind, FdKind::File { .. }) && info.pos != 0 {
-                r.push(
+                r.b.checked(
                     Syscall::new(
                         libc::SYS_lseek,
                         [fd as u64, info.pos, libc::SEEK_SET as u64, 0, 0, 0],
@@ -2646,7 +2649,7 @@ fn restore_fd<'p>(
         }
     };
     if fd != info.fd {
-        r.push(
+        r.b.checked(
             Syscall::new(
                 libc::SYS_dup3,
                 [fd as u64, info.fd as u64, dup_flags, 0, 0, 0],
@@ -2657,7 +2660,7 @@ fn restore_fd<'p>(
         r.close(fd);
     } else {
         let v = if cloexec { libc::FD_CLOEXEC as u64 } else { 0 };
-        r.push(
+        r.b.checked(
             Syscall::new(
                 libc::SYS_fcntl,
                 [fd as u64, libc::F_SETFD as u64, v, 0, 0, 0],
@@ -2691,34 +2694,33 @@ fn thread_state(plan: &Plan, idx: usize, inj: &mut Injector, pid: i32) -> Result
     inj.on_tracer(move |tid| sys::signals::set_blocked_mask(tid, mask))?
         .map_err(step(pid, "setting a thread's signal mask"))?;
     let mut b = Batch::new(inj)?;
-    let checked = |what: &'static str| move |r| check(pid, what, r).map(|_| ());
     // sigaltstack
     let ss = sys::signals::StackT::from(sys::signals::AltStack::from(t.altstack));
     let a = b.data(&ss.to_bytes());
-    b.push(
+    b.checked(
         Syscall::new(libc::SYS_sigaltstack, [a, 0, 0, 0, 0, 0]),
-        checked("sigaltstack"),
+        "sigaltstack",
     );
     // robust list, clear_child_tid
     if t.robust_list != 0 {
-        b.push(
+        b.checked(
             Syscall::new(
                 libc::SYS_set_robust_list,
                 [t.robust_list, t.robust_list_len, 0, 0, 0, 0],
             ),
-            checked("set_robust_list"),
+            "set_robust_list",
         );
     }
-    b.push(
+    b.checked(
         Syscall::new(
             libc::SYS_set_tid_address,
             [t.clear_child_tid, 0, 0, 0, 0, 0],
         ),
-        checked("set_tid_address"),
+        "set_tid_address",
     );
     // rseq
     if let Some(reg) = &t.rseq {
-        b.push(
+        b.checked(
             Syscall::new(
                 libc::SYS_rseq,
                 [
@@ -2730,7 +2732,7 @@ fn thread_state(plan: &Plan, idx: usize, inj: &mut Injector, pid: i32) -> Result
                     0,
                 ],
             ),
-            checked("registering rseq"),
+            "registering rseq",
         );
     }
     // The thread's name: only the thread itself (or its group) may set it.
@@ -2738,9 +2740,9 @@ fn thread_state(plan: &Plan, idx: usize, inj: &mut Injector, pid: i32) -> Result
     name.truncate(15);
     name.push(0);
     let a = b.data(&name);
-    b.push(
+    b.checked(
         Syscall::new(libc::SYS_prctl, [libc::PR_SET_NAME as u64, a, 0, 0, 0, 0]),
-        checked("PR_SET_NAME"),
+        "PR_SET_NAME",
     );
     b.run(inj, pid)?;
     Ok(())
@@ -2774,16 +2776,16 @@ fn creds(
     let mut b = Batch::new(main)?;
     // A uid change made the process non-dumpable: put back what it was.
     if let Some(d) = plan.process.dumpable {
-        b.push(
+        b.checked(
             Syscall::new(
                 libc::SYS_prctl,
                 [libc::PR_SET_DUMPABLE as u64, d as u64, 0, 0, 0, 0],
             ),
-            move |r| check(pid, "PR_SET_DUMPABLE", r).map(|_| ()),
+            "PR_SET_DUMPABLE",
         );
     }
     // The credential change cleared the parent-death signal.
-    die_with_tern(&mut b, pid);
+    die_with_tern(&mut b);
     b.run(main, pid)?;
     Ok(())
 }
@@ -2791,8 +2793,8 @@ fn creds(
 /// Add to `b` `PR_SET_PDEATHSIG(SIGKILL)` (for the main thread: see
 /// `interrupt` and `spawn_with_pid`; the kernel clears it on every change
 /// of euid, egid, fsuid or fsgid).
-fn die_with_tern(b: &mut Batch<'_>, pid: i32) {
-    b.push(
+fn die_with_tern(b: &mut Batch<'_>) {
+    b.checked(
         Syscall::new(
             libc::SYS_prctl,
             [
@@ -2804,7 +2806,7 @@ fn die_with_tern(b: &mut Batch<'_>, pid: i32) {
                 0,
             ],
         ),
-        move |r| check(pid, "setting the parent-death signal", r).map(|_| ()),
+        "setting the parent-death signal",
     );
 }
 
@@ -2817,7 +2819,7 @@ fn fs_ids_of_image(
     pid: i32,
 ) -> Result<(), RestoreError> {
     let mut b = Batch::new(main)?;
-    set_groups(&mut b, pid, &c.groups, "taking the image's groups");
+    set_groups(&mut b, &c.groups, "taking the image's groups");
     let any = |_| Ok(());
     b.push(
         Syscall::new(libc::SYS_setfsgid, [c.gid[3] as u64, 0, 0, 0, 0, 0]).may_fail(),
@@ -2836,7 +2838,7 @@ fn fs_ids_of_image(
         Syscall::new(libc::SYS_setfsgid, [u32::MAX as u64, 0, 0, 0, 0, 0]).may_fail(),
         any,
     );
-    die_with_tern(&mut b, pid);
+    die_with_tern(&mut b);
     let r = b.run(main, pid)?;
     let (u, g) = (r[3], r[4]);
     if u != i64::from(c.uid[3]) || g != i64::from(c.gid[3]) {
@@ -2851,19 +2853,19 @@ fn fs_ids_of_image(
 }
 
 /// Add to `b` `setgroups(2)` of its thread.
-fn set_groups(b: &mut Batch<'_>, pid: i32, groups: &[u32], what: &'static str) {
+fn set_groups(b: &mut Batch<'_>, groups: &[u32], what: &'static str) {
     let g: Vec<u8> = groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     let a = b.data(if g.is_empty() { &[0u8; 4] } else { &g });
-    b.push(
+    b.checked(
         Syscall::new(libc::SYS_setgroups, [groups.len() as u64, a, 0, 0, 0, 0]),
-        move |r| check(pid, what, r).map(|_| ()),
+        what,
     );
 }
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// Add to `b` `capset(2)` of its thread: header then two data words.
-fn capset(b: &mut Batch<'_>, pid: i32, eff: u64, prm: u64, inh: u64, what: &'static str) {
+fn capset(b: &mut Batch<'_>, eff: u64, prm: u64, inh: u64, what: &'static str) {
     let mut d = Vec::with_capacity(32);
     d.extend_from_slice(&LINUX_CAPABILITY_VERSION_3.to_ne_bytes());
     d.extend_from_slice(&0i32.to_ne_bytes());
@@ -2876,10 +2878,7 @@ fn capset(b: &mut Batch<'_>, pid: i32, eff: u64, prm: u64, inh: u64, what: &'sta
         }
     }
     let a = b.data(&d);
-    b.push(
-        Syscall::new(libc::SYS_capset, [a, a + 8, 0, 0, 0, 0]),
-        move |r| check(pid, what, r).map(|_| ()),
-    );
+    b.checked(Syscall::new(libc::SYS_capset, [a, a + 8, 0, 0, 0, 0]), what);
 }
 
 /// The image's credentials in the thread `inj` holds, in one batch.
@@ -2892,12 +2891,12 @@ fn creds_in(
 ) -> Result<(), RestoreError> {
     let mut b = Batch::new(inj)?;
     let prctl = |b: &mut Batch<'_>, args: [u64; 5], what: &'static str| {
-        b.push(
+        b.checked(
             Syscall::new(
                 libc::SYS_prctl,
                 [args[0], args[1], args[2], args[3], args[4], 0],
             ),
-            move |r| check(pid, what, r).map(|_| ()),
+            what,
         );
     };
     // The bounding set first, while the thread still has CAP_SETPCAP.
@@ -2914,19 +2913,18 @@ fn creds_in(
     // may keep inheritable capabilities it no longer permits).
     capset(
         &mut b,
-        pid,
         tern.cap_prm,
         tern.cap_prm,
         c.cap_inh,
         "setting the inheritable capabilities",
     );
-    set_groups(&mut b, pid, &c.groups, "setgroups");
-    b.push(
+    set_groups(&mut b, &c.groups, "setgroups");
+    b.checked(
         Syscall::new(
             libc::SYS_setresgid,
             [c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64, 0, 0, 0],
         ),
-        move |r| check(pid, "setresgid", r).map(|_| ()),
+        "setresgid",
     );
     // setfsuid/setfsgid return the old id, never an error.
     b.push(
@@ -2943,12 +2941,12 @@ fn creds_in(
             "PR_SET_KEEPCAPS",
         );
     }
-    b.push(
+    b.checked(
         Syscall::new(
             libc::SYS_setresuid,
             [c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64, 0, 0, 0],
         ),
-        move |r| check(pid, "setresuid", r).map(|_| ()),
+        "setresuid",
     );
     b.push(
         Syscall::new(libc::SYS_setfsuid, [c.uid[3] as u64, 0, 0, 0, 0, 0]).may_fail(),
@@ -2956,7 +2954,6 @@ fn creds_in(
     );
     capset(
         &mut b,
-        pid,
         c.cap_eff,
         c.cap_prm,
         c.cap_inh,

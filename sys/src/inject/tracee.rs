@@ -606,6 +606,18 @@ impl Tracee {
         }
     }
 
+    /// A wait for `what` ran out after `after`: the thread is released to
+    /// the kernel.
+    fn give_up(&mut self, what: String, after: Duration) -> InjectError {
+        self.abandoned = true;
+        InjectError::Timeout {
+            pid: self.pid,
+            tid: self.tid,
+            what,
+            after,
+        }
+    }
+
     /// Wait for a `PTRACE_EVENT_STOP` (an interrupt must be pending).
     /// Signal-delivery-stops on the way are delivered on the original
     /// registers (or suppressed if our injection caused them). Returns
@@ -616,15 +628,7 @@ impl Tracee {
         let mut ran = false;
         loop {
             match self.wait(deadline) {
-                None => {
-                    self.abandoned = true;
-                    return Err(InjectError::Timeout {
-                        pid: self.pid,
-                        tid: self.tid,
-                        what: what.to_string(),
-                        after: budget,
-                    });
-                }
+                None => return Err(self.give_up(what.to_string(), budget)),
                 Some(Stop::Jobctl(sig)) => {
                     if sig != libc::SIGTRAP {
                         tracing::debug!(
@@ -955,16 +959,13 @@ impl Tracee {
         let mut held = Vec::new();
         let at = loop {
             match self.wait(deadline) {
+                // A thread of a process tern builds: it dies with the
+                // injector (see Drop), never resumed half-way.
                 None => {
-                    // A thread of a process tern builds: it dies with the
-                    // injector (see Drop), never resumed half-way.
-                    self.abandoned = true;
-                    return Err(InjectError::Timeout {
-                        pid: self.pid,
-                        tid: self.tid,
-                        what: format!("a batch of {count} injected syscalls"),
-                        after: self.timeout,
-                    });
+                    let after = self.timeout;
+                    return Err(
+                        self.give_up(format!("a batch of {count} injected syscalls"), after)
+                    );
                 }
                 Some(Stop::Signal(sig)) => {
                     let regs = self.getregs()?;
