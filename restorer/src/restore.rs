@@ -662,12 +662,15 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
         // 64. Raw rt_sigaction with an all-zero kernel sigaction: glibc's
         // wrapper would add SA_RESTORER.
         let dfl = [0u64; 4];
-        // SAFETY: prctl, getppid, rt_sigaction from a local buffer, read
-        // into a local buffer, _exit: all async-signal-safe.
+        // SAFETY: prctl, getppid, getpid, kill, rt_sigaction from a local
+        // buffer, read into a local buffer, _exit: all async-signal-safe.
         unsafe {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            // tern gone already (or, below, its end of the pipe closed as it
+            // exits, which can come before the parent-death signal): end as
+            // that signal would, a half-built process killed.
             if libc::getppid() != tern {
-                libc::_exit(127);
+                libc::kill(libc::getpid(), libc::SIGKILL);
             }
             for sig in 1..=64 {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
@@ -681,6 +684,7 @@ fn spawn_with_pid(pid: i32) -> Result<(i32, OwnedFd), RestoreError> {
                 }
             }
             libc::read(rd.as_raw_fd(), b.as_mut_ptr().cast(), 1);
+            libc::kill(libc::getpid(), libc::SIGKILL);
             libc::_exit(127);
         }
     }
