@@ -220,8 +220,13 @@ impl LazyMap {
 
     /// The run holding image page `addr`.
     pub fn find(&self, addr: u64) -> Option<&Run> {
+        self.find_index(addr).map(|i| &self.runs[i])
+    }
+
+    /// Index in `runs` of the run holding image page `addr`.
+    pub fn find_index(&self, addr: u64) -> Option<usize> {
         let i = self.runs.partition_point(|r| r.end <= addr);
-        self.runs.get(i).filter(|r| r.start <= addr)
+        self.runs.get(i).filter(|r| r.start <= addr).map(|_| i)
     }
 
     /// Index (among all lazy data pages) of image page `addr`, if it has data.

@@ -531,7 +531,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                     "lazy map made in {:.1} ms",
                     t.elapsed().as_secs_f64() * 1e3
                 );
-                m
+                (m, crate::service::warm_buffers())
             })
         });
         let res = build(&plan, pid, opts);
@@ -544,7 +544,10 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
         (
             pages,
             handoff.map(|mut h| {
-                h.map = map;
+                if let Some((map, buffers)) = map {
+                    h.map = Some(map);
+                    h.buffers = buffers;
+                }
                 h
             }),
             runs_at,
@@ -1018,6 +1021,7 @@ fn lazy_uffd(
         already_in: Vec::new(),
         resumed: false,
         map: None,
+        buffers: Vec::new(),
     })
 }
 

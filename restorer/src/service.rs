@@ -20,7 +20,11 @@
 //!   order; a reader thread of its own reads, checks and decodes them
 //!   outside the lock, well ahead of the copies, into a cache the fault
 //!   thread looks in first (with the hot pages first in the fill's order,
-//!   a fault on one mostly finds its blob decoded already).
+//!   a fault on one mostly finds its blob decoded already). Both follow
+//!   the faults: after one, the reader decodes the blobs of the next
+//!   runs and the copies put them in before going on in their own order,
+//!   so a thread sweeping through its memory finds the pages after the
+//!   one it faulted on in, or at least decoded.
 //!
 //! The kernel fails a copy with EAGAIN while an event is unread; reading
 //! and applying events under the lock that copies hold closes the rest of
@@ -64,11 +68,18 @@ const BLOB_CACHE_BYTES: usize = 4 << 20;
 /// fault on the pages the fill goes to next finds them decoded (the reader
 /// decodes a 128 KiB blob in ~5 µs, the copies move it in ~40 µs).
 const FILL_AHEAD: usize = 32;
+/// How far past a fault the fill goes next, bytes of image addresses: a
+/// thread that faulted mostly goes on to the pages after, so those are
+/// copied before it gets there (or decoded, when it gets there first).
+const FOLLOW_BYTES: u64 = 1 << 20;
 /// Spare decode buffers kept, faulted in (a fresh buffer costs a page
 /// fault per page: twice the read and check of a blob).
 const FREE_BUFFERS: usize = 2 * FILL_AHEAD + 8;
-/// Spare buffers kept for faults, made before the first one.
-const WARM_BUFFERS: usize = 8;
+/// Spare buffers kept for faults, made before the first one: as many as
+/// the faults' cache holds blobs, and some (the fill's reader decodes the
+/// blobs after a fault into it; until the cache is full, nothing is
+/// evicted to decode into).
+const WARM_BUFFERS: usize = BLOB_CACHE_BYTES / sys::usize_of(images::BLOB_PAGES * PAGE_SIZE) + 8;
 /// How often a page file is checked for removal or replacement, ns (a stat
 /// of the open file and one of its path: 2-5 µs, too much for every blob).
 const CHANGED_CHECK_NS: u64 = 1_000_000;
@@ -126,6 +137,22 @@ pub struct Handoff {
     pub resumed: bool,
     /// The chain's lazy pages, if made already (`LazyMap::of`).
     pub map: Option<LazyMap>,
+    /// Decode buffers for faults, if made already ([`warm_buffers`]).
+    pub buffers: Vec<Vec<u8>>,
+}
+
+/// Buffers for the faults to decode blobs into, faulted in: a fault
+/// decoding into fresh memory waits for a page fault and a zeroing per
+/// page, ~100 us more. Made by the restore beside the build, before the
+/// process runs.
+pub fn warm_buffers() -> Vec<Vec<u8>> {
+    (0..WARM_BUFFERS)
+        .map(|_| {
+            let mut v = vec![1u8; sys::usize_of(images::BLOB_PAGES * PAGE_SIZE)];
+            v.clear();
+            v
+        })
+        .collect()
 }
 
 /// Where an image range lives now in one address space.
@@ -325,7 +352,55 @@ struct Shared {
     stop: AtomicBool,
     /// The fault thread wants the state: the fill lets it go first.
     fault_waiting: AtomicBool,
+    /// The last fault answered from a run: the fill's reader decodes the
+    /// runs after it, its copies go on from there, before their own order.
+    follow: Mutex<Follow>,
     failure: Mutex<Option<LazyError>>,
+}
+
+/// Where the last fault answered from a run was.
+#[derive(Default, Clone, Copy)]
+struct Follow {
+    /// Counts faults: a reader of this knows whether it saw the last.
+    faults: u64,
+    space: usize,
+    run: usize,
+}
+
+impl Shared {
+    /// The runs after the last fault of space `space` (up to
+    /// [`FOLLOW_BYTES`] past it), if there was one since the fault `seen`
+    /// (which becomes that one).
+    fn after_fault(&self, space: usize, seen: &mut u64) -> Option<&[Run]> {
+        let f = *lock(&self.follow);
+        if f.faults == *seen {
+            return None;
+        }
+        *seen = f.faults;
+        if f.space != space {
+            return None;
+        }
+        let runs = &self.map.runs;
+        let limit = runs.get(f.run)?.end.saturating_add(FOLLOW_BYTES);
+        let n = runs[f.run + 1..].partition_point(|r| r.start < limit);
+        Some(&runs[f.run + 1..f.run + 1 + n])
+    }
+
+    /// Whether `run` has all its pages in space `space` (or the space is
+    /// gone); None if the state is busy.
+    fn all_in(&self, space: usize, run: &Run) -> Option<bool> {
+        let st = self.state.try_lock().ok()?;
+        Some(match st.spaces.get(space) {
+            Some(sp) if !sp.dead => {
+                (run.first..run.first + run.pages()).all(|i| sp.done.contains(i))
+            }
+            _ => true,
+        })
+    }
+
+    fn faults_seen(&self) -> u64 {
+        lock(&self.follow).faults
+    }
 }
 
 struct State {
@@ -684,6 +759,7 @@ pub fn resume(pid: i32, dir: &Path, opts: &ServiceOptions) -> Result<LazyStats, 
         already_in: Vec::new(),
         resumed: true,
         map: None,
+        buffers: Vec::new(),
     };
     let r = serve_locked(chain, h, opts);
     drop(lock);
@@ -707,6 +783,10 @@ fn serve_locked(
     let pid = h.pid;
     let mut h = h;
     let map = h.map.take().unwrap_or_else(|| LazyMap::of(&chain));
+    let buffers = match std::mem::take(&mut h.buffers) {
+        b if b.len() >= WARM_BUFFERS => b,
+        _ => warm_buffers(),
+    };
     let uffd = Arc::new(h.uffd);
     let mut main = Space::new(uffd.clone(), &map);
     let mut stats = LazyStats::default();
@@ -754,13 +834,7 @@ fn serve_locked(
             free: Vec::new(),
             // Warm buffers from the start: the first faults come before
             // any blob was evicted (the fill's reader warms its own).
-            fault_free: (0..WARM_BUFFERS)
-                .map(|_| {
-                    let mut v = vec![1u8; sys::usize_of(images::BLOB_PAGES * PAGE_SIZE)];
-                    v.clear();
-                    v
-                })
-                .collect(),
+            fault_free: buffers,
         }),
         checked: (0..images_in_chain)
             .map(|_| std::sync::atomic::AtomicU64::new(0))
@@ -768,6 +842,7 @@ fn serve_locked(
         t0: Instant::now(),
         stop: AtomicBool::new(false),
         fault_waiting: AtomicBool::new(false),
+        follow: Mutex::new(Follow::default()),
         failure: Mutex::new(None),
     });
     let wake = nix::sys::eventfd::EventFd::from_flags(
@@ -921,7 +996,12 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
             // The blob being copied, decoded.
             let mut cur: Option<(BlobKey, BlobBytes)> = None;
             let empty = Arc::new(Vec::new());
+            let mut seen = s.faults_seen();
             for msg in rx.iter() {
+                match follow_fault(s, space, &mut seen, &mut pieces) {
+                    Some(n) => bytes += n,
+                    None => return false,
+                }
                 let (ri, data) = match msg {
                     Decoded::Blob(ri, data) => {
                         let run = &s.map.runs[ri];
@@ -970,6 +1050,69 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
     }
 }
 
+/// The fill's detour after a fault: the runs after the faulted one with
+/// pages not yet in, copied (decoded through the faults' cache, where the
+/// reader put them), before the fill's own order goes on; again from a
+/// newer fault if one comes meanwhile. Returns the bytes copied, or None if
+/// the fill must stop.
+fn follow_fault(
+    s: &Shared,
+    space: usize,
+    seen: &mut u64,
+    pieces: &mut Vec<(u64, u64, u64)>,
+) -> Option<u64> {
+    let mut moved = 0;
+    'fault: while let Some(runs) = s.after_fault(space, seen) {
+        for run in runs {
+            if s.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            if s.faults_seen() != *seen {
+                continue 'fault;
+            }
+            if s.all_in(space, run) == Some(true) {
+                continue;
+            }
+            let data = match s.blob(run, run.start) {
+                Ok(d) => d,
+                Err(e) => {
+                    kill(s.pid);
+                    s.fail(e);
+                    return None;
+                }
+            };
+            let mut ia = run.start;
+            while ia < run.end {
+                let ib = (ia + FILL_CHUNK).min(run.end);
+                moved += put_chunk(s, space, run, ia, ib, &data, pieces);
+                ia = ib;
+            }
+        }
+    }
+    Some(moved)
+}
+
+/// The reader's part of following a fault: the blobs of the runs after it
+/// decoded into the faults' cache, while the copies are busy with those
+/// decoded before (a fault that comes for one finds it decoded).
+fn decode_after_fault(s: &Shared, space: usize, seen: &mut u64) {
+    'fault: while let Some(runs) = s.after_fault(space, seen) {
+        for run in runs {
+            if s.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if s.faults_seen() != *seen {
+                continue 'fault;
+            }
+            if s.all_in(space, run) == Some(true) {
+                continue;
+            }
+            // An unreadable blob is reported by whoever needs it.
+            let _ = s.blob(run, run.start);
+        }
+    }
+}
+
 enum Decoded {
     /// Run `.0`, whose blob's decoded bytes are `.1`.
     Blob(usize, Arc<Vec<u8>>),
@@ -987,7 +1130,9 @@ fn decode_ahead(
     tx: &std::sync::mpsc::SyncSender<Decoded>,
 ) {
     let mut last: Option<(usize, u64)> = None;
+    let mut seen = s.faults_seen();
     for &ri in order {
+        decode_after_fault(s, space, &mut seen);
         if s.stop.load(Ordering::SeqCst) {
             return;
         }
@@ -1021,8 +1166,18 @@ fn decode_ahead(
                 }
             }
         };
-        if tx.send(msg).is_err() {
-            return;
+        // While the copies are behind, follow the faults.
+        let mut msg = msg;
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(std::sync::mpsc::TrySendError::Full(m)) => {
+                    msg = m;
+                    decode_after_fault(s, space, &mut seen);
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+            }
         }
     }
 }
@@ -1374,9 +1529,9 @@ fn answer_fault(
     let sp = &st.spaces[space];
     let uffd = sp.uffd.clone();
     let image = sp.at(a).and_then(|m| m.image.map(|i| i + (a - m.start)));
-    let run = image.and_then(|ia| s.map.find(ia).copied().map(|r| (ia, r)));
+    let run = image.and_then(|ia| s.map.find_index(ia).map(|ri| (ia, ri, s.map.runs[ri])));
     let put = match run {
-        Some((ia, run)) => {
+        Some((ia, ri, run)) => {
             let idx = run.first + (ia - run.start) / PAGE_SIZE;
             if sp.done.contains(idx) {
                 Put::Exists
@@ -1393,6 +1548,12 @@ fn answer_fault(
                     // its neighbours: the rest of the run goes in now
                     // (the pages not in yet).
                     record_fault(st, t_wake);
+                    {
+                        let mut f = lock(&s.follow);
+                        f.faults += 1;
+                        f.space = space;
+                        f.run = ri;
+                    }
                     let mut moved = 0;
                     put_locked(
                         s,
