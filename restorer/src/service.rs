@@ -548,9 +548,17 @@ impl Shared {
             (take(), take())
         };
         let (data, spare) = self.decode_owned(run, addr, stored, out)?;
-        let data = Arc::new(data);
         let mut c = lock(&self.blobs);
         c.fault_free.push(spare);
+        // Decoded meanwhile by another thread (a fault, the fill's reader
+        // or its copies following one): that one, and the buffer back.
+        if let Some((b, _)) = c.map.get(&key) {
+            let b = b.clone();
+            c.fault_free.push(data);
+            c.fault_free.truncate(WARM_BUFFERS);
+            return Ok(b);
+        }
+        let data = Arc::new(data);
         c.bytes += data.len();
         c.map.insert(key, (data.clone(), false));
         c.order.push_back(key);
