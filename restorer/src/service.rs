@@ -1058,11 +1058,39 @@ fn fill(s: &Shared, order: &[usize], rate_mb_s: u64) {
     }
 }
 
-/// The fill's detour after a fault: the runs after the faulted one with
-/// pages not yet in, copied (decoded through the faults' cache, where the
-/// reader put them), before the fill's own order goes on; again from a
-/// newer fault if one comes meanwhile. Returns the bytes copied, or None if
-/// the fill must stop.
+/// Each run after the last fault of space `space` (see
+/// [`Shared::after_fault`]) that has pages not yet in, given to `each`;
+/// again from a newer fault if one comes meanwhile. False if the fill must
+/// stop (it was stopped, or `each` said so).
+fn after_faults(
+    s: &Shared,
+    space: usize,
+    seen: &mut u64,
+    mut each: impl FnMut(&Run) -> bool,
+) -> bool {
+    'fault: while let Some(runs) = s.after_fault(space, seen) {
+        for run in runs {
+            if s.stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            if s.faults_seen() != *seen {
+                continue 'fault;
+            }
+            if s.all_in(space, run) == Some(true) {
+                continue;
+            }
+            if !each(run) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// The fill's detour after a fault: the runs after the faulted one copied
+/// (decoded through the faults' cache, where the reader put them), before
+/// the fill's own order goes on. Returns the bytes copied, or None if the
+/// fill must stop.
 fn follow_fault(
     s: &Shared,
     space: usize,
@@ -1070,55 +1098,34 @@ fn follow_fault(
     pieces: &mut Vec<(u64, u64, u64)>,
 ) -> Option<u64> {
     let mut moved = 0;
-    'fault: while let Some(runs) = s.after_fault(space, seen) {
-        for run in runs {
-            if s.stop.load(Ordering::SeqCst) {
-                return None;
-            }
-            if s.faults_seen() != *seen {
-                continue 'fault;
-            }
-            if s.all_in(space, run) == Some(true) {
-                continue;
-            }
-            let data = match s.blob(run, run.start) {
-                Ok(d) => d,
-                Err(e) => {
-                    kill(s.pid);
-                    s.fail(e);
-                    return None;
-                }
-            };
+    let go_on = after_faults(s, space, seen, |run| match s.blob(run, run.start) {
+        Ok(data) => {
             let mut ia = run.start;
             while ia < run.end {
                 let ib = (ia + FILL_CHUNK).min(run.end);
                 moved += put_chunk(s, space, run, ia, ib, &data, pieces);
                 ia = ib;
             }
+            true
         }
-    }
-    Some(moved)
+        Err(e) => {
+            kill(s.pid);
+            s.fail(e);
+            false
+        }
+    });
+    go_on.then_some(moved)
 }
 
 /// The reader's part of following a fault: the blobs of the runs after it
 /// decoded into the faults' cache, while the copies are busy with those
 /// decoded before (a fault that comes for one finds it decoded).
 fn decode_after_fault(s: &Shared, space: usize, seen: &mut u64) {
-    'fault: while let Some(runs) = s.after_fault(space, seen) {
-        for run in runs {
-            if s.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            if s.faults_seen() != *seen {
-                continue 'fault;
-            }
-            if s.all_in(space, run) == Some(true) {
-                continue;
-            }
-            // An unreadable blob is reported by whoever needs it.
-            let _ = s.blob(run, run.start);
-        }
-    }
+    // An unreadable blob is reported by whoever needs it.
+    after_faults(s, space, seen, |run| {
+        let _ = s.blob(run, run.start);
+        true
+    });
 }
 
 enum Decoded {
