@@ -283,6 +283,9 @@ impl From<TelemetryTrack> for TrackMode {
 }
 
 fn main() {
+    // Before any thread: freed memory stays for reuse (a restore's path to
+    // a running process is mostly first touches of fresh memory otherwise).
+    sys::heap::keep_freed_memory();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));

@@ -15,13 +15,16 @@
 //! - [`proc`]: /proc/PID (status, stat, maps with typed permissions, limits, auxv);
 //! - [`ptrace`]: the one `ptrace(2)` wrapper the others use;
 //! - [`sched`]: a thread's scheduling policy, nice, CPU affinity and I/O
-//!   priority.
+//!   priority;
+//! - [`heap`]: how tern's own heap keeps freed memory (first touches are
+//!   dear on a VM).
 //!
 //! The tracker uses them to capture a process, the restorer to rebuild one;
 //! neither reaches into the other.
 
 pub mod clone;
 pub mod fds;
+pub mod heap;
 pub mod inject;
 pub mod proc;
 pub mod ptrace;
