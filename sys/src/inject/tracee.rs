@@ -576,7 +576,13 @@ impl Tracee {
                 thread::yield_now();
             } else {
                 thread::sleep(nap);
-                nap = (nap * 2).min(Duration::from_millis(1));
+                // Short naps for the first few milliseconds (a thread
+                // stopping after a wake-up usually takes tens of µs, and a
+                // doubling nap overshoots by as much as it waited), then
+                // longer ones.
+                if polls > 400 {
+                    nap = (nap * 2).min(Duration::from_millis(1));
+                }
             }
         }
     }
