@@ -76,6 +76,31 @@ impl Region {
         })
     }
 
+    /// Map `len` bytes as [`Region::new`] does, but leave them missing
+    /// (for a userfaultfd in missing mode to fill).
+    pub fn missing(len: usize) -> io::Result<Region> {
+        // SAFETY: a fresh anonymous mapping; arguments are valid.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: ptr..ptr+len is our mapping.
+        unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
+        Ok(Region {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
     pub fn pages(&self) -> usize {
         self.len / PAGE
     }

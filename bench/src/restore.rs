@@ -34,6 +34,13 @@
 //!   then runs below full speed whatever the prefetch order);
 //! - tern lazy only: fault latency p50/p99, fill time and rate.
 //!
+//! The fill's floor, measured in the same run (`uffdio_copy_floor`):
+//! `UFFDIO_COPY` alone into missing memory of this process, in the fill's
+//! 128 KiB chunks from a source already in memory (see
+//! `uffd::measure_copy_floor`), once while the workload runs (as the fill
+//! does: the workload keeps one of the 2 cores) and once with the machine
+//! otherwise idle.
+//!
 //! Results: `target/bench/restore.json` and the table on stdout.
 
 use std::fs::{File, OpenOptions};
@@ -81,6 +88,23 @@ impl Mode {
             Mode::CriuLazy => "CRIU lazy-pages",
         }
     }
+}
+
+/// The chunk of tern's lazy fill (`FILL_CHUNK` in the page service).
+const FILL_CHUNK: usize = 128 << 10;
+
+/// The fill floor over at most this much memory (the rate does not change
+/// with size beyond it).
+const FLOOR_MIB: u64 = 1024;
+
+fn copy_floor(mib: u64) -> Result<Value> {
+    let mib = usize::try_from(mib.min(FLOOR_MIB))?;
+    let f = crate::uffd::measure_copy_floor(mib, FILL_CHUNK, 3)
+        .context("measuring the UFFDIO_COPY floor")?;
+    Ok(json!({
+        "mib": f.mib, "chunk_kib": f.chunk_kib, "reps": f.reps,
+        "mb_s": f.mb_s, "min_mb_s": f.min_mb_s, "max_mb_s": f.max_mb_s,
+    }))
 }
 
 /// The progress report interval of hotloop, ms.
@@ -680,6 +704,8 @@ fn config(opts: &Opts, mib: u64, hot: u64, started: Instant) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let base = baseline(&w.log, Duration::from_millis(500))?;
+    // The fill floor beside the running workload.
+    let floor_busy = copy_floor(mib)?;
     let dir = work.join("dump");
     let mut a = vec![
         "dump".to_string(),
@@ -714,6 +740,14 @@ fn config(opts: &Opts, mib: u64, hot: u64, started: Instant) -> Result<Value> {
         cases.push(json!({"mode": mode.name(), "median": medians(&runs), "runs": runs}));
     }
     wait_gone(pid, Duration::from_secs(10))?;
+    let floor_idle = copy_floor(mib)?;
+    eprintln!(
+        "[{:6.1}s] {mib} MiB: UFFDIO_COPY floor (one thread, {} KiB chunks): {:.0} MB/s beside the workload, {:.0} MB/s idle",
+        started.elapsed().as_secs_f64(),
+        FILL_CHUNK >> 10,
+        floor_busy["mb_s"].as_f64().unwrap_or(f64::NAN),
+        floor_idle["mb_s"].as_f64().unwrap_or(f64::NAN),
+    );
     // The next images need the room.
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -779,6 +813,7 @@ fn config(opts: &Opts, mib: u64, hot: u64, started: Instant) -> Result<Value> {
         "criu_baseline_page_writes_s": criu_base,
         "pre_dumps": pre,
         "dump": dump,
+        "uffdio_copy_floor": {"beside_workload": floor_busy, "idle": floor_idle},
         "cases": cases,
     }))
 }
@@ -896,6 +931,24 @@ fn print_table(report: &Value) {
             ratio(&cl, &hot, "full_speed_ms"),
             ratio(&cl, &hot, "all_in_ms"),
             ratio(&ce, &te, "runs_ms"),
+        );
+        let floor = &r["uffdio_copy_floor"];
+        let fill = |c: &Option<Value>| c.as_ref().and_then(|v| v["fill_mb_s"].as_f64());
+        let of = |fill: Option<f64>, k: &str| match (fill, floor[k]["mb_s"].as_f64()) {
+            (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+            _ => "-".into(),
+        };
+        println!(
+            "{} MiB: UFFDIO_COPY floor {} MB/s beside the workload, {} MB/s idle; fill / floor beside the workload: hot {}, address {}",
+            r["resident_mib"],
+            floor["beside_workload"]["mb_s"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.0}")),
+            floor["idle"]["mb_s"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.0}")),
+            of(fill(&hot), "beside_workload"),
+            of(fill(&addr), "beside_workload"),
         );
     }
 }
