@@ -299,6 +299,14 @@ impl Image {
         })
     }
 
+    /// The inventory of the image in `dir` alone, read as [`Image::open`]
+    /// reads it: where its parent is, before the image is opened.
+    pub fn inventory_of(dir: &Path) -> Result<Inventory, ImageError> {
+        let (d, _) = ImageDir::open(dir)?;
+        let (bytes, _) = d.read_file(INVENTORY_FILE, fsdir::MAX_JSON_BYTES)?;
+        Inventory::parse(&d.child(INVENTORY_FILE), &bytes)
+    }
+
     /// What the image's seal says, checked with `key` (this host's).
     pub fn seal_status(&self, key: Option<&SealKey>) -> SealStatus {
         match (&self.inventory.seal, key) {
