@@ -135,11 +135,14 @@ echo 1 > /proc/sys/debug/exception-trace
 tern check --json; step check $?
 
 # A libtest binary as step $1 (its arguments follow): the summary and any
-# failure lines on the console, then a JSON line with the summary.
+# failure lines on the console (a panic with the message that follows its
+# location, up to the backtrace), then a JSON line with the summary.
 tests() {
   n=$1; shift
   "$@" > /tmp/$n.out 2>&1; rc=$?
-  grep -E "^test .*FAILED|panicked at|^test result" /tmp/$n.out | tail -20
+  grep -E "^test .*FAILED" /tmp/$n.out | tail -20
+  grep -A8 "panicked at" /tmp/$n.out | grep -v -E "^stack backtrace|^ +[0-9]+: |^ +at |^--$" | head -40
+  grep -E "^test result" /tmp/$n.out | tail -1
   sum=$(grep "^test result" /tmp/$n.out | tail -1 | tr -d '"\\')
   echo "{\"summary\": \"$sum\"}"; step $n $rc
 }
