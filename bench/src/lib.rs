@@ -51,29 +51,10 @@ impl Region {
     /// Map `len` bytes (a multiple of the page size), small pages only (so
     /// that page counts mean 4 KiB pages), and populate them.
     pub fn new(len: usize) -> io::Result<Region> {
-        // SAFETY: a fresh anonymous mapping; arguments are valid.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: ptr..ptr+len is our mapping.
-        unsafe {
-            libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE);
-            libc::madvise(ptr, len, libc::MADV_POPULATE_WRITE);
-        }
-        Ok(Region {
-            ptr: ptr.cast(),
-            len,
-        })
+        let r = Region::missing(len)?;
+        // SAFETY: r.ptr..r.ptr+len is our mapping.
+        unsafe { libc::madvise(r.ptr.cast(), len, libc::MADV_POPULATE_WRITE) };
+        Ok(r)
     }
 
     /// Map `len` bytes as [`Region::new`] does, but leave them missing

@@ -77,6 +77,25 @@ fn ioctl<T>(fd: &OwnedFd, req: u64, arg: &mut T) -> io::Result<()> {
     }
 }
 
+/// A userfaultfd of this process, handshaken with `features`.
+fn userfaultfd(features: u64) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raw = i32::try_from(raw).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    ioctl(&fd, UFFDIO_API, &mut api)?;
+    Ok(fd)
+}
+
 /// A userfaultfd with async write-protect over one region.
 pub struct AsyncWp {
     fd: OwnedFd,
@@ -92,20 +111,7 @@ impl AsyncWp {
     /// Register `[start, start + len)`, which must be a private anonymous
     /// mapping of this process.
     pub fn over(start: u64, len: u64) -> io::Result<AsyncWp> {
-        // SAFETY: plain syscall.
-        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let raw = i32::try_from(raw).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-        // SAFETY: a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
-            ioctls: 0,
-        };
-        ioctl(&fd, UFFDIO_API, &mut api)?;
+        let fd = userfaultfd(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)?;
         let mut reg = UffdioRegister {
             range: UffdioRange { start, len },
             mode: UFFDIO_REGISTER_MODE_WP,
@@ -192,20 +198,7 @@ pub fn measure_copy_floor(mib: usize, chunk: usize, reps: usize) -> io::Result<C
     let mut rates = Vec::new();
     for _ in 0..reps {
         let dst = Region::missing(len)?;
-        // SAFETY: plain syscall.
-        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let raw = i32::try_from(raw).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-        // SAFETY: a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: 0,
-            ioctls: 0,
-        };
-        ioctl(&fd, UFFDIO_API, &mut api)?;
+        let fd = userfaultfd(0)?;
         let mut reg = UffdioRegister {
             range: UffdioRange {
                 start: dst.addr() as u64,
