@@ -484,9 +484,12 @@ mod tests {
     #[test]
     fn state_is_the_state_of_stat() {
         let pid = std::process::id() as i32;
-        assert_eq!(state(pid, None), Some(stat(pid, None).unwrap().state));
+        // This thread runs while it reads its own state; the main thread of
+        // the test harness may be running or asleep between two reads, so
+        // the two readers are compared on a process that stays asleep.
         let me = nix::unistd::gettid().as_raw();
         assert_eq!(state(pid, Some(me)), Some('R'));
+        assert_eq!(stat(pid, Some(me)).unwrap().state, 'R');
         assert_eq!(state(-1, None), None);
         let mut child = std::process::Command::new("sleep")
             .arg("5")
@@ -498,6 +501,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert_eq!(state(cpid, None), Some('S'));
+        assert_eq!(stat(cpid, None).unwrap().state, 'S');
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(state(cpid, None), None);
