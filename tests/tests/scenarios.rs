@@ -425,6 +425,7 @@ const RESTORE_WAIT: Duration = Duration::from_secs(60);
 /// just before the dump, while it waits for a command: nothing changes it
 /// in between.
 fn restore_lazily(w: &mut Workload, c: &Chain, track: Option<&str>) {
+    let t_all = std::time::Instant::now();
     let pid = w.pid();
     let regions: Vec<(String, u64, u64)> = w.cmd("regions")["regions"]
         .as_array()
@@ -534,7 +535,15 @@ fn restore_lazily(w: &mut Workload, c: &Chain, track: Option<&str>) {
             h.pages
         );
     }
-    // Every page, from outside.
+    // The fill ends.
+    let r = out.json(RESTORE_WAIT).unwrap_or_else(|e| {
+        w.kill();
+        panic!("tern restore -D {d} --lazy-pages: {e}\n{}", out.stderr())
+    });
+    // Every page, from outside, once the fill has ended: a read of
+    // /proc/PID/mem that meets a page not in yet fails with EIO (the
+    // kernel's remote access cannot wait for a userfault), it is never
+    // served.
     let now = oracle::read_ranges(pid, &regions, true).unwrap_or_else(|e| panic!("{e}"));
     let errs = oracle::compare_ranges(&held, &now);
     assert!(
@@ -543,11 +552,6 @@ fn restore_lazily(w: &mut Workload, c: &Chain, track: Option<&str>) {
         errs.join("\n  ")
     );
 
-    // The fill ends.
-    let r = out.json(RESTORE_WAIT).unwrap_or_else(|e| {
-        w.kill();
-        panic!("tern restore -D {d} --lazy-pages: {e}\n{}", out.stderr())
-    });
     assert_eq!(r["pid"].as_i64(), Some(i64::from(pid)), "{r}");
     let l = &r["lazy"];
     assert_eq!(l["exited"], false, "the restored workload exited: {r}");
@@ -586,6 +590,10 @@ fn restore_lazily(w: &mut Workload, c: &Chain, track: Option<&str>) {
         st.is_some_and(|s| s.success()),
         "the restored workload, told to exit, ended with {st:?}; tern restore:\n{}",
         out.stderr()
+    );
+    eprintln!(
+        "dump, lazy restore and two rounds after it: {:.1} s",
+        t_all.elapsed().as_secs_f64()
     );
 }
 
