@@ -211,6 +211,11 @@ pub struct VmaRecord {
     /// recorded by the final dump only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vm_flags: Vec<String>,
+    /// For a private file mapping: the mapped file as the final dump saw it
+    /// (its pages the process did not write come from the file again at
+    /// restore, which refuses another file at that path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<sys::mapped_file::FileIdentity>,
 }
 
 impl VmaRecord {
@@ -232,6 +237,7 @@ impl VmaRecord {
             name: None,
             dumped: true,
             vm_flags: Vec::new(),
+            file: None,
         }
     }
 

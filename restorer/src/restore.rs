@@ -157,6 +157,10 @@ struct Plan {
     restorer: trust::Restorer,
     /// Private anonymous memory is left to a page service.
     lazy: bool,
+    /// The files private file mappings take their unwritten pages from,
+    /// checked to be those the dump saw: path -> (device, inode) here. The
+    /// process's own open of each must find the same inode.
+    mapped_inodes: HashMap<String, (u64, u64)>,
 }
 
 fn bad(dir: &Path, what: impl Into<String>) -> RestoreError {
@@ -291,6 +295,7 @@ fn plan(dir: &Path, lazy: bool) -> Result<Plan, RestoreError> {
             }
         }
     }
+    let mapped_inodes = check_mapped_files(dir, chain.vmas())?;
     check_host_limits(dir, &process, chain.vmas())?;
     // Same vDSO here (the restored process keeps the one it is forked with).
     let here = sys::vdso::VdsoLayout::of_self()
@@ -326,7 +331,57 @@ fn plan(dir: &Path, lazy: bool) -> Result<Plan, RestoreError> {
         blobs,
         restorer,
         lazy,
+        mapped_inodes,
     })
+}
+
+/// Every file a private file mapping takes its unwritten pages from is the
+/// file the dump saw (`VmaRecord::file`: size, and the ELF build ID or
+/// else the modification time): a rebuilt program or an upgraded library
+/// at the same path would give the process new code beside its old data.
+/// Returns the (device, inode) of each file checked, by path.
+fn check_mapped_files(
+    dir: &Path,
+    vmas: &[VmaRecord],
+) -> Result<HashMap<String, (u64, u64)>, RestoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen: HashMap<String, (u64, u64)> = HashMap::new();
+    for v in vmas {
+        let (Some(path), Some(then)) = (v.backing_file().filter(|_| v.is_private()), &v.file)
+        else {
+            continue;
+        };
+        if seen.contains_key(path) {
+            continue;
+        }
+        let f = std::fs::File::open(path).map_err(|e| {
+            bad(
+                dir,
+                format!(
+                    "VMA {:#x}-{:#x} maps {path}, which cannot be opened here: {e}",
+                    v.start, v.end
+                ),
+            )
+        })?;
+        let now = sys::mapped_file::FileIdentity::of(&f).map_err(|e| {
+            bad(
+                dir,
+                format!("reading {path} (mapped at {:#x}): {e}", v.start),
+            )
+        })?;
+        if let Some(why) = then.differs(&now) {
+            return Err(bad(
+                dir,
+                format!(
+                    "VMA {:#x}-{:#x} maps {path}, which is not the file the dump saw: {why}. The pages the process did not write come from that file, so it would run with new code beside its old data; restore it where {path} is the file it ran with (the same build of that program or library)",
+                    v.start, v.end
+                ),
+            ));
+        }
+        let m = f.metadata().map_err(|e| bad(dir, format!("{path}: {e}")))?;
+        seen.insert(path.to_string(), (m.dev(), m.ino()));
+    }
+    Ok(seen)
 }
 
 /// How much checked page data (as stored, compressed) a restore keeps in
@@ -1537,6 +1592,30 @@ impl MappedFiles {
         self.0.get(&(path.to_string(), mode)).copied()
     }
 
+    /// Each file the process opened is the inode the plan checked
+    /// (`checked`: path -> (device, inode)): a path replaced in between
+    /// would slip another file past [`check_mapped_files`].
+    fn same_inodes(
+        &self,
+        pid: i32,
+        checked: &HashMap<String, (u64, u64)>,
+    ) -> Result<(), RestoreError> {
+        use std::os::unix::fs::MetadataExt;
+        for ((path, _), fd) in &self.0 {
+            let Some(&want) = checked.get(path) else {
+                continue;
+            };
+            let m = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+                .map_err(|e| step::<String>(pid, "mapping")(format!("{path} (fd {fd}): {e}")))?;
+            if (m.dev(), m.ino()) != want {
+                return Err(step::<String>(pid, "mapping")(format!(
+                    "{path} was replaced while the process was being built (another inode than the one checked against the dump); restore again"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Close them all in the target.
     fn close(self, main: &mut Injector) -> Result<(), RestoreError> {
         let calls = self
@@ -1929,6 +2008,7 @@ fn address_space(
         pid,
         wanted.into_iter().flatten().chain(std::iter::once(exe)),
     )?;
+    files.same_inodes(pid, &plan.mapped_inodes)?;
     // The mmaps go in batches; each VMA is filled once its mmap ran. What
     // comes after the last fill (madvise, protection, locks, names, seals)
     // is one more batch.

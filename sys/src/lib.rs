@@ -26,6 +26,7 @@ pub mod clone;
 pub mod fds;
 pub mod heap;
 pub mod inject;
+pub mod mapped_file;
 pub mod proc;
 pub mod ptrace;
 pub mod regs;

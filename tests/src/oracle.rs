@@ -347,6 +347,7 @@ pub fn write_reference_image(pid: i32, dir: &Path) -> Result<(), String> {
             name: (!m.name.is_empty()).then(|| m.name.clone()),
             dumped,
             vm_flags: Vec::new(),
+            file: None,
         });
         if dumped {
             let mut buf = vec![0u8; sys::usize_of(m.end - m.start)];

@@ -6,7 +6,9 @@
 //! - no error repeats a clause or names the same PID twice;
 //! - a second tern on a target another tern works on is refused, naming
 //!   the lock; terns working on different targets at once never refuse
-//!   each other (each sweeps `/run/tern` of the state of gone processes).
+//!   each other (each sweeps `/run/tern` of the state of gone processes);
+//! - a program rebuilt between its dump and its restore is refused, naming
+//!   the file and what differs.
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -261,4 +263,77 @@ fn one_tern_per_target_and_none_refused_by_terns_on_other_targets() {
     for w in &mut ws {
         tern_tests::untrack(w.pid());
     }
+}
+
+/// A program rebuilt between its dump and its restore: the restore takes
+/// the pages the process did not write from the file at the same path, so
+/// it would run new code beside its old data (a rebuilt `hotloop` restored
+/// that way died of SIGABRT at once). The restore refuses, naming the file
+/// and what differs, and no process with the PID appears; the program put
+/// back as it was (another mtime, the same build ID) restores and runs.
+#[test]
+fn a_program_rebuilt_since_the_dump_is_refused() {
+    let d = tempdir();
+    let prog = d.path().join("prog");
+    std::fs::copy("/usr/bin/sleep", &prog).unwrap();
+    let original = std::fs::read(&prog).unwrap();
+    let id = sys::mapped_file::FileIdentity::of(&std::fs::File::open(&prog).unwrap())
+        .unwrap()
+        .build_id
+        .expect("/usr/bin/sleep has an ELF build ID (Debian builds with one)");
+    let mut child = Command::new(&prog)
+        .arg("1000")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(child.id()).unwrap();
+    assert!(
+        proc::wait_until(Duration::from_secs(5), || proc::maps(pid)
+            .is_ok_and(|m| m.iter().any(|v| v.name.ends_with("/prog")))),
+        "{} did not start",
+        prog.display()
+    );
+    let img = d.path().join("img");
+    let img_s = img.display().to_string();
+    let v = tern(&["dump", "-t", &pid.to_string(), "-D", &img_s, "--json"]).json();
+    assert_eq!(v["killed"], true, "{v}");
+    child.wait().unwrap();
+
+    // The same size, another build ID: one byte of the note changed.
+    let id_bytes: Vec<u8> = (0..id.len() / 2)
+        .map(|i| u8::from_str_radix(&id[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let at = original
+        .windows(id_bytes.len())
+        .position(|w| w == id_bytes)
+        .expect("the build ID's bytes in the file");
+    let mut rebuilt = original.clone();
+    rebuilt[at] ^= 0xff;
+    std::fs::write(&prog, &rebuilt).unwrap();
+    let run = tern(&["restore", "-D", &img_s, "--json"]);
+    run.assert_clear_failure(&[
+        &prog.display().to_string(),
+        "not the file the dump saw",
+        "ELF build ID",
+    ]);
+    said_once(&run);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "a process with PID {pid} exists after the refused restore"
+    );
+
+    // Put back: another mtime, the same build ID.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&prog, &original).unwrap();
+    let v = tern(&["restore", "-D", &img_s, "--detach", "--json"]).json();
+    assert_eq!(v["pid"].as_i64(), Some(i64::from(pid)), "{v}");
+    let state = proc::state(pid);
+    // SAFETY: kill(2) takes integers only.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(
+        matches!(state, Some('S' | 'R')),
+        "the restored program is not running: state {state:?}"
+    );
 }

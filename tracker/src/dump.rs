@@ -436,6 +436,11 @@ fn capture(
     // VmFlags (smaps) are slow to read (a page-table walk per VMA): read them
     // before the freeze; VMAs that change meanwhile get theirs after.
     let flags_before = crate::maps::vm_flags(pid).unwrap_or_default();
+    // Likewise the identities of the files it maps (the restore checks
+    // them): files mapped meanwhile are read while frozen.
+    let files_before = crate::maps::read_vmas(pid)
+        .map(|v| crate::maps::file_identities(pid, &v, &Default::default()))
+        .unwrap_or_default();
     // Batch buffers touched now, not while the target is frozen.
     let mut copier = crate::copy::Copier::for_frozen_target();
     copier.prefault();
@@ -540,11 +545,19 @@ fn capture(
         }
         // tern's scratch area is not the target's: the restored process
         // must not get one.
+        let files = crate::maps::file_identities(pid, &vmas, &files_before);
         let mut records: Vec<images::VmaRecord> = vmas
             .iter()
             .filter(|v| v.name.as_deref() != Some(crate::maps::SCRATCH_NAME))
-            .map(|v| v.record())
+            .map(|v| {
+                let mut r = v.record();
+                if v.is_private() && v.is_file() {
+                    r.file = files.get(&(v.dev, v.inode)).cloned();
+                }
+                r
+            })
             .collect();
+        lap("mapped files identified");
         let mut flags = flags_before.clone();
         if records
             .iter()

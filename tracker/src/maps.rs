@@ -85,6 +85,7 @@ impl VmaPolicy for Vma {
             name: self.name.clone(),
             dumped: self.is_dumped(),
             vm_flags: Vec::new(),
+            file: None,
         }
     }
 }
@@ -109,6 +110,42 @@ pub fn vm_flags(
 ) -> Result<std::collections::BTreeMap<(u64, u64), Vec<String>>, MapsError> {
     sys::proc::vm_flags(pid).map_err(map_err)
 }
+
+/// The files `vmas` map privately, each read once (through
+/// `/proc/PID/map_files/`, the mapped inode itself) and keyed by (device,
+/// inode) as maps shows them; `known` are not read again. A file that
+/// cannot be read is left out (its VMAs get no identity, and the restore
+/// cannot check them): logged.
+pub fn file_identities(pid: i32, vmas: &[Vma], known: &FileIdentities) -> FileIdentities {
+    let mut out = FileIdentities::new();
+    for v in vmas.iter().filter(|v| v.is_private() && v.is_file()) {
+        let key = (v.dev, v.inode);
+        if out.contains_key(&key) {
+            continue;
+        }
+        if let Some(id) = known.get(&key) {
+            out.insert(key, id.clone());
+            continue;
+        }
+        match sys::mapped_file::FileIdentity::of_mapping(pid, v.start, v.end) {
+            Ok(id) => {
+                out.insert(key, id);
+            }
+            Err(e) => tracing::warn!(
+                pid,
+                "reading the file mapped at {:#x}-{:#x} ({}) through /proc/{pid}/map_files: {e}; the restore will not be able to check it is the same file",
+                v.start,
+                v.end,
+                v.name_or_empty()
+            ),
+        }
+    }
+    out
+}
+
+/// Mapped files' identities by (device, inode).
+pub type FileIdentities =
+    std::collections::HashMap<((i32, i32), u64), sys::mapped_file::FileIdentity>;
 
 #[cfg(test)]
 mod tests {
