@@ -142,6 +142,19 @@ fn change(kind: &str) {
         &dir.display().to_string(),
     ]);
     second.assert_clear_failure(&["another page service serves it"]);
+    // A dump before the fill ends is refused before it touches the
+    // process (which the checks after the resume see unharmed).
+    let early = dir.with_file_name("dumped-while-lazy");
+    let dump = tern(&[
+        "dump",
+        "-t",
+        &ck.pid.to_string(),
+        "-D",
+        &early.display().to_string(),
+        "--leave-running",
+    ]);
+    dump.assert_clear_failure(&["userfaultfd", "--lazy-pages"]);
+    assert!(!early.exists(), "the refused dump left {}", early.display());
     finish_by_resume(&mut ck, &v, &dir, &format!("after {kind} of a lazy range"));
 }
 

@@ -233,11 +233,16 @@ fn fd_refusal(pid: i32, f: &FdInfo) -> Option<Refusal> {
                 "[io_uring]" => "io_uring",
                 _ => "anon_inode",
             };
-            refusal(
-                kind,
-                at,
-                format!("anon_inode:{what}: tern cannot restore this kind of fd yet"),
-            )
+            let why = if kind == "userfaultfd" {
+                // tern's lazy restore leaves one in the process until its
+                // fill ends: say so, that is the likeliest reason.
+                format!(
+                    "anon_inode:{what}: tern cannot restore this kind of fd yet (a process tern restored with --lazy-pages keeps one until its pages are all in: dump it once `tern restore` or `tern lazy-pages` has finished)"
+                )
+            } else {
+                format!("anon_inode:{what}: tern cannot restore this kind of fd yet")
+            };
+            refusal(kind, at, why)
         }
         FdKind::Other { link } => {
             let kind = if link.starts_with("pidfd:") {
