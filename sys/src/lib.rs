@@ -27,6 +27,7 @@ pub mod fds;
 pub mod heap;
 pub mod inject;
 pub mod mapped_file;
+pub mod pagemap;
 pub mod proc;
 pub mod ptrace;
 pub mod regs;

@@ -294,30 +294,8 @@ impl Pagemap {
     }
 }
 
-/// Bits of a classic pagemap entry (Documentation/admin-guide/mm/pagemap.rst).
-pub mod entry {
-    pub const PRESENT: u64 = 1 << 63;
-    pub const SWAPPED: u64 = 1 << 62;
-    pub const FILE_OR_SHARED_ANON: u64 = 1 << 61;
-    pub const EXCLUSIVE: u64 = 1 << 56;
-    pub const SOFT_DIRTY: u64 = 1 << 55;
-    pub const UFFD_WP: u64 = 1 << 57;
-    /// Swap type field (bits 0-4) of a swapped entry.
-    pub const SWAP_TYPE_MASK: u64 = 0x1f;
-    /// `SWP_PTE_MARKER`: the last swap type (MAX_SWAPFILES_SHIFT = 5), never
-    /// a swap device. A marker (uffd-wp on an unpopulated page, a guard
-    /// region, a poisoned page) holds no data: the page is a hole.
-    pub const SWP_PTE_MARKER: u64 = 31;
-    pub fn is_marker(e: u64) -> bool {
-        e & PRESENT == 0 && e & SWAPPED != 0 && e & SWAP_TYPE_MASK == SWP_PTE_MARKER
-    }
-    /// The page holds data: present, or swapped out to a real swap device.
-    /// PAGEMAP_SCAN cannot tell this apart: after an arming scan it reports
-    /// uffd-wp markers on unpopulated pages as present and written.
-    pub fn populated(e: u64) -> bool {
-        e & PRESENT != 0 || (e & SWAPPED != 0 && !is_marker(e))
-    }
-}
+/// Bits of a classic pagemap entry (in `sys`: the restorer reads them too).
+pub use sys::pagemap::entry;
 
 #[cfg(test)]
 mod tests {
