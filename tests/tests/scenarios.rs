@@ -457,6 +457,7 @@ fn restore_lazily(w: &mut Workload, c: &Chain, track: Option<&str>) {
     );
     w.reap_dumped(Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}"));
+    let dumped = v;
 
     // The fill's rate, from the pages it has to bring.
     let chain = restorer::ImageChain::open(&dir).unwrap_or_else(|e| panic!("{e}"));
@@ -592,8 +593,13 @@ fn restore_lazily(w: &mut Workload, c: &Chain, track: Option<&str>) {
         out.stderr()
     );
     eprintln!(
-        "dump, lazy restore and two rounds after it: {:.1} s",
-        t_all.elapsed().as_secs_f64()
+        "dump, lazy restore and two rounds after it: {:.1} s (the dump: {:.0} ms, frozen {:.0} ms, {} live rounds, {} pages written, {} pages verified)",
+        t_all.elapsed().as_secs_f64(),
+        dumped["duration_ms"].as_f64().unwrap_or(f64::NAN),
+        dumped["frozen_ms"].as_f64().unwrap_or(f64::NAN),
+        dumped["live_rounds"].as_array().map_or(0, Vec::len),
+        dumped["pages_written"],
+        dumped["verify"]["pages_checked"]
     );
 }
 
