@@ -102,16 +102,11 @@ fn test(args: &[String]) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("tests failed: {e:#}"));
     // The VM lanes (other kernels and arm64 under qemu) with the whole
     // suite only, not with a filter. Each runs even if another failed.
-    let mut lanes = Vec::new();
-    if args.is_empty() {
-        for lane in ["x86-softdirty", "arm64"] {
-            eprintln!("xtask: vm-test {lane}");
-            if let Err(e) = vm::run(lane) {
-                eprintln!("xtask: vm-test {lane} failed: {e:#}");
-                lanes.push(lane);
-            }
-        }
-    }
+    let lanes = if args.is_empty() {
+        vm::run_all()
+    } else {
+        Vec::new()
+    };
     tests?;
     if !lanes.is_empty() {
         anyhow::bail!(

@@ -93,6 +93,45 @@ pub fn run(lane: &str) -> Result<()> {
 
 pub use x86::bench_criu;
 
+/// Both lanes, as `cargo xtask test` runs them: the x86 lane is built on
+/// both cores, then its guest (one vCPU, one core) runs while the arm64
+/// lane's cross build takes the other core (`-j1`), then the arm64 guest
+/// (two vCPUs) runs alone. Each lane runs even if the other failed; the
+/// names of those that failed, each with its error printed.
+pub fn run_all() -> Vec<&'static str> {
+    let mut failed = Vec::new();
+    let fail = |lane: &'static str, e: anyhow::Error, failed: &mut Vec<&'static str>| {
+        eprintln!("xtask: vm-test {lane} failed: {e:#}");
+        failed.push(lane);
+    };
+    eprintln!("xtask: vm-test x86-softdirty");
+    let x86 = match x86::prepare_softdirty() {
+        Ok(guest) => Some(std::thread::spawn(move || guest.run())),
+        Err(e) => {
+            fail("x86-softdirty", e, &mut failed);
+            None
+        }
+    };
+    eprintln!("xtask: vm-test arm64 (built beside the x86 guest, one job)");
+    let arm64 = arm64::prepare(x86.as_ref().map(|_| 1));
+    if let Some(h) = x86 {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => fail("x86-softdirty", e, &mut failed),
+            Err(_) => fail(
+                "x86-softdirty",
+                anyhow::anyhow!("the thread that ran its guest panicked"),
+                &mut failed,
+            ),
+        }
+    }
+    match arm64.and_then(arm64::Arm64Guest::run) {
+        Ok(()) => {}
+        Err(e) => fail("arm64", e, &mut failed),
+    }
+    failed
+}
+
 /// The kernel image of Debian package `meta` (a metapackage such as
 /// `linux-image-amd64`, resolved to the versioned package it depends on),
 /// downloaded into `work` once and unpacked there, with the host's apt.
