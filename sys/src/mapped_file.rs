@@ -39,11 +39,16 @@ impl FileIdentity {
         })
     }
 
-    /// The identity of the file `pid` maps at `start..end`, through
-    /// `/proc/PID/map_files/`.
-    pub fn of_mapping(pid: i32, start: u64, end: u64) -> std::io::Result<FileIdentity> {
+    /// The identity of the regular file `pid` maps at `start..end`,
+    /// through `/proc/PID/map_files/`; `None` for anything else (a device
+    /// such as `/dev/zero` has no contents to change, and its times change
+    /// with every boot).
+    pub fn of_mapping(pid: i32, start: u64, end: u64) -> std::io::Result<Option<FileIdentity>> {
         let f = File::open(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))?;
-        FileIdentity::of(&f)
+        if !f.metadata()?.file_type().is_file() {
+            return Ok(None);
+        }
+        FileIdentity::of(&f).map(Some)
     }
 
     /// Why a file with identity `now` is not the file this one was: `None`
@@ -103,13 +108,42 @@ mod tests {
             .iter()
             .find(|v| v.name.as_deref() == exe.to_str() && v.perms.exec)
             .expect("this program's text mapping");
-        let mapped = FileIdentity::of_mapping(pid, text.start, text.end).unwrap();
+        let mapped = FileIdentity::of_mapping(pid, text.start, text.end)
+            .unwrap()
+            .expect("a regular file");
         assert_eq!(mapped, by_path);
         // The test harness is linked with a build ID (Debian's toolchain
         // default); readelf -n shows the same.
         let id = by_path.build_id.clone().expect("a build ID");
         assert_eq!(id.len(), 40, "{id}");
         assert_eq!(by_path.differs(&mapped), None);
+    }
+
+    #[test]
+    fn a_device_mapped_privately_has_no_identity() {
+        use std::os::fd::AsRawFd;
+        let zero = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/zero")
+            .unwrap();
+        // SAFETY: a fresh private mapping of /dev/zero, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                zero.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let start = p as u64;
+        let got = FileIdentity::of_mapping(std::process::id() as i32, start, start + 8192);
+        // SAFETY: the mapping made above, not used after.
+        unsafe { libc::munmap(p, 8192) };
+        assert_eq!(got.unwrap(), None);
     }
 
     #[test]

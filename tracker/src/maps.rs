@@ -128,9 +128,10 @@ pub fn file_identities(pid: i32, vmas: &[Vma], known: &FileIdentities) -> FileId
             continue;
         }
         match sys::mapped_file::FileIdentity::of_mapping(pid, v.start, v.end) {
-            Ok(id) => {
+            Ok(Some(id)) => {
                 out.insert(key, id);
             }
+            Ok(None) => {}
             Err(e) => tracing::warn!(
                 pid,
                 "reading the file mapped at {:#x}-{:#x} ({}) through /proc/{pid}/map_files: {e}; the restore will not be able to check it is the same file",
