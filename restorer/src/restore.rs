@@ -353,7 +353,6 @@ fn check_mapped_files(
     dir: &Path,
     vmas: &[VmaRecord],
 ) -> Result<HashMap<String, (u64, u64)>, RestoreError> {
-    use std::os::unix::fs::MetadataExt;
     let mut seen: HashMap<String, (u64, u64)> = HashMap::new();
     for v in vmas {
         let (Some(path), Some(then)) = (v.backing_file().filter(|_| v.is_private()), &v.file)
@@ -363,21 +362,25 @@ fn check_mapped_files(
         if seen.contains_key(path) {
             continue;
         }
-        let f = std::fs::File::open(path).map_err(|e| {
-            bad(
-                dir,
-                format!(
-                    "VMA {:#x}-{:#x} maps {path}, which cannot be opened here: {e}",
-                    v.start, v.end
-                ),
-            )
-        })?;
-        let now = sys::mapped_file::FileIdentity::of(&f).map_err(|e| {
-            bad(
-                dir,
-                format!("reading {path} (mapped at {:#x}): {e}", v.start),
-            )
-        })?;
+        let (now, inode) = sys::mapped_file::FileIdentity::of_path(Path::new(path))
+            .map_err(|e| {
+                bad(
+                    dir,
+                    format!(
+                        "VMA {:#x}-{:#x} maps {path}, which cannot be read here: {e}",
+                        v.start, v.end
+                    ),
+                )
+            })?
+            .ok_or_else(|| {
+                bad(
+                    dir,
+                    format!(
+                        "VMA {:#x}-{:#x} maps {path}, a regular file at the dump, which is not one here",
+                        v.start, v.end
+                    ),
+                )
+            })?;
         if let Some(why) = then.differs(&now) {
             return Err(bad(
                 dir,
@@ -387,8 +390,7 @@ fn check_mapped_files(
                 ),
             ));
         }
-        let m = f.metadata().map_err(|e| bad(dir, format!("{path}: {e}")))?;
-        seen.insert(path.to_string(), (m.dev(), m.ino()));
+        seen.insert(path.to_string(), inode);
     }
     Ok(seen)
 }

@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -44,11 +45,21 @@ impl FileIdentity {
     /// such as `/dev/zero` has no contents to change, and its times change
     /// with every boot).
     pub fn of_mapping(pid: i32, start: u64, end: u64) -> std::io::Result<Option<FileIdentity>> {
-        let f = File::open(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))?;
-        if !f.metadata()?.file_type().is_file() {
-            return Ok(None);
+        let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+        match open_regular(Path::new(&path))? {
+            Some((f, _)) => FileIdentity::of(&f).map(Some),
+            None => Ok(None),
         }
-        FileIdentity::of(&f).map(Some)
+    }
+
+    /// The identity of the regular file at `path` (symbolic links followed,
+    /// as an open by the restored process follows them) and its (device,
+    /// inode); `None` if it is not a regular file.
+    pub fn of_path(path: &Path) -> std::io::Result<Option<(FileIdentity, (u64, u64))>> {
+        match open_regular(path)? {
+            Some((f, inode)) => Ok(Some((FileIdentity::of(&f)?, inode))),
+            None => Ok(None),
+        }
     }
 
     /// Why a file with identity `now` is not the file this one was: `None`
@@ -79,6 +90,30 @@ impl FileIdentity {
     }
 }
 
+/// `path` opened for reading if it is a regular file, with its (device,
+/// inode); `None` if it is anything else. tern runs as root and the path
+/// may come from an image someone else wrote: it is first opened with
+/// `O_PATH`, which runs no driver's open (a device such as a watchdog acts
+/// on open) and never blocks (a FIFO would wait for a writer), and only a
+/// regular file is then opened for reading, through that very inode.
+fn open_regular(path: &Path) -> std::io::Result<Option<(File, (u64, u64))>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(path)?;
+    let m = handle.metadata()?;
+    if !m.file_type().is_file() {
+        return Ok(None);
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))?;
+    Ok(Some((f, (m.dev(), m.ino()))))
+}
+
 /// The `NT_GNU_BUILD_ID` of an ELF file, in hex; `None` for any other file
 /// or an ELF file without one. Reads only the headers and the notes.
 fn build_id(file: &File) -> Option<String> {
@@ -93,8 +128,8 @@ fn build_id(file: &File) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn of_path(p: &std::path::Path) -> FileIdentity {
-        FileIdentity::of(&File::open(p).unwrap()).unwrap()
+    fn of_path(p: &Path) -> FileIdentity {
+        FileIdentity::of_path(p).unwrap().expect("a regular file").0
     }
 
     #[test]
@@ -144,6 +179,25 @@ mod tests {
         // SAFETY: the mapping made above, not used after.
         unsafe { libc::munmap(p, 8192) };
         assert_eq!(got.unwrap(), None);
+    }
+
+    #[test]
+    fn only_regular_files_are_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // A FIFO with no writer: an open for reading would wait forever.
+        assert_eq!(FileIdentity::of_path(&fifo).unwrap(), None);
+        assert_eq!(FileIdentity::of_path(Path::new("/dev/null")).unwrap(), None);
+        assert_eq!(FileIdentity::of_path(dir.path()).unwrap(), None);
+        // A symbolic link to a regular file is followed.
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let l = dir.path().join("l");
+        std::os::unix::fs::symlink(&f, &l).unwrap();
+        assert_eq!(of_path(&l), of_path(&f));
     }
 
     #[test]
