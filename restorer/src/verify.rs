@@ -132,27 +132,16 @@ mod tests {
     #[test]
     fn emptied_and_written_pages_are_mismatches() {
         let page = sys::usize_of(images::PAGE_SIZE);
-        let len = 4 * page;
-        // SAFETY: a fresh private anonymous mapping, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        let start = p as u64;
-        // SAFETY: the mapping made above, `len` bytes, used only here.
-        let mem = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) };
-        mem[..2 * page].fill(0x5a);
+        let region = sys::anon::AnonRegion::new(4).expect("mmap");
+        let (start, len) = (region.start(), region.len());
+        let data = vec![0x5au8; 2 * page];
+        for (k, &b) in data.iter().enumerate() {
+            region.write(k / page, k % page, b);
+        }
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("img");
         let mut w = ImageWriter::create(&dir, true).unwrap();
-        w.add_pages(start, &mem[..2 * page]).unwrap();
+        w.add_pages(start, &data).unwrap();
         let inv = Inventory::new(ImageKind::PreDump, 1, "full", true);
         let mm = MmRecord {
             vmas: vec![VmaRecord::anonymous(start, start + len as u64)],
@@ -163,12 +152,8 @@ mod tests {
         let r = verify_chain(pid, &dir).unwrap();
         assert_eq!((r.pages_checked, r.mismatches), (4, 0), "{r:?}");
 
-        // SAFETY: the second page of the mapping above.
-        let second = unsafe { p.cast::<u8>().add(page) };
-        // SAFETY: madvise of one page of that mapping, no longer borrowed.
-        let r = unsafe { libc::madvise(second.cast(), page, libc::MADV_DONTNEED) };
-        assert_eq!(r, 0);
-        mem[3 * page] = 1;
+        region.madvise(1, 1, libc::MADV_DONTNEED).unwrap();
+        region.write(3, 0, 1);
         let r = verify_chain(pid, &dir).unwrap();
         assert_eq!(r.mismatches, 2, "{r:?}");
         let at = |k: usize| format!("{:#x}:", start + (k * page) as u64);
@@ -179,7 +164,5 @@ mod tests {
         let mut e = Vec::new();
         sys::pagemap::read_entries(&f, start, 4, &mut e).unwrap();
         assert!(!sys::pagemap::entry::populated(e[1]), "{:#x}", e[1]);
-        // SAFETY: the mapping made above, not used after.
-        unsafe { libc::munmap(p, len) };
     }
 }

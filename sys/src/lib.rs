@@ -22,6 +22,7 @@
 //! The tracker uses them to capture a process, the restorer to rebuild one;
 //! neither reaches into the other.
 
+pub mod anon;
 pub mod clone;
 pub mod fds;
 pub mod heap;

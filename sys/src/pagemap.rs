@@ -54,30 +54,15 @@ mod tests {
 
     #[test]
     fn touched_pages_are_populated_untouched_are_not() {
-        let len = 8 * 4096;
-        // SAFETY: a fresh private anonymous mapping, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: inside the mapping just made.
-        unsafe { *(p as *mut u8).add(3 * 4096) = 1 };
+        let region = crate::anon::AnonRegion::new(8).expect("mmap");
+        region.write(3, 0, 1);
         let f = File::open("/proc/self/pagemap").unwrap();
         let mut e = Vec::new();
-        read_entries(&f, p as u64, 8, &mut e).unwrap();
+        read_entries(&f, region.start(), 8, &mut e).unwrap();
         let populated: Vec<bool> = e.iter().map(|&x| entry::populated(x)).collect();
         assert_eq!(
             populated,
             [false, false, false, true, false, false, false, false]
         );
-        // SAFETY: the mapping made above, not used after.
-        unsafe { libc::munmap(p, len) };
     }
 }

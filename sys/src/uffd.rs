@@ -139,39 +139,6 @@ pub fn fdinfo_features(pid: i32, fd: i32) -> Option<u64> {
 mod tests {
     use super::*;
 
-    /// `pages` pages of fresh private anonymous memory, unmapped on drop.
-    struct Region {
-        start: usize,
-        len: usize,
-    }
-    impl Region {
-        fn new(pages: usize) -> Region {
-            let len = pages * 4096;
-            // SAFETY: a fresh anonymous mapping; checked below.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            Region {
-                start: p as usize,
-                len,
-            }
-        }
-    }
-    impl Drop for Region {
-        fn drop(&mut self) {
-            // SAFETY: our own mapping.
-            unsafe { libc::munmap(self.start as *mut libc::c_void, self.len) };
-        }
-    }
-
     #[test]
     fn struct_layout_matches_uapi() {
         assert_eq!(std::mem::size_of::<UffdioApi>(), 24);
@@ -194,8 +161,11 @@ mod tests {
         assert!(is_userfaultfd(pid, uffd.as_raw_fd()));
         assert!(fdinfo_features(pid, uffd.as_raw_fd()).is_some_and(|f| f != 0));
         assert!(!is_userfaultfd(pid, 0));
-        let region = Region::new(4);
-        let (start, end) = (region.start, region.start + region.len);
+        let region = crate::anon::AnonRegion::new(4).expect("mmap");
+        let (start, end) = (
+            crate::usize_of(region.start()),
+            crate::usize_of(region.end()),
+        );
         let page = 4096;
         let ioctls = uffd
             .register(start as *mut libc::c_void, end - start)

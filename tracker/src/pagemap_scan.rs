@@ -300,6 +300,7 @@ pub use sys::pagemap::entry;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::anon::PageIndices;
 
     #[test]
     fn struct_layout_matches_uapi() {

@@ -113,6 +113,7 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, pid: i32, fd: i32) -> Result<OwnedFd, UffdEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::anon::PageIndices;
 
     fn own_uffd() -> OwnedFd {
         create_unhandshaken().expect("userfaultfd(2)")
