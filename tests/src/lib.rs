@@ -19,7 +19,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The directory holding the workspace's binaries: the target directory of
-/// the running test executable (`target/debug/deps/x-hash` -> `target/debug`).
+/// the running test executable (`target/ci/deps/x-hash` -> `target/ci`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();

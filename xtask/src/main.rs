@@ -87,19 +87,26 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
-/// Build everything first (the integration tests run `target/debug/tern`),
+/// Build everything first (the integration tests run `target/ci/tern`),
 /// then run every test with cargo's plain output, which ends each test binary
 /// with a `test result:` line.
 ///
 /// "Everything" is the workspace's default members: all crates but
 /// `tracker-ebpf`, which only builds for `bpfel-unknown-none` and is compiled
-/// (with the nightly toolchain) by `tracker`'s build script.
+/// (with the nightly toolchain) by `tracker`'s build script. The profile is
+/// [`util::TEST_PROFILE`]: optimized, so the x86 lane's guest runs this same
+/// build instead of a second one (it was ~5 of the suite's ~30 minutes).
 fn test(args: &[String]) -> Result<()> {
-    eprintln!("xtask: cargo build");
-    util::run(util::cargo().args(["build"]))?;
-    eprintln!("xtask: cargo test --no-fail-fast");
-    let tests = util::run(util::cargo().args(["test", "--no-fail-fast"]).args(args))
-        .map_err(|e| anyhow::anyhow!("tests failed: {e:#}"));
+    let profile = util::TEST_PROFILE;
+    eprintln!("xtask: cargo build --profile {profile}");
+    util::run(util::cargo().args(["build", "--profile", profile]))?;
+    eprintln!("xtask: cargo test --profile {profile} --no-fail-fast");
+    let tests = util::run(
+        util::cargo()
+            .args(["test", "--profile", profile, "--no-fail-fast"])
+            .args(args),
+    )
+    .map_err(|e| anyhow::anyhow!("tests failed: {e:#}"));
     // The VM lanes (other kernels and arm64 under qemu) with the whole
     // suite only, not with a filter. Each runs even if another failed.
     let lanes = if args.is_empty() {

@@ -30,6 +30,15 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
+/// The cargo profile of `cargo xtask test` (see the workspace's Cargo.toml):
+/// the host suite and the x86 VM lane run the same build of it.
+pub const TEST_PROFILE: &str = "ci";
+
+/// The directory a profile's binaries land in (`target/ci`, `target/release`).
+pub fn profile_dir(profile: &str) -> PathBuf {
+    target_dir().join(profile)
+}
+
 /// The cargo that runs us (so `cargo +toolchain xtask` keeps its toolchain).
 pub fn cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

@@ -164,9 +164,9 @@ poweroff -f
 /// `cargo xtask bench vm-criu`: CRIU and tern side by side on Debian's 6.1
 /// kernel (soft-dirty) under TCG; writes `target/bench/vm-criu.json`.
 pub fn bench_criu() -> Result<()> {
-    let (work, vmlinuz) = prepare_x86(HOST_PACKAGES)?;
+    let (work, vmlinuz) = prepare_x86(HOST_PACKAGES, "release")?;
     let (kver, modules) = criu_guest_files(&vmlinuz)?;
-    let release = util::target_dir().join("release");
+    let release = util::profile_dir("release");
     let init = [INIT_BEGIN, INIT_CRIU_SETUP, INIT_CRIU_VS_TERN, INIT_END].concat();
     let initrd = initramfs(
         &work,
@@ -227,18 +227,18 @@ pub struct SoftdirtyGuest {
     tests: Vec<TestBin>,
 }
 
-/// The host's side of the lane (packages, the release builds, the kernel,
+/// The host's side of the lane (packages, the build, the kernel,
 /// the initramfs): everything the guest needs, on both cores.
 pub fn prepare_softdirty() -> Result<SoftdirtyGuest> {
     let t_all = Instant::now();
-    let (work, vmlinuz) = prepare_x86(HOST_PACKAGES)?;
+    let (work, vmlinuz) = prepare_x86(HOST_PACKAGES, util::TEST_PROFILE)?;
     let tests = build_tests(&work)?;
     let (_, modules) = criu_guest_files(&vmlinuz)?;
-    let release = util::target_dir().join("release");
+    let built = util::profile_dir(util::TEST_PROFILE);
     let mut bins = vec![
-        release.join("tern"),
-        release.join("hotloop"),
-        release.join("workload"),
+        built.join("tern"),
+        built.join("hotloop"),
+        built.join("workload"),
         PathBuf::from("/usr/sbin/criu"),
     ];
     bins.extend(tests.iter().map(|t| t.exe.clone()));
@@ -405,12 +405,23 @@ fn hotloop_report(steps: &[(String, i32, Option<Value>)], failures: &mut Vec<Str
     }
 }
 
-/// Host packages, the release build (tern, hotloop) and Debian's x86
-/// kernel: the work directory and the kernel image.
-fn prepare_x86(packages: &[(&str, &str)]) -> Result<(PathBuf, PathBuf)> {
+/// Host packages, a build of tern and the bench programs (the profile's
+/// directory holds them) and Debian's x86 kernel: the work directory and the
+/// kernel image.
+///
+/// The softdirty lane builds [`util::TEST_PROFILE`] as `cargo xtask test`
+/// does, for the whole workspace, so after the host suite nothing is rebuilt
+/// (a narrower `-p` selection unifies features differently and rebuilds half
+/// the tree); `bench vm-criu` builds release, tern and bench only.
+fn prepare_x86(packages: &[(&str, &str)], profile: &str) -> Result<(PathBuf, PathBuf)> {
     crate::setup::ensure_debian_packages(packages, false)?;
-    eprintln!("xtask: cargo build --release (tern, bench)");
-    util::run(util::cargo().args(["build", "--release", "-p", "tern", "-p", "bench"]))?;
+    let mut cmd = util::cargo();
+    cmd.args(["build", "--profile", profile]);
+    if profile != util::TEST_PROFILE {
+        cmd.args(["-p", "tern", "-p", "bench"]);
+    }
+    eprintln!("xtask: {}", util::show(&cmd));
+    util::run(&mut cmd)?;
     let work = util::target_dir().join("vm").join("x86");
     std::fs::create_dir_all(&work)?;
     let vmlinuz = debian_kernel(&work, "linux-image-amd64")?;
@@ -428,17 +439,15 @@ struct TestBin {
     ignored: usize,
 }
 
-/// The release build of [`TEST_BINS`] and the workload programs (cargo
-/// builds a package's binaries with its integration tests), copied into
+/// [`TEST_BINS`] as `cargo xtask test` builds them (the same command, so
+/// nothing is rebuilt after the host suite; cargo builds a package's binaries,
+/// the workload programs, with its integration tests), copied into
 /// `work/tests/` under their test names.
 fn build_tests(work: &Path) -> Result<Vec<TestBin>> {
-    eprintln!("xtask: cargo test --release --no-run -p tern-tests (precision, scenarios)");
     let mut cmd = util::cargo();
-    cmd.args(["test", "--release", "--no-run", "-p", "tern-tests"]);
-    for t in TEST_BINS {
-        cmd.args(["--test", t]);
-    }
-    cmd.args(["--bins", "--message-format=json-render-diagnostics"])
+    cmd.args(["test", "--profile", util::TEST_PROFILE, "--no-run"]);
+    eprintln!("xtask: {} (for {})", util::show(&cmd), TEST_BINS.join(", "));
+    cmd.args(["--message-format=json-render-diagnostics"])
         .stderr(Stdio::inherit());
     let out = cmd
         .output()
@@ -451,10 +460,12 @@ fn build_tests(work: &Path) -> Result<Vec<TestBin>> {
         let Ok(v) = serde_json::from_str::<Value>(line) else {
             continue;
         };
+        // Integration tests only: a workspace has other targets of these names.
+        let integration_test = v["target"]["kind"] == serde_json::json!(["test"]);
         if let (Some(name), Some(exe), true) = (
             v["target"]["name"].as_str(),
             v["executable"].as_str(),
-            v["profile"]["test"] == true,
+            v["profile"]["test"] == true && integration_test,
         ) {
             exes.insert(name.to_string(), PathBuf::from(exe));
         }
