@@ -689,6 +689,18 @@ fn dump(
                 "; the process runs on"
             }
         );
+        let parts: Vec<String> = report
+            .frozen_parts
+            .sequential()
+            .iter()
+            .filter(|(_, ms)| *ms >= 0.05)
+            .map(|(name, ms)| format!("{name} {ms:.1}"))
+            .collect();
+        println!(
+            "frozen window (ms): {}; the state capture took {:.1} beside the scan and copy",
+            parts.join(", "),
+            report.frozen_parts.state_ms
+        );
     }
     Ok(())
 }

@@ -43,7 +43,51 @@ fn dump(pid: i32, dir: &Path, prev: Option<&Path>, extra: &[&str]) -> Value {
         assert!(v.get(f).is_some(), "dump JSON lacks {f}: {v}");
     }
     assert_eq!(v["pid"].as_i64(), Some(pid as i64));
+    frozen_parts_add_up(&v, extra.contains(&"--verify"));
     v
+}
+
+/// `frozen_parts` tells where `frozen_ms` went: every part is there, the
+/// parts on the dumping thread add up to it, and the ones every dump has
+/// took time (`verify_ms` too when it verified).
+fn frozen_parts_add_up(v: &Value, verified: bool) {
+    const SEQUENTIAL: [&str; 13] = [
+        "freeze_ms",
+        "checks_ms",
+        "vmas_ms",
+        "registers_ms",
+        "scan_ms",
+        "copy_ms",
+        "state_wait_ms",
+        "stacks_ms",
+        "files_ms",
+        "vm_flags_ms",
+        "metadata_ms",
+        "verify_ms",
+        "end_ms",
+    ];
+    let parts = &v["frozen_parts"];
+    let part = |name: &str| {
+        let ms = parts[name].as_f64();
+        assert!(
+            ms.is_some_and(|ms| ms >= 0.0),
+            "dump JSON: frozen_parts.{name} missing or negative: {v}"
+        );
+        ms.unwrap_or_default()
+    };
+    let sum: f64 = SEQUENTIAL.iter().map(|p| part(p)).sum();
+    let frozen = num(v, "frozen_ms");
+    assert!(
+        (sum - frozen).abs() <= 0.05 + frozen * 1e-3,
+        "dump JSON: frozen_parts add up to {sum:.3} ms, frozen_ms is {frozen:.3}: {v}"
+    );
+    let mut took_time = vec!["freeze_ms", "vmas_ms", "scan_ms", "metadata_ms", "state_ms"];
+    if verified {
+        took_time.push("verify_ms");
+    }
+    for p in took_time {
+        assert!(part(p) > 0.0, "dump JSON: frozen_parts.{p} is 0: {v}");
+    }
 }
 
 /// Start `tern restore -D DIR --json FLAGS...` (it waits for the process).

@@ -95,6 +95,104 @@ pub struct DumpReport {
     /// (or resumed): part of `duration_ms`, not of `frozen_ms`.
     #[serde(default)]
     pub fsync_ms: f64,
+    /// Where `frozen_ms` went, part by part.
+    #[serde(default)]
+    pub frozen_parts: FrozenParts,
+}
+
+/// The frozen window of a final dump, part by part, in milliseconds. The
+/// parts run one after the other on the dumping thread and add up to
+/// `frozen_ms`, except `state_ms`: the threads' state is captured on a thread
+/// of its own beside the scan and the copy, and the main thread waits for it
+/// only `state_wait_ms`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct FrozenParts {
+    /// Stopping every thread (until the last one reports its stop).
+    pub freeze_ms: f64,
+    /// Checking again, frozen, that the process can be restored.
+    pub checks_ms: f64,
+    /// The scratch area and the VMA list.
+    pub vmas_ms: f64,
+    /// The threads' registers: stack pointers, signal-handler runs.
+    pub registers_ms: f64,
+    /// The final scan for the pages written since the last round.
+    pub scan_ms: f64,
+    /// Copying those pages into the page file.
+    pub copy_ms: f64,
+    /// Waiting for the state capture once the copy was done.
+    pub state_wait_ms: f64,
+    /// The pages below each thread's stack pointer that the injected calls
+    /// wrote, copied after the state (and a second scan if a signal handler
+    /// ran meanwhile).
+    pub stacks_ms: f64,
+    /// Identities of the files mapped since the check before the freeze.
+    pub files_ms: f64,
+    /// VmFlags of VMAs that changed since they were read before the freeze.
+    pub vm_flags_ms: f64,
+    /// The image's metadata: process state, page map, inventory.
+    pub metadata_ms: f64,
+    /// `--verify`: comparing the image with the frozen memory.
+    pub verify_ms: f64,
+    /// The kill (or, with `--leave-running`, the detach).
+    pub end_ms: f64,
+    /// The threads' state by injected system calls, beside the scan and copy.
+    pub state_ms: f64,
+}
+
+impl FrozenParts {
+    /// The parts on the dumping thread, in the order they ran (they add up
+    /// to the frozen time), by name without the `_ms`.
+    pub fn sequential(&self) -> [(&'static str, f64); 13] {
+        [
+            ("freeze", self.freeze_ms),
+            ("checks", self.checks_ms),
+            ("vmas", self.vmas_ms),
+            ("registers", self.registers_ms),
+            ("scan", self.scan_ms),
+            ("copy", self.copy_ms),
+            ("state_wait", self.state_wait_ms),
+            ("stacks", self.stacks_ms),
+            ("files", self.files_ms),
+            ("vm_flags", self.vm_flags_ms),
+            ("metadata", self.metadata_ms),
+            ("verify", self.verify_ms),
+            ("end", self.end_ms),
+        ]
+    }
+}
+
+/// Times the parts of the frozen window: each `next` returns the time since
+/// the previous one (or the freeze's start) and logs the point reached.
+struct Laps {
+    pid: i32,
+    start: Instant,
+    last: std::cell::Cell<Instant>,
+}
+
+impl Laps {
+    fn new(pid: i32, start: Instant) -> Self {
+        Laps {
+            pid,
+            start,
+            last: std::cell::Cell::new(start),
+        }
+    }
+
+    fn next(&self, what: &str) -> f64 {
+        let now = Instant::now();
+        let ms = now.duration_since(self.last.replace(now)).as_secs_f64() * 1e3;
+        tracing::debug!(
+            pid = self.pid,
+            "dump: {what} at {:.2} ms (+{ms:.2})",
+            now.duration_since(self.start).as_secs_f64() * 1e3
+        );
+        ms
+    }
+
+    /// From the start to the last `next`.
+    fn total_ms(&self) -> f64 {
+        self.last.get().duration_since(self.start).as_secs_f64() * 1e3
+    }
 }
 
 /// Most zeros written ahead into a final image's `pages.img`.
@@ -446,16 +544,11 @@ fn capture(
     copier.prefault();
 
     let t_freeze = Instant::now();
+    let laps = Laps::new(pid, t_freeze);
+    let mut parts = FrozenParts::default();
     let mut created_scratch = false;
     let mut threads = freeze_all(pid, opts.timeout)?;
-    let lap = |what: &str| {
-        tracing::debug!(
-            pid,
-            "dump: {what} at {:.2} ms",
-            t_freeze.elapsed().as_secs_f64() * 1e3
-        )
-    };
-    lap("frozen");
+    parts.freeze_ms = laps.next("frozen");
     type Captured = (
         ProcessImage,
         Vec<images::VmaRecord>,
@@ -475,7 +568,7 @@ fn capture(
             }
             .into());
         }
-        lap("restorability checked");
+        parts.checks_ms = laps.next("restorability checked");
         // The scratch area first (reused from the pre-dumps when there is
         // one): the VMA list read next must not change under the capture.
         let mut known = Injector::find_scratch(pid)?.first().copied();
@@ -486,36 +579,45 @@ fn capture(
         // A scratch area is not the target's memory.
         let scratch = Injector::find_scratch(pid)?;
         let mut vmas = crate::session::read_target_vmas(pid, &scratch)?;
-        lap("VMAs read");
+        parts.vmas_ms = laps.next("VMAs read");
         let ran_before = ran_program_code(&mut threads)?;
         // The state (injected syscalls, on the tracer threads) and the pages
         // (scan and copy, here) are captured side by side. Injected calls
         // write below each thread's stack pointer (the stub's pushes): those
         // pages are copied once the state is in.
         let windows = stack_windows(&mut threads, &vmas)?;
+        parts.registers_ms = laps.next("registers read");
         let uffd = session.target_uffd().map(|u| u.0);
         let (state, pages) = std::thread::scope(|s| {
             let threads = &mut threads;
-            let state = s.spawn(move || capture_state(pid, threads, uffd, known));
+            let state = s.spawn(move || {
+                let t = Instant::now();
+                let state = capture_state(pid, threads, uffd, known);
+                (state, t.elapsed().as_secs_f64() * 1e3)
+            });
             let pages = (|| -> Result<crate::backend::DirtySet, DumpError> {
                 let mut set = session.collect_final(&vmas, full_copy)?;
-                lap("dirty pages found");
+                parts.scan_ms = laps.next("dirty pages found");
                 set.copy = crate::backend::subtract(&set.copy, &windows);
                 set.holes = crate::backend::subtract(&set.holes, &windows);
                 copier
                     .copy_ranges(pid, &set.copy, &mut writer)
                     .map_err(TrackerError::from)?;
-                lap("pages copied");
+                parts.copy_ms = laps.next("pages copied");
                 Ok(set)
             })();
-            let state = state
-                .join()
-                .unwrap_or(Err(DumpError::CapturePanicked { pid }));
+            let state = match state.join() {
+                Ok((state, ms)) => {
+                    parts.state_ms = ms;
+                    state
+                }
+                Err(_) => Err(DumpError::CapturePanicked { pid }),
+            };
             (state, pages)
         });
         let (process, pipes) = state?;
         let mut set = pages?;
-        lap("state captured");
+        parts.state_wait_ms = laps.next("state captured");
         if ran_program_code(&mut threads)? != ran_before {
             // A signal handler ran during an injection: memory and VMAs may
             // have changed after the scan. The final scan does not re-arm,
@@ -543,6 +645,7 @@ fn capture(
         for h in &set.holes {
             writer.add_hole(*h);
         }
+        parts.stacks_ms = laps.next("stack pages copied");
         // tern's scratch area is not the target's: the restored process
         // must not get one.
         let files = crate::maps::file_identities(pid, &vmas, &files_before);
@@ -557,7 +660,7 @@ fn capture(
                 r
             })
             .collect();
-        lap("mapped files identified");
+        parts.files_ms = laps.next("mapped files identified");
         let mut flags = flags_before.clone();
         if records
             .iter()
@@ -570,7 +673,7 @@ fn capture(
                 r.vm_flags = f.clone();
             }
         }
-        lap("VmFlags");
+        parts.vm_flags_ms = laps.next("VmFlags");
         let capture_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
         let tw = Instant::now();
         writer.store_process(&process, &pipes)?;
@@ -592,7 +695,7 @@ fn capture(
         };
         let stats = writer.finish(&mm, &inv)?;
         let write_ms = tw.elapsed().as_secs_f64() * 1e3;
-        lap("image written");
+        parts.metadata_ms = laps.next("image written");
         Ok((process, records, stats, capture_ms, write_ms))
     })();
     let (process, records, stats, capture_ms, write_ms) = match res {
@@ -623,6 +726,7 @@ fn capture(
     } else {
         None
     };
+    parts.verify_ms = laps.next("verified");
 
     // The end: resume, or kill if the tern that asked is still there. A
     // tern that died meanwhile gets nothing: the target runs on as before
@@ -648,7 +752,8 @@ fn capture(
     let frozen_ms;
     if opts.leave_running {
         drop(threads);
-        frozen_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
+        parts.end_ms = laps.next("resumed");
+        frozen_ms = laps.total_ms();
         killed = false;
     } else {
         // The frozen target: a failure means it is gone already.
@@ -656,13 +761,13 @@ fn capture(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
-        frozen_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
+        parts.end_ms = laps.next("killed");
+        frozen_ms = laps.total_ms();
         killed = true;
         for t in threads.drain(..) {
             t.abandon();
         }
     }
-    lap("ended");
     if let Err(e) = images::trim_pages_file(dir, stats.stored_end) {
         tracing::warn!(pid, "cutting the zeros written ahead: {e}");
     }
@@ -688,6 +793,7 @@ fn capture(
         live_image: None,
         live_ms: 0.0,
         fsync_ms: 0.0,
+        frozen_parts: parts,
     })
 }
 
