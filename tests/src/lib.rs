@@ -44,10 +44,6 @@ pub fn tern_bin() -> PathBuf {
     p
 }
 
-/// A workload binary of this crate (`workload`, `selfcheck`), copied once
-/// per test process to a private directory: a rebuild of the workspace while
-/// the tests run must not delete the file that a target's mappings (and an
-/// image's file-backed VMAs) read from.
 /// `cmd.spawn()`, tried again for a while on ETXTBSY: the binary is a copy
 /// this test process wrote (see [`workload_bin`]), and a child another test
 /// thread forks while the copy's write fd is open holds that fd until it
@@ -64,6 +60,10 @@ pub fn spawn_retrying(cmd: &mut Command) -> std::io::Result<Child> {
     }
 }
 
+/// A workload binary of this crate (`workload`, `selfcheck`), copied once
+/// per test process to a private directory: a rebuild of the workspace while
+/// the tests run must not delete the file that a target's mappings (and an
+/// image's file-backed VMAs) read from.
 pub fn workload_bin(name: &str) -> PathBuf {
     static COPIES: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
     let p = bin_dir().join(name);

@@ -281,13 +281,16 @@ fn a_program_rebuilt_since_the_dump_is_refused() {
         .unwrap()
         .build_id
         .expect("/usr/bin/sleep has an ELF build ID (Debian builds with one)");
-    let mut child = Command::new(&prog)
-        .arg("1000")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Retried on ETXTBSY: another test thread's child may still hold the
+    // copy's write fd.
+    let mut child = tern_tests::spawn_retrying(
+        Command::new(&prog)
+            .arg("1000")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
     let pid = i32::try_from(child.id()).unwrap();
     assert!(
         proc::wait_until(Duration::from_secs(5), || proc::maps(pid)
