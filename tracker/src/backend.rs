@@ -265,25 +265,18 @@ impl UffdWpTracker {
     /// VMA is not armed.
     fn written(&mut self, vma: &Vma) -> Result<Vec<PageRange>, ScanError> {
         self.scratch.clear();
-        self.pm.scan(
-            vma.start,
-            vma.end,
-            ScanQuery {
-                return_mask: pagemap_scan::PAGE_IS_WRITTEN | pagemap_scan::PAGE_IS_FILE,
-                flags: if self.reprotect {
-                    ScanQuery::WRITTEN_AND_REPROTECT.flags
-                } else {
-                    pagemap_scan::PM_SCAN_CHECK_WPASYNC
-                },
-                ..ScanQuery::WRITTEN_AND_REPROTECT
-            },
-            &mut self.scratch,
-        )?;
+        // The kernel's fast path (see `WRITTEN_AND_REPROTECT`): written
+        // page-cache pages of a private file mapping come back too, and
+        // `populated_in`, which every caller runs on the answer, records
+        // them as holes (the file holds them).
+        let query = if self.reprotect {
+            ScanQuery::WRITTEN_AND_REPROTECT
+        } else {
+            ScanQuery::WRITTEN
+        };
+        self.pm.scan(vma.start, vma.end, query, &mut self.scratch)?;
         let mut out = Vec::new();
         for r in &self.scratch {
-            if vma.file_pages_are_holes() && r.categories & pagemap_scan::PAGE_IS_FILE != 0 {
-                continue;
-            }
             push_range(&mut out, PageRange::new(r.start, r.end));
         }
         Ok(out)

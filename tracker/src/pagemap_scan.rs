@@ -97,15 +97,29 @@ pub struct ScanQuery {
 
 impl ScanQuery {
     /// Pages written since they were last protected; protect them again in
-    /// the same call. The plain `PAGE_IS_WRITTEN` anyof mask keeps the kernel
-    /// on its exact path (kernel commit 07b4377bdbe7 fixed unpopulated PTEs reported as
-    /// clean on the other paths).
+    /// the same call.
+    ///
+    /// `category_mask = return_mask = PAGE_IS_WRITTEN`, nothing else, is
+    /// the kernel's fast path for this question (`pagemap_scan_pmd_entry`):
+    /// it tests each PTE's uffd-wp bit and nothing more. Any other mask
+    /// (an anyof mask included) takes the general path, which works out
+    /// every page's categories, a `struct page` lookup per present page:
+    /// 4.5 ms of a 16 ms frozen window at 256 MiB resident, against well
+    /// under 1 ms. The fast path also reports an unpopulated PTE as written
+    /// on every kernel with PAGEMAP_SCAN; the general path did so only from
+    /// kernel commit 07b4377bdbe7.
     pub const WRITTEN_AND_REPROTECT: ScanQuery = ScanQuery {
         flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
         category_inverted: 0,
-        category_mask: 0,
-        category_anyof_mask: PAGE_IS_WRITTEN,
+        category_mask: PAGE_IS_WRITTEN,
+        category_anyof_mask: 0,
         return_mask: PAGE_IS_WRITTEN,
+    };
+    /// [`Self::WRITTEN_AND_REPROTECT`] without the protecting: a final
+    /// dump's round, which no round follows.
+    pub const WRITTEN: ScanQuery = ScanQuery {
+        flags: PM_SCAN_CHECK_WPASYNC,
+        ..Self::WRITTEN_AND_REPROTECT
     };
     /// Populated pages (present or swapped), reporting which are file pages.
     pub const POPULATED: ScanQuery = ScanQuery {
