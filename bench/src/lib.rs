@@ -5,6 +5,7 @@
 
 pub mod dump;
 pub mod restore;
+pub mod run;
 pub mod svg;
 pub mod tracking;
 pub mod uffd;

@@ -89,7 +89,8 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Frozen time of the final dump (after 0 and 3 pre-dumps) and restore time.
+    /// Frozen and wall time of dumps (full, after 3 pre-dumps) and restore
+    /// time, tern beside CRIU and the machine's floors.
     Dump {
         #[arg(long, default_value = "target/release/tern")]
         tern: PathBuf,
@@ -97,8 +98,14 @@ enum Cmd {
         bin_dir: PathBuf,
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
-        /// Runs per configuration (medians).
-        #[arg(long, default_value_t = 3)]
+        /// CRIU's command (`cargo xtask bench dump` fetches one).
+        #[arg(long, conflicts_with = "no_criu")]
+        criu: Option<PathBuf>,
+        /// Run without CRIU; the reason goes into the report.
+        #[arg(long, value_name = "WHY")]
+        no_criu: Option<String>,
+        /// Rounds per configuration (medians).
+        #[arg(long, default_value_t = 5)]
         repeats: usize,
         /// Only the 256 MiB configuration, once.
         #[arg(long)]
@@ -132,6 +139,21 @@ enum Cmd {
         #[arg(long, default_value_t = 7)]
         reps: usize,
     },
+}
+
+/// `--criu` or why CRIU does not run.
+fn criu_or_why(
+    criu: Option<PathBuf>,
+    no_criu: Option<String>,
+    bench: &str,
+) -> std::result::Result<PathBuf, String> {
+    match (criu, no_criu) {
+        (Some(c), _) => Ok(c),
+        (None, Some(why)) => Err(why),
+        (None, None) => Err(format!(
+            "no --criu given (`cargo xtask bench {bench}` fetches Debian trixie's)"
+        )),
+    }
 }
 
 fn main() -> ExitCode {
@@ -212,11 +234,13 @@ fn real_main() -> Result<()> {
             tern,
             bin_dir,
             out,
+            criu,
+            no_criu,
             repeats,
             quick,
         } => {
             let mut configs = vec![(256, 16, 10), (4096, 64, 10)];
-            let mut repeats = repeats;
+            let mut repeats = repeats.max(1);
             if quick {
                 configs.truncate(1);
                 repeats = 1;
@@ -225,6 +249,7 @@ fn real_main() -> Result<()> {
                 tern,
                 bin_dir,
                 out,
+                criu: criu_or_why(criu, no_criu, "dump"),
                 configs,
                 repeats,
             })
@@ -250,18 +275,11 @@ fn real_main() -> Result<()> {
                     tern.display()
                 );
             }
-            let criu = match (criu, no_criu) {
-                (Some(c), _) => Ok(c),
-                (None, Some(why)) => Err(why),
-                (None, None) => Err(
-                    "no --criu given (`cargo xtask bench restore` fetches Debian trixie's)".into(),
-                ),
-            };
             bench::restore::run(&bench::restore::Opts {
                 tern,
                 bin_dir,
                 out,
-                criu,
+                criu: criu_or_why(criu, no_criu, "restore"),
                 configs,
                 repeats,
             })

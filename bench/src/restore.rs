@@ -55,6 +55,9 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::real_ns;
+use crate::run::{
+    criu_stat_ms, criu_version, kill, run_deadline, tern_json, wait_deadline, wait_gone,
+};
 use crate::uffd::median;
 
 pub struct Opts {
@@ -259,98 +262,6 @@ fn baseline(log: &Path, window: Duration) -> Result<f64> {
     Ok(median(&mut rates))
 }
 
-/// Run tern with `args`, return its last JSON line.
-fn tern_json(tern: &Path, args: &[String]) -> Result<Value> {
-    let out = Command::new(tern)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run tern")?;
-    if !out.status.success() {
-        bail!(
-            "`tern {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-        .with_context(|| format!("`tern {}` printed no JSON", args.join(" ")))
-}
-
-/// Run a command to its end within `deadline` (killed then); its output.
-fn run_deadline(cmd: &mut Command, what: &str, deadline: Duration) -> Result<std::process::Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {what}"))?;
-    // Drain both pipes beside the wait so that a chatty command cannot block.
-    let mut so = child.stdout.take().expect("piped");
-    let mut se = child.stderr.take().expect("piped");
-    let ho = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = so.read_to_end(&mut v);
-        v
-    });
-    let he = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = se.read_to_end(&mut v);
-        v
-    });
-    let status = wait_deadline(&mut child, deadline)
-        .with_context(|| format!("{what} did not finish within {deadline:?} (killed)"))?;
-    Ok(std::process::Output {
-        status,
-        stdout: ho.join().unwrap_or_default(),
-        stderr: he.join().unwrap_or_default(),
-    })
-}
-
-/// Wait for a child with a deadline; kill it at the deadline.
-fn wait_deadline(child: &mut Child, deadline: Duration) -> Result<std::process::ExitStatus> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait()? {
-            return Ok(st);
-        }
-        if t0.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("PID {} still running after {deadline:?}", child.id());
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Wait until PID `pid` is gone: reaped by us (a restored process whose
-/// restorer exited is reparented to us, the subreaper) or by its parent.
-fn wait_gone(pid: i32, deadline: Duration) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        // SAFETY: waitpid on a specific PID with WNOHANG; ECHILD (not ours)
-        // is fine.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            return Ok(());
-        }
-        if t0.elapsed() > deadline {
-            bail!(
-                "PID {pid} is still taken {deadline:?} after it was killed: a restore needs it free"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn kill(pid: i32) {
-    // SAFETY: plain kill of a restored workload.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-}
-
 /// The lines a command prints on stdout, each with the time it arrived.
 fn stamped_lines(child: &mut Child) -> mpsc::Receiver<(u64, String)> {
     let (tx, rx) = mpsc::channel();
@@ -421,22 +332,6 @@ fn tern_restore(opts: &Opts, dir: &Path, pid: i32, mode: Mode, work: &Path) -> R
         t0,
         all_in: Some(t),
         tool: v,
-    })
-}
-
-/// The `Restore time` (ms) CRIU's `--display-stats` printed, if any.
-fn criu_restore_ms(text: &str) -> Option<f64> {
-    // "Restore time: 0.12 ms" or "... s": take the number and its unit.
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("Restore time"))?;
-    let rest = line.split(':').nth(1)?.trim();
-    let mut w = rest.split_whitespace();
-    let v: f64 = w.next()?.parse().ok()?;
-    Some(match w.next() {
-        Some("s") => v * 1e3,
-        Some("us") => v / 1e3,
-        _ => v,
     })
 }
 
@@ -530,7 +425,7 @@ fn criu_restore(criu: &Path, dir: &Path, pid: i32, mode: Mode) -> Result<Seen> {
         t0,
         all_in,
         tool: json!({
-            "restore_ms": criu_restore_ms(&stdout).or_else(|| criu_restore_ms(&String::from_utf8_lossy(&out.stderr))),
+            "restore_ms": criu_stat_ms(&stdout, "Restore time").or_else(|| criu_stat_ms(&String::from_utf8_lossy(&out.stderr), "Restore time")),
             "wall_ms": (t_exit - t0) as f64 / 1e6,
             "stats": stdout.trim(),
         }),
@@ -858,20 +753,6 @@ pub fn run(opts: &Opts) -> Result<()> {
     Ok(())
 }
 
-fn criu_version(criu: &Path) -> String {
-    Command::new(criu)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(|l| l.trim().to_string())
-        })
-        .unwrap_or_else(|| "version unknown".into())
-}
-
 fn print_table(report: &Value) {
     let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
     println!(
@@ -966,12 +847,5 @@ mod tests {
         let r = p.rates(2_000_000_000, u64::MAX);
         assert_eq!(r.len(), 1);
         assert!((r[0].1 - 20_000.0).abs() < 1e-6);
-    }
-
-    #[test]
-    fn criu_restore_time() {
-        assert_eq!(criu_restore_ms("Restore time: 2.5 ms\n"), Some(2.5));
-        assert_eq!(criu_restore_ms("x\n  Restore time: 0.5 s\n"), Some(500.0));
-        assert_eq!(criu_restore_ms("nothing"), None);
     }
 }

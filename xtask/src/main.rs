@@ -130,11 +130,11 @@ fn bench(name: &str, args: &[String]) -> Result<()> {
         "vm-criu" => return vm::bench_criu(),
         other => bail!("unknown benchmark `{other}`; known: tracking, dump, restore, vm-criu"),
     }
-    // `bench restore` runs CRIU beside tern: Debian trixie's, fetched under
-    // target/criu/. Without it the benchmark runs tern alone and its report
-    // says why.
+    // `bench dump` and `bench restore` run CRIU beside tern: Debian
+    // trixie's, fetched under target/criu/. Without it the benchmark runs
+    // tern alone and its report says why.
     let mut criu_args: Vec<std::ffi::OsString> = Vec::new();
-    if name == "restore" {
+    if name == "restore" || name == "dump" {
         match criu::fetch() {
             Ok(criu) => criu_args.extend(["--criu".into(), criu.into_os_string()]),
             Err(e) => {
