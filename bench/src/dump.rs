@@ -691,7 +691,16 @@ pub fn run(opts: &Opts) -> Result<()> {
 
 fn print_tables(report: &Value) {
     let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
-    let r2 = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
+    // Small ratios (0.0044) keep two significant figures.
+    let r2 = |v: &Value| {
+        v.as_f64().map_or("-".to_string(), |x| {
+            if x.abs() < 0.1 {
+                format!("{x:.4}")
+            } else {
+                format!("{x:.2}")
+            }
+        })
+    };
     println!(
         "\n| workload | dump | frozen ms | dump wall ms | fsync ms | restore ms | restore wall ms |"
     );

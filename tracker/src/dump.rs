@@ -195,8 +195,40 @@ impl Laps {
     }
 }
 
-/// Most zeros written ahead into a final image's `pages.img`.
-const PREALLOC_MAX: u64 = 256 << 20;
+/// What the frozen round will likely write, in bytes, to write ahead (as
+/// zeros) into the page file before the freeze: the frozen copy then
+/// overwrites cached pages of the file, about three times cheaper than
+/// filling new ones (a full dump of 4 GiB: 1.7 s frozen against 5.2 s with
+/// 256 MiB written ahead). About what the last live round copied, else what
+/// the parent image (the last pre-dump) holds, twice for margin; with
+/// neither, the resident memory (a full dump). At most a quarter of the
+/// memory available now, so that the zeros do not push the system's own
+/// memory out (the rest is then filled while frozen, as before).
+fn predicted_frozen_bytes(pid: i32, last_live_pages: Option<u64>, parent: Option<&Path>) -> u64 {
+    let parent_pages = || {
+        let img = images::Image::open(parent?).ok()?;
+        Some(
+            img.pagemap
+                .entries
+                .iter()
+                .filter(|e| e.kind == images::PageKind::Data)
+                .map(|e| u64::from(e.nr_pages))
+                .sum::<u64>(),
+        )
+    };
+    let predicted = match last_live_pages.or_else(parent_pages) {
+        Some(pages) => (pages * 2 * images::PAGE_SIZE).max(1 << 20),
+        None => resident_bytes(pid),
+    };
+    let available = {
+        use procfs::Current;
+        procfs::Meminfo::current()
+            .ok()
+            .and_then(|m| m.mem_available)
+            .unwrap_or(0)
+    };
+    predicted.min(available / 4)
+}
 
 /// Resident memory of `pid` (/proc/PID/statm), 0 if unknown.
 fn resident_bytes(pid: i32) -> u64 {
@@ -403,13 +435,7 @@ pub fn dump(
         }
     }
     let live_ms = t_live.elapsed().as_secs_f64() * 1e3;
-    // What the frozen round will likely write: about what the last live
-    // round copied (twice, for margin), else the resident memory.
-    let prealloc = match live_rounds.last() {
-        Some(r) => (r.pages * 2 * images::PAGE_SIZE).max(1 << 20),
-        None => resident_bytes(pid),
-    }
-    .min(PREALLOC_MAX);
+    let prealloc = predicted_frozen_bytes(pid, live_rounds.last().map(|r| r.pages), parent);
     let dir_owned = dir.to_path_buf();
     let parent_owned = live_image.clone().or_else(|| parent.map(Path::to_path_buf));
     // The parents are complete: on stable storage before the freeze, so
