@@ -45,7 +45,8 @@ pub use new_dir::{NewDirError, NewImageDir};
 pub use pagemap::{PageEntry, PageKind, PageMap, check_crc, decode_blob, decode_blob_into};
 pub use seal::{SealKey, SealStatus};
 pub use writer::{
-    BLOB_PAGES, ImageWriter, MAX_BLOB_PAGES, WriteStats, discard_unfinished, trim_pages_file,
+    BLOB_PAGES, ImageWriter, MAX_BLOB_PAGES, PagePlan, WriteStats, discard_unfinished,
+    trim_pages_file,
 };
 
 use std::collections::BTreeMap;

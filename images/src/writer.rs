@@ -200,28 +200,28 @@ impl ImageWriter {
     /// before a restore starts): those go into the blob, where lz4 makes
     /// almost nothing of them.
     pub fn add_pages(&mut self, start: u64, bytes: &[u8]) -> Result<(), ImageError> {
+        let plan = PagePlan::of(bytes, !self.compress);
+        self.add_planned(start, bytes, &plan)
+    }
+
+    /// [`Self::add_pages`] with the work that needs no writer done ahead,
+    /// on another thread: the copy of a frozen target has its readers plan
+    /// each batch so that the writer only writes. A plan made for another
+    /// length, or without checksums for an uncompressed image, is made
+    /// again here.
+    pub fn add_planned(
+        &mut self,
+        start: u64,
+        bytes: &[u8],
+        plan: &PagePlan,
+    ) -> Result<(), ImageError> {
         assert!(start.is_multiple_of(PAGE_SIZE) && (bytes.len() as u64).is_multiple_of(PAGE_SIZE));
         let ps = sys::usize_of(PAGE_SIZE);
-        let npages = bytes.len() / ps;
-        // Runs of zero / non-zero pages: (first, end, zero).
-        let mut runs: Vec<(usize, usize, bool)> = Vec::new();
-        for i in 0..npages {
-            let z = is_zero(&bytes[i * ps..(i + 1) * ps]);
-            match runs.last_mut() {
-                Some(last) if last.2 == z => last.1 = i + 1,
-                _ => runs.push((i, i + 1, z)),
-            }
+        if plan.pages != bytes.len() / ps || (!self.compress && plan.crcs.is_none()) {
+            return self.add_planned(start, bytes, &PagePlan::of(bytes, !self.compress));
         }
-        let last = runs.len().saturating_sub(1);
-        let mut merged: Vec<(usize, usize, bool)> = Vec::with_capacity(runs.len());
-        for (k, &(a, b, z)) in runs.iter().enumerate() {
-            let z = z && (k == 0 || k == last || b - a >= MIN_ZERO_RUN);
-            match merged.last_mut() {
-                Some(m) if m.2 == z => m.1 = b,
-                _ => merged.push((a, b, z)),
-            }
-        }
-        for (a, b, z) in merged {
+        let mut crcs = plan.crcs.as_deref().unwrap_or_default().iter().copied();
+        for &(a, b, z) in &plan.runs {
             let addr = start + a as u64 * PAGE_SIZE;
             if z {
                 self.add_marker(
@@ -230,7 +230,7 @@ impl ImageWriter {
                 );
                 continue;
             }
-            self.write_run(start + a as u64 * PAGE_SIZE, &bytes[a * ps..b * ps])?;
+            self.write_run(addr, &bytes[a * ps..b * ps], &mut crcs)?;
         }
         Ok(())
     }
@@ -383,7 +383,14 @@ impl ImageWriter {
     /// run lies in memory: one write puts the whole run there (a frozen
     /// dump's copy spends its time here: no copy through the buffer, one
     /// system call per run instead of per blob).
-    fn write_run(&mut self, addr: u64, run: &[u8]) -> Result<(), ImageError> {
+    /// `crcs`: the checksums of the run's blobs (uncompressed), in order,
+    /// from its [`PagePlan`].
+    fn write_run(
+        &mut self,
+        addr: u64,
+        run: &[u8],
+        crcs: &mut impl Iterator<Item = u32>,
+    ) -> Result<(), ImageError> {
         let blob = sys::usize_of(BLOB_PAGES * PAGE_SIZE);
         if self.compress {
             for (i, chunk) in run.chunks(blob).enumerate() {
@@ -396,7 +403,8 @@ impl ImageWriter {
             .write_all(run)
             .map_err(|e| ImageError::io(&path, e))?;
         for (i, chunk) in run.chunks(blob).enumerate() {
-            self.record_blob(addr + (i * blob) as u64, chunk, CODEC_RAW, chunk)?;
+            let crc = crcs.next().unwrap_or_else(|| crc32fast::hash(chunk));
+            self.record_blob(addr + (i * blob) as u64, chunk, CODEC_RAW, chunk.len(), crc)?;
         }
         Ok(())
     }
@@ -416,17 +424,19 @@ impl ImageWriter {
         self.pages
             .write_all(&stored)
             .map_err(|e| ImageError::io(&path, e))?;
-        self.record_blob(addr, chunk, codec, &stored)
+        self.record_blob(addr, chunk, codec, stored.len(), crc32fast::hash(&stored))
     }
 
     /// The page map entry of a blob just written at the current offset:
-    /// `chunk` the pages, `stored` the bytes that went into the file.
+    /// `chunk` the pages; `stored_len` bytes went into the file, whose
+    /// checksum is `crc`.
     fn record_blob(
         &mut self,
         addr: u64,
         chunk: &[u8],
         codec: u8,
-        stored: &[u8],
+        stored_len: usize,
+        crc: u32,
     ) -> Result<(), ImageError> {
         let path = self.dir.child(PAGES_FILE);
         let nr = u32::try_from(chunk.len() as u64 / PAGE_SIZE).map_err(|_| {
@@ -444,13 +454,13 @@ impl ImageWriter {
             kind: PageKind::Data,
             codec,
             offset: self.offset,
-            stored_len: stored.len() as u64,
-            crc: crc32fast::hash(stored),
+            stored_len: stored_len as u64,
+            crc,
         });
-        self.offset += stored.len() as u64;
+        self.offset += stored_len as u64;
         self.stats.stored_end = self.offset;
         self.stats.data_pages += nr as u64;
-        self.stats.bytes_written += stored.len() as u64;
+        self.stats.bytes_written += stored_len as u64;
         Ok(())
     }
 
@@ -530,8 +540,66 @@ impl ImageWriter {
         Ok(self.stats)
     }
 
+    /// Whether pages are stored lz4-compressed.
+    pub fn compressed(&self) -> bool {
+        self.compress
+    }
+
     pub fn stats(&self) -> WriteStats {
         self.stats
+    }
+}
+
+/// How [`ImageWriter::add_planned`] stores a run of pages: which pages are
+/// zero runs (not stored) and which data, and, for an uncompressed image,
+/// the checksum of each blob of data. Made by [`PagePlan::of`] on any
+/// thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PagePlan {
+    pages: usize,
+    /// (first page, end page, zero), merged as `add_pages` says.
+    runs: Vec<(usize, usize, bool)>,
+    /// CRC32 of each blob of the data runs, in order (uncompressed).
+    crcs: Option<Vec<u32>>,
+}
+
+impl PagePlan {
+    /// The plan for `bytes` (whole pages); with `checksums`, the CRCs of
+    /// its blobs as an uncompressed image stores them.
+    pub fn of(bytes: &[u8], checksums: bool) -> PagePlan {
+        let ps = sys::usize_of(PAGE_SIZE);
+        let npages = bytes.len() / ps;
+        // Runs of zero / non-zero pages: (first, end, zero).
+        let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+        for i in 0..npages {
+            let z = is_zero(&bytes[i * ps..(i + 1) * ps]);
+            match runs.last_mut() {
+                Some(last) if last.2 == z => last.1 = i + 1,
+                _ => runs.push((i, i + 1, z)),
+            }
+        }
+        let last = runs.len().saturating_sub(1);
+        let mut merged: Vec<(usize, usize, bool)> = Vec::with_capacity(runs.len());
+        for (k, &(a, b, z)) in runs.iter().enumerate() {
+            let z = z && (k == 0 || k == last || b - a >= MIN_ZERO_RUN);
+            match merged.last_mut() {
+                Some(m) if m.2 == z => m.1 = b,
+                _ => merged.push((a, b, z)),
+            }
+        }
+        let crcs = checksums.then(|| {
+            let blob = sys::usize_of(BLOB_PAGES * PAGE_SIZE);
+            merged
+                .iter()
+                .filter(|r| !r.2)
+                .flat_map(|&(a, b, _)| bytes[a * ps..b * ps].chunks(blob).map(crc32fast::hash))
+                .collect()
+        });
+        PagePlan {
+            pages: npages,
+            runs: merged,
+            crcs,
+        }
     }
 }
 
@@ -829,6 +897,48 @@ mod tests {
                 st.bytes_written,
                 st.bytes_dead
             );
+        }
+    }
+
+    /// Pages added with a plan made elsewhere (as the copier's readers do)
+    /// make the very image `add_pages` makes, compressed or not; a plan of
+    /// other pages (another length) is not trusted.
+    #[test]
+    fn planned_pages_make_the_same_image() {
+        // Data, a long zero run, data, a short zero run inside data.
+        let mut bytes = vec![0u8; 80 * 4096];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            let page = i / 4096;
+            if !(10..30).contains(&page) && page != 50 {
+                *b = (i % 251).to_le_bytes()[0] + 1;
+            }
+        }
+        for compress in [false, true] {
+            let image = |how: &dyn Fn(&mut ImageWriter)| {
+                let dir = tempfile::tempdir().unwrap();
+                let mut w = ImageWriter::create(dir.path(), compress).unwrap();
+                how(&mut w);
+                let inv = Inventory::new(ImageKind::PreDump, 1, "full", compress);
+                let mut m = mm();
+                m.vmas[0].end = 0x10000 + 80 * 4096;
+                w.finish(&m, &inv).unwrap();
+                let img = Image::open(dir.path()).unwrap();
+                let pages = std::fs::read(dir.path().join(PAGES_FILE)).unwrap();
+                for e in &img.pagemap.entries {
+                    if e.kind == PageKind::Data {
+                        img.read_entry(e).unwrap();
+                    }
+                }
+                (img.pagemap.entries, pages)
+            };
+            let plain = image(&|w| w.add_pages(0x10000, &bytes).unwrap());
+            let plan = PagePlan::of(&bytes, !compress);
+            let planned = image(&|w| w.add_planned(0x10000, &bytes, &plan).unwrap());
+            assert_eq!(plain, planned, "compress {compress}");
+            let other = PagePlan::of(&bytes[..4096], true);
+            let mistrusted = image(&|w| w.add_planned(0x10000, &bytes, &other).unwrap());
+            assert_eq!(plain, mistrusted, "compress {compress}");
+            assert!(plain.0.iter().any(|e| e.kind == PageKind::Zero));
         }
     }
 

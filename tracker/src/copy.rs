@@ -3,8 +3,9 @@
 //! other unreadable-to-GUP pages) range by range.
 //!
 //! Reading and writing overlap: one thread (two for a frozen target) reads
-//! batches out of the target while another checks them for zero pages, checksums them and writes them
-//! into the image, through a small pool of batch buffers. The pool is kept
+//! batches out of the target and plans them (zero pages found, checksums
+//! made: [`images::PagePlan`]) while another writes them into the image,
+//! through a small pool of batch buffers. The pool is kept
 //! between copies ([`Copier`]) and can be touched in advance
 //! ([`Copier::prefault`]), so that a copy made while the target is frozen
 //! does not spend its time faulting in and zeroing its own buffers.
@@ -49,11 +50,32 @@ pub struct CopyStats {
     pub write: Duration,
 }
 
-/// One batch: the ranges read and how many bytes of them arrived.
+/// One batch: the ranges read, how many bytes of them arrived, and the
+/// plan of each range that arrived whole.
 struct Batch {
     ranges: Vec<PageRange>,
     buf: Vec<u8>,
     got: usize,
+    plans: Vec<Option<images::PagePlan>>,
+}
+
+impl Batch {
+    /// Plan every range that arrived whole (`checksums`: for an
+    /// uncompressed image).
+    fn plan(&mut self, checksums: bool) {
+        let mut off = 0usize;
+        self.plans = self
+            .ranges
+            .iter()
+            .map(|r| {
+                let len = sys::usize_of(r.len());
+                let plan = (off + len <= self.got)
+                    .then(|| images::PagePlan::of(&self.buf[off..off + len], checksums));
+                off += len;
+                plan
+            })
+            .collect();
+    }
 }
 
 /// Copies pages into images, keeping its batch buffers between copies.
@@ -118,6 +140,7 @@ impl Copier {
             if let Some(ranges) = batches.next() {
                 let buf = self.take_buffer();
                 let b = read_batch(pid, ranges, buf, &mut stats.read)?;
+                // One thread: the writer plans as it writes.
                 let t = Instant::now();
                 let r = w.write(&b);
                 stats.write += t.elapsed();
@@ -136,6 +159,7 @@ impl Copier {
         }
         let all: Vec<Vec<PageRange>> = batches.collect();
         let next = AtomicUsize::new(0);
+        let checksums = !writer.compressed();
         let empty_rx = Mutex::new(empty_rx);
         let result = std::thread::scope(|s| {
             let writer_thread = s.spawn(move || -> Result<(u64, Duration), CopyError> {
@@ -167,7 +191,10 @@ impl Copier {
                         },
                         Err(_) => break,
                     };
-                    let b = read_batch(pid, ranges.clone(), buf, &mut spent)?;
+                    let mut b = read_batch(pid, ranges.clone(), buf, &mut spent)?;
+                    // Here, not in the one writer: the readers are the
+                    // threads a frozen copy has more of.
+                    b.plan(checksums);
                     if full_tx.send(b).is_err() {
                         // The writer failed: its error is the one to report.
                         break;
@@ -251,7 +278,12 @@ fn read_batch(
         Err(_) => 0,
         Ok(n) => n,
     };
-    Ok(Batch { ranges, buf, got })
+    Ok(Batch {
+        ranges,
+        buf,
+        got,
+        plans: Vec::new(),
+    })
 }
 
 /// Split sorted ranges into batches of at most BATCH_BYTES / BATCH_IOVS.
@@ -299,10 +331,14 @@ impl<'a> BatchWriter<'a> {
     fn write(&mut self, b: &Batch) -> Result<(), CopyError> {
         let mut off = 0usize;
         let mut page = Vec::new();
-        for r in &b.ranges {
+        for (i, r) in b.ranges.iter().enumerate() {
             let len = sys::usize_of(r.len());
             if off + len <= b.got {
-                self.writer.add_pages(r.start, &b.buf[off..off + len])?;
+                let bytes = &b.buf[off..off + len];
+                match b.plans.get(i) {
+                    Some(Some(plan)) => self.writer.add_planned(r.start, bytes, plan)?,
+                    _ => self.writer.add_pages(r.start, bytes)?,
+                }
             } else {
                 let pid = self.pid;
                 let mem = match &mut self.mem {
