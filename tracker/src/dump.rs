@@ -545,17 +545,20 @@ fn capture(
     let pid = session.pid();
     let (parent_inv, full_copy) = session.parent_state(parent)?;
     let mut writer = session.image_writer(dir)?;
-    if !opts.compress {
-        writer.preallocate(prealloc)?;
-    }
     if opts.fsync {
         // Before the freeze: can this file system make the image durable?
+        // Asked of the empty page file: after the zeros written ahead, the
+        // sync would put them all on disk, only for the frozen copy to
+        // overwrite them (256 MiB: ~0.4 s of the dump's wall time).
         writer
             .sync_pages()
             .map_err(|e| DumpError::NoStableStorage {
                 pid,
                 source: Cause::of(&e),
             })?;
+    }
+    if !opts.compress {
+        writer.preallocate(prealloc)?;
     }
     // VmFlags (smaps) are slow to read (a page-table walk per VMA): read them
     // before the freeze; VMAs that change meanwhile get theirs after.
