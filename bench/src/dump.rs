@@ -28,7 +28,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,7 +37,9 @@ use serde_json::{Value, json};
 
 use tracker::maps::VmaPolicy;
 
-use crate::run::{criu_stat_ms, criu_version, kill, run_deadline, tern_json, wait_gone};
+use crate::run::{
+    criu_stat_ms, criu_version, kill, run_deadline, spawn_until_ready, tern_json, wait_gone,
+};
 use crate::uffd::median;
 
 pub struct Opts {
@@ -109,8 +110,8 @@ impl Variant {
     }
 }
 
-/// A hotloop of one configuration, our child, in its own session (CRIU
-/// dumps a session leader without `--shell-job`); killed on drop.
+/// A hotloop of one configuration, our child, in its own session (see
+/// `spawn_until_ready`); killed on drop.
 struct Hotloop {
     child: Child,
     pid: i32,
@@ -142,27 +143,8 @@ fn start_hotloop(opts: &Opts, work: &Path, cfg: (u64, u64, u64)) -> Result<Hotlo
     .stdin(Stdio::null())
     .stdout(log.try_clone()?)
     .stderr(log);
-    // SAFETY: setsid is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().context("cannot start hotloop")?;
-    let pid = i32::try_from(child.id()).context("PID out of range")?;
-    let h = Hotloop { child, pid };
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&log_path)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        if t0.elapsed() > DEADLINE {
-            bail!("hotloop (PID {pid}) did not print `ready` within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(h)
+    let (child, pid) = spawn_until_ready(&mut cmd, &log_path, DEADLINE)?;
+    Ok(Hotloop { child, pid })
 }
 
 /// The restored process runs: still there 200 ms after its restore
@@ -747,38 +729,30 @@ fn print_tables(report: &Value) {
         );
     }
     println!("\nWhere tern's frozen window went (medians, ms; state beside scan + copy):");
-    const PARTS: [&str; 14] = [
-        "freeze_ms",
-        "checks_ms",
-        "vmas_ms",
-        "registers_ms",
-        "scan_ms",
-        "copy_ms",
-        "state_wait_ms",
-        "stacks_ms",
-        "files_ms",
-        "vm_flags_ms",
-        "metadata_ms",
-        "verify_ms",
-        "end_ms",
-        "state_ms",
-    ];
-    println!(
-        "| workload | dump | {} |",
-        PARTS.map(|p| p.trim_end_matches("_ms")).join(" | ")
-    );
-    println!("|---|---|{}", "---|".repeat(PARTS.len()));
+    // The parts in the order they run (tern's own list), then the one beside.
+    let parts: Vec<String> = tracker::dump::FrozenParts::default()
+        .sequential()
+        .iter()
+        .map(|(name, _)| (*name).to_string())
+        .chain(["state".to_string()])
+        .collect();
+    println!("| workload | dump | {} |", parts.join(" | "));
+    println!("|---|---|{}", "---|".repeat(parts.len()));
     for r in report["results"].as_array().into_iter().flatten() {
         for v in VARIANTS {
-            let parts = &r["variants"][v.key()]["frozen_parts"];
-            if parts.is_null() {
+            let frozen = &r["variants"][v.key()]["frozen_parts"];
+            if frozen.is_null() {
                 continue;
             }
             println!(
                 "| {} MiB | {} | {} |",
                 r["resident_mib"],
                 v.name(),
-                PARTS.map(|p| f(&parts[p])).join(" | ")
+                parts
+                    .iter()
+                    .map(|p| f(&frozen[format!("{p}_ms").as_str()]))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
             );
         }
     }

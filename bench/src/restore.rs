@@ -45,7 +45,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -56,7 +55,8 @@ use serde_json::{Value, json};
 
 use crate::real_ns;
 use crate::run::{
-    criu_stat_ms, criu_version, kill, run_deadline, tern_json, wait_deadline, wait_gone,
+    criu_stat_ms, criu_version, kill, run_deadline, spawn_until_ready, tern_json, wait_deadline,
+    wait_gone,
 };
 use crate::uffd::median;
 
@@ -217,28 +217,8 @@ fn start_hotloop(opts: &Opts, work: &Path, mib: u64, hot: u64) -> Result<Workloa
     .stdin(Stdio::null())
     .stdout(out.try_clone()?)
     .stderr(out);
-    // SAFETY: setsid is async-signal-safe. Its own session: CRIU dumps a
-    // session leader without --shell-job.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().context("cannot start hotloop")?;
-    let pid = i32::try_from(child.id()).context("PID out of range")?;
-    let w = Workload { child, pid, log };
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&w.log)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        if t0.elapsed() > Duration::from_secs(120) {
-            bail!("hotloop (PID {pid}) did not print `ready` within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(w)
+    let (child, pid) = spawn_until_ready(&mut cmd, &log, Duration::from_secs(120))?;
+    Ok(Workload { child, pid, log })
 }
 
 /// The median throughput (page writes/s) of the workload over `window`

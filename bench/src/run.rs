@@ -2,6 +2,7 @@
 //! within a deadline, and waiting for the processes they leave.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,6 +29,44 @@ pub fn tern_json(tern: &Path, args: &[String]) -> Result<Value> {
         .rev()
         .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
         .with_context(|| format!("`tern {}` printed no JSON", args.join(" ")))
+}
+
+/// Start a workload (`hotloop`) in a session of its own (CRIU dumps a
+/// session leader without `--shell-job`) and wait, at most `deadline`, until
+/// its output in `log` says `ready`; it is killed if it does not. Its PID
+/// beside it.
+pub fn spawn_until_ready(
+    cmd: &mut Command,
+    log: &Path,
+    deadline: Duration,
+) -> Result<(Child, i32)> {
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", cmd.get_program().to_string_lossy()))?;
+    let pid = i32::try_from(child.id()).context("PID out of range")?;
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        if t0.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{} (PID {pid}) did not print `ready` within {deadline:?}",
+                cmd.get_program().to_string_lossy()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, pid))
 }
 
 /// Run a command to its end within `deadline` (killed then); its output.
