@@ -49,6 +49,16 @@ pub enum PageSource {
     Hole,
 }
 
+/// Pages `[start, end)` whose bytes are in blob `entry` of image `image`
+/// (0 = newest) of the chain: what [`ImageChain::data_runs`] resolves.
+#[derive(Debug, Clone, Copy)]
+pub struct DataRun {
+    pub start: u64,
+    pub end: u64,
+    pub image: usize,
+    pub entry: PageEntry,
+}
+
 /// Per-image figures for `tern show`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ChainImageSummary {
@@ -304,6 +314,56 @@ impl ImageChain {
         &self.newest().mm.vmas
     }
 
+    /// The data pages of `ranges` (sorted, disjoint), resolved once for
+    /// the whole chain: each image's entries, newest first, take the pages
+    /// no newer image mentioned. By address; a page in no run is a hole or
+    /// a zero page.
+    pub fn data_runs(&self, ranges: &[(u64, u64)]) -> Vec<DataRun> {
+        let entries: usize = self.images.iter().map(|i| i.pagemap.entries.len()).sum();
+        let mut runs = Vec::with_capacity(entries.min(1 << 20));
+        let mut covered: Vec<(u64, u64)> = Vec::new();
+        let mut pieces = Vec::new();
+        for (image, img) in self.images.iter().enumerate() {
+            for e in &img.pagemap.entries {
+                if e.kind != PageKind::Data {
+                    continue;
+                }
+                let (es, ee) = (e.start, e.end());
+                let i = ranges.partition_point(|&(_, end)| end <= es);
+                for &(vs, ve) in &ranges[i..] {
+                    if vs >= ee {
+                        break;
+                    }
+                    pieces.clear();
+                    subtract(es.max(vs), ee.min(ve), &covered, &mut pieces);
+                    for &(s, t) in &pieces {
+                        runs.push(DataRun {
+                            start: s,
+                            end: t,
+                            image,
+                            entry: *e,
+                        });
+                    }
+                }
+            }
+            if image + 1 == self.images.len() {
+                // The oldest (usually the biggest): nothing older to cover.
+                break;
+            }
+            let mine: Vec<(u64, u64)> = img
+                .pagemap
+                .entries
+                .iter()
+                .map(|e| (e.start, e.end()))
+                .collect();
+            covered = union(&covered, &mine);
+        }
+        // Each image's runs are in address order already: a stable sort
+        // merges those few sorted stretches.
+        runs.sort_by_key(|r| r.start);
+        runs
+    }
+
     /// Where page `addr` comes from.
     pub fn source(&self, addr: u64) -> PageSource {
         for (i, img) in self.images.iter().enumerate() {
@@ -484,6 +544,41 @@ impl ImageChain {
     }
 }
 
+/// Sorted disjoint ranges minus `covered` (sorted, disjoint).
+fn subtract(a: u64, b: u64, covered: &[(u64, u64)], out: &mut Vec<(u64, u64)>) {
+    let mut at = a;
+    let i = covered.partition_point(|&(_, e)| e <= a);
+    for &(s, e) in &covered[i..] {
+        if s >= b {
+            break;
+        }
+        if s > at {
+            out.push((at, s));
+        }
+        at = at.max(e);
+        if at >= b {
+            return;
+        }
+    }
+    if at < b {
+        out.push((at, b));
+    }
+}
+
+/// Union of two sorted lists of disjoint ranges.
+fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = a.iter().chain(b).copied().collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+    for (s, e) in all {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
 /// Read `buf.len()` bytes at `off`; past the end of the file the rest stays
 /// zero (as a mapping past EOF would read within its last page).
 fn read_at_most(f: &std::fs::File, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -525,6 +620,20 @@ mod tests {
         });
         w.finish(&anon(0x10000, 0x14000), &inv).unwrap();
         inv
+    }
+
+    #[test]
+    fn subtract_and_union_of_ranges() {
+        let mut out = Vec::new();
+        subtract(0, 100, &[(10, 20), (30, 40), (90, 120)], &mut out);
+        assert_eq!(out, vec![(0, 10), (20, 30), (40, 90)]);
+        out.clear();
+        subtract(12, 18, &[(10, 20)], &mut out);
+        assert!(out.is_empty());
+        assert_eq!(
+            union(&[(0, 10), (20, 30)], &[(5, 22), (40, 50)]),
+            vec![(0, 30), (40, 50)]
+        );
     }
 
     #[test]

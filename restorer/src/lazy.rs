@@ -16,7 +16,7 @@
 
 use std::path::PathBuf;
 
-use images::{PAGE_SIZE, PageEntry, PageKind, VmaRecord};
+use images::{PAGE_SIZE, PageEntry, VmaRecord};
 
 use crate::chain::ImageChain;
 
@@ -108,41 +108,6 @@ pub struct LazyMap {
     pub pages: u64,
 }
 
-/// Sorted disjoint ranges minus `covered` (sorted, disjoint).
-fn subtract(a: u64, b: u64, covered: &[(u64, u64)], out: &mut Vec<(u64, u64)>) {
-    let mut at = a;
-    let i = covered.partition_point(|&(_, e)| e <= a);
-    for &(s, e) in &covered[i..] {
-        if s >= b {
-            break;
-        }
-        if s > at {
-            out.push((at, s));
-        }
-        at = at.max(e);
-        if at >= b {
-            return;
-        }
-    }
-    if at < b {
-        out.push((at, b));
-    }
-}
-
-/// Union of two sorted lists of disjoint ranges.
-fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut all: Vec<(u64, u64)> = a.iter().chain(b).copied().collect();
-    all.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
-    for (s, e) in all {
-        match out.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
-}
-
 impl LazyMap {
     /// Resolve the chain for its lazy VMAs: each image's entries, newest
     /// first, take the pages no newer image mentioned.
@@ -153,47 +118,18 @@ impl LazyMap {
             .filter(|v| is_lazy(v))
             .map(|v| (v.start, v.end))
             .collect();
-        let entries: usize = chain.images.iter().map(|i| i.pagemap.entries.len()).sum();
-        let mut runs = Vec::with_capacity(entries);
-        let mut covered: Vec<(u64, u64)> = Vec::new();
-        let mut pieces = Vec::new();
-        for (image, img) in chain.images.iter().enumerate() {
-            for e in &img.pagemap.entries {
-                if e.kind != PageKind::Data {
-                    continue;
-                }
-                let (es, ee) = (e.start, e.end());
-                let i = vmas.partition_point(|&(_, end)| end <= es);
-                for &(vs, ve) in &vmas[i..] {
-                    if vs >= ee {
-                        break;
-                    }
-                    pieces.clear();
-                    subtract(es.max(vs), ee.min(ve), &covered, &mut pieces);
-                    for &(s, t) in &pieces {
-                        runs.push(Run {
-                            start: s,
-                            end: t,
-                            image,
-                            entry: *e,
-                            first: 0,
-                            rounds: 1,
-                        });
-                    }
-                }
-            }
-            if image + 1 == chain.images.len() {
-                // The oldest (usually the biggest): nothing older to cover.
-                break;
-            }
-            let mine: Vec<(u64, u64)> = img
-                .pagemap
-                .entries
-                .iter()
-                .map(|e| (e.start, e.end()))
-                .collect();
-            covered = union(&covered, &mine);
-        }
+        let mut runs: Vec<Run> = chain
+            .data_runs(&vmas)
+            .into_iter()
+            .map(|r| Run {
+                start: r.start,
+                end: r.end,
+                image: r.image,
+                entry: r.entry,
+                first: 0,
+                rounds: 1,
+            })
+            .collect();
         // Rounds: the run's own image, and every older one with pages in
         // its range (entries are sorted and disjoint).
         for r in &mut runs {
@@ -207,9 +143,6 @@ impl LazyMap {
                 .count();
             r.rounds = u16::try_from(1 + older).unwrap_or(u16::MAX);
         }
-        // Each image's runs are in address order already: a stable sort
-        // merges those few sorted stretches.
-        runs.sort_by_key(|r| r.start);
         let mut pages = 0;
         for r in &mut runs {
             r.first = pages;
@@ -309,20 +242,6 @@ impl PageSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn subtract_and_union_of_ranges() {
-        let mut out = Vec::new();
-        subtract(0, 100, &[(10, 20), (30, 40), (90, 120)], &mut out);
-        assert_eq!(out, vec![(0, 10), (20, 30), (40, 90)]);
-        out.clear();
-        subtract(12, 18, &[(10, 20)], &mut out);
-        assert!(out.is_empty());
-        assert_eq!(
-            union(&[(0, 10), (20, 30)], &[(5, 22), (40, 50)]),
-            vec![(0, 30), (40, 50)]
-        );
-    }
 
     #[test]
     fn page_set_counts_each_page_once() {
