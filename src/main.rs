@@ -122,6 +122,11 @@ enum Cmd {
         /// --detach a `tern lazy-pages` daemon does).
         #[arg(long)]
         lazy_pages: bool,
+        /// How memory built eagerly goes in: `uffd` (UFFDIO_COPY, falling
+        /// back to `write` where the kernel will not register the memory)
+        /// or `write` (process_vm_writev, /proc/PID/mem where read-only).
+        #[arg(long = "fill", value_enum, default_value_t = FillModeArg::Uffd)]
+        fill_mode: FillModeArg,
         #[command(flatten)]
         fill: FillArgs,
         #[arg(long, default_value_t = 5000)]
@@ -196,6 +201,12 @@ struct FillArgs {
     /// Limit the background fill to this many MB/s (0: no limit).
     #[arg(long, default_value_t = 0)]
     prefetch_mb_s: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FillModeArg {
+    Uffd,
+    Write,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -459,6 +470,7 @@ fn run(cmd: Cmd) -> Result<()> {
             detach,
             pidfile,
             lazy_pages,
+            fill_mode,
             fill,
             timeout_ms,
             json,
@@ -467,6 +479,10 @@ fn run(cmd: Cmd) -> Result<()> {
             detach,
             pidfile.as_deref(),
             lazy_pages.then_some(fill),
+            match fill_mode {
+                FillModeArg::Uffd => restorer::fill::FillMode::Uffd,
+                FillModeArg::Write => restorer::fill::FillMode::Write,
+            },
             timeout_ms,
             json,
         ),
@@ -710,6 +726,7 @@ fn restore(
     detach: bool,
     pidfile: Option<&Path>,
     lazy: Option<FillArgs>,
+    fill: restorer::fill::FillMode,
     timeout_ms: u64,
     json: bool,
 ) -> Result<()> {
@@ -718,6 +735,7 @@ fn restore(
         &restorer::restore::RestoreOptions {
             timeout: Duration::from_millis(timeout_ms),
             lazy: lazy.is_some(),
+            fill,
         },
     )
     .map_err(|e| failed("restore", None, Some(("from", dir)), e))?;

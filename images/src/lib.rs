@@ -364,6 +364,31 @@ impl Image {
             .map_err(|e| ImageError::io(&self.pages_path(), e))
     }
 
+    /// [`Image::read_stored`] into `buf`, which must be exactly as long as
+    /// the entry's stored bytes.
+    pub fn read_stored_to(&self, entry: &PageEntry, buf: &mut [u8]) -> Result<(), ImageError> {
+        use std::os::unix::fs::FileExt;
+        if buf.len() as u64 != entry.stored_len() {
+            return Err(ImageError::corrupt(
+                &self.pages_path(),
+                format!(
+                    "pages at {:#x}: {} bytes stored, read into {}",
+                    entry.start,
+                    entry.stored_len(),
+                    buf.len()
+                ),
+            ));
+        }
+        self.pages
+            .read_exact_at(buf, entry.offset)
+            .map_err(|e| ImageError::io(&self.pages_path(), e))
+    }
+
+    /// `pages.img`, as this image opened it (for a reader that maps it).
+    pub fn pages_file(&self) -> &std::fs::File {
+        &self.pages
+    }
+
     /// Whether `entry` is stored as it is (not compressed).
     pub fn is_raw(entry: &PageEntry) -> bool {
         entry.stored_len() == entry.nr_pages as u64 * PAGE_SIZE

@@ -5,6 +5,7 @@
 //! which compares a chain with the memory of the frozen process it is of.
 
 pub mod chain;
+pub mod fill;
 pub mod fuzz;
 mod interrupt;
 pub mod lazy;

@@ -41,6 +41,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::fill::{EagerFill, FillMode, FillReport, write_mem};
 use images::process::{FdImage, ProcessImage};
 use images::state::FdKindState;
 use images::{PAGE_SIZE, PageRange, VmaRecord};
@@ -87,6 +88,8 @@ pub struct RestoreOptions {
     /// Leave private anonymous memory out of the build, for a page service
     /// to deliver through userfaultfd (`crate::service`).
     pub lazy: bool,
+    /// How the memory built eagerly goes in.
+    pub fill: FillMode,
 }
 
 /// The JSON of `tern restore`.
@@ -97,6 +100,8 @@ pub struct RestoreReport {
     pub pages_restored: u64,
     pub threads: usize,
     pub vmas: usize,
+    /// How the memory went in, and how long it took.
+    pub fill: FillReport,
 }
 
 /// What a restore leaves running: the process (a child of this one).
@@ -157,6 +162,7 @@ struct Plan {
     restorer: trust::Restorer,
     /// Private anonymous memory is left to a page service.
     lazy: bool,
+    fill: FillMode,
     /// The files private file mappings take their unwritten pages from,
     /// checked to be those the dump saw: path -> (device, inode) here. The
     /// process's own open of each must find the same inode.
@@ -171,7 +177,7 @@ fn bad(dir: &Path, what: impl Into<String>) -> RestoreError {
 }
 
 /// Step 1: read and check everything.
-fn plan(dir: &Path, lazy: bool) -> Result<Plan, RestoreError> {
+fn plan(dir: &Path, lazy: bool, fill: FillMode) -> Result<Plan, RestoreError> {
     let t0 = Instant::now();
     let lap = |what: &str| {
         tracing::debug!(
@@ -318,9 +324,13 @@ fn plan(dir: &Path, lazy: bool) -> Result<Plan, RestoreError> {
         }
     }
     lap("checked");
-    // Last (the costliest): every page blob the process will get.
-    // (A lazy restore checks the blobs of lazy memory as it reads them.)
-    let blobs = chain.verify_pages(blob_budget(), |v| !(lazy && crate::lazy::is_lazy(v)))?;
+    // Last: the page blobs of file-backed memory (a lazy restore checks
+    // the blobs of lazy memory as it reads them).
+    // The eager fill checks the blobs it copies as it reads them (a damaged
+    // one fails the restore before any of its bytes reach the process).
+    let blobs = chain.verify_pages(blob_budget(), |v| {
+        !(eager_copied(v) || lazy && crate::lazy::is_lazy(v))
+    })?;
     lap("page blobs checked");
     let mapped_inodes = mapped
         .join()
@@ -340,6 +350,7 @@ fn plan(dir: &Path, lazy: bool) -> Result<Plan, RestoreError> {
         blobs,
         restorer,
         lazy,
+        fill,
         mapped_inodes,
     })
 }
@@ -578,7 +589,9 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     // SIGTERM & co. from here until the process is whole kill what was
     // built (see `interrupt`).
     let guard = crate::interrupt::BuildGuard::arm();
-    let plan = in_step(tracing::debug_span!("plan"), || plan(dir, opts.lazy))?;
+    let plan = in_step(tracing::debug_span!("plan"), || {
+        plan(dir, opts.lazy, opts.fill)
+    })?;
     let pid = plan.process.pid;
     span.record("pid", pid);
     let (child, wake) = in_step(tracing::debug_span!("fork"), || spawn_with_pid(pid))?;
@@ -606,9 +619,10 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
         let runs_at = t0.elapsed();
         (res.map(|r| (r, runs_at)), map.and_then(|h| h.join().ok()))
     });
-    let res = res.map(|((pages, handoff), runs_at)| {
+    let res = res.map(|((pages, fill, handoff), runs_at)| {
         (
             pages,
+            fill,
             handoff.map(|mut h| {
                 if let Some((map, buffers)) = map {
                     h.map = Some(map);
@@ -625,7 +639,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     );
     drop(wake);
     match res {
-        Ok((pages, handoff, runs_at)) => {
+        Ok((pages, fill, handoff, runs_at)) => {
             drop(guard);
             let report = RestoreReport {
                 pid,
@@ -633,6 +647,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                 pages_restored: pages,
                 threads: plan.process.threads.len(),
                 vmas: plan.chain.vmas().len(),
+                fill,
             };
             Ok(Restored {
                 pid,
@@ -788,7 +803,7 @@ fn build(
     plan: &Plan,
     pid: i32,
     opts: &RestoreOptions,
-) -> Result<(u64, Option<crate::service::Handoff>), RestoreError> {
+) -> Result<(u64, FillReport, Option<crate::service::Handoff>), RestoreError> {
     let p = &plan.process;
     let timeout = opts.timeout;
     let step_span = tracing::debug_span!("attach").entered();
@@ -842,7 +857,7 @@ fn build(
 
     // Address space.
     let t = Instant::now();
-    let pages = in_step(tracing::debug_span!("address space"), || {
+    let (pages, fill) = in_step(tracing::debug_span!("address space"), || {
         address_space(plan, &mut main, pid, scratch_at, inherited_rseq)
     })?;
     tracing::debug!(
@@ -1003,7 +1018,7 @@ fn build(
         inj.detach()?;
     }
     drop(step_span);
-    Ok((pages, lazy))
+    Ok((pages, fill, lazy))
 }
 
 /// Features of a lazy restore's userfaultfd: the non-cooperative events,
@@ -1891,42 +1906,106 @@ fn opened(pid: i32, step: &'static str, path: &str, r: i64) -> Result<i32, Resto
     check_int(pid, step, r)
 }
 
-/// Fill `v`, mapped at `at`, from the image (not its lazy pages); the
-/// pages written.
-fn fill_vma(
-    plan: &Plan,
-    pid: i32,
-    v: &VmaRecord,
-    m: &MapPlan,
-    at: u64,
-) -> Result<u64, RestoreError> {
-    if !v.dumped || (plan.lazy && crate::lazy::is_lazy(v)) {
-        return Ok(0);
-    }
-    // Per VMA: at trace level, not to flood a debug log.
-    in_step(tracing::trace_span!("fill", start = v.start), || {
-        fill(plan, v, pid, at, m.map_prot & libc::PROT_WRITE as u64 != 0)
-    })
+/// Whether the bytes of `v` are the chain's data pages alone (no file
+/// beneath its holes): the eager fill puts them in (see `fill`).
+pub(crate) fn eager_copied(v: &VmaRecord) -> bool {
+    !(v.is_private() && v.backing_file().is_some())
 }
 
-/// Fill `v`, mapped in place; the pages written. The kernel drops
-/// VM_ACCOUNT when an anonymous VMA without an anon_vma (no page ever in
-/// it) is made read-only: one the original had written (`ac`), left empty
-/// here (lazy, or holes only), gets its anon_vma before `finish` takes
-/// PROT_WRITE away.
+/// Fill each VMA of `items`, mapped at its address, from the image (not
+/// its lazy pages); the pages each got.
+fn fill_vmas(
+    plan: &Plan,
+    eager: &mut EagerFill,
+    pid: i32,
+    items: &[(&VmaRecord, &MapPlan, u64)],
+) -> Result<Vec<u64>, RestoreError> {
+    let mut pages = vec![0u64; items.len()];
+    let mut targets = Vec::new();
+    let mut which = Vec::new();
+    for (k, &(v, m, at)) in items.iter().enumerate() {
+        if !v.dumped || (plan.lazy && crate::lazy::is_lazy(v)) {
+            continue;
+        }
+        let writable = m.map_prot & libc::PROT_WRITE as u64 != 0;
+        if eager_copied(v) {
+            targets.push(crate::fill::Target {
+                start: v.start,
+                end: v.end,
+                at,
+                writable,
+            });
+            which.push(k);
+            continue;
+        }
+        // Per VMA: at trace level, not to flood a debug log.
+        pages[k] = in_step(tracing::trace_span!("fill", start = v.start), || {
+            fill(plan, v, pid, at, writable)
+        })?;
+    }
+    let got = eager.fill(&plan.chain, &targets)?;
+    for (k, n) in which.into_iter().zip(got) {
+        pages[k] = n;
+    }
+    Ok(pages)
+}
+
+/// Fill the VMAs `batch` (indices in `vmas`), mapped in place; the pages
+/// written. The kernel drops VM_ACCOUNT when an anonymous VMA without an
+/// anon_vma (no page ever in it) is made read-only: one the original had
+/// written (`ac`), left empty here (lazy, or holes only), gets its anon_vma
+/// before `finish` takes PROT_WRITE away.
 fn fill_mapped(
     plan: &Plan,
+    eager: &mut EagerFill,
     finish: &mut Batch<'_>,
     pid: i32,
-    v: &VmaRecord,
-    m: &MapPlan,
+    vmas: &[&VmaRecord],
+    plans: &[MapPlan],
+    batch: &[usize],
 ) -> Result<u64, RestoreError> {
-    let filled = fill_vma(plan, pid, v, m, v.start)?;
-    let keeps_account = m.map_prot != m.prot && v.is_private() && v.backing_file().is_none();
-    if filled == 0 && keeps_account {
-        give_anon_vma(finish, pid, v.start)?;
+    let items: Vec<(&VmaRecord, &MapPlan, u64)> = batch
+        .iter()
+        .map(|&i| (vmas[i], &plans[i], vmas[i].start))
+        .collect();
+    let filled = fill_vmas(plan, eager, pid, &items)?;
+    for (&(v, m, _), &n) in items.iter().zip(&filled) {
+        let keeps_account = m.map_prot != m.prot && v.is_private() && v.backing_file().is_none();
+        if n == 0 && keeps_account {
+            give_anon_vma(finish, pid, v.start)?;
+        }
     }
-    Ok(filled)
+    Ok(filled.iter().sum())
+}
+
+/// A userfaultfd of process `pid`'s memory for the eager fill: made inside
+/// the process (its context is the process's memory), taken with
+/// `pidfd_getfd` and closed there. None (logged) where the kernel will not:
+/// the fill then writes every page with `process_vm_writev`.
+fn fill_uffd(main: &mut Injector, pid: i32) -> Result<Option<userfaultfd::Uffd>, RestoreError> {
+    let r = main.syscall(
+        libc::SYS_userfaultfd,
+        [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
+    )?;
+    let Ok(fd) = i32::try_from(r) else {
+        tracing::debug!(pid, error = %os_error(r), "no userfaultfd for the fill");
+        return Ok(None);
+    };
+    if fd < 0 {
+        tracing::debug!(pid, error = %os_error(r), "no userfaultfd for the fill");
+        return Ok(None);
+    }
+    let local = sys::fds::pidfd_getfd(pid, fd);
+    let r = main.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+    check(pid, "closing the fill's userfaultfd in the process", r)?;
+    let local = local.map_err(step(pid, "pidfd_getfd of the fill's userfaultfd"))?;
+    match sys::uffd::handshake(local, &[0]) {
+        Ok((uffd, _)) => Ok(Some(uffd)),
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "no userfaultfd for the fill");
+            Ok(None)
+        }
+    }
 }
 
 /// Step 3: tern's memory out, the image's in. Returns pages written.
@@ -1936,7 +2015,7 @@ fn address_space(
     pid: i32,
     scratch: u64,
     inherited_rseq: Option<sys::rseq::RseqRegistration>,
-) -> Result<u64, RestoreError> {
+) -> Result<(u64, FillReport), RestoreError> {
     let p = &plan.process;
     // 1. Unmap everything but the scratch area and the vDSO areas.
     let here = sys::vdso::VdsoLayout::of_pid(pid).map_err(step(pid, "reading the vDSO"))?;
@@ -2007,6 +2086,17 @@ fn address_space(
         .filter(|v| !is_special(v) && !is_scratch(v))
         .collect();
     let plans: Vec<MapPlan> = vmas.iter().map(|v| MapPlan::of(v)).collect();
+    let eager_ranges: Vec<(u64, u64)> = vmas
+        .iter()
+        .filter(|v| v.dumped && eager_copied(v) && !(plan.lazy && crate::lazy::is_lazy(v)))
+        .map(|v| (v.start, v.end))
+        .collect();
+    let uffd = if eager_ranges.is_empty() || plan.fill == FillMode::Write {
+        None
+    } else {
+        fill_uffd(main, pid)?
+    };
+    let mut eager = EagerFill::new(pid, uffd, &plan.chain, &eager_ranges);
     let wanted = vmas
         .iter()
         .zip(&plans)
@@ -2038,14 +2128,13 @@ fn address_space(
             continue;
         }
         maps.run(main, pid)?;
-        for i in mapped.drain(..) {
-            pages += fill_mapped(plan, &mut finish, pid, vmas[i], &plans[i])?;
-        }
+        pages += fill_mapped(plan, &mut eager, &mut finish, pid, &vmas, &plans, &mapped)?;
+        mapped.clear();
         let at = free_area(plan.chain.vmas(), pid, v.end - v.start)?;
         let mut one = Batch::new(main)?;
         map_vma(&mut one, &files, pid, v, m, at)?;
         one.run(main, pid)?;
-        let filled = fill_vma(plan, pid, v, m, at)?;
+        let filled = fill_vmas(plan, &mut eager, pid, &[(v, m, at)])?[0];
         pages += filled;
         if filled == 0 {
             give_anon_vma(&mut one, pid, at)?;
@@ -2068,9 +2157,10 @@ fn address_space(
         one.run(main, pid)?;
     }
     maps.run(main, pid)?;
-    for i in mapped.drain(..) {
-        pages += fill_mapped(plan, &mut finish, pid, vmas[i], &plans[i])?;
-    }
+    pages += fill_mapped(plan, &mut eager, &mut finish, pid, &vmas, &plans, &mapped)?;
+    tracing::debug!(pid, fill = ?eager.report, "memory filled");
+    let fill = eager.report.clone();
+    drop(eager);
     for (v, m) in vmas.iter().zip(&plans) {
         finish_vma(&mut finish, main, pid, v, m)?;
     }
@@ -2130,7 +2220,7 @@ fn address_space(
     );
     finish.run(main, pid)?;
     files.close(main)?;
-    Ok(pages)
+    Ok((pages, fill))
 }
 
 /// The ranges to unmap to remove every one of `maps` (sorted) but those
@@ -2209,34 +2299,6 @@ fn fill(
         pages += range.pages();
     }
     Ok(pages)
-}
-
-fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<(), RestoreError> {
-    let remote = nix::sys::uio::RemoteIoVec {
-        base: usize::try_from(addr).unwrap_or(usize::MAX),
-        len: data.len(),
-    };
-    let n = nix::sys::uio::process_vm_writev(
-        nix::unistd::Pid::from_raw(pid),
-        &[std::io::IoSlice::new(data)],
-        &[remote],
-    );
-    if n != Ok(data.len()) {
-        return Err(RestoreError::Step {
-            pid,
-            step: "writing memory",
-            what: format!(
-                "{:#x}+{}: {}",
-                addr,
-                data.len(),
-                match n {
-                    Err(e) => e.to_string(),
-                    Ok(n) => format!("short write {n}"),
-                }
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// Step 4, process-wide: files, cwd, umask, personality, limits, itimers,

@@ -11,6 +11,7 @@
 //! - [`rseq`]: rseq registration and critical-section abort fixup;
 //! - [`vdso`]: vDSO/vvar placement and vDSO symbols;
 //! - [`fds`]: the fd table and pipe contents;
+//! - [`file_view`]: a read-only shared mapping of a file (image pages);
 //! - [`clone`]: clone3's argument block;
 //! - [`proc`]: /proc/PID (status, stat, maps with typed permissions, limits, auxv);
 //! - [`ptrace`]: the one `ptrace(2)` wrapper the others use;
@@ -25,6 +26,7 @@
 pub mod anon;
 pub mod clone;
 pub mod fds;
+pub mod file_view;
 pub mod heap;
 pub mod inject;
 pub mod mapped_file;
