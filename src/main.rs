@@ -305,6 +305,11 @@ fn main() {
         .with_writer(std::io::stderr)
         // A span's close says how long it took: the restore's steps.
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        // A log that can no longer be written (the terminal closed, the
+        // reader of a pipe killed) is dropped: the subscriber's own report
+        // of it would panic, and a dump's guardian must finish its work on
+        // the target whatever became of tern's stderr.
+        .log_internal_errors(false)
         .init();
     if let Err(e) = run(cli.cmd) {
         eprintln!("tern: error: {}", describe(&e));

@@ -10,7 +10,10 @@
 //!   `tern dump` without a parent does); 3 pre-dumps then `--live-rounds 0`
 //!   (the pages written since the last pre-dump copied while frozen); 3
 //!   pre-dumps then a plain dump (its live rounds first: the default way).
-//!   Each dump is restored (`tern restore --detach`) and checked to run.
+//!   Each dump is restored (`tern restore --detach`, its eager fill by
+//!   `UFFDIO_COPY`) and checked to run; the full dump is restored once more
+//!   with `--fill write` (`process_vm_writev` into fresh memory), the
+//!   other way tern keeps.
 //! - CRIU (Debian trixie's, when given): `criu dump` (a full dump: its
 //!   `pre-dump --track-mem` needs soft-dirty, which this kernel lacks; the
 //!   report gives its error) and `criu restore -d`, with `--display-stats`.
@@ -222,6 +225,26 @@ fn tern_run(opts: &Opts, work: &Path, cfg: (u64, u64, u64), v: Variant) -> Resul
     )?;
     let restore_wall_ms = ms_since(t);
     check_runs_then_kill(pid, "tern")?;
+    // The full dump restored again with the eager fill's other way
+    // (`process_vm_writev` into fresh memory), for the side-by-side.
+    let restore_write_ms = if v == Variant::TernFull {
+        let r = tern_json(
+            &opts.tern,
+            &[
+                "restore".into(),
+                "-D".into(),
+                d.display().to_string(),
+                "--detach".into(),
+                "--fill".into(),
+                "write".into(),
+                "--json".into(),
+            ],
+        )?;
+        check_runs_then_kill(pid, "tern --fill write")?;
+        r["restore_ms"].clone()
+    } else {
+        Value::Null
+    };
     Ok(json!({
         "frozen_ms": dump["frozen_ms"],
         "dump_wall_ms": dump_wall_ms,
@@ -231,6 +254,8 @@ fn tern_run(opts: &Opts, work: &Path, cfg: (u64, u64, u64), v: Variant) -> Resul
         "frozen_parts": dump["frozen_parts"],
         "restore_ms": restore["restore_ms"],
         "restore_wall_ms": restore_wall_ms,
+        "restore_fill": restore["fill"],
+        "restore_write_ms": restore_write_ms,
     }))
 }
 
@@ -497,7 +522,12 @@ fn restore_floor(mib: u64) -> Result<Value> {
 
 /// Median of `field` over `runs` (numbers only).
 fn med(runs: &[Value], field: &str) -> f64 {
-    let mut xs: Vec<f64> = runs.iter().filter_map(|r| r[field].as_f64()).collect();
+    med_of(runs, |r| r[field].as_f64())
+}
+
+/// Median of what `f` finds in each of `runs`.
+fn med_of(runs: &[Value], f: impl Fn(&Value) -> Option<f64>) -> f64 {
+    let mut xs: Vec<f64> = runs.iter().filter_map(f).collect();
     median(&mut xs)
 }
 
@@ -594,6 +624,10 @@ fn config(
             m["fsync_ms"] = json!(med(rs, "fsync_ms"));
             m["pages_written"] = json!(med(rs, "pages_written"));
             m["frozen_parts"] = parts_medians(rs);
+            m["restore_fill_ms"] = json!(med_of(rs, |r| r["restore_fill"]["ms"].as_f64()));
+        }
+        if *v == Variant::TernFull {
+            m["restore_write_ms"] = json!(med(rs, "restore_write_ms"));
         }
         variants.insert(v.key().into(), m);
     }
@@ -607,6 +641,7 @@ fn config(
     let ratios = json!({
         "full_dump_frozen_vs_floor": ratio(get("tern_full", "frozen_ms"), Some(dump_floor_ms)),
         "restore_vs_uffdio_copy_floor": ratio(get("tern_full", "restore_ms"), Some(restore_floor_ms)),
+        "restore_fill_write_vs_uffdio_copy_floor": ratio(get("tern_full", "restore_write_ms"), Some(restore_floor_ms)),
         "tern_full_vs_criu_frozen": ratio(get("tern_full", "frozen_ms"), get("criu", "frozen_ms")),
         "tern_full_vs_criu_dump_wall": ratio(get("tern_full", "dump_wall_ms"), get("criu", "dump_wall_ms")),
         "tern_pre3_vs_criu_frozen": ratio(get("tern_pre3", "frozen_ms"), get("criu", "frozen_ms")),
@@ -702,6 +737,13 @@ fn print_tables(report: &Value) {
                 f(&m["fsync_ms"]),
                 f(&m["restore_ms"]),
                 f(&m["restore_wall_ms"]),
+            );
+        }
+        let full = &r["variants"]["tern_full"];
+        if !full.is_null() {
+            println!(
+                "| {w} | tern full dump, restored with --fill write | - | - | - | {} | - |",
+                f(&full["restore_write_ms"]),
             );
         }
         println!(

@@ -10,15 +10,17 @@
 //! `UFFDIO_COPY` 77–83 ms.
 //!
 //! The chain's data runs are resolved once for the whole restore
-//! ([`ImageChain::data_runs`], not page by page) and cut into units of
-//! about [`UNIT`] bytes. One worker per core takes units in turn: for each
-//! blob of the unit it checks the CRC of the stored bytes where they lie in
-//! the page file, mapped (or reads them into its buffer, and decodes them
-//! there if compressed), then copies the unit's runs in, the bytes fresh in
-//! its own cache. A damaged blob fails the restore before any of its bytes
-//! reach the process (whose half-built self then dies with tern). With the
-//! process stopped, nothing else wants the cores: two workers copy
-//! faster than the one-thread `UFFDIO_COPY` floor.
+//! ([`ImageChain::data_runs`], not page by page), and every blob they take
+//! bytes from is checked before the process exists ([`FillSource::check`]:
+//! the CRC of an uncompressed blob where it lies in its page file, mapped;
+//! a compressed one read, checked and decoded), one worker per core: a
+//! damaged image is refused before a process with its PID exists. The
+//! fill then cuts the runs into units of about [`UNIT`] bytes; one worker
+//! per core takes units in turn and copies each run in straight from the
+//! mapped page file (a compressed blob is read, checked and decoded again,
+//! into the worker's buffer). With the process stopped, nothing else wants
+//! the cores: two workers copy faster than the one-thread `UFFDIO_COPY`
+//! floor.
 //!
 //! The VMAs of a batch are registered with a userfaultfd of the process
 //! (missing mode, no events) before the copies and unregistered after, so
@@ -135,15 +137,123 @@ struct Piece {
     end: u64,
 }
 
-/// The userfaultfd of the process being restored and the chain's data runs
-/// of the memory filled eagerly.
-pub(crate) struct EagerFill {
-    pid: i32,
-    uffd: Option<Uffd>,
+/// The chain's data runs of the memory an eager restore fills, and the
+/// page files they come from, mapped: made and checked before the process
+/// exists.
+pub(crate) struct FillSource {
     runs: Vec<DataRun>,
     /// Each image's page file, mapped (None where it cannot be: its blobs
     /// are read into buffers instead).
     views: Vec<Option<FileView>>,
+    /// Every blob of `runs` was checked ([`FillSource::check`]).
+    checked: bool,
+}
+
+impl FillSource {
+    /// `ranges` (sorted, disjoint, image addresses): the memory to fill.
+    pub fn open(chain: &ImageChain, ranges: &[(u64, u64)]) -> FillSource {
+        let views = chain
+            .images
+            .iter()
+            .map(|img| {
+                // SAFETY: a page file is written once, before its image's
+                // inventory (and seal) is; the chain checked who could have
+                // written it. Its CRCs guard against damage (a disk, a
+                // copy cut short), not against its writer, who could write
+                // bytes with matching CRCs as well: bytes someone rewrites
+                // between the check and the copy change only the memory of
+                // a process an image of theirs restores. One who truncates
+                // it kills tern with SIGBUS, and with it the half-built
+                // process (it dies with its parent until it is whole).
+                unsafe { FileView::map(img.pages_file()) }
+                    .inspect_err(|e| {
+                        tracing::debug!(dir = %img.dir.display(), error = %e, "page file not mapped")
+                    })
+                    .ok()
+            })
+            .collect();
+        FillSource {
+            runs: chain.data_runs(ranges),
+            views,
+            checked: false,
+        }
+    }
+
+    /// Check every blob the fill will take bytes from (its CRC, and its
+    /// decoding if compressed), one worker per core: a damaged blob is
+    /// refused before any process exists.
+    pub fn check(&mut self, chain: &ImageChain) -> Result<u64, ChainError> {
+        let mut blobs: Vec<(usize, images::PageEntry)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.runs {
+            if seen.insert((r.image, r.entry.start)) {
+                blobs.push((r.image, r.entry));
+            }
+        }
+        let workers = workers().min(blobs.len().max(1));
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        // Blobs per turn: enough that taking turns costs nothing.
+        const TURN: usize = 16;
+        let views = &self.views;
+        let check = || -> Result<(), ChainError> {
+            let (mut scratch, mut decoded) = (Vec::new(), Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let from = next.fetch_add(TURN, Ordering::Relaxed);
+                if from >= blobs.len() {
+                    break;
+                }
+                for (image, e) in &blobs[from..(from + TURN).min(blobs.len())] {
+                    let img = &chain.images[*image];
+                    let path = img.dir.join(images::PAGES_FILE);
+                    let need = e.nr_pages as usize * sys::usize_of(PAGE_SIZE);
+                    let mapped = images::Image::is_raw(e)
+                        .then(|| views[*image].as_ref())
+                        .flatten()
+                        .and_then(|v| v.get(e.offset(), need));
+                    let r = match mapped {
+                        Some(stored) => images::check_crc(&path, e, stored),
+                        None => img.read_stored_into(e, &mut scratch).and_then(|()| {
+                            images::check_crc(&path, e, &scratch)?;
+                            images::decode_blob_into(&path, e, &scratch, &mut decoded)
+                        }),
+                    };
+                    if let Err(err) = r {
+                        stop.store(true, Ordering::Relaxed);
+                        return Err(err.into());
+                    }
+                }
+            }
+            Ok(())
+        };
+        std::thread::scope(|scope| {
+            let others: Vec<_> = (1..workers).map(|_| scope.spawn(&check)).collect();
+            let mut r = check();
+            for h in others {
+                let theirs = h.join().unwrap_or(Ok(()));
+                if r.is_ok() {
+                    r = theirs;
+                }
+            }
+            r
+        })?;
+        self.checked = true;
+        Ok(blobs.len() as u64)
+    }
+}
+
+/// One worker per core, up to [`MAX_WORKERS`].
+fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_WORKERS)
+}
+
+/// The userfaultfd of the process being restored, and the pages to put in.
+pub(crate) struct EagerFill<'a> {
+    pid: i32,
+    uffd: Option<Uffd>,
+    source: &'a FillSource,
     /// Each worker's decode buffer, kept from batch to batch.
     spare: Vec<Vec<u8>>,
     /// What it did so far.
@@ -154,32 +264,10 @@ fn step_err(pid: i32, step: &'static str, what: String) -> RestoreError {
     RestoreError::Step { pid, step, what }
 }
 
-impl EagerFill {
+impl<'a> EagerFill<'a> {
     /// `uffd` is a handshaken userfaultfd of process `pid`'s memory (None:
-    /// every page through `process_vm_writev`); `ranges` (sorted,
-    /// disjoint, image addresses) the memory this will fill.
-    pub fn new(pid: i32, uffd: Option<Uffd>, chain: &ImageChain, ranges: &[(u64, u64)]) -> Self {
-        let views = chain
-            .images
-            .iter()
-            .map(|img| {
-                // SAFETY: a page file is written once, before its image's
-                // inventory (and seal) is; the chain checked who could have
-                // written it. Someone who rewrites it now changes only the
-                // bytes of a process an image of theirs restores (the CRC
-                // checks the bytes as they are read, not as they are
-                // copied: bytes written in between go in unchecked, as
-                // bytes written before the read with their CRC would); one
-                // who truncates it kills tern with SIGBUS, and with it the
-                // half-built process (it dies with its parent until it is
-                // whole).
-                unsafe { FileView::map(img.pages_file()) }
-                    .inspect_err(|e| {
-                        tracing::debug!(dir = %img.dir.display(), error = %e, "page file not mapped")
-                    })
-                    .ok()
-            })
-            .collect();
+    /// every page through `process_vm_writev`).
+    pub fn new(pid: i32, uffd: Option<Uffd>, source: &'a FillSource) -> Self {
         let mode = if uffd.is_some() {
             FillMode::Uffd
         } else {
@@ -188,8 +276,7 @@ impl EagerFill {
         EagerFill {
             pid,
             uffd,
-            views,
-            runs: chain.data_runs(ranges),
+            source,
             spare: Vec::new(),
             report: FillReport {
                 mode,
@@ -254,11 +341,8 @@ impl EagerFill {
         };
         // Lent to the reader for the batch.
         // Lent to the reader for the batch.
-        let (pieces, units) = cut(&self.runs, targets);
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .clamp(1, MAX_WORKERS)
-            .min(units.len().max(1));
+        let (pieces, units) = cut(&self.source.runs, targets);
+        let workers = workers().min(units.len().max(1));
         let t0 = std::time::Instant::now();
         self.report.workers = self.report.workers.max(workers);
         while self.spare.len() < workers {
@@ -269,8 +353,9 @@ impl EagerFill {
         let work = Work {
             pid,
             chain,
-            views: &self.views,
-            runs: &self.runs,
+            views: &self.source.views,
+            runs: &self.source.runs,
+            checked: self.source.checked,
             uffd: self.uffd.as_ref(),
             mem: mem.as_ref(),
             via: &via,
@@ -385,6 +470,8 @@ struct Work<'a> {
     chain: &'a ImageChain,
     views: &'a [Option<FileView>],
     runs: &'a [DataRun],
+    /// The mapped blobs were checked before the process existed.
+    checked: bool,
     uffd: Option<&'a Uffd>,
     mem: Option<&'a std::fs::File>,
     via: &'a [Via],
@@ -515,7 +602,9 @@ impl Work<'_> {
             .flatten()
             .and_then(|v| v.get(r.entry.offset(), need));
         let src = if let Some(stored) = mapped {
-            images::check_crc(&path, &r.entry, stored)?;
+            if !self.checked {
+                images::check_crc(&path, &r.entry, stored)?;
+            }
             Src::Mapped {
                 image: r.image,
                 off: sys::usize_of(r.entry.offset()),

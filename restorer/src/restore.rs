@@ -156,8 +156,10 @@ struct Plan {
     /// Who could have written the chain: a user's image has its files
     /// opened as the image's user.
     writer: trust::Writer,
-    /// Every page blob, checked; most of them kept.
+    /// The page blobs of file-backed memory, checked; most of them kept.
     blobs: BlobCache,
+    /// The pages of the rest, checked.
+    fill_source: crate::fill::FillSource,
     /// The credentials of this tern (the child starts with them).
     restorer: trust::Restorer,
     /// Private anonymous memory is left to a page service.
@@ -324,13 +326,19 @@ fn plan(dir: &Path, lazy: bool, fill: FillMode) -> Result<Plan, RestoreError> {
         }
     }
     lap("checked");
-    // Last: the page blobs of file-backed memory (a lazy restore checks
-    // the blobs of lazy memory as it reads them).
-    // The eager fill checks the blobs it copies as it reads them (a damaged
-    // one fails the restore before any of its bytes reach the process).
+    // Last (the costliest): every page blob the process will get (a lazy
+    // restore checks the blobs of lazy memory as it reads them).
     let blobs = chain.verify_pages(blob_budget(), |v| {
         !(eager_copied(v) || lazy && crate::lazy::is_lazy(v))
     })?;
+    let eager: Vec<(u64, u64)> = chain
+        .vmas()
+        .iter()
+        .filter(|v| eager_filled(v, lazy))
+        .map(|v| (v.start, v.end))
+        .collect();
+    let mut fill_source = crate::fill::FillSource::open(&chain, &eager);
+    let fill_blobs = fill_source.check(&chain)?;
     lap("page blobs checked");
     let mapped_inodes = mapped
         .join()
@@ -340,6 +348,7 @@ fn plan(dir: &Path, lazy: bool, fill: FillMode) -> Result<Plan, RestoreError> {
         checked = blobs.checked,
         kept_bytes = blobs.kept_bytes,
         dropped = blobs.dropped,
+        fill_blobs,
         "page blobs checked"
     );
     Ok(Plan {
@@ -348,6 +357,7 @@ fn plan(dir: &Path, lazy: bool, fill: FillMode) -> Result<Plan, RestoreError> {
         pipe_data,
         writer,
         blobs,
+        fill_source,
         restorer,
         lazy,
         fill,
@@ -658,12 +668,52 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
         Err(e) => {
             // No half-restored process: it was killed as its tracers went
             // (PTRACE_O_EXITKILL); make sure, and reap it.
-            let child = nix::unistd::Pid::from_raw(child);
-            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::__WALL));
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            // Its threads first: one still traced by this tern is a zombie
+            // until its tracer reaps it, and the process is not reaped
+            // before all its threads are.
+            let tids = plan.process.threads.iter().map(|t| t.tid);
+            for tid in tids.filter(|&t| t != child).chain(std::iter::once(child)) {
+                if !reap(tid, opts.timeout) {
+                    tracing::warn!(
+                        pid,
+                        tid,
+                        "the half-built process's thread {tid} was not reaped within {:?}",
+                        opts.timeout
+                    );
+                }
+            }
             drop(guard);
             Err(e)
         }
+    }
+}
+
+/// Reap task `tid` (a thread of a process being killed, or the process)
+/// if it is this tern's to reap; false if it is still there at the
+/// deadline.
+fn reap(tid: i32, timeout: Duration) -> bool {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let deadline = Instant::now() + timeout;
+    loop {
+        match waitpid(
+            nix::unistd::Pid::from_raw(tid),
+            Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+        ) {
+            Ok(WaitStatus::StillAlive) => {}
+            // Reaped, or not ours (an untraced thread goes with its
+            // process).
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => return true,
+            // A stop or event of a traced thread on its way out.
+            Ok(_) => {}
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -1912,6 +1962,15 @@ pub(crate) fn eager_copied(v: &VmaRecord) -> bool {
     !(v.is_private() && v.backing_file().is_some())
 }
 
+/// Whether the eager fill puts the pages of `v` in (see `fill`).
+fn eager_filled(v: &VmaRecord, lazy: bool) -> bool {
+    !is_special(v)
+        && !is_scratch(v)
+        && v.dumped
+        && eager_copied(v)
+        && !(lazy && crate::lazy::is_lazy(v))
+}
+
 /// Fill each VMA of `items`, mapped at its address, from the image (not
 /// its lazy pages); the pages each got.
 fn fill_vmas(
@@ -2086,17 +2145,12 @@ fn address_space(
         .filter(|v| !is_special(v) && !is_scratch(v))
         .collect();
     let plans: Vec<MapPlan> = vmas.iter().map(|v| MapPlan::of(v)).collect();
-    let eager_ranges: Vec<(u64, u64)> = vmas
-        .iter()
-        .filter(|v| v.dumped && eager_copied(v) && !(plan.lazy && crate::lazy::is_lazy(v)))
-        .map(|v| (v.start, v.end))
-        .collect();
-    let uffd = if eager_ranges.is_empty() || plan.fill == FillMode::Write {
+    let uffd = if vmas.iter().all(|v| !eager_filled(v, plan.lazy)) || plan.fill == FillMode::Write {
         None
     } else {
         fill_uffd(main, pid)?
     };
-    let mut eager = EagerFill::new(pid, uffd, &plan.chain, &eager_ranges);
+    let mut eager = EagerFill::new(pid, uffd, &plan.fill_source);
     let wanted = vmas
         .iter()
         .zip(&plans)

@@ -1,9 +1,10 @@
 //! Never lose the process, and bad input changes nothing (README,
 //! Invariants, 1 and 5) for `tern dump` and `tern restore`:
 //! - `dump --leave-running` leaves the target exactly as before;
-//! - tern SIGKILLed at any moment of a dump leaves it running, untraced,
-//!   with its maps and fds as before, unless the dump had already completed
-//!   (then its image is whole);
+//! - tern SIGKILLed at any moment of a dump (at set delays, and at random
+//!   moments of its frozen window) leaves it running, untraced, with its
+//!   maps and fds as before, unless the dump had already completed (then
+//!   its image is whole);
 //! - a missing PID, a taken PID, a truncated or corrupted image, an unknown
 //!   version and a missing parent give a clear error naming the file or PID,
 //!   and no process is created.
@@ -82,6 +83,76 @@ fn tern_killed_mid_dump_leaves_the_target_running() {
             &before,
             &format!("tern killed {delay_ms} ms into a dump"),
         );
+    }
+    assert_eq!(ck.verdict(READY).unwrap(), "PASS");
+}
+
+/// tern SIGKILLed at random moments of the frozen window (from the moment
+/// its log says the target is frozen to the window's length, learned from a
+/// whole dump of the same process): the target is as it was, unless the
+/// dump had completed (then its image is whole).
+#[test]
+fn tern_killed_at_random_moments_of_the_frozen_window_leaves_the_target_as_it_was() {
+    use std::io::BufRead;
+    let mut ck = CkProcess::start("memory", &["--mib", "48"], READY).unwrap();
+    let pid = ck.pid;
+    let root = tempdir();
+    let whole = root.path().join("whole");
+    let v = tern(&dump_args(pid, &whole, &["--leave-running"])).json();
+    let window_us = (v["frozen_ms"].as_f64().expect("frozen_ms") * 1000.0) as u64;
+    assert!(window_us > 0, "{v}");
+    let before = proc::Snapshot::take(pid).unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
+    let mut rnd = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n.max(1)
+    };
+    for i in 0..12 {
+        let d = root.path().join(format!("d{i}"));
+        let mut t = std::process::Command::new(tern_tests::tern_bin())
+            .args(dump_args(pid, &d, &[]))
+            .env("RUST_LOG", "tracker=debug")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The log line that follows the freeze of every thread.
+        let mut err = std::io::BufReader::new(t.stderr.take().unwrap());
+        let mut log = String::new();
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("dump: frozen at") {
+            log.push_str(&line);
+            line.clear();
+        }
+        assert!(
+            line.contains("dump: frozen at"),
+            "round {i}: tern never said the target was frozen:\n{log}"
+        );
+        // Up to 10% past the window (the kill may land after the end).
+        let delay = Duration::from_micros(rnd(window_us * 11 / 10));
+        std::thread::sleep(delay);
+        let _ = t.kill();
+        let _ = t.wait();
+        drop(err);
+        let when =
+            format!("round {i}: tern SIGKILLed {delay:?} into a frozen window of ~{window_us} us");
+        // Its guardian lets the target go on its own.
+        std::thread::sleep(Duration::from_millis(300));
+        if !proc::alive(pid) {
+            let img = images::Image::open(&d)
+                .unwrap_or_else(|e| panic!("{when}: target gone, and no complete image: {e}"));
+            assert!(
+                img.process.is_some(),
+                "{when}: target gone, image is not a final dump"
+            );
+            eprintln!("{when}: the dump had already completed");
+            ck.release();
+            return;
+        }
+        assert_exactly_as(pid, &before, &when);
     }
     assert_eq!(ck.verdict(READY).unwrap(), "PASS");
 }

@@ -8,7 +8,9 @@
 //!
 //! `mod lazily`: the same workloads restored with `--lazy-pages`; they run
 //! while their memory comes in, and once the fill is over they hold no
-//! userfaultfd and no VMA registered with one.
+//! userfaultfd and no VMA registered with one. `mod written`: the memory
+//! and VMA workloads restored with `--fill write` (the eager fill's other
+//! way; the rest use `UFFDIO_COPY`, the default).
 
 use std::path::Path;
 use std::process::Child;
@@ -145,6 +147,28 @@ fn dump_restore(
     // its fill is over).
     let restored = restored_json(&mut restore);
     assert_eq!(restored["pid"].as_i64(), Some(pid as i64), "{restored}");
+    if !restore_flags.contains(&"--lazy-pages") {
+        // The eager fill went the way asked, and put the memory in.
+        let asked = if restore_flags.windows(2).any(|w| w == ["--fill", "write"]) {
+            "write"
+        } else {
+            "uffd"
+        };
+        let f = &restored["fill"];
+        assert_eq!(f["mode"].as_str(), Some(asked), "ck_{name}: {restored}");
+        let (copied, written) = (num(f, "copied_bytes"), num(f, "written_bytes"));
+        match asked {
+            "uffd" => assert!(copied > 0.0, "ck_{name}: nothing copied: {restored}"),
+            _ => assert!(
+                copied == 0.0 && written > 0.0,
+                "ck_{name}: --fill write copied: {restored}"
+            ),
+        }
+        assert!(
+            num(f, "workers") >= 1.0 && num(f, "ms") > 0.0,
+            "ck_{name}: {restored}"
+        );
+    }
     if restore_flags.contains(&"--lazy-pages") {
         let l = &restored["lazy"];
         assert!(
@@ -415,6 +439,40 @@ mod lazily {
     #[test]
     fn files() {
         assert_pass_lazily("files", &[], 0);
+    }
+}
+
+/// Restored with `--fill write`: every page written with
+/// `process_vm_writev` (or through /proc/PID/mem where read-only), the way
+/// `--fill uffd` falls back where the kernel will not register memory.
+mod written {
+    use super::assert_pass_restored;
+
+    const WRITE: &[&str] = &["--fill", "write"];
+
+    #[test]
+    fn memory_after_three_pre_dumps() {
+        assert_pass_restored("memory", &["--mib", "64"], 3, &[], WRITE);
+    }
+
+    #[test]
+    fn memory_without_pre_dump() {
+        assert_pass_restored("memory", &["--mib", "16"], 0, &[], WRITE);
+    }
+
+    #[test]
+    fn threads() {
+        assert_pass_restored("threads", &[], 0, &[], WRITE);
+    }
+
+    #[test]
+    fn vma_state() {
+        assert_pass_restored("vma", &[], 0, &[], WRITE);
+    }
+
+    #[test]
+    fn vma_state_after_three_pre_dumps() {
+        assert_pass_restored("vma", &[], 3, &[], WRITE);
     }
 }
 

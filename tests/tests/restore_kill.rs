@@ -70,15 +70,18 @@ fn tern_killed_at_random_moments_of_a_restore_leaves_nothing_or_everything() {
     for i in 0..30 {
         let sig = [libc::SIGKILL, libc::SIGTERM, libc::SIGINT][i % 3];
         let delay = Duration::from_micros(rnd(span));
-        let mut t = spawn_tern(&["restore", "-D", &d.display().to_string()]);
+        // Both ways of the eager fill, which is most of a restore.
+        let fill = ["uffd", "write"][(i / 3) % 2];
+        let mut t = spawn_tern(&["restore", "-D", &d.display().to_string(), "--fill", fill]);
         std::thread::sleep(delay);
         // SAFETY: kill(2) of the tern we started.
         unsafe { libc::kill(t.id() as i32, sig) };
         let st = wait_deadline(&mut t, Duration::from_secs(30)).expect("tern did not end");
         let out = t.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        let when =
-            format!("round {i}: signal {sig} {delay:?} into the restore (tern: {st}; {stderr})");
+        let when = format!(
+            "round {i}: signal {sig} {delay:?} into the restore --fill {fill} (tern: {st}; {stderr})"
+        );
         assert!(
             !stderr.contains("by signal 11") && !stderr.contains("panicked"),
             "{when}"
