@@ -718,9 +718,10 @@ fn dump(
             .map(|(name, ms)| format!("{name} {ms:.1}"))
             .collect();
         println!(
-            "frozen window (ms): {}; the state capture took {:.1} beside the scan and copy",
+            "frozen window (ms): {}; beside the scan and copy, the state capture took {:.1} and the checks {:.1}",
             parts.join(", "),
-            report.frozen_parts.state_ms
+            report.frozen_parts.state_ms,
+            report.frozen_parts.checks_ms
         );
     }
     Ok(())

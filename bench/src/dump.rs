@@ -770,13 +770,15 @@ fn print_tables(report: &Value) {
             r2(&x["tern_vs_criu_restore_wall"]),
         );
     }
-    println!("\nWhere tern's frozen window went (medians, ms; state beside scan + copy):");
-    // The parts in the order they run (tern's own list), then the one beside.
+    println!(
+        "\nWhere tern's frozen window went (medians, ms; state and checks beside scan + copy):"
+    );
+    // The parts in the order they run (tern's own list), then those beside.
     let parts: Vec<String> = tracker::dump::FrozenParts::default()
         .sequential()
         .iter()
         .map(|(name, _)| (*name).to_string())
-        .chain(["state".to_string()])
+        .chain(["state".to_string(), "checks".to_string()])
         .collect();
     println!("| workload | dump | {} |", parts.join(" | "));
     println!("|---|---|{}", "---|".repeat(parts.len()));

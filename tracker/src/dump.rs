@@ -102,15 +102,14 @@ pub struct DumpReport {
 
 /// The frozen window of a final dump, part by part, in milliseconds. The
 /// parts run one after the other on the dumping thread and add up to
-/// `frozen_ms`, except `state_ms`: the threads' state is captured on a thread
-/// of its own beside the scan and the copy, and the main thread waits for it
-/// only `state_wait_ms`.
+/// `frozen_ms`, except `state_ms` and `checks_ms`: the threads' state is
+/// captured, and the restorability checked again, on threads of their own
+/// beside the scan and the copy; the main thread waits for them only
+/// `state_wait_ms`.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct FrozenParts {
     /// Stopping every thread (until the last one reports its stop).
     pub freeze_ms: f64,
-    /// Checking again, frozen, that the process can be restored.
-    pub checks_ms: f64,
     /// The scratch area and the VMA list.
     pub vmas_ms: f64,
     /// The threads' registers: stack pointers, signal-handler runs.
@@ -119,7 +118,8 @@ pub struct FrozenParts {
     pub scan_ms: f64,
     /// Copying those pages into the page file.
     pub copy_ms: f64,
-    /// Waiting for the state capture once the copy was done.
+    /// Waiting for the state capture (and the checks) once the copy was
+    /// done.
     pub state_wait_ms: f64,
     /// The pages below each thread's stack pointer that the injected calls
     /// wrote, copied after the state (and a second scan if a signal handler
@@ -137,15 +137,17 @@ pub struct FrozenParts {
     pub end_ms: f64,
     /// The threads' state by injected system calls, beside the scan and copy.
     pub state_ms: f64,
+    /// Checking again, frozen, that the process can be restored (/proc
+    /// only), beside the scan and copy.
+    pub checks_ms: f64,
 }
 
 impl FrozenParts {
     /// The parts on the dumping thread, in the order they ran (they add up
     /// to the frozen time), by name without the `_ms`.
-    pub fn sequential(&self) -> [(&'static str, f64); 13] {
+    pub fn sequential(&self) -> [(&'static str, f64); 12] {
         [
             ("freeze", self.freeze_ms),
-            ("checks", self.checks_ms),
             ("vmas", self.vmas_ms),
             ("registers", self.registers_ms),
             ("scan", self.scan_ms),
@@ -586,27 +588,16 @@ fn capture(
         f64,
     );
     let res = (|| -> Result<Captured, DumpError> {
-        // What it holds may have changed since the check before the
-        // freeze: the frozen process is the one the image must bring back.
-        let refused = crate::restorable::refusals_with(pid, Some(&flags_before))
-            .map_err(TrackerError::from)?;
-        if !refused.is_empty() {
-            return Err(TrackerError::NotRestorable {
-                pid,
-                refusals: refused,
-            }
-            .into());
-        }
-        parts.checks_ms = laps.next("restorability checked");
         // The scratch area first (reused from the pre-dumps when there is
         // one): the VMA list read next must not change under the capture.
-        let mut known = Injector::find_scratch(pid)?.first().copied();
+        let mut scratch = Injector::find_scratch(pid)?;
+        let mut known = scratch.first().copied();
         if known.is_none() {
             created_scratch = true;
             known = Some(threads[0].ensure_scratch(None)?);
+            scratch = Injector::find_scratch(pid)?;
         }
         // A scratch area is not the target's memory.
-        let scratch = Injector::find_scratch(pid)?;
         let mut vmas = crate::session::read_target_vmas(pid, &scratch)?;
         parts.vmas_ms = laps.next("VMAs read");
         let ran_before = ran_program_code(&mut threads)?;
@@ -617,7 +608,16 @@ fn capture(
         let windows = stack_windows(&mut threads, &vmas)?;
         parts.registers_ms = laps.next("registers read");
         let uffd = session.target_uffd().map(|u| u.0);
-        let (state, pages) = std::thread::scope(|s| {
+        let flags_before = &flags_before;
+        let (state, pages, checks) = std::thread::scope(|s| {
+            // What it holds may have changed since the check before the
+            // freeze: the frozen process is the one the image must bring
+            // back. Checked again beside the scan (it reads /proc only).
+            let checks = s.spawn(move || {
+                let t = Instant::now();
+                let r = crate::restorable::refusals_with(pid, Some(flags_before));
+                (r, t.elapsed().as_secs_f64() * 1e3)
+            });
             let threads = &mut threads;
             let state = s.spawn(move || {
                 let t = Instant::now();
@@ -642,8 +642,23 @@ fn capture(
                 }
                 Err(_) => Err(DumpError::CapturePanicked { pid }),
             };
-            (state, pages)
+            (state, pages, checks.join())
         });
+        // A refusal first: it says why the rest cannot be.
+        match checks {
+            Ok((Ok(refused), ms)) => {
+                parts.checks_ms = ms;
+                if !refused.is_empty() {
+                    return Err(TrackerError::NotRestorable {
+                        pid,
+                        refusals: refused,
+                    }
+                    .into());
+                }
+            }
+            Ok((Err(e), _)) => return Err(TrackerError::from(e).into()),
+            Err(_) => return Err(DumpError::CapturePanicked { pid }),
+        }
         let (process, pipes) = state?;
         let mut set = pages?;
         parts.state_wait_ms = laps.next("state captured");
