@@ -227,7 +227,7 @@ impl FillSource {
             Ok(())
         };
         std::thread::scope(|scope| {
-            let others: Vec<_> = (1..workers).map(|_| scope.spawn(&check)).collect();
+            let others: Vec<_> = (1..workers).map(|_| scope.spawn(check)).collect();
             let mut r = check();
             for h in others {
                 let theirs = h.join().unwrap_or(Ok(()));

@@ -99,7 +99,8 @@ fn tern_killed_at_random_moments_of_the_frozen_window_leaves_the_target_as_it_wa
     let root = tempdir();
     let whole = root.path().join("whole");
     let v = tern(&dump_args(pid, &whole, &["--leave-running"])).json();
-    let window_us = (v["frozen_ms"].as_f64().expect("frozen_ms") * 1000.0) as u64;
+    let window = Duration::from_secs_f64(v["frozen_ms"].as_f64().expect("frozen_ms") / 1e3);
+    let window_us = u64::try_from(window.as_micros()).unwrap();
     assert!(window_us > 0, "{v}");
     let before = proc::Snapshot::take(pid).unwrap();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
