@@ -42,7 +42,9 @@ pub mod state;
 pub use format::*;
 pub use fsdir::{ImageDir, Provenance, ProvenanceKind, sync_image};
 pub use new_dir::{NewDirError, NewImageDir};
-pub use pagemap::{PageEntry, PageKind, PageMap, check_crc, decode_blob, decode_blob_into};
+pub use pagemap::{
+    PageEntry, PageKind, PageMap, check_crc, decode_blob, decode_blob_into, decode_blob_to,
+};
 pub use seal::{SealKey, SealStatus};
 pub use writer::{
     BLOB_PAGES, ImageWriter, MAX_BLOB_PAGES, PagePlan, WriteStats, discard_unfinished,

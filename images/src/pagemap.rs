@@ -324,8 +324,30 @@ pub fn decode_blob_into(
     stored: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), ImageError> {
+    out.resize(e.nr_pages as usize * sys::usize_of(PAGE_SIZE), 0);
+    decode_blob_to(path, e, stored, out)
+}
+
+/// [`decode_blob_into`] into `out`, which must be exactly `nr_pages *
+/// PAGE_SIZE` bytes long (a slice of a larger buffer: no copy after).
+pub fn decode_blob_to(
+    path: &Path,
+    e: &PageEntry,
+    stored: &[u8],
+    out: &mut [u8],
+) -> Result<(), ImageError> {
     let want = e.nr_pages as usize * sys::usize_of(PAGE_SIZE);
-    out.resize(want, 0);
+    if out.len() != want {
+        return Err(ImageError::corrupt(
+            path,
+            format!(
+                "pages at {:#x}: {} pages decoded into {} bytes",
+                e.start,
+                e.nr_pages,
+                out.len()
+            ),
+        ));
+    }
     let got = match e.codec {
         CODEC_RAW => {
             if stored.len() == want {

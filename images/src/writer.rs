@@ -657,6 +657,21 @@ mod tests {
             );
             let d = img.read_entry(&img.pagemap.entries[2]).unwrap();
             assert_eq!(d, bytes[9 * 4096..13 * 4096]);
+            // Decoded into a slice of a larger buffer, in place; a slice of
+            // another length is refused.
+            let e = img.pagemap.entries[2];
+            let stored = img.read_stored(&e).unwrap();
+            let path = dir.path().join(crate::PAGES_FILE);
+            let mut big = vec![0xaau8; 6 * 4096];
+            crate::decode_blob_to(&path, &e, &stored, &mut big[4096..5 * 4096]).unwrap();
+            assert_eq!(big[4096..5 * 4096], bytes[9 * 4096..13 * 4096]);
+            assert!(
+                big[..4096]
+                    .iter()
+                    .chain(&big[5 * 4096..])
+                    .all(|&b| b == 0xaa)
+            );
+            assert!(crate::decode_blob_to(&path, &e, &stored, &mut big[..4096]).is_err());
         }
     }
 

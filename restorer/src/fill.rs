@@ -490,7 +490,6 @@ impl Work<'_> {
             buf,
             used: 0,
             scratch: Vec::new(),
-            decoded: Vec::new(),
             last: None,
             segments: Vec::new(),
         };
@@ -621,8 +620,7 @@ impl Work<'_> {
             } else {
                 img.read_stored_into(&r.entry, &mut w.scratch)?;
                 images::check_crc(&path, &r.entry, &w.scratch)?;
-                images::decode_blob_into(&path, &r.entry, &w.scratch, &mut w.decoded)?;
-                dst.copy_from_slice(&w.decoded);
+                images::decode_blob_to(&path, &r.entry, &w.scratch, dst)?;
             }
             w.used += need;
             Src::Buffer { off: at }
@@ -687,7 +685,6 @@ struct Worker {
     buf: Vec<u8>,
     used: usize,
     scratch: Vec<u8>,
-    decoded: Vec<u8>,
     /// The blob last checked in this unit, and where its bytes are.
     last: Option<((usize, u64), Src)>,
     segments: Vec<Segment>,
