@@ -239,6 +239,37 @@ pub struct LiveRound {
 /// must have copied clearly less (by a tenth) than the best before it;
 /// otherwise the target writes as fast as the rounds copy and more rounds
 /// only make the dump longer.
+/// Whether the live pre-copy makes another round after `rounds`: while
+/// they shrink, until one copied at most `policy.done_pages`, or a quarter
+/// of the fewest any round before it did. That is a quiet moment (a writer
+/// that works in bursts, between two of them): a round more would likely
+/// meet the next burst, and stop there, for not shrinking.
+fn another_round(rounds: &[LiveRound], policy: LivePolicy) -> bool {
+    let Some((last, before)) = rounds.split_last() else {
+        return policy.max_rounds > 0;
+    };
+    if rounds.len() >= policy.max_rounds || last.pages <= policy.done_pages {
+        return false;
+    }
+    if let Some(fewest) = before.iter().map(|r| r.pages).min()
+        && last.pages * 4 <= fewest
+    {
+        return false;
+    }
+    converging(rounds)
+}
+
+/// Whether the live rounds saw a quiet moment: one copied at most half
+/// what another did (a writer in bursts). Then the dump's catch-up rounds
+/// (see [`TrackingSession::catch_up`]) may meet one right before the
+/// freeze; a steady writer has none, and rounds more would only dirty more
+/// of the page cache before the frozen copy.
+pub fn bursty(rounds: &[LiveRound]) -> bool {
+    let most = rounds.iter().map(|r| r.pages).max().unwrap_or(0);
+    let fewest = rounds.iter().map(|r| r.pages).min().unwrap_or(0);
+    rounds.len() >= 2 && fewest * 2 <= most
+}
+
 fn converging(rounds: &[LiveRound]) -> bool {
     let Some((last, before)) = rounds.split_last() else {
         return true;
@@ -557,10 +588,7 @@ impl TrackingSession {
             pages: round.set.copy_pages(),
             ms: t.elapsed().as_secs_f64() * 1e3,
         });
-        while rounds.len() < policy.max_rounds
-            && round.set.copy_pages() > policy.done_pages
-            && converging(&rounds)
-        {
+        while another_round(&rounds, policy) {
             let t = Instant::now();
             let vmas = self.target_vmas()?;
             let set = self
@@ -595,6 +623,69 @@ impl TrackingSession {
         let (inv, _) = self.finish_image(writer, &round.vmas, parent, parent_inv.as_ref())?;
         self.last_image = Some(inv.id);
         Ok(rounds)
+    }
+
+    /// Catch-up rounds, in the guardian right before the freeze, into the
+    /// frozen image's own `writer` (the frozen round then replaces what it
+    /// copies again): everything between the live pre-copy's last round and
+    /// the freeze (the live image finished and synced, the page file
+    /// written ahead, VmFlags read) is time the target writes in, which the
+    /// frozen round would copy. At most `max` rounds. A round whose scan
+    /// finds at most `done_pages`, or a quarter of the most any round
+    /// copied (`before`, the live rounds, and those made here), met a quiet
+    /// moment (a writer in bursts, between two of them): its pages are not
+    /// copied but returned, for the frozen round to copy with its own, so
+    /// that the freeze follows the scan at once. A steady writer has no
+    /// quiet moment: `max` rounds, copied while it runs. Returns the rounds
+    /// made and the pages the last one left to the frozen round.
+    pub fn catch_up(
+        &mut self,
+        writer: &mut ImageWriter,
+        before: &[LiveRound],
+        max: usize,
+        done_pages: u64,
+    ) -> Result<(Vec<LiveRound>, Option<DirtySet>), TrackerError> {
+        let mut rounds: Vec<LiveRound> = Vec::new();
+        while rounds.len() < max {
+            let t = Instant::now();
+            let vmas = self.target_vmas()?;
+            let set = self
+                .tracker
+                .collect(&vmas, false)
+                .map_err(|e| self.exited_or(e.into(), "dump"))?;
+            let pages = set.copy_pages();
+            let most = before
+                .iter()
+                .chain(&rounds)
+                .map(|r| r.pages)
+                .max()
+                .unwrap_or(0);
+            let quiet = pages <= done_pages || pages.saturating_mul(4) <= most;
+            if !quiet {
+                for r in set.copy.iter().chain(&set.holes) {
+                    writer.replace_range(*r)?;
+                }
+                self.copier.copy_ranges(self.pid, &set.copy, writer)?;
+                for h in &set.holes {
+                    writer.add_hole(*h);
+                }
+            }
+            rounds.push(LiveRound {
+                pages,
+                ms: t.elapsed().as_secs_f64() * 1e3,
+            });
+            tracing::debug!(
+                pid = self.pid,
+                pages,
+                quiet,
+                "catch-up round {}",
+                rounds.len()
+            );
+            if quiet {
+                return Ok((rounds, Some(set)));
+            }
+        }
+        Ok((rounds, None))
     }
 
     /// The first round into a fresh image: the pages written since the
@@ -1085,6 +1176,31 @@ mod live_tests {
         assert!(!converging(&rounds(&[4096, 1000, 2000])));
         assert!(!converging(&rounds(&[4096, 1000, 950])));
         assert!(converging(&rounds(&[4096, 1000, 800])));
+    }
+
+    #[test]
+    fn live_rounds_stop_at_a_quiet_moment() {
+        let p = LivePolicy::default();
+        assert!(another_round(&rounds(&[]), p));
+        assert!(!another_round(
+            &rounds(&[]),
+            LivePolicy { max_rounds: 0, ..p }
+        ));
+        // Done: few pages, or the most rounds.
+        assert!(!another_round(&rounds(&[4096, 200]), p));
+        assert!(!another_round(&rounds(&[9000; 10]), p));
+        // Shrinking: on.
+        assert!(another_round(&rounds(&[4096, 3000, 1500]), p));
+        // A quiet moment (a quarter of the fewest before): frozen at once,
+        // though it would still count as converging.
+        assert!(!another_round(&rounds(&[4096, 4096, 1000]), p));
+        assert!(!another_round(&rounds(&[4096, 900]), p));
+        // Steady: done once they stop shrinking.
+        assert!(!another_round(&rounds(&[4096, 4096, 4096]), p));
+        // Bursty or not.
+        assert!(bursty(&rounds(&[4098, 4098, 3720, 479])));
+        assert!(!bursty(&rounds(&[16386, 16386, 16000])));
+        assert!(!bursty(&rounds(&[4098])));
     }
 }
 
