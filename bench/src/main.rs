@@ -110,6 +110,9 @@ enum Cmd {
         /// Only the 256 MiB configuration, once.
         #[arg(long)]
         quick: bool,
+        /// Only the configuration of this resident size (256 or 4096).
+        #[arg(long, value_name = "MIB")]
+        mib: Option<u64>,
     },
     /// Eager and lazy restore of hotloop (256 MiB and 4 GiB), tern and CRIU.
     Restore {
@@ -238,12 +241,19 @@ fn real_main() -> Result<()> {
             no_criu,
             repeats,
             quick,
+            mib,
         } => {
             let mut configs = vec![(256, 16, 10), (4096, 64, 10)];
             let mut repeats = repeats.max(1);
             if quick {
                 configs.truncate(1);
                 repeats = 1;
+            }
+            if let Some(m) = mib {
+                configs.retain(|c| c.0 == m);
+                if configs.is_empty() {
+                    bail!("bench dump: no configuration of {m} MiB (there are 256 and 4096)");
+                }
             }
             bench::dump::run(&bench::dump::Opts {
                 tern,
