@@ -191,8 +191,45 @@ pub struct Image {
     pub provenance: Vec<Provenance>,
     /// SHA-256 of each file the seal covers, as read.
     digests: Vec<(String, [u8; 32])>,
-    /// `pages.img`, open.
-    pages: std::fs::File,
+    /// `pages.img`, open, or the page server's copy of it.
+    pages: Pages,
+}
+
+/// The stored page bytes of an image held elsewhere: a page server's copy
+/// of the same image (`tern restore --page-server`). What it returns is
+/// checked as a local file's bytes are (each blob's CRC, from the page map
+/// read here).
+pub trait RemotePages: Send + Sync + std::fmt::Debug {
+    /// Read `buf.len()` stored bytes at `offset` of the image's page file.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Where the bytes come from, for errors.
+    fn origin(&self) -> String;
+}
+
+/// Finds the remote copy of an image opened here, by its page map's
+/// SHA-256: its pages, and the length of its page file.
+pub trait RemoteChain: Sync {
+    fn pages_of(
+        &self,
+        dir: &Path,
+        pagemap_digest: &[u8; 32],
+    ) -> Result<(std::sync::Arc<dyn RemotePages>, u64), String>;
+}
+
+#[derive(Debug)]
+enum Pages {
+    File(std::fs::File),
+    Remote(std::sync::Arc<dyn RemotePages>),
+}
+
+impl Pages {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            Pages::File(f) => f.read_exact_at(buf, offset),
+            Pages::Remote(r) => r.read_at(offset, buf),
+        }
+    }
 }
 
 /// A page map longer than this is hashed beside its decoding.
@@ -200,6 +237,17 @@ const PARALLEL_HASH_BYTES: usize = 256 << 10;
 
 impl Image {
     pub fn open(dir: &Path) -> Result<Image, ImageError> {
+        Image::open_from(dir, None)
+    }
+
+    /// Open the image in `dir` (its inventory, VMAs, page map and process
+    /// state) with its page bytes at `remote`; `dir` need not hold
+    /// `pages.img`, and one there is not read.
+    pub fn open_remote(dir: &Path, remote: &dyn RemoteChain) -> Result<Image, ImageError> {
+        Image::open_from(dir, Some(remote))
+    }
+
+    fn open_from(dir: &Path, remote: Option<&dyn RemoteChain>) -> Result<Image, ImageError> {
         let (d, mut provenance) = ImageDir::open(dir)?;
         if d.open_file(INVENTORY_FILE, false)?.is_none() {
             return Err(ImageError::NotAnImage {
@@ -276,17 +324,28 @@ impl Image {
                 }
             }
         }
-        let (pages, prov) = d.open_file(PAGES_FILE, false)?.ok_or_else(|| {
-            ImageError::io(
-                &d.child(PAGES_FILE),
-                std::io::Error::from_raw_os_error(libc::ENOENT),
-            )
-        })?;
-        provenance.push(prov);
-        let pages_len = pages
-            .metadata()
-            .map_err(|e| ImageError::io(&d.child(PAGES_FILE), e))?
-            .len();
+        let (pages, pages_len) = match remote {
+            Some(r) => {
+                let (pages, len) = r
+                    .pages_of(dir, &pagemap_digest)
+                    .map_err(|why| ImageError::corrupt(&d.child(PAGES_FILE), why))?;
+                (Pages::Remote(pages), len)
+            }
+            None => {
+                let (pages, prov) = d.open_file(PAGES_FILE, false)?.ok_or_else(|| {
+                    ImageError::io(
+                        &d.child(PAGES_FILE),
+                        std::io::Error::from_raw_os_error(libc::ENOENT),
+                    )
+                })?;
+                provenance.push(prov);
+                let len = pages
+                    .metadata()
+                    .map_err(|e| ImageError::io(&d.child(PAGES_FILE), e))?
+                    .len();
+                (Pages::File(pages), len)
+            }
+        };
         pagemap.check_data_bounds(&d.child(PAGES_FILE), pages_len)?;
         digests.push((PAGEMAP_FILE.to_string(), pagemap_digest));
         Ok(Image {
@@ -319,20 +378,45 @@ impl Image {
         }
     }
 
+    /// The page file as errors name it: with its page server, if remote.
     fn pages_path(&self) -> PathBuf {
-        self.dir.join(PAGES_FILE)
+        match &self.pages {
+            Pages::File(_) => self.dir.join(PAGES_FILE),
+            Pages::Remote(r) => PathBuf::from(format!(
+                "{} ({})",
+                self.dir.join(PAGES_FILE).display(),
+                r.origin()
+            )),
+        }
+    }
+
+    /// SHA-256 of this image's page map: how a page server and its client
+    /// know they hold the same image.
+    pub fn pagemap_digest(&self) -> [u8; 32] {
+        self.digests
+            .iter()
+            .find(|(n, _)| n == PAGEMAP_FILE)
+            .map(|(_, d)| *d)
+            .unwrap_or_default()
     }
 
     /// Read and check the bytes of one `Data` entry: returns exactly
     /// `entry.nr_pages * PAGE_SIZE` bytes.
     pub fn read_entry(&self, entry: &PageEntry) -> Result<Vec<u8>, ImageError> {
-        pagemap::read_entry_data_from(&self.pages_path(), &self.pages, entry)
+        let stored = self.read_stored(entry)?;
+        pagemap::decode_blob(&self.pages_path(), entry, stored)
     }
 
     /// Read the stored (maybe compressed) bytes of one `Data` entry,
     /// unchecked: [`decode_blob`] checks and decodes them.
     pub fn read_stored(&self, entry: &PageEntry) -> Result<Vec<u8>, ImageError> {
-        use std::os::unix::fs::FileExt;
+        if entry.kind != PageKind::Data {
+            return Err(ImageError::corrupt(
+                &self.pages_path(),
+                format!("pages at {:#x} have no stored bytes", entry.start),
+            ));
+        }
+        // Bounded by the page map's checks (at most MAX_BLOB_PAGES pages).
         let mut stored = vec![0u8; sys::usize_of(entry.stored_len())];
         self.pages
             .read_exact_at(&mut stored, entry.offset)
@@ -346,7 +430,10 @@ impl Image {
     /// to go on with an image that is being taken away or rewritten).
     pub fn pages_file_changed(&self) -> Option<&'static str> {
         use std::os::unix::fs::MetadataExt;
-        let open = self.pages.metadata().ok()?;
+        let Pages::File(f) = &self.pages else {
+            return None;
+        };
+        let open = f.metadata().ok()?;
         if open.nlink() == 0 {
             return Some("was removed");
         }
@@ -359,7 +446,6 @@ impl Image {
 
     /// [`Image::read_stored`] into `buf` (resized), reused from call to call.
     pub fn read_stored_into(&self, entry: &PageEntry, buf: &mut Vec<u8>) -> Result<(), ImageError> {
-        use std::os::unix::fs::FileExt;
         buf.resize(sys::usize_of(entry.stored_len()), 0);
         self.pages
             .read_exact_at(buf, entry.offset)
@@ -369,7 +455,6 @@ impl Image {
     /// [`Image::read_stored`] into `buf`, which must be exactly as long as
     /// the entry's stored bytes.
     pub fn read_stored_to(&self, entry: &PageEntry, buf: &mut [u8]) -> Result<(), ImageError> {
-        use std::os::unix::fs::FileExt;
         if buf.len() as u64 != entry.stored_len() {
             return Err(ImageError::corrupt(
                 &self.pages_path(),
@@ -386,9 +471,13 @@ impl Image {
             .map_err(|e| ImageError::io(&self.pages_path(), e))
     }
 
-    /// `pages.img`, as this image opened it (for a reader that maps it).
-    pub fn pages_file(&self) -> &std::fs::File {
-        &self.pages
+    /// `pages.img`, as this image opened it (for a reader that maps it);
+    /// `None` when its pages are remote.
+    pub fn pages_file(&self) -> Option<&std::fs::File> {
+        match &self.pages {
+            Pages::File(f) => Some(f),
+            Pages::Remote(_) => None,
+        }
     }
 
     /// Whether `entry` is stored as it is (not compressed).

@@ -156,6 +156,8 @@ impl FillSource {
             .images
             .iter()
             .map(|img| {
+                // Remote pages (a page server's) are read, not mapped.
+                let file = img.pages_file()?;
                 // SAFETY: a page file is written once, before its image's
                 // inventory (and seal) is; the chain checked who could have
                 // written it. Its CRCs guard against damage (a disk, a
@@ -165,7 +167,7 @@ impl FillSource {
                 // a process an image of theirs restores. One who truncates
                 // it kills tern with SIGBUS, and with it the half-built
                 // process (it dies with its parent until it is whole).
-                unsafe { FileView::map(img.pages_file()) }
+                unsafe { FileView::map(file) }
                     .inspect_err(|e| {
                         tracing::debug!(dir = %img.dir.display(), error = %e, "page file not mapped")
                     })
