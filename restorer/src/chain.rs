@@ -305,6 +305,19 @@ impl ImageChain {
         Ok(ImageChain { images })
     }
 
+    /// [`ImageChain::open`] with the page bytes at `remote` (a page
+    /// server): `dir` and its parents hold everything else.
+    pub fn open_remote(
+        dir: &Path,
+        remote: &dyn images::RemoteChain,
+    ) -> Result<ImageChain, ChainError> {
+        let images = resolve(dir, |p| Image::open_remote(p, remote), |i| &i.inventory)?
+            .into_iter()
+            .map(|(_, i)| i)
+            .collect();
+        Ok(ImageChain { images })
+    }
+
     pub fn newest(&self) -> &Image {
         &self.images[0]
     }

@@ -90,6 +90,8 @@ pub struct RestoreOptions {
     pub lazy: bool,
     /// How the memory built eagerly goes in.
     pub fill: FillMode,
+    /// Where the page bytes are, if not in the chain's own page files.
+    pub remote: Option<crate::remote::Remote>,
 }
 
 /// The JSON of `tern restore`.
@@ -179,7 +181,12 @@ fn bad(dir: &Path, what: impl Into<String>) -> RestoreError {
 }
 
 /// Step 1: read and check everything.
-fn plan(dir: &Path, lazy: bool, fill: FillMode) -> Result<Plan, RestoreError> {
+fn plan(
+    dir: &Path,
+    lazy: bool,
+    fill: FillMode,
+    remote: Option<&crate::remote::Remote>,
+) -> Result<Plan, RestoreError> {
     let t0 = Instant::now();
     let lap = |what: &str| {
         tracing::debug!(
@@ -187,7 +194,10 @@ fn plan(dir: &Path, lazy: bool, fill: FillMode) -> Result<Plan, RestoreError> {
             t0.elapsed().as_secs_f64() * 1e3
         )
     };
-    let chain = ImageChain::open(dir)?;
+    let chain = match remote {
+        Some(r) => ImageChain::open_remote(dir, r)?,
+        None => ImageChain::open(dir)?,
+    };
     lap("chain opened");
     // The mapped files (a few hundred µs of opens and ELF notes) are
     // checked on another thread while this one checks the rest.
@@ -600,7 +610,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     // built (see `interrupt`).
     let guard = crate::interrupt::BuildGuard::arm();
     let plan = in_step(tracing::debug_span!("plan"), || {
-        plan(dir, opts.lazy, opts.fill)
+        plan(dir, opts.lazy, opts.fill, opts.remote.as_ref())
     })?;
     let pid = plan.process.pid;
     span.record("pid", pid);

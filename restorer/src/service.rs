@@ -91,6 +91,9 @@ pub struct ServiceOptions {
     pub rate_mb_s: u64,
     /// Deadline of every wait on the process (injections).
     pub timeout: Duration,
+    /// Where the page bytes are, if not in the chain's own page files
+    /// (a resumed service opens the chain again).
+    pub remote: Option<crate::remote::Remote>,
 }
 
 /// The `lazy` object of the JSON.
@@ -706,7 +709,10 @@ impl ServiceLock {
 /// from a process restored lazily from `dir` whose service is gone, learn
 /// which pages are in, and finish its fill.
 pub fn resume(pid: i32, dir: &Path, opts: &ServiceOptions) -> Result<LazyStats, LazyError> {
-    let chain = ImageChain::open(dir)?;
+    let chain = match &opts.remote {
+        Some(r) => ImageChain::open_remote(dir, r)?,
+        None => ImageChain::open(dir)?,
+    };
     let inv = &chain.newest().inventory;
     if inv.pid != pid {
         return Err(LazyError::NotLazy {

@@ -1,0 +1,461 @@
+//! Pages over the network: `tern page-server` serves the page files of one
+//! image chain to any number of restores at once, each page as often as it
+//! is asked for; a restore given `--page-server` opens the chain's images
+//! from its own directory (inventory, VMAs, page maps, process state: all
+//! checked as ever) and reads their page bytes from the server, checking
+//! every blob's CRC against its own page map.
+//!
+//! Images are matched by their page map's SHA-256, so a server holding
+//! another image (or another version of it) is refused by name, not read.
+//! Everything crosses a [`wire::Channel`]: both ends prove they hold the
+//! key, and the stream is encrypted.
+//!
+//! The protocol, one message each way per request:
+//! - `H` + version: the server answers with JSON, its images' digests and
+//!   page-file lengths;
+//! - `R` + image (u32) + offset (u64) + length (u32), big-endian: the
+//!   server answers `D` + the bytes, or `E` + why not.
+//!
+//! A connection lost in the middle is made again with the same key, for up
+//! to [`RemoteOptions::retry_for`]: a lazy restore's faulting threads wait
+//! meanwhile, they never read zeros.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use images::{RemoteChain, RemotePages};
+use serde::{Deserialize, Serialize};
+use wire::{AsyncChannel, Channel, Key, ReplayGuard, WireError};
+
+use crate::chain::{ChainError, ImageChain};
+
+const VERSION: &[u8] = b"tern-pages 1";
+/// The largest read one request may ask for.
+const MAX_READ: u32 = 16 << 20;
+/// A request's size: tag, image, offset, length.
+const REQUEST: usize = 1 + 4 + 8 + 4;
+/// How long an unauthenticated peer may take to shake hands.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("page server {addr}: {why}")]
+    Protocol { addr: String, why: String },
+    #[error("page server: cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("page server: {0}")]
+    Runtime(std::io::Error),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ServedImage {
+    /// SHA-256 of its page map, hex.
+    digest: String,
+    pages_len: u64,
+    /// Its directory on the server, for messages.
+    dir: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    images: Vec<ServedImage>,
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a client reaches its page server.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    pub addr: String,
+    pub key: Key,
+    /// Deadline of each connection, handshake and request.
+    pub timeout: Duration,
+    /// How long a lost server is retried before a read fails.
+    pub retry_for: Duration,
+}
+
+/// The client: a page server's images, and a pool of connections to it
+/// (one per thread that reads at once).
+#[derive(Debug)]
+pub struct RemoteSource {
+    opts: RemoteOptions,
+    images: Vec<ServedImage>,
+    pool: Mutex<Vec<Channel>>,
+    bytes: AtomicU64,
+    requests: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+impl RemoteSource {
+    /// Connect, prove the key, and learn which images the server holds.
+    pub fn connect(opts: RemoteOptions) -> Result<Arc<RemoteSource>, RemoteError> {
+        let mut ch = Channel::connect(&opts.addr, &opts.key, opts.timeout)?;
+        let images = hello(&mut ch, &opts.addr)?;
+        Ok(Arc::new(RemoteSource {
+            opts,
+            images,
+            pool: Mutex::new(vec![ch]),
+            bytes: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+        }))
+    }
+
+    /// Bytes read from the server so far, requests made, connections
+    /// made again after one was lost.
+    pub fn counters(&self) -> (u64, u64, u64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+            self.reconnects.load(Ordering::Relaxed),
+        )
+    }
+
+    fn take(&self) -> Option<Channel> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn give(&self, ch: Channel) {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(ch);
+    }
+
+    fn read(&self, image: u32, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let len = u32::try_from(buf.len())
+            .ok()
+            .filter(|&l| l <= MAX_READ)
+            .ok_or_else(|| std::io::Error::other(format!("a read of {} bytes", buf.len())))?;
+        let deadline = Instant::now() + self.opts.retry_for;
+        let mut wait = Duration::from_millis(10);
+        loop {
+            let attempt = match self.take() {
+                Some(ch) => Ok(ch),
+                None => Channel::connect(&self.opts.addr, &self.opts.key, self.opts.timeout),
+            }
+            .and_then(|mut ch| {
+                let mut req = Vec::with_capacity(REQUEST);
+                req.push(b'R');
+                req.extend_from_slice(&image.to_be_bytes());
+                req.extend_from_slice(&offset.to_be_bytes());
+                req.extend_from_slice(&len.to_be_bytes());
+                ch.send(&req)?;
+                let resp = ch.recv(buf.len() + 1)?;
+                Ok((ch, resp))
+            });
+            match attempt {
+                Ok((ch, resp)) => {
+                    self.give(ch);
+                    return match resp.split_first() {
+                        Some((b'D', data)) if data.len() == buf.len() => {
+                            buf.copy_from_slice(data);
+                            self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                            self.requests.fetch_add(1, Ordering::Relaxed);
+                            Ok(())
+                        }
+                        Some((b'E', why)) => Err(std::io::Error::other(format!(
+                            "page server {}: {}",
+                            self.opts.addr,
+                            String::from_utf8_lossy(why)
+                        ))),
+                        _ => Err(std::io::Error::other(format!(
+                            "page server {}: an answer that is not the {} bytes asked for",
+                            self.opts.addr,
+                            buf.len()
+                        ))),
+                    };
+                }
+                // A peer that no longer holds the key will not hold it
+                // on the next try either.
+                Err(e) if e.is_refusal() => return Err(std::io::Error::other(e.to_string())),
+                Err(e) => {
+                    if Instant::now() + wait > deadline {
+                        return Err(std::io::Error::other(format!(
+                            "{e}; gave up after retrying for {} s",
+                            self.opts.retry_for.as_secs()
+                        )));
+                    }
+                    tracing::warn!(server = %self.opts.addr, "page server connection lost ({e}); connecting again");
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+}
+
+fn hello(ch: &mut Channel, addr: &str) -> Result<Vec<ServedImage>, RemoteError> {
+    let mut m = vec![b'H'];
+    m.extend_from_slice(VERSION);
+    ch.send(&m)?;
+    let resp = ch.recv(4 << 20)?;
+    let proto = |why: String| RemoteError::Protocol {
+        addr: addr.into(),
+        why,
+    };
+    match resp.split_first() {
+        Some((b'I', json)) => serde_json::from_slice::<Hello>(json)
+            .map(|h| h.images)
+            .map_err(|e| proto(format!("its list of images does not parse: {e}"))),
+        Some((b'E', why)) => Err(proto(String::from_utf8_lossy(why).into_owned())),
+        _ => Err(proto("an answer that is not a list of images".into())),
+    }
+}
+
+/// One image's pages at the server.
+#[derive(Debug)]
+struct RemoteImage {
+    src: Arc<RemoteSource>,
+    index: u32,
+}
+
+impl RemotePages for RemoteImage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        // Reads longer than a request takes go in pieces.
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(MAX_READ as usize);
+            self.src
+                .read(self.index, offset + done as u64, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn origin(&self) -> String {
+        format!("page server {}", self.src.opts.addr)
+    }
+}
+
+/// The server's images, found by digest.
+#[derive(Debug, Clone)]
+pub struct Remote(pub Arc<RemoteSource>);
+
+impl RemoteChain for Remote {
+    fn pages_of(
+        &self,
+        dir: &Path,
+        digest: &[u8; 32],
+    ) -> Result<(Arc<dyn RemotePages>, u64), String> {
+        let h = hex(digest);
+        let (i, img) = self
+            .0
+            .images
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.digest == h)
+            .ok_or_else(|| {
+                format!(
+                    "the page server {} does not hold this image ({} is not the image it serves: its page map differs from all {} of its images)",
+                    self.0.opts.addr,
+                    dir.display(),
+                    self.0.images.len()
+                )
+            })?;
+        let index = u32::try_from(i).map_err(|e| e.to_string())?;
+        Ok((
+            Arc::new(RemoteImage {
+                src: self.0.clone(),
+                index,
+            }),
+            img.pages_len,
+        ))
+    }
+}
+
+/// What a running page server reports once it listens.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listening {
+    pub listen: SocketAddr,
+    pub images: usize,
+    pub dir: PathBuf,
+}
+
+/// Serve the chain in `dir` on `listen` until the process is killed.
+/// `ready` is called once the socket listens.
+pub fn serve_pages(
+    dir: &Path,
+    listen: &str,
+    key: Key,
+    ready: impl FnOnce(&Listening),
+) -> Result<(), RemoteError> {
+    let chain = Arc::new(ImageChain::open(dir)?);
+    let served: Vec<ServedImage> = chain
+        .images
+        .iter()
+        .map(|img| ServedImage {
+            digest: hex(&img.pagemap_digest()),
+            pages_len: img
+                .pages_file()
+                .and_then(|f| f.metadata().ok())
+                .map_or(0, |m| m.len()),
+            dir: img.dir.display().to_string(),
+        })
+        .collect();
+    let hello = {
+        let mut m = vec![b'I'];
+        m.extend(
+            serde_json::to_vec(&Hello { images: served })
+                .map_err(|e| RemoteError::Runtime(e.into()))?,
+        );
+        Arc::new(m)
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(RemoteError::Runtime)?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| RemoteError::Listen {
+                addr: listen.into(),
+                source: e,
+            })?;
+        let local = l.local_addr().map_err(RemoteError::Runtime)?;
+        ready(&Listening {
+            listen: local,
+            images: chain.images.len(),
+            dir: dir.to_path_buf(),
+        });
+        let key = Arc::new(key);
+        let replay = Arc::new(ReplayGuard::new());
+        loop {
+            let (stream, peer) = match l.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of fds and the like: wait, do not spin.
+                    tracing::warn!("page server: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (chain, key, replay, hello) =
+                (chain.clone(), key.clone(), replay.clone(), hello.clone());
+            tokio::spawn(async move {
+                let peer = peer.to_string();
+                let ch = tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    AsyncChannel::respond(stream, peer.clone(), &key, &replay),
+                )
+                .await;
+                let mut ch = match ch {
+                    Ok(Ok(ch)) => ch,
+                    Ok(Err(e)) => {
+                        tracing::warn!("page server: refused {peer}: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "page server: refused {peer}: no handshake within {} s",
+                            HANDSHAKE_TIMEOUT.as_secs()
+                        );
+                        return;
+                    }
+                };
+                tracing::info!("page server: {peer} connected");
+                if let Err(e) = serve_client(&mut ch, &chain, &hello).await {
+                    match e {
+                        WireError::Closed { .. } => tracing::info!("page server: {peer} left"),
+                        e => tracing::warn!("page server: {peer}: {e}"),
+                    }
+                }
+            });
+        }
+    })
+}
+
+async fn serve_client(
+    ch: &mut AsyncChannel<tokio::net::TcpStream>,
+    chain: &Arc<ImageChain>,
+    hello: &[u8],
+) -> Result<(), WireError> {
+    loop {
+        let req = ch.recv(64).await?;
+        match req.split_first() {
+            Some((b'H', v)) if v == VERSION => ch.send(hello).await?,
+            Some((b'H', v)) => {
+                let mut m = b"E".to_vec();
+                m.extend(
+                    format!(
+                        "this server speaks {}, the client {}",
+                        String::from_utf8_lossy(VERSION),
+                        String::from_utf8_lossy(v)
+                    )
+                    .bytes(),
+                );
+                ch.send(&m).await?;
+            }
+            Some((b'R', body)) if body.len() == REQUEST - 1 => {
+                let image = u32::from_be_bytes(body[0..4].try_into().unwrap_or_default());
+                let offset = u64::from_be_bytes(body[4..12].try_into().unwrap_or_default());
+                let len = u32::from_be_bytes(body[12..16].try_into().unwrap_or_default());
+                let chain = chain.clone();
+                let answer =
+                    tokio::task::spawn_blocking(move || read_for(&chain, image, offset, len))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("the read failed: {e}")));
+                match answer {
+                    Ok(m) => ch.send(&m).await?,
+                    Err(why) => {
+                        let mut m = b"E".to_vec();
+                        m.extend(why.bytes());
+                        ch.send(&m).await?;
+                    }
+                }
+            }
+            _ => {
+                let mut m = b"E".to_vec();
+                m.extend(b"a request this server does not know");
+                ch.send(&m).await?;
+            }
+        }
+    }
+}
+
+/// `D` + the bytes asked for, or why not.
+fn read_for(chain: &ImageChain, image: u32, offset: u64, len: u32) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let img = chain
+        .images
+        .get(image as usize)
+        .ok_or_else(|| format!("no image {image} (this chain has {})", chain.images.len()))?;
+    if len > MAX_READ {
+        return Err(format!("a read of {len} bytes (at most {MAX_READ})"));
+    }
+    let f = img
+        .pages_file()
+        .ok_or_else(|| "the server's own pages are remote".to_string())?;
+    let path = img.dir.join(images::PAGES_FILE);
+    let size = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if offset
+        .checked_add(u64::from(len))
+        .is_none_or(|end| end > size)
+    {
+        return Err(format!(
+            "{} bytes at {offset} are past the end of {} ({size} bytes)",
+            len,
+            path.display()
+        ));
+    }
+    let mut m = vec![0u8; 1 + len as usize];
+    m[0] = b'D';
+    f.read_exact_at(&mut m[1..], offset)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(m)
+}
