@@ -129,6 +129,8 @@ enum Cmd {
         fill_mode: FillModeArg,
         #[command(flatten)]
         fill: FillArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
         #[arg(long)]
@@ -148,8 +150,34 @@ enum Cmd {
         dir: PathBuf,
         #[command(flatten)]
         fill: FillArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the pages of an image chain over TCP to any number of
+    /// restores at once (`tern restore --page-server`), authenticated and
+    /// encrypted with a key of `tern keygen`; runs until killed.
+    PageServer {
+        /// The image (its parents are served with it).
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// Address and port to listen on (port 0: any free one, printed).
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: String,
+        /// The pre-shared key file (`tern keygen`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Print one JSON object once listening.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a pre-shared key for a page server and its clients (mode 0600;
+    /// an existing file is never overwritten).
+    Keygen {
+        file: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -192,6 +220,53 @@ enum Cmd {
     },
 }
 
+/// Where a restore's pages are when they are not in its directory.
+#[derive(clap::Args, Clone)]
+struct RemoteArgs {
+    /// Read the pages from this `tern page-server` (the images directory
+    /// holds everything else: copy it without its pages.img files).
+    #[arg(long, value_name = "ADDR:PORT", requires = "key")]
+    page_server: Option<String>,
+    /// The pre-shared key file shared with the page server.
+    #[arg(long, value_name = "FILE", requires = "page_server")]
+    key: Option<PathBuf>,
+    /// How long a lost page server is retried before the restore (or a
+    /// lazy restore's process) fails, in seconds.
+    #[arg(long, default_value_t = 30, requires = "page_server")]
+    page_server_retry_s: u64,
+}
+
+impl RemoteArgs {
+    fn connect(&self, timeout_ms: u64) -> Result<Option<restorer::remote::Remote>> {
+        let (Some(addr), Some(key)) = (&self.page_server, &self.key) else {
+            return Ok(None);
+        };
+        let key = wire::Key::load(key)?;
+        let src = restorer::remote::RemoteSource::connect(restorer::remote::RemoteOptions {
+            addr: addr.clone(),
+            key,
+            timeout: Duration::from_millis(timeout_ms.max(1000)),
+            retry_for: Duration::from_secs(self.page_server_retry_s),
+        })
+        .with_context(|| format!("connecting to the page server {addr}"))?;
+        Ok(Some(restorer::remote::Remote(src)))
+    }
+
+    fn args(&self) -> Vec<String> {
+        match (&self.page_server, &self.key) {
+            (Some(a), Some(k)) => vec![
+                "--page-server".into(),
+                a.clone(),
+                "--key".into(),
+                k.display().to_string(),
+                "--page-server-retry-s".into(),
+                self.page_server_retry_s.to_string(),
+            ],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// How a lazy restore's background fill goes.
 #[derive(clap::Args, Clone, Copy)]
 struct FillArgs {
@@ -221,8 +296,13 @@ enum PrefetchArg {
 }
 
 impl FillArgs {
-    fn options(self, timeout_ms: u64) -> restorer::service::ServiceOptions {
+    fn options(
+        self,
+        timeout_ms: u64,
+        remote: Option<restorer::remote::Remote>,
+    ) -> restorer::service::ServiceOptions {
         restorer::service::ServiceOptions {
+            remote,
             prefetch: match self.prefetch {
                 PrefetchArg::Hot => restorer::lazy::Prefetch::Hot,
                 PrefetchArg::Address => restorer::lazy::Prefetch::Address,
@@ -393,9 +473,10 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Dump { .. } => require_root("dump")?,
         Cmd::Restore { .. } => require_root("restore")?,
         Cmd::LazyPages { .. } => require_root("lazy-pages")?,
+        Cmd::PageServer { .. } => require_root("page-server")?,
         Cmd::Track { .. } => require_root("track")?,
         Cmd::Untrack { .. } => require_root("untrack")?,
-        Cmd::Check { .. } | Cmd::Show { .. } => {}
+        Cmd::Check { .. } | Cmd::Show { .. } | Cmd::Keygen { .. } => {}
     }
     match cmd {
         Cmd::Check { pid, json } => check(pid, json),
@@ -477,6 +558,7 @@ fn run(cmd: Cmd) -> Result<()> {
             lazy_pages,
             fill_mode,
             fill,
+            remote,
             timeout_ms,
             json,
         } => restore(
@@ -484,6 +566,7 @@ fn run(cmd: Cmd) -> Result<()> {
             detach,
             pidfile.as_deref(),
             lazy_pages.then_some(fill),
+            &remote,
             match fill_mode {
                 FillModeArg::Uffd => restorer::fill::FillMode::Uffd,
                 FillModeArg::Write => restorer::fill::FillMode::Write,
@@ -496,6 +579,7 @@ fn run(cmd: Cmd) -> Result<()> {
             pid,
             dir,
             fill,
+            remote,
             timeout_ms,
             json,
         } => {
@@ -504,7 +588,42 @@ fn run(cmd: Cmd) -> Result<()> {
                     "tern lazy-pages serves a process restored with --lazy-pages: give --resume -t PID -D DIR (a lazy restore starts its own service)"
                 );
             }
-            lazy_pages(pid, &dir, fill, timeout_ms, json)
+            lazy_pages(pid, &dir, fill, &remote, timeout_ms, json)
+        }
+        Cmd::PageServer {
+            dir,
+            listen,
+            key,
+            json,
+        } => {
+            let key = wire::Key::load(&key)?;
+            restorer::remote::serve_pages(&dir, &listen, key, |l| {
+                if json {
+                    let mut v = serde_json::to_value(l).expect("serializable");
+                    v["pid"] = std::process::id().into();
+                    print_json(&v);
+                } else {
+                    eprintln!(
+                        "serving the pages of {} ({} images) on {}",
+                        l.dir.display(),
+                        l.images,
+                        l.listen
+                    );
+                }
+            })
+            .map_err(|e| failed("page-server", None, Some(("of", &dir)), e))
+        }
+        Cmd::Keygen { file, json } => {
+            wire::Key::write_new(&file)?;
+            if json {
+                print_json(&serde_json::json!({ "key_file": file.display().to_string() }));
+            } else {
+                eprintln!(
+                    "wrote a new key to {} (mode 0600): give it to both ends",
+                    file.display()
+                );
+            }
+            Ok(())
         }
         Cmd::Untrack {
             pid,
@@ -727,21 +846,25 @@ fn dump(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn restore(
     dir: &Path,
     detach: bool,
     pidfile: Option<&Path>,
     lazy: Option<FillArgs>,
+    remote_args: &RemoteArgs,
     fill: restorer::fill::FillMode,
     timeout_ms: u64,
     json: bool,
 ) -> Result<()> {
+    let remote = remote_args.connect(timeout_ms)?;
     let restored = restorer::restore::restore(
         dir,
         &restorer::restore::RestoreOptions {
             timeout: Duration::from_millis(timeout_ms),
             lazy: lazy.is_some(),
             fill,
+            remote: remote.clone(),
         },
     )
     .map_err(|e| failed("restore", None, Some(("from", dir)), e))?;
@@ -770,7 +893,7 @@ fn restore(
                 // The service becomes a daemon of its own: `tern lazy-pages
                 // --resume`, which takes the userfaultfd from the process.
                 drop(chain);
-                let service = spawn_lazy_daemon(pid, dir, fill, timeout_ms)?;
+                let service = spawn_lazy_daemon(pid, dir, fill, remote_args, timeout_ms)?;
                 drop(handoff);
                 if json {
                     let mut v = serde_json::to_value(&report).expect("serializable");
@@ -788,7 +911,7 @@ fn restore(
                 }
                 return Ok(());
             }
-            let stats = restorer::service::serve(chain, handoff, &fill.options(timeout_ms))
+            let stats = restorer::service::serve(chain, handoff, &fill.options(timeout_ms, remote))
                 .map_err(|e| failed("lazy pages", Some(pid), Some(("from", dir)), e))?;
             if json {
                 let mut v = serde_json::to_value(&report).expect("serializable");
@@ -831,7 +954,13 @@ const LAZY_LOG: &str = "lazy-pages.log";
 /// Start `tern lazy-pages --resume` for `pid` as a daemon (its own session,
 /// stdio away from ours, stderr into DIR/lazy-pages.log) and wait until it
 /// serves (holds the service lock) or fails.
-fn spawn_lazy_daemon(pid: i32, dir: &Path, fill: FillArgs, timeout_ms: u64) -> Result<i32> {
+fn spawn_lazy_daemon(
+    pid: i32,
+    dir: &Path,
+    fill: FillArgs,
+    remote: &RemoteArgs,
+    timeout_ms: u64,
+) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let d = images::ImageDir::create(dir)?;
     let log = d.open_or_create_file(LAZY_LOG)?;
@@ -841,6 +970,7 @@ fn spawn_lazy_daemon(pid: i32, dir: &Path, fill: FillArgs, timeout_ms: u64) -> R
     cmd.args(["lazy-pages", "--resume", "-t", &pid.to_string(), "-D"])
         .arg(dir)
         .args(fill.args())
+        .args(remote.args())
         .args(["--timeout-ms", &timeout_ms.to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -879,8 +1009,21 @@ fn spawn_lazy_daemon(pid: i32, dir: &Path, fill: FillArgs, timeout_ms: u64) -> R
     }
 }
 
-fn lazy_pages(pid: i32, dir: &Path, fill: FillArgs, timeout_ms: u64, json: bool) -> Result<()> {
-    let res = restorer::service::resume(pid, dir, &fill.options(timeout_ms));
+fn lazy_pages(
+    pid: i32,
+    dir: &Path,
+    fill: FillArgs,
+    remote: &RemoteArgs,
+    timeout_ms: u64,
+    json: bool,
+) -> Result<()> {
+    let res = remote.connect(timeout_ms).and_then(|r| {
+        Ok(restorer::service::resume(
+            pid,
+            dir,
+            &fill.options(timeout_ms, r),
+        )?)
+    });
     // The figures (or the error) also go to DIR/lazy-stats.json: a
     // detached service has no one reading its stdout.
     let record = match &res {
