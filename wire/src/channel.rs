@@ -275,7 +275,14 @@ impl Channel {
         let mut buf = [0u8; 128];
         let n = hs.write_message(&[], &mut buf).map_err(noise)?;
         stream.write_all(&frame(&buf[..n])).map_err(io)?;
-        let reply = read_frame(&mut stream, peer)?;
+        let reply = read_frame(&mut stream, peer).map_err(|e| match e {
+            // A responder that cannot verify the first message hangs up.
+            WireError::Closed { .. } => WireError::Refused {
+                peer: peer.into(),
+                why: "the server hung up on the handshake: it holds another key (or refuses this client; its log says why)".into(),
+            },
+            e => e,
+        })?;
         check_first_frame(reply.len(), peer)?;
         hs.read_message(&reply, &mut buf)
             .map_err(|_| wrong_key(peer, "server"))?;
