@@ -5,6 +5,7 @@
 
 pub mod ck;
 pub mod failfs;
+pub mod hosts;
 pub mod lazy;
 pub mod oracle;
 pub mod pattern;

@@ -20,6 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tern_tests::ck::CkProcess;
+use tern_tests::hosts::TwoHosts;
 use tern_tests::lazy::{self, read_fails};
 use tern_tests::{TernOutput, dump_args, pre_dump, spawn_tern, tempdir, tern, tern_bin};
 
@@ -97,20 +98,29 @@ struct Server {
     addr: String,
 }
 
+fn server_args(dir: &Path, listen: &str, key: &Path) -> Vec<String> {
+    [
+        "page-server",
+        "-D",
+        &dir.display().to_string(),
+        "--listen",
+        listen,
+        "--key",
+        &key.display().to_string(),
+        "--json",
+        "--log",
+        "info",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 impl Server {
     fn start(dir: &Path, listen: &str, key: &Path) -> Server {
-        let mut child = spawn_tern(&[
-            "page-server",
-            "-D",
-            &dir.display().to_string(),
-            "--listen",
-            listen,
-            "--key",
-            &key.display().to_string(),
-            "--json",
-            "--log",
-            "info",
-        ]);
+        Server::of(spawn_tern(&server_args(dir, listen, key)))
+    }
+
+    fn of(mut child: Child) -> Server {
         let out = TernOutput::of(&mut child);
         let v = out.json(END).unwrap_or_else(|e| {
             let _ = child.kill();
@@ -385,4 +395,70 @@ fn wrong_keys_plaintext_clients_open_key_files_and_other_images_are_refused() {
     tern(&args).assert_clear_failure(&["chmod 600"]);
     // And a key is never overwritten.
     tern(&["keygen", &keys]).assert_clear_failure(&["already exists"]);
+}
+
+#[test]
+fn a_restore_on_another_host_reads_its_pages_over_a_shaped_link() {
+    let _one = serial();
+    lazy::become_subreaper();
+    let (mut ck, root, dir) = checkpointed(&["--mib", "16"]);
+    let key = keygen(root.path(), "key");
+    let keys = key.display().to_string();
+    let hosts = TwoHosts::new().unwrap_or_else(|e| panic!("two hosts: {e}"));
+    hosts.shape("100mbit").unwrap_or_else(|e| panic!("{e}"));
+    let listen = format!("{}:0", hosts.a.addr);
+    let mut server = Server::of(
+        hosts
+            .on(&hosts.a, &tern_bin())
+            .args(server_args(&dir, &listen, &key))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ip netns exec"),
+    );
+    let b = root.path().join("b");
+    copy_without_pages(&root.path().join("img"), &b);
+    let db = b.join("dump");
+    let out = hosts
+        .on(&hosts.b, &tern_bin())
+        .args([
+            "restore",
+            "-D",
+            &db.display().to_string(),
+            "--lazy-pages",
+            "--detach",
+            "--json",
+        ])
+        .args(remote(&server.addr, &keys))
+        .stdin(Stdio::null())
+        .output()
+        .expect("ip netns exec");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "restore on host b: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(v["pid"].as_i64(), Some(i64::from(ck.pid)), "{v}");
+    let _cleanup = lazy::KillOnDrop(vec![ck.pid, lazy::service_pid(&v)]);
+    // The process lives on host b: its network namespace is b's.
+    let ns = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    assert_eq!(
+        ns(&format!("/proc/{}/ns/net", ck.pid)).unwrap(),
+        ns(&format!("/run/netns/{}", hosts.b.netns)).unwrap(),
+        "the restored process is not in host b's network namespace"
+    );
+    let stats = lazy::wait_stats(&db, END).unwrap_or_else(|e| panic!("{e}"));
+    assert!(stats["lazy"]["pages"].as_u64() >= Some(16 * 256), "{stats}");
+    lazy::assert_fill_left_nothing(ck.pid, "restored on host b");
+    let fails = read_fails(&ck);
+    assert!(fails.is_empty(), "{fails:#?}");
+    assert_eq!(ck.verdict(END).unwrap_or_else(|e| panic!("{e}")), "PASS");
+    let log = server.stop();
+    assert!(
+        log.contains(&format!("{}:", hosts.b.addr)) && log.contains("connected"),
+        "the server saw no client from host b ({}): {log}",
+        hosts.b.addr
+    );
 }

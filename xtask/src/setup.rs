@@ -32,6 +32,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "sqlite3",
         "a real program the dump/restore tests checkpoint",
     ),
+    (
+        "iproute2",
+        "`ip netns` and veth pairs (two hosts on one machine) and `tc` (shaped links) for the page-server and migration tests",
+    ),
+    (
+        "util-linux",
+        "`unshare`: a restore in a PID namespace of its own",
+    ),
 ];
 
 const BPF_LINKER_SERIES: &str = "0.13";
