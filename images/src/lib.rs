@@ -204,6 +204,9 @@ pub trait RemotePages: Send + Sync + std::fmt::Debug {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
     /// Where the bytes come from, for errors.
     fn origin(&self) -> String;
+    /// A hint: `len` stored bytes at `offset` will be read soon (fetch
+    /// them in the background). May be ignored.
+    fn prefetch(&self, _offset: u64, _len: usize) {}
 }
 
 /// Finds the remote copy of an image opened here, by its page map's
@@ -422,6 +425,15 @@ impl Image {
             .read_exact_at(&mut stored, entry.offset)
             .map_err(|e| ImageError::io(&self.pages_path(), e))?;
         Ok(stored)
+    }
+
+    /// A hint that `entry`'s stored bytes will be read soon: a page
+    /// server's are fetched in the background (a reader going through a
+    /// chain in order then waits for one round trip in several, not each).
+    pub fn prefetch_stored(&self, entry: &PageEntry) {
+        if let (Pages::Remote(r), PageKind::Data) = (&self.pages, entry.kind) {
+            r.prefetch(entry.offset, sys::usize_of(entry.stored_len()));
+        }
     }
 
     /// Whether `pages.img` is still the file this image opened: `Some(why)`

@@ -20,10 +20,11 @@
 //! to [`RemoteOptions::retry_for`]: a lazy restore's faulting threads wait
 //! meanwhile, they never read zeros.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use images::{RemoteChain, RemotePages};
@@ -96,6 +97,7 @@ pub struct RemoteSource {
     bytes: AtomicU64,
     requests: AtomicU64,
     reconnects: AtomicU64,
+    prefetch: Arc<Prefetcher>,
 }
 
 impl RemoteSource {
@@ -110,6 +112,7 @@ impl RemoteSource {
             bytes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            prefetch: Arc::new(Prefetcher::default()),
         }))
     }
 
@@ -213,6 +216,145 @@ fn hello(ch: &mut Channel, addr: &str) -> Result<Vec<ServedImage>, RemoteError> 
     }
 }
 
+/// Reads a hint asked for that may be fetched ahead at once (each on a
+/// connection of its own), and the fetched ones kept until read.
+const PREFETCH_SLOTS: usize = 16;
+/// Threads fetching hinted reads.
+const PREFETCH_WORKERS: usize = 4;
+
+/// A read fetched ahead: (image, offset, length).
+type SlotKey = (u32, u64, usize);
+
+#[derive(Debug)]
+enum Slot {
+    Queued,
+    Fetching,
+    Ready(Vec<u8>),
+    /// The fetch failed: the reader asks again itself (and gets the error).
+    Failed,
+}
+
+/// Background fetches of the reads a restore said it will make next
+/// ([`RemotePages::prefetch`]): several requests in flight instead of one
+/// round trip per blob.
+#[derive(Debug, Default)]
+struct Prefetcher {
+    slots: Mutex<(HashMap<SlotKey, Slot>, VecDeque<SlotKey>)>,
+    changed: Condvar,
+    started: AtomicBool,
+}
+
+impl Prefetcher {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<SlotKey, Slot>, VecDeque<SlotKey>)> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue `key` unless known; when full, the oldest fetched and unread
+    /// read makes room (a hint the restore did not follow).
+    fn hint(&self, key: SlotKey) -> bool {
+        let mut g = self.lock();
+        if g.0.contains_key(&key) {
+            return false;
+        }
+        if g.0.len() >= PREFETCH_SLOTS {
+            let old =
+                g.1.iter()
+                    .position(|k| matches!(g.0.get(k), Some(Slot::Ready(_) | Slot::Failed)));
+            match old.and_then(|i| g.1.remove(i)) {
+                Some(k) => {
+                    g.0.remove(&k);
+                }
+                None => return false,
+            }
+        }
+        g.0.insert(key, Slot::Queued);
+        g.1.push_back(key);
+        self.changed.notify_all();
+        true
+    }
+
+    /// The bytes of `key` if fetched ahead (waiting for a fetch under way);
+    /// `None`: not hinted, or its fetch failed.
+    fn take(&self, key: SlotKey, wait: Duration) -> Option<Vec<u8>> {
+        let end = Instant::now() + wait;
+        let mut g = self.lock();
+        loop {
+            match g.0.get(&key) {
+                None => return None,
+                Some(Slot::Queued) => {
+                    // Not started: the reader fetches it itself.
+                    g.0.remove(&key);
+                    g.1.retain(|k| *k != key);
+                    return None;
+                }
+                Some(Slot::Fetching) => {
+                    let left = end.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    g = self
+                        .changed
+                        .wait_timeout(g, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                Some(Slot::Ready(_) | Slot::Failed) => {
+                    g.1.retain(|k| *k != key);
+                    return match g.0.remove(&key) {
+                        Some(Slot::Ready(b)) => Some(b),
+                        _ => None,
+                    };
+                }
+            }
+        }
+    }
+
+    /// A worker: fetch queued reads until the source is gone.
+    fn work(self: Arc<Self>, src: std::sync::Weak<RemoteSource>) {
+        loop {
+            let key = {
+                let mut g = self.lock();
+                loop {
+                    let next =
+                        g.1.iter()
+                            .copied()
+                            .find(|k| matches!(g.0.get(k), Some(Slot::Queued)));
+                    if let Some(k) = next {
+                        g.0.insert(k, Slot::Fetching);
+                        break Some(k);
+                    }
+                    if src.strong_count() == 0 {
+                        break None;
+                    }
+                    g = self
+                        .changed
+                        .wait_timeout(g, Duration::from_millis(500))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            };
+            let Some(key) = key else { return };
+            let Some(s) = src.upgrade() else { return };
+            let mut buf = vec![0u8; key.2];
+            let slot = match s.read(key.0, key.1, &mut buf) {
+                Ok(()) => Slot::Ready(buf),
+                Err(e) => {
+                    tracing::debug!(
+                        "page server: a read ahead failed ({e}); the reader asks again"
+                    );
+                    Slot::Failed
+                }
+            };
+            drop(s);
+            let mut g = self.lock();
+            if let Some(v) = g.0.get_mut(&key) {
+                *v = slot;
+            }
+            self.changed.notify_all();
+        }
+    }
+}
+
 /// One image's pages at the server.
 #[derive(Debug)]
 struct RemoteImage {
@@ -221,7 +363,34 @@ struct RemoteImage {
 }
 
 impl RemotePages for RemoteImage {
+    fn prefetch(&self, offset: u64, len: usize) {
+        if len == 0 || len > MAX_READ as usize {
+            return;
+        }
+        let p = &self.src.prefetch;
+        if p.hint((self.index, offset, len)) && !p.started.swap(true, Ordering::SeqCst) {
+            for i in 0..PREFETCH_WORKERS {
+                let (p, src) = (p.clone(), Arc::downgrade(&self.src));
+                let spawned = std::thread::Builder::new()
+                    .name(format!("tern-prefetch-{i}"))
+                    .spawn(move || p.work(src));
+                if let Err(e) = spawned {
+                    tracing::debug!("page server: no read-ahead thread: {e}");
+                }
+            }
+        }
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let wait = self.src.opts.retry_for + self.src.opts.timeout;
+        if let Some(b) = self
+            .src
+            .prefetch
+            .take((self.index, offset, buf.len()), wait)
+        {
+            buf.copy_from_slice(&b);
+            return Ok(());
+        }
         // Reads longer than a request takes go in pieces.
         let mut done = 0usize;
         while done < buf.len() {

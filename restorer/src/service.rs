@@ -80,6 +80,9 @@ const FREE_BUFFERS: usize = 2 * FILL_AHEAD + 8;
 /// blobs after a fault into it; until the cache is full, nothing is
 /// evicted to decode into).
 const WARM_BUFFERS: usize = BLOB_CACHE_BYTES / sys::usize_of(images::BLOB_PAGES * PAGE_SIZE) + 8;
+/// Runs ahead of the fill's reader whose blobs a page server is asked for
+/// in the background.
+const PREFETCH_RUNS: usize = 8;
 /// How often a page file is checked for removal or replacement, ns (a stat
 /// of the open file and one of its path: 2-5 µs, too much for every blob).
 const CHANGED_CHECK_NS: u64 = 1_000_000;
@@ -1152,7 +1155,13 @@ fn decode_ahead(
 ) {
     let mut last: Option<(usize, u64)> = None;
     let mut seen = s.faults_seen();
-    for &ri in order {
+    for (k, &ri) in order.iter().enumerate() {
+        // The blobs a few runs on, fetched beside this one where the
+        // pages come from a page server (a no-op for local files).
+        for &next in order.iter().skip(k + 1).take(PREFETCH_RUNS) {
+            let r = &s.map.runs[next];
+            s.chain.images[r.image].prefetch_stored(&r.entry);
+        }
         decode_after_fault(s, space, &mut seen);
         if s.stop.load(Ordering::SeqCst) {
             return;
