@@ -556,16 +556,12 @@ async fn serve_client(
         match req.split_first() {
             Some((b'H', v)) if v == VERSION => ch.send(hello).await?,
             Some((b'H', v)) => {
-                let mut m = b"E".to_vec();
-                m.extend(
-                    format!(
-                        "this server speaks {}, the client {}",
-                        String::from_utf8_lossy(VERSION),
-                        String::from_utf8_lossy(v)
-                    )
-                    .bytes(),
-                );
-                ch.send(&m).await?;
+                ch.send(&refusal(&format!(
+                    "this server speaks {}, the client {}",
+                    String::from_utf8_lossy(VERSION),
+                    String::from_utf8_lossy(v)
+                )))
+                .await?
             }
             Some((b'R', body)) if body.len() == REQUEST - 1 => {
                 let image = u32::from_be_bytes(body[0..4].try_into().unwrap_or_default());
@@ -578,20 +574,23 @@ async fn serve_client(
                         .unwrap_or_else(|e| Err(format!("the read failed: {e}")));
                 match answer {
                     Ok(m) => ch.send(&m).await?,
-                    Err(why) => {
-                        let mut m = b"E".to_vec();
-                        m.extend(why.bytes());
-                        ch.send(&m).await?;
-                    }
+                    Err(why) => ch.send(&refusal(&why)).await?,
                 }
             }
             _ => {
-                let mut m = b"E".to_vec();
-                m.extend(b"a request this server does not know");
-                ch.send(&m).await?;
+                ch.send(&refusal("a request this server does not know"))
+                    .await?
             }
         }
     }
+}
+
+/// The answer `E` + why.
+fn refusal(why: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(1 + why.len());
+    m.push(b'E');
+    m.extend_from_slice(why.as_bytes());
+    m
 }
 
 /// `D` + the bytes asked for, or why not.

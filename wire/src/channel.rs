@@ -215,6 +215,28 @@ fn wrong_key(peer: &str, side: &str) -> WireError {
     }
 }
 
+/// The responder's side of the handshake, both ends': check the
+/// initiator's first frame (the key, a replay) and make the reply frame.
+fn answer(
+    first: &[u8; HANDSHAKE_FRAME],
+    key: &Key,
+    replay: &ReplayGuard,
+    peer: &str,
+) -> Result<(snow::HandshakeState, Vec<u8>), WireError> {
+    let mut hs = builder(key)?.build_responder().map_err(noise)?;
+    let mut buf = [0u8; 128];
+    hs.read_message(first, &mut buf)
+        .map_err(|_| wrong_key(peer, "client"))?;
+    if !replay.fresh(first) {
+        return Err(WireError::Refused {
+            peer: peer.into(),
+            why: "a handshake seen before: replayed".into(),
+        });
+    }
+    let n = hs.write_message(&[], &mut buf).map_err(noise)?;
+    Ok((hs, frame(&buf[..n])))
+}
+
 /// The blocking end of a channel over TCP.
 pub struct Channel {
     stream: TcpStream,
@@ -314,18 +336,8 @@ impl Channel {
         check_first_frame(usize::from(u16::from_be_bytes(len)), &peer)?;
         let mut first = [0u8; HANDSHAKE_FRAME];
         stream.read_exact(&mut first).map_err(io)?;
-        let mut hs = builder(key)?.build_responder().map_err(noise)?;
-        let mut buf = [0u8; 128];
-        hs.read_message(&first, &mut buf)
-            .map_err(|_| wrong_key(&peer, "client"))?;
-        if !replay.fresh(&first) {
-            return Err(WireError::Refused {
-                peer,
-                why: "a handshake seen before: replayed".into(),
-            });
-        }
-        let n = hs.write_message(&[], &mut buf).map_err(noise)?;
-        stream.write_all(&frame(&buf[..n])).map_err(io)?;
+        let (hs, reply) = answer(&first, key, replay, &peer)?;
+        stream.write_all(&reply).map_err(io)?;
         let t = hs.into_transport_mode().map_err(noise)?;
         Ok(Channel {
             stream,
@@ -392,18 +404,8 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> AsyncChannel<S> {
         check_first_frame(usize::from(u16::from_be_bytes(len)), &peer)?;
         let mut first = [0u8; HANDSHAKE_FRAME];
         stream.read_exact(&mut first).await.map_err(io)?;
-        let mut hs = builder(key)?.build_responder().map_err(noise)?;
-        let mut buf = [0u8; 128];
-        hs.read_message(&first, &mut buf)
-            .map_err(|_| wrong_key(&peer, "client"))?;
-        if !replay.fresh(&first) {
-            return Err(WireError::Refused {
-                peer,
-                why: "a handshake seen before: replayed".into(),
-            });
-        }
-        let n = hs.write_message(&[], &mut buf).map_err(noise)?;
-        stream.write_all(&frame(&buf[..n])).await.map_err(io)?;
+        let (hs, reply) = answer(&first, key, replay, &peer)?;
+        stream.write_all(&reply).await.map_err(io)?;
         let t = hs.into_transport_mode().map_err(noise)?;
         Ok(AsyncChannel {
             stream,
