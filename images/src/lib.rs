@@ -54,6 +54,11 @@ pub use writer::{
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Lower-case hex of `b` (digests and ids in images and messages).
+pub fn hex(b: &[u8]) -> String {
+    state::hex_bytes::encode(b)
+}
+
 /// Page size of every image (x86_64 and arm64 with 4 KiB pages).
 pub const PAGE_SIZE: u64 = 4096;
 

@@ -72,10 +72,6 @@ struct Hello {
     images: Vec<ServedImage>,
 }
 
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// How a client reaches its page server.
 #[derive(Debug, Clone)]
 pub struct RemoteOptions {
@@ -417,7 +413,7 @@ impl RemoteChain for Remote {
         dir: &Path,
         digest: &[u8; 32],
     ) -> Result<(Arc<dyn RemotePages>, u64), String> {
-        let h = hex(digest);
+        let h = images::hex(digest);
         let (i, img) = self
             .0
             .images
@@ -464,7 +460,7 @@ pub fn serve_pages(
         .images
         .iter()
         .map(|img| ServedImage {
-            digest: hex(&img.pagemap_digest()),
+            digest: images::hex(&img.pagemap_digest()),
             pages_len: img
                 .pages_file()
                 .and_then(|f| f.metadata().ok())
