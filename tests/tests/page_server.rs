@@ -12,7 +12,8 @@
 //!   reads a wrong or zero page and passes its checks;
 //! - refused: a client with another key (both ends say so, the server
 //!   logs it), a plaintext client, a key file others can read, and a
-//!   directory whose image the server does not hold.
+//!   directory whose image the server does not hold;
+//! - an eager restore (no `--lazy-pages`) from a server, checked the same way.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -380,16 +381,7 @@ fn wrong_keys_plaintext_clients_open_key_files_and_other_images_are_refused() {
     // A key file others can read: refused by both ends, naming the fix.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let run = tern(&[
-        "page-server",
-        "-D",
-        &dir.display().to_string(),
-        "--listen",
-        "127.0.0.1:0",
-        "--key",
-        &key.display().to_string(),
-    ]);
-    run.assert_clear_failure(&["chmod 600"]);
+    tern(&server_args(&dir, "127.0.0.1:0", &key)).assert_clear_failure(&["chmod 600"]);
     let mut args = vec!["restore", "-D", &da_s, "--lazy-pages"];
     args.extend(remote("127.0.0.1:9", &keys));
     tern(&args).assert_clear_failure(&["chmod 600"]);
@@ -461,4 +453,33 @@ fn a_restore_on_another_host_reads_its_pages_over_a_shaped_link() {
         "the server saw no client from host b ({}): {log}",
         hosts.b.addr
     );
+}
+
+#[test]
+fn an_eager_restore_reads_its_pages_from_a_page_server() {
+    let _one = serial();
+    lazy::become_subreaper();
+    let (mut ck, root, dir) = checkpointed(&["--mib", "8"]);
+    let key = keygen(root.path(), "key");
+    let keys = key.display().to_string();
+    let mut server = Server::start(&dir, "127.0.0.1:0", &key);
+    let a = root.path().join("a");
+    copy_without_pages(&root.path().join("img"), &a);
+    let da = a.join("dump").display().to_string();
+    let mut args = vec!["restore", "-D", &da, "--detach", "--json"];
+    args.extend(remote(&server.addr, &keys));
+    let run = tern(&args);
+    let v = run.json();
+    assert_eq!(
+        v["pid"].as_i64(),
+        Some(i64::from(ck.pid)),
+        "{}",
+        run.describe()
+    );
+    let _cleanup = lazy::KillOnDrop(vec![ck.pid]);
+    assert!(v["fill"]["copied_bytes"].as_u64() > Some(8 << 20), "{v}");
+    let fails = read_fails(&ck);
+    assert!(fails.is_empty(), "{fails:#?}");
+    assert_eq!(ck.verdict(END).unwrap_or_else(|e| panic!("{e}")), "PASS");
+    assert!(server.stop().contains("connected"));
 }
