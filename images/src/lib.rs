@@ -249,8 +249,8 @@ impl Image {
     }
 
     /// Open the image in `dir` (its inventory, VMAs, page map and process
-    /// state) with its page bytes at `remote`; `dir` need not hold
-    /// `pages.img`, and one there is not read.
+    /// state) with its page bytes at `remote` when `dir` holds no
+    /// `pages.img` (one there is read, checked as always).
     pub fn open_remote(dir: &Path, remote: &dyn RemoteChain) -> Result<Image, ImageError> {
         Image::open_from(dir, Some(remote))
     }
@@ -332,15 +332,19 @@ impl Image {
                 }
             }
         }
-        let (pages, pages_len) = match remote {
-            Some(r) => {
+        // A page file held here is read here, even with a page server: its
+        // bytes are checked against the same page map, and a migration's
+        // receiver holds every image's but the post-copy one's.
+        let local = d.open_file(PAGES_FILE, false)?;
+        let (pages, pages_len) = match (remote, local) {
+            (Some(r), None) => {
                 let (pages, len) = r
                     .pages_of(dir, &pagemap_digest)
                     .map_err(|why| ImageError::corrupt(&d.child(PAGES_FILE), why))?;
                 (Pages::Remote(pages), len)
             }
-            None => {
-                let (pages, prov) = d.open_file(PAGES_FILE, false)?.ok_or_else(|| {
+            (_, local) => {
+                let (pages, prov) = local.ok_or_else(|| {
                     ImageError::io(
                         &d.child(PAGES_FILE),
                         std::io::Error::from_raw_os_error(libc::ENOENT),

@@ -448,14 +448,38 @@ pub struct Listening {
 }
 
 /// Serve the chain in `dir` on `listen` until the process is killed.
-/// `ready` is called once the socket listens.
+/// `ready` is called once the socket listens; `before_open`, if any, right
+/// after (the chain is opened once it returns: a migration starts its
+/// server before the image is written, clients wait in the backlog).
 pub fn serve_pages(
     dir: &Path,
     listen: &str,
     key: Key,
+    idle_exit: Option<Duration>,
+    before_open: Option<Box<dyn FnOnce()>>,
     ready: impl FnOnce(&Listening),
 ) -> Result<(), RemoteError> {
-    let chain = Arc::new(ImageChain::open(dir)?);
+    let chain = match before_open {
+        None => Some(Arc::new(ImageChain::open(dir)?)),
+        Some(_) => None,
+    };
+    let std_listener = std::net::TcpListener::bind(listen).map_err(|e| RemoteError::Listen {
+        addr: listen.into(),
+        source: e,
+    })?;
+    let local = std_listener.local_addr().map_err(RemoteError::Runtime)?;
+    ready(&Listening {
+        listen: local,
+        images: chain.as_ref().map_or(0, |c| c.images.len()),
+        dir: dir.to_path_buf(),
+    });
+    if let Some(wait) = before_open {
+        wait();
+    }
+    let chain = match chain {
+        Some(c) => c,
+        None => Arc::new(ImageChain::open(dir)?),
+    };
     let served: Vec<ServedImage> = chain
         .images
         .iter()
@@ -482,22 +506,37 @@ pub fn serve_pages(
         .build()
         .map_err(RemoteError::Runtime)?;
     rt.block_on(async move {
-        let l = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| RemoteError::Listen {
-                addr: listen.into(),
-                source: e,
-            })?;
-        let local = l.local_addr().map_err(RemoteError::Runtime)?;
-        ready(&Listening {
-            listen: local,
-            images: chain.images.len(),
-            dir: dir.to_path_buf(),
-        });
+        std_listener
+            .set_nonblocking(true)
+            .map_err(RemoteError::Runtime)?;
+        let l = tokio::net::TcpListener::from_std(std_listener).map_err(RemoteError::Runtime)?;
         let key = Arc::new(key);
         let replay = Arc::new(ReplayGuard::new());
+        // `--exit-idle-s`: the clients connected now, and since when none.
+        let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut idle_since = Instant::now();
         loop {
-            let (stream, peer) = match l.accept().await {
+            let accepted = match idle_exit {
+                None => l.accept().await,
+                Some(idle) => {
+                    match tokio::time::timeout(Duration::from_millis(100), l.accept()).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            if clients.load(Ordering::SeqCst) > 0 {
+                                idle_since = Instant::now();
+                            } else if idle_since.elapsed() >= idle {
+                                tracing::info!(
+                                    "page server: no client for {} s: exiting",
+                                    idle.as_secs_f64()
+                                );
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let (stream, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     // Out of fds and the like: wait, do not spin.
@@ -509,7 +548,9 @@ pub fn serve_pages(
             let _ = stream.set_nodelay(true);
             let (chain, key, replay, hello) =
                 (chain.clone(), key.clone(), replay.clone(), hello.clone());
+            let connected = ClientCount::new(clients.clone());
             tokio::spawn(async move {
+                let _connected = connected;
                 let peer = peer.to_string();
                 let ch = tokio::time::timeout(
                     HANDSHAKE_TIMEOUT,
@@ -540,6 +581,22 @@ pub fn serve_pages(
             });
         }
     })
+}
+
+/// One client counted while its task lives (for `--exit-idle-s`).
+struct ClientCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ClientCount {
+    fn new(n: Arc<std::sync::atomic::AtomicUsize>) -> ClientCount {
+        n.fetch_add(1, Ordering::SeqCst);
+        ClientCount(n)
+    }
+}
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn serve_client(

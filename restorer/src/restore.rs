@@ -92,6 +92,24 @@ pub struct RestoreOptions {
     pub fill: FillMode,
     /// Where the page bytes are, if not in the chain's own page files.
     pub remote: Option<crate::remote::Remote>,
+    /// Asked once the process is whole, its threads still held: `Ok` lets
+    /// it run, `Err(why)` kills it (a migration's destination runs its
+    /// copy only once the source's is gone).
+    pub gate: Option<ReleaseGate>,
+}
+
+/// See [`RestoreOptions::gate`]: `go` is asked with the PID before the
+/// release; `released` is told right after (the process runs).
+#[derive(Clone)]
+pub struct ReleaseGate {
+    pub go: std::sync::Arc<dyn Fn(i32) -> Result<(), String> + Send + Sync>,
+    pub released: std::sync::Arc<dyn Fn(i32) + Send + Sync>,
+}
+
+impl std::fmt::Debug for ReleaseGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReleaseGate")
+    }
 }
 
 /// The JSON of `tern restore`.
@@ -1073,9 +1091,22 @@ fn build(
     )?;
     check(pid, "clearing the parent-death signal", r)?;
     main.remove_scratch()?;
+    // Last, with nothing left that could fail but the detaches: the
+    // process still dies with this tern (its tracers) until let go.
+    if let Some(gate) = &opts.gate {
+        let _s = tracing::debug_span!("gate").entered();
+        (gate.go)(pid).map_err(|what| RestoreError::Step {
+            pid,
+            step: "waiting for the go to run it",
+            what,
+        })?;
+    }
     // Every thread has its registers: let them all go.
     for (_, inj) in all {
         inj.detach()?;
+    }
+    if let Some(gate) = &opts.gate {
+        (gate.released)(pid);
     }
     drop(step_span);
     Ok((pages, fill, lazy))

@@ -54,6 +54,10 @@ pub struct DumpOptions {
     /// Report success only once the image and its parents are on stable
     /// storage (`tern dump` without `--no-fsync`).
     pub fsync: bool,
+    /// A migration's end: once the image is written the target stays
+    /// frozen until tern decides (see `hold`); `leave_running` is then
+    /// ignored.
+    pub hold: Option<crate::hold::HoldGate>,
 }
 
 /// `--verify`: every dumped page compared with the frozen process (see
@@ -586,6 +590,9 @@ fn capture(
         ..
     } = guard;
     let pid = session.pid();
+    if let Some(g) = &opts.hold {
+        g.enter_guardian();
+    }
     let (parent_inv, full_copy) = session.parent_state(parent)?;
     let mut writer = session.image_writer(dir)?;
     if opts.fsync {
@@ -630,6 +637,7 @@ fn capture(
     let caught_up = !catch_up.is_empty();
 
     let t_freeze = Instant::now();
+    let frozen_at_ns = crate::hold::monotonic_ns();
     let laps = Laps::new(pid, t_freeze);
     let mut parts = FrozenParts::default();
     let mut created_scratch = false;
@@ -872,17 +880,42 @@ fn capture(
     }
     let killed;
     let frozen_ms;
-    if opts.leave_running {
-        drop(threads);
-        parts.end_ms = laps.next("resumed");
-        frozen_ms = laps.total_ms();
-        killed = false;
-    } else {
+    let kill_target = || {
         // The frozen target: a failure means it is gone already.
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
+    };
+    let end = match &opts.hold {
+        Some(g) => {
+            // The image is sent on from here: without the zeros written
+            // ahead.
+            if let Err(e) = images::trim_pages_file(dir, stats.stored_end) {
+                tracing::warn!(pid, "cutting the zeros written ahead: {e}");
+            }
+            let d = g.hold(frozen_at_ns, kill_target);
+            if d == crate::hold::Decision::Resume {
+                tracing::info!(pid, "the migration did not go through: PID {pid} resumes");
+            }
+            Some(d)
+        }
+        None => None,
+    };
+    if end == Some(crate::hold::Decision::Kill) {
+        parts.end_ms = laps.next("killed");
+        frozen_ms = laps.total_ms();
+        killed = true;
+        for t in threads.drain(..) {
+            t.abandon();
+        }
+    } else if opts.leave_running || end.is_some() {
+        drop(threads);
+        parts.end_ms = laps.next("resumed");
+        frozen_ms = laps.total_ms();
+        killed = false;
+    } else {
+        kill_target();
         parts.end_ms = laps.next("killed");
         frozen_ms = laps.total_ms();
         killed = true;

@@ -17,6 +17,7 @@ pub mod copy;
 pub mod dump;
 pub mod ebpf;
 pub mod freeze;
+pub mod hold;
 /// Syscall injection lives in the `sys` crate (the restorer uses it too).
 pub use sys::inject;
 pub mod maps;

@@ -244,6 +244,13 @@ pub struct Channel {
     peer: String,
 }
 
+/// The connection's socket, to wait on it (`poll`) beside other fds.
+impl std::os::fd::AsFd for Channel {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Channel({})", self.peer)
@@ -369,6 +376,34 @@ impl Channel {
                 return Ok(plain);
             }
         }
+    }
+
+    /// This end's address (where a peer reaches this host).
+    pub fn local_addr(&self) -> Result<SocketAddr, WireError> {
+        self.stream
+            .local_addr()
+            .map_err(|e| WireError::io(&self.peer, e))
+    }
+
+    /// Notice a peer that vanished (a host down, a link cut) while nothing
+    /// is sent: TCP keepalive probes after `idle` of silence, every
+    /// `interval`, `count` times, then reads and writes fail.
+    pub fn keepalive(
+        &self,
+        idle: Duration,
+        interval: Duration,
+        count: u32,
+    ) -> Result<(), WireError> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        let io = |e: nix::Error| WireError::io(&self.peer, e.into());
+        setsockopt(&self.stream, sockopt::KeepAlive, &true).map_err(io)?;
+        setsockopt(&self.stream, sockopt::TcpKeepIdle, &secs(idle)).map_err(io)?;
+        setsockopt(&self.stream, sockopt::TcpKeepInterval, &secs(interval)).map_err(io)?;
+        setsockopt(&self.stream, sockopt::TcpKeepCount, &count).map_err(io)?;
+        // Unacknowledged data counts too (a write into a cut link).
+        let ms = u32::try_from((idle + interval * count).as_millis()).unwrap_or(u32::MAX);
+        setsockopt(&self.stream, sockopt::TcpUserTimeout, &ms).map_err(io)
     }
 
     /// Change the deadline of every read and write from now on.
