@@ -170,7 +170,81 @@ enum Cmd {
         /// The pre-shared key file (`tern keygen`).
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
+        /// Exit once no client has been connected for this many seconds
+        /// (0: serve until killed).
+        #[arg(long, value_name = "S", default_value_t = 0.0)]
+        exit_idle_s: f64,
+        /// Listen (and say so) first, open the image once stdin has a line
+        /// or ends (`tern migrate` starts its server before the image is
+        /// written).
+        #[arg(long, hide = true)]
+        open_on_stdin: bool,
         /// Print one JSON object once listening.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a running process to another host (`tern receive` there):
+    /// pre-copy rounds while it runs, then a frozen switch-over that fits
+    /// --downtime-ms, post-copy if the rest would not.
+    Migrate {
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        /// The receiver, `ADDR:PORT`.
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: String,
+        /// The pre-shared key file (`tern keygen`), the receiver's too.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The frozen time to aim for.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+        /// `auto`: post-copy only when the rest, sent frozen, would not fit
+        /// --downtime-ms; `always`; `never`.
+        #[arg(long, value_enum, default_value_t = PostCopyArg::Auto)]
+        post_copy: PostCopyArg,
+        #[arg(long, value_enum, default_value_t = Track::Auto)]
+        track: Track,
+        #[arg(long)]
+        no_ebpf: bool,
+        /// Pre-copy rounds at most.
+        #[arg(long, default_value_t = 30)]
+        max_rounds: usize,
+        /// Where the rounds are written before they are sent (a private
+        /// directory is made in it, removed once the migration is done).
+        #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+        work_dir: PathBuf,
+        /// Once the source is killed for the switch: how long a lost
+        /// connection to the receiver is tried again.
+        #[arg(long, default_value_t = 30)]
+        retry_s: u64,
+        #[arg(long, default_value_t = 10000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Receive one migration (`tern migrate --to` this address) into DIR,
+    /// run the process here, and wait for it as `tern restore` does.
+    Receive {
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: String,
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// Return once every page is in instead of waiting for the process.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// Write the migrated process's PID to this file once it runs.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        /// How long the held copy waits for a source whose connection was
+        /// lost after it was told the copy is ready.
+        #[arg(long, default_value_t = 30)]
+        retry_s: u64,
+        #[arg(long, value_enum, default_value_t = PrefetchArg::Hot)]
+        prefetch: PrefetchArg,
+        #[arg(long, default_value_t = 10000)]
+        timeout_ms: u64,
         #[arg(long)]
         json: bool,
     },
@@ -276,6 +350,13 @@ struct FillArgs {
     /// Limit the background fill to this many MB/s (0: no limit).
     #[arg(long, default_value_t = 0)]
     prefetch_mb_s: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PostCopyArg {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -474,6 +555,8 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Restore { .. } => require_root("restore")?,
         Cmd::LazyPages { .. } => require_root("lazy-pages")?,
         Cmd::PageServer { .. } => require_root("page-server")?,
+        Cmd::Migrate { .. } => require_root("migrate")?,
+        Cmd::Receive { .. } => require_root("receive")?,
         Cmd::Track { .. } => require_root("track")?,
         Cmd::Untrack { .. } => require_root("untrack")?,
         Cmd::Check { .. } | Cmd::Show { .. } | Cmd::Keygen { .. } => {}
@@ -546,6 +629,7 @@ fn run(cmd: Cmd) -> Result<()> {
                         done_pages: live_done_pages,
                     },
                     fsync: !no_fsync,
+                    hold: None,
                 },
                 verify,
                 json,
@@ -594,10 +678,22 @@ fn run(cmd: Cmd) -> Result<()> {
             dir,
             listen,
             key,
+            exit_idle_s,
+            open_on_stdin,
             json,
         } => {
             let key = wire::Key::load(&key)?;
-            restorer::remote::serve_pages(&dir, &listen, key, |l| {
+            let idle = (exit_idle_s > 0.0)
+                .then(|| Duration::try_from_secs_f64(exit_idle_s))
+                .transpose()
+                .context("--exit-idle-s")?;
+            let before_open = open_on_stdin.then(|| {
+                Box::new(|| {
+                    let mut line = String::new();
+                    let _ = std::io::stdin().read_line(&mut line);
+                }) as Box<dyn FnOnce()>
+            });
+            restorer::remote::serve_pages(&dir, &listen, key, idle, before_open, |l| {
                 if json {
                     let mut v = serde_json::to_value(l).expect("serializable");
                     v["pid"] = std::process::id().into();
@@ -612,6 +708,67 @@ fn run(cmd: Cmd) -> Result<()> {
                 }
             })
             .map_err(|e| failed("page-server", None, Some(("of", &dir)), e))
+        }
+        Cmd::Migrate {
+            pid,
+            to,
+            key,
+            downtime_ms,
+            post_copy,
+            track,
+            no_ebpf,
+            max_rounds,
+            work_dir,
+            retry_s,
+            timeout_ms,
+            json,
+        } => {
+            let opts = migrate::MigrateOptions {
+                pid,
+                to,
+                key: wire::Key::load(&key)?,
+                key_file: key,
+                downtime: Duration::from_millis(downtime_ms),
+                post_copy: match post_copy {
+                    PostCopyArg::Auto => migrate::PostCopy::Auto,
+                    PostCopyArg::Always => migrate::PostCopy::Always,
+                    PostCopyArg::Never => migrate::PostCopy::Never,
+                },
+                track: TrackMode::from(track),
+                ebpf: !no_ebpf,
+                work_dir,
+                timeout: Duration::from_millis(timeout_ms),
+                retry_for: Duration::from_secs(retry_s),
+                max_rounds,
+                tern: std::env::current_exe().context("finding tern's own executable")?,
+            };
+            migrate_cmd(&opts, json)
+        }
+        Cmd::Receive {
+            listen,
+            key,
+            dir,
+            detach,
+            pidfile,
+            retry_s,
+            prefetch,
+            timeout_ms,
+            json,
+        } => {
+            let opts = migrate::ReceiveOptions {
+                listen,
+                key: wire::Key::load(&key)?,
+                dir,
+                timeout: Duration::from_millis(timeout_ms),
+                retry_for: Duration::from_secs(retry_s),
+                prefetch: FillArgs {
+                    prefetch,
+                    prefetch_mb_s: 0,
+                }
+                .options(timeout_ms, None)
+                .prefetch,
+            };
+            receive_cmd(&opts, detach, pidfile.as_deref(), json)
         }
         Cmd::Keygen { file, json } => {
             wire::Key::write_new(&file)?;
@@ -865,6 +1022,7 @@ fn restore(
             lazy: lazy.is_some(),
             fill,
             remote: remote.clone(),
+            gate: None,
         },
     )
     .map_err(|e| failed("restore", None, Some(("from", dir)), e))?;
@@ -944,6 +1102,90 @@ fn restore(
         Err(e) => bail!("waiting for restored PID {pid}: {e}"),
     };
     std::process::exit(code);
+}
+
+fn migrate_cmd(opts: &migrate::MigrateOptions, json: bool) -> Result<()> {
+    let pid = opts.pid;
+    let r = migrate::migrate(opts).map_err(|e| failed("migrate", Some(pid), None, e))?;
+    if json {
+        print_json(&r);
+    } else {
+        eprintln!(
+            "PID {pid} moved to {} (PID {} there) in {:.0} ms: {} rounds ({}), downtime {:.1} ms (predicted {:.1}), {} bytes sent{}",
+            r.to,
+            r.destination.pid,
+            r.total_ms,
+            r.rounds.len(),
+            r.stop,
+            r.downtime_ms,
+            r.predicted_downtime_ms,
+            r.bytes_sent,
+            if r.post_copy {
+                format!(", {} pages post-copy", r.post_copy_pages)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
+
+fn receive_cmd(
+    opts: &migrate::ReceiveOptions,
+    detach: bool,
+    pidfile: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    // PID 1 of its namespace: were it to return, the kernel would kill
+    // the process with it.
+    if detach && std::process::id() == 1 {
+        bail!(
+            "tern receive runs as PID 1 of its PID namespace: with --detach its exit would kill the migrated process; leave --detach out"
+        );
+    }
+    let r = migrate::receive(opts, |addr| {
+        eprintln!(
+            "receiving a migration on {addr} into {}",
+            opts.dir.display()
+        );
+    })
+    .map_err(|e| failed("receive", None, Some(("into", &opts.dir)), e))?;
+    let pid = r.pid;
+    if let Some(f) = pidfile {
+        write_pidfile(f, pid).with_context(|| format!("--pidfile {}", f.display()))?;
+    }
+    if json {
+        print_json(&r);
+    } else {
+        eprintln!(
+            "PID {pid} runs here ({:.1} ms after the switch); {} pages in after {:.1} ms{}",
+            r.restore_ms,
+            r.lazy.pages,
+            r.lazy.fill_ms,
+            if r.post_copy {
+                format!(", {} from the source after it ran", r.post_copy_pages)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if detach {
+        return Ok(());
+    }
+    // Wait for the process (our child) and exit as it did; as PID 1 of a
+    // namespace, reap whatever else is left to us meanwhile.
+    use nix::sys::wait::{WaitStatus, waitpid};
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => std::process::exit(code),
+            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => {
+                std::process::exit(128 + sig as i32)
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => bail!("waiting for the migrated PID {pid}: {e}"),
+        }
+    }
 }
 
 /// Where a detached page service leaves its figures (and its error).
