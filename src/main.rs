@@ -198,8 +198,9 @@ enum Cmd {
         /// The frozen time to aim for.
         #[arg(long, default_value_t = 300)]
         downtime_ms: u64,
-        /// `auto`: post-copy only when the rest, sent frozen, would not fit
-        /// --downtime-ms; `always`; `never`.
+        /// `auto`: post-copy when the rest, sent frozen, would not fit
+        /// --downtime-ms or would freeze it half as long again as
+        /// post-copy; `always`; `never`.
         #[arg(long, value_enum, default_value_t = PostCopyArg::Auto)]
         post_copy: PostCopyArg,
         #[arg(long, value_enum, default_value_t = Track::Auto)]

@@ -440,23 +440,41 @@ fn run(
     w: &mut Writing,
 ) -> Result<ReceiveReport, ReceiveError> {
     // The images, then the switch.
+    let mut first_chunk: Option<Instant> = None;
+    let (mut t_unpack, mut t_write) = (Duration::ZERO, Duration::ZERO);
     let switch: Switch = loop {
         let m = lock(inb).next(Wait::Connected)?;
+        if matches!(m.first(), Some(b'F' | b'Z')) && first_chunk.is_none() {
+            first_chunk = Some(Instant::now());
+        }
         let peer = lock(inb).peer.clone();
         let bad = |why: String| ReceiveError::Source {
             peer: peer.clone(),
             why,
         };
         match m.split_first() {
-            Some((b'F', p)) => w.chunk(proto::parse_chunk(p).map_err(bad)?)?,
+            Some((b'F', p)) => {
+                let t = Instant::now();
+                w.chunk(proto::parse_chunk(p).map_err(bad)?)?;
+                t_write += t.elapsed();
+            }
             Some((b'Z', p)) => {
+                let t = Instant::now();
                 let c = proto::parse_chunk(p).map_err(&bad)?;
                 let bytes = proto::unpack(c.bytes).map_err(&bad)?;
-                w.chunk(proto::FileChunk { bytes: &bytes, ..c })?
+                t_unpack += t.elapsed();
+                let t = Instant::now();
+                w.chunk(proto::FileChunk { bytes: &bytes, ..c })?;
+                t_write += t.elapsed();
             }
             Some((b'C', name)) => {
                 let name = String::from_utf8_lossy(name).to_string();
                 w.complete(&name)?;
+                tracing::debug!(
+                    "receive: image {name} in {:?} (unpacking {t_unpack:?}, writing {t_write:?})",
+                    first_chunk.take().map(|t| t.elapsed()).unwrap_or_default()
+                );
+                (t_unpack, t_write) = (Duration::ZERO, Duration::ZERO);
                 lock(inb)
                     .send(&proto::msg(b'k', name.as_bytes()))
                     .map_err(|e| lock(inb).lost(e))?;

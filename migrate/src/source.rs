@@ -49,8 +49,8 @@ use crate::proto::{self, FINAL, Hello, Ready, Switch};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PostCopy {
-    /// Post-copy only when the rest, sent frozen, would not fit the
-    /// downtime.
+    /// Post-copy when the rest, sent frozen, would not fit the downtime,
+    /// or would freeze the process half as long again as post-copy.
     Auto,
     Always,
     Never,
@@ -285,8 +285,11 @@ const COPY_MB_S: f64 = 2500.0;
 /// The rest of the frozen time: freeze, the process state, the
 /// destination's restore until its process runs, the round trips.
 const FIXED_MS: f64 = 12.0;
-/// Starting the post-copy page server.
-const PAGE_SERVER_MS: f64 = 6.0;
+/// The post-copy page server opening the image, the receiver connecting
+/// to it.
+const PAGE_SERVER_MS: f64 = 8.0;
+/// The receiver unpacking and writing the final pages, MB/s.
+const RECEIVER_MB_S: f64 = 1500.0;
 /// Fewer pages than this: nothing more to gain from another round.
 const DONE_PAGES: u64 = 64;
 
@@ -301,7 +304,11 @@ fn predict(pages: f64, ratio: f64, link_mb_s: f64, post_copy: bool) -> f64 {
     if post_copy {
         FIXED_MS + PAGE_SERVER_MS + copy
     } else {
-        FIXED_MS + copy + mb / LZ4_MB_S * 1e3 + mb * ratio / link_mb_s.max(1.0) * 1e3
+        FIXED_MS
+            + copy
+            + mb / LZ4_MB_S * 1e3
+            + mb * ratio / link_mb_s.max(1.0) * 1e3
+            + mb / RECEIVER_MB_S * 1e3
     }
 }
 
@@ -505,7 +512,9 @@ fn pre_copy(opts: &MigrateOptions, link: &mut Link, work: &Path) -> Result<PreCo
         let post_copy = match opts.post_copy {
             PostCopy::Always => true,
             PostCopy::Never => false,
-            PostCopy::Auto => never > target,
+            // The rest sent frozen would not fit, or would cost half as
+            // much again as leaving it to post-copy.
+            PostCopy::Auto => never > target || never > 1.5 * post,
         };
         let predicted = if post_copy { post } else { never };
         rounds.push(Round {
