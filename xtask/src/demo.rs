@@ -16,7 +16,10 @@
 //!    the process runs at once, a `tern lazy-pages` daemon brings its memory
 //!    in behind it); it must run, and the daemon's figures are read from
 //!    `DIR/lazy-stats.json` once every page is in; then it is stopped,
-//! 7. a summary table.
+//! 7. a summary table,
+//! 8. a fresh workload migrated between two network namespaces (`tern
+//!    migrate` / `tern receive`, see `demo_migrate`): rounds, downtime, and
+//!    the process running on the other side only.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -149,6 +152,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         fmt(&restore, "pid"),
     );
     restores_table(&restore, &lazy);
+    crate::demo_migrate::run(&release, &tern, &images, args.mib, args.hot_mib)?;
     Ok(())
 }
 

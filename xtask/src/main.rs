@@ -7,6 +7,7 @@
 mod criu;
 mod debian;
 mod demo;
+mod demo_migrate;
 mod setup;
 mod util;
 mod vm;
