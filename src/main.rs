@@ -199,7 +199,7 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         downtime_ms: u64,
         /// `auto`: post-copy when the rest, sent frozen, would not fit
-        /// --downtime-ms or would freeze it half as long again as
+        /// --downtime-ms or would freeze it a quarter longer than
         /// post-copy; `always`; `never`.
         #[arg(long, value_enum, default_value_t = PostCopyArg::Auto)]
         post_copy: PostCopyArg,

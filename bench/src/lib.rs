@@ -4,6 +4,7 @@
 //! floor measurement needs.
 
 pub mod dump;
+pub mod migrate;
 pub mod restore;
 pub mod run;
 pub mod svg;

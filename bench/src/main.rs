@@ -6,6 +6,8 @@
 //!   and restore time (see `bench::dump`).
 //! - `bench restore`: eager and lazy restore, tern beside CRIU (see
 //!   `bench::restore`).
+//! - `bench migrate`: live migration between two network namespaces (see
+//!   `bench::migrate`).
 //! - `bench floor`: the per-fault floor alone (first write to an async-WP page).
 
 use std::path::PathBuf;
@@ -134,6 +136,22 @@ enum Cmd {
         /// Only 256 MiB, one restore per mode.
         #[arg(long)]
         quick: bool,
+    },
+    /// Live migration between two network namespaces (see
+    /// `bench::migrate`).
+    Migrate {
+        #[arg(long, default_value = "target/release/tern")]
+        tern: PathBuf,
+        #[arg(long, default_value = "target/release")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// The workload's resident memory, MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Migrations per configuration (the median is shown).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
     },
     /// Measure the async-WP first-write floor only.
     Floor {
@@ -293,6 +311,16 @@ fn real_main() -> Result<()> {
                 configs,
                 repeats,
             })
+        }
+        Cmd::Migrate {
+            tern,
+            bin_dir,
+            out,
+            mib,
+            repeats,
+        } => {
+            bench::migrate::run(&tern, &bin_dir, &out, mib, repeats)?;
+            Ok(())
         }
         Cmd::Floor { mib, reps } => {
             let f = bench::uffd::measure_floor(mib, reps)?;

@@ -6,7 +6,6 @@
 //! | `M` | source | JSON [`Hello`] | a migration starts (or a lost connection of one comes back: `resume`) |
 //! | `A` | receiver | JSON [`Accepted`] | go on |
 //! | `F` | source | name length u8, name, offset u64 LE, bytes | part of an image file (`IMAGE/FILE` or `IMAGE/pipes/FILE`) |
-//! | `Z` | source | as `F`, the bytes an lz4 block (size prepended) | the same, compressed on the way (the final image's raw pages) |
 //! | `C` | source | image name | that image is complete (its inventory came last) |
 //! | `k` | receiver | image name | it is written |
 //! | `S` | source | JSON [`Switch`] | the source is frozen: restore the final image, hold it |
@@ -15,7 +14,7 @@
 //! | `X` | source | why | abandoned: the source runs on; drop the copy |
 //! | `U` | receiver | JSON [`Ready`] | it runs |
 //! | `Q` | source | | (after a reconnect) say `D` when the fill is done |
-//! | `D` | receiver | JSON of the lazy fill's figures | every page is in: the source may go |
+//! | `D` | receiver | JSON: `lazy` (the fill's figures), `post_copy_pages` | every page is in: the source may go |
 //! | `E` | receiver | why | the receiver failed: the source runs on |
 //!
 //! Image and file names are checked on arrival ([`image_file`]): nothing
@@ -85,18 +84,6 @@ pub fn file_chunk(name: &str, offset: u64, bytes: &[u8]) -> Vec<u8> {
     m
 }
 
-/// A `Z` message: `bytes` lz4-compressed, or an `F` message when they do
-/// not shrink by a tenth.
-pub fn file_chunk_lz4(name: &str, offset: u64, bytes: &[u8]) -> Vec<u8> {
-    let z = lz4_flex::compress_prepend_size(bytes);
-    if z.len() * 10 > bytes.len() * 9 {
-        return file_chunk(name, offset, bytes);
-    }
-    let mut m = file_chunk(name, offset, &z);
-    m[0] = b'Z';
-    m
-}
-
 /// A parsed `F` payload.
 pub struct FileChunk<'a> {
     pub image: &'a str,
@@ -104,18 +91,6 @@ pub struct FileChunk<'a> {
     pub file: &'a str,
     pub offset: u64,
     pub bytes: &'a [u8],
-}
-
-/// The bytes of a `Z` payload's block (at most [`CHUNK`]).
-pub fn unpack(block: &[u8]) -> Result<Vec<u8>, String> {
-    let n = block
-        .get(..4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or("a short compressed block")?;
-    if n > CHUNK {
-        return Err(format!("a compressed block of {n} bytes (at most {CHUNK})"));
-    }
-    lz4_flex::decompress_size_prepended(block).map_err(|e| format!("a bad compressed block: {e}"))
 }
 
 pub fn parse_chunk(p: &[u8]) -> Result<FileChunk<'_>, String> {
@@ -217,16 +192,5 @@ mod tests {
             ("3", "pagemap.img", 4096, &b"abc"[..])
         );
         assert!(parse_chunk(&[200, 1, 2]).is_err());
-        let pages = vec![7u8; 1 << 20];
-        let z = file_chunk_lz4("final/pages.img", 0, &pages);
-        assert_eq!(z[0], b'Z');
-        let c = parse_chunk(&z[1..]).unwrap();
-        assert_eq!(unpack(c.bytes).unwrap(), pages);
-        let mut lie = c.bytes.to_vec();
-        lie[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(
-            unpack(&lie).is_err(),
-            "a block claiming 4 GiB is refused before any allocation"
-        );
     }
 }

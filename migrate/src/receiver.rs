@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -441,10 +441,10 @@ fn run(
 ) -> Result<ReceiveReport, ReceiveError> {
     // The images, then the switch.
     let mut first_chunk: Option<Instant> = None;
-    let (mut t_unpack, mut t_write) = (Duration::ZERO, Duration::ZERO);
+    let mut t_write = Duration::ZERO;
     let switch: Switch = loop {
         let m = lock(inb).next(Wait::Connected)?;
-        if matches!(m.first(), Some(b'F' | b'Z')) && first_chunk.is_none() {
+        if m.first() == Some(&b'F') && first_chunk.is_none() {
             first_chunk = Some(Instant::now());
         }
         let peer = lock(inb).peer.clone();
@@ -458,23 +458,14 @@ fn run(
                 w.chunk(proto::parse_chunk(p).map_err(bad)?)?;
                 t_write += t.elapsed();
             }
-            Some((b'Z', p)) => {
-                let t = Instant::now();
-                let c = proto::parse_chunk(p).map_err(&bad)?;
-                let bytes = proto::unpack(c.bytes).map_err(&bad)?;
-                t_unpack += t.elapsed();
-                let t = Instant::now();
-                w.chunk(proto::FileChunk { bytes: &bytes, ..c })?;
-                t_write += t.elapsed();
-            }
             Some((b'C', name)) => {
                 let name = String::from_utf8_lossy(name).to_string();
                 w.complete(&name)?;
                 tracing::debug!(
-                    "receive: image {name} in {:?} (unpacking {t_unpack:?}, writing {t_write:?})",
+                    "receive: image {name} in {:?} (writing {t_write:?})",
                     first_chunk.take().map(|t| t.elapsed()).unwrap_or_default()
                 );
-                (t_unpack, t_write) = (Duration::ZERO, Duration::ZERO);
+                t_write = Duration::ZERO;
                 lock(inb)
                     .send(&proto::msg(b'k', name.as_bytes()))
                     .map_err(|e| lock(inb).lost(e))?;
@@ -515,6 +506,9 @@ fn run(
     let run_inb = inb.clone();
     let ran_at = Arc::new(Mutex::new(None));
     let ran = ran_at.clone();
+    // Why the source called it off while the copy was held, if it did.
+    let abandoned: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let called_off = abandoned.clone();
     let gate = restorer::restore::ReleaseGate {
         go: Arc::new(move |pid| {
             let mut g = lock(&go_inb);
@@ -529,10 +523,9 @@ fn run(
                 match m.split_first() {
                     Some((b'G', _)) => return Ok(()),
                     Some((b'X', why)) => {
-                        return Err(format!(
-                            "the source runs it on: {}",
-                            String::from_utf8_lossy(why)
-                        ));
+                        let why = String::from_utf8_lossy(why).to_string();
+                        *called_off.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+                        return Err(format!("the source runs it on: {why}"));
                     }
                     // A source come back asking for the fill's end sends
                     // the go first; anything else is not for now.
@@ -560,18 +553,16 @@ fn run(
     )
     .map_err(|e| {
         // Abandoned by the source: say so as such.
-        let why = e.to_string();
-        if why.contains("the source runs it on") {
-            ReceiveError::Abandoned {
+        match abandoned.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(why) => ReceiveError::Abandoned {
                 peer: lock(inb).peer.clone(),
                 why,
-            }
-        } else {
-            ReceiveError::Restore {
+            },
+            None => ReceiveError::Restore {
                 pid: lock(inb).hello.pid,
                 dir: final_dir.clone(),
-                why,
-            }
+                why: e.to_string(),
+            },
         }
     })?;
     let pid = restored.pid;
@@ -608,7 +599,7 @@ fn run(
     let post_copy_pages = remote
         .as_ref()
         .map_or(0, |r| r.0.counters().0 / images::PAGE_SIZE);
-    tell_filled(inb, &lazy, post_copy, retry_for, pid);
+    tell_filled(inb, &lazy, post_copy_pages, post_copy, retry_for, pid);
     let g = lock(inb);
     Ok(ReceiveReport {
         pid,
@@ -645,11 +636,15 @@ fn answer_while_filling(inb: &Mutex<Inbound>, stop: &std::sync::atomic::AtomicBo
 fn tell_filled(
     inb: &Mutex<Inbound>,
     lazy: &restorer::service::LazyStats,
+    post_copy_pages: u64,
     post_copy: bool,
     retry_for: Duration,
     pid: i32,
 ) {
-    let d = proto::json(b'D', lazy);
+    let d = proto::json(
+        b'D',
+        &serde_json::json!({ "lazy": lazy, "post_copy_pages": post_copy_pages }),
+    );
     let mut g = lock(inb);
     if g.send(&d).is_ok() || !post_copy {
         return;
@@ -672,9 +667,4 @@ fn tell_filled(
             }
         }
     }
-}
-
-/// The path of an image of a migration received into `dir`.
-pub fn final_image(dir: &Path) -> PathBuf {
-    dir.join(FINAL)
 }

@@ -50,7 +50,7 @@ use crate::proto::{self, FINAL, Hello, Ready, Switch};
 #[serde(rename_all = "lowercase")]
 pub enum PostCopy {
     /// Post-copy when the rest, sent frozen, would not fit the downtime,
-    /// or would freeze the process half as long again as post-copy.
+    /// or would freeze the process a quarter longer than post-copy.
     Auto,
     Always,
     Never,
@@ -192,6 +192,9 @@ struct Link {
     timeout: Duration,
     hello: Hello,
     sent: u64,
+    /// File pieces are read into this: made and touched once, not in the
+    /// frozen window (4 MiB of fresh pages cost a millisecond or two).
+    buf: Vec<u8>,
 }
 
 fn keepalive(ch: &Channel, timeout: Duration) -> Result<(), WireError> {
@@ -224,6 +227,7 @@ impl Link {
             timeout,
             hello,
             sent: 0,
+            buf: vec![1u8; proto::CHUNK],
         };
         link.greet()?;
         Ok(link)
@@ -279,36 +283,35 @@ impl Link {
     }
 }
 
-/// The local copy rate assumed for the frozen round (page cache writes,
-/// measured here at 2.5-3 GB/s).
+/// The frozen copy of a post-copy (raw, into the page cache: 2.5-3 GB/s
+/// here).
 const COPY_MB_S: f64 = 2500.0;
 /// The rest of the frozen time: freeze, the process state, the
-/// destination's restore until its process runs, the round trips.
-const FIXED_MS: f64 = 12.0;
+/// destination's restore until its process runs, the round trips
+/// (`bench migrate`, a quiet 1 GiB process: 16-26 ms on the development
+/// machine, two cores).
+const FIXED_MS: f64 = 18.0;
 /// The post-copy page server opening the image, the receiver connecting
-/// to it.
-const PAGE_SERVER_MS: f64 = 8.0;
-/// The receiver unpacking and writing the final pages, MB/s.
-const RECEIVER_MB_S: f64 = 1500.0;
+/// to it (the server is started before the freeze).
+const PAGE_SERVER_MS: f64 = 3.0;
+/// The receiver writing what it receives, MB/s.
+const RECEIVER_MB_S: f64 = 1000.0;
 /// Fewer pages than this: nothing more to gain from another round.
 const DONE_PAGES: u64 = 64;
-
-/// lz4 on the way, MB/s of pages (the final image's).
-const LZ4_MB_S: f64 = 1500.0;
+/// The frozen copy compressing as it goes (sent frozen), MB/s of pages.
+const LZ4_COPY_MB_S: f64 = 1200.0;
 
 /// The frozen round's predicted length, for `pages` pages that shrink to
-/// `ratio` of their size on the link.
+/// `ratio` of their size in lz4.
 fn predict(pages: f64, ratio: f64, link_mb_s: f64, post_copy: bool) -> f64 {
     let mb = pages * images::PAGE_SIZE as f64 / 1e6;
-    let copy = mb / COPY_MB_S * 1e3;
     if post_copy {
-        FIXED_MS + PAGE_SERVER_MS + copy
+        FIXED_MS + PAGE_SERVER_MS + mb / COPY_MB_S * 1e3
     } else {
         FIXED_MS
-            + copy
-            + mb / LZ4_MB_S * 1e3
+            + mb / LZ4_COPY_MB_S * 1e3
             + mb * ratio / link_mb_s.max(1.0) * 1e3
-            + mb / RECEIVER_MB_S * 1e3
+            + mb * ratio / RECEIVER_MB_S * 1e3
     }
 }
 
@@ -377,7 +380,11 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
         let sw = s.spawn(|| switch(opts, link, ctl, work.path(), post_copy));
         let dump_opts = tracker::dump::DumpOptions {
             track: opts.track,
-            compress: false,
+            // Sent frozen, the pages go compressed: lz4 while copying costs
+            // less than reading them back, packing them for the link, and
+            // unpacking and writing them out there. Post-copy they stay raw
+            // (the frozen copy is then the shortest).
+            compress: !post_copy,
             leave_running: false,
             timeout: opts.timeout,
             live: tracker::session::LivePolicy {
@@ -437,11 +444,15 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
         frozen_ms: dumped.frozen_ms,
         final_pages,
         bytes_sent: sw.bytes_sent,
-        post_copy_pages: if post_copy { final_pages } else { 0 },
+        post_copy_pages: sw
+            .filled
+            .as_ref()
+            .and_then(|v| v["post_copy_pages"].as_u64())
+            .unwrap_or(if post_copy { final_pages } else { 0 }),
         total_ms: ms(t0.elapsed()),
         destination: Destination {
             pid: sw.dest_pid,
-            lazy: sw.lazy,
+            lazy: sw.filled.map(|mut v| v["lazy"].take()),
         },
     })
 }
@@ -481,7 +492,7 @@ fn pre_copy(opts: &MigrateOptions, link: &mut Link, work: &Path) -> Result<PreCo
             .map_err(|source| MigrateError::Tracker { pid, source })?;
         let copy_ms = ms(t_scan.elapsed());
         let t_send = Instant::now();
-        let bytes = send_image(link, work, &name, true, pid)?;
+        let bytes = send_image(link, work, &name, true, pid, None)?;
         let send_s = t_send.elapsed().as_secs_f64();
         // The largest transfers say most about the link (small ones are
         // round trips).
@@ -512,9 +523,9 @@ fn pre_copy(opts: &MigrateOptions, link: &mut Link, work: &Path) -> Result<PreCo
         let post_copy = match opts.post_copy {
             PostCopy::Always => true,
             PostCopy::Never => false,
-            // The rest sent frozen would not fit, or would cost half as
-            // much again as leaving it to post-copy.
-            PostCopy::Auto => never > target || never > 1.5 * post,
+            // The rest sent frozen would not fit, or would freeze the
+            // process a quarter longer than leaving it to post-copy.
+            PostCopy::Auto => never > target || never > 1.25 * post,
         };
         let predicted = if post_copy { post } else { never };
         rounds.push(Round {
@@ -577,11 +588,13 @@ fn send_image(
     name: &str,
     pages: bool,
     pid: i32,
+    then: Option<&[u8]>,
 ) -> Result<u64, MigrateError> {
     let dir_err = |why: String| MigrateError::WorkDir {
         dir: work.join(name),
         why,
     };
+    tracing::debug!(pid, "image {name}: sending");
     let (d, _) = images::ImageDir::open(&work.join(name)).map_err(|e| dir_err(e.to_string()))?;
     let mut files: Vec<(String, std::fs::File)> = Vec::new();
     let mut names = d.list().map_err(|e| dir_err(e.to_string()))?;
@@ -608,11 +621,16 @@ fn send_image(
             files.push((n, f));
         }
     }
+    tracing::debug!(pid, "image {name}: {} files opened", files.len());
     let before = link.sent;
-    let mut buf = vec![0u8; proto::CHUNK];
+    let mut buf = std::mem::take(&mut link.buf);
+    if buf.len() != proto::CHUNK {
+        // Not given back after a failed send.
+        buf = vec![0u8; proto::CHUNK];
+    }
     let to = link.to.clone();
     let lost = |what: String| move |source| MigrateError::Link { pid, what, source };
-    let (mut t_read, mut t_pack, mut t_send) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut t_read, mut t_send) = (Duration::ZERO, Duration::ZERO);
     for (file, f) in &files {
         use std::os::unix::fs::FileExt;
         let path = format!("{name}/{file}");
@@ -623,19 +641,10 @@ fn send_image(
                 .read_at(&mut buf, off)
                 .map_err(|e| dir_err(format!("reading {file}: {e}")))?;
             t_read += t.elapsed();
-            let t = Instant::now();
             // Empty files are sent too (one empty chunk).
             if n > 0 || off == 0 {
-                // The final image's pages are stored raw (the frozen copy
-                // must be quick): compressed on the way.
-                let m = if name == FINAL && file == images::PAGES_FILE {
-                    proto::file_chunk_lz4(&path, off, &buf[..n])
-                } else {
-                    proto::file_chunk(&path, off, &buf[..n])
-                };
-                t_pack += t.elapsed();
                 let t = Instant::now();
-                let r = link.send(&m);
+                let r = link.send(&proto::file_chunk(&path, off, &buf[..n]));
                 t_send += t.elapsed();
                 r.map_err(lost(format!("sending {path}")))?;
             }
@@ -645,12 +654,16 @@ fn send_image(
             off += n as u64;
         }
     }
-    tracing::debug!(
-        pid,
-        "image {name}: read {t_read:?}, packed {t_pack:?}, sent {t_send:?}"
-    );
+    link.buf = buf;
+    tracing::debug!(pid, "image {name}: read {t_read:?}, sent {t_send:?}");
     link.send(&proto::msg(b'C', name.as_bytes()))
         .map_err(lost(format!("sending image {name}")))?;
+    // The next message (the switch) goes before the acknowledgement is
+    // read: one round trip less.
+    if let Some(m) = then {
+        link.send(m)
+            .map_err(lost(format!("sending what follows image {name}")))?;
+    }
     let r = link.recv().map_err(lost(format!(
         "waiting for the receiver to write image {name}"
     )))?;
@@ -673,7 +686,8 @@ struct Switched {
     downtime_ms: f64,
     bytes_sent: u64,
     dest_pid: i32,
-    lazy: Option<serde_json::Value>,
+    /// The receiver's `D` (post-copy).
+    filled: Option<serde_json::Value>,
 }
 
 /// A `tern page-server` serving the final image (post-copy).
@@ -824,17 +838,22 @@ fn switch(
             server = Some(s);
         }
         tracing::debug!(pid, "switch: page server up at {:.1} ms", since());
-        send_image(&mut link, work, FINAL, !post_copy, pid)?;
-        tracing::debug!(pid, "switch: final image sent at {:.1} ms", since());
         let sw = Switch {
             page_server: server.as_ref().map(|s| s.addr.clone()),
         };
+        send_image(
+            &mut link,
+            work,
+            FINAL,
+            !post_copy,
+            pid,
+            Some(&proto::json(b'S', &sw)),
+        )?;
+        tracing::debug!(pid, "switch: final image sent at {:.1} ms", since());
         let lost = |what: &str| {
             let what = what.to_string();
             move |source| MigrateError::Link { pid, what, source }
         };
-        link.send(&proto::json(b'S', &sw))
-            .map_err(lost("sending the switch"))?;
         let r = link
             .recv()
             .map_err(lost("waiting for the receiver to restore"))?;
@@ -938,12 +957,12 @@ fn switch(
         dest = running.pid,
         "the destination runs it after {downtime_ms:.1} ms"
     );
-    let mut lazy = None;
+    let mut filled = None;
     if let Some(server) = server {
         // Post-copy: served until every page is pulled.
         match wait_filled(&mut link, opts) {
             Ok(v) => {
-                lazy = Some(v);
+                filled = Some(v);
                 server.stop();
             }
             Err(why) => {
@@ -965,7 +984,7 @@ fn switch(
         downtime_ms,
         bytes_sent: link.sent,
         dest_pid: running.pid,
-        lazy,
+        filled,
     })
 }
 

@@ -82,7 +82,10 @@ fn remove_namespaces() {
 impl Drop for Hosts {
     fn drop(&mut self) {
         remove_namespaces();
-        for c in [self.receiver.take(), self.workload.take()].into_iter().flatten() {
+        for c in [self.receiver.take(), self.workload.take()]
+            .into_iter()
+            .flatten()
+        {
             let mut c = c;
             let _ = c.kill();
             let _ = c.wait();
@@ -107,9 +110,15 @@ fn copies_of(pid: i32) -> Vec<i32> {
         let ns: Vec<i32> = st
             .lines()
             .find_map(|l| l.strip_prefix("NSpid:"))
-            .map(|l| l.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+            .map(|l| {
+                l.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default();
-        let zombie = st.lines().any(|l| l.starts_with("State:") && l.contains('Z'));
+        let zombie = st
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'));
         if ns.len() > 1 && ns.last() == Some(&pid) && p != pid && !zombie {
             found.push(p);
         }
@@ -118,14 +127,18 @@ fn copies_of(pid: i32) -> Vec<i32> {
 }
 
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .is_ok_and(|st| !st.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|st| {
+        !st.lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'))
+    })
 }
 
 /// Migrate a fresh `hotloop` from host a to host b; prints the rounds and
 /// the downtime, checks that it runs on b and no longer on a.
 pub fn run(release: &Path, tern: &Path, images: &Path, mib: u64, hot_mib: u64) -> Result<Value> {
-    println!("\nmigration: hotloop moved from network namespace {NS_A} to {NS_B} (its own PID namespace there)");
+    println!(
+        "\nmigration: hotloop moved from network namespace {NS_A} to {NS_B} (its own PID namespace there)"
+    );
     let mut hosts = Hosts::new()?;
     let key = images.join("migrate.key");
     let _ = std::fs::remove_file(&key);
@@ -138,7 +151,9 @@ pub fn run(release: &Path, tern: &Path, images: &Path, mib: u64, hot_mib: u64) -
         .args(["--mib", &mib.to_string(), "--hot-mib", &hot_mib.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    let workload = w.spawn().with_context(|| format!("cannot start `{}`", util::show(&w)))?;
+    let workload = w
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", util::show(&w)))?;
     let pid = i32::try_from(workload.id()).context("PID")?;
     hosts.workload = Some(workload);
     // It faults its memory in first.
@@ -146,16 +161,24 @@ pub fn run(release: &Path, tern: &Path, images: &Path, mib: u64, hot_mib: u64) -
     let to = format!("{ADDR_B}:{PORT}");
     let log = std::fs::File::create(images.join("receive.log"))?;
     let mut r = Command::new("ip");
-    r.args(["netns", "exec", NS_B, "unshare", "--pid", "--fork", "--mount-proc"])
-        .arg(tern)
-        .args(["receive", "--listen", &to, "--key"])
-        .arg(&key)
-        .arg("-D")
-        .arg(&received)
-        .arg("--json")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log);
+    r.args([
+        "netns",
+        "exec",
+        NS_B,
+        "unshare",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+    ])
+    .arg(tern)
+    .args(["receive", "--listen", &to, "--key"])
+    .arg(&key)
+    .arg("-D")
+    .arg(&received)
+    .arg("--json")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(log);
     println!("$ {}", util::show(&r));
     let mut receiver = r.spawn().context("cannot start tern receive")?;
     let rx = receiver.stdout.take().expect("piped");
@@ -217,7 +240,12 @@ pub fn run(release: &Path, tern: &Path, images: &Path, mib: u64, hot_mib: u64) -
     }
     let ticks = |p: i32| -> Option<u64> {
         let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-        s.rsplit_once(')')?.1.split_whitespace().nth(11)?.parse().ok()
+        s.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(11)?
+            .parse()
+            .ok()
     };
     let t0 = ticks(there[0]);
     std::thread::sleep(Duration::from_millis(300));

@@ -127,9 +127,11 @@ fn test(args: &[String]) -> Result<()> {
 
 fn bench(name: &str, args: &[String]) -> Result<()> {
     match name {
-        "tracking" | "dump" | "restore" => {}
+        "tracking" | "dump" | "restore" | "migrate" => {}
         "vm-criu" => return vm::bench_criu(),
-        other => bail!("unknown benchmark `{other}`; known: tracking, dump, restore, vm-criu"),
+        other => {
+            bail!("unknown benchmark `{other}`; known: tracking, dump, restore, migrate, vm-criu")
+        }
     }
     // `bench dump` and `bench restore` run CRIU beside tern: Debian
     // trixie's, fetched under target/criu/. Without it the benchmark runs
