@@ -164,18 +164,25 @@ fn nspid(p: i32) -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// Whether `pid` (here) is a live process, not a zombie.
-fn alive(pid: i32) -> bool {
+/// The state letter of `pid` (here), if it exists.
+fn state(pid: i32) -> Option<char> {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
             s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
+                .and_then(|(_, r)| r.trim_start().chars().next())
         })
-        .is_some_and(|zombie| !zombie)
 }
 
-/// Live processes whose PID in a namespace of their own is `pid`.
+/// Whether `pid` (here) is a live process, not a zombie (a source held
+/// frozen by its dump counts: it resumes or dies).
+fn alive(pid: i32) -> bool {
+    state(pid).is_some_and(|s| !matches!(s, 'Z' | 'X'))
+}
+
+/// Live processes whose PID in a namespace of their own is `pid`, let run:
+/// a copy the receiver still holds (stopped by its tracer, `t`) runs only
+/// if the source is gone.
 fn migrated_copies(pid: i32) -> Vec<i32> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -183,7 +190,8 @@ fn migrated_copies(pid: i32) -> Vec<i32> {
             continue;
         };
         let ns = nspid(p);
-        if ns.len() > 1 && ns.last() == Some(&pid) && p != pid && alive(p) {
+        if ns.len() > 1 && ns.last() == Some(&pid) && p != pid && alive(p) && state(p) != Some('t')
+        {
             found.push(p);
         }
     }
@@ -264,15 +272,40 @@ fn migrate(
 /// The one place the process runs: here (the source) or on host b (its
 /// host PID there). Panics if both or neither.
 fn runs_once(pid: i32, when: &str) -> Option<i32> {
-    let here = alive(pid);
-    let there = migrated_copies(pid);
-    assert!(
-        there.len() <= 1 && (here != (there.len() == 1)),
-        "{when}: PID {pid} runs {} here and {} time(s) on host b ({there:?})",
-        if here { "once" } else { "not" },
-        there.len()
-    );
-    there.first().copied()
+    // A frozen source (held by its dump, `t`) does not run: it resumes or
+    // dies. Running on both sides at any moment fails at once; otherwise
+    // the answer is what three looks 100 ms apart agree on.
+    let end = Instant::now() + END;
+    let mut agreed = (0, None);
+    loop {
+        let here = alive(pid) && state(pid) != Some('t');
+        let there = migrated_copies(pid);
+        assert!(
+            there.len() <= 1 && !(here && !there.is_empty()),
+            "{when}: PID {pid} runs {} here and {} time(s) on host b ({there:?})",
+            if here { "once" } else { "not" },
+            there.len()
+        );
+        if here != (there.len() == 1) {
+            let now = there.first().copied();
+            agreed = if agreed.1 == now && agreed.0 > 0 {
+                (agreed.0 + 1, now)
+            } else {
+                (1, now)
+            };
+            if agreed.0 >= 3 {
+                return now;
+            }
+        } else {
+            agreed = (0, None);
+        }
+        assert!(
+            Instant::now() < end,
+            "{when}: PID {pid} runs nowhere (its state here: {:?}) within {END:?}",
+            state(pid)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `ck_NAME ARGS` moved to host b with `flags`; it must pass its checks
