@@ -152,6 +152,12 @@ enum Cmd {
         /// Migrations per configuration (the median is shown).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// CRIU's command (`cargo xtask bench migrate` fetches one).
+        #[arg(long, conflicts_with = "no_criu")]
+        criu: Option<PathBuf>,
+        /// Run without CRIU; the reason goes into the report.
+        #[arg(long, value_name = "WHY")]
+        no_criu: Option<String>,
     },
     /// Measure the async-WP first-write floor only.
     Floor {
@@ -318,8 +324,17 @@ fn real_main() -> Result<()> {
             out,
             mib,
             repeats,
+            criu,
+            no_criu,
         } => {
-            bench::migrate::run(&tern, &bin_dir, &out, mib, repeats)?;
+            bench::migrate::run(
+                &tern,
+                &bin_dir,
+                &out,
+                mib,
+                repeats,
+                criu_or_why(criu, no_criu, "migrate"),
+            )?;
             Ok(())
         }
         Cmd::Floor { mib, reps } => {

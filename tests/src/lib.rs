@@ -155,6 +155,12 @@ impl Workload {
         Workload::spawn_with("workload", &[], true)
     }
 
+    /// [`Workload::start_restorable`] run through `wrapper` (a program and
+    /// its arguments that exec the workload: `ip netns exec NS`).
+    pub fn start_restorable_in(wrapper: &[&str]) -> Workload {
+        Workload::spawn_in(wrapper, "workload", &[], true)
+    }
+
     /// Start the `selfcheck` program with a `mib` MiB checked region.
     pub fn selfcheck(mib: usize) -> Workload {
         Workload::spawn("selfcheck", &[&mib.to_string()])
@@ -165,7 +171,18 @@ impl Workload {
     }
 
     fn spawn_with(name: &str, args: &[&str], fifos: bool) -> Workload {
-        let mut cmd = Command::new(workload_bin(name));
+        Workload::spawn_in(&[], name, args, fifos)
+    }
+
+    fn spawn_in(wrapper: &[&str], name: &str, args: &[&str], fifos: bool) -> Workload {
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(workload_bin(name));
+                c
+            }
+            None => Command::new(workload_bin(name)),
+        };
         cmd.args(args);
         let mut dir = None;
         let mut ours: Option<(File, File)> = None;

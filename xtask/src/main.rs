@@ -137,7 +137,7 @@ fn bench(name: &str, args: &[String]) -> Result<()> {
     // trixie's, fetched under target/criu/. Without it the benchmark runs
     // tern alone and its report says why.
     let mut criu_args: Vec<std::ffi::OsString> = Vec::new();
-    if name == "restore" || name == "dump" {
+    if name == "restore" || name == "dump" || name == "migrate" {
         match criu::fetch() {
             Ok(criu) => criu_args.extend(["--criu".into(), criu.into_os_string()]),
             Err(e) => {
