@@ -111,6 +111,29 @@ impl Drop for Hosts {
     }
 }
 
+/// `hotloop WORKLOAD` on host a (its network namespace only), once it
+/// has written all its pages.
+fn start_hotloop(
+    bin_dir: &Path,
+    work: &Path,
+    workload: &[&str],
+) -> Result<(std::process::Child, i32)> {
+    let log = work.join("hotloop.log");
+    let started = crate::run::spawn_until_ready(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{NS_A}"))
+            .arg(bin_dir.join("hotloop"))
+            .args(workload)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?),
+        &log,
+        Duration::from_secs(60),
+    )?;
+    // The workload settles (its pages all written once).
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(started)
+}
+
 /// One migration: the source's and the destination's JSON.
 fn migrate_once(
     tern: &Path,
@@ -128,19 +151,7 @@ fn migrate_once(
     }
     let received = work.join("received");
     let _ = std::fs::remove_dir_all(&received);
-    let log = work.join("hotloop.log");
-    let (mut w, pid) = crate::run::spawn_until_ready(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{NS_A}"))
-            .arg(bin_dir.join("hotloop"))
-            .args(workload)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log)?),
-        &log,
-        Duration::from_secs(60),
-    )?;
-    // The workload settles (its pages all written once).
-    std::thread::sleep(Duration::from_secs(1));
+    let (mut w, pid) = start_hotloop(bin_dir, work, workload)?;
     let to = format!("{ADDR_B}:{PORT}");
     let mut recv = Command::new("ip")
         .args([
@@ -265,18 +276,7 @@ fn copy_over_link(from: &Path, to: &Path) -> Result<()> {
 /// soft-dirty, which this kernel lacks): the process is frozen from the
 /// dump until it runs on b.
 fn criu_once(criu: &Path, bin_dir: &Path, work: &Path, workload: &[&str]) -> Result<Value> {
-    let log = work.join("hotloop.log");
-    let (mut w, pid) = crate::run::spawn_until_ready(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{NS_A}"))
-            .arg(bin_dir.join("hotloop"))
-            .args(workload)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log)?),
-        &log,
-        Duration::from_secs(60),
-    )?;
-    std::thread::sleep(Duration::from_secs(1));
+    let (mut w, pid) = start_hotloop(bin_dir, work, workload)?;
     let (da, db) = (work.join("criu-a"), work.join("criu-b"));
     for d in [&da, &db] {
         let _ = std::fs::remove_dir_all(d);

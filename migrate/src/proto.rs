@@ -4,7 +4,7 @@
 //! | tag | from | payload | meaning |
 //! |---|---|---|---|
 //! | `M` | source | JSON [`Hello`] | a migration starts (or a lost connection of one comes back: `resume`) |
-//! | `A` | receiver | JSON [`Accepted`] | go on |
+//! | `A` | receiver | | go on |
 //! | `F` | source | name length u8, name, offset u64 LE, bytes | part of an image file (`IMAGE/FILE` or `IMAGE/pipes/FILE`) |
 //! | `C` | source | image name | that image is complete (its inventory came last) |
 //! | `k` | receiver | image name | it is written |
@@ -39,11 +39,6 @@ pub struct Hello {
     /// The process, as the source knows it.
     pub pid: i32,
     pub resume: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Accepted {
-    pub dir: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -122,7 +122,7 @@ impl Inbound {
                         timeout,
                         received: 0,
                     };
-                    let _ = inb.send(&proto::json(b'A', &proto::Accepted { dir: String::new() }));
+                    let _ = inb.send(&proto::msg(b'A', b""));
                     return inb;
                 }
                 Err(e) => tracing::warn!("receive: refused {peer}: {e}"),
@@ -214,10 +214,7 @@ impl Inbound {
             Some(&self.hello.migration),
         ) {
             Ok((mut ch, _)) => {
-                if ch
-                    .send(&proto::json(b'A', &proto::Accepted { dir: String::new() }))
-                    .is_ok()
-                {
+                if ch.send(&proto::msg(b'A', b"")).is_ok() {
                     tracing::info!(%peer, "receive: the source connected again");
                     self.peer = peer.to_string();
                     self.ch = Some(ch);

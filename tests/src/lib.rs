@@ -398,6 +398,22 @@ impl Workload {
         v
     }
 
+    /// `workload`: the regions it made, as `(name, address, pages)`.
+    pub fn regions(&mut self) -> Vec<(String, u64, u64)> {
+        self.cmd("regions")["regions"]
+            .as_array()
+            .expect("regions")
+            .iter()
+            .map(|r| {
+                (
+                    r["name"].as_str().unwrap().to_string(),
+                    r["addr"].as_u64().unwrap(),
+                    r["pages"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
     /// `selfcheck`: run its self-check; panic with its detail unless PASS.
     pub fn self_check(&mut self, when: &str) {
         let v = self
@@ -1145,3 +1161,40 @@ pub fn assert_thp_not_always(what: &str) {
         mode.trim()
     );
 }
+
+/// A `python3` program for the ck protocol (`--out`): a large dict, a
+/// thread ticking, and a counter it keeps rewriting in `count` beside its
+/// result file; on SIGTERM it checks the dict and that the thread still
+/// ticks, and says PASS or FAIL.
+pub const PYTHON_COUNTER: &str = r#"
+import os, signal, sys, threading, time
+out = sys.argv[sys.argv.index('--out') + 1]
+here = os.path.dirname(out)
+N = 300000
+d = {i: str(i) * 3 for i in range(N)}
+ticks = [0]
+def worker():
+    while True:
+        ticks[0] += 1
+        d[-1] = ticks[0]
+        time.sleep(0.001)
+threading.Thread(target=worker, daemon=True).start()
+def on_term(sig, frame):
+    ok = all(d[i] == str(i) * 3 for i in range(N))
+    t0 = ticks[0]
+    time.sleep(0.3)
+    ok = ok and ticks[0] > t0
+    with open(out, 'a') as f:
+        f.write('PASS\n' if ok else 'FAIL dict or thread\n')
+    os._exit(0 if ok else 1)
+signal.signal(signal.SIGTERM, on_term)
+with open(out, 'a') as f:
+    f.write('ready %d\n' % os.getpid())
+n = 0
+while True:
+    n += 1
+    with open(os.path.join(here, 'count.tmp'), 'w') as f:
+        f.write(str(n))
+    os.rename(os.path.join(here, 'count.tmp'), os.path.join(here, 'count'))
+    time.sleep(0.01)
+"#;

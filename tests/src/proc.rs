@@ -192,6 +192,37 @@ pub fn alive(pid: i32) -> bool {
     matches!(state(pid), Some(c) if c != 'Z' && c != 'X')
 }
 
+/// `NSpid` of `pid`: its PID in each PID namespace it is in, outermost
+/// first (empty if gone).
+pub fn nspid(pid: i32) -> Vec<i32> {
+    status_field(&format!("/proc/{pid}/status"), "NSpid")
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Live processes whose PID in a namespace of their own is `pid` (and
+/// which are not `pid` here): a restore of `pid` in another PID namespace.
+pub fn in_other_namespace(pid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in dir.flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let ns = nspid(p);
+        if ns.len() > 1 && ns.last() == Some(&pid) && p != pid && alive(p) {
+            found.push(p);
+        }
+    }
+    found
+}
+
 fn status_field(path: &str, field: &str) -> Option<String> {
     let s = std::fs::read_to_string(path).ok()?;
     s.lines().find_map(|l| {

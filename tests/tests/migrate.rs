@@ -22,8 +22,10 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tern_tests::PYTHON_COUNTER as PYTHON;
 use tern_tests::ck::CkProcess;
 use tern_tests::hosts::TwoHosts;
+use tern_tests::proc::{alive, nspid, state};
 use tern_tests::{TernOutput, tempdir, tern, tern_bin, wait_deadline};
 
 const READY: Duration = Duration::from_secs(30);
@@ -151,35 +153,6 @@ fn receive_pid(addr: &str) -> Option<i32> {
         }
     }
     None
-}
-
-fn nspid(p: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{p}/status"))
-        .ok()
-        .and_then(|st| {
-            st.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|l| {
-                l.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
-}
-
-/// The state letter of `pid` (here), if it exists.
-fn state(pid: i32) -> Option<char> {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.trim_start().chars().next())
-        })
-}
-
-/// Whether `pid` (here) is a live process, not a zombie (a source held
-/// frozen by its dump counts: it resumes or dies).
-fn alive(pid: i32) -> bool {
-    state(pid).is_some_and(|s| !matches!(s, 'Z' | 'X'))
 }
 
 /// Live processes whose PID in a namespace of their own is `pid`, let run:
@@ -449,18 +422,7 @@ fn oracle_migrates(flags: &[&str]) {
     ] {
         w.cmd(c);
     }
-    let regions: Vec<(String, u64, u64)> = w.cmd("regions")["regions"]
-        .as_array()
-        .expect("regions")
-        .iter()
-        .map(|r| {
-            (
-                r["name"].as_str().unwrap().to_string(),
-                r["addr"].as_u64().unwrap(),
-                r["pages"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let regions: Vec<(String, u64, u64)> = w.regions();
     let pid = w.pid();
     let held =
         tern_tests::oracle::read_ranges(pid, &regions, false).unwrap_or_else(|e| panic!("{e}"));
@@ -501,39 +463,6 @@ fn the_memory_oracle_workload_migrates_without_post_copy() {
 fn the_memory_oracle_workload_migrates_with_post_copy() {
     oracle_migrates(&["--post-copy", "always"]);
 }
-
-const PYTHON: &str = r#"
-import os, signal, sys, threading, time
-out = sys.argv[sys.argv.index('--out') + 1]
-here = os.path.dirname(out)
-N = 200000
-d = {i: str(i) * 3 for i in range(N)}
-ticks = [0]
-def worker():
-    while True:
-        ticks[0] += 1
-        d[-1] = ticks[0]
-        time.sleep(0.001)
-threading.Thread(target=worker, daemon=True).start()
-def on_term(sig, frame):
-    ok = all(d[i] == str(i) * 3 for i in range(N))
-    t0 = ticks[0]
-    time.sleep(0.3)
-    ok = ok and ticks[0] > t0
-    with open(out, 'a') as f:
-        f.write('PASS\n' if ok else 'FAIL dict or thread\n')
-    os._exit(0 if ok else 1)
-signal.signal(signal.SIGTERM, on_term)
-with open(out, 'a') as f:
-    f.write('ready %d\n' % os.getpid())
-n = 0
-while True:
-    n += 1
-    with open(os.path.join(here, 'count.tmp'), 'w') as f:
-        f.write(str(n))
-    os.rename(os.path.join(here, 'count.tmp'), os.path.join(here, 'count'))
-    time.sleep(0.01)
-"#;
 
 fn read_counter(p: &Path) -> u64 {
     std::fs::read_to_string(p)

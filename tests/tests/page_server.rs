@@ -155,33 +155,6 @@ fn remote<'a>(addr: &'a str, key: &'a str) -> [&'a str; 4] {
     ["--page-server", addr, "--key", key]
 }
 
-/// Host PIDs of the processes whose PID in their own namespace is `pid`
-/// but which are not `pid` here.
-fn in_other_namespace(pid: i32) -> Vec<i32> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(st) = std::fs::read_to_string(format!("/proc/{p}/status")) else {
-            continue;
-        };
-        let ns: Vec<i32> = st
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .map(|l| {
-                l.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if ns.len() > 1 && ns.last() == Some(&pid) && p != pid {
-            found.push(p);
-        }
-    }
-    found
-}
-
 fn verdicts(ck: &CkProcess) -> Vec<String> {
     ck.lines()
         .into_iter()
@@ -227,7 +200,7 @@ fn two_lazy_restores_read_one_page_server_at_once() {
     let other_out = TernOutput::of(&mut other);
     let deadline = Instant::now() + END;
     let twin = loop {
-        if let [p] = in_other_namespace(ck.pid)[..] {
+        if let [p] = tern_tests::proc::in_other_namespace(ck.pid)[..] {
             break p;
         }
         if Instant::now() > deadline {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use tern_tests::PYTHON_COUNTER as PYTHON;
 use tern_tests::ck::CkProcess;
 use tern_tests::{pre_dump, spawn_tern, tempdir, tern, wait_deadline};
 
@@ -150,39 +151,6 @@ fn read_counter(p: &Path) -> u64 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
 }
-
-const PYTHON: &str = r#"
-import os, signal, sys, threading, time
-out = sys.argv[sys.argv.index('--out') + 1]
-here = os.path.dirname(out)
-N = 300000
-d = {i: str(i) * 3 for i in range(N)}
-ticks = [0]
-def worker():
-    while True:
-        ticks[0] += 1
-        d[-1] = ticks[0]
-        time.sleep(0.001)
-threading.Thread(target=worker, daemon=True).start()
-def on_term(sig, frame):
-    ok = all(d[i] == str(i) * 3 for i in range(N))
-    t0 = ticks[0]
-    time.sleep(0.3)
-    ok = ok and ticks[0] > t0
-    with open(out, 'a') as f:
-        f.write('PASS\n' if ok else 'FAIL dict or thread\n')
-    os._exit(0 if ok else 1)
-signal.signal(signal.SIGTERM, on_term)
-with open(out, 'a') as f:
-    f.write('ready %d\n' % os.getpid())
-n = 0
-while True:
-    n += 1
-    with open(os.path.join(here, 'count.tmp'), 'w') as f:
-        f.write(str(n))
-    os.rename(os.path.join(here, 'count.tmp'), os.path.join(here, 'count'))
-    time.sleep(0.01)
-"#;
 
 /// Chroots into its own directory, then counts; on SIGTERM it checks from
 /// inside that its root and cwd are still that directory.

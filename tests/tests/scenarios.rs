@@ -427,18 +427,7 @@ const RESTORE_WAIT: Duration = Duration::from_secs(60);
 fn restore_lazily(w: &mut Workload, c: &Chain, track: Option<&str>) {
     let t_all = std::time::Instant::now();
     let pid = w.pid();
-    let regions: Vec<(String, u64, u64)> = w.cmd("regions")["regions"]
-        .as_array()
-        .expect("regions")
-        .iter()
-        .map(|r| {
-            (
-                r["name"].as_str().unwrap().to_string(),
-                r["addr"].as_u64().unwrap(),
-                r["pages"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let regions: Vec<(String, u64, u64)> = w.regions();
     let held = oracle::read_ranges(pid, &regions, false).unwrap_or_else(|e| panic!("{e}"));
     let data_pages: u64 = held.iter().map(|r| r.data_pages()).sum();
     assert!(data_pages > 0, "the regions hold no data: {regions:?}");
