@@ -930,6 +930,9 @@ fn switch(
         }
     }
     let downtime_ms = (tracker::hold::monotonic_ns().saturating_sub(frozen_at)) as f64 / 1e6;
+    // The doomed source is killed now (its exit, freeing its memory, was
+    // kept out of the copy's start).
+    drop(ctl);
     let Some(running) = running else {
         if let Some(s) = &server {
             // The destination may yet run it (it waits as long): its pages

@@ -737,6 +737,12 @@ impl Injector {
         })
     }
 
+    /// Bind the thread's life to its tracer from now on
+    /// (`PTRACE_O_EXITKILL`): if tern ends, it is killed, never let go.
+    pub fn die_with_tracer(&mut self) -> Result<(), InjectError> {
+        self.run(|t| t.die_with_tracer())
+    }
+
     /// Let the thread go without restoring anything, for a thread that was
     /// killed (the kernel releases it when the tracer thread ends).
     pub fn abandon(mut self) {

@@ -192,6 +192,30 @@ pub fn alive(pid: i32) -> bool {
     matches!(state(pid), Some(c) if c != 'Z' && c != 'X')
 }
 
+/// The task's name (`/proc/PID/comm`; empty if gone).
+pub fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+/// On its way out: killed (SIGKILL pending for the process) or exiting
+/// (`PF_EXITING` in its flags). It runs no more of its own code.
+pub fn exiting(pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let flags = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.get(s.rfind(')')? + 1..)?.to_string();
+            after.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0);
+    let kill_pending = status_field(&format!("/proc/{pid}/status"), "ShdPnd")
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|m| m & (1 << (libc::SIGKILL - 1)) != 0);
+    flags & PF_EXITING != 0 || kill_pending
+}
+
 /// `NSpid` of `pid`: its PID in each PID namespace it is in, outermost
 /// first (empty if gone).
 pub fn nspid(pid: i32) -> Vec<i32> {

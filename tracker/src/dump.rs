@@ -894,7 +894,16 @@ fn capture(
             if let Err(e) = images::trim_pages_file(dir, stats.stored_end) {
                 tracing::warn!(pid, "cutting the zeros written ahead: {e}");
             }
-            let d = g.hold(frozen_at_ns, kill_target);
+            let doom = || {
+                threads.iter_mut().all(|t| match t.die_with_tracer() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(pid, "binding thread {} to its tracer: {e}", t.tid());
+                        false
+                    }
+                })
+            };
+            let d = g.hold(frozen_at_ns, doom, kill_target);
             if d == crate::hold::Decision::Resume {
                 tracing::info!(pid, "the migration did not go through: PID {pid} resumes");
             }

@@ -7,21 +7,30 @@
 //! the guardian says `W` and the moment of the freeze once the image is
 //! written, then reads one decision:
 //!
-//! - `K`: kill the target now (the destination's copy is ready to run);
-//!   acknowledged with `k` once the SIGKILL is sent, so that the
-//!   destination is told to run only when this copy never will again.
+//! - `K`: the target is doomed (the destination's copy is ready to run):
+//!   each of its threads is bound to die with the guardian's tracer thread
+//!   (`PTRACE_O_EXITKILL`), then `k` is acknowledged, so that the
+//!   destination is told to run only when this copy never will again. The
+//!   SIGKILL itself follows when tern lets go of its ends (it has the
+//!   destination's word that its copy runs, or it ended) or after
+//!   [`KILL_WITHIN`]: the exit of a big process frees its memory, tens of
+//!   milliseconds of a CPU per GiB, which would otherwise compete with the
+//!   copy's start. Threads that could not be bound are killed at once.
 //! - `R`, or the end of the pipe (a tern killed, a migration abandoned):
 //!   resume it, exactly where it was.
 //!
-//! The target is not kept frozen past the decision (a post-copy serves the
-//! frozen round's pages from the image): a guardian that died later, at
-//! its deadline or to the OOM killer, would let it run again beside the
-//! destination's copy.
+//! The target is not kept frozen long past the decision (a post-copy
+//! serves the frozen round's pages from the image): a guardian that died
+//! later, at its deadline or to the OOM killer, would let it run again
+//! beside the destination's copy were it not bound to die with it.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The longest a doomed target waits for tern to let go before its kill.
+pub const KILL_WITHIN: Duration = Duration::from_secs(5);
 
 /// The guardian's ends (in [`crate::dump::DumpOptions::hold`]).
 #[derive(Debug, Clone)]
@@ -111,8 +120,15 @@ impl HoldGate {
     }
 
     /// In the guardian, with the image written: say so, and wait for the
-    /// decision. `kill` sends the SIGKILL (then acknowledged).
-    pub(crate) fn hold(&self, frozen_at_ns: u64, kill: impl FnOnce()) -> Decision {
+    /// decision. On `K`, `doom` binds the target's threads to the guardian
+    /// (false if it could not bind them all: `kill` then runs before the
+    /// acknowledgement), and `kill` sends the SIGKILL once tern lets go.
+    pub(crate) fn hold(
+        &self,
+        frozen_at_ns: u64,
+        doom: impl FnOnce() -> bool,
+        kill: impl FnOnce(),
+    ) -> Decision {
         let mut out =
             std::fs::File::from(self.to_tern.try_clone().expect("dup of a pipe end we hold"));
         let mut inp = std::fs::File::from(
@@ -128,11 +144,41 @@ impl HoldGate {
         let mut b = [0u8; 1];
         match inp.read(&mut b) {
             Ok(1) if b[0] == b'K' => {
-                kill();
+                if !doom() {
+                    kill();
+                    let _ = out.write_all(b"k");
+                    return Decision::Kill;
+                }
                 let _ = out.write_all(b"k");
+                wait_for_end(&mut inp, KILL_WITHIN);
+                kill();
                 Decision::Kill
             }
             _ => Decision::Resume,
+        }
+    }
+}
+
+/// Read `inp` until its end, for at most `within`.
+fn wait_for_end(inp: &mut std::fs::File, within: Duration) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let until = Instant::now() + within;
+    let mut b = [0u8; 16];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let wait = PollTimeout::from(u16::try_from(left.as_millis().min(1000)).unwrap_or(1000));
+        match poll(&mut [PollFd::new(inp.as_fd(), PollFlags::POLLIN)], wait) {
+            Ok(n) if n > 0 => match inp.read(&mut b) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            },
+            _ => {}
         }
     }
 }
@@ -154,7 +200,9 @@ impl HoldControl {
         Ok(u64::from_le_bytes(ns))
     }
 
-    /// Kill the held target; returns once the SIGKILL is sent.
+    /// Doom the held target: returns once it can never run again (bound
+    /// to die with its guardian, or killed). The SIGKILL follows when this
+    /// control is dropped (or [`KILL_WITHIN`] after).
     pub fn kill(&mut self, pid: i32, timeout: Duration) -> Result<(), HoldError> {
         self.tell(pid, b'K', "kill it")?;
         self.ack(pid, b'k', "kill", timeout)
@@ -237,11 +285,21 @@ mod tests {
             let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let k = killed.clone();
             let g = std::thread::spawn(move || {
-                gate.hold(42, || k.store(true, std::sync::atomic::Ordering::SeqCst))
+                gate.hold(
+                    42,
+                    || true,
+                    || k.store(true, std::sync::atomic::Ordering::SeqCst),
+                )
             });
             assert_eq!(ctl.wait_written(1, Duration::from_secs(5)).unwrap(), 42);
             match decide {
-                "K" => ctl.kill(1, Duration::from_secs(5)).unwrap(),
+                "K" => {
+                    ctl.kill(1, Duration::from_secs(5)).unwrap();
+                    // Doomed, not yet killed: that waits for tern to let go.
+                    std::thread::sleep(Duration::from_millis(50));
+                    assert!(!killed.load(std::sync::atomic::Ordering::SeqCst));
+                    drop(ctl);
+                }
                 "R" => ctl.resume(1).unwrap(),
                 _ => drop(ctl),
             }

@@ -412,6 +412,20 @@ impl Tracee {
         }
     }
 
+    /// From now on the thread dies with its tracer (`PTRACE_O_EXITKILL`)
+    /// and is killed, not let go, if dropped: it must never run again (a
+    /// migrated process's source, whose copy runs elsewhere).
+    pub fn die_with_tracer(&mut self) -> Result<(), InjectError> {
+        let mut opts = Self::base_options(true);
+        if self.seccomp_suspended {
+            opts |= libc::PTRACE_O_SUSPEND_SECCOMP as u64;
+        }
+        ptrace::plain(libc::PTRACE_SETOPTIONS, self.tid, 0, opts)
+            .map_err(|e| self.pt_err("PTRACE_SETOPTIONS", e))?;
+        self.owned = true;
+        Ok(())
+    }
+
     pub fn seccomp_suspended(&self) -> bool {
         self.seccomp_suspended
     }

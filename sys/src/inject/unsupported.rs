@@ -63,6 +63,9 @@ impl Tracee {
         Ok(())
     }
     pub fn release_scratch(&mut self) {}
+    pub fn die_with_tracer(&mut self) -> Result<(), InjectError> {
+        Err(unsupported(self.pid, self.tid))
+    }
     pub fn set_scratch_hint(&mut self, _addr: u64) {}
     pub fn abandon(&mut self) {}
 }
