@@ -439,6 +439,10 @@ fn run(
     // The images, then the switch.
     let mut first_chunk: Option<Instant> = None;
     let mut t_write = Duration::ZERO;
+    // The restore's part that needs no final image is done while pre-copy
+    // runs: each image opened as it arrives, the process forked (with its
+    // PID) and traced from this thread, which restores it.
+    let mut prepared = restorer::restore::Prepared::default();
     let switch: Switch = loop {
         let m = lock(inb).next(Wait::Connected)?;
         if m.first() == Some(&b'F') && first_chunk.is_none() {
@@ -466,6 +470,9 @@ fn run(
                 lock(inb)
                     .send(&proto::msg(b'k', name.as_bytes()))
                     .map_err(|e| lock(inb).lost(e))?;
+                if name != FINAL {
+                    prepare(opts, inb, &mut prepared, &name)?;
+                }
             }
             Some((b'S', p)) => break proto::parse(p, "switch").map_err(bad)?,
             Some((b'X', why)) => {
@@ -538,7 +545,7 @@ fn run(
             }
         }),
     };
-    let restored = restorer::restore::restore(
+    let restored = restorer::restore::restore_prepared(
         &final_dir,
         &restorer::restore::RestoreOptions {
             timeout: opts.timeout,
@@ -547,6 +554,7 @@ fn run(
             remote: remote.clone(),
             gate: Some(gate),
         },
+        prepared,
     )
     .map_err(|e| {
         // Abandoned by the source: say so as such.
@@ -609,6 +617,35 @@ fn run(
         bytes_received: g.received,
         post_copy_pages,
     })
+}
+
+/// Pre-copy image `name` is in: open it for the restore, and start the
+/// process to restore if not yet (a PID taken here fails the migration
+/// now, the source still running, rather than at the switch).
+fn prepare(
+    opts: &ReceiveOptions,
+    inb: &Mutex<Inbound>,
+    prepared: &mut restorer::restore::Prepared,
+    name: &str,
+) -> Result<(), ReceiveError> {
+    let t = Instant::now();
+    let pid = lock(inb).hello.pid;
+    let dir = opts.dir.join(name);
+    let failed = |e: restorer::restore::RestoreError| ReceiveError::Restore {
+        pid,
+        dir: dir.clone(),
+        why: e.to_string(),
+    };
+    prepared.open_image(&dir).map_err(failed)?;
+    if prepared.started().is_none() {
+        prepared.start_process(pid, opts.timeout).map_err(failed)?;
+    }
+    tracing::debug!(
+        pid,
+        "receive: image {name} opened ahead in {:?}",
+        t.elapsed()
+    );
+    Ok(())
 }
 
 /// While the fill runs: a source that lost the `U` comes back and says

@@ -305,6 +305,34 @@ impl ImageChain {
         Ok(ImageChain { images })
     }
 
+    /// [`ImageChain::open`] taking the images it finds in `ahead` (by
+    /// [`lexical_path`]) rather than opening them again: a migration's
+    /// destination opens each pre-copy image as it arrives, so that the
+    /// frozen process's restore opens only the final one. Every check of
+    /// [`resolve`] applies to them as to the others; those it opens are
+    /// opened from `remote` when given.
+    pub fn open_with(
+        dir: &Path,
+        ahead: &mut HashMap<PathBuf, Image>,
+        remote: Option<&dyn images::RemoteChain>,
+    ) -> Result<ImageChain, ChainError> {
+        let images = resolve(
+            dir,
+            |p| match ahead.remove(&lexical_path(p)) {
+                Some(i) => Ok(i),
+                None => match remote {
+                    Some(r) => Image::open_remote(p, r),
+                    None => Image::open(p),
+                },
+            },
+            |i| &i.inventory,
+        )?
+        .into_iter()
+        .map(|(_, i)| i)
+        .collect();
+        Ok(ImageChain { images })
+    }
+
     /// [`ImageChain::open`] with the page bytes at `remote` (a page
     /// server): `dir` and its parents hold everything else.
     pub fn open_remote(

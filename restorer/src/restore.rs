@@ -112,6 +112,86 @@ impl std::fmt::Debug for ReleaseGate {
     }
 }
 
+/// What a restore can do before its image is whole: a migration's
+/// destination does it while pre-copy runs, so that the frozen process's
+/// restore has only the final image left to open and its process already
+/// forked (with its PID) and traced. Used by [`restore_prepared`] on the
+/// thread that made it (the placeholder process is traced from it, and
+/// dies with it); dropped unused, the placeholder is killed and reaped.
+#[derive(Default)]
+pub struct Prepared {
+    /// Images opened ahead, by their lexical path.
+    images: HashMap<PathBuf, images::Image>,
+    placeholder: Option<Placeholder>,
+}
+
+/// A process forked with the PID to restore, blocked in its read and
+/// traced from the thread that forked it.
+struct Placeholder {
+    pid: i32,
+    wake: Option<OwnedFd>,
+    main: Option<Injector>,
+}
+
+impl Placeholder {
+    fn start(pid: i32, timeout: Duration) -> Result<Placeholder, RestoreError> {
+        let (child, wake) = spawn_with_pid(pid)?;
+        let mut p = Placeholder {
+            pid: child,
+            wake: Some(wake),
+            main: None,
+        };
+        if !blocks_in_time(child, None, Instant::now() + timeout) {
+            return Err(step::<&str>(pid, "starting the process")(
+                "it did not block in time",
+            ));
+        }
+        p.main = Some(Injector::attach_owned_thread_here(child, child, timeout)?);
+        Ok(p)
+    }
+}
+
+impl Drop for Placeholder {
+    fn drop(&mut self) {
+        // Not used: killed (its injector does when dropped) and reaped.
+        drop(self.main.take());
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        drop(self.wake.take());
+        if !reap(self.pid, Duration::from_secs(5)) {
+            tracing::warn!(
+                pid = self.pid,
+                "the unused placeholder process was not reaped"
+            );
+        }
+    }
+}
+
+impl Prepared {
+    /// Open the image in `dir` now; the restore takes it as it is if its
+    /// chain names it.
+    pub fn open_image(&mut self, dir: &Path) -> Result<(), RestoreError> {
+        let img = images::Image::open(dir).map_err(|e| bad(dir, e.to_string()))?;
+        self.images.insert(crate::chain::lexical_path(dir), img);
+        Ok(())
+    }
+
+    /// Fork the process with PID `pid` now and trace it from this thread.
+    /// A restore of another PID forks its own (and this one is killed).
+    pub fn start_process(&mut self, pid: i32, timeout: Duration) -> Result<(), RestoreError> {
+        self.placeholder = None;
+        self.placeholder = Some(Placeholder::start(pid, timeout)?);
+        Ok(())
+    }
+
+    /// The PID of the process started ahead, if any.
+    pub fn started(&self) -> Option<i32> {
+        self.placeholder.as_ref().map(|p| p.pid)
+    }
+}
+
 /// The JSON of `tern restore`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreReport {
@@ -204,6 +284,7 @@ fn plan(
     lazy: bool,
     fill: FillMode,
     remote: Option<&crate::remote::Remote>,
+    prepared: &mut Prepared,
 ) -> Result<Plan, RestoreError> {
     let t0 = Instant::now();
     let lap = |what: &str| {
@@ -212,9 +293,11 @@ fn plan(
             t0.elapsed().as_secs_f64() * 1e3
         )
     };
-    let chain = match remote {
-        Some(r) => ImageChain::open_remote(dir, r)?,
-        None => ImageChain::open(dir)?,
+    let ahead = &mut prepared.images;
+    let chain = match (remote, ahead.is_empty()) {
+        (Some(r), true) => ImageChain::open_remote(dir, r)?,
+        (None, true) => ImageChain::open(dir)?,
+        (r, false) => ImageChain::open_with(dir, ahead, r.map(|r| r as _))?,
     };
     lap("chain opened");
     // The mapped files (a few hundred µs of opens and ELF notes) are
@@ -343,10 +426,10 @@ fn plan(
         .map_err(|e| bad(dir, format!("reading this process's vDSO: {e}")))?;
     sys::vdso::check_compatible(&process.vdso.clone().into(), &here)
         .map_err(|e| bad(dir, e.to_string()))?;
-    // PID and TIDs must be free.
+    // PID and TIDs must be free (the PID is ours if started ahead).
     for t in &process.threads {
         let p = PathBuf::from(format!("/proc/{}", t.tid));
-        if p.exists() {
+        if p.exists() && prepared.started() != Some(t.tid) {
             let by = std::fs::read_to_string(p.join("comm"))
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "a task".into());
@@ -621,6 +704,15 @@ fn rlimit_cur(res: nix::sys::resource::Resource) -> u64 {
 /// Restore the process whose final image is `dir`. Returns once every thread
 /// runs; the process is a child of the caller.
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreError> {
+    restore_prepared(dir, opts, Prepared::default())
+}
+
+/// [`restore`] with what was done ahead (see [`Prepared`]).
+pub fn restore_prepared(
+    dir: &Path,
+    opts: &RestoreOptions,
+    mut prepared: Prepared,
+) -> Result<Restored, RestoreError> {
     let span = tracing::debug_span!("restore", dir = %dir.display(), pid = tracing::field::Empty);
     let _restore = span.enter();
     let t0 = Instant::now();
@@ -628,11 +720,26 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     // built (see `interrupt`).
     let guard = crate::interrupt::BuildGuard::arm();
     let plan = in_step(tracing::debug_span!("plan"), || {
-        plan(dir, opts.lazy, opts.fill, opts.remote.as_ref())
+        plan(
+            dir,
+            opts.lazy,
+            opts.fill,
+            opts.remote.as_ref(),
+            &mut prepared,
+        )
     })?;
     let pid = plan.process.pid;
     span.record("pid", pid);
-    let (child, wake) = in_step(tracing::debug_span!("fork"), || spawn_with_pid(pid))?;
+    let mut main = None;
+    let (child, wake) = match prepared.placeholder.take() {
+        Some(mut p) if p.pid == pid => {
+            main = p.main.take();
+            let wake = p.wake.take();
+            std::mem::forget(p);
+            (pid, wake.expect("a placeholder holds its pipe until used"))
+        }
+        _ => in_step(tracing::debug_span!("fork"), || spawn_with_pid(pid))?,
+    };
     guard.set_child(child);
     let n0 = sys::inject::injected_syscalls();
     // The page service's map of the lazy pages is made on the other core
@@ -651,7 +758,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                 (m, crate::service::warm_buffers())
             })
         });
-        let res = build(&plan, pid, opts);
+        let res = build(&plan, pid, opts, main);
         // The process runs from here (its threads were let go); the map
         // may still be in the making.
         let runs_at = t0.elapsed();
@@ -881,18 +988,25 @@ fn build(
     plan: &Plan,
     pid: i32,
     opts: &RestoreOptions,
+    started: Option<Injector>,
 ) -> Result<(u64, FillReport, Option<crate::service::Handoff>), RestoreError> {
     let p = &plan.process;
     let timeout = opts.timeout;
     let step_span = tracing::debug_span!("attach").entered();
-    // Wait until the child sits in its read (a seize before would interrupt
-    // it elsewhere in its startup, also fine, but this is tidier).
-    if !blocks_in_time(pid, None, Instant::now() + timeout) {
-        return Err(step::<&str>(pid, "starting the process")(
-            "it did not block in time",
-        ));
-    }
-    let mut main = Injector::attach_owned_thread_here(pid, pid, timeout)?;
+    let mut main = match started {
+        Some(m) => m,
+        None => {
+            // Wait until the child sits in its read (a seize before would
+            // interrupt it elsewhere in its startup, also fine, but this
+            // is tidier).
+            if !blocks_in_time(pid, None, Instant::now() + timeout) {
+                return Err(step::<&str>(pid, "starting the process")(
+                    "it did not block in time",
+                ));
+            }
+            Injector::attach_owned_thread_here(pid, pid, timeout)?
+        }
+    };
     // The scratch area goes where the image has nothing (and tern neither).
     let scratch_at = free_area(plan.chain.vmas(), pid, sys::inject::SCRATCH_LEN)?;
     main.set_scratch_hint(scratch_at)?;
