@@ -1253,15 +1253,17 @@ fn capture_state(
 
     lap("threads");
     let leader = &mut threads[0];
-    // Signal dispositions: only those /proc says are not the default.
+    // Signal dispositions: only those /proc says are not the default (each
+    // read by an injected call, all of them with the calls below in one
+    // request to the tracer thread).
     let (caught, ignored) = (status.sigcgt, status.sigign);
     let mut sigactions = Vec::new();
+    let mut asked: Vec<i32> = Vec::new();
     for signo in 1..=64i32 {
         if signo == libc::SIGKILL || signo == libc::SIGSTOP {
             continue;
         }
-        let sig = u64::from(signo.unsigned_abs());
-        let bit = 1u64 << (sig - 1);
+        let bit = 1u64 << (signo - 1);
         // A SIG_DFL disposition's flags and mask are replaced whole by the
         // next sigaction that installs a handler, so they matter only for
         // SIGCHLD (SA_NOCLDSTOP, SA_NOCLDWAIT): that one is always read.
@@ -1273,59 +1275,96 @@ fn capture_state(
                 restorer: 0,
                 mask: 0,
             });
-            continue;
+        } else {
+            asked.push(signo);
         }
-        let old = leader.scratch_data(&[0u8; 32])?;
-        let r = leader.syscall(libc::SYS_rt_sigaction, [sig, 0, old, 8, 0, 0])?;
-        if r < 0 {
-            return Err(DumpError::Syscall {
-                pid,
-                tid: leader.tid(),
-                call: format!("rt_sigaction({sig})"),
-                errno: sys::inject::errno_of(r) as i32,
-            });
-        }
-        let bytes = leader.read_memory(old, 32)?;
-        let ka = sys::signals::KernelSigaction::from_bytes(&bytes).map_err(|e| {
-            DumpError::Sigaction {
-                pid,
-                signo: sig,
-                source: Cause::of(&e),
-            }
-        })?;
-        sigactions.push(sys::signals::SigAction::from_kernel(signo, &ka));
     }
-    let mut itimers = Vec::new();
-    for which in 0..3 {
-        let buf = leader.scratch_data(&[0u8; 32])?;
-        let r = leader.syscall(libc::SYS_getitimer, [which as u64, buf, 0, 0, 0, 0])?;
-        if r < 0 {
-            return Err(DumpError::Syscall {
-                pid,
-                tid: leader.tid(),
-                call: format!("getitimer({which})"),
-                errno: sys::inject::errno_of(r) as i32,
-            });
-        }
-        let b = leader.read_memory(buf, 32)?;
-        let w = |k: usize| u64::from_ne_bytes(b[k * 8..k * 8 + 8].try_into().unwrap_or([0; 8]));
-        itimers.push(ITimer {
-            which,
-            interval_us: w(0) * 1_000_000 + w(1),
-            value_us: w(2) * 1_000_000 + w(3),
-        });
-    }
-    let brk = leader.syscall(libc::SYS_brk, [0; 6])? as u64;
-    let dumpable = leader.syscall(
-        libc::SYS_prctl,
-        [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
-    )?;
+    // One 32-byte slot per sigaction asked, then one per itimer.
+    const SLOT: usize = 32;
+    let slots = asked.len() + 3;
+    let base = leader.batch_data_addr()?;
+    let slot = |i: usize| base + (i * SLOT) as u64;
     // Process-wide memory settings (mm flags): THP disabled (1, or 3 with
     // PR_THP_DISABLE_EXCEPT_ADVISED) and KSM for every VMA.
     const PR_GET_THP_DISABLE: u64 = 42;
     const PR_GET_MEMORY_MERGE: u64 = 68;
-    let thp_disable = leader.syscall(libc::SYS_prctl, [PR_GET_THP_DISABLE, 0, 0, 0, 0, 0])?;
-    let memory_merge = leader.syscall(libc::SYS_prctl, [PR_GET_MEMORY_MERGE, 0, 0, 0, 0, 0])?;
+    let mut calls: Vec<sys::inject::Syscall> = Vec::with_capacity(slots + 4);
+    let mut names: Vec<String> = Vec::with_capacity(slots + 4);
+    for (i, &signo) in asked.iter().enumerate() {
+        calls.push(sys::inject::Syscall::new(
+            libc::SYS_rt_sigaction,
+            [u64::from(signo.unsigned_abs()), 0, slot(i), 8, 0, 0],
+        ));
+        names.push(format!("rt_sigaction({signo})"));
+    }
+    for which in 0..3usize {
+        calls.push(sys::inject::Syscall::new(
+            libc::SYS_getitimer,
+            [which as u64, slot(asked.len() + which), 0, 0, 0, 0],
+        ));
+        names.push(format!("getitimer({which})"));
+    }
+    calls.push(sys::inject::Syscall::new(libc::SYS_brk, [0; 6]).may_fail());
+    names.push("brk".into());
+    calls.push(
+        sys::inject::Syscall::new(
+            libc::SYS_prctl,
+            [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
+        )
+        .may_fail(),
+    );
+    names.push("prctl(PR_GET_DUMPABLE)".into());
+    calls.push(
+        sys::inject::Syscall::new(libc::SYS_prctl, [PR_GET_THP_DISABLE, 0, 0, 0, 0, 0]).may_fail(),
+    );
+    names.push("prctl(PR_GET_THP_DISABLE)".into());
+    calls.push(
+        sys::inject::Syscall::new(libc::SYS_prctl, [PR_GET_MEMORY_MERGE, 0, 0, 0, 0, 0]).may_fail(),
+    );
+    names.push("prctl(PR_GET_MEMORY_MERGE)".into());
+    let n = calls.len();
+    // Every read lands in the zeroed slots (one stop per call: this process
+    // is not tern's own, so no batch stub runs in it).
+    let results = leader.syscall_batch(calls, vec![0u8; slots * SLOT])?;
+    // brk and the prctls give their raw results (a failure is kept as
+    // such); the reads must have worked. A batch stops after a failed one.
+    for (i, call) in names.iter().enumerate().take(slots) {
+        let r = results.get(i).copied().unwrap_or(-1);
+        if r < 0 {
+            return Err(DumpError::Syscall {
+                pid,
+                tid: leader.tid(),
+                call: call.clone(),
+                errno: sys::inject::errno_of(r) as i32,
+            });
+        }
+    }
+    debug_assert_eq!(results.len(), n);
+    let out = leader.read_memory(base, slots * SLOT)?;
+    for (i, &signo) in asked.iter().enumerate() {
+        let ka = sys::signals::KernelSigaction::from_bytes(&out[i * SLOT..(i + 1) * SLOT])
+            .map_err(|e| DumpError::Sigaction {
+                pid,
+                signo: u64::from(signo.unsigned_abs()),
+                source: Cause::of(&e),
+            })?;
+        sigactions.push(sys::signals::SigAction::from_kernel(signo, &ka));
+    }
+    sigactions.sort_by_key(|a| a.signo);
+    let mut itimers = Vec::new();
+    for which in 0..3usize {
+        let b = &out[(asked.len() + which) * SLOT..(asked.len() + which + 1) * SLOT];
+        let w = |k: usize| u64::from_ne_bytes(b[k * 8..k * 8 + 8].try_into().unwrap_or([0; 8]));
+        itimers.push(ITimer {
+            which: which as i32,
+            interval_us: w(0) * 1_000_000 + w(1),
+            value_us: w(2) * 1_000_000 + w(3),
+        });
+    }
+    let brk = results[slots] as u64;
+    let dumpable = results[slots + 1];
+    let thp_disable = results[slots + 2];
+    let memory_merge = results[slots + 3];
     leader.release_scratch()?;
 
     lap("injected calls");
