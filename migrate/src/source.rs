@@ -287,10 +287,11 @@ impl Link {
 /// here).
 const COPY_MB_S: f64 = 2500.0;
 /// The rest of the frozen time: freeze, the process state, the
-/// destination's restore until its process runs, the round trips
-/// (`bench migrate`, a quiet 1 GiB process: 16-26 ms on the development
-/// machine, two cores).
-const FIXED_MS: f64 = 18.0;
+/// destination's restore until its process runs (its earlier images
+/// opened and its process forked while pre-copy ran), the round trips
+/// (a quiet 1 GiB process over loopback: 9-16 ms, median 12, on the
+/// development machine, two cores).
+const FIXED_MS: f64 = 12.0;
 /// The post-copy page server opening the image, the receiver connecting
 /// to it (the server is started before the freeze).
 const PAGE_SERVER_MS: f64 = 3.0;
