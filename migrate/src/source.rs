@@ -95,6 +95,8 @@ pub struct Round {
     pub send_ms: f64,
     /// The link's throughput as measured so far, MB/s.
     pub link_mb_s: f64,
+    /// The connection's round-trip time on an idle link, ms.
+    pub rtt_ms: f64,
     /// The frozen round predicted after this one, ms.
     pub predicted_downtime_ms: f64,
 }
@@ -292,6 +294,15 @@ const COPY_MB_S: f64 = 2500.0;
 /// (a quiet 1 GiB process over loopback: 9-16 ms, median 12, on the
 /// development machine, two cores).
 const FIXED_MS: f64 = 12.0;
+/// Round trips of the switch once the final image is written: the image
+/// and the switch there and acknowledged (TCP's window opens again from
+/// its start after the idle wait: more for a bigger image), ready back,
+/// go there and running back (`bench migrate` over 100 Mbit/s with 1 ms
+/// each way: 5.5-7 round trips more than without the delay).
+const ROUND_TRIPS: f64 = 6.0;
+/// With post-copy, the receiver's connection to the page server and its
+/// handshake as well (7-9 there).
+const POST_COPY_ROUND_TRIPS: f64 = 8.0;
 /// The post-copy page server opening the image, the receiver connecting
 /// to it (the server is started before the freeze).
 const PAGE_SERVER_MS: f64 = 3.0;
@@ -304,12 +315,16 @@ const LZ4_COPY_MB_S: f64 = 1200.0;
 
 /// The frozen round's predicted length, for `pages` pages that shrink to
 /// `ratio` of their size in lz4.
-fn predict(pages: f64, ratio: f64, link_mb_s: f64, post_copy: bool) -> f64 {
+fn predict(pages: f64, ratio: f64, link_mb_s: f64, rtt_ms: f64, post_copy: bool) -> f64 {
     let mb = pages * images::PAGE_SIZE as f64 / 1e6;
     if post_copy {
-        FIXED_MS + PAGE_SERVER_MS + mb / COPY_MB_S * 1e3
+        FIXED_MS
+            + PAGE_SERVER_MS
+            + POST_COPY_ROUND_TRIPS * rtt_ms
+            + mb / COPY_MB_S * 1e3
     } else {
         FIXED_MS
+            + ROUND_TRIPS * rtt_ms
             + mb / LZ4_COPY_MB_S * 1e3
             + mb * ratio / link_mb_s.max(1.0) * 1e3
             + mb * ratio / RECEIVER_MB_S * 1e3
@@ -519,8 +534,9 @@ fn pre_copy(opts: &MigrateOptions, link: &mut Link, work: &Path) -> Result<PreCo
         } else {
             1.0
         };
-        let never = predict(next_pages, ratio, link_mb_s, false);
-        let post = predict(next_pages, ratio, link_mb_s, true);
+        let rtt_ms = link.ch.rtt().map_or(0.0, ms);
+        let never = predict(next_pages, ratio, link_mb_s, rtt_ms, false);
+        let post = predict(next_pages, ratio, link_mb_s, rtt_ms, true);
         let post_copy = match opts.post_copy {
             PostCopy::Always => true,
             PostCopy::Never => false,
@@ -537,6 +553,7 @@ fn pre_copy(opts: &MigrateOptions, link: &mut Link, work: &Path) -> Result<PreCo
             copy_ms,
             send_ms: send_s * 1e3,
             link_mb_s,
+            rtt_ms,
             predicted_downtime_ms: predicted,
         });
         tracing::info!(

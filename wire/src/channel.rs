@@ -385,6 +385,33 @@ impl Channel {
             .map_err(|e| WireError::io(&self.peer, e))
     }
 
+    /// The connection's round-trip time on an idle link: the lowest the
+    /// kernel measured (`TCP_INFO`'s `tcpi_min_rtt`; the smoothed one
+    /// includes the queues a bulk transfer builds), if it has one.
+    pub fn rtt(&self) -> Option<Duration> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: all-zero is a valid `tcp_info` (integers only).
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `info`, which
+        // is that big, and updates `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                self.stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        let rtt = if info.tcpi_min_rtt > 0 {
+            info.tcpi_min_rtt
+        } else {
+            info.tcpi_rtt
+        };
+        (r == 0 && rtt > 0).then(|| Duration::from_micros(u64::from(rtt)))
+    }
+
     /// Notice a peer that vanished (a host down, a link cut) while nothing
     /// is sent: TCP keepalive probes after `idle` of silence, every
     /// `interval`, `count` times, then reads and writes fail.
@@ -541,6 +568,25 @@ mod tests {
             s.recv(99),
             Err(WireError::TooLarge { len: 100, .. })
         ));
+    }
+
+    /// The kernel's round trip, after an exchange: there, and a loopback's
+    /// (well under the 100 ms a lost reading could pass for).
+    #[test]
+    fn the_round_trip_is_the_kernels() {
+        let k = Key::generate().unwrap();
+        let (c, s) = pair(k.clone(), k);
+        let (mut c, mut s) = (c.unwrap(), s.unwrap());
+        let t = std::thread::spawn(move || {
+            let m = s.recv(MAX_MESSAGE).unwrap();
+            s.send(&m).unwrap();
+            s
+        });
+        c.send(b"ping").unwrap();
+        assert_eq!(c.recv(MAX_MESSAGE).unwrap(), b"ping");
+        let _s = t.join().unwrap();
+        let rtt = c.rtt().expect("TCP_INFO gives a round trip after an exchange");
+        assert!(rtt < Duration::from_millis(100), "{rtt:?} over loopback");
     }
 
     #[test]
