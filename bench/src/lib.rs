@@ -5,6 +5,7 @@
 
 pub mod dump;
 pub mod migrate;
+pub mod relay;
 pub mod restore;
 pub mod run;
 pub mod svg;

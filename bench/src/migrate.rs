@@ -6,9 +6,11 @@
 //! receive` on host b in new PID and mount namespaces, `tern migrate` on a
 //! inside the workload's namespaces. Workloads: `busy`
 //! (a 1 MiB hot set and a drift of 25 pages per 1 ms loop: ~100 MB/s of
-//! pages written) and `quiet` (writes nothing). Links: unshaped, and `tc
-//! tbf` at 1 Gbit/s and 100 Mbit/s. A link delay needs netem, which this
-//! kernel lacks (`CONFIG_NET_SCH_NETEM` is not set): the report says so.
+//! pages written) and `quiet` (writes nothing). Links: the veth pair
+//! unshaped and with `tc tbf` at 1 Gbit/s and 100 Mbit/s; then 100 Mbit/s
+//! with 1 ms delay each way, which this kernel cannot make with tc (no
+//! netem, no fq): TUN devices and a relay ([`crate::relay`]) instead. Each
+//! link's round trip is measured and kept beside its rows.
 //! Each configuration with `--post-copy never`, `always` and `auto`:
 //! predicted and measured downtime (source frozen to destination running),
 //! total time, bytes sent, rounds, post-copy pages, the destination's fill;
@@ -32,7 +34,7 @@ const ADDR_A: &str = "10.233.0.1";
 const ADDR_B: &str = "10.233.0.2";
 const PORT: u16 = 7400;
 
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -63,24 +65,114 @@ fn remove_hosts() {
     }
 }
 
+/// How the two hosts are joined.
+#[derive(Clone, Copy)]
+enum Link {
+    /// A veth pair, shaped to `rate` both ways with tc tbf, or not.
+    Veth(Option<&'static str>),
+    /// TUN devices and a relay ([`crate::relay`]): `rate_bps` and a one-way
+    /// delay both ways.
+    Delayed { rate_bps: u64, delay: Duration },
+}
+
+/// The round trip between the hosts (median of 20 one-byte TCP
+/// exchanges, ms), or None if they cannot talk.
+fn ping_ms() -> Option<f64> {
+    use std::io::{Read, Write};
+    let addr = format!("{ADDR_B}:{}", PORT + 1);
+    let listener = crate::relay::in_netns(NS_B, {
+        let addr = addr.clone();
+        move || {
+            let l = std::net::TcpListener::bind(&addr)?;
+            l.set_nonblocking(true)?;
+            let until = Instant::now() + Duration::from_secs(3);
+            let mut c = loop {
+                match l.accept() {
+                    Ok((c, _)) => break c,
+                    Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            c.set_nonblocking(false)?;
+            c.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut b = [0u8; 1];
+            while c.read_exact(&mut b).is_ok() {
+                c.write_all(&b)?;
+            }
+            Ok(())
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let times = crate::relay::in_netns(NS_A, move || {
+        let mut c = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(2))?;
+        c.set_nodelay(true)?;
+        c.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut t = Vec::new();
+        let mut b = [0u8; 1];
+        for _ in 0..20 {
+            let t0 = Instant::now();
+            c.write_all(&[1])?;
+            c.read_exact(&mut b)?;
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(t)
+    })
+    .join()
+    .ok()?
+    .ok();
+    let _ = listener.join();
+    let mut t = times?;
+    t.sort_by(f64::total_cmp);
+    Some(t[t.len() / 2])
+}
+
 /// The two hosts, removed when dropped.
-struct Hosts;
+struct Hosts {
+    relay: Option<crate::relay::DelayLink>,
+}
 
 impl Hosts {
     fn new() -> Result<Hosts> {
         remove_hosts();
         ip(&["netns", "add", NS_A])?;
         ip(&["netns", "add", NS_B])?;
-        ip(&[
-            "link", "add", "tbench-a", "netns", NS_A, "type", "veth", "peer", "name", "tbench-b",
-            "netns", NS_B,
-        ])?;
-        for (ns, dev, addr) in [(NS_A, "tbench-a", ADDR_A), (NS_B, "tbench-b", ADDR_B)] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        for ns in [NS_A, NS_B] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
-        Ok(Hosts)
+        Ok(Hosts { relay: None })
+    }
+
+    /// Join the hosts by `link` (the addresses stay the same).
+    fn join(&mut self, link: Link) -> Result<()> {
+        self.relay = None;
+        for (ns, dev) in [(NS_A, "tbench-a"), (NS_B, "tbench-b")] {
+            let _ = Command::new("ip")
+                .args(["-n", ns, "link", "del", dev])
+                .stderr(Stdio::null())
+                .status();
+        }
+        match link {
+            Link::Veth(rate) => {
+                ip(&[
+                    "link", "add", "tbench-a", "netns", NS_A, "type", "veth", "peer", "name",
+                    "tbench-b", "netns", NS_B,
+                ])?;
+                for (ns, dev, addr) in [(NS_A, "tbench-a", ADDR_A), (NS_B, "tbench-b", ADDR_B)] {
+                    ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+                    ip(&["-n", ns, "link", "set", dev, "up"])?;
+                }
+                self.shape(rate)
+            }
+            Link::Delayed { rate_bps, delay } => {
+                self.relay = Some(crate::relay::DelayLink::new(
+                    (NS_A, "tbench-a", ADDR_A),
+                    (NS_B, "tbench-b", ADDR_B),
+                    rate_bps,
+                    delay,
+                )?);
+                Ok(())
+            }
+        }
     }
 
     /// `rate` both ways (tc tbf), or none.
@@ -107,6 +199,7 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
+        self.relay = None;
         remove_hosts();
     }
 }
@@ -449,7 +542,7 @@ pub fn run(
     let work = out.join("tmp-migrate");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let hosts = Hosts::new()?;
+    let mut hosts = Hosts::new()?;
     let mib_s = mib.to_string();
     let workloads: [(&str, Vec<&str>); 2] = [
         (
@@ -478,9 +571,16 @@ pub fn run(
         ),
     ];
     let links = [
-        ("unshaped", None),
-        ("1gbit", Some("1gbit")),
-        ("100mbit", Some("100mbit")),
+        ("unshaped", Link::Veth(None)),
+        ("1gbit", Link::Veth(Some("1gbit"))),
+        ("100mbit", Link::Veth(Some("100mbit"))),
+        (
+            "100mbit+1ms",
+            Link::Delayed {
+                rate_bps: 100_000_000,
+                delay: Duration::from_millis(1),
+            },
+        ),
     ];
     let mut rows = Vec::new();
     println!(
@@ -497,8 +597,12 @@ pub fn run(
         "postcopy",
         "fill_ms"
     );
-    for (link, rate) in links {
-        hosts.shape(rate)?;
+    for (link, how) in links {
+        hosts
+            .join(how)
+            .with_context(|| format!("joining the hosts by {link}"))?;
+        let rtt = ping_ms();
+        println!("link {link}: ping {}", rtt.map_or("failed".into(), |r| format!("{r:.2} ms")));
         for (load, args) in &workloads {
             for mode in ["never", "always", "auto"] {
                 let mut runs = Vec::new();
@@ -523,6 +627,7 @@ pub fn run(
                     "workload": load,
                     "workload_args": args,
                     "link": link,
+                    "link_rtt_ms": rtt,
                     "mode": mode,
                     "post_copy": s["post_copy"],
                     "rounds": s["rounds"].as_array().map_or(0, |a| a.len()),
@@ -601,7 +706,6 @@ pub fn run(
         "rows": rows,
         "criu": criu.as_ref().map(|c| crate::run::criu_version(c)).unwrap_or_else(|why| why.clone()),
         "not_measured": {
-            "100mbit with 1 ms delay": "a delay needs netem (this kernel: CONFIG_NET_SCH_NETEM is not set) or a delaying relay, not built yet",
             "criu lazy migration": "CRIU's post-copy (dump --lazy-pages with lazy-pages --page-server) is not measured yet; CRIU is measured as dump, copy over the link, restore (its pre-dump needs soft-dirty, which this kernel lacks)",
         },
     });
