@@ -89,7 +89,9 @@ fn ping_ms() -> Option<f64> {
             let mut c = loop {
                 match l.accept() {
                     Ok((c, _)) => break c,
-                    Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
                     Err(e) => return Err(e.into()),
                 }
             };
@@ -602,7 +604,10 @@ pub fn run(
             .join(how)
             .with_context(|| format!("joining the hosts by {link}"))?;
         let rtt = ping_ms();
-        println!("link {link}: ping {}", rtt.map_or("failed".into(), |r| format!("{r:.2} ms")));
+        println!(
+            "link {link}: ping {}",
+            rtt.map_or("failed".into(), |r| format!("{r:.2} ms"))
+        );
         for (load, args) in &workloads {
             for mode in ["never", "always", "auto"] {
                 let mut runs = Vec::new();

@@ -175,7 +175,8 @@ fn relay(
                         dropped.fetch_add(1, Ordering::Relaxed);
                     } else {
                         let start = link_free.max(arrival);
-                        let sent = start + Duration::from_nanos(n as u64 * 8 * 1_000_000_000 / rate_bps);
+                        let sent =
+                            start + Duration::from_nanos(n as u64 * 8 * 1_000_000_000 / rate_bps);
                         link_free = sent;
                         queue.push_back((sent + delay, buf[..n].to_vec()));
                         queued += n;

@@ -318,10 +318,7 @@ const LZ4_COPY_MB_S: f64 = 1200.0;
 fn predict(pages: f64, ratio: f64, link_mb_s: f64, rtt_ms: f64, post_copy: bool) -> f64 {
     let mb = pages * images::PAGE_SIZE as f64 / 1e6;
     if post_copy {
-        FIXED_MS
-            + PAGE_SERVER_MS
-            + POST_COPY_ROUND_TRIPS * rtt_ms
-            + mb / COPY_MB_S * 1e3
+        FIXED_MS + PAGE_SERVER_MS + POST_COPY_ROUND_TRIPS * rtt_ms + mb / COPY_MB_S * 1e3
     } else {
         FIXED_MS
             + ROUND_TRIPS * rtt_ms

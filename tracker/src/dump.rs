@@ -1352,11 +1352,11 @@ fn capture_state(
     }
     sigactions.sort_by_key(|a| a.signo);
     let mut itimers = Vec::new();
-    for which in 0..3usize {
-        let b = &out[(asked.len() + which) * SLOT..(asked.len() + which + 1) * SLOT];
+    for (which, idx) in (0..3i32).zip(0usize..) {
+        let b = &out[(asked.len() + idx) * SLOT..(asked.len() + idx + 1) * SLOT];
         let w = |k: usize| u64::from_ne_bytes(b[k * 8..k * 8 + 8].try_into().unwrap_or([0; 8]));
         itimers.push(ITimer {
-            which: which as i32,
+            which,
             interval_us: w(0) * 1_000_000 + w(1),
             value_us: w(2) * 1_000_000 + w(3),
         });

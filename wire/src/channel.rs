@@ -392,7 +392,8 @@ impl Channel {
         use std::os::fd::AsRawFd;
         // SAFETY: all-zero is a valid `tcp_info` (integers only).
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
+            .unwrap_or(libc::socklen_t::MAX);
         // SAFETY: getsockopt writes at most `len` bytes into `info`, which
         // is that big, and updates `len`.
         let r = unsafe {
@@ -585,7 +586,9 @@ mod tests {
         c.send(b"ping").unwrap();
         assert_eq!(c.recv(MAX_MESSAGE).unwrap(), b"ping");
         let _s = t.join().unwrap();
-        let rtt = c.rtt().expect("TCP_INFO gives a round trip after an exchange");
+        let rtt = c
+            .rtt()
+            .expect("TCP_INFO gives a round trip after an exchange");
         assert!(rtt < Duration::from_millis(100), "{rtt:?} over loopback");
     }
 
