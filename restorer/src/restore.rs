@@ -153,6 +153,10 @@ impl Placeholder {
 
 impl Drop for Placeholder {
     fn drop(&mut self) {
+        // Taken by its restore (its pipe with it): nothing left to do.
+        if self.wake.is_none() {
+            return;
+        }
         // Not used: killed (its injector does when dropped) and reaped.
         drop(self.main.take());
         let _ = nix::sys::signal::kill(
@@ -734,9 +738,12 @@ pub fn restore_prepared(
     let (child, wake) = match prepared.placeholder.take() {
         Some(mut p) if p.pid == pid => {
             main = p.main.take();
-            let wake = p.wake.take();
-            std::mem::forget(p);
-            (pid, wake.expect("a placeholder holds its pipe until used"))
+            (
+                pid,
+                p.wake
+                    .take()
+                    .expect("a placeholder holds its pipe until used"),
+            )
         }
         _ => in_step(tracing::debug_span!("fork"), || spawn_with_pid(pid))?,
     };

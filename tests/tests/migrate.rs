@@ -25,7 +25,7 @@ use serde_json::Value;
 use tern_tests::PYTHON_COUNTER as PYTHON;
 use tern_tests::ck::CkProcess;
 use tern_tests::hosts::TwoHosts;
-use tern_tests::proc::{alive, comm, exiting, nspid, state};
+use tern_tests::proc::{alive, comm, exiting, in_other_namespace, nspid, state};
 use tern_tests::{TernOutput, tempdir, tern, tern_bin, wait_deadline};
 
 const READY: Duration = Duration::from_secs(30);
@@ -159,26 +159,13 @@ fn receive_pid(addr: &str) -> Option<i32> {
 /// a copy the receiver still holds (stopped by its tracer, `t`) runs only
 /// if the source is gone.
 fn migrated_copies(pid: i32) -> Vec<i32> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let ns = nspid(p);
-        // A copy held by the receiver (`t`) does not run, nor does the
-        // receiver's placeholder for it (a fork of `tern receive` waiting
-        // in a read to become the copy, made while pre-copy runs).
-        if ns.len() > 1
-            && ns.last() == Some(&pid)
-            && p != pid
-            && alive(p)
-            && state(p) != Some('t')
-            && comm(p) != "tern"
-        {
-            found.push(p);
-        }
-    }
-    found
+    // A copy held by the receiver (`t`) does not run, nor does the
+    // receiver's placeholder for it (a fork of `tern receive` waiting in a
+    // read to become the copy, made while pre-copy runs).
+    in_other_namespace(pid)
+        .into_iter()
+        .filter(|&p| state(p) != Some('t') && comm(p) != "tern")
+        .collect()
 }
 
 /// `ck_NAME ARGS` (or any program speaking its protocol) on host a.
