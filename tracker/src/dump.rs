@@ -1109,6 +1109,59 @@ fn proc_err(e: sys::proc::ProcError) -> DumpError {
     }
 }
 
+/// One injected read's room in the scratch data area (the largest read,
+/// a kernel sigaction, is 32 bytes).
+const SLOT: usize = 32;
+/// Slots of a thread's own reads ([`thread_calls`]).
+const THREAD_SLOTS: usize = 2;
+
+/// The reads only a thread itself can do, into zeroed slots at `base`: its
+/// alternate signal stack (slot 0) and its clear-child-tid address (slot 1).
+fn thread_calls(base: u64) -> Vec<sys::inject::Syscall> {
+    const PR_GET_TID_ADDRESS: u64 = 40;
+    vec![
+        sys::inject::Syscall::new(libc::SYS_sigaltstack, [0, base, 0, 0, 0, 0]),
+        // Without CONFIG_CHECKPOINT_RESTORE it fails: 0 is kept.
+        sys::inject::Syscall::new(
+            libc::SYS_prctl,
+            [PR_GET_TID_ADDRESS, base + SLOT as u64, 0, 0, 0, 0],
+        )
+        .may_fail(),
+    ]
+}
+
+/// What [`thread_calls`] read: `results` their return values, `out` their
+/// slots.
+fn thread_results(
+    pid: i32,
+    tid: i32,
+    results: &[i64],
+    out: &[u8],
+) -> Result<(sys::signals::AltStack, u64), DumpError> {
+    let r = results.first().copied().unwrap_or(-1);
+    if r < 0 {
+        return Err(DumpError::Syscall {
+            pid,
+            tid,
+            call: "sigaltstack".into(),
+            errno: sys::inject::errno_of(r) as i32,
+        });
+    }
+    let altstack: sys::signals::AltStack =
+        sys::signals::StackT::from_bytes(out.get(..24).unwrap_or_default())
+            .map_err(signals(pid, tid))?
+            .into();
+    let clear_child_tid = match results.get(1) {
+        Some(0) => u64::from_ne_bytes(
+            out.get(SLOT..SLOT + 8)
+                .and_then(|b| b.try_into().ok())
+                .unwrap_or([0; 8]),
+        ),
+        _ => 0,
+    };
+    Ok((altstack, clear_child_tid))
+}
+
 /// Everything but memory, while every thread is stopped, and the bytes
 /// queued in each pipe (by the name the state gives them).
 fn capture_state(
@@ -1201,33 +1254,24 @@ fn capture_state(
                 (2, idx)
             }
         };
-        // Per-thread state only the thread itself can read.
+        // Per-thread state only the thread itself can read, in one batch
+        // (the leader's goes with the process-wide calls below).
         scratch = Some(inj.ensure_scratch(scratch)?);
-        let ss = inj.scratch_data(&[0u8; 24])?;
-        let r = inj.syscall(libc::SYS_sigaltstack, [0, ss, 0, 0, 0, 0])?;
-        if r < 0 {
-            return Err(DumpError::Syscall {
-                pid,
-                tid,
-                call: "sigaltstack".into(),
-                errno: sys::inject::errno_of(r) as i32,
-            });
-        }
-        let altstack: sys::signals::AltStack =
-            sys::signals::StackT::from_bytes(&inj.read_memory(ss, 24)?)
-                .map_err(signals(pid, tid))?
-                .into();
-        let p = inj.scratch_data(&[0u8; 8])?;
-        const PR_GET_TID_ADDRESS: u64 = 40;
-        let r = inj.syscall(libc::SYS_prctl, [PR_GET_TID_ADDRESS, p, 0, 0, 0, 0])?;
-        let clear_child_tid = if r == 0 {
-            u64::from_ne_bytes(inj.read_memory(p, 8)?.try_into().unwrap_or([0; 8]))
+        let (altstack, clear_child_tid) = if i == 0 {
+            // Filled in from the process-wide batch.
+            let none = sys::signals::AltStack {
+                sp: 0,
+                flags: sys::signals::SS_DISABLE,
+                size: 0,
+            };
+            (none, 0)
         } else {
-            0
-        };
-        if i != 0 {
+            let base = inj.batch_data_addr()?;
+            let results = inj.syscall_batch(thread_calls(base), vec![0u8; THREAD_SLOTS * SLOT])?;
+            let out = inj.read_memory(base, THREAD_SLOTS * SLOT)?;
             inj.release_scratch()?;
-        }
+            thread_results(pid, tid, &results, &out)?
+        };
         let (robust_list, robust_list_len) = robust_list(tid);
         let sched = sys::sched::read(tid).map_err(|e| DumpError::Sched {
             pid,
@@ -1279,17 +1323,20 @@ fn capture_state(
             asked.push(signo);
         }
     }
-    // One 32-byte slot per sigaction asked, then one per itimer.
-    const SLOT: usize = 32;
-    let slots = asked.len() + 3;
+    // The leader's own calls first (their slots), then one 32-byte slot
+    // per sigaction asked, then one per itimer.
     let base = leader.batch_data_addr()?;
-    let slot = |i: usize| base + (i * SLOT) as u64;
+    let own = thread_calls(base);
+    let slot = |i: usize| base + ((THREAD_SLOTS + i) * SLOT) as u64;
+    let slots = asked.len() + 3;
     // Process-wide memory settings (mm flags): THP disabled (1, or 3 with
     // PR_THP_DISABLE_EXCEPT_ADVISED) and KSM for every VMA.
     const PR_GET_THP_DISABLE: u64 = 42;
     const PR_GET_MEMORY_MERGE: u64 = 68;
-    let mut calls: Vec<sys::inject::Syscall> = Vec::with_capacity(slots + 4);
+    let mut calls: Vec<sys::inject::Syscall> = Vec::with_capacity(own.len() + slots + 4);
     let mut names: Vec<String> = Vec::with_capacity(slots + 4);
+    let n_own = own.len();
+    calls.extend(own);
     for (i, &signo) in asked.iter().enumerate() {
         calls.push(sys::inject::Syscall::new(
             libc::SYS_rt_sigaction,
@@ -1325,7 +1372,16 @@ fn capture_state(
     let n = calls.len();
     // Every read lands in the zeroed slots (one stop per call: this process
     // is not tern's own, so no batch stub runs in it).
-    let results = leader.syscall_batch(calls, vec![0u8; slots * SLOT])?;
+    let all = leader.syscall_batch(calls, vec![0u8; (THREAD_SLOTS + slots) * SLOT])?;
+    let out = leader.read_memory(base, (THREAD_SLOTS + slots) * SLOT)?;
+    let (own_results, results) = all.split_at(all.len().min(n_own));
+    let (altstack, clear_child_tid) =
+        thread_results(pid, leader.tid(), own_results, &out[..THREAD_SLOTS * SLOT])?;
+    if let Some(t) = thread_images.first_mut() {
+        t.altstack = altstack.into();
+        t.clear_child_tid = clear_child_tid;
+    }
+    let out = &out[THREAD_SLOTS * SLOT..];
     // brk and the prctls give their raw results (a failure is kept as
     // such); the reads must have worked. A batch stops after a failed one.
     for (i, call) in names.iter().enumerate().take(slots) {
@@ -1339,8 +1395,7 @@ fn capture_state(
             });
         }
     }
-    debug_assert_eq!(results.len(), n);
-    let out = leader.read_memory(base, slots * SLOT)?;
+    debug_assert_eq!(all.len(), n);
     for (i, &signo) in asked.iter().enumerate() {
         let ka = sys::signals::KernelSigaction::from_bytes(&out[i * SLOT..(i + 1) * SLOT])
             .map_err(|e| DumpError::Sigaction {
