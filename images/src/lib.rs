@@ -228,6 +228,8 @@ pub trait RemoteChain: Sync {
 enum Pages {
     File(std::fs::File),
     Remote(std::sync::Arc<dyn RemotePages>),
+    /// Received whole ([`Image::from_files`]).
+    Memory(std::sync::Arc<Vec<u8>>),
 }
 
 impl Pages {
@@ -236,6 +238,118 @@ impl Pages {
         match self {
             Pages::File(f) => f.read_exact_at(buf, offset),
             Pages::Remote(r) => r.read_at(offset, buf),
+            Pages::Memory(m) => {
+                let end = usize::try_from(offset)
+                    .ok()
+                    .and_then(|o| o.checked_add(buf.len()).map(|e| (o, e)))
+                    .filter(|&(_, e)| e <= m.len());
+                match end {
+                    Some((o, e)) => {
+                        buf.copy_from_slice(&m[o..e]);
+                        Ok(())
+                    }
+                    None => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                }
+            }
+        }
+    }
+
+    /// The stored bytes' length (what the page map's bounds are checked
+    /// against).
+    fn len(&self) -> std::io::Result<u64> {
+        match self {
+            Pages::File(f) => Ok(f.metadata()?.len()),
+            Pages::Memory(m) => Ok(m.len() as u64),
+            // Given with the remote pages themselves.
+            Pages::Remote(_) => Ok(0),
+        }
+    }
+}
+
+/// Where [`Image::assemble`] reads an image's files from.
+enum Files<'a> {
+    Dir(&'a ImageDir),
+    /// By name in the image (`pipes/NAME` for pipe contents); each file is
+    /// taken out as it is read.
+    Memory(&'a mut BTreeMap<String, std::sync::Arc<Vec<u8>>>),
+}
+
+impl Files<'_> {
+    /// File `name`, at most `limit` bytes; its provenance added.
+    fn read(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        limit: u64,
+        provenance: &mut Vec<Provenance>,
+    ) -> Result<Vec<u8>, ImageError> {
+        match self {
+            Files::Dir(d) => {
+                let (bytes, prov) = d.read_file(name, limit)?;
+                provenance.push(prov);
+                Ok(bytes)
+            }
+            Files::Memory(m) => {
+                let path = dir.join(name);
+                let bytes = m.remove(name).ok_or_else(|| {
+                    ImageError::io(&path, std::io::Error::from_raw_os_error(libc::ENOENT))
+                })?;
+                if bytes.len() as u64 > limit {
+                    return Err(ImageError::TooLarge {
+                        path,
+                        size: bytes.len() as u64,
+                        limit,
+                    });
+                }
+                Ok(std::sync::Arc::unwrap_or_clone(bytes))
+            }
+        }
+    }
+
+    /// The contents of pipe `name` (in `pipes/`).
+    fn read_pipe(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        provenance: &mut Vec<Provenance>,
+    ) -> Result<Vec<u8>, ImageError> {
+        let missing = || {
+            ImageError::corrupt(
+                &dir.join(process::PROCESS_FILE),
+                format!(
+                    "pipe data {name} is named, but it is not in {}/",
+                    process::PIPES_DIR
+                ),
+            )
+        };
+        match self {
+            Files::Dir(d) => {
+                let (pipes, prov) = d.open_subdir(process::PIPES_DIR)?.ok_or_else(missing)?;
+                if !provenance.contains(&prov) {
+                    provenance.push(prov);
+                }
+                let (bytes, prov) = pipes.read_file(name, fsdir::MAX_PIPE_BYTES)?;
+                provenance.push(prov);
+                Ok(bytes)
+            }
+            Files::Memory(m) => {
+                let key = format!("{}/{name}", process::PIPES_DIR);
+                if !m.contains_key(&key) {
+                    return Err(missing());
+                }
+                self.read(dir, &key, fsdir::MAX_PIPE_BYTES, provenance)
+            }
+        }
+    }
+
+    /// `pages.img`, if the image has one here.
+    fn pages(&mut self, provenance: &mut Vec<Provenance>) -> Result<Option<Pages>, ImageError> {
+        match self {
+            Files::Dir(d) => Ok(d.open_file(PAGES_FILE, false)?.map(|(f, prov)| {
+                provenance.push(prov);
+                Pages::File(f)
+            })),
+            Files::Memory(m) => Ok(m.remove(PAGES_FILE).map(Pages::Memory)),
         }
     }
 }
@@ -256,26 +370,55 @@ impl Image {
     }
 
     fn open_from(dir: &Path, remote: Option<&dyn RemoteChain>) -> Result<Image, ImageError> {
-        let (d, mut provenance) = ImageDir::open(dir)?;
+        let (d, provenance) = ImageDir::open(dir)?;
         if d.open_file(INVENTORY_FILE, false)?.is_none() {
             return Err(ImageError::NotAnImage {
                 path: dir.to_path_buf(),
             });
         }
+        Image::assemble(dir, Files::Dir(&d), provenance, remote)
+    }
+
+    /// The image whose files are `files` (by their names in the image,
+    /// `pipes/NAME` for pipe contents), received whole rather than read
+    /// from `dir` (a migration's final image, restored before it is
+    /// written): parsed and checked as [`Image::open`] does, with the same
+    /// size limits. `provenance` says who could have written what the
+    /// bytes came through. Without `pages.img` among them, its pages are
+    /// at `remote`.
+    pub fn from_files(
+        dir: &Path,
+        mut files: BTreeMap<String, std::sync::Arc<Vec<u8>>>,
+        provenance: Vec<Provenance>,
+        remote: Option<&dyn RemoteChain>,
+    ) -> Result<Image, ImageError> {
+        if !files.contains_key(INVENTORY_FILE) {
+            return Err(ImageError::NotAnImage {
+                path: dir.to_path_buf(),
+            });
+        }
+        Image::assemble(dir, Files::Memory(&mut files), provenance, remote)
+    }
+
+    fn assemble(
+        dir: &Path,
+        mut src: Files<'_>,
+        mut provenance: Vec<Provenance>,
+        remote: Option<&dyn RemoteChain>,
+    ) -> Result<Image, ImageError> {
         let mut digests = Vec::new();
         let mut read = |name: &str, limit: u64| -> Result<Vec<u8>, ImageError> {
-            let (bytes, prov) = d.read_file(name, limit)?;
-            provenance.push(prov);
+            let bytes = src.read(dir, name, limit, &mut provenance)?;
             if name != INVENTORY_FILE && name != PAGEMAP_FILE {
                 digests.push((name.to_string(), seal::digest(&bytes)));
             }
             Ok(bytes)
         };
         let inventory = Inventory::parse(
-            &d.child(INVENTORY_FILE),
+            &dir.join(INVENTORY_FILE),
             &read(INVENTORY_FILE, fsdir::MAX_JSON_BYTES)?,
         )?;
-        let mm = MmRecord::parse(&d.child(MM_FILE), &read(MM_FILE, fsdir::MAX_JSON_BYTES)?)?;
+        let mm = MmRecord::parse(&dir.join(MM_FILE), &read(MM_FILE, fsdir::MAX_JSON_BYTES)?)?;
         let pagemap_bytes = read(PAGEMAP_FILE, fsdir::MAX_PAGEMAP_BYTES)?;
         // The page map of a full image is megabytes: hashed on another
         // thread while it is decoded (each ~1 ms per 1.4 MB here; a lazy
@@ -283,7 +426,7 @@ impl Image {
         let (pagemap, pagemap_digest) = std::thread::scope(|sc| {
             let h = (pagemap_bytes.len() > PARALLEL_HASH_BYTES)
                 .then(|| sc.spawn(|| seal::digest(&pagemap_bytes)));
-            let pagemap = PageMap::decode(&d.child(PAGEMAP_FILE), &pagemap_bytes);
+            let pagemap = PageMap::decode(&dir.join(PAGEMAP_FILE), &pagemap_bytes);
             let digest = match h.map(|h| h.join()) {
                 Some(Ok(dg)) => dg,
                 _ => seal::digest(&pagemap_bytes),
@@ -293,7 +436,7 @@ impl Image {
         let pagemap = pagemap?;
         let process = match inventory.kind {
             ImageKind::Dump => Some(process::ProcessImage::parse(
-                &d.child(process::PROCESS_FILE),
+                &dir.join(process::PROCESS_FILE),
                 &read(process::PROCESS_FILE, fsdir::MAX_JSON_BYTES)?,
             )?),
             ImageKind::PreDump => None,
@@ -302,63 +445,46 @@ impl Image {
         if let Some(p) = &process {
             let names: std::collections::BTreeSet<&String> =
                 p.fds.iter().filter_map(|f| f.pipe_data.as_ref()).collect();
-            if !names.is_empty() {
-                let (pipes, prov) = d.open_subdir(process::PIPES_DIR)?.ok_or_else(|| {
-                    ImageError::corrupt(
-                        &d.child(process::PROCESS_FILE),
-                        format!(
-                            "pipe data is named, but there is no {}/",
-                            process::PIPES_DIR
-                        ),
-                    )
-                })?;
-                provenance.push(prov);
-                let mut total = 0u64;
-                for name in names {
-                    let (bytes, prov) = pipes.read_file(name, fsdir::MAX_PIPE_BYTES)?;
-                    total += bytes.len() as u64;
-                    if total > 16 * fsdir::MAX_PIPE_BYTES {
-                        return Err(ImageError::corrupt(
-                            pipes.path(),
-                            "more pipe contents than tern reads for one process",
-                        ));
-                    }
-                    provenance.push(prov);
-                    digests.push((
-                        format!("{}/{name}", process::PIPES_DIR),
-                        seal::digest(&bytes),
+            let mut total = 0u64;
+            for name in names {
+                let bytes = src.read_pipe(dir, name, &mut provenance)?;
+                total += bytes.len() as u64;
+                if total > 16 * fsdir::MAX_PIPE_BYTES {
+                    return Err(ImageError::corrupt(
+                        &dir.join(process::PIPES_DIR),
+                        "more pipe contents than tern reads for one process",
                     ));
-                    pipe_data.insert(name.clone(), bytes);
                 }
+                digests.push((
+                    format!("{}/{name}", process::PIPES_DIR),
+                    seal::digest(&bytes),
+                ));
+                pipe_data.insert(name.clone(), bytes);
             }
         }
         // A page file held here is read here, even with a page server: its
         // bytes are checked against the same page map, and a migration's
         // receiver holds every image's but the post-copy one's.
-        let local = d.open_file(PAGES_FILE, false)?;
-        let (pages, pages_len) = match (remote, local) {
+        let pages_path = dir.join(PAGES_FILE);
+        let (pages, pages_len) = match (remote, src.pages(&mut provenance)?) {
             (Some(r), None) => {
                 let (pages, len) = r
                     .pages_of(dir, &pagemap_digest)
-                    .map_err(|why| ImageError::corrupt(&d.child(PAGES_FILE), why))?;
+                    .map_err(|why| ImageError::corrupt(&pages_path, why))?;
                 (Pages::Remote(pages), len)
             }
-            (_, local) => {
-                let (pages, prov) = local.ok_or_else(|| {
-                    ImageError::io(
-                        &d.child(PAGES_FILE),
-                        std::io::Error::from_raw_os_error(libc::ENOENT),
-                    )
-                })?;
-                provenance.push(prov);
-                let len = pages
-                    .metadata()
-                    .map_err(|e| ImageError::io(&d.child(PAGES_FILE), e))?
-                    .len();
-                (Pages::File(pages), len)
+            (_, Some(pages)) => {
+                let len = pages.len().map_err(|e| ImageError::io(&pages_path, e))?;
+                (pages, len)
+            }
+            (None, None) => {
+                return Err(ImageError::io(
+                    &pages_path,
+                    std::io::Error::from_raw_os_error(libc::ENOENT),
+                ));
             }
         };
-        pagemap.check_data_bounds(&d.child(PAGES_FILE), pages_len)?;
+        pagemap.check_data_bounds(&pages_path, pages_len)?;
         digests.push((PAGEMAP_FILE.to_string(), pagemap_digest));
         Ok(Image {
             dir: dir.to_path_buf(),
@@ -393,7 +519,7 @@ impl Image {
     /// The page file as errors name it: with its page server, if remote.
     fn pages_path(&self) -> PathBuf {
         match &self.pages {
-            Pages::File(_) => self.dir.join(PAGES_FILE),
+            Pages::File(_) | Pages::Memory(_) => self.dir.join(PAGES_FILE),
             Pages::Remote(r) => PathBuf::from(format!(
                 "{} ({})",
                 self.dir.join(PAGES_FILE).display(),
@@ -497,7 +623,7 @@ impl Image {
     pub fn pages_file(&self) -> Option<&std::fs::File> {
         match &self.pages {
             Pages::File(f) => Some(f),
-            Pages::Remote(_) => None,
+            Pages::Remote(_) | Pages::Memory(_) => None,
         }
     }
 

@@ -713,6 +713,67 @@ mod tests {
     }
 
     #[test]
+    fn an_image_received_whole_reads_as_the_same_image_on_disk() {
+        let root = tempfile::tempdir().unwrap();
+        let (d1, d2) = (root.path().join("1"), root.path().join("2"));
+        let i1 = write(&d1, None, |w| {
+            w.add_pages(0x10000, &[1u8; 4 * 4096]).unwrap()
+        });
+        let mut noise = vec![0u8; 2 * 4096];
+        noise
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = u8::try_from(i * 7 % 251).unwrap_or(0));
+        write(&d2, Some(("../1", &i1)), |w| {
+            w.add_pages(0x12000, &noise).unwrap()
+        });
+        let files: std::collections::BTreeMap<String, std::sync::Arc<Vec<u8>>> =
+            std::fs::read_dir(&d2)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    let bytes = std::fs::read(e.path()).unwrap();
+                    (
+                        e.file_name().into_string().unwrap(),
+                        std::sync::Arc::new(bytes),
+                    )
+                })
+                .collect();
+        let (_, provenance) = images::ImageDir::open(root.path()).unwrap();
+        let held = Image::from_files(&d2, files.clone(), provenance, None).unwrap();
+        let on_disk = Image::open(&d2).unwrap();
+        assert_eq!(held.pagemap_digest(), on_disk.pagemap_digest());
+        assert_eq!(held.mm.vmas, on_disk.mm.vmas);
+        assert_eq!(held.inventory.id, on_disk.inventory.id);
+        // As the newest of a chain whose parent is on disk: page for page
+        // what the chain on disk holds.
+        let mut ahead = HashMap::from([(lexical_path(&d2), held)]);
+        let chain = ImageChain::open_with(&d2, &mut ahead, None).unwrap();
+        let vma = chain.vmas()[0].clone();
+        let mem = chain.read_range(&vma, vma.range()).unwrap();
+        let want = ImageChain::open(&d2)
+            .unwrap()
+            .read_range(&vma, vma.range())
+            .unwrap();
+        assert_eq!(mem, want);
+        assert_eq!(&mem[2 * 4096..], &noise[..]);
+        assert_eq!(mem[0], 1);
+        // Without its page file and with no page server: refused.
+        let mut no_pages = files.clone();
+        no_pages.remove(images::PAGES_FILE);
+        let (_, provenance) = images::ImageDir::open(root.path()).unwrap();
+        assert!(Image::from_files(&d2, no_pages, provenance, None).is_err());
+        // A page map that names bytes past the page file: refused.
+        let mut short = files;
+        short.insert(
+            images::PAGES_FILE.into(),
+            std::sync::Arc::new(vec![0u8; 16]),
+        );
+        let (_, provenance) = images::ImageDir::open(root.path()).unwrap();
+        assert!(Image::from_files(&d2, short, provenance, None).is_err());
+    }
+
+    #[test]
     fn missing_or_replaced_parent_is_an_error_naming_it() {
         let root = tempfile::tempdir().unwrap();
         let (d1, d2) = (root.path().join("1"), root.path().join("2"));
