@@ -272,12 +272,23 @@ fn greet(
     Ok((ch, hello))
 }
 
+/// A final image up to this size is kept in memory as it comes and
+/// restored from there, while a thread writes it under DIR: neither the
+/// writing nor the reading back is in the frozen window. A larger one is
+/// written first, as the others are.
+const FINAL_IN_MEMORY: u64 = 16 << 20;
+
 /// The images being written: which exist, which are complete.
 struct Writing {
     root: images::ImageDir,
     dir: PathBuf,
     open: BTreeMap<String, std::fs::File>,
     complete: Vec<String>,
+    /// The final image's files by name, while they fit in
+    /// [`FINAL_IN_MEMORY`] and come in order (`None` once one did not:
+    /// then on disk).
+    held: Option<BTreeMap<String, Vec<u8>>>,
+    held_bytes: u64,
 }
 
 impl Writing {
@@ -289,23 +300,50 @@ impl Writing {
     }
 
     fn chunk(&mut self, c: proto::FileChunk<'_>) -> Result<(), ReceiveError> {
-        use std::os::unix::fs::FileExt;
         if self.complete.iter().any(|i| i == c.image) {
             return Err(self.err(format!("image {} was sent again", c.image)));
         }
+        if c.image == FINAL
+            && let Some(held) = &mut self.held
+        {
+            let len = c.bytes.len() as u64;
+            let at = held.get(c.file).map_or(0, |b| b.len() as u64);
+            if c.offset == at && self.held_bytes + len <= FINAL_IN_MEMORY {
+                held.entry(c.file.to_string())
+                    .or_default()
+                    .extend_from_slice(c.bytes);
+                self.held_bytes += len;
+                return Ok(());
+            }
+            // Too big, or not in order: on disk from here, what came first too.
+            for (file, bytes) in self.held.take().unwrap_or_default() {
+                self.write(FINAL, &file, 0, &bytes)?;
+            }
+        }
+        self.write(c.image, c.file, c.offset, c.bytes)
+    }
+
+    fn write(
+        &mut self,
+        image: &str,
+        file: &str,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<(), ReceiveError> {
+        use std::os::unix::fs::FileExt;
+        let c = proto::FileChunk {
+            image,
+            file,
+            offset,
+            bytes,
+        };
         let key = format!("{}/{}", c.image, c.file);
         if !self.open.contains_key(&key) {
             if c.offset != 0 {
                 return Err(self.err(format!("{key} starts at {}", c.offset)));
             }
             let img = self.root.create_subdir(c.image).map_err(|e| self.err(e))?;
-            let f = match c.file.strip_prefix("pipes/") {
-                Some(p) => img
-                    .create_subdir(images::process::PIPES_DIR)
-                    .and_then(|d| d.create_file(p)),
-                None => img.create_file(c.file),
-            }
-            .map_err(|e| self.err(e))?;
+            let f = create_in(&img, c.file).map_err(|e| self.err(e))?;
             self.open.insert(key.clone(), f);
         }
         let f = &self.open[&key];
@@ -326,7 +364,17 @@ impl Writing {
         }
         self.open.retain(|k, _| !k.starts_with(&format!("{name}/")));
         let dir = self.dir.join(name);
-        let inv = images::Inventory::load(&dir).map_err(|e| self.err(e))?;
+        let inv = match &self.held {
+            Some(held) if name == FINAL => {
+                let path = dir.join(images::INVENTORY_FILE);
+                let bytes = held
+                    .get(images::INVENTORY_FILE)
+                    .ok_or_else(|| self.err(format!("image {name} came without its inventory")))?;
+                images::Inventory::parse(&path, bytes)
+            }
+            _ => images::Inventory::load(&dir),
+        }
+        .map_err(|e| self.err(e))?;
         let want_kind = if name == FINAL {
             images::ImageKind::Dump
         } else {
@@ -411,6 +459,8 @@ pub fn receive(
         dir: opts.dir.clone(),
         open: BTreeMap::new(),
         complete: Vec::new(),
+        held: Some(BTreeMap::new()),
+        held_bytes: 0,
     };
     let inb = Arc::new(Mutex::new(inb));
     let r = run(opts, &inb, &mut w);
@@ -518,6 +568,33 @@ fn run(
         )),
         None => None,
     };
+    // A final image held in memory is restored from there; its copy under
+    // DIR is written beside the restore.
+    let disk_copy = match w.held.take() {
+        Some(held) => {
+            let files: BTreeMap<String, Arc<Vec<u8>>> =
+                held.into_iter().map(|(f, b)| (f, Arc::new(b))).collect();
+            // Who could have written into DIR (the bytes never were on
+            // disk here: they came over the authenticated link).
+            let (_, provenance) =
+                images::ImageDir::open(&opts.dir).map_err(|e| w.err(e.to_string()))?;
+            let img = images::Image::from_files(
+                &final_dir,
+                files.clone(),
+                provenance,
+                remote.as_ref().map(|r| r as &dyn images::RemoteChain),
+            )
+            .map_err(|e| ReceiveError::Restore {
+                pid: lock(inb).hello.pid,
+                dir: final_dir.clone(),
+                why: e.to_string(),
+            })?;
+            prepared.add_image(&final_dir, img);
+            let dir = opts.dir.clone();
+            Some(std::thread::spawn(move || write_held(&dir, FINAL, &files)))
+        }
+        None => None,
+    };
     let retry_for = opts.retry_for;
     let go_inb = inb.clone();
     let run_inb = inb.clone();
@@ -568,8 +645,27 @@ fn run(
             gate: Some(gate),
         },
         prepared,
-    )
-    .map_err(|e| {
+    );
+    let finish_copy = |h: Option<std::thread::JoinHandle<Result<(), String>>>| {
+        let why = match h.map(|h| h.join()) {
+            None | Some(Ok(Ok(()))) => return,
+            Some(Ok(Err(why))) => why,
+            Some(Err(_)) => "its thread panicked".into(),
+        };
+        tracing::warn!(
+            "receive: the copy of the final image under {} is incomplete: {why} (the restore read it from memory)",
+            opts.dir.display()
+        );
+    };
+    // A failed restore's images are removed: not while being written.
+    let disk_copy = match restored {
+        Ok(_) => disk_copy,
+        Err(_) => {
+            finish_copy(disk_copy);
+            None
+        }
+    };
+    let restored = restored.map_err(|e| {
         // Abandoned by the source: say so as such.
         match abandoned.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(why) => ReceiveError::Abandoned {
@@ -613,6 +709,7 @@ fn run(
     };
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = answering.join();
+    finish_copy(disk_copy);
     let lazy = lazy?;
     let post_copy_pages = remote
         .as_ref()
@@ -630,6 +727,43 @@ fn run(
         bytes_received: g.received,
         post_copy_pages,
     })
+}
+
+/// Create file `file` of an image (`pipes/NAME` in its pipes directory).
+fn create_in(img: &images::ImageDir, file: &str) -> Result<std::fs::File, images::ImageError> {
+    match file.strip_prefix("pipes/") {
+        Some(p) => img
+            .create_subdir(images::process::PIPES_DIR)
+            .and_then(|d| d.create_file(p)),
+        None => img.create_file(file),
+    }
+}
+
+/// Write image `name`'s `files` (held in memory) under `dir`, as
+/// [`Writing`] would have as they came.
+fn write_held(
+    dir: &std::path::Path,
+    name: &str,
+    files: &BTreeMap<String, Arc<Vec<u8>>>,
+) -> Result<(), String> {
+    use std::io::Write;
+    // Behind the restore and the page service on the CPUs.
+    // SAFETY: setpriority of this thread (its TID), no pointers.
+    unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            nix::unistd::gettid().as_raw() as libc::id_t,
+            19,
+        )
+    };
+    let root = images::ImageDir::create(dir).map_err(|e| e.to_string())?;
+    let img = root.create_subdir(name).map_err(|e| e.to_string())?;
+    for (file, bytes) in files {
+        let mut f = create_in(&img, file).map_err(|e| e.to_string())?;
+        f.write_all(bytes)
+            .map_err(|e| format!("{name}/{file}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Pre-copy image `name` is in: open it for the restore, and start the

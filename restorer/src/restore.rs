@@ -123,6 +123,48 @@ pub struct Prepared {
     /// Images opened ahead, by their lexical path.
     images: HashMap<PathBuf, images::Image>,
     placeholder: Option<Placeholder>,
+    /// The mapped files of the images opened ahead, identified then.
+    files: HashMap<String, IdentifiedFile>,
+}
+
+/// A mapped file identified ahead ([`check_mapped_files`]): reused at the
+/// restore while a `stat` of its path says it is the same file, unchanged
+/// (taken before the identity: a change after it shows).
+#[derive(Clone)]
+struct IdentifiedFile {
+    stat: FileStat,
+    identity: sys::mapped_file::FileIdentity,
+    inode: (u64, u64),
+}
+
+/// What of a `stat` says a file is the one seen before, unchanged.
+type FileStat = (u64, u64, u64, i64, i64, i64, i64);
+
+fn file_stat(path: &str) -> Option<FileStat> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
+}
+
+/// Identify the mapped file at `path` now (`None` if it cannot be: it is
+/// then identified in the restore).
+fn identify(path: &str) -> Option<IdentifiedFile> {
+    let stat = file_stat(path)?;
+    let (identity, inode) = sys::mapped_file::FileIdentity::of_path(Path::new(path)).ok()??;
+    // Replaced between the two: not cached.
+    (inode == (stat.0, stat.1)).then_some(IdentifiedFile {
+        stat,
+        identity,
+        inode,
+    })
 }
 
 /// A process forked with the PID to restore, blocked in its read and
@@ -178,8 +220,23 @@ impl Prepared {
     /// chain names it.
     pub fn open_image(&mut self, dir: &Path) -> Result<(), RestoreError> {
         let img = images::Image::open(dir).map_err(|e| bad(dir, e.to_string()))?;
+        // Its mapped files, identified now rather than in the restore.
+        for v in &img.mm.vmas {
+            if let Some(path) = v.backing_file().filter(|_| v.is_private())
+                && !self.files.contains_key(path)
+                && let Some(f) = identify(path)
+            {
+                self.files.insert(path.to_string(), f);
+            }
+        }
         self.images.insert(crate::chain::lexical_path(dir), img);
         Ok(())
+    }
+
+    /// Take `img` as the image in `dir` (received whole, not read from
+    /// there): the restore's chain uses it as one opened ahead.
+    pub fn add_image(&mut self, dir: &Path, img: images::Image) {
+        self.images.insert(crate::chain::lexical_path(dir), img);
     }
 
     /// Fork the process with PID `pid` now and trace it from this thread.
@@ -305,10 +362,15 @@ fn plan(
     };
     lap("chain opened");
     // The mapped files (a few hundred µs of opens and ELF notes) are
-    // checked on another thread while this one checks the rest.
-    let mapped = {
+    // checked on another thread while this one checks the rest; those
+    // identified ahead need a stat each, done here.
+    let ahead = std::mem::take(&mut prepared.files);
+    let (mapped_here, mapped) = if ahead.is_empty() {
         let (dir, vmas) = (dir.to_path_buf(), chain.vmas().to_vec());
-        std::thread::spawn(move || check_mapped_files(&dir, &vmas))
+        let t = std::thread::spawn(move || check_mapped_files(&dir, &vmas, &ahead));
+        (None, Some(t))
+    } else {
+        (Some(check_mapped_files(dir, chain.vmas(), &ahead)), None)
     };
     let newest = chain.newest();
     let process = newest.process.clone().ok_or_else(|| {
@@ -455,9 +517,13 @@ fn plan(
     let mut fill_source = crate::fill::FillSource::open(&chain, &eager);
     let fill_blobs = fill_source.check(&chain)?;
     lap("page blobs checked");
-    let mapped_inodes = mapped
-        .join()
-        .map_err(|_| bad(dir, "the check of the mapped files panicked"))??;
+    let mapped_inodes = match (mapped_here, mapped) {
+        (Some(r), _) => r?,
+        (None, Some(t)) => t
+            .join()
+            .map_err(|_| bad(dir, "the check of the mapped files panicked"))??,
+        (None, None) => HashMap::new(),
+    };
     lap("mapped files checked");
     tracing::debug!(
         checked = blobs.checked,
@@ -488,6 +554,7 @@ fn plan(
 fn check_mapped_files(
     dir: &Path,
     vmas: &[VmaRecord],
+    ahead: &HashMap<String, IdentifiedFile>,
 ) -> Result<HashMap<String, (u64, u64)>, RestoreError> {
     let mut seen: HashMap<String, (u64, u64)> = HashMap::new();
     for v in vmas {
@@ -498,8 +565,15 @@ fn check_mapped_files(
         if seen.contains_key(path) {
             continue;
         }
-        let (now, inode) = sys::mapped_file::FileIdentity::of_path(Path::new(path))
-            .map_err(|e| {
+        let known = ahead
+            .get(path)
+            .filter(|f| file_stat(path) == Some(f.stat))
+            .map(|f| (f.identity.clone(), f.inode));
+        let (now, inode) = match known {
+            Some(k) => Ok(Some(k)),
+            None => sys::mapped_file::FileIdentity::of_path(Path::new(path)),
+        }
+        .map_err(|e| {
                 bad(
                     dir,
                     format!(
@@ -3494,6 +3568,40 @@ mod tests {
             vec![(0x1000, 0x4000), (0x7000, 0xa000), (0xe000, 0xf000)]
         );
         assert_eq!(unmap_ranges([(0x5000, 0x6000)].into_iter(), &keep), vec![]);
+    }
+
+    #[test]
+    fn a_mapped_file_identified_ahead_is_checked_again_once_changed() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("lib.so");
+        std::fs::write(&path, b"first build").unwrap();
+        let p = path.to_str().unwrap().to_string();
+        let mut v = VmaRecord::anonymous(0x10000, 0x12000);
+        v.name = Some(p.clone());
+        v.inode = 1;
+        v.perms = "r-xp".parse().unwrap();
+        let (then, _) = sys::mapped_file::FileIdentity::of_path(&path)
+            .unwrap()
+            .unwrap();
+        v.file = Some(then);
+        let ahead: HashMap<String, IdentifiedFile> =
+            [(p.clone(), identify(&p).expect("a regular file"))].into();
+        // Unchanged: taken from what was identified ahead.
+        assert!(check_mapped_files(d.path(), std::slice::from_ref(&v), &ahead).is_ok());
+        // Rewritten since (same size, new time): identified again, refused.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, b"other build").unwrap();
+        let e = check_mapped_files(d.path(), std::slice::from_ref(&v), &ahead)
+            .expect_err("a changed file is refused");
+        assert!(e.to_string().contains("not the file the dump saw"), "{e}");
+        // Replaced by another file at the path: the same.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"first build").unwrap();
+        let ahead: HashMap<String, IdentifiedFile> =
+            [(p.clone(), identify(&p).expect("a regular file"))].into();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"third build").unwrap();
+        assert!(check_mapped_files(d.path(), std::slice::from_ref(&v), &ahead).is_err());
     }
 
     #[test]
