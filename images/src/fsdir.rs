@@ -77,6 +77,22 @@ impl Provenance {
     }
 }
 
+/// A file of an image begun under a temporary name
+/// ([`ImageDir::begin_atomic`]), not yet under its own.
+#[derive(Debug)]
+pub struct PendingFile {
+    name: String,
+    tmp: String,
+    file: File,
+}
+
+impl PendingFile {
+    /// The name it will take.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 /// An image directory, held by an fd: renames of it or of the directories
 /// above it do not redirect what is read or written.
 #[derive(Debug)]
@@ -580,18 +596,48 @@ impl ImageDir {
     /// name random, created `O_EXCL | O_NOFOLLOW`), optionally fsynced, then
     /// renamed over `name` (a rename replaces a link, it never follows it).
     pub fn write_atomic(&self, name: &str, bytes: &[u8], sync: bool) -> Result<(), ImageError> {
+        let pending = self.begin_atomic(name)?;
+        self.commit_atomic(pending, bytes, sync)
+    }
+
+    /// The first half of [`ImageDir::write_atomic`]: the temporary file,
+    /// created now (a writer that must be quick later creates its files
+    /// ahead: a create costs 60-130 µs on ext4 here, a write and a rename
+    /// less).
+    pub fn begin_atomic(&self, name: &str) -> Result<PendingFile, ImageError> {
         let tmp = format!("{name}.tmp-{}", random_suffix());
-        let tmp_path = self.child(&tmp);
-        let mut f = self.create_file(&tmp)?;
+        let file = self.create_file(&tmp)?;
+        Ok(PendingFile {
+            name: name.to_string(),
+            tmp,
+            file,
+        })
+    }
+
+    /// The second half of [`ImageDir::write_atomic`]: `bytes` into the
+    /// temporary file, which then takes its name.
+    pub fn commit_atomic(
+        &self,
+        mut pending: PendingFile,
+        bytes: &[u8],
+        sync: bool,
+    ) -> Result<(), ImageError> {
+        let tmp_path = self.child(&pending.tmp);
+        let f = &mut pending.file;
         let res = f
             .write_all(bytes)
             .and_then(|_| if sync { f.sync_all() } else { Ok(()) })
             .map_err(|e| ImageError::io(&tmp_path, e))
-            .and_then(|_| self.rename(&tmp, name));
+            .and_then(|_| self.rename(&pending.tmp, &pending.name));
         if res.is_err() {
-            let _ = self.remove_file(&tmp);
+            let _ = self.remove_file(&pending.tmp);
         }
         res
+    }
+
+    /// Give up a file begun with [`ImageDir::begin_atomic`].
+    pub fn abandon_atomic(&self, pending: PendingFile) {
+        let _ = self.remove_file(&pending.tmp);
     }
 
     fn rename(&self, from: &str, to: &str) -> Result<(), ImageError> {

@@ -106,6 +106,12 @@ pub struct ImageWriter {
     /// SHA-256 of each file written that the seal covers.
     digests: Vec<(String, [u8; 32])>,
     seal_key: Option<SealKey>,
+    /// Files `finish` (and `store_process`) write, created ahead by
+    /// [`ImageWriter::create_outputs`].
+    outputs: Vec<crate::fsdir::PendingFile>,
+    /// `pipes/`, made ahead by [`ImageWriter::create_outputs`] (removed by
+    /// `finish` if no pipe contents went in).
+    pipes_dir: Option<ImageDir>,
 }
 
 impl ImageWriter {
@@ -142,7 +148,41 @@ impl ImageWriter {
             stats: WriteStats::default(),
             digests: Vec::new(),
             seal_key: None,
+            outputs: Vec::new(),
+            pipes_dir: None,
         })
+    }
+
+    /// Create now the files `finish` writes (and `process.json` with
+    /// `process`), under temporary names: a final dump does this before
+    /// it freezes its target, and the creates are not in the frozen
+    /// window. Those not written are removed by `finish`.
+    pub fn create_outputs(&mut self, process: bool) -> Result<(), ImageError> {
+        let mut names = vec![PAGEMAP_FILE, MM_FILE, INVENTORY_FILE];
+        if process {
+            names.push(PROCESS_FILE);
+        }
+        for name in names {
+            if !self.outputs.iter().any(|p| p.name() == name) {
+                let p = self.dir.begin_atomic(name)?;
+                self.outputs.push(p);
+            }
+        }
+        if process && self.pipes_dir.is_none() {
+            self.pipes_dir = Some(self.dir.create_subdir(PIPES_DIR)?);
+        }
+        Ok(())
+    }
+
+    /// Write `name` whole, through the file created ahead for it if any.
+    fn write_output(&mut self, name: &str, bytes: &[u8]) -> Result<(), ImageError> {
+        match self.outputs.iter().position(|p| p.name() == name) {
+            Some(i) => {
+                let p = self.outputs.swap_remove(i);
+                self.dir.commit_atomic(p, bytes, false)
+            }
+            None => self.dir.write_atomic(name, bytes, false),
+        }
     }
 
     /// Seal the image with `key` when it is finished (see `seal`).
@@ -472,7 +512,10 @@ impl ImageWriter {
         pipes: &BTreeMap<String, Vec<u8>>,
     ) -> Result<(), ImageError> {
         if !pipes.is_empty() {
-            let sub = self.dir.create_subdir(PIPES_DIR)?;
+            let sub = match self.pipes_dir.take() {
+                Some(d) => d,
+                None => self.dir.create_subdir(PIPES_DIR)?,
+            };
             for (name, data) in pipes {
                 let path = sub.child(name);
                 let mut f = sub.create_file(name)?;
@@ -482,7 +525,7 @@ impl ImageWriter {
             }
         }
         let text = serde_json::to_vec_pretty(process).expect("process state serializes");
-        self.dir.write_atomic(PROCESS_FILE, &text, false)?;
+        self.write_output(PROCESS_FILE, &text)?;
         self.digests.push((PROCESS_FILE.to_string(), digest(&text)));
         Ok(())
     }
@@ -524,10 +567,10 @@ impl ImageWriter {
             }
         }
         let map = PageMap { entries }.encode();
-        self.dir.write_atomic(PAGEMAP_FILE, &map, false)?;
+        self.write_output(PAGEMAP_FILE, &map)?;
         self.digests.push((PAGEMAP_FILE.to_string(), digest(&map)));
         let mm_text = serde_json::to_vec_pretty(mm).expect("a VMA list serializes");
-        self.dir.write_atomic(MM_FILE, &mm_text, false)?;
+        self.write_output(MM_FILE, &mm_text)?;
         self.digests.push((MM_FILE.to_string(), digest(&mm_text)));
         let mut inv = inventory.clone();
         inv.full = inv.parent.is_none();
@@ -536,7 +579,18 @@ impl ImageWriter {
             inv.seal = Some(k.seal(&inv.sealed_bytes(), &self.digests));
         }
         let text = serde_json::to_vec_pretty(&inv).expect("an inventory serializes");
-        self.dir.write_atomic(INVENTORY_FILE, &text, false)?;
+        // Begun but not written (no process state): not left behind.
+        let (inventory_file, unused): (Vec<_>, Vec<_>) = std::mem::take(&mut self.outputs)
+            .into_iter()
+            .partition(|p| p.name() == INVENTORY_FILE);
+        for p in unused {
+            self.dir.abandon_atomic(p);
+        }
+        if self.pipes_dir.take().is_some() {
+            self.dir.remove_subdir(PIPES_DIR)?;
+        }
+        self.outputs = inventory_file;
+        self.write_output(INVENTORY_FILE, &text)?;
         Ok(self.stats)
     }
 
@@ -619,6 +673,67 @@ mod tests {
         MmRecord {
             vmas: vec![VmaRecord::anonymous(0x10000, 0x20000)],
         }
+    }
+
+    #[test]
+    fn files_made_ahead_take_their_names_and_the_unused_go() {
+        let names = |d: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        // Made ahead, no process state written: no temporary file left.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ImageWriter::create(dir.path(), true).unwrap();
+        w.create_outputs(true).unwrap();
+        // Four files under temporary names, pages.img and pipes/.
+        assert_eq!(names(dir.path()).len(), 6, "{:?}", names(dir.path()));
+        w.add_pages(0x10000, &[5u8; 4096]).unwrap();
+        let inv = Inventory::new(ImageKind::PreDump, 1, "full", true);
+        w.finish(&mm(), &inv).unwrap();
+        assert_eq!(
+            names(dir.path()),
+            [INVENTORY_FILE, MM_FILE, PAGEMAP_FILE, PAGES_FILE]
+        );
+        let img = Image::open(dir.path()).unwrap();
+        assert_eq!(
+            img.read_entry(&img.pagemap.entries[0]).unwrap(),
+            vec![5u8; 4096]
+        );
+        // With the process state: every file under its name.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ImageWriter::create(dir.path(), true).unwrap();
+        w.create_outputs(true).unwrap();
+        let text = include_str!("../tests/fixtures/v2/every-field.process.json");
+        let process: ProcessImage = serde_json::from_str(text).unwrap();
+        w.store_process(&process, &BTreeMap::new()).unwrap();
+        let inv = Inventory::new(ImageKind::Dump, 1, "full", true);
+        w.finish(&mm(), &inv).unwrap();
+        assert_eq!(
+            names(dir.path()),
+            [
+                INVENTORY_FILE,
+                MM_FILE,
+                PAGEMAP_FILE,
+                PAGES_FILE,
+                PROCESS_FILE
+            ]
+        );
+        // With pipe contents: in the pipes/ made ahead.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ImageWriter::create(dir.path(), true).unwrap();
+        w.create_outputs(true).unwrap();
+        let pipes = BTreeMap::from([("7.bin".to_string(), b"queued".to_vec())]);
+        w.store_process(&process, &pipes).unwrap();
+        w.finish(&mm(), &inv).unwrap();
+        assert_eq!(names(&dir.path().join(PIPES_DIR)), ["7.bin"]);
+        assert_eq!(
+            std::fs::read(dir.path().join(PIPES_DIR).join("7.bin")).unwrap(),
+            b"queued"
+        );
     }
 
     #[test]

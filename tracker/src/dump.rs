@@ -618,6 +618,8 @@ fn capture(
     let files_before = crate::maps::read_vmas(pid)
         .map(|v| crate::maps::file_identities(pid, &v, &Default::default()))
         .unwrap_or_default();
+    // The image's files made now, written while frozen.
+    writer.create_outputs(true)?;
     // Batch buffers touched now, not while the target is frozen.
     let mut copier = crate::copy::Copier::for_frozen_target();
     copier.prefault();
