@@ -246,6 +246,9 @@ fn migrate_once(
     }
     let received = work.join("received");
     let _ = std::fs::remove_dir_all(&received);
+    // What the previous runs wrote (gigabytes of images, CRIU's too) goes
+    // to disk now, not in the background during this run's switch-over.
+    nix::unistd::sync();
     let (mut w, pid) = start_hotloop(bin_dir, work, workload)?;
     let to = format!("{ADDR_B}:{PORT}");
     let mut recv = Command::new("ip")
