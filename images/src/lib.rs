@@ -253,17 +253,6 @@ impl Pages {
             }
         }
     }
-
-    /// The stored bytes' length (what the page map's bounds are checked
-    /// against).
-    fn len(&self) -> std::io::Result<u64> {
-        match self {
-            Pages::File(f) => Ok(f.metadata()?.len()),
-            Pages::Memory(m) => Ok(m.len() as u64),
-            // Given with the remote pages themselves.
-            Pages::Remote(_) => Ok(0),
-        }
-    }
 }
 
 /// Where [`Image::assemble`] reads an image's files from.
@@ -342,14 +331,29 @@ impl Files<'_> {
         }
     }
 
-    /// `pages.img`, if the image has one here.
-    fn pages(&mut self, provenance: &mut Vec<Provenance>) -> Result<Option<Pages>, ImageError> {
+    /// `pages.img`, if the image has one here, and its length (what the
+    /// page map's bounds are checked against).
+    fn pages(
+        &mut self,
+        dir: &Path,
+        provenance: &mut Vec<Provenance>,
+    ) -> Result<Option<(Pages, u64)>, ImageError> {
         match self {
-            Files::Dir(d) => Ok(d.open_file(PAGES_FILE, false)?.map(|(f, prov)| {
+            Files::Dir(d) => {
+                let Some((f, prov)) = d.open_file(PAGES_FILE, false)? else {
+                    return Ok(None);
+                };
                 provenance.push(prov);
-                Pages::File(f)
+                let len = f
+                    .metadata()
+                    .map_err(|e| ImageError::io(&dir.join(PAGES_FILE), e))?
+                    .len();
+                Ok(Some((Pages::File(f), len)))
+            }
+            Files::Memory(m) => Ok(m.remove(PAGES_FILE).map(|b| {
+                let len = b.len() as u64;
+                (Pages::Memory(b), len)
             })),
-            Files::Memory(m) => Ok(m.remove(PAGES_FILE).map(Pages::Memory)),
         }
     }
 }
@@ -466,17 +470,14 @@ impl Image {
         // bytes are checked against the same page map, and a migration's
         // receiver holds every image's but the post-copy one's.
         let pages_path = dir.join(PAGES_FILE);
-        let (pages, pages_len) = match (remote, src.pages(&mut provenance)?) {
+        let (pages, pages_len) = match (remote, src.pages(dir, &mut provenance)?) {
             (Some(r), None) => {
                 let (pages, len) = r
                     .pages_of(dir, &pagemap_digest)
                     .map_err(|why| ImageError::corrupt(&pages_path, why))?;
                 (Pages::Remote(pages), len)
             }
-            (_, Some(pages)) => {
-                let len = pages.len().map_err(|e| ImageError::io(&pages_path, e))?;
-                (pages, len)
-            }
+            (_, Some(local)) => local,
             (None, None) => {
                 return Err(ImageError::io(
                     &pages_path,

@@ -580,16 +580,16 @@ impl ImageWriter {
         }
         let text = serde_json::to_vec_pretty(&inv).expect("an inventory serializes");
         // Begun but not written (no process state): not left behind.
-        let (inventory_file, unused): (Vec<_>, Vec<_>) = std::mem::take(&mut self.outputs)
-            .into_iter()
-            .partition(|p| p.name() == INVENTORY_FILE);
+        let unused: Vec<_> = self
+            .outputs
+            .extract_if(.., |p| p.name() != INVENTORY_FILE)
+            .collect();
         for p in unused {
             self.dir.abandon_atomic(p);
         }
         if self.pipes_dir.take().is_some() {
             self.dir.remove_subdir(PIPES_DIR)?;
         }
-        self.outputs = inventory_file;
         self.write_output(INVENTORY_FILE, &text)?;
         Ok(self.stats)
     }

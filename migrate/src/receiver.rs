@@ -331,27 +331,21 @@ impl Writing {
         bytes: &[u8],
     ) -> Result<(), ReceiveError> {
         use std::os::unix::fs::FileExt;
-        let c = proto::FileChunk {
-            image,
-            file,
-            offset,
-            bytes,
-        };
-        let key = format!("{}/{}", c.image, c.file);
+        let key = format!("{image}/{file}");
         if !self.open.contains_key(&key) {
-            if c.offset != 0 {
-                return Err(self.err(format!("{key} starts at {}", c.offset)));
+            if offset != 0 {
+                return Err(self.err(format!("{key} starts at {}", offset)));
             }
-            let img = self.root.create_subdir(c.image).map_err(|e| self.err(e))?;
-            let f = create_in(&img, c.file).map_err(|e| self.err(e))?;
+            let img = self.root.create_subdir(image).map_err(|e| self.err(e))?;
+            let f = create_in(&img, file).map_err(|e| self.err(e))?;
             self.open.insert(key.clone(), f);
         }
         let f = &self.open[&key];
-        let end = c.offset.checked_add(c.bytes.len() as u64);
+        let end = offset.checked_add(bytes.len() as u64);
         if end.is_none_or(|e| e > 1 << 44) {
             return Err(self.err(format!("{key}: a write past 16 TiB")));
         }
-        f.write_all_at(c.bytes, c.offset)
+        f.write_all_at(bytes, offset)
             .map_err(|e| self.err(format!("writing {key}: {e}")))
     }
 
@@ -493,7 +487,8 @@ fn run(
     // runs: each image opened as it arrives, the process forked (with its
     // PID) and traced from this thread, which restores it.
     let mut prepared = restorer::restore::Prepared::default();
-    // The process first, while this receiver holds little memory: the
+    // The process first (a PID taken here fails the migration now, the
+    // source still running), while this receiver holds little memory: the
     // fork's copy of it is unmapped at the switch, in the frozen window
     // (0.3-0.5 ms for the ~20 MiB it holds once an image of 1 GiB is open).
     {
@@ -747,15 +742,16 @@ fn write_held(
     files: &BTreeMap<String, Arc<Vec<u8>>>,
 ) -> Result<(), String> {
     use std::io::Write;
-    // Behind the restore and the page service on the CPUs.
-    // SAFETY: setpriority of this thread (its TID), no pointers.
-    unsafe {
-        libc::setpriority(
-            libc::PRIO_PROCESS,
-            nix::unistd::gettid().as_raw() as libc::id_t,
-            19,
-        )
-    };
+    // Behind the restore and the page service on the CPUs (nice 19; a
+    // refusal leaves it as it was).
+    let _ = sys::sched::set_attr(
+        nix::unistd::gettid().as_raw(),
+        &sys::sched::SchedAttr {
+            sched_policy: sys::sched::SCHED_NORMAL,
+            sched_nice: 19,
+            ..Default::default()
+        },
+    );
     let root = images::ImageDir::create(dir).map_err(|e| e.to_string())?;
     let img = root.create_subdir(name).map_err(|e| e.to_string())?;
     for (file, bytes) in files {
@@ -766,9 +762,8 @@ fn write_held(
     Ok(())
 }
 
-/// Pre-copy image `name` is in: open it for the restore, and start the
-/// process to restore if not yet (a PID taken here fails the migration
-/// now, the source still running, rather than at the switch).
+/// Pre-copy image `name` is in: open it for the restore (the process to
+/// restore was started at the hello).
 fn prepare(
     opts: &ReceiveOptions,
     inb: &Mutex<Inbound>,
@@ -778,15 +773,13 @@ fn prepare(
     let t = Instant::now();
     let pid = lock(inb).hello.pid;
     let dir = opts.dir.join(name);
-    let failed = |e: restorer::restore::RestoreError| ReceiveError::Restore {
-        pid,
-        dir: dir.clone(),
-        why: e.to_string(),
-    };
-    prepared.open_image(&dir).map_err(failed)?;
-    if prepared.started().is_none() {
-        prepared.start_process(pid, opts.timeout).map_err(failed)?;
-    }
+    prepared
+        .open_image(&dir)
+        .map_err(|e| ReceiveError::Restore {
+            pid,
+            dir: dir.clone(),
+            why: e.to_string(),
+        })?;
     tracing::debug!(
         pid,
         "receive: image {name} opened ahead in {:?}",

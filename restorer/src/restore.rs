@@ -130,7 +130,6 @@ pub struct Prepared {
 /// A mapped file identified ahead ([`check_mapped_files`]): reused at the
 /// restore while a `stat` of its path says it is the same file, unchanged
 /// (taken before the identity: a change after it shows).
-#[derive(Clone)]
 struct IdentifiedFile {
     stat: FileStat,
     identity: sys::mapped_file::FileIdentity,
@@ -365,12 +364,13 @@ fn plan(
     // checked on another thread while this one checks the rest; those
     // identified ahead need a stat each, done here.
     let ahead = std::mem::take(&mut prepared.files);
-    let (mapped_here, mapped) = if ahead.is_empty() {
+    let mapped = if ahead.is_empty() {
         let (dir, vmas) = (dir.to_path_buf(), chain.vmas().to_vec());
-        let t = std::thread::spawn(move || check_mapped_files(&dir, &vmas, &ahead));
-        (None, Some(t))
+        Err(std::thread::spawn(move || {
+            check_mapped_files(&dir, &vmas, &ahead)
+        }))
     } else {
-        (Some(check_mapped_files(dir, chain.vmas(), &ahead)), None)
+        Ok(check_mapped_files(dir, chain.vmas(), &ahead))
     };
     let newest = chain.newest();
     let process = newest.process.clone().ok_or_else(|| {
@@ -517,12 +517,12 @@ fn plan(
     let mut fill_source = crate::fill::FillSource::open(&chain, &eager);
     let fill_blobs = fill_source.check(&chain)?;
     lap("page blobs checked");
-    let mapped_inodes = match (mapped_here, mapped) {
-        (Some(r), _) => r?,
-        (None, Some(t)) => t
+    // Done here (`Ok`) or on its thread (`Err`).
+    let mapped_inodes = match mapped {
+        Ok(r) => r?,
+        Err(t) => t
             .join()
             .map_err(|_| bad(dir, "the check of the mapped files panicked"))??,
-        (None, None) => HashMap::new(),
     };
     lap("mapped files checked");
     tracing::debug!(
