@@ -389,8 +389,20 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
     let (gate, ctl) =
         tracker::hold::hold_pipes().map_err(|source| MigrateError::Hold { pid, source })?;
     let final_dir = work.path().join(FINAL);
+    // Post-copy: the page server is started before the dump forks its
+    // guardian, which keeps a copy of every fd tern has at that moment: a
+    // pipe to the server made meanwhile would stay open in it, and a server
+    // that failed would then never be seen to end.
+    let starting = post_copy.then(|| {
+        let ip = link
+            .ch
+            .local_addr()
+            .map_err(|e| format!("this end's address: {e}"))?
+            .ip();
+        PageServer::spawn(opts, &final_dir, ip)
+    });
     let (dumped, switched) = std::thread::scope(|s| {
-        let sw = s.spawn(|| switch(opts, link, ctl, work.path(), post_copy));
+        let sw = s.spawn(|| switch(opts, link, ctl, work.path(), starting));
         let dump_opts = tracker::dump::DumpOptions {
             track: opts.track,
             // Sent frozen, the pages go compressed: lz4 while copying costs
@@ -714,13 +726,21 @@ struct PageServer {
     idle: Duration,
 }
 
+/// A `tern page-server` started, not yet listening.
+struct StartingServer {
+    child: std::process::Child,
+    dir: PathBuf,
+    idle: Duration,
+}
+
 impl PageServer {
-    fn start(
+    /// Start it (it says where it listens on its stdout; see
+    /// [`StartingServer::listening`]).
+    fn spawn(
         opts: &MigrateOptions,
         dir: &Path,
         ip: std::net::IpAddr,
-    ) -> Result<PageServer, String> {
-        use std::io::BufRead;
+    ) -> Result<StartingServer, String> {
         use std::os::unix::process::CommandExt;
         let idle = opts.retry_for * 2 + Duration::from_secs(5);
         let log = images::ImageDir::create(dir.parent().unwrap_or(dir))
@@ -751,35 +771,14 @@ impl PageServer {
                 Ok(())
             });
         }
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .map_err(|e| format!("starting {}: {e}", opts.tern.display()))?;
-        let out = child.stdout.take().expect("piped");
-        let mut line = String::new();
-        let read = std::io::BufReader::new(out).read_line(&mut line);
-        let addr = read
-            .ok()
-            .and_then(|_| serde_json::from_str::<serde_json::Value>(&line).ok())
-            .and_then(|v| v["listen"].as_str().map(String::from));
-        match addr {
-            Some(addr) => Ok(PageServer {
-                stdin: child.stdin.take(),
-                child,
-                addr,
-                idle,
-            }),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(format!(
-                    "the page server did not start (see {})",
-                    dir.parent()
-                        .unwrap_or(dir)
-                        .join("page-server.log")
-                        .display()
-                ))
-            }
-        }
+        Ok(StartingServer {
+            child,
+            dir: dir.to_path_buf(),
+            idle,
+        })
     }
 
     /// The image is written: open it and serve.
@@ -803,27 +802,75 @@ impl PageServer {
     }
 }
 
+impl StartingServer {
+    /// Its `listen` line, read within `within`.
+    fn listening(mut self, within: Duration) -> Result<PageServer, String> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let until = Instant::now() + within;
+        let mut out = self.child.stdout.take().expect("piped");
+        let mut line = Vec::new();
+        let addr = loop {
+            if let Some(end) = line.iter().position(|&b| b == b'\n') {
+                break serde_json::from_slice::<serde_json::Value>(&line[..end])
+                    .ok()
+                    .and_then(|v| v["listen"].as_str().map(String::from))
+                    .ok_or("it printed something else than where it listens");
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err("it did not say where it listens in time");
+            }
+            let wait = PollTimeout::from(u16::try_from(left.as_millis().min(1000)).unwrap_or(1000));
+            if !poll(&mut [PollFd::new(out.as_fd(), PollFlags::POLLIN)], wait).is_ok_and(|n| n > 0)
+            {
+                continue;
+            }
+            let mut chunk = [0u8; 512];
+            match out.read(&mut chunk) {
+                Ok(0) | Err(_) => break Err("it ended"),
+                Ok(k) => line.extend_from_slice(&chunk[..k]),
+            }
+        };
+        match addr {
+            Ok(addr) => Ok(PageServer {
+                stdin: self.child.stdin.take(),
+                child: self.child,
+                addr,
+                idle: self.idle,
+            }),
+            Err(why) => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                Err(format!(
+                    "the page server did not start: {why} (see {})",
+                    self.dir
+                        .parent()
+                        .unwrap_or(&self.dir)
+                        .join("page-server.log")
+                        .display()
+                ))
+            }
+        }
+    }
+}
+
 /// The switch-over (beside the final dump, which holds the source).
 fn switch(
     opts: &MigrateOptions,
     mut link: Link,
     mut ctl: tracker::hold::HoldControl,
     work: &Path,
-    post_copy: bool,
+    starting: Option<Result<StartingServer, String>>,
 ) -> Result<Switched, MigrateError> {
     let pid = opts.pid;
     let to = opts.to.clone();
     let final_dir = work.join(FINAL);
-    // Post-copy: the page server starts while the dump sets up, and opens
-    // the image once it is written.
-    let started = post_copy.then(|| {
-        let ip = link
-            .ch
-            .local_addr()
-            .map_err(|e| format!("this end's address: {e}"))?
-            .ip();
-        PageServer::start(opts, &final_dir, ip)
-    });
+    let post_copy = starting.is_some();
+    // Post-copy: the page server, started before the dump, listens while
+    // the dump sets up, and opens the image once it is written.
+    let started = starting.map(|s| s.and_then(|s| s.listening(opts.timeout)));
     // The whole dump may copy GiBs (as `tern dump` allows for).
     let frozen_at = match ctl.wait_written(pid, opts.timeout * 8 + Duration::from_secs(600)) {
         Ok(t) => t,
