@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ImageError;
 use crate::state::{
-    AltStackState, FdState, PendingSignalState, RegsState, RseqState, SchedState,
+    AltStackState, FdKindState, FdState, PendingSignalState, RegsState, RseqState, SchedState,
     SeccompFilterState, SigActionState, VdsoState,
 };
 
@@ -59,6 +59,9 @@ pub struct ProcessImage {
     /// The process-wide (shared) pending queue, in order.
     pub shared_pending: Vec<PendingSignalState>,
     pub itimers: Vec<ITimer>,
+    /// Its POSIX timers (`timer_create`), each to be made again with its ID.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub posix_timers: Vec<PosixTimerState>,
     pub rlimits: Vec<Rlimit>,
     /// Distinct seccomp filters; threads refer to them by index.
     pub seccomp_filters: Vec<SeccompFilterState>,
@@ -127,6 +130,38 @@ pub struct ITimer {
     pub which: i32,
     pub interval_us: u64,
     pub value_us: u64,
+}
+
+/// A POSIX timer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PosixTimerState {
+    pub id: i32,
+    pub clockid: i32,
+    pub signo: i32,
+    pub sigev_value: u64,
+    /// `none`, `signal` (to the process) or `thread` (to `tid`).
+    pub notify: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tid: Option<i32>,
+    /// Time left to its next expiry (zero: disarmed) and its interval.
+    pub value_ns: u64,
+    pub interval_ns: u64,
+    /// `timer_getoverrun` at the dump: the overrun of its last signal
+    /// (kept for the record; the kernel has no call to set it).
+    pub overrun: i32,
+}
+
+impl PosixTimerState {
+    /// Where its expiry goes, as `timer_create` takes it.
+    pub fn notify(&self) -> Option<sys::posix_timers::Notify> {
+        use sys::posix_timers::Notify;
+        match (self.notify.as_str(), self.tid) {
+            ("none", None) => Some(Notify::None),
+            ("signal", None) => Some(Notify::Signal),
+            ("thread", Some(t)) => Some(Notify::Thread(t)),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,6 +334,16 @@ impl ProcessImage {
                 ));
             }
         }
+        for f in &p.fds {
+            check_event_fd(f, &fds, &p.creds)?;
+        }
+        let mut ids = BTreeSet::new();
+        for t in &p.posix_timers {
+            check_posix_timer(t, &p.threads, &p.creds)?;
+            if !ids.insert(t.id) {
+                return Err(format!("POSIX timer {} listed twice", t.id));
+            }
+        }
         if p.thp_disable.is_some_and(|t| t != 1 && t != 3) {
             return Err(format!("THP disable value {:?}", p.thp_disable));
         }
@@ -325,6 +370,129 @@ impl ProcessImage {
         }
         Ok(())
     }
+}
+
+/// CAP_WAKE_ALARM, CAP_BLOCK_SUSPEND (include/uapi/linux/capability.h).
+const CAP_WAKE_ALARM: u32 = 35;
+const CAP_BLOCK_SUSPEND: u32 = 36;
+/// Registrations one epoll may hold in an image (the kernel's own limit,
+/// max_user_watches, is a few million on large hosts).
+const MAX_EPOLL_TARGETS: usize = 1 << 20;
+/// A timerfd's time as a `struct timespec` can hold it.
+const MAX_TIMER_NS: u64 = i64::MAX as u64;
+
+/// An eventfd, epoll, timerfd or signalfd that the kernel would refuse, or
+/// that would give the process what it could not have had: an alarm clock
+/// or EPOLLWAKEUP without the capability they need.
+fn check_event_fd(f: &FdImage, fds: &BTreeSet<i32>, creds: &Creds) -> Result<(), String> {
+    use sys::event_fds as ev;
+    let fd = f.info.fd;
+    let has_cap = |c: u32| creds.cap_eff & (1u64 << c) != 0;
+    match &f.info.kind {
+        FdKindState::EventFd { count, .. } if *count == u64::MAX => Err(format!(
+            "eventfd {fd}: counter {count:#x} above the kernel's maximum"
+        )),
+        FdKindState::TimerFd {
+            clockid,
+            settime_flags,
+            value_ns,
+            interval_ns,
+            ..
+        } => {
+            if !ev::TIMERFD_CLOCKS.contains(clockid) {
+                return Err(format!("timerfd {fd}: clock {clockid}"));
+            }
+            if ev::ALARM_CLOCKS.contains(clockid) && !has_cap(CAP_WAKE_ALARM) {
+                return Err(format!(
+                    "timerfd {fd}: an alarm clock ({clockid}) for a process without CAP_WAKE_ALARM"
+                ));
+            }
+            let known = ev::TFD_TIMER_ABSTIME | ev::TFD_TIMER_CANCEL_ON_SET;
+            if settime_flags & !known != 0
+                || (settime_flags & ev::TFD_TIMER_CANCEL_ON_SET != 0
+                    && (settime_flags & ev::TFD_TIMER_ABSTIME == 0 || ![0, 8].contains(clockid)))
+            {
+                return Err(format!("timerfd {fd}: settime flags {settime_flags:#o}"));
+            }
+            if *value_ns > MAX_TIMER_NS || *interval_ns > MAX_TIMER_NS {
+                return Err(format!("timerfd {fd}: time out of range"));
+            }
+            Ok(())
+        }
+        FdKindState::Epoll { targets } => {
+            if targets.len() > MAX_EPOLL_TARGETS {
+                return Err(format!("epoll {fd}: {} registrations", targets.len()));
+            }
+            let input = ev::EPOLLET | ev::EPOLLONESHOT | ev::EPOLLEXCLUSIVE | ev::EPOLLWAKEUP;
+            // EPOLLIN..EPOLLRDHUP and EPOLLMSG (bits 0-13) and the input flags.
+            let known = 0x3fff | input;
+            for t in targets {
+                if t.tfd == fd || !fds.contains(&t.tfd) {
+                    return Err(format!(
+                        "epoll {fd}: registered fd {} is not another fd of the image",
+                        t.tfd
+                    ));
+                }
+                if t.events & !known != 0 {
+                    return Err(format!(
+                        "epoll {fd}: events {:#x} for fd {}",
+                        t.events, t.tfd
+                    ));
+                }
+                if t.events & ev::EPOLLWAKEUP != 0 && !has_cap(CAP_BLOCK_SUSPEND) {
+                    return Err(format!(
+                        "epoll {fd}: EPOLLWAKEUP on fd {} for a process without CAP_BLOCK_SUSPEND",
+                        t.tfd
+                    ));
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A POSIX timer the kernel would refuse, or that would give the process
+/// what it could not have had (an alarm clock without CAP_WAKE_ALARM, a
+/// signal to a thread that is not its own).
+fn check_posix_timer(
+    t: &PosixTimerState,
+    threads: &[ThreadImage],
+    creds: &Creds,
+) -> Result<(), String> {
+    use sys::posix_timers::{Notify, TIMER_CLOCKS};
+    let id = t.id;
+    if id < 0 {
+        return Err(format!("POSIX timer {id}"));
+    }
+    if !TIMER_CLOCKS.contains(&t.clockid) {
+        return Err(format!("POSIX timer {id}: clock {}", t.clockid));
+    }
+    if sys::event_fds::ALARM_CLOCKS.contains(&t.clockid)
+        && creds.cap_eff & (1u64 << CAP_WAKE_ALARM) == 0
+    {
+        return Err(format!(
+            "POSIX timer {id}: an alarm clock ({}) for a process without CAP_WAKE_ALARM",
+            t.clockid
+        ));
+    }
+    let notify = t
+        .notify()
+        .ok_or_else(|| format!("POSIX timer {id}: notify {:?} {:?}", t.notify, t.tid))?;
+    if notify != Notify::None && !(1..=64).contains(&t.signo) {
+        return Err(format!("POSIX timer {id}: signal {}", t.signo));
+    }
+    if let Notify::Thread(tid) = notify
+        && !threads.iter().any(|th| th.tid == tid)
+    {
+        return Err(format!(
+            "POSIX timer {id}: signals thread {tid}, which is not a thread of the process"
+        ));
+    }
+    if t.value_ns > MAX_TIMER_NS || t.interval_ns > MAX_TIMER_NS {
+        return Err(format!("POSIX timer {id}: time out of range"));
+    }
+    Ok(())
 }
 
 fn check_signal(s: &PendingSignalState) -> Result<(), String> {

@@ -224,10 +224,77 @@ pub enum FdKindState {
     Anon {
         what: String,
     },
+    /// An eventfd: its counter and whether it counts as a semaphore.
+    EventFd {
+        count: u64,
+        semaphore: bool,
+    },
+    /// An epoll and the files registered in it, each by the fd number it
+    /// was registered under (an fd of this image, checked at the dump to
+    /// still be that file).
+    Epoll {
+        targets: Vec<EpollTargetState>,
+    },
+    /// A timerfd: clock, the flags of its last settime, the time left to
+    /// its next expiration (zero: disarmed), its interval and the
+    /// expirations not yet read.
+    TimerFd {
+        clockid: i32,
+        settime_flags: i32,
+        value_ns: u64,
+        interval_ns: u64,
+        ticks: u64,
+    },
+    /// A signalfd: bit `n - 1` for signal `n`.
+    SignalFd {
+        mask: u64,
+    },
     /// Anything else: the link as read.
     Other {
         link: String,
     },
+}
+
+/// One file registered in an epoll.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpollTargetState {
+    pub tfd: i32,
+    /// The events mask with EPOLLET, EPOLLONESHOT, EPOLLEXCLUSIVE,
+    /// EPOLLWAKEUP.
+    pub events: u32,
+    pub data: u64,
+}
+
+impl FdKindState {
+    /// One of the event kinds from its state as the kernel printed it.
+    pub fn from_event(s: sys::event_fds::EventFdState) -> FdKindState {
+        use sys::event_fds::EventFdState as E;
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        match s {
+            E::EventFd(e) => FdKindState::EventFd {
+                count: e.count,
+                semaphore: e.semaphore,
+            },
+            E::Epoll(t) => FdKindState::Epoll {
+                targets: t
+                    .into_iter()
+                    .map(|t| EpollTargetState {
+                        tfd: t.tfd,
+                        events: t.events,
+                        data: t.data,
+                    })
+                    .collect(),
+            },
+            E::TimerFd(t) => FdKindState::TimerFd {
+                clockid: t.clockid,
+                settime_flags: t.settime_flags,
+                value_ns: ns(t.value),
+                interval_ns: ns(t.interval),
+                ticks: t.ticks,
+            },
+            E::SignalFd(s) => FdKindState::SignalFd { mask: s.mask },
+        }
+    }
 }
 
 // ---- Conversions to and from the live `sys` types ----
@@ -555,6 +622,18 @@ impl From<FdKindState> for sys::fds::FdKind {
             FdKindState::Dir { path } => K::Dir { path },
             FdKindState::Socket { ino } => K::Socket { ino },
             FdKindState::Anon { what } => K::Anon { what },
+            FdKindState::EventFd { .. } => K::Anon {
+                what: "[eventfd]".into(),
+            },
+            FdKindState::Epoll { .. } => K::Anon {
+                what: "[eventpoll]".into(),
+            },
+            FdKindState::TimerFd { .. } => K::Anon {
+                what: "[timerfd]".into(),
+            },
+            FdKindState::SignalFd { .. } => K::Anon {
+                what: "[signalfd]".into(),
+            },
             FdKindState::Other { link } => K::Other { link },
         }
     }

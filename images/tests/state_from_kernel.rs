@@ -239,6 +239,7 @@ fn kernel_state_of_a_stopped_process_comes_back_unchanged_through_the_image() {
         sigactions: Vec::new(),
         shared_pending: shared.into_iter().map(Into::into).collect(),
         itimers: Vec::new(),
+        posix_timers: Vec::new(),
         rlimits: Vec::new(),
         seccomp_filters: filters.into_iter().map(Into::into).collect(),
         threads: vec![ThreadImage {

@@ -2693,6 +2693,77 @@ fn process_state(plan: &Plan, main: &mut Injector, pid: i32) -> Result<(), Resto
             "setitimer",
         );
     }
+    // POSIX timers, each with its ID (the threads a timer may signal exist
+    // by now).
+    if !p.posix_timers.is_empty() {
+        use sys::posix_timers as pt;
+        b.checked(
+            Syscall::new(
+                libc::SYS_prctl,
+                [
+                    pt::PR_TIMER_CREATE_RESTORE_IDS,
+                    pt::PR_TIMER_CREATE_RESTORE_IDS_ON,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+            ),
+            "prctl(PR_TIMER_CREATE_RESTORE_IDS) (Linux 6.15+ gives a POSIX timer its ID back)",
+        );
+        for t in &p.posix_timers {
+            let notify = t.notify().ok_or_else(|| {
+                step::<String>(pid, "creating a POSIX timer")(format!(
+                    "timer {}: notify {:?}",
+                    t.id, t.notify
+                ))
+            })?;
+            if !b.fits(pt::SIGEVENT_LEN + 16 + 32 + 32) {
+                b.run(main, pid)?;
+            }
+            let sev = b.data(&pt::sigevent_bytes(t.signo, t.sigev_value, notify));
+            let id = b.data(&t.id.to_ne_bytes());
+            let tid = t.id;
+            b.push(
+                Syscall::new(libc::SYS_timer_create, [t.clockid as u64, sev, id, 0, 0, 0]),
+                move |r| {
+                    if r == 0 {
+                        return Ok(());
+                    }
+                    Err(RestoreError::Step {
+                        pid,
+                        step: "creating a POSIX timer",
+                        what: format!("timer {tid}: errno {} ({})", -r, os_error(r)),
+                    })
+                },
+            );
+            if t.value_ns > 0 {
+                let spec = sys::event_fds::itimerspec_bytes(
+                    Duration::from_nanos(t.interval_ns),
+                    Duration::from_nanos(t.value_ns),
+                );
+                let a = b.data(&spec);
+                b.checked(
+                    Syscall::new(libc::SYS_timer_settime, [t.id as u64, 0, a, 0, 0, 0]),
+                    "timer_settime",
+                );
+            }
+        }
+        b.checked(
+            Syscall::new(
+                libc::SYS_prctl,
+                [
+                    pt::PR_TIMER_CREATE_RESTORE_IDS,
+                    pt::PR_TIMER_CREATE_RESTORE_IDS_OFF,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+            ),
+            "prctl(PR_TIMER_CREATE_RESTORE_IDS, OFF)",
+        );
+    }
     // Session and process group: a session leader gets its own session
     // again; a group leader its own group; joining another process's group
     // works only inside the session tern runs in.
@@ -2944,6 +3015,7 @@ fn restore_fds(
     for f in &plan.process.fds {
         restore_fd(plan, f, main, &mut r)?;
     }
+    epoll_registrations(plan, main, &mut r)?;
     r.run(main)?;
     Ok(())
 }
@@ -3092,6 +3164,10 @@ fn restore_fd<'p>(
             fd
         }
         FdKind::Fifo { path, .. } => r.open(main, path, open_flags)?,
+        FdKind::EventFd { .. }
+        | FdKind::Epoll { .. }
+        | FdKind::TimerFd { .. }
+        | FdKind::SignalFd { .. } => event_fd(f, main, r)?,
         other => {
             return Err(step::<String>(pid, "restoring fds")(format!(
                 "fd {}: {other:?} not supported",
@@ -3118,6 +3194,176 @@ fn restore_fd<'p>(
             ),
             "F_SETFD",
         );
+    }
+    Ok(())
+}
+
+/// An eventfd, epoll, timerfd or signalfd made again in the process, its
+/// state set (an epoll's registrations come once every fd is in, see
+/// [`epoll_registrations`]); the fd it takes.
+fn event_fd<'p>(
+    f: &'p FdImage,
+    main: &mut Injector,
+    r: &mut FdRestore<'p>,
+) -> Result<i32, RestoreError> {
+    use images::state::FdKindState as FdKind;
+    use sys::event_fds as ev;
+    let pid = r.pid;
+    let info = &f.info;
+    let nonblock = (info.flags & libc::O_NONBLOCK) as u64;
+    // Room for the largest data below (an itimerspec and a u64).
+    if !r.b.fits(64) {
+        r.run(main)?;
+    }
+    let fd = r.table.open();
+    let made = move |what: &'static str| {
+        move |x: i64| {
+            let got = check_int(pid, what, x)?;
+            expect_fd(pid, what, got, fd)
+        }
+    };
+    match &info.kind {
+        FdKind::EventFd { count, semaphore } => {
+            let sem = if *semaphore {
+                ev::EFD_SEMAPHORE as u64
+            } else {
+                0
+            };
+            r.b.push(
+                Syscall::new(libc::SYS_eventfd2, [0, nonblock | sem, 0, 0, 0, 0]),
+                made("eventfd2"),
+            );
+            // The counter may exceed eventfd2's 32-bit initial value.
+            if *count > 0 {
+                let a = r.b.data(&count.to_ne_bytes());
+                r.b.push(
+                    Syscall::new(libc::SYS_write, [fd as u64, a, 8, 0, 0, 0]),
+                    move |x| match x {
+                        8 => Ok(()),
+                        _ => Err(RestoreError::Step {
+                            pid,
+                            step: "setting an eventfd's counter",
+                            what: if x < 0 {
+                                format!("errno {} ({})", -x, os_error(x))
+                            } else {
+                                format!("wrote {x} of 8 bytes")
+                            },
+                        }),
+                    },
+                );
+            }
+        }
+        FdKind::SignalFd { mask } => {
+            let a = r.b.data(&mask.to_ne_bytes());
+            r.b.push(
+                Syscall::new(libc::SYS_signalfd4, [u64::MAX, a, 8, nonblock, 0, 0]),
+                made("signalfd4"),
+            );
+        }
+        FdKind::Epoll { .. } => {
+            r.b.push(
+                Syscall::new(libc::SYS_epoll_create1, [0; 6]),
+                made("epoll_create1"),
+            );
+            if nonblock != 0 {
+                r.b.checked(
+                    Syscall::new(
+                        libc::SYS_fcntl,
+                        [fd as u64, libc::F_SETFL as u64, nonblock, 0, 0, 0],
+                    ),
+                    "O_NONBLOCK on an epoll fd",
+                );
+            }
+        }
+        FdKind::TimerFd {
+            clockid,
+            settime_flags,
+            value_ns,
+            interval_ns,
+            ticks,
+        } => {
+            r.b.push(
+                Syscall::new(
+                    libc::SYS_timerfd_create,
+                    [*clockid as u64, nonblock, 0, 0, 0, 0],
+                ),
+                made("timerfd_create"),
+            );
+            let value = Duration::from_nanos(*value_ns);
+            if !value.is_zero() {
+                // The time left, from now; an absolute timer gets it as
+                // a time of its clock (its flags, CANCEL_ON_SET with
+                // them, as it had them).
+                let value = if settime_flags & ev::TFD_TIMER_ABSTIME != 0 {
+                    let now = nix::time::clock_gettime(nix::time::ClockId::from_raw(*clockid))
+                        .map_err(step(pid, "reading a timerfd's clock"))?;
+                    Duration::from(now) + value
+                } else {
+                    value
+                };
+                let spec = ev::itimerspec_bytes(Duration::from_nanos(*interval_ns), value);
+                let a = r.b.data(&spec);
+                r.b.checked(
+                    Syscall::new(
+                        libc::SYS_timerfd_settime,
+                        [fd as u64, *settime_flags as u64, a, 0, 0, 0],
+                    ),
+                    "timerfd_settime",
+                );
+            }
+            // After settime, which clears them.
+            if *ticks > 0 {
+                let a = r.b.data(&ticks.to_ne_bytes());
+                r.b.checked(
+                    Syscall::new(
+                        libc::SYS_ioctl,
+                        [fd as u64, ev::TFD_IOC_SET_TICKS, a, 0, 0, 0],
+                    ),
+                    "TFD_IOC_SET_TICKS (a kernel without CONFIG_CHECKPOINT_RESTORE cannot restore a timerfd's unread expirations)",
+                );
+            }
+        }
+        _ => unreachable!("event_fd is called for the four event kinds only"),
+    }
+    Ok(fd)
+}
+
+/// Every epoll's registrations, once all fds are in (a registered fd may
+/// come after its epoll, or be another epoll).
+fn epoll_registrations<'p>(
+    plan: &'p Plan,
+    main: &mut Injector,
+    r: &mut FdRestore<'p>,
+) -> Result<(), RestoreError> {
+    use images::state::FdKindState as FdKind;
+    for f in plan.process.fds.iter().filter(|f| f.same_as.is_none()) {
+        let FdKind::Epoll { targets } = &f.info.kind else {
+            continue;
+        };
+        for t in targets {
+            let ev = sys::event_fds::epoll_event_bytes(t.events, t.data);
+            if !r.b.fits(ev.len()) {
+                r.run(main)?;
+            }
+            let a = r.b.data(&ev);
+            let (pid, epfd, tfd) = (r.pid, f.info.fd, t.tfd);
+            r.b.push(
+                Syscall::new(
+                    libc::SYS_epoll_ctl,
+                    [epfd as u64, libc::EPOLL_CTL_ADD as u64, tfd as u64, a, 0, 0],
+                ),
+                move |x| {
+                    if x >= 0 {
+                        return Ok(());
+                    }
+                    Err(RestoreError::Step {
+                        pid,
+                        step: "registering an fd in an epoll",
+                        what: format!("epoll fd {epfd}, fd {tfd}: errno {} ({})", -x, os_error(x)),
+                    })
+                },
+            );
+        }
     }
     Ok(())
 }

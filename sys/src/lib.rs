@@ -7,10 +7,14 @@
 //! - [`regs`]: register sets (general, FPU/xsave, arm64 PAC keys);
 //! - [`signals`]: blocked and pending signals, sigaction and sigaltstack layouts;
 //! - [`seccomp`]: a thread's filter chain and its flags;
+//! - [`posix_timers`]: POSIX timers (/proc/PID/timers, sigevent, IDs kept
+//!   at restore);
 //! - [`rlimit`]: resource limits of any process (prlimit);
 //! - [`rseq`]: rseq registration and critical-section abort fixup;
 //! - [`vdso`]: vDSO/vvar placement and vDSO symbols;
 //! - [`fds`]: the fd table and pipe contents;
+//! - [`event_fds`]: eventfd, epoll, timerfd and signalfd state (fdinfo,
+//!   kcmp of epoll entries) and the layouts their restore passes;
 //! - [`file_view`]: a read-only shared mapping of a file (image pages);
 //! - [`clone`]: clone3's argument block;
 //! - [`proc`]: /proc/PID (status, stat, maps with typed permissions, limits, auxv);
@@ -25,12 +29,14 @@
 
 pub mod anon;
 pub mod clone;
+pub mod event_fds;
 pub mod fds;
 pub mod file_view;
 pub mod heap;
 pub mod inject;
 pub mod mapped_file;
 pub mod pagemap;
+pub mod posix_timers;
 pub mod proc;
 pub mod ptrace;
 pub mod regs;

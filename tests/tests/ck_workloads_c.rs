@@ -5,7 +5,10 @@
 //! mapping that may become writable, separate adjacent VMAs; with
 //! `--prctl` the THP-disable and memory-merge process flags) and `ck_ofd`
 //! (open file descriptions: shared and separate descriptions, their flags
-//! and offsets, pipe and FIFO contents) judge themselves right: left alone
+//! and offsets, pipe and FIFO contents) and `ck_events` (eventfd counters,
+//! epoll interest lists and readiness, timerfds, a signalfd, POSIX
+//! timers) judge
+//! themselves right: left alone
 //! (and frozen for a while with SIGSTOP, as a dump freezes them) they say
 //! PASS; with `--break` they damage their own state right after `ready`,
 //! the way a broken restore would, and say FAIL naming what differed.
@@ -123,4 +126,24 @@ fn sched_passes() {
 fn sched_break_fails() {
     // cks-batch back at nice 0: its thread line names both values.
     fails_when_broken("sched", &[], &["thread cks-batch", "nice 9", "nice 0 "]);
+}
+
+#[test]
+fn events_passes() {
+    passes("events", &[]);
+}
+
+#[test]
+fn events_break_fails() {
+    // A's counter read, P out of E's interest list, TL disarmed.
+    fails_when_broken(
+        "events",
+        &[],
+        &[
+            "eventfd A: read",
+            "epoll E: ready",
+            "timerfd TL",
+            "/proc/self/timers",
+        ],
+    );
 }

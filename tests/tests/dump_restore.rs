@@ -419,6 +419,18 @@ fn scheduling_after_three_pre_dumps() {
     assert_pass("sched", &[], 3);
 }
 
+/// eventfds, epolls (nested, edge-triggered, a disarmed oneshot), timerfds
+/// (relative, absolute, unread ticks, periodic) and a signalfd.
+#[test]
+fn event_fds() {
+    assert_pass("events", &[], 0);
+}
+
+#[test]
+fn event_fds_after_three_pre_dumps() {
+    assert_pass("events", &[], 3);
+}
+
 /// The same workloads restored with `--lazy-pages`.
 mod lazily {
     use super::assert_pass_lazily;
@@ -461,6 +473,11 @@ mod lazily {
     #[test]
     fn files() {
         assert_pass_lazily("files", &[], 0);
+    }
+
+    #[test]
+    fn event_fds() {
+        assert_pass_lazily("events", &[], 0);
     }
 }
 

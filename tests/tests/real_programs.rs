@@ -1,5 +1,6 @@
 //! Real programs, dumped after 0 and after 3 pre-dumps, restored, and shown
-//! to carry on: `python3` with a large dict and a thread, a `bash` loop made
+//! to carry on: `python3` with a large dict and a thread, `node` counting on
+//! its timers (libuv's epoll and eventfds), a `bash` loop made
 //! of builtins, `sqlite3` with an in-memory database reading commands from
 //! a FIFO the test keeps writing to. `python3` and `sqlite3` also restored
 //! with `--lazy-pages` (working while their memory comes in), and a `bash`
@@ -211,6 +212,62 @@ fn python_after_three_pre_dumps() {
 #[test]
 fn python_restored_lazily() {
     python(1, LAZY);
+}
+
+/// Node.js: libuv's epoll and eventfds, V8's threads. Counts on a 10 ms
+/// `setInterval`; on SIGTERM it arms a 100 ms `setTimeout` and, when that
+/// fires, checks a 200000-entry Map and that the timeout took under 1 s.
+const NODE: &str = r#"
+const fs = require('fs');
+const path = require('path');
+const out = process.argv[process.argv.indexOf('--out') + 1];
+const dir = path.dirname(out);
+const big = new Map();
+for (let i = 0; i < 200000; i++) big.set('k' + i, i * 7);
+let n = 0;
+setInterval(() => {
+  n++;
+  fs.writeFileSync(path.join(dir, 'count.tmp'), String(n));
+  fs.renameSync(path.join(dir, 'count.tmp'), path.join(dir, 'count'));
+}, 10);
+process.on('SIGTERM', () => {
+  const t0 = Date.now();
+  setTimeout(() => {
+    const why = [];
+    for (let i = 0; i < 200000; i += 997) {
+      if (big.get('k' + i) !== i * 7) { why.push('entry k' + i + ' is ' + big.get('k' + i)); break; }
+    }
+    const took = Date.now() - t0;
+    if (took > 1000) why.push('a 100 ms setTimeout fired after ' + took + ' ms');
+    fs.appendFileSync(out, why.length ? 'FAIL ' + why.join(', ') + '\n' : 'PASS\n');
+    process.exit(why.length ? 1 : 0);
+  }, 100);
+});
+fs.appendFileSync(out, 'ready ' + process.pid + '\n');
+"#;
+
+fn node(pre_dumps: usize, flags: &[&str]) {
+    let node = require("/usr/bin/node", "nodejs");
+    let root = tempdir();
+    let script = root.path().join("prog.js");
+    std::fs::write(&script, NODE).unwrap();
+    let s = script.display().to_string();
+    carry_on("node", &node, &[&s], pre_dumps, "count", flags);
+}
+
+#[test]
+fn node_without_pre_dump() {
+    node(0, &[]);
+}
+
+#[test]
+fn node_after_three_pre_dumps() {
+    node(3, &[]);
+}
+
+#[test]
+fn node_restored_lazily() {
+    node(1, LAZY);
 }
 
 /// Builtins only (no child process: tern dumps one process).

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use images::process::{Creds, FdImage, ITimer, MmState, ProcessImage, Rlimit, ThreadImage};
-use images::state::FdKindState;
+use images::state::{FdKindState, FdState};
 use images::{ImageKind, Inventory, MmRecord, ParentRef, TrackingState};
 use serde::{Deserialize, Serialize};
 use sys::inject::Injector;
@@ -1422,6 +1422,7 @@ fn capture_state(
     let dumpable = results[slots + 1];
     let thp_disable = results[slots + 2];
     let memory_merge = results[slots + 3];
+    let posix_timers = posix_timers(leader, pid)?;
     leader.release_scratch()?;
 
     lap("injected calls");
@@ -1465,7 +1466,18 @@ fn capture_state(
         let mut pipe_capacity = None;
         // A dup of an earlier fd (same object first, then kcmp).
         let mut same_as = None;
-        let kind = FdKindState::from(info.kind.clone());
+        let kind = match &info.kind {
+            sys::fds::FdKind::Anon { what } if sys::event_fds::kind_of_link(what).is_some() => {
+                FdKindState::from_event(sys::event_fds::read(pid, info.fd).map_err(|e| {
+                    DumpError::Fd {
+                        pid,
+                        fd: info.fd,
+                        source: Cause::of(&e),
+                    }
+                })?)
+            }
+            k => FdKindState::from(k.clone()),
+        };
         for earlier in fds.iter().filter(|e: &&FdImage| e.same_as.is_none()) {
             if same_object(&earlier.info.kind, &kind)
                 && sys::fds::same_description(pid, earlier.info.fd, info.fd).map_err(fd_err)?
@@ -1498,8 +1510,10 @@ fn capture_state(
             };
             pipe_data = Some(name);
         }
+        let mut info = FdState::from(info);
+        info.kind = kind;
         fds.push(FdImage {
-            info: info.into(),
+            info,
             pipe_data,
             pipe_capacity,
             same_as,
@@ -1543,6 +1557,7 @@ fn capture_state(
         sigactions: sigactions.into_iter().map(Into::into).collect(),
         shared_pending: shared_pending.into_iter().map(Into::into).collect(),
         itimers,
+        posix_timers,
         rlimits,
         seccomp_filters: filters.into_iter().map(Into::into).collect(),
         threads: thread_images,
@@ -1555,6 +1570,75 @@ fn capture_state(
         source: Cause::msg(e),
     })?;
     Ok((process, pipes))
+}
+
+/// The process's POSIX timers: /proc/PID/timers lists them;
+/// `timer_gettime` and `timer_getoverrun`, injected in the process, give
+/// each one's time left, interval and overrun (one request to the tracer
+/// thread per 64 timers; none without timers).
+fn posix_timers(
+    leader: &mut Injector,
+    pid: i32,
+) -> Result<Vec<images::process::PosixTimerState>, DumpError> {
+    use sys::posix_timers::Notify;
+    const PER_BATCH: usize = 64;
+    let listed = sys::posix_timers::list(pid).map_err(|e| DumpError::Proc {
+        source: Cause::of(&e),
+    })?;
+    let mut out = Vec::with_capacity(listed.len());
+    for chunk in listed.chunks(PER_BATCH) {
+        let base = leader.batch_data_addr()?;
+        let mut calls = Vec::with_capacity(chunk.len() * 2);
+        for (i, t) in chunk.iter().enumerate() {
+            calls.push(sys::inject::Syscall::new(
+                libc::SYS_timer_gettime,
+                [t.id as u64, base + (i * SLOT) as u64, 0, 0, 0, 0],
+            ));
+            calls.push(sys::inject::Syscall::new(
+                libc::SYS_timer_getoverrun,
+                [t.id as u64, 0, 0, 0, 0, 0],
+            ));
+        }
+        let results = leader.syscall_batch(calls, vec![0u8; chunk.len() * SLOT])?;
+        let mem = leader.read_memory(base, chunk.len() * SLOT)?;
+        for (i, t) in chunk.iter().enumerate() {
+            let (got, over) = (results.get(2 * i), results.get(2 * i + 1));
+            let (Some(&0), Some(&overrun)) = (got, over) else {
+                let (call, r) = match got {
+                    Some(&0) => ("timer_getoverrun", over.copied().unwrap_or(-1)),
+                    _ => ("timer_gettime", got.copied().unwrap_or(-1)),
+                };
+                return Err(DumpError::Syscall {
+                    pid,
+                    tid: leader.tid(),
+                    call: format!("{call}({})", t.id),
+                    errno: sys::inject::errno_of(r) as i32,
+                });
+            };
+            let w = |k: usize| {
+                let o = i * SLOT + k * 8;
+                u64::from_ne_bytes(mem[o..o + 8].try_into().unwrap_or([0; 8]))
+            };
+            let ns = |s: u64, n: u64| s.saturating_mul(1_000_000_000).saturating_add(n);
+            let (notify, tid) = match t.notify {
+                Notify::None => ("none", None),
+                Notify::Signal => ("signal", None),
+                Notify::Thread(tid) => ("thread", Some(tid)),
+            };
+            out.push(images::process::PosixTimerState {
+                id: t.id,
+                clockid: t.clockid,
+                signo: t.signo,
+                sigev_value: t.sigev_value,
+                notify: notify.into(),
+                tid,
+                interval_ns: ns(w(0), w(1)),
+                value_ns: ns(w(2), w(3)),
+                overrun: i32::try_from(overrun).unwrap_or(i32::MAX),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// /proc/PID/limits (prlimit(2) on another uid's process needs
@@ -1594,6 +1678,11 @@ fn same_object(a: &FdKindState, b: &FdKindState) -> bool {
         (K::Dir { path: a }, K::Dir { path: b }) => a == b,
         (K::CharDev { rdev: a, .. }, K::CharDev { rdev: b, .. }) => a == b,
         (K::Tty { rdev: a, .. }, K::Tty { rdev: b, .. }) => a == b,
+        // One anonymous inode serves them all: kcmp tells.
+        (K::EventFd { .. }, K::EventFd { .. })
+        | (K::Epoll { .. }, K::Epoll { .. })
+        | (K::TimerFd { .. }, K::TimerFd { .. })
+        | (K::SignalFd { .. }, K::SignalFd { .. }) => true,
         _ => false,
     }
 }

@@ -10,8 +10,10 @@
 //! refusal. `tern check -t PID` prints the same list.
 //!
 //! Kinds refused, and why:
-//! - fds: sockets, every anonymous-inode fd (eventfd, epoll, signalfd,
-//!   timerfd, inotify, fanotify, pidfd, userfaultfd, io_uring, ...),
+//! - fds: sockets, anonymous-inode fds other than eventfd, epoll, timerfd
+//!   and signalfd (inotify, fanotify, pidfd, userfaultfd, io_uring, ...),
+//!   an epoll holding a file through an fd the process has since closed,
+//!   an alarm timerfd without CAP_WAKE_ALARM,
 //!   namespace and other pseudo-file fds, deleted files and memfds (their
 //!   contents are not in the image), devices other than the stateless ones
 //!   (`/dev/null`, `zero`, `full`, `random`, `urandom`) and terminals, a pty
@@ -20,7 +22,8 @@
 //!   owner is not restored);
 //! - mappings: SysV shared memory, memfd and deleted files, device and I/O
 //!   mappings, hugetlbfs, AIO rings, `memfd_secret`, shadow stacks, MTE;
-//! - POSIX timers (`timer_create`), child processes (live or zombie: a
+//! - POSIX timers on another process's CPU clock (or any, on a kernel
+//!   before 6.15, which cannot give a timer its ID back), child processes (live or zombie: a
 //!   restore recreates one process), a deleted cwd, root or executable,
 //!   namespaces other than tern's (the restored process would land in
 //!   tern's), and a thread-group leader that has exited while other
@@ -155,15 +158,7 @@ fn process_wide(pid: i32, out: &mut Vec<Refusal>) {
             ),
         ));
     }
-    if let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/timers")) {
-        for id in t.lines().filter_map(|l| l.strip_prefix("ID:")) {
-            out.push(refusal(
-                "posix_timer",
-                format!("timer {}", id.trim()),
-                "a POSIX timer (timer_create): tern cannot restore it yet",
-            ));
-        }
-    }
+    posix_timers(pid, out);
     for (what, kind) in [
         ("cwd", "deleted_cwd"),
         ("root", "deleted_root"),
@@ -201,6 +196,51 @@ fn process_wide(pid: i32, out: &mut Vec<Refusal>) {
     }
 }
 
+/// POSIX timers a restore could not make again: on another process's CPU
+/// clock, on an alarm clock without CAP_WAKE_ALARM, or any timer on a
+/// kernel that cannot create one with a given ID.
+fn posix_timers(pid: i32, out: &mut Vec<Refusal>) {
+    use sys::posix_timers as pt;
+    let timers = match pt::list(pid) {
+        Ok(t) => t,
+        Err(pt::PosixTimersError::Read { source, .. })
+            if source.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            return;
+        }
+        Err(e) => {
+            out.push(refusal("posix_timer", "timers", e.to_string()));
+            return;
+        }
+    };
+    if timers.is_empty() {
+        return;
+    }
+    let restore_ids = pt::restore_ids_supported();
+    let cap_eff = sys::proc::status(pid, None).map(|s| s.capeff).unwrap_or(0);
+    for t in timers {
+        let at = format!("timer {}", t.id);
+        let why = if !restore_ids {
+            Some("a POSIX timer: this kernel cannot create a timer with a given ID (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.15+), so the process would find its timer IDs changed".to_string())
+        } else if !pt::TIMER_CLOCKS.contains(&t.clockid) {
+            Some(format!(
+                "a POSIX timer on clock {} (a thread's CPU clock, whose thread /proc does not name, or another process's): tern cannot bind it again",
+                t.clockid
+            ))
+        } else if sys::event_fds::ALARM_CLOCKS.contains(&t.clockid) && cap_eff & (1 << 35) == 0 {
+            Some(format!(
+                "a POSIX timer on alarm clock {} in a process without CAP_WAKE_ALARM",
+                t.clockid
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            out.push(refusal("posix_timer", at, why));
+        }
+    }
+}
+
 /// Stateless character devices a restore may reopen: (major, minor) of
 /// null, zero, full, random, urandom.
 const STATELESS_DEVICES: &[(u32, u32)] = &[(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)];
@@ -220,6 +260,9 @@ fn fd_refusal(pid: i32, f: &FdInfo) -> Option<Refusal> {
             at,
             format!("socket:[{ino}]: tern cannot restore sockets yet"),
         ),
+        FdKind::Anon { what } if sys::event_fds::kind_of_link(what).is_some() => {
+            return event_fd_refusal(pid, f).or_else(|| file_locks(pid, f));
+        }
         FdKind::Anon { what } => {
             let kind = match what.as_str() {
                 "[eventfd]" => "eventfd",
@@ -299,6 +342,61 @@ fn fd_refusal(pid: i32, f: &FdInfo) -> Option<Refusal> {
         _ => return file_locks(pid, f),
     };
     Some(r)
+}
+
+/// An eventfd, epoll, timerfd or signalfd tern could not bring back: its
+/// state unreadable, an epoll holding a file through an fd number the
+/// process has since closed (or reused), an alarm timer of a process
+/// without CAP_WAKE_ALARM.
+fn event_fd_refusal(pid: i32, f: &FdInfo) -> Option<Refusal> {
+    use sys::event_fds::{ALARM_CLOCKS, EventFdState};
+    let at = format!("fd {}", f.fd);
+    let state = match sys::event_fds::read(pid, f.fd) {
+        Ok(s) => s,
+        // Closed meanwhile: nothing to refuse.
+        Err(sys::event_fds::EventFdsError::Read { source, .. })
+            if source.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            return None;
+        }
+        Err(e) => return Some(refusal("event_fd", at, e.to_string())),
+    };
+    match state {
+        EventFdState::Epoll(targets) => {
+            for t in targets {
+                match sys::event_fds::epoll_target_is_open(pid, f.fd, t.tfd) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Some(refusal(
+                            "epoll_closed_target",
+                            at,
+                            format!(
+                                "the epoll holds a file registered as fd {}, which the process has closed (or reused for another file) since: a restore cannot register it again",
+                                t.tfd
+                            ),
+                        ));
+                    }
+                    Err(e) => return Some(refusal("eventpoll", at, e.to_string())),
+                }
+            }
+            None
+        }
+        EventFdState::TimerFd(t) if ALARM_CLOCKS.contains(&t.clockid) => {
+            let cap_eff = sys::proc::status(pid, None).map(|s| s.capeff).unwrap_or(0);
+            // CAP_WAKE_ALARM (35).
+            (cap_eff & (1 << 35) == 0).then(|| {
+                refusal(
+                    "timerfd",
+                    at,
+                    format!(
+                        "a timerfd on alarm clock {} in a process without CAP_WAKE_ALARM (it was handed one): a restore would have to grant the capability",
+                        t.clockid
+                    ),
+                )
+            })
+        }
+        _ => None,
+    }
 }
 
 /// A file with locks held through this fd (fdinfo `lock:` lines).
@@ -426,26 +524,67 @@ pub fn describe(pid: i32, refusals: &[Refusal]) -> String {
 mod tests {
     use super::*;
 
-    /// This test process holds a socket and an eventfd, and its own
-    /// namespaces: exactly those two fds are refused.
+    /// This test process holds a socket, an inotify fd, an eventfd and an
+    /// epoll whose one registration outlived its fd (through a dup), and
+    /// its own namespaces: the socket, the inotify fd and the epoll are
+    /// refused, the eventfd is not.
     #[test]
-    fn refuses_a_socket_and_an_eventfd_of_this_process() {
+    fn refuses_a_socket_an_inotify_fd_and_an_epoll_with_a_closed_target() {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        use std::os::fd::AsRawFd;
-        // SAFETY: eventfd returns a new fd or -1.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        assert!(efd >= 0);
+        let own = |fd: i32| {
+            assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+            // SAFETY: a new fd of ours.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        };
+        // SAFETY: plain syscalls creating fds of our own.
+        let (ino, efd, ep, gone) = unsafe {
+            let ino = own(libc::inotify_init1(libc::IN_CLOEXEC));
+            let efd = own(libc::eventfd(0, libc::EFD_CLOEXEC));
+            let ep = own(libc::epoll_create1(libc::EPOLL_CLOEXEC));
+            let gone = own(libc::eventfd(0, libc::EFD_CLOEXEC));
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: 1,
+            };
+            assert_eq!(
+                libc::epoll_ctl(
+                    ep.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    gone.as_raw_fd(),
+                    &mut ev
+                ),
+                0
+            );
+            (ino, efd, ep, gone)
+        };
         let pid = std::process::id() as i32;
+        let fd = |f: &OwnedFd| format!("fd {}", f.as_raw_fd());
+        let r = refusals(pid).unwrap();
+        assert!(!r.iter().any(|x| x.at == fd(&ep)), "{r:?}");
+        // The registered eventfd closed, a dup keeping it registered.
+        // SAFETY: dup of our own fd.
+        let kept = own(unsafe { libc::dup(gone.as_raw_fd()) });
+        drop(gone);
         let r = refusals(pid).unwrap();
         let sock = format!("fd {}", a.as_raw_fd());
-        let ev = format!("fd {efd}");
         assert!(
             r.iter().any(|x| x.kind == "socket" && x.at == sock),
             "{r:?}"
         );
-        assert!(r.iter().any(|x| x.kind == "eventfd" && x.at == ev), "{r:?}");
+        assert!(
+            r.iter().any(|x| x.kind == "inotify" && x.at == fd(&ino)),
+            "{r:?}"
+        );
+        assert!(
+            r.iter()
+                .any(|x| x.kind == "epoll_closed_target" && x.at == fd(&ep)),
+            "{r:?}"
+        );
+        assert!(
+            !r.iter().any(|x| x.at == fd(&efd) || x.at == fd(&kept)),
+            "{r:?}"
+        );
         assert!(!r.iter().any(|x| x.kind == "namespace"), "{r:?}");
-        // SAFETY: our own fd.
-        unsafe { libc::close(efd) };
     }
 }

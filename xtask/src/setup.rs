@@ -33,6 +33,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "a real program the dump/restore tests checkpoint",
     ),
     (
+        "nodejs",
+        "a real program the dump/restore tests checkpoint (epoll, eventfds, timers)",
+    ),
+    (
         "iproute2",
         "`ip netns` and veth pairs (two hosts on one machine) and `tc` (shaped links) for the page-server and migration tests",
     ),
