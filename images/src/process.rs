@@ -397,6 +397,7 @@ fn check_event_fd(f: &FdImage, fds: &BTreeSet<i32>, creds: &Creds) -> Result<(),
             settime_flags,
             value_ns,
             interval_ns,
+            realtime_deadline_ns,
             ..
         } => {
             if !ev::TIMERFD_CLOCKS.contains(clockid) {
@@ -414,8 +415,19 @@ fn check_event_fd(f: &FdImage, fds: &BTreeSet<i32>, creds: &Creds) -> Result<(),
             {
                 return Err(format!("timerfd {fd}: settime flags {settime_flags:#o}"));
             }
-            if *value_ns > MAX_TIMER_NS || *interval_ns > MAX_TIMER_NS {
+            if *value_ns > MAX_TIMER_NS
+                || *interval_ns > MAX_TIMER_NS
+                || realtime_deadline_ns.is_some_and(|d| d > MAX_TIMER_NS)
+            {
                 return Err(format!("timerfd {fd}: time out of range"));
+            }
+            if realtime_deadline_ns.is_some()
+                && (settime_flags & ev::TFD_TIMER_ABSTIME == 0
+                    || !ev::REALTIME_CLOCKS.contains(clockid))
+            {
+                return Err(format!(
+                    "timerfd {fd}: a deadline for a timer that is not absolute on a REALTIME clock"
+                ));
             }
             Ok(())
         }

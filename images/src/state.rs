@@ -244,6 +244,10 @@ pub enum FdKindState {
         value_ns: u64,
         interval_ns: u64,
         ticks: u64,
+        /// An absolute timer on a REALTIME clock: its deadline (ns since
+        /// the epoch), kept as it was.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        realtime_deadline_ns: Option<u64>,
     },
     /// A signalfd: bit `n - 1` for signal `n`.
     SignalFd {
@@ -291,6 +295,7 @@ impl FdKindState {
                 value_ns: ns(t.value),
                 interval_ns: ns(t.interval),
                 ticks: t.ticks,
+                realtime_deadline_ns: t.realtime_deadline.map(ns),
             },
             E::SignalFd(s) => FdKindState::SignalFd { mask: s.mask },
         }

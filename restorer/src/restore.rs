@@ -3281,6 +3281,7 @@ fn event_fd<'p>(
             value_ns,
             interval_ns,
             ticks,
+            realtime_deadline_ns,
         } => {
             r.b.push(
                 Syscall::new(
@@ -3293,8 +3294,10 @@ fn event_fd<'p>(
             if !value.is_zero() {
                 // The time left, from now; an absolute timer gets it as
                 // a time of its clock (its flags, CANCEL_ON_SET with
-                // them, as it had them).
-                let value = if settime_flags & ev::TFD_TIMER_ABSTIME != 0 {
+                // them, as it had them), a REALTIME one its deadline.
+                let value = if let Some(d) = realtime_deadline_ns {
+                    Duration::from_nanos(*d)
+                } else if settime_flags & ev::TFD_TIMER_ABSTIME != 0 {
                     let now = nix::time::clock_gettime(nix::time::ClockId::from_raw(*clockid))
                         .map_err(step(pid, "reading a timerfd's clock"))?;
                     Duration::from(now) + value

@@ -34,6 +34,9 @@ const KCMP_EPOLL_TFD: libc::c_long = 7;
 /// The clocks a timerfd can use: REALTIME, MONOTONIC, BOOTTIME,
 /// REALTIME_ALARM, BOOTTIME_ALARM.
 pub const TIMERFD_CLOCKS: [i32; 5] = [0, 1, 7, 8, 9];
+/// The clocks that count real time (CLOCK_REALTIME, REALTIME_ALARM): an
+/// absolute timer on them has a deadline any host shares.
+pub const REALTIME_CLOCKS: [i32; 2] = [0, 8];
 /// The alarm clocks (they need CAP_WAKE_ALARM).
 pub const ALARM_CLOCKS: [i32; 2] = [8, 9];
 /// `EPOLLEXCLUSIVE`, `EPOLLWAKEUP`, `EPOLLONESHOT`, `EPOLLET`
@@ -73,6 +76,9 @@ pub struct TimerFd {
     /// Time left until the next expiration (zero: disarmed).
     pub value: Duration,
     pub interval: Duration,
+    /// An absolute timer on a REALTIME clock: its deadline on that clock
+    /// (since the epoch), which a restore keeps whenever it happens.
+    pub realtime_deadline: Option<Duration>,
 }
 
 /// A signalfd's mask.
@@ -171,6 +177,7 @@ pub fn parse_timerfd(text: &str) -> Option<TimerFd> {
         settime_flags: i32::from_str_radix(field(text, "settime flags")?, 8).ok()?,
         value: parse_timespec(field(text, "it_value")?)?,
         interval: parse_timespec(field(text, "it_interval")?)?,
+        realtime_deadline: None,
     })
 }
 
@@ -225,6 +232,21 @@ pub fn read(pid: i32, fd: i32) -> Result<EventFdState, EventFdsError> {
                 .ok_or_else(|| format("clockid, ticks, settime flags, it_value or it_interval"))?;
             if t.value.is_zero() && !t.interval.is_zero() {
                 t = forwarded_timerfd(pid, fd, t)?;
+            }
+            // The clock read right after fdinfo: the deadline to within
+            // microseconds.
+            if t.settime_flags & TFD_TIMER_ABSTIME != 0
+                && REALTIME_CLOCKS.contains(&t.clockid)
+                && !t.value.is_zero()
+            {
+                let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
+                    .map(Duration::from)
+                    .map_err(|e| EventFdsError::Read {
+                        pid,
+                        fd,
+                        source: e.into(),
+                    })?;
+                t.realtime_deadline = Some(now + t.value);
             }
             EventFdState::TimerFd(t)
         }
@@ -496,6 +518,14 @@ mod tests {
             };
             assert_eq!(s.settime_flags, TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET);
             assert!(s.value > Duration::from_secs(98) && s.value <= Duration::from_secs(100));
+            let deadline = s
+                .realtime_deadline
+                .expect("an absolute REALTIME timer's deadline");
+            let set = Duration::new(u64::try_from(now.tv_sec).unwrap() + 100, 0);
+            assert!(
+                deadline.abs_diff(set) < Duration::from_millis(5),
+                "deadline {deadline:?}, set {set:?}"
+            );
         }
     }
 
