@@ -272,6 +272,18 @@ fn a_holder_of_nothing_is_restorable() {
     h.assert_working("after tern check");
 }
 
+/// Holders of what tern restores: `tern check` finds nothing to refuse.
+#[test]
+fn holders_of_event_fds_and_posix_timers_are_restorable() {
+    for kind in ["eventfd", "epoll", "signalfd", "timerfd", "posix-timer"] {
+        let h = Holder::start(kind);
+        let (run, v) = check_target(h.pid);
+        assert_eq!(run.status.code(), Some(0), "{kind}: {}", run.describe());
+        assert_eq!(v["restorable"], true, "{kind}: {}", run.describe());
+        h.assert_working("after tern check");
+    }
+}
+
 macro_rules! refusal_tests {
     ($($name:ident: $kind:literal => $expected:literal,)*) => {
         $(
@@ -286,13 +298,10 @@ macro_rules! refusal_tests {
 refusal_tests! {
     refuses_socket: "socket" => "socket",
     refuses_tcp_listen: "tcp-listen" => "socket",
-    refuses_eventfd: "eventfd" => "eventfd",
-    refuses_epoll: "epoll" => "eventpoll",
-    refuses_signalfd: "signalfd" => "signalfd",
-    refuses_timerfd: "timerfd" => "timerfd",
+    refuses_epoll_with_a_closed_target: "epoll-closed-target" => "epoll_closed_target",
     refuses_inotify: "inotify" => "inotify",
     refuses_pidfd: "pidfd" => "pidfd",
-    refuses_posix_timer: "posix-timer" => "posix_timer",
+    refuses_posix_timer_on_a_thread_clock: "posix-timer-thread-clock" => "posix_timer",
     refuses_child: "child" => "child",
     refuses_zombie_child: "zombie-child" => "child",
     refuses_deleted_cwd: "deleted-cwd" => "deleted_cwd",

@@ -1,5 +1,6 @@
-//! A process that holds one resource tern cannot checkpoint, so that a test
-//! can show tern refuses it before freezing anything.
+//! A process that holds one resource, so that a test can show tern refuses
+//! what it cannot checkpoint before freezing anything (and takes what it
+//! can).
 //!
 //! `holder KIND --out FILE`: sets up one resource of KIND, appends what it
 //! holds to FILE (`fd N` for each fd that is the resource, `map 0xADDR` for
@@ -8,8 +9,11 @@
 //! (N = the counter, always larger than the last one).
 //!
 //! KIND: `none` (nothing: a restorable control), `socket`, `tcp-listen`,
-//! `eventfd`, `epoll`, `signalfd`, `timerfd`, `inotify`, `pidfd`,
-//! `posix-timer`, `child`, `zombie-child`, `deleted-cwd`, `deleted-file`,
+//! `eventfd`, `epoll`, `signalfd`, `timerfd`, `posix-timer` (restorable
+//! since tern restores them), `epoll-closed-target` (an epoll holding an
+//! eventfd registered under an fd number since closed),
+//! `posix-timer-thread-clock` (a timer on CLOCK_THREAD_CPUTIME_ID),
+//! `inotify`, `pidfd`, `child`, `zombie-child`, `deleted-cwd`, `deleted-file`,
 //! `deleted-mapping`, `memfd`, `sysv-shm`, `flock`, `device`,
 //! `zombie-leader`, `async-io`, `io-uring`, `aio`, `userfaultfd`,
 //! `fanotify`, `namespace` (its own UTS namespace), `deleted-exe` (it
@@ -201,6 +205,31 @@ fn set_up(kind: &str) -> Vec<String> {
                 check(
                     libc::timer_settime(t, 0, &its, std::ptr::null_mut()) as _,
                     "timer_settime",
+                );
+            }
+            "epoll-closed-target" => {
+                // An eventfd registered as fd FD + 1, then moved to FD + 2:
+                // the registration outlives its fd number.
+                let ep = move_fd(libc::epoll_create1(0), FD);
+                let e = move_fd(libc::eventfd(0, 0), FD + 1);
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: 1,
+                };
+                check(
+                    libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, e, &mut ev) as _,
+                    "epoll_ctl",
+                );
+                move_fd(e, FD + 2);
+                lines.push(fd_line(ep));
+            }
+            "posix-timer-thread-clock" => {
+                let mut sev: libc::sigevent = std::mem::zeroed();
+                sev.sigev_notify = libc::SIGEV_NONE;
+                let mut t: libc::timer_t = std::mem::zeroed();
+                check(
+                    libc::timer_create(libc::CLOCK_THREAD_CPUTIME_ID, &mut sev, &mut t) as _,
+                    "timer_create",
                 );
             }
             "child" => {
