@@ -336,6 +336,7 @@ impl ProcessImage {
         }
         for f in &p.fds {
             check_event_fd(f, &fds, &p.creds)?;
+            check_unix_socket(f, &p.fds)?;
         }
         let mut ids = BTreeSet::new();
         for t in &p.posix_timers {
@@ -462,6 +463,36 @@ fn check_event_fd(f: &FdImage, fds: &BTreeSet<i32>, creds: &Creds) -> Result<(),
         }
         _ => Ok(()),
     }
+}
+
+/// A unix socket whose peer is not the other end of a pair in the image,
+/// or of a type or shutdown state that does not exist.
+fn check_unix_socket(f: &FdImage, all: &[FdImage]) -> Result<(), String> {
+    let FdKindState::UnixSocket {
+        ino,
+        peer,
+        sock_type,
+        shutdown,
+    } = &f.info.kind
+    else {
+        return Ok(());
+    };
+    let fd = f.info.fd;
+    if ![1, 2, 5].contains(sock_type) || *shutdown > 3 || ino == peer {
+        return Err(format!(
+            "unix socket fd {fd}: type {sock_type}, shutdown {shutdown}, peer {peer}"
+        ));
+    }
+    let paired = all.iter().any(|g| {
+        matches!(&g.info.kind, FdKindState::UnixSocket { ino: i, peer: p, sock_type: t, .. }
+            if i == peer && p == ino && t == sock_type)
+    });
+    if !paired {
+        return Err(format!(
+            "unix socket fd {fd}: its peer socket:[{peer}] is not the other end of a pair in the image"
+        ));
+    }
+    Ok(())
 }
 
 /// A POSIX timer the kernel would refuse, or that would give the process

@@ -253,6 +253,18 @@ pub enum FdKindState {
     SignalFd {
         mask: u64,
     },
+    /// A connected, unbound unix socket whose peer is another socket of
+    /// the image (a socketpair); what is queued to be read from it is in
+    /// `pipes/` (`FdImage::pipe_data`, messages as
+    /// `sys::unix_sockets::encode` writes them).
+    UnixSocket {
+        ino: u64,
+        peer: u64,
+        /// SOCK_STREAM 1, SOCK_DGRAM 2, SOCK_SEQPACKET 5.
+        sock_type: u8,
+        /// RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2.
+        shutdown: u8,
+    },
     /// Anything else: the link as read.
     Other {
         link: String,
@@ -639,6 +651,7 @@ impl From<FdKindState> for sys::fds::FdKind {
             FdKindState::SignalFd { .. } => K::Anon {
                 what: "[signalfd]".into(),
             },
+            FdKindState::UnixSocket { ino, .. } => K::Socket { ino },
             FdKindState::Other { link } => K::Other { link },
         }
     }

@@ -2936,6 +2936,9 @@ struct FdRestore<'p> {
     pipes: BTreeMap<String, PipeEnds>,
     /// tern's fds the process takes with pidfd_getfd when the batch runs.
     held: Vec<OwnedFd>,
+    /// tern's ends of the unix socket pairs made so far, by the image's
+    /// inode of each (kept until every fd is in).
+    sockets: BTreeMap<u64, OwnedFd>,
 }
 
 impl<'p> FdRestore<'p> {
@@ -2969,6 +2972,38 @@ impl<'p> FdRestore<'p> {
         self.b.run(main, self.pid)?;
         self.held.clear();
         Ok(())
+    }
+
+    /// The process takes tern's fd `ours` itself (pidfd_open of tern, then
+    /// pidfd_getfd): the same open file, flags as tern set them (an open
+    /// of /proc/.../fd/N would make another description, or cannot be
+    /// done at all for a socket). The fd it will take.
+    fn take_from_tern(&mut self, ours: i32, what: &'static str) -> i32 {
+        let pid = self.pid;
+        let pidfd = self.table.open();
+        self.b.push(
+            Syscall::new(
+                libc::SYS_pidfd_open,
+                [std::process::id() as u64, 0, 0, 0, 0, 0],
+            ),
+            move |x| {
+                let got = check_int(pid, "pidfd_open(tern) in the target", x)?;
+                expect_fd(pid, "pidfd_open(tern) in the target", got, pidfd)
+            },
+        );
+        let fd = self.table.open();
+        self.b.push(
+            Syscall::new(
+                libc::SYS_pidfd_getfd,
+                [pidfd as u64, ours as u64, 0, 0, 0, 0],
+            ),
+            move |x| {
+                let got = check_int(pid, what, x)?;
+                expect_fd(pid, what, got, fd)
+            },
+        );
+        self.close(pidfd);
+        fd
     }
 
     fn close(&mut self, fd: i32) {
@@ -3008,6 +3043,7 @@ fn restore_fds(
         table: FdTable(taken.collect()),
         pipes: BTreeMap::new(),
         held: Vec::new(),
+        sockets: BTreeMap::new(),
     };
     if let Some(c) = first {
         r.b.checked(c, "closing inherited fds");
@@ -3138,30 +3174,24 @@ fn restore_fd<'p>(
             // The target takes our end itself (pidfd_getfd): the same open
             // file, flags as set here (an open of /proc/.../fd/N would add
             // O_LARGEFILE).
-            let pidfd = r.table.open();
-            r.b.push(
-                Syscall::new(
-                    libc::SYS_pidfd_open,
-                    [std::process::id() as u64, 0, 0, 0, 0, 0],
-                ),
-                move |x| {
-                    let got = check_int(pid, "pidfd_open(tern) in the target", x)?;
-                    expect_fd(pid, "pidfd_open(tern) in the target", got, pidfd)
-                },
-            );
-            let fd = r.table.open();
-            r.b.push(
-                Syscall::new(
-                    libc::SYS_pidfd_getfd,
-                    [pidfd as u64, ours as u64, 0, 0, 0, 0],
-                ),
-                move |x| {
-                    let got = check_int(pid, "pidfd_getfd of a refilled pipe", x)?;
-                    expect_fd(pid, "pidfd_getfd of a refilled pipe", got, fd)
-                },
-            );
-            r.close(pidfd);
-            fd
+            r.take_from_tern(ours, "pidfd_getfd of a refilled pipe")
+        }
+        FdKind::UnixSocket {
+            ino,
+            peer,
+            sock_type,
+            ..
+        } => {
+            if !r.sockets.contains_key(ino) {
+                let (a, b) = unix_pair(plan, pid, *ino, *peer, *sock_type)?;
+                r.sockets.insert(*ino, a);
+                r.sockets.insert(*peer, b);
+            }
+            let ours = r.sockets[ino].as_raw_fd();
+            let status = info.flags & libc::O_NONBLOCK;
+            // SAFETY: fcntl on our own fd.
+            unsafe { libc::fcntl(ours, libc::F_SETFL, status) };
+            r.take_from_tern(ours, "pidfd_getfd of a unix socket")
         }
         FdKind::Fifo { path, .. } => r.open(main, path, open_flags)?,
         FdKind::EventFd { .. }
@@ -3196,6 +3226,59 @@ fn restore_fd<'p>(
         );
     }
     Ok(())
+}
+
+/// A unix socket pair made here again for the image's sockets `ino` and
+/// `peer`: what was queued to each sent from the other, then each end's
+/// shutdown as it was (after the sends, which it would stop).
+fn unix_pair(
+    plan: &Plan,
+    pid: i32,
+    ino: u64,
+    peer: u64,
+    sock_type: u8,
+) -> Result<(OwnedFd, OwnedFd), RestoreError> {
+    use images::state::FdKindState as FdKind;
+    let end = |i: u64| {
+        plan.process.fds.iter().find_map(|f| match &f.info.kind {
+            FdKind::UnixSocket {
+                ino: x, shutdown, ..
+            } if *x == i && f.same_as.is_none() => Some((f, *shutdown)),
+            _ => None,
+        })
+    };
+    let (Some((fa, shut_a)), Some((fb, shut_b))) = (end(ino), end(peer)) else {
+        return Err(step::<String>(pid, "making a unix socket pair")(format!(
+            "socket:[{ino}] and its peer socket:[{peer}] are not both in the image"
+        )));
+    };
+    let queued = |f: &FdImage| -> Result<Vec<Vec<u8>>, RestoreError> {
+        let Some(bytes) = f.pipe_data.as_ref().and_then(|n| plan.pipe_data.get(n)) else {
+            return Ok(Vec::new());
+        };
+        sys::unix_sockets::decode(bytes).ok_or_else(|| {
+            step::<String>(pid, "refilling a unix socket")(format!(
+                "fd {}: its queued messages ({:?}) are not a list of messages",
+                f.info.fd, f.pipe_data
+            ))
+        })
+    };
+    let fail = |what: &'static str| {
+        move |e: std::io::Error| {
+            step::<String>(pid, what)(format!("socket:[{ino}] and socket:[{peer}]: {e}"))
+        }
+    };
+    let (a, b) = sys::unix_sockets::pair(sock_type).map_err(fail("making a unix socket pair"))?;
+    sys::unix_sockets::fill(&b, &queued(fa)?).map_err(fail("refilling a unix socket"))?;
+    sys::unix_sockets::fill(&a, &queued(fb)?).map_err(fail("refilling a unix socket"))?;
+    use sys::unix_sockets::{RCV_SHUTDOWN, SEND_SHUTDOWN};
+    for (s, mine, theirs) in [(&a, shut_a, shut_b), (&b, shut_b, shut_a)] {
+        // A read side shut by the peer's SHUT_WR comes with that one.
+        let read = mine & RCV_SHUTDOWN != 0 && theirs & SEND_SHUTDOWN == 0;
+        sys::unix_sockets::shutdown(s, read, mine & SEND_SHUTDOWN != 0)
+            .map_err(fail("shutting a unix socket down as it was"))?;
+    }
+    Ok((a, b))
 }
 
 /// An eventfd, epoll, timerfd or signalfd made again in the process, its

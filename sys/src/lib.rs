@@ -13,6 +13,8 @@
 //! - [`rseq`]: rseq registration and critical-section abort fixup;
 //! - [`vdso`]: vDSO/vvar placement and vDSO symbols;
 //! - [`fds`]: the fd table and pipe contents;
+//! - [`unix_sockets`]: unix sockets from sock_diag, and their queues
+//!   copied without consuming them;
 //! - [`event_fds`]: eventfd, epoll, timerfd and signalfd state (fdinfo,
 //!   kcmp of epoll entries) and the layouts their restore passes;
 //! - [`file_view`]: a read-only shared mapping of a file (image pages);
@@ -46,6 +48,7 @@ pub mod sched;
 pub mod seccomp;
 pub mod signals;
 pub mod uffd;
+pub mod unix_sockets;
 pub mod vdso;
 
 // tern runs on 64-bit Linux only (x86_64, aarch64): addresses and lengths

@@ -417,8 +417,8 @@ pub fn unused_pid() -> i32 {
 /// ProtectionKey; VmFlags without soft-dirty and userfaultfd registration,
 /// which are tern's tracking) and every fd (what it refers to, fdinfo
 /// flags, offset). Residency (Rss, Pss, ...) is left out, and so are the
-/// numbers a restore cannot keep: the inode of shared anonymous memory and
-/// of pipes (new objects, same content).
+/// numbers a restore cannot keep: the inode of shared anonymous memory, of
+/// pipes and of sockets (new objects, same content).
 pub fn shape(pid: i32) -> Result<Vec<String>, String> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
@@ -474,6 +474,8 @@ pub fn shape(pid: i32) -> Result<Vec<String>, String> {
             .unwrap_or_else(|e| format!("? {e}"));
         let link = if link.starts_with("pipe:[") {
             "pipe".to_string()
+        } else if link.starts_with("socket:[") {
+            "socket".to_string()
         } else {
             link
         };

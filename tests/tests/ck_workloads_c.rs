@@ -7,7 +7,8 @@
 //! (open file descriptions: shared and separate descriptions, their flags
 //! and offsets, pipe and FIFO contents) and `ck_events` (eventfd counters,
 //! epoll interest lists and readiness, timerfds, a signalfd, POSIX
-//! timers) judge
+//! timers) and `ck_unix` (socketpairs with data queued both ways,
+//! shutdown, a dup) judge
 //! themselves right: left alone
 //! (and frozen for a while with SIGSTOP, as a dump freezes them) they say
 //! PASS; with `--break` they damage their own state right after `ready`,
@@ -146,4 +147,15 @@ fn events_break_fails() {
             "/proc/self/timers",
         ],
     );
+}
+
+#[test]
+fn unix_passes() {
+    passes("unix", &[]);
+}
+
+#[test]
+fn unix_break_fails() {
+    // S2's first datagram read.
+    fails_when_broken("unix", &[], &["S2 B (datagrams from A)"]);
 }

@@ -431,6 +431,18 @@ fn event_fds_after_three_pre_dumps() {
     assert_pass("events", &[], 3);
 }
 
+/// Unix socketpairs (stream, datagram, seqpacket) with data queued both
+/// ways, a shutdown and a dup.
+#[test]
+fn unix_socket_pairs() {
+    assert_pass("unix", &[], 0);
+}
+
+#[test]
+fn unix_socket_pairs_after_three_pre_dumps() {
+    assert_pass("unix", &[], 3);
+}
+
 /// The same workloads restored with `--lazy-pages`.
 mod lazily {
     use super::assert_pass_lazily;
@@ -478,6 +490,11 @@ mod lazily {
     #[test]
     fn event_fds() {
         assert_pass_lazily("events", &[], 0);
+    }
+
+    #[test]
+    fn unix_socket_pairs() {
+        assert_pass_lazily("unix", &[], 0);
     }
 }
 

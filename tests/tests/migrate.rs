@@ -404,6 +404,11 @@ fn event_fds_both_ways() {
     both_ways("events", &[]);
 }
 
+#[test]
+fn unix_socket_pairs_both_ways() {
+    both_ways("unix", &[]);
+}
+
 /// The memory-oracle workload moved with `flags`: every page of every
 /// region it made is on host b as it was on a (read from outside, without
 /// faulting anything in first), and it answers commands there.

@@ -1453,6 +1453,23 @@ fn capture_state(
         pid,
         source: Cause::of(&e),
     })?;
+    // Unix sockets: paired within the process, from sock_diag (read once,
+    // if the process holds a socket at all).
+    let socket_inos: std::collections::BTreeSet<u64> = fd_table
+        .iter()
+        .filter_map(|f| match f.kind {
+            sys::fds::FdKind::Socket { ino } => Some(ino),
+            _ => None,
+        })
+        .collect();
+    let unix = if socket_inos.is_empty() {
+        Default::default()
+    } else {
+        sys::unix_sockets::all().map_err(|e| DumpError::FdTable {
+            pid,
+            source: Cause::of(&e),
+        })?
+    };
     for info in fd_table {
         let fd_err = |e: sys::fds::FdsError| DumpError::Fd {
             pid,
@@ -1476,6 +1493,17 @@ fn capture_state(
                     }
                 })?)
             }
+            sys::fds::FdKind::Socket { ino } => match unix.get(ino) {
+                Some(u) if crate::restorable::paired_unix(u, &unix, &socket_inos).is_ok() => {
+                    FdKindState::UnixSocket {
+                        ino: u.ino,
+                        peer: u.peer.unwrap_or(0),
+                        sock_type: u.sock_type,
+                        shutdown: u.shutdown,
+                    }
+                }
+                _ => FdKindState::from(info.kind.clone()),
+            },
             k => FdKindState::from(k.clone()),
         };
         for earlier in fds.iter().filter(|e: &&FdImage| e.same_as.is_none()) {
@@ -1509,6 +1537,40 @@ fn capture_state(
                 }
             };
             pipe_data = Some(name);
+        }
+        // What is queued to a unix socket (once per socket, not per dup).
+        if let FdKindState::UnixSocket { ino, .. } = kind {
+            let name = format!("unix-{ino}.bin");
+            if pipes.contains_key(&name) {
+                pipe_data = Some(name);
+            } else if same_as.is_none() {
+                // (It is in the map: that is where its kind came from.)
+                let q = unix
+                    .get(&ino)
+                    .map(|u| sys::unix_sockets::peek_queue(pid, info.fd, u))
+                    .transpose()
+                    .map_err(|e| DumpError::Fd {
+                        pid,
+                        fd: info.fd,
+                        source: Cause::of(&e),
+                    })?
+                    .unwrap_or_default();
+                if q.ancillary || q.empty_datagram {
+                    return Err(DumpError::Fd {
+                        pid,
+                        fd: info.fd,
+                        source: Cause::msg(if q.ancillary {
+                            "a unix socket with fds or credentials in flight (SCM_RIGHTS, SCM_CREDENTIALS): tern does not restore them; dump it once they are read"
+                        } else {
+                            "a unix datagram socket with an empty datagram queued: what follows it cannot be read without consuming it"
+                        }),
+                    });
+                }
+                if !q.messages.is_empty() {
+                    pipes.insert(name.clone(), sys::unix_sockets::encode(&q.messages));
+                    pipe_data = Some(name);
+                }
+            }
         }
         let mut info = FdState::from(info);
         info.kind = kind;
@@ -1679,6 +1741,7 @@ fn same_object(a: &FdKindState, b: &FdKindState) -> bool {
         (K::CharDev { rdev: a, .. }, K::CharDev { rdev: b, .. }) => a == b,
         (K::Tty { rdev: a, .. }, K::Tty { rdev: b, .. }) => a == b,
         // One anonymous inode serves them all: kcmp tells.
+        (K::UnixSocket { ino: a, .. }, K::UnixSocket { ino: b, .. }) => a == b,
         (K::EventFd { .. }, K::EventFd { .. })
         | (K::Epoll { .. }, K::Epoll { .. })
         | (K::TimerFd { .. }, K::TimerFd { .. })

@@ -10,7 +10,8 @@
 //! refusal. `tern check -t PID` prints the same list.
 //!
 //! Kinds refused, and why:
-//! - fds: sockets, anonymous-inode fds other than eventfd, epoll, timerfd
+//! - fds: sockets other than unix socket pairs within the process (and
+//!   those with fds or credentials in flight), anonymous-inode fds other than eventfd, epoll, timerfd
 //!   and signalfd (inotify, fanotify, pidfd, userfaultfd, io_uring, ...),
 //!   an epoll holding a file through an fd the process has since closed,
 //!   an alarm timerfd without CAP_WAKE_ALARM,
@@ -28,6 +29,8 @@
 //!   namespaces other than tern's (the restored process would land in
 //!   tern's), and a thread-group leader that has exited while other
 //!   threads run.
+
+use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use sys::fds::{FdInfo, FdKind};
@@ -110,11 +113,28 @@ pub fn refusals_with(
         .into_iter()
         .map(|(fd, _)| fd)
         .collect();
-    for f in sys::fds::fd_table(pid)? {
+    let table = sys::fds::fd_table(pid)?;
+    let socket_inos: BTreeSet<u64> = table
+        .iter()
+        .filter_map(|f| match f.kind {
+            FdKind::Socket { ino } => Some(ino),
+            _ => None,
+        })
+        .collect();
+    let unix = if socket_inos.is_empty() {
+        Ok(Default::default())
+    } else {
+        sys::unix_sockets::all()
+    };
+    for f in table {
         if tracking.contains(&f.fd) {
             continue;
         }
-        if let Some(r) = fd_refusal(pid, &f) {
+        let r = match &f.kind {
+            FdKind::Socket { ino } => socket_refusal(pid, &f, *ino, &unix, &socket_inos),
+            _ => fd_refusal(pid, &f),
+        };
+        if let Some(r) = r {
             out.push(r);
         }
     }
@@ -196,6 +216,102 @@ fn process_wide(pid: i32, out: &mut Vec<Refusal>) {
     }
 }
 
+/// Whether a unix socket is one end of a pair tern restores: connected,
+/// unbound (so is its peer), stream, datagram or seqpacket, its peer
+/// another socket of the same process; else why not.
+pub(crate) fn paired_unix(
+    u: &sys::unix_sockets::UnixSocket,
+    all: &HashMap<u64, sys::unix_sockets::UnixSocket>,
+    socket_inos: &BTreeSet<u64>,
+) -> Result<(), String> {
+    let named = |n: &Option<Vec<u8>>| {
+        n.as_ref().map(|n| {
+            if n.first() == Some(&0) {
+                format!("@{}", String::from_utf8_lossy(&n[1..]))
+            } else {
+                String::from_utf8_lossy(n).into_owned()
+            }
+        })
+    };
+    if let Some(n) = named(&u.name) {
+        return Err(format!(
+            "a unix socket bound to {n}: tern cannot restore bound or listening unix sockets yet"
+        ));
+    }
+    if ![1, 2, 5].contains(&u.sock_type) {
+        return Err(format!("a unix socket of type {}", u.sock_type));
+    }
+    let Some(peer) = u
+        .peer
+        .filter(|_| u.state == sys::unix_sockets::STATE_CONNECTED)
+    else {
+        return Err(
+            "an unconnected unix socket: tern restores unix sockets connected in pairs only".into(),
+        );
+    };
+    if !socket_inos.contains(&peer) {
+        return Err(format!(
+            "a unix socket connected to socket:[{peer}], which another process holds: tern restores pairs within the process only"
+        ));
+    }
+    match all.get(&peer) {
+        Some(p) if p.peer == Some(u.ino) && p.name.is_none() => Ok(()),
+        Some(p) => Err(format!(
+            "a unix socket whose peer socket:[{peer}] is {} (a socketpair's other end is needed)",
+            named(&p.name).map_or("connected elsewhere".into(), |n| format!("bound to {n}"))
+        )),
+        None => Err(format!(
+            "a unix socket whose peer socket:[{peer}] sock_diag does not list"
+        )),
+    }
+}
+
+/// A socket tern could not bring back: anything but a unix socket pair
+/// within the process, or one with fds or credentials in flight.
+fn socket_refusal(
+    pid: i32,
+    f: &FdInfo,
+    ino: u64,
+    unix: &Result<HashMap<u64, sys::unix_sockets::UnixSocket>, sys::unix_sockets::UnixSocketsError>,
+    socket_inos: &BTreeSet<u64>,
+) -> Option<Refusal> {
+    let at = format!("fd {}", f.fd);
+    let unix = match unix {
+        Ok(u) => u,
+        Err(e) => return Some(refusal("socket", at, e.to_string())),
+    };
+    let Some(u) = unix.get(&ino) else {
+        return Some(refusal(
+            "socket",
+            at,
+            format!(
+                "socket:[{ino}]: not a unix socket (TCP, UDP, netlink, ...): tern cannot restore it yet"
+            ),
+        ));
+    };
+    if let Err(why) = paired_unix(u, unix, socket_inos) {
+        return Some(refusal("socket", at, format!("socket:[{ino}]: {why}")));
+    }
+    match sys::unix_sockets::peek_queue(pid, f.fd, u) {
+        Ok(q) if q.ancillary => Some(refusal(
+            "socket",
+            at,
+            format!(
+                "socket:[{ino}]: fds or credentials in flight (SCM_RIGHTS, SCM_CREDENTIALS) in its queue: tern does not restore them"
+            ),
+        )),
+        Ok(q) if q.empty_datagram => Some(refusal(
+            "socket",
+            at,
+            format!(
+                "socket:[{ino}]: an empty datagram queued: what follows it cannot be read without consuming it"
+            ),
+        )),
+        Ok(_) => file_locks(pid, f),
+        Err(e) => Some(refusal("socket", at, e.to_string())),
+    }
+}
+
 /// POSIX timers a restore could not make again: on another process's CPU
 /// clock, on an alarm clock without CAP_WAKE_ALARM, or any timer on a
 /// kernel that cannot create one with a given ID.
@@ -258,7 +374,7 @@ fn fd_refusal(pid: i32, f: &FdInfo) -> Option<Refusal> {
         FdKind::Socket { ino } => refusal(
             "socket",
             at,
-            format!("socket:[{ino}]: tern cannot restore sockets yet"),
+            format!("socket:[{ino}]: tern cannot restore this socket"),
         ),
         FdKind::Anon { what } if sys::event_fds::kind_of_link(what).is_some() => {
             return event_fd_refusal(pid, f).or_else(|| file_locks(pid, f));
@@ -524,14 +640,15 @@ pub fn describe(pid: i32, refusals: &[Refusal]) -> String {
 mod tests {
     use super::*;
 
-    /// This test process holds a socket, an inotify fd, an eventfd and an
-    /// epoll whose one registration outlived its fd (through a dup), and
-    /// its own namespaces: the socket, the inotify fd and the epoll are
-    /// refused, the eventfd is not.
+    /// This test process holds a TCP socket, a unix socketpair, an inotify
+    /// fd, an eventfd and an epoll whose one registration outlived its fd
+    /// (through a dup), and its own namespaces: the TCP socket, the inotify
+    /// fd and the epoll are refused, the pair and the eventfd are not.
     #[test]
-    fn refuses_a_socket_an_inotify_fd_and_an_epoll_with_a_closed_target() {
+    fn refuses_a_tcp_socket_an_inotify_fd_and_an_epoll_with_a_closed_target() {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (pa, pb) = std::os::unix::net::UnixStream::pair().unwrap();
         let own = |fd: i32| {
             assert!(fd >= 0, "{}", std::io::Error::last_os_error());
             // SAFETY: a new fd of ours.
@@ -586,5 +703,9 @@ mod tests {
             "{r:?}"
         );
         assert!(!r.iter().any(|x| x.kind == "namespace"), "{r:?}");
+        // A socketpair within the process is not refused.
+        for s in [pa.as_raw_fd(), pb.as_raw_fd()] {
+            assert!(!r.iter().any(|x| x.at == format!("fd {s}")), "{r:?}");
+        }
     }
 }
