@@ -337,6 +337,7 @@ impl ProcessImage {
         for f in &p.fds {
             check_event_fd(f, &fds, &p.creds)?;
             check_unix_socket(f, &p.fds)?;
+            check_inet_socket(f, &p.creds)?;
         }
         let mut ids = BTreeSet::new();
         for t in &p.posix_timers {
@@ -490,6 +491,47 @@ fn check_unix_socket(f: &FdImage, all: &[FdImage]) -> Result<(), String> {
     if !paired {
         return Err(format!(
             "unix socket fd {fd}: its peer socket:[{peer}] is not the other end of a pair in the image"
+        ));
+    }
+    Ok(())
+}
+
+/// CAP_NET_BIND_SERVICE (include/uapi/linux/capability.h).
+const CAP_NET_BIND_SERVICE: u32 = 10;
+
+/// A TCP/UDP socket of a family, protocol or address that does not exist,
+/// or bound to a privileged port by a process without the capability.
+fn check_inet_socket(f: &FdImage, creds: &Creds) -> Result<(), String> {
+    let FdKindState::InetSocket {
+        family,
+        protocol,
+        addr,
+        listen,
+        ..
+    } = &f.info.kind
+    else {
+        return Ok(());
+    };
+    let fd = f.info.fd;
+    let a: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("socket fd {fd}: address {addr:?}"))?;
+    if !matches!(
+        (family, a),
+        (2, std::net::SocketAddr::V4(_)) | (10, std::net::SocketAddr::V6(_))
+    ) || ![6, 17].contains(protocol)
+        || (listen.is_some() && *protocol != 6)
+        || listen.is_some_and(|b| b > 65535)
+    {
+        return Err(format!(
+            "socket fd {fd}: family {family}, protocol {protocol}, {addr}, listen {listen:?}"
+        ));
+    }
+    // The unprivileged port floor's default (net.ipv4.ip_unprivileged_port_start).
+    if a.port() != 0 && a.port() < 1024 && creds.cap_eff & (1u64 << CAP_NET_BIND_SERVICE) == 0 {
+        return Err(format!(
+            "socket fd {fd}: bound to port {} by a process without CAP_NET_BIND_SERVICE",
+            a.port()
         ));
     }
     Ok(())

@@ -253,6 +253,24 @@ pub enum FdKindState {
     SignalFd {
         mask: u64,
     },
+    /// A TCP or UDP socket without a connection: listening (TCP, with no
+    /// connection waiting), bound, or neither.
+    InetSocket {
+        /// AF_INET 2, AF_INET6 10.
+        family: u8,
+        /// IPPROTO_TCP 6, IPPROTO_UDP 17.
+        protocol: u8,
+        /// The address it is bound to (port 0 and no address: unbound).
+        addr: String,
+        /// Listening, with this backlog.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listen: Option<u32>,
+        reuseaddr: bool,
+        reuseport: bool,
+        keepalive: bool,
+        nodelay: bool,
+        v6only: bool,
+    },
     /// A connected, unbound unix socket whose peer is another socket of
     /// the image (a socketpair); what is queued to be read from it is in
     /// `pipes/` (`FdImage::pipe_data`, messages as
@@ -652,6 +670,7 @@ impl From<FdKindState> for sys::fds::FdKind {
                 what: "[signalfd]".into(),
             },
             FdKindState::UnixSocket { ino, .. } => K::Socket { ino },
+            FdKindState::InetSocket { .. } => K::Socket { ino: 0 },
             FdKindState::Other { link } => K::Other { link },
         }
     }

@@ -3193,6 +3193,48 @@ fn restore_fd<'p>(
             unsafe { libc::fcntl(ours, libc::F_SETFL, status) };
             r.take_from_tern(ours, "pidfd_getfd of a unix socket")
         }
+        FdKind::InetSocket {
+            family,
+            protocol,
+            addr,
+            listen,
+            reuseaddr,
+            reuseport,
+            keepalive,
+            nodelay,
+            v6only,
+        } => {
+            let a: std::net::SocketAddr = addr.parse().map_err(|_| {
+                step::<String>(pid, "making a socket")(format!("fd {}: address {addr:?}", info.fd))
+            })?;
+            let opts = sys::inet_sockets::SocketOptions {
+                reuseaddr: *reuseaddr,
+                reuseport: *reuseport,
+                keepalive: *keepalive,
+                nodelay: *nodelay,
+                v6only: *v6only,
+                bound_to_device: false,
+            };
+            let backlog = listen.map(|b| i32::try_from(b).unwrap_or(i32::MAX));
+            let s = sys::inet_sockets::make(*family, *protocol, a, opts, backlog).map_err(|e| {
+                step::<String>(pid, "making a socket")(format!(
+                    "fd {}: {} socket on {addr}{}: {e}{}",
+                    info.fd,
+                    if *protocol == 6 { "TCP" } else { "UDP" },
+                    if listen.is_some() { ", listening" } else { "" },
+                    if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                        " (another process holds the address here: stop it, or restore where it is free)"
+                    } else {
+                        ""
+                    }
+                ))
+            })?;
+            let ours = s.as_raw_fd();
+            // SAFETY: fcntl on our own fd.
+            unsafe { libc::fcntl(ours, libc::F_SETFL, info.flags & libc::O_NONBLOCK) };
+            r.held.push(s);
+            r.take_from_tern(ours, "pidfd_getfd of a socket")
+        }
         FdKind::Fifo { path, .. } => r.open(main, path, open_flags)?,
         FdKind::EventFd { .. }
         | FdKind::Epoll { .. }

@@ -13,6 +13,9 @@
 //! - [`rseq`]: rseq registration and critical-section abort fixup;
 //! - [`vdso`]: vDSO/vvar placement and vDSO symbols;
 //! - [`fds`]: the fd table and pipe contents;
+//! - [`inet_sockets`]: TCP and UDP sockets without a connection (sock_diag,
+//!   options, made again);
+//! - [`sock_diag`]: NETLINK_SOCK_DIAG dump requests;
 //! - [`unix_sockets`]: unix sockets from sock_diag, and their queues
 //!   copied without consuming them;
 //! - [`event_fds`]: eventfd, epoll, timerfd and signalfd state (fdinfo,
@@ -35,6 +38,7 @@ pub mod event_fds;
 pub mod fds;
 pub mod file_view;
 pub mod heap;
+pub mod inet_sockets;
 pub mod inject;
 pub mod mapped_file;
 pub mod pagemap;
@@ -47,6 +51,7 @@ pub mod rseq;
 pub mod sched;
 pub mod seccomp;
 pub mod signals;
+pub mod sock_diag;
 pub mod uffd;
 pub mod unix_sockets;
 pub mod vdso;

@@ -2,8 +2,8 @@
 //! peer, bound name, shutdown) and the messages queued to one, copied
 //! without consuming them.
 //!
-//! The sockets are listed with one `NETLINK_SOCK_DIAG` dump request for
-//! `AF_UNIX` (include/uapi/linux/unix_diag.h), which sees the sockets of
+//! The sockets are listed with one `sock_diag` dump request for `AF_UNIX`
+//! (include/uapi/linux/unix_diag.h, see [`crate::sock_diag`]), which sees the sockets of
 //! tern's network namespace: a process in another one is refused before
 //! (see `tracker::restorable`).
 //!
@@ -17,9 +17,6 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// `NETLINK_SOCK_DIAG`, `SOCK_DIAG_BY_FAMILY` (include/uapi/linux/sock_diag.h).
-const NETLINK_SOCK_DIAG: i32 = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// `udiag_show` bits and attribute types (include/uapi/linux/unix_diag.h).
 const UDIAG_SHOW_NAME: u32 = 0x1;
 const UDIAG_SHOW_PEER: u32 = 0x4;
@@ -28,10 +25,6 @@ const UNIX_DIAG_NAME: u16 = 0;
 const UNIX_DIAG_PEER: u16 = 2;
 const UNIX_DIAG_RQLEN: u16 = 4;
 const UNIX_DIAG_SHUTDOWN: u16 = 6;
-/// `NLMSG_DONE`, `NLMSG_ERROR`; `NLM_F_REQUEST | NLM_F_DUMP`.
-const NLMSG_DONE: u16 = 3;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST_DUMP: u16 = 0x1 | 0x300;
 /// `sk_shutdown` bits: RCV_SHUTDOWN, SEND_SHUTDOWN (include/net/sock.h).
 pub const RCV_SHUTDOWN: u8 = 1;
 pub const SEND_SHUTDOWN: u8 = 2;
@@ -100,32 +93,10 @@ pub enum UnixSocketsError {
     TooLarge { pid: i32, fd: i32 },
 }
 
-fn diag_err(what: &'static str) -> impl FnOnce(std::io::Error) -> UnixSocketsError {
-    move |source| UnixSocketsError::Diag { what, source }
-}
-
 /// Every unix socket of tern's network namespace, by inode.
 pub fn all() -> Result<HashMap<u64, UnixSocket>, UnixSocketsError> {
-    // SAFETY: socket(2) with constant arguments.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(diag_err("socket")(std::io::Error::last_os_error()));
-    }
-    // SAFETY: a new fd of ours.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // struct nlmsghdr (16) + struct unix_diag_req (24).
-    let mut req = Vec::with_capacity(40);
-    req.extend_from_slice(&40u32.to_ne_bytes());
-    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req.extend_from_slice(&NLM_F_REQUEST_DUMP.to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    // struct unix_diag_req (24 bytes).
+    let mut req = Vec::with_capacity(24);
     req.push(AF_UNIX_U8); // sdiag_family
     req.push(0); // sdiag_protocol
     req.extend_from_slice(&0u16.to_ne_bytes());
@@ -133,46 +104,14 @@ pub fn all() -> Result<HashMap<u64, UnixSocket>, UnixSocketsError> {
     req.extend_from_slice(&0u32.to_ne_bytes()); // udiag_ino
     req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
     req.extend_from_slice(&[0xff; 8]); // udiag_cookie: none
-    // SAFETY: send of a local buffer on our socket (to the kernel: no
-    // address needed on a netlink socket's default destination).
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(diag_err("send")(std::io::Error::last_os_error()));
-    }
     let mut out = HashMap::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: recv into our buffer.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(diag_err("recv")(std::io::Error::last_os_error()));
-        }
-        let mut msgs = &buf[..n as usize];
-        while msgs.len() >= 16 {
-            let len = u32::from_ne_bytes(msgs[0..4].try_into().unwrap_or_default()) as usize;
-            let kind = u16::from_ne_bytes(msgs[4..6].try_into().unwrap_or_default());
-            if len < 16 || len > msgs.len() {
-                return Err(UnixSocketsError::Format { what: "nlmsg_len" });
-            }
-            match kind {
-                NLMSG_DONE => return Ok(out),
-                NLMSG_ERROR => {
-                    let errno = msgs
-                        .get(16..20)
-                        .map(|b| i32::from_ne_bytes(b.try_into().unwrap_or_default()))
-                        .unwrap_or(0);
-                    return Err(diag_err("the kernel's answer")(
-                        std::io::Error::from_raw_os_error(-errno),
-                    ));
-                }
-                SOCK_DIAG_BY_FAMILY => {
-                    let s = parse_msg(&msgs[16..len])?;
-                    out.insert(s.ino, s);
-                }
-                _ => {}
-            }
-            msgs = &msgs[len.next_multiple_of(4).min(msgs.len())..];
-        }
+    for m in crate::sock_diag::dump(&req)
+        .map_err(|(what, source)| UnixSocketsError::Diag { what, source })?
+    {
+        let s = parse_msg(&m)?;
+        out.insert(s.ino, s);
     }
+    Ok(out)
 }
 
 /// struct unix_diag_msg (16 bytes) and its attributes.

@@ -8,7 +8,8 @@
 //! and offsets, pipe and FIFO contents) and `ck_events` (eventfd counters,
 //! epoll interest lists and readiness, timerfds, a signalfd, POSIX
 //! timers) and `ck_unix` (socketpairs with data queued both ways,
-//! shutdown, a dup) judge
+//! shutdown, a dup) and `ck_inet` (TCP listeners, a bound UDP socket, an
+//! unbound TCP socket) judge
 //! themselves right: left alone
 //! (and frozen for a while with SIGSTOP, as a dump freezes them) they say
 //! PASS; with `--break` they damage their own state right after `ready`,
@@ -158,4 +159,15 @@ fn unix_passes() {
 fn unix_break_fails() {
     // S2's first datagram read.
     fails_when_broken("unix", &[], &["S2 B (datagrams from A)"]);
+}
+
+#[test]
+fn inet_passes() {
+    passes("inet", &[]);
+}
+
+#[test]
+fn inet_break_fails() {
+    // L4 replaced by a listener on another port.
+    fails_when_broken("inet", &[], &["L4 (fd"]);
 }

@@ -443,6 +443,18 @@ fn unix_socket_pairs_after_three_pre_dumps() {
     assert_pass("unix", &[], 3);
 }
 
+/// TCP listeners (IPv4 and IPv6) with their options, a bound UDP socket,
+/// an unbound TCP socket: same addresses, and they work.
+#[test]
+fn inet_sockets() {
+    assert_pass("inet", &[], 0);
+}
+
+#[test]
+fn inet_sockets_after_three_pre_dumps() {
+    assert_pass("inet", &[], 3);
+}
+
 /// The same workloads restored with `--lazy-pages`.
 mod lazily {
     use super::assert_pass_lazily;
@@ -495,6 +507,11 @@ mod lazily {
     #[test]
     fn unix_socket_pairs() {
         assert_pass_lazily("unix", &[], 0);
+    }
+
+    #[test]
+    fn inet_sockets() {
+        assert_pass_lazily("inet", &[], 0);
     }
 }
 

@@ -99,6 +99,20 @@ fn carry_on(
     progress: &str,
     flags: &[&str],
 ) {
+    carry_on_probed(name, program, args, pre_dumps, progress, flags, |_| Ok(()));
+}
+
+/// [`carry_on`], and once the restored program makes progress, `probe`
+/// (given its directory) must succeed.
+fn carry_on_probed(
+    name: &str,
+    program: &Path,
+    args: &[&str],
+    pre_dumps: usize,
+    progress: &str,
+    flags: &[&str],
+    probe: impl Fn(&Path) -> Result<(), String>,
+) {
     // One at a time: every workload here spins on the 2 cores, and a dump
     // waits on ptrace stops; in parallel they slowed each other past the
     // deadlines on a loaded machine.
@@ -129,6 +143,12 @@ fn carry_on(
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Err(e) = probe(ck.dir.path()) {
+        // SAFETY: plain kill(2) of the restored PID.
+        unsafe { libc::kill(ck.pid, libc::SIGKILL) };
+        let _ = r.kill();
+        panic!("restored {name} after {pre_dumps} pre-dumps: {e}");
     }
     let verdict = ck
         .verdict(Duration::from_secs(20))
@@ -215,8 +235,9 @@ fn python_restored_lazily() {
     python(1, LAZY);
 }
 
-/// Node.js: libuv's epoll and eventfds, V8's threads. Counts on a 10 ms
-/// `setInterval`; on SIGTERM it arms a 100 ms `setTimeout` and, when that
+/// Node.js: libuv's epoll and eventfds, V8's threads, an HTTP server
+/// listening on loopback. Counts on a 10 ms `setInterval`; answers `count
+/// N` over HTTP; on SIGTERM it arms a 100 ms `setTimeout` and, when that
 /// fires, checks a 200000-entry Map and that the timeout took under 1 s.
 const NODE: &str = r#"
 const fs = require('fs');
@@ -225,7 +246,12 @@ const out = process.argv[process.argv.indexOf('--out') + 1];
 const dir = path.dirname(out);
 const big = new Map();
 for (let i = 0; i < 200000; i++) big.set('k' + i, i * 7);
+const http = require('http');
 let n = 0;
+const server = http.createServer((req, res) => res.end('count ' + n + '\n'));
+server.listen(0, '127.0.0.1', () => {
+  fs.writeFileSync(path.join(dir, 'port'), String(server.address().port));
+});
 setInterval(() => {
   n++;
   fs.writeFileSync(path.join(dir, 'count.tmp'), String(n));
@@ -253,7 +279,27 @@ fn node(pre_dumps: usize, flags: &[&str]) {
     let script = root.path().join("prog.js");
     std::fs::write(&script, NODE).unwrap();
     let s = script.display().to_string();
-    carry_on("node", &node, &[&s], pre_dumps, "count", flags);
+    // After the restore its server answers, on the port it had.
+    carry_on_probed("node", &node, &[&s], pre_dumps, "count", flags, |dir| {
+        use std::io::{Read, Write};
+        let port =
+            std::fs::read_to_string(dir.join("port")).map_err(|e| format!("port file: {e}"))?;
+        let addr = format!("127.0.0.1:{}", port.trim());
+        let mut c =
+            std::net::TcpStream::connect(&addr).map_err(|e| format!("connect to {addr}: {e}"))?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        c.write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        c.read_to_string(&mut answer)
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if answer.starts_with("HTTP/1.1 200") && answer.contains("count ") {
+            Ok(())
+        } else {
+            Err(format!("its HTTP server answered {answer:?}"))
+        }
+    });
 }
 
 #[test]

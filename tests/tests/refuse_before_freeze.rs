@@ -272,8 +272,8 @@ fn a_holder_of_nothing_is_restorable() {
     h.assert_working("after tern check");
 }
 
-/// Holders of what tern restores (`socket` is a unix socketpair): `tern
-/// check` finds nothing to refuse.
+/// Holders of what tern restores (`socket` is a unix socketpair,
+/// `tcp-listen` a TCP listener): `tern check` finds nothing to refuse.
 #[test]
 fn holders_of_event_fds_posix_timers_and_socketpairs_are_restorable() {
     for kind in [
@@ -283,6 +283,7 @@ fn holders_of_event_fds_posix_timers_and_socketpairs_are_restorable() {
         "timerfd",
         "posix-timer",
         "socket",
+        "tcp-listen",
     ] {
         let h = Holder::start(kind);
         let (run, v) = check_target(h.pid);
@@ -304,7 +305,7 @@ macro_rules! refusal_tests {
 }
 
 refusal_tests! {
-    refuses_tcp_listen: "tcp-listen" => "socket",
+    refuses_tcp_connection: "tcp-connected" => "socket",
     refuses_epoll_with_a_closed_target: "epoll-closed-target" => "epoll_closed_target",
     refuses_inotify: "inotify" => "inotify",
     refuses_pidfd: "pidfd" => "pidfd",

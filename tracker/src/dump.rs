@@ -1462,13 +1462,14 @@ fn capture_state(
             _ => None,
         })
         .collect();
-    let unix = if socket_inos.is_empty() {
+    let (unix, inet) = if socket_inos.is_empty() {
         Default::default()
     } else {
-        sys::unix_sockets::all().map_err(|e| DumpError::FdTable {
-            pid,
-            source: Cause::of(&e),
-        })?
+        let table_err = |source| DumpError::FdTable { pid, source };
+        let unix = sys::unix_sockets::all();
+        let inet = crate::restorable::inet_sockets_of(pid, &fd_table, &unix)
+            .map_err(|e| table_err(Cause::of(&e)))?;
+        (unix.map_err(|e| table_err(Cause::of(&e)))?, inet)
     };
     for info in fd_table {
         let fd_err = |e: sys::fds::FdsError| DumpError::Fd {
@@ -1502,7 +1503,29 @@ fn capture_state(
                         shutdown: u.shutdown,
                     }
                 }
-                _ => FdKindState::from(info.kind.clone()),
+                _ => match inet.get(ino) {
+                    Some(s) if crate::restorable::restorable_inet(s).is_ok() => {
+                        let o = sys::inet_sockets::options(pid, info.fd, s).map_err(|e| {
+                            DumpError::Fd {
+                                pid,
+                                fd: info.fd,
+                                source: Cause::of(&e),
+                            }
+                        })?;
+                        FdKindState::InetSocket {
+                            family: s.family,
+                            protocol: s.protocol,
+                            addr: s.local.to_string(),
+                            listen: (s.state == sys::inet_sockets::TCP_LISTEN).then_some(s.wqueue),
+                            reuseaddr: o.reuseaddr,
+                            reuseport: o.reuseport,
+                            keepalive: o.keepalive,
+                            nodelay: o.nodelay,
+                            v6only: o.v6only,
+                        }
+                    }
+                    _ => FdKindState::from(info.kind.clone()),
+                },
             },
             k => FdKindState::from(k.clone()),
         };

@@ -11,7 +11,9 @@
 //!
 //! Kinds refused, and why:
 //! - fds: sockets other than unix socket pairs within the process (and
-//!   those with fds or credentials in flight), anonymous-inode fds other than eventfd, epoll, timerfd
+//!   those with fds or credentials in flight) and TCP/UDP sockets without
+//!   a connection (established connections, connections waiting to be
+//!   accepted, queued datagrams, SO_BINDTODEVICE), anonymous-inode fds other than eventfd, epoll, timerfd
 //!   and signalfd (inotify, fanotify, pidfd, userfaultfd, io_uring, ...),
 //!   an epoll holding a file through an fd the process has since closed,
 //!   an alarm timerfd without CAP_WAKE_ALARM,
@@ -126,12 +128,28 @@ pub fn refusals_with(
     } else {
         sys::unix_sockets::all()
     };
+    let inet = if socket_inos.is_empty() {
+        Ok(Default::default())
+    } else {
+        inet_sockets_of(pid, &table, &unix)
+    };
     for f in table {
         if tracking.contains(&f.fd) {
             continue;
         }
         let r = match &f.kind {
-            FdKind::Socket { ino } => socket_refusal(pid, &f, *ino, &unix, &socket_inos),
+            FdKind::Socket { ino } => {
+                socket_refusal(pid, &f, *ino, &unix, &socket_inos).and_then(|unix_refusal| {
+                    // Not a unix socket: a TCP or UDP one, maybe.
+                    match &inet {
+                        Ok(m) if m.contains_key(ino) => inet_refusal(pid, &f, &m[ino]),
+                        Err(e) if !unix_listed(&unix, *ino) => {
+                            Some(refusal("socket", format!("fd {}", f.fd), e.to_string()))
+                        }
+                        _ => Some(unix_refusal),
+                    }
+                })
+            }
             _ => fd_refusal(pid, &f),
         };
         if let Some(r) = r {
@@ -266,6 +284,85 @@ pub(crate) fn paired_unix(
     }
 }
 
+/// The TCP and UDP sockets `pid` holds (of its fd table `table`), by
+/// inode: those sock_diag lists, and those never bound, which it does not.
+pub(crate) fn inet_sockets_of(
+    pid: i32,
+    table: &[FdInfo],
+    unix: &Result<HashMap<u64, sys::unix_sockets::UnixSocket>, sys::unix_sockets::UnixSocketsError>,
+) -> Result<HashMap<u64, sys::inet_sockets::InetSocket>, sys::inet_sockets::InetSocketsError> {
+    let mut all = sys::inet_sockets::all()?;
+    for f in table {
+        if let FdKind::Socket { ino } = f.kind
+            && !all.contains_key(&ino)
+            && !unix_listed(unix, ino)
+            && let Some(s) = sys::inet_sockets::unlisted(pid, f.fd, ino)?
+        {
+            all.insert(ino, s);
+        }
+    }
+    all.retain(|ino, _| table.iter().any(|f| f.kind == FdKind::Socket { ino: *ino }));
+    Ok(all)
+}
+
+fn unix_listed(
+    unix: &Result<HashMap<u64, sys::unix_sockets::UnixSocket>, sys::unix_sockets::UnixSocketsError>,
+    ino: u64,
+) -> bool {
+    unix.as_ref().is_ok_and(|m| m.contains_key(&ino))
+}
+
+/// Whether a TCP or UDP socket is one tern restores: no connection (a
+/// listener with none waiting, a bound or unbound TCP socket, an
+/// unconnected UDP socket with nothing queued); else why not.
+pub(crate) fn restorable_inet(s: &sys::inet_sockets::InetSocket) -> Result<(), String> {
+    use sys::inet_sockets::{TCP, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN};
+    let proto = if s.protocol == TCP { "TCP" } else { "UDP" };
+    match (s.protocol, s.state) {
+        (TCP, TCP_LISTEN) if s.rqueue > 0 => Err(format!(
+            "a TCP socket listening on {} with {} connection(s) waiting to be accepted: they would be lost",
+            s.local, s.rqueue
+        )),
+        (TCP, TCP_LISTEN) | (TCP, TCP_CLOSE) => Ok(()),
+        (_, TCP_CLOSE) if s.rqueue > 0 => Err(format!(
+            "a UDP socket on {} with {} bytes of datagrams queued: tern does not save them yet",
+            s.local, s.rqueue
+        )),
+        (_, TCP_CLOSE) => Ok(()),
+        (TCP, TCP_ESTABLISHED) => Err(format!(
+            "an established TCP connection {} -> {}: tern cannot restore connections yet (TCP_REPAIR)",
+            s.local, s.remote
+        )),
+        (_, TCP_ESTABLISHED) => Err(format!(
+            "a connected UDP socket {} -> {}: tern cannot restore it yet",
+            s.local, s.remote
+        )),
+        (_, st) => Err(format!(
+            "a {proto} socket on {} in state {st} (a connection opening or closing): tern cannot restore it",
+            s.local
+        )),
+    }
+}
+
+fn inet_refusal(pid: i32, f: &FdInfo, s: &sys::inet_sockets::InetSocket) -> Option<Refusal> {
+    let at = format!("fd {}", f.fd);
+    if let Err(why) = restorable_inet(s) {
+        return Some(refusal("socket", at, format!("socket:[{}]: {why}", s.ino)));
+    }
+    match sys::inet_sockets::options(pid, f.fd, s) {
+        Ok(o) if o.bound_to_device => Some(refusal(
+            "socket",
+            at,
+            format!(
+                "socket:[{}]: bound to a network device (SO_BINDTODEVICE): not restored",
+                s.ino
+            ),
+        )),
+        Ok(_) => file_locks(pid, f),
+        Err(e) => Some(refusal("socket", at, e.to_string())),
+    }
+}
+
 /// A socket tern could not bring back: anything but a unix socket pair
 /// within the process, or one with fds or credentials in flight.
 fn socket_refusal(
@@ -285,7 +382,7 @@ fn socket_refusal(
             "socket",
             at,
             format!(
-                "socket:[{ino}]: not a unix socket (TCP, UDP, netlink, ...): tern cannot restore it yet"
+                "socket:[{ino}]: neither a unix, TCP nor UDP socket (netlink, packet, ...): tern cannot restore it"
             ),
         ));
     };
@@ -640,14 +737,19 @@ pub fn describe(pid: i32, refusals: &[Refusal]) -> String {
 mod tests {
     use super::*;
 
-    /// This test process holds a TCP socket, a unix socketpair, an inotify
+    /// This test process holds an established TCP connection, a unix
+    /// socketpair, a TCP listener, an inotify
     /// fd, an eventfd and an epoll whose one registration outlived its fd
     /// (through a dup), and its own namespaces: the TCP socket, the inotify
-    /// fd and the epoll are refused, the pair and the eventfd are not.
+    /// fd and the epoll are refused, the pair, the listener and the eventfd
+    /// are not.
     #[test]
     fn refuses_a_tcp_socket_an_inotify_fd_and_an_epoll_with_a_closed_target() {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // An established connection (both ends here).
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_served, _) = l.accept().unwrap();
         let (pa, pb) = std::os::unix::net::UnixStream::pair().unwrap();
         let own = |fd: i32| {
             assert!(fd >= 0, "{}", std::io::Error::last_os_error());
@@ -703,8 +805,8 @@ mod tests {
             "{r:?}"
         );
         assert!(!r.iter().any(|x| x.kind == "namespace"), "{r:?}");
-        // A socketpair within the process is not refused.
-        for s in [pa.as_raw_fd(), pb.as_raw_fd()] {
+        // A socketpair within the process and a listener are not refused.
+        for s in [pa.as_raw_fd(), pb.as_raw_fd(), l.as_raw_fd()] {
             assert!(!r.iter().any(|x| x.at == format!("fd {s}")), "{r:?}");
         }
     }

@@ -8,9 +8,10 @@
 //! loops forever incrementing a counter. On SIGUSR1 it appends `alive N`
 //! (N = the counter, always larger than the last one).
 //!
-//! KIND: `none` (nothing: a restorable control), `socket`, `tcp-listen`,
-//! `eventfd`, `epoll`, `signalfd`, `timerfd`, `posix-timer` (restorable
-//! since tern restores them), `epoll-closed-target` (an epoll holding an
+//! KIND: `none` (nothing: a restorable control), `socket` (a unix
+//! socketpair), `tcp-listen`, `eventfd`, `epoll`, `signalfd`, `timerfd`,
+//! `posix-timer` (these are restorable since tern restores them),
+//! `tcp-connected` (an established connection, both ends), `epoll-closed-target` (an epoll holding an
 //! eventfd registered under an fd number since closed),
 //! `posix-timer-thread-clock` (a timer on CLOCK_THREAD_CPUTIME_ID),
 //! `inotify`, `pidfd`, `child`, `zombie-child`, `deleted-cwd`, `deleted-file`,
@@ -130,6 +131,16 @@ fn set_up(kind: &str) -> Vec<String> {
                 let l = std::net::TcpListener::bind("127.0.0.1:0")
                     .unwrap_or_else(|e| die(&format!("bind 127.0.0.1:0: {e}")));
                 lines.push(fd_line(move_fd(l.into_raw_fd(), FD)));
+            }
+            "tcp-connected" => {
+                use std::os::fd::IntoRawFd;
+                let l = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap_or_else(|e| die(&format!("bind 127.0.0.1:0: {e}")));
+                let c = std::net::TcpStream::connect(l.local_addr().unwrap())
+                    .unwrap_or_else(|e| die(&format!("connect: {e}")));
+                let (a, _) = l.accept().unwrap_or_else(|e| die(&format!("accept: {e}")));
+                lines.push(fd_line(move_fd(c.into_raw_fd(), FD)));
+                lines.push(fd_line(move_fd(a.into_raw_fd(), FD + 1)));
             }
             "eventfd" => {
                 lines.push(fd_line(move_fd(libc::eventfd(0, 0), FD)));
