@@ -3,7 +3,8 @@
 //! asyncio program (epoll, a socketpair), `node` counting on
 //! its timers (libuv's epoll and eventfds), a `bash` loop made
 //! of builtins, `sqlite3` with an in-memory database reading commands from
-//! a FIFO the test keeps writing to. `python3` and `sqlite3` also restored
+//! a FIFO the test keeps writing to; `redis-server` with 20000 keys,
+//! answering `redis-cli` after the restore. `python3` and `sqlite3` also restored
 //! with `--lazy-pages` (working while their memory comes in), and a `bash`
 //! loop whose children, forked while its pages are lazy, read its data.
 
@@ -402,6 +403,130 @@ fn python_asyncio_after_three_pre_dumps() {
 #[test]
 fn python_asyncio_restored_lazily() {
     python_asyncio(1, LAZY);
+}
+
+/// `redis-cli -p PORT ARGS...`: its output, or why it failed.
+fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("/usr/bin/redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .map_err(|e| format!("redis-cli: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "redis-cli {args:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `redis-server` (Debian's) with 20000 keys loaded and no client
+/// connected, checkpointed, restored: it answers `redis-cli` with its
+/// data, then shuts down cleanly (so `tern restore` exits 0).
+fn redis(pre_dumps: usize, flags: &[&str]) {
+    let server = require("/usr/bin/redis-server", "redis-server");
+    require("/usr/bin/redis-cli", "redis-tools");
+    let _one = serial();
+    let root = tempdir();
+    // A free port: the kernel picks one, then it is let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let mut child = Command::new(&server)
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(root.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(root.path().join("log")).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + READY;
+    while redis_cli(port, &["ping"]).as_deref() != Ok("PONG") {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not answer PING"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 20000 keys, in batches of 1000 through MSET.
+    for b in 0..20 {
+        let mut args = vec!["mset".to_string()];
+        for i in b * 1000..(b + 1) * 1000 {
+            args.push(format!("key:{i}"));
+            args.push(format!("value-{}", i * 7));
+        }
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(redis_cli(port, &a).as_deref(), Ok("OK"));
+    }
+    assert_eq!(redis_cli(port, &["dbsize"]).as_deref(), Ok("20000"));
+    let dir = checkpoint(pid, root.path(), pre_dumps);
+    let _ = child.wait();
+    let mut r = restore(&dir, flags);
+    let check = || -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while redis_cli(port, &["ping"]).as_deref() != Ok("PONG") {
+            if Instant::now() > deadline {
+                return Err("the restored redis-server does not answer PING".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let n = redis_cli(port, &["dbsize"])?;
+        if n != "20000" {
+            return Err(format!("DBSIZE {n}, expected 20000"));
+        }
+        for i in [0, 1, 4999, 12345, 19999] {
+            let v = redis_cli(port, &["get", &format!("key:{i}")])?;
+            if v != format!("value-{}", i * 7) {
+                return Err(format!("GET key:{i}: {v:?}"));
+            }
+        }
+        // It still takes writes.
+        if redis_cli(port, &["set", "after", "restore"])? != "OK"
+            || redis_cli(port, &["get", "after"])? != "restore"
+        {
+            return Err("SET/GET after the restore".into());
+        }
+        Ok(())
+    };
+    let checked = check();
+    let _ = redis_cli(port, &["shutdown", "nosave"]);
+    let st = wait_deadline(&mut r, Duration::from_secs(20));
+    if let Err(e) = checked {
+        // SAFETY: plain kill(2) of the restored PID.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let out = r.wait_with_output().map(|o| o.stderr).unwrap_or_default();
+        panic!(
+            "restored redis-server after {pre_dumps} pre-dumps {flags:?}: {e}\n--- tern restore stderr:\n{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    let st = st.expect("tern restore did not exit after SHUTDOWN");
+    assert!(
+        st.success(),
+        "tern restore exited {st} after redis-server's SHUTDOWN"
+    );
+}
+
+#[test]
+fn redis_without_pre_dump() {
+    redis(0, &[]);
+}
+
+#[test]
+fn redis_after_three_pre_dumps() {
+    redis(3, &[]);
+}
+
+#[test]
+fn redis_restored_lazily() {
+    redis(1, LAZY);
 }
 
 /// Builtins only (no child process: tern dumps one process).

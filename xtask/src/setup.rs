@@ -33,6 +33,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "a real program the dump/restore tests checkpoint",
     ),
     (
+        "redis-server",
+        "a real program the dump/restore tests checkpoint (epoll, a TCP listener)",
+    ),
+    (
         "nodejs",
         "a real program the dump/restore tests checkpoint (epoll, eventfds, timers)",
     ),
