@@ -23,17 +23,6 @@ pub const UDP: u8 = 17;
 pub const INET: u8 = 2;
 pub const INET6: u8 = 10;
 const _: () = assert!(libc::AF_INET == INET as i32 && libc::AF_INET6 == INET6 as i32);
-/// `AF_INET`/`AF_INET6` as `sa_family_t`, the sizes of `sockaddr_in`/`_in6`.
-const AF_INET_T: libc::sa_family_t = 2;
-const AF_INET6_T: libc::sa_family_t = 10;
-const SIN_LEN: libc::socklen_t = 16;
-const SIN6_LEN: libc::socklen_t = 28;
-const _: () = assert!(
-    libc::AF_INET == AF_INET_T as i32
-        && libc::AF_INET6 == AF_INET6_T as i32
-        && std::mem::size_of::<libc::sockaddr_in>() == SIN_LEN as usize
-        && std::mem::size_of::<libc::sockaddr_in6>() == SIN6_LEN as usize
-);
 /// `sizeof(struct inet_diag_msg)`.
 const DIAG_MSG_LEN: usize = 72;
 
@@ -148,6 +137,16 @@ fn parse_msg(b: &[u8], protocol: u8) -> Option<InetSocket> {
     })
 }
 
+/// `pid`'s socket `fd`, here (the same socket).
+fn duplicate(pid: i32, fd: i32) -> Result<OwnedFd, InetSocketsError> {
+    crate::fds::pidfd_getfd(pid, fd).map_err(|e| InetSocketsError::Fd {
+        pid,
+        fd,
+        what: "pidfd_getfd",
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
 /// A socket of `pid` that sock_diag does not list (`fd`, inode `ino`): a
 /// TCP or UDP socket never bound (the kernel hashes a socket when it is
 /// bound or connected), told by SO_DOMAIN and SO_PROTOCOL on a duplicate.
@@ -161,11 +160,12 @@ pub fn unlisted(pid: i32, fd: i32, ino: u64) -> Result<Option<InetSocket>, InetS
             source,
         }
     };
-    let dup = crate::fds::pidfd_getfd(pid, fd)
-        .map_err(|e| err("pidfd_getfd")(std::io::Error::other(e.to_string())))?;
+    let dup = duplicate(pid, fd)?;
     let d = dup.as_raw_fd();
-    let domain = get_int(d, libc::SOL_SOCKET, libc::SO_DOMAIN).map_err(err("SO_DOMAIN"))?;
-    let protocol = get_int(d, libc::SOL_SOCKET, libc::SO_PROTOCOL).map_err(err("SO_PROTOCOL"))?;
+    let domain =
+        crate::sockopt::get_int(d, libc::SOL_SOCKET, libc::SO_DOMAIN).map_err(err("SO_DOMAIN"))?;
+    let protocol = crate::sockopt::get_int(d, libc::SOL_SOCKET, libc::SO_PROTOCOL)
+        .map_err(err("SO_PROTOCOL"))?;
     let (family, any) = match domain {
         libc::AF_INET => (INET, SocketAddr::from(([0, 0, 0, 0], 0))),
         libc::AF_INET6 => (INET6, SocketAddr::from(([0u16; 8], 0))),
@@ -188,26 +188,6 @@ pub fn unlisted(pid: i32, fd: i32, ino: u64) -> Result<Option<InetSocket>, InetS
     }))
 }
 
-fn get_int(fd: i32, level: i32, opt: i32) -> std::io::Result<i32> {
-    let mut v: libc::c_int = 0;
-    let mut len: libc::socklen_t = 4;
-    // SAFETY: getsockopt into a local int.
-    let r = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut i32).cast(), &mut len) };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(v)
-}
-
-fn set_int(fd: i32, level: i32, opt: i32, v: i32) -> std::io::Result<()> {
-    // SAFETY: setsockopt from a local int.
-    let r = unsafe { libc::setsockopt(fd, level, opt, (&v as *const i32).cast(), 4) };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// The options of `pid`'s socket `fd` (read through a duplicate).
 pub fn options(pid: i32, fd: i32, s: &InetSocket) -> Result<SocketOptions, InetSocketsError> {
     let err = |what: &'static str| {
@@ -218,10 +198,13 @@ pub fn options(pid: i32, fd: i32, s: &InetSocket) -> Result<SocketOptions, InetS
             source,
         }
     };
-    let dup = crate::fds::pidfd_getfd(pid, fd)
-        .map_err(|e| err("pidfd_getfd")(std::io::Error::other(e.to_string())))?;
+    let dup = duplicate(pid, fd)?;
     let d = dup.as_raw_fd();
-    let on = |level, opt, what| get_int(d, level, opt).map(|v| v != 0).map_err(err(what));
+    let on = |level, opt, what| {
+        crate::sockopt::get_int(d, level, opt)
+            .map(|v| v != 0)
+            .map_err(err(what))
+    };
     let mut dev = [0u8; 16];
     let mut len: libc::socklen_t = 16;
     // SAFETY: getsockopt into a local buffer of IFNAMSIZ.
@@ -267,26 +250,26 @@ pub fn make(
     // SAFETY: a new fd of ours.
     let s = unsafe { OwnedFd::from_raw_fd(fd) };
     let fd = s.as_raw_fd();
-    set_int(
+    crate::sockopt::set_int(
         fd,
         libc::SOL_SOCKET,
         libc::SO_REUSEADDR,
         i32::from(opts.reuseaddr),
     )?;
-    set_int(
+    crate::sockopt::set_int(
         fd,
         libc::SOL_SOCKET,
         libc::SO_REUSEPORT,
         i32::from(opts.reuseport),
     )?;
-    set_int(
+    crate::sockopt::set_int(
         fd,
         libc::SOL_SOCKET,
         libc::SO_KEEPALIVE,
         i32::from(opts.keepalive),
     )?;
     if protocol == TCP {
-        set_int(
+        crate::sockopt::set_int(
             fd,
             libc::IPPROTO_TCP,
             libc::TCP_NODELAY,
@@ -294,7 +277,7 @@ pub fn make(
         )?;
     }
     if family == INET6 {
-        set_int(
+        crate::sockopt::set_int(
             fd,
             libc::IPPROTO_IPV6,
             libc::IPV6_V6ONLY,
@@ -302,7 +285,7 @@ pub fn make(
         )?;
     }
     if addr.port() != 0 || !addr.ip().is_unspecified() {
-        let (sa, len) = sockaddr(addr);
+        let (sa, len) = crate::sockopt::sockaddr(addr);
         // SAFETY: bind with a sockaddr_storage of the given length.
         if unsafe { libc::bind(fd, (&sa as *const libc::sockaddr_storage).cast(), len) } != 0 {
             return Err(std::io::Error::last_os_error());
@@ -315,40 +298,6 @@ pub fn make(
         }
     }
     Ok(s)
-}
-
-fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: a zeroed plain struct.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match a {
-        SocketAddr::V4(v) => {
-            let sin = libc::sockaddr_in {
-                sin_family: AF_INET_T,
-                sin_port: v.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            (ss, SIN_LEN)
-        }
-        SocketAddr::V6(v) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: AF_INET6_T,
-                sin6_port: v.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v.ip().octets(),
-                },
-                sin6_scope_id: v.scope_id(),
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            (ss, SIN6_LEN)
-        }
-    }
 }
 
 #[cfg(test)]

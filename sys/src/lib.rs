@@ -15,6 +15,7 @@
 //! - [`fds`]: the fd table and pipe contents;
 //! - [`inet_sockets`]: TCP and UDP sockets without a connection (sock_diag,
 //!   options, made again);
+//! - [`sockopt`]: int socket options and socket addresses;
 //! - [`sock_diag`]: NETLINK_SOCK_DIAG dump requests;
 //! - [`unix_sockets`]: unix sockets from sock_diag, and their queues
 //!   copied without consuming them;
@@ -52,6 +53,7 @@ pub mod sched;
 pub mod seccomp;
 pub mod signals;
 pub mod sock_diag;
+pub mod sockopt;
 pub mod uffd;
 pub mod unix_sockets;
 pub mod vdso;

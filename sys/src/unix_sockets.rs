@@ -33,9 +33,6 @@ pub const STATE_CONNECTED: u8 = 1;
 /// `AF_UNIX` (1) as sock_diag's one-byte family field.
 const AF_UNIX_U8: u8 = 1;
 const _: () = assert!(libc::AF_UNIX == AF_UNIX_U8 as i32);
-/// `sizeof(int)` as a socklen_t.
-const INT_LEN: libc::socklen_t = 4;
-const _: () = assert!(std::mem::size_of::<libc::c_int>() == INT_LEN as usize);
 /// Largest message tern copies out of a queue.
 const MAX_MESSAGE: usize = 4 << 20;
 
@@ -156,40 +153,11 @@ fn parse_msg(b: &[u8]) -> Result<UnixSocket, UnixSocketsError> {
 }
 
 fn sockopt_int(fd: i32, opt: i32) -> std::io::Result<i32> {
-    let mut v: libc::c_int = 0;
-    let mut len = INT_LEN;
-    // SAFETY: getsockopt into a local int.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut v as *mut i32).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(v)
+    crate::sockopt::get_int(fd, libc::SOL_SOCKET, opt)
 }
 
-/// setsockopt(SOL_SOCKET, opt, v).
-pub fn set_sockopt_int(fd: i32, opt: i32, v: i32) -> std::io::Result<()> {
-    // SAFETY: setsockopt from a local int.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&v as *const i32).cast(),
-            INT_LEN,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+fn set_sockopt_int(fd: i32, opt: i32, v: i32) -> std::io::Result<()> {
+    crate::sockopt::set_int(fd, libc::SOL_SOCKET, opt, v)
 }
 
 /// The messages queued to be read from `pid`'s socket `fd` (which is `u`),

@@ -20,36 +20,17 @@ use std::time::Duration;
 
 use tern_tests::ck;
 
-/// `AF_INET`/`AF_INET6` as `sa_family_t`, the sizes of `sockaddr_in`/`_in6`.
-const AF_INET_T: libc::sa_family_t = 2;
-const AF_INET6_T: libc::sa_family_t = 10;
-const SIN_LEN: libc::socklen_t = 16;
-const SIN6_LEN: libc::socklen_t = 28;
-const _: () = assert!(
-    libc::AF_INET == AF_INET_T as i32
-        && libc::AF_INET6 == AF_INET6_T as i32
-        && std::mem::size_of::<libc::sockaddr_in>() == SIN_LEN as usize
-        && std::mem::size_of::<libc::sockaddr_in6>() == SIN6_LEN as usize
-);
-
 fn err() -> std::io::Error {
     std::io::Error::last_os_error()
 }
 
 fn get(fd: i32, level: i32, opt: i32) -> i32 {
-    let mut v: libc::c_int = -1;
-    let mut len: libc::socklen_t = 4;
-    // SAFETY: getsockopt into a local int.
-    unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut i32).cast(), &mut len) };
-    v
+    sys::sockopt::get_int(fd, level, opt).unwrap_or(-1)
 }
 
 fn set(fd: i32, level: i32, opt: i32, v: i32) -> Result<(), String> {
-    // SAFETY: setsockopt from a local int.
-    if unsafe { libc::setsockopt(fd, level, opt, (&v as *const i32).cast(), 4) } != 0 {
-        return Err(format!("setsockopt({level}, {opt}) on fd {fd}: {}", err()));
-    }
-    Ok(())
+    sys::sockopt::set_int(fd, level, opt, v)
+        .map_err(|e| format!("setsockopt({level}, {opt}) on fd {fd}: {e}"))
 }
 
 fn getfl(fd: i32) -> i32 {
@@ -78,41 +59,6 @@ fn shape(fd: i32) -> String {
     )
 }
 
-fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: a zeroed plain struct, filled below.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match a {
-        SocketAddr::V4(v) => {
-            let sin = libc::sockaddr_in {
-                sin_family: AF_INET_T,
-                sin_port: v.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            16
-        }
-        SocketAddr::V6(v) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: AF_INET6_T,
-                sin6_port: v.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            28
-        }
-    };
-    (ss, len)
-}
-
 /// A TCP socket with `opts` set, bound to `addr`, listening with `backlog`.
 fn listener(addr: &str, backlog: i32, opts: &[(i32, i32)]) -> Result<i32, String> {
     let a: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
@@ -129,7 +75,7 @@ fn listener(addr: &str, backlog: i32, opts: &[(i32, i32)]) -> Result<i32, String
     for &(level, opt) in opts {
         set(fd, level, opt, 1)?;
     }
-    let (ss, len) = sockaddr(a);
+    let (ss, len) = sys::sockopt::sockaddr(a);
     // SAFETY: bind and listen on our socket with a filled sockaddr.
     unsafe {
         if libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) != 0 {
@@ -233,7 +179,7 @@ fn check(f: &Fds, shapes: &[(&str, i32, String)], bad: &mut Vec<String>) {
     }
     let r = (|| -> Result<(), String> {
         let a = addr_of(f.l4)?;
-        let (ss, len) = sockaddr(a);
+        let (ss, len) = sys::sockopt::sockaddr(a);
         // SAFETY: connect with a filled sockaddr.
         if unsafe { libc::connect(f.t, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
             return Err(format!("connect: {}", err()));
