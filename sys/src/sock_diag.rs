@@ -67,8 +67,14 @@ pub fn dump(body: &[u8]) -> Result<Vec<Vec<u8>>, (&'static str, std::io::Error)>
                         .get(16..20)
                         .map(|b| i32::from_ne_bytes(b.try_into().unwrap_or_default()))
                         .unwrap_or(0);
+                    // ENOENT: no handler for the family (its *_diag module
+                    // not loaded, and not loadable here).
                     return Err((
-                        "the kernel's answer",
+                        if errno == -libc::ENOENT {
+                            "the kernel's answer (the socket-diag module for this family is not loaded: modprobe unix_diag, tcp_diag, udp_diag)"
+                        } else {
+                            "the kernel's answer"
+                        },
                         std::io::Error::from_raw_os_error(-errno),
                     ));
                 }

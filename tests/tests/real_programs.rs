@@ -28,8 +28,15 @@ fn require(path: &str, package: &str) -> PathBuf {
     p
 }
 
-/// Pre-dumps, then `tern dump --verify`; the original is reaped.
+/// `tern check -t PID` first (it must list nothing tern cannot restore),
+/// then pre-dumps, then `tern dump --verify`; the original is reaped.
 fn checkpoint(pid: i32, root: &Path, pre_dumps: usize) -> PathBuf {
+    let run = tern(&["check", "-t", &pid.to_string(), "--json"]);
+    let v = run.json();
+    assert_eq!(
+        v["restorable"], true,
+        "tern check -t {pid} lists what it cannot restore: {v}"
+    );
     let mut prev: Option<PathBuf> = None;
     for i in 0..pre_dumps {
         let d = root.join(format!("pre{i}"));

@@ -37,6 +37,10 @@ use crate::{debian, util};
 
 const HOST_PACKAGES: &[(&str, &str)] = &[
     (
+        "xz-utils",
+        "decompressing the guest kernel's socket-diag modules",
+    ),
+    (
         "qemu-system-arm",
         "booting the arm64 test kernel (qemu-system-aarch64, TCG)",
     ),
@@ -69,6 +73,10 @@ const PAC_MASK: u64 = 0b0111;
 /// JSON line, then `TERN-STEP name rc`; rc 125 means the step could not run
 /// because an earlier one failed.
 const INIT_ARM64: &str = r#"echo "TERN-BEGIN $(uname -r)"
+# Loopback, and the socket-diag modules tern reads sockets with (Debian
+# builds them as modules, which a full system loads on demand).
+ip link set lo up
+for m in inet_diag tcp_diag udp_diag unix_diag; do [ -e /mods/$m.ko ] && insmod /mods/$m.ko; done
 step() { echo "TERN-STEP $1 $2"; }
 skip() { echo "{\"skipped\": \"$2\"}"; step $1 125; }
 # Wait (at most 10 s) until PID $1 is gone: killed, and reaped by this shell (PID 1).
@@ -244,10 +252,11 @@ pub fn prepare(jobs: Option<usize>) -> Result<Arm64Guest> {
     // scenarios find tern and the workloads beside themselves, in /bin.
     let mut bins = vec![tern, hotloop, pacloop];
     bins.extend(tests.workloads.iter().cloned());
-    let extra = [
+    let mut extra = vec![
         (tests.systest.clone(), "/bin/systest".to_string()),
         (tests.scenarios.clone(), "/bin/scenarios".to_string()),
     ];
+    extra.extend(diag_modules(&vmlinuz, &work)?);
     let init = INIT_ARM64.replace("MIN_LOOPS", &super::MIN_LOOPS.to_string());
     let initrd = initramfs_with(&work, "arm64", &busybox, &bins, &extra, &init)?;
     Ok(Arm64Guest {
@@ -336,6 +345,54 @@ fn ensure_rust_target() -> Result<()> {
     }
     eprintln!("xtask: rustup target add {TARGET}");
     util::run(&mut util::command("rustup", ["target", "add", TARGET]))
+}
+
+/// The socket-diag modules of the guest's kernel (inet_diag, tcp_diag,
+/// udp_diag, unix_diag), decompressed here (trixie ships them as .ko.xz,
+/// which busybox's insmod does not read), for `/mods` in the guest. Those
+/// built in (no file) are left out.
+fn diag_modules(vmlinuz: &Path, work: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let kver = vmlinuz
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .context("kernel image name")?;
+    let pkg = vmlinuz
+        .parent()
+        .and_then(Path::parent)
+        .context("kernel package layout")?;
+    let dest = work.join("mods");
+    std::fs::create_dir_all(&dest)?;
+    let mut out = Vec::new();
+    for (dir, m) in [
+        ("ipv4", "inet_diag"),
+        ("ipv4", "tcp_diag"),
+        ("ipv4", "udp_diag"),
+        ("unix", "unix_diag"),
+    ] {
+        let xz = ["usr/lib/modules", "lib/modules"]
+            .iter()
+            .map(|l| {
+                pkg.join(l)
+                    .join(kver)
+                    .join("kernel/net")
+                    .join(dir)
+                    .join(format!("{m}.ko.xz"))
+            })
+            .find(|p| p.exists());
+        let Some(xz) = xz else { continue };
+        let ko = dest.join(format!("{m}.ko"));
+        let out_file = std::fs::File::create(&ko)?;
+        let st = std::process::Command::new("xz")
+            .arg("-dc")
+            .arg(&xz)
+            .stdout(out_file)
+            .status()
+            .with_context(|| format!("xz -dc {} (Debian package xz-utils)", xz.display()))?;
+        anyhow::ensure!(st.success(), "xz -dc {}: {st}", xz.display());
+        out.push((ko, format!("/mods/{m}.ko")));
+    }
+    Ok(out)
 }
 
 /// The trixie arm64 kernel image and busybox, fetched once through the
