@@ -3188,9 +3188,7 @@ fn restore_fd<'p>(
                 r.sockets.insert(*peer, b);
             }
             let ours = r.sockets[ino].as_raw_fd();
-            let status = info.flags & libc::O_NONBLOCK;
-            // SAFETY: fcntl on our own fd.
-            unsafe { libc::fcntl(ours, libc::F_SETFL, status) };
+            set_nonblock(pid, ours, info.flags)?;
             r.take_from_tern(ours, "pidfd_getfd of a unix socket")
         }
         FdKind::InetSocket {
@@ -3230,8 +3228,7 @@ fn restore_fd<'p>(
                 ))
             })?;
             let ours = s.as_raw_fd();
-            // SAFETY: fcntl on our own fd.
-            unsafe { libc::fcntl(ours, libc::F_SETFL, info.flags & libc::O_NONBLOCK) };
+            set_nonblock(pid, ours, info.flags)?;
             r.held.push(s);
             r.take_from_tern(ours, "pidfd_getfd of a socket")
         }
@@ -3268,6 +3265,17 @@ fn restore_fd<'p>(
         );
     }
     Ok(())
+}
+
+/// tern's end of a socket gets the O_NONBLOCK the dumped fd had (its
+/// other status flags are not a socket's to keep) before the process
+/// takes it.
+fn set_nonblock(pid: i32, ours: i32, dumped: i32) -> Result<(), RestoreError> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(dumped & libc::O_NONBLOCK);
+    fcntl(ours, FcntlArg::F_SETFL(flags))
+        .map(|_| ())
+        .map_err(step(pid, "setting a socket's O_NONBLOCK"))
 }
 
 /// A unix socket pair made here again for the image's sockets `ino` and

@@ -258,6 +258,10 @@ pub(crate) struct Tracee {
     /// traced with `PTRACE_O_EXITKILL`, and dropping the tracee without
     /// [`Tracee::detach`] kills it instead of letting it run.
     owned: bool,
+    /// Signals that came while an owned thread was being built: never
+    /// delivered half-way (a handler would run on a process not yet
+    /// whole), sent again once it is let go.
+    held_signals: Vec<i32>,
 }
 
 /// The errno of a failed injected syscall's result (-4095..=-1).
@@ -369,6 +373,7 @@ impl Tracee {
             ran_code: 0,
             rseq_aborted: false,
             owned,
+            held_signals: Vec::new(),
         };
         t.interrupt()?;
         t.wait_jobctl(timeout, "stopping the thread (PTRACE_INTERRUPT)")?;
@@ -1010,14 +1015,15 @@ impl Tracee {
         // detach stops it once more first, as after a syscall.
         self.stop = StopKind::SyscallExit;
         self.set_fixed()?;
+        // Sent again once the thread is let go: now it would only stop the
+        // next injection.
         for sig in held {
             tracing::debug!(
-                "thread {} of process {}: signal {sig} came during a batch of injected syscalls; sent again",
+                "thread {} of process {}: signal {sig} came during a batch of injected syscalls; held until the thread is let go",
                 self.tid,
                 self.pid
             );
-            // SAFETY: tgkill(2) with plain integers.
-            unsafe { libc::syscall(libc::SYS_tgkill, self.pid, self.tid, sig) };
+            self.held_signals.push(sig);
         }
         let done = arch::batch_cursor(&at).wrapping_sub(table) / BATCH_ENTRY as u64;
         match usize::try_from(done) {
@@ -1190,6 +1196,18 @@ impl Tracee {
     /// restart handling and builds any handler frame from them), then stop
     /// the thread again; its new registers become the original ones.
     fn deliver_on_original(&mut self, sig: i32) -> Result<(), InjectError> {
+        if self.owned {
+            // A process being built runs none of its code: the signal is
+            // dropped here (the caller resumes with none) and sent again
+            // when the thread is let go.
+            tracing::debug!(
+                "thread {} of process {}: signal {sig} came while it is built; held until it is let go",
+                self.tid,
+                self.pid
+            );
+            self.held_signals.push(sig);
+            return Ok(());
+        }
         self.set_orig()?;
         // Its handler runs: under its own filters.
         let was = self.seccomp_suspended;
@@ -1846,6 +1864,12 @@ impl Tracee {
             self.abandoned = true;
         }
         self.scratch = None;
+        if r.is_ok() {
+            for sig in std::mem::take(&mut self.held_signals) {
+                // SAFETY: tgkill(2) with plain integers.
+                unsafe { libc::syscall(libc::SYS_tgkill, self.pid, self.tid, sig) };
+            }
+        }
         r
     }
 
