@@ -254,6 +254,20 @@ impl VmaRecord {
         }
         self.name.as_deref().filter(|n| n.starts_with('/'))
     }
+
+    /// A VMA mapping a memfd or a file deleted since (not shared anonymous
+    /// memory, `/dev/zero (deleted)` or SysV, which the image holds as
+    /// pages): the (device, inode) its `process::UnlinkedFileState` has.
+    pub fn unlinked_key(&self) -> Option<(u64, u64)> {
+        let name = self.backing_file()?;
+        if !name.ends_with(" (deleted)") || (!self.is_private() && self.dumped) {
+            return None;
+        }
+        let (maj, min) = self.dev.split_once(':')?;
+        let maj = u32::from_str_radix(maj, 16).ok()?;
+        let min = u32::from_str_radix(min, 16).ok()?;
+        Some((libc::makedev(maj, min), self.inode))
+    }
 }
 
 /// `mm.json`.

@@ -10,7 +10,9 @@
 //! pagemap.img      binary index: which page ranges this image holds and how
 //! pages.img        page data, raw or lz4-compressed, one blob per data entry
 //! process.json     (final dumps) the rest of the process's state
-//! pipes/INODE.bin  (final dumps) the bytes queued in each pipe
+//! pipes/NAME.bin   (final dumps) the bytes queued in each pipe and unix
+//!                  socket, and the data of each memfd or deleted file the
+//!                  process holds (`unlinked-DEV-INO.bin`)
 //! ```
 //!
 //! `inventory.json` is written last and atomically (write + rename), so a
@@ -447,8 +449,13 @@ impl Image {
         };
         let mut pipe_data = BTreeMap::new();
         if let Some(p) = &process {
-            let names: std::collections::BTreeSet<&String> =
-                p.fds.iter().filter_map(|f| f.pipe_data.as_ref()).collect();
+            // Queued bytes of pipes and sockets, and unlinked files' data.
+            let names: std::collections::BTreeSet<&String> = p
+                .fds
+                .iter()
+                .filter_map(|f| f.pipe_data.as_ref())
+                .chain(p.unlinked_files.iter().map(|u| &u.data))
+                .collect();
             let mut total = 0u64;
             for name in names {
                 let bytes = src.read_pipe(dir, name, &mut provenance)?;

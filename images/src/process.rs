@@ -67,6 +67,72 @@ pub struct ProcessImage {
     pub seccomp_filters: Vec<SeccompFilterState>,
     pub threads: Vec<ThreadImage>,
     pub fds: Vec<FdImage>,
+    /// Files no path reaches (memfds, files deleted while open or mapped)
+    /// that its fds or VMAs refer to, each with its contents in `pipes/`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unlinked_files: Vec<UnlinkedFileState>,
+}
+
+/// A memfd or a file deleted while open or mapped: fds (`FdKindState::File`
+/// with `deleted`) and VMAs (a name ending in ` (deleted)`) refer to it by
+/// its device and inode, as the dump saw them; a restore makes a new one
+/// with these contents.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct UnlinkedFileState {
+    pub dev: u64,
+    pub ino: u64,
+    /// A memfd: its name (what `memfd_create` was given). Else the path it
+    /// had, without ` (deleted)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memfd: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    pub size: u64,
+    /// Permission bits (setuid and setgid kept only for an image root wrote).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// A memfd's seals (F_GET_SEALS), added once the restore is done.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seals: u32,
+    /// The file under `pipes/` holding its data runs, one after the other.
+    pub data: String,
+    /// (offset, length) of each run of data, in order; the rest are holes.
+    pub extents: Vec<(u64, u64)>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl UnlinkedFileState {
+    /// Fill `buf` with the file's bytes at `offset`, from `data` (its
+    /// runs, as stored): holes and what lies past its end read as zeros.
+    pub fn read_at(&self, data: &[u8], offset: u64, buf: &mut [u8]) {
+        buf.fill(0);
+        let end = offset + buf.len() as u64;
+        let mut at = 0u64;
+        for &(off, len) in &self.extents {
+            let (a, b) = (off.max(offset), (off + len).min(end));
+            if a < b {
+                let from = usize::try_from(at + (a - off)).unwrap_or(usize::MAX);
+                let n = usize::try_from(b - a).unwrap_or(usize::MAX);
+                let to = usize::try_from(a - offset).unwrap_or(usize::MAX);
+                if let Some(src) = data.get(from..from.saturating_add(n)) {
+                    buf[to..to + n].copy_from_slice(src);
+                }
+            }
+            at += len;
+        }
+    }
+
+    /// How the file is named in messages.
+    pub fn describe(&self) -> String {
+        match &self.memfd {
+            Some(n) => format!("memfd:{n}"),
+            None => format!("{} (deleted)", self.path),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -206,6 +272,11 @@ pub fn valid_pipe_name(name: &str) -> bool {
 }
 
 impl ProcessImage {
+    /// The memfd or deleted file of this (device, inode).
+    pub fn unlinked_file(&self, key: (u64, u64)) -> Option<&UnlinkedFileState> {
+        self.unlinked_files.iter().find(|u| (u.dev, u.ino) == key)
+    }
+
     /// Parse and check the bytes of `process.json` (`path` names it in
     /// errors): everything a restore will hand to the kernel must be in the
     /// kernel's own bounds, so that a damaged image is refused before any
@@ -339,6 +410,7 @@ impl ProcessImage {
             check_unix_socket(f, &p.fds)?;
             check_inet_socket(f, &p.creds)?;
         }
+        check_unlinked_files(p)?;
         let mut ids = BTreeSet::new();
         for t in &p.posix_timers {
             check_posix_timer(t, &p.threads, &p.creds)?;
@@ -372,6 +444,54 @@ impl ProcessImage {
         }
         Ok(())
     }
+}
+
+/// Each unlinked file is one the kernel could make (a memfd name it takes,
+/// an absolute path, known seals, data runs in order within its size and
+/// of at most what `pipes/` holds), listed once. (That every deleted fd
+/// has one is the restore's to check: older images hold such fds without.)
+fn check_unlinked_files(p: &ProcessImage) -> Result<(), String> {
+    let mut keys = BTreeSet::new();
+    for u in &p.unlinked_files {
+        let what = u.describe();
+        if !keys.insert((u.dev, u.ino)) {
+            return Err(format!("unlinked file {what} listed twice"));
+        }
+        match &u.memfd {
+            Some(n) if n.len() > sys::unlinked_files::MEMFD_NAME_MAX || n.contains('\0') => {
+                return Err(format!("memfd name {n:?}"));
+            }
+            Some(_) if !u.path.is_empty() => {
+                return Err(format!("{what}: both a memfd and a path"));
+            }
+            None if !u.path.starts_with('/') || u.path.contains('\0') || u.path.len() > 4096 => {
+                return Err(format!("unlinked file {:?}: not an absolute path", u.path));
+            }
+            _ => {}
+        }
+        if u.size > i64::MAX as u64 || u.mode > 0o7777 {
+            return Err(format!("{what}: size {} / mode {:o}", u.size, u.mode));
+        }
+        if u.seals & !sys::unlinked_files::ALL_SEALS != 0 || (u.seals != 0 && u.memfd.is_none()) {
+            return Err(format!("{what}: seals {:#x}", u.seals));
+        }
+        if !valid_pipe_name(&u.data) {
+            return Err(format!("{what}: data name {:?}", u.data));
+        }
+        let mut end = 0u64;
+        let mut bytes = 0u64;
+        for &(off, len) in &u.extents {
+            if off < end || len == 0 || off.checked_add(len).is_none_or(|e| e > u.size) {
+                return Err(format!("{what}: data run {off}+{len}"));
+            }
+            end = off + len;
+            bytes += len;
+        }
+        if bytes > crate::fsdir::MAX_PIPE_BYTES {
+            return Err(format!("{what}: {bytes} bytes of data"));
+        }
+    }
+    Ok(())
 }
 
 /// CAP_WAKE_ALARM, CAP_BLOCK_SUSPEND (include/uapi/linux/capability.h).
@@ -589,4 +709,77 @@ fn check_signal(s: &PendingSignalState) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd(extents: Vec<(u64, u64)>) -> UnlinkedFileState {
+        UnlinkedFileState {
+            dev: 1,
+            ino: 7,
+            memfd: Some("buf".into()),
+            path: String::new(),
+            size: 16384,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            seals: sys::unlinked_files::F_SEAL_GROW,
+            data: "unlinked-1-7.bin".into(),
+            extents,
+        }
+    }
+
+    #[test]
+    fn an_unlinked_file_reads_its_runs_and_zeros_between_and_past_them() {
+        let u = memfd(vec![(4096, 4), (8192, 2)]);
+        let data = b"abcdXY";
+        let mut buf = [9u8; 8];
+        u.read_at(data, 4094, &mut buf);
+        assert_eq!(&buf, b"\0\0abcd\0\0");
+        u.read_at(data, 8191, &mut buf);
+        assert_eq!(&buf, b"\0XY\0\0\0\0\0");
+        u.read_at(data, 20000, &mut buf);
+        assert_eq!(buf, [0u8; 8]);
+    }
+
+    #[test]
+    fn unlinked_files_the_kernel_could_not_make_are_refused() {
+        let mut p: ProcessImage =
+            serde_json::from_str(include_str!("../tests/fixtures/v2/ck_signals/process.json"))
+                .unwrap();
+        p.unlinked_files = vec![memfd(vec![(0, 4096)])];
+        p.validate().unwrap();
+        for (bad, why) in [
+            (memfd(vec![(4096, 10), (4000, 10)]), "data run"),
+            (memfd(vec![(16000, 4096)]), "data run"),
+            (
+                UnlinkedFileState {
+                    seals: 0x100,
+                    ..memfd(vec![])
+                },
+                "seals",
+            ),
+            (
+                UnlinkedFileState {
+                    memfd: None,
+                    path: "relative".into(),
+                    ..memfd(vec![])
+                },
+                "absolute",
+            ),
+            (
+                UnlinkedFileState {
+                    data: "../x".into(),
+                    ..memfd(vec![])
+                },
+                "data name",
+            ),
+        ] {
+            p.unlinked_files = vec![bad];
+            let e = p.validate().unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+    }
 }

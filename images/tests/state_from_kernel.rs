@@ -270,6 +270,7 @@ fn kernel_state_of_a_stopped_process_comes_back_unchanged_through_the_image() {
                 same_as: None,
             })
             .collect(),
+        unlinked_files: Vec::new(),
     };
     let text = serde_json::to_vec_pretty(&p).unwrap();
     let parsed = ProcessImage::parse(std::path::Path::new("process.json"), &text).unwrap();

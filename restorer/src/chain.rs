@@ -522,7 +522,15 @@ impl ImageChain {
                 }
                 PageSource::Zero => {}
                 PageSource::Hole => {
-                    if let Some(file) = vma.backing_file().filter(|_| vma.is_private()) {
+                    let newest = self.newest();
+                    let unlinked = vma.unlinked_key().and_then(|k| {
+                        let u = newest.process.as_ref()?.unlinked_file(k)?;
+                        Some((u, newest.pipe_data.get(&u.data)?))
+                    });
+                    if let Some((u, data)) = unlinked.filter(|_| vma.is_private()) {
+                        // A memfd or deleted file: its saved contents.
+                        u.read_at(data, vma.offset + (addr - vma.start), page);
+                    } else if let Some(file) = vma.backing_file().filter(|_| vma.is_private()) {
                         let f = match &mut backing {
                             Some(f) => f,
                             slot => slot.insert(

@@ -15,6 +15,7 @@ pub mod remote;
 pub mod restore;
 pub mod service;
 pub mod trust;
+mod unlinked;
 pub mod verify;
 
 pub use chain::{BlobCache, ChainError, ChainImageSummary, ImageChain, PageSource};

@@ -36,6 +36,7 @@
 //! half-built one dies of SIGKILL (no core, no SIGSEGV seen by a
 //! supervisor). Any failure before the last step kills it the same way.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -329,6 +330,8 @@ struct Plan {
     /// checked to be those the dump saw: path -> (device, inode) here. The
     /// process's own open of each must find the same inode.
     mapped_inodes: HashMap<String, (u64, u64)>,
+    /// The memfds and deleted files, made again in tern.
+    unlinked: crate::unlinked::UnlinkedFiles,
 }
 
 fn bad(dir: &Path, what: impl Into<String>) -> RestoreError {
@@ -440,25 +443,33 @@ fn plan(
             ));
         }
         match &f.info.kind {
-            FdKindState::File { path, deleted, .. } => {
-                if *deleted {
-                    return Err(bad(
-                        dir,
-                        format!(
-                            "fd {} is a deleted file ({path}): tern cannot restore its contents yet",
-                            f.info.fd
-                        ),
-                    ));
-                }
-                if !Path::new(path).exists() {
-                    return Err(bad(
-                        dir,
-                        format!(
-                            "fd {} refers to {path}, which does not exist here",
-                            f.info.fd
-                        ),
-                    ));
-                }
+            FdKindState::File {
+                deleted: true,
+                dev,
+                ino,
+                path,
+                ..
+            } if f.same_as.is_none() && process.unlinked_file((*dev, *ino)).is_none() => {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "fd {} is a deleted file ({path}) whose contents are not in the image",
+                        f.info.fd
+                    ),
+                ));
+            }
+            FdKindState::File {
+                path,
+                deleted: false,
+                ..
+            } if !Path::new(path).exists() => {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "fd {} refers to {path}, which does not exist here",
+                        f.info.fd
+                    ),
+                ));
             }
             FdKindState::Socket { .. } | FdKindState::Anon { .. } | FdKindState::Other { .. } => {
                 return Err(bad(
@@ -473,17 +484,18 @@ fn plan(
         }
     }
     for v in chain.vmas() {
-        if v.is_private() && v.backing_file().is_some() {
-            let name = v.name.as_deref().unwrap_or("");
-            if name.ends_with(" (deleted)") {
-                return Err(bad(
-                    dir,
-                    format!(
-                        "VMA {:#x}-{:#x} maps a deleted file ({name}); tern cannot restore its unmodified pages",
-                        v.start, v.end
-                    ),
-                ));
-            }
+        if let Some(key) = v.unlinked_key()
+            && process.unlinked_file(key).is_none()
+        {
+            return Err(bad(
+                dir,
+                format!(
+                    "VMA {:#x}-{:#x} maps {}, whose contents are not in the image",
+                    v.start,
+                    v.end,
+                    v.name.as_deref().unwrap_or("")
+                ),
+            ));
         }
     }
     check_host_limits(dir, &process, chain.vmas())?;
@@ -503,6 +515,7 @@ fn plan(
         }
     }
     lap("checked");
+    let unlinked = crate::unlinked::UnlinkedFiles::make(dir, &process, &pipe_data, &writer)?;
     // Last (the costliest): every page blob the process will get (a lazy
     // restore checks the blobs of lazy memory as it reads them).
     let blobs = chain.verify_pages(blob_budget(), |v| {
@@ -543,6 +556,7 @@ fn plan(
         lazy,
         fill,
         mapped_inodes,
+        unlinked,
     })
 }
 
@@ -562,6 +576,9 @@ fn check_mapped_files(
         else {
             continue;
         };
+        if v.unlinked_key().is_some() {
+            continue; // made from the image, not read from a path
+        }
         if seen.contains_key(path) {
             continue;
         }
@@ -1143,6 +1160,7 @@ fn build(
     in_step(tracing::debug_span!("process state"), || {
         process_state(plan, &mut main, pid)
     })?;
+    plan.unlinked.seal(pid)?;
 
     // Lazy: the process's userfaultfd, made now that its fds are in place
     // (and while it still has the credentials to ask for fork events).
@@ -1860,12 +1878,12 @@ impl MappedFiles {
     fn open<'a>(
         main: &mut Injector,
         pid: i32,
-        wanted: impl Iterator<Item = (&'a str, i32)>,
+        wanted: impl Iterator<Item = (Cow<'a, str>, i32)>,
     ) -> Result<MappedFiles, RestoreError> {
         let mut keys: Vec<(String, i32)> = Vec::new();
         for (path, mode) in wanted {
-            if !keys.iter().any(|(p, m)| p == path && *m == mode) {
-                keys.push((path.to_string(), mode));
+            if !keys.iter().any(|(p, m)| *p == path && *m == mode) {
+                keys.push((path.into_owned(), mode));
             }
         }
         let mut files = MappedFiles::default();
@@ -1943,11 +1961,26 @@ impl MappedFiles {
 /// The file `v` maps and the mode to open it with (the access the
 /// original mapping had); None for anonymous memory.
 fn mapped_file<'v>(
+    plan: &Plan,
     pid: i32,
     v: &'v VmaRecord,
     m: &MapPlan,
-) -> Result<Option<(&'v str, i32)>, RestoreError> {
-    let file = v.backing_file().filter(|_| !v.dumped || v.is_private());
+) -> Result<Option<(Cow<'v, str>, i32)>, RestoreError> {
+    // A memfd or deleted file: the one made again, through tern's fd.
+    let file = match v.unlinked_key() {
+        Some(key) => Some(Cow::Owned(
+            plan.unlinked.path(key).map(str::to_string).ok_or_else(|| {
+                step::<String>(pid, "mapping")(format!(
+                    "VMA {:#x}-{:#x}: {:?} was not made again",
+                    v.start, v.end, v.name
+                ))
+            })?,
+        )),
+        None => v
+            .backing_file()
+            .filter(|_| !v.dumped || v.is_private())
+            .map(Cow::Borrowed),
+    };
     match (v.is_private(), file) {
         (true, Some(path)) => Ok(Some((path, libc::O_RDONLY))),
         (_, None) if v.is_private() || v.dumped => Ok(None),
@@ -1969,6 +2002,7 @@ fn mapped_file<'v>(
 /// Add to `b` the mmap of `v` at `at` as `m` says, from its file opened in
 /// `files` (see [`mapped_file`]).
 fn map_vma(
+    plan: &Plan,
     b: &mut Batch<'_>,
     files: &MappedFiles,
     pid: i32,
@@ -1978,10 +2012,10 @@ fn map_vma(
 ) -> Result<(), RestoreError> {
     let len = v.end - v.start;
     let flags = m.map_type(v) | m.map_flags | libc::MAP_FIXED as u64;
-    let args = match mapped_file(pid, v, m)? {
+    let args = match mapped_file(plan, pid, v, m)? {
         Some((path, mode)) => {
             let fd = files
-                .fd(path, mode)
+                .fd(&path, mode)
                 .ok_or_else(|| step::<String>(pid, "mapping")(format!("{path} was not opened")))?;
             [at, len, m.map_prot, flags, fd as u64, v.offset]
         }
@@ -2390,14 +2424,17 @@ fn address_space(
     let wanted = vmas
         .iter()
         .zip(&plans)
-        .map(|(v, m)| mapped_file(pid, v, m))
+        .map(|(v, m)| mapped_file(plan, pid, v, m))
         .collect::<Result<Vec<_>, _>>()?;
     // The executable too, for PR_SET_MM_MAP (often one of them already).
     let exe = (p.exe.as_str(), libc::O_RDONLY);
     let files = MappedFiles::open(
         main,
         pid,
-        wanted.into_iter().flatten().chain(std::iter::once(exe)),
+        wanted
+            .into_iter()
+            .flatten()
+            .chain(std::iter::once((Cow::Borrowed(exe.0), exe.1))),
     )?;
     files.same_inodes(pid, &plan.mapped_inodes)?;
     // The mmaps go in batches; each VMA is filled once its mmap ran. What
@@ -2413,7 +2450,7 @@ fn address_space(
         // (its anon_vma and page offset then keep it apart).
         let prev = k.checked_sub(1).map(|i| vmas[i]);
         if !prev.is_some_and(|p| would_merge(p, v)) {
-            map_vma(&mut maps, &files, pid, v, m, v.start)?;
+            map_vma(plan, &mut maps, &files, pid, v, m, v.start)?;
             mapped.push(k);
             continue;
         }
@@ -2422,7 +2459,7 @@ fn address_space(
         mapped.clear();
         let at = free_area(plan.chain.vmas(), pid, v.end - v.start)?;
         let mut one = Batch::new(main)?;
-        map_vma(&mut one, &files, pid, v, m, at)?;
+        map_vma(plan, &mut one, &files, pid, v, m, at)?;
         one.run(main, pid)?;
         let filled = fill_vmas(plan, &mut eager, pid, &[(v, m, at)])?[0];
         pages += filled;
@@ -3082,6 +3119,31 @@ fn restore_fd<'p>(
         return Ok(());
     }
     let fd = match &info.kind {
+        FdKind::File {
+            deleted: true,
+            dev,
+            ino,
+            path,
+            ..
+        } => {
+            let Some(made) = plan.unlinked.path((*dev, *ino)) else {
+                return Err(step::<String>(pid, "restoring fds")(format!(
+                    "fd {}: {path} (deleted) was not made again",
+                    info.fd
+                )));
+            };
+            let fd = r.open(main, made, open_flags)?;
+            if info.pos != 0 {
+                r.b.checked(
+                    Syscall::new(
+                        libc::SYS_lseek,
+                        [fd as u64, info.pos, libc::SEEK_SET as u64, 0, 0, 0],
+                    ),
+                    "seeking a file",
+                );
+            }
+            fd
+        }
         FdKind::File { path, .. }
         | FdKind::Dir { path }
         | FdKind::CharDev { path, .. }

@@ -462,6 +462,8 @@ pub fn check_access(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> 
     let mut list: Vec<Access> = Vec::new();
     for f in &p.fds {
         let path = match &f.info.kind {
+            // Made from the image for the process, not opened by path.
+            FdKind::File { deleted: true, .. } => continue,
             FdKind::File { path, .. }
             | FdKind::Dir { path }
             | FdKind::CharDev { path, .. }
@@ -476,7 +478,10 @@ pub fn check_access(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> 
         });
     }
     for v in vmas {
-        if let Some(path) = v.backing_file().filter(|_| !v.dumped || v.is_private()) {
+        if let Some(path) = v
+            .backing_file()
+            .filter(|_| (!v.dumped || v.is_private()) && v.unlinked_key().is_none())
+        {
             let mode = if !v.is_private() && v.perms.write {
                 libc::R_OK | libc::W_OK
             } else {

@@ -21,6 +21,8 @@
 //!   copied without consuming them;
 //! - [`event_fds`]: eventfd, epoll, timerfd and signalfd state (fdinfo,
 //!   kcmp of epoll entries) and the layouts their restore passes;
+//! - [`unlinked_files`]: memfds and files deleted while open or mapped:
+//!   what they are, their data runs, and such a file made again;
 //! - [`file_view`]: a read-only shared mapping of a file (image pages);
 //! - [`clone`]: clone3's argument block;
 //! - [`proc`]: /proc/PID (status, stat, maps with typed permissions, limits, auxv);
@@ -56,6 +58,7 @@ pub mod sock_diag;
 pub mod sockopt;
 pub mod uffd;
 pub mod unix_sockets;
+pub mod unlinked_files;
 pub mod vdso;
 
 // tern runs on 64-bit Linux only (x86_64, aarch64): addresses and lengths

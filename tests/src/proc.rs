@@ -418,7 +418,8 @@ pub fn unused_pid() -> i32 {
 /// which are tern's tracking) and every fd (what it refers to, fdinfo
 /// flags, offset). Residency (Rss, Pss, ...) is left out, and so are the
 /// numbers a restore cannot keep: the inode of shared anonymous memory, of
-/// pipes and of sockets (new objects, same content).
+/// files deleted while mapped, of pipes and of sockets (new objects, same
+/// content).
 pub fn shape(pid: i32) -> Result<Vec<String>, String> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
@@ -442,6 +443,8 @@ pub fn shape(pid: i32) -> Result<Vec<String>, String> {
                 f.get(3).unwrap_or(&""),
                 if shmem {
                     "(shmem)"
+                } else if name.ends_with(" (deleted)") {
+                    "(a new file, deleted)"
                 } else {
                     f.get(4).unwrap_or(&"")
                 },

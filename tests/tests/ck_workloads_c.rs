@@ -9,7 +9,8 @@
 //! epoll interest lists and readiness, timerfds, a signalfd, POSIX
 //! timers) and `ck_unix` (socketpairs with data queued both ways,
 //! shutdown, a dup) and `ck_inet` (TCP listeners, a bound UDP socket, an
-//! unbound TCP socket) judge
+//! unbound TCP socket) and `ck_unlinked` (memfds with seals and shared
+//! and private mappings, files deleted while open or mapped) judge
 //! themselves right: left alone
 //! (and frozen for a while with SIGSTOP, as a dump freezes them) they say
 //! PASS; with `--break` they damage their own state right after `ready`,
@@ -170,4 +171,15 @@ fn inet_passes() {
 fn inet_break_fails() {
     // L4 replaced by a listener on another port.
     fails_when_broken("inet", &[], &["L4 (fd"]);
+}
+
+#[test]
+fn unlinked_passes() {
+    passes("unlinked", &[]);
+}
+
+#[test]
+fn unlinked_break_fails() {
+    // A byte of M2's shared mapping changes.
+    fails_when_broken("unlinked", &[], &["M2 mapping: byte 77"]);
 }

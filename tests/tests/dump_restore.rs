@@ -455,6 +455,19 @@ fn inet_sockets_after_three_pre_dumps() {
     assert_pass("inet", &[], 3);
 }
 
+/// memfds (sealed, sparse, mapped shared and privately, only mapped) and
+/// files deleted while open or mapped: contents page for page, seals,
+/// names, offsets, shared mappings coherent with their fds.
+#[test]
+fn unlinked_files() {
+    assert_pass("unlinked", &[], 0);
+}
+
+#[test]
+fn unlinked_files_after_three_pre_dumps() {
+    assert_pass("unlinked", &[], 3);
+}
+
 /// The same workloads restored with `--lazy-pages`.
 mod lazily {
     use super::assert_pass_lazily;
@@ -512,6 +525,11 @@ mod lazily {
     #[test]
     fn inet_sockets() {
         assert_pass_lazily("inet", &[], 0);
+    }
+
+    #[test]
+    fn unlinked_files() {
+        assert_pass_lazily("unlinked", &[], 0);
     }
 }
 

@@ -409,6 +409,12 @@ fn unix_socket_pairs_both_ways() {
     both_ways("unix", &[]);
 }
 
+/// memfds and deleted files: their contents travel in the final image.
+#[test]
+fn unlinked_files_both_ways() {
+    both_ways("unlinked", &[]);
+}
+
 /// The memory-oracle workload moved with `flags`: every page of every
 /// region it made is on host b as it was on a (read from outside, without
 /// faulting anything in first), and it answers commands there.

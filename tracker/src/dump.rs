@@ -684,9 +684,10 @@ fn capture(
                 (r, t.elapsed().as_secs_f64() * 1e3)
             });
             let threads = &mut threads;
+            let vmas_now = &vmas;
             let state = s.spawn(move || {
                 let t = Instant::now();
-                let state = capture_state(pid, threads, uffd, known);
+                let state = capture_state(pid, threads, vmas_now, uffd, known);
                 (state, t.elapsed().as_secs_f64() * 1e3)
             });
             let pages = (|| -> Result<crate::backend::DirtySet, DumpError> {
@@ -1169,6 +1170,7 @@ fn thread_results(
 fn capture_state(
     pid: i32,
     threads: &mut [Injector],
+    vmas: &[sys::proc::Vma],
     tracking_fd: Option<i32>,
     mut scratch: Option<u64>,
 ) -> Result<(ProcessImage, BTreeMap<String, Vec<u8>>), DumpError> {
@@ -1605,6 +1607,15 @@ fn capture_state(
         });
     }
 
+    // Memfds and deleted files: their contents, while frozen.
+    let unlinked_files = crate::unlinked::capture(pid, &fds, vmas, &mut pipes).map_err(|why| {
+        DumpError::Unrestorable {
+            pid,
+            source: Cause::msg(why),
+        }
+    })?;
+    lap("unlinked files");
+
     let process = ProcessImage {
         pid,
         ppid: stat.ppid,
@@ -1647,6 +1658,7 @@ fn capture_state(
         seccomp_filters: filters.into_iter().map(Into::into).collect(),
         threads: thread_images,
         fds,
+        unlinked_files,
     };
     // What a restore would refuse is refused here, while the target can
     // still resume.

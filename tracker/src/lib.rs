@@ -25,3 +25,4 @@ pub mod pagemap_scan;
 pub mod restorable;
 pub mod session;
 pub mod uffd;
+pub mod unlinked;

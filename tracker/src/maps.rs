@@ -28,8 +28,10 @@ pub trait VmaPolicy {
     fn is_file(&self) -> bool;
     /// Kernel-provided areas that are never copied: the restorer maps them.
     fn is_special(&self) -> bool;
-    /// Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, memfd, SysV shm):
-    /// its only copy is the memory itself, so it is recorded.
+    /// Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, SysV shm): its
+    /// only copy is the memory itself, so it is recorded. (A memfd's
+    /// contents are saved with the file, `crate::unlinked`: its shared
+    /// mappings are mapped from it again, as a shared file mapping is.)
     fn is_shared_anon(&self) -> bool;
     /// Whether tern records this VMA's pages.
     fn is_dumped(&self) -> bool;
@@ -64,9 +66,10 @@ impl VmaPolicy for Vma {
     fn is_shared_anon(&self) -> bool {
         !self.is_private()
             && (self.inode == 0
-                || self.name.as_deref().is_some_and(|n| {
-                    n.starts_with("/dev/zero") || n.starts_with("/SYSV") || n.starts_with("/memfd:")
-                }))
+                || self
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("/dev/zero") || n.starts_with("/SYSV")))
     }
     fn is_dumped(&self) -> bool {
         !self.is_special() && (self.is_private() || self.is_shared_anon())

@@ -17,13 +17,14 @@
 //!   and signalfd (inotify, fanotify, pidfd, userfaultfd, io_uring, ...),
 //!   an epoll holding a file through an fd the process has since closed,
 //!   an alarm timerfd without CAP_WAKE_ALARM,
-//!   namespace and other pseudo-file fds, deleted files and memfds (their
-//!   contents are not in the image), devices other than the stateless ones
+//!   namespace and other pseudo-file fds, deleted files and memfds with
+//!   more data than tern saves of one (`unlinked::LIMIT`), a deleted file
+//!   that keeps another name, a memfd on hugetlbfs, devices other than the stateless ones
 //!   (`/dev/null`, `zero`, `full`, `random`, `urandom`) and terminals, a pty
 //!   master (reopening `/dev/ptmx` makes a new pty), files with locks held
 //!   through them (locks are not re-taken), O_ASYNC fds (their signal
 //!   owner is not restored);
-//! - mappings: SysV shared memory, memfd and deleted files, device and I/O
+//! - mappings: SysV shared memory, memfds and deleted files as for fds, device and I/O
 //!   mappings, hugetlbfs, AIO rings, `memfd_secret`, shadow stacks, MTE;
 //! - POSIX timers on another process's CPU clock (or any, on a kernel
 //!   before 6.15, which cannot give a timer its ID back), child processes (live or zombie: a
@@ -516,21 +517,10 @@ fn fd_refusal(pid: i32, f: &FdInfo) -> Option<Refusal> {
             path,
             deleted: true,
             ..
-        } => {
-            if path.starts_with("/memfd:") {
-                refusal(
-                    "memfd",
-                    at,
-                    format!("{path}: a memfd; tern does not save its contents yet"),
-                )
-            } else {
-                refusal(
-                    "deleted_file",
-                    at,
-                    format!("{path} was deleted: tern does not save its contents"),
-                )
-            }
-        }
+        } => match crate::unlinked::refusal(pid, crate::unlinked::Via::Fd(f.fd), path) {
+            Some((kind, why)) => refusal(kind, at, why),
+            None => return file_locks(pid, f),
+        },
         FdKind::CharDev { path, rdev } => {
             let dev = (libc::major(*rdev), libc::minor(*rdev));
             if STATELESS_DEVICES.contains(&dev) {
@@ -652,11 +642,6 @@ fn mappings(pid: i32, flags: Option<&VmFlagsByVma>, out: &mut Vec<Refusal>) {
                 "sysv_shm",
                 format!("SysV shared memory {name}: tern cannot restore it yet"),
             ))
-        } else if name.starts_with("/memfd:") {
-            Some((
-                "memfd",
-                format!("a memfd mapping ({name}): tern does not save memfds yet"),
-            ))
         } else if name.starts_with("/[aio]") {
             Some((
                 "aio",
@@ -689,15 +674,9 @@ fn mappings(pid: i32, flags: Option<&VmFlagsByVma>, out: &mut Vec<Refusal>) {
                 "mte",
                 "memory tagging (PROT_MTE): tern does not save tags".into(),
             ))
-        } else if let Some(p) = name.strip_suffix(" (deleted)")
-            && v.is_file()
-            && !(name.starts_with("/dev/zero") && v.is_shared_anon())
-            && !std::path::Path::new(name).exists()
-        {
-            Some((
-                "deleted_mapping",
-                format!("maps {p}, which was deleted: its unmodified pages are not in the image"),
-            ))
+        } else if crate::unlinked::maps_unlinked(v) && !std::path::Path::new(name).exists() {
+            let named = name.strip_suffix(" (deleted)").unwrap_or(name);
+            crate::unlinked::refusal(pid, crate::unlinked::Via::Mapping(v.start, v.end), named)
         } else {
             None
         };

@@ -10,12 +10,13 @@
 //!
 //! KIND: `none` (nothing: a restorable control), `socket` (a unix
 //! socketpair), `tcp-listen`, `eventfd`, `epoll`, `signalfd`, `timerfd`,
-//! `posix-timer` (these are restorable since tern restores them),
+//! `posix-timer`, `deleted-file`, `deleted-mapping`, `memfd` (these are
+//! restorable since tern restores them), `memfd-too-big` (65 MiB of
+//! data), `deleted-file-linked` (deleted, but linked under another name),
 //! `tcp-connected` (an established connection, both ends), `epoll-closed-target` (an epoll holding an
 //! eventfd registered under an fd number since closed),
 //! `posix-timer-thread-clock` (a timer on CLOCK_THREAD_CPUTIME_ID),
-//! `inotify`, `pidfd`, `child`, `zombie-child`, `deleted-cwd`, `deleted-file`,
-//! `deleted-mapping`, `memfd`, `sysv-shm`, `flock`, `device`,
+//! `inotify`, `pidfd`, `child`, `zombie-child`, `deleted-cwd`, `sysv-shm`, `flock`, `device`,
 //! `zombie-leader`, `async-io`, `io-uring`, `aio`, `userfaultfd`,
 //! `fanotify`, `namespace` (its own UTS namespace), `deleted-exe` (it
 //! re-executes itself from a copy under the temporary directory, then
@@ -326,6 +327,29 @@ fn set_up(kind: &str) -> Vec<String> {
                 std::ptr::write_volatile(a as *mut u8, 1);
                 lines.push(fd_line(fd));
                 lines.push(format!("map {:#x}", a as usize));
+            }
+            "memfd-too-big" => {
+                // 65 MiB of data: more than tern saves of one.
+                let fd = move_fd(libc::memfd_create(c"holder-big".as_ptr(), 0), FD);
+                let page = vec![7u8; 1 << 20];
+                for i in 0..65 {
+                    check(
+                        libc::pwrite(fd, page.as_ptr().cast(), page.len(), (i << 20) as _) as _,
+                        "pwrite",
+                    );
+                }
+                lines.push(fd_line(fd));
+            }
+            "deleted-file-linked" => {
+                // Deleted by the name it was opened with, but still linked
+                // by another.
+                let p = tmp_path("deleted-linked");
+                let other = tmp_path("deleted-linked-other");
+                let fd = create_file(&p, 4096);
+                let (a, b) = (cstr(&p), cstr(&other));
+                check(libc::link(a.as_ptr(), b.as_ptr()) as _, "link");
+                unlink(&p);
+                lines.push(fd_line(move_fd(fd, FD)));
             }
             "sysv-shm" => {
                 let id = i32::try_from(check(
