@@ -594,6 +594,9 @@ fn check_unix_socket(f: &FdImage, all: &[FdImage]) -> Result<(), String> {
         peer,
         sock_type,
         shutdown,
+        name,
+        listen,
+        file,
     } = &f.info.kind
     else {
         return Ok(());
@@ -604,14 +607,69 @@ fn check_unix_socket(f: &FdImage, all: &[FdImage]) -> Result<(), String> {
             "unix socket fd {fd}: type {sock_type}, shutdown {shutdown}, peer {peer}"
         ));
     }
-    let paired = all.iter().any(|g| {
-        matches!(&g.info.kind, FdKindState::UnixSocket { ino: i, peer: p, sock_type: t, .. }
-            if i == peer && p == ino && t == sock_type)
+    if let Some(n) = name {
+        let path = n.first() != Some(&0);
+        if n.is_empty()
+            || n.len() > sys::unix_sockets::MAX_NAME
+            || (path && (n[0] != b'/' || n.contains(&0)))
+        {
+            return Err(format!(
+                "unix socket fd {fd}: name {:?} (an absolute path or an abstract name)",
+                String::from_utf8_lossy(n)
+            ));
+        }
+        if file.is_some() != (path && *peer == 0) || file.is_some_and(|f| f.mode > 0o7777) {
+            return Err(format!("unix socket fd {fd}: its socket file {file:?}"));
+        }
+    } else if file.is_some() {
+        return Err(format!("unix socket fd {fd}: a socket file without a name"));
+    }
+    if *peer == 0 {
+        // No peer: a listener (named, not datagram), or a socket bound or
+        // not.
+        let ok = match (name, listen) {
+            (Some(_), Some(_)) => *sock_type != 2,
+            (None, Some(_)) => false,
+            (_, None) => true,
+        };
+        if !ok || f.pipe_data.is_some() {
+            return Err(format!(
+                "unix socket fd {fd}: unconnected, type {sock_type}, named {}, listening {listen:?}, data queued {}",
+                name.is_some(),
+                f.pipe_data.is_some()
+            ));
+        }
+        return Ok(());
+    }
+    if listen.is_some() {
+        return Err(format!("unix socket fd {fd}: connected and listening"));
+    }
+    let other = all.iter().find_map(|g| match &g.info.kind {
+        FdKindState::UnixSocket {
+            ino: i,
+            peer: p,
+            sock_type: t,
+            name: n,
+            ..
+        } if i == peer && p == ino && t == sock_type => Some(n),
+        _ => None,
     });
-    if !paired {
+    let Some(other_name) = other else {
         return Err(format!(
             "unix socket fd {fd}: its peer socket:[{peer}] is not the other end of a pair in the image"
         ));
+    };
+    // An accepted connection (named as its listener) has a client end
+    // with no name, and that listener is in the image.
+    if let Some(n) = name {
+        let listener = all.iter().any(|g| {
+            matches!(&g.info.kind, FdKindState::UnixSocket { name: Some(m), listen: Some(_), .. } if m == n)
+        });
+        if other_name.is_some() || !listener || *sock_type == 2 {
+            return Err(format!(
+                "unix socket fd {fd}: connected under the name of no listener of the image"
+            ));
+        }
     }
     Ok(())
 }

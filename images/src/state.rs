@@ -271,10 +271,13 @@ pub enum FdKindState {
         nodelay: bool,
         v6only: bool,
     },
-    /// A connected, unbound unix socket whose peer is another socket of
-    /// the image (a socketpair); what is queued to be read from it is in
-    /// `pipes/` (`FdImage::pipe_data`, messages as
-    /// `sys::unix_sockets::encode` writes them).
+    /// A unix socket: one end of a connection whose other end is another
+    /// socket of the image (a socketpair, or a connection accepted from a
+    /// listener of the image: that end has the listener's name), or a
+    /// socket bound to a name (listening, or a datagram socket) with no
+    /// peer (`peer` 0). What is queued to be read from it is in `pipes/`
+    /// (`FdImage::pipe_data`, messages as `sys::unix_sockets::encode`
+    /// writes them).
     UnixSocket {
         ino: u64,
         peer: u64,
@@ -282,11 +285,34 @@ pub enum FdKindState {
         sock_type: u8,
         /// RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2.
         shutdown: u8,
+        /// The name it is bound to: an absolute path, or `\0` and an
+        /// abstract name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<Vec<u8>>,
+        /// Listening, with this backlog.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listen: Option<u32>,
+        /// For a socket bound to a path (not an accepted connection): the
+        /// socket file as the dump found it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<UnixSocketFile>,
     },
     /// Anything else: the link as read.
     Other {
         link: String,
     },
+}
+
+/// The file a unix socket bound to a path made: its (device, inode) at
+/// the dump (a stale one left by the dumped process is replaced at the
+/// restore, nothing else), permission bits and owner.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixSocketFile {
+    pub dev: u64,
+    pub ino: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// One file registered in an epoll.

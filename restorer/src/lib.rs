@@ -14,6 +14,7 @@ pub mod lazy;
 pub mod remote;
 pub mod restore;
 pub mod service;
+mod socket_file;
 pub mod trust;
 mod unlinked;
 pub mod verify;

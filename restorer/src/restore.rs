@@ -3082,6 +3082,9 @@ fn restore_fds(
         held: Vec::new(),
         sockets: BTreeMap::new(),
     };
+    // Unix sockets bound to a name, and the connections accepted from
+    // them, first (an fd may come before its listener's).
+    bound_unix_sockets(plan, pid, &mut r.sockets)?;
     if let Some(c) = first {
         r.b.checked(c, "closing inherited fds");
     }
@@ -3245,7 +3248,12 @@ fn restore_fd<'p>(
             ..
         } => {
             if !r.sockets.contains_key(ino) {
-                let (a, b) = unix_pair(plan, pid, *ino, *peer, *sock_type)?;
+                let (a, b) = sys::unix_sockets::pair(*sock_type).map_err(|e| {
+                    step::<String>(pid, "making a unix socket pair")(format!(
+                        "socket:[{ino}] and socket:[{peer}]: {e}"
+                    ))
+                })?;
+                let (a, b) = unix_pair(plan, pid, *ino, *peer, (a, b))?;
                 r.sockets.insert(*ino, a);
                 r.sockets.insert(*peer, b);
             }
@@ -3343,12 +3351,119 @@ fn set_nonblock(pid: i32, ours: i32, dumped: i32) -> Result<(), RestoreError> {
 /// A unix socket pair made here again for the image's sockets `ino` and
 /// `peer`: what was queued to each sent from the other, then each end's
 /// shutdown as it was (after the sends, which it would stop).
+/// The unix sockets of the image bound to a name (listening, datagram, or
+/// only bound), bound again in tern, and the connections accepted from
+/// those listeners, connected again: into `sockets` by the image's inodes.
+fn bound_unix_sockets(
+    plan: &Plan,
+    pid: i32,
+    sockets: &mut BTreeMap<u64, OwnedFd>,
+) -> Result<(), RestoreError> {
+    use images::state::FdKindState as FdKind;
+    let fail = |what: String| step::<String>(pid, "making a unix socket")(what);
+    let unique = plan.process.fds.iter().filter(|f| f.same_as.is_none());
+    // Not connected: made (and bound, listening) first.
+    for f in unique.clone() {
+        let FdKind::UnixSocket {
+            ino,
+            peer: 0,
+            sock_type,
+            name,
+            listen,
+            file,
+            ..
+        } = &f.info.kind
+        else {
+            continue;
+        };
+        let shown = name
+            .as_deref()
+            .map_or_else(|| "no name".to_string(), sys::unix_sockets::shown_name);
+        if let Some(file) = file {
+            crate::socket_file::clear_stale(name.as_deref().unwrap_or_default(), file)
+                .map_err(|e| fail(format!("fd {}: {e}", f.info.fd)))?;
+        }
+        let backlog = listen.map(|b| i32::try_from(b).unwrap_or(i32::MAX));
+        let s = sys::unix_sockets::bound(*sock_type, name.as_deref(), backlog).map_err(|e| {
+            fail(format!(
+                "fd {}: a unix socket bound to {shown}: {e}{}",
+                f.info.fd,
+                if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                    " (another socket holds the name here: stop its process, or restore where it is free)"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+        if let Some(file) = file {
+            let owner = plan
+                .writer
+                .owner_given(file.uid, file.gid, plan.process.creds.gid[1]);
+            crate::socket_file::give(
+                name.as_deref().unwrap_or_default(),
+                owner,
+                plan.writer.mode_given(file.mode),
+            )
+            .map_err(|e| fail(format!("fd {}: {e}", f.info.fd)))?;
+        }
+        sockets.insert(*ino, s);
+    }
+    // Accepted connections: connected to their listener again.
+    for f in unique {
+        let FdKind::UnixSocket {
+            ino,
+            peer,
+            sock_type,
+            name: Some(name),
+            listen: None,
+            ..
+        } = &f.info.kind
+        else {
+            continue;
+        };
+        if *peer == 0 || sockets.contains_key(ino) {
+            continue;
+        }
+        let listener = plan.process.fds.iter().find_map(|g| match &g.info.kind {
+            FdKind::UnixSocket {
+                ino: l,
+                name: Some(n),
+                listen: Some(_),
+                ..
+            } if n == name => sockets.get(l),
+            _ => None,
+        });
+        let Some(listener) = listener else {
+            return Err(fail(format!(
+                "fd {}: a connection accepted from {}, whose listener is not in the image",
+                f.info.fd,
+                sys::unix_sockets::shown_name(name)
+            )));
+        };
+        let (client, accepted) = sys::unix_sockets::connection(listener, *sock_type, name)
+            .map_err(|e| {
+                fail(format!(
+                    "fd {}: connecting to {} again: {e}",
+                    f.info.fd,
+                    sys::unix_sockets::shown_name(name)
+                ))
+            })?;
+        let (a, b) = unix_pair(plan, pid, *ino, *peer, (accepted, client))?;
+        sockets.insert(*ino, a);
+        sockets.insert(*peer, b);
+    }
+    Ok(())
+}
+
+/// The connected sockets `made` for the image's `ino` and its `peer`,
+/// given what was queued to each (sent from the other) and their
+/// shutdowns.
 fn unix_pair(
     plan: &Plan,
     pid: i32,
     ino: u64,
     peer: u64,
-    sock_type: u8,
+    made: (OwnedFd, OwnedFd),
 ) -> Result<(OwnedFd, OwnedFd), RestoreError> {
     use images::state::FdKindState as FdKind;
     let end = |i: u64| {
@@ -3380,7 +3495,7 @@ fn unix_pair(
             step::<String>(pid, what)(format!("socket:[{ino}] and socket:[{peer}]: {e}"))
         }
     };
-    let (a, b) = sys::unix_sockets::pair(sock_type).map_err(fail("making a unix socket pair"))?;
+    let (a, b) = made;
     sys::unix_sockets::fill(&b, &queued(fa)?).map_err(fail("refilling a unix socket"))?;
     sys::unix_sockets::fill(&a, &queued(fb)?).map_err(fail("refilling a unix socket"))?;
     use sys::unix_sockets::{RCV_SHUTDOWN, SEND_SHUTDOWN};

@@ -47,6 +47,28 @@ pub enum Writer {
     },
 }
 
+impl Writer {
+    /// The owner a file the restore makes for the process gets (a memfd,
+    /// a deleted file, a socket file): `uid`:`gid` as dumped for an image
+    /// only root could have written; else the writer's uid, and `gid` only
+    /// if it is one of theirs (`egid`, the process's, if not).
+    pub fn owner_given(&self, uid: u32, gid: u32, egid: u32) -> (u32, u32) {
+        match self {
+            Writer::Root => (uid, gid),
+            Writer::User { uid: w, gids, .. } => (*w, if gids.contains(&gid) { gid } else { egid }),
+        }
+    }
+
+    /// The permission bits such a file gets: setuid and setgid only for
+    /// an image only root could have written.
+    pub fn mode_given(&self, mode: u32) -> u32 {
+        match self {
+            Writer::Root => mode & 0o7777,
+            Writer::User { .. } => mode & 0o1777,
+        }
+    }
+}
+
 /// The user running `tern restore`.
 #[derive(Debug, Clone)]
 pub struct Restorer {
@@ -476,6 +498,31 @@ pub fn check_access(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> 
             path,
             mode: access_mode(f.info.flags),
         });
+    }
+    // A socket bound to a path: the restore binds it again, which needs
+    // its directory writable.
+    for f in &p.fds {
+        if let FdKind::UnixSocket {
+            name: Some(n),
+            file: Some(_),
+            ..
+        } = &f.info.kind
+        {
+            let Some((dir, _)) = std::str::from_utf8(n).ok().and_then(|n| n.rsplit_once('/'))
+            else {
+                return Err(format!(
+                    "fd {}: a socket bound to a path tern cannot check ({:?})",
+                    f.info.fd,
+                    String::from_utf8_lossy(n)
+                ));
+            };
+            let dir = if dir.is_empty() { "/" } else { dir };
+            list.push(Access {
+                what: format!("the directory of fd {}'s socket", f.info.fd),
+                path: dir,
+                mode: libc::W_OK | libc::X_OK,
+            });
+        }
     }
     for v in vmas {
         if let Some(path) = v

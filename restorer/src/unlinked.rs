@@ -64,7 +64,8 @@ impl UnlinkedFiles {
                 step: "making memfds and deleted files",
                 what: e.to_string(),
             })?;
-            let (owner, mode) = given(u, p, writer);
+            let owner = writer.owner_given(u.uid, u.gid, p.creds.gid[1]);
+            let mode = writer.mode_given(u.mode);
             let extents: Vec<uf::Extent> = u
                 .extents
                 .iter()
@@ -123,22 +124,4 @@ fn make_one(u: &UnlinkedFileState) -> Result<OwnedFd, uf::UnlinkedFileError> {
             .unwrap_or("deleted");
         uf::make_memfd(&base.chars().take(uf::MEMFD_NAME_MAX).collect::<String>())
     })
-}
-
-/// The owner and mode the file gets: as dumped for an image only root
-/// could have written; else its writer's uid (and a gid of theirs), and
-/// no setuid or setgid bit.
-fn given(u: &UnlinkedFileState, p: &ProcessImage, writer: &Writer) -> ((u32, u32), u32) {
-    match writer {
-        Writer::Root => ((u.uid, u.gid), u.mode),
-        Writer::User { uid, gids, .. } => {
-            let owner = if u.uid == *uid { u.uid } else { *uid };
-            let group = if gids.contains(&u.gid) {
-                u.gid
-            } else {
-                p.creds.gid[1]
-            };
-            ((owner, group), u.mode & 0o1777)
-        }
-    }
 }

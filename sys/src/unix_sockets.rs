@@ -19,9 +19,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// `udiag_show` bits and attribute types (include/uapi/linux/unix_diag.h).
 const UDIAG_SHOW_NAME: u32 = 0x1;
+const UDIAG_SHOW_VFS: u32 = 0x2;
 const UDIAG_SHOW_PEER: u32 = 0x4;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_NAME: u16 = 0;
+const UNIX_DIAG_VFS: u16 = 1;
 const UNIX_DIAG_PEER: u16 = 2;
 const UNIX_DIAG_RQLEN: u16 = 4;
 const UNIX_DIAG_SHUTDOWN: u16 = 6;
@@ -30,6 +32,10 @@ pub const RCV_SHUTDOWN: u8 = 1;
 pub const SEND_SHUTDOWN: u8 = 2;
 /// `TCP_ESTABLISHED`, the state of a connected unix socket.
 pub const STATE_CONNECTED: u8 = 1;
+/// `TCP_LISTEN`, a listening one.
+pub const STATE_LISTEN: u8 = 10;
+/// The longest name `sockaddr_un` holds.
+pub const MAX_NAME: usize = 108;
 /// `AF_UNIX` (1) as sock_diag's one-byte family field.
 const AF_UNIX_U8: u8 = 1;
 const _: () = assert!(libc::AF_UNIX == AF_UNIX_U8 as i32);
@@ -49,8 +55,13 @@ pub struct UnixSocket {
     /// The address it is bound to (a path, or `\0` and an abstract name).
     pub name: Option<Vec<u8>>,
     /// Bytes (stream, seqpacket) or the first datagram's length queued to
-    /// be read.
+    /// be read; for a listener, the connections waiting to be accepted.
     pub rqueue: u32,
+    /// For a listener, its backlog.
+    pub wqueue: u32,
+    /// For a socket bound to a path: the socket file's (device, inode),
+    /// as `stat` gives them.
+    pub file: Option<(u64, u64)>,
     /// RCV_SHUTDOWN | SEND_SHUTDOWN.
     pub shutdown: u8,
 }
@@ -99,7 +110,9 @@ pub fn all() -> Result<HashMap<u64, UnixSocket>, UnixSocketsError> {
     req.extend_from_slice(&0u16.to_ne_bytes());
     req.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
     req.extend_from_slice(&0u32.to_ne_bytes()); // udiag_ino
-    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    req.extend_from_slice(
+        &(UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes(),
+    );
     req.extend_from_slice(&[0xff; 8]); // udiag_cookie: none
     let mut out = HashMap::new();
     for m in crate::sock_diag::dump(&req)
@@ -125,6 +138,8 @@ fn parse_msg(b: &[u8]) -> Result<UnixSocket, UnixSocketsError> {
         peer: None,
         name: None,
         rqueue: 0,
+        wqueue: 0,
+        file: None,
         shutdown: 0,
     };
     let mut a = &b[16..];
@@ -136,13 +151,29 @@ fn parse_msg(b: &[u8]) -> Result<UnixSocket, UnixSocketsError> {
         }
         let v = &a[4..len];
         match kind {
-            UNIX_DIAG_NAME => s.name = Some(v.to_vec()),
+            UNIX_DIAG_NAME => {
+                // A path as the kernel keeps it: up to its NUL (an
+                // abstract name, from its leading NUL, is all bytes).
+                let n = match v.first() {
+                    Some(0) | None => v,
+                    _ => &v[..v.iter().position(|&b| b == 0).unwrap_or(v.len())],
+                };
+                s.name = Some(n.to_vec());
+            }
             UNIX_DIAG_PEER if v.len() >= 4 => {
                 let p = u32::from_ne_bytes(v[..4].try_into().unwrap_or_default());
                 s.peer = (p != 0).then_some(u64::from(p));
             }
-            UNIX_DIAG_RQLEN if v.len() >= 4 => {
+            UNIX_DIAG_RQLEN if v.len() >= 8 => {
                 s.rqueue = u32::from_ne_bytes(v[..4].try_into().unwrap_or_default());
+                s.wqueue = u32::from_ne_bytes(v[4..8].try_into().unwrap_or_default());
+            }
+            UNIX_DIAG_VFS if v.len() >= 8 => {
+                // struct unix_diag_vfs: inode, then the kernel's dev_t
+                // (major << 20 | minor).
+                let ino = u32::from_ne_bytes(v[..4].try_into().unwrap_or_default());
+                let dev = u32::from_ne_bytes(v[4..8].try_into().unwrap_or_default());
+                s.file = Some((libc::makedev(dev >> 20, dev & 0xfffff), u64::from(ino)));
             }
             UNIX_DIAG_SHUTDOWN if !v.is_empty() => s.shutdown = v[0],
             _ => {}
@@ -317,6 +348,118 @@ pub fn pair(sock_type: u8) -> std::io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: two new fds of ours.
     Ok(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) })
+}
+
+/// A socket name as messages show it (`@name` for an abstract one).
+pub fn shown_name(n: &[u8]) -> String {
+    if n.first() == Some(&0) {
+        format!("@{}", String::from_utf8_lossy(&n[1..]))
+    } else {
+        String::from_utf8_lossy(n).into_owned()
+    }
+}
+
+/// `name` (a path, or `\0` and an abstract name) as a `sockaddr_un`.
+fn sockaddr_un(name: &[u8]) -> std::io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if name.is_empty() || name.len() > MAX_NAME || a.sun_path.len() < name.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    a.sun_family = libc::sa_family_t::from(AF_UNIX_U8);
+    for (d, s) in a.sun_path.iter_mut().zip(name) {
+        *d = s.cast_signed();
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + name.len();
+    Ok((a, libc::socklen_t::try_from(len).unwrap_or(0)))
+}
+
+fn socket(sock_type: u8) -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            i32::from(sock_type) | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd of ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A new socket of `sock_type`, bound to `name` if given (a path must be
+/// free: the caller removes a stale socket file first), listening with
+/// `backlog` if given (close-on-exec, non-blocking).
+pub fn bound(sock_type: u8, name: Option<&[u8]>, backlog: Option<i32>) -> std::io::Result<OwnedFd> {
+    let s = socket(sock_type)?;
+    if let Some(name) = name {
+        let (a, len) = sockaddr_un(name)?;
+        // SAFETY: bind with a sockaddr_un of `len` bytes.
+        if unsafe { libc::bind(s.as_raw_fd(), (&raw const a).cast(), len) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    if let Some(b) = backlog {
+        // SAFETY: listen on our socket.
+        if unsafe { libc::listen(s.as_raw_fd(), b) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(s)
+}
+
+/// A connection to `listener` (bound to `name`), both ends: the client
+/// (unnamed) and the accepted socket. Connections from anyone else that
+/// come first are closed (the listener was just made: a client racing
+/// the restore is refused and may retry).
+pub fn connection(
+    listener: &OwnedFd,
+    sock_type: u8,
+    name: &[u8],
+) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let client = socket(sock_type)?;
+    let (a, len) = sockaddr_un(name)?;
+    // SAFETY: connect with a sockaddr_un of `len` bytes.
+    if unsafe { libc::connect(client.as_raw_fd(), (&raw const a).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let me = std::process::id().cast_signed();
+    for _ in 0..64 {
+        // SAFETY: accept4 on our listener, no address wanted.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new fd of ours.
+        let acc = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: SO_PEERCRED into a ucred of the size given.
+        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+        let mut clen = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(0);
+        // SAFETY: as above.
+        let r = unsafe {
+            libc::getsockopt(
+                acc.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&raw mut cred).cast(),
+                &raw mut clen,
+            )
+        };
+        if r == 0 && cred.pid == me {
+            return Ok((client, acc));
+        }
+    }
+    Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
 }
 
 /// Queue `messages` to be read from `receiver` by sending them from its
@@ -497,6 +640,43 @@ mod tests {
         let q = peek_queue(std::process::id() as i32, a.as_raw_fd(), &u).unwrap();
         assert!(q.ancillary);
         assert_eq!(q.messages, vec![vec![1u8]]);
+    }
+
+    #[test]
+    fn a_listener_is_listed_with_its_name_backlog_and_file_and_connected_to_again() {
+        use std::os::unix::fs::MetadataExt;
+        const STREAM: u8 = 1;
+        const SEQPACKET: u8 = 5;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sock");
+        let name = path.as_os_str().as_encoded_bytes().to_vec();
+        let l = bound(STREAM, Some(&name), Some(9)).unwrap();
+        let st = std::fs::symlink_metadata(&path).unwrap();
+        let ino = std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd()))
+            .unwrap()
+            .ino();
+        let listed = all().unwrap().remove(&ino).expect("listed");
+        assert_eq!(listed.state, STATE_LISTEN);
+        assert_eq!(listed.name.as_deref(), Some(&name[..]), "no NUL kept");
+        assert_eq!((listed.rqueue, listed.wqueue), (0, 9));
+        assert_eq!(listed.file, Some((st.dev(), st.ino())));
+        let (client, accepted) = connection(&l, STREAM, &name).unwrap();
+        let acc_ino = std::fs::metadata(format!("/proc/self/fd/{}", accepted.as_raw_fd()))
+            .unwrap()
+            .ino();
+        let listed = all().unwrap();
+        assert_eq!(listed[&acc_ino].name.as_deref(), Some(&name[..]));
+        assert_eq!(listed[&listed[&acc_ino].peer.unwrap()].name, None);
+        fill(&client, &[b"to the server".to_vec()]).unwrap();
+        let mut buf = [0u8; 32];
+        // SAFETY: recv into a local buffer.
+        let n = unsafe { libc::recv(accepted.as_raw_fd(), buf.as_mut_ptr().cast(), 32, 0) };
+        assert_eq!(&buf[..n as usize], b"to the server");
+        // An abstract name too; a taken one is refused.
+        let abs = b"\0tern-unit-abstract".to_vec();
+        let _a = bound(SEQPACKET, Some(&abs), Some(1)).unwrap();
+        let e = bound(SEQPACKET, Some(&abs), Some(1)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
     }
 
     #[test]

@@ -158,8 +158,8 @@ fn unix_passes() {
 
 #[test]
 fn unix_break_fails() {
-    // S2's first datagram read.
-    fails_when_broken("unix", &[], &["S2 B (datagrams from A)"]);
+    // S2's first datagram read, L1's socket file removed.
+    fails_when_broken("unix", &[], &["S2 B (datagrams from A)", "L1's file"]);
 }
 
 #[test]

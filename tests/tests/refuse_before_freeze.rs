@@ -298,6 +298,7 @@ fn holders_of_event_fds_posix_timers_sockets_memfds_and_deleted_files_are_restor
         "deleted-file",
         "deleted-mapping",
         "memfd",
+        "unix-listen",
     ] {
         let h = Holder::start(kind);
         let (run, v) = check_target(h.pid);
@@ -320,6 +321,7 @@ macro_rules! refusal_tests {
 
 refusal_tests! {
     refuses_tcp_connection: "tcp-connected" => "socket",
+    refuses_a_unix_listener_with_a_connection_waiting: "unix-listen-pending" => "socket",
     refuses_epoll_with_a_closed_target: "epoll-closed-target" => "epoll_closed_target",
     refuses_inotify: "inotify" => "inotify",
     refuses_pidfd: "pidfd" => "pidfd",

@@ -1497,12 +1497,20 @@ fn capture_state(
                 })?)
             }
             sys::fds::FdKind::Socket { ino } => match unix.get(ino) {
-                Some(u) if crate::restorable::paired_unix(u, &unix, &socket_inos).is_ok() => {
+                Some(u) if crate::restorable::restorable_unix(u, &unix, &socket_inos).is_ok() => {
+                    let listening = u.state == sys::unix_sockets::STATE_LISTEN;
                     FdKindState::UnixSocket {
                         ino: u.ino,
-                        peer: u.peer.unwrap_or(0),
+                        peer: if listening { 0 } else { u.peer.unwrap_or(0) },
                         sock_type: u.sock_type,
                         shutdown: u.shutdown,
+                        name: u.name.clone(),
+                        listen: listening.then_some(u.wqueue),
+                        file: unix_socket_file(u).map_err(|e| DumpError::Fd {
+                            pid,
+                            fd: info.fd,
+                            source: Cause::msg(e),
+                        })?,
                     }
                 }
                 _ => match inet.get(ino) {
@@ -1563,8 +1571,20 @@ fn capture_state(
             };
             pipe_data = Some(name);
         }
-        // What is queued to a unix socket (once per socket, not per dup).
-        if let FdKindState::UnixSocket { ino, .. } = kind {
+        // What is queued to a unix socket (once per socket, not per dup;
+        // a listener has connections, not data, and none waiting).
+        let holds_data = match kind {
+            FdKindState::UnixSocket {
+                listen: None,
+                peer,
+                sock_type,
+                ..
+            } => peer != 0 || sock_type == 2,
+            _ => false,
+        };
+        if let FdKindState::UnixSocket { ino, .. } = kind
+            && holds_data
+        {
             let name = format!("unix-{ino}.bin");
             if pipes.contains_key(&name) {
                 pipe_data = Some(name);
@@ -1580,6 +1600,16 @@ fn capture_state(
                         source: Cause::of(&e),
                     })?
                     .unwrap_or_default();
+                let unconnected = matches!(kind, FdKindState::UnixSocket { peer: 0, .. });
+                if unconnected && !q.messages.is_empty() {
+                    return Err(DumpError::Fd {
+                        pid,
+                        fd: info.fd,
+                        source: Cause::msg(
+                            "a unix datagram socket with datagrams queued from senders tern does not know: not restored yet",
+                        ),
+                    });
+                }
                 if q.ancillary || q.empty_datagram {
                     return Err(DumpError::Fd {
                         pid,
@@ -1667,6 +1697,37 @@ fn capture_state(
         source: Cause::msg(e),
     })?;
     Ok((process, pipes))
+}
+
+/// The socket file of a unix socket bound to a path and not connected (an
+/// accepted connection shares its listener's): what a restore gives the
+/// file it binds again.
+fn unix_socket_file(
+    u: &sys::unix_sockets::UnixSocket,
+) -> Result<Option<images::state::UnixSocketFile>, String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let Some(n) = u.name.as_ref().filter(|n| n.first() == Some(&b'/')) else {
+        return Ok(None);
+    };
+    if u.peer.is_some() && u.state != sys::unix_sockets::STATE_LISTEN {
+        return Ok(None);
+    }
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(n));
+    let m = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if u.file != Some((m.dev(), m.ino())) {
+        return Err(format!(
+            "{}: no longer the file its socket is bound to",
+            path.display()
+        ));
+    }
+    Ok(Some(images::state::UnixSocketFile {
+        dev: m.dev(),
+        ino: m.ino(),
+        mode: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+    }))
 }
 
 /// The process's POSIX timers: /proc/PID/timers lists them;

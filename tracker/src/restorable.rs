@@ -10,8 +10,10 @@
 //! refusal. `tern check -t PID` prints the same list.
 //!
 //! Kinds refused, and why:
-//! - fds: sockets other than unix socket pairs within the process (and
-//!   those with fds or credentials in flight) and TCP/UDP sockets without
+//! - fds: sockets other than unix sockets connected within the process
+//!   (pairs, or an accepted connection and its client), bound (listening
+//!   with no connection waiting, or datagram with nothing queued) or
+//!   neither (and those with fds or credentials in flight), and TCP/UDP sockets without
 //!   a connection (established connections, connections waiting to be
 //!   accepted, queued datagrams, SO_BINDTODEVICE), anonymous-inode fds other than eventfd, epoll, timerfd
 //!   and signalfd (inotify, fanotify, pidfd, userfaultfd, io_uring, ...),
@@ -235,52 +237,105 @@ fn process_wide(pid: i32, out: &mut Vec<Refusal>) {
     }
 }
 
-/// Whether a unix socket is one end of a pair tern restores: connected,
-/// unbound (so is its peer), stream, datagram or seqpacket, its peer
-/// another socket of the same process; else why not.
-pub(crate) fn paired_unix(
+/// Whether a unix socket is one tern restores, else why not: stream,
+/// datagram or seqpacket, and
+/// - connected to another socket of the process, both unnamed (a
+///   socketpair) or one of them a connection accepted from a listener of
+///   the process (named as that listener) and the other its unnamed client;
+/// - listening, bound to an absolute path or an abstract name, with no
+///   connection waiting; its socket file still at that path;
+/// - bound and not connected (a datagram server), or neither.
+///
+/// (What is queued is checked apart: `peek_queue`.)
+pub(crate) fn restorable_unix(
     u: &sys::unix_sockets::UnixSocket,
     all: &HashMap<u64, sys::unix_sockets::UnixSocket>,
     socket_inos: &BTreeSet<u64>,
 ) -> Result<(), String> {
-    let named = |n: &Option<Vec<u8>>| {
-        n.as_ref().map(|n| {
-            if n.first() == Some(&0) {
-                format!("@{}", String::from_utf8_lossy(&n[1..]))
-            } else {
-                String::from_utf8_lossy(n).into_owned()
-            }
-        })
-    };
-    if let Some(n) = named(&u.name) {
-        return Err(format!(
-            "a unix socket bound to {n}: tern cannot restore bound or listening unix sockets yet"
-        ));
-    }
+    use sys::unix_sockets::{STATE_CONNECTED, STATE_LISTEN};
     if ![1, 2, 5].contains(&u.sock_type) {
         return Err(format!("a unix socket of type {}", u.sock_type));
     }
-    let Some(peer) = u
-        .peer
-        .filter(|_| u.state == sys::unix_sockets::STATE_CONNECTED)
-    else {
-        return Err(
-            "an unconnected unix socket: tern restores unix sockets connected in pairs only".into(),
-        );
+    if let Some(n) = &u.name
+        && n.first() != Some(&0)
+        && n.first() != Some(&b'/')
+    {
+        return Err(format!(
+            "a unix socket bound to the relative path {}: the directory it is relative to is not known",
+            sys::unix_sockets::shown_name(n)
+        ));
+    }
+    let listener_named = |n: &Vec<u8>| {
+        all.iter().any(|(ino, l)| {
+            l.state == STATE_LISTEN
+                && l.name.as_ref() == Some(n)
+                && l.sock_type == u.sock_type
+                && socket_inos.contains(ino)
+        })
+    };
+    if u.state == STATE_LISTEN {
+        let Some(n) = &u.name else {
+            return Err("a listening unix socket with no name".into());
+        };
+        if u.rqueue > 0 {
+            return Err(format!(
+                "a unix socket listening on {} with {} connection(s) waiting to be accepted: they would be lost",
+                sys::unix_sockets::shown_name(n),
+                u.rqueue
+            ));
+        }
+        return socket_file_in_place(u, n);
+    }
+    let Some(peer) = u.peer.filter(|_| u.state == STATE_CONNECTED) else {
+        // Not connected: bound (a datagram server) or not even that.
+        return match &u.name {
+            Some(n) => socket_file_in_place(u, n),
+            None => Ok(()),
+        };
     };
     if !socket_inos.contains(&peer) {
         return Err(format!(
-            "a unix socket connected to socket:[{peer}], which another process holds: tern restores pairs within the process only"
+            "a unix socket connected to socket:[{peer}], which another process holds: tern restores connections within the process only"
         ));
     }
-    match all.get(&peer) {
-        Some(p) if p.peer == Some(u.ino) && p.name.is_none() => Ok(()),
-        Some(p) => Err(format!(
-            "a unix socket whose peer socket:[{peer}] is {} (a socketpair's other end is needed)",
-            named(&p.name).map_or("connected elsewhere".into(), |n| format!("bound to {n}"))
-        )),
-        None => Err(format!(
+    let Some(p) = all.get(&peer) else {
+        return Err(format!(
             "a unix socket whose peer socket:[{peer}] sock_diag does not list"
+        ));
+    };
+    if p.peer != Some(u.ino) {
+        return Err(format!(
+            "a unix socket connected to socket:[{peer}]{}, which is not connected back to it (a datagram socket connected to a bound one): not restored yet",
+            p.name
+                .as_ref()
+                .map(|n| format!(" ({})", sys::unix_sockets::shown_name(n)))
+                .unwrap_or_default()
+        ));
+    }
+    match (&u.name, &p.name) {
+        (None, None) => Ok(()),
+        (Some(n), None) | (None, Some(n)) if u.sock_type != 2 && listener_named(n) => Ok(()),
+        (Some(n), _) | (_, Some(n)) => Err(format!(
+            "a unix connection under the name {}, which no listener of the process has (its listener was closed): not restored",
+            sys::unix_sockets::shown_name(n)
+        )),
+    }
+}
+
+/// A socket bound to a path still has its socket file there (a restore
+/// binds that path again).
+fn socket_file_in_place(u: &sys::unix_sockets::UnixSocket, n: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if n.first() == Some(&0) {
+        return Ok(());
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(n));
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if u.file == Some((m.dev(), m.ino())) => Ok(()),
+        _ => Err(format!(
+            "a unix socket bound to {}, whose socket file is no longer there (removed or replaced): a restore would bind a name the process had given up",
+            sys::unix_sockets::shown_name(n)
         )),
     }
 }
@@ -387,10 +442,23 @@ fn socket_refusal(
             ),
         ));
     };
-    if let Err(why) = paired_unix(u, unix, socket_inos) {
+    if let Err(why) = restorable_unix(u, unix, socket_inos) {
         return Some(refusal("socket", at, format!("socket:[{ino}]: {why}")));
     }
+    // A listener holds connections, not data; an unconnected stream or
+    // seqpacket socket holds nothing.
+    if u.state == sys::unix_sockets::STATE_LISTEN || (u.peer.is_none() && u.sock_type != 2) {
+        return file_locks(pid, f);
+    }
     match sys::unix_sockets::peek_queue(pid, f.fd, u) {
+        Ok(q) if u.peer.is_none() && !q.messages.is_empty() => Some(refusal(
+            "socket",
+            at,
+            format!(
+                "socket:[{ino}]: a unix datagram socket with {} datagram(s) queued from senders tern does not know: not restored yet",
+                q.messages.len()
+            ),
+        )),
         Ok(q) if q.ancillary => Some(refusal(
             "socket",
             at,

@@ -10,9 +10,11 @@
 //!
 //! KIND: `none` (nothing: a restorable control), `socket` (a unix
 //! socketpair), `tcp-listen`, `eventfd`, `epoll`, `signalfd`, `timerfd`,
-//! `posix-timer`, `deleted-file`, `deleted-mapping`, `memfd` (these are
+//! `posix-timer`, `deleted-file`, `deleted-mapping`, `memfd`, `unix-listen`
+//! (a unix socket listening on a path) (these are
 //! restorable since tern restores them), `memfd-too-big` (65 MiB of
 //! data), `deleted-file-linked` (deleted, but linked under another name),
+//! `unix-listen-pending` (a connection waiting to be accepted),
 //! `tcp-connected` (an established connection, both ends), `epoll-closed-target` (an epoll holding an
 //! eventfd registered under an fd number since closed),
 //! `posix-timer-thread-clock` (a timer on CLOCK_THREAD_CPUTIME_ID),
@@ -131,6 +133,19 @@ fn set_up(kind: &str) -> Vec<String> {
                 use std::os::fd::IntoRawFd;
                 let l = std::net::TcpListener::bind("127.0.0.1:0")
                     .unwrap_or_else(|e| die(&format!("bind 127.0.0.1:0: {e}")));
+                lines.push(fd_line(move_fd(l.into_raw_fd(), FD)));
+            }
+            "unix-listen" | "unix-listen-pending" => {
+                use std::os::fd::IntoRawFd;
+                let p = tmp_path(kind);
+                let l = std::os::unix::net::UnixListener::bind(&p)
+                    .unwrap_or_else(|e| die(&format!("bind {}: {e}", p.display())));
+                if kind == "unix-listen-pending" {
+                    // A connection nobody accepts (its client kept).
+                    let c = std::os::unix::net::UnixStream::connect(&p)
+                        .unwrap_or_else(|e| die(&format!("connect: {e}")));
+                    move_fd(c.into_raw_fd(), FD + 1);
+                }
                 lines.push(fd_line(move_fd(l.into_raw_fd(), FD)));
             }
             "tcp-connected" => {
