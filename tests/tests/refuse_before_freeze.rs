@@ -308,6 +308,24 @@ fn holders_of_event_fds_posix_timers_sockets_memfds_and_deleted_files_are_restor
     }
 }
 
+/// What a unix socket's queue holds is read only once the process is
+/// frozen (a peek would move the running process's peek offset): `tern
+/// check` cannot see an fd in flight, the dump finds it, refuses, and the
+/// process runs on untouched.
+#[test]
+fn a_unix_socket_with_an_fd_in_flight_is_refused_by_the_dump_and_runs_on() {
+    let h = Holder::start("unix-fd-in-flight");
+    let pid = h.pid;
+    let (run, v) = check_target(pid);
+    assert_eq!(v["restorable"], true, "{}", run.describe());
+    let d = tempdir();
+    let full = d.path().join("dump");
+    let run = tern(&tern_tests::dump_args(pid, &full, &[]));
+    run.assert_clear_failure(&[&format!("PID {pid}"), "in flight"]);
+    assert_no_image(&full, &run);
+    h.assert_working("after a refused dump");
+}
+
 macro_rules! refusal_tests {
     ($($name:ident: $kind:literal => $expected:literal,)*) => {
         $(

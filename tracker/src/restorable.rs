@@ -9,11 +9,16 @@
 //! frozen (what it holds may have changed meanwhile) and thaws it on a
 //! refusal. `tern check -t PID` prints the same list.
 //!
+//! A unix socket's queue is not read here (a peek moves the socket's peek
+//! offset, which the running process would see): fds or credentials in
+//! flight, and an empty datagram, are found by the final dump's copy of
+//! the queue once the process is frozen, which then thaws it and refuses.
+//!
 //! Kinds refused, and why:
 //! - fds: sockets other than unix sockets connected within the process
 //!   (pairs, or an accepted connection and its client), bound (listening
 //!   with no connection waiting, or datagram with nothing queued) or
-//!   neither (and those with fds or credentials in flight), and TCP/UDP sockets without
+//!   neither, and TCP/UDP sockets without
 //!   a connection (established connections, connections waiting to be
 //!   accepted, queued datagrams, SO_BINDTODEVICE), anonymous-inode fds other than eventfd, epoll, timerfd
 //!   and signalfd (inotify, fanotify, pidfd, userfaultfd, io_uring, ...),
@@ -419,8 +424,7 @@ fn inet_refusal(pid: i32, f: &FdInfo, s: &sys::inet_sockets::InetSocket) -> Opti
     }
 }
 
-/// A socket tern could not bring back: anything but a unix socket pair
-/// within the process, or one with fds or credentials in flight.
+/// A socket tern could not bring back (see [`restorable_unix`]).
 fn socket_refusal(
     pid: i32,
     f: &FdInfo,
@@ -445,37 +449,21 @@ fn socket_refusal(
     if let Err(why) = restorable_unix(u, unix, socket_inos) {
         return Some(refusal("socket", at, format!("socket:[{ino}]: {why}")));
     }
-    // A listener holds connections, not data; an unconnected stream or
-    // seqpacket socket holds nothing.
-    if u.state == sys::unix_sockets::STATE_LISTEN || (u.peer.is_none() && u.sock_type != 2) {
-        return file_locks(pid, f);
+    // Datagrams queued to an unconnected socket came from senders tern
+    // does not know. (What else a queue holds, fds or credentials in
+    // flight, is only read once the process is frozen, by the dump's own
+    // copy of the queue: a peek moves the socket's peek offset, which a
+    // running process, or a second peek beside it, would see.)
+    if u.peer.is_none() && u.sock_type == 2 && u.rqueue > 0 {
+        return Some(refusal(
+            "socket",
+            at,
+            format!(
+                "socket:[{ino}]: a unix datagram socket with datagrams queued from senders tern does not know: not restored yet"
+            ),
+        ));
     }
-    match sys::unix_sockets::peek_queue(pid, f.fd, u) {
-        Ok(q) if u.peer.is_none() && !q.messages.is_empty() => Some(refusal(
-            "socket",
-            at,
-            format!(
-                "socket:[{ino}]: a unix datagram socket with {} datagram(s) queued from senders tern does not know: not restored yet",
-                q.messages.len()
-            ),
-        )),
-        Ok(q) if q.ancillary => Some(refusal(
-            "socket",
-            at,
-            format!(
-                "socket:[{ino}]: fds or credentials in flight (SCM_RIGHTS, SCM_CREDENTIALS) in its queue: tern does not restore them"
-            ),
-        )),
-        Ok(q) if q.empty_datagram => Some(refusal(
-            "socket",
-            at,
-            format!(
-                "socket:[{ino}]: an empty datagram queued: what follows it cannot be read without consuming it"
-            ),
-        )),
-        Ok(_) => file_locks(pid, f),
-        Err(e) => Some(refusal("socket", at, e.to_string())),
-    }
+    file_locks(pid, f)
 }
 
 /// POSIX timers a restore could not make again: on another process's CPU

@@ -15,6 +15,8 @@
 //! restorable since tern restores them), `memfd-too-big` (65 MiB of
 //! data), `deleted-file-linked` (deleted, but linked under another name),
 //! `unix-listen-pending` (a connection waiting to be accepted),
+//! `unix-fd-in-flight` (a socketpair with an fd sent and not received:
+//! found only once frozen),
 //! `tcp-connected` (an established connection, both ends), `epoll-closed-target` (an epoll holding an
 //! eventfd registered under an fd number since closed),
 //! `posix-timer-thread-clock` (a timer on CLOCK_THREAD_CPUTIME_ID),
@@ -134,6 +136,35 @@ fn set_up(kind: &str) -> Vec<String> {
                 let l = std::net::TcpListener::bind("127.0.0.1:0")
                     .unwrap_or_else(|e| die(&format!("bind 127.0.0.1:0: {e}")));
                 lines.push(fd_line(move_fd(l.into_raw_fd(), FD)));
+            }
+            "unix-fd-in-flight" => {
+                // A socketpair with an fd sent (SCM_RIGHTS) and not read.
+                let mut sv = [-1i32; 2];
+                check(
+                    libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) as _,
+                    "socketpair",
+                );
+                let passed = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                let mut byte = [1u8];
+                let mut iov = libc::iovec {
+                    iov_base: byte.as_mut_ptr().cast(),
+                    iov_len: 1,
+                };
+                let mut cbuf = [0u64; 4];
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = &raw mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = cbuf.as_mut_ptr().cast();
+                msg.msg_controllen = libc::CMSG_SPACE(4) as _;
+                let c = libc::CMSG_FIRSTHDR(&raw const msg);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), passed);
+                check(libc::sendmsg(sv[1], &raw const msg, 0) as _, "sendmsg");
+                libc::close(passed);
+                lines.push(fd_line(move_fd(sv[0], FD)));
+                lines.push(fd_line(move_fd(sv[1], FD + 1)));
             }
             "unix-listen" | "unix-listen-pending" => {
                 use std::os::fd::IntoRawFd;
