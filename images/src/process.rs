@@ -644,6 +644,19 @@ fn check_unix_socket(f: &FdImage, all: &[FdImage]) -> Result<(), String> {
     if listen.is_some() {
         return Err(format!("unix socket fd {fd}: connected and listening"));
     }
+    // An unnamed datagram socket connected to a bound, unconnected one;
+    // nothing can be queued to it (its peer cannot address it).
+    let server = all.iter().any(|g| {
+        matches!(&g.info.kind, FdKindState::UnixSocket { ino: i, peer: 0, sock_type: 2, name: Some(_), .. } if i == peer)
+    });
+    if server && *sock_type == 2 {
+        if name.is_some() || f.pipe_data.is_some() {
+            return Err(format!(
+                "unix socket fd {fd}: a datagram socket connected to a bound one, named or with data queued"
+            ));
+        }
+        return Ok(());
+    }
     let other = all.iter().find_map(|g| match &g.info.kind {
         FdKindState::UnixSocket {
             ino: i,

@@ -3408,6 +3408,38 @@ fn bound_unix_sockets(
         }
         sockets.insert(*ino, s);
     }
+    // Datagram clients: connected to their server again.
+    for f in unique.clone() {
+        let FdKind::UnixSocket {
+            ino,
+            peer,
+            sock_type: 2,
+            name: None,
+            ..
+        } = &f.info.kind
+        else {
+            continue;
+        };
+        let server = plan.process.fds.iter().find_map(|g| match &g.info.kind {
+            FdKind::UnixSocket {
+                ino: s,
+                peer: 0,
+                name: Some(n),
+                ..
+            } if s == peer => Some(n),
+            _ => None,
+        });
+        if let Some(n) = server {
+            let c = sys::unix_sockets::connected_to(2, n).map_err(|e| {
+                fail(format!(
+                    "fd {}: connecting a datagram socket to {}: {e}",
+                    f.info.fd,
+                    sys::unix_sockets::shown_name(n)
+                ))
+            })?;
+            sockets.insert(*ino, c);
+        }
+    }
     // Accepted connections: connected to their listener again.
     for f in unique {
         let FdKind::UnixSocket {

@@ -411,6 +411,17 @@ pub fn bound(sock_type: u8, name: Option<&[u8]>, backlog: Option<i32>) -> std::i
     Ok(s)
 }
 
+/// A new unnamed socket of `sock_type` connected to `name`.
+pub fn connected_to(sock_type: u8, name: &[u8]) -> std::io::Result<OwnedFd> {
+    let s = socket(sock_type)?;
+    let (a, len) = sockaddr_un(name)?;
+    // SAFETY: connect with a sockaddr_un of `len` bytes.
+    if unsafe { libc::connect(s.as_raw_fd(), (&raw const a).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(s)
+}
+
 /// A connection to `listener` (bound to `name`), both ends: the client
 /// (unnamed) and the accepted socket. Connections from anyone else that
 /// come first are closed (the listener was just made: a client racing
@@ -420,12 +431,7 @@ pub fn connection(
     sock_type: u8,
     name: &[u8],
 ) -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let client = socket(sock_type)?;
-    let (a, len) = sockaddr_un(name)?;
-    // SAFETY: connect with a sockaddr_un of `len` bytes.
-    if unsafe { libc::connect(client.as_raw_fd(), (&raw const a).cast(), len) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let client = connected_to(sock_type, name)?;
     let me = std::process::id().cast_signed();
     for _ in 0..64 {
         // SAFETY: accept4 on our listener, no address wanted.

@@ -1600,8 +1600,16 @@ fn capture_state(
                         source: Cause::of(&e),
                     })?
                     .unwrap_or_default();
-                let unconnected = matches!(kind, FdKindState::UnixSocket { peer: 0, .. });
-                if unconnected && !q.messages.is_empty() {
+                // Unconnected, or a client connected to a datagram server:
+                // what is queued came from senders a restore cannot be.
+                let unconnected = match kind {
+                    FdKindState::UnixSocket { peer: 0, .. } => true,
+                    FdKindState::UnixSocket { peer, .. } => unix.get(&peer).is_some_and(|p| {
+                        p.peer.is_none() && p.state != sys::unix_sockets::STATE_LISTEN
+                    }),
+                    _ => false,
+                };
+                if unconnected && (!q.messages.is_empty() || q.empty_datagram) {
                     return Err(DumpError::Fd {
                         pid,
                         fd: info.fd,

@@ -249,7 +249,9 @@ fn process_wide(pid: i32, out: &mut Vec<Refusal>) {
 ///   the process (named as that listener) and the other its unnamed client;
 /// - listening, bound to an absolute path or an abstract name, with no
 ///   connection waiting; its socket file still at that path;
-/// - bound and not connected (a datagram server), or neither.
+/// - bound and not connected (a datagram server), or neither;
+/// - an unnamed datagram socket connected to a bound, unconnected one of
+///   the process.
 ///
 /// (What is queued is checked apart: `peek_queue`.)
 pub(crate) fn restorable_unix(
@@ -308,9 +310,20 @@ pub(crate) fn restorable_unix(
             "a unix socket whose peer socket:[{peer}] sock_diag does not list"
         ));
     };
+    // An unnamed datagram socket connected to a bound, unconnected one
+    // (a client of a datagram server of the process).
+    if p.peer.is_none() && u.sock_type == 2 && p.sock_type == 2 && p.name.is_some() {
+        return match &u.name {
+            None => Ok(()),
+            Some(n) => Err(format!(
+                "a datagram socket bound to {} and connected to another: not restored yet",
+                sys::unix_sockets::shown_name(n)
+            )),
+        };
+    }
     if p.peer != Some(u.ino) {
         return Err(format!(
-            "a unix socket connected to socket:[{peer}]{}, which is not connected back to it (a datagram socket connected to a bound one): not restored yet",
+            "a unix socket connected to socket:[{peer}]{}, which is connected elsewhere: not restored",
             p.name
                 .as_ref()
                 .map(|n| format!(" ({})", sys::unix_sockets::shown_name(n)))

@@ -14,7 +14,7 @@
 //! - L2: a seqpacket socket listening on the abstract name
 //!   `@ck_unix.PID`, no connection;
 //! - G1: a datagram socket bound to `$TMPDIR/ck_unix.PID/g1.sock`,
-//!   nothing queued;
+//!   nothing queued, and D1, an unnamed datagram socket connected to it;
 //! - U1: a stream socket neither bound nor connected.
 //!
 //! On SIGTERM it checks: each socket's type and F_GETFL as at `ready`; A2
@@ -24,7 +24,8 @@
 //! L1 and L2 listen under their names (L1's file 0640), accept a new
 //! connection and talk on it; A1 is named as L1, C1's peer is L1's name,
 //! their bytes arrive, then a new message each way; G1 receives a
-//! datagram sent to its path; U1 has no name and is not connected.
+//! datagram sent to its path, and one D1 sends (D1's peer is G1's path);
+//! U1 has no name and is not connected.
 //!
 //! `--break`: right after `ready`, S2's B reads its first message and L1's
 //! socket file is removed.
@@ -115,6 +116,7 @@ struct Fds {
     a1: i32,
     l2: i32,
     g1: i32,
+    d1: i32,
     u1: i32,
     s1a: i32,
     s1a2: i32,
@@ -176,6 +178,7 @@ fn setup() -> Result<Fds, String> {
         return Err(format!("listen: {}", err()));
     }
     let g1 = bound(libc::SOCK_DGRAM, format!("{dir}/g1.sock").as_bytes())?;
+    let d1 = connect(libc::SOCK_DGRAM, format!("{dir}/g1.sock").as_bytes())?;
     // SAFETY: socket(2).
     let u1 = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
     Ok(Fds {
@@ -185,6 +188,7 @@ fn setup() -> Result<Fds, String> {
         a1,
         l2,
         g1,
+        d1,
         u1,
         s1a,
         s1a2,
@@ -378,6 +382,19 @@ fn check_named(f: &Fds, bad: &mut Vec<String>) {
         recv(f.g1)
     })();
     expect("G1: a datagram to its path", r, b"dgram");
+    let peer = name_of(f.d1, true);
+    let r = if peer != g1_path.as_bytes() {
+        Err(format!(
+            "D1: peer {:?}, expected G1's path",
+            String::from_utf8_lossy(&peer)
+        ))
+    } else {
+        send(f.d1, b"from D1").and_then(|()| {
+            std::thread::sleep(Duration::from_millis(5));
+            recv(f.g1)
+        })
+    };
+    expect("G1: a datagram from D1", r, b"from D1");
 }
 
 /// Everything queued on `fd`, message by message, until EAGAIN (or
