@@ -31,6 +31,10 @@ pub struct ProcessImage {
     pub comm: String,
     /// /proc/PID/exe at dump time.
     pub exe: String,
+    /// A deleted executable (` (deleted)` ends `exe`): its (device, inode),
+    /// one of [`ProcessImage::unlinked_files`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe_unlinked: Option<(u64, u64)>,
     pub cwd: String,
     pub root: String,
     pub umask: u32,
@@ -411,6 +415,14 @@ impl ProcessImage {
             check_inet_socket(f, &p.creds)?;
         }
         check_unlinked_files(p)?;
+        if let Some(k) = p.exe_unlinked
+            && (p.unlinked_file(k).is_none() || !p.exe.ends_with(" (deleted)"))
+        {
+            return Err(format!(
+                "the executable {} is a deleted file whose contents are not in the image",
+                p.exe
+            ));
+        }
         let mut ids = BTreeSet::new();
         for t in &p.posix_timers {
             check_posix_timer(t, &p.threads, &p.creds)?;

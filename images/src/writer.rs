@@ -112,6 +112,9 @@ pub struct ImageWriter {
     /// `pipes/`, made ahead by [`ImageWriter::create_outputs`] (removed by
     /// `finish` if no pipe contents went in).
     pipes_dir: Option<ImageDir>,
+    /// Files of `pipes/` written ahead ([`ImageWriter::write_ahead`]), with
+    /// their digests: `store_process` keeps those its state names.
+    ahead: Vec<(String, [u8; 32])>,
 }
 
 impl ImageWriter {
@@ -150,6 +153,7 @@ impl ImageWriter {
             seal_key: None,
             outputs: Vec::new(),
             pipes_dir: None,
+            ahead: Vec::new(),
         })
     }
 
@@ -504,6 +508,30 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// Write `pipes/NAME` now, before the state that names it (contents
+    /// that cannot change until then, read before a freeze: a deleted
+    /// executable). `store_process` drops it if the state does not name it.
+    pub fn write_ahead(&mut self, name: &str, data: &[u8]) -> Result<(), ImageError> {
+        if !crate::process::valid_pipe_name(name) || self.ahead.iter().any(|(n, _)| n == name) {
+            return Err(ImageError::corrupt(
+                &self.dir.child(PIPES_DIR),
+                format!("{name:?} written ahead twice or not a valid name"),
+            ));
+        }
+        let sub = match self.pipes_dir.take() {
+            Some(d) => d,
+            None => self.dir.create_subdir(PIPES_DIR)?,
+        };
+        let path = sub.child(name);
+        let r = sub
+            .create_file(name)
+            .and_then(|mut f| f.write_all(data).map_err(|e| ImageError::io(&path, e)));
+        self.pipes_dir = Some(sub);
+        r?;
+        self.ahead.push((name.to_string(), digest(data)));
+        Ok(())
+    }
+
     /// Write the state of a final dump: `process.json` and the bytes
     /// queued in each pipe (`pipes/NAME`, as `process` names them).
     pub fn store_process(
@@ -511,6 +539,34 @@ impl ImageWriter {
         process: &ProcessImage,
         pipes: &BTreeMap<String, Vec<u8>>,
     ) -> Result<(), ImageError> {
+        // Written ahead: kept if named, else removed.
+        let named: std::collections::BTreeSet<&String> = process
+            .fds
+            .iter()
+            .filter_map(|f| f.pipe_data.as_ref())
+            .chain(process.unlinked_files.iter().map(|u| &u.data))
+            .collect();
+        let mut kept = false;
+        for (name, d) in std::mem::take(&mut self.ahead) {
+            if named.contains(&name) {
+                self.digests.push((format!("{PIPES_DIR}/{name}"), d));
+                kept = true;
+            } else if let Some(sub) = &self.pipes_dir {
+                sub.remove_file(&name)?;
+            }
+        }
+        if kept {
+            // In use: `finish` leaves it.
+            self.pipes_dir.take();
+        }
+        let pipes: Vec<(&String, &Vec<u8>)> = pipes
+            .iter()
+            .filter(|(n, _)| {
+                !self.digests.iter().any(|(d, _)| {
+                    d.strip_prefix(PIPES_DIR).and_then(|d| d.strip_prefix('/')) == Some(n.as_str())
+                })
+            })
+            .collect();
         if !pipes.is_empty() {
             let sub = match self.pipes_dir.take() {
                 Some(d) => d,

@@ -221,6 +221,7 @@ fn kernel_state_of_a_stopped_process_comes_back_unchanged_through_the_image() {
         sid: pid,
         comm: "child".into(),
         exe: "/proc/self/exe".into(),
+        exe_unlinked: None,
         cwd: "/".into(),
         root: "/".into(),
         umask: 0o022,

@@ -715,7 +715,8 @@ fn check_host_limits(dir: &Path, p: &ProcessImage, vmas: &[VmaRecord]) -> Result
             ),
         ));
     }
-    if !Path::new(&p.exe).is_file() {
+    // (A deleted executable is made from the image.)
+    if p.exe_unlinked.is_none() && !Path::new(&p.exe).is_file() {
         return Err(bad(
             dir,
             format!("the process's executable {} is not a file here", p.exe),
@@ -2427,7 +2428,13 @@ fn address_space(
         .map(|(v, m)| mapped_file(plan, pid, v, m))
         .collect::<Result<Vec<_>, _>>()?;
     // The executable too, for PR_SET_MM_MAP (often one of them already).
-    let exe = (p.exe.as_str(), libc::O_RDONLY);
+    let exe_path = match p.exe_unlinked {
+        Some(k) => plan.unlinked.path(k).ok_or_else(|| {
+            step::<String>(pid, "PR_SET_MM_MAP")(format!("{} was not made again", p.exe))
+        })?,
+        None => p.exe.as_str(),
+    };
+    let exe = (exe_path, libc::O_RDONLY);
     let files = MappedFiles::open(
         main,
         pid,

@@ -541,11 +541,13 @@ pub fn check_access(p: &ProcessImage, vmas: &[VmaRecord]) -> Result<(), String> 
             });
         }
     }
-    list.push(Access {
-        what: "the executable".into(),
-        path: &p.exe,
-        mode: libc::R_OK | libc::X_OK,
-    });
+    if p.exe_unlinked.is_none() {
+        list.push(Access {
+            what: "the executable".into(),
+            path: &p.exe,
+            mode: libc::R_OK | libc::X_OK,
+        });
+    }
     list.push(Access {
         what: "the working directory".into(),
         path: &p.cwd,

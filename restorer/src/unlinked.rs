@@ -78,12 +78,30 @@ impl UnlinkedFiles {
                     what: e.to_string(),
                 }
             })?;
+            let mut seals = u.seals;
+            // The executable: sealed now and held read-only (the kernel
+            // refuses an executable someone may write: PR_SET_MM_MAP's
+            // exe_fd, and a write open while it is one).
+            let fd = if p.exe_unlinked == Some((u.dev, u.ino)) {
+                uf::add_seals(&fd, &what, seals)
+                    .and_then(|()| uf::read_only(&fd, &what))
+                    .map_err(|e| RestoreError::Step {
+                        pid: p.pid,
+                        step: "making the deleted executable",
+                        what: e.to_string(),
+                    })?
+            } else {
+                fd
+            };
+            if p.exe_unlinked == Some((u.dev, u.ino)) {
+                seals = 0;
+            }
             out.0.insert(
                 (u.dev, u.ino),
                 Made {
                     path: format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()),
                     fd,
-                    seals: u.seals,
+                    seals,
                     what,
                 },
             );

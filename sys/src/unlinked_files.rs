@@ -102,6 +102,11 @@ pub fn open_mapping(pid: i32, start: u64, end: u64) -> Result<File, UnlinkedFile
     open(&format!("/proc/{pid}/map_files/{start:x}-{end:x}"))
 }
 
+/// Open the executable of `pid`, for reading.
+pub fn open_exe(pid: i32) -> Result<File, UnlinkedFileError> {
+    open(&format!("/proc/{pid}/exe"))
+}
+
 fn open(path: &str) -> Result<File, UnlinkedFileError> {
     File::open(path).map_err(|source| UnlinkedFileError::Open {
         path: path.to_string(),
@@ -355,6 +360,18 @@ pub fn fill(
     )
     .map_err(|e| io("fchmod", what)(e.into()))?;
     Ok(())
+}
+
+/// A read-only open of the file `fd` is (the same file, a new open file
+/// description).
+pub fn read_only(fd: &OwnedFd, what: &str) -> Result<OwnedFd, UnlinkedFileError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(OwnedFd::from)
+        .map_err(io("reopening read-only", what))
 }
 
 /// Add `seals` to the memfd `fd`.

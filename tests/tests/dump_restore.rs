@@ -468,6 +468,18 @@ fn unlinked_files_after_three_pre_dumps() {
     assert_pass("unlinked", &[], 3);
 }
 
+/// Run from an executable deleted since (an upgraded program): it comes
+/// back running the same code, /proc/self/exe `PATH (deleted)`.
+#[test]
+fn a_deleted_executable() {
+    assert_pass("unlinked", &["--deleted-exe"], 0);
+}
+
+#[test]
+fn a_deleted_executable_after_three_pre_dumps() {
+    assert_pass("unlinked", &["--deleted-exe"], 3);
+}
+
 /// The same workloads restored with `--lazy-pages`.
 mod lazily {
     use super::assert_pass_lazily;

@@ -409,10 +409,11 @@ fn unix_socket_pairs_both_ways() {
     both_ways("unix", &[]);
 }
 
-/// memfds and deleted files: their contents travel in the final image.
+/// memfds and deleted files, and a deleted executable: their contents
+/// travel in the final image.
 #[test]
 fn unlinked_files_both_ways() {
-    both_ways("unlinked", &[]);
+    both_ways("unlinked", &["--deleted-exe"]);
 }
 
 /// The memory-oracle workload moved with `flags`: every page of every

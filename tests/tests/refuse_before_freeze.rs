@@ -299,6 +299,7 @@ fn holders_of_event_fds_posix_timers_sockets_memfds_and_deleted_files_are_restor
         "deleted-mapping",
         "memfd",
         "unix-listen",
+        "deleted-exe",
     ] {
         let h = Holder::start(kind);
         let (run, v) = check_target(h.pid);
@@ -359,5 +360,4 @@ refusal_tests! {
     refuses_userfaultfd: "userfaultfd" => "userfaultfd",
     refuses_fanotify: "fanotify" => "fanotify",
     refuses_namespace: "namespace" => "namespace",
-    refuses_deleted_exe: "deleted-exe" => "deleted_exe",
 }

@@ -620,6 +620,16 @@ fn capture(
         .unwrap_or_default();
     // The image's files made now, written while frozen.
     writer.create_outputs(true)?;
+    // A deleted executable (an upgraded program) cannot change: read and
+    // written now.
+    let unlinked_ahead: Vec<images::process::UnlinkedFileState> =
+        match crate::unlinked::read_stable(pid, &link(pid, "exe")) {
+            Some((state, data)) => {
+                writer.write_ahead(&state.data, &data)?;
+                vec![state]
+            }
+            None => Vec::new(),
+        };
     // Batch buffers touched now, not while the target is frozen.
     let mut copier = crate::copy::Copier::for_frozen_target();
     copier.prefault();
@@ -685,9 +695,10 @@ fn capture(
             });
             let threads = &mut threads;
             let vmas_now = &vmas;
+            let unlinked_ahead = &unlinked_ahead;
             let state = s.spawn(move || {
                 let t = Instant::now();
-                let state = capture_state(pid, threads, vmas_now, uffd, known);
+                let state = capture_state(pid, threads, vmas_now, unlinked_ahead, uffd, known);
                 (state, t.elapsed().as_secs_f64() * 1e3)
             });
             let pages = (|| -> Result<crate::backend::DirtySet, DumpError> {
@@ -1171,6 +1182,7 @@ fn capture_state(
     pid: i32,
     threads: &mut [Injector],
     vmas: &[sys::proc::Vma],
+    unlinked_ahead: &[images::process::UnlinkedFileState],
     tracking_fd: Option<i32>,
     mut scratch: Option<u64>,
 ) -> Result<(ProcessImage, BTreeMap<String, Vec<u8>>), DumpError> {
@@ -1646,12 +1658,14 @@ fn capture_state(
     }
 
     // Memfds and deleted files: their contents, while frozen.
-    let unlinked_files = crate::unlinked::capture(pid, &fds, vmas, &mut pipes).map_err(|why| {
-        DumpError::Unrestorable {
-            pid,
-            source: Cause::msg(why),
-        }
-    })?;
+    let exe = link(pid, "exe");
+    let (unlinked_files, exe_unlinked) =
+        crate::unlinked::capture(pid, &fds, vmas, &exe, unlinked_ahead, &mut pipes).map_err(
+            |why| DumpError::Unrestorable {
+                pid,
+                source: Cause::msg(why),
+            },
+        )?;
     lap("unlinked files");
 
     let process = ProcessImage {
@@ -1660,7 +1674,8 @@ fn capture_state(
         pgid: stat.pgrp,
         sid: stat.session,
         comm: read_trim(&format!("/proc/{pid}/comm")),
-        exe: link(pid, "exe"),
+        exe,
+        exe_unlinked,
         cwd: link(pid, "cwd"),
         root: link(pid, "root"),
         umask: status.umask.unwrap_or(0o022),

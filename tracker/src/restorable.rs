@@ -35,7 +35,8 @@
 //!   mappings, hugetlbfs, AIO rings, `memfd_secret`, shadow stacks, MTE;
 //! - POSIX timers on another process's CPU clock (or any, on a kernel
 //!   before 6.15, which cannot give a timer its ID back), child processes (live or zombie: a
-//!   restore recreates one process), a deleted cwd, root or executable,
+//!   restore recreates one process), a deleted cwd or root, a deleted
+//!   executable as deleted files are,
 //!   namespaces other than tern's (the restored process would land in
 //!   tern's), and a thread-group leader that has exited while other
 //!   threads run.
@@ -215,11 +216,17 @@ fn process_wide(pid: i32, out: &mut Vec<Refusal>) {
             if let Some(p) = l.strip_suffix(" (deleted)")
                 && !std::path::Path::new(&*l).exists()
             {
-                out.push(refusal(
-                    kind,
-                    what,
-                    format!("{p} was deleted: a restore has no path to reopen it by"),
-                ));
+                // A deleted executable (an upgraded program) is saved as
+                // the deleted files it maps are.
+                let why = if what == "exe" {
+                    match crate::unlinked::refusal(pid, crate::unlinked::Via::Exe, p) {
+                        Some((_, why)) => why,
+                        None => continue,
+                    }
+                } else {
+                    format!("{p} was deleted: a restore has no path to reopen it by")
+                };
+                out.push(refusal(kind, what, why));
             }
         }
     }

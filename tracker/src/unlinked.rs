@@ -26,6 +26,8 @@ pub const LIMIT: u64 = images::fsdir::MAX_PIPE_BYTES;
 pub enum Via {
     Fd(i32),
     Mapping(u64, u64),
+    /// The executable (`/proc/PID/exe`).
+    Exe,
 }
 
 impl Via {
@@ -36,6 +38,7 @@ impl Via {
                 uf::open_mapping(pid, s, e)?,
                 format!("the mapping {s:#x}-{e:#x} of PID {pid}"),
             )),
+            Via::Exe => Ok((uf::open_exe(pid)?, format!("the executable of PID {pid}"))),
         }
     }
 }
@@ -114,15 +117,33 @@ fn is_memfd(named: &str, info: &UnlinkedFile) -> bool {
 static MEMFD_DEV: std::sync::LazyLock<Result<u64, ()>> =
     std::sync::LazyLock::new(|| uf::memfd_device().map_err(|_| ()));
 
-/// Every memfd and deleted file `fds` and `vmas` refer to, once each, with
-/// its data put in `pipes` (the process is frozen).
+/// What [`capture`] found: the files, and the (device, inode) of the
+/// executable if it is one of them.
+pub type Captured = (Vec<UnlinkedFileState>, Option<(u64, u64)>);
+
+/// Every memfd and deleted file `fds`, `vmas` and the executable (`exe`
+/// as /proc shows it) refer to, once each, with its data put in `pipes`
+/// (the process is frozen); and the (device, inode) of a deleted
+/// executable.
 pub fn capture(
     pid: i32,
     fds: &[FdImage],
     vmas: &[Vma],
+    exe: &str,
+    ahead: &[UnlinkedFileState],
     pipes: &mut BTreeMap<String, Vec<u8>>,
-) -> Result<Vec<UnlinkedFileState>, String> {
+) -> Result<Captured, String> {
     let mut wanted: Vec<((u64, u64), Via, String)> = Vec::new();
+    let mut exe_key = None;
+    if let Some(path) = exe.strip_suffix(" (deleted)")
+        && !std::path::Path::new(exe).exists()
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .map_err(|e| format!("the executable of PID {pid}: {e}"))?;
+        exe_key = Some((m.dev(), m.ino()));
+        wanted.push(((m.dev(), m.ino()), Via::Exe, path.to_string()));
+    }
     for f in fds.iter().filter(|f| f.same_as.is_none()) {
         if let FdKindState::File {
             deleted: true,
@@ -145,17 +166,36 @@ pub fn capture(
         if out.iter().any(|u| (u.dev, u.ino) == (dev, ino)) {
             continue;
         }
+        // Read before the freeze (it cannot have changed since).
+        if let Some(u) = ahead.iter().find(|u| (u.dev, u.ino) == (dev, ino)) {
+            out.push(u.clone());
+            continue;
+        }
         if let Some((_, why)) = refusal(pid, via, &named) {
             return Err(why);
         }
-        let (file, what) = via.open(pid).map_err(|e| e.to_string())?;
-        let info = uf::inspect(&file, &what).map_err(|e| e.to_string())?;
-        let (extents, data) =
-            uf::read_contents(&file, &what, info.size, LIMIT).map_err(|e| e.to_string())?;
-        let memfd = is_memfd(&named, &info);
-        let name = format!("unlinked-{dev}-{ino}.bin");
-        pipes.insert(name.clone(), data);
-        out.push(UnlinkedFileState {
+        let (state, data) = read_one(pid, via, named, (dev, ino))?;
+        pipes.insert(state.data.clone(), data);
+        out.push(state);
+    }
+    Ok((out, exe_key))
+}
+
+/// The state and contents of one such file.
+fn read_one(
+    pid: i32,
+    via: Via,
+    named: String,
+    (dev, ino): (u64, u64),
+) -> Result<(UnlinkedFileState, Vec<u8>), String> {
+    let (file, what) = via.open(pid).map_err(|e| e.to_string())?;
+    let info = uf::inspect(&file, &what).map_err(|e| e.to_string())?;
+    let (extents, data) =
+        uf::read_contents(&file, &what, info.size, LIMIT).map_err(|e| e.to_string())?;
+    let memfd = is_memfd(&named, &info);
+    let name = format!("unlinked-{dev}-{ino}.bin");
+    Ok((
+        UnlinkedFileState {
             dev,
             ino,
             memfd: memfd.then(|| named.trim_start_matches("/memfd:").to_string()),
@@ -167,7 +207,26 @@ pub fn capture(
             seals: if memfd { info.seals.unwrap_or(0) } else { 0 },
             data: name,
             extents: extents.into_iter().map(|e| (e.offset, e.len)).collect(),
-        });
+        },
+        data,
+    ))
+}
+
+/// Before a freeze: the deleted executable of `pid` (`exe` as /proc shows
+/// it), if any, and its contents. The kernel refuses to write a file that
+/// is some process's executable (ETXTBSY), and refused its exec while
+/// anyone could write it: what is read now is what a frozen read would
+/// find, and the freeze does not wait for it. None where that cannot be
+/// said (not deleted, refused, unreadable: the frozen capture judges).
+pub fn read_stable(pid: i32, exe: &str) -> Option<(UnlinkedFileState, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    let path = exe.strip_suffix(" (deleted)")?;
+    if std::path::Path::new(exe).exists() {
+        return None;
     }
-    Ok(out)
+    let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    if refusal(pid, Via::Exe, path).is_some() {
+        return None;
+    }
+    read_one(pid, Via::Exe, path.to_string(), (m.dev(), m.ino())).ok()
 }

@@ -24,6 +24,10 @@
 //! writes and M1 refuses to grow (seals hold); M4's written page is its
 //! own and its other page the file's; D1 appends at its end.
 //!
+//! `--deleted-exe`: it first re-executes itself from a copy in its
+//! directory and deletes the copy (an upgraded program still running);
+//! the check then also wants `/proc/self/exe` to read `COPY (deleted)`.
+//!
 //! `--break`: right after `ready`, a byte of M2's mapping changes.
 
 use std::ffi::CString;
@@ -437,7 +441,36 @@ fn first_diff(a: &[u8], b: &[u8]) -> String {
     }
 }
 
+/// Where `--deleted-exe` runs from (the same PID across the exec).
+fn exe_copy() -> String {
+    std::env::temp_dir()
+        .join(format!("ck_unlinked.{}", std::process::id()))
+        .join("ck_unlinked-copy")
+        .to_string_lossy()
+        .into_owned()
+}
+
 fn main() {
+    let deleted_exe = std::env::args().any(|a| a == "--deleted-exe");
+    if deleted_exe && std::env::var_os("CK_UNLINKED_COPY").is_none() {
+        use std::os::unix::process::CommandExt;
+        let copy = exe_copy();
+        let made = std::fs::create_dir_all(std::path::Path::new(&copy).parent().unwrap())
+            .and_then(|()| std::fs::copy("/proc/self/exe", &copy));
+        if let Err(e) = made {
+            eprintln!("ck_unlinked: copying itself to {copy}: {e}");
+            std::process::exit(2);
+        }
+        let e = std::process::Command::new(&copy)
+            .args(std::env::args_os().skip(1))
+            .env("CK_UNLINKED_COPY", "1")
+            .exec();
+        eprintln!("ck_unlinked: exec {copy}: {e}");
+        std::process::exit(2);
+    }
+    if deleted_exe {
+        let _ = std::fs::remove_file(exe_copy());
+    }
     let out = ck::out_path();
     let broken = ck::break_requested();
     if let Err(e) = ck::catch_sigterm() {
@@ -460,5 +493,13 @@ fn main() {
     }
     let mut bad = Vec::new();
     check(&f, &flags, &mut bad);
+    if deleted_exe {
+        let exe = std::fs::read_link("/proc/self/exe")
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if exe != format!("{} (deleted)", exe_copy()) {
+            bad.push(format!("exe: {exe}"));
+        }
+    }
     ck::finish(&out, &bad);
 }

@@ -11,7 +11,9 @@
 //! KIND: `none` (nothing: a restorable control), `socket` (a unix
 //! socketpair), `tcp-listen`, `eventfd`, `epoll`, `signalfd`, `timerfd`,
 //! `posix-timer`, `deleted-file`, `deleted-mapping`, `memfd`, `unix-listen`
-//! (a unix socket listening on a path) (these are
+//! (a unix socket listening on a path), `deleted-exe` (it re-executes
+//! itself from a copy under the temporary directory, then removes the
+//! copy) (these are
 //! restorable since tern restores them), `memfd-too-big` (65 MiB of
 //! data), `deleted-file-linked` (deleted, but linked under another name),
 //! `unix-listen-pending` (a connection waiting to be accepted),
@@ -22,9 +24,7 @@
 //! `posix-timer-thread-clock` (a timer on CLOCK_THREAD_CPUTIME_ID),
 //! `inotify`, `pidfd`, `child`, `zombie-child`, `deleted-cwd`, `sysv-shm`, `flock`, `device`,
 //! `zombie-leader`, `async-io`, `io-uring`, `aio`, `userfaultfd`,
-//! `fanotify`, `namespace` (its own UTS namespace), `deleted-exe` (it
-//! re-executes itself from a copy under the temporary directory, then
-//! removes the copy). The resource fds are moved to [`FD`] (and [`FD`] + 1
+//! `fanotify`, `namespace` (its own UTS namespace). The resource fds are moved to [`FD`] (and [`FD`] + 1
 //! for the second end of a socket pair). Temporary files go to `$TMPDIR`
 //! (or /tmp) and are removed where the kind allows (`flock` keeps its file:
 //! a deleted file would be a second reason to refuse).
