@@ -3355,9 +3355,6 @@ fn set_nonblock(pid: i32, ours: i32, dumped: i32) -> Result<(), RestoreError> {
         .map_err(step(pid, "setting a socket's O_NONBLOCK"))
 }
 
-/// A unix socket pair made here again for the image's sockets `ino` and
-/// `peer`: what was queued to each sent from the other, then each end's
-/// shutdown as it was (after the sends, which it would stop).
 /// The unix sockets of the image bound to a name (listening, datagram, or
 /// only bound), bound again in tern, and the connections accepted from
 /// those listeners, connected again: into `sockets` by the image's inodes.
@@ -3387,7 +3384,7 @@ fn bound_unix_sockets(
             .as_deref()
             .map_or_else(|| "no name".to_string(), sys::unix_sockets::shown_name);
         if let Some(file) = file {
-            crate::socket_file::clear_stale(name.as_deref().unwrap_or_default(), file)
+            crate::socket_file::clear_stale(name.as_deref().unwrap_or_default(), *sock_type, file)
                 .map_err(|e| fail(format!("fd {}: {e}", f.info.fd)))?;
         }
         let backlog = listen.map(|b| i32::try_from(b).unwrap_or(i32::MAX));
@@ -3494,9 +3491,10 @@ fn bound_unix_sockets(
     Ok(())
 }
 
-/// The connected sockets `made` for the image's `ino` and its `peer`,
-/// given what was queued to each (sent from the other) and their
-/// shutdowns.
+/// The connected sockets `made` again for the image's sockets `ino` and
+/// `peer` (a socketpair, or a connection to a listener): what was queued
+/// to each sent from the other, then each end's shutdown as it was (after
+/// the sends, which it would stop).
 fn unix_pair(
     plan: &Plan,
     pid: i32,

@@ -1,7 +1,6 @@
-//! The file a unix socket bound to a path makes: the stale one the dumped
-//! process left (the same inode the dump saw, and a socket) removed before
-//! the bind, since a bind needs the name free; anything else at the path
-//! is left alone and the restore fails naming it. The new file then gets
+//! The file a unix socket bound to a path makes: a stale one (no socket
+//! bound to it any more) removed before the bind, since a bind needs the name free; anything else at the path is
+//! left alone and the restore fails naming it. The new file then gets
 //! the owner and mode the dumped one had (as far as the image's writer
 //! could give them).
 
@@ -16,21 +15,35 @@ fn path(n: &[u8]) -> &Path {
     Path::new(OsStr::from_bytes(n))
 }
 
-/// Remove the socket file at `n` if it is the one the dump saw (the
-/// dumped process is gone; its file stays until removed).
-pub(crate) fn clear_stale(n: &[u8], file: &UnixSocketFile) -> Result<(), String> {
+/// Remove the socket file at `n` if it is stale: a socket file no socket
+/// is bound to any more (a connect to it is refused): the dumped
+/// process's, once it is gone, or one an earlier restore that failed
+/// left. A live one is left alone, even the dumped process's own (a
+/// process left running keeps its name).
+pub(crate) fn clear_stale(n: &[u8], sock_type: u8, file: &UnixSocketFile) -> Result<(), String> {
     let p = path(n);
-    match std::fs::symlink_metadata(p) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("{}: {e}", p.display())),
-        Ok(m) if m.file_type().is_socket() && (m.dev(), m.ino()) == (file.dev, file.ino) => {
-            std::fs::remove_file(p).map_err(|e| format!("removing the stale {}: {e}", p.display()))
-        }
-        Ok(_) => Err(format!(
-            "{} is taken by another file than the socket the dump saw: remove it if it is stale, or restore where the name is free",
-            p.display()
-        )),
+    let m = match std::fs::symlink_metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{}: {e}", p.display())),
+        Ok(m) => m,
+    };
+    // The dumped process's own file, if it is still the one there (it
+    // may still be bound: a process left running and restored in
+    // another PID namespace keeps its name).
+    let dumped = (m.dev(), m.ino()) == (file.dev, file.ino);
+    let dead = matches!(
+        sys::unix_sockets::connected_to(sock_type, n),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED)
+    );
+    tracing::debug!(path = %p.display(), dumped, dead, "a socket file where a socket is to be bound");
+    if m.file_type().is_socket() && dead {
+        return std::fs::remove_file(p)
+            .map_err(|e| format!("removing the stale {}: {e}", p.display()));
     }
+    Err(format!(
+        "{} is taken (by a live socket, or a file other than a socket): stop what holds it, or restore where the name is free",
+        p.display()
+    ))
 }
 
 /// Give the socket file just bound at `n` its owner and mode.

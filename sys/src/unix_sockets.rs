@@ -368,7 +368,7 @@ fn sockaddr_un(name: &[u8]) -> std::io::Result<(libc::sockaddr_un, libc::socklen
     }
     a.sun_family = libc::sa_family_t::from(AF_UNIX_U8);
     for (d, s) in a.sun_path.iter_mut().zip(name) {
-        *d = s.cast_signed();
+        *d = libc::c_char::from_ne_bytes([*s]);
     }
     let len = std::mem::size_of::<libc::sa_family_t>() + name.len();
     Ok((a, libc::socklen_t::try_from(len).unwrap_or(0)))

@@ -211,7 +211,7 @@ fn addr(name: &[u8]) -> (libc::sockaddr_un, libc::socklen_t) {
     let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     a.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or(1);
     for (d, s) in a.sun_path.iter_mut().zip(name) {
-        *d = *s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([*s]);
     }
     (a, libc::socklen_t::try_from(2 + name.len()).unwrap_or(0))
 }
@@ -263,7 +263,7 @@ fn name_of(fd: i32, peer: bool) -> Vec<u8> {
         return b"?".to_vec();
     }
     let n = (len as usize - 2).min(a.sun_path.len());
-    let mut out: Vec<u8> = a.sun_path[..n].iter().map(|&c| c as u8).collect();
+    let mut out: Vec<u8> = a.sun_path[..n].iter().map(|&c| c.to_ne_bytes()[0]).collect();
     // A path's name ends at its NUL.
     if out.first() != Some(&0)
         && let Some(z) = out.iter().position(|&b| b == 0)
