@@ -3384,7 +3384,7 @@ fn bound_unix_sockets(
             .as_deref()
             .map_or_else(|| "no name".to_string(), sys::unix_sockets::shown_name);
         if let Some(file) = file {
-            crate::socket_file::clear_stale(name.as_deref().unwrap_or_default(), *sock_type, file)
+            crate::socket_file::clear_stale(name.as_deref().unwrap_or_default(), file)
                 .map_err(|e| fail(format!("fd {}: {e}", f.info.fd)))?;
         }
         let backlog = listen.map(|b| i32::try_from(b).unwrap_or(i32::MAX));

@@ -1,5 +1,5 @@
 //! The file a unix socket bound to a path makes: a stale one (no socket
-//! bound to it any more) removed before the bind, since a bind needs the name free; anything else at the path is
+//! bound to it) removed before the bind, since a bind needs the name free; anything else at the path is
 //! left alone and the restore fails naming it. The new file then gets
 //! the owner and mode the dumped one had (as far as the image's writer
 //! could give them).
@@ -16,32 +16,37 @@ fn path(n: &[u8]) -> &Path {
 }
 
 /// Remove the socket file at `n` if it is stale: a socket file no socket
-/// is bound to any more (a connect to it is refused): the dumped
-/// process's, once it is gone, or one an earlier restore that failed
-/// left. A live one is left alone, even the dumped process's own (a
-/// process left running keeps its name).
-pub(crate) fn clear_stale(n: &[u8], sock_type: u8, file: &UnixSocketFile) -> Result<(), String> {
+/// of this network namespace is bound to (sock_diag lists none with its
+/// inode): the dumped process's, once it is gone, or one an earlier
+/// restore that failed left. A bound one is left alone. (Asked of
+/// sock_diag, not by connecting: a connect to a frozen process's
+/// listener would queue a connection it never made. A process in
+/// another network namespace is not seen: a migration's source, frozen
+/// on the same file system, loses the name to its copy.)
+pub(crate) fn clear_stale(n: &[u8], file: &UnixSocketFile) -> Result<(), String> {
     let p = path(n);
     let m = match std::fs::symlink_metadata(p) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(format!("{}: {e}", p.display())),
         Ok(m) => m,
     };
-    // The dumped process's own file, if it is still the one there (it
-    // may still be bound: a process left running and restored in
-    // another PID namespace keeps its name).
-    let dumped = (m.dev(), m.ino()) == (file.dev, file.ino);
-    let dead = matches!(
-        sys::unix_sockets::connected_to(sock_type, n),
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED)
+    let key = (m.dev(), m.ino());
+    let bound = sys::unix_sockets::all()
+        .map_err(|e| format!("{}: {e}", p.display()))?
+        .values()
+        .any(|s| s.file == Some(key));
+    tracing::debug!(
+        path = %p.display(),
+        dumped = key == (file.dev, file.ino),
+        bound,
+        "a socket file where a socket is to be bound"
     );
-    tracing::debug!(path = %p.display(), dumped, dead, "a socket file where a socket is to be bound");
-    if m.file_type().is_socket() && dead {
+    if m.file_type().is_socket() && !bound {
         return std::fs::remove_file(p)
             .map_err(|e| format!("removing the stale {}: {e}", p.display()));
     }
     Err(format!(
-        "{} is taken (by a live socket, or a file other than a socket): stop what holds it, or restore where the name is free",
+        "{} is taken (by a bound socket, or a file other than a socket): stop what holds it, or restore where the name is free",
         p.display()
     ))
 }

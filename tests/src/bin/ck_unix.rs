@@ -263,7 +263,10 @@ fn name_of(fd: i32, peer: bool) -> Vec<u8> {
         return b"?".to_vec();
     }
     let n = (len as usize - 2).min(a.sun_path.len());
-    let mut out: Vec<u8> = a.sun_path[..n].iter().map(|&c| c.to_ne_bytes()[0]).collect();
+    let mut out: Vec<u8> = a.sun_path[..n]
+        .iter()
+        .map(|&c| c.to_ne_bytes()[0])
+        .collect();
     // A path's name ends at its NUL.
     if out.first() != Some(&0)
         && let Some(z) = out.iter().position(|&b| b == 0)
