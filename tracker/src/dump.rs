@@ -620,16 +620,19 @@ fn capture(
         .unwrap_or_default();
     // The image's files made now, written while frozen.
     writer.create_outputs(true)?;
-    // A deleted executable (an upgraded program) cannot change: read and
-    // written now.
-    let unlinked_ahead: Vec<images::process::UnlinkedFileState> =
-        match crate::unlinked::read_stable(pid, &link(pid, "exe")) {
-            Some((state, data)) => {
-                writer.write_ahead(&state.data, &data)?;
-                vec![state]
-            }
-            None => Vec::new(),
-        };
+    // What cannot change until the freeze (a deleted executable, sealed
+    // memfds): read and written now.
+    let mut unlinked_ahead: Vec<images::process::UnlinkedFileState> = Vec::new();
+    for (state, data) in crate::unlinked::read_stable(pid, &link(pid, "exe")) {
+        tracing::debug!(
+            pid,
+            bytes = data.len(),
+            "{} cannot change: read before the freeze",
+            state.describe()
+        );
+        writer.write_ahead(&state.data, &data)?;
+        unlinked_ahead.push(state);
+    }
     // Batch buffers touched now, not while the target is frozen.
     let mut copier = crate::copy::Copier::for_frozen_target();
     copier.prefault();

@@ -166,9 +166,22 @@ pub fn capture(
         if out.iter().any(|u| (u.dev, u.ino) == (dev, ino)) {
             continue;
         }
-        // Read before the freeze (it cannot have changed since).
+        // Its contents read before the freeze (they cannot have changed
+        // since); what can (mode, owner, more seals) is read now.
         if let Some(u) = ahead.iter().find(|u| (u.dev, u.ino) == (dev, ino)) {
-            out.push(u.clone());
+            let (file, what) = via.open(pid).map_err(|e| e.to_string())?;
+            let info = uf::inspect(&file, &what).map_err(|e| e.to_string())?;
+            out.push(UnlinkedFileState {
+                mode: info.mode,
+                uid: info.uid,
+                gid: info.gid,
+                seals: if u.memfd.is_some() {
+                    info.seals.unwrap_or(u.seals)
+                } else {
+                    0
+                },
+                ..u.clone()
+            });
             continue;
         }
         if let Some((_, why)) = refusal(pid, via, &named) {
@@ -212,21 +225,65 @@ fn read_one(
     ))
 }
 
-/// Before a freeze: the deleted executable of `pid` (`exe` as /proc shows
-/// it), if any, and its contents. The kernel refuses to write a file that
-/// is some process's executable (ETXTBSY), and refused its exec while
-/// anyone could write it: what is read now is what a frozen read would
-/// find, and the freeze does not wait for it. None where that cannot be
-/// said (not deleted, refused, unreadable: the frozen capture judges).
-pub fn read_stable(pid: i32, exe: &str) -> Option<(UnlinkedFileState, Vec<u8>)> {
+/// Before a freeze: the files of `pid` that cannot change until it, and
+/// their contents: its deleted executable (`exe` as /proc shows it: the
+/// kernel refuses to write a file that is some process's executable, and
+/// refused the exec while anyone could write it) and memfds sealed
+/// against writing, shrinking and growing. What is read now is what a
+/// frozen read would find, and the freeze does not wait for it. Files that
+/// cannot be told stable, are refused or cannot be read are left to the
+/// frozen capture.
+pub fn read_stable(pid: i32, exe: &str) -> Vec<(UnlinkedFileState, Vec<u8>)> {
     use std::os::unix::fs::MetadataExt;
-    let path = exe.strip_suffix(" (deleted)")?;
-    if std::path::Path::new(exe).exists() {
-        return None;
+    let mut out: Vec<(UnlinkedFileState, Vec<u8>)> = Vec::new();
+    if let Some(path) = exe.strip_suffix(" (deleted)")
+        && !std::path::Path::new(exe).exists()
+        && let Ok(m) = std::fs::metadata(format!("/proc/{pid}/exe"))
+        && refusal(pid, Via::Exe, path).is_none()
+        && let Ok(x) = read_one(pid, Via::Exe, path.to_string(), (m.dev(), m.ino()))
+    {
+        out.push(x);
     }
-    let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
-    if refusal(pid, Via::Exe, path).is_some() {
-        return None;
+    // Sealed memfds, through an fd or a mapping.
+    const SEALED: u32 = uf::F_SEAL_WRITE | uf::F_SEAL_SHRINK | uf::F_SEAL_GROW;
+    let mut candidates: Vec<(Via, String)> = Vec::new();
+    for f in sys::fds::fd_table(pid).unwrap_or_default() {
+        if let sys::fds::FdKind::File {
+            path,
+            deleted: true,
+            ..
+        } = f.kind
+            && path.starts_with("/memfd:")
+        {
+            candidates.push((Via::Fd(f.fd), path));
+        }
     }
-    read_one(pid, Via::Exe, path.to_string(), (m.dev(), m.ino())).ok()
+    for v in crate::maps::read_vmas(pid).unwrap_or_default() {
+        if maps_unlinked(&v)
+            && let Some(n) = v.name.as_deref().and_then(|n| n.strip_suffix(" (deleted)"))
+            && n.starts_with("/memfd:")
+        {
+            candidates.push((Via::Mapping(v.start, v.end), n.to_string()));
+        }
+    }
+    for (via, named) in candidates {
+        let Ok((file, what)) = via.open(pid) else {
+            continue;
+        };
+        let Ok(info) = uf::inspect(&file, &what) else {
+            continue;
+        };
+        let key = (info.dev, info.ino);
+        if !is_memfd(&named, &info)
+            || info.seals.is_none_or(|s| s & SEALED != SEALED)
+            || out.iter().any(|(u, _)| (u.dev, u.ino) == key)
+            || refusal(pid, via, &named).is_some()
+        {
+            continue;
+        }
+        if let Ok(x) = read_one(pid, via, named, key) {
+            out.push(x);
+        }
+    }
+    out
 }

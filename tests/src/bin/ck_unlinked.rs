@@ -7,7 +7,8 @@
 //!   and a dup; mapped shared read-write (pages 0..4), one word written
 //!   through the mapping;
 //! - M2: memfd "ck-mapped-only", 3 pages, mapped shared, its fd closed;
-//! - M3: memfd "ck-sealed", 1 page, write- and seal-sealed, mode 0640,
+//! - M3: memfd "ck-sealed", 1 page, sealed against writing, shrinking,
+//!   growing and more seals, mode 0640,
 //!   opened a second time read-only through /proc/self/fd (its own open
 //!   file description);
 //! - M4: memfd "ck-private", 2 pages mapped privately, page 1 written in
@@ -38,6 +39,10 @@ use tern_tests::ck;
 const PAGE: usize = 4096;
 const M1_SIZE: usize = 16 << 20;
 const KCMP_FILE: libc::c_long = 0;
+/// M3's seals: its contents and size cannot change (tern reads such a
+/// memfd before the freeze).
+const M3_SEALS: i32 =
+    libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
 fn err() -> std::io::Error {
     std::io::Error::last_os_error()
@@ -181,12 +186,7 @@ fn setup() -> Result<Setup, String> {
     pwrite(m3, &pattern(4, PAGE), 0)?;
     // SAFETY: fchmod of our memfd.
     unsafe { libc::fchmod(m3, 0o640) };
-    if fcntl(
-        m3,
-        libc::F_ADD_SEALS,
-        libc::F_SEAL_WRITE | libc::F_SEAL_SEAL,
-    ) != 0
-    {
+    if fcntl(m3, libc::F_ADD_SEALS, M3_SEALS) != 0 {
         return Err(format!("F_ADD_SEALS (write): {}", err()));
     }
     let p = CString::new(format!("/proc/self/fd/{m3}")).unwrap();
@@ -353,11 +353,7 @@ fn check(f: &Setup, flags: &[(i32, i32)], bad: &mut Vec<String>) {
     let l = link(f.m3);
     expect("M3 link", l == "/memfd:ck-sealed (deleted)", l);
     let seals = fcntl(f.m3, libc::F_GET_SEALS, 0);
-    expect(
-        "M3 seals",
-        seals == libc::F_SEAL_WRITE | libc::F_SEAL_SEAL,
-        format!("{seals:#x}"),
-    );
+    expect("M3 seals", seals == M3_SEALS, format!("{seals:#x}"));
     match fstat(f.m3) {
         Ok(st) => expect(
             "M3 mode",
