@@ -78,24 +78,21 @@ impl UnlinkedFiles {
                     what: e.to_string(),
                 }
             })?;
-            let mut seals = u.seals;
             // The executable: sealed now and held read-only (the kernel
             // refuses an executable someone may write: PR_SET_MM_MAP's
             // exe_fd, and a write open while it is one).
-            let fd = if p.exe_unlinked == Some((u.dev, u.ino)) {
-                uf::add_seals(&fd, &what, seals)
+            let (fd, seals) = if p.exe_unlinked == Some((u.dev, u.ino)) {
+                let ro = uf::add_seals(&fd, &what, u.seals)
                     .and_then(|()| uf::read_only(&fd, &what))
                     .map_err(|e| RestoreError::Step {
                         pid: p.pid,
                         step: "making the deleted executable",
                         what: e.to_string(),
-                    })?
+                    })?;
+                (ro, 0)
             } else {
-                fd
+                (fd, u.seals)
             };
-            if p.exe_unlinked == Some((u.dev, u.ino)) {
-                seals = 0;
-            }
             out.0.insert(
                 (u.dev, u.ino),
                 Made {
