@@ -449,13 +449,7 @@ impl Image {
         };
         let mut pipe_data = BTreeMap::new();
         if let Some(p) = &process {
-            // Queued bytes of pipes and sockets, and unlinked files' data.
-            let names: std::collections::BTreeSet<&String> = p
-                .fds
-                .iter()
-                .filter_map(|f| f.pipe_data.as_ref())
-                .chain(p.unlinked_files.iter().map(|u| &u.data))
-                .collect();
+            let names = p.blob_names();
             let mut total = 0u64;
             for name in names {
                 let bytes = src.read_pipe(dir, name, &mut provenance)?;

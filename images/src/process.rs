@@ -276,6 +276,16 @@ pub fn valid_pipe_name(name: &str) -> bool {
 }
 
 impl ProcessImage {
+    /// The files under `pipes/` this state names: queued bytes of pipes
+    /// and sockets, and unlinked files' data.
+    pub fn blob_names(&self) -> std::collections::BTreeSet<&String> {
+        self.fds
+            .iter()
+            .filter_map(|f| f.pipe_data.as_ref())
+            .chain(self.unlinked_files.iter().map(|u| &u.data))
+            .collect()
+    }
+
     /// The memfd or deleted file of this (device, inode).
     pub fn unlinked_file(&self, key: (u64, u64)) -> Option<&UnlinkedFileState> {
         self.unlinked_files.iter().find(|u| (u.dev, u.ino) == key)

@@ -540,33 +540,22 @@ impl ImageWriter {
         pipes: &BTreeMap<String, Vec<u8>>,
     ) -> Result<(), ImageError> {
         // Written ahead: kept if named, else removed.
-        let named: std::collections::BTreeSet<&String> = process
-            .fds
-            .iter()
-            .filter_map(|f| f.pipe_data.as_ref())
-            .chain(process.unlinked_files.iter().map(|u| &u.data))
-            .collect();
-        let mut kept = false;
+        let named = process.blob_names();
+        let mut kept = std::collections::BTreeSet::new();
         for (name, d) in std::mem::take(&mut self.ahead) {
             if named.contains(&name) {
                 self.digests.push((format!("{PIPES_DIR}/{name}"), d));
-                kept = true;
+                kept.insert(name);
             } else if let Some(sub) = &self.pipes_dir {
                 sub.remove_file(&name)?;
             }
         }
-        if kept {
+        if !kept.is_empty() {
             // In use: `finish` leaves it.
             self.pipes_dir.take();
         }
-        let pipes: Vec<(&String, &Vec<u8>)> = pipes
-            .iter()
-            .filter(|(n, _)| {
-                !self.digests.iter().any(|(d, _)| {
-                    d.strip_prefix(PIPES_DIR).and_then(|d| d.strip_prefix('/')) == Some(n.as_str())
-                })
-            })
-            .collect();
+        let pipes: Vec<(&String, &Vec<u8>)> =
+            pipes.iter().filter(|(n, _)| !kept.contains(*n)).collect();
         if !pipes.is_empty() {
             let sub = match self.pipes_dir.take() {
                 Some(d) => d,

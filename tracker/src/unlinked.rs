@@ -77,20 +77,8 @@ pub fn refusal(pid: i32, via: Via, named: &str) -> Option<(&'static str, String)
     };
     let memfd = is_memfd(named, &info);
     let kind = if memfd { "memfd" } else { "deleted_file" };
-    if info.hugetlb {
-        return Some((
-            kind,
-            format!("{named}: a memfd on hugetlbfs (MFD_HUGETLB): tern cannot restore it yet"),
-        ));
-    }
-    if !memfd && info.nlink > 0 {
-        return Some((
-            kind,
-            format!(
-                "{named} was deleted but the file keeps {} other name(s): a restore would make a copy apart from them",
-                info.nlink
-            ),
-        ));
+    if let Some(why) = unsaveable(named, &info) {
+        return Some((kind, why));
     }
     match uf::data_extents(&file, &what, info.size) {
         Ok(ext) => {
@@ -107,6 +95,21 @@ pub fn refusal(pid: i32, via: Via, named: &str) -> Option<(&'static str, String)
         }
         Err(e) => Some((kind, e.to_string())),
     }
+}
+
+/// Why a file that is what `info` says cannot be saved, its size apart.
+fn unsaveable(named: &str, info: &UnlinkedFile) -> Option<String> {
+    if info.hugetlb {
+        return Some(format!(
+            "{named}: a memfd on hugetlbfs (MFD_HUGETLB): tern cannot restore it yet"
+        ));
+    }
+    (!is_memfd(named, info) && info.nlink > 0).then(|| {
+        format!(
+            "{named} was deleted but the file keeps {} other name(s): a restore would make a copy apart from them",
+            info.nlink
+        )
+    })
 }
 
 fn is_memfd(named: &str, info: &UnlinkedFile) -> bool {
@@ -184,9 +187,6 @@ pub fn capture(
             });
             continue;
         }
-        if let Some((_, why)) = refusal(pid, via, &named) {
-            return Err(why);
-        }
         let (state, data) = read_one(pid, via, named, (dev, ino))?;
         pipes.insert(state.data.clone(), data);
         out.push(state);
@@ -203,6 +203,10 @@ fn read_one(
 ) -> Result<(UnlinkedFileState, Vec<u8>), String> {
     let (file, what) = via.open(pid).map_err(|e| e.to_string())?;
     let info = uf::inspect(&file, &what).map_err(|e| e.to_string())?;
+    // What `refusal` says, on this one open (the size by the read itself).
+    if let Some(why) = unsaveable(&named, &info) {
+        return Err(why);
+    }
     let (extents, data) =
         uf::read_contents(&file, &what, info.size, LIMIT).map_err(|e| e.to_string())?;
     let memfd = is_memfd(&named, &info);
@@ -239,7 +243,6 @@ pub fn read_stable(pid: i32, exe: &str) -> Vec<(UnlinkedFileState, Vec<u8>)> {
     if let Some(path) = exe.strip_suffix(" (deleted)")
         && !std::path::Path::new(exe).exists()
         && let Ok(m) = std::fs::metadata(format!("/proc/{pid}/exe"))
-        && refusal(pid, Via::Exe, path).is_none()
         && let Ok(x) = read_one(pid, Via::Exe, path.to_string(), (m.dev(), m.ino()))
     {
         out.push(x);
@@ -277,7 +280,6 @@ pub fn read_stable(pid: i32, exe: &str) -> Vec<(UnlinkedFileState, Vec<u8>)> {
         if !is_memfd(&named, &info)
             || info.seals.is_none_or(|s| s & SEALED != SEALED)
             || out.iter().any(|(u, _)| (u.dev, u.ino) == key)
-            || refusal(pid, via, &named).is_some()
         {
             continue;
         }
