@@ -53,13 +53,23 @@ pub(crate) fn clear_stale(n: &[u8], file: &UnixSocketFile) -> Result<(), String>
 
 /// Give the socket file just bound at `n` its owner and mode.
 pub(crate) fn give(n: &[u8], owner: (u32, u32), mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
     let p = path(n);
-    let m = std::fs::symlink_metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    // The file itself, held without following a link (the name could be
+    // swapped for one between the bind and the chmod): chown and chmod
+    // go through that handle.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(p)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    let m = f.metadata().map_err(|e| format!("{}: {e}", p.display()))?;
     if !m.file_type().is_socket() {
         return Err(format!("{} is not the socket just bound", p.display()));
     }
-    std::os::unix::fs::lchown(p, Some(owner.0), Some(owner.1))
+    let held = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
+    std::os::unix::fs::chown(&held, Some(owner.0), Some(owner.1))
         .map_err(|e| format!("chown of {}: {e}", p.display()))?;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+    std::fs::set_permissions(&held, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("chmod of {}: {e}", p.display()))
 }
